@@ -1,0 +1,227 @@
+"""Tensor-role tables per model architecture.
+
+The tables are data (``data/<family>.json``); this module loads them and answers, for a
+checkpoint tensor name, which role the tensor plays relative to the residual stream:
+
+  embedding, position_embedding, lm_head   [V, d] / [P, d] / [V, d]
+  final_norm, final_norm_bias              the norm before the head
+  norm, norm_bias                          a norm that reads the residual stream inside a layer
+  read                                     a Linear whose input is the normalised residual (q/k/v, gate/up, fused)
+  write, write_bias                        a Linear whose output is added to the residual, and its bias
+  write_norm                               a norm applied to a sublayer's output before the add (gemma2)
+  inner                                    anything else (biases of read projections, per-head q/k norms)
+  buffer                                   a constant that is not a weight (gpt2 causal masks): copy, never merge
+
+Norm gains are effective as ``norm_gain_offset + w`` (1.0 for gemma's ``(1 + w)`` RMSNorm).
+Deliberately stdlib-only: it is imported before torch/transformers are needed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+
+ROLES = frozenset({
+    "embedding", "position_embedding", "lm_head", "final_norm", "final_norm_bias",
+    "norm", "norm_bias", "read", "write", "write_bias", "write_norm", "inner", "buffer",
+})
+LAYOUTS = ("out_in", "in_out")
+
+# A decimal path segment: the candidate layer index of a name.
+_SEGMENT = re.compile(r"(?:^|(?<=\.))\d+(?=\.|$)")
+LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TensorRole:
+    role: str
+    layer: int | None
+    template: str
+    norm: str | None
+    layout: str
+    optional: bool
+    tied_to: str | None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    role: str
+    norm: str | None = None
+    layout: str = "out_in"
+    optional: bool = False
+    tied_to: str | None = None
+
+
+# eq=False: instances are per-family singletons, identity hashing suffices.
+@dataclass(frozen=True, eq=False)
+class Architecture:
+    name: str
+    inferred: bool
+    architectures: tuple[str, ...] = ()
+    model_types: tuple[str, ...] = ()
+    num_layers_keys: tuple[str, ...] = ("num_hidden_layers",)
+    hidden_size_keys: tuple[str, ...] = ("hidden_size",)
+    tie_key: str = "tie_word_embeddings"
+    tied_default: bool = False
+    norm_gain_offset: float = 0.0
+    base_prefix: str = ""
+    notes: str = ""
+    tensors: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
+    _cache: dict[str, TensorRole | None] = field(default_factory=dict, init=False, repr=False)
+
+    def num_layers(self, config: dict) -> int:
+        return int(_first(config, self.num_layers_keys))
+
+    def hidden_size(self, config: dict) -> int:
+        return int(_first(config, self.hidden_size_keys))
+
+    def tied(self, config: dict) -> bool:
+        return bool(config.get(self.tie_key, self.tied_default))
+
+    def role(self, tensor_name: str) -> TensorRole | None:
+        try:
+            return self._cache[tensor_name]
+        except KeyError:
+            found = self._infer(tensor_name) if self.inferred else self._match(tensor_name)
+            self._cache[tensor_name] = found
+            return found
+
+    def layer_name(self, template: str, layer: int) -> str:
+        return template.replace("{layer}", str(layer))
+
+    def rename_layer(self, tensor_name: str, new_layer: int) -> str:
+        found = self.role(tensor_name)
+        if found is None or found.layer is None:
+            raise ValueError(f"{tensor_name!r} is not a per-layer tensor of {self.name}")
+        return self.layer_name(found.template, new_layer)
+
+    def _match(self, name: str) -> TensorRole | None:
+        found = self._lookup(name, "")
+        # Checkpoints saved from the bare base model (e.g. GPT2Model on the Hub) lack base_prefix.
+        if found is None and self.base_prefix and not name.startswith(self.base_prefix):
+            found = self._lookup(self.base_prefix + name, self.base_prefix)
+        return found
+
+    def _lookup(self, name: str, strip: str) -> TensorRole | None:
+        """Role of a full (prefixed) name; concrete names drop `strip` to match the checkpoint."""
+        for layer, template in _candidates(name):
+            spec = self.tensors.get(template)
+            if spec is not None:
+                norm = spec.norm and self.layer_name(spec.norm, layer)[len(strip):]
+                return TensorRole(spec.role, layer, template[len(strip):], norm, spec.layout,
+                                  spec.optional, spec.tied_to)
+        return None
+
+    def _infer(self, name: str) -> TensorRole | None:
+        m = LAYER_PATTERN.search(name)
+        layer = int(m.group(1)) if m else None
+        template = name[:m.start(1)] + "{layer}" + name[m.end(1):] if m else name
+        parts = name.split(".")
+        module, is_bias = parts[-2] if len(parts) > 1 else "", parts[-1] == "bias"
+        if module in _POSITION:
+            role = "position_embedding"
+        elif module in _EMBED or "embed" in module:
+            role = "embedding"
+        elif module == "lm_head":
+            role = "lm_head"
+        elif "norm" in module or module.startswith("ln"):
+            role = ("norm" if m else "final_norm") + ("_bias" if is_bias else "")
+        elif module in _READ:
+            role = "inner" if is_bias else "read"
+        elif module in _WRITE:
+            role = "write_bias" if is_bias else "write"
+        else:
+            return None
+        return TensorRole(role, layer, template, None, "out_in", False, None)
+
+
+_POSITION = frozenset({"wpe", "embed_positions", "position_embeddings"})
+_EMBED = frozenset({"wte", "word_embeddings"})
+_READ = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj",
+                   "qkv", "c_attn", "c_fc", "fc1", "query_key_value", "dense_h_to_4h"})
+_WRITE = frozenset({"o_proj", "down_proj", "dense", "c_proj", "fc2", "out_proj", "dense_4h_to_h"})
+
+
+def _first(config: dict, keys: tuple[str, ...]):
+    for key in keys:
+        if key in config:
+            return config[key]
+    raise KeyError(f"config has none of {keys}")
+
+
+def _candidates(name: str):
+    """(layer, template) pairs: the name itself, then each numeric segment as {layer}."""
+    yield None, name
+    for m in _SEGMENT.finditer(name):
+        yield int(m.group()), name[:m.start()] + "{layer}" + name[m.end():]
+
+
+def _parse(data: dict) -> Architecture:
+    tensors = {}
+    for template, raw in data["tensors"].items():
+        spec = TensorSpec(raw["role"], raw.get("norm"), raw.get("layout", "out_in"),
+                     raw.get("optional", False), raw.get("tied_to"))
+        if spec.role not in ROLES or spec.layout not in LAYOUTS:
+            raise ValueError(f"{data['name']}: bad role/layout for {template!r}")
+        tensors[template] = spec
+    for template, spec in tensors.items():
+        for ref in (spec.norm, spec.tied_to):
+            if ref is not None and ref not in tensors:
+                raise ValueError(f"{data['name']}: {template!r} refers to unknown tensor {ref!r}")
+    return Architecture(
+        name=data["name"], inferred=False,
+        architectures=tuple(data["architectures"]), model_types=tuple(data["model_types"]),
+        num_layers_keys=(data["num_layers_key"],), hidden_size_keys=(data["hidden_size_key"],),
+        tie_key=data["tie_key"], tied_default=data["tied_default"],
+        norm_gain_offset=float(data["norm_gain_offset"]), base_prefix=data.get("base_prefix", ""),
+        notes=data.get("notes", ""), tensors=tensors,
+    )
+
+
+@cache
+def _families() -> dict[str, Architecture]:
+    root = resources.files(__package__) / "data"
+    loaded = (_parse(json.loads(f.read_text())) for f in root.iterdir() if f.name.endswith(".json"))
+    return {a.name: a for a in sorted(loaded, key=lambda a: a.name)}
+
+
+@cache
+def _index() -> tuple[dict[str, Architecture], dict[str, Architecture]]:
+    by_arch, by_type = {}, {}
+    for a in _families().values():
+        by_arch.update(dict.fromkeys(a.architectures, a))
+        by_type.update(dict.fromkeys(a.model_types, a))
+    return by_arch, by_type
+
+
+@cache
+def _inferred() -> Architecture:
+    return Architecture(
+        name="inferred", inferred=True,
+        num_layers_keys=("num_hidden_layers", "n_layer", "num_layers"),
+        hidden_size_keys=("hidden_size", "n_embd", "d_model"),
+    )
+
+
+def for_config(config: dict) -> Architecture:
+    """The architecture of an HF config.json dict: by architectures[0], then model_type."""
+    by_arch, by_type = _index()
+    archs = config.get("architectures") or [None]
+    found = by_arch.get(archs[0]) or by_type.get(config.get("model_type"))
+    if found is not None:
+        return found
+    warnings.warn(
+        f"unknown architecture {archs[0]!r} (model_type {config.get('model_type')!r}); "
+        "tensor roles are inferred from tensor names",
+        stacklevel=2,
+    )
+    return _inferred()
+
+
+def known_architectures() -> list[str]:
+    """Family names with a role table, sorted."""
+    return list(_families())

@@ -1,0 +1,337 @@
+"""The recipe: mergekit's YAML schema, parsed and validated whole before any tensor is read.
+
+Every problem is reported as one `SemeError` line that names the offending key. Unknown keys are
+errors (with a did-you-mean), never silently ignored.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from seme.errors import SemeError
+from seme.methods.registry import suggest
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+
+TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "random_seed", "name"}
+# mergekit keys that seme does not implement: refused by name rather than as typos.
+UNSUPPORTED_KEYS = {"modules": "'modules' (multi-module architectures)", "tokenizer": "'tokenizer' (vocabulary surgery)",
+                    "chat_template": "'chat_template'"}
+MODEL_KEYS = {"model", "parameters"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
+SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
+CONDITION_KEYS = {"value", "filter"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input model of an output slice; `layer_range` None means all of its layers."""
+
+    model: str  # resolved local path
+    layer_range: tuple[int, int] | None = None
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Slice:
+    sources: tuple[Source, ...]
+    base_model: str | None = None
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    merge_method: str
+    slices: tuple[Slice, ...]
+    base_model: str | None
+    parameters: dict
+    dtype: str | None
+    out_dtype: str | None
+    tokenizer_source: str | None  # resolved model path, or None for the base / first model
+    random_seed: int
+    uses_slices: bool  # False when the recipe listed whole `models`
+    text: str  # the recipe as written, for the model card
+
+    @property
+    def models(self) -> list[str]:
+        """Every referenced model, once, in first-mention order."""
+        seen = dict.fromkeys(s.model for sl in self.slices for s in sl.sources)
+        for extra in (self.base_model, *(sl.base_model for sl in self.slices)):
+            if extra:
+                seen.setdefault(extra)
+        return list(seen)
+
+
+def load(path_or_text: str | os.PathLike | dict) -> Recipe:
+    """Parse a recipe from a YAML file path, YAML text or an already-parsed dict."""
+    import yaml
+
+    base_dir = os.getcwd()
+    if isinstance(path_or_text, dict):
+        raw, text = path_or_text, yaml.safe_dump(path_or_text, sort_keys=False)
+    else:
+        text = str(path_or_text)
+        if "\n" not in text and (os.path.exists(text) or text.endswith((".yml", ".yaml"))):
+            if not os.path.isfile(text):
+                raise SemeError(f"config file not found: {text}")
+            base_dir = os.path.dirname(os.path.abspath(text))
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise SemeError(f"config is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    return _validate(raw, text, base_dir)
+
+
+def _check_keys(d: Any, allowed: set, where: str) -> None:
+    if not isinstance(d, dict):
+        raise SemeError(f"{where} must be a mapping, got {type(d).__name__}")
+    for key in d:
+        if key in allowed:
+            continue
+        if where == "config" and key in UNSUPPORTED_KEYS:
+            raise SemeError(f"config: {UNSUPPORTED_KEYS[key]} is a mergekit feature seme does not support yet")
+        raise SemeError(f"{where}: unknown key '{key}'{suggest(str(key), allowed)}")
+
+
+def _resolve_model(ref: Any, where: str, base_dir: str) -> str:
+    if not isinstance(ref, str) or not ref:
+        raise SemeError(f"{where}: model must be a path string, got {ref!r}")
+    if "+" in ref and not os.path.exists(ref):
+        raise SemeError(f"{where}: LoRA references ('{ref}') are not supported; merge the adapter first")
+    for candidate in (ref, os.path.join(base_dir, ref)):
+        if os.path.isdir(candidate):
+            return os.path.abspath(candidate)
+    raise SemeError(f"{where}: model folder not found: {ref} (seme reads local Hugging Face folders; "
+                    f"download hub models first)")
+
+
+def _check_setting(setting: Any, where: str) -> None:
+    """Structure of a parameter setting: scalar, gradient list, {value, filter} or a list of those."""
+    scalar = (bool, int, float, str)
+    if isinstance(setting, scalar):
+        return
+    if isinstance(setting, dict):
+        _check_keys(setting, CONDITION_KEYS, where)
+        if "value" not in setting:
+            raise SemeError(f"{where}: a conditional parameter needs a 'value'")
+        _check_setting(setting["value"], where)
+        flt = setting.get("filter")
+        if flt is not None:
+            if not isinstance(flt, str):
+                raise SemeError(f"{where}: filter must be a string, got {flt!r}")
+            if flt.startswith("re:"):
+                try:
+                    re.compile(flt[3:])
+                except re.error as e:
+                    raise SemeError(f"{where}: invalid regular expression in filter '{flt}': {e}") from None
+        return
+    if isinstance(setting, list):
+        if not setting:
+            raise SemeError(f"{where}: empty list")
+        if all(isinstance(e, scalar) for e in setting):
+            return
+        if all(isinstance(e, dict) for e in setting):
+            for i, e in enumerate(setting):
+                _check_setting(e, f"{where}[{i}]")
+            return
+    raise SemeError(f"{where}: expected a number, a list of numbers (gradient) or {{value, filter}}, got {setting!r}")
+
+
+def _parameters(d: Any, where: str) -> dict:
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise SemeError(f"{where} must be a mapping, got {type(d).__name__}")
+    for name, setting in d.items():
+        _check_setting(setting, f"{where}.{name}")
+    return dict(d)
+
+
+def _dtype(value: Any, key: str) -> str | None:
+    if value is None:
+        return None
+    name = _DTYPE_ALIASES.get(value, value)
+    if name not in DTYPES:
+        raise SemeError(f"config: {key} must be one of {', '.join(DTYPES)}, got {value!r}")
+    return name
+
+
+def _layer_range(value: Any, where: str) -> tuple[int, int]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise SemeError(f"{where}: layer_range must be [start, end] integers, got {value!r}")
+    start, end = value
+    if not 0 <= start < end:
+        raise SemeError(f"{where}: layer_range {list(value)} must satisfy 0 <= start < end")
+    return start, end
+
+
+def _validate(raw: Any, text: str, base_dir: str) -> Recipe:
+    from seme.methods import registry
+
+    if raw is None:
+        raise SemeError("config is empty")
+    _check_keys(raw, TOP_KEYS, "config")
+    method_name = raw.get("merge_method")
+    if method_name is None:
+        raise SemeError("config: missing required key 'merge_method'")
+    if method_name not in registry.names():
+        raise SemeError(f"config: unknown merge_method '{method_name}'{suggest(str(method_name), registry.names())}"
+                        f" (known: {', '.join(registry.names())})")
+    method = registry.get(method_name)
+    if ("models" in raw) == ("slices" in raw):
+        raise SemeError("config: give exactly one of 'models' or 'slices'")
+
+    base_model = _resolve_model(raw["base_model"], "base_model", base_dir) if raw.get("base_model") is not None else None
+    global_params = _parameters(raw.get("parameters"), "parameters")
+
+    slices = []
+    if "models" in raw:
+        models = raw["models"]
+        if not isinstance(models, list) or not models:
+            raise SemeError("config: 'models' must be a non-empty list")
+        sources = []
+        for i, entry in enumerate(models):
+            where = f"models[{i}]"
+            if isinstance(entry, str):  # shorthand: a bare path
+                entry = {"model": entry}
+            _check_keys(entry, MODEL_KEYS, where)
+            if "model" not in entry:
+                raise SemeError(f"{where}: missing 'model'")
+            sources.append(Source(_resolve_model(entry["model"], where, base_dir), None,
+                                  _parameters(entry.get("parameters"), f"{where}.parameters")))
+        if base_model and base_model not in {s.model for s in sources}:
+            sources.append(Source(base_model))  # mergekit adds the base as an input, as here
+        slices.append(Slice(tuple(sources)))
+    else:
+        raw_slices = raw["slices"]
+        if not isinstance(raw_slices, list) or not raw_slices:
+            raise SemeError("config: 'slices' must be a non-empty list")
+        for i, raw_slice in enumerate(raw_slices):
+            where = f"slices[{i}]"
+            _check_keys(raw_slice, SLICE_KEYS, where)
+            if raw_slice.get("residual_weight") is not None:
+                raise SemeError(f"{where}: residual_weight is not supported")
+            raw_sources = raw_slice.get("sources")
+            if not isinstance(raw_sources, list) or not raw_sources:
+                raise SemeError(f"{where}: 'sources' must be a non-empty list")
+            sources = []
+            for j, src in enumerate(raw_sources):
+                swhere = f"{where}.sources[{j}]"
+                _check_keys(src, SOURCE_KEYS, swhere)
+                if "model" not in src or "layer_range" not in src:
+                    raise SemeError(f"{swhere}: needs 'model' and 'layer_range'")
+                sources.append(Source(_resolve_model(src["model"], swhere, base_dir),
+                                      _layer_range(src["layer_range"], swhere),
+                                      _parameters(src.get("parameters"), f"{swhere}.parameters")))
+            lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+            if len(lengths) > 1:
+                raise SemeError(f"{where}: all sources of a slice must span the same number of layers, "
+                                f"got {sorted(lengths)}")
+            slice_base = raw_slice.get("base_model")
+            slice_base = _resolve_model(slice_base, f"{where}.base_model", base_dir) if slice_base else None
+            slices.append(Slice(tuple(sources), slice_base, _parameters(raw_slice.get("parameters"), f"{where}.parameters")))
+
+    for i, sl in enumerate(slices):
+        base = sl.base_model or base_model
+        models_in = [s.model for s in sl.sources]
+        if len(set(models_in)) != len(models_in):
+            raise SemeError(f"slices[{i}]: a model is listed twice" if raw.get("slices") else "models: a model is listed twice")
+        has_base = base is not None and base in models_in
+        if base is not None and not has_base and method.base != "ignored":
+            raise SemeError(f"slices[{i}]: base_model is not among the slice's sources")
+        problem = method.check_inputs(len(models_in), has_base)
+        if problem:
+            raise SemeError(f"config: {problem}")
+        _check_parameter_names(method, sl, global_params, base)
+
+    seed = raw.get("random_seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise SemeError(f"config: random_seed must be a non-negative integer, got {seed!r}")
+
+    tok = raw.get("tokenizer_source")
+    if tok == "union":
+        raise SemeError("config: tokenizer_source 'union' is not supported yet; use 'base' or a model path")
+    if tok == "base":
+        tok = None
+    elif tok is not None:
+        tok = _resolve_model(tok, "tokenizer_source", base_dir)
+
+    return Recipe(method_name, tuple(slices), base_model, global_params, _dtype(raw.get("dtype"), "dtype"),
+                  _dtype(raw.get("out_dtype"), "out_dtype"), tok, seed, "slices" in raw, text)
+
+
+def _check_parameter_names(method, sl: Slice, global_params: dict, base: str | None) -> None:
+    import warnings
+
+    scopes = [("parameters", global_params), ("slice parameters", sl.parameters)]
+    scopes += [(f"parameters of {os.path.basename(s.model)}", s.parameters) for s in sl.sources]
+    for where, params in scopes:
+        for name in params:
+            if name not in method.param_index:
+                raise SemeError(f"config: {where}: unknown parameter '{name}' for method '{method.name}'"
+                                f"{suggest(name, method.param_index) or ' (it takes: ' + ', '.join(method.param_index) + ')'}")
+    for s in sl.sources:
+        for name in s.parameters:
+            if method.param_index[name].scope == "shared":
+                warnings.warn(f"parameter '{name}' of {os.path.basename(s.model)} is shared by all models; "
+                              f"mergekit ignores it there, and so does seme: set it in 'parameters'")
+    # Required per-model parameters must be reachable for each model that needs them.
+    for param in method.params:
+        if not param.required:
+            continue
+        global_hit = param.name in global_params or param.name in sl.parameters
+        if param.scope == "shared":
+            if not global_hit:
+                raise SemeError(f"config: method '{method.name}' needs parameter '{param.name}'")
+            continue
+        for s in sl.sources:
+            if param.scope == "non_base" and s.model == base:
+                continue
+            if not global_hit and param.name not in s.parameters:
+                raise SemeError(f"config: model {os.path.basename(s.model)} needs parameter '{param.name}' "
+                                f"for method '{method.name}'")
+
+
+def matches(filter_: str | None, name: str) -> bool:
+    """mergekit's substring filter; 're:' prefixes a regular expression, 'glob:' a shell pattern."""
+    if filter_ is None or filter_ == "*":
+        return True
+    if filter_.startswith("re:"):
+        return re.search(filter_[3:], name) is not None
+    if filter_.startswith("glob:"):
+        return fnmatch.fnmatchcase(name, filter_[5:])
+    return filter_ in name
+
+
+def evaluate(setting: Any, name: str, t: float) -> Any:
+    """The value of a parameter setting for tensor `name` at layer position t in [0, 1].
+
+    Gradients interpolate linearly between evenly spaced anchors (numbers) or pick the anchor
+    below t (booleans and strings); the first condition whose filter matches wins; None if none do.
+    """
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return setting
+    if all(isinstance(e, dict) for e in setting):
+        for cond in setting:
+            if matches(cond.get("filter"), name):
+                return evaluate(cond["value"], name, t)
+        return None
+    if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+        return setting[int(t * (len(setting) - 1))]
+    scaled = t * (len(setting) - 1)
+    i0 = int(scaled)
+    i1 = min(len(setting) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * setting[i0] + frac * setting[i1]

@@ -1,0 +1,95 @@
+"""Streaming execution of a plan: read one output tensor's inputs, merge, write, repeat.
+
+Peak memory is one tensor's inputs plus its result; inputs are zero-copy views of memory-mapped
+files, so pages are read on demand and dropped by the OS when no longer needed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+from seme.errors import SemeError
+from seme.io.card import write_metadata
+from seme.io.writer import ShardWriter
+from seme.methods import registry
+from seme.methods.inputs import Inputs
+from seme.plan import CODE_NAMES, Plan
+
+
+class Progress:
+    """Tensors done, bytes read and GB/s on one self-rewriting stderr line (only on a terminal)."""
+
+    def __init__(self, total_tensors: int, total_bytes: int, enabled: bool):
+        self.total_tensors, self.total_bytes, self.enabled = total_tensors, total_bytes, enabled
+        self.tensors = self.bytes = 0
+        self.start = self._last = time.perf_counter()
+
+    def update(self, nbytes: int) -> None:
+        self.tensors += 1
+        self.bytes += nbytes
+        now = time.perf_counter()
+        if self.enabled and (now - self._last > 0.1 or self.tensors == self.total_tensors):
+            self._last = now
+            rate = self.bytes / max(now - self.start, 1e-9) / 1e9
+            sys.stderr.write(f"\r  {self.tensors}/{self.total_tensors} tensors  "
+                             f"{self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB  {rate:.2f} GB/s ")
+            sys.stderr.flush()
+
+    def finish(self) -> float:
+        if self.enabled:
+            sys.stderr.write("\n")
+        return time.perf_counter() - self.start
+
+
+def run(plan: Plan, out_dir: str, *, device: str = "cpu", shard_size: int = 5 * 10**9,
+        overwrite: bool = False, progress: bool = False, version: str = "") -> dict:
+    """Execute `plan` into `out_dir` (created; refused if non-empty unless `overwrite`)."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
+        raise SemeError(f"output folder {out_dir} exists and is not empty (use --overwrite to replace it)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    # Build the result beside the target and publish it by rename, so that an interrupted merge
+    # never leaves a folder that looks like a finished model.
+    staging = f"{out_dir}.seme-partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        stats = _execute(plan, staging, torch.device(device), shard_size, progress)
+        write_metadata(staging, plan, version)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
+    os.rename(staging, out_dir)
+    return stats
+
+
+def _execute(plan: Plan, folder: str, device: torch.device, shard_size: int, progress: bool) -> dict:
+    method = registry.get(plan.recipe.merge_method)
+    writer = ShardWriter(folder, [(t.name, t.dtype, t.shape, t.nbytes) for t in plan.tasks], shard_size)
+    bar = Progress(len(plan.tasks), plan.input_bytes, progress)
+    try:
+        for task in plan.tasks:
+            tensors = [plan.models[m].load(name) for m, name in task.inputs]
+            nbytes = sum(t.nbytes for t in tensors) if hasattr(torch.Tensor, "nbytes") else 0
+            if task.copy:
+                result = tensors[0]
+            else:
+                dtype = getattr(torch, task.compute_dtype) if task.compute_dtype else None
+                tensors = tuple(t.to(device=device, dtype=dtype or t.dtype, non_blocking=True) for t in tensors)
+                inputs = Inputs(tensors, task.base_index, task.name, plan.recipe.random_seed)
+                result = method.fn(inputs, task.params)
+                result = result.to(getattr(torch, CODE_NAMES[task.dtype])).cpu()
+            writer.write(task.name, result)
+            bar.update(nbytes)
+    finally:
+        writer.close()
+    seconds = bar.finish()
+    return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes,
+            "seconds": seconds}

@@ -1,0 +1,44 @@
+"""The output folder's metadata: config, generation config, tokenizer files and a model card."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+CARD = """---
+library_name: transformers
+tags:
+- seme
+- merge
+---
+# {name}
+
+This model was merged with seme {version}
+using the **{method}** method.
+
+## Inputs
+{models}
+
+## Recipe
+The merge is reproducible from this recipe alone (`python -m seme.merge recipe.yml OUT`):
+
+```yaml
+{recipe}
+```
+"""
+
+
+def write_metadata(folder: str, plan, version: str) -> None:
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(plan.config, f, indent=2)
+        f.write("\n")
+    ref = plan.tokenizer_model
+    for file in ["generation_config.json"] + ref.tokenizer_files():
+        src = os.path.join(ref.path, file)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(folder, file))
+    models = "\n".join(f"- `{m.path}`" for m in plan.models)
+    card = CARD.format(name=os.path.basename(os.path.normpath(folder)), version=version,
+                       method=plan.recipe.merge_method, models=models, recipe=plan.recipe.text.strip())
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+        f.write(card)

@@ -1,0 +1,79 @@
+"""A local Hugging Face model folder: config, tensor index (from headers only) and lazy tensor reads."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from seme.errors import SemeError
+from seme.io.safetensors_file import MappedFile, TensorInfo, read_header
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja")
+
+
+class ModelFolder:
+    def __init__(self, path: str):
+        self.path = path
+        self.name = os.path.basename(os.path.normpath(path))
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise SemeError(f"{path}: no config.json (not a Hugging Face model folder)")
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                self.config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise SemeError(f"{config_path}: cannot read: {e}") from None
+        if not isinstance(self.config, dict):
+            raise SemeError(f"{config_path}: not a JSON object")
+        self.tensors = self._index()
+        self._maps: dict[str, MappedFile] = {}
+
+    def _index(self) -> dict[str, TensorInfo]:
+        index_path = os.path.join(self.path, "model.safetensors.index.json")
+        single = os.path.join(self.path, "model.safetensors")
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise SemeError(f"{index_path}: malformed index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(single):
+            weight_map, files = None, ["model.safetensors"]
+        else:
+            files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(self.path, "*.safetensors")))
+            weight_map = None
+            if not files:
+                pickles = glob.glob(os.path.join(self.path, "*.bin")) + glob.glob(os.path.join(self.path, "*.pt"))
+                if pickles:
+                    raise SemeError(f"{self.path}: only PyTorch pickle weights ({os.path.basename(pickles[0])}); "
+                                    f"seme reads safetensors only, since pickles can run code: convert the model first")
+                raise SemeError(f"{self.path}: no safetensors weights found")
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            path = os.path.join(self.path, file)
+            if os.path.dirname(os.path.normpath(file)) or not os.path.isfile(path):
+                raise SemeError(f"{self.path}: weight file '{file}' is missing or outside the model folder")
+            infos, _ = read_header(path)
+            for name, info in infos.items():
+                if name in tensors:
+                    raise SemeError(f"{self.path}: tensor '{name}' appears in two files")
+                if weight_map is None or weight_map.get(name) == file:
+                    tensors[name] = info
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(tensors))
+            if missing:
+                raise SemeError(f"{self.path}: index names tensor '{missing[0]}' that its file does not contain")
+        return tensors
+
+    def load(self, name: str):
+        """The tensor `name` as a zero-copy view of the memory-mapped file."""
+        info = self.tensors[name]
+        mapped = self._maps.get(info.path)
+        if mapped is None:
+            mapped = self._maps[info.path] = MappedFile(info.path)
+        return mapped.tensor(info)
+
+    def tokenizer_files(self) -> list[str]:
+        return [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(self.path, f))]

@@ -1,0 +1,59 @@
+"""`python -m seme.merge CONFIG OUT`: the command line. Arguments are parsed before anything heavy
+is imported, so --help and argument errors are instant."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from seme.options import OPTIONS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m seme.merge",
+        description="Merge Hugging Face checkpoints (mergekit-compatible YAML recipes) into one checkpoint.")
+    parser.add_argument("config", nargs="?", help="recipe YAML file (mergekit schema)")
+    parser.add_argument("out", nargs="?", help="output folder")
+    parser.add_argument("--demo", action="store_true",
+                        help="build two tiny fine-tunes of a tiny Llama and merge them (no downloads)")
+    for o in OPTIONS:
+        flag = "--" + o.name.replace("_", "-")
+        if o.parse is None:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction if o.default is None else "store_true",
+                                default=o.default, help=o.help)
+        else:
+            parser.add_argument(flag, default=o.default, help=f"{o.help} (default: {o.default})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from seme.errors import SemeError
+
+    try:
+        if args.demo:
+            from seme.demo import run_demo
+
+            options = {o.name: getattr(args, o.name) for o in OPTIONS}
+            run_demo(args.out or args.config or "./seme-demo-merged", **options)
+            return 0
+        if not args.config or not args.out:
+            raise SemeError("expected CONFIG and OUT (or --demo); see --help")
+        from seme import merge
+
+        merge(args.config, args.out, **{o.name: getattr(args, o.name) for o in OPTIONS})
+        return 0
+    except SemeError as e:
+        print(f"seme: error: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        print("seme: interrupted; no output was published", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"seme: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""What a merge method receives for one output tensor."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The input tensors of one output tensor, in config order (the base among them, if any)."""
+
+    tensors: tuple[torch.Tensor, ...]
+    base_index: int | None = None
+    name: str = ""  # output tensor name: keys the random streams of DARE / DELLA
+    seed: int = 0
+
+    @property
+    def base(self) -> torch.Tensor | None:
+        return None if self.base_index is None else self.tensors[self.base_index]
+
+    @property
+    def others(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for i, t in enumerate(self.tensors) if i != self.base_index)
+
+    @property
+    def other_indices(self) -> tuple[int, ...]:
+        return tuple(i for i in range(len(self.tensors)) if i != self.base_index)
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """Half types are merged in float32; float64 stays float64."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32

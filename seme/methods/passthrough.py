@@ -1,0 +1,16 @@
+"""Passthrough: copy one input (optionally scaled). The building block of frankenmerges via slices."""
+from __future__ import annotations
+
+import torch
+
+from seme.methods.inputs import Inputs
+from seme.methods.registry import INPUT, Method, Param, register
+
+
+def passthrough(inputs: Inputs, p: dict) -> torch.Tensor:
+    (tensor,) = inputs.tensors
+    scale = p["scale"][0]
+    return tensor if scale is None else tensor * scale
+
+
+register(Method("passthrough", passthrough, (Param("scale", float, INPUT, default=None),), max_inputs=1))

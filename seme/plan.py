@@ -1,0 +1,254 @@
+"""Recipe + model headers -> the list of output tensors, each with its inputs and bound parameters.
+
+Planning reads only config.json files and safetensors headers, so every shape, layer range and
+parameter problem is found before a single tensor is read.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+from seme import architectures
+from seme.config import Recipe, Slice, evaluate
+from seme.errors import SemeError
+from seme.io.model import ModelFolder
+from seme.io.safetensors_file import DTYPE_SIZES, TORCH_NAMES
+from seme.methods import registry
+
+FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
+CODE_NAMES = {code: name for name, code in TORCH_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One output tensor: read `inputs` (model index, tensor name), merge, write as `name`."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype code of the output
+    inputs: tuple[tuple[int, str], ...]
+    base_index: int | None  # position of the base within `inputs`
+    params: dict  # bound method parameters (see registry.bind)
+    compute_dtype: str | None  # torch dtype name the inputs are cast to before merging, or None
+    copy: bool = False  # non-float tensor: copied from the first input, not merged
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    models: list[ModelFolder]  # indexed by TensorTask.inputs
+    tasks: list[TensorTask]
+    config: dict  # the output config.json
+    tokenizer_model: ModelFolder
+    num_layers: int
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(self.models[m].tensors[n].nbytes for t in self.tasks for m, n in t.inputs)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tasks)
+
+
+def make_plan(recipe: Recipe) -> Plan:
+    method = registry.get(recipe.merge_method)
+    models = [ModelFolder(path) for path in recipe.models]
+    index = {m.path: i for i, m in enumerate(models)}
+    archs = [architectures.for_config(m.config) for m in models]
+    first_slice = recipe.slices[0]
+    ref_path = recipe.base_model or first_slice.base_model or first_slice.sources[0].model
+    ref = index[ref_path]
+    arch = archs[ref]
+    tied = arch.tied(models[ref].config)
+
+    def layer_range(source):
+        n = archs[index[source.model]].num_layers(models[index[source.model]].config)
+        if source.layer_range is None:
+            return 0, n
+        if source.layer_range[1] > n:
+            raise SemeError(f"layer_range {list(source.layer_range)} is out of bounds for "
+                            f"{models[index[source.model]].name} ({n} layers)")
+        return source.layer_range
+
+    for sl in recipe.slices:
+        spans = {s.model: layer_range(s) for s in sl.sources}
+        depths = {hi - lo for lo, hi in spans.values()}
+        if len(depths) > 1:
+            detail = ", ".join(f"{models[index[m]].name}: {hi - lo}" for m, (lo, hi) in spans.items())
+            raise SemeError(f"models of different depths cannot be merged layer by layer ({detail}); "
+                            f"select equal layer ranges with 'slices'")
+
+    builder = _Builder(recipe, method, models, archs, index, tied)
+    ref_names = list(models[ref].tensors)
+    pre = [n for n in ref_names if _role(arch, n) in ("embedding", "position_embedding")]
+    post = [n for n in ref_names if _layer(arch, n) is None and n not in pre]
+    head = next((name for name, spec in arch.tensors.items() if spec.role == "lm_head"), None)
+    if not tied and head and head not in ref_names:
+        post.append(head)  # an untied output needs a head even if the reference stored none
+
+    for name in pre:
+        builder.add(name, {s.model: name for s in first_slice.sources}, first_slice, t=0.0)
+    out_layer = 0
+    for sl in recipe.slices:
+        spans = [layer_range(s) for s in sl.sources]
+        depth = spans[0][1] - spans[0][0]
+        lead = sl.sources[0]
+        lead_arch = archs[index[lead.model]]
+        for offset in range(depth):
+            t = offset / (depth - 1) if depth > 1 else 1.0
+            lead_layer = spans[0][0] + offset
+            lead_names = [n for n in models[index[lead.model]].tensors if _layer(lead_arch, n) == lead_layer]
+            for name in lead_names:
+                names_in = {s.model: _rename(archs[index[s.model]], name, span[0] + offset)
+                            for s, span in zip(sl.sources, spans)}
+                builder.add(_rename(lead_arch, name, out_layer), names_in, sl, t)
+            out_layer += 1
+    last_slice = recipe.slices[-1]
+    for name in post:
+        if _role(arch, name) == "lm_head" and tied:
+            continue  # tied heads stay tied: the output has no separate lm_head
+        builder.add(name, {s.model: name for s in last_slice.sources}, last_slice, t=0.0)
+
+    config = dict(models[ref].config)
+    config[next(k for k in arch.num_layers_keys if k in config)] = out_layer
+    merged = [t.dtype for t in builder.tasks if not t.copy]
+    out_dtype = recipe.out_dtype or recipe.dtype or CODE_NAMES[_promote_codes(merged or ["F32"])]
+    for key in ("torch_dtype", "dtype"):
+        if key in config or key == "dtype":
+            config[key] = out_dtype
+    tokenizer = models[index[recipe.tokenizer_source]] if recipe.tokenizer_source else models[ref]
+    return Plan(recipe, models, builder.tasks, config, tokenizer, out_layer)
+
+
+def _role(arch, name):
+    role = arch.role(name)
+    return role.role if role else None
+
+
+def _layer(arch, name) -> int | None:
+    """Layer index of a tensor; names missing from the role table fall back to the name pattern."""
+    role = arch.role(name)
+    if role:
+        return role.layer
+    m = architectures.LAYER_PATTERN.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _rename(arch, name: str, layer: int) -> str:
+    if arch.role(name):
+        return arch.rename_layer(name, layer)
+    m = architectures.LAYER_PATTERN.search(name)
+    return name[:m.start(1)] + str(layer) + name[m.end(1):]
+
+
+class _Builder:
+    def __init__(self, recipe, method, models, archs, index, tied):
+        self.recipe, self.method, self.models, self.archs, self.index = recipe, method, models, archs, index
+        self.tasks: list[TensorTask] = []
+        self.seen: set[str] = set()
+        self.dropped_heads: list[str] = []
+        if tied:
+            self.dropped_heads = [m.name for m, a in zip(models, archs)
+                                  if not a.tied(m.config) and any(_role(a, n) == "lm_head" for n in m.tensors)]
+            if self.dropped_heads:
+                warnings.warn(f"the output ties its LM head to the embeddings (like the reference model), "
+                              f"so the separate LM heads of {', '.join(self.dropped_heads)} are not merged")
+
+    def _find(self, model: int, name: str) -> str:
+        """The name under which model `model` stores `name` (a tied LM head is its embedding)."""
+        folder, arch = self.models[model], self.archs[model]
+        if name in folder.tensors:
+            return name
+        role = arch.role(name)
+        if role and role.tied_to and role.tied_to in folder.tensors:
+            return role.tied_to
+        raise SemeError(f"tensor '{name}' is missing from {folder.name}")
+
+    def add(self, out_name: str, names_in: dict, sl: Slice, t: float) -> None:
+        if out_name in self.seen:
+            raise SemeError(f"output tensor '{out_name}' would be written twice (overlapping slices?)")
+        self.seen.add(out_name)
+        recipe, method = self.recipe, self.method
+        base = sl.base_model or recipe.base_model
+        sources = sl.sources
+        inputs = tuple((self.index[s.model], self._find(self.index[s.model], names_in[s.model])) for s in sources)
+        infos = [self.models[m].tensors[n] for m, n in inputs]
+        shapes = {info.shape for info in infos}
+        if len(shapes) > 1:
+            detail = ", ".join(f"{list(info.shape)} in {self.models[m].name}" for (m, _), info in zip(inputs, infos))
+            hint = ""
+            if any(_role(self.archs[m], n) in ("embedding", "lm_head") for m, n in inputs):
+                hint = " (the vocabularies differ: align them with a common tokenizer first)"
+            raise SemeError(f"tensor '{out_name}' has different shapes: {detail}{hint}")
+        lead = infos[0]
+        buffer = _role(self.archs[inputs[0][0]], inputs[0][1]) == "buffer"
+        if buffer or lead.dtype not in FLOAT_CODES or any(i.dtype not in FLOAT_CODES for i in infos):
+            self.tasks.append(TensorTask(out_name, lead.shape, lead.dtype, inputs[:1], None, {}, None, copy=True))
+            return
+        base_index = next((i for i, s in enumerate(sources) if s.model == base), None)
+        if method.base == "ignored":
+            base_index = None
+        where = f"tensor '{out_name}'"
+        supplied = {}
+        for param in method.params:
+            if param.scope == "shared":
+                value = _resolve(param.name, [sl.parameters, recipe.parameters], out_name, t)
+                if value is not None:
+                    supplied[param.name] = value
+                continue
+            values = []
+            for i, (s, (_, name)) in enumerate(zip(sources, inputs)):
+                if param.scope == "non_base" and i == base_index:
+                    continue
+                value = _resolve(param.name, [s.parameters, sl.parameters, recipe.parameters], name, t)
+                if value is None:
+                    if param.required:
+                        raise SemeError(f"{where}: parameter '{param.name}' has no value for "
+                                        f"{os.path.basename(s.model)} (no filter matches)")
+                    value = param.default
+                values.append(value)
+            supplied[param.name] = values
+        params = registry.bind(method, supplied, len(inputs), base_index, where)
+        _check_values(method.name, params, where)
+        compute = recipe.dtype
+        dtype_out = recipe.out_dtype or recipe.dtype
+        code = TORCH_NAMES[dtype_out] if dtype_out else _promote_codes([i.dtype for i in infos])
+        self.tasks.append(TensorTask(out_name, lead.shape, code, inputs, base_index, params, compute))
+
+
+def _promote_codes(codes) -> str:
+    codes = set(codes)
+    if len(codes) == 1:
+        return codes.pop()
+    if codes <= {"F16", "BF16"}:
+        return "F32"
+    return max(codes, key=["F16", "BF16", "F32", "F64"].index)
+
+
+def _resolve(name: str, scopes, tensor_name: str, t: float):
+    for scope in scopes:
+        if scope and name in scope:
+            value = evaluate(scope[name], tensor_name, t)
+            if value is not None:
+                return value
+    return None
+
+
+def _check_values(method: str, params: dict, where: str) -> None:
+    """Values that are well-typed but make a method divide by zero or misbehave."""
+    if method == "linear" and params["normalize"] and abs(sum(params["weight"])) < 1e-12:
+        raise SemeError(f"{where}: linear weights sum to 0, so they cannot be normalised")
+    if method.startswith("della"):
+        for d, e in zip(params["density"], params["epsilon"]):
+            if d < 1 and not (0 < d - e and d + e < 1):
+                raise SemeError(f"{where}: DELLA needs 0 < density - epsilon and density + epsilon < 1 "
+                                f"(density {d}, epsilon {e})")

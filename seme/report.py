@@ -1,0 +1,31 @@
+"""Human-readable views of a plan (`--dry-run`)."""
+from __future__ import annotations
+
+
+def _fmt(value) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def print_plan(plan, out) -> None:
+    recipe = plan.recipe
+    names = [m.name for m in plan.models]
+    out.write(f"method: {recipe.merge_method}\n")
+    for i, m in enumerate(plan.models):
+        out.write(f"model[{i}]: {m.path}\n")
+    out.write(f"output: {len(plan.tasks)} tensors, {plan.output_bytes / 1e9:.3f} GB written, "
+              f"{plan.input_bytes / 1e9:.3f} GB read; layers: "
+              f"{plan.num_layers}\n")
+    out.write(f"tokenizer from: {plan.tokenizer_model.path}\n")
+    for t in plan.tasks:
+        shape = "x".join(map(str, t.shape)) or "scalar"
+        inputs = ", ".join(f"{names[m]}" + (" (base)" if i == t.base_index else "")
+                           for i, (m, _) in enumerate(t.inputs))
+        if t.copy:
+            out.write(f"{t.name}  {shape} {t.dtype}  copy from {inputs}\n")
+            continue
+        params = " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
+        out.write(f"{t.name}  {shape} {t.dtype}  {t.nbytes} B  <- {inputs}  {params}\n")

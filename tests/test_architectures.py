@@ -1,0 +1,215 @@
+import ast
+import json
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+
+import seme.architectures as archs
+from seme.architectures import for_config, known_architectures
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=128)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER),
+    "mistral": ("MistralConfig", "MistralForCausalLM", DECODER),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", DECODER),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(DECODER, head_dim=8)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(DECODER, head_dim=8)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(DECODER, head_dim=8)),
+    # Phi3's default pad_token_id (32000) is outside the tiny vocabulary.
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128)),
+}
+CASES = [(f, {}) for f in FAMILIES] + [
+    ("llama", {"tie_word_embeddings": True}),
+    ("llama", {"tie_word_embeddings": False}),
+    ("llama", {"attention_bias": True, "mlp_bias": True}),
+    ("qwen2", {"tie_word_embeddings": True}),
+    ("gemma", {"tie_word_embeddings": False}),
+]
+LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias"}
+
+
+def build(family, extra):
+    config_cls, model_cls, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**kwargs, **extra)
+    return getattr(transformers, model_cls)(config).eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(model, config.json dict, {saved tensor name: shape}) per case, built once."""
+    cache = {}
+
+    def get(family, extra):
+        key = (family, tuple(sorted(extra.items())))
+        if key not in cache:
+            model = build(family, extra)
+            out = tmp_path_factory.mktemp(family)
+            model.save_pretrained(out, safe_serialization=True)
+            config = json.loads((out / "config.json").read_text())
+            tensors = safetensors_torch.load_file(out / "model.safetensors")
+            cache[key] = model, config, {k: tuple(v.shape) for k, v in tensors.items()}
+        return cache[key]
+
+    return get
+
+
+def case_id(case):
+    family, extra = case
+    return family + "".join(f"-{k}={v}" for k, v in extra.items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_checkpoint_roles(saved, case):
+    family, extra = case
+    model, config, shapes = saved(family, extra)
+    arch = for_config(config)
+    assert arch.name == family and not arch.inferred
+    hidden, vocab = arch.hidden_size(config), config["vocab_size"]
+    assert hidden == 32 and arch.num_layers(config) == 2
+
+    for name, shape in shapes.items():
+        r = arch.role(name)
+        assert r is not None, name
+        m = LAYER.search(name)
+        assert r.layer == (int(m.group(1)) if m else None), name
+        assert (r.template == name) if r.layer is None else (arch.layer_name(r.template, r.layer) == name)
+        in_dim, out_dim = (1, 0) if r.layout == "out_in" else (0, 1)
+        if r.role == "read":
+            assert shape[in_dim] == hidden, name
+            assert r.norm in shapes and arch.role(r.norm).role == "norm", name
+        elif r.role == "write":
+            assert shape[out_dim] == hidden, name
+        elif r.role in ("embedding", "lm_head"):
+            assert shape == (vocab, hidden), name
+        elif r.role == "position_embedding":
+            assert shape[1] == hidden, name
+        elif r.role in VECTOR_ROLES:
+            assert shape == (hidden,), name
+
+    # Completeness: every required template exists at every layer (lm_head only when untied).
+    tied = arch.tied(config)
+    assert tied == ("lm_head.weight" not in shapes)
+    assert tied == model.config.tie_word_embeddings
+    for template, spec in arch.tensors.items():
+        if spec.optional or (tied and spec.role == "lm_head"):
+            continue
+        layers = range(arch.num_layers(config)) if "{layer}" in template else [None]
+        for i in layers:
+            assert (arch.layer_name(template, i) if i is not None else template) in shapes, template
+        if spec.tied_to:
+            assert spec.tied_to in shapes
+
+    # The in-memory state dict (which keeps a tied lm_head) is fully classified as well.
+    assert all(arch.role(k) is not None for k in model.state_dict())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_norm_feeds_read(saved, family):
+    """Run the model: each read projection's input is exactly its norm's output, and each
+    write_norm normalises the output of a write projection of its layer."""
+    model, config, shapes = saved(family, {})
+    arch = for_config(config)
+    module = lambda tensor_name: tensor_name.rsplit(".", 1)[0]
+    modules = dict(model.named_modules())
+    inputs, outputs = {}, {}
+
+    def hook(name):
+        def record(_, args, output):
+            inputs[name], outputs[name] = args[0], output
+        return record
+
+    handles = [modules[m].register_forward_hook(hook(m)) for m in {module(n) for n in shapes} if m in modules]
+    with torch.no_grad():
+        model(torch.arange(8).unsqueeze(0))
+    for h in handles:
+        h.remove()
+
+    for name in shapes:
+        r = arch.role(name)
+        if r.role == "read":
+            assert inputs[module(name)] is outputs[module(r.norm)], name
+        elif r.role == "write_norm":
+            writes = [module(n) for n in shapes
+                      if arch.role(n).role == "write" and arch.role(n).layer == r.layer]
+            assert any(inputs[module(name)] is outputs[w] for w in writes), name
+
+
+def test_known_architectures():
+    assert set(known_architectures()) == set(FAMILIES)
+
+
+def test_match_order():
+    assert for_config({"architectures": ["Qwen2ForCausalLM"], "model_type": "llama"}).name == "qwen2"
+    assert for_config({"architectures": ["LlamaForTokenClassification"], "model_type": "llama"}).name == "llama"
+    assert for_config({"model_type": "gpt2"}).name == "gpt2"
+
+
+def test_gpt2_without_base_prefix():
+    arch = for_config({"architectures": ["GPT2Model"]})
+    r = arch.role("h.1.mlp.c_fc.weight")
+    assert (r.role, r.layer, r.layout, r.norm) == ("read", 1, "in_out", "h.1.ln_2.weight")
+    assert arch.role("wte.weight").role == "embedding"
+    assert arch.role("h.0.attn.bias").role == "buffer"
+    assert arch.rename_layer("h.1.mlp.c_fc.weight", 11) == "h.11.mlp.c_fc.weight"
+    assert arch.tied({"n_layer": 12})  # Hub gpt2 config.json has no tie_word_embeddings
+
+
+def test_rename_layer():
+    arch = for_config({"architectures": ["LlamaForCausalLM"]})
+    assert arch.rename_layer("model.layers.3.self_attn.q_proj.weight", 10) == \
+        "model.layers.10.self_attn.q_proj.weight"
+    r = arch.role("model.layers.10.mlp.gate_proj.weight")
+    assert r.norm == "model.layers.10.post_attention_layernorm.weight"
+    assert arch.role("model.layers.1.unknown.weight") is None
+    with pytest.raises(ValueError):
+        arch.rename_layer("model.norm.weight", 1)
+
+
+def test_gemma_semantics():
+    g2 = for_config({"architectures": ["Gemma2ForCausalLM"]})
+    assert g2.norm_gain_offset == 1.0 and g2.tied({})
+    assert g2.role("model.layers.0.post_attention_layernorm.weight").role == "write_norm"
+    assert g2.role("model.layers.0.post_feedforward_layernorm.weight").role == "write_norm"
+    assert g2.role("model.layers.0.mlp.up_proj.weight").norm == "model.layers.0.pre_feedforward_layernorm.weight"
+    assert for_config({"model_type": "qwen3"}).norm_gain_offset == 0.0
+
+
+def test_inferred_fallback(saved):
+    _, config, shapes = saved("llama", {})
+    unknown = dict(config, architectures=["MysteryForCausalLM"], model_type="mystery")
+    with pytest.warns(UserWarning, match="unknown architecture") as record:
+        arch = for_config(unknown)
+    assert len(record) == 1
+    assert arch.inferred and arch.name == "inferred"
+    assert arch.num_layers(unknown) == 2 and arch.hidden_size(unknown) == 32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # lookups must not warn again
+        roles = {name: arch.role(name) for name in shapes}
+    llama = for_config(config)
+    for name, r in roles.items():
+        assert r is not None and r.layer == llama.role(name).layer, name
+        assert r.role == llama.role(name).role, name  # llama names are unambiguous
+    assert arch.rename_layer("model.layers.0.mlp.down_proj.weight", 4) == "model.layers.4.mlp.down_proj.weight"
+    assert arch.role("transformer.h.2.attn.c_attn.bias").role == "inner"
+    assert arch.role("transformer.h.2.ln_1.bias").role == "norm_bias"
+    assert arch.role("transformer.wpe.weight").role == "position_embedding"
+    assert arch.role("transformer.ln_f.weight").role == "final_norm"
+
+
+def test_loader_imports_only_stdlib():
+    tree = ast.parse(Path(archs.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported <= {"__future__", "json", "re", "warnings", "dataclasses", "functools", "importlib"}
