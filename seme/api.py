@@ -1,6 +1,8 @@
-"""In-memory merging: `merge_tensors`, the same methods the engine runs, on tensors you hold."""
+"""The Python API: `merge` (a whole checkpoint) and `merge_tensors` (tensors you hold)."""
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Sequence
 
 import torch
@@ -35,3 +37,41 @@ def merge_tensors(method: str, tensors: Sequence[torch.Tensor], base: torch.Tens
     inputs = Inputs(tuple(all_tensors), base_index if spec.base != "ignored" else None, name, seed)
     result = spec.fn(inputs, bound)
     return result.to(out_dtype or all_tensors[0].dtype)
+
+
+def merge(config, out_dir: str, **options) -> dict:
+    """Merge the models of `config` (a YAML path, YAML text or dict) into `out_dir`.
+
+    Options are those of the CLI (see `seme.options.OPTIONS`): device, out_shard_size, dry_run,
+    overwrite, progress. Returns statistics of the run (or the plan's, with dry_run).
+    """
+    from seme import __version__
+    from seme import config as recipe_config
+    from seme.options import resolve
+    from seme.plan import make_plan
+
+    opts = resolve(**options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _one_line_warning
+        recipe = recipe_config.load(config)
+        plan = make_plan(recipe)
+    if opts["dry_run"]:
+        from seme.report import print_plan
+
+        print_plan(plan, sys.stdout)
+        return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes}
+    from seme import executor
+
+    progress = sys.stderr.isatty() if opts["progress"] is None else opts["progress"]
+    stats = executor.run(plan, out_dir, device=opts["device"], shard_size=opts["out_shard_size"],
+                         overwrite=opts["overwrite"], progress=progress, version=__version__)
+    seconds = max(stats["seconds"], 1e-9)
+    print(f"seme: merged {stats['tensors']} tensors with {recipe.merge_method} "
+          f"({stats['input_bytes'] / 1e9:.3f} GB in, {stats['input_bytes'] / 1e9 / seconds:.2f} GB/s) "
+          f"in {stats['seconds']:.1f} s -> {out_dir}", file=sys.stderr)
+    return stats
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"seme: warning: {message}", file=sys.stderr)

@@ -276,10 +276,12 @@ def _check_parameter_names(method, sl: Slice, global_params: dict, base: str | N
     scopes = [("parameters", global_params), ("slice parameters", sl.parameters)]
     scopes += [(f"parameters of {os.path.basename(s.model)}", s.parameters) for s in sl.sources]
     for where, params in scopes:
-        for name in params:
+        for name, setting in params.items():
             if name not in method.param_index:
                 raise SemeError(f"config: {where}: unknown parameter '{name}' for method '{method.name}'"
                                 f"{suggest(name, method.param_index) or ' (it takes: ' + ', '.join(method.param_index) + ')'}")
+            for value in _leaves(setting):
+                method.param_index[name].coerce(value, f"config: {where}")
     for s in sl.sources:
         for name in s.parameters:
             if method.param_index[name].scope == "shared":
@@ -300,6 +302,17 @@ def _check_parameter_names(method, sl: Slice, global_params: dict, base: str | N
             if not global_hit and param.name not in s.parameters:
                 raise SemeError(f"config: model {os.path.basename(s.model)} needs parameter '{param.name}' "
                                 f"for method '{method.name}'")
+
+
+def _leaves(setting: Any):
+    """Every scalar value a setting can take (gradient anchors, conditional values)."""
+    if isinstance(setting, dict):
+        yield from _leaves(setting["value"])
+    elif isinstance(setting, list):
+        for e in setting:
+            yield from _leaves(e)
+    else:
+        yield setting
 
 
 def matches(filter_: str | None, name: str) -> bool:

@@ -3,8 +3,8 @@ is imported, so --help and argument errors are instant."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import types
 
 from seme.options import OPTIONS
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.config or not args.out:
             raise SemeError("expected CONFIG and OUT (or --demo); see --help")
-        from seme import merge
+        from seme.api import merge
 
         merge(args.config, args.out, **{o.name: getattr(args, o.name) for o in OPTIONS})
         return 0
@@ -54,6 +54,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seme: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
 
+
+class _CallableModule(types.ModuleType):
+    """`seme.merge` is both this CLI module and the API function: importing the module replaces the
+    package attribute, so the module itself forwards calls to `seme.api.merge`."""
+
+    def __call__(self, config, out_dir: str, **options) -> dict:
+        from seme.api import merge
+
+        return merge(config, out_dir, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

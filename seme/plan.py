@@ -98,6 +98,7 @@ def make_plan(recipe: Recipe) -> Plan:
     for name in pre:
         builder.add(name, {s.model: name for s in first_slice.sources}, first_slice, t=0.0)
     out_layer = 0
+    layer_sources = []  # (model index, source layer) of each output layer, for per-layer config lists
     for sl in recipe.slices:
         spans = [layer_range(s) for s in sl.sources]
         depth = spans[0][1] - spans[0][0]
@@ -111,6 +112,7 @@ def make_plan(recipe: Recipe) -> Plan:
                 names_in = {s.model: _rename(archs[index[s.model]], name, span[0] + offset)
                             for s, span in zip(sl.sources, spans)}
                 builder.add(_rename(lead_arch, name, out_layer), names_in, sl, t)
+            layer_sources.append((index[lead.model], lead_layer))
             out_layer += 1
     last_slice = recipe.slices[-1]
     for name in post:
@@ -118,8 +120,7 @@ def make_plan(recipe: Recipe) -> Plan:
             continue  # tied heads stay tied: the output has no separate lm_head
         builder.add(name, {s.model: name for s in last_slice.sources}, last_slice, t=0.0)
 
-    config = dict(models[ref].config)
-    config[next(k for k in arch.num_layers_keys if k in config)] = out_layer
+    config = _output_config(models, archs, ref, layer_sources)
     merged = [t.dtype for t in builder.tasks if not t.copy]
     out_dtype = recipe.out_dtype or recipe.dtype or CODE_NAMES[_promote_codes(merged or ["F32"])]
     for key in ("torch_dtype", "dtype"):
@@ -127,6 +128,25 @@ def make_plan(recipe: Recipe) -> Plan:
             config[key] = out_dtype
     tokenizer = models[index[recipe.tokenizer_source]] if recipe.tokenizer_source else models[ref]
     return Plan(recipe, models, builder.tasks, config, tokenizer, out_layer)
+
+
+def _output_config(models, archs, ref: int, layer_sources) -> dict:
+    """The reference config with the new depth; per-layer lists (e.g. layer_types) follow the layers."""
+    config = dict(models[ref].config)
+    depth = archs[ref].num_layers(config)
+    for key, value in models[ref].config.items():
+        if isinstance(value, list) and len(value) == depth and depth > 0:
+            config[key] = [_per_layer(models[m], archs[m], key, value, layer) for m, layer in layer_sources]
+    config[next(k for k in archs[ref].num_layers_keys if k in config)] = len(layer_sources)
+    return config
+
+
+def _per_layer(model, arch, key: str, fallback: list, layer: int):
+    """Layer `layer`'s entry of a per-layer config list, from the model that supplies the layer."""
+    value = model.config.get(key)
+    if isinstance(value, list) and len(value) == arch.num_layers(model.config):
+        return value[layer]
+    return fallback[min(layer, len(fallback) - 1)]
 
 
 def _role(arch, name):

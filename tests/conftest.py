@@ -1,0 +1,78 @@
+"""Tiny Hugging Face models built on the spot (no downloads), shared by the tests."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_model(path, family: str = "llama", *, seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = 96,
+                tied: bool = False, base_state: dict | None = None, delta: float = 0.05,
+                dtype: torch.dtype = torch.float32) -> dict:
+    """Save a tiny random model (or, with base_state, base + a small random task vector) at `path`."""
+    import transformers
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=tied,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[family]
+    config = getattr(transformers, config_cls)(**common)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if base_state is not None:
+                p.copy_(base_state[name] + delta * torch.randn_like(p) * (base_state[name].std() + 1e-3))
+            elif "norm" in name:  # non-trivial gains, so merges of norms are tested too
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    model.to(dtype).save_pretrained(path)
+    save_tokenizer(path, vocab)
+    return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+
+def save_tokenizer(path, vocab: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+
+
+def build_family(root, family: str, n_experts: int = 3, **kw) -> dict:
+    """base + n experts (base plus independent small task vectors) under root/<family>/."""
+    folder = os.path.join(root, family)
+    paths = {"base": os.path.join(folder, "base")}
+    base = build_model(paths["base"], family, seed=0, **kw)
+    for i in range(n_experts):
+        paths[f"expert{i}"] = os.path.join(folder, f"expert{i}")
+        build_model(paths[f"expert{i}"], family, seed=10 + i, base_state=base, **kw)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory):
+    return build_family(str(tmp_path_factory.mktemp("models")), "llama")
+
+
+@pytest.fixture(scope="session")
+def qwen2_family(tmp_path_factory):
+    return build_family(str(tmp_path_factory.mktemp("models")), "qwen2")
+
+
+def load_folder(path) -> dict:
+    """Every tensor of a safetensors model folder."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, f)))
+    return out

@@ -1,0 +1,146 @@
+"""Every validation failure: one line on stderr naming the problem, exit status 2, nothing written."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from seme.merge import main
+
+
+def write_recipe(tmp_path, recipe) -> str:
+    path = tmp_path / "recipe.yml"
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe))
+    return str(path)
+
+
+def run_cli(tmp_path, recipe, capsys, *extra):
+    out = tmp_path / "out"
+    status = main([write_recipe(tmp_path, recipe), str(out), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    return status, err, out
+
+
+def ties(m, **overrides):
+    recipe = {"merge_method": "ties", "base_model": m["base"],
+              "models": [{"model": m["expert0"], "parameters": {"weight": 1.0, "density": 0.5}},
+                         {"model": m["expert1"], "parameters": {"weight": 1.0, "density": 0.5}}]}
+    recipe.update(overrides)
+    return recipe
+
+
+CASES = {
+    "unknown top-level key": (lambda m: ties(m, merge_methd="x"), "unknown key 'merge_methd' (did you mean 'merge_method'?)"),
+    "unknown method": (lambda m: ties(m, merge_method="tie"), "unknown merge_method 'tie' (did you mean 'ties'?)"),
+    "missing method": (lambda m: {k: v for k, v in ties(m).items() if k != "merge_method"}, "missing required key 'merge_method'"),
+    "missing weight": (lambda m: ties(m, models=[{"model": m["expert0"]}, {"model": m["expert1"]}]),
+                       "needs parameter 'weight'"),
+    "unknown parameter": (lambda m: ties(m, parameters={"densty": 0.5}), "unknown parameter 'densty' for method 'ties' (did you mean 'density'?)"),
+    "missing model folder": (lambda m: ties(m, base_model="/nonexistent/model"), "model folder not found: /nonexistent/model"),
+    "models and slices": (lambda m: ties(m, slices=[]), "exactly one of 'models' or 'slices'"),
+    "empty models": (lambda m: ties(m, models=[]), "'models' must be a non-empty list"),
+    "bad dtype": (lambda m: ties(m, dtype="float8"), "dtype must be one of"),
+    "negative density": (lambda m: ties(m, parameters={"density": -0.5}), "parameter 'density' must be >= 0.0, got -0.5"),
+    "density not a number": (lambda m: ties(m, parameters={"density": "half"}), "parameter 'density' must be a number"),
+    "layer range out of bounds": (lambda m: {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": m["base"], "layer_range": [0, 9]}]}]}, "layer_range [0, 9] is out of bounds for base (2 layers)"),
+    "inverted layer range": (lambda m: {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": m["base"], "layer_range": [2, 1]}]}]}, "must satisfy 0 <= start < end"),
+    "slice lengths differ": (lambda m: {"merge_method": "linear", "slices": [{"sources": [
+        {"model": m["base"], "layer_range": [0, 2]}, {"model": m["expert0"], "layer_range": [0, 1]}]}]},
+        "must span the same number of layers"),
+    "too many inputs": (lambda m: {"merge_method": "slerp", "base_model": m["base"], "parameters": {"t": 0.5},
+                                   "models": [{"model": m["expert0"]}, {"model": m["expert1"]}]},
+                        "takes at most 2 input models, got 3"),
+    "base required": (lambda m: {"merge_method": "ties", "models": [{"model": m["expert0"], "parameters": {"weight": 1}}]},
+                      "needs a base_model"),
+    "weights sum to zero": (lambda m: {"merge_method": "linear", "models": [
+        {"model": m["expert0"], "parameters": {"weight": 1.0}}, {"model": m["expert1"], "parameters": {"weight": -1.0}}]},
+        "linear weights sum to 0"),
+    "filters match nothing": (lambda m: ties(m, models=[{"model": m["expert0"], "parameters": {
+        "weight": [{"filter": "mlp", "value": 1.0}], "density": 0.5}}]), "parameter 'weight' has no value for expert0"),
+    "bad regex filter": (lambda m: ties(m, parameters={"density": [{"filter": "re:(", "value": 0.5}]}),
+                         "invalid regular expression"),
+    "tokenizer union": (lambda m: ties(m, tokenizer_source="union"), "tokenizer_source 'union' is not supported"),
+    "unsupported mergekit key": (lambda m: ties(m, modules={}), "'modules' (multi-module architectures) is a mergekit feature"),
+    "random_seed type": (lambda m: ties(m, random_seed="abc"), "random_seed must be a non-negative integer"),
+    "della epsilon": (lambda m: {"merge_method": "della", "base_model": m["base"], "parameters": {
+        "weight": 1.0, "density": 0.1, "epsilon": 0.2}, "models": [{"model": m["expert0"]}]}, "DELLA needs 0 < density - epsilon"),
+    "unknown key in a model": (lambda m: ties(m, models=[{"model": m["expert0"], "paramters": {}}]),
+                               "models[0]: unknown key 'paramters' (did you mean 'parameters'?)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_validation_failure_is_one_line_and_exit_2(case, llama_family, tmp_path, capsys):
+    make, expected = CASES[case]
+    status, err, out = run_cli(tmp_path, make(llama_family), capsys)
+    assert status == 2
+    assert len(err) == 1 and err[0].startswith("seme: error: "), err
+    assert expected in err[0]
+    assert not out.exists() and not os.path.exists(f"{out}.seme-partial")
+
+
+def test_yaml_syntax_error(tmp_path, capsys):
+    status, err, _ = run_cli(tmp_path, "merge_method: ties\nmodels: [a, b\n", capsys)
+    assert status == 2 and len(err) == 1 and "not valid YAML at line" in err[0]
+
+
+def test_mismatched_shapes_are_found_from_headers(tmp_path, capsys):
+    from conftest import build_model
+
+    build_model(tmp_path / "a", vocab=96)
+    build_model(tmp_path / "b", vocab=100)
+    recipe = {"merge_method": "linear", "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1}},
+                                                   {"model": str(tmp_path / "b"), "parameters": {"weight": 1}}]}
+    status, err, _ = run_cli(tmp_path, recipe, capsys)
+    assert status == 2 and len(err) == 1
+    assert "tensor 'model.embed_tokens.weight' has different shapes: [96, 32] in a, [100, 32] in b" in err[0]
+    assert "vocabularies differ" in err[0]
+
+
+def test_different_depths_are_refused_not_truncated(tmp_path, capsys):
+    from conftest import build_model
+
+    build_model(tmp_path / "a", layers=2)
+    build_model(tmp_path / "b", layers=3)
+    recipe = {"merge_method": "linear", "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1}},
+                                                   {"model": str(tmp_path / "b"), "parameters": {"weight": 1}}]}
+    status, err, _ = run_cli(tmp_path, recipe, capsys)
+    assert status == 2 and "models of different depths cannot be merged layer by layer (a: 2, b: 3)" in err[0]
+
+
+def test_pickle_only_models_are_refused(llama_family, tmp_path, capsys):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text(open(os.path.join(llama_family["base"], "config.json")).read())
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    recipe = {"merge_method": "linear", "models": [{"model": str(folder), "parameters": {"weight": 1}},
+                                                   {"model": llama_family["base"], "parameters": {"weight": 1}}]}
+    status, err, _ = run_cli(tmp_path, recipe, capsys)
+    assert status == 2 and "only PyTorch pickle weights (pytorch_model.bin)" in err[0] and "safetensors" in err[0]
+
+
+def test_non_empty_output_is_refused(llama_family, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    status, err, out = run_cli(tmp_path, ties(llama_family), capsys)
+    assert status == 2 and "exists and is not empty (use --overwrite" in err[0]
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_bad_option_value(llama_family, tmp_path, capsys):
+    status, err, _ = run_cli(tmp_path, ties(llama_family), capsys, "--out-shard-size", "lots")
+    assert status == 2 and "invalid size 'lots'" in err[0]
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    path = write_recipe(tmp_path, {"merge_method": "tie", "models": []})
+    proc = subprocess.run([sys.executable, "-m", "seme.merge", path, str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["seme: error: config: unknown merge_method 'tie' (did you mean 'ties'?) "
+                                                "(known: " + proc.stderr.split("(known: ")[1].strip()]
+    assert "Traceback" not in proc.stderr

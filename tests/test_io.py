@@ -1,0 +1,72 @@
+"""Safetensors headers are validated before anything is mapped; the writer's files are standard."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from seme.errors import SemeError
+from seme.io.safetensors_file import MappedFile, read_header
+from seme.io.writer import ShardWriter
+
+
+def raw_file(path, header: dict, data: bytes = b"") -> str:
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return str(path)
+
+
+def test_reads_what_safetensors_writes(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(4, dtype=torch.int64),
+               "empty": torch.zeros(0, 3)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    infos, _ = read_header(str(tmp_path / "m.safetensors"))
+    mapped = MappedFile(str(tmp_path / "m.safetensors"))
+    for name, t in tensors.items():
+        assert torch.equal(mapped.tensor(infos[name]), t)
+
+
+@pytest.mark.parametrize("header, data, message", [
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "beyond the end of the file"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, b"\0" * 16, "do not match shape [4] x F32"),
+    ({"a": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 4]}}, b"\0" * 4, "unknown dtype 'Q4'"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "overlap"),
+    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "malformed shape"),
+    ({"a": {"dtype": "F32"}}, b"", "malformed header entry"),
+])
+def test_hostile_headers_are_refused_with_file_and_tensor_named(tmp_path, header, data, message):
+    path = raw_file(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(SemeError, match="bad.safetensors") as e:
+        read_header(path)
+    assert message in str(e.value)
+
+
+def test_truncated_and_garbage_files(tmp_path):
+    (tmp_path / "short.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(SemeError, match="shorter than 8 bytes"):
+        read_header(str(tmp_path / "short.safetensors"))
+    (tmp_path / "huge.safetensors").write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(SemeError, match="declares 1000000000000 bytes"):
+        read_header(str(tmp_path / "huge.safetensors"))
+    (tmp_path / "nojson.safetensors").write_bytes(struct.pack("<Q", 4) + b"\xff\xfe{}")
+    with pytest.raises(SemeError, match="not JSON"):
+        read_header(str(tmp_path / "nojson.safetensors"))
+
+
+def test_writer_shards_load_with_safetensors(tmp_path):
+    tensors = {f"t{i}": torch.randn(100 + i) for i in range(10)}
+    planned = [(n, "F32", tuple(t.shape), t.numel() * 4) for n, t in tensors.items()]
+    writer = ShardWriter(str(tmp_path), planned, shard_size=1000)
+    for name in reversed(list(tensors)):  # any order: offsets are fixed up front
+        writer.write(name, tensors[name])
+    writer.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(p[3] for p in planned)
+    loaded = {}
+    for file in set(index["weight_map"].values()):
+        loaded.update(load_file(str(tmp_path / file)))
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)

@@ -1,0 +1,147 @@
+"""Whole merges: the output reloads in transformers and generates; layout, metadata and options."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import seme
+from conftest import build_family, build_model, load_folder
+
+
+def reload_and_generate(path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ids = torch.tensor([[1, 5, 7, 9]])
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, ids.shape[1] + 5)
+    return model
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_merged_model_reloads_and_generates(tied, tmp_path):
+    models = build_family(str(tmp_path), "llama", n_experts=2, tied=tied)
+    recipe = {"merge_method": "ties", "base_model": models["base"], "out_dtype": "bfloat16",
+              "parameters": {"weight": 1.0, "density": 0.5},
+              "models": [{"model": models["expert0"]}, {"model": models["expert1"]}]}
+    seme.merge(recipe, str(tmp_path / "out"), progress=False)
+    tensors = load_folder(tmp_path / "out")
+    assert ("lm_head.weight" in tensors) == (not tied)  # tied heads stay tied, never duplicated
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["tie_word_embeddings"] == tied and config["dtype"] == "bfloat16"
+    model = reload_and_generate(tmp_path / "out")
+    assert torch.equal(model.model.embed_tokens.weight, tensors["model.embed_tokens.weight"])
+    if tied:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_untied_output_takes_the_head_of_a_tied_input(tmp_path):
+    base = build_model(tmp_path / "untied", tied=False)
+    build_model(tmp_path / "tied", tied=True, base_state=base)
+    recipe = {"merge_method": "linear", "models": [{"model": str(tmp_path / "untied"), "parameters": {"weight": 1.0}},
+                                                   {"model": str(tmp_path / "tied"), "parameters": {"weight": 1.0}}]}
+    seme.merge(recipe, str(tmp_path / "out"), progress=False)
+    out, tied = load_folder(tmp_path / "out"), load_folder(tmp_path / "tied")
+    expected = (base["lm_head.weight"] + tied["model.embed_tokens.weight"]) / 2
+    torch.testing.assert_close(out["lm_head.weight"], expected)
+
+
+def test_sharded_output_and_sharded_input(llama_family, tmp_path):
+    recipe = {"merge_method": "task_arithmetic", "base_model": llama_family["base"],
+              "parameters": {"weight": 0.5}, "models": [{"model": llama_family["expert0"]}]}
+    seme.merge(recipe, str(tmp_path / "sharded"), out_shard_size="20KB", progress=False)
+    files = sorted(f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors"))
+    assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(files)
+    assert all(os.path.getsize(tmp_path / "sharded" / f) < 20_000 + 4096 or
+               len([k for k, v in index["weight_map"].items() if v == f]) == 1 for f in files)
+    reload_and_generate(tmp_path / "sharded")
+    # A sharded model is a valid input: merging it with itself reproduces it.
+    again = {"merge_method": "linear", "models": [{"model": str(tmp_path / "sharded"), "parameters": {"weight": 1.0}},
+                                                  {"model": str(tmp_path / "sharded"), "parameters": {"weight": 1.0}}]}
+    with pytest.raises(seme.errors.SemeError, match="listed twice"):
+        seme.merge(again, str(tmp_path / "twice"))
+    single = {"merge_method": "passthrough", "models": [{"model": str(tmp_path / "sharded")}]}
+    seme.merge(single, str(tmp_path / "copy"), progress=False)
+    a, b = load_folder(tmp_path / "sharded"), load_folder(tmp_path / "copy")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_metadata_tokenizer_and_model_card(llama_family, tmp_path):
+    recipe_path = tmp_path / "recipe.yml"
+    recipe = {"merge_method": "sce", "base_model": llama_family["base"], "tokenizer_source": llama_family["expert1"],
+              "models": [{"model": llama_family["expert0"]}, {"model": llama_family["expert1"]}]}
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    seme.merge(str(recipe_path), str(tmp_path / "out"), progress=False)
+    out = tmp_path / "out"
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json", "README.md"):
+        assert (out / f).is_file(), f
+    assert (out / "tokenizer.json").read_bytes() == open(os.path.join(llama_family["expert1"], "tokenizer.json"), "rb").read()
+    card = (out / "README.md").read_text()
+    assert f"seme {seme.__version__}" in card and "merge_method: sce" in card and llama_family["expert0"] in card
+    assert not os.path.exists(f"{out}.seme-partial")
+
+
+def test_passthrough_slices_change_depth_and_per_layer_config(qwen2_family, tmp_path):
+    m = qwen2_family
+    recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": m["base"], "layer_range": [0, 2]}]},
+        {"sources": [{"model": m["expert0"], "layer_range": [1, 2]}]}]}
+    seme.merge(recipe, str(tmp_path / "out"), progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and len(config["layer_types"]) == 3
+    out, expert = load_folder(tmp_path / "out"), load_folder(m["expert0"])
+    assert torch.equal(out["model.layers.2.mlp.up_proj.weight"], expert["model.layers.1.mlp.up_proj.weight"])
+    reload_and_generate(tmp_path / "out")
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(llama_family, tmp_path, capsys):
+    recipe = {"merge_method": "ties", "base_model": llama_family["base"],
+              "models": [{"model": llama_family["expert0"], "parameters": {"weight": [1.0, 0.0], "density": 0.5}}]}
+    stats = seme.merge(recipe, str(tmp_path / "out"), dry_run=True)
+    text = capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+    assert f"output: {stats['tensors']} tensors" in text
+    line0 = next(line for line in text.splitlines() if line.startswith("model.layers.0.mlp.up_proj.weight"))
+    line1 = next(line for line in text.splitlines() if line.startswith("model.layers.1.mlp.up_proj.weight"))
+    assert "weight=[1]" in line0 and "weight=[0]" in line1 and "density=[0.5]" in line0
+    assert "<- expert0, base (base)" in line0
+
+
+def test_filters_substring_regex_and_glob(llama_family, tmp_path, capsys):
+    m = llama_family
+    weight = [{"filter": "re:layers\\.1\\..*mlp", "value": 0.25}, {"filter": "glob:*.self_attn.q_proj.*", "value": 0.5},
+              {"filter": "mlp", "value": 0.75}, {"value": 1.0}]
+    recipe = {"merge_method": "task_arithmetic", "base_model": m["base"],
+              "models": [{"model": m["expert0"], "parameters": {"weight": weight}}]}
+    seme.merge(recipe, "unused", dry_run=True)
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("model.")}
+    assert "weight=[0.25]" in lines["model.layers.1.mlp.up_proj.weight"]
+    assert "weight=[0.75]" in lines["model.layers.0.mlp.up_proj.weight"]
+    assert "weight=[0.5]" in lines["model.layers.1.self_attn.q_proj.weight"]
+    assert "weight=[1]" in lines["model.layers.1.self_attn.k_proj.weight"]
+
+
+def test_help_imports_nothing_heavy():
+    code = ("import sys, contextlib, io\nfrom seme.merge import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: main(['--help'])\n    except SystemExit: pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'numpy', 'yaml') if m in sys.modules]\n"
+            "assert not heavy, heavy\nimport seme\nassert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_demo_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "seme.merge", "--demo", str(tmp_path / "demo")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "reloads (torch.bfloat16) and generates" in proc.stderr
+    assert (tmp_path / "demo" / "model.safetensors").is_file()

@@ -1,0 +1,78 @@
+"""The method registry, the exact selection rule, the counter-based RNG and `merge_tensors`."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import seme
+from mergekit_reference import mergekit_merge
+from seme.errors import SemeError
+from seme.methods import registry, rng
+from seme.methods.selection import rank_interval_mask, rank_positions, top_k_mask
+
+ALL_METHODS = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "sce", "slerp", "nuslerp",
+               "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough"}
+
+
+def test_registry_has_every_method_and_mergekit_parameter_names():
+    from mergekit.merge_methods import registry as mk
+
+    assert set(registry.names()) == ALL_METHODS
+    for name in ALL_METHODS:
+        ours = {p.name: (p.default if not p.required else "required") for p in registry.get(name).params}
+        theirs = {p.name: (p.default if not p.required else "required") for p in mk.get(name).spec.parameters}
+        assert ours == theirs, name
+
+
+def test_philox_known_answer():
+    # Random123's Philox4x32-10 known-answer vector for counter 0, key 0.
+    assert rng.philox4x32(0, torch.tensor([0]))[0].tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_uniform_is_positional_and_uniform():
+    key = rng.stream_key(1, "w", 2)
+    u = rng.uniform(key, 1 << 16)
+    assert torch.equal(rng.uniform(key, 10), u[:10])  # a draw depends on its index only
+    assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+    assert key != rng.stream_key(1, "w", 3) != rng.stream_key(2, "w", 2)
+
+
+def test_selection_tie_rule_is_by_position():
+    x = torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0])
+    assert top_k_mask(x, 2).tolist() == [False, False, True, False, True]  # later equal elements rank higher
+    assert rank_interval_mask(x, 1, 3).tolist() == [True, False, False, True, False]
+    assert rank_positions(x).tolist() == [2, 0, 3, 1, 4]
+
+
+@pytest.mark.parametrize("k", [1, 5, 99, 100])
+def test_top_k_matches_sorting(k):
+    torch.manual_seed(k)
+    x = torch.randint(0, 7, (100,)).float()  # many ties
+    order = sorted(range(100), key=lambda i: (float(x[i]), i))
+    expected = torch.zeros(100, dtype=torch.bool)
+    expected[order[100 - k:]] = True
+    assert torch.equal(top_k_mask(x, k), expected)
+
+
+def test_merge_tensors_matches_mergekit_in_memory():
+    torch.manual_seed(0)
+    base = torch.randn(40, 30)
+    xs = [base + 0.1 * torch.randn(40, 30) for _ in range(3)]
+    ours = seme.merge_tensors("ties", xs, base=base, weight=[1.0, 0.5, 0.7], density=0.4)
+    torch.testing.assert_close(ours, mergekit_merge("ties", xs, base=base, weight=[1.0, 0.5, 0.7], density=0.4))
+    half = seme.merge_tensors("ties", [x.bfloat16() for x in xs], base=base.bfloat16(), weight=1.0, density=0.4)
+    assert half.dtype == torch.bfloat16
+
+
+def test_merge_tensors_errors():
+    a = torch.zeros(3)
+    with pytest.raises(SemeError, match="unknown merge method 'tie' \\(did you mean 'ties'\\?\\)"):
+        seme.merge_tensors("tie", [a], base=a)
+    with pytest.raises(SemeError, match="needs a base_model"):
+        seme.merge_tensors("ties", [a, a], weight=1.0)
+    with pytest.raises(SemeError, match="needs parameter 'weight'"):
+        seme.merge_tensors("ties", [a], base=a)
+    with pytest.raises(SemeError, match="different shapes"):
+        seme.merge_tensors("linear", [a, torch.zeros(4)], weight=1.0)
+    with pytest.raises(SemeError, match="needs 2 values"):
+        seme.merge_tensors("task_arithmetic", [a, a], base=a, weight=[1.0, 2.0, 3.0])
