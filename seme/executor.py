@@ -73,23 +73,31 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", shard_size: int = 5 * 
 def _execute(plan: Plan, folder: str, device: torch.device, shard_size: int, progress: bool) -> dict:
     method = registry.get(plan.recipe.merge_method)
     writer = ShardWriter(folder, [(t.name, t.dtype, t.shape, t.nbytes) for t in plan.tasks], shard_size)
+    semantic = plan.semantic.prepare(plan, device) if plan.semantic else None
     bar = Progress(len(plan.tasks), plan.input_bytes, progress)
     try:
         for task in plan.tasks:
             tensors = [plan.models[m].load(name) for m, name in task.inputs]
-            nbytes = sum(t.nbytes for t in tensors) if hasattr(torch.Tensor, "nbytes") else 0
+            nbytes = sum(t.nbytes for t in tensors)
             if task.copy:
                 result = tensors[0]
             else:
+                if task.derived:
+                    tensors = [semantic.load(d, task.name) if d else t for d, t in zip(task.derived, tensors)]
                 dtype = getattr(torch, task.compute_dtype) if task.compute_dtype else None
                 tensors = tuple(t.to(device=device, dtype=dtype or t.dtype, non_blocking=True) for t in tensors)
                 inputs = Inputs(tensors, task.base_index, task.name, plan.recipe.random_seed)
                 result = method.fn(inputs, task.params)
+                if isinstance(result, tuple):
+                    result, stats = result
+                    semantic.record(task.name, stats)
                 result = result.to(getattr(torch, CODE_NAMES[task.dtype])).cpu()
             writer.write(task.name, result)
             bar.update(nbytes)
     finally:
         writer.close()
+    if semantic:
+        semantic.write_report(folder)
     seconds = bar.finish()
     return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes,
             "seconds": seconds}

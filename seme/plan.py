@@ -32,6 +32,7 @@ class TensorTask:
     params: dict  # bound method parameters (see registry.bind)
     compute_dtype: str | None  # torch dtype name the inputs are cast to before merging, or None
     copy: bool = False  # non-float tensor: copied from the first input, not merged
+    derived: tuple | None = None  # SeMe: per input, how it is built (seme.semantic.pipeline.Derived) or None
 
     @property
     def nbytes(self) -> int:
@@ -49,6 +50,8 @@ class Plan:
     config: dict  # the output config.json
     tokenizer_model: ModelFolder
     num_layers: int
+    archs: list
+    semantic: object = None  # seme.semantic.pipeline.SemanticPlan for SeMe merges
 
     @property
     def input_bytes(self) -> int:
@@ -69,6 +72,9 @@ def make_plan(recipe: Recipe) -> Plan:
     ref = index[ref_path]
     arch = archs[ref]
     tied = arch.tied(models[ref].config)
+    tokenizer = models[index[recipe.tokenizer_source]] if recipe.tokenizer_source else models[ref]
+    if method.name == "seme":
+        return _plan_seme(recipe, method, models, archs, index, tokenizer)
 
     def layer_range(source):
         n = archs[index[source.model]].num_layers(models[index[source.model]].config)
@@ -122,12 +128,43 @@ def make_plan(recipe: Recipe) -> Plan:
 
     config = _output_config(models, archs, ref, layer_sources)
     merged = [t.dtype for t in builder.tasks if not t.copy]
-    out_dtype = recipe.out_dtype or recipe.dtype or CODE_NAMES[_promote_codes(merged or ["F32"])]
+    _set_dtype(config, recipe.out_dtype or recipe.dtype or CODE_NAMES[_promote_codes(merged or ["F32"])])
+    return Plan(recipe, models, builder.tasks, config, tokenizer, out_layer, archs)
+
+
+def _plan_seme(recipe, method, models, archs, index, tokenizer) -> Plan:
+    """SeMe keeps the pivot's architecture: one task per pivot tensor, each source input derived
+    (aligned, interpolated across layers, vocabulary-mapped) by seme.semantic.pipeline."""
+    from seme.semantic import pipeline
+
+    sp = pipeline.plan_sources(recipe, method, models, archs, index)
+    pivot = models[sp.pivot]
+    tasks = []
+    for name, info in pivot.tensors.items():
+        dtype = TORCH_NAMES[recipe.out_dtype or recipe.dtype] if (recipe.out_dtype or recipe.dtype) else info.dtype
+        if info.dtype not in FLOAT_CODES or _role(archs[sp.pivot], name) == "buffer":
+            tasks.append(TensorTask(name, info.shape, info.dtype, ((sp.pivot, name),), None, {}, None, copy=True))
+            continue
+        derived = pipeline.derive(sp, models, archs, name)
+        supplied = {}
+        for param in method.params:
+            value = _resolve(param.name, [recipe.parameters], name, 0.0)
+            if value is not None:
+                supplied[param.name] = value
+        params = registry.bind(method, supplied, 1 + len(derived), 0, f"tensor '{name}'")
+        inputs = ((sp.pivot, name),) + tuple((d.model, d.terms[0][0]) for d in derived)
+        tasks.append(TensorTask(name, info.shape, dtype, inputs, 0, params, recipe.dtype, derived=(None,) + derived))
+    config = dict(pivot.config)
+    if recipe.out_dtype or recipe.dtype:
+        _set_dtype(config, recipe.out_dtype or recipe.dtype)
+    depth = archs[sp.pivot].num_layers(pivot.config)
+    return Plan(recipe, models, tasks, config, tokenizer, depth, archs, sp)
+
+
+def _set_dtype(config: dict, dtype: str) -> None:
     for key in ("torch_dtype", "dtype"):
         if key in config or key == "dtype":
-            config[key] = out_dtype
-    tokenizer = models[index[recipe.tokenizer_source]] if recipe.tokenizer_source else models[ref]
-    return Plan(recipe, models, builder.tasks, config, tokenizer, out_layer)
+            config[key] = dtype
 
 
 def _output_config(models, archs, ref: int, layer_sources) -> dict:

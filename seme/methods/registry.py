@@ -19,11 +19,12 @@ SHARED, INPUT, NON_BASE = "shared", "input", "non_base"
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: type  # float, int or bool
+    kind: type  # float, int, bool or str
     scope: str = SHARED
     default: Any = REQUIRED
     minimum: float | None = None
     maximum: float | None = None
+    choices: tuple[str, ...] = ()  # the allowed values of a str parameter
 
     @property
     def required(self) -> bool:
@@ -34,6 +35,11 @@ class Param:
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise SemeError(f"{where}: parameter '{self.name}' must be true or false, got {value!r}")
+            return value
+        if self.kind is str:
+            if value not in self.choices:
+                raise SemeError(f"{where}: parameter '{self.name}' must be one of {', '.join(self.choices)}, "
+                                f"got {value!r}")
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SemeError(f"{where}: parameter '{self.name}' must be a number, got {value!r}")
@@ -49,7 +55,8 @@ class Param:
 
 @dataclass(frozen=True)
 class Method:
-    """A merge method. `fn(inputs, **params)` merges one tensor (see `Inputs`)."""
+    """A merge method. `fn(inputs, params)` merges one tensor (see `Inputs`); it returns the tensor,
+    or (tensor, statistics) for methods that report per-tensor figures."""
 
     name: str
     fn: Callable[..., Any]
@@ -95,7 +102,7 @@ def register(method: Method) -> Method:
 def _load() -> dict[str, Method]:
     # The family modules register their methods on import (and import torch): done on first use.
     if not _METHODS:
-        from seme.methods import linear, model_stock, passthrough, slerp, task_vector  # noqa: F401
+        from seme.methods import linear, model_stock, passthrough, seme, slerp, task_vector  # noqa: F401
     return _METHODS
 
 

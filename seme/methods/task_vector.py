@@ -160,19 +160,26 @@ def sce_coefficients(deltas: torch.Tensor) -> torch.Tensor:
     return energy / total
 
 
+def sce_fuse(base: torch.Tensor, deltas: torch.Tensor, select_topk: float):
+    """SCE on stacked deltas [K, ...]: (merged, select mask or None, erase mask, η)."""
+    select = None
+    if select_topk < 1:
+        select = sce_select_mask(deltas, select_topk) if select_topk > 0 else torch.zeros_like(deltas[0], dtype=torch.bool)
+        deltas = deltas * select
+    erase = sign_consensus(deltas)
+    eta = sce_coefficients(deltas)
+    w = eta.reshape(-1, *([1] * base.dim())) * erase
+    return base + (deltas * w).sum(dim=0) / w.sum(dim=0).clamp(min=1e-6), select, erase, eta
+
+
 def sce(inputs: Inputs, p: dict):
-    select_topk = p["select_topk"]
     base = inputs.base
-    dtype = compute_dtype(base)
-    base32 = base.to(dtype)
     if not inputs.others:
         return base
+    dtype = compute_dtype(base)
+    base32 = base.to(dtype)
     deltas = torch.stack([x.to(dtype) - base32 for x in inputs.others])
-    if select_topk < 1:
-        deltas *= sce_select_mask(deltas, select_topk) if select_topk > 0 else 0
-    erase = sign_consensus(deltas)
-    eta = sce_coefficients(deltas).reshape(-1, *([1] * base.dim())) * erase
-    return base32 + (deltas * eta).sum(dim=0) / eta.sum(dim=0).clamp(min=1e-6)
+    return sce_fuse(base32, deltas, p["select_topk"])[0]
 
 
 register(Method("sce", sce, (

@@ -1,0 +1,79 @@
+"""Semantic bases (METHOD §1): s_i = G⁻¹ w_i with G = WᵀW, the least-squares latent whose logits are e_i.
+
+The [V, d] pseudoinverse is never formed by SVD: the d×d Gram matrix is accumulated in one
+streaming pass over W (in float64: fp32 normal equations lose ~1e-2 relative accuracy at
+condition number 1e3), Cholesky-factored (with a ridge eps·tr(G)/d only if it is not positive
+definite or its condition number exceeds 1e12), and G⁻¹ is applied to rows of W as they are
+needed. Heads of the same width are factored in one batched call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_CHUNK = 16384
+_MAX_CONDITION = 1e12
+
+
+def gram(W: torch.Tensor, chunk: int = _CHUNK) -> torch.Tensor:
+    """WᵀW accumulated in float64, streaming over row blocks of W."""
+    d = W.shape[1]
+    G = torch.zeros(d, d, dtype=torch.float64, device=W.device)
+    for start in range(0, W.shape[0], chunk):
+        block = W[start:start + chunk].to(torch.float64)
+        G.addmm_(block.T, block)
+    return G
+
+
+@dataclass
+class SemanticBases:
+    """Bases of one LM head W ([V, d]): rows of S = W G⁻¹, produced block by block."""
+
+    W: torch.Tensor  # the effective head (final-norm gain folded in), float32
+    chol: torch.Tensor  # lower Cholesky factor of G (+ ridge), float64
+    condition: float  # condition number of G
+    ridge: float  # the ridge added (0 when G was positive definite)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.W.shape[0]
+
+    def rows(self, start: int = 0, stop: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Basis rows (float32): a range, or the rows named by `index`."""
+        w = self.W[index] if index is not None else self.W[start:stop]
+        return torch.cholesky_solve(w.to(torch.float64).T, self.chol).T.to(torch.float32)
+
+    def unit_rows(self, start: int = 0, stop: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+        s = self.rows(start, stop, index)
+        return s / s.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+    def norms(self, chunk: int = _CHUNK) -> torch.Tensor:
+        return torch.cat([self.rows(i, i + chunk).norm(dim=1) for i in range(0, self.vocab_size, chunk)])
+
+    def materialize(self, unit: bool = False, chunk: int = _CHUNK) -> torch.Tensor:
+        get = self.unit_rows if unit else self.rows
+        return torch.cat([get(i, i + chunk) for i in range(0, self.vocab_size, chunk)])
+
+
+def semantic_bases(heads: list[torch.Tensor]) -> list[SemanticBases]:
+    """Bases of several heads; Gram matrices of equal width are factored in one batched call."""
+    grams = [gram(W) for W in heads]
+    out: list[SemanticBases | None] = [None] * len(heads)
+    by_width: dict[int, list[int]] = {}
+    for i, W in enumerate(heads):
+        by_width.setdefault(W.shape[1], []).append(i)
+    for width, members in by_width.items():
+        G = torch.stack([grams[i] for i in members])
+        eig = torch.linalg.eigvalsh(G)
+        conditions = (eig[:, -1] / eig[:, 0].clamp_min(1e-300)).tolist()
+        chol, info = torch.linalg.cholesky_ex(G)
+        ridges = [0.0] * len(members)
+        # Not positive definite, or so ill-conditioned that G⁻¹ would be noise even in float64.
+        singular = [j for j in range(len(members)) if info[j] != 0 or conditions[j] > _MAX_CONDITION]
+        for j in singular:
+            ridges[j] = 1e-6 * float(G[j].trace()) / width
+            chol[j] = torch.linalg.cholesky(G[j] + ridges[j] * torch.eye(width, dtype=G.dtype, device=G.device))
+        for j, i in enumerate(members):
+            out[i] = SemanticBases(heads[i].to(torch.float32), chol[j], conditions[j], ridges[j])
+    return out  # type: ignore[return-value]

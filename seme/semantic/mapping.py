@@ -1,0 +1,66 @@
+"""Cosine-to-probability semantic mapping (METHOD §2), block by block over the vocabulary.
+
+For vectors r (rows of `queries`) and unit bases k_i (rows of `keys`):
+    softmax mode:  p_i = softmax_i(cos(r, k_i) / T)  (over the top-k cosines when `topk` is set)
+    linear mode:   p_i = cos(r, k_i)
+and the result is Σ_i p_i v_i for a second basis set `values` (the flash-attention structure:
+Q = vectors, K = Ŝ_X, V = Ŝ_Y). No [batch, V] matrix is ever held: an online softmax (running
+max and sum) or a running top-k is kept per vector.
+"""
+from __future__ import annotations
+
+import torch
+
+_CHUNK = 8192
+
+
+def semantic_mix(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, temperature: float = 0.05,
+                 topk: int | None = None, mode: str = "softmax", chunk: int = _CHUNK) -> torch.Tensor:
+    """Σ_i p_i(q) values_i for each query row; keys are unit rows [V, d_k], values [V, d_v]."""
+    q = queries.to(torch.float32)
+    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    V = keys.shape[0]
+    if mode == "linear":
+        acc = torch.zeros(q.shape[0], values.shape[1], dtype=torch.float32, device=q.device)
+        for s in range(0, V, chunk):
+            acc += (q @ keys[s:s + chunk].T) @ values[s:s + chunk]
+        return acc
+    if mode != "softmax":
+        raise ValueError(f"unknown mapping mode {mode!r}")
+    if topk is not None:
+        best, idx = semantic_topk(q, keys, topk, chunk=chunk)
+        p = torch.softmax(best / temperature, dim=1)
+        return torch.einsum("bk,bkd->bd", p, values[idx])
+    m = torch.full((q.shape[0], 1), -torch.inf, device=q.device)
+    denom = torch.zeros(q.shape[0], 1, device=q.device)
+    acc = torch.zeros(q.shape[0], values.shape[1], dtype=torch.float32, device=q.device)
+    for s in range(0, V, chunk):
+        logits = (q @ keys[s:s + chunk].T) / temperature
+        m_new = torch.maximum(m, logits.max(dim=1, keepdim=True).values)
+        scale = torch.exp(m - m_new)
+        e = torch.exp(logits - m_new)
+        denom = denom * scale + e.sum(dim=1, keepdim=True)
+        acc = acc * scale + e @ values[s:s + chunk]
+        m = m_new
+    return acc / denom
+
+
+def semantic_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = _CHUNK):
+    """The k largest cosines of each (unit) query with the unit keys, and their token ids."""
+    k = min(k, keys.shape[0])
+    best = torch.full((queries.shape[0], 0), -torch.inf, device=queries.device)
+    idx = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=queries.device)
+    for s in range(0, keys.shape[0], chunk):
+        scores = queries @ keys[s:s + chunk].T
+        ids = torch.arange(s, s + scores.shape[1], device=queries.device).expand_as(scores)
+        best, pos = torch.topk(torch.cat([best, scores], dim=1), min(k, best.shape[1] + scores.shape[1]), dim=1)
+        idx = torch.gather(torch.cat([idx, ids], dim=1), 1, pos)
+    return best, idx
+
+
+def semantic_distribution(queries: torch.Tensor, keys: torch.Tensor, temperature: float = 0.05,
+                          chunk: int = _CHUNK) -> torch.Tensor:
+    """The full [batch, V] distribution: for small vocabularies, reports and tests only."""
+    q = queries.to(torch.float32)
+    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return torch.softmax(torch.cat([q @ keys[s:s + chunk].T for s in range(0, keys.shape[0], chunk)], 1) / temperature, 1)

@@ -1,0 +1,246 @@
+"""SeMe's planning and alignment pre-pass: how each source tensor is carried into the pivot's
+coordinates before Select / Compute / Erase (METHOD §3–§5, §7).
+
+Planning (headers only) maps pivot layers to source layers (§4), builds vocabulary maps (§5 of
+the issue: shared tokens by string) and checks shapes. Before the streaming pass, `prepare` reads
+the LM heads, computes semantic bases (§1) and one orthogonal alignment per source (§3), skipped
+when it is within `align_tolerance` of the identity. During the pass, `SemanticContext.load`
+builds each aligned, interpolated, vocabulary-mapped source tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from seme.errors import SemeError
+from seme.semantic import alignment, layers, vocab
+from seme.semantic.bases import semantic_bases
+
+VOCAB_ROLES = ("embedding", "lm_head")
+ROTATED_ROLES = ("read", "lm_head", "embedding", "position_embedding", "write", "write_bias")
+PIVOT_ROLES = ("norm", "final_norm")  # gains: an aligned source takes the pivot's (folded into its readers)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """How to build one source input of a task: a blend of its tensors, then role-wise transforms."""
+
+    model: int
+    terms: tuple[tuple[str, float, str | None], ...]  # (tensor, coefficient, the norm gain that feeds it)
+    role: str | None
+    layout: str
+    vocab: bool  # rows are tokens: reorder them through the vocabulary map
+
+
+@dataclass
+class SemanticPlan:
+    pivot: int
+    sources: list[int]
+    layer_maps: dict[int, list[tuple[int, int, float]]]
+    token_maps: dict[int, list[int] | None]  # None: same vocabulary
+    settings: dict
+    head_names: dict[int, tuple[str, str | None]]  # model -> (LM head tensor, final norm gain)
+    tasks_derived: dict[str, tuple[Derived | None, ...]] = field(default_factory=dict)
+
+    def prepare(self, plan, device: torch.device) -> "SemanticContext":
+        return SemanticContext(self, plan, device)
+
+
+def settings_of(recipe, method) -> dict:
+    from seme.config import evaluate
+
+    out = {}
+    for p in method.params:
+        raw = (recipe.parameters or {}).get(p.name)
+        value = evaluate(raw, "", 0.0) if raw is not None else None
+        out[p.name] = p.default if value is None else p.coerce(value, "parameters")
+    return out
+
+
+def plan_sources(recipe, method, models, archs, index):
+    """Validate a SeMe recipe against the model headers; the semantic side of its plan."""
+    if recipe.uses_slices:
+        raise SemeError("seme merges whole models: give 'models', not 'slices' (layers are matched by SeMe)")
+    pivot = index[recipe.base_model]
+    sources = [index[s.model] for s in recipe.slices[0].sources if index[s.model] != pivot]
+    parch = archs[pivot]
+    d = parch.hidden_size(models[pivot].config)
+    layer_maps, token_maps, heads = {}, {}, {}
+    piv_vocab = vocab.read_vocab(models[pivot].path)
+    for m in [pivot] + sources:
+        heads[m] = _head_names(models[m], archs[m])
+    for m in sources:
+        arch, name = archs[m], models[m].name
+        if arch.name != parch.name:
+            raise SemeError(f"seme: {name} is a {arch.name} model but the pivot is {parch.name}; "
+                            f"cross-architecture merges are not supported yet")
+        if arch.hidden_size(models[m].config) != d:
+            raise SemeError(f"seme: {name} has hidden size {arch.hidden_size(models[m].config)}, the pivot {d}; "
+                            f"sources of another width are not supported yet")
+        layer_maps[m] = layers.layer_map(parch.num_layers(models[pivot].config), arch.num_layers(models[m].config))
+        v_src = models[m].tensors[heads[m][0]].shape[0]
+        v_piv = models[pivot].tensors[heads[pivot][0]].shape[0]
+        src_vocab = vocab.read_vocab(models[m].path)
+        if piv_vocab is not None and src_vocab is not None and piv_vocab != src_vocab:
+            token_maps[m] = vocab.token_map(piv_vocab, src_vocab, v_piv)
+            if all(j < 0 for j in token_maps[m]):
+                raise SemeError(f"seme: {name} shares no token with the pivot's vocabulary")
+        elif v_src != v_piv:
+            raise SemeError(f"seme: {name} has {v_src} tokens, the pivot {v_piv}, and no tokenizer.json to map them")
+        else:
+            token_maps[m] = None
+    return SemanticPlan(pivot, sources, layer_maps, token_maps, settings_of(recipe, method), heads)
+
+
+def _head_names(model, arch) -> tuple[str, str | None]:
+    head = embed = gain = None
+    for name in model.tensors:
+        role = arch.role(name)
+        if role is None:
+            continue
+        if role.role == "lm_head":
+            head = name
+        elif role.role == "embedding":
+            embed = name
+        elif role.role == "final_norm":
+            gain = name
+    head = head or embed
+    if head is None:
+        raise SemeError(f"seme: {model.name} has no LM head or embedding to derive semantic bases from")
+    return head, gain
+
+
+def derive(sp: SemanticPlan, models, archs, pivot_name: str) -> tuple[Derived, ...]:
+    """For one pivot tensor, how every source supplies its counterpart."""
+    parch = archs[sp.pivot]
+    role = parch.role(pivot_name)
+    pshape = models[sp.pivot].tensors[pivot_name].shape
+    out = []
+    for m in sp.sources:
+        arch, folder = archs[m], models[m]
+        if role is not None and role.layer is not None:
+            a, b, lam = sp.layer_maps[m][role.layer]
+            picks = [(a, 1.0 - lam)] + ([(b, lam)] if lam > 0 else [])
+            terms = []
+            for layer, coef in picks:
+                name = arch.rename_layer(pivot_name, layer)
+                gain = arch.role(name).norm if role.role == "read" else None
+                terms.append((name, coef, gain))
+        elif role is not None and role.role == "lm_head":
+            terms = [(sp.head_names[m][0], 1.0, sp.head_names[m][1])]
+        else:
+            terms = [(pivot_name, 1.0, None)]
+        for name, _, _ in terms:
+            if name not in folder.tensors:
+                raise SemeError(f"seme: tensor '{name}' is missing from {folder.name}")
+            shape = folder.tensors[name].shape
+            token_rows = role is not None and role.role in VOCAB_ROLES
+            if (shape[1:] if token_rows else shape) != (pshape[1:] if token_rows else pshape):
+                raise SemeError(f"seme: tensor '{name}' has shape {list(shape)} in {folder.name}, "
+                                f"{list(pshape)} in the pivot")
+        vocab_rows = role is not None and role.role in VOCAB_ROLES and sp.token_maps[m] is not None
+        out.append(Derived(m, tuple(terms), role.role if role else None, role.layout if role else "out_in", vocab_rows))
+    return tuple(out)
+
+
+class SemanticContext:
+    """The alignment pre-pass (reads the LM heads) and the per-tensor source transforms."""
+
+    def __init__(self, sp: SemanticPlan, plan, device: torch.device):
+        self.sp, self.plan, self.device = sp, plan, device
+        self.stats: dict[str, dict] = {}
+        arch = plan.archs[sp.pivot]
+        self.offset = arch.norm_gain_offset
+        models = [sp.pivot] + sp.sources
+        bases = semantic_bases([self._head(m) for m in models])
+        self.bases = dict(zip(models, bases))
+        self.rotations: dict[int, torch.Tensor | None] = {}
+        self.alignment_report = {}
+        for m in sp.sources:
+            self.rotations[m], self.alignment_report[m] = self._align(m)
+        if any(q is not None for q in self.rotations.values()):
+            bad = {s.role for s in arch.tensors.values()} & {"write_norm", "norm_bias", "final_norm_bias"}
+            if bad:
+                raise SemeError(f"seme: aligning {arch.name} models by rotation is not supported "
+                                f"({', '.join(sorted(bad))} tensors are not rotation-invariant); "
+                                f"set alignment: never to merge without it")
+
+    def _load(self, m: int, name: str) -> torch.Tensor:
+        return self.plan.models[m].load(name).to(self.device, torch.float32)
+
+    def _gain(self, m: int, name: str | None) -> torch.Tensor | None:
+        return None if name is None else self._load(m, name) + self.offset
+
+    def _head(self, m: int) -> torch.Tensor:
+        head, gain = self.sp.head_names[m]
+        W = self._load(m, head)
+        g = self._gain(m, gain)
+        return W * g if g is not None else W
+
+    def _align(self, m: int):
+        settings, sp = self.sp.settings, self.sp
+        tmap = sp.token_maps[m]
+        piv_ids = torch.arange(self.bases[sp.pivot].vocab_size)
+        src_ids = piv_ids.clone()
+        if tmap is not None:
+            t = torch.tensor(tmap)
+            piv_ids, src_ids = torch.nonzero(t >= 0).flatten(), t[t >= 0]
+        report = {"model": self.plan.models[m].path, "shared_tokens": int(piv_ids.numel()),
+                  "source_vocab": self.bases[m].vocab_size, "pivot_vocab": self.bases[sp.pivot].vocab_size,
+                  "head_condition": self.bases[m].condition, "layer_map": sp.layer_maps[m]}
+        if settings["alignment"] == "never":
+            return None, {**report, "applied": False, "reason": "alignment: never"}
+        A = alignment.alignment_map(self.bases[m].unit_rows(index=src_ids), self.bases[sp.pivot].unit_rows(index=piv_ids),
+                                    mode=settings["align_mode"], temperature=settings["temperature"],
+                                    topk=settings["topk"])
+        Q = alignment.orthogonal_factor(A)
+        distance = alignment.distance_from_identity(Q)
+        report.update(distance_from_identity=distance, mode=settings["align_mode"])
+        if settings["alignment"] == "auto" and distance < settings["align_tolerance"]:
+            return None, {**report, "applied": False, "reason": "already aligned (within align_tolerance)"}
+        return Q.to(torch.float32), {**report, "applied": True}
+
+    def load(self, spec: Derived, pivot_name: str) -> torch.Tensor:
+        """The source tensor of `spec`, in the pivot's coordinates, layers and vocabulary."""
+        m, Q = spec.model, self.rotations[spec.model]
+        if Q is not None and spec.role in PIVOT_ROLES:
+            return self._load(self.sp.pivot, pivot_name)
+        pivot_gain = None
+        if Q is not None and spec.role in ("read", "lm_head"):
+            role = self.plan.archs[self.sp.pivot].role(pivot_name)
+            pivot_gain = self._gain(self.sp.pivot, role.norm if spec.role == "read" else self.sp.head_names[self.sp.pivot][1])
+        total = None
+        for name, coef, gain_name in spec.terms:
+            x = self._load(m, name)
+            if Q is not None and spec.role in ROTATED_ROLES:
+                x = alignment.rotate(x, spec.role, spec.layout, Q, self._gain(m, gain_name), pivot_gain)
+            total = x * coef if total is None else total + x * coef
+        return self._gather_rows(m, total, pivot_name) if spec.vocab else total
+
+    def _gather_rows(self, m: int, x: torch.Tensor, pivot_name: str) -> torch.Tensor:
+        """Rows in the pivot's token order; tokens the source lacks keep the pivot's row (no update)."""
+        tmap = torch.tensor(self.sp.token_maps[m], device=x.device)
+        out = self._load(self.sp.pivot, pivot_name)
+        keep = tmap >= 0
+        out[keep] = x[tmap[keep]]
+        return out
+
+    def record(self, name: str, stats: dict) -> None:
+        self.stats[name] = stats
+
+    def write_report(self, folder: str) -> None:
+        import seme
+
+        report = {
+            "method": "seme", "seme_version": seme.__version__, "torch_version": torch.__version__,
+            "pivot": self.plan.models[self.sp.pivot].path, "settings": self.sp.settings,
+            "random_seed": self.plan.recipe.random_seed,
+            "sources": [self.alignment_report[m] for m in self.sp.sources],
+            "tensors": self.stats,
+        }
+        with open(os.path.join(folder, "seme_report.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")

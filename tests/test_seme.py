@@ -1,0 +1,270 @@
+"""SeMe: semantic bases, the mapping kernel, alignment from LM heads alone, depth and vocabulary.
+
+The central test rotates a trained tiny Llama's residual stream (same function, other
+coordinates) and checks that SeMe recovers the rotation from the LM heads and merges as if the
+rotation were not there, while a naive linear merge of the same models breaks.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+import seme
+from conftest import build_model, load_folder, save_tokenizer
+from seme.semantic import alignment
+from seme.semantic.bases import semantic_bases
+from seme.semantic.layers import layer_map
+from seme.semantic.mapping import semantic_distribution, semantic_mix, semantic_topk
+
+HIDDEN, VOCAB = 32, 128
+
+
+# --- building blocks -----------------------------------------------------------------------------
+
+def random_orthogonal(d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+def train(model, steps: int, seed: int, lr: float, offset: int = 0):
+    """A few Adam steps on a copy task (second half of each sequence repeats the first)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        half = torch.randint(3, VOCAB // 2, (16, 8), generator=g) + offset
+        ids = torch.cat([half, half], dim=1)
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def llama(layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                        max_position_embeddings=64, tie_word_embeddings=False))
+
+
+def rotate_residual_stream(state: dict, Q: torch.Tensor, layers: int) -> dict:
+    """An independent implementation: fold the RMSNorm gains, then turn the residual stream by Q."""
+    s = {k: v.clone().float() for k, v in state.items()}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for norm, readers in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                              ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
+            g = s[p + norm + ".weight"]
+            for r in readers:
+                s[p + r + ".weight"] = s[p + r + ".weight"] * g @ Q.T
+            s[p + norm + ".weight"] = torch.ones_like(g)
+        for w in ("self_attn.o_proj", "mlp.down_proj"):
+            s[p + w + ".weight"] = Q @ s[p + w + ".weight"]
+    s["lm_head.weight"] = s["lm_head.weight"] * s["model.norm.weight"] @ Q.T
+    s["model.norm.weight"] = torch.ones_like(s["model.norm.weight"])
+    s["model.embed_tokens.weight"] = s["model.embed_tokens.weight"] @ Q.T
+    return s
+
+
+def save(model, state: dict | None, path) -> str:
+    if state is not None:
+        model.load_state_dict(state)
+    model.save_pretrained(path)
+    save_tokenizer(path, VOCAB)
+    return str(path)
+
+
+def logits(path, ids):
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A: a briefly trained tiny Llama; B: A fine-tuned a little; both also rotated."""
+    root = tmp_path_factory.mktemp("seme")
+    a = train(llama(), 60, seed=0, lr=3e-3)
+    a_state = {k: v.detach().clone() for k, v in a.state_dict().items()}
+    paths = {"A": save(a, None, root / "A")}
+    b = train(a, 15, seed=1, lr=1e-3, offset=VOCAB // 2 - 3)
+    b_state = {k: v.detach().clone() for k, v in b.state_dict().items()}
+    paths["B"] = save(b, None, root / "B")
+    Q = random_orthogonal(HIDDEN, 7)
+    paths["rotA"] = save(llama(), rotate_residual_stream(a_state, Q, 2), root / "rotA")
+    paths["rotB"] = save(llama(), rotate_residual_stream(b_state, Q, 2), root / "rotB")
+    return paths, Q, a_state, b_state
+
+
+def seme_merge(pivot, sources, out, **params) -> dict:
+    recipe = {"merge_method": "seme", "base_model": pivot, "dtype": "float32",
+              "parameters": {"select_topk": 1.0, **params}, "models": [{"model": s} for s in sources]}
+    seme.merge(yaml.safe_dump(recipe), str(out), progress=False, overwrite=True)
+    with open(os.path.join(out, "seme_report.json")) as f:
+        return json.load(f)
+
+
+# --- §1 bases and §2 mapping ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
+def test_bases_match_float64_svd_pinv(dtype, tol):
+    torch.manual_seed(0)
+    W = (torch.randn(1000, 48) @ torch.diag(torch.logspace(0, 2, 48))).to(dtype)  # condition number ~1e4
+    (bases,) = semantic_bases([W])
+    oracle = torch.linalg.pinv(W.double()).T  # rows: pinv(W) e_i
+    err = (bases.materialize().double() - oracle).norm() / oracle.norm()
+    assert err < tol, float(err)  # fp64 Gram accumulation: the fp32 normal equations would lose ~1e-2 here
+    assert bases.condition > 1e3 and bases.ridge == 0.0
+
+
+def test_rank_deficient_head_gets_a_ridge():
+    W = torch.randn(200, 16)
+    W[:, 3] = W[:, 2]
+    (bases,) = semantic_bases([W])
+    assert bases.ridge > 0 and torch.isfinite(bases.materialize()).all()
+
+
+@pytest.mark.parametrize("mode, topk", [("softmax", None), ("softmax", 5), ("linear", None)])
+def test_mapping_matches_a_materialised_reference(mode, topk):
+    torch.manual_seed(1)
+    keys = torch.nn.functional.normalize(torch.randn(777, 24), dim=1)
+    values = torch.randn(777, 10)
+    q = torch.randn(9, 24)
+    got = semantic_mix(q, keys, values, temperature=0.07, topk=topk, mode=mode, chunk=100)
+    cos = torch.nn.functional.normalize(q, dim=1) @ keys.T
+    if mode == "linear":
+        ref = cos @ values
+    elif topk is None:
+        ref = semantic_distribution(q, keys, 0.07) @ values
+    else:
+        best, idx = torch.topk(cos, topk, dim=1)
+        ref = torch.einsum("bk,bkd->bd", torch.softmax(best / 0.07, 1), values[idx])
+        assert torch.equal(semantic_topk(torch.nn.functional.normalize(q, dim=1), keys, topk, chunk=100)[1], idx)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+# --- §3 alignment ------------------------------------------------------------------------------
+
+def test_rotated_model_computes_the_same_function(trained):
+    paths, _, _, _ = trained
+    ids = torch.randint(3, VOCAB, (2, 12))
+    torch.testing.assert_close(logits(paths["rotB"], ids), logits(paths["B"], ids), rtol=1e-4, atol=1e-4)
+
+
+def recovered_rotation(pivot_state, source_state) -> torch.Tensor:
+    heads = [s["lm_head.weight"] * s["model.norm.weight"] for s in (source_state, pivot_state)]
+    src, piv = semantic_bases(heads)
+    return alignment.orthogonal_factor(alignment.alignment_map(src.materialize(unit=True), piv.materialize(unit=True)))
+
+
+def test_alignment_recovers_a_pure_rotation_exactly(trained, tmp_path):
+    paths, Q, a_state, _ = trained
+    rot_a = rotate_residual_stream(a_state, Q, 2)
+    Q_hat = recovered_rotation(a_state, rot_a)
+    assert float((Q_hat.float() - Q.T).abs().max()) < 1e-4  # h_A = Qᵀ h_rotA
+    # Merging A with its own rotation (one source, nothing trimmed) gives back A.
+    report = seme_merge(paths["A"], [paths["rotA"]], tmp_path / "out")
+    assert report["sources"][0]["applied"] and report["sources"][0]["distance_from_identity"] > 1.0
+    merged, original = load_folder(tmp_path / "out"), load_folder(paths["A"])
+    for name, t in original.items():
+        torch.testing.assert_close(merged[name], t, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_alignment_of_a_rotated_fine_tune_is_close_and_improves_with_smaller_deltas(trained):
+    _, Q, a_state, b_state = trained
+    errors = []
+    for scale in (1.0, 0.25):  # shrink the fine-tune delta
+        state = {k: a_state[k] + scale * (b_state[k] - a_state[k]) for k in a_state}
+        Q_hat = recovered_rotation(a_state, rotate_residual_stream(state, Q, 2))
+        errors.append(float(torch.linalg.norm(Q_hat.float() - Q.T)) / HIDDEN ** 0.5)
+    assert errors[0] < 0.1, errors
+    assert errors[1] < errors[0] / 2, errors
+
+
+def test_seme_merges_a_rotated_fine_tune_and_naive_averaging_breaks(trained, tmp_path):
+    paths, _, _, _ = trained
+    ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(3))
+    seme_merge(paths["A"], [paths["B"]], tmp_path / "plain")
+    report = seme_merge(paths["A"], [paths["rotB"]], tmp_path / "aligned")
+    assert report["sources"][0]["applied"]
+    recipe = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": paths["A"], "parameters": {"weight": 0.5}},
+                         {"model": paths["rotB"], "parameters": {"weight": 0.5}}]}
+    seme.merge(recipe, str(tmp_path / "naive"), progress=False)
+    target = logits(tmp_path / "plain", ids)
+    aligned_err = float((logits(tmp_path / "aligned", ids) - target).norm() / target.norm())
+    naive_err = float((logits(tmp_path / "naive", ids) - target).norm() / target.norm())
+    assert aligned_err < 0.05, aligned_err
+    assert naive_err > 10 * aligned_err and naive_err > 0.3, (naive_err, aligned_err)
+
+
+def test_same_base_fine_tunes_skip_alignment(trained, tmp_path):
+    paths, _, _, _ = trained
+    report = seme_merge(paths["A"], [paths["B"]], tmp_path / "out")
+    source = report["sources"][0]
+    assert not source["applied"] and "already aligned" in source["reason"]
+    assert source["distance_from_identity"] < 0.05
+    tensor = report["tensors"]["model.layers.0.mlp.up_proj.weight"]
+    assert tensor["selected_fraction"] == 1.0 and tensor["eta"] == [1.0]
+
+
+# --- §4 depth ------------------------------------------------------------------------------------
+
+def test_layer_map_follows_the_uniform_ratio():
+    assert layer_map(2, 3) == [(0, 0, 0.0), (2, 2, 0.0)]
+    assert layer_map(3, 4) == [(0, 0, 0.0), (1, 2, 0.5), (3, 3, 0.0)]
+    assert layer_map(4, 2) == [(0, 0, 0.0), (0, 1, pytest.approx(1 / 3)), (0, 1, pytest.approx(2 / 3)), (1, 1, 0.0)]
+
+
+def test_a_deeper_source_merges_by_interpolation(tmp_path):
+    build_model(tmp_path / "pivot", layers=3, hidden=HIDDEN)
+    deep = build_model(tmp_path / "deep", layers=4, hidden=HIDDEN, seed=5)
+    report = seme_merge(str(tmp_path / "pivot"), [str(tmp_path / "deep")], tmp_path / "out", alignment="never")
+    assert report["sources"][0]["layer_map"] == [[0, 0, 0.0], [1, 2, 0.5], [3, 3, 0.0]]
+    out = load_folder(tmp_path / "out")
+    name = "model.layers.{}.mlp.down_proj.weight"
+    torch.testing.assert_close(out[name.format(1)], 0.5 * deep[name.format(1)] + 0.5 * deep[name.format(2)])
+    torch.testing.assert_close(out[name.format(2)], deep[name.format(3)])
+    assert json.load(open(tmp_path / "out" / "config.json"))["num_hidden_layers"] == 3
+
+
+# --- vocabularies --------------------------------------------------------------------------------
+
+def test_a_permuted_partly_different_vocabulary_keeps_token_meaning(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pivot = build_model(tmp_path / "pivot", hidden=HIDDEN, vocab=VOCAB)
+    words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(VOCAB, generator=g).tolist()
+    src_words = [words[p] if p % 5 else f"new{p}" for p in perm]  # a fifth of the tokens differ
+    source = build_model(tmp_path / "source", hidden=HIDDEN, vocab=VOCAB, base_state=pivot, delta=0.05)
+    state = load_folder(tmp_path / "source")
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[key] = state[key][perm].contiguous()  # source id j holds the row of pivot token perm[j]
+    from safetensors.torch import save_file
+
+    save_file(state, str(tmp_path / "source" / "model.safetensors"), metadata={"format": "pt"})
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(src_words)}, unk_token=src_words[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path / "source")
+
+    report = seme_merge(str(tmp_path / "pivot"), [str(tmp_path / "source")], tmp_path / "out", alignment="never")
+    shared = sum(1 for p in perm if p % 5)
+    assert report["sources"][0]["shared_tokens"] == shared
+    out, original_source = load_folder(tmp_path / "out"), source
+    for token_id in range(VOCAB):
+        row = out["model.embed_tokens.weight"][token_id]
+        if token_id % 5:  # shared: the source's row for the same token lands on the pivot's id
+            torch.testing.assert_close(row, original_source["model.embed_tokens.weight"][token_id])
+        else:  # the source lacks this token: the pivot's row is kept
+            torch.testing.assert_close(row, pivot["model.embed_tokens.weight"][token_id])
