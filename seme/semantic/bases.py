@@ -1,10 +1,10 @@
 """Semantic bases (METHOD §1): s_i = G⁻¹ w_i with G = WᵀW, the least-squares latent whose logits are e_i.
 
 The [V, d] pseudoinverse is never formed by SVD: the d×d Gram matrix is accumulated in one
-streaming pass over W (in float64: fp32 normal equations lose ~1e-2 relative accuracy at
-condition number 1e3), Cholesky-factored (with a ridge eps·tr(G)/d only if it is not positive
-definite or its condition number exceeds 1e12), and G⁻¹ is applied to rows of W as they are
-needed. Heads of the same width are factored in one batched call.
+streaming pass over W (in float64 where fp32 would lose digits: fp32 normal equations lose ~1e-2
+relative accuracy at condition number 1e3), Cholesky-factored (with a ridge eps·tr(G)/d only if
+it is not positive definite or its condition number exceeds 1e12), inverted (d×d), and applied to
+rows of W as they are needed. Heads of the same width are factored in one batched call.
 """
 from __future__ import annotations
 
@@ -14,14 +14,16 @@ import torch
 
 _CHUNK = 16384
 _MAX_CONDITION = 1e12
+_FP32_GRAM_CONDITION = 1e2
+_FP32_ROWS_CONDITION = 1e6
 
 
-def gram(W: torch.Tensor, chunk: int = _CHUNK) -> torch.Tensor:
-    """WᵀW accumulated in float64, streaming over row blocks of W."""
+def gram(W: torch.Tensor, dtype: torch.dtype = torch.float64, chunk: int = _CHUNK) -> torch.Tensor:
+    """WᵀW accumulated in `dtype`, streaming over row blocks of W."""
     d = W.shape[1]
-    G = torch.zeros(d, d, dtype=torch.float64, device=W.device)
+    G = torch.zeros(d, d, dtype=dtype, device=W.device)
     for start in range(0, W.shape[0], chunk):
-        block = W[start:start + chunk].to(torch.float64)
+        block = W[start:start + chunk].to(dtype)
         G.addmm_(block.T, block)
     return G
 
@@ -31,7 +33,7 @@ class SemanticBases:
     """Bases of one LM head W ([V, d]): rows of S = W G⁻¹, produced block by block."""
 
     W: torch.Tensor  # the effective head (final-norm gain folded in), float32
-    chol: torch.Tensor  # lower Cholesky factor of G (+ ridge), float64
+    inverse: torch.Tensor  # G⁻¹ (+ ridge) in the precision its rows are applied in
     condition: float  # condition number of G
     ridge: float  # the ridge added (0 when G was positive definite)
 
@@ -42,7 +44,7 @@ class SemanticBases:
     def rows(self, start: int = 0, stop: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
         """Basis rows (float32): a range, or the rows named by `index`."""
         w = self.W[index] if index is not None else self.W[start:stop]
-        return torch.cholesky_solve(w.to(torch.float64).T, self.chol).T.to(torch.float32)
+        return (w.to(self.inverse.dtype) @ self.inverse).to(torch.float32)
 
     def unit_rows(self, start: int = 0, stop: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
         s = self.rows(start, stop, index)
@@ -57,23 +59,37 @@ class SemanticBases:
 
 
 def semantic_bases(heads: list[torch.Tensor]) -> list[SemanticBases]:
-    """Bases of several heads; Gram matrices of equal width are factored in one batched call."""
-    grams = [gram(W) for W in heads]
+    """Bases of several heads; Gram matrices of equal width are factored in one batched call.
+
+    Precision follows the conditioning: the Gram matrix is first accumulated in float32 (cheap)
+    and, when its condition number shows fp32 would lose digits (> 1e2), again in float64; rows
+    are produced with an fp32 product while G⁻¹ amplifies rounding by less than 1e6, else in fp64.
+    """
     out: list[SemanticBases | None] = [None] * len(heads)
     by_width: dict[int, list[int]] = {}
     for i, W in enumerate(heads):
         by_width.setdefault(W.shape[1], []).append(i)
     for width, members in by_width.items():
-        G = torch.stack([grams[i] for i in members])
-        eig = torch.linalg.eigvalsh(G)
-        conditions = (eig[:, -1] / eig[:, 0].clamp_min(1e-300)).tolist()
+        G = torch.stack([gram(heads[i], torch.float32) for i in members]).double()
+        conditions = _conditions(G)
+        for j, i in enumerate(members):
+            if conditions[j] > _FP32_GRAM_CONDITION:
+                G[j] = gram(heads[i])
+        conditions = _conditions(G)
         chol, info = torch.linalg.cholesky_ex(G)
         ridges = [0.0] * len(members)
         # Not positive definite, or so ill-conditioned that G⁻¹ would be noise even in float64.
-        singular = [j for j in range(len(members)) if info[j] != 0 or conditions[j] > _MAX_CONDITION]
-        for j in singular:
-            ridges[j] = 1e-6 * float(G[j].trace()) / width
-            chol[j] = torch.linalg.cholesky(G[j] + ridges[j] * torch.eye(width, dtype=G.dtype, device=G.device))
+        for j in range(len(members)):
+            if info[j] != 0 or conditions[j] > _MAX_CONDITION:
+                ridges[j] = 1e-6 * float(G[j].trace()) / width
+                chol[j] = torch.linalg.cholesky(G[j] + ridges[j] * torch.eye(width, dtype=G.dtype, device=G.device))
+        inverse = torch.cholesky_inverse(chol)
         for j, i in enumerate(members):
-            out[i] = SemanticBases(heads[i].to(torch.float32), chol[j], conditions[j], ridges[j])
+            dtype = torch.float32 if conditions[j] < _FP32_ROWS_CONDITION else torch.float64
+            out[i] = SemanticBases(heads[i].to(torch.float32), inverse[j].to(dtype), conditions[j], ridges[j])
     return out  # type: ignore[return-value]
+
+
+def _conditions(G: torch.Tensor) -> list[float]:
+    eig = torch.linalg.eigvalsh(G)
+    return (eig[:, -1] / eig[:, 0].clamp_min(1e-300)).tolist()
