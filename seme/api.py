@@ -43,7 +43,7 @@ def merge(config, out_dir: str, **options) -> dict:
     """Merge the models of `config` (a YAML path, YAML text or dict) into `out_dir`.
 
     Options are those of the CLI (see `seme.options.OPTIONS`): device, out_shard_size, dry_run,
-    overwrite, progress. Returns statistics of the run (or the plan's, with dry_run).
+    overwrite, resume, allow_nonfinite, progress. Returns statistics of the run (or the plan's, with dry_run).
     """
     from seme import __version__
     from seme import config as recipe_config
@@ -56,16 +56,19 @@ def merge(config, out_dir: str, **options) -> dict:
         warnings.showwarning = _one_line_warning
         recipe = recipe_config.load(config)
         plan = make_plan(recipe)
-    if opts["dry_run"]:
-        from seme.report import print_plan
+        if opts["dry_run"]:
+            from seme.report import print_plan
 
-        print_plan(plan, sys.stdout)
-        return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes}
-    from seme import executor
+            print_plan(plan, sys.stdout)
+            return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes}
+        if opts["device"].startswith("cuda") and not torch.cuda.is_available():
+            raise SemeError(f"--device {opts['device']} was asked for, but torch sees no CUDA device")
+        from seme import executor
 
-    progress = sys.stderr.isatty() if opts["progress"] is None else opts["progress"]
-    stats = executor.run(plan, out_dir, device=opts["device"], shard_size=opts["out_shard_size"],
-                         overwrite=opts["overwrite"], progress=progress, version=__version__)
+        progress = sys.stderr.isatty() if opts["progress"] is None else opts["progress"]
+        stats = executor.run(plan, out_dir, device=opts["device"], shard_size=opts["out_shard_size"],
+                             overwrite=opts["overwrite"], resume=opts["resume"],
+                             allow_nonfinite=opts["allow_nonfinite"], progress=progress, version=__version__)
     seconds = max(stats["seconds"], 1e-9)
     print(f"seme: merged {stats['tensors']} tensors with {recipe.merge_method} "
           f"({stats['input_bytes'] / 1e9:.3f} GB in, {stats['input_bytes'] / 1e9 / seconds:.2f} GB/s) "

@@ -5,10 +5,12 @@ files, so pages are read on demand and dropped by the OS when no longer needed.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
 import time
+import warnings
 
 import torch
 
@@ -45,43 +47,70 @@ class Progress:
         return time.perf_counter() - self.start
 
 
-def run(plan: Plan, out_dir: str, *, device: str = "cpu", shard_size: int = 5 * 10**9,
-        overwrite: bool = False, progress: bool = False, version: str = "") -> dict:
-    """Execute `plan` into `out_dir` (created; refused if non-empty unless `overwrite`)."""
+def run(plan: Plan, out_dir: str, *, device: str = "cpu", shard_size: int = 5 * 10**9, overwrite: bool = False,
+        resume: bool = False, allow_nonfinite: bool = False, progress: bool = False, version: str = "") -> dict:
+    """Execute `plan` into `out_dir`: built in `OUT.seme-partial`, published by rename when complete.
+
+    An existing non-empty `out_dir` is refused unless `overwrite`. A failure after the first write
+    keeps the staging folder; `resume` continues from its finished shards (bit-identical result).
+    """
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
         raise SemeError(f"output folder {out_dir} exists and is not empty (use --overwrite to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    # Build the result beside the target and publish it by rename, so that an interrupted merge
-    # never leaves a folder that looks like a finished model.
     staging = f"{out_dir}.seme-partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    try:
-        stats = _execute(plan, staging, torch.device(device), shard_size, progress)
-        write_metadata(staging, plan, version)
-    except BaseException:
+    if os.path.exists(staging) and not (resume or overwrite):
+        raise SemeError(f"an interrupted merge into {out_dir} left {staging}: use --resume to continue it "
+                        f"or --overwrite to start over")
+    if not resume:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+    parent = os.path.dirname(out_dir)
+    os.makedirs(staging, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if free < plan.output_bytes * 1.01 + 10**6:
+        raise SemeError(f"not enough disk space in {parent}: the merge writes {plan.output_bytes / 1e9:.2f} GB, "
+                        f"{free / 1e9:.2f} GB are free")
+    try:
+        stats = _execute(plan, staging, torch.device(device), shard_size, resume, allow_nonfinite, progress,
+                         _plan_id(plan, shard_size, version))
+        write_metadata(staging, plan, version)
+    except OSError as e:
+        raise SemeError(f"{e.strerror or e} ({e.filename or staging}); the partial merge is kept in {staging}: "
+                        f"fix the cause and rerun with --resume") from None
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
     os.rename(staging, out_dir)
     return stats
 
 
-def _execute(plan: Plan, folder: str, device: torch.device, shard_size: int, progress: bool) -> dict:
+def _plan_id(plan: Plan, shard_size: int, version: str) -> str:
+    """What a resumed merge must share with the interrupted one: recipe, inputs' files, layout, version."""
+    h = hashlib.sha256()
+    files = sorted({info.path for m in plan.models for info in m.tensors.values()})
+    parts = [plan.recipe.text, version, str(shard_size)]
+    parts += [f"{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files]
+    parts += [f"{t.name}:{t.dtype}:{t.shape}" for t in plan.tasks]
+    h.update("\n".join(parts).encode())
+    return h.hexdigest()
+
+
+def _execute(plan: Plan, folder: str, device: torch.device, shard_size: int, resume: bool, allow_nonfinite: bool,
+             progress: bool, plan_id: str) -> dict:
     method = registry.get(plan.recipe.merge_method)
-    writer = ShardWriter(folder, [(t.name, t.dtype, t.shape, t.nbytes) for t in plan.tasks], shard_size)
+    writer = ShardWriter(folder, [(t.name, t.dtype, t.shape, t.nbytes) for t in plan.tasks], shard_size, plan_id,
+                         resume=resume)
     semantic = plan.semantic.prepare(plan, device) if plan.semantic else None
     bar = Progress(len(plan.tasks), plan.input_bytes, progress)
     try:
         for task in plan.tasks:
+            if writer.done(task.name):
+                bar.update(0)
+                continue
             tensors = [plan.models[m].load(name) for m, name in task.inputs]
             nbytes = sum(t.nbytes for t in tensors)
             if task.copy:
                 result = tensors[0]
             else:
+                _check_inputs(plan, task, tensors)
                 if task.derived:
                     tensors = [semantic.load(d, task.name) if d else t for d, t in zip(task.derived, tensors)]
                 dtype = getattr(torch, task.compute_dtype) if task.compute_dtype else None
@@ -92,12 +121,23 @@ def _execute(plan: Plan, folder: str, device: torch.device, shard_size: int, pro
                     result, stats = result
                     semantic.record(task.name, stats)
                 result = result.to(getattr(torch, CODE_NAMES[task.dtype])).cpu()
+                if not allow_nonfinite and not bool(torch.isfinite(result).all()):
+                    raise SemeError(f"the merged tensor '{task.name}' contains NaN or Inf "
+                                    f"(pass --allow-nonfinite to write it anyway)")
             writer.write(task.name, result)
             bar.update(nbytes)
     finally:
         writer.close()
+    writer.write_index()
     if semantic:
         semantic.write_report(folder)
     seconds = bar.finish()
     return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes,
             "seconds": seconds}
+
+
+def _check_inputs(plan: Plan, task, tensors) -> None:
+    """NaN / Inf in an input is reported (tensor and model named); the merge goes on."""
+    for (m, name), t in zip(task.inputs, tensors):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            warnings.warn(f"input tensor '{name}' of {plan.models[m].name} contains NaN or Inf")

@@ -39,7 +39,9 @@ OPTIONS = (
     Option("device", "cpu", "where the math runs: cpu, cuda or cuda:N", parse_device),
     Option("out_shard_size", "5GB", "maximum size of one output shard, e.g. 2GB or 500MB", parse_size),
     Option("dry_run", False, "print the plan (tensors, bytes, method and parameters per tensor) and exit"),
-    Option("overwrite", False, "replace a non-empty output folder"),
+    Option("overwrite", False, "replace a non-empty output folder (or an interrupted merge's staging folder)"),
+    Option("resume", False, "continue an interrupted merge from its finished shards"),
+    Option("allow_nonfinite", False, "write merged tensors that contain NaN or Inf instead of stopping"),
     Option("progress", None, "show a progress bar (default: when stderr is a terminal)"),
 )
 

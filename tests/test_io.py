@@ -60,13 +60,39 @@ def test_truncated_and_garbage_files(tmp_path):
 def test_writer_shards_load_with_safetensors(tmp_path):
     tensors = {f"t{i}": torch.randn(100 + i) for i in range(10)}
     planned = [(n, "F32", tuple(t.shape), t.numel() * 4) for n, t in tensors.items()]
-    writer = ShardWriter(str(tmp_path), planned, shard_size=1000)
+    writer = ShardWriter(str(tmp_path), planned, shard_size=1000, plan_id="p")
     for name in reversed(list(tensors)):  # any order: offsets are fixed up front
         writer.write(name, tensors[name])
     writer.close()
+    writer.write_index()
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == sum(p[3] for p in planned)
     loaded = {}
     for file in set(index["weight_map"].values()):
         loaded.update(load_file(str(tmp_path / file)))
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
+def test_writer_resumes_only_verified_shards_of_the_same_plan(tmp_path):
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(6)}
+    planned = [(n, "F32", (100,), 400) for n in tensors]
+    first = ShardWriter(str(tmp_path), planned, shard_size=800, plan_id="p")
+    for name in ["t0", "t1", "t2"]:  # shard 1 finished, shard 2 half written
+        first.write(name, tensors[name])
+    first.close()
+    again = ShardWriter(str(tmp_path), planned, shard_size=800, plan_id="p", resume=True)
+    assert [n for n in tensors if again.done(n)] == ["t0", "t1"]
+    again.close()
+    other_plan = ShardWriter(str(tmp_path), planned, shard_size=800, plan_id="q", resume=True)
+    assert not any(other_plan.done(n) for n in tensors)
+    other_plan.close()
+    corrupt = ShardWriter(str(tmp_path), planned, shard_size=800, plan_id="q")
+    for name in ["t0", "t1"]:
+        corrupt.write(name, tensors[name])
+    corrupt.close()
+    with open(tmp_path / "model-00001-of-00003.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\xff\xff\xff\xff")
+    damaged = ShardWriter(str(tmp_path), planned, shard_size=800, plan_id="q", resume=True)
+    assert not damaged.done("t0")  # its digest no longer matches: merged again
+    damaged.close()

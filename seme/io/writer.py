@@ -1,6 +1,8 @@
-"""Output writing: safetensors shards laid out from the plan, then streamed tensor by tensor."""
+"""Output writing: safetensors shards laid out from the plan, streamed tensor by tensor, and a
+manifest of finished shards that lets an interrupted merge resume."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -9,16 +11,28 @@ import torch
 from seme.io.safetensors_file import layout_header
 
 SHARD_METADATA = {"format": "pt"}
+MANIFEST = "seme-manifest.json"
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class ShardWriter:
     """Writes planned tensors (name, dtype code, shape, nbytes) into shards of at most `shard_size` bytes.
 
-    Shard boundaries and every tensor's offset are fixed up front, so tensors can be written in any
-    order, each straight to disk, and no shard is ever buffered in memory.
+    Shard boundaries and every tensor's offset are fixed up front, so no shard is ever buffered in
+    memory. When a shard's last tensor is written, the shard is flushed and recorded, with its
+    SHA-256, in the manifest; with `resume`, shards the manifest vouches for (same plan, same
+    digest) are kept and their tensors reported by `done()` so they are not merged again.
     """
 
-    def __init__(self, folder: str, planned: list[tuple[str, str, tuple[int, ...], int]], shard_size: int):
+    def __init__(self, folder: str, planned: list[tuple[str, str, tuple[int, ...], int]], shard_size: int,
+                 plan_id: str, resume: bool = False):
         shards, current, size = [], [], 0
         for entry in planned:
             if current and size + entry[3] > shard_size:
@@ -30,37 +44,89 @@ class ShardWriter:
             shards.append(current)
         n = len(shards)
         self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self.folder = folder
-        self.where: dict[str, tuple[int, int]] = {}  # tensor -> (file descriptor, offset)
-        self.weight_map: dict[str, str] = {}
+        self.folder, self.plan_id = folder, plan_id
         self.total_size = sum(e[3] for e in planned)
-        self._fds = []
+        self.weight_map = {name: file for file, entries in zip(self.files, shards) for name, *_ in entries}
+        self.finished: dict[str, str] = self._verified_shards() if resume else {}
+        self._where: dict[str, tuple[int, int]] = {}  # tensor -> (file descriptor, offset)
+        self._pending: dict[str, list[str]] = {}  # shard -> tensors still to write, in file order
+        self._hashes: dict[str, object] = {}  # shard -> running SHA-256 while tensors arrive in file order
+        self._fds: dict[str, int] = {}
         for file, entries in zip(self.files, shards):
+            if file in self.finished:
+                continue
             header, offsets = layout_header([(name, dtype, shape) for name, dtype, shape, _ in entries], SHARD_METADATA)
             fd = os.open(os.path.join(folder, file), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
+            self._fds[file] = fd
             os.pwrite(fd, header, 0)
             os.ftruncate(fd, len(header) + sum(e[3] for e in entries))
-            for name, _, _, _ in entries:
-                self.where[name] = (fd, offsets[name])
-                self.weight_map[name] = file
+            self._pending[file] = [name for name, *_ in entries]
+            self._hashes[file] = hashlib.sha256(header)
+            for name, *_ in entries:
+                self._where[name] = (fd, offsets[name])
+            if not entries:
+                self._finish(file)
+        self._save_manifest()
+
+    def _verified_shards(self) -> dict[str, str]:
+        try:
+            with open(os.path.join(self.folder, MANIFEST), encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return {}
+        if manifest.get("plan") != self.plan_id:
+            return {}
+        return {file: digest for file, digest in manifest.get("shards", {}).items()
+                if file in self.files and os.path.isfile(os.path.join(self.folder, file))
+                and file_digest(os.path.join(self.folder, file)) == digest}
+
+    def _save_manifest(self) -> None:
+        path = os.path.join(self.folder, MANIFEST)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump({"plan": self.plan_id, "shards": self.finished}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+
+    def done(self, name: str) -> bool:
+        """Whether `name` lies in a shard kept from an interrupted run."""
+        return self.weight_map[name] in self.finished
 
     def write(self, name: str, tensor) -> None:
         """Write a CPU tensor of the planned dtype and shape to its place."""
-        fd, offset = self.where[name]
+        fd, offset = self._where.pop(name)
         data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        file = self.weight_map[name]
+        pending = self._pending[file]
+        if self._hashes.get(file) is not None and pending[0] == name:
+            self._hashes[file].update(data)
+        else:
+            self._hashes[file] = None  # out of order: the digest is read back when the shard is done
+        pending.remove(name)
         while data:
             written = os.pwrite(fd, data, offset)
             data, offset = data[written:], offset + written
+        if not pending:
+            self._finish(file)
+            self._save_manifest()
+
+    def _finish(self, file: str) -> None:
+        fd = self._fds.pop(file)
+        os.fsync(fd)
+        os.close(fd)
+        running = self._hashes.pop(file)
+        self.finished[file] = running.hexdigest() if running else file_digest(os.path.join(self.folder, file))
 
     def close(self) -> None:
-        """Flush every shard to disk and write the index."""
-        for fd in self._fds:
-            os.fsync(fd)
+        """Close shards left open (after an error), without marking them finished."""
+        for fd in self._fds.values():
             os.close(fd)
-        self._fds = []
+        self._fds = {}
+
+    def write_index(self) -> None:
         index = {"metadata": {"total_size": self.total_size},
                  "weight_map": dict(sorted(self.weight_map.items()))}
         with open(os.path.join(self.folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
             f.write("\n")
+        os.remove(os.path.join(self.folder, MANIFEST))

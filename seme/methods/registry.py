@@ -101,8 +101,9 @@ def register(method: Method) -> Method:
 
 def _load() -> dict[str, Method]:
     # The family modules register their methods on import (and import torch): done on first use.
-    if not _METHODS:
-        from seme.methods import linear, model_stock, passthrough, seme, slerp, task_vector  # noqa: F401
+    # Importing all of them each time is a no-op after the first, even if one was imported directly.
+    from seme.methods import linear, model_stock, passthrough, seme, slerp, task_vector  # noqa: F401
+
     return _METHODS
 
 
