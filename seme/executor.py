@@ -72,7 +72,7 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", shard_size: int = 5 * 
     try:
         stats = _execute(plan, staging, torch.device(device), shard_size, resume, allow_nonfinite, progress,
                          _plan_id(plan, shard_size, version))
-        write_metadata(staging, plan, version)
+        write_metadata(staging, plan, version, os.path.basename(out_dir))
     except OSError as e:
         raise SemeError(f"{e.strerror or e} ({e.filename or staging}); the partial merge is kept in {staging}: "
                         f"fix the cause and rerun with --resume") from None

@@ -28,7 +28,8 @@ The merge is reproducible from this recipe alone (`python -m seme.merge recipe.y
 """
 
 
-def write_metadata(folder: str, plan, version: str) -> None:
+def write_metadata(folder: str, plan, version: str, name: str) -> None:
+    """Config, generation config, tokenizer files and the model card (titled `name`) into `folder`."""
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(plan.config, f, indent=2)
         f.write("\n")
@@ -38,7 +39,7 @@ def write_metadata(folder: str, plan, version: str) -> None:
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(folder, file))
     models = "\n".join(f"- `{m.path}`" for m in plan.models)
-    card = CARD.format(name=os.path.basename(os.path.normpath(folder)), version=version,
+    card = CARD.format(name=name, version=version,
                        method=plan.recipe.merge_method, models=models, recipe=plan.recipe.text.strip())
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
         f.write(card)

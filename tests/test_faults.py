@@ -1,0 +1,217 @@
+"""Reliability: real merges killed with SIGKILL at random points resume to identical bytes, and
+mutated recipes either merge or fail with one line and exit status 2 — never a traceback."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from seme.merge import main
+
+# The child merges normally, except that its N-th low-level write (a tensor chunk, a header or
+# the manifest's rename) writes half of its bytes and then SIGKILLs the process.
+KILLER = """
+import os, signal, sys
+target = int(sys.argv[1])
+count = [0]
+real_pwrite, real_replace = os.pwrite, os.replace
+def tick():
+    count[0] += 1
+    return count[0] == target
+def pwrite(fd, data, offset):
+    if tick():
+        real_pwrite(fd, bytes(memoryview(data)[: len(memoryview(data)) // 2]), offset)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_pwrite(fd, data, offset)
+def replace(src, dst):
+    if tick():
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst)
+os.pwrite, os.replace = pwrite, replace
+from seme.merge import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def folder_bytes(path) -> dict:
+    return {f: open(os.path.join(path, f), "rb").read() for f in sorted(os.listdir(path))}
+
+
+@pytest.fixture(scope="module")
+def recipe_file(llama_family, tmp_path_factory):
+    path = tmp_path_factory.mktemp("faults") / "recipe.yml"
+    path.write_text(yaml.safe_dump({
+        "merge_method": "dare_ties", "base_model": llama_family["base"], "random_seed": 5,
+        "parameters": {"weight": 1.0, "density": 0.6},
+        "models": [{"model": llama_family[f"expert{i}"]} for i in range(3)]}))
+    return str(path)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_killed_merge_resumes_to_identical_bytes(recipe_file, tmp_path, seed):
+    reference = tmp_path / "reference" / "out"  # same folder name: the model card is titled by it
+    assert main([recipe_file, str(reference), "--out-shard-size", "30KB"]) == 0
+    writes = 3 * len([f for f in os.listdir(reference) if f.endswith(".safetensors")]) + 40
+    target = random.Random(seed).randint(1, writes)
+    out = tmp_path / "out"
+    child = subprocess.run([sys.executable, "-c", KILLER, str(target), recipe_file, str(out), "--out-shard-size", "30KB"],
+                           capture_output=True, text=True)
+    if child.returncode == 0:  # the kill point lay beyond the last write: nothing to resume
+        assert folder_bytes(out) == folder_bytes(reference)
+        return
+    assert child.returncode == -9, child.stderr
+    assert not out.exists(), "a killed merge must not publish its output"
+    assert os.path.isdir(f"{out}.seme-partial")
+    # Without --resume the leftover is refused, with a way forward.
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main([recipe_file, str(out), "--out-shard-size", "30KB"]) == 2
+    assert "--resume" in err.getvalue()
+    assert main([recipe_file, str(out), "--out-shard-size", "30KB", "--resume"]) == 0
+    assert folder_bytes(out) == folder_bytes(reference)
+    assert not os.path.exists(f"{out}.seme-partial")
+
+
+def test_nonfinite_output_is_an_error_and_input_is_reported(llama_family, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in os.listdir(llama_family["expert0"]):
+        src = os.path.join(llama_family["expert0"], f)
+        if f != "model.safetensors":
+            (broken / f).write_bytes(open(src, "rb").read())
+    state = load_file(os.path.join(llama_family["expert0"], "model.safetensors"))
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(broken), "parameters": {"weight": 1.0}}, {"model": llama_family["base"], "parameters": {"weight": 1.0}}]}))
+    assert main([str(recipe), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "seme: warning: input tensor 'model.layers.1.mlp.up_proj.weight' of broken contains NaN or Inf" in err
+    assert "seme: error: the merged tensor 'model.layers.1.mlp.up_proj.weight' contains NaN or Inf" in err
+    assert not (tmp_path / "out").exists()
+    assert main([str(recipe), str(tmp_path / "out"), "--allow-nonfinite", "--overwrite"]) == 0
+    assert torch.isnan(load_file(str(tmp_path / "out" / "model.safetensors"))["model.layers.1.mlp.up_proj.weight"]).any()
+
+
+def test_full_disk_is_found_before_starting(llama_family, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": llama_family["expert0"], "parameters": {"weight": 1.0}},
+        {"model": llama_family["base"], "parameters": {"weight": 1.0}}]}))
+    assert main([str(recipe), str(tmp_path / "out")]) == 2
+    assert "not enough disk space" in capsys.readouterr().err
+
+
+def test_write_error_mid_merge_keeps_the_staging_folder(llama_family, tmp_path, capsys, monkeypatch):
+    real = os.pwrite
+    calls = [0]
+
+    def failing(fd, data, offset):
+        calls[0] += 1
+        if calls[0] == 20:
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
+
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": llama_family["expert0"], "parameters": {"weight": 1.0}},
+        {"model": llama_family["base"], "parameters": {"weight": 1.0}}]}))
+    monkeypatch.setattr(os, "pwrite", failing)
+    assert main([str(recipe), str(tmp_path / "out"), "--out-shard-size", "30KB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "rerun with --resume" in err[0]
+    assert os.path.isdir(tmp_path / "out.seme-partial") and not (tmp_path / "out").exists()
+    monkeypatch.setattr(os, "pwrite", real)
+    assert main([str(recipe), str(tmp_path / "out"), "--out-shard-size", "30KB", "--resume"]) == 0
+
+
+# --- property-based: mutated recipes ------------------------------------------------------------
+
+def valid_recipe(m) -> dict:
+    return {"merge_method": "ties", "base_model": m["base"], "dtype": "float32",
+            "parameters": {"normalize": True},
+            "models": [{"model": m["expert0"], "parameters": {"weight": 1.0, "density": 0.5}},
+                       {"model": m["expert1"], "parameters": {"weight": [0.5, 1.0], "density": 0.7}}]}
+
+
+JUNK = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(-2, 2, allow_nan=False), st.text(max_size=5),
+                 st.lists(st.integers(-3, 3), max_size=3), st.just({}), st.just("/nonexistent/path"))
+
+
+def paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from paths(v, prefix + (i,))
+
+
+@st.composite
+def mutations(draw):
+    kind = draw(st.sampled_from(["replace", "delete", "add_key", "negative_density", "layer_range", "empty_models"]))
+    return kind, draw(st.integers(0, 10**6)), draw(JUNK), draw(st.text(min_size=1, max_size=8))
+
+
+def mutate(recipe: dict, mutation) -> dict:
+    kind, pick, junk, key = mutation
+    recipe = copy.deepcopy(recipe)
+    if kind == "negative_density":
+        recipe["models"][pick % 2]["parameters"]["density"] = -abs(junk) if isinstance(junk, float) else -0.5
+        return recipe
+    if kind == "layer_range":
+        return {"merge_method": "passthrough", "slices": [{"sources": [
+            {"model": recipe["base_model"], "layer_range": [pick % 5 - 1, (pick // 5) % 5]}]}]}
+    if kind == "empty_models":
+        recipe["models"] = []
+        return recipe
+    all_paths = [p for p in paths(recipe) if p]
+    path = all_paths[pick % len(all_paths)]
+    parent = recipe
+    for step in path[:-1]:
+        parent = parent[step]
+    if kind == "replace":
+        parent[path[-1]] = junk
+    elif kind == "delete":
+        del parent[path[-1]]
+    elif isinstance(parent, dict):
+        parent[key] = junk
+    return recipe
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(mutation=mutations())
+def test_mutated_recipes_merge_or_fail_with_one_line(llama_family, mutation):
+    recipe = mutate(valid_recipe(llama_family), mutation)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "recipe.yml")
+        with open(path, "w") as f:
+            yaml.safe_dump(recipe, f)
+        err, out = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            status = main([path, os.path.join(tmp, "out")])
+        lines = [line for line in err.getvalue().splitlines() if not line.startswith("seme: warning:")]
+        if status == 0:
+            assert os.path.isfile(os.path.join(tmp, "out", "model.safetensors.index.json"))
+        else:
+            assert status == 2, err.getvalue()
+            assert len(lines) == 1 and lines[0].startswith("seme: error: "), err.getvalue()
+            assert not os.path.exists(os.path.join(tmp, "out"))
