@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seme: error: {e}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:
-        print("seme: interrupted; no output was published", file=sys.stderr)
+        print("seme: interrupted; no output was published (rerun with --resume to continue)", file=sys.stderr)
         return 130
     except OSError as e:
         print(f"seme: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)

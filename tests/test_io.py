@@ -81,10 +81,10 @@ def test_writer_resumes_only_verified_shards_of_the_same_plan(tmp_path):
         first.write(name, tensors[name])
     first.close()
     again = ShardWriter(str(tmp_path), planned, shard_size=800, plan_id="p", resume=True)
-    assert [n for n in tensors if again.done(n)] == ["t0", "t1"]
+    assert [n for n in tensors if again.skip(n)] == ["t0", "t1"]
     again.close()
     other_plan = ShardWriter(str(tmp_path), planned, shard_size=800, plan_id="q", resume=True)
-    assert not any(other_plan.done(n) for n in tensors)
+    assert not any(other_plan.skip(n) for n in tensors)
     other_plan.close()
     corrupt = ShardWriter(str(tmp_path), planned, shard_size=800, plan_id="q")
     for name in ["t0", "t1"]:
@@ -94,5 +94,5 @@ def test_writer_resumes_only_verified_shards_of_the_same_plan(tmp_path):
         f.seek(-4, 2)
         f.write(b"\xff\xff\xff\xff")
     damaged = ShardWriter(str(tmp_path), planned, shard_size=800, plan_id="q", resume=True)
-    assert not damaged.done("t0")  # its digest no longer matches: merged again
+    assert not damaged.skip("t0")  # its digest no longer matches: merged again
     damaged.close()

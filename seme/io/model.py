@@ -69,11 +69,17 @@ class ModelFolder:
 
     def load(self, name: str):
         """The tensor `name` as a zero-copy view of the memory-mapped file."""
-        info = self.tensors[name]
-        mapped = self._maps.get(info.path)
-        if mapped is None:
-            mapped = self._maps[info.path] = MappedFile(info.path)
-        return mapped.tensor(info)
+        return self._mapped(name).tensor(self.tensors[name])
+
+    def prefetch(self, name: str) -> None:
+        """Start reading `name` from disk in the background (no-op where madvise is unavailable)."""
+        self._mapped(name).prefetch(self.tensors[name])
+
+    def _mapped(self, name: str) -> MappedFile:
+        path = self.tensors[name].path
+        if path not in self._maps:
+            self._maps[path] = MappedFile(path)
+        return self._maps[path]
 
     def tokenizer_files(self) -> list[str]:
         return [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(self.path, f))]

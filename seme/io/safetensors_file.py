@@ -105,6 +105,12 @@ class MappedFile:
         return flat.view(info.shape)
 
 
+    def prefetch(self, info: TensorInfo) -> None:
+        if info.nbytes and hasattr(self._map, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+            start = info.start - info.start % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_WILLNEED, start, info.end - start)
+
+
 def layout_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict) -> tuple[bytes, dict[str, int]]:
     """The header bytes of a shard holding `entries` (name, dtype code, shape), and each tensor's offset."""
     header, offsets, cursor = {}, {}, 0

@@ -2,16 +2,18 @@
 manifest of finished shards that lets an interrupted merge resume."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 
 import torch
 
+from seme.distributed import assign
 from seme.io.safetensors_file import layout_header
 
 SHARD_METADATA = {"format": "pt"}
-MANIFEST = "seme-manifest.json"
+MANIFEST = "seme-manifest.{rank}.json"  # one per rank: ranks never write the same file
 
 
 def file_digest(path: str) -> str:
@@ -28,11 +30,12 @@ class ShardWriter:
     Shard boundaries and every tensor's offset are fixed up front, so no shard is ever buffered in
     memory. When a shard's last tensor is written, the shard is flushed and recorded, with its
     SHA-256, in the manifest; with `resume`, shards the manifest vouches for (same plan, same
-    digest) are kept and their tensors reported by `done()` so they are not merged again.
+    digest) are kept, and `skip()` tells which tensors need no merging here (kept, or another
+    rank's).
     """
 
     def __init__(self, folder: str, planned: list[tuple[str, str, tuple[int, ...], int]], shard_size: int,
-                 plan_id: str, resume: bool = False):
+                 plan_id: str, resume: bool = False, rank: int = 0, world: int = 1):
         shards, current, size = [], [], 0
         for entry in planned:
             if current and size + entry[3] > shard_size:
@@ -44,16 +47,18 @@ class ShardWriter:
             shards.append(current)
         n = len(shards)
         self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self.folder, self.plan_id = folder, plan_id
+        self.folder, self.plan_id, self.rank = folder, plan_id, rank
         self.total_size = sum(e[3] for e in planned)
         self.weight_map = {name: file for file, entries in zip(self.files, shards) for name, *_ in entries}
+        owner = assign([sum(e[3] for e in entries) for entries in shards], world)
+        self.owned = {file for file, r in zip(self.files, owner) if r == rank}
         self.finished: dict[str, str] = self._verified_shards() if resume else {}
         self._where: dict[str, tuple[int, int]] = {}  # tensor -> (file descriptor, offset)
         self._pending: dict[str, list[str]] = {}  # shard -> tensors still to write, in file order
         self._hashes: dict[str, object] = {}  # shard -> running SHA-256 while tensors arrive in file order
         self._fds: dict[str, int] = {}
         for file, entries in zip(self.files, shards):
-            if file in self.finished:
+            if file in self.finished or file not in self.owned:
                 continue
             header, offsets = layout_header([(name, dtype, shape) for name, dtype, shape, _ in entries], SHARD_METADATA)
             fd = os.open(os.path.join(folder, file), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -69,28 +74,33 @@ class ShardWriter:
         self._save_manifest()
 
     def _verified_shards(self) -> dict[str, str]:
-        try:
-            with open(os.path.join(self.folder, MANIFEST), encoding="utf-8") as f:
-                manifest = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            return {}
-        if manifest.get("plan") != self.plan_id:
-            return {}
-        return {file: digest for file, digest in manifest.get("shards", {}).items()
-                if file in self.files and os.path.isfile(os.path.join(self.folder, file))
+        """Owned shards that a manifest of this plan (from any rank) records with a matching digest."""
+        recorded = {}
+        for path in glob.glob(os.path.join(self.folder, MANIFEST.format(rank="*"))):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    manifest = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                continue
+            if manifest.get("plan") == self.plan_id:
+                recorded.update(manifest.get("shards", {}))
+        return {file: digest for file, digest in recorded.items()
+                if file in self.owned and os.path.isfile(os.path.join(self.folder, file))
                 and file_digest(os.path.join(self.folder, file)) == digest}
 
     def _save_manifest(self) -> None:
-        path = os.path.join(self.folder, MANIFEST)
+        path = os.path.join(self.folder, MANIFEST.format(rank=self.rank))
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump({"plan": self.plan_id, "shards": self.finished}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
 
-    def done(self, name: str) -> bool:
-        """Whether `name` lies in a shard kept from an interrupted run."""
-        return self.weight_map[name] in self.finished
+    def skip(self, name: str) -> bool:
+        """Whether this rank has nothing to do for `name`: another rank's shard, or one kept from an
+        interrupted run."""
+        file = self.weight_map[name]
+        return file in self.finished or file not in self.owned
 
     def write(self, name: str, tensor) -> None:
         """Write a CPU tensor of the planned dtype and shape to its place."""
@@ -129,4 +139,5 @@ class ShardWriter:
         with open(os.path.join(self.folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
             f.write("\n")
-        os.remove(os.path.join(self.folder, MANIFEST))
+        for path in glob.glob(os.path.join(self.folder, MANIFEST.format(rank="*"))):
+            os.remove(path)
