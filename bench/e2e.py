@@ -1,0 +1,146 @@
+"""`python -m bench.e2e`: whole merges, seme against mergekit-yaml on the same recipes, one after the other.
+
+Generates random Llama-shaped models (base + fine-tunes with dense deltas, bf16; sizes are
+options), then for each recipe runs `python -m seme.merge` and `mergekit-yaml` as separate
+processes and reports wall time (start-up included), peak RSS, input GB/s, seme's steady-state
+rate (start-up excluded) and the ratios, plus the machine's plain read bandwidth of the same files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+from bench.results import machine, update_section
+
+RECIPES = {
+    "linear": lambda m: {"merge_method": "linear",
+                         "models": [{"model": p, "parameters": {"weight": 1.0}} for p in m]},
+    "task_arithmetic": lambda m: {"merge_method": "task_arithmetic", "base_model": m[0],
+                                  "models": [{"model": p, "parameters": {"weight": 0.5}} for p in m[1:]]},
+    "ties": lambda m: {"merge_method": "ties", "base_model": m[0],
+                       "models": [{"model": p, "parameters": {"weight": 0.5, "density": 0.3}} for p in m[1:]]},
+    "dare_ties": lambda m: {"merge_method": "dare_ties", "base_model": m[0],
+                            "models": [{"model": p, "parameters": {"weight": 0.5, "density": 0.3}} for p in m[1:]]},
+    "sce": lambda m: {"merge_method": "sce", "base_model": m[0], "parameters": {"select_topk": 0.3},
+                      "models": [{"model": p} for p in m[1:]]},
+}
+
+
+def make_models(root: str, n_models: int, hidden: int, layers: int, vocab: int, intermediate: int) -> list[str]:
+    """Random Llama checkpoints written directly (no transformers needed): a base and fine-tunes."""
+    from safetensors.torch import save_file
+
+    kv = hidden // 4
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
+              "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+                       p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+                       p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
+                       p + "mlp.down_proj.weight": (hidden, intermediate)})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": 16,
+              "num_key_value_heads": 4, "vocab_size": vocab, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+              "max_position_embeddings": 2048, "dtype": "bfloat16", "torch_dtype": "bfloat16"}
+    g = torch.Generator().manual_seed(0)
+    base = {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+    paths = []
+    for i in range(n_models):
+        path = os.path.join(root, f"model{i}")
+        paths.append(path)
+        if os.path.exists(os.path.join(path, "model.safetensors")):
+            continue
+        os.makedirs(path, exist_ok=True)
+        state = base if i == 0 else {k: (v.float() + torch.randn(v.shape, generator=g) * 0.002).to(torch.bfloat16)
+                                     for k, v in base.items()}
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f)
+    return paths
+
+
+def run(cmd: list[str], cwd: str) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (GB) of the process, and its stderr."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
+    return wall, usage.ru_maxrss / 1e6, err
+
+
+def read_bandwidth(paths: list[str]) -> float:
+    files = [os.path.join(p, "model.safetensors") for p in paths]
+    total = sum(os.path.getsize(f) for f in files)
+    start = time.perf_counter()
+    for f in files:
+        with open(f, "rb") as fh:
+            while fh.readinto(bytearray(1 << 24)):
+                pass
+    return total / (time.perf_counter() - start) / 1e9
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="/tmp/seme-e2e", help="where models and outputs go")
+    parser.add_argument("--models", type=int, default=4, help="base + fine-tunes")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=14)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--no-mergekit", action="store_true", help="time seme only")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    os.makedirs(args.root, exist_ok=True)
+    paths = make_models(args.root, args.models, args.hidden, args.layers, args.vocab, args.intermediate)
+    in_bytes = sum(os.path.getsize(os.path.join(p, "model.safetensors")) for p in paths)
+    params = os.path.getsize(os.path.join(paths[0], "model.safetensors")) / 2 / 1e6
+    read_bandwidth(paths)  # warm the page cache, as a repeated merge would find it
+    bandwidth = read_bandwidth(paths)
+    print(f"{args.models} models of {params:.0f}M parameters (bf16), {in_bytes / 1e9:.2f} GB in; "
+          f"plain read from page cache {bandwidth:.2f} GB/s", flush=True)
+    mergekit = shutil.which("mergekit-yaml") or os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
+    header = ("| recipe | seme s | seme RSS GB | seme steady GB/s | mergekit s | mergekit RSS GB | speed-up | "
+              "steady / read bandwidth |\n|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name in args.recipes.split(","):
+        recipe = {**RECIPES[name](paths), "dtype": "bfloat16"}
+        recipe_path = os.path.join(args.root, f"{name}.yml")
+        with open(recipe_path, "w") as f:
+            json.dump(recipe, f)  # JSON is YAML
+        out = os.path.join(args.root, "out-seme")
+        seme_s, seme_rss, err = run([sys.executable, "-m", "seme.merge", recipe_path, out, "--overwrite",
+                                     "--device", args.device], args.root)
+        steady = float(re.search(r"([\d.]+) GB/s", err).group(1))
+        mk_s = mk_rss = float("nan")
+        if not args.no_mergekit:
+            mk_cmd = [mergekit, recipe_path, os.path.join(args.root, "out-mergekit"), "--no-copy-tokenizer",
+                      "--allow-crimes", "--out-shard-size", "5B"] + (["--cuda"] if args.device == "cuda" else [])
+            mk_s, mk_rss, _ = run(mk_cmd, args.root)
+        row = (f"| {name} | {seme_s:.1f} | {seme_rss:.2f} | {steady:.2f} | {mk_s:.1f} | {mk_rss:.2f} | "
+               f"{mk_s / seme_s:.1f}x | {steady / bandwidth:.2f} |")
+        rows.append(row)
+        print(row, flush=True)
+    command = "python -m bench.e2e " + " ".join(argv if argv is not None else sys.argv[1:])
+    update_section("e2e", f"## End to end: seme vs mergekit-yaml\n\n`{command.strip()}` on {machine()}.\n"
+                          f"{args.models} Llama-shaped models of {params:.0f}M parameters (bf16, dense deltas), "
+                          f"{in_bytes / 1e9:.2f} GB of input; plain read of the same files from page cache: "
+                          f"{bandwidth:.2f} GB/s. Times are whole processes (start-up included); *steady* is "
+                          f"seme's merge loop alone.\n\n{header}\n" + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
