@@ -1,0 +1,171 @@
+"""The Triton fused task-vector kernels against the plain-torch references: on a GPU when there is one,
+else on CPU through the interpreter.
+
+Small sizes only: the interpreter runs every program in numpy. BLOCK is lowered so that even these sizes
+span many blocks (equal-count offsets across blocks, the histogram's grid-stride loop).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+import torch
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+# Triton picks the interpreter when a @jit function is defined, its own library included: the variable
+# must be set before triton is first imported in the process.
+if not GPU:
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: run this file in its own process",
+                    allow_module_level=True)
+    os.environ["TRITON_INTERPRET"] = "1"  # the kernels then run on CPU tensors
+pytest.importorskip("triton")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from seme.kernels import fused_merge as fm  # noqa: E402
+from seme.methods import registry, rng  # noqa: E402
+from seme.methods.inputs import Inputs  # noqa: E402
+
+FAMILY = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+          "della_linear"]
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(fm, "BLOCK", 64)
+
+
+def make_inputs(shape, k, dtype=torch.float32, tied=False, seed=0, name="model.layers.0.mlp.w"):
+    g = torch.Generator().manual_seed(seed)
+    if tied:  # integer-valued deltas: many equal magnitudes, exact in bf16 too
+        base = torch.randint(-8, 8, shape, generator=g).float() * 0.5
+        xs = [base + torch.randint(-3, 4, shape, generator=g).float() for _ in range(k)]
+    else:
+        base = torch.randn(shape, generator=g)
+        xs = [base + 0.1 * torch.randn(shape, generator=g) * (i + 1) for i in range(k)]
+    tensors = tuple(t.to(dtype) for t in [xs[0], base, *xs[1:]])  # the base in the middle: model indices matter
+    return Inputs(tensors, base_index=1, name=name, seed=seed + 7)
+
+
+def check(method, inputs, supplied):
+    m = registry.get(method)
+    params = registry.bind(m, supplied, len(inputs.tensors), inputs.base_index, "test")
+    expected = m.fn(inputs, params)
+    on_device = Inputs(tuple(t.to(DEVICE) for t in inputs.tensors), inputs.base_index, inputs.name, inputs.seed)
+    got = fm.fused_merge(method, on_device, params).cpu()
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    # Identical masks, float32 rounding apart: a mask difference moves an element by a whole delta.
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-6)
+
+
+# (shape, K, dtype, tied, densities): 1, 7, 300, 2049 elements and 2-D, densities 0.01 .. 1.
+CASES = [
+    ((1,), 1, torch.float32, False, [0.5]),
+    ((7,), 2, torch.bfloat16, True, [0.3, 1.0]),
+    ((300,), 3, torch.float32, True, [0.01, 0.5, 0.9]),
+    ((300,), 4, torch.bfloat16, False, [0.2, 0.7, 0.05, 1.0]),
+    ((2049,), 2, torch.float32, False, [0.1, 0.6]),
+    ((2049,), 3, torch.bfloat16, True, [0.25, 0.01, 0.8]),
+    ((17, 33), 2, torch.float32, True, [0.4, 0.6]),
+    ((17, 33), 4, torch.bfloat16, False, [0.9, 0.3, 0.5, 0.05]),
+]
+
+
+@pytest.mark.parametrize("method", FAMILY)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_family_matches_reference(method, case):
+    shape, k, dtype, tied, density = CASES[case]
+    supplied = {"weight": [0.7, 0.4, 1.1, 0.25][:k], "density": density}
+    if "breadcrumbs" in method:
+        supplied["gamma"] = [0.05, 0.0, 0.2, 0.01][:k]
+    if "della" in method:
+        supplied["epsilon"] = [0.1, 0.3, 0.05, 0.0][:k]
+    check(method, make_inputs(shape, k, dtype, tied, seed=case), supplied)
+
+
+@pytest.mark.parametrize("method", FAMILY)
+@pytest.mark.parametrize("overrides", [
+    {"rescale": True, "normalize": False, "lambda": 0.7},
+    {"rescale": False, "normalize": True, "lambda": 1.3},
+])
+def test_family_options(method, overrides):
+    # Negative weights (signs of weighted deltas), a dropped model (density 0), ties.
+    supplied = {"weight": [1.0, -0.5, 0.8], "density": [0.3, 0.0, 0.6], **overrides}
+    check(method, make_inputs((300,), 3, tied=True, seed=3), supplied)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("topk", [1.0, 0.5, 0.01, 0.0])
+def test_sce_matches_reference(case, topk):
+    shape, k, dtype, tied, _ = CASES[case]
+    check("sce", make_inputs(shape, k, dtype, tied, seed=case), {"select_topk": topk})
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "della_linear", "sce"])
+def test_mixed_input_dtypes(method):
+    inputs = make_inputs((300,), 3, tied=True, seed=5)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float16)
+    inputs = Inputs(tuple(t.to(d) for t, d in zip(inputs.tensors, dtypes)), inputs.base_index, inputs.name, 1)
+    check(method, inputs, {} if method == "sce" else {"weight": [0.5, 1.0, 0.8], "density": 0.4})
+
+
+def test_default_block_size(monkeypatch):
+    monkeypatch.setattr(fm, "BLOCK", 1024)
+    for method in ("ties", "breadcrumbs_ties", "dare_ties", "della"):
+        check(method, make_inputs((2049,), 3, tied=True), {"weight": 1.0, "density": 0.3})
+    check("sce", make_inputs((2049,), 3, tied=True), {"select_topk": 0.3})
+
+
+def test_degenerate_inputs():
+    base = torch.randn(5, device=DEVICE)
+    only_base = Inputs((base,), base_index=0)
+    assert fm.fused_merge("ties", only_base, {}) is base  # nothing to merge: the reference returns base
+    empty = Inputs((torch.empty(0, 3, device=DEVICE), torch.empty(0, 3, device=DEVICE)), base_index=0)
+    params = registry.bind(registry.get("ties"), {"weight": 1.0, "density": 0.5}, 2, 0, "test")
+    assert fm.fused_merge("ties", empty, params).shape == (0, 3)
+    with pytest.raises(ValueError):
+        fm.fused_merge("slerp", only_base, {})
+
+
+@triton.jit
+def _philox_probe(out_ptr, keys_ptr, BLOCK: tl.constexpr):
+    start = tl.program_id(0) * BLOCK
+    k0 = tl.load(keys_ptr).to(tl.uint32)
+    k1 = tl.load(keys_ptr + 1).to(tl.uint32)
+    words = fm._philox_words(start, k0, k1, BLOCK)
+    tl.store(out_ptr + start + tl.arange(0, BLOCK), words.to(tl.int64))
+
+
+@pytest.mark.parametrize("key", [0, rng.stream_key(3, "model.embed_tokens.weight", 2), 0xFFFFFFFFFFFFFFFF])
+def test_kernel_philox_bits_equal_reference(key):
+    n = 96  # three programs: block starts other than 0
+    out = torch.empty(n, dtype=torch.int64, device=DEVICE)
+    _philox_probe[(3,)](out, torch.tensor([key & 0xFFFFFFFF, key >> 32], device=DEVICE), BLOCK=32)
+    assert torch.equal(out.cpu(), rng.philox4x32(key, torch.arange(n // 4)).reshape(-1))
+
+
+@triton.jit
+def _variance_probe(out_ptr, xs, b_ptr, n, K: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    base = tl.load(b_ptr + offs, mask=m, other=0).to(tl.float32)
+    tl.store(out_ptr + offs, fm._variance(xs, base, offs, m, K), mask=m)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_kernel_variance_bits_equal_torch_var(k):
+    # SCE ranks the variance bits: they must be torch.var's (CPU), not merely close.
+    g = torch.Generator().manual_seed(k)
+    n = 2000
+    base = torch.randn(n, generator=g)
+    scales = [10.0 ** torch.randint(-4, 2, (n,), generator=g) for _ in range(k)]  # mixed magnitudes
+    xs = tuple(base + torch.randn(n, generator=g) * s for s in scales)
+    out = torch.empty(n, device=DEVICE)
+    _variance_probe[(triton.cdiv(n, 512),)](out, tuple(x.to(DEVICE) for x in xs), base.to(DEVICE), n, K=k, BLOCK=512)
+    expected = torch.var(torch.stack([x - base for x in xs]), dim=0, unbiased=False)
+    assert torch.equal(out.cpu(), expected)
