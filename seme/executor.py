@@ -153,7 +153,7 @@ def _execute(plan: Plan, folder: str, device: torch.device, shard_size: int, res
                 result = method.fn(inputs, task.params)
                 if isinstance(result, tuple):
                     result, stats = result
-                    semantic.record(task.name, stats)
+                    semantic.record(task.name, stats, inputs, result)
                 result = result.to(getattr(torch, CODE_NAMES[task.dtype])).cpu()
                 if not allow_nonfinite and not bool(torch.isfinite(result).all()):
                     raise SemeError(f"the merged tensor '{task.name}' contains NaN or Inf "

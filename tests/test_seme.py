@@ -214,6 +214,16 @@ def test_same_base_fine_tunes_skip_alignment(trained, tmp_path):
     assert source["distance_from_identity"] < 0.05
     tensor = report["tensors"]["model.layers.0.mlp.up_proj.weight"]
     assert tensor["selected_fraction"] == 1.0 and tensor["eta"] == [1.0]
+    # One source, nothing trimmed: the merged update is the source's, so nothing drifts.
+    assert report["tensors"]["model.layers.1.mlp.down_proj.weight"]["semantic_drift"] == [0.0]
+
+
+def test_semantic_drift_is_reported_per_writing_tensor(trained, tmp_path):
+    paths, _, _, _ = trained
+    report = seme_merge(paths["A"], [paths["B"], paths["rotB"]], tmp_path / "out", select_topk=0.2)
+    drift = report["tensors"]["model.layers.0.self_attn.o_proj.weight"]["semantic_drift"]
+    assert len(drift) == 2 and all(0 < d < 0.7 for d in drift)
+    assert "semantic_drift" not in report["tensors"]["model.layers.0.mlp.up_proj.weight"]  # reads, not writes
 
 
 # --- §4 depth ------------------------------------------------------------------------------------

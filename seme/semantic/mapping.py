@@ -64,3 +64,32 @@ def semantic_distribution(queries: torch.Tensor, keys: torch.Tensor, temperature
     q = queries.to(torch.float32)
     q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
     return torch.softmax(torch.cat([q @ keys[s:s + chunk].T for s in range(0, keys.shape[0], chunk)], 1) / temperature, 1)
+
+
+def mean_distribution(queries: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, *, temperature: float = 0.05,
+                      chunk: int = _CHUNK) -> torch.Tensor:
+    """Σ_j w_j p(q_j) / Σ_j w_j: the weighted mean of the queries' distributions over the vocabulary,
+    in two blockwise passes (running max and sum, then the accumulation): no [batch, V] matrix."""
+    q = queries.to(torch.float32)
+    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    m = torch.full((q.shape[0], 1), -torch.inf, device=q.device)
+    z = torch.zeros(q.shape[0], 1, device=q.device)
+    for s in range(0, keys.shape[0], chunk):
+        logits = (q @ keys[s:s + chunk].T) / temperature
+        m_new = torch.maximum(m, logits.max(dim=1, keepdim=True).values)
+        z = z * torch.exp(m - m_new) + torch.exp(logits - m_new).sum(dim=1, keepdim=True)
+        m = m_new
+    w = (weights.to(torch.float32) / weights.sum()).reshape(-1, 1) / z
+    parts = [(torch.exp((q @ keys[s:s + chunk].T) / temperature - m) * w).sum(dim=0)
+             for s in range(0, keys.shape[0], chunk)]
+    return torch.cat(parts)
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Jensen–Shannon divergence (natural log) of two distributions."""
+    mid = 0.5 * (p + q)
+
+    def kl(a, b):
+        return float(torch.where(a > 0, a * (a.clamp_min(1e-30) / b.clamp_min(1e-30)).log(), 0.0).sum())
+
+    return 0.5 * kl(p, mid) + 0.5 * kl(q, mid)

@@ -18,7 +18,10 @@ import torch
 from seme.errors import SemeError
 from seme.semantic import alignment, layers, vocab
 from seme.semantic.bases import semantic_bases
+from seme.semantic.mapping import js_divergence, mean_distribution
 
+_SIGNATURE_COLUMNS = 256
+_MAX_SIGNATURE_ELEMENTS = 1 << 27  # pivot bases held for the drift report: at most 512 MB of fp32
 VOCAB_ROLES = ("embedding", "lm_head")
 ROTATED_ROLES = ("read", "lm_head", "embedding", "position_embedding", "write", "write_bias")
 PIVOT_ROLES = ("norm", "final_norm")  # gains: an aligned source takes the pivot's (folded into its readers)
@@ -228,8 +231,37 @@ class SemanticContext:
         out[keep] = x[tmap[keep]]
         return out
 
-    def record(self, name: str, stats: dict) -> None:
+    def record(self, name: str, stats: dict, inputs, merged: torch.Tensor) -> None:
+        """Keep a tensor's statistics; for residual-writing tensors add its semantic drift (METHOD §6):
+        the Jensen–Shannon divergence between the semantic signature of the merged update and of
+        each source's aligned update, decoded on the pivot's bases."""
+        role = self.plan.archs[self.sp.pivot].role(name)
+        if role is not None and role.role == "write" and self._signature_keys() is not None:
+            base = inputs.base.to(torch.float32)
+            merged_sig = self._signature(merged.to(torch.float32) - base, role.layout)
+            if merged_sig is not None:
+                stats["semantic_drift"] = [round(js_divergence(merged_sig, sig), 6) if sig is not None else None
+                                           for sig in (self._signature(x.to(torch.float32) - base, role.layout)
+                                                       for x in inputs.others)]
         self.stats[name] = stats
+
+    def _signature_keys(self) -> torch.Tensor | None:
+        """The pivot's unit bases, materialised once; None when too large to hold (drift is skipped)."""
+        if not hasattr(self, "_keys"):
+            bases = self.bases[self.sp.pivot]
+            small = bases.vocab_size * bases.W.shape[1] <= _MAX_SIGNATURE_ELEMENTS
+            self._keys = bases.materialize(unit=True).to(self.device) if small else None
+        return self._keys
+
+    def _signature(self, delta: torch.Tensor, layout: str) -> torch.Tensor | None:
+        """Mean distribution of a write update's columns (residual directions), weighted by their
+        norms; the `_SIGNATURE_COLUMNS` largest columns stand for the whole update."""
+        columns = delta.T if layout == "out_in" else delta
+        norms = columns.norm(dim=1)
+        if float(norms.sum()) == 0.0:
+            return None
+        top = torch.topk(norms, min(_SIGNATURE_COLUMNS, norms.numel())).indices
+        return mean_distribution(columns[top], self._keys, norms[top], temperature=self.sp.settings["temperature"])
 
     def write_report(self, folder: str) -> None:
         import seme
