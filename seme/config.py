@@ -99,7 +99,7 @@ def _check_keys(d: Any, allowed: set, where: str) -> None:
             continue
         if where == "config" and key in UNSUPPORTED_KEYS:
             raise SemeError(f"config: {UNSUPPORTED_KEYS[key]} is a mergekit feature seme does not support yet")
-        raise SemeError(f"{where}: unknown key '{key}'{suggest(str(key), allowed)}")
+        raise SemeError(f"{where}: unknown key {str(key)!r}{suggest(str(key), allowed)}")
 
 
 def _resolve_model(ref: Any, where: str, base_dir: str) -> str:

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         merge(args.config, args.out, **{o.name: getattr(args, o.name) for o in OPTIONS})
         return 0
     except SemeError as e:
-        print(f"seme: error: {e}", file=sys.stderr)
+        print(f"seme: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return e.exit_status
     except KeyboardInterrupt:
         print("seme: interrupted; no output was published (rerun with --resume to continue)", file=sys.stderr)
