@@ -89,27 +89,25 @@ def test_yaml_syntax_error(tmp_path, capsys):
     assert status == 2 and len(err) == 1 and "not valid YAML at line" in err[0]
 
 
-def test_mismatched_shapes_are_found_from_headers(tmp_path, capsys):
+def linear_of_two(tmp_path, a: dict, b: dict) -> dict:
+    """A linear recipe over two tiny models built with the given options."""
     from conftest import build_model
 
-    build_model(tmp_path / "a", vocab=96)
-    build_model(tmp_path / "b", vocab=100)
-    recipe = {"merge_method": "linear", "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1}},
-                                                   {"model": str(tmp_path / "b"), "parameters": {"weight": 1}}]}
-    status, err, _ = run_cli(tmp_path, recipe, capsys)
+    build_model(tmp_path / "a", **a)
+    build_model(tmp_path / "b", **b)
+    return {"merge_method": "linear", "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1}},
+                                                 {"model": str(tmp_path / "b"), "parameters": {"weight": 1}}]}
+
+
+def test_mismatched_shapes_are_found_from_headers(tmp_path, capsys):
+    status, err, _ = run_cli(tmp_path, linear_of_two(tmp_path, {"vocab": 96}, {"vocab": 100}), capsys)
     assert status == 2 and len(err) == 1
     assert "tensor 'model.embed_tokens.weight' has different shapes: [96, 32] in a, [100, 32] in b" in err[0]
     assert "vocabularies differ" in err[0]
 
 
 def test_different_depths_are_refused_not_truncated(tmp_path, capsys):
-    from conftest import build_model
-
-    build_model(tmp_path / "a", layers=2)
-    build_model(tmp_path / "b", layers=3)
-    recipe = {"merge_method": "linear", "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1}},
-                                                   {"model": str(tmp_path / "b"), "parameters": {"weight": 1}}]}
-    status, err, _ = run_cli(tmp_path, recipe, capsys)
+    status, err, _ = run_cli(tmp_path, linear_of_two(tmp_path, {"layers": 2}, {"layers": 3}), capsys)
     assert status == 2 and "models of different depths cannot be merged layer by layer (a: 2, b: 3)" in err[0]
 
 
