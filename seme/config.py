@@ -159,7 +159,7 @@ def _parameters(d: Any, where: str) -> dict:
 def _dtype(value: Any, key: str) -> str | None:
     if value is None:
         return None
-    name = _DTYPE_ALIASES.get(value, value)
+    name = _DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
     if name not in DTYPES:
         raise SemeError(f"config: {key} must be one of {', '.join(DTYPES)}, got {value!r}")
     return name
