@@ -42,8 +42,8 @@ def merge_tensors(method: str, tensors: Sequence[torch.Tensor], base: torch.Tens
 def merge(config, out_dir: str, **options) -> dict:
     """Merge the models of `config` (a YAML path, YAML text or dict) into `out_dir`.
 
-    Options are those of the CLI (see `seme.options.OPTIONS`): device, out_shard_size, dry_run,
-    overwrite, resume, allow_nonfinite, progress. Returns statistics of the run (or the plan's, with dry_run).
+    Options are those of the CLI (see `seme.options.OPTIONS`): device, backend, out_shard_size,
+    max_memory, dry_run, overwrite, resume, allow_nonfinite, progress. Returns statistics of the run (or the plan's, with dry_run).
     """
     from seme import __version__
     from seme import config as recipe_config
@@ -66,9 +66,11 @@ def merge(config, out_dir: str, **options) -> dict:
         from seme import executor
 
         progress = sys.stderr.isatty() if opts["progress"] is None else opts["progress"]
-        stats = executor.run(plan, out_dir, device=opts["device"], shard_size=opts["out_shard_size"],
+        stats = executor.run(plan, out_dir, device=opts["device"], backend=opts["backend"],
+                             shard_size=opts["out_shard_size"],
                              overwrite=opts["overwrite"], resume=opts["resume"],
-                             allow_nonfinite=opts["allow_nonfinite"], progress=progress, version=__version__)
+                             allow_nonfinite=opts["allow_nonfinite"], max_memory=opts["max_memory"],
+                             progress=progress, version=__version__)
     seconds = max(stats["seconds"], 1e-9)
     print(f"seme: merged {stats['tensors']} tensors with {recipe.merge_method} "
           f"({stats['input_bytes'] / 1e9:.3f} GB in, {stats['input_bytes'] / 1e9 / seconds:.2f} GB/s) "

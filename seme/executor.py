@@ -20,18 +20,28 @@ from seme import distributed
 from seme.errors import SemeError
 from seme.io.card import write_metadata
 from seme.io.writer import ShardWriter
-from seme.methods import registry
+from seme.backend import WIDENED_BY_KERNELS, implementation
 from seme.methods.inputs import Inputs
 from seme.plan import CODE_NAMES, Plan
 
 
 class Progress:
-    """Tensors done, bytes read and GB/s on one self-rewriting stderr line (only on a terminal)."""
+    """Tensors done and the rates of the three stages (read, merge, write: bytes over the time each
+    stage was busy) on one self-rewriting stderr line, shown only on a terminal."""
 
     def __init__(self, total_tensors: int, total_bytes: int, enabled: bool):
         self.total_tensors, self.total_bytes, self.enabled = total_tensors, total_bytes, enabled
         self.tensors = self.bytes = 0
+        self.busy = {"read": [0.0, 0], "merge": [0.0, 0], "write": [0.0, 0]}  # stage -> [seconds, bytes]
         self.start = self._last = time.perf_counter()
+
+    def stage(self, name: str, seconds: float, nbytes: int) -> None:
+        self.busy[name][0] += seconds
+        self.busy[name][1] += nbytes
+
+    def rate(self, name: str) -> float:
+        seconds, nbytes = self.busy[name]
+        return nbytes / seconds / 1e9 if seconds > 0 else 0.0
 
     def update(self, nbytes: int) -> None:
         self.tensors += 1
@@ -41,7 +51,9 @@ class Progress:
             self._last = now
             rate = self.bytes / max(now - self.start, 1e-9) / 1e9
             sys.stderr.write(f"\r  {self.tensors}/{self.total_tensors} tensors  "
-                             f"{self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB  {rate:.2f} GB/s ")
+                             f"{self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB  {rate:.2f} GB/s  (read "
+                             f"{self.rate('read'):.1f}, merge {self.rate('merge'):.1f}, write "
+                             f"{self.rate('write'):.1f} GB/s) ")
             sys.stderr.flush()
 
     def finish(self) -> float:
@@ -50,15 +62,22 @@ class Progress:
         return time.perf_counter() - self.start
 
 
-def run(plan: Plan, out_dir: str, *, device: str = "cpu", shard_size: int = 5 * 10**9, overwrite: bool = False,
+def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto", shard_size: int = 5 * 10**9,
+        overwrite: bool = False,
         resume: bool = False, allow_nonfinite: bool = False, progress: bool = False, version: str = "",
-        prefetch_bytes: int = 2 * 10**9) -> dict:
+        max_memory: int = 4 * 10**9) -> dict:
     """Execute `plan` into `out_dir`: built in `OUT.seme-partial`, published by rename when complete.
 
     An existing non-empty `out_dir` is refused unless `overwrite`. A failure after the first write
     keeps the staging folder; `resume` continues from its finished shards (bit-identical result).
-    Under torchrun, each rank writes its share of the shards and rank 0 publishes.
+    Under torchrun, each rank writes its share of the shards and rank 0 publishes. `max_memory`
+    bounds the bytes held at once: read-ahead inputs, the tensor being merged and results waiting
+    to be written.
     """
+    largest = max((_input_bytes(plan, t) + 3 * t.nbytes for t in plan.tasks), default=0)
+    if largest > max_memory:
+        raise SemeError(f"--max-memory {max_memory / 1e9:.2f} GB is below what the largest tensor needs "
+                        f"(inputs, result and two results waiting to be written: {largest / 1e9:.2f} GB)")
     group = distributed.current(device)
     if device.startswith("cuda") and group.world > 1:
         device = f"cuda:{group.local_rank}"
@@ -76,8 +95,8 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", shard_size: int = 5 * 
         raise SemeError(error)
     error, stats = None, None
     try:
-        stats = _execute(plan, staging, torch.device(device), shard_size, resume, allow_nonfinite,
-                         progress and group.rank == 0, _plan_id(plan, shard_size, version), group, prefetch_bytes)
+        stats = _execute(plan, staging, torch.device(device), backend, shard_size, resume, allow_nonfinite,
+                         progress and group.rank == 0, _plan_id(plan, shard_size, version), group, max_memory - largest)
     except OSError as e:
         error = (f"{e.strerror or e} ({e.filename or staging}); the partial merge is kept in {staging}: "
                  f"fix the cause and rerun with --resume")
@@ -126,43 +145,57 @@ def _plan_id(plan: Plan, shard_size: int, version: str) -> str:
     return h.hexdigest()
 
 
-def _execute(plan: Plan, folder: str, device: torch.device, shard_size: int, resume: bool, allow_nonfinite: bool,
-             progress: bool, plan_id: str, group, prefetch_bytes: int) -> dict:
+def _execute(plan: Plan, folder: str, device: torch.device, backend: str, shard_size: int, resume: bool,
+             allow_nonfinite: bool, progress: bool, plan_id: str, group, prefetch_bytes: int) -> dict:
     """The streaming loop. Inputs of the next tasks are prefetched (madvise) while the current one
     is merged, and results are written by a background thread, so reads, math and writes overlap."""
-    method = registry.get(plan.recipe.merge_method)
+    impl, fused = implementation(plan.recipe.merge_method, backend, device)
     writer = ShardWriter(folder, [(t.name, t.dtype, t.shape, t.nbytes) for t in plan.tasks], shard_size, plan_id,
                          resume=resume, rank=group.rank, world=group.world)
     semantic = plan.semantic.prepare(plan, device) if plan.semantic else None
     tasks = [t for t in plan.tasks if not writer.skip(t.name)]
     bar = Progress(len(tasks), sum(_input_bytes(plan, t) for t in tasks), progress)
     prefetched = 0
-    with AsyncWriter(writer) as sink:
+    with AsyncWriter(writer, bar) as sink:
         for i, task in enumerate(tasks):
             prefetched = _prefetch(plan, tasks, max(prefetched, i + 1), prefetch_bytes)
+            start = time.perf_counter()
+            nbytes = _input_bytes(plan, task)
             tensors = [plan.models[m].load(name) for m, name in task.inputs]
             if task.copy:
                 result = tensors[0]
+                bar.stage("read", time.perf_counter() - start, nbytes)
             else:
                 _check_inputs(plan, task, tensors)
                 if task.derived:
                     tensors = [semantic.load(d, task.name) if d else t for d, t in zip(task.derived, tensors)]
-                dtype = getattr(torch, task.compute_dtype) if task.compute_dtype else None
-                tensors = tuple(t.to(device=device, dtype=dtype or t.dtype, non_blocking=True) for t in tensors)
-                inputs = Inputs(tensors, task.base_index, task.name, plan.recipe.random_seed)
-                result = method.fn(inputs, task.params)
+                inputs = Inputs(tuple(_to_device(t, device, task.compute_dtype, fused) for t in tensors),
+                                task.base_index, task.name, plan.recipe.random_seed)
+                loaded = time.perf_counter()
+                bar.stage("read", loaded - start, nbytes)
+                out_dtype = getattr(torch, CODE_NAMES[task.dtype])
+                result = impl(inputs, task.params, out_dtype)
                 if isinstance(result, tuple):
                     result, stats = result
                     semantic.record(task.name, stats, inputs, result)
-                result = result.to(getattr(torch, CODE_NAMES[task.dtype])).cpu()
+                result = result.to(out_dtype).cpu()
                 if not allow_nonfinite and not bool(torch.isfinite(result).all()):
                     raise SemeError(f"the merged tensor '{task.name}' contains NaN or Inf "
                                     f"(pass --allow-nonfinite to write it anyway)")
+                bar.stage("merge", time.perf_counter() - loaded, nbytes)
             sink.put(task.name, result)
-            bar.update(_input_bytes(plan, task))
+            bar.update(nbytes)
     seconds = bar.finish()
     return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes,
             "seconds": seconds, "writer": writer, "semantic": semantic}
+
+
+def _to_device(t: torch.Tensor, device: torch.device, compute_dtype: str | None, fused: bool) -> torch.Tensor:
+    """An input on the merge device in the recipe's `dtype`; a widening to fp32 is left to the kernels."""
+    dtype = getattr(torch, compute_dtype) if compute_dtype else t.dtype
+    if fused and dtype == torch.float32 and t.dtype in WIDENED_BY_KERNELS:
+        dtype = t.dtype
+    return t.to(device=device, dtype=dtype, non_blocking=True)
 
 
 def _input_bytes(plan: Plan, task) -> int:
@@ -184,8 +217,8 @@ class AsyncWriter:
     """Writes results on a background thread (pwrite and fsync release the GIL); at most two
     results wait, which bounds the memory they hold. An error there surfaces on the next put."""
 
-    def __init__(self, writer: ShardWriter):
-        self.writer = writer
+    def __init__(self, writer: ShardWriter, progress: Progress):
+        self.writer, self.progress = writer, progress
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -197,10 +230,12 @@ class AsyncWriter:
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
             if self.error is None:
+                start = time.perf_counter()
                 try:
                     self.writer.write(*item)
                 except BaseException as e:  # re-raised in the merging thread
                     self.error = e
+                self.progress.stage("write", time.perf_counter() - start, item[1].nbytes)
 
     def put(self, name: str, tensor) -> None:
         if self.error is not None:

@@ -27,6 +27,12 @@ def parse_device(value: Any) -> str:
     return value
 
 
+def parse_backend(value: Any) -> str:
+    if value not in ("auto", "fused", "reference"):
+        raise SemeError(f"invalid backend {value!r} (expected auto, fused or reference)")
+    return value
+
+
 @dataclass(frozen=True)
 class Option:
     name: str  # python keyword; the CLI flag is --name-with-dashes
@@ -37,7 +43,10 @@ class Option:
 
 OPTIONS = (
     Option("device", "cpu", "where the math runs: cpu, cuda or cuda:N", parse_device),
+    Option("backend", "auto", "merge kernels: auto (fused where available), fused (required) or reference "
+           "(plain torch)", parse_backend),
     Option("out_shard_size", "5GB", "maximum size of one output shard, e.g. 2GB or 500MB", parse_size),
+    Option("max_memory", "4GB", "bound on the bytes held at once (read-ahead, merge, pending writes)", parse_size),
     Option("dry_run", False, "print the plan (tensors, bytes, method and parameters per tensor) and exit"),
     Option("overwrite", False, "replace a non-empty output folder (or an interrupted merge's staging folder)"),
     Option("resume", False, "continue an interrupted merge from its finished shards"),

@@ -1,0 +1,82 @@
+// seme._C: the native kernels. Built against pybind11 alone (no torch headers): tensors arrive
+// as raw data pointers (torch.Tensor.data_ptr()) with a dtype code; the caller owns the memory
+// and guarantees contiguity, shapes and dtypes (seme/fused_merge.py does).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <omp.h>
+
+#include "cpu/fused_merge.h"
+
+namespace py = pybind11;
+
+namespace {
+
+seme::Tensors tensors(uintptr_t base, const std::vector<uintptr_t>& others, uintptr_t out, int64_t n, int in_dtype,
+                      int out_dtype, int num_threads) {
+  seme::Tensors t;
+  t.base = reinterpret_cast<const void*>(base);
+  for (uintptr_t p : others) t.others.push_back(reinterpret_cast<const void*>(p));
+  t.out = reinterpret_cast<void*>(out);
+  t.n = n;
+  t.in_dtype = seme::Dtype(in_dtype);
+  t.out_dtype = seme::Dtype(out_dtype);
+  t.num_threads = num_threads;
+  return t;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "seme native kernels (CPU, OpenMP)";
+  m.attr("F32") = int(seme::kF32);
+  m.attr("BF16") = int(seme::kBF16);
+  m.attr("F16") = int(seme::kF16);
+
+  m.def(
+      "family_merge",
+      [](uintptr_t base, const std::vector<uintptr_t>& others, uintptr_t out, int64_t n, int in_dtype, int out_dtype,
+         int sparsify, bool consensus, bool normalize, bool rescale, float lambda, int64_t cols,
+         std::vector<int> mode, std::vector<float> weight, std::vector<int64_t> rank_lo,
+         std::vector<int64_t> rank_hi, std::vector<float> p0, std::vector<float> epsilon,
+         std::vector<uint64_t> key, int num_threads) {
+        const auto t = tensors(base, others, out, n, in_dtype, out_dtype, num_threads);
+        seme::FamilyParams p;
+        p.sparsify = seme::Sparsify(sparsify);
+        p.consensus = consensus;
+        p.normalize = normalize;
+        p.rescale = rescale;
+        p.lambda = lambda;
+        p.cols = cols;
+        p.mode = std::move(mode);
+        p.weight = std::move(weight);
+        p.rank_lo = std::move(rank_lo);
+        p.rank_hi = std::move(rank_hi);
+        p.p0 = std::move(p0);
+        p.epsilon = std::move(epsilon);
+        p.key = std::move(key);
+        py::gil_scoped_release release;
+        seme::family_merge(t, p);
+      },
+      "Task-vector family merge into `out` (see csrc/cpu/fused_merge.h).", py::arg("base"), py::arg("others"),
+      py::arg("out"), py::arg("n"), py::arg("in_dtype"), py::arg("out_dtype"), py::arg("sparsify"),
+      py::arg("consensus"), py::arg("normalize"), py::arg("rescale"), py::arg("lambda_"), py::arg("cols"),
+      py::arg("mode"), py::arg("weight"), py::arg("rank_lo"), py::arg("rank_hi"), py::arg("p0"),
+      py::arg("epsilon"), py::arg("key"), py::arg("num_threads") = 0);
+
+  m.def(
+      "sce_merge",
+      [](uintptr_t base, const std::vector<uintptr_t>& others, uintptr_t out, int64_t n, int in_dtype, int out_dtype,
+         double select_topk, int num_threads) {
+        const auto t = tensors(base, others, out, n, in_dtype, out_dtype, num_threads);
+        py::gil_scoped_release release;
+        seme::sce_merge(t, select_topk);
+      },
+      "SCE merge into `out`.", py::arg("base"), py::arg("others"), py::arg("out"), py::arg("n"),
+      py::arg("in_dtype"), py::arg("out_dtype"), py::arg("select_topk"), py::arg("num_threads") = 0);
+
+  m.def("philox4x32", &seme::philox4x32, "The 4 output words of Philox4x32-10 (seme.methods.rng).",
+        py::arg("key"), py::arg("counter"));
+  m.def("max_threads", &omp_get_max_threads, "OpenMP's default thread count.");
+  m.def("isa", &seme::active_isa, "Which build of the kernels runs: 'avx2' or 'baseline'.");
+}

@@ -1,0 +1,851 @@
+// Fused task-vector-family and SCE merges (see fused_merge.h for the contract).
+//
+// A merge reads the inputs a few times and never materialises a [K, n] tensor:
+//   selection passes  (magnitude / outlier band / SCE top-k only): level-1 histograms of the top
+//                     16 bits of the fp32 keys (|δ| or the variance), then level-2 histograms of
+//                     the low 16 bits inside the bin holding each cut: the exact k-th value. If a
+//                     cut splits a run of equal values, the fused pass must know each equal
+//                     element's position among them: one more pass counts them per chunk (SCE
+//                     gets the counts from the cut's bin, collected during level 2 when small).
+//   sum passes        L1 rescale: per-chunk double sums. SCE energies: summed during level 2 above
+//                     the cut's bin, plus the bin's kept elements (or a pass of their own).
+//   fused pass        recomputes δ_k from the inputs, block by block in fp32 scratch, applies the
+//                     masks (rank cuts, Philox draws), rescale, weights, sign election and the
+//                     (weighted) mean, and writes the output dtype.
+// Work is split into fixed chunks; integer histograms are merged across threads, floating sums
+// are kept per chunk and added in chunk order, so results do not depend on the thread count.
+// Floating-point order per element mirrors the torch reference (fp32, models summed in order).
+#include "fused_merge.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <utility>
+
+// This file is compiled twice: as is, for the baseline ISA, and (GCC on x86) from
+// fused_merge_avx2.cpp with SEME_AVX2 defined, into namespace seme::avx2; the entry points at the
+// end pick one at run time. Both give the same bits: no FMA contraction, no reassociation.
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define SEME_AVX2_BUILD 1
+#endif
+#ifdef SEME_AVX2
+#pragma GCC target("avx2")
+#define SEME_ISA avx2
+#else
+#define SEME_ISA baseline
+#endif
+
+namespace seme {
+namespace SEME_ISA {
+namespace {
+
+constexpr int64_t kChunk = 1 << 16;     // unit of parallel work and of the fixed reduction order
+constexpr int64_t kBlock = 2048;        // elements per model staged in fp32 scratch
+constexpr uint32_t kAll = 0x80000000u;  // keys are < 2^31: a cut here has every element below it
+constexpr int kBins1 = 1 << 15;         // selection level 1: key >> 16
+constexpr int kBins2 = 1 << 16;         // level 2: key & 0xffff, inside one level-1 bin
+
+// ------------------------------------------------------------ dtypes (bit-exact with torch)
+
+inline uint32_t f2u(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float u2f(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// Non-negative floats order like their bit patterns: |x| (and a variance) is ranked by this key.
+inline uint32_t key_of(float x) { return f2u(x) & 0x7fffffffu; }
+
+struct bf16 { uint16_t bits; };
+struct f16 { uint16_t bits; };
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(bf16 x) { return u2f(uint32_t(x.bits) << 16); }
+inline float to_f32(f16 x) {  // exact, subnormals included (the FP16 library's bit trick)
+  const uint32_t w = uint32_t(x.bits) << 16, sign = w & 0x80000000u, two_w = w + w;
+  const float normal = u2f((two_w >> 4) + (0xE0u << 23)) * 0x1p-112f;
+  const float subnormal = u2f((two_w >> 17) | (126u << 23)) - 0.5f;
+  return u2f(sign | (two_w < (1u << 27) ? f2u(subnormal) : f2u(normal)));
+}
+
+inline void from_f32(float x, float& y) { y = x; }
+inline void from_f32(float x, bf16& y) {  // round to nearest even, NaN -> 0x7fc0, as c10::BFloat16
+  const uint32_t u = f2u(x);
+  y.bits = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t(0x7fc0)
+                                           : uint16_t((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+inline void from_f32(float x, f16& y) {  // round to nearest even; the float adds do the rounding
+  const uint32_t w = f2u(x), shl1 = w + w, sign = w & 0x80000000u;
+  const uint32_t bias = std::max(shl1 & 0xff000000u, 0x71000000u);
+  const float v = u2f((bias >> 1) + 0x07800000u) + (std::fabs(x) * 0x1p112f) * 0x1p-110f;
+  const uint32_t bits = f2u(v), nonsign = ((bits >> 13) & 0x7c00u) + (bits & 0x0fffu);
+  y.bits = uint16_t((sign >> 16) | (shl1 > 0xff000000u ? 0x7e00u : nonsign));
+}
+
+template <class F>
+void dispatch(Dtype t, F&& f) {
+  switch (t) {
+    case kF32: return f(float{});
+    case kBF16: return f(bf16{});
+    case kF16: return f(f16{});
+  }
+  throw std::invalid_argument("unsupported dtype code");
+}
+
+// ------------------------------------------------------------ random draws
+
+// u[j] = the uniform draw of element off + j: element i takes word i & 3 of Philox block i >> 2.
+// The aligned middle runs 8 Philox blocks side by side (structure of arrays): independent multiply
+// chains, ~1.7x faster than one block at a time, and vectorized in the AVX2 build.
+void uniforms(uint64_t key, int64_t off, int64_t len, float* __restrict u) {
+  constexpr int kLanes = 8;
+  const int64_t end = off + len;
+  auto one_by_one = [&](int64_t i, int64_t stop) {
+    while (i < stop) {
+      const auto w = philox4x32(key, uint64_t(i) >> 2);
+      for (int t = int(i & 3); t < 4 && i < stop; ++t, ++i) u[i - off] = float(w[t] >> 8) * 0x1p-24f;
+    }
+  };
+  int64_t i = std::min(end, (off + 3) & ~int64_t(3));
+  one_by_one(off, i);
+  for (; i + 4 * kLanes <= end; i += 4 * kLanes) {
+    uint32_t c0[kLanes], c1[kLanes], c2[kLanes] = {}, c3[kLanes] = {};
+    for (int l = 0; l < kLanes; ++l) {
+      const uint64_t counter = (uint64_t(i) >> 2) + l;
+      c0[l] = uint32_t(counter), c1[l] = uint32_t(counter >> 32);
+    }
+    uint32_t k0 = uint32_t(key), k1 = uint32_t(key >> 32);
+    for (int round = 0; round < 10; ++round) {
+      for (int l = 0; l < kLanes; ++l) {
+        const uint64_t pb = uint64_t(0xCD9E8D57u) * c2[l], pa = uint64_t(0xD2511F53u) * c0[l];
+        const uint32_t n0 = uint32_t(pb >> 32) ^ c1[l] ^ k0, n2 = uint32_t(pa >> 32) ^ c3[l] ^ k1;
+        c1[l] = uint32_t(pb), c3[l] = uint32_t(pa), c0[l] = n0, c2[l] = n2;
+      }
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    float* v = u + (i - off);
+    for (int l = 0; l < kLanes; ++l) {
+      v[4 * l] = float(c0[l] >> 8) * 0x1p-24f;
+      v[4 * l + 1] = float(c1[l] >> 8) * 0x1p-24f;
+      v[4 * l + 2] = float(c2[l] >> 8) * 0x1p-24f;
+      v[4 * l + 3] = float(c3[l] >> 8) * 0x1p-24f;
+    }
+  }
+  one_by_one(i, end);
+}
+
+// ------------------------------------------------------------ scratch and the parallel driver
+
+struct Scratch {
+  std::vector<float> base, delta, acc, div, u;
+  std::vector<uint32_t> ties;            // positions of elements equal to a split cut
+  std::vector<float> var;                // SCE: variances over models
+  std::vector<double> mean, m2;          // SCE: Welford accumulators
+  std::vector<float> rank;               // DELLA: ranks within the row
+  std::vector<uint64_t> sort_a, sort_b;  // DELLA: row sort
+};
+
+struct Ctx {
+  const Tensors& t;
+  const int K, nt;
+  const int64_t chunk, block, nchunks;
+  std::vector<Scratch> scratch;  // one per thread
+
+  Ctx(const Tensors& t, int64_t chunk, int64_t block)
+      : t(t), K(int(t.others.size())),
+        nt(int(std::min<int64_t>(t.num_threads > 0 ? t.num_threads : omp_get_max_threads(),
+                                 std::max<int64_t>(1, (t.n + chunk - 1) / chunk)))),  // no idle threads
+        chunk(chunk), block(block), nchunks((t.n + chunk - 1) / chunk), scratch(nt) {
+    for (Scratch& s : scratch) {
+      s.base.resize(block);
+      s.delta.resize(size_t(K) * block);
+      s.acc.resize(block);
+      s.div.resize(block);
+      s.u.resize(block);
+      s.ties.resize(block);
+    }
+  }
+
+  // f(thread, chunk index, first element, end) for every chunk.
+  template <class F>
+  void chunks(F&& f) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t c = 0; c < nchunks; ++c) f(omp_get_thread_num(), c, c * chunk, std::min(t.n, (c + 1) * chunk));
+  }
+
+  template <class F>
+  void blocks(int64_t start, int64_t end, F&& f) const {
+    for (int64_t off = start; off < end; off += block) f(off, std::min(block, end - off));
+  }
+
+  float* delta(Scratch& s, int k) const { return s.delta.data() + size_t(k) * block; }
+
+  // Stage base and δ_k = x_k - base of elements [off, off + len) in fp32.
+  void load(Scratch& s, int64_t off, int64_t len) const {
+    dispatch(t.in_dtype, [&](auto tag) {
+      using T = decltype(tag);
+      const T* __restrict b = static_cast<const T*>(t.base) + off;
+      float* __restrict bf = s.base.data();
+      for (int64_t j = 0; j < len; ++j) bf[j] = to_f32(b[j]);
+      for (int k = 0; k < K; ++k) {
+        const T* __restrict x = static_cast<const T*>(t.others[k]) + off;
+        float* __restrict d = delta(s, k);
+        for (int64_t j = 0; j < len; ++j) d[j] = to_f32(x[j]) - bf[j];
+      }
+    });
+  }
+
+  float delta_at(int k, int64_t i) const {
+    float d = 0;
+    dispatch(t.in_dtype, [&](auto tag) {
+      using T = decltype(tag);
+      d = to_f32(static_cast<const T*>(t.others[k])[i]) - to_f32(static_cast<const T*>(t.base)[i]);
+    });
+    return d;
+  }
+
+  void store(const float* v, int64_t off, int64_t len) const {
+    dispatch(t.out_dtype, [&](auto tag) {
+      using T = decltype(tag);
+      T* __restrict o = static_cast<T*>(t.out) + off;
+      for (int64_t j = 0; j < len; ++j) from_f32(v[j], o[j]);
+    });
+  }
+};
+
+// Σ_j f(j) in double, in a fixed order (8 interleaved partial sums, so that it vectorizes; f
+// should capture by value, or the pointers it reads are reloaded at every element).
+template <class F>
+double lane_sum(int64_t len, F&& f) {
+  double acc[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += f(j + l);
+  for (int l = 0; j < len; ++j, ++l) acc[l] += f(j);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+double sum_abs(const float* d, int64_t len) {
+  return lane_sum(len, [=](int64_t j) { return std::fabs(double(d[j])); });
+}
+
+// Sign election: the elected sign is + where sum = Σ_k (weighted) δ_k >= 0, and an entry counts if
+// its sign is the elected one (zeros never count). For the entries of d that count:
+// acc += d (or d · w when kTimesW), wsum += w.
+template <bool kTimesW>
+void add_agreeing(const float* __restrict sum, const float* __restrict d, float w, int64_t len,
+                  float* __restrict acc, float* __restrict wsum) {
+  for (int64_t j = 0; j < len; ++j) {
+    const bool pos = sum[j] >= 0.0f;
+    const bool counts = (pos & (d[j] > 0.0f)) | (!pos & (d[j] < 0.0f));
+    acc[j] += counts ? (kTimesW ? d[j] * w : d[j]) : 0.0f;
+    wsum[j] += counts ? w : 0.0f;
+  }
+}
+
+// Σ (d · mask)² in double, mask 0 or 1 (all ones when null); a product, not a select, vectorizes.
+double sum_squares(const float* __restrict d, const float* __restrict mask, int64_t len) {
+  if (!mask) return lane_sum(len, [=](int64_t j) { return double(d[j]) * d[j]; });
+  return lane_sum(len, [=](int64_t j) {
+    const double x = d[j] * mask[j];
+    return x * x;
+  });
+}
+
+void zero_unless(float* d, const float* keep, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) d[j] = keep[j] != 0.0f ? d[j] : 0.0f;
+}
+
+// Exclusive scan over chunks of per-chunk counts laid out [chunk][cols].
+std::vector<int64_t> chunk_prefix(const std::vector<int64_t>& counts, int64_t nchunks, size_t cols) {
+  std::vector<int64_t> start(counts.size(), 0);
+  for (int64_t c = 1; c < nchunks; ++c)
+    for (size_t q = 0; q < cols; ++q) start[c * cols + q] = start[(c - 1) * cols + q] + counts[(c - 1) * cols + q];
+  return start;
+}
+
+// ------------------------------------------------------------ exact rank selection
+
+// The elements of ascending rank < r, ranked by (value, index): key < v, and, when `split`, the
+// first `room` elements with key == v in index order (`eqpos` counts those seen so far).
+struct Cut {
+  uint32_t v = 0;
+  bool split = false, pending = false;
+  int64_t room = 0;  // while pending: the rank's position (1-based) inside level-1 bin v >> 16
+
+  bool below(uint32_t key, int64_t& eqpos) const {
+    if (key < v) return true;
+    return split && key == v && eqpos++ < room;
+  }
+};
+
+int64_t count_key(const float* __restrict x, int64_t len, uint32_t v) {
+  int64_t count = 0;
+  for (int64_t j = 0; j < len; ++j) count += key_of(x[j]) == v;
+  return count;
+}
+
+// Positions (ascending) of the elements equal to a split cut among a and b: only those need the
+// sequential tie rule, the rest of a block is decided by plain comparisons. Branch-free append.
+int64_t find_ties(const float* __restrict x, int64_t len, const Cut& a, const Cut& b, uint32_t* __restrict out) {
+  if (!a.split && !b.split) return 0;
+  constexpr uint32_t kNoKey = 0xffffffffu;  // keys are < 2^31
+  const uint32_t ta = a.split ? a.v : kNoKey, tb = b.split ? b.v : kNoKey;
+  int64_t n = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    const uint32_t key = key_of(x[j]);
+    out[n] = uint32_t(j);
+    n += (key == ta) | (key == tb);
+  }
+  return n;
+}
+
+struct Hist {  // per-thread integer histograms [thread][stream][bin]: merging them is order-free
+  int streams, bins;
+  std::vector<uint32_t> data;
+  Hist(int nt, int streams, int bins) : streams(streams), bins(bins), data(size_t(nt) * streams * bins) {}
+  uint32_t* at(int th, int m) { return data.data() + (size_t(th) * streams + m) * bins; }
+  std::vector<uint64_t> total(int m) const {
+    std::vector<uint64_t> h(bins, 0);
+    for (size_t th = 0; th < data.size() / (size_t(streams) * bins); ++th) {
+      const uint32_t* src = data.data() + (th * streams + m) * bins;
+      for (int b = 0; b < bins; ++b) h[b] += src[b];
+    }
+    return h;
+  }
+};
+
+// The bin holding the r-th smallest element (1-based) and the number of elements before that bin.
+std::pair<uint32_t, int64_t> locate(const std::vector<uint64_t>& h, int64_t r) {
+  int64_t before = 0;
+  uint32_t b = 0;
+  while (before + int64_t(h[b]) < r) before += int64_t(h[b++]);
+  return {b, before};
+}
+
+Cut cut_level1(const std::vector<uint64_t>& h, int64_t r, int64_t n) {
+  Cut c;
+  if (r >= n) {
+    c.v = kAll;
+  } else if (r > 0) {
+    const auto [bin, before] = locate(h, r);
+    c.v = bin << 16;
+    c.room = r - before;
+    c.pending = true;
+  }
+  return c;
+}
+
+void refine(Cut& c, const std::vector<uint64_t>& h) {
+  const auto [low, before] = locate(h, c.room);
+  c.v |= low;
+  c.room -= before;
+  c.pending = false;
+  if (c.room == int64_t(h[low])) ++c.v;  // every element equal to v is below: a plain cut
+  else c.split = true;
+}
+
+// Level 1 over `streams` value streams: prep(s, thread, off, len) stages a block, vals(s, m) is
+// stream m of it.
+template <class Prep, class Vals>
+Hist level1(Ctx& ctx, int streams, Prep& prep, Vals& vals) {
+  Hist h(ctx.nt, streams, kBins1);
+  ctx.chunks([&](int th, int64_t, int64_t start, int64_t end) {
+    Scratch& s = ctx.scratch[th];
+    ctx.blocks(start, end, [&](int64_t off, int64_t len) {
+      prep(s, th, off, len);
+      for (int m = 0; m < streams; ++m) {
+        uint32_t* __restrict hm = h.at(th, m);
+        const float* x = vals(s, m);
+        for (int64_t j = 0; j < len; ++j) ++hm[key_of(x[j]) >> 16];
+      }
+    });
+  });
+  return h;
+}
+
+// Level 2: resolves the pending ones of `cuts` ({stream, cut}) to exact values. extra(s, chunk,
+// off, len) sees every staged block.
+template <class Prep, class Vals, class Extra>
+void level2(Ctx& ctx, const std::vector<std::pair<int, Cut*>>& cuts, Prep& prep, Vals& vals, Extra&& extra) {
+  std::vector<std::pair<int, Cut*>> todo;
+  for (const auto& c : cuts)
+    if (c.second->pending) todo.push_back(c);
+  if (todo.empty()) return;
+  Hist h(ctx.nt, int(todo.size()), kBins2);
+  ctx.chunks([&](int th, int64_t c, int64_t start, int64_t end) {
+    Scratch& s = ctx.scratch[th];
+    ctx.blocks(start, end, [&](int64_t off, int64_t len) {
+      prep(s, th, off, len);
+      extra(s, c, off, len);
+      for (size_t q = 0; q < todo.size(); ++q) {
+        uint32_t* __restrict hq = h.at(th, int(q));
+        const float* x = vals(s, todo[q].first);
+        const uint32_t bin = todo[q].second->v >> 16;
+        for (int64_t j = 0; j < len; ++j) {
+          const uint32_t key = key_of(x[j]);
+          if ((key >> 16) == bin) ++hq[key & 0xffffu];
+        }
+      }
+    });
+  });
+  for (size_t q = 0; q < todo.size(); ++q) refine(*todo[q].second, h.total(int(q)));
+}
+
+// Per-chunk counts of the elements equal to each split cut: [chunk][cut], then prefixed.
+template <class Prep, class Vals>
+std::vector<int64_t> equal_starts(Ctx& ctx, const std::vector<std::pair<int, Cut*>>& cuts, Prep& prep, Vals& vals) {
+  std::vector<int64_t> counts(ctx.nchunks * cuts.size(), 0);
+  ctx.chunks([&](int th, int64_t c, int64_t start, int64_t end) {
+    Scratch& s = ctx.scratch[th];
+    ctx.blocks(start, end, [&](int64_t off, int64_t len) {
+      prep(s, th, off, len);
+      for (size_t q = 0; q < cuts.size(); ++q) {
+        if (!cuts[q].second->split) continue;
+        counts[c * cuts.size() + q] += count_key(vals(s, cuts[q].first), len, cuts[q].second->v);
+      }
+    });
+  });
+  return chunk_prefix(counts, ctx.nchunks, cuts.size());
+}
+
+// Zeroes the elements of d outside the ranks [lo, hi): those below hi and not below lo stay.
+void keep_ranks(float* __restrict d, int64_t len, const Cut& lo, const Cut& hi, int64_t& eq_lo, int64_t& eq_hi,
+                uint32_t* __restrict ties) {
+  const int64_t n_ties = find_ties(d, len, lo, hi, ties);
+  const uint32_t vlo = lo.v, vhi = hi.split ? hi.v + 1 : hi.v;  // keeps the ties, decided below
+  for (int64_t j = 0; j < len; ++j) {
+    const uint32_t key = key_of(d[j]);
+    d[j] = (key >= vlo) & (key < vhi) ? d[j] : 0.0f;
+  }
+  for (int64_t t = 0; t < n_ties; ++t) {
+    const uint32_t j = ties[t], key = key_of(d[j]);
+    const bool below_hi = hi.below(key, eq_hi), below_lo = lo.below(key, eq_lo);
+    if (!below_hi || below_lo) d[j] = 0.0f;
+  }
+}
+
+// ------------------------------------------------------------ DELLA row ranks
+
+// s.rank[j] = ascending rank of |d[j]| within the row, ties by index: a stable LSD radix sort of
+// (key << 32 | index), whose initial order is by index.
+void row_ranks(const float* d, int64_t len, Scratch& s) {
+  uint64_t* a = s.sort_a.data();
+  uint64_t* b = s.sort_b.data();
+  for (int64_t j = 0; j < len; ++j) a[j] = uint64_t(key_of(d[j])) << 32 | uint64_t(j);
+  if (len <= 64) {
+    std::sort(a, a + len);  // the pairs are distinct, so this is the same order
+  } else {
+    constexpr int kShift[3] = {32, 43, 54};  // 11-bit digits of the 31-bit key
+    uint32_t count[3][2048] = {};
+    for (int64_t j = 0; j < len; ++j)
+      for (int p = 0; p < 3; ++p) ++count[p][(a[j] >> kShift[p]) & 2047];
+    for (int p = 0; p < 3; ++p) {
+      uint32_t* c = count[p];
+      if (c[(a[0] >> kShift[p]) & 2047] == uint32_t(len)) continue;  // one digit value: order unchanged
+      for (uint32_t i = 0, sum = 0; i < 2048; ++i) std::swap(c[i], sum), sum += c[i];
+      for (int64_t j = 0; j < len; ++j) b[c[(a[j] >> kShift[p]) & 2047]++] = a[j];
+      std::swap(a, b);
+    }
+  }
+  float* rank = s.rank.data();
+  for (int64_t pos = 0; pos < len; ++pos) rank[uint32_t(a[pos])] = float(pos);
+}
+
+void check(const Tensors& t) {
+  for (Dtype d : {t.in_dtype, t.out_dtype})
+    if (d != kF32 && d != kBF16 && d != kF16) throw std::invalid_argument("unsupported dtype code");
+  if (t.n < 0 || t.n >= (int64_t(1) << 32)) throw std::invalid_argument("tensor size must be below 2^32");
+}
+
+}  // namespace
+
+// ------------------------------------------------------------ task-vector family
+
+void family_merge(const Tensors& t, const FamilyParams& p) {
+  check(t);
+  const int K = int(t.others.size());
+  const size_t k_ = size_t(K);
+  if (p.mode.size() != k_ || p.weight.size() != k_ || p.rank_lo.size() != k_ || p.rank_hi.size() != k_ ||
+      p.p0.size() != k_ || p.epsilon.size() != k_ || p.key.size() != k_ || p.cols < 1 || t.n % p.cols != 0)
+    throw std::invalid_argument("family_merge: per-model parameters must have one entry per model, cols divide n");
+  const bool della = p.sparsify == kDella;
+  // DELLA ranks along rows: a block is one row, a chunk a whole number of rows.
+  const int64_t rows_per_chunk = della ? std::max<int64_t>(1, kChunk / p.cols) : 1;
+  Ctx ctx(t, della ? rows_per_chunk * p.cols : kChunk, della ? p.cols : kBlock);
+  if (della)
+    for (Scratch& s : ctx.scratch) s.sort_a.resize(p.cols), s.sort_b.resize(p.cols), s.rank.resize(p.cols);
+
+  std::vector<int> active;
+  for (int k = 0; k < K; ++k)
+    if (p.mode[k] == kActive && p.sparsify != kNone) active.push_back(k);
+
+  // kRank: cuts[2k] / cuts[2k + 1] = ranks below rank_lo / rank_hi of model k's |δ|.
+  std::vector<Cut> cuts(2 * size_t(K));
+  std::vector<std::pair<int, Cut*>> cut_list;  // {model, cut}
+  std::vector<int64_t> eq_start(ctx.nchunks * 2 * size_t(K), 0);
+  auto prep = [&](Scratch& s, int, int64_t off, int64_t len) { ctx.load(s, off, len); };
+  auto model = [&](Scratch& s, int k) -> const float* { return ctx.delta(s, k); };
+  if (p.sparsify == kRank && !active.empty()) {
+    auto stream = [&](Scratch& s, int m) -> const float* { return ctx.delta(s, active[m]); };
+    const Hist h1 = level1(ctx, int(active.size()), prep, stream);
+    for (size_t m = 0; m < active.size(); ++m) {
+      const int k = active[m];
+      const auto h = h1.total(int(m));
+      cuts[2 * k] = cut_level1(h, p.rank_lo[k], t.n);
+      cuts[2 * k + 1] = cut_level1(h, p.rank_hi[k], t.n);
+    }
+    for (int k : active) cut_list.push_back({k, &cuts[2 * k]}), cut_list.push_back({k, &cuts[2 * k + 1]});
+    level2(ctx, cut_list, prep, model, [](Scratch&, int64_t, int64_t, int64_t) {});
+    if (std::any_of(cuts.begin(), cuts.end(), [](const Cut& c) { return c.split; })) {
+      const auto starts = equal_starts(ctx, cut_list, prep, model);
+      for (int64_t c = 0; c < ctx.nchunks; ++c)
+        for (size_t q = 0; q < cut_list.size(); ++q)
+          eq_start[c * 2 * K + (cut_list[q].second - cuts.data())] = starts[c * cut_list.size() + q];
+    }
+  }
+
+  // Zeroes the dropped elements of model k's δ in the staged block (a DELLA block is one row).
+  auto sparsify = [&](Scratch& s, int k, int64_t off, int64_t len, int64_t* eq) {
+    float* d = ctx.delta(s, k);
+    if (p.sparsify == kRank) {
+      keep_ranks(d, len, cuts[2 * k], cuts[2 * k + 1], eq[2 * k], eq[2 * k + 1], s.ties.data());
+      return;
+    }
+    uniforms(p.key[k], off, len, s.u.data());
+    const float* u = s.u.data();
+    if (p.sparsify == kRandom) {
+      const float p0 = p.p0[k];
+      for (int64_t j = 0; j < len; ++j) d[j] = u[j] < p0 ? d[j] : 0.0f;
+    } else {
+      row_ranks(d, len, s);
+      // float ops in the reference's order: p0 + ((rank / span) * 2) * epsilon
+      const float span = float(std::max<int64_t>(len - 1, 1)), p0 = p.p0[k], eps = p.epsilon[k];
+      const float* rank = s.rank.data();
+      for (int64_t j = 0; j < len; ++j) d[j] = u[j] < p0 + ((rank[j] / span) * 2.0f) * eps ? d[j] : 0.0f;
+    }
+  };
+
+  // L1 rescale: kept δ · (Σ|δ| / Σ|kept|), from per-chunk sums added in chunk order.
+  std::vector<float> scale(K, 1.0f);
+  if (p.rescale && !active.empty()) {
+    std::vector<double> sums(ctx.nchunks * 2 * size_t(K), 0.0);  // [chunk][model][before, after]
+    ctx.chunks([&](int th, int64_t c, int64_t start, int64_t end) {
+      Scratch& s = ctx.scratch[th];
+      std::vector<int64_t> eq(eq_start.begin() + c * 2 * K, eq_start.begin() + (c + 1) * 2 * K);
+      ctx.blocks(start, end, [&](int64_t off, int64_t len) {
+        ctx.load(s, off, len);
+        for (int k : active) {
+          sums[(c * K + k) * 2] += sum_abs(ctx.delta(s, k), len);
+          sparsify(s, k, off, len, eq.data());
+          sums[(c * K + k) * 2 + 1] += sum_abs(ctx.delta(s, k), len);
+        }
+      });
+    });
+    for (int k : active) {
+      double before = 0, after = 0;
+      for (int64_t c = 0; c < ctx.nchunks; ++c) before += sums[(c * K + k) * 2], after += sums[(c * K + k) * 2 + 1];
+      if (before >= 1e-7 && after >= 1e-7) scale[k] = float(before / after);
+    }
+  }
+
+  std::vector<bool> rescaled(K, false);
+  for (int k : active) rescaled[k] = p.rescale && scale[k] != 1.0f;
+  float weight_sum = 0.0f;  // the divisor without consensus, summed in model order like torch
+  for (int k = 0; k < K; ++k) weight_sum += p.weight[k];
+  if (std::fabs(weight_sum) < 1e-8f) weight_sum = 1.0f;
+
+  ctx.chunks([&](int th, int64_t c, int64_t start, int64_t end) {
+    Scratch& s = ctx.scratch[th];
+    std::vector<int64_t> eq(eq_start.begin() + c * 2 * K, eq_start.begin() + (c + 1) * 2 * K);
+    ctx.blocks(start, end, [&](int64_t off, int64_t len) {
+      ctx.load(s, off, len);
+      float* __restrict sum = s.acc.data();
+      for (int k = 0; k < K; ++k) {
+        float* __restrict d = ctx.delta(s, k);
+        if (p.mode[k] == kDrop) std::fill(d, d + len, 0.0f);
+        else if (p.mode[k] == kActive && p.sparsify != kNone) sparsify(s, k, off, len, eq.data());
+        if (rescaled[k])
+          for (int64_t j = 0; j < len; ++j) d[j] *= scale[k];
+        const float w = p.weight[k];
+        for (int64_t j = 0; j < len; ++j) d[j] *= w;
+      }
+      std::fill(sum, sum + len, 0.0f);
+      for (int k = 0; k < K; ++k) {
+        const float* __restrict d = ctx.delta(s, k);
+        for (int64_t j = 0; j < len; ++j) sum[j] += d[j];
+      }
+      if (p.consensus) {
+        float* __restrict mixed = s.u.data();
+        float* __restrict div = s.div.data();
+        std::fill(mixed, mixed + len, 0.0f);
+        std::fill(div, div + len, 0.0f);
+        for (int k = 0; k < K; ++k) add_agreeing<false>(sum, ctx.delta(s, k), p.weight[k], len, mixed, div);
+        if (p.normalize)
+          for (int64_t j = 0; j < len; ++j) sum[j] = mixed[j] / (div[j] == 0.0f ? 1.0f : div[j]);
+        else
+          std::copy(mixed, mixed + len, sum);
+      } else if (p.normalize) {
+        for (int64_t j = 0; j < len; ++j) sum[j] /= weight_sum;
+      }
+      if (p.lambda != 1.0f)
+        for (int64_t j = 0; j < len; ++j) sum[j] *= p.lambda;
+      const float* __restrict base = s.base.data();
+      for (int64_t j = 0; j < len; ++j) sum[j] = base[j] + sum[j];
+      ctx.store(sum, off, len);
+    });
+  });
+}
+
+// ------------------------------------------------------------ SCE
+
+void sce_merge(const Tensors& t, double tau) {
+  check(t);
+  const int K = int(t.others.size());
+  Ctx ctx(t, kChunk, kBlock);
+  for (Scratch& s : ctx.scratch) s.mean.resize(kBlock), s.m2.resize(kBlock), s.var.resize(kBlock);
+  const bool select = tau < 1;
+  bool none = tau <= 0;  // nothing selected: the output is the base
+
+  // var[j]: population variance over models of δ_k[j], as torch computes it (Welford in double).
+  auto variance = [&](Scratch& s, int64_t len) {
+    double* __restrict mean = s.mean.data();
+    double* __restrict m2 = s.m2.data();
+    std::fill(mean, mean + len, 0.0);
+    std::fill(m2, m2 + len, 0.0);
+    for (int k = 0; k < K; ++k) {
+      const float* __restrict d = ctx.delta(s, k);
+      const int count = k + 1;
+      if ((count & (count - 1)) == 0) {  // x / 2^i == x * 2^-i exactly, and spares the division
+        const double inv = 1.0 / count;
+        for (int64_t j = 0; j < len; ++j) {
+          const double x = d[j], dev = x - mean[j];
+          mean[j] += dev * inv;
+          m2[j] += dev * (x - mean[j]);
+        }
+      } else {
+        for (int64_t j = 0; j < len; ++j) {
+          const double x = d[j], dev = x - mean[j];
+          mean[j] += dev / count;
+          m2[j] += dev * (x - mean[j]);
+        }
+      }
+    }
+    float* __restrict var = s.var.data();
+    for (int64_t j = 0; j < len; ++j) var[j] = float(m2[j] / K);
+  };
+  std::vector<int64_t> zeros(ctx.nt, 0);
+  bool count_zeros = true;
+  auto prep = [&](Scratch& s, int th, int64_t off, int64_t len) {
+    ctx.load(s, off, len);
+    variance(s, len);
+    if (count_zeros) {
+      int64_t z = 0;
+      for (int64_t j = 0; j < len; ++j) z += s.var[j] == 0.0f;
+      zeros[th] += z;
+    }
+  };
+  auto var = [](Scratch& s, int) -> const float* { return s.var.data(); };
+
+  // Kept: the k = int(nnz(var) · tau) largest variances, i.e. not below the cut at rank n - k.
+  // While level 2 runs, the energies above the cut's level-1 bin are summed per chunk and, if that
+  // bin is small, its elements collected: they settle the energies and the ties without another pass.
+  Cut cut;
+  int64_t rest = 0;                            // the cut's rank inside its level-1 bin (1-based)
+  std::vector<std::vector<uint64_t>> in_bin;   // per chunk: key << 32 | index of that bin's elements
+  std::vector<double> above_bin(ctx.nchunks * size_t(K), 0.0);  // [chunk][model]: Σ δ² above the bin
+  if (select && !none) {
+    const Hist h1 = level1(ctx, 1, prep, var);
+    count_zeros = false;
+    int64_t nnz = t.n;
+    for (int64_t z : zeros) nnz -= z;
+    const int64_t n_keep = int64_t(double(nnz) * tau);
+    none = n_keep == 0;
+    const auto h = h1.total(0);
+    cut = cut_level1(h, t.n - n_keep, t.n);
+    rest = cut.room;
+    if (cut.pending && int64_t(h[cut.v >> 16]) <= std::max<int64_t>(kChunk, t.n / 32)) in_bin.resize(ctx.nchunks);
+    const uint32_t bin = cut.v >> 16;
+    level2(ctx, {{0, &cut}}, prep, var, [&](Scratch& s, int64_t c, int64_t off, int64_t len) {
+      if (in_bin.empty()) return;
+      const float* __restrict v = s.var.data();
+      float* __restrict mask = s.acc.data();
+      uint32_t* __restrict at = s.ties.data();
+      for (int64_t j = 0; j < len; ++j) mask[j] = (key_of(v[j]) >> 16) > bin ? 1.0f : 0.0f;
+      for (int k = 0; k < K; ++k) above_bin[c * K + k] += sum_squares(ctx.delta(s, k), mask, len);
+      int64_t n_at = 0;
+      for (int64_t j = 0; j < len; ++j) {  // branch-free append of the bin's positions
+        at[n_at] = uint32_t(j);
+        n_at += (key_of(v[j]) >> 16) == bin;
+      }
+      for (int64_t e = 0; e < n_at; ++e) in_bin[c].push_back(uint64_t(key_of(v[at[e]])) << 32 | uint64_t(off + at[e]));
+    });
+  }
+  // keep[j] of a staged block (variance computed); eq counts the elements equal to the cut so far.
+  auto keep_mask = [&](Scratch& s, int64_t len, int64_t& eq, float* __restrict keep) {
+    const float* __restrict v = s.var.data();
+    uint32_t* ties = s.ties.data();
+    const int64_t n_ties = find_ties(v, len, cut, cut, ties);
+    const uint32_t cv = cut.v;
+    for (int64_t j = 0; j < len; ++j) keep[j] = key_of(v[j]) >= cv ? 1.0f : 0.0f;
+    for (int64_t e = 0; e < n_ties; ++e) keep[ties[e]] = eq++ < cut.room ? 0.0f : 1.0f;
+  };
+
+  // Energies Σ δ_k² of the selected deltas.
+  std::vector<float> eta(K, 1.0f / K);
+  std::vector<int64_t> eq_start(ctx.nchunks, 0);
+  std::vector<double> energy(K, 0.0);
+  if (!none && !in_bin.empty()) {
+    // Kept in the bin: its elements from position `rest` on in (key, index) order, summed in index
+    // order; the per-chunk counts of elements equal to the cut come from the same list.
+    std::vector<uint64_t> bin_elements, order;
+    std::vector<int64_t> eq_count(ctx.nchunks, 0);
+    for (int64_t c = 0; c < ctx.nchunks; ++c) {
+      bin_elements.insert(bin_elements.end(), in_bin[c].begin(), in_bin[c].end());
+      for (uint64_t e : in_bin[c]) eq_count[c] += uint32_t(e >> 32) == cut.v;
+      for (int k = 0; k < K; ++k) energy[k] += above_bin[c * K + k];
+    }
+    if (cut.split) eq_start = chunk_prefix(eq_count, ctx.nchunks, 1);
+    if (size_t(rest) < bin_elements.size()) {
+      order = bin_elements;
+      std::nth_element(order.begin(), order.begin() + rest, order.end());
+      const uint64_t first_kept = order[rest];
+      for (uint64_t e : bin_elements) {
+        if (e < first_kept) continue;
+        for (int k = 0; k < K; ++k) {
+          const double x = ctx.delta_at(k, int64_t(uint32_t(e)));
+          energy[k] += x * x;
+        }
+      }
+    }
+  } else if (!none) {
+    // Per chunk; with a split cut the elements equal to it are summed apart and, once the chunk
+    // prefixes are known, only the chunk where the kept run of equal elements starts is summed again.
+    std::vector<double> sure(ctx.nchunks * size_t(K), 0.0), equal(ctx.nchunks * size_t(K), 0.0);
+    std::vector<int64_t> eq_count(ctx.nchunks, 0);
+    ctx.chunks([&](int th, int64_t c, int64_t start, int64_t end) {
+      Scratch& s = ctx.scratch[th];
+      ctx.blocks(start, end, [&](int64_t off, int64_t len) {
+        if (!select) {
+          ctx.load(s, off, len);
+          for (int k = 0; k < K; ++k) sure[c * K + k] += sum_squares(ctx.delta(s, k), nullptr, len);
+          return;
+        }
+        prep(s, th, off, len);
+        // kept for sure: above the cut (at it too, unless it is split); the elements equal to a
+        // split cut are summed apart
+        float* __restrict sure_mask = s.acc.data();
+        float* __restrict tie_mask = s.div.data();
+        const float* __restrict v = s.var.data();
+        const uint32_t cv = cut.v;
+        const bool split = cut.split;
+        for (int64_t j = 0; j < len; ++j) {
+          const uint32_t key = key_of(v[j]);
+          sure_mask[j] = (key > cv) | ((key == cv) & !split) ? 1.0f : 0.0f;
+          tie_mask[j] = (key == cv) & split ? 1.0f : 0.0f;
+        }
+        for (int k = 0; k < K; ++k) sure[c * K + k] += sum_squares(ctx.delta(s, k), sure_mask, len);
+        if (split) {
+          for (int k = 0; k < K; ++k) equal[c * K + k] += sum_squares(ctx.delta(s, k), tie_mask, len);
+          eq_count[c] += count_key(v, len, cv);
+        }
+      });
+    });
+    eq_start = chunk_prefix(eq_count, ctx.nchunks, 1);
+    for (int64_t c = 0; c < ctx.nchunks; ++c) {
+      const int64_t first = eq_start[c], last = first + eq_count[c];
+      if (!cut.split || last <= cut.room) {  // no equal element of this chunk is kept
+        for (int k = 0; k < K; ++k) energy[k] += sure[c * K + k];
+      } else if (first >= cut.room) {  // all are
+        for (int k = 0; k < K; ++k) energy[k] += sure[c * K + k] + equal[c * K + k];
+      } else {  // the kept run starts inside this chunk
+        Scratch& s = ctx.scratch[0];
+        std::vector<double> part(K, 0.0);
+        int64_t eq = first;
+        ctx.blocks(c * ctx.chunk, std::min(t.n, (c + 1) * ctx.chunk), [&](int64_t off, int64_t len) {
+          prep(s, 0, off, len);
+          float* keep = s.u.data();
+          keep_mask(s, len, eq, keep);
+          for (int k = 0; k < K; ++k) part[k] += sum_squares(ctx.delta(s, k), keep, len);
+        });
+        for (int k = 0; k < K; ++k) energy[k] += part[k];
+      }
+    }
+  }
+  if (!none) {
+    double total = 0;
+    for (double& e : energy) total += (e /= double(t.n));
+    if (std::fabs(total) >= 1e-6)
+      for (int k = 0; k < K; ++k) eta[k] = float(energy[k] / total);
+  }
+
+  ctx.chunks([&](int th, int64_t c, int64_t start, int64_t end) {
+    Scratch& s = ctx.scratch[th];
+    int64_t eq = eq_start[c];
+    ctx.blocks(start, end, [&](int64_t off, int64_t len) {
+      ctx.load(s, off, len);
+      float* __restrict sum = s.acc.data();
+      if (none || select) {
+        float* keep = s.u.data();
+        if (none) {
+          std::fill(keep, keep + len, 0.0f);
+        } else {
+          variance(s, len);
+          keep_mask(s, len, eq, keep);
+        }
+        for (int k = 0; k < K; ++k) zero_unless(ctx.delta(s, k), keep, len);
+      }
+      std::fill(sum, sum + len, 0.0f);
+      for (int k = 0; k < K; ++k) {
+        const float* __restrict d = ctx.delta(s, k);
+        for (int64_t j = 0; j < len; ++j) sum[j] += d[j];
+      }
+      // Σ_k η_k δ_k / Σ_k η_k over the entries whose sign is the elected one.
+      float* __restrict num = s.u.data();
+      float* __restrict den = s.div.data();
+      std::fill(num, num + len, 0.0f);
+      std::fill(den, den + len, 0.0f);
+      for (int k = 0; k < K; ++k) add_agreeing<true>(sum, ctx.delta(s, k), eta[k], len, num, den);
+      const float* __restrict base = s.base.data();
+      for (int64_t j = 0; j < len; ++j) sum[j] = base[j] + num[j] / std::max(den[j], 1e-6f);
+      ctx.store(sum, off, len);
+    });
+  });
+}
+
+}  // namespace SEME_ISA
+
+#ifndef SEME_AVX2
+#ifdef SEME_AVX2_BUILD
+namespace avx2 {
+void family_merge(const Tensors& t, const FamilyParams& p);
+void sce_merge(const Tensors& t, double tau);
+}  // namespace avx2
+
+// SEME_BASELINE_ISA (set to anything) forces the baseline build: the tests compare the two.
+static bool use_avx2() { return __builtin_cpu_supports("avx2") && !std::getenv("SEME_BASELINE_ISA"); }
+
+void family_merge(const Tensors& t, const FamilyParams& p) {
+  use_avx2() ? avx2::family_merge(t, p) : baseline::family_merge(t, p);
+}
+
+void sce_merge(const Tensors& t, double tau) { use_avx2() ? avx2::sce_merge(t, tau) : baseline::sce_merge(t, tau); }
+
+const char* active_isa() { return use_avx2() ? "avx2" : "baseline"; }
+#else
+void family_merge(const Tensors& t, const FamilyParams& p) { baseline::family_merge(t, p); }
+void sce_merge(const Tensors& t, double tau) { baseline::sce_merge(t, tau); }
+const char* active_isa() { return "baseline"; }
+#endif
+#endif
+
+}  // namespace seme

@@ -1,0 +1,75 @@
+// Fused CPU (OpenMP) merge kernels for the task-vector family and SCE.
+//
+// Bit-compatible with the plain-torch references in seme/methods/task_vector.py: masks are
+// identical (exact rank selection with the (value, index) tie rule, the same Philox draws), and
+// fp32 outputs agree up to the rounding of the few global sums (L1 norms, SCE energies), which
+// are accumulated here in double, per fixed chunk, in chunk order: results do not depend on the
+// number of threads.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <vector>
+
+namespace seme {
+
+enum Dtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// All inputs share one shape (n elements, contiguous) and one dtype.
+struct Tensors {
+  const void* base = nullptr;
+  std::vector<const void*> others;  // the K non-base models
+  void* out = nullptr;
+  int64_t n = 0;
+  Dtype in_dtype = kF32, out_dtype = kF32;
+  int num_threads = 0;  // 0: OpenMP's default
+};
+
+enum Sparsify : int {
+  kNone = 0,    // task arithmetic
+  kRank = 1,    // keep the ranks [rank_lo, rank_hi) of |δ| ascending (TIES magnitude, breadcrumbs)
+  kRandom = 2,  // DARE: keep where uniform < p0
+  kDella = 3,   // keep where uniform < p0 + (row rank / (cols-1)) * 2 * epsilon
+};
+
+// Per model: density >= 1 keeps δ as is, density <= 0 drops it, otherwise δ is sparsified.
+enum Mode : int { kKeep = 0, kDrop = 1, kActive = 2 };
+
+struct FamilyParams {
+  Sparsify sparsify = kNone;
+  bool consensus = false, normalize = false, rescale = false;
+  float lambda = 1.0f;
+  int64_t cols = 1;  // kDella: ranks are taken along rows of this length (the last dimension)
+  std::vector<int> mode;
+  std::vector<float> weight;
+  std::vector<int64_t> rank_lo, rank_hi;
+  std::vector<float> p0, epsilon;
+  std::vector<uint64_t> key;  // Philox stream key of each model (rng.stream_key)
+};
+
+void family_merge(const Tensors& t, const FamilyParams& p);
+
+// SCE with select_topk = tau.
+void sce_merge(const Tensors& t, double tau);
+
+// Which build of the kernels runs: "avx2" or "baseline".
+const char* active_isa();
+
+// Philox4x32-10 of counter (lo, hi, 0, 0) under key (lo, hi): the generator of seme.methods.rng.
+inline std::array<uint32_t, 4> philox4x32(uint64_t key, uint64_t counter) {
+  uint32_t c0 = uint32_t(counter), c1 = uint32_t(counter >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = uint32_t(key), k1 = uint32_t(key >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t pb = uint64_t(0xCD9E8D57u) * c2, pa = uint64_t(0xD2511F53u) * c0;
+    const uint32_t n0 = uint32_t(pb >> 32) ^ c1 ^ k0, n2 = uint32_t(pa >> 32) ^ c3 ^ k1;
+    c1 = uint32_t(pb);
+    c3 = uint32_t(pa);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return {c0, c1, c2, c3};
+}
+
+}  // namespace seme

@@ -1,0 +1,67 @@
+"""Which implementation merges a tensor: the fused kernels by default, the plain-torch reference
+on request (`--backend reference`) or where no kernel covers the method.
+
+CPU tensors go to the C++/OpenMP kernel (seme._C), CUDA tensors to the Triton kernel; both draw
+the same masks as the reference, so the backend changes speed, not results (fp32 sums apart).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from seme.errors import SemeError
+from seme.methods import registry
+from seme.methods.inputs import Inputs
+
+BACKENDS = ("auto", "reference", "fused")
+# Input dtypes the fused kernels widen to fp32 as they load: a cast to fp32 first would only copy.
+WIDENED_BY_KERNELS = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def implementation(method: str, backend: str, device: torch.device) -> tuple[Callable, bool]:
+    """(`impl(inputs, params, out_dtype)`, whether it is a fused kernel) for one method on one device.
+
+    `impl` returns the merged tensor in `out_dtype`, or (tensor, statistics) for methods that report.
+    """
+    spec = registry.get(method)
+
+    def reference(inputs: Inputs, params: dict, out_dtype: torch.dtype):
+        result = spec.fn(inputs, params)
+        if isinstance(result, tuple):
+            return result
+        return result.to(out_dtype)
+
+    if backend == "reference":
+        return reference, False
+    kernel = _fused(method, device)
+    if kernel is None:
+        if backend == "fused":
+            raise SemeError(f"no fused kernel for method '{method}' on {device.type} "
+                            f"(kernels cover the task-vector family and sce; use --backend auto)")
+        return reference, False
+
+    def fused(inputs: Inputs, params: dict, out_dtype: torch.dtype):
+        if any(t.dtype == torch.float64 for t in inputs.tensors):  # the kernels compute in fp32
+            return reference(inputs, params, out_dtype)
+        return kernel(inputs, params, out_dtype)
+
+    return fused, True
+
+
+def _fused(method: str, device: torch.device):
+    if device.type == "cpu":
+        from seme import fused_merge
+
+        if method not in fused_merge.METHODS or not fused_merge.available():
+            return None
+        return lambda inputs, params, out_dtype: fused_merge.merge(method, inputs, params, out_dtype=out_dtype)
+    if device.type == "cuda":
+        try:
+            from seme.kernels import fused_merge as triton_merge
+        except ImportError:  # no triton: the reference runs on the GPU
+            return None
+        if method not in triton_merge.SUPPORTED:
+            return None
+        return lambda inputs, params, out_dtype: triton_merge.fused_merge(method, inputs, params).to(out_dtype)
+    return None

@@ -1,0 +1,107 @@
+"""Fused CPU kernels (seme._C, C++/OpenMP) for the task-vector family and SCE.
+
+`merge(method, inputs, params)` is a drop-in for `registry.get(method).fn(inputs, params)` on CPU
+tensors (same `Inputs`, same bound params): the same masks (exact rank selection with the
+(value, index) tie rule, the same Philox draws), fp32 results equal up to the rounding of the L1
+and energy sums, without the [K, n] intermediates, and optionally cast straight to `out_dtype`.
+"""
+from __future__ import annotations
+
+import torch
+
+from seme.methods import rng
+from seme.methods.inputs import Inputs
+
+# Codes shared with csrc/cpu/fused_merge.h.
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_NONE, _RANK, _RANDOM, _DELLA = 0, 1, 2, 3
+_KEEP, _DROP, _ACTIVE = 0, 1, 2
+
+# method -> (sparsification as named in task_vector.sparsify, sign consensus)
+FAMILY = {
+    "task_arithmetic": (None, False),
+    "ties": ("magnitude", True),
+    "dare_ties": ("random", True),
+    "dare_linear": ("random", False),
+    "breadcrumbs": ("magnitude_outliers", False),
+    "breadcrumbs_ties": ("magnitude_outliers", True),
+    "della": ("della_magprune", True),
+    "della_linear": ("della_magprune", False),
+}
+METHODS = frozenset(FAMILY) | {"sce"}
+_KERNEL = {None: _NONE, "magnitude": _RANK, "magnitude_outliers": _RANK, "random": _RANDOM,
+           "della_magprune": _DELLA}
+
+
+def available() -> bool:
+    """Whether the native extension is built."""
+    try:
+        from seme import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype = torch.float32,
+          num_threads: int = 0) -> torch.Tensor:
+    """Merge one tensor with the fused kernel, into `out_dtype`; `num_threads=0` uses OpenMP's default.
+
+    Inputs: CPU tensors of one shape, float32 / bfloat16 / float16 (mixed dtypes are widened to
+    float32 first, which is exact; float64 raises TypeError); fewer than 2^32 elements.
+    """
+    from seme import _C
+
+    if method not in METHODS:
+        raise ValueError(f"no fused kernel for method '{method}'")
+    if out_dtype not in _DTYPES:  # the kernel writes fp32, bf16 or fp16; anything else is a cast of fp32
+        return merge(method, inputs, params, num_threads=num_threads).to(out_dtype)
+    base, others = inputs.base, inputs.others
+    if not others:
+        return base.to(out_dtype)
+    tensors = [t.contiguous() for t in (base, *others)]
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError("the fused CPU kernel takes CPU tensors")
+    if any(t.shape != base.shape for t in tensors):
+        raise ValueError("all inputs must have the shape of the base")
+    unsupported = {t.dtype for t in tensors} - set(_DTYPES)
+    if unsupported:
+        raise TypeError(f"fused merge takes float32, bfloat16 or float16 inputs, not {unsupported.pop()}")
+    if len({t.dtype for t in tensors}) > 1:
+        tensors = [t.float() for t in tensors]
+    n = base.numel()
+    out = torch.empty(base.shape, dtype=out_dtype)
+    if n == 0:
+        return out
+    common = dict(base=tensors[0].data_ptr(), others=[t.data_ptr() for t in tensors[1:]], out=out.data_ptr(),
+                  n=n, in_dtype=_DTYPES[tensors[0].dtype], out_dtype=_DTYPES[out_dtype], num_threads=num_threads)
+    if method == "sce":
+        _C.sce_merge(select_topk=float(params["select_topk"]), **common)
+        return out
+
+    sparsification, consensus = FAMILY[method]
+    k_models = len(others)
+    density = params["density"]
+    gamma = params.get("gamma", [0.0] * k_models)
+    epsilon = params.get("epsilon", [0.0] * k_models)
+    mode, lo, hi, p0 = [], [], [], []
+    for d, g, e in zip(density, gamma, epsilon):
+        # The same integer arithmetic as task_vector.magnitude_mask / outlier_band_mask.
+        mode.append(_KEEP if sparsification is None or d >= 1 else _DROP if d <= 0 else _ACTIVE)
+        if sparsification == "magnitude":
+            lo.append(n - max(1, int(d * n)))
+            hi.append(n)
+        elif sparsification == "magnitude_outliers":
+            keep = int(d * n)
+            lo.append(max(0, n - keep - int(g * n)))
+            hi.append(lo[-1] + keep)
+        else:
+            lo.append(0)
+            hi.append(n)
+        p0.append(d - e if sparsification == "della_magprune" else d)
+    _C.family_merge(
+        sparsify=_KERNEL[sparsification], consensus=consensus, normalize=params["normalize"],
+        rescale=params["rescale"], lambda_=params["lambda"],
+        cols=base.shape[-1] if base.dim() >= 2 else n,  # DELLA ranks along the last dimension
+        mode=mode, weight=list(params["weight"]), rank_lo=lo, rank_hi=hi, p0=p0, epsilon=list(epsilon),
+        key=[rng.stream_key(inputs.seed, inputs.name, i) for i in inputs.other_indices], **common)
+    return out

@@ -1,0 +1,37 @@
+"""The engine uses the fused kernels by default, and they give the reference's result end to end."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import seme
+from conftest import load_folder
+from seme import fused_merge
+from seme.backend import implementation
+from seme.errors import SemeError
+
+
+@pytest.mark.skipif(not fused_merge.available(), reason="seme._C is not built")
+def test_auto_picks_the_cpp_kernel_where_it_covers_the_method():
+    assert implementation("ties", "auto", torch.device("cpu"))[1]
+    assert not implementation("slerp", "auto", torch.device("cpu"))[1]
+    assert not implementation("ties", "reference", torch.device("cpu"))[1]
+    with pytest.raises(SemeError, match="no fused kernel for method 'slerp'"):
+        implementation("slerp", "fused", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method, params", [
+    ("ties", {"weight": 1.0, "density": 0.3}), ("dare_ties", {"weight": 1.0, "density": 0.5}),
+    ("sce", {"select_topk": 0.2}), ("della", {"weight": 1.0, "density": 0.5, "epsilon": 0.1}),
+])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_fused_and_reference_backends_agree_on_whole_merges(llama_family, tmp_path, method, params, dtype):
+    recipe = {"merge_method": method, "base_model": llama_family["base"], "dtype": dtype, "random_seed": 1,
+              "parameters": params, "models": [{"model": llama_family[f"expert{i}"]} for i in range(3)]}
+    seme.merge(recipe, str(tmp_path / "fused"), backend="auto", progress=False)
+    seme.merge(recipe, str(tmp_path / "reference"), backend="reference", progress=False)
+    fused, reference = load_folder(tmp_path / "fused"), load_folder(tmp_path / "reference")
+    for name, t in reference.items():
+        assert fused[name].dtype == t.dtype
+        tol = {"float32": 1e-6, "float64": 1e-12, "bfloat16": 1e-2}[dtype]
+        torch.testing.assert_close(fused[name].float(), t.float(), rtol=tol, atol=tol, msg=name)

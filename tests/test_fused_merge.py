@@ -1,0 +1,197 @@
+"""The fused C++ kernel (seme._C via seme.fused_merge) against the plain-torch references."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from seme import fused_merge
+from seme.methods import registry, rng
+from seme.methods.inputs import Inputs
+
+pytestmark = pytest.mark.skipif(not fused_merge.available(), reason="seme._C is not built")
+
+FAMILY_PARAMS = {  # per method: a few parameter sets (scalars broadcast, lists per model)
+    "task_arithmetic": [dict(weight=0.7), dict(weight=[0.5, -1.5, 2.0], normalize=True, **{"lambda": 0.8})],
+    "ties": [dict(weight=1.0, density=0.3), dict(weight=[0.4, 1.0, 0.7], density=[0.01, 0.6, 1.0]),
+             dict(weight=[1.0, -0.5, 2.0], density=[0.5, 0.0, 0.2], rescale=True, normalize=False)],
+    "dare_ties": [dict(weight=1.0, density=0.3), dict(weight=[0.4, 1.0, 0.7], density=[0.05, 0.9, 1.0])],
+    "dare_linear": [dict(weight=[0.4, 1.0, 0.7], density=0.5, normalize=True),
+                    dict(weight=1.0, density=[0.2, 0.0, 0.7], rescale=False)],
+    "breadcrumbs": [dict(weight=1.0, density=0.5, gamma=0.05),
+                    dict(weight=[0.3, 1.0, 0.9], density=[0.9, 0.01, 0.4], gamma=[0.0, 0.5, 0.1], rescale=True)],
+    "breadcrumbs_ties": [dict(weight=1.0, density=0.4, gamma=0.2)],
+    "della": [dict(weight=1.0, density=0.5, epsilon=0.1), dict(weight=[0.4, 1.0, 0.7], density=[0.2, 0.8, 1.0])],
+    "della_linear": [dict(weight=[0.4, 1.0, 0.7], density=0.4, epsilon=0.3, normalize=True)],
+    "sce": [dict(select_topk=1.0), dict(select_topk=0.3), dict(select_topk=0.01), dict(select_topk=0.0)],
+}
+CASES = [(name, i) for name, sets in FAMILY_PARAMS.items() for i in range(len(sets))]
+
+
+def make_inputs(shape, k, kind="normal", dtype=torch.float32, seed=0, name="model.layers.0.w"):
+    """Base and k fine-tunes; kind 'ties' draws from a small integer set (many equal |δ|)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":
+        tensors = [torch.randint(-3, 4, shape, generator=g).float() * 0.25 for _ in range(k + 1)]
+    else:
+        base = torch.randn(shape, generator=g)
+        tensors = [base] + [base + torch.randn(shape, generator=g) * float(torch.rand(1, generator=g)) for _ in range(k)]
+    return Inputs(tuple(t.to(dtype) for t in tensors), base_index=0, name=name, seed=seed)
+
+
+def bound(name, params, k):
+    method = registry.get(name)
+    params = {key: (value[:k] if isinstance(value, list) else value) for key, value in params.items()}
+    return registry.bind(method, params, k + 1, 0, "test")
+
+
+def reference(name, inputs, params, dtype=None):
+    if dtype is not None:
+        inputs = Inputs(tuple(t.to(dtype) for t in inputs.tensors), inputs.base_index, inputs.name, inputs.seed)
+    return registry.get(name).fn(inputs, params)
+
+
+def assert_matches(name, inputs, params):
+    """fp32: the same kept elements, values equal up to the rounding of the L1 / energy sums."""
+    ref = reference(name, inputs, params).float()
+    out = fused_merge.merge(name, inputs, params)
+    base = inputs.base.float()
+    assert torch.equal(out != base, ref != base), "different elements changed: masks differ"
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6 * max(1.0, float(ref.abs().max())))
+
+
+@pytest.mark.parametrize("name,case", CASES)
+@pytest.mark.parametrize("shape", [(1,), (7,), (1023,), (33, 31)])
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_matches_reference(name, case, shape, kind):
+    k = 3
+    assert_matches(name, make_inputs(shape, k, kind, seed=len(shape) + shape[0]), bound(name, FAMILY_PARAMS[name][case], k))
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "breadcrumbs_ties", "della", "sce"])
+def test_model_counts(name, k):
+    params = dict(select_topk=0.4) if name == "sce" else dict(weight=[0.5 + 0.25 * i for i in range(k)], density=0.35)
+    for kind in ("normal", "ties"):
+        assert_matches(name, make_inputs((61, 17), k, kind, seed=k), bound(name, params, k))
+
+
+@pytest.mark.parametrize("density", [0.01, 0.1, 0.5, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "breadcrumbs", "della", "sce"])
+def test_density_sweep(name, density):
+    params = dict(select_topk=density) if name == "sce" else dict(weight=[0.6, 1.1], density=density)
+    for kind in ("normal", "ties"):
+        assert_matches(name, make_inputs((4099,), 2, kind, seed=int(density * 100)), bound(name, params, 2))
+
+
+@pytest.mark.parametrize("name,params", [
+    ("ties", dict(weight=1.0, density=0.2)),
+    ("sce", dict(select_topk=0.25)),
+    ("dare_ties", dict(weight=[0.5, 1.0], density=0.3)),
+    ("breadcrumbs_ties", dict(weight=1.0, density=0.4, gamma=0.1, rescale=True)),
+    ("della_linear", dict(weight=1.0, density=0.4)),
+])
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_large_odd_size(name, params, kind):
+    """17 chunks: ties spread over chunks, SCE's large-bin path (integer data), 1 vs 2 threads."""
+    inputs, params = make_inputs((2**20 + 3,), 2, kind, seed=5), bound(name, params, 2)
+    assert_matches(name, inputs, params)
+    assert torch.equal(fused_merge.merge(name, inputs, params, num_threads=1), fused_merge.merge(name, inputs, params))
+
+
+def test_della_rows():
+    """DELLA ranks along the last dimension: rows of length 1, short rows, 3-D tensors."""
+    params = bound("della", dict(weight=1.0, density=0.5, epsilon=0.2), 2)
+    for shape in [(40, 1), (5, 3, 9), (2, 300)]:
+        for kind in ("normal", "ties"):
+            assert_matches("della", make_inputs(shape, 2, kind), params)
+
+
+def test_exact_top_k_with_ties():
+    """One model, weight 1: the output is the kept δ itself, k of them, the later of equal |δ|."""
+    inputs = make_inputs((5000,), 1, "ties", seed=3)
+    for density in (0.01, 0.3, 0.77):
+        params = bound("ties", dict(weight=1.0, density=density), 1)
+        out = fused_merge.merge("ties", inputs, params)
+        assert torch.equal(out, reference("ties", inputs, params))
+        delta = inputs.tensors[1] - inputs.base
+        assert int(((out - inputs.base) != 0).sum()) == min(int(density * 5000), int((delta != 0).sum()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,case", [("ties", 1), ("dare_ties", 0), ("della", 0), ("sce", 1), ("breadcrumbs", 1)])
+def test_half_dtypes(name, case, dtype, out_dtype):
+    """Half inputs / outputs: |ref64 - kernel| <= |ref64 - ref in the same dtypes| + tol."""
+    inputs = make_inputs((1023,), 3, seed=11, dtype=dtype)
+    params = bound(name, FAMILY_PARAMS[name][case], 3)
+    ref64 = reference(name, inputs, params, torch.float64)
+    ref = reference(name, inputs, params).to(out_dtype).double()
+    out = fused_merge.merge(name, inputs, params, out_dtype=out_dtype)
+    assert out.dtype == out_dtype
+    tol = 1e-6 * (1 + ref64.abs())
+    assert bool(((ref64 - out.double()).abs() <= (ref64 - ref).abs() + tol).all())
+
+
+@pytest.mark.parametrize("name,case", CASES)
+def test_thread_count_independence(name, case):
+    """Bit-identical for 1 and 2 threads (and between the baseline and AVX2 builds)."""
+    inputs = make_inputs((3, 70001), 3, "ties" if case % 2 else "normal", seed=case)
+    params = bound(name, FAMILY_PARAMS[name][case], 3)
+    one = fused_merge.merge(name, inputs, params, num_threads=1)
+    assert torch.equal(one, fused_merge.merge(name, inputs, params, num_threads=2))
+    os.environ["SEME_BASELINE_ISA"] = "1"
+    try:
+        assert torch.equal(one, fused_merge.merge(name, inputs, params, num_threads=2))
+    finally:
+        del os.environ["SEME_BASELINE_ISA"]
+
+
+def test_philox_words():
+    from seme import _C
+
+    for key in (0, 1, rng.stream_key(7, "model.embed_tokens.weight", 2), 2**64 - 1):
+        counters = torch.tensor([0, 1, 5, 2**32 - 1, 2**32, 2**40 + 3, 2**62 + 12345], dtype=torch.int64)
+        expected = rng.philox4x32(key, counters).tolist()
+        assert [list(_C.philox4x32(key, int(c))) for c in counters] == expected
+
+
+def test_dtype_conversions():
+    """Every bf16 / fp16 bit pattern is read exactly; fp32 is rounded to them like torch does."""
+    for dtype in (torch.bfloat16, torch.float16):
+        every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+        inputs = Inputs((torch.zeros_like(every), every), 0)
+        out = fused_merge.merge("task_arithmetic", inputs, bound("task_arithmetic", dict(weight=1.0), 1))
+        expected = every.float()
+        assert torch.equal(out.isnan(), expected.isnan())
+        assert torch.equal(out[~out.isnan()], expected[~expected.isnan()])
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.randn(100000, generator=g) * 10.0 ** torch.randint(-9, 6, (100000,), generator=g),
+                        torch.tensor([0.0, 65504.0, 65520.0, 1e6, -1e6, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 1e-40,
+                                      -65520.0, 3.3895e38])])
+    inputs = Inputs((values, values.clone()), 0)  # base + (x - base) * w = base exactly (for finite x)
+    for dtype in (torch.bfloat16, torch.float16):
+        out = fused_merge.merge("task_arithmetic", inputs, bound("task_arithmetic", dict(weight=1.0), 1),
+                                out_dtype=dtype)
+        assert torch.equal(out.view(torch.int16), values.to(dtype).view(torch.int16))
+
+
+def test_edge_cases():
+    base = torch.randn(10)
+    assert torch.equal(fused_merge.merge("ties", Inputs((base,), 0), {"weight": [], "density": []}), base)
+    empty = Inputs((torch.zeros(0, 4), torch.zeros(0, 4)), 0)
+    assert fused_merge.merge("ties", empty, bound("ties", dict(weight=1.0, density=0.5), 1)).shape == (0, 4)
+    scalar = make_inputs((), 2)
+    for name in ("ties", "della", "breadcrumbs", "sce"):
+        params = bound(name, dict(select_topk=0.5) if name == "sce" else dict(weight=1.0, density=0.5), 2)
+        assert_matches(name, scalar, params)
+    mixed = Inputs((torch.randn(50), torch.randn(50).bfloat16(), torch.randn(50).half()), 0)
+    assert_matches("ties", mixed, bound("ties", dict(weight=1.0, density=0.5), 2))
+    inputs, params = make_inputs((9,), 2), bound("ties", dict(weight=1.0, density=0.5), 2)
+    assert torch.equal(fused_merge.merge("ties", inputs, params, out_dtype=torch.float64),
+                       fused_merge.merge("ties", inputs, params).double())
+    with pytest.raises(TypeError):
+        fused_merge.merge("ties", make_inputs((4,), 1, dtype=torch.float64), bound("ties", dict(weight=1.0), 1))
+    with pytest.raises(ValueError):
+        fused_merge.merge("slerp", make_inputs((4,), 1), {})
