@@ -179,7 +179,7 @@ def _execute(plan: Plan, folder: str, device: torch.device, backend: str, shard_
                     result, stats = result
                     semantic.record(task.name, stats, inputs, result)
                 result = result.to(out_dtype).cpu()
-                if not allow_nonfinite and not bool(torch.isfinite(result).all()):
+                if not allow_nonfinite and not all_finite(result):
                     raise SemeError(f"the merged tensor '{task.name}' contains NaN or Inf "
                                     f"(pass --allow-nonfinite to write it anyway)")
                 bar.stage("merge", time.perf_counter() - loaded, nbytes)
@@ -250,8 +250,17 @@ class AsyncWriter:
             raise self.error
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t. aminmax is one vectorised pass (NaN propagates into it), where
+    isfinite().all() on bf16 runs about 20 times slower."""
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _check_inputs(plan: Plan, task, tensors) -> None:
     """NaN / Inf in an input is reported (tensor and model named); the merge goes on."""
     for (m, name), t in zip(task.inputs, tensors):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             warnings.warn(f"input tensor '{name}' of {plan.models[m].name} contains NaN or Inf")

@@ -8,12 +8,13 @@ from seme.methods.registry import INPUT, Method, Param, register
 
 
 def linear(inputs: Inputs, p: dict) -> torch.Tensor:
-    dtype = compute_dtype(inputs.tensors[0])
-    out = torch.zeros_like(inputs.tensors[0], dtype=dtype)
-    for tensor, w in zip(inputs.tensors, p["weight"]):
-        out.add_(tensor.to(dtype), alpha=w)
+    first, *rest = inputs.tensors
+    weights = p["weight"]
+    out = first.to(compute_dtype(first)) * weights[0]
+    for tensor, w in zip(rest, weights[1:]):
+        out.add_(tensor, alpha=w)  # half inputs are widened inside the add: no converted copies
     if p["normalize"]:
-        out.div_(sum(p["weight"]))
+        out.div_(sum(weights))
     return out
 
 
