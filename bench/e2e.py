@@ -108,6 +108,7 @@ def main(argv=None) -> None:
     paths = make_models(args.root, args.models, args.hidden, args.layers, args.vocab, args.intermediate)
     in_bytes = sum(os.path.getsize(os.path.join(p, "model.safetensors")) for p in paths)
     params = os.path.getsize(os.path.join(paths[0], "model.safetensors")) / 2 / 1e6
+    load = os.getloadavg()[0]  # other work on the machine skews every column: recorded with the table
     read_bandwidth(paths)  # warm the page cache, as a repeated merge would find it
     bandwidth = read_bandwidth(paths)
     print(f"{args.models} models of {params:.0f}M parameters (bf16), {in_bytes / 1e9:.2f} GB in; "
@@ -135,7 +136,8 @@ def main(argv=None) -> None:
         rows.append(row)
         print(row, flush=True)
     command = "python -m bench.e2e " + " ".join(argv if argv is not None else sys.argv[1:])
-    update_section("e2e", f"## End to end: seme vs mergekit-yaml\n\n`{command.strip()}` on {machine()}.\n"
+    update_section("e2e", f"## End to end: seme vs mergekit-yaml\n\n`{command.strip()}` on {machine()}, "
+                          f"load average before the run {load:.2f}.\n"
                           f"{args.models} Llama-shaped models of {params:.0f}M parameters (bf16, dense deltas), "
                           f"{in_bytes / 1e9:.2f} GB of input; plain read of the same files from page cache: "
                           f"{bandwidth:.2f} GB/s. Times are whole processes (start-up included); *steady* is "

@@ -7,10 +7,13 @@ factor). Prints times and ratios; `--device cuda` when a GPU is present.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 
+from bench.results import machine, update_section
 from seme.semantic import alignment
 from seme.semantic.bases import semantic_bases
 from seme.semantic.mapping import semantic_distribution, semantic_mix
@@ -38,6 +41,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    load = os.getloadavg()[0]
     torch.manual_seed(0)
     W = torch.randn(args.vocab, args.hidden, device=device)
     W2 = W @ torch.linalg.qr(torch.randn(args.hidden, args.hidden, device=device))[0]
@@ -73,9 +77,13 @@ def main(argv=None) -> None:
     t_ref, _ = timed(align_ref, device, args.repeat)
     rows.append(("alignment of two heads", t_ours, t_ref, ""))
 
-    print(f"{'stage':42s} {'seme s':>9s} {'torch s':>9s} {'speed-up':>9s}  note")
-    for name, ours, ref, note in rows:
-        print(f"{name:42s} {ours:9.3f} {ref:9.3f} {ref / ours:8.1f}x  {note}")
+    table = ["| stage | seme s | plain torch s | speed-up | note |", "|---|---|---|---|---|"]
+    table += [f"| {name} | {ours:.3f} | {ref:.3f} | {ref / ours:.1f}x | {note} |" for name, ours, ref, note in rows]
+    print("\n".join(table))
+    command = " ".join(["python -m bench.seme"] + (argv if argv is not None else sys.argv[1:]))
+    update_section("seme", f"## SeMe stages vs plain torch\n\n`{command}` on {machine()}, {device}, "
+                           f"load average before the run {load:.2f}; V={args.vocab}, d={args.hidden}, "
+                           f"batch={args.batch}.\n\n" + "\n".join(table))
 
 
 if __name__ == "__main__":
