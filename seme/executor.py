@@ -63,9 +63,8 @@ class Progress:
 
 
 def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto", shard_size: int = 5 * 10**9,
-        overwrite: bool = False,
-        resume: bool = False, allow_nonfinite: bool = False, progress: bool = False, version: str = "",
-        max_memory: int = 4 * 10**9) -> dict:
+        overwrite: bool = False, resume: bool = False, allow_nonfinite: bool = False, progress: bool = False,
+        version: str = "", max_memory: int = 4 * 10**9) -> dict:
     """Execute `plan` into `out_dir`: built in `OUT.seme-partial`, published by rename when complete.
 
     An existing non-empty `out_dir` is refused unless `overwrite`. A failure after the first write
@@ -107,16 +106,25 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
     if error:
         raise SemeError(error)
     if group.rank == 0:
-        stats["writer"].write_index()
-        if plan.semantic:
-            stats["semantic"].write_report(staging)
-        write_metadata(staging, plan, version, os.path.basename(out_dir))
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
-        os.rename(staging, out_dir)
+        try:
+            _publish(plan, stats, staging, out_dir, version)
+        except OSError as e:
+            raise SemeError(f"{e.strerror or e} ({e.filename or staging}) while finishing the merge; the "
+                            f"partial merge is kept in {staging}: fix the cause and rerun with --resume") from None
     if group.world > 1:
         torch.distributed.barrier()  # every rank returns once the output is published
     return {k: v for k, v in stats.items() if k not in ("writer", "semantic")}
+
+
+def _publish(plan: Plan, stats: dict, staging: str, out_dir: str, version: str) -> None:
+    """Index, report and metadata into the staging folder, then the rename that makes it the output."""
+    stats["writer"].write_index()
+    if plan.semantic:
+        stats["semantic"].write_report(staging)
+    write_metadata(staging, plan, version, os.path.basename(out_dir))
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
+    os.rename(staging, out_dir)
 
 
 def _prepare_staging(plan: Plan, out_dir: str, staging: str, overwrite: bool, resume: bool) -> None:
