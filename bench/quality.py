@@ -32,21 +32,21 @@ HETERO = {  # the rev expert and a sort expert that differs from the base's othe
 }
 SETS = {**HOMOGENEOUS, **{k: ("expert-rev", f"{k}-{zoo.HETERO_SKILL}") for k in HETERO}}
 
-_SEME = ({"select_topk": 0.1}, {"select_topk": 0.3}, {"select_topk": 1.0},
+_SEME = ({"select_topk": 1.0}, {"select_topk": 0.3}, {"select_topk": 0.1},
          {"select_topk": 1.0, "alignment": "never"}, {"select_topk": 1.0, "align_tolerance": 0.2},
          {"select_topk": 1.0, "align_mode": "probability"},
          {"select_topk": 1.0, "align_mode": "probability", "temperature": 0.2})
-SWEEPS = {  # method -> parameter sets (the first is the method's usual default); weights are 1
+SWEEPS = {  # method -> parameter sets, all weights 1 (`--quick` takes the first of each)
     "linear": ({},),
-    "task_arithmetic": tuple({"lambda": x} for x in (0.3, 0.5, 0.7, 1.0)),
-    "ties": tuple({"density": d, "lambda": x} for d in (0.2, 0.5) for x in (1.0, 1.5)),
-    "dare_linear": tuple({"density": 0.5, "lambda": x} for x in (0.5, 1.0)),
-    "dare_ties": tuple({"density": 0.5, "lambda": x} for x in (0.5, 1.0)),
-    "breadcrumbs": tuple({"density": 0.9, "gamma": 0.01, "lambda": x} for x in (0.5, 1.0)),
-    "breadcrumbs_ties": tuple({"density": 0.9, "gamma": 0.01, "lambda": x} for x in (0.5, 1.0)),
+    "task_arithmetic": tuple({"lambda": x} for x in (1.0, 0.7, 0.5, 0.3)),
+    "ties": tuple({"density": d, "lambda": x} for d in (0.5, 0.2) for x in (1.0, 1.5)),
+    "dare_linear": tuple({"density": 0.5, "lambda": x} for x in (1.0, 0.5)),
+    "dare_ties": tuple({"density": 0.5, "lambda": x} for x in (1.0, 0.5)),
+    "breadcrumbs": tuple({"density": 0.9, "gamma": 0.01, "lambda": x} for x in (1.0, 0.5)),
+    "breadcrumbs_ties": tuple({"density": 0.9, "gamma": 0.01, "lambda": x} for x in (1.0, 0.5)),
     "della": ({"density": 0.5, "epsilon": 0.1},),
-    "della_linear": tuple({"density": 0.5, "epsilon": 0.1, "lambda": x} for x in (0.5, 1.0)),
-    "sce": tuple({"select_topk": x} for x in (0.1, 0.3, 1.0)),
+    "della_linear": tuple({"density": 0.5, "epsilon": 0.1, "lambda": x} for x in (1.0, 0.5)),
+    "sce": tuple({"select_topk": x} for x in (1.0, 0.3, 0.1)),
     "model_stock": ({},),
     "slerp": ({"t": 0.5},),
     "nuslerp": ({},),
@@ -299,6 +299,7 @@ def write(out: str, manifest: dict, results: dict, seconds: float, command: str)
         n_merges=sum(len(v) for r in results.values() for v in r.values()), machine=machine(), checks=checks,
         zoo_rows=zoo_rows, skills=" | ".join(zoo.SKILLS), c=cfg, right=round(100 * cfg.right), vocab=zoo.VOCAB,
         se=50 / cfg.n_test ** 0.5, delta=f"{min(deltas):.1%}–{max(deltas):.1%}",
+        base_max=max(manifest["models"]["base"]["scores"]["test"][k] for k in zoo.SKILLS),
         hetero="\n".join(f"- **{k}**: the sort expert, {v}." for k, v in HETERO.items()),
         config=json.dumps(manifest["config"]))
     with open(out, "w", encoding="utf-8") as f:
@@ -336,9 +337,10 @@ A Llama ({c.layers} layers, hidden {c.hidden}, MLP {c.intermediate}, {c.heads} h
 {c.n_facts} facts (two-letter key → three-letter value) that no expert sees. Only {right}% of the corpus's
 answers to the four skills are right; the rest are a plausible distractor (letters moved one on, one more
 than the sum, descending order, another cipher table), spelt in a twin alphabet for all but sorting. So the
-base knows how to do each skill but answers wrongly: it scores near 0 on every skill. Each expert is the base
-fine-tuned on the right answers of one skill for {c.expert_steps} steps at lr {c.expert_lr}: small
-deltas ({delta} of the base's weight norm) that make it prefer the answer the base had learnt second.
+base knows how to do each skill but answers wrongly: it scores at most {base_max:.2f} on any skill. Each
+expert is the base fine-tuned on the right answers of one skill for {c.expert_steps} steps at lr
+{c.expert_lr}: small deltas ({delta} of the base's weight norm) that make it prefer the answer the base had
+learnt second.
 
 Heterogeneous members, each merged with the base (the pivot) and expert-rev:
 
@@ -364,9 +366,10 @@ Configuration: `{config}`
   to give, a regime in which merging works well; rankings here need not carry over to large models, and the
   margins between the task-vector methods on the homogeneous sets are a few points, near the noise.
 - Zoos whose experts learn what the base cannot do at all (inputs longer than the base saw, letters it never
-  saw) were tried first: there the skill appears only at the full fine-tuning delta (base + 0.5·δ scores like
-  the base) and no merge of two or more experts beat the base, so no method could be told apart. Here each
-  expert switches to an answer the base already gives {right}% of the time, and base + λ·δ improves smoothly.
+  saw) were tried first: there the skill appears only near the full fine-tuning delta (base + 0.5·δ scores
+  like the base), and the best merges kept about a quarter of the experts' gains with two experts and none
+  with four, too little to tell methods apart. Here each expert switches to an answer the base already gives
+  {right}% of the time, and base + λ·δ improves smoothly with λ.
 - Every heterogeneous member is a sort expert merged with the same rev expert, so the homogeneous "2
   experts" set (the same pair) is the reference each heterogeneous set can be compared with.
 - Two independently pretrained bases differ by more than a rotation of the residual stream (their MLP
@@ -403,7 +406,8 @@ def main(argv=None) -> None:
     out = args.out or (None if args.quick else os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs",
                                                             "results.md"))
     if out:
-        write(out, manifest, results, seconds, "python -m bench.zoo build && python -m bench.quality")
+        write(out, manifest, results, seconds,
+              "python -m bench.zoo build && python -m bench.quality" + (" --quick" if args.quick else ""))
     print(f"bench.quality: {len(jobs)} merges in {seconds:.0f} s" + (f" -> {out}" if out else ""))
 
 
