@@ -14,6 +14,7 @@ import torch
 import yaml
 
 import seme
+from bench.zoo import rotate as rotate_residual_stream  # fold norm gains, then turn the residual stream
 from conftest import build_model, load_folder, save_tokenizer
 from seme.semantic import alignment
 from seme.semantic.bases import semantic_bases
@@ -52,25 +53,6 @@ def llama(layers: int = 2):
     return LlamaForCausalLM(LlamaConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=layers,
                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                                         max_position_embeddings=64, tie_word_embeddings=False))
-
-
-def rotate_residual_stream(state: dict, Q: torch.Tensor, layers: int) -> dict:
-    """An independent implementation: fold the RMSNorm gains, then turn the residual stream by Q."""
-    s = {k: v.clone().float() for k, v in state.items()}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for norm, readers in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                              ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
-            g = s[p + norm + ".weight"]
-            for r in readers:
-                s[p + r + ".weight"] = s[p + r + ".weight"] * g @ Q.T
-            s[p + norm + ".weight"] = torch.ones_like(g)
-        for w in ("self_attn.o_proj", "mlp.down_proj"):
-            s[p + w + ".weight"] = Q @ s[p + w + ".weight"]
-    s["lm_head.weight"] = s["lm_head.weight"] * s["model.norm.weight"] @ Q.T
-    s["model.norm.weight"] = torch.ones_like(s["model.norm.weight"])
-    s["model.embed_tokens.weight"] = s["model.embed_tokens.weight"] @ Q.T
-    return s
 
 
 def save(model, state: dict | None, path) -> str:
