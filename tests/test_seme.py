@@ -208,6 +208,80 @@ def test_semantic_drift_is_reported_per_writing_tensor(trained, tmp_path):
     assert "semantic_drift" not in report["tensors"]["model.layers.0.mlp.up_proj.weight"]  # reads, not writes
 
 
+# --- §6 knowledge stabilisation ------------------------------------------------------------------
+
+WRITERS = {f"model.layers.{i}.{name}.weight" for i in range(2) for name in ("self_attn.o_proj", "mlp.down_proj")}
+
+
+def test_stabilize_reweights_only_the_writers_when_on(llama_family, tmp_path):
+    m = llama_family
+    experts = [m["expert0"], m["expert1"], m["expert2"]]
+    default = seme_merge(m["base"], experts, tmp_path / "default")
+    seme_merge(m["base"], experts, tmp_path / "off", stabilize=False)
+    report = seme_merge(m["base"], experts, tmp_path / "on", stabilize=True)
+    assert not any("stabilization" in t for t in default["tensors"].values())
+    plain, off, on = (load_folder(tmp_path / name) for name in ("default", "off", "on"))
+    assert all(torch.equal(plain[k], off[k]) for k in plain)
+    assert all(torch.equal(plain[k], on[k]) for k in plain if k not in WRITERS)
+    assert {k for k in WRITERS if not torch.equal(plain[k], on[k])}, "no writer was re-weighted"
+    for name in WRITERS:
+        stats = report["tensors"][name]["stabilization"]
+        assert stats["drift_before"] == default["tensors"][name]["semantic_drift"]  # the plain SCE merge's
+        assert stats["drift_after"] == report["tensors"][name]["semantic_drift"]
+        assert torch.equal(plain[name], on[name]) == (stats["coefficients"] == [1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("search_range", [4.0, 1.5])
+def test_stabilized_coefficients_stay_in_range_and_never_drift_more(llama_family, tmp_path, search_range):
+    m = llama_family
+    report = seme_merge(m["base"], [m["expert0"], m["expert1"]], tmp_path / "out", select_topk=0.5,
+                        stabilize=True, stabilize_range=search_range)
+    for name in WRITERS:
+        stats = report["tensors"][name]["stabilization"]
+        assert all(1 / search_range - 1e-9 <= c <= search_range + 1e-9 for c in stats["coefficients"]), stats
+        assert sum(stats["eta"]) == pytest.approx(1.0, abs=1e-5)
+        assert sum(stats["drift_after"]) <= sum(stats["drift_before"]) + 1e-6, stats  # the mean drift
+
+
+def test_a_stabilized_merge_loads_and_generates(llama_family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    m = llama_family
+    seme_merge(m["base"], [m["expert0"], m["expert1"]], tmp_path / "out", stabilize=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.isfinite(model(input_ids=out).logits).all()
+    assert out.shape == (1, 8)
+
+
+def test_one_source_has_nothing_to_stabilize(llama_family, tmp_path):
+    m = llama_family
+    report = seme_merge(m["base"], [m["expert0"]], tmp_path / "on", stabilize=True)
+    seme_merge(m["base"], [m["expert0"]], tmp_path / "off")
+    assert not any("stabilization" in t for t in report["tensors"].values())
+    on, off = load_folder(tmp_path / "on"), load_folder(tmp_path / "off")
+    assert all(torch.equal(on[k], off[k]) for k in on)
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"stabilize": "yes"}, "parameter 'stabilize' must be true or false, got 'yes'"),
+    ({"stabilize": True, "stabilize_range": 0.5}, "parameter 'stabilize_range' must be >= 1.0, got 0.5"),
+])
+def test_a_bad_stabilize_parameter_is_a_one_line_error(llama_family, tmp_path, capsys, params, expected):
+    from seme.merge import main
+
+    m = llama_family
+    recipe = {"merge_method": "seme", "base_model": m["base"], "parameters": params,
+              "models": [{"model": m["expert0"]}, {"model": m["expert1"]}]}
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))
+    status = main([str(tmp_path / "recipe.yml"), str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 # --- §4 depth ------------------------------------------------------------------------------------
 
 def test_layer_map_follows_the_uniform_ratio():

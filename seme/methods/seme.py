@@ -3,11 +3,13 @@ interpolation, vocabulary maps: `seme.semantic.pipeline`) and then fused by Sele
 Erase (METHOD §5). This module is the per-tensor fusion step and the method's declaration."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from seme.methods.inputs import Inputs, compute_dtype
 from seme.methods.registry import Method, Param, register
-from seme.methods.task_vector import sce_fuse
+from seme.methods.task_vector import sce_fuse, sce_mean
 
 PARAMS = (
     # 1.0, not METHOD.md's 0.1: on the zoo (docs/results.md) 0.1 kept 4-21% of the experts'
@@ -19,15 +21,22 @@ PARAMS = (
     Param("align_tolerance", float, default=0.05, minimum=0.0),
     Param("temperature", float, default=0.05, minimum=1e-4),
     Param("topk", int, default=64, minimum=1),
+    # Knowledge stabilisation (METHOD §6, `stabilize` below); off by default because the quality
+    # benchmark has not shown that it helps.
+    Param("stabilize", bool, default=False),
+    Param("stabilize_range", float, default=4.0, minimum=1.0),  # multipliers of η_k lie in [1/range, range]
 )
+
+
+def _deltas(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pivot in the compute dtype and the stacked fusion vectors δ_k = θ̃_k − θ_pivot."""
+    base = inputs.base.to(compute_dtype(inputs.base))
+    return base, torch.stack([x.to(base.dtype) - base for x in inputs.others])
 
 
 def seme_fuse(inputs: Inputs, p: dict):
     """Select / Compute / Erase over the aligned sources; returns (tensor, statistics)."""
-    base = inputs.base
-    dtype = compute_dtype(base)
-    base32 = base.to(dtype)
-    deltas = torch.stack([x.to(dtype) - base32 for x in inputs.others])
+    base32, deltas = _deltas(inputs)
     merged, select, erase, eta = sce_fuse(base32, deltas, p["select_topk"])
     selected = select if select is not None else torch.ones_like(base32, dtype=torch.bool)
     live = (deltas != 0) & selected
@@ -39,6 +48,39 @@ def seme_fuse(inputs: Inputs, p: dict):
         "eta": [round(float(e), 6) for e in eta],
     }
     return merged, stats
+
+
+def stabilize(inputs: Inputs, p: dict, mean_drift: Callable[[torch.Tensor], float], unstabilized: float):
+    """Knowledge stabilisation (METHOD §6) of one residual-writing tensor: per-source multipliers s_k
+    of SCE's coefficients η_k chosen to minimise `mean_drift(merged tensor)`, the mean Jensen–Shannon
+    divergence between the semantic signatures of the merged update and of each source's update.
+
+    Per source, not one coefficient c on the update (θ_P + c·update): the signature decodes the
+    update's column directions weighted by their relative norms, so it does not change with c.
+    Re-weighting η_k keeps the result an SCE merge (an entry-wise weighted mean of the kept source
+    updates, so magnitudes stay within the sources'); only the mix changes. Search: one coordinate
+    pass over the sources, each s_k tried on {1/r, 1/√r, √r, r} (r = `stabilize_range`) with the
+    others held, a change kept only when it lowers the drift; deterministic, at most 4K signatures.
+    s = 1 (the plain SCE merge, whose drift is `unstabilized`) is the starting point, so the result
+    never drifts more than it.
+
+    Returns (merged tensor, multipliers s_k, applied coefficients η_k·s_k normalised to sum 1)."""
+    base, deltas = _deltas(inputs)
+    _, select, erase, eta = sce_fuse(base, deltas, p["select_topk"])
+    kept = deltas * select if select is not None else deltas
+    r = p["stabilize_range"]
+    steps = [s for s in (1 / r, r ** -0.5, r ** 0.5, r) if s != 1.0]
+    scales, best = torch.ones_like(eta), unstabilized
+    for k in range(len(eta)):
+        start = scales
+        for s in steps:
+            trial = start.clone()
+            trial[k] = s
+            drift = mean_drift(sce_mean(base, kept, erase, eta * trial))
+            if drift < best:
+                scales, best = trial, drift
+    weights = eta * scales
+    return sce_mean(base, kept, erase, weights), scales.tolist(), (weights / weights.sum()).tolist()
 
 
 register(Method("seme", seme_fuse, PARAMS, base="required", min_non_base=1,

@@ -168,8 +168,13 @@ def sce_fuse(base: torch.Tensor, deltas: torch.Tensor, select_topk: float):
         deltas = deltas * select
     erase = sign_consensus(deltas)
     eta = sce_coefficients(deltas)
+    return sce_mean(base, deltas, erase, eta), select, erase, eta
+
+
+def sce_mean(base: torch.Tensor, deltas: torch.Tensor, erase: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+    """SCE's disjoint weighted mean: base + Σ_k η_k δ_k [kept] / Σ_k η_k [kept] (0 where nothing is kept)."""
     w = eta.reshape(-1, *([1] * base.dim())) * erase
-    return base + (deltas * w).sum(dim=0) / w.sum(dim=0).clamp(min=1e-6), select, erase, eta
+    return base + (deltas * w).sum(dim=0) / w.sum(dim=0).clamp(min=1e-6)
 
 
 def sce(inputs: Inputs, p: dict):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from seme.errors import SemeError
+from seme.methods.seme import stabilize
 from seme.semantic import alignment, layers, vocab
 from seme.semantic.bases import semantic_bases
 from seme.semantic.mapping import js_divergence, mean_distribution
@@ -155,6 +156,7 @@ class SemanticContext:
     def __init__(self, sp: SemanticPlan, plan, device: torch.device):
         self.sp, self.plan, self.device = sp, plan, device
         self.stats: dict[str, dict] = {}
+        self.params = {t.name: t.params for t in plan.tasks}
         arch = plan.archs[sp.pivot]
         self.offset = arch.norm_gain_offset
         models = [sp.pivot] + sp.sources
@@ -170,6 +172,10 @@ class SemanticContext:
                 raise SemeError(f"seme: aligning {arch.name} models by rotation is not supported "
                                 f"({', '.join(sorted(bad))} tensors are not rotation-invariant); "
                                 f"set alignment: never to merge without it")
+        if any(p.get("stabilize") for p in self.params.values()) and self._signature_keys() is None:
+            bases = self.bases[sp.pivot]
+            raise SemeError(f"seme: stabilize needs the pivot's semantic bases in memory ({bases.vocab_size} x "
+                            f"{bases.W.shape[1]} exceeds {_MAX_SIGNATURE_ELEMENTS} elements); set stabilize: false")
 
     def _load(self, m: int, name: str) -> torch.Tensor:
         return self.plan.models[m].load(name).to(self.device, torch.float32)
@@ -234,15 +240,29 @@ class SemanticContext:
     def record(self, name: str, stats: dict, inputs, merged: torch.Tensor) -> None:
         """Keep a tensor's statistics; for residual-writing tensors add its semantic drift (METHOD §6):
         the Jensen–Shannon divergence between the semantic signature of the merged update and of
-        each source's aligned update, decoded on the pivot's bases."""
+        each source's aligned update, decoded on the pivot's bases. With `stabilize` (and two sources
+        or more), `merged` is first re-weighted in place to lower that drift (the executor writes it
+        after this call) and the coefficients and the drift before and after are kept."""
         role = self.plan.archs[self.sp.pivot].role(name)
         if role is not None and role.role == "write" and self._signature_keys() is not None:
             base = inputs.base.to(torch.float32)
-            merged_sig = self._signature(merged.to(torch.float32) - base, role.layout)
-            if merged_sig is not None:
-                stats["semantic_drift"] = [round(js_divergence(merged_sig, sig), 6) if sig is not None else None
-                                           for sig in (self._signature(x.to(torch.float32) - base, role.layout)
-                                                       for x in inputs.others)]
+            sources = [self._signature(x.to(torch.float32) - base, role.layout) for x in inputs.others]
+
+            def drift(tensor: torch.Tensor) -> list[float | None] | None:
+                sig = self._signature(tensor.to(torch.float32) - base, role.layout)
+                return None if sig is None else [js_divergence(sig, s) if s is not None else None for s in sources]
+
+            written = drift(merged)
+            params = self.params[name]
+            if written is not None and params["stabilize"] and len(sources) > 1:
+                before = written
+                stabilized, scales, eta = stabilize(inputs, params, lambda t: _mean(drift(t)), _mean(before))
+                merged.copy_(stabilized)
+                written = drift(merged)
+                stats["stabilization"] = {"coefficients": scales, "eta": _rounded(eta),
+                                          "drift_before": _rounded(before), "drift_after": _rounded(written)}
+            if written is not None:
+                stats["semantic_drift"] = _rounded(written)
         self.stats[name] = stats
 
     def _signature_keys(self) -> torch.Tensor | None:
@@ -276,3 +296,13 @@ class SemanticContext:
         with open(os.path.join(folder, "seme_report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
             f.write("\n")
+
+
+def _mean(drift: list[float | None] | None) -> float:
+    """The mean drift over the sources that have a signature; infinite for an update without one."""
+    values = [d for d in drift or () if d is not None]
+    return sum(values) / len(values) if values else float("inf")
+
+
+def _rounded(values: list[float | None]) -> list[float | None]:
+    return [round(v, 6) if v is not None else None for v in values]
