@@ -136,7 +136,8 @@ def main(argv=None) -> None:
         rows.append(row)
         print(row, flush=True)
     command = "python -m bench.e2e " + " ".join(argv if argv is not None else sys.argv[1:])
-    update_section("e2e", f"## End to end: seme vs mergekit-yaml\n\n`{command.strip()}` on {machine()}, "
+    kind = torch.device(args.device).type
+    update_section(f"e2e-{kind}", f"## End to end: seme vs mergekit-yaml ({kind})\n\n`{command.strip()}` on {machine()}, "
                           f"load average before the run {load:.2f}.\n"
                           f"{args.models} Llama-shaped models of {params:.0f}M parameters (bf16, dense deltas), "
                           f"{in_bytes / 1e9:.2f} GB of input; plain read of the same files from page cache: "

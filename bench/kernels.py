@@ -1,13 +1,14 @@
-"""Fused CPU kernel vs the plain-torch reference vs mergekit 0.1.5, side by side.
+"""Fused kernels vs the plain-torch reference vs mergekit 0.1.5, side by side, on one device.
 
-    python -m bench.kernels [--size N] [--repeat R] [--baseline-repeat B] [--threads T]
-                            [--methods a,b] [--dtypes float32,bfloat16] [--no-record]
+    python -m bench.kernels [--device cpu|cuda] [--size N] [--repeat R] [--baseline-repeat B]
+                            [--threads T] [--methods a,b] [--dtypes float32,bfloat16] [--no-record]
 
-Per method: three fine-tuned tensors of N elements (fp32, then bf16) against a base. Times are
-best-of-R for the kernel and the memory copy, best-of-B for the (much slower) reference and
-mergekit. GB/s counts one read of the K+1 inputs and one write of the output (the copy: K+1 reads
-and writes); the kernel really reads the inputs once per pass (1 to 4 passes by method).
---threads sets both torch's and the kernel's thread count (default: all cores).
+Per method: three fine-tuned tensors of N elements (fp32, then bf16) against a base. Kernels: the
+C++/OpenMP one on CPU; on CUDA the Triton one and the CUDA C++ one (where it is built), each
+timed. Times are best-of-R for the kernels and the memory copy, best-of-B for the (much slower)
+reference and mergekit. GB/s counts one read of the K+1 inputs and one write of the output (the
+copy: K+1 reads and writes); the kernels really read the inputs once per pass (1 to 4 passes by
+method). --threads sets both torch's and the CPU kernel's thread count (default: all cores).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import time
 import torch
 
 from bench.results import machine, update_section
-from seme import _C, fused_merge
+from seme import fused_merge
 from seme.methods import registry
 from seme.methods.inputs import Inputs
 
@@ -34,13 +35,30 @@ METHODS = {  # name -> parameters (scalars: the same for every model), as both e
 }
 
 
-def best_time(fn, repeat: int) -> float:
+def best_time(fn, repeat: int, device: torch.device) -> float:
     best = float("inf")
     for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def kernels(device: torch.device, threads: int) -> dict:
+    """name -> merge(method, inputs, params, out_dtype) of every fused kernel built for the device."""
+    if device.type == "cpu":
+        return {"C++": lambda m, i, p, dt: fused_merge.merge(m, i, p, out_dtype=dt, num_threads=threads)}
+    from seme import cuda_merge
+    from seme.kernels import fused_merge as triton_merge
+
+    found = {"triton": lambda m, i, p, dt: triton_merge.fused_merge(m, i, p, out_dtype=dt)}
+    if cuda_merge.available():
+        found["cuda"] = lambda m, i, p, dt: cuda_merge.merge(m, i, p, out_dtype=dt)
+    return found
 
 
 def mergekit_fn(name, tensors, params):
@@ -55,61 +73,79 @@ def mergekit_fn(name, tensors, params):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--size", type=int, default=1 << 24, help="elements per tensor (default 2^24)")
-    parser.add_argument("--repeat", type=int, default=5, help="runs of the kernel and the copy (best is kept)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs of the kernels and the copy (best is kept)")
     parser.add_argument("--baseline-repeat", type=int, default=1, help="runs of the reference and mergekit")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--threads", type=int, default=0, help="torch and kernel threads (0: all cores)")
+    parser.add_argument("--threads", type=int, default=0, help="torch and CPU kernel threads (0: all cores)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave bench/RESULTS.md as it is")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    threads = args.threads or _C.max_threads()
+    threads = args.threads or torch.get_num_threads()
+    impls = kernels(device, threads)
 
     load = os.getloadavg()[0]  # other work on the machine skews every column: recorded with the table
     cols = 4096 if args.size % 4096 == 0 else args.size  # LLM-like rows: DELLA ranks along them
     shape = (args.size // cols, cols)
-    header = ("| method | dtype | kernel ms | kernel GB/s | reference ms | mergekit ms | copy ms | "
-              f"× vs mergekit | × vs reference | kernel / copy |")
-    rows = [header, "|" + "---|" * 10]
+    names = list(impls)
+    header = ("| method | dtype | " + " | ".join(f"{n} ms | {n} GB/s" for n in names)
+              + " | reference ms | mergekit ms | copy ms | × vs mergekit | × vs reference | fastest / copy |")
+    rows = [header, "|" + "---|" * (9 + 2 * len(names))]
     print(header)
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         g = torch.Generator().manual_seed(0)
         base = torch.randn(shape, generator=g)
         tensors = [base.to(dtype)] + [(base + 0.01 * torch.randn(shape, generator=g)).to(dtype) for _ in range(K)]
+        tensors = [t.to(device) for t in tensors]
         del base
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        copy = best_time(lambda: [t.clone() for t in tensors], args.repeat)
+        copy = best_time(lambda: [t.clone() for t in tensors], args.repeat, device)
         inputs = Inputs(tuple(tensors), base_index=0, name="model.layers.0.mlp.down_proj.weight", seed=0)
         for name in args.methods.split(","):
             params = registry.bind(registry.get(name), METHODS[name], K + 1, 0, "bench")
             moved = nbytes + tensors[0].numel() * tensors[0].element_size()
-            kernel = best_time(lambda: fused_merge.merge(name, inputs, params, out_dtype=dtype, num_threads=threads),
-                                args.repeat)
-            ref = best_time(lambda: registry.get(name).fn(inputs, params).to(dtype), args.baseline_repeat)
+            times = {n: best_time(lambda: f(name, inputs, params, dtype), args.repeat, device)
+                     for n, f in impls.items()}
+            fastest = min(times.values())
+            ref = best_time(lambda: registry.get(name).fn(inputs, params).to(dtype), args.baseline_repeat, device)
             mk = mergekit_fn(name, tensors, METHODS[name])
-            mk_time = best_time(mk, args.baseline_repeat) if mk else float("nan")
-            line = (f"| {name} | {dtype_name} | {kernel * 1e3:.1f} | {moved / kernel / 1e9:.1f} | {ref * 1e3:.0f} | "
-                    f"{mk_time * 1e3:.0f} | {copy * 1e3:.1f} | {mk_time / kernel:.1f} | {ref / kernel:.1f} | "
-                    f"{kernel / copy:.2f} |")
+            mk_time = best_time(mk, args.baseline_repeat, device) if mk else float("nan")
+            line = (f"| {name} | {dtype_name} | "
+                    + " | ".join(f"{times[n] * 1e3:.2f} | {moved / times[n] / 1e9:.1f}" for n in names)
+                    + f" | {ref * 1e3:.1f} | {mk_time * 1e3:.1f} | {copy * 1e3:.2f} | {mk_time / fastest:.1f} | "
+                    f"{ref / fastest:.1f} | {fastest / copy:.2f} |")
             rows.append(line)
             print(line, flush=True)
-        print(f"copy of the {K + 1} {dtype_name} inputs: {copy * 1e3:.1f} ms, {2 * nbytes / copy / 1e9:.1f} GB/s")
+        print(f"copy of the {K + 1} {dtype_name} inputs: {copy * 1e3:.2f} ms, {2 * nbytes / copy / 1e9:.1f} GB/s")
 
     if not args.no_record:
         command = " ".join(["python -m bench.kernels"] + (argv if argv is not None else sys.argv[1:]))
-        update_section("kernels", (
-            "## Fused CPU kernels vs plain torch vs mergekit\n\n"
-            f"`{command}` on {machine()}, {threads} thread(s), kernel build {_C.isa()}, torch {torch.__version__}, "
-            f"load average before the run {load:.2f}.\n\n"
+        if device.type == "cpu":
+            from seme import _C
+
+            where = (f"{threads} thread(s), kernel build {_C.isa()}, torch {torch.__version__}, "
+                     f"load average before the run {load:.2f}")
+            kernel_text = "C++: seme.fused_merge (C++/OpenMP)"
+        else:
+            import triton
+
+            where = f"torch {torch.__version__}, triton {triton.__version__}"
+            kernel_text = ("triton: seme.kernels.fused_merge; cuda: seme.cuda_merge (CUDA C++), where built. The "
+                           "copy's own rate (2 x input bytes / copy ms) is the device's practical bandwidth")
+        update_section(f"kernels-{device.type}", (
+            f"## Fused kernels vs plain torch vs mergekit ({device.type})\n\n"
+            f"`{command}` on {machine()}, {where}.\n\n"
             f"Base + {K} fine-tuned tensors of shape {list(shape)}; parameters: "
-            + "; ".join(f"{n} {p}" for n, p in METHODS.items()) + ". "
-            "kernel: seme.fused_merge (C++/OpenMP). reference: seme.methods (plain torch), output cast to the "
-            "dtype. mergekit: 0.1.5's own implementation (computes in the input dtype). copy: `clone()` of the "
+            + "; ".join(f"{n} {p}" for n, p in METHODS.items()) + f". {kernel_text}. "
+            "reference: seme.methods (plain torch), output cast to the dtype. mergekit: 0.1.5's own "
+            "implementation (computes in the input dtype). copy: `clone()` of the "
             f"{K + 1} inputs, the bandwidth floor. GB/s: (inputs read once + output written once) / kernel time. "
-            "Kernel and copy: best of --repeat; reference and mergekit: best of --baseline-repeat.\n\n"
+            "Kernels and copy: best of --repeat; reference and mergekit: best of --baseline-repeat.\n\n"
             + "\n".join(rows)))
         print("updated bench/RESULTS.md")
 

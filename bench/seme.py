@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     table += [f"| {name} | {ours:.3f} | {ref:.3f} | {ref / ours:.1f}x | {note} |" for name, ours, ref, note in rows]
     print("\n".join(table))
     command = " ".join(["python -m bench.seme"] + (argv if argv is not None else sys.argv[1:]))
-    update_section("seme", f"## SeMe stages vs plain torch\n\n`{command}` on {machine()}, {device}, "
+    update_section(f"seme-{device.type}", f"## SeMe stages vs plain torch ({device.type})\n\n`{command}` on {machine()}, {device}, "
                            f"load average before the run {load:.2f}; V={args.vocab}, d={args.hidden}, "
                            f"batch={args.batch}.\n\n" + "\n".join(table))
 

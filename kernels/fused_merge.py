@@ -245,8 +245,9 @@ def _della_kernel(x_ptr, b_ptr, prob_ptr, bits_ptr, sums_ptr, keys_ptr, k, n, nb
 @triton.jit
 def _merge_kernel(xs, b_ptr, out_ptr, sel_ptr, eqoff_ptr, coef_ptr, keys_ptr, bits_ptr, n, nblocks, divisor, lam,
                   K: tl.constexpr, MODE: tl.constexpr, NB: tl.constexpr, CONSENSUS: tl.constexpr,
-                  NORMALIZE: tl.constexpr, LAMBDA: tl.constexpr, BLOCK: tl.constexpr):
-    """out = base + mixed, in the reference's order of operations. coef[k] = (scale, weight, keep
+                  NORMALIZE: tl.constexpr, LAMBDA: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """out = base + mixed, in the reference's order of operations, into out's dtype (BF16_BITS: out is
+    the int16 view of a bfloat16 tensor). coef[k] = (scale, weight, keep
     probability); for SCE scale is the coefficient η_k."""
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -291,7 +292,11 @@ def _merge_kernel(xs, b_ptr, out_ptr, sel_ptr, eqoff_ptr, coef_ptr, keys_ptr, bi
             mixed = tl.math.div_rn(mixed, divisor)
     if LAMBDA:
         mixed = mixed * lam
-    tl.store(out_ptr + offs, base + mixed, mask=m)
+    out = base + mixed
+    if BF16_BITS:  # round to nearest even by hand: the interpreter's own cast truncates
+        bits = out.to(tl.uint32, bitcast=True)
+        out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -390,7 +395,7 @@ def _family(method, inputs: Inputs, p: dict, xs, b, out):
     _merge_kernel[(nblocks,)](xs, b, out, sel, eqoff, coef, keys, bits, n, nblocks,
                               divisor if abs(divisor) >= 1e-8 else 1.0, p["lambda"], K=K, MODE=mode, NB=nb,
                               CONSENSUS=consensus, NORMALIZE=p["normalize"], LAMBDA=p["lambda"] != 1,
-                              BLOCK=BLOCK, **_OPTS)
+                              BF16_BITS=out.dtype == torch.int16, BLOCK=BLOCK, **_OPTS)
 
 
 def _sce(p: dict, xs, b, out):
@@ -410,26 +415,33 @@ def _sce(p: dict, xs, b, out):
     eta = torch.where(total.abs() < 1e-6, torch.full_like(energy, 1.0 / K), energy / total)
     coef = torch.stack([eta, torch.ones_like(eta), torch.ones_like(eta)], -1).contiguous()
     _merge_kernel[(nblocks,)](xs, b, out, sel, eqoff, coef, sel, sel, n, nblocks, 1.0, 1.0, K=K, MODE=_SCE, NB=nb,
-                              CONSENSUS=True, NORMALIZE=True, LAMBDA=False, BLOCK=BLOCK, **_OPTS)
+                              CONSENSUS=True, NORMALIZE=True, LAMBDA=False, BF16_BITS=out.dtype == torch.int16,
+                              BLOCK=BLOCK, **_OPTS)
 
 
-def fused_merge(method: str, inputs: Inputs, params: dict) -> torch.Tensor:
-    """Merge one tensor like `registry.get(method).fn(inputs, params)`; float32 result."""
+_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # written by the kernel; others are a cast of fp32
+
+
+def fused_merge(method: str, inputs: Inputs, params: dict, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Merge one tensor like `registry.get(method).fn(inputs, params)`, into `out_dtype`."""
     if method not in SUPPORTED:
         raise ValueError(f"fused_merge: unsupported method {method!r}")
     base = inputs.base
     if not inputs.others:
-        return base
+        return base.to(out_dtype)
     if compute_dtype(base) != torch.float32:  # float64 is merged in float64: the reference does it
-        return registry.get(method).fn(inputs, params)
+        return registry.get(method).fn(inputs, params).to(out_dtype)
+    if out_dtype not in _OUT_DTYPES:
+        return fused_merge(method, inputs, params).to(out_dtype)
     n = base.numel()
     if n >= 2 ** 31 or len(inputs.others) > _MAX_MODELS:
         raise ValueError(f"fused_merge: at most 2^31 elements and {_MAX_MODELS} models")
-    out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     if n:
         xs = tuple(x.contiguous() for x in inputs.others)
+        target = out.view(torch.int16) if out_dtype == torch.bfloat16 else out
         if method == "sce":
-            _sce(params, xs, base.contiguous(), out)
+            _sce(params, xs, base.contiguous(), target)
         else:
-            _family(method, inputs, params, xs, base.contiguous(), out)
+            _family(method, inputs, params, xs, base.contiguous(), target)
     return out

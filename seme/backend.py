@@ -1,8 +1,11 @@
 """Which implementation merges a tensor: the fused kernels by default, the plain-torch reference
 on request (`--backend reference`) or where no kernel covers the method.
 
-CPU tensors go to the C++/OpenMP kernel (seme._C), CUDA tensors to the Triton kernel; both draw
-the same masks as the reference, so the backend changes speed, not results (fp32 sums apart).
+CPU tensors go to the C++/OpenMP kernel (seme._C). CUDA tensors go to whichever GPU kernel was
+faster for the method in `python -m bench.kernels --device cuda` (bench/RESULTS.md, H100): the CUDA
+C++ one (seme._C_cuda, up to 8 non-base models) where a selection pass dominates, the Triton one
+for the single-pass methods. All draw the same masks as the reference, so the backend changes
+speed, not results (fp32 sums apart).
 """
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ from seme.methods import registry
 from seme.methods.inputs import Inputs
 
 BACKENDS = ("auto", "reference", "fused")
+# Measured 1.2-2.2x faster in Triton than in CUDA C++ (one element pass, no selection); the CUDA
+# kernels won 1.4-3.5x on the rank-selection methods and SCE, and tied on DELLA (its row sort is torch's).
+TRITON_FIRST = frozenset({"task_arithmetic", "dare_ties", "dare_linear"})
 # Input dtypes the fused kernels widen to fp32 as they load: a cast to fp32 first would only copy.
 WIDENED_BY_KERNELS = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -57,11 +63,28 @@ def _fused(method: str, device: torch.device):
             return None
         return lambda inputs, params, out_dtype: fused_merge.merge(method, inputs, params, out_dtype=out_dtype)
     if device.type == "cuda":
+        from seme import cuda_merge
+
         try:
             from seme.kernels import fused_merge as triton_merge
-        except ImportError:  # no triton: the reference runs on the GPU
-            return None
-        if method not in triton_merge.SUPPORTED:
-            return None
-        return lambda inputs, params, out_dtype: triton_merge.fused_merge(method, inputs, params).to(out_dtype)
+        except ImportError:  # no triton
+            triton_merge = None
+        native = cuda_merge.available() and method in cuda_merge.METHODS
+        if not native and (triton_merge is None or method not in triton_merge.SUPPORTED):
+            return None  # the reference runs on the GPU
+
+        use_triton = triton_merge is not None and method in triton_merge.SUPPORTED
+        triton_first = use_triton and method in TRITON_FIRST
+
+        def gpu(inputs: Inputs, params: dict, out_dtype: torch.dtype):
+            fits = native and len(inputs.others) <= cuda_merge.max_models()
+            if fits and not triton_first:
+                return cuda_merge.merge(method, inputs, params, out_dtype=out_dtype)
+            if use_triton:
+                return triton_merge.fused_merge(method, inputs, params, out_dtype)
+            if fits:
+                return cuda_merge.merge(method, inputs, params, out_dtype=out_dtype)
+            return registry.get(method).fn(inputs, params).to(out_dtype)  # more models than the CUDA kernel takes
+
+        return gpu
     return None

@@ -78,9 +78,17 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype =
         _C.sce_merge(select_topk=float(params["select_topk"]), **common)
         return out
 
+    args = family_arguments(method, inputs, params, n)
+    _C.family_merge(cols=base.shape[-1] if base.dim() >= 2 else n,  # DELLA ranks along the last dimension
+                    **args, **common)
+    return out
+
+
+def family_arguments(method: str, inputs: Inputs, params: dict, n: int) -> dict:
+    """The per-model tables both native kernels take (seme._C, seme._C_cuda), from bound params."""
     sparsification, consensus = FAMILY[method]
-    k_models = len(others)
     density = params["density"]
+    k_models = len(density)
     gamma = params.get("gamma", [0.0] * k_models)
     epsilon = params.get("epsilon", [0.0] * k_models)
     mode, lo, hi, p0 = [], [], [], []
@@ -98,10 +106,7 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype =
             lo.append(0)
             hi.append(n)
         p0.append(d - e if sparsification == "della_magprune" else d)
-    _C.family_merge(
-        sparsify=_KERNEL[sparsification], consensus=consensus, normalize=params["normalize"],
-        rescale=params["rescale"], lambda_=params["lambda"],
-        cols=base.shape[-1] if base.dim() >= 2 else n,  # DELLA ranks along the last dimension
-        mode=mode, weight=list(params["weight"]), rank_lo=lo, rank_hi=hi, p0=p0, epsilon=list(epsilon),
-        key=[rng.stream_key(inputs.seed, inputs.name, i) for i in inputs.other_indices], **common)
-    return out
+    return dict(sparsify=_KERNEL[sparsification], consensus=consensus, normalize=params["normalize"],
+                rescale=params["rescale"], lambda_=params["lambda"], mode=mode, weight=list(params["weight"]),
+                rank_lo=lo, rank_hi=hi, p0=p0, epsilon=list(epsilon),
+                key=[rng.stream_key(inputs.seed, inputs.name, i) for i in inputs.other_indices])

@@ -35,3 +35,19 @@ def test_fused_and_reference_backends_agree_on_whole_merges(llama_family, tmp_pa
         assert fused[name].dtype == t.dtype
         tol = {"float32": 1e-6, "float64": 1e-12, "bfloat16": 1e-2}[dtype]
         torch.testing.assert_close(fused[name].float(), t.float(), rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("method, params", [
+    ("ties", {"weight": 1.0, "density": 0.3}), ("dare_linear", {"weight": 0.5, "density": 0.5}),
+    ("sce", {"select_topk": 0.2}), ("della", {"weight": 1.0, "density": 0.5, "epsilon": 0.1}),
+])
+def test_gpu_merges_equal_cpu_merges(llama_family, tmp_path, method, params):
+    # The CUDA C++ kernel (default on a GPU) and the C++ CPU kernel draw the same masks.
+    recipe = {"merge_method": method, "base_model": llama_family["base"], "dtype": "float32", "random_seed": 1,
+              "parameters": params, "models": [{"model": llama_family[f"expert{i}"]} for i in range(3)]}
+    seme.merge(recipe, str(tmp_path / "gpu"), device="cuda", progress=False)
+    seme.merge(recipe, str(tmp_path / "cpu"), device="cpu", progress=False)
+    gpu, cpu = load_folder(tmp_path / "gpu"), load_folder(tmp_path / "cpu")
+    for name, t in cpu.items():
+        torch.testing.assert_close(gpu[name], t, rtol=1e-6, atol=1e-6, msg=name)

@@ -114,6 +114,21 @@ def test_mixed_input_dtypes(method):
     check(method, inputs, {} if method == "sce" else {"weight": [0.5, 1.0, 0.8], "density": 0.4})
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "sce"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_output_dtypes(method, out_dtype):
+    # Written by the kernel, rounded to nearest even from its fp32 result (which may sit one fp32 ulp
+    # from the reference's): equal to the reference's cast within one ulp of the output dtype.
+    inputs = make_inputs((300,), 3, torch.bfloat16, seed=4)
+    m = registry.get(method)
+    params = registry.bind(m, {} if method == "sce" else {"weight": [0.5, 1.0, 0.8], "density": 0.4}, 4,
+                           inputs.base_index, "test")
+    on_device = Inputs(tuple(t.to(DEVICE) for t in inputs.tensors), inputs.base_index, inputs.name, inputs.seed)
+    got = fm.fused_merge(method, on_device, params, out_dtype).cpu()
+    assert got.dtype == out_dtype
+    torch.testing.assert_close(got.float(), m.fn(inputs, params).to(out_dtype).float())
+
+
 def test_default_block_size(monkeypatch):
     monkeypatch.setattr(fm, "BLOCK", 1024)
     for method in ("ties", "breadcrumbs_ties", "dare_ties", "della"):

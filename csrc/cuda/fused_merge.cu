@@ -1,0 +1,799 @@
+// Fused CUDA merge kernels (see fused_merge.h for the contract).
+//
+// Per tensor, with δ_k = x_k − base recomputed from the inputs at every pass:
+//   selection (rank interval, SCE top-k): radix select on the fp32 bits of the keys (|δ_k|, or the
+//     across-model variance) in three digit levels of 11 + 10 + 10 bits. Each level is one
+//     histogram pass (shared-memory bins, flushed with global atomics: integer sums, order-free)
+//     and one pick kernel per cut that narrows the prefix and the rank left to place. A cut ends as
+//     (v, room): rank < r ⇔ key < v, or key == v among the first `room` equal elements by index.
+//     Only when a cut splits a run of equal keys does a count pass and a scan give each tile its
+//     offset among the equals (both return at once otherwise: the decision stays on the device);
+//   sums (L1 rescale, SCE energies): per-tile fp32 partials, reduced in double in tile order;
+//   ONE element pass: masks, rescale, weights, sign election, (weighted) mean, λ, output cast.
+// Tiles are kThreads x kItems consecutive elements, each thread kItems of them; the order of
+// floating operations per element is the reference's (compiled with --fmad=false).
+#include "cuda/fused_merge.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+namespace seme {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256, kItems = 4, kTile = kThreads * kItems;
+constexpr int kMaxRows = 2 * kMaxModels;  // cuts: at most two per model
+constexpr int kMaxBins = 2048;
+constexpr int kPickThreads = 1024;
+constexpr uint32_t kAll = 0x80000000u;  // keys are < 2^31: a cut here has every element below it
+enum { kNone = 0, kRank = 1, kRandom = 2, kDella = 3, kSce = 4 };
+enum { kKeep = 0, kDrop = 1, kActive = 2 };
+
+struct Cut {
+  uint32_t v;
+  int32_t split;  // room splits the run of keys equal to v
+  int64_t room;   // before the last level: the rank left to place inside the current prefix
+  int32_t done;   // decided before the last level (no element, or every element, below)
+  int32_t pad;
+};
+
+struct Args {
+  const void* base;
+  const void* x[kMaxModels];
+  void* out;
+  const float* prob[kMaxModels];
+  int64_t n;
+  int K, nblocks;
+  int sparsify, nb;  // nb: cuts per selection key (rank: 1 TIES, 2 breadcrumbs; SCE: 1 when selecting)
+  int consensus, normalize, rescale, vec;
+  float lambda, divisor;
+  double tau;
+  int mode[kMaxModels];
+  float weight[kMaxModels], p0[kMaxModels];
+  uint32_t key_lo[kMaxModels], key_hi[kMaxModels];
+  // workspace
+  Cut* cut;
+  uint32_t* hist;
+  unsigned long long* zeros;
+  uint32_t* eq;      // [row][tile]: elements equal to the cut, then their exclusive prefix
+  float* partial;    // [model][2][tile]
+  float* coef;       // [model]: rescale factor, or SCE η
+};
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("seme CUDA kernel (") + what + "): " + cudaGetErrorString(e));
+}
+
+// ------------------------------------------------------------ element access
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ void from_f32(float v, float& y) { y = v; }
+__device__ __forceinline__ void from_f32(float v, __nv_bfloat16& y) { y = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void from_f32(float v, __half& y) { y = __float2half_rn(v); }
+
+// kItems consecutive elements in one aligned access (16 bytes of fp32, 8 of bf16 / fp16).
+template <class T>
+struct Packed;
+template <>
+struct Packed<float> {
+  static __device__ __forceinline__ void load(const float* p, float v[kItems]) {
+    const float4 w = __ldg(reinterpret_cast<const float4*>(p));
+    v[0] = w.x, v[1] = w.y, v[2] = w.z, v[3] = w.w;
+  }
+  static __device__ __forceinline__ void store(float* p, const float v[kItems]) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  }
+};
+template <class T>
+struct Packed16 {  // bf16 / fp16: element 2q is the low half of word q (little endian)
+  static __device__ __forceinline__ float half(uint32_t w) { return to_f32(from_bits(uint16_t(w))); }
+  static __device__ __forceinline__ T from_bits(uint16_t b);
+  static __device__ __forceinline__ void load(const T* p, float v[kItems]) {
+    const uint2 w = __ldg(reinterpret_cast<const uint2*>(p));
+    v[0] = half(w.x), v[1] = half(w.x >> 16), v[2] = half(w.y), v[3] = half(w.y >> 16);
+  }
+  static __device__ __forceinline__ void store(T* p, const float v[kItems]) {
+    uint16_t b[kItems];
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      T y;
+      from_f32(v[j], y);
+      b[j] = bits(y);
+    }
+    *reinterpret_cast<uint2*>(p) = make_uint2(b[0] | uint32_t(b[1]) << 16, b[2] | uint32_t(b[3]) << 16);
+  }
+  static __device__ __forceinline__ uint16_t bits(T y);
+};
+template <>
+__device__ __forceinline__ __nv_bfloat16 Packed16<__nv_bfloat16>::from_bits(uint16_t b) { return __ushort_as_bfloat16(b); }
+template <>
+__device__ __forceinline__ uint16_t Packed16<__nv_bfloat16>::bits(__nv_bfloat16 y) { return __bfloat16_as_ushort(y); }
+template <>
+__device__ __forceinline__ __half Packed16<__half>::from_bits(uint16_t b) { return __ushort_as_half(b); }
+template <>
+__device__ __forceinline__ uint16_t Packed16<__half>::bits(__half y) { return __half_as_ushort(y); }
+template <>
+struct Packed<__nv_bfloat16> : Packed16<__nv_bfloat16> {};
+template <>
+struct Packed<__half> : Packed16<__half> {};
+
+// v[j] = p[i + j] (0 past n), i a multiple of kItems.
+template <class T>
+__device__ __forceinline__ void load(const void* ptr, int64_t i, const Args& a, float v[kItems]) {
+  const T* p = static_cast<const T*>(ptr);
+  if (a.vec && i + kItems <= a.n) {
+    Packed<T>::load(p + i, v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) v[j] = i + j < a.n ? to_f32(p[i + j]) : 0.0f;
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void store(void* ptr, int64_t i, const Args& a, const float v[kItems]) {
+  T* p = static_cast<T*>(ptr);
+  if (a.vec && i + kItems <= a.n) {
+    Packed<T>::store(p + i, v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j)
+      if (i + j < a.n) from_f32(v[j], p[i + j]);
+  }
+}
+
+__device__ __forceinline__ uint32_t key_of(float x) { return __float_as_uint(x) & 0x7fffffffu; }
+
+// The across-model variance as torch computes it on CPU: Welford in double, rounded to float.
+__device__ __forceinline__ float variance(const float d[kMaxModels][kItems], int K, int j) {
+  double mean = 0.0, m2 = 0.0;
+#pragma unroll
+  for (int k = 0; k < kMaxModels; ++k) {
+    if (k < K) {
+      const double x = d[k][j], dev = x - mean;
+      mean = mean + dev / double(k + 1);
+      m2 = m2 + dev * (x - mean);
+    }
+  }
+  return float(m2 / double(K));
+}
+
+// Philox4x32-10 of counter (c, 0, 0) under (k0, k1): words of elements 4c .. 4c + 3 (seme.methods.rng).
+__device__ __forceinline__ void uniforms(uint64_t c, uint32_t k0, uint32_t k1, float u[kItems]) {
+  uint32_t c0 = uint32_t(c), c1 = uint32_t(c >> 32), c2 = 0, c3 = 0;
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t hb = __umulhi(0xCD9E8D57u, c2), lb = 0xCD9E8D57u * c2;
+    const uint32_t ha = __umulhi(0xD2511F53u, c0), la = 0xD2511F53u * c0;
+    c0 = hb ^ c1 ^ k0;
+    c1 = lb;
+    c2 = ha ^ c3 ^ k1;
+    c3 = la;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  u[0] = float(c0 >> 8) * 0x1p-24f;
+  u[1] = float(c1 >> 8) * 0x1p-24f;
+  u[2] = float(c2 >> 8) * 0x1p-24f;
+  u[3] = float(c3 >> 8) * 0x1p-24f;
+}
+
+// A tile: base and every δ_k of the thread's kItems elements.
+template <class T>
+__device__ __forceinline__ void load_tile(const Args& a, int64_t i, float b[kItems], float d[kMaxModels][kItems]) {
+  load<T>(a.base, i, a, b);
+#pragma unroll
+  for (int k = 0; k < kMaxModels; ++k) {
+    if (k < a.K) {
+      load<T>(a.x[k], i, a, d[k]);
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) d[k][j] = d[k][j] - b[j];
+    }
+  }
+}
+
+using BlockScan = cub::BlockScan<int, kThreads>;
+using BlockSum = cub::BlockReduce<float, kThreads>;
+
+// below[j]: element of ascending rank < r for the cut of row r (a block-wide call when the cut is split).
+__device__ __forceinline__ void below(const Cut& c, const uint32_t key[kItems], const bool valid[kItems],
+                                      const uint32_t* eq_offset, BlockScan::TempStorage& scan, bool out[kItems]) {
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) out[j] = key[j] < c.v;
+  if (!c.split) return;
+  int equal = 0;
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) equal += valid[j] && key[j] == c.v;
+  int before;
+  __syncthreads();  // the scan storage may still be read by a previous scan
+  BlockScan(scan).ExclusiveSum(equal, before);
+  int64_t pos = int64_t(*eq_offset) + before;
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    if (valid[j] && key[j] == c.v) out[j] = pos++ < c.room;
+  }
+}
+
+struct Shared {
+  BlockScan::TempStorage scan;
+  BlockSum::TempStorage sum;
+};
+
+// keep[j] of model k's δ under its sparsification (rank cuts, DARE or DELLA draws).
+__device__ __forceinline__ void keep_mask(const Args& a, int k, int64_t i, const float d[kItems],
+                                          const bool valid[kItems], Shared& sh, bool keep[kItems]) {
+  if (a.sparsify == kRank) {
+    uint32_t key[kItems];
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) key[j] = key_of(d[j]);
+    bool lo[kItems];
+    below(a.cut[k * a.nb], key, valid, a.eq + size_t(k * a.nb) * a.nblocks + blockIdx.x, sh.scan, lo);
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) keep[j] = !lo[j];
+    if (a.nb == 2) {
+      bool hi[kItems];
+      below(a.cut[k * 2 + 1], key, valid, a.eq + size_t(k * 2 + 1) * a.nblocks + blockIdx.x, sh.scan, hi);
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) keep[j] = keep[j] && hi[j];
+    }
+    return;
+  }
+  float u[kItems];
+  uniforms(uint64_t(i) >> 2, a.key_lo[k], a.key_hi[k], u);
+  if (a.sparsify == kRandom) {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) keep[j] = u[j] < a.p0[k];
+  } else {
+    float p[kItems];
+    load<float>(a.prob[k], i, a, p);
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) keep[j] = u[j] < p[j];
+  }
+}
+
+// SCE: selected[j], the elements whose variance is not below the cut.
+__device__ __forceinline__ void sce_selected(const Args& a, const float d[kMaxModels][kItems], const bool valid[kItems],
+                                             Shared& sh, bool selected[kItems]) {
+  if (!a.nb) {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) selected[j] = true;
+    return;
+  }
+  uint32_t key[kItems];
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) key[j] = key_of(variance(d, a.K, j));
+  bool low[kItems];
+  below(a.cut[0], key, valid, a.eq + blockIdx.x, sh.scan, low);
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) selected[j] = !low[j];
+}
+
+// ------------------------------------------------------------ selection kernels
+
+struct Ranks {
+  int64_t r[kMaxRows];
+};
+
+__global__ void init_cuts(Cut* cut, int rows, Ranks rank) {
+  const int t = threadIdx.x;
+  if (t < rows) cut[t] = Cut{0u, 0, rank.r[t], 0, 0};
+}
+
+struct Level {
+  int shift, bits;
+};
+__host__ __device__ constexpr Level level_of(int level) {
+  return level == 0 ? Level{20, 11} : level == 1 ? Level{10, 10} : Level{0, 10};
+}
+
+// hist[h][digit] += elements whose key matches cut h's prefix above the level's digit. Level 0 has
+// no prefix: one histogram per key (model) serves its cuts. Grid-stride, shared-memory bins.
+template <class T>
+__global__ void __launch_bounds__(kThreads) hist_kernel(Args a, int level) {
+  extern __shared__ uint32_t bins[];
+  const Level lv = level_of(level);
+  const int nbins = 1 << lv.bits, top = lv.shift + lv.bits;
+  const bool sce = a.sparsify == kSce;
+  const int nkeys = sce ? 1 : a.K;
+  const int nh = level == 0 ? nkeys : nkeys * a.nb;
+  for (int e = threadIdx.x; e < nh * nbins; e += kThreads) bins[e] = 0;
+  __syncthreads();
+  unsigned long long zeros = 0;
+  const int64_t groups = (a.n + kItems - 1) / kItems;
+  for (int64_t g = int64_t(blockIdx.x) * kThreads + threadIdx.x; g < groups; g += int64_t(gridDim.x) * kThreads) {
+    const int64_t i = g * kItems;
+    float b[kItems], d[kMaxModels][kItems];
+    uint32_t key[kItems];
+    bool valid[kItems];
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) valid[j] = i + j < a.n;
+    load_tile<T>(a, i, b, d);  // every input's loads in flight at once
+    if (sce) {
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) key[j] = key_of(variance(d, a.K, j));
+    }
+#pragma unroll
+    for (int s = 0; s < kMaxModels; ++s) {
+      if (s >= nkeys) break;
+      if (!sce) {
+        if (a.mode[s] != kActive) continue;
+#pragma unroll
+        for (int j = 0; j < kItems; ++j) key[j] = key_of(d[s][j]);
+      }
+      if (level == 0) {
+        // Most keys share a few top digits (one exponent range): lanes with the same bin add once,
+        // through their lowest lane, instead of serialising on one shared-memory word.
+        const unsigned lanes = __activemask();
+        const int lane = threadIdx.x & 31;
+#pragma unroll
+        for (int j = 0; j < kItems; ++j) {
+          const uint32_t bin = valid[j] ? key[j] >> lv.shift : 0xffffffffu;
+          const unsigned peers = __match_any_sync(lanes, bin);
+          if (valid[j] && lane == __ffs(peers) - 1) atomicAdd(&bins[s * nbins + bin], uint32_t(__popc(peers)));
+        }
+        if (sce) {
+#pragma unroll
+          for (int j = 0; j < kItems; ++j) zeros += valid[j] && key[j] == 0;
+        }
+        continue;
+      }
+      for (int c = 0; c < a.nb; ++c) {
+        const int row = s * a.nb + c;
+        const Cut cut = a.cut[row];
+        if (cut.done) continue;
+        const uint32_t prefix = cut.v >> top;
+#pragma unroll
+        for (int j = 0; j < kItems; ++j)
+          if (valid[j] && (key[j] >> top) == prefix)
+            atomicAdd(&bins[row * nbins + ((key[j] >> lv.shift) & (nbins - 1))], 1u);
+      }
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < nh * nbins; e += kThreads)
+    if (bins[e]) atomicAdd(&a.hist[e], bins[e]);
+  if (sce && level == 0) {
+    using Reduce = cub::BlockReduce<unsigned long long, kThreads>;
+    __shared__ typename Reduce::TempStorage tmp;
+    const unsigned long long total = Reduce(tmp).Sum(zeros);
+    if (threadIdx.x == 0 && total) atomicAdd(a.zeros, total);
+  }
+}
+
+// One block per cut: the digit holding the rank left to place, and the rank left within it.
+__global__ void __launch_bounds__(kPickThreads) pick_kernel(Args a, int level) {
+  const int row = blockIdx.x;
+  Cut* cut = a.cut + row;
+  if (cut->done) return;
+  const Level lv = level_of(level);
+  const int nbins = 1 << lv.bits;
+  int64_t rank = cut->room;
+  if (level == 0) {
+    if (a.sparsify == kSce)  // keep the int(#nonzero · topk) largest variances
+      rank = a.n - int64_t(double(a.n - int64_t(*a.zeros)) * a.tau);
+    if (rank <= 0 || rank >= a.n) {  // nothing, or everything, below
+      if (threadIdx.x == 0) *cut = Cut{rank <= 0 ? 0u : kAll, 0, 0, 1, 0};
+      return;
+    }
+  }
+  const uint32_t* h = a.hist + size_t(level == 0 ? row / a.nb : row) * nbins;
+  constexpr int per = kMaxBins / kPickThreads;
+  unsigned long long count[per], incl[per];
+#pragma unroll
+  for (int q = 0; q < per; ++q) {
+    const int bin = threadIdx.x * per + q;
+    count[q] = bin < nbins ? h[bin] : 0;
+  }
+  using Scan = cub::BlockScan<unsigned long long, kPickThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  Scan(tmp).InclusiveSum(count, incl);
+#pragma unroll
+  for (int q = 0; q < per; ++q) {
+    const unsigned long long r = (unsigned long long)rank;
+    if (incl[q] >= r && incl[q] - count[q] < r) {  // exactly one bin holds the rank
+      const uint32_t digit = threadIdx.x * per + q;
+      Cut c = *cut;
+      c.v |= digit << lv.shift;
+      c.room = rank - int64_t(incl[q] - count[q]);
+      if (level == 2) {
+        if (c.room == int64_t(count[q])) {  // every element equal to v is below: a plain cut
+          c.v += 1;
+          c.room = 0;
+        } else {
+          c.split = 1;
+        }
+      }
+      *cut = c;
+    }
+  }
+}
+
+// eq[row][tile] = elements of the tile whose key equals the split cut of `row`.
+template <class T>
+__global__ void __launch_bounds__(kThreads) count_kernel(Args a, int rows) {
+  bool any = false;
+  for (int r = 0; r < rows; ++r) any |= a.cut[r].split != 0;
+  if (!any) return;
+  using Count = cub::BlockReduce<int, kThreads>;
+  __shared__ typename Count::TempStorage tmp;
+  const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kItems;
+  float b[kItems], d[kMaxModels][kItems];
+  load_tile<T>(a, i, b, d);
+  for (int r = 0; r < rows; ++r) {
+    const Cut c = a.cut[r];
+    if (!c.split) continue;
+    int equal = 0;
+    if (a.sparsify == kSce) {
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) equal += i + j < a.n && key_of(variance(d, a.K, j)) == c.v;
+    } else {
+      const int k = r / a.nb;
+#pragma unroll
+      for (int kk = 0; kk < kMaxModels; ++kk)
+        if (kk == k) {
+#pragma unroll
+          for (int j = 0; j < kItems; ++j) equal += i + j < a.n && key_of(d[kk][j]) == c.v;
+        }
+    }
+    __syncthreads();
+    const int total = Count(tmp).Sum(equal);
+    if (threadIdx.x == 0) a.eq[size_t(r) * a.nblocks + blockIdx.x] = uint32_t(total);
+  }
+}
+
+// In place: eq[row][*] -> its exclusive prefix over tiles (one block per split row).
+__global__ void __launch_bounds__(kPickThreads) scan_kernel(Args a) {
+  if (!a.cut[blockIdx.x].split) return;
+  uint32_t* e = a.eq + size_t(blockIdx.x) * a.nblocks;
+  using Scan = cub::BlockScan<uint32_t, kPickThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  __shared__ uint32_t carry;
+  if (threadIdx.x == 0) carry = 0;
+  for (int start = 0; start < a.nblocks; start += kPickThreads) {
+    const int t = start + threadIdx.x;
+    const uint32_t v = t < a.nblocks ? e[t] : 0;
+    uint32_t before, total;
+    __syncthreads();
+    Scan(tmp).ExclusiveSum(v, before, total);
+    const uint32_t base = carry;
+    if (t < a.nblocks) e[t] = base + before;
+    __syncthreads();
+    if (threadIdx.x == 0) carry = base + total;
+  }
+}
+
+// ------------------------------------------------------------ sums and the element pass
+
+// Family L1 rescale: partial[k][0][tile] = Σ|δ_k|, partial[k][1][tile] = Σ|kept δ_k| (active models).
+// SCE: partial[k][1][tile] = Σ (selected δ_k)².
+template <class T>
+__global__ void __launch_bounds__(kThreads) sums_kernel(Args a) {
+  __shared__ Shared sh;
+  const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kItems;
+  float b[kItems], d[kMaxModels][kItems];
+  bool valid[kItems], keep[kItems];
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) valid[j] = i + j < a.n;
+  load_tile<T>(a, i, b, d);
+  if (a.sparsify == kSce) sce_selected(a, d, valid, sh, keep);
+#pragma unroll
+  for (int k = 0; k < kMaxModels; ++k) {
+    if (k >= a.K) continue;
+    float before = 0.0f, after = 0.0f;
+    if (a.sparsify == kSce) {
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) {
+        const float x = keep[j] ? d[k][j] : 0.0f;
+        after += x * x;
+      }
+    } else {
+      if (a.mode[k] != kActive) continue;
+      bool kept[kItems];
+      keep_mask(a, k, i, d[k], valid, sh, kept);
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) {
+        before += fabsf(d[k][j]);
+        after += kept[j] ? fabsf(d[k][j]) : 0.0f;
+      }
+    }
+    __syncthreads();
+    const float total_before = BlockSum(sh.sum).Sum(before);
+    __syncthreads();
+    const float total_after = BlockSum(sh.sum).Sum(after);
+    if (threadIdx.x == 0) {
+      a.partial[(size_t(k) * 2) * a.nblocks + blockIdx.x] = total_before;
+      a.partial[(size_t(k) * 2 + 1) * a.nblocks + blockIdx.x] = total_after;
+    }
+  }
+}
+
+// One block: the per-model coefficients from the partial sums, reduced in double in tile order
+// (fixed per-thread strides and a fixed tree: deterministic).
+__global__ void __launch_bounds__(kPickThreads) coef_kernel(Args a) {
+  using Reduce = cub::BlockReduce<double, kPickThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ double sums[kMaxModels][2];
+  for (int k = 0; k < a.K; ++k)
+    for (int s = 0; s < 2; ++s) {
+      double acc = 0.0;
+      for (int t = threadIdx.x; t < a.nblocks; t += kPickThreads) acc += a.partial[(size_t(k) * 2 + s) * a.nblocks + t];
+      __syncthreads();
+      const double total = Reduce(tmp).Sum(acc);
+      if (threadIdx.x == 0) sums[k][s] = total;
+    }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  if (a.sparsify == kSce) {  // η_k ∝ mean of the selected δ_k², uniform when all vanish
+    double total = 0.0;
+    for (int k = 0; k < a.K; ++k) total += (sums[k][1] /= double(a.n));
+    for (int k = 0; k < a.K; ++k) a.coef[k] = fabs(total) >= 1e-6 ? float(sums[k][1] / total) : 1.0f / a.K;
+    return;
+  }
+  for (int k = 0; k < a.K; ++k) {
+    const bool apply = a.rescale && a.mode[k] == kActive && sums[k][0] >= 1e-7 && sums[k][1] >= 1e-7;
+    a.coef[k] = apply ? float(sums[k][0] / sums[k][1]) : 1.0f;
+  }
+}
+
+template <class T, class O>
+__global__ void __launch_bounds__(kThreads, 3) merge_kernel(Args a) {
+  __shared__ Shared sh;
+  const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kItems;
+  float b[kItems], d[kMaxModels][kItems];
+  bool valid[kItems];
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) valid[j] = i + j < a.n;
+  load_tile<T>(a, i, b, d);
+  const bool sce = a.sparsify == kSce;
+  if (sce) {
+    bool selected[kItems];
+    sce_selected(a, d, valid, sh, selected);
+#pragma unroll
+    for (int k = 0; k < kMaxModels; ++k)
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) d[k][j] = selected[j] ? d[k][j] : 0.0f;
+  } else {
+#pragma unroll
+    for (int k = 0; k < kMaxModels; ++k) {
+      if (k >= a.K) continue;
+      if (a.mode[k] == kDrop) {
+#pragma unroll
+        for (int j = 0; j < kItems; ++j) d[k][j] = 0.0f;
+      } else if (a.mode[k] == kActive && a.sparsify != kNone) {
+        bool kept[kItems];
+        keep_mask(a, k, i, d[k], valid, sh, kept);
+#pragma unroll
+        for (int j = 0; j < kItems; ++j) d[k][j] = kept[j] ? d[k][j] : 0.0f;
+        if (a.rescale) {
+          const float s = a.coef[k];
+#pragma unroll
+          for (int j = 0; j < kItems; ++j) d[k][j] = d[k][j] * s;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) d[k][j] = d[k][j] * a.weight[k];
+    }
+  }
+  float out[kItems];
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    float total = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kMaxModels; ++k)
+      if (k < a.K) total = total + d[k][j];
+    float mixed = total;
+    if (a.consensus) {
+      const bool positive = total >= 0.0f;  // "sum" sign election, ties to +
+      float acc = 0.0f, norm = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kMaxModels; ++k) {
+        if (k >= a.K) continue;
+        const bool agree = positive ? d[k][j] > 0.0f : d[k][j] < 0.0f;  // zeros never count
+        const float w = sce ? a.coef[k] : a.weight[k];
+        if (agree) {
+          acc = acc + (sce ? d[k][j] * w : d[k][j]);
+          norm = norm + w;
+        }
+      }
+      if (sce) mixed = acc / fmaxf(norm, 1e-6f);
+      else if (a.normalize) mixed = acc / (norm == 0.0f ? 1.0f : norm);
+      else mixed = acc;
+    } else if (a.normalize) {
+      mixed = mixed / a.divisor;
+    }
+    if (a.lambda != 1.0f) mixed = mixed * a.lambda;
+    out[j] = b[j] + mixed;
+  }
+  store<O>(a.out, i, a, out);
+}
+
+// ------------------------------------------------------------ host side
+
+template <class F>
+void with_dtype(int code, F&& f) {
+  switch (code) {
+    case 0: return f(float{});
+    case 1: return f(__nv_bfloat16{});
+    case 2: return f(__half{});
+  }
+  throw std::invalid_argument("unsupported dtype code");
+}
+
+size_t align(size_t x) { return (x + 255) & ~size_t(255); }
+
+struct Layout {
+  size_t cut, hist, zeros, eq, partial, coef, total;
+  explicit Layout(int64_t n) {
+    const size_t tiles = size_t((n + kTile - 1) / kTile);
+    cut = 0;
+    hist = align(cut + sizeof(Cut) * kMaxRows);
+    zeros = align(hist + sizeof(uint32_t) * kMaxRows * kMaxBins);
+    eq = align(zeros + sizeof(unsigned long long));
+    partial = align(eq + sizeof(uint32_t) * kMaxRows * tiles);
+    coef = align(partial + sizeof(float) * 2 * kMaxModels * tiles);
+    total = align(coef + sizeof(float) * kMaxModels);
+  }
+};
+
+int multiprocessors() {
+  int device = 0, count = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "device attribute");
+  return count;
+}
+
+Args prepare(const Launch& t) {
+  const int K = int(t.others.size());
+  if (K < 1 || K > kMaxModels) throw std::invalid_argument("the CUDA kernels take 1 to 8 non-base models");
+  if (t.n < 1 || t.n >= (int64_t(1) << 32)) throw std::invalid_argument("tensor size must be in [1, 2^32)");
+  Args a{};
+  a.base = t.base;
+  a.out = t.out;
+  a.n = t.n;
+  a.K = K;
+  a.nblocks = int((t.n + kTile - 1) / kTile);
+  a.lambda = 1.0f;
+  a.divisor = 1.0f;
+  const size_t in_size = t.in_dtype == 0 ? 4 : 2, out_size = t.out_dtype == 0 ? 4 : 2;
+  bool aligned = reinterpret_cast<uintptr_t>(t.base) % (kItems * in_size) == 0 &&
+                 reinterpret_cast<uintptr_t>(t.out) % (kItems * out_size) == 0;
+  for (int k = 0; k < K; ++k) {
+    a.x[k] = t.others[k];
+    aligned = aligned && reinterpret_cast<uintptr_t>(t.others[k]) % (kItems * in_size) == 0;
+  }
+  a.vec = aligned;
+  const Layout l(t.n);
+  char* ws = static_cast<char*>(t.workspace);
+  a.cut = reinterpret_cast<Cut*>(ws + l.cut);
+  a.hist = reinterpret_cast<uint32_t*>(ws + l.hist);
+  a.zeros = reinterpret_cast<unsigned long long*>(ws + l.zeros);
+  a.eq = reinterpret_cast<uint32_t*>(ws + l.eq);
+  a.partial = reinterpret_cast<float*>(ws + l.partial);
+  a.coef = reinterpret_cast<float*>(ws + l.coef);
+  return a;
+}
+
+// The radix select of a.K * a.nb (rank) or 1 (SCE) cuts whose target ranks are `rank`.
+template <class T>
+void select(Args& a, const std::vector<int64_t>& rank, cudaStream_t stream) {
+  const int rows = int(rank.size());
+  Ranks r{};
+  for (int q = 0; q < rows; ++q) r.r[q] = rank[q];
+  init_cuts<<<1, 32, 0, stream>>>(a.cut, rows, r);
+  check(cudaGetLastError(), "init");
+  if (a.sparsify == kSce) check(cudaMemsetAsync(a.zeros, 0, sizeof(unsigned long long), stream), "memset");
+  const int64_t groups = (a.n + kItems - 1) / kItems;
+  const int nkeys = a.sparsify == kSce ? 1 : a.K;
+  for (int level = 0; level < 3; ++level) {
+    const Level lv = level_of(level);
+    const int nh = level == 0 ? nkeys : rows;
+    const size_t smem = sizeof(uint32_t) * nh * (size_t(1) << lv.bits);
+    check(cudaFuncSetAttribute(hist_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "smem");
+    // One wave of resident blocks: a second, partial wave would double the pass for a few blocks.
+    int per_sm = 0;
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, hist_kernel<T>, kThreads, smem), "occupancy");
+    const int grid = int(std::min<int64_t>((groups + kThreads - 1) / kThreads,
+                                           std::max(per_sm, 1) * int64_t(multiprocessors())));
+    check(cudaMemsetAsync(a.hist, 0, smem, stream), "memset");
+    hist_kernel<T><<<grid, kThreads, smem, stream>>>(a, level);
+    check(cudaGetLastError(), "histogram");
+    pick_kernel<<<rows, kPickThreads, 0, stream>>>(a, level);
+    check(cudaGetLastError(), "pick");
+  }
+  count_kernel<T><<<a.nblocks, kThreads, 0, stream>>>(a, rows);
+  check(cudaGetLastError(), "count");
+  scan_kernel<<<rows, kPickThreads, 0, stream>>>(a);
+  check(cudaGetLastError(), "scan");
+}
+
+template <class T>
+void launch_merge(const Args& a, int out_dtype, cudaStream_t stream) {
+  with_dtype(out_dtype, [&](auto out_tag) {
+    using O = decltype(out_tag);
+    merge_kernel<T, O><<<a.nblocks, kThreads, 0, stream>>>(a);
+    check(cudaGetLastError(), "merge");
+  });
+}
+
+}  // namespace
+
+size_t workspace_bytes(int64_t n) { return Layout(n).total; }
+
+void family_merge(const Launch& t, const Family& p) {
+  Args a = prepare(t);
+  const int K = a.K;
+  const size_t k_ = size_t(K);
+  if (p.mode.size() != k_ || p.weight.size() != k_ || p.p0.size() != k_ || p.rank_lo.size() != k_ ||
+      p.rank_hi.size() != k_ || p.key.size() != k_ || p.prob.size() != k_)
+    throw std::invalid_argument("family_merge: per-model parameters must have one entry per model");
+  a.sparsify = p.sparsify;
+  a.consensus = p.consensus;
+  a.normalize = p.normalize;
+  a.lambda = p.lambda;
+  float weight_sum = 0.0f;  // the divisor without consensus, summed in model order like torch
+  bool active = false;
+  for (int k = 0; k < K; ++k) {
+    a.mode[k] = p.mode[k];
+    a.weight[k] = p.weight[k];
+    a.p0[k] = p.p0[k];
+    a.key_lo[k] = uint32_t(p.key[k]);
+    a.key_hi[k] = uint32_t(p.key[k] >> 32);
+    a.prob[k] = p.prob[k];
+    weight_sum += p.weight[k];
+    active |= p.mode[k] == kActive && p.sparsify != kNone;
+  }
+  a.divisor = std::fabs(weight_sum) < 1e-8f ? 1.0f : weight_sum;
+  a.rescale = p.rescale && active;
+  a.nb = p.sparsify == kRank ? (std::any_of(p.rank_hi.begin(), p.rank_hi.end(), [&](int64_t h) { return h < t.n; }) ? 2 : 1) : 0;
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(t.stream);
+  with_dtype(t.in_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (a.sparsify == kRank && active) {
+      std::vector<int64_t> rank;
+      for (int k = 0; k < K; ++k) {
+        const bool live = p.mode[k] == kActive;  // others keep every rank: [0, n)
+        rank.push_back(live ? p.rank_lo[k] : 0);
+        if (a.nb == 2) rank.push_back(live ? p.rank_hi[k] : t.n);
+      }
+      select<T>(a, rank, stream);
+    }
+    if (a.rescale) {
+      sums_kernel<T><<<a.nblocks, kThreads, 0, stream>>>(a);
+      check(cudaGetLastError(), "sums");
+      coef_kernel<<<1, kPickThreads, 0, stream>>>(a);
+      check(cudaGetLastError(), "coefficients");
+    }
+    launch_merge<T>(a, t.out_dtype, stream);
+  });
+}
+
+void sce_merge(const Launch& t, double select_topk) {
+  Args a = prepare(t);
+  a.sparsify = kSce;
+  a.consensus = 1;
+  a.tau = select_topk;
+  a.nb = select_topk < 1 ? 1 : 0;
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(t.stream);
+  with_dtype(t.in_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (a.nb) select<T>(a, {0}, stream);  // the rank comes from the zero count, on the device
+    sums_kernel<T><<<a.nblocks, kThreads, 0, stream>>>(a);
+    check(cudaGetLastError(), "sums");
+    coef_kernel<<<1, kPickThreads, 0, stream>>>(a);
+    check(cudaGetLastError(), "coefficients");
+    launch_merge<T>(a, t.out_dtype, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace seme

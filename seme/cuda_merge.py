@@ -1,0 +1,80 @@
+"""Fused CUDA kernels (seme._C_cuda, CUDA C++) for the task-vector family and SCE: the contract of
+`seme.fused_merge.merge` (same masks as the plain-torch references, fp32 results equal up to the
+rounding of the global sums) on CUDA tensors, enqueued on the current stream without host waits.
+
+Up to 8 non-base models per launch (their deltas stay in registers); more go to the Triton kernels.
+DELLA's keep probability (a rank within each row) comes from torch, as in the Triton kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+from seme.fused_merge import _ACTIVE, _DTYPES, FAMILY, METHODS, family_arguments
+from seme.methods.inputs import Inputs
+from seme.methods.task_vector import della_keep_probability
+
+
+def available() -> bool:
+    """Whether the CUDA extension is built and a GPU is visible."""
+    try:
+        from seme import _C_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def max_models() -> int:
+    from seme import _C_cuda
+
+    return _C_cuda.MAX_MODELS
+
+
+def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Merge one tensor with the CUDA kernel, into `out_dtype`. Inputs: CUDA tensors of one shape and
+    device, float32 / bfloat16 / float16 (mixed dtypes are widened to float32), 1 to 8 non-base models."""
+    from seme import _C_cuda
+
+    if method not in METHODS:
+        raise ValueError(f"no fused kernel for method '{method}'")
+    if out_dtype not in _DTYPES:
+        return merge(method, inputs, params).to(out_dtype)
+    base, others = inputs.base, inputs.others
+    if not others:
+        return base.to(out_dtype)
+    if len(others) > _C_cuda.MAX_MODELS:
+        raise ValueError(f"the CUDA kernels take at most {_C_cuda.MAX_MODELS} non-base models")
+    tensors = [t.contiguous() for t in (base, *others)]
+    if any(t.device != base.device or t.device.type != "cuda" for t in tensors):
+        raise ValueError("the CUDA kernel takes CUDA tensors on one device")
+    if any(t.shape != base.shape for t in tensors):
+        raise ValueError("all inputs must have the shape of the base")
+    unsupported = {t.dtype for t in tensors} - set(_DTYPES)
+    if unsupported:
+        raise TypeError(f"fused merge takes float32, bfloat16 or float16 inputs, not {unsupported.pop()}")
+    if len({t.dtype for t in tensors}) > 1:
+        tensors = [t.float() for t in tensors]
+    n = base.numel()
+    if n >= 2 ** 32:
+        raise ValueError("the CUDA kernels take fewer than 2^32 elements")
+    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    if n == 0:
+        return out
+    with torch.cuda.device(base.device):
+        workspace = torch.empty(_C_cuda.workspace_bytes(n), dtype=torch.uint8, device=base.device)
+        common = dict(base=tensors[0].data_ptr(), others=[t.data_ptr() for t in tensors[1:]], out=out.data_ptr(),
+                      n=n, in_dtype=_DTYPES[tensors[0].dtype], out_dtype=_DTYPES[out_dtype],
+                      workspace=workspace.data_ptr(), stream=torch.cuda.current_stream().cuda_stream)
+        if method == "sce":
+            _C_cuda.sce_merge(select_topk=float(params["select_topk"]), **common)
+            return out
+        args = family_arguments(method, inputs, params, n)
+        del args["epsilon"]
+        probability = []  # DELLA: kept alive until the kernels have read them (the stream orders the free)
+        if FAMILY[method][0] == "della_magprune":
+            b32 = tensors[0].float()
+            for x, d, e, mode in zip(tensors[1:], params["density"], params["epsilon"], args["mode"]):
+                probability.append(della_keep_probability(x.float() - b32, d, e).contiguous() if mode == _ACTIVE
+                                   else None)
+        args["prob"] = [p.data_ptr() if p is not None else 0 for p in probability] or [0] * len(others)
+        _C_cuda.family_merge(**args, **common)
+    return out

@@ -1,0 +1,133 @@
+"""The CUDA C++ kernels (seme._C_cuda) against the plain-torch references, on a GPU when one is
+present (skipped otherwise); the extension itself must build wherever nvcc is found."""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+
+import pytest
+
+import torch
+
+from seme.methods import registry
+from seme.methods.inputs import Inputs
+
+FAMILY = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+          "della_linear"]
+
+
+@pytest.mark.skipif(not shutil.which("nvcc") or bool(os.environ.get("SEME_NO_CUDA")), reason="no nvcc")
+def test_extension_is_built_where_nvcc_is():
+    module = importlib.import_module("seme._C_cuda")  # imports without a GPU: the runtime is linked statically
+    assert module.MAX_MODELS == 8 and module.workspace_bytes(1 << 20) > 0
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+
+
+def make_inputs(n, k, dtype, tied, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n // 64, 64) if n % 64 == 0 else (n,)
+    if tied:  # integer-valued deltas: many equal magnitudes, exact in bf16 and fp16 too
+        base = torch.randint(-8, 8, shape, generator=g).float() * 0.5
+        xs = [base + torch.randint(-3, 4, shape, generator=g).float() for _ in range(k)]
+    else:
+        base = torch.randn(shape, generator=g)
+        xs = [base + 0.1 * torch.randn(shape, generator=g) * (i + 1) for i in range(k)]
+    tensors = tuple(t.to(dtype) for t in [xs[0], base, *xs[1:]])  # the base in the middle: model indices matter
+    return Inputs(tensors, base_index=1, name="model.layers.3.mlp.w", seed=seed + 11)
+
+
+def check(method, inputs, supplied, out_dtype=torch.float32):
+    from seme import cuda_merge
+
+    m = registry.get(method)
+    params = registry.bind(m, supplied, len(inputs.tensors), inputs.base_index, "test")
+    expected = m.fn(inputs, params)
+    on_gpu = Inputs(tuple(t.cuda() for t in inputs.tensors), inputs.base_index, inputs.name, inputs.seed)
+    got = cuda_merge.merge(method, on_gpu, params, out_dtype=out_dtype).cpu()
+    assert got.dtype == out_dtype and got.shape == expected.shape
+    if out_dtype == torch.float32:
+        # Identical masks, float32 rounding apart: a mask difference moves an element by a whole delta.
+        torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-6)
+    else:  # the kernel's rounding of its fp32 result, which may sit one fp32 ulp from the reference's
+        torch.testing.assert_close(got.float(), expected.to(out_dtype).float())
+
+
+# (elements, K, dtype, tied, densities): the issue's odd sizes, 1-8 models, every dtype, ties.
+CASES = [
+    (1, 1, torch.float32, False, [0.5]),
+    (7, 2, torch.bfloat16, True, [0.3, 1.0]),
+    (1023, 3, torch.float16, True, [0.01, 0.5, 0.9]),
+    (1023, 8, torch.float32, False, [0.2, 0.7, 0.05, 1.0, 0.3, 0.3, 0.6, 0.1]),
+    (4096, 4, torch.bfloat16, True, [0.25, 0.01, 0.8, 0.5]),
+    ((1 << 20) + 3, 3, torch.bfloat16, False, [0.1, 0.6, 0.3]),
+    ((1 << 20) + 3, 2, torch.float32, True, [0.4, 0.6]),
+    (1 << 18, 5, torch.float16, False, [0.9, 0.3, 0.5, 0.05, 1.0]),
+]
+
+
+@gpu
+@pytest.mark.parametrize("method", FAMILY)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_family_matches_reference(method, case):
+    n, k, dtype, tied, density = CASES[case]
+    supplied = {"weight": [0.7, 0.4, 1.1, 0.25, 0.5, 0.9, 0.3, 0.6][:k], "density": density}
+    if "breadcrumbs" in method:
+        supplied["gamma"] = [0.05, 0.0, 0.2, 0.01, 0.1, 0.0, 0.02, 0.05][:k]
+    if "della" in method:
+        supplied["epsilon"] = [0.1, 0.3, 0.05, 0.0, 0.1, 0.1, 0.2, 0.05][:k]
+    check(method, make_inputs(n, k, dtype, tied, seed=case), supplied)
+
+
+@gpu
+@pytest.mark.parametrize("method", FAMILY)
+@pytest.mark.parametrize("overrides", [
+    {"rescale": True, "normalize": False, "lambda": 0.7},
+    {"rescale": False, "normalize": True, "lambda": 1.3},
+])
+def test_family_options(method, overrides):
+    # Negative weights (signs of weighted deltas), a dropped model (density 0), ties.
+    supplied = {"weight": [1.0, -0.5, 0.8], "density": [0.3, 0.0, 0.6], **overrides}
+    check(method, make_inputs(3000, 3, torch.float32, True, seed=3), supplied)
+
+
+@gpu
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("topk", [1.0, 0.5, 0.01, 0.0])
+def test_sce_matches_reference(case, topk):
+    n, k, dtype, tied, _ = CASES[case]
+    check("sce", make_inputs(n, k, dtype, tied, seed=case), {"select_topk": topk})
+
+
+@gpu
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "breadcrumbs_ties", "sce"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_output_dtypes(method, out_dtype):
+    supplied = {} if method == "sce" else {"weight": [0.5, 1.0, 0.8], "density": 0.4}
+    check(method, make_inputs(5000, 3, torch.bfloat16, False, seed=4), supplied, out_dtype)
+
+
+@gpu
+def test_misaligned_and_mixed_inputs():
+    # A view that starts one element in: the kernels fall back to unvectorized loads.
+    inputs = make_inputs(4097, 3, torch.float32, True, seed=8)
+    shifted = Inputs(tuple(t[1:] for t in inputs.tensors), inputs.base_index, inputs.name, inputs.seed)
+    check("ties", shifted, {"weight": 1.0, "density": 0.3})
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float16)
+    mixed = Inputs(tuple(t.to(d) for t, d in zip(inputs.tensors, dtypes)), inputs.base_index, inputs.name, 1)
+    check("dare_ties", mixed, {"weight": [0.5, 1.0, 0.8], "density": 0.4})
+
+
+@gpu
+def test_refuses_what_it_cannot_take():
+    from seme import cuda_merge
+
+    inputs = make_inputs(64, 9, torch.float32, False, seed=0)
+    params = registry.bind(registry.get("ties"), {"weight": 1.0, "density": 0.5}, 10, 1, "test")
+    with pytest.raises(ValueError, match="at most 8"):
+        cuda_merge.merge("ties", Inputs(tuple(t.cuda() for t in inputs.tensors), 1), params)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        cuda_merge.merge("ties", Inputs(inputs.tensors[:3], 1), registry.bind(
+            registry.get("ties"), {"weight": 1.0, "density": 0.5}, 3, 1, "test"))
