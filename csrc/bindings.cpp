@@ -25,6 +25,8 @@ seme::Tensors tensors(uintptr_t base, const std::vector<uintptr_t>& others, uint
   return t;
 }
 
+std::pair<bool, bool> finite(const seme::Finite& f) { return {f.inputs, f.output}; }
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -56,9 +58,9 @@ PYBIND11_MODULE(_C, m) {
         p.epsilon = std::move(epsilon);
         p.key = std::move(key);
         py::gil_scoped_release release;
-        seme::family_merge(t, p);
+        return finite(seme::family_merge(t, p));
       },
-      "Task-vector family merge into `out` (see csrc/cpu/fused_merge.h).", py::arg("base"), py::arg("others"),
+      "Task-vector family merge into `out` (see csrc/cpu/fused_merge.h); (inputs finite, output finite).", py::arg("base"), py::arg("others"),
       py::arg("out"), py::arg("n"), py::arg("in_dtype"), py::arg("out_dtype"), py::arg("sparsify"),
       py::arg("consensus"), py::arg("normalize"), py::arg("rescale"), py::arg("lambda_"), py::arg("cols"),
       py::arg("mode"), py::arg("weight"), py::arg("rank_lo"), py::arg("rank_hi"), py::arg("p0"),
@@ -70,10 +72,22 @@ PYBIND11_MODULE(_C, m) {
          double select_topk, int num_threads) {
         const auto t = tensors(base, others, out, n, in_dtype, out_dtype, num_threads);
         py::gil_scoped_release release;
-        seme::sce_merge(t, select_topk);
+        return finite(seme::sce_merge(t, select_topk));
       },
-      "SCE merge into `out`.", py::arg("base"), py::arg("others"), py::arg("out"), py::arg("n"),
+      "SCE merge into `out`; (inputs finite, output finite).", py::arg("base"), py::arg("others"), py::arg("out"), py::arg("n"),
       py::arg("in_dtype"), py::arg("out_dtype"), py::arg("select_topk"), py::arg("num_threads") = 0);
+
+  m.def(
+      "linear_merge",
+      [](uintptr_t base, const std::vector<uintptr_t>& others, uintptr_t out, int64_t n, int in_dtype, int out_dtype,
+         std::vector<float> weight, bool normalize, int num_threads) {
+        const auto t = tensors(base, others, out, n, in_dtype, out_dtype, num_threads);
+        py::gil_scoped_release release;
+        return finite(seme::linear_merge(t, weight, normalize));
+      },
+      "Linear merge of base (the first model) and others into `out`; (inputs finite, output finite).",
+      py::arg("base"), py::arg("others"), py::arg("out"), py::arg("n"), py::arg("in_dtype"), py::arg("out_dtype"),
+      py::arg("weight"), py::arg("normalize"), py::arg("num_threads") = 0);
 
   m.def("philox4x32", &seme::philox4x32, "The 4 output words of Philox4x32-10 (seme.methods.rng).",
         py::arg("key"), py::arg("counter"));

@@ -9,6 +9,7 @@ speed, not results (fp32 sums apart).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -25,18 +26,28 @@ TRITON_FIRST = frozenset({"task_arithmetic", "dare_ties", "dare_linear"})
 WIDENED_BY_KERNELS = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def implementation(method: str, backend: str, device: torch.device) -> tuple[Callable, bool]:
-    """(`impl(inputs, params, out_dtype)`, whether it is a fused kernel) for one method on one device.
+@dataclass
+class Merged:
+    """A merged tensor and what is known of it: the statistics of methods that report them (their
+    tensor still in the compute dtype; every other is in the requested dtype), and whether the inputs and the output were finite, where a kernel saw it in
+    passing (None: not checked; inputs_finite False: some input may hold NaN or Inf)."""
 
-    `impl` returns the merged tensor in `out_dtype`, or (tensor, statistics) for methods that report.
-    """
+    tensor: torch.Tensor
+    stats: dict | None = None
+    inputs_finite: bool | None = None
+    output_finite: bool | None = None
+
+
+def implementation(method: str, backend: str, device: torch.device) -> tuple[Callable, bool]:
+    """(`impl(inputs, params, out_dtype) -> Merged`, whether it is a fused kernel) for one method on
+    one device."""
     spec = registry.get(method)
 
-    def reference(inputs: Inputs, params: dict, out_dtype: torch.dtype):
+    def reference(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged:
         result = spec.fn(inputs, params)
-        if isinstance(result, tuple):
-            return result
-        return result.to(out_dtype)
+        if isinstance(result, tuple):  # cast by the caller, after it has read the statistics
+            return Merged(*result)
+        return Merged(result.to(out_dtype))
 
     if backend == "reference":
         return reference, False
@@ -44,10 +55,10 @@ def implementation(method: str, backend: str, device: torch.device) -> tuple[Cal
     if kernel is None:
         if backend == "fused":
             raise SemeError(f"no fused kernel for method '{method}' on {device.type} "
-                            f"(kernels cover the task-vector family and sce; use --backend auto)")
+                            f"(kernels cover linear, the task-vector family and sce; use --backend auto)")
         return reference, False
 
-    def fused(inputs: Inputs, params: dict, out_dtype: torch.dtype):
+    def fused(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged:
         if any(t.dtype == torch.float64 for t in inputs.tensors):  # the kernels compute in fp32
             return reference(inputs, params, out_dtype)
         return kernel(inputs, params, out_dtype)
@@ -61,7 +72,12 @@ def _fused(method: str, device: torch.device):
 
         if method not in fused_merge.METHODS or not fused_merge.available():
             return None
-        return lambda inputs, params, out_dtype: fused_merge.merge(method, inputs, params, out_dtype=out_dtype)
+        def cpu(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged:
+            tensor, inputs_finite, output_finite = fused_merge.merge(method, inputs, params, out_dtype=out_dtype,
+                                                                     checks=True)
+            return Merged(tensor, inputs_finite=inputs_finite, output_finite=output_finite)
+
+        return cpu
     if device.type == "cuda":
         from seme import cuda_merge
 
@@ -76,15 +92,15 @@ def _fused(method: str, device: torch.device):
         use_triton = triton_merge is not None and method in triton_merge.SUPPORTED
         triton_first = use_triton and method in TRITON_FIRST
 
-        def gpu(inputs: Inputs, params: dict, out_dtype: torch.dtype):
+        def gpu(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged:
             fits = native and len(inputs.others) <= cuda_merge.max_models()
             if fits and not triton_first:
-                return cuda_merge.merge(method, inputs, params, out_dtype=out_dtype)
+                return Merged(cuda_merge.merge(method, inputs, params, out_dtype=out_dtype))
             if use_triton:
-                return triton_merge.fused_merge(method, inputs, params, out_dtype)
+                return Merged(triton_merge.fused_merge(method, inputs, params, out_dtype))
             if fits:
-                return cuda_merge.merge(method, inputs, params, out_dtype=out_dtype)
-            return registry.get(method).fn(inputs, params).to(out_dtype)  # more models than the CUDA kernel takes
+                return Merged(cuda_merge.merge(method, inputs, params, out_dtype=out_dtype))
+            return Merged(registry.get(method).fn(inputs, params).to(out_dtype))  # more models than CUDA takes
 
         return gpu
     return None

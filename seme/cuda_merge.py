@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from seme.fused_merge import _ACTIVE, _DTYPES, FAMILY, METHODS, family_arguments
+from seme.fused_merge import _ACTIVE, _DTYPES, FAMILY, family_arguments
+from seme.fused_merge import GPU_METHODS as METHODS
 from seme.methods.inputs import Inputs
 from seme.methods.task_vector import della_keep_probability
 

@@ -174,22 +174,25 @@ def _execute(plan: Plan, folder: str, device: torch.device, backend: str, shard_
                 result = tensors[0]
                 bar.stage("read", time.perf_counter() - start, nbytes)
             else:
-                _check_inputs(plan, task, tensors)
+                sources = tensors
                 if task.derived:
-                    tensors = [semantic.load(d, task.name) if d else t for d, t in zip(task.derived, tensors)]
-                inputs = Inputs(tuple(_to_device(t, device, task.compute_dtype, fused) for t in tensors),
+                    sources = [semantic.load(d, task.name) if d else t for d, t in zip(task.derived, tensors)]
+                inputs = Inputs(tuple(_to_device(t, device, task.compute_dtype, fused) for t in sources),
                                 task.base_index, task.name, plan.recipe.random_seed)
                 loaded = time.perf_counter()
                 bar.stage("read", loaded - start, nbytes)
                 out_dtype = getattr(torch, CODE_NAMES[task.dtype])
-                result = impl(inputs, task.params, out_dtype)
-                if isinstance(result, tuple):
-                    result, stats = result
-                    semantic.record(task.name, stats, inputs, result)
-                result = result.to(out_dtype).cpu()
-                if not allow_nonfinite and not all_finite(result):
+                merged = impl(inputs, task.params, out_dtype)
+                if merged.stats is not None:
+                    semantic.record(task.name, merged.stats, inputs, merged.tensor)
+                result = merged.tensor.to(out_dtype)
+                if merged.inputs_finite is not True:  # unchecked, or a kernel saw NaN / Inf: find which
+                    _check_inputs(plan, task, tensors)
+                finite = merged.output_finite if merged.output_finite is not None else all_finite(result)
+                if not allow_nonfinite and not finite:
                     raise SemeError(f"the merged tensor '{task.name}' contains NaN or Inf "
                                     f"(pass --allow-nonfinite to write it anyway)")
+                result = result.cpu()
                 bar.stage("merge", time.perf_counter() - loaded, nbytes)
             sink.put(task.name, result)
             bar.update(nbytes)

@@ -1,9 +1,11 @@
-"""Fused CPU kernels (seme._C, C++/OpenMP) for the task-vector family and SCE.
+"""Fused CPU kernels (seme._C, C++/OpenMP) for the task-vector family, SCE and linear.
 
 `merge(method, inputs, params)` is a drop-in for `registry.get(method).fn(inputs, params)` on CPU
 tensors (same `Inputs`, same bound params): the same masks (exact rank selection with the
 (value, index) tie rule, the same Philox draws), fp32 results equal up to the rounding of the L1
 and energy sums, without the [K, n] intermediates, and optionally cast straight to `out_dtype`.
+With `checks=True` it also says whether the inputs and the output were finite, seen in passing by
+the element pass (csrc/cpu/fused_merge.h, `Finite`), so that the engine needs no pass of its own.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ FAMILY = {
     "della": ("della_magprune", True),
     "della_linear": ("della_magprune", False),
 }
-METHODS = frozenset(FAMILY) | {"sce"}
+GPU_METHODS = frozenset(FAMILY) | {"sce"}  # also in the CUDA and Triton kernels
+METHODS = GPU_METHODS | {"linear"}
 _KERNEL = {None: _NONE, "magnitude": _RANK, "magnitude_outliers": _RANK, "random": _RANDOM,
            "della_magprune": _DELLA}
 
@@ -43,8 +46,10 @@ def available() -> bool:
 
 
 def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype = torch.float32,
-          num_threads: int = 0) -> torch.Tensor:
+          num_threads: int = 0, checks: bool = False):
     """Merge one tensor with the fused kernel, into `out_dtype`; `num_threads=0` uses OpenMP's default.
+    With `checks`, returns (tensor, inputs finite, output finite) instead of the tensor; "inputs
+    finite" is False for any NaN or Inf input, and rarely for a difference of inputs that overflows.
 
     Inputs: CPU tensors of one shape, float32 / bfloat16 / float16 (mixed dtypes are widened to
     float32 first, which is exact; float64 raises TypeError); fewer than 2^32 elements.
@@ -54,10 +59,18 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype =
     if method not in METHODS:
         raise ValueError(f"no fused kernel for method '{method}'")
     if out_dtype not in _DTYPES:  # the kernel writes fp32, bf16 or fp16; anything else is a cast of fp32
-        return merge(method, inputs, params, num_threads=num_threads).to(out_dtype)
-    base, others = inputs.base, inputs.others
+        merged = merge(method, inputs, params, num_threads=num_threads, checks=checks)
+        if not checks:
+            return merged.to(out_dtype)
+        out = merged[0].to(out_dtype)
+        return out, merged[1], merged[2] and _finite(out)
+    if method == "linear":  # no base: the first model takes its place
+        base, others = inputs.tensors[0], inputs.tensors[1:]
+    else:
+        base, others = inputs.base, inputs.others
     if not others:
-        return base.to(out_dtype)
+        out = base.to(out_dtype)
+        return (out, _finite(base), _finite(out)) if checks else out
     tensors = [t.contiguous() for t in (base, *others)]
     if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("the fused CPU kernel takes CPU tensors")
@@ -71,17 +84,25 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype =
     n = base.numel()
     out = torch.empty(base.shape, dtype=out_dtype)
     if n == 0:
-        return out
+        return (out, True, True) if checks else out
     common = dict(base=tensors[0].data_ptr(), others=[t.data_ptr() for t in tensors[1:]], out=out.data_ptr(),
                   n=n, in_dtype=_DTYPES[tensors[0].dtype], out_dtype=_DTYPES[out_dtype], num_threads=num_threads)
     if method == "sce":
-        _C.sce_merge(select_topk=float(params["select_topk"]), **common)
-        return out
+        finite = _C.sce_merge(select_topk=float(params["select_topk"]), **common)
+    elif method == "linear":
+        finite = _C.linear_merge(weight=list(params["weight"]), normalize=params["normalize"], **common)
+    else:
+        args = family_arguments(method, inputs, params, n)
+        finite = _C.family_merge(cols=base.shape[-1] if base.dim() >= 2 else n,  # DELLA ranks along rows
+                                 **args, **common)
+    return (out, *finite) if checks else out
 
-    args = family_arguments(method, inputs, params, n)
-    _C.family_merge(cols=base.shape[-1] if base.dim() >= 2 else n,  # DELLA ranks along the last dimension
-                    **args, **common)
-    return out
+
+def _finite(t: torch.Tensor) -> bool:
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def family_arguments(method: str, inputs: Inputs, params: dict, n: int) -> dict:

@@ -195,3 +195,63 @@ def test_edge_cases():
         fused_merge.merge("ties", make_inputs((4,), 1, dtype=torch.float64), bound("ties", dict(weight=1.0), 1))
     with pytest.raises(ValueError):
         fused_merge.merge("slerp", make_inputs((4,), 1), {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1,), (7,), (1023,), (33, 31), ((1 << 17) + 5,)])
+@pytest.mark.parametrize("params", [dict(weight=[0.5, 0.3, 0.2]), dict(weight=[1.0, -0.5, 2.0], normalize=False),
+                                    dict(weight=[0.25, 0.25, 0.25, 0.25])])
+def test_linear_matches_reference(dtype, shape, params):
+    k = len(params["weight"])
+    g = torch.Generator().manual_seed(k)
+    tensors = tuple(torch.randn(shape, generator=g).to(dtype) for _ in range(k))
+    inputs = Inputs(tensors, base_index=None, name="model.layers.0.w")
+    bound_params = registry.bind(registry.get("linear"), params, k, None, "test")
+    ref = registry.get("linear").fn(inputs, bound_params)
+    # the reference's add_ may fuse the multiply-add (one rounding) where the kernel rounds twice
+    torch.testing.assert_close(fused_merge.merge("linear", inputs, bound_params), ref, rtol=1e-6, atol=1e-6)
+    out, inputs_finite, output_finite = fused_merge.merge("linear", inputs, bound_params, out_dtype=dtype,
+                                                          checks=True)
+    assert inputs_finite and output_finite and out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    else:  # one ulp of the dtype where the fp32 results sit on either side of a rounding boundary
+        torch.testing.assert_close(out, ref.to(dtype))
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_linear", "della", "sce", "task_arithmetic", "linear"])
+@pytest.mark.parametrize("where", [0, 2])  # the base (first model for linear), a fine-tune
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_kernels_report_nonfinite_inputs(name, where, bad):
+    inputs = make_inputs((5000,), 3, seed=1)
+    tensors = [t.clone() for t in inputs.tensors]
+    tensors[where][4321] = bad
+    broken = Inputs(tuple(tensors), inputs.base_index, inputs.name, inputs.seed)
+    if name == "linear":
+        params = registry.bind(registry.get("linear"), dict(weight=[0.4, 0.3, 0.2, 0.1]), 4, None, "test")
+    else:
+        params = bound(name, FAMILY_PARAMS[name][0], 3)
+    assert fused_merge.merge(name, inputs, params, checks=True)[1:] == (True, True)
+    _, inputs_finite, _ = fused_merge.merge(name, broken, params, checks=True)
+    assert not inputs_finite
+
+
+@pytest.mark.parametrize("out_dtype, big, finite", [
+    (torch.float16, 65519.0, True),  # rounds to 65504
+    (torch.float16, 65520.0, False),  # max + half an ulp: rounds to Inf
+    (torch.bfloat16, 3.3895e38, True),  # about bf16's max
+    (torch.bfloat16, 3.3962e38, False),  # past max + half an ulp (3.39617e38)
+    (torch.float32, 2.0e38, True),
+    (torch.float32, 3.0e38, False),  # plus a delta of 1e38: overflows fp32
+])
+def test_kernels_report_outputs_that_overflow_the_output_dtype(out_dtype, big, finite):
+    base = torch.zeros(100)
+    base[17] = big
+    delta = torch.zeros(100)
+    delta[3] = 1.0
+    if out_dtype == torch.float32:
+        delta[17] = 1.0e38
+    inputs = Inputs((base, base + delta), base_index=0, name="w")
+    params = bound("task_arithmetic", dict(weight=1.0), 1)
+    out, _, output_finite = fused_merge.merge("task_arithmetic", inputs, params, out_dtype=out_dtype, checks=True)
+    assert output_finite == bool(torch.isfinite(out).all()) == finite

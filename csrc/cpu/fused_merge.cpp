@@ -152,7 +152,15 @@ struct Scratch {
   std::vector<double> mean, m2;          // SCE: Welford accumulators
   std::vector<float> rank;               // DELLA: ranks within the row
   std::vector<uint64_t> sort_a, sort_b;  // DELLA: row sort
+  uint32_t input_exponents = 0;          // max of the exponent bits of the staged δ (or inputs)
+  uint32_t output_magnitude = 0;         // max of |output| as fp32 bits
 };
+
+// Max of the exponent field over x: 0x7f800000 when some element is Inf or NaN (vectorizes).
+inline uint32_t max_exponent(const float* __restrict x, int64_t len, uint32_t m) {
+  for (int64_t j = 0; j < len; ++j) m = std::max(m, f2u(x[j]) & 0x7f800000u);
+  return m;
+}
 
 struct Ctx {
   const Tensors& t;
@@ -213,7 +221,28 @@ struct Ctx {
     return d;
   }
 
-  void store(const float* v, int64_t off, int64_t len) const {
+  // The element pass's inputs, as staged by load(): every δ_k.
+  void note_inputs(Scratch& s, int64_t len) const {
+    for (int k = 0; k < K; ++k) s.input_exponents = max_exponent(delta(s, k), len, s.input_exponents);
+  }
+
+  // What the threads noted: the smallest |x| bits that overflow the output dtype, with round to
+  // nearest even: fp32 Inf, bf16 0x7f7f8000 (its max plus half an ulp), fp16 65520.
+  Finite finite() const {
+    const uint32_t overflow = t.out_dtype == kF32 ? 0x7f800000u : t.out_dtype == kBF16 ? 0x7f7f8000u : 0x477ff000u;
+    Finite f;
+    for (const Scratch& s : scratch) {
+      f.inputs = f.inputs && s.input_exponents != 0x7f800000u;
+      f.output = f.output && s.output_magnitude < overflow;
+    }
+    return f;
+  }
+
+  // Writes v to the output in its dtype, noting max |v|.
+  void store(Scratch& s, const float* v, int64_t off, int64_t len) const {
+    uint32_t m = s.output_magnitude;
+    for (int64_t j = 0; j < len; ++j) m = std::max(m, f2u(v[j]) & 0x7fffffffu);
+    s.output_magnitude = m;
     dispatch(t.out_dtype, [&](auto tag) {
       using T = decltype(tag);
       T* __restrict o = static_cast<T*>(t.out) + off;
@@ -471,7 +500,7 @@ void check(const Tensors& t) {
 
 // ------------------------------------------------------------ task-vector family
 
-void family_merge(const Tensors& t, const FamilyParams& p) {
+Finite family_merge(const Tensors& t, const FamilyParams& p) {
   check(t);
   const int K = int(t.others.size());
   const size_t k_ = size_t(K);
@@ -569,6 +598,7 @@ void family_merge(const Tensors& t, const FamilyParams& p) {
     std::vector<int64_t> eq(eq_start.begin() + c * 2 * K, eq_start.begin() + (c + 1) * 2 * K);
     ctx.blocks(start, end, [&](int64_t off, int64_t len) {
       ctx.load(s, off, len);
+      ctx.note_inputs(s, len);
       float* __restrict sum = s.acc.data();
       for (int k = 0; k < K; ++k) {
         float* __restrict d = ctx.delta(s, k);
@@ -601,14 +631,15 @@ void family_merge(const Tensors& t, const FamilyParams& p) {
         for (int64_t j = 0; j < len; ++j) sum[j] *= p.lambda;
       const float* __restrict base = s.base.data();
       for (int64_t j = 0; j < len; ++j) sum[j] = base[j] + sum[j];
-      ctx.store(sum, off, len);
+      ctx.store(s, sum, off, len);
     });
   });
+  return ctx.finite();
 }
 
 // ------------------------------------------------------------ SCE
 
-void sce_merge(const Tensors& t, double tau) {
+Finite sce_merge(const Tensors& t, double tau) {
   check(t);
   const int K = int(t.others.size());
   Ctx ctx(t, kChunk, kBlock);
@@ -793,6 +824,7 @@ void sce_merge(const Tensors& t, double tau) {
     int64_t eq = eq_start[c];
     ctx.blocks(start, end, [&](int64_t off, int64_t len) {
       ctx.load(s, off, len);
+      ctx.note_inputs(s, len);
       float* __restrict sum = s.acc.data();
       if (none || select) {
         float* keep = s.u.data();
@@ -817,9 +849,46 @@ void sce_merge(const Tensors& t, double tau) {
       for (int k = 0; k < K; ++k) add_agreeing<true>(sum, ctx.delta(s, k), eta[k], len, num, den);
       const float* __restrict base = s.base.data();
       for (int64_t j = 0; j < len; ++j) sum[j] = base[j] + num[j] / std::max(den[j], 1e-6f);
-      ctx.store(sum, off, len);
+      ctx.store(s, sum, off, len);
     });
   });
+  return ctx.finite();
+}
+
+// ------------------------------------------------------------ linear
+
+Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize) {
+  check(t);
+  const int K = int(t.others.size());
+  if (weight.size() != size_t(K) + 1) throw std::invalid_argument("linear_merge: one weight per model");
+  Ctx ctx(t, kChunk, kBlock);
+  double weight_sum = 0;  // Python's sum of the weights, then one fp32 division, like the reference
+  for (float w : weight) weight_sum += w;
+  const float divisor = float(weight_sum);
+  ctx.chunks([&](int th, int64_t, int64_t start, int64_t end) {
+    Scratch& s = ctx.scratch[th];
+    ctx.blocks(start, end, [&](int64_t off, int64_t len) {
+      float* __restrict x = s.base.data();
+      float* __restrict out = s.acc.data();
+      dispatch(t.in_dtype, [&](auto tag) {
+        using T = decltype(tag);
+        for (int k = 0; k <= K; ++k) {
+          const T* __restrict in = static_cast<const T*>(k == 0 ? t.base : t.others[k - 1]) + off;
+          for (int64_t j = 0; j < len; ++j) x[j] = to_f32(in[j]);
+          s.input_exponents = max_exponent(x, len, s.input_exponents);
+          const float w = weight[k];
+          if (k == 0)
+            for (int64_t j = 0; j < len; ++j) out[j] = x[j] * w;
+          else
+            for (int64_t j = 0; j < len; ++j) out[j] = out[j] + w * x[j];
+        }
+      });
+      if (normalize)
+        for (int64_t j = 0; j < len; ++j) out[j] = out[j] / divisor;
+      ctx.store(s, out, off, len);
+    });
+  });
+  return ctx.finite();
 }
 
 }  // namespace SEME_ISA
@@ -827,23 +896,33 @@ void sce_merge(const Tensors& t, double tau) {
 #ifndef SEME_AVX2
 #ifdef SEME_AVX2_BUILD
 namespace avx2 {
-void family_merge(const Tensors& t, const FamilyParams& p);
-void sce_merge(const Tensors& t, double tau);
+Finite family_merge(const Tensors& t, const FamilyParams& p);
+Finite sce_merge(const Tensors& t, double tau);
+Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize);
 }  // namespace avx2
 
 // SEME_BASELINE_ISA (set to anything) forces the baseline build: the tests compare the two.
 static bool use_avx2() { return __builtin_cpu_supports("avx2") && !std::getenv("SEME_BASELINE_ISA"); }
 
-void family_merge(const Tensors& t, const FamilyParams& p) {
-  use_avx2() ? avx2::family_merge(t, p) : baseline::family_merge(t, p);
+Finite family_merge(const Tensors& t, const FamilyParams& p) {
+  return use_avx2() ? avx2::family_merge(t, p) : baseline::family_merge(t, p);
 }
 
-void sce_merge(const Tensors& t, double tau) { use_avx2() ? avx2::sce_merge(t, tau) : baseline::sce_merge(t, tau); }
+Finite sce_merge(const Tensors& t, double tau) {
+  return use_avx2() ? avx2::sce_merge(t, tau) : baseline::sce_merge(t, tau);
+}
+
+Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize) {
+  return use_avx2() ? avx2::linear_merge(t, weight, normalize) : baseline::linear_merge(t, weight, normalize);
+}
 
 const char* active_isa() { return use_avx2() ? "avx2" : "baseline"; }
 #else
-void family_merge(const Tensors& t, const FamilyParams& p) { baseline::family_merge(t, p); }
-void sce_merge(const Tensors& t, double tau) { baseline::sce_merge(t, tau); }
+Finite family_merge(const Tensors& t, const FamilyParams& p) { return baseline::family_merge(t, p); }
+Finite sce_merge(const Tensors& t, double tau) { return baseline::sce_merge(t, tau); }
+Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize) {
+  return baseline::linear_merge(t, weight, normalize);
+}
 const char* active_isa() { return "baseline"; }
 #endif
 #endif

@@ -47,10 +47,22 @@ struct FamilyParams {
   std::vector<uint64_t> key;  // Philox stream key of each model (rng.stream_key)
 };
 
-void family_merge(const Tensors& t, const FamilyParams& p);
+// What the element pass saw, so that the caller needs no pass of its own: whether every δ_k was
+// finite (an Inf or NaN in any input makes some δ_k non-finite; the converse fails only when a
+// difference of finite inputs overflows) and whether every output element is finite as written in
+// the output dtype (a finite fp32 result beyond the dtype's range counts as an overflow).
+struct Finite {
+  bool inputs = true, output = true;
+};
+
+Finite family_merge(const Tensors& t, const FamilyParams& p);
 
 // SCE with select_topk = tau.
-void sce_merge(const Tensors& t, double tau);
+Finite sce_merge(const Tensors& t, double tau);
+
+// Linear: Σ_k w_k x_k over base (the first model) and others, divided by Σ w_k when normalize.
+// Finite.inputs is exact here: the inputs themselves are checked.
+Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize);
 
 // Which build of the kernels runs: "avx2" or "baseline".
 const char* active_isa();

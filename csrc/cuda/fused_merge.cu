@@ -420,31 +420,33 @@ __global__ void __launch_bounds__(kPickThreads) pick_kernel(Args a, int level) {
 
 // eq[row][tile] = elements of the tile whose key equals the split cut of `row`.
 template <class T>
-__global__ void __launch_bounds__(kThreads) count_kernel(Args a, int rows) {
+__global__ void __launch_bounds__(kThreads, 4) count_kernel(Args a, int rows) {
   bool any = false;
   for (int r = 0; r < rows; ++r) any |= a.cut[r].split != 0;
   if (!any) return;
   using Count = cub::BlockReduce<int, kThreads>;
   __shared__ typename Count::TempStorage tmp;
   const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kItems;
-  float b[kItems], d[kMaxModels][kItems];
-  load_tile<T>(a, i, b, d);
+  float b[kItems];
+  load<T>(a.base, i, a, b);
   for (int r = 0; r < rows; ++r) {
     const Cut c = a.cut[r];
     if (!c.split) continue;
-    int equal = 0;
+    uint32_t key[kItems];
     if (a.sparsify == kSce) {
+      float d[kMaxModels][kItems];
+      load_tile<T>(a, i, b, d);
 #pragma unroll
-      for (int j = 0; j < kItems; ++j) equal += i + j < a.n && key_of(variance(d, a.K, j)) == c.v;
-    } else {
-      const int k = r / a.nb;
+      for (int j = 0; j < kItems; ++j) key[j] = key_of(variance(d, a.K, j));
+    } else {  // only the row's model
+      float x[kItems];
+      load<T>(a.x[r / a.nb], i, a, x);
 #pragma unroll
-      for (int kk = 0; kk < kMaxModels; ++kk)
-        if (kk == k) {
-#pragma unroll
-          for (int j = 0; j < kItems; ++j) equal += i + j < a.n && key_of(d[kk][j]) == c.v;
-        }
+      for (int j = 0; j < kItems; ++j) key[j] = key_of(x[j] - b[j]);
     }
+    int equal = 0;
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) equal += i + j < a.n && key[j] == c.v;
     __syncthreads();
     const int total = Count(tmp).Sum(equal);
     if (threadIdx.x == 0) a.eq[size_t(r) * a.nblocks + blockIdx.x] = uint32_t(total);
