@@ -25,6 +25,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace seme {
 namespace cuda {
@@ -155,10 +156,11 @@ __device__ __forceinline__ void store(void* ptr, int64_t i, const Args& a, const
 __device__ __forceinline__ uint32_t key_of(float x) { return __float_as_uint(x) & 0x7fffffffu; }
 
 // The across-model variance as torch computes it on CPU: Welford in double, rounded to float.
-__device__ __forceinline__ float variance(const float d[kMaxModels][kItems], int K, int j) {
+template <int M>
+__device__ __forceinline__ float variance(const float d[M][kItems], int K, int j) {
   double mean = 0.0, m2 = 0.0;
 #pragma unroll
-  for (int k = 0; k < kMaxModels; ++k) {
+  for (int k = 0; k < M; ++k) {
     if (k < K) {
       const double x = d[k][j], dev = x - mean;
       mean = mean + dev / double(k + 1);
@@ -189,11 +191,11 @@ __device__ __forceinline__ void uniforms(uint64_t c, uint32_t k0, uint32_t k1, f
 }
 
 // A tile: base and every δ_k of the thread's kItems elements.
-template <class T>
-__device__ __forceinline__ void load_tile(const Args& a, int64_t i, float b[kItems], float d[kMaxModels][kItems]) {
+template <class T, int M>
+__device__ __forceinline__ void load_tile(const Args& a, int64_t i, float b[kItems], float d[M][kItems]) {
   load<T>(a.base, i, a, b);
 #pragma unroll
-  for (int k = 0; k < kMaxModels; ++k) {
+  for (int k = 0; k < M; ++k) {
     if (k < a.K) {
       load<T>(a.x[k], i, a, d[k]);
 #pragma unroll
@@ -214,8 +216,9 @@ __device__ __forceinline__ void below(const Cut& c, const uint32_t key[kItems], 
   int equal = 0;
 #pragma unroll
   for (int j = 0; j < kItems; ++j) equal += valid[j] && key[j] == c.v;
+  // Keys equal to the cut are rare in most tiles: only those with one need positions.
+  if (!__syncthreads_or(equal)) return;
   int before;
-  __syncthreads();  // the scan storage may still be read by a previous scan
   BlockScan(scan).ExclusiveSum(equal, before);
   int64_t pos = int64_t(*eq_offset) + before;
 #pragma unroll
@@ -262,7 +265,8 @@ __device__ __forceinline__ void keep_mask(const Args& a, int k, int64_t i, const
 }
 
 // SCE: selected[j], the elements whose variance is not below the cut.
-__device__ __forceinline__ void sce_selected(const Args& a, const float d[kMaxModels][kItems], const bool valid[kItems],
+template <int M>
+__device__ __forceinline__ void sce_selected(const Args& a, const float d[M][kItems], const bool valid[kItems],
                                              Shared& sh, bool selected[kItems]) {
   if (!a.nb) {
 #pragma unroll
@@ -271,7 +275,7 @@ __device__ __forceinline__ void sce_selected(const Args& a, const float d[kMaxMo
   }
   uint32_t key[kItems];
 #pragma unroll
-  for (int j = 0; j < kItems; ++j) key[j] = key_of(variance(d, a.K, j));
+  for (int j = 0; j < kItems; ++j) key[j] = key_of(variance<M>(d, a.K, j));
   bool low[kItems];
   below(a.cut[0], key, valid, a.eq + blockIdx.x, sh.scan, low);
 #pragma unroll
@@ -298,7 +302,7 @@ __host__ __device__ constexpr Level level_of(int level) {
 
 // hist[h][digit] += elements whose key matches cut h's prefix above the level's digit. Level 0 has
 // no prefix: one histogram per key (model) serves its cuts. Grid-stride, shared-memory bins.
-template <class T>
+template <class T, int M>
 __global__ void __launch_bounds__(kThreads) hist_kernel(Args a, int level) {
   extern __shared__ uint32_t bins[];
   const Level lv = level_of(level);
@@ -312,18 +316,18 @@ __global__ void __launch_bounds__(kThreads) hist_kernel(Args a, int level) {
   const int64_t groups = (a.n + kItems - 1) / kItems;
   for (int64_t g = int64_t(blockIdx.x) * kThreads + threadIdx.x; g < groups; g += int64_t(gridDim.x) * kThreads) {
     const int64_t i = g * kItems;
-    float b[kItems], d[kMaxModels][kItems];
+    float b[kItems], d[M][kItems];
     uint32_t key[kItems];
     bool valid[kItems];
 #pragma unroll
     for (int j = 0; j < kItems; ++j) valid[j] = i + j < a.n;
-    load_tile<T>(a, i, b, d);  // every input's loads in flight at once
+    load_tile<T, M>(a, i, b, d);  // every input's loads in flight at once
     if (sce) {
 #pragma unroll
-      for (int j = 0; j < kItems; ++j) key[j] = key_of(variance(d, a.K, j));
+      for (int j = 0; j < kItems; ++j) key[j] = key_of(variance<M>(d, a.K, j));
     }
 #pragma unroll
-    for (int s = 0; s < kMaxModels; ++s) {
+    for (int s = 0; s < M; ++s) {
       if (s >= nkeys) break;
       if (!sce) {
         if (a.mode[s] != kActive) continue;
@@ -419,7 +423,7 @@ __global__ void __launch_bounds__(kPickThreads) pick_kernel(Args a, int level) {
 }
 
 // eq[row][tile] = elements of the tile whose key equals the split cut of `row`.
-template <class T>
+template <class T, int M>
 __global__ void __launch_bounds__(kThreads, 4) count_kernel(Args a, int rows) {
   bool any = false;
   for (int r = 0; r < rows; ++r) any |= a.cut[r].split != 0;
@@ -434,10 +438,10 @@ __global__ void __launch_bounds__(kThreads, 4) count_kernel(Args a, int rows) {
     if (!c.split) continue;
     uint32_t key[kItems];
     if (a.sparsify == kSce) {
-      float d[kMaxModels][kItems];
-      load_tile<T>(a, i, b, d);
+      float d[M][kItems];
+      load_tile<T, M>(a, i, b, d);
 #pragma unroll
-      for (int j = 0; j < kItems; ++j) key[j] = key_of(variance(d, a.K, j));
+      for (int j = 0; j < kItems; ++j) key[j] = key_of(variance<M>(d, a.K, j));
     } else {  // only the row's model
       float x[kItems];
       load<T>(a.x[r / a.nb], i, a, x);
@@ -478,18 +482,18 @@ __global__ void __launch_bounds__(kPickThreads) scan_kernel(Args a) {
 
 // Family L1 rescale: partial[k][0][tile] = Σ|δ_k|, partial[k][1][tile] = Σ|kept δ_k| (active models).
 // SCE: partial[k][1][tile] = Σ (selected δ_k)².
-template <class T>
+template <class T, int M>
 __global__ void __launch_bounds__(kThreads) sums_kernel(Args a) {
   __shared__ Shared sh;
   const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kItems;
-  float b[kItems], d[kMaxModels][kItems];
+  float b[kItems], d[M][kItems];
   bool valid[kItems], keep[kItems];
 #pragma unroll
   for (int j = 0; j < kItems; ++j) valid[j] = i + j < a.n;
-  load_tile<T>(a, i, b, d);
-  if (a.sparsify == kSce) sce_selected(a, d, valid, sh, keep);
+  load_tile<T, M>(a, i, b, d);
+  if (a.sparsify == kSce) sce_selected<M>(a, d, valid, sh, keep);
 #pragma unroll
-  for (int k = 0; k < kMaxModels; ++k) {
+  for (int k = 0; k < M; ++k) {
     if (k >= a.K) continue;
     float before = 0.0f, after = 0.0f;
     if (a.sparsify == kSce) {
@@ -547,26 +551,26 @@ __global__ void __launch_bounds__(kPickThreads) coef_kernel(Args a) {
   }
 }
 
-template <class T, class O>
-__global__ void __launch_bounds__(kThreads, 3) merge_kernel(Args a) {
+template <class T, class O, int M>
+__global__ void __launch_bounds__(kThreads, M <= 4 ? 4 : 3) merge_kernel(Args a) {
   __shared__ Shared sh;
   const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kItems;
-  float b[kItems], d[kMaxModels][kItems];
+  float b[kItems], d[M][kItems];
   bool valid[kItems];
 #pragma unroll
   for (int j = 0; j < kItems; ++j) valid[j] = i + j < a.n;
-  load_tile<T>(a, i, b, d);
+  load_tile<T, M>(a, i, b, d);
   const bool sce = a.sparsify == kSce;
   if (sce) {
     bool selected[kItems];
-    sce_selected(a, d, valid, sh, selected);
+    sce_selected<M>(a, d, valid, sh, selected);
 #pragma unroll
-    for (int k = 0; k < kMaxModels; ++k)
+    for (int k = 0; k < M; ++k)
 #pragma unroll
       for (int j = 0; j < kItems; ++j) d[k][j] = selected[j] ? d[k][j] : 0.0f;
   } else {
 #pragma unroll
-    for (int k = 0; k < kMaxModels; ++k) {
+    for (int k = 0; k < M; ++k) {
       if (k >= a.K) continue;
       if (a.mode[k] == kDrop) {
 #pragma unroll
@@ -591,14 +595,14 @@ __global__ void __launch_bounds__(kThreads, 3) merge_kernel(Args a) {
   for (int j = 0; j < kItems; ++j) {
     float total = 0.0f;
 #pragma unroll
-    for (int k = 0; k < kMaxModels; ++k)
+    for (int k = 0; k < M; ++k)
       if (k < a.K) total = total + d[k][j];
     float mixed = total;
     if (a.consensus) {
       const bool positive = total >= 0.0f;  // "sum" sign election, ties to +
       float acc = 0.0f, norm = 0.0f;
 #pragma unroll
-      for (int k = 0; k < kMaxModels; ++k) {
+      for (int k = 0; k < M; ++k) {
         if (k >= a.K) continue;
         const bool agree = positive ? d[k][j] > 0.0f : d[k][j] < 0.0f;  // zeros never count
         const float w = sce ? a.coef[k] : a.weight[k];
@@ -629,6 +633,16 @@ void with_dtype(int code, F&& f) {
     case 2: return f(__half{});
   }
   throw std::invalid_argument("unsupported dtype code");
+}
+
+// f(input dtype tag, models held in registers: 4 or 8). Four cover the usual merges with half the
+// registers, which lets more blocks share a multiprocessor.
+template <class F>
+void with_inputs(int dtype, int K, F&& f) {
+  with_dtype(dtype, [&](auto tag) {
+    if (K <= 4) f(tag, std::integral_constant<int, 4>{});
+    else f(tag, std::integral_constant<int, kMaxModels>{});
+  });
 }
 
 size_t align(size_t x) { return (x + 255) & ~size_t(255); }
@@ -686,7 +700,7 @@ Args prepare(const Launch& t) {
 }
 
 // The radix select of a.K * a.nb (rank) or 1 (SCE) cuts whose target ranks are `rank`.
-template <class T>
+template <class T, int M>
 void select(Args& a, const std::vector<int64_t>& rank, cudaStream_t stream) {
   const int rows = int(rank.size());
   Ranks r{};
@@ -700,29 +714,29 @@ void select(Args& a, const std::vector<int64_t>& rank, cudaStream_t stream) {
     const Level lv = level_of(level);
     const int nh = level == 0 ? nkeys : rows;
     const size_t smem = sizeof(uint32_t) * nh * (size_t(1) << lv.bits);
-    check(cudaFuncSetAttribute(hist_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "smem");
+    check(cudaFuncSetAttribute(hist_kernel<T, M>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "smem");
     // One wave of resident blocks: a second, partial wave would double the pass for a few blocks.
     int per_sm = 0;
-    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, hist_kernel<T>, kThreads, smem), "occupancy");
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, hist_kernel<T, M>, kThreads, smem), "occupancy");
     const int grid = int(std::min<int64_t>((groups + kThreads - 1) / kThreads,
                                            std::max(per_sm, 1) * int64_t(multiprocessors())));
     check(cudaMemsetAsync(a.hist, 0, smem, stream), "memset");
-    hist_kernel<T><<<grid, kThreads, smem, stream>>>(a, level);
+    hist_kernel<T, M><<<grid, kThreads, smem, stream>>>(a, level);
     check(cudaGetLastError(), "histogram");
     pick_kernel<<<rows, kPickThreads, 0, stream>>>(a, level);
     check(cudaGetLastError(), "pick");
   }
-  count_kernel<T><<<a.nblocks, kThreads, 0, stream>>>(a, rows);
+  count_kernel<T, M><<<a.nblocks, kThreads, 0, stream>>>(a, rows);
   check(cudaGetLastError(), "count");
   scan_kernel<<<rows, kPickThreads, 0, stream>>>(a);
   check(cudaGetLastError(), "scan");
 }
 
-template <class T>
+template <class T, int M>
 void launch_merge(const Args& a, int out_dtype, cudaStream_t stream) {
   with_dtype(out_dtype, [&](auto out_tag) {
     using O = decltype(out_tag);
-    merge_kernel<T, O><<<a.nblocks, kThreads, 0, stream>>>(a);
+    merge_kernel<T, O, M><<<a.nblocks, kThreads, 0, stream>>>(a);
     check(cudaGetLastError(), "merge");
   });
 }
@@ -758,8 +772,9 @@ void family_merge(const Launch& t, const Family& p) {
   a.rescale = p.rescale && active;
   a.nb = p.sparsify == kRank ? (std::any_of(p.rank_hi.begin(), p.rank_hi.end(), [&](int64_t h) { return h < t.n; }) ? 2 : 1) : 0;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(t.stream);
-  with_dtype(t.in_dtype, [&](auto tag) {
+  with_inputs(t.in_dtype, K, [&](auto tag, auto width) {
     using T = decltype(tag);
+    constexpr int M = decltype(width)::value;
     if (a.sparsify == kRank && active) {
       std::vector<int64_t> rank;
       for (int k = 0; k < K; ++k) {
@@ -767,15 +782,15 @@ void family_merge(const Launch& t, const Family& p) {
         rank.push_back(live ? p.rank_lo[k] : 0);
         if (a.nb == 2) rank.push_back(live ? p.rank_hi[k] : t.n);
       }
-      select<T>(a, rank, stream);
+      select<T, M>(a, rank, stream);
     }
     if (a.rescale) {
-      sums_kernel<T><<<a.nblocks, kThreads, 0, stream>>>(a);
+      sums_kernel<T, M><<<a.nblocks, kThreads, 0, stream>>>(a);
       check(cudaGetLastError(), "sums");
       coef_kernel<<<1, kPickThreads, 0, stream>>>(a);
       check(cudaGetLastError(), "coefficients");
     }
-    launch_merge<T>(a, t.out_dtype, stream);
+    launch_merge<T, M>(a, t.out_dtype, stream);
   });
 }
 
@@ -786,14 +801,15 @@ void sce_merge(const Launch& t, double select_topk) {
   a.tau = select_topk;
   a.nb = select_topk < 1 ? 1 : 0;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(t.stream);
-  with_dtype(t.in_dtype, [&](auto tag) {
+  with_inputs(t.in_dtype, a.K, [&](auto tag, auto width) {
     using T = decltype(tag);
-    if (a.nb) select<T>(a, {0}, stream);  // the rank comes from the zero count, on the device
-    sums_kernel<T><<<a.nblocks, kThreads, 0, stream>>>(a);
+    constexpr int M = decltype(width)::value;
+    if (a.nb) select<T, M>(a, {0}, stream);  // the rank comes from the zero count, on the device
+    sums_kernel<T, M><<<a.nblocks, kThreads, 0, stream>>>(a);
     check(cudaGetLastError(), "sums");
     coef_kernel<<<1, kPickThreads, 0, stream>>>(a);
     check(cudaGetLastError(), "coefficients");
-    launch_merge<T>(a, t.out_dtype, stream);
+    launch_merge<T, M>(a, t.out_dtype, stream);
   });
 }
 
