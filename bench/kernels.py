@@ -26,6 +26,7 @@ from seme.methods.inputs import Inputs
 
 K = 3
 METHODS = {  # name -> parameters (scalars: the same for every model), as both engines take them
+    "linear": dict(weight=0.25),
     "task_arithmetic": dict(weight=0.5),
     "ties": dict(weight=0.5, density=0.3),
     "dare_ties": dict(weight=0.5, density=0.3),
@@ -107,6 +108,8 @@ def main(argv=None):
         copy = best_time(lambda: [t.clone() for t in tensors], args.repeat, device)
         inputs = Inputs(tuple(tensors), base_index=0, name="model.layers.0.mlp.down_proj.weight", seed=0)
         for name in args.methods.split(","):
+            if device.type == "cuda" and name not in fused_merge.GPU_METHODS:
+                continue  # the GPU runs it in torch
             params = registry.bind(registry.get(name), METHODS[name], K + 1, 0, "bench")
             moved = nbytes + tensors[0].numel() * tensors[0].element_size()
             times = {n: best_time(lambda: f(name, inputs, params, dtype), args.repeat, device)

@@ -5,18 +5,29 @@ For vectors r (rows of `queries`) and unit bases k_i (rows of `keys`):
     linear mode:   p_i = cos(r, k_i)
 and the result is Σ_i p_i v_i for a second basis set `values` (the flash-attention structure:
 Q = vectors, K = Ŝ_X, V = Ŝ_Y). No [batch, V] matrix is ever held: an online softmax (running
-max and sum) or a running top-k is kept per vector.
+max and sum) or a running top-k is kept per vector. On CUDA tensors with narrow values (d_v up to
+`TRITON_MAX_WIDTH`) the softmax and linear modes run as one Triton kernel
+(kernels/semantic_mapping.py); it recomputes the cosines once per 64 output columns, so for
+hidden-size values the chunked torch code below, whose products go to cuBLAS, stays the default.
 """
 from __future__ import annotations
 
 import torch
 
 _CHUNK = 8192
+TRITON_MAX_WIDTH = 256  # at most 4 recomputations of the cosines
 
 
 def semantic_mix(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, temperature: float = 0.05,
                  topk: int | None = None, mode: str = "softmax", chunk: int = _CHUNK) -> torch.Tensor:
     """Σ_i p_i(q) values_i for each query row; keys are unit rows [V, d_k], values [V, d_v]."""
+    if queries.is_cuda and topk is None and values.shape[1] <= TRITON_MAX_WIDTH:
+        try:
+            from seme.kernels import semantic_mapping
+        except ImportError:  # no triton: the torch code runs on the GPU
+            pass
+        else:
+            return semantic_mapping.semantic_mix(queries, keys, values, temperature=temperature, mode=mode)
     q = queries.to(torch.float32)
     q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
     V = keys.shape[0]
