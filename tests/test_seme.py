@@ -114,6 +114,17 @@ def test_rank_deficient_head_gets_a_ridge():
     assert bases.ridge > 0 and torch.isfinite(bases.materialize()).all()
 
 
+def test_streamed_alignment_map_equals_the_materialised_one():
+    torch.manual_seed(2)
+    src, piv = semantic_bases([torch.randn(900, 24), torch.randn(1000, 32)])
+    piv_ids = torch.randperm(1000)[:700]  # a partly shared, reordered vocabulary
+    src_ids = torch.randperm(900)[:700]
+    expected = alignment.alignment_map(src.unit_rows(index=src_ids), piv.unit_rows(index=piv_ids))
+    got = alignment.streamed_alignment_map(src, src_ids, piv, piv_ids, chunk=128)
+    assert got.shape == (32, 24)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("mode, topk", [("softmax", None), ("softmax", 5), ("linear", None)])
 def test_mapping_matches_a_materialised_reference(mode, topk):
     torch.manual_seed(1)

@@ -28,6 +28,18 @@ def alignment_map(src_unit: torch.Tensor, piv_unit: torch.Tensor, *, mode: str =
     return torch.linalg.lstsq(x.double(), phi.double()).solution.T
 
 
+def streamed_alignment_map(src, src_ids: torch.Tensor, piv, piv_ids: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """The linear-mode map of `alignment_map`, Ŝ_pivᵀ Ŝ_src summed over blocks of shared tokens: the
+    unit bases of the two heads (SemanticBases; rows src_ids[j] and piv_ids[j] correspond) are
+    produced block by block, never held whole (2 x [V, d] floats: 4 GB for a 128k x 4096 head)."""
+    A = None
+    for start in range(0, src_ids.numel(), chunk):
+        part = (piv.unit_rows(index=piv_ids[start:start + chunk]).T.double()
+                @ src.unit_rows(index=src_ids[start:start + chunk]).double())
+        A = part if A is None else A + part
+    return A
+
+
 def orthogonal_factor(A: torch.Tensor) -> torch.Tensor:
     """The polar factor U Vᵀ of A = U Σ Vᵀ: the orthogonal Procrustes solution."""
     U, _, Vh = torch.linalg.svd(A.double())
