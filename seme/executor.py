@@ -183,9 +183,10 @@ def _execute(plan: Plan, folder: str, device: torch.device, backend: str, shard_
                 bar.stage("read", loaded - start, nbytes)
                 out_dtype = getattr(torch, CODE_NAMES[task.dtype])
                 merged = impl(inputs, task.params, out_dtype)
+                result = merged.tensor
                 if merged.stats is not None:
-                    semantic.record(task.name, merged.stats, inputs, merged.tensor)
-                result = merged.tensor.to(out_dtype)
+                    result = semantic.record(task.name, merged.stats, inputs, result)
+                result = result.to(out_dtype)
                 if merged.inputs_finite is not True:  # unchecked, or a kernel saw NaN / Inf: find which
                     _check_inputs(plan, task, tensors)
                 finite = merged.output_finite if merged.output_finite is not None else all_finite(result)

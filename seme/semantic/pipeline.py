@@ -240,12 +240,12 @@ class SemanticContext:
         out[keep] = x[tmap[keep]]
         return out
 
-    def record(self, name: str, stats: dict, inputs, merged: torch.Tensor) -> None:
-        """Keep a tensor's statistics; for residual-writing tensors add its semantic drift (METHOD §6):
-        the Jensen–Shannon divergence between the semantic signature of the merged update and of
-        each source's aligned update, decoded on the pivot's bases. With `stabilize` (and two sources
-        or more), `merged` is first re-weighted in place to lower that drift (the executor writes it
-        after this call) and the coefficients and the drift before and after are kept."""
+    def record(self, name: str, stats: dict, inputs, merged: torch.Tensor) -> torch.Tensor:
+        """Keep a tensor's statistics and return the tensor to write. For residual-writing tensors add
+        its semantic drift (METHOD §6): the Jensen–Shannon divergence between the semantic signature
+        of the merged update and of each source's aligned update, decoded on the pivot's bases. With
+        `stabilize` (and two sources or more), the returned tensor is `merged` re-weighted to lower
+        that drift, and the coefficients and the drift before and after are kept."""
         role = self.plan.archs[self.sp.pivot].role(name)
         if role is not None and role.role == "write" and self._signature_keys() is not None:
             base = inputs.base.to(torch.float32)
@@ -259,14 +259,14 @@ class SemanticContext:
             params = self.params[name]
             if written is not None and params["stabilize"] and len(sources) > 1:
                 before = written
-                stabilized, scales, eta = stabilize(inputs, params, lambda t: _mean(drift(t)), _mean(before))
-                merged.copy_(stabilized)
+                merged, scales, eta = stabilize(inputs, params, lambda t: _mean(drift(t)), _mean(before))
                 written = drift(merged)
                 stats["stabilization"] = {"coefficients": scales, "eta": _rounded(eta),
                                           "drift_before": _rounded(before), "drift_after": _rounded(written)}
             if written is not None:
                 stats["semantic_drift"] = _rounded(written)
         self.stats[name] = stats
+        return merged
 
     def _signature_keys(self) -> torch.Tensor | None:
         """The pivot's unit bases, materialised once; None when too large to hold (drift is skipped)."""
