@@ -50,9 +50,6 @@ class SemanticBases:
         s = self.rows(start, stop, index)
         return s / s.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
-    def norms(self, chunk: int = _CHUNK) -> torch.Tensor:
-        return torch.cat([self.rows(i, i + chunk).norm(dim=1) for i in range(0, self.vocab_size, chunk)])
-
     def materialize(self, unit: bool = False, chunk: int = _CHUNK) -> torch.Tensor:
         get = self.unit_rows if unit else self.rows
         return torch.cat([get(i, i + chunk) for i in range(0, self.vocab_size, chunk)])
