@@ -543,6 +543,14 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
     }
   }
 
+  // DARE with rescale: the sums pass keeps its draws as one bit per element and the fused pass
+  // replays them instead of drawing again (Philox is most of a DARE merge's arithmetic). Chunks
+  // start at multiples of 64 elements, so no two threads share a word.
+  std::vector<std::vector<uint64_t>> kept_bits(p.sparsify == kRandom && p.rescale ? K : 0);
+  for (int k : active)
+    if (!kept_bits.empty()) kept_bits[k].assign(size_t((t.n + 63) / 64), 0);
+  bool replay = false;
+
   // Zeroes the dropped elements of model k's δ in the staged block (a DELLA block is one row).
   auto sparsify = [&](Scratch& s, int k, int64_t off, int64_t len, int64_t* eq) {
     float* d = ctx.delta(s, k);
@@ -550,11 +558,27 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
       keep_ranks(d, len, cuts[2 * k], cuts[2 * k + 1], eq[2 * k], eq[2 * k + 1], s.ties.data());
       return;
     }
+    uint64_t* bits = kept_bits.empty() ? nullptr : kept_bits[k].data();
+    if (bits && replay) {  // off is a multiple of 64: blocks split chunks evenly
+      for (int64_t j = 0; j < len; j += 64) {
+        const uint64_t word = bits[(off + j) >> 6];
+        const int64_t n = std::min<int64_t>(64, len - j);
+        for (int64_t b = 0; b < n; ++b) d[j + b] = (word >> b) & 1 ? d[j + b] : 0.0f;
+      }
+      return;
+    }
     uniforms(p.key[k], off, len, s.u.data());
     const float* u = s.u.data();
     if (p.sparsify == kRandom) {
       const float p0 = p.p0[k];
       for (int64_t j = 0; j < len; ++j) d[j] = u[j] < p0 ? d[j] : 0.0f;
+      if (bits)
+        for (int64_t j = 0; j < len; j += 64) {
+          uint64_t word = 0;
+          const int64_t n = std::min<int64_t>(64, len - j);
+          for (int64_t b = 0; b < n; ++b) word |= uint64_t(u[j + b] < p0) << b;
+          bits[(off + j) >> 6] = word;
+        }
     } else {
       row_ranks(d, len, s);
       // float ops in the reference's order: p0 + ((rank / span) * 2) * epsilon
@@ -580,6 +604,7 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
         }
       });
     });
+    replay = true;
     for (int k : active) {
       double before = 0, after = 0;
       for (int64_t c = 0; c < ctx.nchunks; ++c) before += sums[(c * K + k) * 2], after += sums[(c * K + k) * 2 + 1];
