@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from seme.fused_merge import _ACTIVE, _DTYPES, FAMILY, family_arguments
+from seme.fused_merge import _ACTIVE, _DTYPES, FAMILY, family_arguments, kernel_inputs
 from seme.fused_merge import GPU_METHODS as METHODS
 from seme.methods.inputs import Inputs
 from seme.methods.task_vector import della_keep_probability
@@ -44,16 +44,7 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype =
         return base.to(out_dtype)
     if len(others) > _C_cuda.MAX_MODELS:
         raise ValueError(f"the CUDA kernels take at most {_C_cuda.MAX_MODELS} non-base models")
-    tensors = [t.contiguous() for t in (base, *others)]
-    if any(t.device != base.device or t.device.type != "cuda" for t in tensors):
-        raise ValueError("the CUDA kernel takes CUDA tensors on one device")
-    if any(t.shape != base.shape for t in tensors):
-        raise ValueError("all inputs must have the shape of the base")
-    unsupported = {t.dtype for t in tensors} - set(_DTYPES)
-    if unsupported:
-        raise TypeError(f"fused merge takes float32, bfloat16 or float16 inputs, not {unsupported.pop()}")
-    if len({t.dtype for t in tensors}) > 1:
-        tensors = [t.float() for t in tensors]
+    tensors = kernel_inputs(base, others, "cuda")
     n = base.numel()
     if n >= 2 ** 32:
         raise ValueError("the CUDA kernels take fewer than 2^32 elements")

@@ -71,16 +71,7 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype =
     if not others:
         out = base.to(out_dtype)
         return (out, _finite(base), _finite(out)) if checks else out
-    tensors = [t.contiguous() for t in (base, *others)]
-    if any(t.device.type != "cpu" for t in tensors):
-        raise ValueError("the fused CPU kernel takes CPU tensors")
-    if any(t.shape != base.shape for t in tensors):
-        raise ValueError("all inputs must have the shape of the base")
-    unsupported = {t.dtype for t in tensors} - set(_DTYPES)
-    if unsupported:
-        raise TypeError(f"fused merge takes float32, bfloat16 or float16 inputs, not {unsupported.pop()}")
-    if len({t.dtype for t in tensors}) > 1:
-        tensors = [t.float() for t in tensors]
+    tensors = kernel_inputs(base, others, "cpu")
     n = base.numel()
     out = torch.empty(base.shape, dtype=out_dtype)
     if n == 0:
@@ -103,6 +94,22 @@ def _finite(t: torch.Tensor) -> bool:
         return True
     low, high = torch.aminmax(t)
     return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def kernel_inputs(base: torch.Tensor, others, device_type: str) -> list[torch.Tensor]:
+    """Base and others as the native kernels take them: contiguous, of one shape, on one device of
+    `device_type`, in one of the kernels' dtypes (mixed dtypes are widened to float32: exact)."""
+    tensors = [t.contiguous() for t in (base, *others)]
+    if any(t.device.type != device_type or t.device != base.device for t in tensors):
+        raise ValueError(f"the fused {device_type} kernel takes {device_type.upper()} tensors on one device")
+    if any(t.shape != base.shape for t in tensors):
+        raise ValueError("all inputs must have the shape of the base")
+    unsupported = {t.dtype for t in tensors} - set(_DTYPES)
+    if unsupported:
+        raise TypeError(f"fused merge takes float32, bfloat16 or float16 inputs, not {unsupported.pop()}")
+    if len({t.dtype for t in tensors}) > 1:
+        tensors = [t.float() for t in tensors]
+    return tensors
 
 
 def family_arguments(method: str, inputs: Inputs, params: dict, n: int) -> dict:
