@@ -19,7 +19,7 @@ from conftest import build_model, load_folder, save_tokenizer
 from seme.semantic import alignment
 from seme.semantic.bases import semantic_bases
 from seme.semantic.layers import layer_map
-from seme.semantic.mapping import semantic_distribution, semantic_mix, semantic_topk
+from seme.semantic.mapping import mean_distribution, semantic_distribution, semantic_mix, semantic_topk
 
 HIDDEN, VOCAB = 32, 128
 
@@ -112,6 +112,17 @@ def test_rank_deficient_head_gets_a_ridge():
     W[:, 3] = W[:, 2]
     (bases,) = semantic_bases([W])
     assert bases.ridge > 0 and torch.isfinite(bases.materialize()).all()
+
+
+@pytest.mark.parametrize("scales", [(0, 0), (0, 3.5)])  # well conditioned; cond(G) ~1e7: G⁻¹ in fp64
+def test_signature_from_head_and_inverse_gram_equals_materialised_bases(scales):
+    torch.manual_seed(3)
+    W = torch.randn(1500, 32) @ torch.diag(torch.logspace(*scales, 32))
+    (bases,) = semantic_bases([W])
+    queries, weights = torch.randn(40, 32), torch.rand(40)
+    expected = mean_distribution(queries, bases.materialize(unit=True), weights, temperature=0.05, chunk=256)
+    got = mean_distribution(queries, bases, weights, temperature=0.05, chunk=256)  # never forms S
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
 
 
 def test_streamed_alignment_map_equals_the_materialised_one():

@@ -36,6 +36,7 @@ class SemanticBases:
     inverse: torch.Tensor  # G⁻¹ (+ ridge) in the precision its rows are applied in
     condition: float  # condition number of G
     ridge: float  # the ridge added (0 when G was positive definite)
+    norms: torch.Tensor | None = None  # |s_i|, once `cosines` has needed them
 
     @property
     def vocab_size(self) -> int:
@@ -49,6 +50,19 @@ class SemanticBases:
     def unit_rows(self, start: int = 0, stop: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
         s = self.rows(start, stop, index)
         return s / s.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+    def cosines(self, unit_queries: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """cos(q, s_i) for unit queries and bases start..stop, from W and G⁻¹ alone: q·s_i = (G⁻¹q)·w_i
+        (G⁻¹ is symmetric), so no basis row is formed: the [V, d] bases never exist in memory."""
+        projected = (unit_queries.to(self.inverse.dtype) @ self.inverse).to(torch.float32)
+        return (projected @ self.W[start:stop].T) / self._norms()[start:stop]
+
+    def _norms(self, chunk: int = _CHUNK) -> torch.Tensor:
+        """|s_i| of every basis (V floats, kept), produced block by block."""
+        if self.norms is None:
+            self.norms = torch.cat([self.rows(i, i + chunk).norm(dim=1).clamp_min(1e-30)
+                                    for i in range(0, self.vocab_size, chunk)])
+        return self.norms
 
     def materialize(self, unit: bool = False, chunk: int = _CHUNK) -> torch.Tensor:
         get = self.unit_rows if unit else self.rows

@@ -77,23 +77,32 @@ def semantic_distribution(queries: torch.Tensor, keys: torch.Tensor, temperature
     return torch.softmax(torch.cat([q @ keys[s:s + chunk].T for s in range(0, keys.shape[0], chunk)], 1) / temperature, 1)
 
 
-def mean_distribution(queries: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, *, temperature: float = 0.05,
+def mean_distribution(queries: torch.Tensor, keys, weights: torch.Tensor, *, temperature: float = 0.05,
                       chunk: int = _CHUNK) -> torch.Tensor:
     """Σ_j w_j p(q_j) / Σ_j w_j: the weighted mean of the queries' distributions over the vocabulary,
-    in two blockwise passes (running max and sum, then the accumulation): no [batch, V] matrix."""
+    in two blockwise passes (running max and sum, then the accumulation): no [batch, V] matrix.
+    keys: unit rows [V, d], or semantic bases (`SemanticBases`), whose cosines come from W and G⁻¹."""
     q = queries.to(torch.float32)
     q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
     m = torch.full((q.shape[0], 1), -torch.inf, device=q.device)
     z = torch.zeros(q.shape[0], 1, device=q.device)
-    for s in range(0, keys.shape[0], chunk):
-        logits = (q @ keys[s:s + chunk].T) / temperature
+    for _, cos in _cosine_blocks(q, keys, chunk):
+        logits = cos / temperature
         m_new = torch.maximum(m, logits.max(dim=1, keepdim=True).values)
         z = z * torch.exp(m - m_new) + torch.exp(logits - m_new).sum(dim=1, keepdim=True)
         m = m_new
     w = (weights.to(torch.float32) / weights.sum()).reshape(-1, 1) / z
-    parts = [(torch.exp((q @ keys[s:s + chunk].T) / temperature - m) * w).sum(dim=0)
-             for s in range(0, keys.shape[0], chunk)]
-    return torch.cat(parts)
+    return torch.cat([(torch.exp(cos / temperature - m) * w).sum(dim=0) for _, cos in _cosine_blocks(q, keys, chunk)])
+
+
+def _cosine_blocks(q: torch.Tensor, keys, chunk: int):
+    """(start, cosines of the unit queries with keys start .. start + chunk) over the vocabulary."""
+    if isinstance(keys, torch.Tensor):
+        for s in range(0, keys.shape[0], chunk):
+            yield s, q @ keys[s:s + chunk].T
+    else:
+        for s in range(0, keys.vocab_size, chunk):
+            yield s, keys.cosines(q, s, s + chunk)
 
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:

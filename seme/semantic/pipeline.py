@@ -22,7 +22,9 @@ from seme.semantic.bases import semantic_bases
 from seme.semantic.mapping import js_divergence, mean_distribution
 
 _SIGNATURE_COLUMNS = 256
-_MAX_SIGNATURE_ELEMENTS = 1 << 27  # pivot bases held for the drift report: at most 512 MB of fp32
+# The drift report's cost grows with V x d (each signature is a [256, d] x [d, V] product): it is
+# computed unasked only up to this size, and always for `stabilize`, which needs it.
+_DRIFT_REPORT_ELEMENTS = 1 << 27
 VOCAB_ROLES = ("embedding", "lm_head")
 ROTATED_ROLES = ("read", "lm_head", "embedding", "position_embedding", "write", "write_bias")
 PIVOT_ROLES = ("norm", "final_norm")  # gains: an aligned source takes the pivot's (folded into its readers)
@@ -172,10 +174,9 @@ class SemanticContext:
                 raise SemeError(f"seme: aligning {arch.name} models by rotation is not supported "
                                 f"({', '.join(sorted(bad))} tensors are not rotation-invariant); "
                                 f"set alignment: never to merge without it")
-        if any(p.get("stabilize") for p in self.params.values()) and self._signature_keys() is None:
-            bases = self.bases[sp.pivot]
-            raise SemeError(f"seme: stabilize needs the pivot's semantic bases in memory ({bases.vocab_size} x "
-                            f"{bases.W.shape[1]} exceeds {_MAX_SIGNATURE_ELEMENTS} elements); set stabilize: false")
+        pivot = self.bases[sp.pivot]
+        self.report_drift = (pivot.vocab_size * pivot.W.shape[1] <= _DRIFT_REPORT_ELEMENTS
+                      or any(p.get("stabilize") for p in self.params.values()))
 
     def _load(self, m: int, name: str) -> torch.Tensor:
         return self.plan.models[m].load(name).to(self.device, torch.float32)
@@ -247,7 +248,7 @@ class SemanticContext:
         `stabilize` (and two sources or more), the returned tensor is `merged` re-weighted to lower
         that drift, and the coefficients and the drift before and after are kept."""
         role = self.plan.archs[self.sp.pivot].role(name)
-        if role is not None and role.role == "write" and self._signature_keys() is not None:
+        if role is not None and role.role == "write" and self.report_drift:
             base = inputs.base.to(torch.float32)
             sources = [self._signature(x.to(torch.float32) - base, role.layout) for x in inputs.others]
 
@@ -268,14 +269,6 @@ class SemanticContext:
         self.stats[name] = stats
         return merged
 
-    def _signature_keys(self) -> torch.Tensor | None:
-        """The pivot's unit bases, materialised once; None when too large to hold (drift is skipped)."""
-        if not hasattr(self, "_keys"):
-            bases = self.bases[self.sp.pivot]
-            small = bases.vocab_size * bases.W.shape[1] <= _MAX_SIGNATURE_ELEMENTS
-            self._keys = bases.materialize(unit=True).to(self.device) if small else None
-        return self._keys
-
     def _signature(self, delta: torch.Tensor, layout: str) -> torch.Tensor | None:
         """Mean distribution of a write update's columns (residual directions), weighted by their
         norms; the `_SIGNATURE_COLUMNS` largest columns stand for the whole update."""
@@ -284,7 +277,8 @@ class SemanticContext:
         if float(norms.sum()) == 0.0:
             return None
         top = torch.topk(norms, min(_SIGNATURE_COLUMNS, norms.numel())).indices
-        return mean_distribution(columns[top], self._keys, norms[top], temperature=self.sp.settings["temperature"])
+        return mean_distribution(columns[top], self.bases[self.sp.pivot], norms[top],
+                                 temperature=self.sp.settings["temperature"])
 
     def write_report(self, folder: str) -> None:
         import seme
