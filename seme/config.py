@@ -88,6 +88,8 @@ def load(path_or_text: str | os.PathLike | dict) -> Recipe:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise SemeError(f"config is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+        if isinstance(raw, str) and "\n" not in text:  # one word that is no file: a path mistyped
+            raise SemeError(f"config file not found: {text}")
     return _validate(raw, text, base_dir)
 
 

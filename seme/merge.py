@@ -3,6 +3,7 @@ is imported, so --help and argument errors are instant."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 
@@ -68,4 +69,9 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # The output is published and every file is written and closed: skip the interpreter's teardown,
+    # which spent 0.7 s freeing torch and the input mappings after a 1.8 GB merge (bench.e2e models).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

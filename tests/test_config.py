@@ -89,6 +89,13 @@ def test_yaml_syntax_error(tmp_path, capsys):
     assert status == 2 and len(err) == 1 and "not valid YAML at line" in err[0]
 
 
+@pytest.mark.parametrize("path", ["/no/such/recipe", "recipes/merge.yml"])
+def test_a_missing_config_file_is_named(tmp_path, capsys, path):
+    status = main([path, str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err == [f"seme: error: config file not found: {path}"]
+
+
 def linear_of_two(tmp_path, a: dict, b: dict) -> dict:
     """A linear recipe over two tiny models built with the given options."""
     from conftest import build_model
