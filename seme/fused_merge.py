@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from seme.methods import rng
-from seme.methods.inputs import Inputs
+from seme.methods.inputs import Inputs, all_finite
 
 # Codes shared with csrc/cpu/fused_merge.h.
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -63,14 +63,14 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype =
         if not checks:
             return merged.to(out_dtype)
         out = merged[0].to(out_dtype)
-        return out, merged[1], merged[2] and _finite(out)
+        return out, merged[1], merged[2] and all_finite(out)
     if method == "linear":  # no base: the first model takes its place
         base, others = inputs.tensors[0], inputs.tensors[1:]
     else:
         base, others = inputs.base, inputs.others
     if not others:
         out = base.to(out_dtype)
-        return (out, _finite(base), _finite(out)) if checks else out
+        return (out, all_finite(base), all_finite(out)) if checks else out
     tensors = kernel_inputs(base, others, "cpu")
     n = base.numel()
     out = torch.empty(base.shape, dtype=out_dtype)
@@ -87,13 +87,6 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype =
         finite = _C.family_merge(cols=base.shape[-1] if base.dim() >= 2 else n,  # DELLA ranks along rows
                                  **args, **common)
     return (out, *finite) if checks else out
-
-
-def _finite(t: torch.Tensor) -> bool:
-    if t.numel() == 0:
-        return True
-    low, high = torch.aminmax(t)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def kernel_inputs(base: torch.Tensor, others, device_type: str) -> list[torch.Tensor]:
