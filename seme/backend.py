@@ -86,10 +86,9 @@ def _fused(method: str, device: torch.device):
         except ImportError:  # no triton
             triton_merge = None
         native = cuda_merge.available() and method in cuda_merge.METHODS
-        if not native and (triton_merge is None or method not in triton_merge.SUPPORTED):
-            return None  # the reference runs on the GPU
-
         use_triton = triton_merge is not None and method in triton_merge.SUPPORTED
+        if not native and not use_triton:
+            return None  # the reference runs on the GPU
         triton_first = use_triton and method in TRITON_FIRST
 
         def gpu(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged:
