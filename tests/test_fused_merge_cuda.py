@@ -10,12 +10,9 @@ import pytest
 
 import torch
 
+from kernel_cases import FAMILY, OPTIONS, OPTIONS_PARAMS, make_inputs
 from seme.methods import registry
 from seme.methods.inputs import Inputs
-
-FAMILY = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-          "della_linear"]
-
 
 @pytest.mark.skipif(not shutil.which("nvcc") or bool(os.environ.get("SEME_NO_CUDA")), reason="no nvcc")
 def test_extension_is_built_where_nvcc_is():
@@ -26,17 +23,9 @@ def test_extension_is_built_where_nvcc_is():
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 
 
-def make_inputs(n, k, dtype, tied, seed):
-    g = torch.Generator().manual_seed(seed)
-    shape = (n // 64, 64) if n % 64 == 0 else (n,)
-    if tied:  # integer-valued deltas: many equal magnitudes, exact in bf16 and fp16 too
-        base = torch.randint(-8, 8, shape, generator=g).float() * 0.5
-        xs = [base + torch.randint(-3, 4, shape, generator=g).float() for _ in range(k)]
-    else:
-        base = torch.randn(shape, generator=g)
-        xs = [base + 0.1 * torch.randn(shape, generator=g) * (i + 1) for i in range(k)]
-    tensors = tuple(t.to(dtype) for t in [xs[0], base, *xs[1:]])  # the base in the middle: model indices matter
-    return Inputs(tensors, base_index=1, name="model.layers.3.mlp.w", seed=seed + 11)
+def rows(n):
+    """n elements, as rows of 64 where they divide (DELLA ranks along rows)."""
+    return (n // 64, 64) if n % 64 == 0 else (n,)
 
 
 def check(method, inputs, supplied, out_dtype=torch.float32):
@@ -78,19 +67,14 @@ def test_family_matches_reference(method, case):
         supplied["gamma"] = [0.05, 0.0, 0.2, 0.01, 0.1, 0.0, 0.02, 0.05][:k]
     if "della" in method:
         supplied["epsilon"] = [0.1, 0.3, 0.05, 0.0, 0.1, 0.1, 0.2, 0.05][:k]
-    check(method, make_inputs(n, k, dtype, tied, seed=case), supplied)
+    check(method, make_inputs(rows(n), k, dtype, tied, seed=case), supplied)
 
 
 @gpu
 @pytest.mark.parametrize("method", FAMILY)
-@pytest.mark.parametrize("overrides", [
-    {"rescale": True, "normalize": False, "lambda": 0.7},
-    {"rescale": False, "normalize": True, "lambda": 1.3},
-])
+@pytest.mark.parametrize("overrides", OPTIONS)
 def test_family_options(method, overrides):
-    # Negative weights (signs of weighted deltas), a dropped model (density 0), ties.
-    supplied = {"weight": [1.0, -0.5, 0.8], "density": [0.3, 0.0, 0.6], **overrides}
-    check(method, make_inputs(3000, 3, torch.float32, True, seed=3), supplied)
+    check(method, make_inputs(rows(3000), 3, torch.float32, True, seed=3), {**OPTIONS_PARAMS, **overrides})
 
 
 @gpu
@@ -98,7 +82,7 @@ def test_family_options(method, overrides):
 @pytest.mark.parametrize("topk", [1.0, 0.5, 0.01, 0.0])
 def test_sce_matches_reference(case, topk):
     n, k, dtype, tied, _ = CASES[case]
-    check("sce", make_inputs(n, k, dtype, tied, seed=case), {"select_topk": topk})
+    check("sce", make_inputs(rows(n), k, dtype, tied, seed=case), {"select_topk": topk})
 
 
 @gpu
@@ -106,13 +90,13 @@ def test_sce_matches_reference(case, topk):
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
 def test_output_dtypes(method, out_dtype):
     supplied = {} if method == "sce" else {"weight": [0.5, 1.0, 0.8], "density": 0.4}
-    check(method, make_inputs(5000, 3, torch.bfloat16, False, seed=4), supplied, out_dtype)
+    check(method, make_inputs(rows(5000), 3, torch.bfloat16, False, seed=4), supplied, out_dtype)
 
 
 @gpu
 def test_misaligned_and_mixed_inputs():
     # A view that starts one element in: the kernels fall back to unvectorized loads.
-    inputs = make_inputs(4097, 3, torch.float32, True, seed=8)
+    inputs = make_inputs(rows(4097), 3, torch.float32, True, seed=8)
     shifted = Inputs(tuple(t[1:] for t in inputs.tensors), inputs.base_index, inputs.name, inputs.seed)
     check("ties", shifted, {"weight": 1.0, "density": 0.3})
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float16)
@@ -124,7 +108,7 @@ def test_misaligned_and_mixed_inputs():
 def test_refuses_what_it_cannot_take():
     from seme import cuda_merge
 
-    inputs = make_inputs(64, 9, torch.float32, False, seed=0)
+    inputs = make_inputs(rows(64), 9, torch.float32, False, seed=0)
     params = registry.bind(registry.get("ties"), {"weight": 1.0, "density": 0.5}, 10, 1, "test")
     with pytest.raises(ValueError, match="at most 8"):
         cuda_merge.merge("ties", Inputs(tuple(t.cuda() for t in inputs.tensors), 1), params)

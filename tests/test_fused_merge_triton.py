@@ -27,29 +27,14 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from kernel_cases import FAMILY, OPTIONS, OPTIONS_PARAMS, make_inputs  # noqa: E402
 from seme.kernels import fused_merge as fm  # noqa: E402
 from seme.methods import registry, rng  # noqa: E402
 from seme.methods.inputs import Inputs  # noqa: E402
 
-FAMILY = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-          "della_linear"]
-
-
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     monkeypatch.setattr(fm, "BLOCK", 64)
-
-
-def make_inputs(shape, k, dtype=torch.float32, tied=False, seed=0, name="model.layers.0.mlp.w"):
-    g = torch.Generator().manual_seed(seed)
-    if tied:  # integer-valued deltas: many equal magnitudes, exact in bf16 too
-        base = torch.randint(-8, 8, shape, generator=g).float() * 0.5
-        xs = [base + torch.randint(-3, 4, shape, generator=g).float() for _ in range(k)]
-    else:
-        base = torch.randn(shape, generator=g)
-        xs = [base + 0.1 * torch.randn(shape, generator=g) * (i + 1) for i in range(k)]
-    tensors = tuple(t.to(dtype) for t in [xs[0], base, *xs[1:]])  # the base in the middle: model indices matter
-    return Inputs(tensors, base_index=1, name=name, seed=seed + 7)
 
 
 def check(method, inputs, supplied):
@@ -89,14 +74,9 @@ def test_family_matches_reference(method, case):
 
 
 @pytest.mark.parametrize("method", FAMILY)
-@pytest.mark.parametrize("overrides", [
-    {"rescale": True, "normalize": False, "lambda": 0.7},
-    {"rescale": False, "normalize": True, "lambda": 1.3},
-])
+@pytest.mark.parametrize("overrides", OPTIONS)
 def test_family_options(method, overrides):
-    # Negative weights (signs of weighted deltas), a dropped model (density 0), ties.
-    supplied = {"weight": [1.0, -0.5, 0.8], "density": [0.3, 0.0, 0.6], **overrides}
-    check(method, make_inputs((300,), 3, tied=True, seed=3), supplied)
+    check(method, make_inputs((300,), 3, tied=True, seed=3), {**OPTIONS_PARAMS, **overrides})
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
