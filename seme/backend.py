@@ -29,8 +29,9 @@ WIDENED_BY_KERNELS = (torch.bfloat16, torch.float16, torch.float32)
 @dataclass
 class Merged:
     """A merged tensor and what is known of it: the statistics of methods that report them (their
-    tensor still in the compute dtype; every other is in the requested dtype), and whether the inputs and the output were finite, where a kernel saw it in
-    passing (None: not checked; inputs_finite False: some input may hold NaN or Inf)."""
+    tensor still in the compute dtype; every other is in the requested dtype), and whether the
+    inputs and the output were finite, where a kernel saw it in passing (None: not checked;
+    inputs_finite False: some input may hold NaN or Inf)."""
 
     tensor: torch.Tensor
     stats: dict | None = None
@@ -61,7 +62,8 @@ def implementation(method: str, backend: str, device: torch.device) -> tuple[Cal
     def fused(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged:
         if any(t.dtype == torch.float64 for t in inputs.tensors):  # the kernels compute in fp32
             return reference(inputs, params, out_dtype)
-        return kernel(inputs, params, out_dtype)
+        merged = kernel(inputs, params, out_dtype)
+        return merged if merged is not None else reference(inputs, params, out_dtype)
 
     return fused, True
 
@@ -72,6 +74,7 @@ def _fused(method: str, device: torch.device):
 
         if method not in fused_merge.METHODS or not fused_merge.available():
             return None
+
         def cpu(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged:
             tensor, inputs_finite, output_finite = fused_merge.merge(method, inputs, params, out_dtype=out_dtype,
                                                                      checks=True)
@@ -91,7 +94,7 @@ def _fused(method: str, device: torch.device):
             return None  # the reference runs on the GPU
         triton_first = use_triton and method in TRITON_FIRST
 
-        def gpu(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged:
+        def gpu(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged | None:
             fits = native and len(inputs.others) <= cuda_merge.max_models()
             if fits and not triton_first:
                 return Merged(cuda_merge.merge(method, inputs, params, out_dtype=out_dtype))
@@ -99,7 +102,7 @@ def _fused(method: str, device: torch.device):
                 return Merged(triton_merge.fused_merge(method, inputs, params, out_dtype))
             if fits:
                 return Merged(cuda_merge.merge(method, inputs, params, out_dtype=out_dtype))
-            return Merged(registry.get(method).fn(inputs, params).to(out_dtype))  # more models than CUDA takes
+            return None  # more models than the CUDA kernel takes, and no Triton: the reference
 
         return gpu
     return None
