@@ -188,7 +188,7 @@ def _execute(plan: Plan, folder: str, device: torch.device, backend: str, shard_
                     result = semantic.record(task.name, merged.stats, inputs, result)
                 result = result.to(out_dtype)
                 if merged.inputs_finite is not True:  # unchecked, or a kernel saw NaN / Inf: find which
-                    # on the merge device where the inputs are there as read (a GPU scans them faster)
+                    # scanned on the merge device (a GPU's copies), unless derived inputs changed them
                     _check_inputs(plan, task, tensors if task.derived else inputs.tensors)
                 finite = merged.output_finite if merged.output_finite is not None else all_finite(result)
                 if not allow_nonfinite and not finite:
