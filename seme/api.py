@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from seme.errors import SemeError
 from seme.methods import registry
 from seme.methods.inputs import Inputs
+
+if TYPE_CHECKING:  # torch is imported where a merge needs it: CPU merges of the fused methods never do
+    import torch
 
 
 def merge_tensors(method: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
@@ -61,7 +62,7 @@ def merge(config, out_dir: str, **options) -> dict:
 
             print_plan(plan, sys.stdout)
             return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes}
-        if opts["device"].startswith("cuda") and not torch.cuda.is_available():
+        if opts["device"].startswith("cuda") and not _cuda_available():
             raise SemeError(f"--device {opts['device']} was asked for, but torch sees no CUDA device")
         from seme import executor
 
@@ -80,3 +81,9 @@ def merge(config, out_dir: str, **options) -> dict:
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     print(f"seme: warning: {message}", file=sys.stderr)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

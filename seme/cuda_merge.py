@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from seme.fused_merge import _ACTIVE, _DTYPES, FAMILY, family_arguments, kernel_inputs
+from seme.fused_merge import _ACTIVE, FAMILY, family_arguments, kernel_dtype, kernel_inputs, stream_keys
 from seme.fused_merge import GPU_METHODS as METHODS
 from seme.methods.inputs import Inputs
 from seme.methods.task_vector import della_keep_probability
@@ -37,7 +37,7 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype =
 
     if method not in METHODS:
         raise ValueError(f"no fused kernel for method '{method}'")
-    if out_dtype not in _DTYPES:
+    if kernel_dtype(out_dtype) is None:
         return merge(method, inputs, params).to(out_dtype)
     base, others = inputs.base, inputs.others
     if not others:
@@ -54,12 +54,12 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype =
     with torch.cuda.device(base.device):
         workspace = torch.empty(_C_cuda.workspace_bytes(n), dtype=torch.uint8, device=base.device)
         common = dict(base=tensors[0].data_ptr(), others=[t.data_ptr() for t in tensors[1:]], out=out.data_ptr(),
-                      n=n, in_dtype=_DTYPES[tensors[0].dtype], out_dtype=_DTYPES[out_dtype],
+                      n=n, in_dtype=kernel_dtype(tensors[0].dtype), out_dtype=kernel_dtype(out_dtype),
                       workspace=workspace.data_ptr(), stream=torch.cuda.current_stream().cuda_stream)
         if method == "sce":
             _C_cuda.sce_merge(select_topk=float(params["select_topk"]), **common)
             return out
-        args = family_arguments(method, inputs, params, n)
+        args = family_arguments(method, params, n, stream_keys(inputs))
         del args["epsilon"]
         probability = []  # DELLA: kept alive until the kernels have read them (the stream orders the free)
         if FAMILY[method][0] == "della_magprune":

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass(frozen=True)
 class Group:
@@ -21,14 +19,23 @@ class Group:
 
     def all_ok(self, error: str | None) -> str | None:
         """Gather every rank's error (None for success); the first one, or None if all succeeded."""
+        import torch.distributed
+
         errors = [None] * self.world
         torch.distributed.all_gather_object(errors, error)
         return next((e for e in errors if e), None)
 
     def broadcast(self, value):
+        import torch.distributed
+
         box = [value]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    def barrier(self) -> None:
+        import torch.distributed
+
+        torch.distributed.barrier()
 
 
 SINGLE = Group(0, 1, 0)
@@ -39,7 +46,8 @@ def current(device: str) -> Group:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return SINGLE
-    dist = torch.distributed
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))

@@ -1,7 +1,10 @@
-"""Streaming execution of a plan: read one output tensor's inputs, merge, write, repeat.
+"""Streaming execution of a plan: merge one output tensor from its inputs into its place in the
+output, repeat.
 
-Peak memory is one tensor's inputs plus its result; inputs are zero-copy views of memory-mapped
-files, so pages are read on demand and dropped by the OS when no longer needed.
+Inputs are zero-copy views of memory-mapped files and the output shards are mapped too, so the
+merge reads page-cache pages and writes its result where it will stay. Each tensor's pages are
+unmapped once it is done: resident memory holds about one tensor's inputs and result, whatever
+the size of the models.
 """
 from __future__ import annotations
 
@@ -12,17 +15,13 @@ import shutil
 import sys
 import threading
 import time
-import warnings
-
-import torch
 
 from seme import distributed
+from seme.engine import make_engine
 from seme.errors import SemeError
 from seme.io.card import write_metadata
 from seme.io.writer import ShardWriter
-from seme.backend import WIDENED_BY_KERNELS, implementation
-from seme.methods.inputs import Inputs, all_finite
-from seme.plan import CODE_NAMES, Plan
+from seme.plan import Plan
 
 
 class Progress:
@@ -94,7 +93,7 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
         raise SemeError(error)
     error, stats = None, None
     try:
-        stats = _execute(plan, staging, torch.device(device), backend, shard_size, resume, allow_nonfinite,
+        stats = _execute(plan, staging, device, backend, shard_size, resume, allow_nonfinite,
                          progress and group.rank == 0, _plan_id(plan, shard_size, version), group, max_memory - largest)
     except OSError as e:
         error = (f"{e.strerror or e} ({e.filename or staging}); the partial merge is kept in {staging}: "
@@ -112,7 +111,7 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
             raise SemeError(f"{e.strerror or e} ({e.filename or staging}) while finishing the merge; the "
                             f"partial merge is kept in {staging}: fix the cause and rerun with --resume") from None
     if group.world > 1:
-        torch.distributed.barrier()  # every rank returns once the output is published
+        group.barrier()  # every rank returns once the output is published
     return {k: v for k, v in stats.items() if k not in ("writer", "semantic")}
 
 
@@ -153,62 +152,40 @@ def _plan_id(plan: Plan, shard_size: int, version: str) -> str:
     return h.hexdigest()
 
 
-def _execute(plan: Plan, folder: str, device: torch.device, backend: str, shard_size: int, resume: bool,
+def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int, resume: bool,
              allow_nonfinite: bool, progress: bool, plan_id: str, group, prefetch_bytes: int) -> dict:
     """The streaming loop. Inputs of the next tasks are prefetched (madvise) while the current one
-    is merged, and results are written by a background thread, so reads, math and writes overlap."""
-    impl, fused = implementation(plan.recipe.merge_method, backend, device)
+    is merged, and finished tensors are hashed and their shards flushed by a background thread."""
+    engine = make_engine(plan, device, backend, group.world)
     writer = ShardWriter(folder, [(t.name, t.dtype, t.shape, t.nbytes) for t in plan.tasks], shard_size, plan_id,
                          resume=resume, rank=group.rank, world=group.world)
-    semantic = plan.semantic.prepare(plan, device) if plan.semantic else None
     tasks = [t for t in plan.tasks if not writer.skip(t.name)]
     bar = Progress(len(tasks), sum(_input_bytes(plan, t) for t in tasks), progress)
     prefetched = 0
-    with AsyncWriter(writer, bar) as sink:
+    with Finisher(writer, bar) as finisher:
         for i, task in enumerate(tasks):
             prefetched = _prefetch(plan, tasks, max(prefetched, i + 1), prefetch_bytes)
             start = time.perf_counter()
             nbytes = _input_bytes(plan, task)
-            tensors = [plan.models[m].load(name) for m, name in task.inputs]
-            if task.copy:
-                result = tensors[0]
-                bar.stage("read", time.perf_counter() - start, nbytes)
-            else:
-                sources = tensors
-                if task.derived:
-                    sources = [semantic.load(d, task.name) if d else t for d, t in zip(task.derived, tensors)]
-                inputs = Inputs(tuple(_to_device(t, device, task.compute_dtype, fused) for t in sources),
-                                task.base_index, task.name, plan.recipe.random_seed)
-                loaded = time.perf_counter()
-                bar.stage("read", loaded - start, nbytes)
-                out_dtype = getattr(torch, CODE_NAMES[task.dtype])
-                merged = impl(inputs, task.params, out_dtype)
-                result = merged.tensor
-                if merged.stats is not None:
-                    result = semantic.record(task.name, merged.stats, inputs, result)
-                result = result.to(out_dtype)
-                if merged.inputs_finite is not True:  # unchecked, or a kernel saw NaN / Inf: find which
-                    # scanned on the merge device (a GPU's copies), unless derived inputs changed them
-                    _check_inputs(plan, task, tensors if task.derived else inputs.tensors)
-                finite = merged.output_finite if merged.output_finite is not None else all_finite(result)
-                if not allow_nonfinite and not finite:
-                    raise SemeError(f"the merged tensor '{task.name}' contains NaN or Inf "
-                                    f"(pass --allow-nonfinite to write it anyway)")
-                result = result.cpu()
-                bar.stage("merge", time.perf_counter() - loaded, nbytes)
-            sink.put(task.name, result)
+            with writer.buffer(task.name) as out:
+                if task.copy:
+                    m, name = task.inputs[0]
+                    with plan.models[m].view(name) as source:
+                        out[:] = source
+                    finite = True
+                else:
+                    finite = engine.merge(task, out)
+            for m, name in task.inputs:
+                plan.models[m].release(name)
+            if not allow_nonfinite and not finite:
+                raise SemeError(f"the merged tensor '{task.name}' contains NaN or Inf "
+                                f"(pass --allow-nonfinite to write it anyway)")
+            bar.stage("merge", time.perf_counter() - start, nbytes)
+            finisher.put(task.name, task.nbytes)
             bar.update(nbytes)
     seconds = bar.finish()
     return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes,
-            "seconds": seconds, "writer": writer, "semantic": semantic}
-
-
-def _to_device(t: torch.Tensor, device: torch.device, compute_dtype: str | None, fused: bool) -> torch.Tensor:
-    """An input on the merge device in the recipe's `dtype`; a widening to fp32 is left to the kernels."""
-    dtype = getattr(torch, compute_dtype) if compute_dtype else t.dtype
-    if fused and dtype == torch.float32 and t.dtype in WIDENED_BY_KERNELS:
-        dtype = t.dtype
-    return t.to(device=device, dtype=dtype, non_blocking=True)
+            "seconds": seconds, "writer": writer, "semantic": engine.semantic}
 
 
 def _input_bytes(plan: Plan, task) -> int:
@@ -226,9 +203,10 @@ def _prefetch(plan: Plan, tasks, start: int, budget: int) -> int:
     return end
 
 
-class AsyncWriter:
-    """Writes results on a background thread (pwrite and fsync release the GIL); at most two
-    results wait, which bounds the memory they hold. An error there surfaces on the next put."""
+class Finisher:
+    """Hands written tensors to the shard writer on a background thread (hashing, unmapping and a
+    finished shard's fsync release the GIL), so that the next merge need not wait for them. At most
+    two tensors wait. An error there surfaces on the next put."""
 
     def __init__(self, writer: ShardWriter, progress: Progress):
         self.writer, self.progress = writer, progress
@@ -245,15 +223,15 @@ class AsyncWriter:
             if self.error is None:
                 start = time.perf_counter()
                 try:
-                    self.writer.write(*item)
+                    self.writer.written(item[0])
                 except BaseException as e:  # re-raised in the merging thread
                     self.error = e
-                self.progress.stage("write", time.perf_counter() - start, item[1].nbytes)
+                self.progress.stage("write", time.perf_counter() - start, item[1])
 
-    def put(self, name: str, tensor) -> None:
+    def put(self, name: str, nbytes: int) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put((name, tensor))
+        self.queue.put((name, nbytes))
 
     def __exit__(self, *exc) -> None:
         self.queue.put(None)
@@ -261,10 +239,3 @@ class AsyncWriter:
         self.writer.close()
         if self.error is not None and exc[0] is None:
             raise self.error
-
-
-def _check_inputs(plan: Plan, task, tensors) -> None:
-    """NaN / Inf in an input is reported (tensor and model named); the merge goes on."""
-    for (m, name), t in zip(task.inputs, tensors):
-        if t.is_floating_point() and not all_finite(t):
-            warnings.warn(f"input tensor '{name}' of {plan.models[m].name} contains NaN or Inf")

@@ -9,13 +9,12 @@ the element pass (csrc/cpu/fused_merge.h, `Finite`), so that the engine needs no
 """
 from __future__ import annotations
 
-import torch
-
 from seme.methods import rng
 from seme.methods.inputs import Inputs, all_finite
 
-# Codes shared with csrc/cpu/fused_merge.h.
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# safetensors dtype code -> the kernels' dtype code (csrc/cpu/fused_merge.h, csrc/cuda/fused_merge.h).
+KERNEL_DTYPES = {"F32": 0, "BF16": 1, "F16": 2}
+_TORCH_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _NONE, _RANK, _RANDOM, _DELLA = 0, 1, 2, 3
 _KEEP, _DROP, _ACTIVE = 0, 1, 2
 
@@ -45,8 +44,13 @@ def available() -> bool:
     return True
 
 
-def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype = torch.float32,
-          num_threads: int = 0, checks: bool = False):
+def kernel_dtype(dtype) -> int | None:
+    """The kernels' code of a torch dtype, or None where they do not take it."""
+    code = _TORCH_CODES.get(str(dtype).removeprefix("torch."))
+    return None if code is None else KERNEL_DTYPES[code]
+
+
+def merge(method: str, inputs: Inputs, params: dict, *, out_dtype=None, num_threads: int = 0, checks: bool = False):
     """Merge one tensor with the fused kernel, into `out_dtype`; `num_threads=0` uses OpenMP's default.
     With `checks`, returns (tensor, inputs finite, output finite) instead of the tensor; "inputs
     finite" is False for any NaN or Inf input, and rarely for a difference of inputs that overflows.
@@ -54,11 +58,12 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype =
     Inputs: CPU tensors of one shape, float32 / bfloat16 / float16 (mixed dtypes are widened to
     float32 first, which is exact; float64 raises TypeError); fewer than 2^32 elements.
     """
-    from seme import _C
+    import torch
 
     if method not in METHODS:
         raise ValueError(f"no fused kernel for method '{method}'")
-    if out_dtype not in _DTYPES:  # the kernel writes fp32, bf16 or fp16; anything else is a cast of fp32
+    out_dtype = torch.float32 if out_dtype is None else out_dtype
+    if kernel_dtype(out_dtype) is None:  # the kernel writes fp32, bf16 or fp16; anything else is a cast of fp32
         merged = merge(method, inputs, params, num_threads=num_threads, checks=checks)
         if not checks:
             return merged.to(out_dtype)
@@ -76,20 +81,38 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype =
     out = torch.empty(base.shape, dtype=out_dtype)
     if n == 0:
         return (out, True, True) if checks else out
-    common = dict(base=tensors[0].data_ptr(), others=[t.data_ptr() for t in tensors[1:]], out=out.data_ptr(),
-                  n=n, in_dtype=_DTYPES[tensors[0].dtype], out_dtype=_DTYPES[out_dtype], num_threads=num_threads)
-    if method == "sce":
-        finite = _C.sce_merge(select_topk=float(params["select_topk"]), **common)
-    elif method == "linear":
-        finite = _C.linear_merge(weight=list(params["weight"]), normalize=params["normalize"], **common)
-    else:
-        args = family_arguments(method, inputs, params, n)
-        finite = _C.family_merge(cols=base.shape[-1] if base.dim() >= 2 else n,  # DELLA ranks along rows
-                                 **args, **common)
+    finite = launch(method, params, base=tensors[0].data_ptr(), others=[t.data_ptr() for t in tensors[1:]],
+                    out=out.data_ptr(), shape=tuple(base.shape), in_dtype=kernel_dtype(tensors[0].dtype),
+                    out_dtype=kernel_dtype(out_dtype), keys=stream_keys(inputs), num_threads=num_threads)
     return (out, *finite) if checks else out
 
 
-def kernel_inputs(base: torch.Tensor, others, device_type: str) -> list[torch.Tensor]:
+def launch(method: str, params: dict, *, base: int, others: list[int], out: int, shape: tuple[int, ...],
+           in_dtype: int, out_dtype: int, keys: list[int], num_threads: int = 0) -> tuple[bool, bool]:
+    """The C++ kernel on raw addresses (no torch needed): `base` and `others` hold `shape` elements
+    of `in_dtype`, `out` receives them in `out_dtype` (KERNEL_DTYPES codes); `keys` are the random
+    streams of the others (`stream_keys`). Returns (inputs finite, output finite)."""
+    from seme import _C
+
+    n = 1
+    for d in shape:
+        n *= d
+    common = dict(base=base, others=others, out=out, n=n, in_dtype=in_dtype, out_dtype=out_dtype,
+                  num_threads=num_threads)
+    if method == "sce":
+        return _C.sce_merge(select_topk=float(params["select_topk"]), **common)
+    if method == "linear":
+        return _C.linear_merge(weight=list(params["weight"]), normalize=params["normalize"], **common)
+    return _C.family_merge(cols=shape[-1] if len(shape) >= 2 else n,  # DELLA ranks along rows
+                           **family_arguments(method, params, n, keys), **common)
+
+
+def stream_keys(inputs: Inputs) -> list[int]:
+    """The random stream of each non-base input (DARE / DELLA draws)."""
+    return [rng.stream_key(inputs.seed, inputs.name, i) for i in inputs.other_indices]
+
+
+def kernel_inputs(base, others, device_type: str) -> list:
     """Base and others as the native kernels take them: contiguous, of one shape, on one device of
     `device_type`, in one of the kernels' dtypes (mixed dtypes are widened to float32: exact)."""
     tensors = [t.contiguous() for t in (base, *others)]
@@ -97,16 +120,17 @@ def kernel_inputs(base: torch.Tensor, others, device_type: str) -> list[torch.Te
         raise ValueError(f"the fused {device_type} kernel takes {device_type.upper()} tensors on one device")
     if any(t.shape != base.shape for t in tensors):
         raise ValueError("all inputs must have the shape of the base")
-    unsupported = {t.dtype for t in tensors} - set(_DTYPES)
+    unsupported = [t.dtype for t in tensors if kernel_dtype(t.dtype) is None]
     if unsupported:
-        raise TypeError(f"fused merge takes float32, bfloat16 or float16 inputs, not {unsupported.pop()}")
+        raise TypeError(f"fused merge takes float32, bfloat16 or float16 inputs, not {unsupported[0]}")
     if len({t.dtype for t in tensors}) > 1:
         tensors = [t.float() for t in tensors]
     return tensors
 
 
-def family_arguments(method: str, inputs: Inputs, params: dict, n: int) -> dict:
-    """The per-model tables both native kernels take (seme._C, seme._C_cuda), from bound params."""
+def family_arguments(method: str, params: dict, n: int, keys: list[int]) -> dict:
+    """The per-model tables both native kernels take (seme._C, seme._C_cuda), from bound params and
+    the others' random streams."""
     sparsification, consensus = FAMILY[method]
     density = params["density"]
     k_models = len(density)
@@ -130,4 +154,4 @@ def family_arguments(method: str, inputs: Inputs, params: dict, n: int) -> dict:
     return dict(sparsify=_KERNEL[sparsification], consensus=consensus, normalize=params["normalize"],
                 rescale=params["rescale"], lambda_=params["lambda"], mode=mode, weight=list(params["weight"]),
                 rank_lo=lo, rank_hi=hi, p0=p0, epsilon=list(epsilon),
-                key=[rng.stream_key(inputs.seed, inputs.name, i) for i in inputs.other_indices])
+                key=keys)

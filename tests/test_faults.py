@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import io
 import os
 import random
@@ -120,26 +121,57 @@ def test_full_disk_is_found_before_starting(llama_family, tmp_path, capsys, monk
 
 
 def test_write_error_mid_merge_keeps_the_staging_folder(llama_family, tmp_path, capsys, monkeypatch):
-    real = os.pwrite
+    # Results are written through mapped shards whose blocks were reserved up front, so the write
+    # that can still fail mid-merge is a shard's flush to the device.
+    real = os.fsync
     calls = [0]
 
-    def failing(fd, data, offset):
+    def failing(fd):
         calls[0] += 1
-        if calls[0] == 20:
-            raise OSError(28, "No space left on device")
-        return real(fd, data, offset)
+        if calls[0] == 8:
+            raise OSError(5, "Input/output error")
+        return real(fd)
 
     recipe = tmp_path / "r.yml"
     recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
         {"model": llama_family["expert0"], "parameters": {"weight": 1.0}},
         {"model": llama_family["base"], "parameters": {"weight": 1.0}}]}))
-    monkeypatch.setattr(os, "pwrite", failing)
+    monkeypatch.setattr(os, "fsync", failing)
     assert main([str(recipe), str(tmp_path / "out"), "--out-shard-size", "30KB"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "No space left on device" in err[0] and "rerun with --resume" in err[0]
+    assert len(err) == 1 and "Input/output error" in err[0] and "rerun with --resume" in err[0]
     assert os.path.isdir(tmp_path / "out.seme-partial") and not (tmp_path / "out").exists()
-    monkeypatch.setattr(os, "pwrite", real)
+    monkeypatch.setattr(os, "fsync", real)
     assert main([str(recipe), str(tmp_path / "out"), "--out-shard-size", "30KB", "--resume"]) == 0
+
+
+def test_without_reserved_blocks_tensors_are_written_with_pwrite(llama_family, tmp_path, monkeypatch):
+    # Where posix_fallocate is unsupported a mapped write could die of SIGBUS on a full disk: the
+    # writer stages each tensor and writes it with pwrite instead, to the same bytes.
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": llama_family["base"], "models": [
+        {"model": llama_family["expert0"], "parameters": {"weight": 1.0, "density": 0.5}},
+        {"model": llama_family["expert1"], "parameters": {"weight": 0.5, "density": 0.5}}]}))
+    assert main([str(recipe), str(tmp_path / "mapped"), "--out-shard-size", "30KB"]) == 0
+    writes = [0]
+    real = os.pwrite
+
+    def counting(fd, data, offset):
+        writes[0] += 1
+        return real(fd, data, offset)
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    monkeypatch.setattr(os, "pwrite", counting)
+    assert main([str(recipe), str(tmp_path / "written"), "--out-shard-size", "30KB"]) == 0
+    files = sorted(os.listdir(tmp_path / "mapped"))
+    assert files == sorted(os.listdir(tmp_path / "written"))
+    shards = [f for f in files if f.endswith(".safetensors")]
+    for f in shards + ["model.safetensors.index.json"]:
+        assert (tmp_path / "mapped" / f).read_bytes() == (tmp_path / "written" / f).read_bytes(), f
+    assert writes[0] > 2 * len(shards)  # a header and at least one tensor per shard
 
 
 # --- property-based: mutated recipes ------------------------------------------------------------

@@ -57,12 +57,18 @@ def test_truncated_and_garbage_files(tmp_path):
         read_header(str(tmp_path / "nojson.safetensors"))
 
 
+def _put(writer: ShardWriter, name: str, tensor: torch.Tensor) -> None:
+    with writer.buffer(name) as out:
+        out[:] = tensor.numpy().tobytes()
+    writer.written(name)
+
+
 def test_writer_shards_load_with_safetensors(tmp_path):
     tensors = {f"t{i}": torch.randn(100 + i) for i in range(10)}
     planned = [(n, "F32", tuple(t.shape), t.numel() * 4) for n, t in tensors.items()]
     writer = ShardWriter(str(tmp_path), planned, shard_size=1000, plan_id="p")
     for name in reversed(list(tensors)):  # any order: offsets are fixed up front
-        writer.write(name, tensors[name])
+        _put(writer, name, tensors[name])
     writer.close()
     writer.write_index()
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -78,7 +84,7 @@ def test_writer_resumes_only_verified_shards_of_the_same_plan(tmp_path):
     planned = [(n, "F32", (100,), 400) for n in tensors]
     first = ShardWriter(str(tmp_path), planned, shard_size=800, plan_id="p")
     for name in ["t0", "t1", "t2"]:  # shard 1 finished, shard 2 half written
-        first.write(name, tensors[name])
+        _put(first, name, tensors[name])
     first.close()
     again = ShardWriter(str(tmp_path), planned, shard_size=800, plan_id="p", resume=True)
     assert [n for n in tensors if again.skip(n)] == ["t0", "t1"]
@@ -88,7 +94,7 @@ def test_writer_resumes_only_verified_shards_of_the_same_plan(tmp_path):
     other_plan.close()
     corrupt = ShardWriter(str(tmp_path), planned, shard_size=800, plan_id="q")
     for name in ["t0", "t1"]:
-        corrupt.write(name, tensors[name])
+        _put(corrupt, name, tensors[name])
     corrupt.close()
     with open(tmp_path / "model-00001-of-00003.safetensors", "r+b") as f:
         f.seek(-4, 2)

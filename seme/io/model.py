@@ -75,6 +75,18 @@ class ModelFolder:
         """Start reading `name` from disk in the background (no-op where madvise is unavailable)."""
         self._mapped(name).prefetch(self.tensors[name])
 
+    def address(self, name: str) -> int:
+        """Where `name`'s data lies in memory (the file is mapped on first use)."""
+        return self._mapped(name).address(self.tensors[name])
+
+    def view(self, name: str) -> memoryview:
+        """`name`'s bytes, zero-copy."""
+        return self._mapped(name).view(self.tensors[name])
+
+    def release(self, name: str) -> None:
+        """Drop `name`'s pages from this process's resident memory (they stay in the page cache)."""
+        self._mapped(name).release(self.tensors[name])
+
     def _mapped(self, name: str) -> MappedFile:
         path = self.tensors[name].path
         if path not in self._maps:

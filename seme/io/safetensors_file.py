@@ -86,13 +86,37 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict]:
 
 
 class MappedFile:
-    """A read-only memory map of one safetensors file, handing out zero-copy tensor views."""
+    """A read-only memory map of one safetensors file, handing out zero-copy tensor views (torch
+    tensors, or raw addresses and bytes for the torch-free engine)."""
 
     def __init__(self, path: str):
         with open(path, "rb") as f:
             # ACCESS_COPY: a private mapping torch may treat as writable; pages are never copied
             # because nothing writes to them.
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._address: int | None = None
+
+    def address(self, info: TensorInfo) -> int:
+        """Where the tensor's data lies in this process's memory (valid while the file is mapped)."""
+        if self._address is None:
+            import ctypes
+
+            anchor = ctypes.c_char.from_buffer(self._map)
+            self._address = ctypes.addressof(anchor)
+            del anchor  # releases the buffer export; the mapping (and the address) stays
+        return self._address + info.start
+
+    def view(self, info: TensorInfo) -> memoryview:
+        """The tensor's bytes, zero-copy."""
+        return memoryview(self._map)[info.start:info.end]
+
+    def release(self, info: TensorInfo) -> None:
+        """Unmap the pages that lie wholly inside the tensor once it has been used: the data stays in
+        the page cache, but no longer counts in this process's resident memory."""
+        start = -(-info.start // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = info.end - info.end % mmap.PAGESIZE
+        if end > start and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def tensor(self, info: TensorInfo):
         import torch

@@ -2,13 +2,13 @@
 manifest of finished shards that lets an interrupted merge resume."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import hashlib
 import json
+import mmap
 import os
-
-import torch
 
 from seme.distributed import assign
 from seme.io.safetensors_file import layout_header
@@ -29,10 +29,14 @@ class ShardWriter:
     """Writes planned tensors (name, dtype code, shape, nbytes) into shards of at most `shard_size` bytes.
 
     Shard boundaries and every tensor's offset are fixed up front, so no shard is ever buffered in
-    memory. When a shard's last tensor is written, the shard is flushed and recorded, with its
-    SHA-256, in the manifest; with `resume`, shards the manifest vouches for (same plan, same
-    digest) are kept, and `skip()` tells which tensors need no merging here (kept, or another
-    rank's).
+    memory: each shard's blocks are reserved and the file is mapped, `buffer(name)` hands out the
+    tensor's place in it for the merge to write into directly (no copy, no staging buffer), and
+    `written(name)` hashes those bytes and unmaps them. When a shard's last tensor is written, the
+    shard is flushed and recorded, with its SHA-256, in the manifest; with `resume`, shards the
+    manifest vouches for (same plan, same digest) are kept, and `skip()` tells which tensors need no
+    merging here (kept, or another rank's). Where the filesystem cannot reserve blocks, a full disk
+    would surface as SIGBUS in a mapped write: there a tensor is staged in memory and written with
+    pwrite instead.
     """
 
     def __init__(self, folder: str, planned: list[tuple[str, str, tuple[int, ...], int]], shard_size: int,
@@ -54,10 +58,12 @@ class ShardWriter:
         owner = assign([sum(e[3] for e in entries) for entries in shards], world)
         self.owned = {file for file, r in zip(self.files, owner) if r == rank}
         self.finished: dict[str, str] = self._verified_shards() if resume else {}
-        self._where: dict[str, tuple[int, int]] = {}  # tensor -> (file descriptor, offset)
+        self._where: dict[str, tuple[int, int]] = {}  # tensor -> (offset, nbytes) in its shard
         self._pending: dict[str, list[str]] = {}  # shard -> tensors still to write, in file order
         self._hashes: dict[str, object] = {}  # shard -> running SHA-256 while tensors arrive in file order
         self._fds: dict[str, int] = {}
+        self._maps: dict[str, mmap.mmap | None] = {}  # shard -> its writable mapping (None: pwrite)
+        self._staged: dict[str, bytearray] = {}  # tensor -> its bytes, in shards written with pwrite
         for file, entries in zip(self.files, shards):
             if file in self.finished or file not in self.owned:
                 continue
@@ -65,11 +71,13 @@ class ShardWriter:
             fd = os.open(os.path.join(folder, file), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds[file] = fd
             os.pwrite(fd, header, 0)
-            _allocate(fd, len(header) + sum(e[3] for e in entries))
+            size = len(header) + sum(e[3] for e in entries)
+            reserved = _allocate(fd, size)
+            self._maps[file] = mmap.mmap(fd, size) if reserved and entries else None
             self._pending[file] = [name for name, *_ in entries]
             self._hashes[file] = hashlib.sha256(header)
-            for name, *_ in entries:
-                self._where[name] = (fd, offsets[name])
+            for name, _, _, nbytes in entries:
+                self._where[name] = (offsets[name], nbytes)
             if not entries:
                 self._finish(file)
         self._save_manifest()
@@ -103,25 +111,45 @@ class ShardWriter:
         file = self.weight_map[name]
         return file in self.finished or file not in self.owned
 
-    def write(self, name: str, tensor) -> None:
-        """Write a CPU tensor of the planned dtype and shape to its place."""
-        fd, offset = self._where.pop(name)
-        data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    def buffer(self, name: str) -> memoryview:
+        """The bytes of `name` in its shard, to be filled once and then handed to `written`."""
+        offset, nbytes = self._where[name]
+        mapped = self._maps[self.weight_map[name]]
+        if mapped is None:
+            return memoryview(self._staged.setdefault(name, bytearray(nbytes)))
+        return memoryview(mapped)[offset:offset + nbytes]
+
+    def written(self, name: str) -> None:
+        """`name`'s bytes are in place: hash them (while tensors arrive in file order), unmap them,
+        and finish the shard after its last tensor."""
+        offset, nbytes = self._where.pop(name)
         file = self.weight_map[name]
-        pending = self._pending[file]
-        if self._hashes.get(file) is not None and pending[0] == name:
-            self._hashes[file].update(data)
-        else:
-            self._hashes[file] = None  # out of order: the digest is read back when the shard is done
-        pending.remove(name)
-        while data:
-            written = os.pwrite(fd, data, offset)
-            data, offset = data[written:], offset + written
+        mapped, staged = self._maps[file], self._staged.pop(name, None)
+        with (memoryview(staged) if staged is not None else memoryview(mapped)[offset:offset + nbytes]) as data:
+            pending = self._pending[file]
+            if self._hashes.get(file) is not None and pending[0] == name:
+                self._hashes[file].update(data)
+            else:
+                self._hashes[file] = None  # out of order: the digest is read back when the shard is done
+            pending.remove(name)
+            while staged is not None and data:
+                done = os.pwrite(self._fds[file], data, offset)
+                data, offset = data[done:], offset + done
+        if mapped is not None:
+            # Written pages stay in the page cache, dirty, until written back: only the mapping goes.
+            start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+            end = (offset + nbytes) - (offset + nbytes) % mmap.PAGESIZE
+            if end > start and hasattr(mmap, "MADV_DONTNEED"):
+                mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
         if not pending:
             self._finish(file)
             self._save_manifest()
 
     def _finish(self, file: str) -> None:
+        mapped = self._maps.pop(file)
+        if mapped is not None:
+            mapped.flush()
+            mapped.close()
         fd = self._fds.pop(file)
         os.fsync(fd)
         os.close(fd)
@@ -130,9 +158,13 @@ class ShardWriter:
 
     def close(self) -> None:
         """Close shards left open (after an error), without marking them finished."""
+        for mapped in self._maps.values():
+            if mapped is not None:
+                with contextlib.suppress(BufferError):  # a view still held by the failed merge: freed with it
+                    mapped.close()
         for fd in self._fds.values():
             os.close(fd)
-        self._fds = {}
+        self._maps, self._fds = {}, {}
 
     def write_index(self) -> None:
         index = {"metadata": {"total_size": self.total_size},
@@ -144,13 +176,15 @@ class ShardWriter:
             os.remove(path)
 
 
-def _allocate(fd: int, size: int) -> None:
+def _allocate(fd: int, size: int) -> bool:
     """Reserve the shard's blocks up front: a full disk fails here rather than mid-merge, and writes
     into allocated blocks run about twice as fast as into a sparse file. Where the filesystem cannot
-    allocate ahead, a sparse file of the same size will do."""
+    allocate ahead, the file is sized (sparse) and False returned."""
     try:
         os.posix_fallocate(fd, 0, size)
+        return True
     except OSError as e:
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
         os.ftruncate(fd, size)
+        return False

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass(frozen=True)
 class Inputs:
     """The input tensors of one output tensor, in config order (the base among them, if any)."""
 
-    tensors: tuple[torch.Tensor, ...]
+    tensors: tuple  # of torch.Tensor (torch is imported where tensors are made, not here)
     base_index: int | None = None
     name: str = ""  # output tensor name: keys the random streams of DARE / DELLA
     seed: int = 0
@@ -30,12 +28,16 @@ class Inputs:
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """Half types are merged in float32; float64 stays float64."""
+    import torch
+
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def all_finite(t: torch.Tensor) -> bool:
     """No NaN or Inf in t. aminmax is one vectorised pass (NaN propagates into it), where
     isfinite().all() on bf16 runs about 20 times slower."""
+    import torch
+
     if t.numel() == 0:
         return True
     low, high = torch.aminmax(t)

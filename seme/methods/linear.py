@@ -1,8 +1,6 @@
 """Linear (weighted average) merge, "model soups" (https://arxiv.org/abs/2203.05482)."""
 from __future__ import annotations
 
-import torch
-
 from seme.methods.inputs import Inputs, compute_dtype
 from seme.methods.registry import INPUT, Method, Param, register
 

@@ -2,13 +2,13 @@
 the fine-tunes by a ratio derived from the angle between their task vectors."""
 from __future__ import annotations
 
-import torch
-
 from seme.methods.inputs import Inputs, compute_dtype
 from seme.methods.registry import Method, Param, register
 
 
 def model_stock(inputs: Inputs, p: dict) -> torch.Tensor:
+    import torch
+
     dtype = compute_dtype(inputs.base)
     shape = inputs.base.shape
     if p["filter_wise"]:

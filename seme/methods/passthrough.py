@@ -1,8 +1,6 @@
 """Passthrough: copy one input (optionally scaled). The building block of frankenmerges via slices."""
 from __future__ import annotations
 
-import torch
-
 from seme.methods.inputs import Inputs
 from seme.methods.registry import INPUT, Method, Param, register
 

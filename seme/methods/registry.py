@@ -100,7 +100,8 @@ def register(method: Method) -> Method:
 
 
 def _load() -> dict[str, Method]:
-    # The family modules register their methods on import (and import torch): done on first use.
+    # The family modules register their methods on import: done on first use. They import torch
+    # inside their functions, so that planning and the native engine never load it.
     # Importing all of them each time is a no-op after the first, even if one was imported directly.
     from seme.methods import linear, model_stock, passthrough, seme, slerp, task_vector  # noqa: F401
 

@@ -9,8 +9,6 @@ counter `(i >> 2) & 0xffffffff, i >> 34, 0, 0` and output word `i & 3`; uniform 
 """
 from __future__ import annotations
 
-import torch
-
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
@@ -32,6 +30,8 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def philox4x32(key: int, counter: torch.Tensor) -> torch.Tensor:
     """Philox4x32-10 of counters (c0 = counter low word, c1 = high word, c2 = c3 = 0): [n, 4] words."""
+    import torch  # here, so that stream_key serves the torch-free engine
+
     c0, c1 = counter & _M32, (counter >> 32) & _M32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
@@ -46,6 +46,8 @@ def philox4x32(key: int, counter: torch.Tensor) -> torch.Tensor:
 
 def uniform(key: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """n float32 draws in [0, 1) for the stream `key`, element i at position i."""
+    import torch
+
     counters = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
     words = philox4x32(key, counters).reshape(-1)[:n]
     return (words >> 8).to(torch.float32) * (1.0 / (1 << 24))

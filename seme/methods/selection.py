@@ -6,11 +6,11 @@ k" uses this one rule, and the fused kernels reproduce it exactly.
 """
 from __future__ import annotations
 
-import torch
-
 
 def _ranks_below(x: torch.Tensor, r: int) -> torch.Tensor:
     """Mask of the elements of flat `x` whose rank is < r."""
+    import torch
+
     n = x.numel()
     if r <= 0:
         return torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -37,6 +37,8 @@ def top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def rank_positions(x: torch.Tensor) -> torch.Tensor:
     """Ascending rank (0-based) of each element along the last dimension, ties by position."""
+    import torch
+
     order = torch.sort(x, dim=-1, stable=True).indices
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order).contiguous())

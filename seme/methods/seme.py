@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 
 from seme.methods.inputs import Inputs, compute_dtype
 from seme.methods.registry import Method, Param, register
@@ -30,12 +29,16 @@ PARAMS = (
 
 def _deltas(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """The pivot in the compute dtype and the stacked fusion vectors δ_k = θ̃_k − θ_pivot."""
+    import torch
+
     base = inputs.base.to(compute_dtype(inputs.base))
     return base, torch.stack([x.to(base.dtype) - base for x in inputs.others])
 
 
 def seme_fuse(inputs: Inputs, p: dict):
     """Select / Compute / Erase over the aligned sources; returns (tensor, statistics)."""
+    import torch
+
     base32, deltas = _deltas(inputs)
     merged, select, erase, eta = sce_fuse(base32, deltas, p["select_topk"])
     selected = select if select is not None else torch.ones_like(base32, dtype=torch.bool)
@@ -65,6 +68,8 @@ def stabilize(inputs: Inputs, p: dict, mean_drift: Callable[[torch.Tensor], floa
     never drifts more than it.
 
     Returns (merged tensor, multipliers s_k, applied coefficients η_k·s_k normalised to sum 1)."""
+    import torch
+
     base, deltas = _deltas(inputs)
     _, select, erase, eta = sce_fuse(base, deltas, p["select_topk"])
     kept = deltas * select if select is not None else deltas

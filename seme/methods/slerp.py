@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 
 from seme.methods.inputs import Inputs, compute_dtype
 from seme.methods.registry import NON_BASE, Method, Param, register
@@ -14,6 +13,8 @@ _NORM_EPS = 1e-8
 
 def slerp_flat(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """SLERP between two tensors seen as single flat vectors; linear when (anti)collinear."""
+    import torch
+
     dtype = compute_dtype(v0)
     a, b = v0.to(dtype), v1.to(dtype)
     na, nb = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
@@ -34,6 +35,8 @@ def slerp(inputs: Inputs, p: dict) -> torch.Tensor:
 
 def nuslerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool) -> torch.Tensor:
     """SLERP of each row (or column, or the flattened tensor); linear where rows are collinear."""
+    import torch
+
     shape = v0.shape
     if flatten:
         v0, v1 = v0.reshape(-1), v1.reshape(-1)

@@ -8,8 +8,6 @@ Per tensor, with deltas δ_k = θ_k − θ_base:
 """
 from __future__ import annotations
 
-import torch
-
 from seme.methods import rng
 from seme.methods.inputs import Inputs, compute_dtype
 from seme.methods.registry import NON_BASE, Method, Param, register
@@ -48,6 +46,8 @@ def random_mask(delta: torch.Tensor, keep_probability: torch.Tensor | float, key
 
 def della_keep_probability(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA: keep probability grows linearly with the |δ| rank within each row, in density ± ε."""
+    import torch
+
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
     ranks = rank_positions(rows.abs()).to(torch.float32)
     span = max(rows.shape[-1] - 1, 1)
@@ -56,6 +56,8 @@ def della_keep_probability(delta: torch.Tensor, density: float, epsilon: float) 
 
 def sparsify(delta: torch.Tensor, method: str | None, density: float, rescale: bool, *,
              gamma: float = 0.0, epsilon: float = 0.0, key: int = 0) -> torch.Tensor:
+    import torch
+
     if method is None or density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
@@ -76,6 +78,8 @@ def sparsify(delta: torch.Tensor, method: str | None, density: float, rescale: b
 
 def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
     """[K, ...] mask of the entries whose sign agrees with the sign of their sum (0 counts as +)."""
+    import torch
+
     elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
     return deltas.sign() == elected
 
@@ -83,6 +87,8 @@ def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
 def _family_merge(sparsification: str | None, consensus: bool):
     def merge(inputs: Inputs, p: dict):
         # int8_mask is accepted for compatibility: a memory knob in mergekit, masks here are booleans.
+        import torch
+
         base = inputs.base
         dtype = compute_dtype(base)
         base32 = base.to(dtype)
@@ -144,6 +150,8 @@ _register_family("della_linear", "della_magprune", False, False, True, "https://
 
 def sce_select_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
     """SCE select: the int(select_topk · #nonzero) elements of largest variance across models."""
+    import torch
+
     var = torch.var(deltas, dim=0, unbiased=False)
     k = int(int(torch.count_nonzero(var)) * select_topk)
     if k == 0:
@@ -153,6 +161,8 @@ def sce_select_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
 
 def sce_coefficients(deltas: torch.Tensor) -> torch.Tensor:
     """SCE compute: η_k ∝ mean(δ_k²), uniform when all deltas vanish."""
+    import torch
+
     energy = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)
     total = float(energy.sum())
     if abs(total) < 1e-6:
@@ -162,6 +172,8 @@ def sce_coefficients(deltas: torch.Tensor) -> torch.Tensor:
 
 def sce_fuse(base: torch.Tensor, deltas: torch.Tensor, select_topk: float):
     """SCE on stacked deltas [K, ...]: (merged, select mask or None, erase mask, η)."""
+    import torch
+
     select = None
     if select_topk < 1:
         select = sce_select_mask(deltas, select_topk) if select_topk > 0 else torch.zeros_like(deltas[0], dtype=torch.bool)
@@ -178,6 +190,8 @@ def sce_mean(base: torch.Tensor, deltas: torch.Tensor, erase: torch.Tensor, eta:
 
 
 def sce(inputs: Inputs, p: dict):
+    import torch
+
     base = inputs.base
     if not inputs.others:
         return base

@@ -1,0 +1,107 @@
+"""The engines: the torch-free native one gives the torch engine's bytes, never loads torch, and
+hands what its kernels cannot take to the torch engine."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import seme
+from conftest import build_family
+from seme import engine, fused_merge
+
+pytestmark = pytest.mark.skipif(not fused_merge.available(), reason="native extension not built")
+
+RECIPES = {
+    "linear": {"merge_method": "linear", "parameters": {"weight": 1.0}},
+    "task_arithmetic": {"merge_method": "task_arithmetic", "parameters": {"weight": 0.7}},
+    "ties": {"merge_method": "ties", "parameters": {"weight": 1.0, "density": 0.4}},
+    "dare_ties": {"merge_method": "dare_ties", "parameters": {"weight": 1.0, "density": 0.5}, "random_seed": 3},
+    "dare_linear": {"merge_method": "dare_linear", "parameters": {"weight": 0.5, "density": 0.5}},
+    "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "parameters": {"weight": 1.0, "density": 0.6,
+                                                                            "gamma": 0.1}},
+    "della": {"merge_method": "della", "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}},
+    "sce": {"merge_method": "sce", "parameters": {"select_topk": 0.5}},
+}
+
+
+@pytest.fixture(scope="module")
+def bf16_family(tmp_path_factory):
+    return build_family(str(tmp_path_factory.mktemp("bf16")), "llama", n_experts=2, dtype=torch.bfloat16)
+
+
+def _recipe(name: str, family: dict, **extra) -> dict:
+    spec = dict(RECIPES[name])
+    recipe = {"merge_method": spec.pop("merge_method"), "parameters": spec.pop("parameters"), **spec, **extra}
+    experts = [{"model": family["expert0"]}, {"model": family["expert1"]}]
+    if recipe["merge_method"] == "linear":
+        recipe["models"] = [{"model": family["base"]}] + experts
+    else:
+        recipe["base_model"] = family["base"]
+        recipe["models"] = experts
+    return recipe
+
+
+def _shards(folder) -> dict[str, bytes]:
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))
+            if f.startswith("model")}
+
+
+def _merge_with(monkeypatch, cls, recipe: dict, out) -> tuple[dict[str, bytes], object]:
+    made = []
+
+    def make(plan, device, backend, world):
+        made.append(cls(plan, device) if cls is engine.NativeEngine else cls(plan, device, backend))
+        return made[-1]
+
+    monkeypatch.setattr("seme.executor.make_engine", make)
+    seme.merge(recipe, str(out), out_shard_size="40KB")
+    return _shards(out), made[0]
+
+
+@pytest.mark.parametrize("method", list(RECIPES))
+@pytest.mark.parametrize("extra", [{}, {"out_dtype": "float32"}, {"dtype": "float32", "out_dtype": "float16"}],
+                         ids=["bf16", "to-fp32", "fp32-to-fp16"])
+def test_native_engine_writes_the_torch_engines_bytes(bf16_family, tmp_path, monkeypatch, method, extra):
+    recipe = _recipe(method, bf16_family, **extra)
+    native, used = _merge_with(monkeypatch, engine.NativeEngine, recipe, tmp_path / "native")
+    reference, _ = _merge_with(monkeypatch, engine.TorchEngine, recipe, tmp_path / "torch")
+    assert used._torch is None  # every tensor went to the kernels
+    assert native.keys() == reference.keys() and len(native) > 2
+    for f in native:
+        assert native[f] == reference[f], f
+
+
+def test_native_engine_hands_what_its_kernels_cannot_take_to_torch(bf16_family, llama_family, tmp_path, monkeypatch):
+    # fp32 inputs merged in bfloat16 are rounded first: only the torch engine does that.
+    recipe = _recipe("ties", llama_family, dtype="bfloat16")
+    native, used = _merge_with(monkeypatch, engine.NativeEngine, recipe, tmp_path / "native")
+    reference, _ = _merge_with(monkeypatch, engine.TorchEngine, recipe, tmp_path / "torch")
+    assert used._torch is not None and native == reference
+
+
+def test_cpu_merge_of_a_fused_method_never_imports_torch(bf16_family, tmp_path):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(_recipe("ties", bf16_family)))
+    code = ("import sys; from seme.merge import main; status = main([sys.argv[1], sys.argv[2]]); "
+            "print(status, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(recipe), str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.stdout.split() == ["0", "False"], proc.stderr
+
+
+def test_make_engine_picks_native_only_where_it_serves_the_whole_run(bf16_family):
+    from seme.config import load
+    from seme.plan import make_plan
+
+    plan = make_plan(load(_recipe("ties", bf16_family)))
+    assert isinstance(engine.make_engine(plan, "cpu", "auto", 1), engine.NativeEngine)
+    assert isinstance(engine.make_engine(plan, "cpu", "reference", 1), engine.TorchEngine)
+    assert isinstance(engine.make_engine(plan, "cpu", "auto", 2), engine.TorchEngine)
+    slerp = {"merge_method": "slerp", "base_model": bf16_family["base"], "parameters": {"t": 0.3},
+             "models": [{"model": bf16_family["base"]}, {"model": bf16_family["expert0"]}]}
+    assert isinstance(engine.make_engine(make_plan(load(slerp)), "cpu", "auto", 1), engine.TorchEngine)
