@@ -5,14 +5,6 @@
 #include <pybind11/stl.h>
 
 #include <omp.h>
-#include <unistd.h>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22  // Linux 5.14; older headers lack the name
-#endif
-#endif
 
 #include "cpu/fused_merge.h"
 
@@ -34,21 +26,6 @@ seme::Tensors tensors(uintptr_t base, const std::vector<uintptr_t>& others, uint
 }
 
 std::pair<bool, bool> finite(const seme::Finite& f) { return {f.inputs, f.output}; }
-
-// Map the pages of [address, address + nbytes) of a file mapping in, so that the kernel that reads
-// them later takes no page faults. One madvise where the kernel has MADV_POPULATE_READ, else a read
-// of one byte per page.
-void populate(uintptr_t address, size_t nbytes) {
-  if (nbytes == 0) return;
-  const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
-  const uintptr_t start = address & ~(page - 1);
-#if defined(__linux__)
-  if (madvise(reinterpret_cast<void*>(start), address + nbytes - start, MADV_POPULATE_READ) == 0) return;
-#endif
-  volatile unsigned char sink = 0;
-  for (uintptr_t p = start; p < address + nbytes; p += page) sink ^= *reinterpret_cast<const unsigned char*>(p);
-  (void)sink;
-}
 
 }  // namespace
 
@@ -114,14 +91,6 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("philox4x32", &seme::philox4x32, "The 4 output words of Philox4x32-10 (seme.methods.rng).",
         py::arg("key"), py::arg("counter"));
-  m.def(
-      "populate",
-      [](uintptr_t address, size_t nbytes) {
-        py::gil_scoped_release release;
-        populate(address, nbytes);
-      },
-      "Fault in the pages of a mapped range ahead of use (read-ahead into the page tables).",
-      py::arg("address"), py::arg("nbytes"));
   m.def("max_threads", &omp_get_max_threads, "OpenMP's default thread count.");
   m.def("isa", &seme::active_isa, "Which build of the kernels runs: 'avx2' or 'baseline'.");
 }

@@ -33,6 +33,7 @@
 #define SEME_AVX2_BUILD 1
 #endif
 #ifdef SEME_AVX2
+#include <immintrin.h>
 #pragma GCC target("avx2")
 #define SEME_ISA avx2
 #else
@@ -323,19 +324,102 @@ int64_t count_key(const float* __restrict x, int64_t len, uint32_t v) {
   return count;
 }
 
+constexpr uint32_t kNoKey = 0xffffffffu;  // keys are < 2^31: matches none
+
+#ifdef SEME_AVX2
+// Appending the selected lanes of 8 (in order) is a permutation that packs them to the front: one
+// per 8-bit mask. The appends below are then 8 elements at a time instead of one.
+struct PackTable {
+  alignas(32) uint32_t lanes[256][8];
+  PackTable() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int n = 0;
+      for (int b = 0; b < 8; ++b)
+        if (mask >> b & 1) lanes[mask][n++] = uint32_t(b);
+      while (n < 8) lanes[mask][n++] = 0;
+    }
+  }
+};
+const PackTable kPack;
+
+inline __m256i keys8(const float* x) {
+  return _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), _mm256_set1_epi32(0x7fffffff));
+}
+
+// Stores the lanes of v selected by mask at out (8 lanes written: out needs the room) and returns
+// how many were selected.
+inline int pack(__m256i v, int mask, uint32_t* out) {
+  const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPack.lanes[mask]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(v, order));
+  return __builtin_popcount(unsigned(mask));
+}
+
+inline int64_t lane_total(__m256i v) {
+  alignas(32) int32_t a[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(a), v);
+  int64_t total = 0;
+  for (int32_t x : a) total += x;
+  return total;
+}
+#endif
+
 // Positions (ascending) of the elements equal to a split cut among a and b: only those need the
-// sequential tie rule, the rest of a block is decided by plain comparisons. Branch-free append.
+// sequential tie rule, the rest of a block is decided by plain comparisons. `out` holds len.
 int64_t find_ties(const float* __restrict x, int64_t len, const Cut& a, const Cut& b, uint32_t* __restrict out) {
   if (!a.split && !b.split) return 0;
-  constexpr uint32_t kNoKey = 0xffffffffu;  // keys are < 2^31
   const uint32_t ta = a.split ? a.v : kNoKey, tb = b.split ? b.v : kNoKey;
-  int64_t n = 0;
-  for (int64_t j = 0; j < len; ++j) {
+  int64_t n = 0, j = 0;
+#ifdef SEME_AVX2
+  const __m256i va = _mm256_set1_epi32(int(ta)), vb = _mm256_set1_epi32(int(tb));
+  const __m256i step = _mm256_set1_epi32(8);
+  __m256i at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (; j + 8 <= len; j += 8, at = _mm256_add_epi32(at, step)) {
+    const __m256i key = keys8(x + j);
+    const __m256i hit = _mm256_or_si256(_mm256_cmpeq_epi32(key, va), _mm256_cmpeq_epi32(key, vb));
+    n += pack(at, _mm256_movemask_ps(_mm256_castsi256_ps(hit)), out + n);
+  }
+#endif
+  for (; j < len; ++j) {  // branch-free append
     const uint32_t key = key_of(x[j]);
     out[n] = uint32_t(j);
     n += (key == ta) | (key == tb);
   }
   return n;
+}
+
+// For the bracket [lo, hi] of a cut (hi_eq: hi, or kNoKey when hi == lo): the counts of the keys
+// below lo, equal to lo and equal to hi_eq, and the keys strictly between lo and hi appended to
+// `out` (which holds len).
+struct BracketCounts {
+  int64_t below = 0, at_lo = 0, at_hi = 0, inside = 0;
+};
+
+BracketCounts scan_bracket(const float* __restrict x, int64_t len, uint32_t lo, uint32_t hi, uint32_t hi_eq,
+                           uint32_t* __restrict out) {
+  BracketCounts c;
+  int64_t j = 0;
+#ifdef SEME_AVX2
+  const __m256i vl = _mm256_set1_epi32(int(lo)), vh = _mm256_set1_epi32(int(hi)), ve = _mm256_set1_epi32(int(hi_eq));
+  __m256i below = _mm256_setzero_si256(), at_lo = below, at_hi = below;  // lanes count down (masks are -1)
+  for (; j + 8 <= len; j += 8) {  // len <= kBlock: the lane counts cannot overflow
+    const __m256i key = keys8(x + j);
+    below = _mm256_add_epi32(below, _mm256_cmpgt_epi32(vl, key));
+    at_lo = _mm256_add_epi32(at_lo, _mm256_cmpeq_epi32(key, vl));
+    at_hi = _mm256_add_epi32(at_hi, _mm256_cmpeq_epi32(key, ve));
+    const __m256i inside = _mm256_and_si256(_mm256_cmpgt_epi32(key, vl), _mm256_cmpgt_epi32(vh, key));
+    c.inside += pack(key, _mm256_movemask_ps(_mm256_castsi256_ps(inside)), out + c.inside);
+  }
+  c.below = -lane_total(below), c.at_lo = -lane_total(at_lo), c.at_hi = -lane_total(at_hi);
+#endif
+  for (; j < len; ++j) {
+    const uint32_t key = key_of(x[j]);
+    c.below += key < lo;
+    c.at_lo += key == lo;
+    c.at_hi += key == hi_eq;
+    out[c.inside] = key;
+    c.inside += (key > lo) & (key < hi);
+  }
+  return c;
 }
 
 struct Hist {  // per-thread integer histograms [thread][stream][bin]: merging them is order-free
@@ -447,6 +531,107 @@ std::vector<int64_t> equal_starts(Ctx& ctx, const std::vector<std::pair<int, Cut
   return chunk_prefix(counts, ctx.nchunks, cuts.size());
 }
 
+// One-pass exact selection for large inputs. A strided sample of each stream's keys brackets the
+// wanted rank between two sample keys lo <= hi; one pass counts, per chunk, the keys below lo and
+// equal to lo and to hi, and collects the keys strictly between them (about 3% of the elements).
+// The cut is then exact: found among the collected keys (or at a bracket end), with its per-chunk
+// tie counts, so neither a level-2 pass nor a count pass is needed. Returns false, leaving the cuts
+// pending, where a bracket misses its rank (a sample unlike the data) or collects too many keys:
+// the histogram passes then decide, with the same result.
+constexpr int64_t kSample = 1 << 14;
+constexpr int64_t kMinBracketed = 1 << 18;  // below this, the histogram passes cost as little
+
+template <class Key, class Prep, class Vals>
+bool bracketed(Ctx& ctx, const std::vector<std::pair<int, Cut*>>& cuts, const std::vector<int64_t>& ranks,
+               Key& sample_key, Prep& prep, Vals& vals, std::vector<int64_t>& eq_counts) {
+  const int64_t n = ctx.t.n;
+  const size_t Q = cuts.size();
+  if (n < kMinBracketed || Q == 0) return false;
+  std::vector<uint32_t> lo(Q), hi(Q);
+  std::vector<uint32_t> sample(kSample);
+  for (size_t q = 0; q < Q; ++q) {
+    for (int64_t j = 0; j < kSample; ++j) sample[j] = sample_key(cuts[q].first, j * n / kSample);
+    std::sort(sample.begin(), sample.end());
+    const double p = double(ranks[q]) / double(n), at = p * kSample;
+    const double margin = 4.0 * std::sqrt(kSample * p * (1 - p)) + 8.0;
+    const int64_t a = int64_t(std::floor(at - margin)), b = int64_t(std::ceil(at + margin));
+    lo[q] = a < 0 ? 0u : sample[a];
+    hi[q] = b >= kSample ? 0x7fffffffu : sample[b];
+  }
+  const int64_t cap = std::max<int64_t>(kChunk, n / 8);  // per cut; ~0.03 n expected
+  std::vector<int64_t> below(ctx.nchunks * Q, 0), at_lo(ctx.nchunks * Q, 0), at_hi(ctx.nchunks * Q, 0);
+  std::vector<std::vector<uint32_t>> inside(ctx.nchunks * Q);
+  std::vector<int64_t> collected(Q, 0);
+  bool overflow = false;
+  ctx.chunks([&](int th, int64_t c, int64_t start, int64_t end) {
+    Scratch& s = ctx.scratch[th];
+    ctx.blocks(start, end, [&](int64_t off, int64_t len) {
+      bool stop;
+#pragma omp atomic read
+      stop = overflow;
+      if (stop) return;
+      prep(s, th, off, len);
+      for (size_t q = 0; q < Q; ++q) {
+        const uint32_t* out = s.ties.data();
+        const BracketCounts n = scan_bracket(vals(s, cuts[q].first), len, lo[q], hi[q],
+                                             hi[q] == lo[q] ? kNoKey : hi[q], s.ties.data());
+        below[c * Q + q] += n.below, at_lo[c * Q + q] += n.at_lo, at_hi[c * Q + q] += n.at_hi;
+        inside[c * Q + q].insert(inside[c * Q + q].end(), out, out + n.inside);
+        const int64_t m = n.inside;
+        int64_t total;
+#pragma omp atomic capture
+        total = collected[q] += m;
+        if (total > cap) {
+#pragma omp atomic write
+          overflow = true;
+        }
+      }
+    });
+  });
+  if (overflow) return false;
+  std::vector<Cut> found(Q);
+  for (size_t q = 0; q < Q; ++q) {
+    int64_t b = 0, el = 0, eh = 0, m = 0;
+    for (int64_t c = 0; c < ctx.nchunks; ++c)
+      b += below[c * Q + q], el += at_lo[c * Q + q], eh += at_hi[c * Q + q], m += int64_t(inside[c * Q + q].size());
+    int64_t r = ranks[q] - b;  // the cut's rank among the keys >= lo
+    if (r < 0 || r > el + m + eh) return false;
+    Cut& cut = found[q];
+    if (r <= el) {
+      cut.v = lo[q], cut.room = r;
+    } else if (r > el + m) {
+      cut.v = hi[q], cut.room = r - el - m;
+    } else {  // the (r - el)-th smallest collected key
+      std::vector<uint32_t> keys;
+      keys.reserve(size_t(m));
+      for (int64_t c = 0; c < ctx.nchunks; ++c) keys.insert(keys.end(), inside[c * Q + q].begin(), inside[c * Q + q].end());
+      r -= el;
+      std::nth_element(keys.begin(), keys.begin() + (r - 1), keys.end());
+      cut.v = keys[size_t(r - 1)];
+      int64_t less = 0;
+      for (uint32_t key : keys) less += key < cut.v;
+      cut.room = r - less;
+    }
+    int64_t equal = 0;
+    for (int64_t c = 0; c < ctx.nchunks; ++c) {
+      int64_t count;
+      if (cut.v == lo[q]) count = at_lo[c * Q + q];
+      else if (cut.v == hi[q]) count = at_hi[c * Q + q];
+      else count = std::count(inside[c * Q + q].begin(), inside[c * Q + q].end(), cut.v);
+      eq_counts[c * Q + q] = count;
+      equal += count;
+    }
+    if (cut.room == equal || cut.room == 0) {  // every element equal to v is below, or none: a plain cut
+      if (cut.room == equal) ++cut.v;
+      cut.room = 0;
+    } else {
+      cut.split = true;
+    }
+  }
+  for (size_t q = 0; q < Q; ++q) *cuts[q].second = found[q];
+  return true;
+}
+
 // Zeroes the elements of d outside the ranks [lo, hi): those below hi and not below lo stay.
 void keep_ranks(float* __restrict d, int64_t len, const Cut& lo, const Cut& hi, int64_t& eq_lo, int64_t& eq_hi,
                 uint32_t* __restrict ties) {
@@ -525,21 +710,38 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
   auto prep = [&](Scratch& s, int, int64_t off, int64_t len) { ctx.load(s, off, len); };
   auto model = [&](Scratch& s, int k) -> const float* { return ctx.delta(s, k); };
   if (p.sparsify == kRank && !active.empty()) {
-    auto stream = [&](Scratch& s, int m) -> const float* { return ctx.delta(s, active[m]); };
-    const Hist h1 = level1(ctx, int(active.size()), prep, stream);
-    for (size_t m = 0; m < active.size(); ++m) {
-      const int k = active[m];
-      const auto h = h1.total(int(m));
-      cuts[2 * k] = cut_level1(h, p.rank_lo[k], t.n);
-      cuts[2 * k + 1] = cut_level1(h, p.rank_hi[k], t.n);
-    }
     for (int k : active) cut_list.push_back({k, &cuts[2 * k]}), cut_list.push_back({k, &cuts[2 * k + 1]});
-    level2(ctx, cut_list, prep, model, [](Scratch&, int64_t, int64_t, int64_t) {});
-    if (std::any_of(cuts.begin(), cuts.end(), [](const Cut& c) { return c.split; })) {
-      const auto starts = equal_starts(ctx, cut_list, prep, model);
+    // Cuts at rank 0 or n need no pass: nothing, or everything, is below them.
+    std::vector<std::pair<int, Cut*>> open;
+    std::vector<int64_t> ranks;
+    for (const auto& [k, cut] : cut_list) {
+      const int64_t r = cut == &cuts[2 * k] ? p.rank_lo[k] : p.rank_hi[k];
+      if (r >= t.n) cut->v = kAll;
+      else if (r > 0) open.push_back({k, cut}), ranks.push_back(r);
+    }
+    std::vector<int64_t> eq_counts(ctx.nchunks * open.size(), 0);
+    auto sample_key = [&](int k, int64_t i) { return key_of(ctx.delta_at(k, i)); };
+    if (bracketed(ctx, open, ranks, sample_key, prep, model, eq_counts)) {
+      const auto starts = chunk_prefix(eq_counts, ctx.nchunks, open.size());
       for (int64_t c = 0; c < ctx.nchunks; ++c)
-        for (size_t q = 0; q < cut_list.size(); ++q)
-          eq_start[c * 2 * K + (cut_list[q].second - cuts.data())] = starts[c * cut_list.size() + q];
+        for (size_t q = 0; q < open.size(); ++q)
+          eq_start[c * 2 * K + (open[q].second - cuts.data())] = starts[c * open.size() + q];
+    } else {
+      auto stream = [&](Scratch& s, int m) -> const float* { return ctx.delta(s, active[m]); };
+      const Hist h1 = level1(ctx, int(active.size()), prep, stream);
+      for (size_t m = 0; m < active.size(); ++m) {
+        const int k = active[m];
+        const auto h = h1.total(int(m));
+        cuts[2 * k] = cut_level1(h, p.rank_lo[k], t.n);
+        cuts[2 * k + 1] = cut_level1(h, p.rank_hi[k], t.n);
+      }
+      level2(ctx, cut_list, prep, model, [](Scratch&, int64_t, int64_t, int64_t) {});
+      if (std::any_of(cuts.begin(), cuts.end(), [](const Cut& c) { return c.split; })) {
+        const auto starts = equal_starts(ctx, cut_list, prep, model);
+        for (int64_t c = 0; c < ctx.nchunks; ++c)
+          for (size_t q = 0; q < cut_list.size(); ++q)
+            eq_start[c * 2 * K + (cut_list[q].second - cuts.data())] = starts[c * cut_list.size() + q];
+      }
     }
   }
 
