@@ -25,13 +25,15 @@ from seme.plan import Plan
 
 
 class Progress:
-    """Tensors done and the rates of the three stages (read, merge, write: bytes over the time each
-    stage was busy) on one self-rewriting stderr line, shown only on a terminal."""
+    """Tensors done and the rates of the two stages (merge: input bytes over the time spent merging,
+    the reads included, since inputs are read through their mappings as the merge touches them;
+    write: output bytes over the time spent hashing and flushing) on one self-rewriting stderr
+    line, shown only on a terminal."""
 
     def __init__(self, total_tensors: int, total_bytes: int, enabled: bool):
         self.total_tensors, self.total_bytes, self.enabled = total_tensors, total_bytes, enabled
         self.tensors = self.bytes = 0
-        self.busy = {"read": [0.0, 0], "merge": [0.0, 0], "write": [0.0, 0]}  # stage -> [seconds, bytes]
+        self.busy = {"merge": [0.0, 0], "write": [0.0, 0]}  # stage -> [seconds, bytes]
         self.start = self._last = time.perf_counter()
 
     def stage(self, name: str, seconds: float, nbytes: int) -> None:
@@ -50,9 +52,8 @@ class Progress:
             self._last = now
             rate = self.bytes / max(now - self.start, 1e-9) / 1e9
             sys.stderr.write(f"\r  {self.tensors}/{self.total_tensors} tensors  "
-                             f"{self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB  {rate:.2f} GB/s  (read "
-                             f"{self.rate('read'):.1f}, merge {self.rate('merge'):.1f}, write "
-                             f"{self.rate('write'):.1f} GB/s) ")
+                             f"{self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB  {rate:.2f} GB/s  (merge "
+                             f"{self.rate('merge'):.1f} GB/s in, write {self.rate('write'):.1f} GB/s out) ")
             sys.stderr.flush()
 
     def finish(self) -> float:
