@@ -146,8 +146,8 @@ def main(argv=None) -> None:
                           f"load average before the run {load:.2f}.\n"
                           f"{args.models} Llama-shaped models of {params:.0f}M parameters (bf16, dense deltas), "
                           f"{in_bytes / 1e9:.2f} GB of input; plain read of the same files from page cache: "
-                          f"{bandwidth:.2f} GB/s. Times are whole processes (start-up included); *steady* is "
-                          f"seme's merge loop alone.\n\n{header}\n" + "\n".join(rows))
+                          f"{bandwidth:.2f} GB/s. Times are whole processes (start-up included), seme's the median of "
+                          f"{args.repeat} runs (mergekit: one); *steady* is seme's merge loop alone.\n\n{header}\n" + "\n".join(rows))
 
 
 if __name__ == "__main__":
