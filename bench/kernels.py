@@ -95,7 +95,7 @@ def main(argv=None):
     names = list(impls)
     header = ("| method | dtype | " + " | ".join(f"{n} ms | {n} GB/s" for n in names)
               + " | reference ms | mergekit ms | copy ms | × vs mergekit | × vs reference | fastest / copy |")
-    rows = [header, "|" + "---|" * (9 + 2 * len(names))]
+    rows = [header, "|" + "---|" * (8 + 2 * len(names))]
     print(header)
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
