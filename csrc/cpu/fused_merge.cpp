@@ -387,6 +387,31 @@ int64_t find_ties(const float* __restrict x, int64_t len, const Cut& a, const Cu
   return n;
 }
 
+// Positions (ascending) of the keys in [lo, hi], appended to `out` (which holds len); the keys
+// below lo are counted into `below`.
+int64_t positions_between(const float* __restrict x, int64_t len, uint32_t lo, uint32_t hi, uint32_t* __restrict out,
+                          int64_t& below) {
+  int64_t n = 0, j = 0;
+#ifdef SEME_AVX2
+  const __m256i vl = _mm256_set1_epi32(int(lo)), vh = _mm256_set1_epi32(int(hi)), step = _mm256_set1_epi32(8);
+  __m256i at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), under = _mm256_setzero_si256();
+  for (; j + 8 <= len; j += 8, at = _mm256_add_epi32(at, step)) {
+    const __m256i key = keys8(x + j);
+    const __m256i lt = _mm256_cmpgt_epi32(vl, key), outside = _mm256_or_si256(lt, _mm256_cmpgt_epi32(key, vh));
+    under = _mm256_add_epi32(under, lt);
+    n += pack(at, ~_mm256_movemask_ps(_mm256_castsi256_ps(outside)) & 0xff, out + n);
+  }
+  below -= lane_total(under);
+#endif
+  for (; j < len; ++j) {
+    const uint32_t key = key_of(x[j]);
+    below += key < lo;
+    out[n] = uint32_t(j);
+    n += (key >= lo) & (key <= hi);
+  }
+  return n;
+}
+
 // For the bracket [lo, hi] of a cut (hi_eq: hi, or kNoKey when hi == lo): the counts of the keys
 // below lo, equal to lo and equal to hi_eq, and the keys strictly between lo and hi appended to
 // `out` (which holds len).
@@ -921,7 +946,87 @@ Finite sce_merge(const Tensors& t, double tau) {
   int64_t rest = 0;                            // the cut's rank inside its level-1 bin (1-based)
   std::vector<std::vector<uint64_t>> in_bin;   // per chunk: key << 32 | index of that bin's elements
   std::vector<double> above_bin(ctx.nchunks * size_t(K), 0.0);  // [chunk][model]: Σ δ² above the bin
-  if (select && !none) {
+  // Large tensors: the cut from one pass bracketed by a strided sample of the variances (as in
+  // bracketed(), the estimated rank also allowing for the sampled share of zero variances). The
+  // pass counts the zeros, which give the exact rank, and fills what level 2 fills below, the
+  // bracket [lo, hi] playing the level-1 bin's part. False where the bracket misses or holds too
+  // many elements: nothing is kept of it, and the histogram passes run.
+  auto select_bracketed = [&]() -> bool {
+    if (t.n < kMinBracketed) return false;
+    std::vector<uint32_t> sample(kSample);
+    int64_t zero_samples = 0;
+    for (int64_t j = 0; j < kSample; ++j) {
+      const int64_t i = j * t.n / kSample;
+      double mean = 0, m2 = 0;
+      for (int k = 0; k < K; ++k) {
+        const double x = ctx.delta_at(k, i), dev = x - mean;
+        mean += dev / (k + 1);
+        m2 += dev * (x - mean);
+      }
+      sample[j] = key_of(float(m2 / K));
+      zero_samples += sample[j] == 0;
+    }
+    std::sort(sample.begin(), sample.end());
+    const double pz = double(zero_samples) / kSample, p = 1.0 - (1.0 - pz) * tau, at = p * kSample;
+    const double margin = 4.0 * (std::sqrt(kSample * p * (1 - p)) + tau * std::sqrt(kSample * pz * (1 - pz))) + 8.0;
+    const int64_t a = int64_t(std::floor(at - margin)), b = int64_t(std::ceil(at + margin));
+    const uint32_t lo = a < 0 ? 0u : sample[a], hi = b >= kSample ? 0x7fffffffu : sample[b];
+    const int64_t cap = std::max<int64_t>(kChunk, t.n / 8);
+    std::vector<int64_t> below(ctx.nchunks, 0);
+    std::vector<std::vector<uint64_t>> inside(ctx.nchunks);
+    std::vector<double> above(ctx.nchunks * size_t(K), 0.0);
+    int64_t collected = 0;
+    bool overflow = false;
+    ctx.chunks([&](int th, int64_t c, int64_t start, int64_t end) {
+      Scratch& s = ctx.scratch[th];
+      ctx.blocks(start, end, [&](int64_t off, int64_t len) {
+        bool stop;
+#pragma omp atomic read
+        stop = overflow;
+        if (stop) return;
+        prep(s, th, off, len);
+        const float* __restrict v = s.var.data();
+        float* __restrict mask = s.acc.data();
+        for (int64_t j = 0; j < len; ++j) mask[j] = key_of(v[j]) > hi ? 1.0f : 0.0f;
+        for (int k = 0; k < K; ++k) above[c * K + k] += sum_squares(ctx.delta(s, k), mask, len);
+        uint32_t* at = s.ties.data();
+        const int64_t m = positions_between(v, len, lo, hi, at, below[c]);
+        for (int64_t e = 0; e < m; ++e) inside[c].push_back(uint64_t(key_of(v[at[e]])) << 32 | uint64_t(off + at[e]));
+        int64_t total;
+#pragma omp atomic capture
+        total = collected += m;
+        if (total > cap) {
+#pragma omp atomic write
+          overflow = true;
+        }
+      });
+    });
+    int64_t nnz = t.n, under = 0;
+    for (int64_t z : zeros) nnz -= z;
+    std::fill(zeros.begin(), zeros.end(), 0);  // counted again by level 1 if it must run
+    for (int64_t x : below) under += x;
+    const int64_t n_keep = int64_t(double(nnz) * tau), r = t.n - n_keep;  // r: the dropped
+    if (overflow || r < under || r > under + collected) return false;
+    count_zeros = false;
+    none = n_keep == 0;
+    in_bin = std::move(inside);
+    above_bin = std::move(above);
+    rest = r - under;
+    if (rest == collected) {  // every bracketed element is dropped
+      cut.v = hi + 1;
+      return true;
+    }
+    std::vector<uint64_t> order;
+    order.reserve(size_t(collected));
+    for (const auto& chunk : in_bin) order.insert(order.end(), chunk.begin(), chunk.end());
+    std::nth_element(order.begin(), order.begin() + rest, order.end());
+    const uint64_t first_kept = order[size_t(rest)];
+    cut.v = uint32_t(first_kept >> 32);
+    for (uint64_t e : order) cut.room += uint32_t(e >> 32) == cut.v && e < first_kept;
+    cut.split = cut.room > 0;
+    return true;
+  };
+  if (select && !none && !select_bracketed()) {
     const Hist h1 = level1(ctx, 1, prep, var);
     count_zeros = false;
     int64_t nnz = t.n;
