@@ -73,7 +73,7 @@ class ShardWriter:
             os.pwrite(fd, header, 0)
             size = len(header) + sum(e[3] for e in entries)
             reserved = _allocate(fd, size)
-            self._maps[file] = mmap.mmap(fd, size) if reserved and entries else None
+            self._maps[file] = _map(fd, size) if reserved and entries else None
             self._pending[file] = [name for name, *_ in entries]
             self._hashes[file] = hashlib.sha256(header)
             for name, _, _, nbytes in entries:
@@ -188,3 +188,12 @@ def _allocate(fd: int, size: int) -> bool:
             raise
         os.ftruncate(fd, size)
         return False
+
+
+def _map(fd: int, size: int) -> mmap.mmap | None:
+    """The shard mapped for writing, or None where the filesystem does not map files (some FUSE
+    and network filesystems): its tensors are then written with pwrite."""
+    try:
+        return mmap.mmap(fd, size)
+    except OSError:
+        return None
