@@ -1,11 +1,13 @@
 """Which implementation merges a tensor: the fused kernels by default, the plain-torch reference
 on request (`--backend reference`) or where no kernel covers the method.
 
-CPU tensors go to the C++/OpenMP kernel (seme._C). CUDA tensors go to whichever GPU kernel was
+CPU tensors go to the C++/OpenMP kernel (seme._C), SeMe's Select / Compute / Erase included (the
+SCE kernel, which also counts what SeMe reports). CUDA tensors go to whichever GPU kernel was
 faster for the method in `python -m bench.kernels --device cuda` (bench/RESULTS.md, H100): the CUDA
 C++ one (seme._C_cuda, up to 8 non-base models) where a selection pass dominates, the Triton one
-for the single-pass methods. All draw the same masks as the reference, so the backend changes
-speed, not results (fp32 sums apart).
+for the single-pass methods; SeMe's fusion stays on the plain-torch reference there, since the GPU
+kernels do not count its statistics. All draw the same masks as the reference, so the backend
+changes speed, not results (fp32 sums apart).
 """
 from __future__ import annotations
 
@@ -72,7 +74,17 @@ def _fused(method: str, device: torch.device):
     if device.type == "cpu":
         from seme import fused_merge
 
-        if method not in fused_merge.METHODS or not fused_merge.available():
+        if not fused_merge.available():
+            return None
+        if method == "seme":  # the SCE kernel, with SeMe's statistics
+
+            def cpu_seme(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged:
+                tensor, stats, inputs_finite = fused_merge.seme_fuse(inputs, params)
+                # the output is checked once the pipeline has recorded (and maybe stabilised) it
+                return Merged(tensor, stats=stats, inputs_finite=inputs_finite)
+
+            return cpu_seme
+        if method not in fused_merge.METHODS:
             return None
 
         def cpu(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged:

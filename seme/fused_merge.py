@@ -87,6 +87,29 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype=None, num_thre
     return (out, *finite) if checks else out
 
 
+def seme_fuse(inputs: Inputs, params: dict):
+    """SeMe's Select / Compute / Erase (METHOD §5) on the SCE kernel, with the statistics SeMe reports
+    (as `seme.methods.seme.seme_fuse` gives them): (float32 tensor, statistics, inputs finite).
+
+    Inputs as for `merge`: the pivot as base, the aligned sources as others, on the CPU."""
+    import torch
+
+    from seme import _C
+
+    base, others = inputs.base, inputs.others
+    tensors = kernel_inputs(base, others, "cpu")
+    n = base.numel()
+    out = torch.empty(base.shape, dtype=torch.float32)
+    if n == 0:
+        return out, {"selected_fraction": 0.0, "sign_conflict_rate": 0.0, "eta": [round(1 / len(others), 6)] * len(others)}, True
+    inputs_finite, _, eta, selected, conflicts = _C.sce_merge_stats(
+        base=tensors[0].data_ptr(), others=[t.data_ptr() for t in tensors[1:]], out=out.data_ptr(), n=n,
+        in_dtype=kernel_dtype(tensors[0].dtype), out_dtype=KERNEL_DTYPES["F32"], select_topk=float(params["select_topk"]))
+    stats = {"selected_fraction": selected / n, "sign_conflict_rate": conflicts / max(selected, 1),
+             "eta": [round(float(e), 6) for e in eta]}
+    return out, stats, inputs_finite
+
+
 def launch(method: str, params: dict, *, base: int, others: list[int], out: int, shape: tuple[int, ...],
            in_dtype: int, out_dtype: int, keys: list[int], num_threads: int = 0) -> tuple[bool, bool]:
     """The C++ kernel on raw addresses (no torch needed): `base` and `others` hold `shape` elements

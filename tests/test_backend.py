@@ -51,3 +51,22 @@ def test_gpu_merges_equal_cpu_merges(llama_family, tmp_path, method, params):
     gpu, cpu = load_folder(tmp_path / "gpu"), load_folder(tmp_path / "cpu")
     for name, t in cpu.items():
         torch.testing.assert_close(gpu[name], t, rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not fused_merge.available(), reason="seme._C is not built")
+def test_seme_fuses_on_the_cpp_kernel_with_the_references_report(llama_family, tmp_path):
+    import json
+
+    assert implementation("seme", "auto", torch.device("cpu"))[1]
+    recipe = {"merge_method": "seme", "base_model": llama_family["base"], "parameters": {"select_topk": 0.5},
+              "models": [{"model": llama_family[f"expert{i}"]} for i in range(3)]}
+    seme.merge(recipe, str(tmp_path / "fused"), backend="auto", progress=False)
+    seme.merge(recipe, str(tmp_path / "reference"), backend="reference", progress=False)
+    fused, reference = load_folder(tmp_path / "fused"), load_folder(tmp_path / "reference")
+    for name, t in reference.items():
+        torch.testing.assert_close(fused[name], t, rtol=1e-6, atol=1e-6, msg=name)
+    reports = [json.loads((tmp_path / side / "seme_report.json").read_text())["tensors"] for side in ("fused", "reference")]
+    assert reports[0].keys() == reports[1].keys()
+    for name, stats in reports[1].items():
+        for key in ("selected_fraction", "sign_conflict_rate", "eta"):
+            assert reports[0][name][key] == pytest.approx(stats[key], abs=2e-6), (name, key)

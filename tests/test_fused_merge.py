@@ -277,3 +277,20 @@ def test_kernels_report_outputs_that_overflow_the_output_dtype(out_dtype, big, f
     params = bound("task_arithmetic", dict(weight=1.0), 1)
     out, _, output_finite = fused_merge.merge("task_arithmetic", inputs, params, out_dtype=out_dtype, checks=True)
     assert output_finite == bool(torch.isfinite(out).all()) == finite
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.3, 0.01, 0.0])
+@pytest.mark.parametrize("shape", [(7,), (33, 31), (2**19 + 5,)])
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_seme_fusion_reports_the_references_statistics(select_topk, shape, kind):
+    """SeMe's Select / Compute / Erase on the SCE kernel: the reference's tensor (fp32 sums apart)
+    and the same statistics: selected fraction, sign-conflict rate and η, as rounded in the report."""
+    from seme.methods.seme import seme_fuse
+
+    inputs = make_inputs(shape, 3, kind, seed=4)
+    params = registry.bind(registry.get("seme"), {"select_topk": select_topk}, 4, 0, "test")
+    ref, ref_stats = seme_fuse(inputs, params)
+    out, stats, inputs_finite = fused_merge.seme_fuse(inputs, params)
+    assert inputs_finite and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6 * max(1.0, float(ref.abs().max())))
+    assert stats == ref_stats

@@ -945,7 +945,7 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
 
 // ------------------------------------------------------------ SCE
 
-Finite sce_merge(const Tensors& t, double tau) {
+Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
   check(t);
   const int K = int(t.others.size());
   Ctx ctx(t, kChunk, kBlock);
@@ -1000,6 +1000,7 @@ Finite sce_merge(const Tensors& t, double tau) {
   int64_t rest = 0;                            // the cut's rank inside its level-1 bin (1-based)
   std::vector<std::vector<uint64_t>> in_bin;   // per chunk: key << 32 | index of that bin's elements
   std::vector<double> above_bin(ctx.nchunks * size_t(K), 0.0);  // [chunk][model]: Σ δ² above the bin
+  int64_t n_selected = none ? 0 : t.n;
   // Large tensors: the cut from one pass bracketed by a strided sample of the variances (as in
   // bracketed(), the estimated rank also allowing for the sampled share of zero variances). The
   // pass counts the zeros, which give the exact rank, and fills what level 2 fills below, the
@@ -1063,6 +1064,7 @@ Finite sce_merge(const Tensors& t, double tau) {
     if (overflow || r < under || r > under + collected) return false;
     count_zeros = false;
     none = n_keep == 0;
+    n_selected = n_keep;
     in_bin = std::move(inside);
     above_bin = std::move(above);
     rest = r - under;
@@ -1087,6 +1089,7 @@ Finite sce_merge(const Tensors& t, double tau) {
     for (int64_t z : zeros) nnz -= z;
     const int64_t n_keep = int64_t(double(nnz) * tau);
     none = n_keep == 0;
+    n_selected = n_keep;
     const auto h = h1.total(0);
     cut = cut_level1(h, t.n - n_keep, t.n);
     rest = cut.room;
@@ -1198,6 +1201,7 @@ Finite sce_merge(const Tensors& t, double tau) {
       }
     }
   }
+  std::vector<int64_t> conflicts(ctx.nchunks, 0);  // per chunk, for `stats`
   if (!none) {
     double total = 0;
     for (double& e : energy) total += (e /= double(t.n));
@@ -1227,6 +1231,18 @@ Finite sce_merge(const Tensors& t, double tau) {
         const float* __restrict d = ctx.delta(s, k);
         for (int64_t j = 0; j < len; ++j) sum[j] += d[j];
       }
+      if (stats && !none) {  // selected elements with a live δ_k of the losing sign (+ wins at sum 0)
+        float* __restrict lost = s.div.data();
+        std::fill(lost, lost + len, 0.0f);
+        for (int k = 0; k < K; ++k) {
+          const float* __restrict d = ctx.delta(s, k);
+          for (int64_t j = 0; j < len; ++j) lost[j] = (sum[j] >= 0.0f ? d[j] < 0.0f : d[j] > 0.0f) ? 1.0f : lost[j];
+        }
+        const float* keep = s.u.data();
+        int64_t n = 0;
+        for (int64_t j = 0; j < len; ++j) n += lost[j] != 0.0f && (!select || keep[j] != 0.0f);
+        conflicts[c] += n;
+      }
       // Σ_k η_k δ_k / Σ_k η_k over the entries whose sign is the elected one.
       float* __restrict num = s.u.data();
       float* __restrict den = s.div.data();
@@ -1238,6 +1254,12 @@ Finite sce_merge(const Tensors& t, double tau) {
       ctx.store(s, sum, off, len);
     });
   });
+  if (stats) {
+    stats->eta = eta;
+    stats->selected = n_selected;
+    stats->conflicts = 0;
+    for (int64_t n : conflicts) stats->conflicts += n;
+  }
   return ctx.finite();
 }
 
@@ -1283,7 +1305,7 @@ Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool nor
 #ifdef SEME_AVX2_BUILD
 namespace avx2 {
 Finite family_merge(const Tensors& t, const FamilyParams& p);
-Finite sce_merge(const Tensors& t, double tau);
+Finite sce_merge(const Tensors& t, double tau, SceStats* stats);
 Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize);
 }  // namespace avx2
 
@@ -1294,8 +1316,8 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
   return use_avx2() ? avx2::family_merge(t, p) : baseline::family_merge(t, p);
 }
 
-Finite sce_merge(const Tensors& t, double tau) {
-  return use_avx2() ? avx2::sce_merge(t, tau) : baseline::sce_merge(t, tau);
+Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
+  return use_avx2() ? avx2::sce_merge(t, tau, stats) : baseline::sce_merge(t, tau, stats);
 }
 
 Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize) {
@@ -1305,7 +1327,7 @@ Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool nor
 const char* active_isa() { return use_avx2() ? "avx2" : "baseline"; }
 #else
 Finite family_merge(const Tensors& t, const FamilyParams& p) { return baseline::family_merge(t, p); }
-Finite sce_merge(const Tensors& t, double tau) { return baseline::sce_merge(t, tau); }
+Finite sce_merge(const Tensors& t, double tau, SceStats* stats) { return baseline::sce_merge(t, tau, stats); }
 Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize) {
   return baseline::linear_merge(t, weight, normalize);
 }

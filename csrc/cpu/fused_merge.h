@@ -57,8 +57,16 @@ struct Finite {
 
 Finite family_merge(const Tensors& t, const FamilyParams& p);
 
-// SCE with select_topk = tau.
-Finite sce_merge(const Tensors& t, double tau);
+// What SeMe reports of its Select / Compute / Erase merge (METHOD §7): the coefficients η_k, how
+// many elements were selected and, of those, how many hold a non-zero selected δ_k whose sign lost
+// the election (erased).
+struct SceStats {
+  std::vector<float> eta;
+  int64_t selected = 0, conflicts = 0;
+};
+
+// SCE with select_topk = tau; fills `stats` unless it is null.
+Finite sce_merge(const Tensors& t, double tau, SceStats* stats);
 
 // Linear: Σ_k w_k x_k over base (the first model) and others, divided by Σ w_k when normalize.
 // Finite.inputs is exact here: the inputs themselves are checked.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-
 from seme.methods.inputs import Inputs, compute_dtype
 from seme.methods.registry import Method, Param, register
 from seme.methods.task_vector import sce_fuse, sce_mean
