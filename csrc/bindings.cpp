@@ -69,29 +69,21 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "sce_merge",
       [](uintptr_t base, const std::vector<uintptr_t>& others, uintptr_t out, int64_t n, int in_dtype, int out_dtype,
-         double select_topk, int num_threads) {
-        const auto t = tensors(base, others, out, n, in_dtype, out_dtype, num_threads);
-        py::gil_scoped_release release;
-        return finite(seme::sce_merge(t, select_topk, nullptr));
-      },
-      "SCE merge into `out`; (inputs finite, output finite).", py::arg("base"), py::arg("others"), py::arg("out"), py::arg("n"),
-      py::arg("in_dtype"), py::arg("out_dtype"), py::arg("select_topk"), py::arg("num_threads") = 0);
-  m.def(
-      "sce_merge_stats",
-      [](uintptr_t base, const std::vector<uintptr_t>& others, uintptr_t out, int64_t n, int in_dtype, int out_dtype,
-         double select_topk, int num_threads) {
+         double select_topk, bool with_stats, int num_threads) {
         const auto t = tensors(base, others, out, n, in_dtype, out_dtype, num_threads);
         seme::SceStats stats;
         seme::Finite f;
         {
           py::gil_scoped_release release;
-          f = seme::sce_merge(t, select_topk, &stats);
+          f = seme::sce_merge(t, select_topk, with_stats ? &stats : nullptr);
         }
-        return py::make_tuple(f.inputs, f.output, stats.eta, stats.selected, stats.conflicts);
+        if (!with_stats) return py::tuple(py::make_tuple(f.inputs, f.output));
+        return py::tuple(py::make_tuple(f.inputs, f.output, stats.eta, stats.selected, stats.conflicts));
       },
-      "SCE merge into `out` with SeMe's statistics: (inputs finite, output finite, eta, selected, conflicts).",
+      "SCE merge into `out`: (inputs finite, output finite), and with_stats SeMe's statistics after them "
+      "(eta, selected, conflicts).",
       py::arg("base"), py::arg("others"), py::arg("out"), py::arg("n"), py::arg("in_dtype"), py::arg("out_dtype"),
-      py::arg("select_topk"), py::arg("num_threads") = 0);
+      py::arg("select_topk"), py::arg("with_stats") = false, py::arg("num_threads") = 0);
 
   m.def(
       "linear_merge",

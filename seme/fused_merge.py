@@ -102,9 +102,10 @@ def seme_fuse(inputs: Inputs, params: dict):
     out = torch.empty(base.shape, dtype=torch.float32)
     if n == 0:
         return out, {"selected_fraction": 0.0, "sign_conflict_rate": 0.0, "eta": [round(1 / len(others), 6)] * len(others)}, True
-    inputs_finite, _, eta, selected, conflicts = _C.sce_merge_stats(
+    inputs_finite, _, eta, selected, conflicts = _C.sce_merge(
         base=tensors[0].data_ptr(), others=[t.data_ptr() for t in tensors[1:]], out=out.data_ptr(), n=n,
-        in_dtype=kernel_dtype(tensors[0].dtype), out_dtype=KERNEL_DTYPES["F32"], select_topk=float(params["select_topk"]))
+        in_dtype=kernel_dtype(tensors[0].dtype), out_dtype=KERNEL_DTYPES["F32"], select_topk=float(params["select_topk"]),
+        with_stats=True)
     stats = {"selected_fraction": selected / n, "sign_conflict_rate": conflicts / max(selected, 1),
              "eta": [round(float(e), 6) for e in eta]}
     return out, stats, inputs_finite

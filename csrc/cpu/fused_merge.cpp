@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <tuple>
 #include <utility>
 
 // This file is compiled twice: as is, for the baseline ISA, and (GCC on x86) from
@@ -620,6 +621,37 @@ std::vector<int64_t> equal_starts(Ctx& ctx, const std::vector<std::pair<int, Cut
 constexpr int64_t kSample = 1 << 14;
 constexpr int64_t kMinBracketed = 1 << 18;  // below this, the histogram passes cost as little
 
+// The keys of the sorted sample around the fraction p of it, `spread` sample positions either side.
+std::pair<uint32_t, uint32_t> sample_bracket(std::vector<uint32_t>& sample, double p, double spread) {
+  std::sort(sample.begin(), sample.end());
+  const double at = p * double(sample.size());
+  const int64_t a = int64_t(std::floor(at - spread)), b = int64_t(std::ceil(at + spread));
+  return {a < 0 ? 0u : sample[a], b >= int64_t(sample.size()) ? 0x7fffffffu : sample[b]};
+}
+
+// The elements a bracketed pass may collect before it gives up; shared by the threads.
+struct Collection {
+  const int64_t cap;
+  int64_t used = 0;
+  bool full = false;
+
+  bool stopped() {
+    bool f;
+#pragma omp atomic read
+    f = full;
+    return f;
+  }
+  void add(int64_t m) {
+    int64_t total;
+#pragma omp atomic capture
+    total = used += m;
+    if (total > cap) {
+#pragma omp atomic write
+      full = true;
+    }
+  }
+};
+
 template <class Key, class Prep, class Vals>
 bool bracketed(Ctx& ctx, const std::vector<std::pair<int, Cut*>>& cuts, const std::vector<int64_t>& ranks,
                Key& sample_key, Prep& prep, Vals& vals, std::vector<int64_t>& eq_counts) {
@@ -630,25 +662,16 @@ bool bracketed(Ctx& ctx, const std::vector<std::pair<int, Cut*>>& cuts, const st
   std::vector<uint32_t> sample(kSample);
   for (size_t q = 0; q < Q; ++q) {
     for (int64_t j = 0; j < kSample; ++j) sample[j] = sample_key(cuts[q].first, j * n / kSample);
-    std::sort(sample.begin(), sample.end());
-    const double p = double(ranks[q]) / double(n), at = p * kSample;
-    const double margin = 4.0 * std::sqrt(kSample * p * (1 - p)) + 8.0;
-    const int64_t a = int64_t(std::floor(at - margin)), b = int64_t(std::ceil(at + margin));
-    lo[q] = a < 0 ? 0u : sample[a];
-    hi[q] = b >= kSample ? 0x7fffffffu : sample[b];
+    const double p = double(ranks[q]) / double(n);
+    std::tie(lo[q], hi[q]) = sample_bracket(sample, p, 4.0 * std::sqrt(kSample * p * (1 - p)) + 8.0);
   }
-  const int64_t cap = std::max<int64_t>(kChunk, n / 8);  // per cut; ~0.03 n expected
+  Collection collection{std::max<int64_t>(kChunk, n / 8) * int64_t(Q)};  // ~0.03 n per cut expected
   std::vector<int64_t> below(ctx.nchunks * Q, 0), at_lo(ctx.nchunks * Q, 0), at_hi(ctx.nchunks * Q, 0);
   std::vector<std::vector<uint32_t>> inside(ctx.nchunks * Q);
-  std::vector<int64_t> collected(Q, 0);
-  bool overflow = false;
   ctx.chunks([&](int th, int64_t c, int64_t start, int64_t end) {
     Scratch& s = ctx.scratch[th];
     ctx.blocks(start, end, [&](int64_t off, int64_t len) {
-      bool stop;
-#pragma omp atomic read
-      stop = overflow;
-      if (stop) return;
+      if (collection.stopped()) return;
       prep(s, th, off, len);
       for (size_t q = 0; q < Q; ++q) {
         const uint32_t* out = s.ties.data();
@@ -656,18 +679,11 @@ bool bracketed(Ctx& ctx, const std::vector<std::pair<int, Cut*>>& cuts, const st
                                              hi[q] == lo[q] ? kNoKey : hi[q], s.ties.data());
         below[c * Q + q] += n.below, at_lo[c * Q + q] += n.at_lo, at_hi[c * Q + q] += n.at_hi;
         inside[c * Q + q].insert(inside[c * Q + q].end(), out, out + n.inside);
-        const int64_t m = n.inside;
-        int64_t total;
-#pragma omp atomic capture
-        total = collected[q] += m;
-        if (total > cap) {
-#pragma omp atomic write
-          overflow = true;
-        }
+        collection.add(n.inside);
       }
     });
   });
-  if (overflow) return false;
+  if (collection.full) return false;
   std::vector<Cut> found(Q);
   for (size_t q = 0; q < Q; ++q) {
     int64_t b = 0, el = 0, eh = 0, m = 0;
@@ -1021,24 +1037,17 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
       sample[j] = key_of(float(m2 / K));
       zero_samples += sample[j] == 0;
     }
-    std::sort(sample.begin(), sample.end());
-    const double pz = double(zero_samples) / kSample, p = 1.0 - (1.0 - pz) * tau, at = p * kSample;
-    const double margin = 4.0 * (std::sqrt(kSample * p * (1 - p)) + tau * std::sqrt(kSample * pz * (1 - pz))) + 8.0;
-    const int64_t a = int64_t(std::floor(at - margin)), b = int64_t(std::ceil(at + margin));
-    const uint32_t lo = a < 0 ? 0u : sample[a], hi = b >= kSample ? 0x7fffffffu : sample[b];
-    const int64_t cap = std::max<int64_t>(kChunk, t.n / 8);
+    const double pz = double(zero_samples) / kSample, p = 1.0 - (1.0 - pz) * tau;
+    const auto [lo, hi] = sample_bracket(
+        sample, p, 4.0 * (std::sqrt(kSample * p * (1 - p)) + tau * std::sqrt(kSample * pz * (1 - pz))) + 8.0);
+    Collection collection{std::max<int64_t>(kChunk, t.n / 8)};
     std::vector<int64_t> below(ctx.nchunks, 0);
     std::vector<std::vector<uint64_t>> inside(ctx.nchunks);
     std::vector<double> above(ctx.nchunks * size_t(K), 0.0);
-    int64_t collected = 0;
-    bool overflow = false;
     ctx.chunks([&](int th, int64_t c, int64_t start, int64_t end) {
       Scratch& s = ctx.scratch[th];
       ctx.blocks(start, end, [&](int64_t off, int64_t len) {
-        bool stop;
-#pragma omp atomic read
-        stop = overflow;
-        if (stop) return;
+        if (collection.stopped()) return;
         prep(s, th, off, len);
         const float* __restrict v = s.var.data();
         float* __restrict mask = s.acc.data();
@@ -1047,13 +1056,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
         uint32_t* at = s.ties.data();
         const int64_t m = positions_between(v, len, lo, hi, at, below[c]);
         for (int64_t e = 0; e < m; ++e) inside[c].push_back(uint64_t(key_of(v[at[e]])) << 32 | uint64_t(off + at[e]));
-        int64_t total;
-#pragma omp atomic capture
-        total = collected += m;
-        if (total > cap) {
-#pragma omp atomic write
-          overflow = true;
-        }
+        collection.add(m);
       });
     });
     int64_t nnz = t.n, under = 0;
@@ -1061,7 +1064,8 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
     std::fill(zeros.begin(), zeros.end(), 0);  // counted again by level 1 if it must run
     for (int64_t x : below) under += x;
     const int64_t n_keep = int64_t(double(nnz) * tau), r = t.n - n_keep;  // r: the dropped
-    if (overflow || r < under || r > under + collected) return false;
+    const int64_t collected = collection.used;
+    if (collection.full || r < under || r > under + collected) return false;
     count_zeros = false;
     none = n_keep == 0;
     n_selected = n_keep;
