@@ -840,12 +840,15 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
     }
   }
 
-  // DARE with rescale: the sums pass keeps its draws as one bit per element and the fused pass
-  // replays them instead of drawing again (Philox is most of a DARE merge's arithmetic). Chunks
-  // start at multiples of 64 elements, so no two threads share a word.
-  std::vector<std::vector<uint64_t>> kept_bits(p.sparsify == kRandom && p.rescale ? K : 0);
+  // DARE and DELLA with rescale: the sums pass keeps its draws as one bit per element and the fused
+  // pass replays them instead of drawing (and, for DELLA, ranking each row) again: that is most of
+  // their arithmetic. DARE's blocks start at multiples of 64 elements and DELLA's rows get whole
+  // words, so no two threads share a word.
+  const int64_t row_words = della ? (p.cols + 63) / 64 : 0;
+  auto word_at = [&](int64_t off, int64_t j) { return della ? off / p.cols * row_words + (j >> 6) : (off + j) >> 6; };
+  std::vector<std::vector<uint64_t>> kept_bits((p.sparsify == kRandom || della) && p.rescale ? K : 0);
   for (int k : active)
-    if (!kept_bits.empty()) kept_bits[k].assign(size_t((t.n + 63) / 64), 0);
+    if (!kept_bits.empty()) kept_bits[k].assign(size_t(della ? t.n / p.cols * row_words : (t.n + 63) / 64), 0);
   bool replay = false;
 
   // Zeroes the dropped elements of model k's δ in the staged block (a DELLA block is one row).
@@ -856,9 +859,9 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
       return;
     }
     uint64_t* bits = kept_bits.empty() ? nullptr : kept_bits[k].data();
-    if (bits && replay) {  // off is a multiple of 64: blocks split chunks evenly
+    if (bits && replay) {
       for (int64_t j = 0; j < len; j += 64) {
-        const uint64_t word = bits[(off + j) >> 6];
+        const uint64_t word = bits[word_at(off, j)];
         const int64_t n = std::min<int64_t>(64, len - j);
         for (int64_t b = 0; b < n; ++b) d[j + b] = (word >> b) & 1 ? d[j + b] : 0.0f;
       }
@@ -866,23 +869,25 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
     }
     uniforms(p.key[k], off, len, s.u.data());
     const float* u = s.u.data();
+    float* keep = s.div.data();  // 1 where the element is kept
     if (p.sparsify == kRandom) {
       const float p0 = p.p0[k];
-      for (int64_t j = 0; j < len; ++j) d[j] = u[j] < p0 ? d[j] : 0.0f;
-      if (bits)
-        for (int64_t j = 0; j < len; j += 64) {
-          uint64_t word = 0;
-          const int64_t n = std::min<int64_t>(64, len - j);
-          for (int64_t b = 0; b < n; ++b) word |= uint64_t(u[j + b] < p0) << b;
-          bits[(off + j) >> 6] = word;
-        }
+      for (int64_t j = 0; j < len; ++j) keep[j] = u[j] < p0 ? 1.0f : 0.0f;
     } else {
       row_ranks(d, len, s);
       // float ops in the reference's order: p0 + ((rank / span) * 2) * epsilon
       const float span = float(std::max<int64_t>(len - 1, 1)), p0 = p.p0[k], eps = p.epsilon[k];
       const float* rank = s.rank.data();
-      for (int64_t j = 0; j < len; ++j) d[j] = u[j] < p0 + ((rank[j] / span) * 2.0f) * eps ? d[j] : 0.0f;
+      for (int64_t j = 0; j < len; ++j) keep[j] = u[j] < p0 + ((rank[j] / span) * 2.0f) * eps ? 1.0f : 0.0f;
     }
+    zero_unless(d, keep, len);
+    if (bits)
+      for (int64_t j = 0; j < len; j += 64) {
+        uint64_t word = 0;
+        const int64_t n = std::min<int64_t>(64, len - j);
+        for (int64_t b = 0; b < n; ++b) word |= uint64_t(keep[j + b] != 0.0f) << b;
+        bits[word_at(off, j)] = word;
+      }
   };
 
   // L1 rescale: kept δ · (Σ|δ| / Σ|kept|), from per-chunk sums added in chunk order.
