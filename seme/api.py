@@ -75,7 +75,7 @@ def merge(config, out_dir: str, **options) -> dict:
     seconds = max(stats["seconds"], 1e-9)
     print(f"seme: merged {stats['tensors']} tensors with {recipe.merge_method} "
           f"({stats['input_bytes'] / 1e9:.3f} GB in, {stats['input_bytes'] / 1e9 / seconds:.2f} GB/s) "
-          f"in {stats['seconds']:.1f} s -> {out_dir}", file=sys.stderr)
+          f"in {stats['seconds']:.2f} s -> {out_dir}", file=sys.stderr)
     return stats
 
 
