@@ -1025,8 +1025,12 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
   // Large tensors: the cut from one pass bracketed by a strided sample of the variances (as in
   // bracketed(), the estimated rank also allowing for the sampled share of zero variances). The
   // pass counts the zeros, which give the exact rank, and fills what level 2 fills below, the
-  // bracket [lo, hi] playing the level-1 bin's part. False where the bracket misses or holds too
-  // many elements: nothing is kept of it, and the histogram passes run.
+  // bracket [lo, hi] playing the level-1 bin's part. It also keeps one bit per element, set above
+  // the bracket and then for the kept elements inside it, so that the fused pass reads the
+  // selection instead of computing every variance again (blocks start at multiples of 64). False
+  // where the bracket misses or holds too many elements: nothing is kept of it, and the histogram
+  // passes run.
+  std::vector<uint64_t> selected_bits;
   auto select_bracketed = [&]() -> bool {
     if (t.n < kMinBracketed) return false;
     std::vector<uint32_t> sample(kSample);
@@ -1049,6 +1053,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
     std::vector<int64_t> below(ctx.nchunks, 0);
     std::vector<std::vector<uint64_t>> inside(ctx.nchunks);
     std::vector<double> above(ctx.nchunks * size_t(K), 0.0);
+    std::vector<uint64_t> bits(size_t((t.n + 63) / 64), 0);
     ctx.chunks([&](int th, int64_t c, int64_t start, int64_t end) {
       Scratch& s = ctx.scratch[th];
       ctx.blocks(start, end, [&](int64_t off, int64_t len) {
@@ -1058,6 +1063,12 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
         float* __restrict mask = s.acc.data();
         for (int64_t j = 0; j < len; ++j) mask[j] = key_of(v[j]) > hi ? 1.0f : 0.0f;
         for (int k = 0; k < K; ++k) above[c * K + k] += sum_squares(ctx.delta(s, k), mask, len);
+        for (int64_t j = 0; j < len; j += 64) {
+          uint64_t word = 0;
+          const int64_t n = std::min<int64_t>(64, len - j);
+          for (int64_t b = 0; b < n; ++b) word |= uint64_t(mask[j + b] != 0.0f) << b;
+          bits[(off + j) >> 6] = word;
+        }
         uint32_t* at = s.ties.data();
         const int64_t m = positions_between(v, len, lo, hi, at, below[c]);
         for (int64_t e = 0; e < m; ++e) inside[c].push_back(uint64_t(key_of(v[at[e]])) << 32 | uint64_t(off + at[e]));
@@ -1076,6 +1087,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
     n_selected = n_keep;
     in_bin = std::move(inside);
     above_bin = std::move(above);
+    selected_bits = std::move(bits);
     rest = r - under;
     if (rest == collected) {  // every bracketed element is dropped
       cut.v = hi + 1;
@@ -1087,7 +1099,10 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
     std::nth_element(order.begin(), order.begin() + rest, order.end());
     const uint64_t first_kept = order[size_t(rest)];
     cut.v = uint32_t(first_kept >> 32);
-    for (uint64_t e : order) cut.room += uint32_t(e >> 32) == cut.v && e < first_kept;
+    for (uint64_t e : order) {
+      cut.room += uint32_t(e >> 32) == cut.v && e < first_kept;
+      if (e >= first_kept) selected_bits[uint32_t(e) >> 6] |= uint64_t(1) << (uint32_t(e) & 63);
+    }
     cut.split = cut.room > 0;
     return true;
   };
@@ -1229,6 +1244,12 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
         float* keep = s.u.data();
         if (none) {
           std::fill(keep, keep + len, 0.0f);
+        } else if (!selected_bits.empty()) {
+          for (int64_t j = 0; j < len; j += 64) {
+            const uint64_t word = selected_bits[(off + j) >> 6];
+            const int64_t n = std::min<int64_t>(64, len - j);
+            for (int64_t b = 0; b < n; ++b) keep[j + b] = (word >> b) & 1 ? 1.0f : 0.0f;
+          }
         } else {
           variance(s, len);
           keep_mask(s, len, eq, keep);
