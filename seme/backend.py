@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from seme import fused_merge
 from seme.errors import SemeError
 from seme.methods import registry
 from seme.methods.inputs import Inputs
@@ -62,7 +63,8 @@ def implementation(method: str, backend: str, device: torch.device) -> tuple[Cal
         return reference, False
 
     def fused(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged:
-        if any(t.dtype == torch.float64 for t in inputs.tensors):  # the kernels compute in fp32
+        too_large = inputs.tensors[0].numel() >= fused_merge.MAX_ELEMENTS
+        if too_large or any(t.dtype == torch.float64 for t in inputs.tensors):  # the kernels compute in fp32
             return reference(inputs, params, out_dtype)
         merged = kernel(inputs, params, out_dtype)
         return merged if merged is not None else reference(inputs, params, out_dtype)
@@ -72,8 +74,6 @@ def implementation(method: str, backend: str, device: torch.device) -> tuple[Cal
 
 def _fused(method: str, device: torch.device):
     if device.type == "cpu":
-        from seme import fused_merge
-
         if not fused_merge.available():
             return None
         if method == "seme":  # the SCE kernel, with SeMe's statistics

@@ -77,7 +77,8 @@ class TorchEngine:
 class NativeEngine:
     """CPU merges with the C++ kernels, from the mapped inputs straight into the mapped output. A
     tensor the kernels cannot take as it is (inputs of mixed dtypes, a `dtype` that would round
-    the inputs first, a single model) goes to a TorchEngine made on first need."""
+    the inputs first, a single model, 2^32 elements or more) goes to a TorchEngine made on first
+    need."""
 
     semantic = None
 
@@ -96,8 +97,11 @@ class NativeEngine:
         base = 0 if self.plan.recipe.merge_method == "linear" else task.base_index
         others = [i for i in range(len(task.inputs)) if i != base]
         compute = TORCH_NAMES.get(task.compute_dtype, code)
+        n = 1
+        for d in task.shape:
+            n *= d
         if codes or code not in KERNEL_DTYPES or task.dtype not in KERNEL_DTYPES or compute not in (code, "F32") \
-                or base is None or not others:
+                or base is None or not others or n >= fused_merge.MAX_ELEMENTS:
             if self._torch is None:
                 self._torch = TorchEngine(self.plan, self.device, "auto")
             return self._torch.merge(task, out)

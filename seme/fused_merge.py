@@ -12,6 +12,7 @@ from __future__ import annotations
 from seme.methods import rng
 from seme.methods.inputs import Inputs, all_finite
 
+MAX_ELEMENTS = 2 ** 32  # the kernels index elements in 32 bits: larger tensors take the reference
 # safetensors dtype code -> the kernels' dtype code (csrc/cpu/fused_merge.h, csrc/cuda/fused_merge.h).
 KERNEL_DTYPES = {"F32": 0, "BF16": 1, "F16": 2}
 _TORCH_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}

@@ -105,3 +105,18 @@ def test_make_engine_picks_native_only_where_it_serves_the_whole_run(bf16_family
     slerp = {"merge_method": "slerp", "base_model": bf16_family["base"], "parameters": {"t": 0.3},
              "models": [{"model": bf16_family["base"]}, {"model": bf16_family["expert0"]}]}
     assert isinstance(engine.make_engine(make_plan(load(slerp)), "cpu", "auto", 1), engine.TorchEngine)
+
+
+def test_tensors_beyond_the_kernels_index_range_take_the_reference(bf16_family, tmp_path, monkeypatch):
+    # The kernels index elements in 32 bits; the limit is lowered here so that tiny tensors cross it.
+    from conftest import load_folder
+
+    recipe = _recipe("ties", bf16_family, out_dtype="float32")
+    seme.merge(recipe, str(tmp_path / "reference"), backend="reference")
+    monkeypatch.setattr(fused_merge, "MAX_ELEMENTS", 500)
+    _, used = _merge_with(monkeypatch, engine.NativeEngine, recipe, tmp_path / "capped")
+    assert used._torch is not None
+    merged, reference = load_folder(tmp_path / "capped"), load_folder(tmp_path / "reference")
+    assert merged.keys() == reference.keys()
+    for name, t in reference.items():
+        torch.testing.assert_close(merged[name], t, rtol=1e-6, atol=1e-6, msg=name)
