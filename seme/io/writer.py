@@ -180,6 +180,9 @@ def _allocate(fd: int, size: int) -> bool:
     """Reserve the shard's blocks up front: a full disk fails here rather than mid-merge, and writes
     into allocated blocks run about twice as fast as into a sparse file. Where the filesystem cannot
     allocate ahead, the file is sized (sparse) and False returned."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows
+        os.ftruncate(fd, size)
+        return False
     try:
         os.posix_fallocate(fd, 0, size)
         return True
