@@ -1031,6 +1031,8 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
   // where the bracket misses or holds too many elements: nothing is kept of it, and the histogram
   // passes run.
   std::vector<uint64_t> selected_bits;
+  uint64_t first_kept = 0;  // of the bin's elements in (key, index) order; found by the bracketed pass
+  bool first_kept_known = false;
   auto select_bracketed = [&]() -> bool {
     if (t.n < kMinBracketed) return false;
     std::vector<uint32_t> sample(kSample);
@@ -1097,7 +1099,8 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
     order.reserve(size_t(collected));
     for (const auto& chunk : in_bin) order.insert(order.end(), chunk.begin(), chunk.end());
     std::nth_element(order.begin(), order.begin() + rest, order.end());
-    const uint64_t first_kept = order[size_t(rest)];
+    first_kept = order[size_t(rest)];
+    first_kept_known = true;
     cut.v = uint32_t(first_kept >> 32);
     for (uint64_t e : order) {
       cut.room += uint32_t(e >> 32) == cut.v && e < first_kept;
@@ -1149,27 +1152,37 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
   std::vector<int64_t> eq_start(ctx.nchunks, 0);
   std::vector<double> energy(K, 0.0);
   if (!none && !in_bin.empty()) {
-    // Kept in the bin: its elements from position `rest` on in (key, index) order, summed in index
-    // order; the per-chunk counts of elements equal to the cut come from the same list.
-    std::vector<uint64_t> bin_elements, order;
+    // Kept in the bin: its elements from `first_kept` on in (key, index) order, summed per chunk in
+    // index order, then over chunks in order; the per-chunk counts of elements equal to the cut come
+    // from the same lists.
     std::vector<int64_t> eq_count(ctx.nchunks, 0);
+    size_t in_total = 0;
     for (int64_t c = 0; c < ctx.nchunks; ++c) {
-      bin_elements.insert(bin_elements.end(), in_bin[c].begin(), in_bin[c].end());
+      in_total += in_bin[c].size();
       for (uint64_t e : in_bin[c]) eq_count[c] += uint32_t(e >> 32) == cut.v;
       for (int k = 0; k < K; ++k) energy[k] += above_bin[c * K + k];
     }
     if (cut.split) eq_start = chunk_prefix(eq_count, ctx.nchunks, 1);
-    if (size_t(rest) < bin_elements.size()) {
-      order = bin_elements;
-      std::nth_element(order.begin(), order.begin() + rest, order.end());
-      const uint64_t first_kept = order[rest];
-      for (uint64_t e : bin_elements) {
-        if (e < first_kept) continue;
-        for (int k = 0; k < K; ++k) {
-          const double x = ctx.delta_at(k, int64_t(uint32_t(e)));
-          energy[k] += x * x;
-        }
+    if (size_t(rest) < in_total) {
+      if (!first_kept_known) {
+        std::vector<uint64_t> order;
+        order.reserve(in_total);
+        for (const auto& chunk : in_bin) order.insert(order.end(), chunk.begin(), chunk.end());
+        std::nth_element(order.begin(), order.begin() + rest, order.end());
+        first_kept = order[size_t(rest)];
       }
+      std::vector<double> part(ctx.nchunks * size_t(K), 0.0);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(ctx.nt)
+      for (int64_t c = 0; c < ctx.nchunks; ++c)
+        for (uint64_t e : in_bin[c]) {
+          if (e < first_kept) continue;
+          for (int k = 0; k < K; ++k) {
+            const double x = ctx.delta_at(k, int64_t(uint32_t(e)));
+            part[c * K + k] += x * x;
+          }
+        }
+      for (int64_t c = 0; c < ctx.nchunks; ++c)
+        for (int k = 0; k < K; ++k) energy[k] += part[c * K + k];
     }
   } else if (!none) {
     // Per chunk; with a split cut the elements equal to it are summed apart and, once the chunk
