@@ -1,8 +1,13 @@
 """Linear (weighted average) merge, "model soups" (https://arxiv.org/abs/2203.05482)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from seme.methods.inputs import Inputs, compute_dtype
 from seme.methods.registry import INPUT, Method, Param, register
+
+if TYPE_CHECKING:  # torch is imported inside the functions: planning never loads it
+    import torch
 
 
 def linear(inputs: Inputs, p: dict) -> torch.Tensor:

@@ -2,8 +2,13 @@
 the fine-tunes by a ratio derived from the angle between their task vectors."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from seme.methods.inputs import Inputs, compute_dtype
 from seme.methods.registry import Method, Param, register
+
+if TYPE_CHECKING:  # torch is imported inside the functions: planning never loads it
+    import torch
 
 
 def model_stock(inputs: Inputs, p: dict) -> torch.Tensor:

@@ -1,8 +1,13 @@
 """Passthrough: copy one input (optionally scaled). The building block of frankenmerges via slices."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from seme.methods.inputs import Inputs
 from seme.methods.registry import INPUT, Method, Param, register
+
+if TYPE_CHECKING:  # torch is imported inside the functions: planning never loads it
+    import torch
 
 
 def passthrough(inputs: Inputs, p: dict) -> torch.Tensor:

@@ -9,6 +9,11 @@ counter `(i >> 2) & 0xffffffff, i >> 34, 0, 0` and output word `i & 3`; uniform 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported inside the functions: planning never loads it
+    import torch
+
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85

@@ -6,6 +6,11 @@ k" uses this one rule, and the fused kernels reproduce it exactly.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported inside the functions: planning never loads it
+    import torch
+
 
 def _ranks_below(x: torch.Tensor, r: int) -> torch.Tensor:
     """Mask of the elements of flat `x` whose rank is < r."""

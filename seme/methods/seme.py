@@ -3,11 +3,14 @@ interpolation, vocabulary maps: `seme.semantic.pipeline`) and then fused by Sele
 Erase (METHOD §5). This module is the per-tensor fusion step and the method's declaration."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from seme.methods.inputs import Inputs, compute_dtype
 from seme.methods.registry import Method, Param, register
 from seme.methods.task_vector import sce_fuse, sce_mean
+
+if TYPE_CHECKING:  # torch is imported inside the functions: planning never loads it
+    import torch
 
 PARAMS = (
     # 1.0, not METHOD.md's 0.1: on the zoo (docs/results.md) 0.1 kept 4-21% of the experts'

@@ -1,11 +1,16 @@
 """Spherical interpolation: SLERP (base + one model) and NuSLERP (two models, optionally around a base)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 
 
 from seme.methods.inputs import Inputs, compute_dtype
 from seme.methods.registry import NON_BASE, Method, Param, register
+
+if TYPE_CHECKING:  # torch is imported inside the functions: planning never loads it
+    import torch
 
 _DOT_THRESHOLD = 0.9995
 _NORM_EPS = 1e-8

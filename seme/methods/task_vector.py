@@ -8,10 +8,15 @@ Per tensor, with deltas δ_k = θ_k − θ_base:
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from seme.methods import rng
 from seme.methods.inputs import Inputs, compute_dtype
 from seme.methods.registry import NON_BASE, Method, Param, register
 from seme.methods.selection import rank_interval_mask, rank_positions, top_k_mask
+
+if TYPE_CHECKING:  # torch is imported inside the functions: planning never loads it
+    import torch
 
 _RESCALE_EPS = 1e-7
 
