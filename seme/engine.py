@@ -10,16 +10,17 @@ native engine is the fused backend on CPU without torch around it).
 from __future__ import annotations
 
 import ctypes
+import math
 import warnings
 
+from seme import fused_merge
 from seme.fused_merge import KERNEL_DTYPES
 from seme.io.safetensors_file import TORCH_NAMES
+from seme.methods import rng
 
 
 def make_engine(plan, device: str, backend: str, world: int):
     """The engine for this merge: native where it can serve the whole run, else torch."""
-    from seme import fused_merge
-
     native = (device == "cpu" and backend in ("auto", "fused") and world == 1 and not plan.semantic
               and plan.recipe.merge_method in fused_merge.METHODS and fused_merge.available())
     return NativeEngine(plan, device) if native else TorchEngine(plan, device, backend)
@@ -88,20 +89,14 @@ class NativeEngine:
 
     def merge(self, task, out: memoryview) -> bool:
         """Merge `task` into `out`; whether the result is finite. NaN / Inf inputs are warned of."""
-        from seme import fused_merge
-        from seme.methods import rng
-
         models = self.plan.models
         codes = {models[m].tensors[name].dtype for m, name in task.inputs}
         code = codes.pop()
         base = 0 if self.plan.recipe.merge_method == "linear" else task.base_index
         others = [i for i in range(len(task.inputs)) if i != base]
         compute = TORCH_NAMES.get(task.compute_dtype, code)
-        n = 1
-        for d in task.shape:
-            n *= d
         if codes or code not in KERNEL_DTYPES or task.dtype not in KERNEL_DTYPES or compute not in (code, "F32") \
-                or base is None or not others or n >= fused_merge.MAX_ELEMENTS:
+                or base is None or not others or math.prod(task.shape) >= fused_merge.MAX_ELEMENTS:
             if self._torch is None:
                 self._torch = TorchEngine(self.plan, self.device, "auto")
             return self._torch.merge(task, out)

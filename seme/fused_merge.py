@@ -9,6 +9,8 @@ the element pass (csrc/cpu/fused_merge.h, `Finite`), so that the engine needs no
 """
 from __future__ import annotations
 
+import math
+
 from seme.methods import rng
 from seme.methods.inputs import Inputs, all_finite
 
@@ -119,9 +121,7 @@ def launch(method: str, params: dict, *, base: int, others: list[int], out: int,
     streams of the others (`stream_keys`). Returns (inputs finite, output finite)."""
     from seme import _C
 
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     common = dict(base=base, others=others, out=out, n=n, in_dtype=in_dtype, out_dtype=out_dtype,
                   num_threads=num_threads)
     if method == "sce":

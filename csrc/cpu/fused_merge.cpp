@@ -350,6 +350,25 @@ void zero_unless(float* d, const float* keep, int64_t len) {
   for (int64_t j = 0; j < len; ++j) d[j] = keep[j] != 0.0f ? d[j] : 0.0f;
 }
 
+// A block's 0/1 flags as bits: flag j in bit j & 63 of words[j >> 6] (passes that replay a decision
+// keep it this way, 1/32 of the flags' size).
+void pack_bits(const float* __restrict flags, int64_t len, uint64_t* __restrict words) {
+  for (int64_t j = 0; j < len; j += 64) {
+    uint64_t word = 0;
+    const int64_t n = std::min<int64_t>(64, len - j);
+    for (int64_t b = 0; b < n; ++b) word |= uint64_t(flags[j + b] != 0.0f) << b;
+    words[j >> 6] = word;
+  }
+}
+
+void unpack_bits(const uint64_t* __restrict words, int64_t len, float* __restrict flags) {
+  for (int64_t j = 0; j < len; j += 64) {
+    const uint64_t word = words[j >> 6];
+    const int64_t n = std::min<int64_t>(64, len - j);
+    for (int64_t b = 0; b < n; ++b) flags[j + b] = (word >> b) & 1 ? 1.0f : 0.0f;
+  }
+}
+
 // Exclusive scan over chunks of per-chunk counts laid out [chunk][cols].
 std::vector<int64_t> chunk_prefix(const std::vector<int64_t>& counts, int64_t nchunks, size_t cols) {
   std::vector<int64_t> start(counts.size(), 0);
@@ -845,7 +864,7 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
   // their arithmetic. DARE's blocks start at multiples of 64 elements and DELLA's rows get whole
   // words, so no two threads share a word.
   const int64_t row_words = della ? (p.cols + 63) / 64 : 0;
-  auto word_at = [&](int64_t off, int64_t j) { return della ? off / p.cols * row_words + (j >> 6) : (off + j) >> 6; };
+  auto first_word = [&](int64_t off) { return della ? off / p.cols * row_words : off >> 6; };  // of a block
   std::vector<std::vector<uint64_t>> kept_bits((p.sparsify == kRandom || della) && p.rescale ? K : 0);
   for (int k : active)
     if (!kept_bits.empty()) kept_bits[k].assign(size_t(della ? t.n / p.cols * row_words : (t.n + 63) / 64), 0);
@@ -858,18 +877,15 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
       keep_ranks(d, len, cuts[2 * k], cuts[2 * k + 1], eq[2 * k], eq[2 * k + 1], s.ties.data());
       return;
     }
-    uint64_t* bits = kept_bits.empty() ? nullptr : kept_bits[k].data();
+    uint64_t* bits = kept_bits.empty() ? nullptr : kept_bits[k].data() + first_word(off);
+    float* keep = s.div.data();  // 1 where the element is kept
     if (bits && replay) {
-      for (int64_t j = 0; j < len; j += 64) {
-        const uint64_t word = bits[word_at(off, j)];
-        const int64_t n = std::min<int64_t>(64, len - j);
-        for (int64_t b = 0; b < n; ++b) d[j + b] = (word >> b) & 1 ? d[j + b] : 0.0f;
-      }
+      unpack_bits(bits, len, keep);
+      zero_unless(d, keep, len);
       return;
     }
     uniforms(p.key[k], off, len, s.u.data());
     const float* u = s.u.data();
-    float* keep = s.div.data();  // 1 where the element is kept
     if (p.sparsify == kRandom) {
       const float p0 = p.p0[k];
       for (int64_t j = 0; j < len; ++j) keep[j] = u[j] < p0 ? 1.0f : 0.0f;
@@ -881,13 +897,7 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
       for (int64_t j = 0; j < len; ++j) keep[j] = u[j] < p0 + ((rank[j] / span) * 2.0f) * eps ? 1.0f : 0.0f;
     }
     zero_unless(d, keep, len);
-    if (bits)
-      for (int64_t j = 0; j < len; j += 64) {
-        uint64_t word = 0;
-        const int64_t n = std::min<int64_t>(64, len - j);
-        for (int64_t b = 0; b < n; ++b) word |= uint64_t(keep[j + b] != 0.0f) << b;
-        bits[word_at(off, j)] = word;
-      }
+    if (bits) pack_bits(keep, len, bits);
   };
 
   // L1 rescale: kept δ · (Σ|δ| / Σ|kept|), from per-chunk sums added in chunk order.
@@ -1065,12 +1075,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
         float* __restrict mask = s.acc.data();
         for (int64_t j = 0; j < len; ++j) mask[j] = key_of(v[j]) > hi ? 1.0f : 0.0f;
         for (int k = 0; k < K; ++k) above[c * K + k] += sum_squares(ctx.delta(s, k), mask, len);
-        for (int64_t j = 0; j < len; j += 64) {
-          uint64_t word = 0;
-          const int64_t n = std::min<int64_t>(64, len - j);
-          for (int64_t b = 0; b < n; ++b) word |= uint64_t(mask[j + b] != 0.0f) << b;
-          bits[(off + j) >> 6] = word;
-        }
+        pack_bits(mask, len, bits.data() + (off >> 6));
         uint32_t* at = s.ties.data();
         const int64_t m = positions_between(v, len, lo, hi, at, below[c]);
         for (int64_t e = 0; e < m; ++e) inside[c].push_back(uint64_t(key_of(v[at[e]])) << 32 | uint64_t(off + at[e]));
@@ -1258,11 +1263,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
         if (none) {
           std::fill(keep, keep + len, 0.0f);
         } else if (!selected_bits.empty()) {
-          for (int64_t j = 0; j < len; j += 64) {
-            const uint64_t word = selected_bits[(off + j) >> 6];
-            const int64_t n = std::min<int64_t>(64, len - j);
-            for (int64_t b = 0; b < n; ++b) keep[j + b] = (word >> b) & 1 ? 1.0f : 0.0f;
-          }
+          unpack_bits(selected_bits.data() + (off >> 6), len, keep);
         } else {
           variance(s, len);
           keep_mask(s, len, eq, keep);

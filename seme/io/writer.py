@@ -11,7 +11,7 @@ import mmap
 import os
 
 from seme.distributed import assign
-from seme.io.safetensors_file import layout_header
+from seme.io.safetensors_file import layout_header, unmap_pages
 
 SHARD_METADATA = {"format": "pt"}
 MANIFEST = "seme-manifest.{rank}.json"  # one per rank: ranks never write the same file
@@ -132,15 +132,10 @@ class ShardWriter:
             else:
                 self._hashes[file] = None  # out of order: the digest is read back when the shard is done
             pending.remove(name)
-            while staged is not None and data:
-                done = os.pwrite(self._fds[file], data, offset)
-                data, offset = data[done:], offset + done
+            if staged is not None:
+                _pwrite_all(self._fds[file], data, offset)
         if mapped is not None:
-            # Written pages stay in the page cache, dirty, until written back: only the mapping goes.
-            start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
-            end = (offset + nbytes) - (offset + nbytes) % mmap.PAGESIZE
-            if end > start and hasattr(mmap, "MADV_DONTNEED"):
-                mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+            unmap_pages(mapped, offset, offset + nbytes)
         if not pending:
             self._finish(file)
             self._save_manifest()
@@ -174,6 +169,12 @@ class ShardWriter:
             f.write("\n")
         for path in glob.glob(os.path.join(self.folder, MANIFEST.format(rank="*"))):
             os.remove(path)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
 
 
 def _allocate(fd: int, size: int) -> bool:
