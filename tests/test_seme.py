@@ -125,15 +125,42 @@ def test_signature_from_head_and_inverse_gram_equals_materialised_bases(scales):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
 
 
-def test_streamed_alignment_map_equals_the_materialised_one():
+def unit_pinv_rows(W: torch.Tensor) -> torch.Tensor:
+    """The float64 oracle of the unit bases: rows of pinv(W)ᵀ by SVD, normalised."""
+    return torch.nn.functional.normalize(torch.linalg.pinv(W.double()).T, dim=1)
+
+
+@pytest.mark.parametrize("scales", [(0, 0), (0, 1.5)])
+def test_alignment_map_from_heads_matches_the_float64_oracle(scales):
     torch.manual_seed(2)
-    src, piv = semantic_bases([torch.randn(900, 24), torch.randn(1000, 32)])
+    heads = [torch.randn(900, 24) @ torch.diag(torch.logspace(*scales, 24)), torch.randn(1000, 32)]
+    src, piv = semantic_bases(heads)
     piv_ids = torch.randperm(1000)[:700]  # a partly shared, reordered vocabulary
     src_ids = torch.randperm(900)[:700]
-    expected = alignment.alignment_map(src.unit_rows(index=src_ids), piv.unit_rows(index=piv_ids))
-    got = alignment.streamed_alignment_map(src, src_ids, piv, piv_ids, chunk=128)
-    assert got.shape == (32, 24)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    oracle = unit_pinv_rows(heads[1])[piv_ids].T @ unit_pinv_rows(heads[0])[src_ids]
+    materialised = piv.unit_rows(index=piv_ids).T.double() @ src.unit_rows(index=src_ids).double()
+    got = alignment.alignment_map(src, piv, src_ids, piv_ids, chunk=128)  # never forms the bases
+    assert got.shape == (32, 24) and got.dtype == torch.float64
+    assert (got - oracle).abs().max() <= (materialised - oracle).abs().max() + 1e-9
+    with pytest.raises(ValueError, match="do not pair up"):
+        alignment.alignment_map(src, piv, src_ids[:5], piv_ids)
+
+
+@pytest.mark.parametrize("mode, topk", [("softmax", None), ("softmax", 7), ("linear", None)])
+def test_mapping_of_semantic_bases_equals_the_materialised_one(mode, topk):
+    torch.manual_seed(4)
+    keys, values = semantic_bases([torch.randn(600, 20) @ torch.diag(torch.logspace(0, 1, 20)), torch.randn(600, 12)])
+    q = torch.randn(9, 20)
+    expected = semantic_mix(q, keys.materialize(unit=True), values.materialize(unit=True), temperature=0.07,
+                            topk=topk, mode=mode, chunk=100)
+    got = semantic_mix(q, keys, values, temperature=0.07, topk=topk, mode=mode, chunk=100)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    subset = torch.randperm(600)[:450]
+    expected = semantic_mix(q, keys.unit_rows(index=subset), values.unit_rows(index=subset), temperature=0.07,
+                            topk=topk, mode=mode, chunk=100)
+    got = semantic_mix(q, keys.subset(subset), values.subset(subset), temperature=0.07, topk=topk, mode=mode,
+                       chunk=100)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode, topk", [("softmax", None), ("softmax", 5), ("linear", None)])
@@ -163,10 +190,10 @@ def test_rotated_model_computes_the_same_function(trained):
     torch.testing.assert_close(logits(paths["rotB"], ids), logits(paths["B"], ids), rtol=1e-4, atol=1e-4)
 
 
-def recovered_rotation(pivot_state, source_state) -> torch.Tensor:
+def recovered_rotation(pivot_state, source_state, mode: str = "linear") -> torch.Tensor:
     heads = [s["lm_head.weight"] * s["model.norm.weight"] for s in (source_state, pivot_state)]
     src, piv = semantic_bases(heads)
-    return alignment.orthogonal_factor(alignment.alignment_map(src.materialize(unit=True), piv.materialize(unit=True)))
+    return alignment.orthogonal_factor(alignment.alignment_map(src, piv, mode=mode))
 
 
 def test_alignment_recovers_a_pure_rotation_exactly(trained, tmp_path):
@@ -180,6 +207,16 @@ def test_alignment_recovers_a_pure_rotation_exactly(trained, tmp_path):
     merged, original = load_folder(tmp_path / "out"), load_folder(paths["A"])
     for name, t in original.items():
         torch.testing.assert_close(merged[name], t, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_probability_mode_alignment_recovers_a_pure_rotation(trained, tmp_path):
+    paths, Q, a_state, _ = trained
+    Q_hat = recovered_rotation(a_state, rotate_residual_stream(a_state, Q, 2), mode="probability")
+    # φ smooths over near neighbours (T = 0.05), so A is Q up to a near-identity factor the polar factor
+    # removes: measured 1.8e-4 here.
+    assert float((Q_hat.float() - Q.T).abs().max()) < 1e-3
+    report = seme_merge(paths["A"], [paths["rotA"]], tmp_path / "out", align_mode="probability")
+    assert report["sources"][0]["applied"] and report["sources"][0]["mode"] == "probability"
 
 
 def test_alignment_of_a_rotated_fine_tune_is_close_and_improves_with_smaller_deltas(trained):

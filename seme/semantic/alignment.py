@@ -6,38 +6,42 @@ import math
 
 import torch
 
+from seme.semantic.bases import SemanticBases
 from seme.semantic.mapping import semantic_mix
 
 
-def alignment_map(src_unit: torch.Tensor, piv_unit: torch.Tensor, *, mode: str = "linear",
-                  temperature: float = 0.05, topk: int | None = 64, anchors: int = 4096) -> torch.Tensor:
-    """A ([d_piv, d_src]) with h_piv ≈ A h_src, from unit bases over shared tokens (rows correspond).
+def alignment_map(src: SemanticBases, piv: SemanticBases, src_ids: torch.Tensor | None = None,
+                  piv_ids: torch.Tensor | None = None, *, mode: str = "linear", temperature: float = 0.05,
+                  topk: int | None = 64, anchors: int = 4096, chunk: int = 16384) -> torch.Tensor:
+    """A ([d_piv, d_src], float64) with h_piv ≈ A h_src, from the two heads' bases over shared tokens
+    (src_ids[j] and piv_ids[j] are the same token; all tokens in order when not given).
 
     linear: A = Ŝ_pivᵀ Ŝ_src, the map φ is in that mode. probability: the least-squares fit of φ on
-    anchor vectors (an evenly spaced subset of the source's own bases).
+    anchor vectors (an evenly spaced subset of the source's own unit bases).
+    Neither forms the [V, d] bases (2 x 2 GB for 128k x 4096 heads): with ŝ_i = w_i G⁻¹ / |s_i|,
+    Ŝ_pivᵀ Ŝ_src = G_piv⁻¹ (Σ_j w_piv,j w_src,jᵀ / (|s_piv,j| |s_src,j|)) G_src⁻¹, one [d, V] x [V, d]
+    product where materialised bases cost three; φ's keys and values are read the same way.
     """
+    if src_ids is None:
+        src_ids = torch.arange(src.vocab_size)
+    if piv_ids is None:
+        piv_ids = torch.arange(piv.vocab_size)
+    if src_ids.shape != piv_ids.shape:
+        raise ValueError(f"{src_ids.numel()} source and {piv_ids.numel()} pivot token ids do not pair up")
     if mode == "linear":
-        return piv_unit.T.double() @ src_unit.double()
+        middle = None
+        for start in range(0, src_ids.numel(), chunk):
+            part = (piv.scaled_rows(index=piv_ids[start:start + chunk]).T.double()
+                    @ src.scaled_rows(index=src_ids[start:start + chunk]).double())
+            middle = part if middle is None else middle + part
+        return piv.inverse.double() @ middle @ src.inverse.double()
     if mode != "probability":
         raise ValueError(f"unknown alignment mode {mode!r}")
-    step = max(1, src_unit.shape[0] // anchors)
-    x = src_unit[::step]
-    phi = semantic_mix(x, src_unit, piv_unit, temperature=temperature, topk=topk)
+    x = src.unit_rows(index=src_ids[::max(1, src_ids.numel() // anchors)])
+    phi = semantic_mix(x, src.subset(src_ids), piv.subset(piv_ids), temperature=temperature, topk=topk)
     # Magnitude calibration: anchors are unit vectors, so φ(x) is rescaled to unit length.
     phi = phi / phi.norm(dim=1, keepdim=True).clamp_min(1e-30)
     return torch.linalg.lstsq(x.double(), phi.double()).solution.T
-
-
-def streamed_alignment_map(src, src_ids: torch.Tensor, piv, piv_ids: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-    """The linear-mode map of `alignment_map`, Ŝ_pivᵀ Ŝ_src summed over blocks of shared tokens: the
-    unit bases of the two heads (SemanticBases; rows src_ids[j] and piv_ids[j] correspond) are
-    produced block by block, never held whole (2 x [V, d] floats: 4 GB for a 128k x 4096 head)."""
-    A = None
-    for start in range(0, src_ids.numel(), chunk):
-        part = (piv.unit_rows(index=piv_ids[start:start + chunk]).T.double()
-                @ src.unit_rows(index=src_ids[start:start + chunk]).double())
-        A = part if A is None else A + part
-    return A
 
 
 def orthogonal_factor(A: torch.Tensor) -> torch.Tensor:

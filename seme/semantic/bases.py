@@ -36,11 +36,21 @@ class SemanticBases:
     inverse: torch.Tensor  # G⁻¹ (+ ridge) in the precision its rows are applied in
     condition: float  # condition number of G
     ridge: float  # the ridge added (0 when G was positive definite)
-    norms: torch.Tensor | None = None  # |s_i|, once `cosines` has needed them
+    norms: torch.Tensor | None = None  # |s_i|, once needed
 
     @property
     def vocab_size(self) -> int:
         return self.W.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape of the [V, d] bases these stand for."""
+        return tuple(self.W.shape)
+
+    def subset(self, index: torch.Tensor) -> "SemanticBases":
+        """The bases of the tokens `index` (a shared vocabulary), still as W rows and the same G⁻¹."""
+        norms = self.row_norms()[index]
+        return SemanticBases(self.W[index], self.inverse, self.condition, self.ridge, norms)
 
     def rows(self, start: int = 0, stop: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
         """Basis rows (float32): a range, or the rows named by `index`."""
@@ -55,18 +65,41 @@ class SemanticBases:
         """cos(q, s_i) for unit queries and bases start..stop, from W and G⁻¹ alone: q·s_i = (G⁻¹q)·w_i
         (G⁻¹ is symmetric), so no basis row is formed: the [V, d] bases never exist in memory."""
         projected = (unit_queries.to(self.inverse.dtype) @ self.inverse).to(torch.float32)
-        return (projected @ self.W[start:stop].T) / self._norms()[start:stop]
+        return (projected @ self.W[start:stop].T) / self.row_norms()[start:stop]
 
-    def _norms(self, chunk: int = _CHUNK) -> torch.Tensor:
-        """|s_i| of every basis (V floats, kept), produced block by block."""
+    def scaled_rows(self, start: int = 0, stop: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+        """w_i / |s_i|: unit bases before G⁻¹, so Σ_i p_i ŝ_i = unproject(Σ_i p_i w_i / |s_i|)."""
+        if index is not None:
+            return self.W[index] / self.row_norms()[index].unsqueeze(-1)
+        return self.W[start:stop] / self.row_norms()[start:stop, None]
+
+    def unproject(self, x: torch.Tensor) -> torch.Tensor:
+        """x G⁻¹ (float32): combinations of W rows carried to the same combinations of bases."""
+        return (x.to(self.inverse.dtype) @ self.inverse).to(torch.float32)
+
+    def row_norms(self, chunk: int = _CHUNK) -> torch.Tensor:
+        """|s_i| of every basis (V floats, kept): fused on a GPU, else block by block."""
         if self.norms is None:
-            self.norms = torch.cat([self.rows(i, i + chunk).norm(dim=1).clamp_min(1e-30)
-                                    for i in range(0, self.vocab_size, chunk)])
+            self.norms = basis_norms(self.W, self.inverse, chunk).clamp_min(1e-30)
         return self.norms
 
     def materialize(self, unit: bool = False, chunk: int = _CHUNK) -> torch.Tensor:
         get = self.unit_rows if unit else self.rows
         return torch.cat([get(i, i + chunk) for i in range(0, self.vocab_size, chunk)])
+
+
+def basis_norms(W: torch.Tensor, inverse: torch.Tensor, chunk: int = _CHUNK) -> torch.Tensor:
+    """|w_i G⁻¹| for every row of W, without the [V, d] bases: one Triton kernel on a GPU (fp32 G⁻¹),
+    else blocks of `chunk` rows through the matrix product."""
+    if W.is_cuda and inverse.dtype == torch.float32:
+        try:
+            from seme.kernels import semantic_bases as kernel
+        except ImportError:  # no triton: the block products run on the GPU
+            pass
+        else:
+            return kernel.basis_norms(W, inverse)
+    return torch.cat([(W[i:i + chunk].to(inverse.dtype) @ inverse).norm(dim=1).to(torch.float32)
+                      for i in range(0, W.shape[0], chunk)])
 
 
 def semantic_bases(heads: list[torch.Tensor]) -> list[SemanticBases]:

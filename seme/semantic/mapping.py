@@ -18,51 +18,63 @@ _CHUNK = 8192
 TRITON_MAX_WIDTH = 256  # at most 4 recomputations of the cosines
 
 
-def semantic_mix(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, temperature: float = 0.05,
-                 topk: int | None = None, mode: str = "softmax", chunk: int = _CHUNK) -> torch.Tensor:
-    """Σ_i p_i(q) values_i for each query row; keys are unit rows [V, d_k], values [V, d_v]."""
-    if queries.is_cuda and topk is None and values.shape[1] <= TRITON_MAX_WIDTH:
+def semantic_mix(queries: torch.Tensor, keys, values, *, temperature: float = 0.05, topk: int | None = None,
+                 mode: str = "softmax", chunk: int = _CHUNK) -> torch.Tensor:
+    """Σ_i p_i(q) values_i for each query row. keys: unit rows [V, d_k], or semantic bases
+    (`SemanticBases`: cosines from W and G⁻¹); values: rows [V, d_v], or semantic bases, whose unit
+    rows are mixed as Σ_i p_i ŝ_i = (Σ_i p_i w_i / |s_i|) G⁻¹, so no [V, d] bases are formed."""
+    if (queries.is_cuda and topk is None and isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)
+            and values.shape[1] <= TRITON_MAX_WIDTH):
         try:
             from seme.kernels import semantic_mapping
         except ImportError:  # no triton: the torch code runs on the GPU
             pass
         else:
             return semantic_mapping.semantic_mix(queries, keys, values, temperature=temperature, mode=mode)
+    if mode not in ("softmax", "linear"):
+        raise ValueError(f"unknown mapping mode {mode!r}")
     q = queries.to(torch.float32)
     q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    V = keys.shape[0]
+    acc = torch.zeros(q.shape[0], values.shape[1], dtype=torch.float32, device=q.device)
     if mode == "linear":
-        acc = torch.zeros(q.shape[0], values.shape[1], dtype=torch.float32, device=q.device)
-        for s in range(0, V, chunk):
-            acc += (q @ keys[s:s + chunk].T) @ values[s:s + chunk]
-        return acc
-    if mode != "softmax":
-        raise ValueError(f"unknown mapping mode {mode!r}")
+        for s, cos in _cosine_blocks(q, keys, chunk):
+            acc += cos @ _value_rows(values, s, s + cos.shape[1])
+        return _finish(values, acc)
     if topk is not None:
         best, idx = semantic_topk(q, keys, topk, chunk=chunk)
         p = torch.softmax(best / temperature, dim=1)
-        return torch.einsum("bk,bkd->bd", p, values[idx])
+        return _finish(values, torch.einsum("bk,bkd->bd", p, _value_rows(values, index=idx)))
     m = torch.full((q.shape[0], 1), -torch.inf, device=q.device)
     denom = torch.zeros(q.shape[0], 1, device=q.device)
-    acc = torch.zeros(q.shape[0], values.shape[1], dtype=torch.float32, device=q.device)
-    for s in range(0, V, chunk):
-        logits = (q @ keys[s:s + chunk].T) / temperature
+    for s, cos in _cosine_blocks(q, keys, chunk):
+        logits = cos / temperature
         m_new = torch.maximum(m, logits.max(dim=1, keepdim=True).values)
         scale = torch.exp(m - m_new)
         e = torch.exp(logits - m_new)
         denom = denom * scale + e.sum(dim=1, keepdim=True)
-        acc = acc * scale + e @ values[s:s + chunk]
+        acc = acc * scale + e @ _value_rows(values, s, s + cos.shape[1])
         m = m_new
-    return acc / denom
+    return _finish(values, acc / denom)
 
 
-def semantic_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = _CHUNK):
-    """The k largest cosines of each (unit) query with the unit keys, and their token ids."""
-    k = min(k, keys.shape[0])
+def _value_rows(values, start: int = 0, stop: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of the values to mix: the rows themselves, or w_i / |s_i| of semantic bases."""
+    if isinstance(values, torch.Tensor):
+        return values[index] if index is not None else values[start:stop]
+    return values.scaled_rows(start, stop, index)
+
+
+def _finish(values, mixed: torch.Tensor) -> torch.Tensor:
+    """Mixed value rows as the mix of the values: semantic bases' mixes still need G⁻¹."""
+    return mixed if isinstance(values, torch.Tensor) else values.unproject(mixed)
+
+
+def semantic_topk(queries: torch.Tensor, keys, k: int, chunk: int = _CHUNK):
+    """The k largest cosines of each (unit) query with the keys (unit rows or `SemanticBases`), and
+    their token ids."""
     best = torch.full((queries.shape[0], 0), -torch.inf, device=queries.device)
     idx = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=queries.device)
-    for s in range(0, keys.shape[0], chunk):
-        scores = queries @ keys[s:s + chunk].T
+    for s, scores in _cosine_blocks(queries, keys, chunk):
         ids = torch.arange(s, s + scores.shape[1], device=queries.device).expand_as(scores)
         best, pos = torch.topk(torch.cat([best, scores], dim=1), min(k, best.shape[1] + scores.shape[1]), dim=1)
         idx = torch.gather(torch.cat([idx, ids], dim=1), 1, pos)

@@ -203,12 +203,8 @@ class SemanticContext:
                   "head_condition": self.bases[m].condition, "layer_map": sp.layer_maps[m]}
         if settings["alignment"] == "never":
             return None, {**report, "applied": False, "reason": "alignment: never"}
-        if settings["align_mode"] == "linear":
-            A = alignment.streamed_alignment_map(self.bases[m], src_ids, self.bases[sp.pivot], piv_ids)
-        else:  # the mapping needs every basis of both heads as keys and values
-            A = alignment.alignment_map(self.bases[m].unit_rows(index=src_ids),
-                                        self.bases[sp.pivot].unit_rows(index=piv_ids), mode="probability",
-                                        temperature=settings["temperature"], topk=settings["topk"])
+        A = alignment.alignment_map(self.bases[m], self.bases[sp.pivot], src_ids, piv_ids, mode=settings["align_mode"],
+                                    temperature=settings["temperature"], topk=settings["topk"])
         Q = alignment.orthogonal_factor(A)
         distance = alignment.distance_from_identity(Q)
         report.update(distance_from_identity=distance, mode=settings["align_mode"])
