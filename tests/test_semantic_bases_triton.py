@@ -2,20 +2,11 @@
 a GPU when there is one, else on CPU through the interpreter (small sizes)."""
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 
-GPU = torch.cuda.is_available()
-DEVICE = "cuda" if GPU else "cpu"
-if not GPU:  # as in test_fused_merge_triton: the variable must precede triton's first import
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: run this file in its own process",
-                    allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+from triton_device import DEVICE  # first: it sets up the interpreter where there is no GPU
 
 from seme.kernels import semantic_bases as kernel  # noqa: E402
 from seme.semantic.bases import basis_norms, semantic_bases  # noqa: E402
