@@ -789,6 +789,65 @@ void row_ranks(const float* d, int64_t len, Scratch& s) {
   for (int64_t pos = 0; pos < len; ++pos) rank[uint32_t(a[pos])] = float(pos);
 }
 
+// Elements collected per chunk as key << 32 | index, each list in index order, with their K deltas.
+struct Collected {
+  std::vector<std::vector<uint64_t>> at;
+  std::vector<std::vector<float>> deltas;  // K per element, in the order of `at`
+
+  explicit Collected(int64_t nchunks = 0) : at(size_t(nchunks)), deltas(size_t(nchunks)) {}
+  bool empty() const { return at.empty(); }
+  int64_t size() const {
+    int64_t m = 0;
+    for (const auto& list : at) m += int64_t(list.size());
+    return m;
+  }
+};
+
+// The element of rank r (0-based) in (key, index) order among the collected ones, and how many elements
+// with its key precede it: two parallel histogram passes over the keys (their high, then low 16 bits),
+// then the equal keys counted per chunk; the lists' index order settles the rest without a sort.
+std::pair<uint64_t, int64_t> select_rank(const Collected& in, int64_t r, int nt) {
+  const int64_t nc = int64_t(in.at.size());
+  auto histogram = [&](int shift, uint32_t prefix_mask, uint32_t prefix) {
+    std::vector<int64_t> h(1 << 16, 0);
+#pragma omp parallel num_threads(nt)
+    {
+      std::vector<int64_t> local(1 << 16, 0);
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t c = 0; c < nc; ++c)
+        for (uint64_t e : in.at[c]) {
+          const uint32_t key = uint32_t(e >> 32);
+          if ((key & prefix_mask) == prefix) ++local[(key >> shift) & 0xffff];
+        }
+#pragma omp critical
+      for (size_t i = 0; i < h.size(); ++i) h[i] += local[i];
+    }
+    return h;
+  };
+  int64_t before = 0;
+  const auto h1 = histogram(16, 0, 0);
+  uint32_t high = 0;
+  while (before + h1[high] <= r) before += h1[high++];
+  const auto h2 = histogram(0, 0xffff0000u, high << 16);
+  uint32_t low = 0;
+  while (before + h2[low] <= r) before += h2[low++];
+  const uint32_t v = high << 16 | low;
+  const int64_t room = r - before;  // elements equal to v before the one sought
+  std::vector<int64_t> equal(size_t(nc), 0);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t c = 0; c < nc; ++c)
+    for (uint64_t e : in.at[c]) equal[c] += uint32_t(e >> 32) == v;
+  int64_t left = room;
+  for (int64_t c = 0;; ++c) {
+    if (left >= equal[c]) {
+      left -= equal[c];
+      continue;
+    }
+    for (uint64_t e : in.at[c])
+      if (uint32_t(e >> 32) == v && left-- == 0) return {e, room};
+  }
+}
+
 void check(const Tensors& t) {
   for (Dtype d : {t.in_dtype, t.out_dtype})
     if (d != kF32 && d != kBF16 && d != kF16) throw std::invalid_argument("unsupported dtype code");
@@ -1029,7 +1088,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
   // bin is small, its elements collected: they settle the energies and the ties without another pass.
   Cut cut;
   int64_t rest = 0;                            // the cut's rank inside its level-1 bin (1-based)
-  std::vector<std::vector<uint64_t>> in_bin;   // per chunk: key << 32 | index of that bin's elements
+  Collected in_bin;                            // per chunk: that bin's elements
   std::vector<double> above_bin(ctx.nchunks * size_t(K), 0.0);  // [chunk][model]: Σ δ² above the bin
   int64_t n_selected = none ? 0 : t.n;
   // Large tensors: the cut from one pass bracketed by a strided sample of the variances (as in
@@ -1043,6 +1102,15 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
   std::vector<uint64_t> selected_bits;
   uint64_t first_kept = 0;  // of the bin's elements in (key, index) order; found by the bracketed pass
   bool first_kept_known = false;
+  // Appends the m staged elements at positions `at` (with their deltas) to chunk c's list.
+  auto collect = [&](Scratch& s, int64_t c, int64_t off, const uint32_t* at, int64_t m, Collected& into) {
+    const float* __restrict v = s.var.data();
+    std::vector<float>& deltas = into.deltas[c];
+    for (int64_t e = 0; e < m; ++e) {
+      into.at[c].push_back(uint64_t(key_of(v[at[e]])) << 32 | uint64_t(off + at[e]));
+      for (int k = 0; k < K; ++k) deltas.push_back(ctx.delta(s, k)[at[e]]);
+    }
+  };
   auto select_bracketed = [&]() -> bool {
     if (t.n < kMinBracketed) return false;
     std::vector<uint32_t> sample(kSample);
@@ -1063,7 +1131,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
         sample, p, 4.0 * (std::sqrt(kSample * p * (1 - p)) + tau * std::sqrt(kSample * pz * (1 - pz))) + 8.0);
     Collection collection{std::max<int64_t>(kChunk, t.n / 8)};
     std::vector<int64_t> below(ctx.nchunks, 0);
-    std::vector<std::vector<uint64_t>> inside(ctx.nchunks);
+    Collected inside(ctx.nchunks);
     std::vector<double> above(ctx.nchunks * size_t(K), 0.0);
     std::vector<uint64_t> bits(size_t((t.n + 63) / 64), 0);
     ctx.chunks([&](int th, int64_t c, int64_t start, int64_t end) {
@@ -1078,7 +1146,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
         pack_bits(mask, len, bits.data() + (off >> 6));
         uint32_t* at = s.ties.data();
         const int64_t m = positions_between(v, len, lo, hi, at, below[c]);
-        for (int64_t e = 0; e < m; ++e) inside[c].push_back(uint64_t(key_of(v[at[e]])) << 32 | uint64_t(off + at[e]));
+        collect(s, c, off, at, m, inside);
         collection.add(m);
       });
     });
@@ -1100,17 +1168,11 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
       cut.v = hi + 1;
       return true;
     }
-    std::vector<uint64_t> order;
-    order.reserve(size_t(collected));
-    for (const auto& chunk : in_bin) order.insert(order.end(), chunk.begin(), chunk.end());
-    std::nth_element(order.begin(), order.begin() + rest, order.end());
-    first_kept = order[size_t(rest)];
+    const auto [first, room] = select_rank(in_bin, rest, ctx.nt);
+    first_kept = first;
     first_kept_known = true;
     cut.v = uint32_t(first_kept >> 32);
-    for (uint64_t e : order) {
-      cut.room += uint32_t(e >> 32) == cut.v && e < first_kept;
-      if (e >= first_kept) selected_bits[uint32_t(e) >> 6] |= uint64_t(1) << (uint32_t(e) & 63);
-    }
+    cut.room = room;
     cut.split = cut.room > 0;
     return true;
   };
@@ -1125,7 +1187,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
     const auto h = h1.total(0);
     cut = cut_level1(h, t.n - n_keep, t.n);
     rest = cut.room;
-    if (cut.pending && int64_t(h[cut.v >> 16]) <= std::max<int64_t>(kChunk, t.n / 32)) in_bin.resize(ctx.nchunks);
+    if (cut.pending && int64_t(h[cut.v >> 16]) <= std::max<int64_t>(kChunk, t.n / 32)) in_bin = Collected(ctx.nchunks);
     const uint32_t bin = cut.v >> 16;
     level2(ctx, {{0, &cut}}, prep, var, [&](Scratch& s, int64_t c, int64_t off, int64_t len) {
       if (in_bin.empty()) return;
@@ -1139,7 +1201,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
         at[n_at] = uint32_t(j);
         n_at += (key_of(v[j]) >> 16) == bin;
       }
-      for (int64_t e = 0; e < n_at; ++e) in_bin[c].push_back(uint64_t(key_of(v[at[e]])) << 32 | uint64_t(off + at[e]));
+      collect(s, c, off, at, n_at, in_bin);
     });
   }
   // keep[j] of a staged block (variance computed); eq counts the elements equal to the cut so far.
@@ -1157,38 +1219,31 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
   std::vector<int64_t> eq_start(ctx.nchunks, 0);
   std::vector<double> energy(K, 0.0);
   if (!none && !in_bin.empty()) {
-    // Kept in the bin: its elements from `first_kept` on in (key, index) order, summed per chunk in
-    // index order, then over chunks in order; the per-chunk counts of elements equal to the cut come
-    // from the same lists.
-    std::vector<int64_t> eq_count(ctx.nchunks, 0);
-    size_t in_total = 0;
-    for (int64_t c = 0; c < ctx.nchunks; ++c) {
-      in_total += in_bin[c].size();
-      for (uint64_t e : in_bin[c]) eq_count[c] += uint32_t(e >> 32) == cut.v;
+    // Kept in the bin: its elements from `first_kept` on in (key, index) order, their energies summed
+    // per chunk in index order (from the deltas collected with them), then over chunks in order. The
+    // same parallel walk sets their bits (the bracketed pass's selection) and counts per chunk the
+    // elements equal to the cut.
+    for (int64_t c = 0; c < ctx.nchunks; ++c)
       for (int k = 0; k < K; ++k) energy[k] += above_bin[c * K + k];
-    }
-    if (cut.split) eq_start = chunk_prefix(eq_count, ctx.nchunks, 1);
-    if (size_t(rest) < in_total) {
-      if (!first_kept_known) {
-        std::vector<uint64_t> order;
-        order.reserve(in_total);
-        for (const auto& chunk : in_bin) order.insert(order.end(), chunk.begin(), chunk.end());
-        std::nth_element(order.begin(), order.begin() + rest, order.end());
-        first_kept = order[size_t(rest)];
-      }
-      std::vector<double> part(ctx.nchunks * size_t(K), 0.0);
+    if (rest >= in_bin.size()) first_kept = UINT64_MAX;  // nothing of the bin is kept
+    else if (!first_kept_known) first_kept = select_rank(in_bin, rest, ctx.nt).first;
+    std::vector<int64_t> eq_count(ctx.nchunks, 0);
+    std::vector<double> part(ctx.nchunks * size_t(K), 0.0);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(ctx.nt)
-      for (int64_t c = 0; c < ctx.nchunks; ++c)
-        for (uint64_t e : in_bin[c]) {
-          if (e < first_kept) continue;
-          for (int k = 0; k < K; ++k) {
-            const double x = ctx.delta_at(k, int64_t(uint32_t(e)));
-            part[c * K + k] += x * x;
-          }
-        }
-      for (int64_t c = 0; c < ctx.nchunks; ++c)
-        for (int k = 0; k < K; ++k) energy[k] += part[c * K + k];
+    for (int64_t c = 0; c < ctx.nchunks; ++c) {
+      const std::vector<uint64_t>& list = in_bin.at[c];
+      const float* d = in_bin.deltas[c].data();
+      for (size_t i = 0; i < list.size(); ++i) {
+        const uint64_t e = list[i];
+        eq_count[c] += uint32_t(e >> 32) == cut.v;
+        if (e < first_kept) continue;
+        for (int k = 0; k < K; ++k) part[c * K + k] += double(d[i * K + k]) * double(d[i * K + k]);
+        if (!selected_bits.empty()) selected_bits[uint32_t(e) >> 6] |= uint64_t(1) << (uint32_t(e) & 63);
+      }
     }
+    for (int64_t c = 0; c < ctx.nchunks; ++c)
+      for (int k = 0; k < K; ++k) energy[k] += part[c * K + k];
+    if (cut.split) eq_start = chunk_prefix(eq_count, ctx.nchunks, 1);
   } else if (!none) {
     // Per chunk; with a split cut the elements equal to it are summed apart and, once the chunk
     // prefixes are known, only the chunk where the kept run of equal elements starts is summed again.
