@@ -49,7 +49,7 @@ _FAMILY = {  # method: (mode, rank bounds per model (RANK), sign consensus)
 BLOCK = 1024  # elements per program of the element passes (the equal-count offsets are per block)
 # Radix-select digits (shift, bits): the 31 value bits of a non-negative float32.
 _LEVELS = ((20, 11), (10, 10), (0, 10))
-_MAX_MODELS = 31  # DELLA keeps one mask bit per model in an int32 word
+MAX_MODELS = 31  # DELLA keeps one mask bit per model in an int32 word
 _OPTS = dict(enable_fp_fusion=False)
 
 
@@ -243,12 +243,14 @@ def _della_kernel(x_ptr, b_ptr, prob_ptr, bits_ptr, sums_ptr, keys_ptr, k, n, nb
 
 
 @triton.jit
-def _merge_kernel(xs, b_ptr, out_ptr, sel_ptr, eqoff_ptr, coef_ptr, keys_ptr, bits_ptr, n, nblocks, divisor, lam,
-                  K: tl.constexpr, MODE: tl.constexpr, NB: tl.constexpr, CONSENSUS: tl.constexpr,
-                  NORMALIZE: tl.constexpr, LAMBDA: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr):
+def _merge_kernel(xs, b_ptr, out_ptr, sel_ptr, eqoff_ptr, coef_ptr, keys_ptr, bits_ptr, stats_ptr, n, nblocks, divisor,
+                  lam, K: tl.constexpr, MODE: tl.constexpr, NB: tl.constexpr, CONSENSUS: tl.constexpr,
+                  NORMALIZE: tl.constexpr, LAMBDA: tl.constexpr, BF16_BITS: tl.constexpr, STATS: tl.constexpr,
+                  BLOCK: tl.constexpr):
     """out = base + mixed, in the reference's order of operations, into out's dtype (BF16_BITS: out is
     the int16 view of a bfloat16 tensor). coef[k] = (scale, weight, keep
-    probability); for SCE scale is the coefficient η_k."""
+    probability); for SCE scale is the coefficient η_k. STATS (SCE): stats[2·block] = the selected
+    elements, stats[2·block + 1] = those with a live δ_k of the losing sign (what SeMe reports)."""
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
@@ -273,8 +275,11 @@ def _merge_kernel(xs, b_ptr, out_ptr, sel_ptr, eqoff_ptr, coef_ptr, keys_ptr, bi
         elected = total >= 0  # "sum" sign election, ties to +
         mixed = tl.zeros([BLOCK], tl.float32)
         norm = tl.zeros([BLOCK], tl.float32)
+        conflict = m & (m == 0)  # all false
         for k in tl.static_range(K):
             agree = tl.where(elected, ds[k] > 0, ds[k] < 0)  # zeros never count
+            if STATS:
+                conflict = conflict | ((ds[k] != 0) & ~agree)
             if MODE == 4:
                 eta = tl.where(agree, tl.load(coef_ptr + 3 * k), 0.0)
                 mixed = mixed + ds[k] * eta
@@ -282,6 +287,9 @@ def _merge_kernel(xs, b_ptr, out_ptr, sel_ptr, eqoff_ptr, coef_ptr, keys_ptr, bi
             else:
                 mixed = mixed + tl.where(agree, ds[k], 0.0)
                 norm = norm + tl.where(agree, tl.load(coef_ptr + 3 * k + 1), 0.0)
+        if STATS:
+            tl.store(stats_ptr + 2 * pid, tl.sum((selected & m).to(tl.int32)))
+            tl.store(stats_ptr + 2 * pid + 1, tl.sum(conflict.to(tl.int32)))
         if MODE == 4:
             mixed = tl.math.div_rn(mixed, tl.maximum(norm, 1e-6))
         elif NORMALIZE:
@@ -392,13 +400,14 @@ def _family(method, inputs: Inputs, p: dict, xs, b, out):
         apply = _upload(active, torch.bool, dev) & (before >= _RESCALE_EPS) & (after >= _RESCALE_EPS)
         coef[:, 0] = torch.where(apply, before / after, coef[:, 0])
     divisor = float(torch.tensor(p["weight"], dtype=torch.float32).reshape(-1, 1).sum(0))
-    _merge_kernel[(nblocks,)](xs, b, out, sel, eqoff, coef, keys, bits, n, nblocks,
+    _merge_kernel[(nblocks,)](xs, b, out, sel, eqoff, coef, keys, bits, bits, n, nblocks,
                               divisor if abs(divisor) >= 1e-8 else 1.0, p["lambda"], K=K, MODE=mode, NB=nb,
                               CONSENSUS=consensus, NORMALIZE=p["normalize"], LAMBDA=p["lambda"] != 1,
-                              BF16_BITS=out.dtype == torch.int16, BLOCK=BLOCK, **_OPTS)
+                              BF16_BITS=out.dtype == torch.int16, STATS=False, BLOCK=BLOCK, **_OPTS)
 
 
-def _sce(p: dict, xs, b, out):
+def _sce(p: dict, xs, b, out, stats: torch.Tensor | None = None) -> torch.Tensor:
+    """SCE into out; returns η (on the device). stats ([nblocks, 2] int32): SeMe's per-block counts."""
     K, n, dev = len(xs), b.numel(), b.device
     nblocks = triton.cdiv(n, BLOCK)
     topk = p["select_topk"]
@@ -414,9 +423,28 @@ def _sce(p: dict, xs, b, out):
     total = energy.sum()
     eta = torch.where(total.abs() < 1e-6, torch.full_like(energy, 1.0 / K), energy / total)
     coef = torch.stack([eta, torch.ones_like(eta), torch.ones_like(eta)], -1).contiguous()
-    _merge_kernel[(nblocks,)](xs, b, out, sel, eqoff, coef, sel, sel, n, nblocks, 1.0, 1.0, K=K, MODE=_SCE, NB=nb,
-                              CONSENSUS=True, NORMALIZE=True, LAMBDA=False, BF16_BITS=out.dtype == torch.int16,
+    _merge_kernel[(nblocks,)](xs, b, out, sel, eqoff, coef, sel, sel, stats if stats is not None else sel, n,
+                              nblocks, 1.0, 1.0, K=K, MODE=_SCE, NB=nb, CONSENSUS=True, NORMALIZE=True,
+                              LAMBDA=False, BF16_BITS=out.dtype == torch.int16, STATS=stats is not None,
                               BLOCK=BLOCK, **_OPTS)
+    return eta
+
+
+def seme_fuse(inputs: Inputs, params: dict) -> tuple[torch.Tensor, dict]:
+    """SeMe's Select / Compute / Erase (METHOD §5) on the SCE kernel, with the statistics SeMe reports
+    (as `seme.methods.seme.seme_fuse` gives them): (float32 tensor, statistics)."""
+    base, others = inputs.base, inputs.others
+    n, K = base.numel(), len(others)
+    if n >= 2 ** 31 or K > MAX_MODELS:
+        raise ValueError(f"seme_fuse: at most 2^31 elements and {MAX_MODELS} models")
+    out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    if n == 0:
+        return out, {"selected_fraction": 0.0, "sign_conflict_rate": 0.0, "eta": [round(1 / K, 6)] * K}
+    stats = torch.empty(triton.cdiv(n, BLOCK), 2, dtype=torch.int32, device=base.device)
+    eta = _sce(params, tuple(x.contiguous() for x in others), base.contiguous(), out, stats)
+    selected, conflicts = stats.sum(0, dtype=torch.int64).tolist()
+    return out, {"selected_fraction": selected / n, "sign_conflict_rate": conflicts / max(selected, 1),
+                 "eta": [round(float(e), 6) for e in eta.tolist()]}
 
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # written by the kernel; others are a cast of fp32
@@ -434,8 +462,8 @@ def fused_merge(method: str, inputs: Inputs, params: dict, out_dtype: torch.dtyp
     if out_dtype not in _OUT_DTYPES:
         return fused_merge(method, inputs, params).to(out_dtype)
     n = base.numel()
-    if n >= 2 ** 31 or len(inputs.others) > _MAX_MODELS:
-        raise ValueError(f"fused_merge: at most 2^31 elements and {_MAX_MODELS} models")
+    if n >= 2 ** 31 or len(inputs.others) > MAX_MODELS:
+        raise ValueError(f"fused_merge: at most 2^31 elements and {MAX_MODELS} models")
     out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     if n:
         xs = tuple(x.contiguous() for x in inputs.others)

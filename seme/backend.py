@@ -5,9 +5,8 @@ CPU tensors go to the C++/OpenMP kernel (seme._C), SeMe's Select / Compute / Era
 SCE kernel, which also counts what SeMe reports). CUDA tensors go to whichever GPU kernel was
 faster for the method in `python -m bench.kernels --device cuda` (bench/RESULTS.md, H100): the CUDA
 C++ one (seme._C_cuda, up to 8 non-base models) where a selection pass dominates, the Triton one
-for the single-pass methods; SeMe's fusion stays on the plain-torch reference there, since the GPU
-kernels do not count its statistics. All draw the same masks as the reference, so the backend
-changes speed, not results (fp32 sums apart).
+for the single-pass methods and for SeMe's fusion (its SCE kernel counts SeMe's statistics). All
+draw the same masks as the reference, so the backend changes speed, not results (fp32 sums apart).
 """
 from __future__ import annotations
 
@@ -100,6 +99,8 @@ def _fused(method: str, device: torch.device):
             from seme.kernels import fused_merge as triton_merge
         except ImportError:  # no triton
             triton_merge = None
+        if method == "seme":
+            return None if triton_merge is None else _gpu_seme(triton_merge)
         native = cuda_merge.available() and method in cuda_merge.METHODS
         use_triton = triton_merge is not None and method in triton_merge.SUPPORTED
         if not native and not use_triton:
@@ -118,3 +119,15 @@ def _fused(method: str, device: torch.device):
 
         return gpu
     return None
+
+
+def _gpu_seme(triton_merge):
+    """SeMe's fusion on the Triton SCE kernel, with its statistics; the reference beyond its limits."""
+
+    def gpu_seme(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged | None:
+        if inputs.base.numel() >= 2 ** 31 or len(inputs.others) > triton_merge.MAX_MODELS:
+            return None
+        tensor, stats = triton_merge.seme_fuse(inputs, params)
+        return Merged(tensor, stats=stats)
+
+    return gpu_seme

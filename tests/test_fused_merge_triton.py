@@ -75,6 +75,39 @@ def test_sce_matches_reference(case, topk):
     check("sce", make_inputs(shape, k, dtype, tied, seed=case), {"select_topk": topk})
 
 
+@pytest.mark.parametrize("case", [0, 1, 2, 5, 7])
+@pytest.mark.parametrize("topk", [1.0, 0.5, 0.01, 0.0])
+def test_seme_fusion_reports_the_references_statistics(case, topk):
+    """SeMe's Select / Compute / Erase on the SCE kernel: the reference's tensor (fp32 sums apart) and
+    the same statistics: selected fraction, sign-conflict rate and η, as rounded in the report."""
+    from seme.methods.seme import seme_fuse
+
+    shape, k, dtype, tied, _ = CASES[case]
+    inputs = make_inputs(shape, k, dtype, tied, seed=case)
+    params = registry.bind(registry.get("seme"), {"select_topk": topk}, k + 1, inputs.base_index, "test")
+    ref, ref_stats = seme_fuse(inputs, params)
+    on_device = Inputs(tuple(t.to(DEVICE) for t in inputs.tensors), inputs.base_index, inputs.name, inputs.seed)
+    got, stats = fm.seme_fuse(on_device, params)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu(), ref, rtol=2e-6, atol=1e-6)
+    assert stats == ref_stats
+
+
+def test_gpu_backend_runs_seme_on_the_kernel(monkeypatch):
+    """The backend's GPU SeMe fusion: the kernel's tensor and statistics, the reference (None) beyond
+    the kernel's model count."""
+    from seme import backend
+    from seme.methods.seme import seme_fuse
+
+    inputs = make_inputs((300,), 3, tied=True, seed=2)
+    params = registry.bind(registry.get("seme"), {"select_topk": 0.5}, 4, inputs.base_index, "test")
+    merged = backend._gpu_seme(fm)(inputs, params, torch.bfloat16)
+    assert torch.equal(merged.tensor, fm.seme_fuse(inputs, params)[0])
+    assert merged.stats == seme_fuse(inputs, params)[1]
+    monkeypatch.setattr(fm, "MAX_MODELS", 2)
+    assert backend._gpu_seme(fm)(inputs, params, torch.bfloat16) is None
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "della_linear", "sce"])
 def test_mixed_input_dtypes(method):
     inputs = make_inputs((300,), 3, tied=True, seed=5)
