@@ -1105,10 +1105,15 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
   // Appends the m staged elements at positions `at` (with their deltas) to chunk c's list.
   auto collect = [&](Scratch& s, int64_t c, int64_t off, const uint32_t* at, int64_t m, Collected& into) {
     const float* __restrict v = s.var.data();
-    std::vector<float>& deltas = into.deltas[c];
-    for (int64_t e = 0; e < m; ++e) {
-      into.at[c].push_back(uint64_t(key_of(v[at[e]])) << 32 | uint64_t(off + at[e]));
-      for (int k = 0; k < K; ++k) deltas.push_back(ctx.delta(s, k)[at[e]]);
+    const size_t first = into.at[c].size();
+    into.at[c].resize(first + size_t(m));
+    into.deltas[c].resize((first + size_t(m)) * K);
+    uint64_t* __restrict keys = into.at[c].data() + first;
+    float* __restrict deltas = into.deltas[c].data() + first * K;
+    for (int64_t e = 0; e < m; ++e) keys[e] = uint64_t(key_of(v[at[e]])) << 32 | uint64_t(off + at[e]);
+    for (int k = 0; k < K; ++k) {
+      const float* __restrict d = ctx.delta(s, k);
+      for (int64_t e = 0; e < m; ++e) deltas[e * K + k] = d[at[e]];
     }
   };
   auto select_bracketed = [&]() -> bool {
