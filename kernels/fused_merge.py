@@ -433,18 +433,24 @@ def _sce(p: dict, xs, b, out, stats: torch.Tensor | None = None) -> torch.Tensor
 def seme_fuse(inputs: Inputs, params: dict) -> tuple[torch.Tensor, dict]:
     """SeMe's Select / Compute / Erase (METHOD §5) on the SCE kernel, with the statistics SeMe reports
     (as `seme.methods.seme.seme_fuse` gives them): (float32 tensor, statistics)."""
+    from seme.methods.seme import fusion_stats
+
     base, others = inputs.base, inputs.others
     n, K = base.numel(), len(others)
-    if n >= 2 ** 31 or K > MAX_MODELS:
+    if not fits(n, K):
         raise ValueError(f"seme_fuse: at most 2^31 elements and {MAX_MODELS} models")
     out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
     if n == 0:
-        return out, {"selected_fraction": 0.0, "sign_conflict_rate": 0.0, "eta": [round(1 / K, 6)] * K}
+        return out, fusion_stats(0, 0, 0, [1 / K] * K)
     stats = torch.empty(triton.cdiv(n, BLOCK), 2, dtype=torch.int32, device=base.device)
     eta = _sce(params, tuple(x.contiguous() for x in others), base.contiguous(), out, stats)
     selected, conflicts = stats.sum(0, dtype=torch.int64).tolist()
-    return out, {"selected_fraction": selected / n, "sign_conflict_rate": conflicts / max(selected, 1),
-                 "eta": [round(float(e), 6) for e in eta.tolist()]}
+    return out, fusion_stats(n, selected, conflicts, eta.tolist())
+
+
+def fits(n: int, models: int) -> bool:
+    """Whether the kernels take n elements of `models` non-base models (int32 offsets, DELLA's mask word)."""
+    return n < 2 ** 31 and models <= MAX_MODELS
 
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # written by the kernel; others are a cast of fp32
@@ -462,7 +468,7 @@ def fused_merge(method: str, inputs: Inputs, params: dict, out_dtype: torch.dtyp
     if out_dtype not in _OUT_DTYPES:
         return fused_merge(method, inputs, params).to(out_dtype)
     n = base.numel()
-    if n >= 2 ** 31 or len(inputs.others) > MAX_MODELS:
+    if not fits(n, len(inputs.others)):
         raise ValueError(f"fused_merge: at most 2^31 elements and {MAX_MODELS} models")
     out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     if n:

@@ -125,7 +125,7 @@ def _gpu_seme(triton_merge):
     """SeMe's fusion on the Triton SCE kernel, with its statistics; the reference beyond its limits."""
 
     def gpu_seme(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged | None:
-        if inputs.base.numel() >= 2 ** 31 or len(inputs.others) > triton_merge.MAX_MODELS:
+        if not triton_merge.fits(inputs.base.numel(), len(inputs.others)):
             return None
         tensor, stats = triton_merge.seme_fuse(inputs, params)
         return Merged(tensor, stats=stats)

@@ -16,7 +16,6 @@ import warnings
 from seme import fused_merge
 from seme.fused_merge import KERNEL_DTYPES
 from seme.io.safetensors_file import TORCH_NAMES
-from seme.methods import rng
 
 
 def make_engine(plan, device: str, backend: str, world: int):
@@ -110,7 +109,7 @@ class NativeEngine:
             self.plan.recipe.merge_method, task.params, base=addresses[base],
             others=[addresses[i] for i in others], out=address, shape=task.shape, in_dtype=KERNEL_DTYPES[code],
             out_dtype=KERNEL_DTYPES[task.dtype],
-            keys=[rng.stream_key(self.plan.recipe.random_seed, task.name, i) for i in others])
+            keys=fused_merge.stream_keys(self.plan.recipe.random_seed, task.name, others))
         if not inputs_finite:  # rare: torch is loaded only to name the culprit
             _warn_nonfinite(self.plan, task, [models[m].load(name) for m, name in task.inputs])
         return output_finite

@@ -86,7 +86,7 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype=None, num_thre
         return (out, True, True) if checks else out
     finite = launch(method, params, base=tensors[0].data_ptr(), others=[t.data_ptr() for t in tensors[1:]],
                     out=out.data_ptr(), shape=tuple(base.shape), in_dtype=kernel_dtype(tensors[0].dtype),
-                    out_dtype=kernel_dtype(out_dtype), keys=stream_keys(inputs), num_threads=num_threads)
+                    out_dtype=kernel_dtype(out_dtype), keys=stream_keys(inputs.seed, inputs.name, inputs.other_indices), num_threads=num_threads)
     return (out, *finite) if checks else out
 
 
@@ -98,20 +98,19 @@ def seme_fuse(inputs: Inputs, params: dict):
     import torch
 
     from seme import _C
+    from seme.methods.seme import fusion_stats
 
     base, others = inputs.base, inputs.others
     tensors = kernel_inputs(base, others, "cpu")
     n = base.numel()
     out = torch.empty(base.shape, dtype=torch.float32)
     if n == 0:
-        return out, {"selected_fraction": 0.0, "sign_conflict_rate": 0.0, "eta": [round(1 / len(others), 6)] * len(others)}, True
+        return out, fusion_stats(0, 0, 0, [1 / len(others)] * len(others)), True
     inputs_finite, _, eta, selected, conflicts = _C.sce_merge(
         base=tensors[0].data_ptr(), others=[t.data_ptr() for t in tensors[1:]], out=out.data_ptr(), n=n,
         in_dtype=kernel_dtype(tensors[0].dtype), out_dtype=KERNEL_DTYPES["F32"], select_topk=float(params["select_topk"]),
         with_stats=True)
-    stats = {"selected_fraction": selected / n, "sign_conflict_rate": conflicts / max(selected, 1),
-             "eta": [round(float(e), 6) for e in eta]}
-    return out, stats, inputs_finite
+    return out, fusion_stats(n, selected, conflicts, eta), inputs_finite
 
 
 def launch(method: str, params: dict, *, base: int, others: list[int], out: int, shape: tuple[int, ...],
@@ -132,9 +131,9 @@ def launch(method: str, params: dict, *, base: int, others: list[int], out: int,
                            **family_arguments(method, params, n, keys), **common)
 
 
-def stream_keys(inputs: Inputs) -> list[int]:
-    """The random stream of each non-base input (DARE / DELLA draws)."""
-    return [rng.stream_key(inputs.seed, inputs.name, i) for i in inputs.other_indices]
+def stream_keys(seed: int, name: str, others) -> list[int]:
+    """The random stream of each non-base input (DARE / DELLA draws), by its index among the inputs."""
+    return [rng.stream_key(seed, name, i) for i in others]
 
 
 def kernel_inputs(base, others, device_type: str) -> list:

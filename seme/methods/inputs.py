@@ -1,9 +1,8 @@
 """What a merge method receives for one output tensor."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported inside the functions: planning never loads it
     import torch

@@ -46,13 +46,15 @@ def seme_fuse(inputs: Inputs, p: dict):
     selected = select if select is not None else torch.ones_like(base32, dtype=torch.bool)
     live = (deltas != 0) & selected
     conflicts = (live & ~erase).any(dim=0) & selected
-    n_selected = int(selected.sum())
-    stats = {
-        "selected_fraction": n_selected / max(base32.numel(), 1),
-        "sign_conflict_rate": int(conflicts.sum()) / max(n_selected, 1),
-        "eta": [round(float(e), 6) for e in eta],
-    }
-    return merged, stats
+    return merged, fusion_stats(base32.numel(), int(selected.sum()), int(conflicts.sum()), eta)
+
+
+def fusion_stats(n: int, selected: int, conflicts: int, eta) -> dict:
+    """What the report says of one tensor's fusion (every implementation builds it here): the
+    fraction of its n elements selected, the share of those with a live δ_k of the losing sign, and
+    the coefficients η_k, rounded."""
+    return {"selected_fraction": selected / max(n, 1), "sign_conflict_rate": conflicts / max(selected, 1),
+            "eta": [round(float(e), 6) for e in eta]}
 
 
 def stabilize(inputs: Inputs, p: dict, mean_drift: Callable[[torch.Tensor], float], unstabilized: float):

@@ -1,10 +1,8 @@
 """Spherical interpolation: SLERP (base + one model) and NuSLERP (two models, optionally around a base)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import math
-
+from typing import TYPE_CHECKING
 
 from seme.methods.inputs import Inputs, compute_dtype
 from seme.methods.registry import NON_BASE, Method, Param, register

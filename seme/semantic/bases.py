@@ -54,8 +54,7 @@ class SemanticBases:
 
     def rows(self, start: int = 0, stop: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
         """Basis rows (float32): a range, or the rows named by `index`."""
-        w = self.W[index] if index is not None else self.W[start:stop]
-        return (w.to(self.inverse.dtype) @ self.inverse).to(torch.float32)
+        return self.unproject(self.W[index] if index is not None else self.W[start:stop])
 
     def unit_rows(self, start: int = 0, stop: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
         s = self.rows(start, stop, index)
@@ -64,8 +63,7 @@ class SemanticBases:
     def cosines(self, unit_queries: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """cos(q, s_i) for unit queries and bases start..stop, from W and G⁻¹ alone: q·s_i = (G⁻¹q)·w_i
         (G⁻¹ is symmetric), so no basis row is formed: the [V, d] bases never exist in memory."""
-        projected = (unit_queries.to(self.inverse.dtype) @ self.inverse).to(torch.float32)
-        return (projected @ self.W[start:stop].T) / self.row_norms()[start:stop]
+        return (self.unproject(unit_queries) @ self.W[start:stop].T) / self.row_norms()[start:stop]
 
     def scaled_rows(self, start: int = 0, stop: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
         """w_i / |s_i|: unit bases before G⁻¹, so Σ_i p_i ŝ_i = unproject(Σ_i p_i w_i / |s_i|)."""

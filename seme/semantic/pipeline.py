@@ -176,7 +176,7 @@ class SemanticContext:
                                 f"set alignment: never to merge without it")
         pivot = self.bases[sp.pivot]
         self.report_drift = (pivot.vocab_size * pivot.W.shape[1] <= _DRIFT_REPORT_ELEMENTS
-                      or any(p.get("stabilize") for p in self.params.values()))
+                             or any(p.get("stabilize") for p in self.params.values()))
 
     def _load(self, m: int, name: str) -> torch.Tensor:
         return self.plan.models[m].load(name).to(self.device, torch.float32)
