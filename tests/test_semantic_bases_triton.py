@@ -9,7 +9,7 @@ import torch
 from triton_device import DEVICE  # first: it sets up the interpreter where there is no GPU
 
 from seme.kernels import semantic_bases as kernel  # noqa: E402
-from seme.semantic.bases import basis_norms, semantic_bases  # noqa: E402
+from seme.semantic.bases import block_norms, semantic_bases  # noqa: E402
 
 
 @pytest.mark.parametrize("v, d, spread", [(1, 1, 0.0), (7, 5, 1.0), (130, 33, 2.0), (200, 64, 0.0), (97, 70, 1.0)])
@@ -19,7 +19,7 @@ def test_matches_float64_pinv_norms(v, d, spread):
     (bases,) = semantic_bases([W])  # its G⁻¹: fp32 at these conditionings
     assert bases.inverse.dtype == torch.float32
     ref64 = torch.linalg.pinv(W.double()).T.norm(dim=1)
-    eager = basis_norms(W, bases.inverse)  # torch block products, fp32
+    eager = block_norms(W, bases.inverse)  # torch block products, fp32
     got = kernel.basis_norms(W.to(DEVICE), bases.inverse.to(DEVICE)).cpu()
     assert got.shape == (W.shape[0],) and got.dtype == torch.float32
     # |ref64 − kernel| ≤ |ref64 − eager fp32| + fp32 rounding of the reordered sums

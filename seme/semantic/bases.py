@@ -96,6 +96,11 @@ def basis_norms(W: torch.Tensor, inverse: torch.Tensor, chunk: int = _CHUNK) -> 
             pass
         else:
             return kernel.basis_norms(W, inverse)
+    return block_norms(W, inverse, chunk)
+
+
+def block_norms(W: torch.Tensor, inverse: torch.Tensor, chunk: int = _CHUNK) -> torch.Tensor:
+    """|w_i G⁻¹| through the matrix product, `chunk` rows of the bases at a time."""
     return torch.cat([(W[i:i + chunk].to(inverse.dtype) @ inverse).norm(dim=1).to(torch.float32)
                       for i in range(0, W.shape[0], chunk)])
 
