@@ -15,7 +15,7 @@ status=0
 for stage in $stages; do
   case $stage in
     tests) timeout 420 python3 -m pytest -q -p no:cacheprovider --maxfail=20 tests/test_fused_merge_cuda.py \
-             tests/test_semantic_mapping_triton.py \
+             tests/test_semantic_mapping_triton.py tests/test_semantic_bases_triton.py \
              tests/test_fused_merge_triton.py tests/test_backend.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     cuda-tests) timeout 300 python3 -m pytest -q -p no:cacheprovider --maxfail=20 tests/test_fused_merge_cuda.py \
                   tests/test_backend.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;

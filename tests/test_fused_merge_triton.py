@@ -101,11 +101,12 @@ def test_gpu_backend_runs_seme_on_the_kernel(monkeypatch):
 
     inputs = make_inputs((300,), 3, tied=True, seed=2)
     params = registry.bind(registry.get("seme"), {"select_topk": 0.5}, 4, inputs.base_index, "test")
-    merged = backend._gpu_seme(fm)(inputs, params, torch.bfloat16)
-    assert torch.equal(merged.tensor, fm.seme_fuse(inputs, params)[0])
+    on_device = Inputs(tuple(t.to(DEVICE) for t in inputs.tensors), inputs.base_index, inputs.name, inputs.seed)
+    merged = backend._gpu_seme(fm)(on_device, params, torch.bfloat16)
+    assert torch.equal(merged.tensor, fm.seme_fuse(on_device, params)[0])
     assert merged.stats == seme_fuse(inputs, params)[1]
     monkeypatch.setattr(fm, "MAX_MODELS", 2)
-    assert backend._gpu_seme(fm)(inputs, params, torch.bfloat16) is None
+    assert backend._gpu_seme(fm)(on_device, params, torch.bfloat16) is None
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "della_linear", "sce"])
