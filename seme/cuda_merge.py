@@ -30,6 +30,14 @@ def max_models() -> int:
     return _C_cuda.MAX_MODELS
 
 
+def selection_rows(method: str, params: dict, k_models: int) -> int:
+    """The cuts a merge may select, which size its selection buffers (an upper bound: the kernel
+    needs no more)."""
+    if method == "sce":
+        return int(params["select_topk"] < 1)
+    return {"magnitude": 1, "magnitude_outliers": 2}.get(FAMILY[method][0], 0) * k_models
+
+
 def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Merge one tensor with the CUDA kernel, into `out_dtype`. Inputs: CUDA tensors of one shape and
     device, float32 / bfloat16 / float16 (mixed dtypes are widened to float32), 1 to 8 non-base models."""
@@ -51,11 +59,12 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype =
     out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     if n == 0:
         return out
+    rows = selection_rows(method, params, len(others))
     with torch.cuda.device(base.device):
-        workspace = torch.empty(_C_cuda.workspace_bytes(n), dtype=torch.uint8, device=base.device)
+        workspace = torch.empty(_C_cuda.workspace_bytes(n, rows), dtype=torch.uint8, device=base.device)
         common = dict(base=tensors[0].data_ptr(), others=[t.data_ptr() for t in tensors[1:]], out=out.data_ptr(),
                       n=n, in_dtype=kernel_dtype(tensors[0].dtype), out_dtype=kernel_dtype(out_dtype),
-                      workspace=workspace.data_ptr(), stream=torch.cuda.current_stream().cuda_stream)
+                      workspace=workspace.data_ptr(), rows=rows, stream=torch.cuda.current_stream().cuda_stream)
         if method == "sce":
             _C_cuda.sce_merge(select_topk=float(params["select_topk"]), **common)
             return out

@@ -17,7 +17,7 @@ from seme.methods.inputs import Inputs
 @pytest.mark.skipif(not shutil.which("nvcc") or bool(os.environ.get("SEME_NO_CUDA")), reason="no nvcc")
 def test_extension_is_built_where_nvcc_is():
     module = importlib.import_module("seme._C_cuda")  # imports without a GPU: the runtime is linked statically
-    assert module.MAX_MODELS == 8 and module.workspace_bytes(1 << 20) > 0
+    assert module.MAX_MODELS == 8 and module.workspace_bytes(1 << 20, 0) > 0
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
@@ -115,3 +115,20 @@ def test_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="CUDA tensors"):
         cuda_merge.merge("ties", Inputs(inputs.tensors[:3], 1), registry.bind(
             registry.get("ties"), {"weight": 1.0, "density": 0.5}, 3, 1, "test"))
+
+
+@gpu
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_buffered_and_slow_cuts_in_one_launch(method):
+    """One model's magnitudes pile on four values, so its level-0 bin outgrows the selection buffer
+    and its cut is finished on the full data; the other models' cuts are read off their buffers."""
+    g = torch.Generator().manual_seed(11)
+    n = 1 << 17
+    base = torch.randint(-8, 8, (n,), generator=g).float() * 0.5
+    tied = base + torch.randint(-3, 4, (n,), generator=g).float()  # exact: |δ| in {0, 1, 2, 3}
+    smooth = [base + 0.1 * torch.randn(n, generator=g) for _ in range(2)]
+    inputs = Inputs((tied, base, *smooth), base_index=1, name="model.layers.0.mlp.w", seed=3)
+    supplied = {"weight": [0.7, 0.4, 1.1], "density": [0.3, 0.5, 0.2]}
+    if "breadcrumbs" in method:
+        supplied["gamma"] = [0.1, 0.05, 0.0]
+    check(method, inputs, supplied)

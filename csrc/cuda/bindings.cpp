@@ -11,7 +11,7 @@ namespace py = pybind11;
 namespace {
 
 seme::cuda::Launch launch(uintptr_t base, const std::vector<uintptr_t>& others, uintptr_t out, int64_t n,
-                          int in_dtype, int out_dtype, uintptr_t workspace, uintptr_t stream) {
+                          int in_dtype, int out_dtype, uintptr_t workspace, int rows, uintptr_t stream) {
   seme::cuda::Launch t;
   t.base = reinterpret_cast<const void*>(base);
   for (uintptr_t p : others) t.others.push_back(reinterpret_cast<const void*>(p));
@@ -20,6 +20,7 @@ seme::cuda::Launch launch(uintptr_t base, const std::vector<uintptr_t>& others, 
   t.in_dtype = in_dtype;
   t.out_dtype = out_dtype;
   t.workspace = reinterpret_cast<void*>(workspace);
+  t.rows = rows;
   t.stream = stream;
   return t;
 }
@@ -29,16 +30,16 @@ seme::cuda::Launch launch(uintptr_t base, const std::vector<uintptr_t>& others, 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "seme native kernels (CUDA)";
   m.attr("MAX_MODELS") = seme::cuda::kMaxModels;
-  m.def("workspace_bytes", &seme::cuda::workspace_bytes, "Device workspace a merge of n elements needs.",
-        py::arg("n"));
+  m.def("workspace_bytes", &seme::cuda::workspace_bytes,
+        "Device workspace of a merge of n elements that selects `rows` cuts.", py::arg("n"), py::arg("rows"));
   m.def(
       "family_merge",
       [](uintptr_t base, const std::vector<uintptr_t>& others, uintptr_t out, int64_t n, int in_dtype, int out_dtype,
-         uintptr_t workspace, uintptr_t stream, int sparsify, bool consensus, bool normalize, bool rescale,
+         uintptr_t workspace, int rows, uintptr_t stream, int sparsify, bool consensus, bool normalize, bool rescale,
          float lambda, std::vector<int> mode, std::vector<float> weight, std::vector<float> p0,
          std::vector<int64_t> rank_lo, std::vector<int64_t> rank_hi, std::vector<uint64_t> key,
          const std::vector<uintptr_t>& prob) {
-        const auto t = launch(base, others, out, n, in_dtype, out_dtype, workspace, stream);
+        const auto t = launch(base, others, out, n, in_dtype, out_dtype, workspace, rows, stream);
         seme::cuda::Family p;
         p.sparsify = sparsify;
         p.consensus = consensus;
@@ -57,17 +58,18 @@ PYBIND11_MODULE(_C_cuda, m) {
       },
       "Task-vector family merge into `out`, enqueued on `stream` (see csrc/cuda/fused_merge.h).", py::arg("base"),
       py::arg("others"), py::arg("out"), py::arg("n"), py::arg("in_dtype"), py::arg("out_dtype"),
-      py::arg("workspace"), py::arg("stream"), py::arg("sparsify"), py::arg("consensus"), py::arg("normalize"),
+      py::arg("workspace"), py::arg("rows"), py::arg("stream"), py::arg("sparsify"), py::arg("consensus"), py::arg("normalize"),
       py::arg("rescale"), py::arg("lambda_"), py::arg("mode"), py::arg("weight"), py::arg("p0"), py::arg("rank_lo"),
       py::arg("rank_hi"), py::arg("key"), py::arg("prob"));
   m.def(
       "sce_merge",
       [](uintptr_t base, const std::vector<uintptr_t>& others, uintptr_t out, int64_t n, int in_dtype, int out_dtype,
-         uintptr_t workspace, uintptr_t stream, double select_topk) {
-        const auto t = launch(base, others, out, n, in_dtype, out_dtype, workspace, stream);
+         uintptr_t workspace, int rows, uintptr_t stream, double select_topk) {
+        const auto t = launch(base, others, out, n, in_dtype, out_dtype, workspace, rows, stream);
         py::gil_scoped_release release;
         seme::cuda::sce_merge(t, select_topk);
       },
       "SCE merge into `out`, enqueued on `stream`.", py::arg("base"), py::arg("others"), py::arg("out"), py::arg("n"),
-      py::arg("in_dtype"), py::arg("out_dtype"), py::arg("workspace"), py::arg("stream"), py::arg("select_topk"));
+      py::arg("in_dtype"), py::arg("out_dtype"), py::arg("workspace"), py::arg("rows"), py::arg("stream"),
+      py::arg("select_topk"));
 }

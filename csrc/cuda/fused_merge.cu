@@ -40,10 +40,12 @@ enum { kNone = 0, kRank = 1, kRandom = 2, kDella = 3, kSce = 4 };
 enum { kKeep = 0, kDrop = 1, kActive = 2 };
 
 struct Cut {
-  uint32_t v;
-  int32_t split;  // room splits the run of keys equal to v
-  int64_t room;   // before the last level: the rank left to place inside the current prefix
-  int32_t done;   // decided before the last level (no element, or every element, below)
+  uint64_t c;      // the digits chosen so far of the composite (key << 32 | index); once decided,
+                   // an element lies below the cut iff its composite is less than c
+  int64_t room;    // the rank left to place inside the digits chosen so far
+  uint32_t count;  // entries collected into the row's buffer
+  int32_t done;    // decided
+  int32_t slow;    // its level-0 bin outgrew the buffer: finished on the full data
   int32_t pad;
 };
 
@@ -65,7 +67,9 @@ struct Args {
   Cut* cut;
   uint32_t* hist;
   unsigned long long* zeros;
-  uint32_t* eq;      // [row][tile]: elements equal to the cut, then their exclusive prefix
+  uint32_t* eq;      // [row][tile]: elements equal to the cut, then their exclusive prefix (slow rows)
+  uint64_t* buffer;  // [row][cap]: the level-0 bin's entries (fast rows)
+  int64_t cap;
   float* partial;    // [model][2][tile]
   float* coef;       // [model]: rescale factor, or SCE η
 };
@@ -207,47 +211,24 @@ __device__ __forceinline__ void load_tile(const Args& a, int64_t i, float b[kIte
 using BlockScan = cub::BlockScan<int, kThreads>;
 using BlockSum = cub::BlockReduce<float, kThreads>;
 
-// below[j]: element of ascending rank < r for the cut of row r (a block-wide call when the cut is split).
-__device__ __forceinline__ void below(const Cut& c, const uint32_t key[kItems], const bool valid[kItems],
-                                      const uint32_t* eq_offset, BlockScan::TempStorage& scan, bool out[kItems]) {
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) out[j] = key[j] < c.v;
-  if (!c.split) return;
-  int equal = 0;
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) equal += valid[j] && key[j] == c.v;
-  // Keys equal to the cut are rare in most tiles: only those with one need positions.
-  if (!__syncthreads_or(equal)) return;
-  int before;
-  BlockScan(scan).ExclusiveSum(equal, before);
-  int64_t pos = int64_t(*eq_offset) + before;
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) {
-    if (valid[j] && key[j] == c.v) out[j] = pos++ < c.room;
-  }
+// Whether the element (key, index) lies below a decided cut: the cut is the (key, index) pair of the
+// first element kept, so equal keys split by index, lowest first (the reference's tie rule).
+__device__ __forceinline__ bool below(uint64_t cut, uint32_t key, int64_t i) {
+  return ((uint64_t(key) << 32) | uint64_t(i)) < cut;
 }
 
 struct Shared {
-  BlockScan::TempStorage scan;
   BlockSum::TempStorage sum;
 };
 
 // keep[j] of model k's δ under its sparsification (rank cuts, DARE or DELLA draws).
-__device__ __forceinline__ void keep_mask(const Args& a, int k, int64_t i, const float d[kItems],
-                                          const bool valid[kItems], Shared& sh, bool keep[kItems]) {
+__device__ __forceinline__ void keep_mask(const Args& a, int k, int64_t i, const float d[kItems], bool keep[kItems]) {
   if (a.sparsify == kRank) {
-    uint32_t key[kItems];
+    const uint64_t lo = a.cut[k * a.nb].c, hi = a.nb == 2 ? a.cut[k * 2 + 1].c : ~uint64_t(0);
 #pragma unroll
-    for (int j = 0; j < kItems; ++j) key[j] = key_of(d[j]);
-    bool lo[kItems];
-    below(a.cut[k * a.nb], key, valid, a.eq + size_t(k * a.nb) * a.nblocks + blockIdx.x, sh.scan, lo);
-#pragma unroll
-    for (int j = 0; j < kItems; ++j) keep[j] = !lo[j];
-    if (a.nb == 2) {
-      bool hi[kItems];
-      below(a.cut[k * 2 + 1], key, valid, a.eq + size_t(k * 2 + 1) * a.nblocks + blockIdx.x, sh.scan, hi);
-#pragma unroll
-      for (int j = 0; j < kItems; ++j) keep[j] = keep[j] && hi[j];
+    for (int j = 0; j < kItems; ++j) {
+      const uint32_t key = key_of(d[j]);
+      keep[j] = !below(lo, key, i + j) && below(hi, key, i + j);
     }
     return;
   }
@@ -266,23 +247,19 @@ __device__ __forceinline__ void keep_mask(const Args& a, int k, int64_t i, const
 
 // SCE: selected[j], the elements whose variance is not below the cut.
 template <int M>
-__device__ __forceinline__ void sce_selected(const Args& a, const float d[M][kItems], const bool valid[kItems],
-                                             Shared& sh, bool selected[kItems]) {
-  if (!a.nb) {
+__device__ __forceinline__ void sce_selected(const Args& a, int64_t i, const float d[M][kItems], bool selected[kItems]) {
 #pragma unroll
-    for (int j = 0; j < kItems; ++j) selected[j] = true;
-    return;
-  }
-  uint32_t key[kItems];
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) key[j] = key_of(variance<M>(d, a.K, j));
-  bool low[kItems];
-  below(a.cut[0], key, valid, a.eq + blockIdx.x, sh.scan, low);
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) selected[j] = !low[j];
+  for (int j = 0; j < kItems; ++j) selected[j] = !a.nb || !below(a.cut[0].c, key_of(variance<M>(d, a.K, j)), i + j);
 }
 
 // ------------------------------------------------------------ selection kernels
+//
+// A cut is found digit by digit on the composite (key << 32 | index), whose order is the tie rule's.
+// Level 0 (the key's top 11 bits) histograms the full data. Its bin is then collected into the row's
+// buffer (one more full pass) and the remaining digits (key: 10 + 10 bits, index: 11 + 11 + 10)
+// are read off the buffer alone. A bin that outgrows the buffer (keys piled on a few values) takes
+// the slow path instead: the key's digits from full passes, then the rank among equal keys from
+// per-tile counts of the equal elements.
 
 struct Ranks {
   int64_t r[kMaxRows];
@@ -290,26 +267,58 @@ struct Ranks {
 
 __global__ void init_cuts(Cut* cut, int rows, Ranks rank) {
   const int t = threadIdx.x;
-  if (t < rows) cut[t] = Cut{0u, 0, rank.r[t], 0, 0};
+  if (t < rows) cut[t] = Cut{0, rank.r[t], 0u, 0, 0, 0};
 }
 
 struct Level {
-  int shift, bits;
+  int shift, bits;  // of the composite (key << 32 | index)
 };
 __host__ __device__ constexpr Level level_of(int level) {
-  return level == 0 ? Level{20, 11} : level == 1 ? Level{10, 10} : Level{0, 10};
+  return level == 0 ? Level{52, 11} : level == 1 ? Level{42, 10} : level == 2 ? Level{32, 10}
+       : level == 3 ? Level{21, 11} : level == 4 ? Level{10, 11} : Level{0, 10};
+}
+constexpr int kKeyLevels = 3, kLevels = 6;
+enum Path { kFirst = 0, kSlow = 1, kBuffer = 2 };  // which rows a level serves
+
+__device__ __forceinline__ bool serves(const Cut& c, int path) {
+  return !c.done && (path == kFirst || (path == kSlow) == bool(c.slow));
 }
 
-// hist[h][digit] += elements whose key matches cut h's prefix above the level's digit. Level 0 has
-// no prefix: one histogram per key (model) serves its cuts. Grid-stride, shared-memory bins.
+__device__ __forceinline__ bool any_row(const Args& a, int rows, int path) {
+  bool any = false;
+  for (int r = 0; r < rows; ++r) any |= serves(a.cut[r], path);
+  return any;
+}
+
+// The selection key of row `row` (the model's |δ|, or SCE's variance) for a tile of elements.
+template <int M>
+__device__ __forceinline__ void row_keys(const Args& a, int row, const float d[M][kItems], uint32_t key[kItems]) {
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    if (a.sparsify == kSce) {
+      key[j] = key_of(variance<M>(d, a.K, j));
+    } else {
+      float x = 0.0f;
+#pragma unroll
+      for (int k = 0; k < M; ++k)
+        if (k == row / a.nb) x = d[k][j];
+      key[j] = key_of(x);
+    }
+  }
+}
+
+// Full-data levels (0: every key; 1, 2: the slow rows): hist[h][digit] += elements whose key matches
+// cut h's prefix above the level's digit. Level 0 has no prefix: one histogram per key (model)
+// serves its cuts. Grid-stride, shared-memory bins.
 template <class T, int M>
-__global__ void __launch_bounds__(kThreads) hist_kernel(Args a, int level) {
+__global__ void __launch_bounds__(kThreads) hist_kernel(Args a, int level, int rows) {
   extern __shared__ uint32_t bins[];
+  if (level > 0 && !any_row(a, rows, kSlow)) return;
   const Level lv = level_of(level);
-  const int nbins = 1 << lv.bits, top = lv.shift + lv.bits;
+  const int nbins = 1 << lv.bits, shift = lv.shift - 32, top = shift + lv.bits;
   const bool sce = a.sparsify == kSce;
   const int nkeys = sce ? 1 : a.K;
-  const int nh = level == 0 ? nkeys : nkeys * a.nb;
+  const int nh = level == 0 ? nkeys : rows;
   for (int e = threadIdx.x; e < nh * nbins; e += kThreads) bins[e] = 0;
   __syncthreads();
   unsigned long long zeros = 0;
@@ -341,7 +350,7 @@ __global__ void __launch_bounds__(kThreads) hist_kernel(Args a, int level) {
         const int lane = threadIdx.x & 31;
 #pragma unroll
         for (int j = 0; j < kItems; ++j) {
-          const uint32_t bin = valid[j] ? key[j] >> lv.shift : 0xffffffffu;
+          const uint32_t bin = valid[j] ? key[j] >> shift : 0xffffffffu;
           const unsigned peers = __match_any_sync(lanes, bin);
           if (valid[j] && lane == __ffs(peers) - 1) atomicAdd(&bins[s * nbins + bin], uint32_t(__popc(peers)));
         }
@@ -354,18 +363,18 @@ __global__ void __launch_bounds__(kThreads) hist_kernel(Args a, int level) {
       for (int c = 0; c < a.nb; ++c) {
         const int row = s * a.nb + c;
         const Cut cut = a.cut[row];
-        if (cut.done) continue;
-        const uint32_t prefix = cut.v >> top;
+        if (!serves(cut, kSlow)) continue;
+        const uint32_t prefix = uint32_t(cut.c >> 32) >> top;
 #pragma unroll
         for (int j = 0; j < kItems; ++j)
           if (valid[j] && (key[j] >> top) == prefix)
-            atomicAdd(&bins[row * nbins + ((key[j] >> lv.shift) & (nbins - 1))], 1u);
+            atomicAdd(&bins[row * nbins + ((key[j] >> shift) & (nbins - 1))], 1u);
       }
     }
   }
   __syncthreads();
   for (int e = threadIdx.x; e < nh * nbins; e += kThreads)
-    if (bins[e]) atomicAdd(&a.hist[e], bins[e]);
+    if (bins[e]) atomicAdd(&a.hist[size_t(e / nbins) * kMaxBins + e % nbins], bins[e]);
   if (sce && level == 0) {
     using Reduce = cub::BlockReduce<unsigned long long, kThreads>;
     __shared__ typename Reduce::TempStorage tmp;
@@ -374,11 +383,34 @@ __global__ void __launch_bounds__(kThreads) hist_kernel(Args a, int level) {
   }
 }
 
-// One block per cut: the digit holding the rank left to place, and the rank left within it.
-__global__ void __launch_bounds__(kPickThreads) pick_kernel(Args a, int level) {
+// The buffer's levels: hist[row][digit] += the row's collected entries that match its prefix.
+// Grid: (blocks over the entries, rows).
+__global__ void __launch_bounds__(kThreads) buffer_hist_kernel(Args a, int level) {
+  __shared__ uint32_t bins[kMaxBins];
+  const int row = blockIdx.y;
+  const Cut cut = a.cut[row];
+  if (!serves(cut, kBuffer)) return;
+  const Level lv = level_of(level);
+  const int nbins = 1 << lv.bits, top = lv.shift + lv.bits;
+  for (int e = threadIdx.x; e < nbins; e += kThreads) bins[e] = 0;
+  __syncthreads();
+  const uint64_t* entry = a.buffer + size_t(row) * a.cap;
+  const uint64_t prefix = cut.c >> top;
+  for (int64_t q = int64_t(blockIdx.x) * kThreads + threadIdx.x; q < cut.count; q += int64_t(gridDim.x) * kThreads) {
+    const uint64_t e = entry[q];
+    if ((e >> top) == prefix) atomicAdd(&bins[(e >> lv.shift) & (nbins - 1)], 1u);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < nbins; e += kThreads)
+    if (bins[e]) atomicAdd(&a.hist[size_t(row) * kMaxBins + e], bins[e]);
+}
+
+// One block per cut: the digit holding the rank left to place, and the rank left within it. A cut
+// whose remaining rank takes its whole digit is decided there: it starts at the next digit.
+__global__ void __launch_bounds__(kPickThreads) pick_kernel(Args a, int level, int path) {
   const int row = blockIdx.x;
   Cut* cut = a.cut + row;
-  if (cut->done) return;
+  if (!serves(*cut, path)) return;
   const Level lv = level_of(level);
   const int nbins = 1 << lv.bits;
   int64_t rank = cut->room;
@@ -386,11 +418,11 @@ __global__ void __launch_bounds__(kPickThreads) pick_kernel(Args a, int level) {
     if (a.sparsify == kSce)  // keep the int(#nonzero · topk) largest variances
       rank = a.n - int64_t(double(a.n - int64_t(*a.zeros)) * a.tau);
     if (rank <= 0 || rank >= a.n) {  // nothing, or everything, below
-      if (threadIdx.x == 0) *cut = Cut{rank <= 0 ? 0u : kAll, 0, 0, 1, 0};
+      if (threadIdx.x == 0) *cut = Cut{rank <= 0 ? 0 : uint64_t(kAll) << 32, 0, 0u, 1, 0, 0};
       return;
     }
   }
-  const uint32_t* h = a.hist + size_t(level == 0 ? row / a.nb : row) * nbins;
+  const uint32_t* h = a.hist + size_t(level == 0 ? row / a.nb : row) * kMaxBins;
   constexpr int per = kMaxBins / kPickThreads;
   unsigned long long count[per], incl[per];
 #pragma unroll
@@ -405,61 +437,81 @@ __global__ void __launch_bounds__(kPickThreads) pick_kernel(Args a, int level) {
   for (int q = 0; q < per; ++q) {
     const unsigned long long r = (unsigned long long)rank;
     if (incl[q] >= r && incl[q] - count[q] < r) {  // exactly one bin holds the rank
-      const uint32_t digit = threadIdx.x * per + q;
+      const uint64_t digit = threadIdx.x * per + q;
       Cut c = *cut;
-      c.v |= digit << lv.shift;
+      c.c |= digit << lv.shift;
       c.room = rank - int64_t(incl[q] - count[q]);
-      if (level == 2) {
-        if (c.room == int64_t(count[q])) {  // every element equal to v is below: a plain cut
-          c.v += 1;
-          c.room = 0;
-        } else {
-          c.split = 1;
-        }
+      if (c.room == int64_t(count[q])) {  // the whole digit lies below
+        c.c += uint64_t(1) << lv.shift;
+        c.done = 1;
+      } else if (level == 0) {
+        c.slow = count[q] > uint64_t(a.cap);
       }
       *cut = c;
     }
   }
 }
 
-// eq[row][tile] = elements of the tile whose key equals the split cut of `row`.
+// The fast rows' level-0 bins: each element of the bin appends (key << 32 | index) to its row's
+// buffer. The bin's count is known, so the buffer never overflows; the order of entries is free.
 template <class T, int M>
-__global__ void __launch_bounds__(kThreads, 4) count_kernel(Args a, int rows) {
-  bool any = false;
-  for (int r = 0; r < rows; ++r) any |= a.cut[r].split != 0;
-  if (!any) return;
+__global__ void __launch_bounds__(kThreads) collect_kernel(Args a, int rows) {
+  if (!any_row(a, rows, kBuffer)) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t groups = (a.n + kItems - 1) / kItems;
+  // Block-uniform trip count: every lane of a warp reaches the ballots.
+  for (int64_t g0 = int64_t(blockIdx.x) * kThreads; g0 < groups; g0 += int64_t(gridDim.x) * kThreads) {
+    const int64_t i = (g0 + threadIdx.x) * kItems;
+    float b[kItems], d[M][kItems];
+    load_tile<T, M>(a, i, b, d);
+    for (int row = 0; row < rows; ++row) {
+      const Cut cut = a.cut[row];
+      if (!serves(cut, kBuffer)) continue;
+      uint32_t key[kItems];
+      row_keys<M>(a, row, d, key);
+      const uint32_t prefix = uint32_t(cut.c >> 52);
+      uint64_t* entry = a.buffer + size_t(row) * a.cap;
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) {
+        const bool in = i + j < a.n && (key[j] >> 20) == prefix;
+        const unsigned ballot = __ballot_sync(0xffffffffu, in);
+        if (!ballot) continue;
+        const int leader = __ffs(ballot) - 1;
+        uint32_t at = 0;
+        if (lane == leader) at = atomicAdd(&a.cut[row].count, uint32_t(__popc(ballot)));
+        at = __shfl_sync(0xffffffffu, at, leader) + __popc(ballot & ((1u << lane) - 1));
+        if (in) entry[at] = (uint64_t(key[j]) << 32) | uint64_t(i + j);
+      }
+    }
+  }
+}
+
+// Slow rows: eq[row][tile] = elements of the tile whose key equals the cut's key.
+template <class T, int M>
+__global__ void __launch_bounds__(kThreads) count_kernel(Args a, int rows) {
+  if (!any_row(a, rows, kSlow)) return;
   using Count = cub::BlockReduce<int, kThreads>;
   __shared__ typename Count::TempStorage tmp;
   const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kItems;
-  float b[kItems];
-  load<T>(a.base, i, a, b);
+  float b[kItems], d[M][kItems];
+  load_tile<T, M>(a, i, b, d);
   for (int r = 0; r < rows; ++r) {
     const Cut c = a.cut[r];
-    if (!c.split) continue;
+    if (!serves(c, kSlow)) continue;
     uint32_t key[kItems];
-    if (a.sparsify == kSce) {
-      float d[M][kItems];
-      load_tile<T, M>(a, i, b, d);
-#pragma unroll
-      for (int j = 0; j < kItems; ++j) key[j] = key_of(variance<M>(d, a.K, j));
-    } else {  // only the row's model
-      float x[kItems];
-      load<T>(a.x[r / a.nb], i, a, x);
-#pragma unroll
-      for (int j = 0; j < kItems; ++j) key[j] = key_of(x[j] - b[j]);
-    }
+    row_keys<M>(a, r, d, key);
     int equal = 0;
 #pragma unroll
-    for (int j = 0; j < kItems; ++j) equal += i + j < a.n && key[j] == c.v;
+    for (int j = 0; j < kItems; ++j) equal += i + j < a.n && key[j] == uint32_t(c.c >> 32);
     __syncthreads();
     const int total = Count(tmp).Sum(equal);
     if (threadIdx.x == 0) a.eq[size_t(r) * a.nblocks + blockIdx.x] = uint32_t(total);
   }
 }
 
-// In place: eq[row][*] -> its exclusive prefix over tiles (one block per split row).
+// In place: eq[row][*] -> its exclusive prefix over tiles (one block per slow row).
 __global__ void __launch_bounds__(kPickThreads) scan_kernel(Args a) {
-  if (!a.cut[blockIdx.x].split) return;
+  if (!serves(a.cut[blockIdx.x], kSlow)) return;
   uint32_t* e = a.eq + size_t(blockIdx.x) * a.nblocks;
   using Scan = cub::BlockScan<uint32_t, kPickThreads>;
   __shared__ typename Scan::TempStorage tmp;
@@ -478,6 +530,39 @@ __global__ void __launch_bounds__(kPickThreads) scan_kernel(Args a) {
   }
 }
 
+// Slow rows: the tile holding equal element number `room` (index order) writes its index into the cut.
+template <class T, int M>
+__global__ void __launch_bounds__(kThreads) locate_kernel(Args a, int rows) {
+  __shared__ BlockScan::TempStorage scan;
+  const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kItems;
+  for (int r = 0; r < rows; ++r) {
+    const Cut c = a.cut[r];  // the block that decides this row is the only one past the test below
+    if (!serves(c, kSlow)) continue;
+    const uint32_t* e = a.eq + size_t(r) * a.nblocks;
+    const int64_t first = e[blockIdx.x], end = blockIdx.x + 1 < a.nblocks ? e[blockIdx.x + 1] : int64_t(1) << 40;
+    if (c.room < first || c.room >= end) continue;
+    float b[kItems], d[M][kItems];
+    load_tile<T, M>(a, i, b, d);
+    uint32_t key[kItems];
+    row_keys<M>(a, r, d, key);
+    const uint32_t v = uint32_t(c.c >> 32);
+    int equal = 0;
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) equal += i + j < a.n && key[j] == v;
+    int before;
+    BlockScan(scan).ExclusiveSum(equal, before);
+    __syncthreads();
+    int64_t pos = first + before;
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      if (i + j < a.n && key[j] == v && pos++ == c.room) {
+        a.cut[r].c = (uint64_t(v) << 32) | uint64_t(i + j);
+        a.cut[r].done = 1;
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------ sums and the element pass
 
 // Family L1 rescale: partial[k][0][tile] = Σ|δ_k|, partial[k][1][tile] = Σ|kept δ_k| (active models).
@@ -487,11 +572,9 @@ __global__ void __launch_bounds__(kThreads) sums_kernel(Args a) {
   __shared__ Shared sh;
   const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kItems;
   float b[kItems], d[M][kItems];
-  bool valid[kItems], keep[kItems];
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) valid[j] = i + j < a.n;
-  load_tile<T, M>(a, i, b, d);
-  if (a.sparsify == kSce) sce_selected<M>(a, d, valid, sh, keep);
+  bool keep[kItems];
+  load_tile<T, M>(a, i, b, d);  // zeros past n: they add nothing
+  if (a.sparsify == kSce) sce_selected<M>(a, i, d, keep);
 #pragma unroll
   for (int k = 0; k < M; ++k) {
     if (k >= a.K) continue;
@@ -505,7 +588,7 @@ __global__ void __launch_bounds__(kThreads) sums_kernel(Args a) {
     } else {
       if (a.mode[k] != kActive) continue;
       bool kept[kItems];
-      keep_mask(a, k, i, d[k], valid, sh, kept);
+      keep_mask(a, k, i, d[k], kept);
 #pragma unroll
       for (int j = 0; j < kItems; ++j) {
         before += fabsf(d[k][j]);
@@ -553,17 +636,13 @@ __global__ void __launch_bounds__(kPickThreads) coef_kernel(Args a) {
 
 template <class T, class O, int M>
 __global__ void __launch_bounds__(kThreads, M <= 4 ? 4 : 3) merge_kernel(Args a) {
-  __shared__ Shared sh;
   const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kItems;
   float b[kItems], d[M][kItems];
-  bool valid[kItems];
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) valid[j] = i + j < a.n;
   load_tile<T, M>(a, i, b, d);
   const bool sce = a.sparsify == kSce;
   if (sce) {
     bool selected[kItems];
-    sce_selected<M>(a, d, valid, sh, selected);
+    sce_selected<M>(a, i, d, selected);
 #pragma unroll
     for (int k = 0; k < M; ++k)
 #pragma unroll
@@ -577,7 +656,7 @@ __global__ void __launch_bounds__(kThreads, M <= 4 ? 4 : 3) merge_kernel(Args a)
         for (int j = 0; j < kItems; ++j) d[k][j] = 0.0f;
       } else if (a.mode[k] == kActive && a.sparsify != kNone) {
         bool kept[kItems];
-        keep_mask(a, k, i, d[k], valid, sh, kept);
+        keep_mask(a, k, i, d[k], kept);
 #pragma unroll
         for (int j = 0; j < kItems; ++j) d[k][j] = kept[j] ? d[k][j] : 0.0f;
         if (a.rescale) {
@@ -647,9 +726,13 @@ void with_inputs(int dtype, int K, F&& f) {
 
 size_t align(size_t x) { return (x + 255) & ~size_t(255); }
 
+// Selection buffers hold a level-0 bin: an eighth of the keys, the most a bin of smooth data holds
+// (a bin spans an eighth of an octave); keys piled on fewer values take the slow path.
+int64_t buffer_capacity(int64_t n) { return n / 8 + 1024; }
+
 struct Layout {
-  size_t cut, hist, zeros, eq, partial, coef, total;
-  explicit Layout(int64_t n) {
+  size_t cut, hist, zeros, eq, partial, coef, buffer, total;
+  Layout(int64_t n, int rows) {
     const size_t tiles = size_t((n + kTile - 1) / kTile);
     cut = 0;
     hist = align(cut + sizeof(Cut) * kMaxRows);
@@ -657,7 +740,8 @@ struct Layout {
     eq = align(zeros + sizeof(unsigned long long));
     partial = align(eq + sizeof(uint32_t) * kMaxRows * tiles);
     coef = align(partial + sizeof(float) * 2 * kMaxModels * tiles);
-    total = align(coef + sizeof(float) * kMaxModels);
+    buffer = align(coef + sizeof(float) * kMaxModels);
+    total = align(buffer + sizeof(uint64_t) * size_t(rows) * size_t(buffer_capacity(n)));
   }
 };
 
@@ -668,8 +752,9 @@ int multiprocessors() {
   return count;
 }
 
-Args prepare(const Launch& t) {
+Args prepare(const Launch& t, int rows) {
   const int K = int(t.others.size());
+  if (rows > t.rows) throw std::invalid_argument("the workspace holds fewer selection rows than the merge needs");
   if (K < 1 || K > kMaxModels) throw std::invalid_argument("the CUDA kernels take 1 to 8 non-base models");
   if (t.n < 1 || t.n >= (int64_t(1) << 32)) throw std::invalid_argument("tensor size must be in [1, 2^32)");
   Args a{};
@@ -688,7 +773,7 @@ Args prepare(const Launch& t) {
     aligned = aligned && reinterpret_cast<uintptr_t>(t.others[k]) % (kItems * in_size) == 0;
   }
   a.vec = aligned;
-  const Layout l(t.n);
+  const Layout l(t.n, rows);
   char* ws = static_cast<char*>(t.workspace);
   a.cut = reinterpret_cast<Cut*>(ws + l.cut);
   a.hist = reinterpret_cast<uint32_t*>(ws + l.hist);
@@ -696,10 +781,23 @@ Args prepare(const Launch& t) {
   a.eq = reinterpret_cast<uint32_t*>(ws + l.eq);
   a.partial = reinterpret_cast<float*>(ws + l.partial);
   a.coef = reinterpret_cast<float*>(ws + l.coef);
+  a.buffer = reinterpret_cast<uint64_t*>(ws + l.buffer);
+  a.cap = buffer_capacity(t.n);
   return a;
 }
 
-// The radix select of a.K * a.nb (rank) or 1 (SCE) cuts whose target ranks are `rank`.
+// One wave of resident blocks for a grid-stride pass: a second, partial wave would double the pass
+// for a few blocks.
+template <class K>
+int resident_grid(K kernel, size_t smem, int64_t work) {
+  int per_sm = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem), "occupancy");
+  return int(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads,
+                                                     std::max(per_sm, 1) * int64_t(multiprocessors()))));
+}
+
+// The selection of a.K * a.nb (rank) or 1 (SCE) cuts whose target ranks are `rank`. Every level is
+// enqueued; those with no row to serve return at once (the decisions stay on the device).
 template <class T, int M>
 void select(Args& a, const std::vector<int64_t>& rank, cudaStream_t stream) {
   const int rows = int(rank.size());
@@ -710,26 +808,38 @@ void select(Args& a, const std::vector<int64_t>& rank, cudaStream_t stream) {
   if (a.sparsify == kSce) check(cudaMemsetAsync(a.zeros, 0, sizeof(unsigned long long), stream), "memset");
   const int64_t groups = (a.n + kItems - 1) / kItems;
   const int nkeys = a.sparsify == kSce ? 1 : a.K;
-  for (int level = 0; level < 3; ++level) {
+  const auto full_level = [&](int level, int path) {
     const Level lv = level_of(level);
     const int nh = level == 0 ? nkeys : rows;
     const size_t smem = sizeof(uint32_t) * nh * (size_t(1) << lv.bits);
     check(cudaFuncSetAttribute(hist_kernel<T, M>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "smem");
-    // One wave of resident blocks: a second, partial wave would double the pass for a few blocks.
-    int per_sm = 0;
-    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, hist_kernel<T, M>, kThreads, smem), "occupancy");
-    const int grid = int(std::min<int64_t>((groups + kThreads - 1) / kThreads,
-                                           std::max(per_sm, 1) * int64_t(multiprocessors())));
-    check(cudaMemsetAsync(a.hist, 0, smem, stream), "memset");
-    hist_kernel<T, M><<<grid, kThreads, smem, stream>>>(a, level);
+    check(cudaMemsetAsync(a.hist, 0, sizeof(uint32_t) * nh * kMaxBins, stream), "memset");
+    hist_kernel<T, M><<<resident_grid(hist_kernel<T, M>, smem, groups), kThreads, smem, stream>>>(a, level, rows);
     check(cudaGetLastError(), "histogram");
-    pick_kernel<<<rows, kPickThreads, 0, stream>>>(a, level);
+    pick_kernel<<<rows, kPickThreads, 0, stream>>>(a, level, path);
+    check(cudaGetLastError(), "pick");
+  };
+  full_level(0, kFirst);
+  // Fast rows: the bin, then the remaining digits from the buffer.
+  collect_kernel<T, M><<<resident_grid(collect_kernel<T, M>, 0, groups), kThreads, 0, stream>>>(a, rows);
+  check(cudaGetLastError(), "collect");
+  const int entry_blocks = int(std::max<int64_t>(1, std::min<int64_t>(
+      (a.cap + kThreads - 1) / kThreads, 4 * int64_t(multiprocessors()) / rows + 1)));
+  for (int level = 1; level < kLevels; ++level) {
+    check(cudaMemsetAsync(a.hist, 0, sizeof(uint32_t) * rows * kMaxBins, stream), "memset");
+    buffer_hist_kernel<<<dim3(entry_blocks, rows), kThreads, 0, stream>>>(a, level);
+    check(cudaGetLastError(), "buffer histogram");
+    pick_kernel<<<rows, kPickThreads, 0, stream>>>(a, level, kBuffer);
     check(cudaGetLastError(), "pick");
   }
+  // Slow rows: the key's digits from the full data, then the rank among equal keys.
+  for (int level = 1; level < kKeyLevels; ++level) full_level(level, kSlow);
   count_kernel<T, M><<<a.nblocks, kThreads, 0, stream>>>(a, rows);
   check(cudaGetLastError(), "count");
   scan_kernel<<<rows, kPickThreads, 0, stream>>>(a);
   check(cudaGetLastError(), "scan");
+  locate_kernel<T, M><<<a.nblocks, kThreads, 0, stream>>>(a, rows);
+  check(cudaGetLastError(), "locate");
 }
 
 template <class T, int M>
@@ -743,10 +853,19 @@ void launch_merge(const Args& a, int out_dtype, cudaStream_t stream) {
 
 }  // namespace
 
-size_t workspace_bytes(int64_t n) { return Layout(n).total; }
+size_t workspace_bytes(int64_t n, int rows) { return Layout(n, rows).total; }
+
+// Cuts the merge selects: one per active model, two where a band has an upper cut too.
+static int selection_rows(const Family& p, int64_t n) {
+  const bool active = p.sparsify == kRank && std::find(p.mode.begin(), p.mode.end(), int(kActive)) != p.mode.end();
+  if (!active) return 0;
+  const bool band = std::any_of(p.rank_hi.begin(), p.rank_hi.end(), [&](int64_t h) { return h < n; });
+  return int(p.mode.size()) * (band ? 2 : 1);
+}
 
 void family_merge(const Launch& t, const Family& p) {
-  Args a = prepare(t);
+  const int rows = selection_rows(p, t.n);
+  Args a = prepare(t, rows);
   const int K = a.K;
   const size_t k_ = size_t(K);
   if (p.mode.size() != k_ || p.weight.size() != k_ || p.p0.size() != k_ || p.rank_lo.size() != k_ ||
@@ -770,12 +889,12 @@ void family_merge(const Launch& t, const Family& p) {
   }
   a.divisor = std::fabs(weight_sum) < 1e-8f ? 1.0f : weight_sum;
   a.rescale = p.rescale && active;
-  a.nb = p.sparsify == kRank ? (std::any_of(p.rank_hi.begin(), p.rank_hi.end(), [&](int64_t h) { return h < t.n; }) ? 2 : 1) : 0;
+  a.nb = rows ? rows / K : p.sparsify == kRank ? 1 : 0;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(t.stream);
   with_inputs(t.in_dtype, K, [&](auto tag, auto width) {
     using T = decltype(tag);
     constexpr int M = decltype(width)::value;
-    if (a.sparsify == kRank && active) {
+    if (rows) {
       std::vector<int64_t> rank;
       for (int k = 0; k < K; ++k) {
         const bool live = p.mode[k] == kActive;  // others keep every rank: [0, n)
@@ -795,7 +914,7 @@ void family_merge(const Launch& t, const Family& p) {
 }
 
 void sce_merge(const Launch& t, double select_topk) {
-  Args a = prepare(t);
+  Args a = prepare(t, select_topk < 1 ? 1 : 0);
   a.sparsify = kSce;
   a.consensus = 1;
   a.tau = select_topk;

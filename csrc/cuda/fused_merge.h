@@ -23,7 +23,8 @@ struct Launch {
   void* out = nullptr;
   int64_t n = 0;
   int in_dtype = 0, out_dtype = 0;  // seme::Dtype codes: 0 fp32, 1 bf16, 2 fp16
-  void* workspace = nullptr;        // workspace_bytes(n) bytes of device memory
+  void* workspace = nullptr;        // workspace_bytes(n, rows) bytes of device memory
+  int rows = 0;                     // the selection rows that workspace holds (see selection_rows)
   uintptr_t stream = 0;             // cudaStream_t
 };
 
@@ -38,7 +39,9 @@ struct Family {
   std::vector<const float*> prob;    // DELLA: per-element keep probability of each model (device, n floats)
 };
 
-size_t workspace_bytes(int64_t n);
+// Device workspace of a merge of n elements that selects `rows` cuts: one per model whose δ is
+// sparsified by rank (two for a band with an upper cut, as breadcrumbs'), one for SCE, else none.
+size_t workspace_bytes(int64_t n, int rows);
 void family_merge(const Launch& t, const Family& p);
 void sce_merge(const Launch& t, double select_topk);
 
