@@ -9,6 +9,7 @@ native engine is the fused backend on CPU without torch around it).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import warnings
@@ -27,9 +28,10 @@ def make_engine(plan, device: str, backend: str, world: int):
 
 class TorchEngine:
     """Inputs as torch tensors on the merge device, `seme.backend`'s implementation of the method,
-    and the result copied into the output."""
+    and the result copied into the output. On a GPU the inputs of the next tasks are staged while
+    one merges (`seme.staging`; `stage` forces it on or off, as the tests do on a CPU)."""
 
-    def __init__(self, plan, device: str, backend: str):
+    def __init__(self, plan, device: str, backend: str, stage: bool | None = None):
         import torch
 
         from seme.backend import implementation
@@ -37,6 +39,28 @@ class TorchEngine:
         self.plan, self.device = plan, torch.device(device)
         self.impl, self.fused = implementation(plan.recipe.merge_method, backend, self.device)
         self.semantic = plan.semantic.prepare(plan, self.device) if plan.semantic else None
+        self.stage = self.device.type == "cuda" if stage is None else stage
+        self.stager = None
+
+    def staging(self, tasks, budget: int, progress):
+        """A context in which the inputs of `tasks` (in merge order) are staged ahead, `budget` bytes
+        at most beyond the task being merged; the readers' time is `progress`'s read stage."""
+        if not self.stage:
+            return contextlib.nullcontext()
+        import torch
+
+        from seme.staging import InputStager
+
+        if self.device.type == "cuda":  # staged inputs wait in GPU memory: most of it stays the merge's
+            budget = min(budget, torch.cuda.get_device_properties(self.device).total_memory // 4)
+        self.stager = InputStager(self.device, [t for t in tasks if not t.copy], self._sources, budget,
+                                  lambda seconds, nbytes: progress.stage("read", seconds, nbytes))
+        return self.stager
+
+    def _sources(self, task) -> list:
+        """The inputs to stage: all but SeMe's derived ones, which are built on the device."""
+        return [None if task.derived and task.derived[i] else self.plan.models[m].load(name)
+                for i, (m, name) in enumerate(task.inputs)]
 
     def merge(self, task, out: memoryview) -> bool:
         """Merge `task` into `out`; whether the result is finite. NaN / Inf inputs are warned of."""
@@ -48,9 +72,9 @@ class TorchEngine:
 
         plan = self.plan
         tensors = [plan.models[m].load(name) for m, name in task.inputs]
-        sources = tensors
+        sources = self.stager.get(task) if self.stager is not None else tensors
         if task.derived:
-            sources = [self.semantic.load(d, task.name) if d else t for d, t in zip(task.derived, tensors)]
+            sources = [self.semantic.load(d, task.name) if d else t for d, t in zip(task.derived, sources)]
         compute = getattr(torch, task.compute_dtype) if task.compute_dtype else None
         on_device = []
         for t in sources:
@@ -69,7 +93,9 @@ class TorchEngine:
             # scanned on the merge device (a GPU's copies), unless derived inputs changed them
             _warn_nonfinite(plan, task, tensors if task.derived else inputs.tensors)
         finite = merged.output_finite if merged.output_finite is not None else all_finite(result)
-        if len(out):
+        if len(out) and self.stager is not None:
+            self.stager.put(result, out)
+        elif len(out):
             torch.frombuffer(out, dtype=torch.uint8).copy_(result.contiguous().reshape(-1).view(torch.uint8))
         return finite
 
@@ -85,6 +111,10 @@ class NativeEngine:
     def __init__(self, plan, device: str):
         self.plan, self.device = plan, device
         self._torch: TorchEngine | None = None
+
+    def staging(self, tasks, budget: int, progress):
+        """Nothing to stage: the kernels read the mapped inputs where they lie."""
+        return contextlib.nullcontext()
 
     def merge(self, task, out: memoryview) -> bool:
         """Merge `task` into `out`; whether the result is finite. NaN / Inf inputs are warned of."""

@@ -25,15 +25,16 @@ from seme.plan import Plan
 
 
 class Progress:
-    """Tensors done and the rates of the two stages (merge: input bytes over the time spent merging,
-    the reads included, since inputs are read through their mappings as the merge touches them;
+    """Tensors done and the rates of the stages (merge: input bytes over the time spent merging,
+    the reads included where inputs are read through their mappings as the merge touches them;
+    read, on a GPU: input bytes over the time the background readers staging them were busy;
     write: output bytes over the time spent hashing and flushing) on one self-rewriting stderr
     line, shown only on a terminal."""
 
     def __init__(self, total_tensors: int, total_bytes: int, enabled: bool):
         self.total_tensors, self.total_bytes, self.enabled = total_tensors, total_bytes, enabled
         self.tensors = self.bytes = 0
-        self.busy = {"merge": [0.0, 0], "write": [0.0, 0]}  # stage -> [seconds, bytes]
+        self.busy = {"read": [0.0, 0], "merge": [0.0, 0], "write": [0.0, 0]}  # stage -> [seconds, bytes]
         self.start = self._last = time.perf_counter()
 
     def stage(self, name: str, seconds: float, nbytes: int) -> None:
@@ -51,8 +52,9 @@ class Progress:
         if self.enabled and (now - self._last > 0.1 or self.tensors == self.total_tensors):
             self._last = now
             rate = self.bytes / max(now - self.start, 1e-9) / 1e9
+            read = f"read {self.rate('read'):.1f} GB/s, " if self.busy["read"][1] else ""
             sys.stderr.write(f"\r  {self.tensors}/{self.total_tensors} tensors  "
-                             f"{self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB  {rate:.2f} GB/s  (merge "
+                             f"{self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB  {rate:.2f} GB/s  ({read}merge "
                              f"{self.rate('merge'):.1f} GB/s in, write {self.rate('write'):.1f} GB/s out) ")
             sys.stderr.flush()
 
@@ -155,15 +157,16 @@ def _plan_id(plan: Plan, shard_size: int, version: str) -> str:
 
 def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int, resume: bool,
              allow_nonfinite: bool, progress: bool, plan_id: str, group, prefetch_bytes: int) -> dict:
-    """The streaming loop. Inputs of the next tasks are prefetched (madvise) while the current one
-    is merged, and finished tensors are hashed and their shards flushed by a background thread."""
+    """The streaming loop. Inputs of the next tasks are prefetched (madvise), and on a GPU staged
+    (`seme.staging`), while the current one is merged, and finished tensors are hashed and their
+    shards flushed by a background thread."""
     engine = make_engine(plan, device, backend, group.world)
     writer = ShardWriter(folder, [(t.name, t.dtype, t.shape, t.nbytes) for t in plan.tasks], shard_size, plan_id,
                          resume=resume, rank=group.rank, world=group.world)
     tasks = [t for t in plan.tasks if not writer.skip(t.name)]
     bar = Progress(len(tasks), sum(_input_bytes(plan, t) for t in tasks), progress)
     prefetched = 0
-    with Finisher(writer, bar) as finisher:
+    with Finisher(writer, bar) as finisher, engine.staging(tasks, prefetch_bytes, bar):
         for i, task in enumerate(tasks):
             prefetched = _prefetch(plan, tasks, max(prefetched, i + 1), prefetch_bytes)
             start = time.perf_counter()
