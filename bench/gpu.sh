@@ -16,9 +16,9 @@ for stage in $stages; do
   case $stage in
     tests) timeout 420 python3 -m pytest -q -p no:cacheprovider --maxfail=20 tests/test_fused_merge_cuda.py \
              tests/test_semantic_mapping_triton.py tests/test_semantic_bases_triton.py \
-             tests/test_fused_merge_triton.py tests/test_backend.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+             tests/test_fused_merge_triton.py tests/test_backend.py tests/test_staging.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     cuda-tests) timeout 300 python3 -m pytest -q -p no:cacheprovider --maxfail=20 tests/test_fused_merge_cuda.py \
-                  tests/test_backend.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+                  tests/test_backend.py tests/test_staging.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     kernels) timeout 300 python3 -m bench.kernels --device cuda --size $((1 << 26)) --repeat 20 \
                --baseline-repeat 3 2>&1 | tee "$OUT/kernels.log" ;;
     seme) timeout 240 python3 -m bench.seme --device cuda --vocab 128256 --hidden 4096 --repeat 3 2>&1 \

@@ -132,3 +132,12 @@ def test_buffered_and_slow_cuts_in_one_launch(method):
     if "breadcrumbs" in method:
         supplied["gamma"] = [0.1, 0.05, 0.0]
     check(method, inputs, supplied)
+
+
+@gpu
+def test_collect_flushes_its_stages_midway():
+    """Enough keys of each cut's level-0 bin per block that the collecting kernel flushes its
+    shared-memory stages while it runs (8 cuts: the narrow stages), not only at its end."""
+    inputs = make_inputs((1 << 12, 1 << 10), 4, torch.float32, False, seed=9)
+    check("breadcrumbs_ties", inputs, {"weight": [0.7, 0.4, 1.1, 0.5], "density": [0.3, 0.5, 0.2, 0.4],
+                                       "gamma": [0.1, 0.05, 0.02, 0.01]})
