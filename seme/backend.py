@@ -21,8 +21,9 @@ from seme.methods import registry
 from seme.methods.inputs import Inputs
 
 BACKENDS = ("auto", "reference", "fused")
-# Triton measured faster on DARE (1.6-1.8x) and on bf16 task arithmetic (1.2x; fp32: 0.9x); the CUDA
-# kernels won 4.9-7.1x on the rank-selection methods and 2.6x on SCE, and tied on DELLA (torch's row sort).
+# On an H100 (bench/RESULTS.md) Triton was faster on DARE (1.4-1.7x) and on bf16 task arithmetic (1.3x;
+# fp32: 0.95x); the CUDA kernels won 6.8-7.5x on the rank-selection methods and 3.6x on SCE, and tied
+# on DELLA (torch's row sort).
 TRITON_FIRST = frozenset({"task_arithmetic", "dare_ties", "dare_linear"})
 # Input dtypes the fused kernels widen to fp32 as they load: a cast to fp32 first would only copy.
 WIDENED_BY_KERNELS = (torch.bfloat16, torch.float16, torch.float32)
