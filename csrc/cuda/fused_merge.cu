@@ -217,10 +217,6 @@ __device__ __forceinline__ bool below(uint64_t cut, uint32_t key, int64_t i) {
   return ((uint64_t(key) << 32) | uint64_t(i)) < cut;
 }
 
-struct Shared {
-  BlockSum::TempStorage sum;
-};
-
 // keep[j] of model k's δ under its sparsification (rank cuts, DARE or DELLA draws).
 __device__ __forceinline__ void keep_mask(const Args& a, int k, int64_t i, const float d[kItems], bool keep[kItems]) {
   if (a.sparsify == kRank) {
@@ -520,6 +516,19 @@ __global__ void __launch_bounds__(kThreads) collect_kernel(Args a, int rows, int
   flush(true);
 }
 
+// Slow rows: which of a tile's elements have the key of row r's cut, and how many.
+template <int M>
+__device__ __forceinline__ int equal_to_cut(const Args& a, int r, int64_t i, const float d[M][kItems],
+                                            bool equal[kItems]) {
+  uint32_t key[kItems];
+  row_keys<M>(a, r, d, key);
+  const uint32_t v = uint32_t(a.cut[r].c >> 32);
+  int count = 0;
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) count += equal[j] = i + j < a.n && key[j] == v;
+  return count;
+}
+
 // Slow rows: eq[row][tile] = elements of the tile whose key equals the cut's key.
 template <class T, int M>
 __global__ void __launch_bounds__(kThreads) count_kernel(Args a, int rows) {
@@ -531,15 +540,11 @@ __global__ void __launch_bounds__(kThreads) count_kernel(Args a, int rows) {
     float b[kItems], d[M][kItems];
     load_tile<T, M>(a, i, b, d);
     for (int r = 0; r < rows; ++r) {
-      const Cut c = a.cut[r];
-      if (!serves(c, kSlow)) continue;
-      uint32_t key[kItems];
-      row_keys<M>(a, r, d, key);
-      int equal = 0;
-#pragma unroll
-      for (int j = 0; j < kItems; ++j) equal += i + j < a.n && key[j] == uint32_t(c.c >> 32);
+      if (!serves(a.cut[r], kSlow)) continue;
+      bool equal[kItems];
+      const int mine = equal_to_cut<M>(a, r, i, d, equal);
       __syncthreads();
-      const int total = Count(tmp).Sum(equal);
+      const int total = Count(tmp).Sum(mine);
       if (threadIdx.x == 0) a.eq[size_t(r) * a.nblocks + tile] = uint32_t(total);
     }
   }
@@ -581,20 +586,15 @@ __global__ void __launch_bounds__(kThreads) locate_kernel(Args a, int rows) {
       if (c.room < first || c.room >= end) continue;
       float b[kItems], d[M][kItems];
       load_tile<T, M>(a, i, b, d);
-      uint32_t key[kItems];
-      row_keys<M>(a, r, d, key);
-      const uint32_t v = uint32_t(c.c >> 32);
-      int equal = 0;
-#pragma unroll
-      for (int j = 0; j < kItems; ++j) equal += i + j < a.n && key[j] == v;
+      bool equal[kItems];
       int before;
-      BlockScan(scan).ExclusiveSum(equal, before);
+      BlockScan(scan).ExclusiveSum(equal_to_cut<M>(a, r, i, d, equal), before);
       __syncthreads();
       int64_t pos = first + before;
 #pragma unroll
       for (int j = 0; j < kItems; ++j) {
-        if (i + j < a.n && key[j] == v && pos++ == c.room) {
-          a.cut[r].c = (uint64_t(v) << 32) | uint64_t(i + j);
+        if (equal[j] && pos++ == c.room) {
+          a.cut[r].c = (c.c & ~uint64_t(0xffffffffu)) | uint64_t(i + j);
           a.cut[r].done = 1;
         }
       }
@@ -608,7 +608,7 @@ __global__ void __launch_bounds__(kThreads) locate_kernel(Args a, int rows) {
 // SCE: partial[k][1][tile] = Σ (selected δ_k)².
 template <class T, int M>
 __global__ void __launch_bounds__(kThreads) sums_kernel(Args a) {
-  __shared__ Shared sh;
+  __shared__ BlockSum::TempStorage sum;
   const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kItems;
   float b[kItems], d[M][kItems];
   bool keep[kItems];
@@ -635,9 +635,9 @@ __global__ void __launch_bounds__(kThreads) sums_kernel(Args a) {
       }
     }
     __syncthreads();
-    const float total_before = BlockSum(sh.sum).Sum(before);
+    const float total_before = BlockSum(sum).Sum(before);
     __syncthreads();
-    const float total_after = BlockSum(sh.sum).Sum(after);
+    const float total_after = BlockSum(sum).Sum(after);
     if (threadIdx.x == 0) {
       a.partial[(size_t(k) * 2) * a.nblocks + blockIdx.x] = total_before;
       a.partial[(size_t(k) * 2 + 1) * a.nblocks + blockIdx.x] = total_after;
