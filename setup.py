@@ -58,6 +58,7 @@ extensions = [
     ),
 ]
 if _nvcc() and not os.environ.get("SEME_NO_CUDA"):
-    extensions.append(CudaExtension("seme._C_cuda", ["csrc/cuda/bindings.cpp", "csrc/cuda/fused_merge.cu"]))
+    extensions.append(CudaExtension(
+        "seme._C_cuda", ["csrc/cuda/bindings.cpp", "csrc/cuda/fused_merge.cu", "csrc/cuda/della_probability.cu"]))
 
 setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})

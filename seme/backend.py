@@ -4,8 +4,8 @@ on request (`--backend reference`) or where no kernel covers the method.
 CPU tensors go to the C++/OpenMP kernel (seme._C), SeMe's Select / Compute / Erase included (the
 SCE kernel, which also counts what SeMe reports). CUDA tensors go to whichever GPU kernel was
 faster for the method in `python -m bench.kernels --device cuda` (bench/RESULTS.md, H100): the CUDA
-C++ one (seme._C_cuda, up to 8 non-base models) where a selection pass dominates, the Triton one
-for the single-pass methods and for SeMe's fusion (its SCE kernel counts SeMe's statistics). All
+C++ one (seme._C_cuda, up to 8 non-base models) for all but DARE, the Triton one for DARE and for
+SeMe's fusion (its SCE kernel counts SeMe's statistics). All
 draw the same masks as the reference, so the backend changes speed, not results (fp32 sums apart).
 """
 from __future__ import annotations
@@ -21,10 +21,10 @@ from seme.methods import registry
 from seme.methods.inputs import Inputs
 
 BACKENDS = ("auto", "reference", "fused")
-# On an H100 (bench/RESULTS.md) Triton was faster on DARE (1.4-1.7x) and on bf16 task arithmetic (1.3x;
-# fp32: 0.95x); the CUDA kernels won 6.8-7.5x on the rank-selection methods and 3.6x on SCE, and tied
-# on DELLA (torch's row sort).
-TRITON_FIRST = frozenset({"task_arithmetic", "dare_ties", "dare_linear"})
+# On an H100 (bench/RESULTS.md) Triton was faster on DARE (1.2-1.3x); the CUDA kernels won on task
+# arithmetic (1.2-1.5x since their merge pass strides a resident grid), 9-13x on the rank-selection
+# methods, 4.4-6.5x on SCE and 4.4-4.8x on DELLA (its row-rank kernel).
+TRITON_FIRST = frozenset({"dare_ties", "dare_linear"})
 # Input dtypes the fused kernels widen to fp32 as they load: a cast to fp32 first would only copy.
 WIDENED_BY_KERNELS = (torch.bfloat16, torch.float16, torch.float32)
 

@@ -13,6 +13,7 @@ import torch
 from kernel_cases import FAMILY, OPTIONS, OPTIONS_PARAMS, make_inputs
 from seme.methods import registry
 from seme.methods.inputs import Inputs
+from seme.methods.task_vector import della_keep_probability
 
 @pytest.mark.skipif(not shutil.which("nvcc") or bool(os.environ.get("SEME_NO_CUDA")), reason="no nvcc")
 def test_extension_is_built_where_nvcc_is():
@@ -135,9 +136,57 @@ def test_buffered_and_slow_cuts_in_one_launch(method):
 
 
 @gpu
-def test_collect_flushes_its_stages_midway():
-    """Enough keys of each cut's level-0 bin per block that the collecting kernel flushes its
-    shared-memory stages while it runs (8 cuts: the narrow stages), not only at its end."""
-    inputs = make_inputs((1 << 12, 1 << 10), 4, torch.float32, False, seed=9)
-    check("breadcrumbs_ties", inputs, {"weight": [0.7, 0.4, 1.1, 0.5], "density": [0.3, 0.5, 0.2, 0.4],
-                                       "gamma": [0.1, 0.05, 0.02, 0.01]})
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "sce"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_collect_places_each_block_at_its_offset(method, dtype):
+    """4M elements, so each level-0 block strides over many tiles, with magnitudes spread over 12
+    octaves along the tensor, so the blocks hold different counts of a cut's level-0 bin. Each
+    block must write its entries at the offset that the per-block counts of level 0 give it."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(1 << 12, 1 << 10, generator=g)
+    ramp = torch.logspace(-6, 6, 1 << 12, base=2.0).unsqueeze(1)
+    others = [base + 0.01 * ramp * torch.randn(base.shape, generator=g) for _ in range(4)]
+    inputs = Inputs(tuple(t.to(dtype) for t in (base, *others)), 0, "model.layers.0.mlp.w", 5)
+    supplied = {"select_topk": 0.3} if method == "sce" else {"weight": [0.7, 0.4, 1.1, 0.5],
+                                                           "density": [0.3, 0.5, 0.2, 0.4]}
+    if "breadcrumbs" in method:
+        supplied["gamma"] = [0.1, 0.05, 0.02, 0.01]
+    check(method, inputs, supplied)
+
+
+# Row lengths 1, 7, 64, 4096 and 16384 (the longest the kernel sorts), then longer rows that torch
+# sorts; 1 to several hundred rows; 0-d, 1-d and 3-d tensors.
+DELLA_SHAPES = [(), (1,), (300, 1), (7,), (257, 7), (64,), (5, 9, 64), (4096,), (130, 4096), (16384,), (3, 16384),
+                (20000,), (3, 20000)]
+
+
+def della_rows(shape, dtype, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "tied":  # |δ| from {0, 1/8, 2/8, 3/8}: long runs of equal keys, exact in every dtype
+        base = torch.randint(-8, 8, shape, generator=g).float() * 0.5
+        x = base + torch.randint(-3, 4, shape, generator=g).float() / 8
+    elif kind == "tiny":  # fp16 subnormals: their fp32 keys use the low mantissa bits
+        base = torch.zeros(shape)
+        x = 1e-6 * torch.randn(shape, generator=g)
+    else:
+        base = torch.randn(shape, generator=g)
+        x = base + 0.01 * torch.randn(shape, generator=g)
+    return base.to(dtype), x.to(dtype)
+
+
+@gpu
+@pytest.mark.parametrize("shape", DELLA_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["smooth", "tied", "tiny"])
+def test_della_probability_matches_reference(shape, dtype, kind):
+    """The probabilities (ranks through the CUDA row sort, or torch's beyond DELLA_MAX_COLS) equal
+    the CPU reference's bit for bit: the reference's float32 operations, divisions included. With
+    ε = 0.1 every rank of a row has its own probability, so this checks the ranks as well."""
+    from seme import cuda_merge
+
+    base, x = della_rows(shape, dtype, kind, seed=sum(shape))
+    density, epsilon = 0.4, 0.1
+    expected = della_keep_probability(x.float() - base.float(), density, epsilon)
+    got = cuda_merge.della_probability(base.cuda(), x.cuda(), density - epsilon, epsilon).cpu()
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert torch.equal(got, expected)

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "cuda/della_probability.h"
 #include "cuda/fused_merge.h"
 
 namespace py = pybind11;
@@ -30,6 +31,7 @@ seme::cuda::Launch launch(uintptr_t base, const std::vector<uintptr_t>& others, 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "seme native kernels (CUDA)";
   m.attr("MAX_MODELS") = seme::cuda::kMaxModels;
+  m.attr("DELLA_MAX_COLS") = seme::cuda::kDellaMaxCols;
   m.def("workspace_bytes", &seme::cuda::workspace_bytes,
         "Device workspace of a merge of n elements that selects `rows` cuts.", py::arg("n"), py::arg("rows"));
   m.def(
@@ -72,4 +74,16 @@ PYBIND11_MODULE(_C_cuda, m) {
       "SCE merge into `out`, enqueued on `stream`.", py::arg("base"), py::arg("others"), py::arg("out"), py::arg("n"),
       py::arg("in_dtype"), py::arg("out_dtype"), py::arg("workspace"), py::arg("rows"), py::arg("stream"),
       py::arg("select_topk"));
+  m.def(
+      "della_probability",
+      [](uintptr_t base, uintptr_t x, uintptr_t prob, int64_t rows, int64_t cols, int in_dtype, float p0, float eps,
+         uintptr_t stream) {
+        py::gil_scoped_release release;
+        seme::cuda::della_probability(reinterpret_cast<const void*>(base), reinterpret_cast<const void*>(x),
+                                      reinterpret_cast<float*>(prob), rows, cols, in_dtype, p0, eps, stream);
+      },
+      "DELLA's keep probability of each element of x (rows of `cols`) into `prob` (float32), enqueued on `stream` "
+      "(see csrc/cuda/della_probability.h).",
+      py::arg("base"), py::arg("x"), py::arg("prob"), py::arg("rows"), py::arg("cols"), py::arg("in_dtype"),
+      py::arg("p0"), py::arg("eps"), py::arg("stream"));
 }

@@ -1,13 +1,13 @@
 // Fused CUDA merge kernels (see fused_merge.h for the contract).
 //
 // Per tensor, with δ_k = x_k − base recomputed from the inputs at every pass:
-//   selection (rank interval, SCE top-k): radix select on the fp32 bits of the keys (|δ_k|, or the
-//     across-model variance) in three digit levels of 11 + 10 + 10 bits. Each level is one
-//     histogram pass (shared-memory bins, flushed with global atomics: integer sums, order-free)
-//     and one pick kernel per cut that narrows the prefix and the rank left to place. A cut ends as
-//     (v, room): rank < r ⇔ key < v, or key == v among the first `room` equal elements by index.
-//     Only when a cut splits a run of equal keys does a count pass and a scan give each tile its
-//     offset among the equals (both return at once otherwise: the decision stays on the device);
+//   selection (rank interval, SCE top-k): radix select on the composite (key << 32 | index) of the
+//     keys' fp32 bits (|δ_k|, or the across-model variance), whose order is the tie rule's. The
+//     key's top 11 bits come from a full-data histogram (shared-memory bins, flushed with global
+//     atomics: integer sums, order-free), the cut's bin is collected into a buffer at offsets
+//     fixed by the per-block counts of that histogram, and the remaining digits are read off the
+//     buffer. One pick kernel per level and cut narrows the prefix and the rank left to place; the
+//     decisions stay on the device. A bin too large for its buffer is finished on the full data;
 //   sums (L1 rescale, SCE energies): per-tile fp32 partials, reduced in double in tile order;
 //   ONE element pass: masks, rescale, weights, sign election, (weighted) mean, λ, output cast.
 // Tiles are kThreads x kItems consecutive elements, each thread kItems of them; the order of
@@ -59,7 +59,7 @@ struct Args {
   int sparsify, nb;  // nb: cuts per selection key (rank: 1 TIES, 2 breadcrumbs; SCE: 1 when selecting)
   int consensus, normalize, rescale, vec;
   float lambda, divisor;
-  double tau;
+  double tau, inv_k;  // inv_k: RN(1 / K), SCE's variance
   int mode[kMaxModels];
   float weight[kMaxModels], p0[kMaxModels];
   uint32_t key_lo[kMaxModels], key_hi[kMaxModels];
@@ -67,7 +67,9 @@ struct Args {
   Cut* cut;
   uint32_t* hist;
   unsigned long long* zeros;
-  uint32_t* eq;      // [row][tile]: elements equal to the cut, then their exclusive prefix (slow rows)
+  uint32_t* eq;      // [row][tile]: elements equal to the cut, then their exclusive prefix (slow rows);
+                     // [row][level-0 block]: the block's first slot in the row's buffer (fast rows)
+  uint32_t* blockhist;  // [level-0 block][key][kMaxBins]: each block's level-0 histogram
   uint64_t* buffer;  // [row][cap]: the level-0 bin's entries (fast rows)
   int64_t cap;
   float* partial;    // [model][2][tile]
@@ -159,19 +161,29 @@ __device__ __forceinline__ void store(void* ptr, int64_t i, const Args& a, const
 
 __device__ __forceinline__ uint32_t key_of(float x) { return __float_as_uint(x) & 0x7fffffffu; }
 
+// x / d correctly rounded, given inv = RN(1 / d), without a division (a double division is a
+// dozen dependent instructions, which left SCE's passes compute-bound): Markstein's correction of
+// x·inv by its exact remainder. It is the correctly rounded quotient for finite nonzero x away from
+// underflow (here: squares of float deltas); zeros and infinities may differ in sign or turn NaN,
+// which variance() never tells apart (keys drop the sign; an infinite δ makes m2 NaN either way).
+__device__ __forceinline__ double divide(double x, double d, double inv) {
+  const double q = x * inv;
+  return fma(fma(-q, d, x), inv, q);
+}
+
 // The across-model variance as torch computes it on CPU: Welford in double, rounded to float.
 template <int M>
-__device__ __forceinline__ float variance(const float d[M][kItems], int K, int j) {
+__device__ __forceinline__ float variance(const float d[M][kItems], int K, double inv_k, int j) {
   double mean = 0.0, m2 = 0.0;
 #pragma unroll
   for (int k = 0; k < M; ++k) {
     if (k < K) {
       const double x = d[k][j], dev = x - mean;
-      mean = mean + dev / double(k + 1);
+      mean = mean + ((k + 1) & k ? divide(dev, k + 1, 1.0 / (k + 1)) : dev * (1.0 / (k + 1)));  // 2^m: exact
       m2 = m2 + dev * (x - mean);
     }
   }
-  return float(m2 / double(K));
+  return float(divide(m2, K, inv_k));
 }
 
 // Philox4x32-10 of counter (c, 0, 0) under (k0, k1): words of elements 4c .. 4c + 3 (seme.methods.rng).
@@ -245,17 +257,17 @@ __device__ __forceinline__ void keep_mask(const Args& a, int k, int64_t i, const
 template <int M>
 __device__ __forceinline__ void sce_selected(const Args& a, int64_t i, const float d[M][kItems], bool selected[kItems]) {
 #pragma unroll
-  for (int j = 0; j < kItems; ++j) selected[j] = !a.nb || !below(a.cut[0].c, key_of(variance<M>(d, a.K, j)), i + j);
+  for (int j = 0; j < kItems; ++j) selected[j] = !a.nb || !below(a.cut[0].c, key_of(variance<M>(d, a.K, a.inv_k, j)), i + j);
 }
 
 // ------------------------------------------------------------ selection kernels
 //
 // A cut is found digit by digit on the composite (key << 32 | index), whose order is the tie rule's.
 // Level 0 (the key's top 11 bits) histograms the full data. Its bin is then collected into the row's
-// buffer (one more full pass) and the remaining digits (key: 10 + 10 bits, index: 11 + 11 + 10)
-// are read off the buffer alone. A bin that outgrows the buffer (keys piled on a few values) takes
-// the slow path instead: the key's digits from full passes, then the rank among equal keys from
-// per-tile counts of the equal elements.
+// buffer (one more full pass, which also histograms level 1) and the remaining digits (key: 10 + 10
+// bits, index: 11 + 11 + 10) are read off the buffer alone. A bin that outgrows the buffer (keys
+// piled on a few values) takes the slow path instead: the key's digits from full passes, then the
+// rank among equal keys from per-tile counts of the equal elements.
 
 struct Ranks {
   int64_t r[kMaxRows];
@@ -292,7 +304,7 @@ __device__ __forceinline__ void row_keys(const Args& a, int row, const float d[M
 #pragma unroll
   for (int j = 0; j < kItems; ++j) {
     if (a.sparsify == kSce) {
-      key[j] = key_of(variance<M>(d, a.K, j));
+      key[j] = key_of(variance<M>(d, a.K, a.inv_k, j));
     } else {
       float x = 0.0f;
 #pragma unroll
@@ -329,7 +341,7 @@ __global__ void __launch_bounds__(kThreads) hist_kernel(Args a, int level, int r
     load_tile<T, M>(a, i, b, d);  // every input's loads in flight at once
     if (sce) {
 #pragma unroll
-      for (int j = 0; j < kItems; ++j) key[j] = key_of(variance<M>(d, a.K, j));
+      for (int j = 0; j < kItems; ++j) key[j] = key_of(variance<M>(d, a.K, a.inv_k, j));
     }
 #pragma unroll
     for (int s = 0; s < M; ++s) {
@@ -364,8 +376,10 @@ __global__ void __launch_bounds__(kThreads) hist_kernel(Args a, int level, int r
     }
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < nh * nbins; e += kThreads)
+  for (int e = threadIdx.x; e < nh * nbins; e += kThreads) {
     if (bins[e]) atomicAdd(&a.hist[size_t(e / nbins) * kMaxBins + e % nbins], bins[e]);
+    if (level == 0) a.blockhist[size_t(blockIdx.x) * nh * kMaxBins + e] = bins[e];  // nbins == kMaxBins
+  }
   if (sce && level == 0) {
     using Reduce = cub::BlockReduce<unsigned long long, kThreads>;
     __shared__ typename Reduce::TempStorage tmp;
@@ -443,77 +457,104 @@ __global__ void __launch_bounds__(kPickThreads) pick_kernel(Args a, int level, i
   }
 }
 
-// The fast rows' level-0 bins: each element of the bin appends (key << 32 | index) to its row's
-// buffer. The bin's count is known, so the buffer never overflows; the order of entries is free.
-// Entries gather in a shared-memory stage per row (a warp reserves its room there with one shared
-// atomic) and go out in coalesced runs, one global atomic per flush: a global atomic per warp or per
-// tile serialises on the row's counter (H100: 9 and 1 ms for 3 x 64M keys, against a 0.35 ms read).
-constexpr int kStageRows = 6, kStageWide = 2048, kStageNarrow = 1280;  // entries per row's stage
-int stage_entries(int rows) { return rows <= kStageRows ? kStageWide : kStageNarrow; }
-
-template <class T, int M>
-__global__ void __launch_bounds__(kThreads) collect_kernel(Args a, int rows, int stage_size) {
-  extern __shared__ uint64_t stage[];  // [rows][stage_size]
-  __shared__ uint32_t staged[kMaxRows], at[kMaxRows];
-  if (!any_row(a, rows, kBuffer)) return;
-  for (int r = threadIdx.x; r < rows; r += kThreads) staged[r] = 0;
-  const int lane = threadIdx.x & 31;
-  const int64_t groups = (a.n + kItems - 1) / kItems;
-  // Block-wide: the rows whose stage might not take another tile go out (every row's, at the end).
-  const auto flush = [&](bool all) {
-    const auto full = [&](int r) { return staged[r] && (all || staged[r] > uint32_t(stage_size - kTile)); };
+// Fast rows: each level-0 block's first slot in the row's buffer, the exclusive prefix over blocks of
+// their counts in the row's bin (one block per row). The row's count is the bin's.
+__global__ void __launch_bounds__(kPickThreads) offsets_kernel(Args a, int blocks) {
+  const int row = blockIdx.x;
+  if (!serves(a.cut[row], kBuffer)) return;
+  const bool sce = a.sparsify == kSce;
+  const int nkeys = sce ? 1 : a.K, key = sce ? 0 : row / a.nb;
+  const uint32_t bin = uint32_t(a.cut[row].c >> 52);
+  uint32_t* start = a.eq + size_t(row) * a.nblocks;
+  using Scan = cub::BlockScan<uint32_t, kPickThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  __shared__ uint32_t carry;
+  if (threadIdx.x == 0) carry = 0;
+  for (int first = 0; first < blocks; first += kPickThreads) {
+    const int b = first + threadIdx.x;
+    const uint32_t v = b < blocks ? a.blockhist[(size_t(b) * nkeys + key) * kMaxBins + bin] : 0;
+    uint32_t before, total;
     __syncthreads();
-    int want = 0;
-    if (threadIdx.x == 0)
-      for (int r = 0; r < rows; ++r) want |= full(r);
-    if (!__syncthreads_or(want)) return;
-    for (int r = threadIdx.x; r < rows; r += kThreads) at[r] = full(r) ? atomicAdd(&a.cut[r].count, staged[r]) : ~0u;
+    Scan(tmp).ExclusiveSum(v, before, total);
+    const uint32_t base = carry;
+    if (b < blocks) start[b] = base + before;
     __syncthreads();
-    for (int r = 0; r < rows; ++r) {
-      if (at[r] == ~0u) continue;
-      uint64_t* entry = a.buffer + size_t(r) * a.cap + at[r];
-      for (uint32_t q = threadIdx.x; q < staged[r]; q += kThreads) entry[q] = stage[size_t(r) * stage_size + q];
-    }
-    __syncthreads();
-    for (int r = threadIdx.x; r < rows; r += kThreads)
-      if (at[r] != ~0u) staged[r] = 0;
-    __syncthreads();  // the next tile's appends see the emptied stages
-  };
+    if (threadIdx.x == 0) carry = base + total;
+  }
   __syncthreads();
-  // Block-uniform trip count: every lane of a warp reaches the shuffles, every thread the barriers.
+  if (threadIdx.x == 0) a.cut[row].count = carry;
+}
+
+// The fast rows' level-0 bins: each element of the bin goes to its row's buffer as (key << 32 |
+// index), at its block's offset (offsets_kernel) plus a slot reserved by one shared atomic per warp.
+// Same grid and element order as level 0's histogram, so the block's count is the one offsets_kernel
+// summed. No global atomics, no block barriers in the loop: a shared-memory stage flushed by the
+// block, or a global counter per row, left the pass at 3x a plain read (H100). The order of entries
+// is free: they only feed histograms. Level 1's histogram (key bits 19..10) is taken on the way.
+template <class T, int M>
+__global__ void __launch_bounds__(kThreads) collect_kernel(Args a, int rows) {
+  constexpr int kNext = 1 << level_of(1).bits;
+  extern __shared__ uint32_t next_bins[];  // [rows][kNext]
+  __shared__ uint32_t slot_of[kMaxRows];   // the block's next free slot in each row's buffer
+  if (!any_row(a, rows, kBuffer)) return;
+  for (int e = threadIdx.x; e < rows * kNext; e += kThreads) next_bins[e] = 0;
+  for (int r = threadIdx.x; r < rows; r += kThreads) slot_of[r] = a.eq[size_t(r) * a.nblocks + blockIdx.x];
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const bool sce = a.sparsify == kSce;
+  const int nkeys = sce ? 1 : a.K;
+  const int64_t groups = (a.n + kItems - 1) / kItems;
+  // Block-uniform trip count: every lane of a warp reaches the shuffles.
   for (int64_t g0 = int64_t(blockIdx.x) * kThreads; g0 < groups; g0 += int64_t(gridDim.x) * kThreads) {
     const int64_t i = (g0 + threadIdx.x) * kItems;
     float b[kItems], d[M][kItems];
     load_tile<T, M>(a, i, b, d);
-    for (int row = 0; row < rows; ++row) {
-      const Cut cut = a.cut[row];
-      if (!serves(cut, kBuffer)) continue;
-      uint32_t key[kItems];
-      row_keys<M>(a, row, d, key);
-      const uint32_t prefix = uint32_t(cut.c >> 52);
-      bool in[kItems];
-      int mine = 0;
+    uint32_t key[kItems];
+    if (sce) {
 #pragma unroll
-      for (int j = 0; j < kItems; ++j) mine += in[j] = i + j < a.n && (key[j] >> 20) == prefix;
-      int upto = mine;  // inclusive prefix over the warp's lanes
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, upto, o);
-        if (lane >= o) upto += y;
-      }
-      const int total = __shfl_sync(0xffffffffu, upto, 31);
-      if (!total) continue;
-      uint32_t base = 0;
-      if (lane == 31) base = atomicAdd(&staged[row], uint32_t(total));
-      base = __shfl_sync(0xffffffffu, base, 31) + uint32_t(upto - mine);
-      uint64_t* slot = stage + size_t(row) * stage_size + base;
-#pragma unroll
-      for (int j = 0; j < kItems; ++j)
-        if (in[j]) *slot++ = (uint64_t(key[j]) << 32) | uint64_t(i + j);
+      for (int j = 0; j < kItems; ++j) key[j] = key_of(variance<M>(d, a.K, a.inv_k, j));
     }
-    flush(false);
+    // Models unrolled (their δ stay in registers), cuts of each model's key within.
+#pragma unroll
+    for (int s = 0; s < M; ++s) {
+      if (s >= nkeys) break;
+      if (!sce) {
+#pragma unroll
+        for (int j = 0; j < kItems; ++j) key[j] = key_of(d[s][j]);
+      }
+      for (int c = 0; c < a.nb; ++c) {
+        const int row = s * a.nb + c;
+        const Cut cut = a.cut[row];
+        if (!serves(cut, kBuffer)) continue;
+        const uint32_t prefix = uint32_t(cut.c >> 52);
+        bool in[kItems];
+        int mine = 0;
+#pragma unroll
+        for (int j = 0; j < kItems; ++j) mine += in[j] = i + j < a.n && (key[j] >> 20) == prefix;
+        int upto = mine;  // inclusive prefix over the warp's lanes
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int y = __shfl_up_sync(0xffffffffu, upto, o);
+          if (lane >= o) upto += y;
+        }
+        const int total = __shfl_sync(0xffffffffu, upto, 31);
+        if (!total) continue;
+        uint32_t first = 0;
+        if (lane == 31) first = atomicAdd(&slot_of[row], uint32_t(total));
+        first = __shfl_sync(0xffffffffu, first, 31) + uint32_t(upto - mine);
+        uint64_t* slot = a.buffer + size_t(row) * a.cap + first;
+#pragma unroll
+        for (int j = 0; j < kItems; ++j) {
+          if (!in[j]) continue;
+          *slot++ = (uint64_t(key[j]) << 32) | uint64_t(i + j);
+          atomicAdd(&next_bins[row * kNext + ((key[j] >> 10) & (kNext - 1))], 1u);
+        }
+      }
+    }
   }
-  flush(true);
+  __syncthreads();
+  for (int e = threadIdx.x; e < rows * kNext; e += kThreads)
+    if (next_bins[e]) atomicAdd(&a.hist[size_t(e / kNext) * kMaxBins + e % kNext], next_bins[e]);
 }
 
 // Slow rows: which of a tile's elements have the key of row r's cut, and how many.
@@ -605,42 +646,48 @@ __global__ void __launch_bounds__(kThreads) locate_kernel(Args a, int rows) {
 // ------------------------------------------------------------ sums and the element pass
 
 // Family L1 rescale: partial[k][0][tile] = Σ|δ_k|, partial[k][1][tile] = Σ|kept δ_k| (active models).
-// SCE: partial[k][1][tile] = Σ (selected δ_k)².
+// SCE: partial[k][1][tile] = Σ (selected δ_k)² (and 0 for [0]). A resident grid strides over the tiles.
 template <class T, int M>
 __global__ void __launch_bounds__(kThreads) sums_kernel(Args a) {
   __shared__ BlockSum::TempStorage sum;
-  const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kItems;
-  float b[kItems], d[M][kItems];
-  bool keep[kItems];
-  load_tile<T, M>(a, i, b, d);  // zeros past n: they add nothing
-  if (a.sparsify == kSce) sce_selected<M>(a, i, d, keep);
+  const bool sce = a.sparsify == kSce;
+  for (int64_t tile = blockIdx.x; tile < a.nblocks; tile += gridDim.x) {
+    const int64_t i = (tile * kThreads + threadIdx.x) * kItems;
+    float b[kItems], d[M][kItems];
+    bool keep[kItems];
+    load_tile<T, M>(a, i, b, d);  // zeros past n: they add nothing
+    if (sce) sce_selected<M>(a, i, d, keep);
 #pragma unroll
-  for (int k = 0; k < M; ++k) {
-    if (k >= a.K) continue;
-    float before = 0.0f, after = 0.0f;
-    if (a.sparsify == kSce) {
+    for (int k = 0; k < M; ++k) {
+      if (k >= a.K) continue;
+      float before = 0.0f, after = 0.0f;
+      if (sce) {
 #pragma unroll
-      for (int j = 0; j < kItems; ++j) {
-        const float x = keep[j] ? d[k][j] : 0.0f;
-        after += x * x;
+        for (int j = 0; j < kItems; ++j) {
+          const float x = keep[j] ? d[k][j] : 0.0f;
+          after += x * x;
+        }
+      } else {
+        if (a.mode[k] != kActive) continue;
+        bool kept[kItems];
+        keep_mask(a, k, i, d[k], kept);
+#pragma unroll
+        for (int j = 0; j < kItems; ++j) {
+          before += fabsf(d[k][j]);
+          after += kept[j] ? fabsf(d[k][j]) : 0.0f;
+        }
       }
-    } else {
-      if (a.mode[k] != kActive) continue;
-      bool kept[kItems];
-      keep_mask(a, k, i, d[k], kept);
-#pragma unroll
-      for (int j = 0; j < kItems; ++j) {
-        before += fabsf(d[k][j]);
-        after += kept[j] ? fabsf(d[k][j]) : 0.0f;
+      float total_before = 0.0f;
+      if (!sce) {
+        __syncthreads();
+        total_before = BlockSum(sum).Sum(before);
       }
-    }
-    __syncthreads();
-    const float total_before = BlockSum(sum).Sum(before);
-    __syncthreads();
-    const float total_after = BlockSum(sum).Sum(after);
-    if (threadIdx.x == 0) {
-      a.partial[(size_t(k) * 2) * a.nblocks + blockIdx.x] = total_before;
-      a.partial[(size_t(k) * 2 + 1) * a.nblocks + blockIdx.x] = total_after;
+      __syncthreads();
+      const float total_after = BlockSum(sum).Sum(after);
+      if (threadIdx.x == 0) {
+        a.partial[(size_t(k) * 2) * a.nblocks + tile] = total_before;
+        a.partial[(size_t(k) * 2 + 1) * a.nblocks + tile] = total_after;
+      }
     }
   }
 }
@@ -673,11 +720,9 @@ __global__ void __launch_bounds__(kPickThreads) coef_kernel(Args a) {
   }
 }
 
-template <class T, class O, int M>
-__global__ void __launch_bounds__(kThreads, M <= 4 ? 4 : 3) merge_kernel(Args a) {
-  const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kItems;
-  float b[kItems], d[M][kItems];
-  load_tile<T, M>(a, i, b, d);
+// The merged elements of one tile from its loaded inputs.
+template <class O, int M>
+__device__ __forceinline__ void merge_tile(const Args& a, int64_t i, const float b[kItems], float d[M][kItems]) {
   const bool sce = a.sparsify == kSce;
   if (sce) {
     bool selected[kItems];
@@ -741,6 +786,19 @@ __global__ void __launch_bounds__(kThreads, M <= 4 ? 4 : 3) merge_kernel(Args a)
   store<O>(a.out, i, a, out);
 }
 
+// A resident grid striding over the tiles: against a block per tile, 2-19% less time on an H100
+// (bf16 task arithmetic gains most), where block turnover, not bandwidth, held the pass back. Two
+// tiles' loads in flight per thread measured slower (register pressure).
+template <class T, class O, int M>
+__global__ void __launch_bounds__(kThreads) merge_kernel(Args a) {
+  for (int64_t tile = blockIdx.x; tile < a.nblocks; tile += gridDim.x) {
+    const int64_t i = (tile * kThreads + threadIdx.x) * kItems;
+    float b[kItems], d[M][kItems];
+    load_tile<T, M>(a, i, b, d);
+    merge_tile<O, M>(a, i, b, d);
+  }
+}
+
 // ------------------------------------------------------------ host side
 
 template <class F>
@@ -769,8 +827,23 @@ size_t align(size_t x) { return (x + 255) & ~size_t(255); }
 // (a bin spans an eighth of an octave); keys piled on fewer values take the slow path.
 int64_t buffer_capacity(int64_t n) { return n / 8 + 1024; }
 
+int multiprocessors() {
+  int device = 0, count = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "device attribute");
+  return count;
+}
+
+// The most blocks of kThreads a grid-stride pass over n elements runs: one wave of resident blocks.
+int64_t resident_bound(int64_t n) {
+  int device = 0, threads = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor, device), "device attribute");
+  return std::min<int64_t>((n + kTile - 1) / kTile, int64_t(threads / kThreads) * multiprocessors());
+}
+
 struct Layout {
-  size_t cut, hist, zeros, eq, partial, coef, buffer, total;
+  size_t cut, hist, zeros, eq, partial, coef, blockhist, buffer, total;
   Layout(int64_t n, int rows) {
     const size_t tiles = size_t((n + kTile - 1) / kTile);
     cut = 0;
@@ -779,17 +852,11 @@ struct Layout {
     eq = align(zeros + sizeof(unsigned long long));
     partial = align(eq + sizeof(uint32_t) * kMaxRows * tiles);
     coef = align(partial + sizeof(float) * 2 * kMaxModels * tiles);
-    buffer = align(coef + sizeof(float) * kMaxModels);
+    blockhist = align(coef + sizeof(float) * kMaxModels);  // level 0 histograms ≤ rows keys
+    buffer = align(blockhist + (rows ? sizeof(uint32_t) * kMaxBins * size_t(rows) * size_t(resident_bound(n)) : 0));
     total = align(buffer + sizeof(uint64_t) * size_t(rows) * size_t(buffer_capacity(n)));
   }
 };
-
-int multiprocessors() {
-  int device = 0, count = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "device attribute");
-  return count;
-}
 
 Args prepare(const Launch& t, int rows) {
   const int K = int(t.others.size());
@@ -801,6 +868,7 @@ Args prepare(const Launch& t, int rows) {
   a.out = t.out;
   a.n = t.n;
   a.K = K;
+  a.inv_k = 1.0 / K;
   a.nblocks = int((t.n + kTile - 1) / kTile);
   a.lambda = 1.0f;
   a.divisor = 1.0f;
@@ -820,6 +888,7 @@ Args prepare(const Launch& t, int rows) {
   a.eq = reinterpret_cast<uint32_t*>(ws + l.eq);
   a.partial = reinterpret_cast<float*>(ws + l.partial);
   a.coef = reinterpret_cast<float*>(ws + l.coef);
+  a.blockhist = reinterpret_cast<uint32_t*>(ws + l.blockhist);
   a.buffer = reinterpret_cast<uint64_t*>(ws + l.buffer);
   a.cap = buffer_capacity(t.n);
   return a;
@@ -853,23 +922,29 @@ void select(Args& a, const std::vector<int64_t>& rank, cudaStream_t stream) {
     const size_t smem = sizeof(uint32_t) * nh * (size_t(1) << lv.bits);
     check(cudaFuncSetAttribute(hist_kernel<T, M>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "smem");
     check(cudaMemsetAsync(a.hist, 0, sizeof(uint32_t) * nh * kMaxBins, stream), "memset");
-    hist_kernel<T, M><<<resident_grid(hist_kernel<T, M>, smem, groups), kThreads, smem, stream>>>(a, level, rows);
+    const int grid = resident_grid(hist_kernel<T, M>, smem, groups);
+    hist_kernel<T, M><<<grid, kThreads, smem, stream>>>(a, level, rows);
     check(cudaGetLastError(), "histogram");
     pick_kernel<<<rows, kPickThreads, 0, stream>>>(a, level, path);
     check(cudaGetLastError(), "pick");
+    return grid;
   };
-  full_level(0, kFirst);
-  // Fast rows: the bin, then the remaining digits from the buffer.
-  const int stage = stage_entries(rows);
-  const size_t stage_bytes = sizeof(uint64_t) * rows * stage;
-  check(cudaFuncSetAttribute(collect_kernel<T, M>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(stage_bytes)),
+  const int level0_grid = full_level(0, kFirst);
+  if (level0_grid > resident_bound(a.n)) throw std::logic_error("level-0 grid beyond its workspace");
+  // Fast rows: the bin (and level 1's histogram) in one pass, then the remaining digits from the buffer.
+  offsets_kernel<<<rows, kPickThreads, 0, stream>>>(a, level0_grid);
+  check(cudaGetLastError(), "offsets");
+  check(cudaMemsetAsync(a.hist, 0, sizeof(uint32_t) * rows * kMaxBins, stream), "memset");
+  const size_t next_bytes = sizeof(uint32_t) * rows * (size_t(1) << level_of(1).bits);
+  check(cudaFuncSetAttribute(collect_kernel<T, M>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(next_bytes)),
         "smem");
-  collect_kernel<T, M><<<resident_grid(collect_kernel<T, M>, stage_bytes, groups), kThreads, stage_bytes, stream>>>(
-      a, rows, stage);
+  collect_kernel<T, M><<<level0_grid, kThreads, next_bytes, stream>>>(a, rows);  // level 0's element order
   check(cudaGetLastError(), "collect");
+  pick_kernel<<<rows, kPickThreads, 0, stream>>>(a, 1, kBuffer);
+  check(cudaGetLastError(), "pick");
   const int entry_blocks = int(std::max<int64_t>(1, std::min<int64_t>(
       (a.cap + kThreads - 1) / kThreads, 4 * int64_t(multiprocessors()) / rows + 1)));
-  for (int level = 1; level < kLevels; ++level) {
+  for (int level = 2; level < kLevels; ++level) {
     check(cudaMemsetAsync(a.hist, 0, sizeof(uint32_t) * rows * kMaxBins, stream), "memset");
     buffer_hist_kernel<<<dim3(entry_blocks, rows), kThreads, 0, stream>>>(a, level);
     check(cudaGetLastError(), "buffer histogram");
@@ -891,7 +966,8 @@ template <class T, int M>
 void launch_merge(const Args& a, int out_dtype, cudaStream_t stream) {
   with_dtype(out_dtype, [&](auto out_tag) {
     using O = decltype(out_tag);
-    merge_kernel<T, O, M><<<a.nblocks, kThreads, 0, stream>>>(a);
+    merge_kernel<T, O, M><<<resident_grid(merge_kernel<T, O, M>, 0, int64_t(a.nblocks) * kThreads), kThreads, 0,
+                            stream>>>(a);
     check(cudaGetLastError(), "merge");
   });
 }
@@ -949,7 +1025,7 @@ void family_merge(const Launch& t, const Family& p) {
       select<T, M>(a, rank, stream);
     }
     if (a.rescale) {
-      sums_kernel<T, M><<<a.nblocks, kThreads, 0, stream>>>(a);
+      sums_kernel<T, M><<<resident_grid(sums_kernel<T, M>, 0, int64_t(a.nblocks) * kThreads), kThreads, 0, stream>>>(a);
       check(cudaGetLastError(), "sums");
       coef_kernel<<<1, kPickThreads, 0, stream>>>(a);
       check(cudaGetLastError(), "coefficients");
@@ -969,7 +1045,7 @@ void sce_merge(const Launch& t, double select_topk) {
     using T = decltype(tag);
     constexpr int M = decltype(width)::value;
     if (a.nb) select<T, M>(a, {0}, stream);  // the rank comes from the zero count, on the device
-    sums_kernel<T, M><<<a.nblocks, kThreads, 0, stream>>>(a);
+    sums_kernel<T, M><<<resident_grid(sums_kernel<T, M>, 0, int64_t(a.nblocks) * kThreads), kThreads, 0, stream>>>(a);
     check(cudaGetLastError(), "sums");
     coef_kernel<<<1, kPickThreads, 0, stream>>>(a);
     check(cudaGetLastError(), "coefficients");
