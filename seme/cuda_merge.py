@@ -13,7 +13,7 @@ import torch
 from seme.fused_merge import _ACTIVE, FAMILY, family_arguments, kernel_dtype, kernel_inputs, stream_keys
 from seme.fused_merge import GPU_METHODS as METHODS
 from seme.methods.inputs import Inputs
-from seme.methods.selection import rank_positions
+from seme.methods.task_vector import della_keep_probability
 
 
 def available() -> bool:
@@ -39,24 +39,19 @@ def selection_rows(method: str, params: dict, k_models: int) -> int:
     return {"magnitude": 1, "magnitude_outliers": 2}.get(FAMILY[method][0], 0) * k_models
 
 
-def della_probability(base: torch.Tensor, x: torch.Tensor, p0: float, epsilon: float) -> torch.Tensor:
+def della_probability(base: torch.Tensor, x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's keep probability of each element of x (float32, x's shape), enqueued on the current
-    stream: p0 + ((rank / span) * 2) * epsilon, rank the ascending position of |x - base| in its row
-    (the last dimension; ties by position), span = max(cols - 1, 1). The float operations of the CPU
+    stream: `della_keep_probability(x - base, density, epsilon)`, in the float operations of the CPU
     kernel, so both draw the same masks. base, x: contiguous CUDA tensors of one shape and dtype."""
     from seme import _C_cuda
 
     cols = x.shape[-1] if x.dim() else 1
     if cols > _C_cuda.DELLA_MAX_COLS:
-        ranks = rank_positions((x.float() - base.float()).reshape(-1, cols).abs()).float()
-        # A device tensor: torch on CUDA divides by a CPU scalar through its reciprocal, which can
-        # round differently from the CPU kernel's division.
-        span = torch.tensor(float(cols - 1), device=x.device)
-        return (p0 + ((ranks / span) * 2.0) * epsilon).reshape(x.shape)
+        return della_keep_probability(x.float() - base.float(), density, epsilon)
     prob = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if prob.numel():
         _C_cuda.della_probability(base=base.data_ptr(), x=x.data_ptr(), prob=prob.data_ptr(), rows=x.numel() // cols,
-                                  cols=cols, in_dtype=kernel_dtype(x.dtype), p0=p0, eps=epsilon,
+                                  cols=cols, in_dtype=kernel_dtype(x.dtype), p0=density - epsilon, eps=epsilon,
                                   stream=torch.cuda.current_stream(x.device).cuda_stream)
     return prob
 
@@ -92,11 +87,11 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype =
             _C_cuda.sce_merge(select_topk=float(params["select_topk"]), **common)
             return out
         args = family_arguments(method, params, n, stream_keys(inputs.seed, inputs.name, inputs.other_indices))
-        epsilon = args.pop("epsilon")  # DELLA's probabilities are computed here, from p0 and epsilon
+        del args["epsilon"]
         probability = []  # DELLA: kept alive until the kernels have read them (the stream orders the free)
         if FAMILY[method][0] == "della_magprune":
-            probability = [della_probability(tensors[0], x, p0, e) if mode == _ACTIVE else None
-                           for x, p0, e, mode in zip(tensors[1:], args["p0"], epsilon, args["mode"])]
+            probability = [della_probability(tensors[0], x, d, e) if mode == _ACTIVE else None
+                           for x, d, e, mode in zip(tensors[1:], params["density"], params["epsilon"], args["mode"])]
         args["prob"] = [p.data_ptr() if p is not None else 0 for p in probability] or [0] * len(others)
         _C_cuda.family_merge(**args, **common)
     return out

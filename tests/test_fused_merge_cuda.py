@@ -187,6 +187,6 @@ def test_della_probability_matches_reference(shape, dtype, kind):
     base, x = della_rows(shape, dtype, kind, seed=sum(shape))
     density, epsilon = 0.4, 0.1
     expected = della_keep_probability(x.float() - base.float(), density, epsilon)
-    got = cuda_merge.della_probability(base.cuda(), x.cuda(), density - epsilon, epsilon).cpu()
+    got = cuda_merge.della_probability(base.cuda(), x.cuda(), density, epsilon).cpu()
     assert got.dtype == torch.float32 and got.shape == expected.shape
     assert torch.equal(got, expected)

@@ -55,7 +55,9 @@ def della_keep_probability(delta: torch.Tensor, density: float, epsilon: float) 
 
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
     ranks = rank_positions(rows.abs()).to(torch.float32)
-    span = max(rows.shape[-1] - 1, 1)
+    # A tensor, not a Python number: CUDA divides by a CPU scalar through its reciprocal, which rounds
+    # differently from a division (and from the C++ and CUDA kernels).
+    span = torch.tensor(float(max(rows.shape[-1] - 1, 1)), device=delta.device)
     return ((density - epsilon) + (ranks / span).clamp(0, 1) * 2 * epsilon).reshape(delta.shape)
 
 
