@@ -21,9 +21,9 @@ from seme.methods import registry
 from seme.methods.inputs import Inputs
 
 BACKENDS = ("auto", "reference", "fused")
-# On an H100 (bench/RESULTS.md) Triton was faster on DARE (1.2-1.3x); the CUDA kernels won on task
-# arithmetic (1.2-1.5x since their merge pass strides a resident grid), 9-13x on the rank-selection
-# methods, 4.4-6.5x on SCE and 4.4-4.8x on DELLA (its row-rank kernel).
+# On an H100 (bench/RESULTS.md, and a second run of it the same day) Triton was faster on DARE (1.2-1.4x); the CUDA
+# kernels were as fast or faster on task arithmetic (1.0-1.5x, and no JIT compilation on first use),
+# 9-13x faster on the rank-selection methods, 4.4-6.5x on SCE and 4.4-4.8x on DELLA.
 TRITON_FIRST = frozenset({"dare_ties", "dare_linear"})
 # Input dtypes the fused kernels widen to fp32 as they load: a cast to fp32 first would only copy.
 WIDENED_BY_KERNELS = (torch.bfloat16, torch.float16, torch.float32)

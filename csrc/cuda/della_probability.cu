@@ -5,9 +5,7 @@
 // probabilities are staged in shared memory by column to leave in coalesced stores.
 #include "cuda/della_probability.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "cuda/common.cuh"
 
 #include <cub/block/block_exchange.cuh>
 #include <cub/block/block_radix_rank.cuh>
@@ -15,7 +13,6 @@
 #include <algorithm>
 #include <climits>
 #include <stdexcept>
-#include <string>
 
 namespace seme {
 namespace cuda {
@@ -27,14 +24,6 @@ constexpr uint32_t kPad = 0xFFFFFFFFu;  // past the row's end: every bit set, so
 // scan in registers (33 of them), which measured faster on an H100 than cub's default 4 bits
 // memoized, or than 5 or 7 bits.
 constexpr int kRadixBits = 6;
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string("seme CUDA kernel (") + what + "): " + cudaGetErrorString(e));
-}
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
 
 template <int kThreads, int kItems>
 struct RowSort {

@@ -14,9 +14,7 @@
 // floating operations per element is the reference's (compiled with --fmad=false).
 #include "cuda/fused_merge.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "cuda/common.cuh"
 
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
@@ -24,7 +22,6 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
-#include <string>
 #include <type_traits>
 
 namespace seme {
@@ -76,18 +73,7 @@ struct Args {
   float* coef;       // [model]: rescale factor, or SCE η
 };
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string("seme CUDA kernel (") + what + "): " + cudaGetErrorString(e));
-}
-
 // ------------------------------------------------------------ element access
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ void from_f32(float v, float& y) { y = v; }
-__device__ __forceinline__ void from_f32(float v, __nv_bfloat16& y) { y = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void from_f32(float v, __half& y) { y = __float2half_rn(v); }
 
 // kItems consecutive elements in one aligned access (16 bytes of fp32, 8 of bf16 / fp16).
 template <class T>
@@ -786,9 +772,9 @@ __device__ __forceinline__ void merge_tile(const Args& a, int64_t i, const float
   store<O>(a.out, i, a, out);
 }
 
-// A resident grid striding over the tiles: against a block per tile, 2-19% less time on an H100
-// (bf16 task arithmetic gains most), where block turnover, not bandwidth, held the pass back. Two
-// tiles' loads in flight per thread measured slower (register pressure).
+// A resident grid striding over the tiles: against a block per tile, whole merges took up to 19%
+// less time on an H100 (bf16 task arithmetic; none slower beyond noise). Two tiles' loads in flight
+// per thread measured slower (72 registers against 48).
 template <class T, class O, int M>
 __global__ void __launch_bounds__(kThreads) merge_kernel(Args a) {
   for (int64_t tile = blockIdx.x; tile < a.nblocks; tile += gridDim.x) {
@@ -962,6 +948,16 @@ void select(Args& a, const std::vector<int64_t>& rank, cudaStream_t stream) {
   check(cudaGetLastError(), "locate");
 }
 
+// The per-model coefficients (L1 rescale factors, SCE's η) into a.coef: partial sums, then their
+// reduction.
+template <class T, int M>
+void launch_coefficients(const Args& a, cudaStream_t stream) {
+  sums_kernel<T, M><<<resident_grid(sums_kernel<T, M>, 0, int64_t(a.nblocks) * kThreads), kThreads, 0, stream>>>(a);
+  check(cudaGetLastError(), "sums");
+  coef_kernel<<<1, kPickThreads, 0, stream>>>(a);
+  check(cudaGetLastError(), "coefficients");
+}
+
 template <class T, int M>
 void launch_merge(const Args& a, int out_dtype, cudaStream_t stream) {
   with_dtype(out_dtype, [&](auto out_tag) {
@@ -1025,10 +1021,7 @@ void family_merge(const Launch& t, const Family& p) {
       select<T, M>(a, rank, stream);
     }
     if (a.rescale) {
-      sums_kernel<T, M><<<resident_grid(sums_kernel<T, M>, 0, int64_t(a.nblocks) * kThreads), kThreads, 0, stream>>>(a);
-      check(cudaGetLastError(), "sums");
-      coef_kernel<<<1, kPickThreads, 0, stream>>>(a);
-      check(cudaGetLastError(), "coefficients");
+      launch_coefficients<T, M>(a, stream);
     }
     launch_merge<T, M>(a, t.out_dtype, stream);
   });
@@ -1045,10 +1038,7 @@ void sce_merge(const Launch& t, double select_topk) {
     using T = decltype(tag);
     constexpr int M = decltype(width)::value;
     if (a.nb) select<T, M>(a, {0}, stream);  // the rank comes from the zero count, on the device
-    sums_kernel<T, M><<<resident_grid(sums_kernel<T, M>, 0, int64_t(a.nblocks) * kThreads), kThreads, 0, stream>>>(a);
-    check(cudaGetLastError(), "sums");
-    coef_kernel<<<1, kPickThreads, 0, stream>>>(a);
-    check(cudaGetLastError(), "coefficients");
+    launch_coefficients<T, M>(a, stream);
     launch_merge<T, M>(a, t.out_dtype, stream);
   });
 }
