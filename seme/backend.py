@@ -5,8 +5,8 @@ CPU tensors go to the C++/OpenMP kernel (seme._C), SeMe's Select / Compute / Era
 SCE kernel, which also counts what SeMe reports). CUDA tensors go to whichever GPU kernel was
 faster for the method in `python -m bench.kernels --device cuda` (bench/RESULTS.md, H100): the CUDA
 C++ one (seme._C_cuda, up to 8 non-base models) for all but DARE, the Triton one for DARE and for
-SeMe's fusion (its SCE kernel counts SeMe's statistics). All
-draw the same masks as the reference, so the backend changes speed, not results (fp32 sums apart).
+SeMe's fusion (its SCE kernel counts SeMe's statistics). All draw the same masks as the reference,
+so the backend changes speed, not results (fp32 sums apart).
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from seme.methods import registry
 from seme.methods.inputs import Inputs
 
 BACKENDS = ("auto", "reference", "fused")
-# On an H100 (bench/RESULTS.md, and a second run of it the same day) Triton was faster on DARE (1.2-1.4x); the CUDA
-# kernels were as fast or faster on task arithmetic (1.0-1.5x, and no JIT compilation on first use),
-# 9-13x faster on the rank-selection methods, 4.4-6.5x on SCE and 4.4-4.8x on DELLA.
+# On an H100 (bench/RESULTS.md, and a second run of it the same day) Triton was faster on DARE
+# (1.2-1.4x); the CUDA kernels were as fast or faster on task arithmetic (1.0-1.5x, and no JIT
+# compilation on first use), 9-13x faster on the rank-selection methods, 4.4-6.5x on SCE and
+# 4.4-4.8x on DELLA.
 TRITON_FIRST = frozenset({"dare_ties", "dare_linear"})
 # Input dtypes the fused kernels widen to fp32 as they load: a cast to fp32 first would only copy.
 WIDENED_BY_KERNELS = (torch.bfloat16, torch.float16, torch.float32)

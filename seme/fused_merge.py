@@ -86,7 +86,8 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype=None, num_thre
         return (out, True, True) if checks else out
     finite = launch(method, params, base=tensors[0].data_ptr(), others=[t.data_ptr() for t in tensors[1:]],
                     out=out.data_ptr(), shape=tuple(base.shape), in_dtype=kernel_dtype(tensors[0].dtype),
-                    out_dtype=kernel_dtype(out_dtype), keys=stream_keys(inputs.seed, inputs.name, inputs.other_indices), num_threads=num_threads)
+                    out_dtype=kernel_dtype(out_dtype), keys=stream_keys(inputs.seed, inputs.name, inputs.other_indices),
+                    num_threads=num_threads)
     return (out, *finite) if checks else out
 
 
