@@ -13,8 +13,9 @@ from pybind11 import get_include
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import Extension, setup
 
-# Portable flags (no -march): the kernels auto-vectorize at the baseline ISA, and an AVX2 build of
-# them (fused_merge_avx2.cpp) is picked at run time where the CPU has it.
+# Portable flags (no -march): the kernels auto-vectorize at the baseline ISA, and AVX2 and AVX-512
+# builds of them (fused_merge_avx2.cpp, fused_merge_avx512.cpp) are picked at run time where the CPU
+# has them.
 # -ffp-contract=off keeps every float operation separately rounded, as in the torch reference;
 # -fno-trapping-math changes no result, it lets compare-and-select loops vectorize.
 _FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
@@ -49,7 +50,8 @@ def _nvcc():
 extensions = [
     Pybind11Extension(
         "seme._C",
-        ["csrc/bindings.cpp", "csrc/cpu/fused_merge.cpp", "csrc/cpu/fused_merge_avx2.cpp"],
+        ["csrc/bindings.cpp", "csrc/cpu/fused_merge.cpp", "csrc/cpu/fused_merge_avx2.cpp",
+         "csrc/cpu/fused_merge_avx512.cpp"],
         depends=["csrc/cpu/fused_merge.h"],
         include_dirs=["csrc"],
         extra_compile_args=_FLAGS,

@@ -100,5 +100,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("philox4x32", &seme::philox4x32, "The 4 output words of Philox4x32-10 (seme.methods.rng).",
         py::arg("key"), py::arg("counter"));
   m.def("max_threads", &omp_get_max_threads, "OpenMP's default thread count.");
-  m.def("isa", &seme::active_isa, "Which build of the kernels runs: 'avx2' or 'baseline'.");
+  m.def("isa", &seme::active_isa, "Which build of the kernels runs: 'avx512', 'avx2' or 'baseline'.");
 }

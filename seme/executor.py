@@ -28,7 +28,7 @@ class Progress:
     """Tensors done and the rates of the stages (merge: input bytes over the time spent merging,
     the reads included where inputs are read through their mappings as the merge touches them;
     read, on a GPU: input bytes over the time the background readers staging them were busy;
-    write: output bytes over the time spent hashing and flushing) on one self-rewriting stderr
+    write: output bytes over the time spent checksumming and flushing) on one self-rewriting stderr
     line, shown only on a terminal."""
 
     def __init__(self, total_tensors: int, total_bytes: int, enabled: bool):
@@ -158,7 +158,7 @@ def _plan_id(plan: Plan, shard_size: int, version: str) -> str:
 def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int, resume: bool,
              allow_nonfinite: bool, progress: bool, plan_id: str, group, prefetch_bytes: int) -> dict:
     """The streaming loop. Inputs of the next tasks are prefetched (madvise), and on a GPU staged
-    (`seme.staging`), while the current one is merged, and finished tensors are hashed and their
+    (`seme.staging`), while the current one is merged, and finished tensors are checksummed and their
     shards flushed by a background thread."""
     engine = make_engine(plan, device, backend, group.world)
     writer = ShardWriter(folder, [(t.name, t.dtype, t.shape, t.nbytes) for t in plan.tasks], shard_size, plan_id,
@@ -208,7 +208,7 @@ def _prefetch(plan: Plan, tasks, start: int, budget: int) -> int:
 
 
 class Finisher:
-    """Hands written tensors to the shard writer on a background thread (hashing, unmapping and a
+    """Hands written tensors to the shard writer on a background thread (checksumming, unmapping and a
     finished shard's fsync release the GIL), so that the next merge need not wait for them. At most
     two tensors wait. An error there surfaces on the next put."""
 

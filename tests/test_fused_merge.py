@@ -1,6 +1,7 @@
 """The fused C++ kernel (seme._C via seme.fused_merge) against the plain-torch references."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -158,16 +159,38 @@ def test_half_dtypes(name, case, dtype, out_dtype):
 
 @pytest.mark.parametrize("name,case", CASES)
 def test_thread_count_independence(name, case):
-    """Bit-identical for 1 and 2 threads (and between the baseline and AVX2 builds)."""
+    """Bit-identical for 1 and 2 threads, and between the baseline, AVX2 and AVX-512 builds (those
+    this CPU runs: SEME_CPU_ISA caps the build)."""
     inputs = make_inputs((3, 70001), 3, "ties" if case % 2 else "normal", seed=case)
     params = bound(name, FAMILY_PARAMS[name][case], 3)
     one = fused_merge.merge(name, inputs, params, num_threads=1)
     assert torch.equal(one, fused_merge.merge(name, inputs, params, num_threads=2))
-    os.environ["SEME_BASELINE_ISA"] = "1"
+    for isa in ISAS:
+        with cpu_isa(isa):
+            assert torch.equal(one, fused_merge.merge(name, inputs, params, num_threads=2)), isa
+
+
+ISAS = ("baseline", "avx2", "avx512")
+
+
+@contextlib.contextmanager
+def cpu_isa(isa):
+    os.environ["SEME_CPU_ISA"] = isa
     try:
-        assert torch.equal(one, fused_merge.merge(name, inputs, params, num_threads=2))
+        yield
     finally:
-        del os.environ["SEME_BASELINE_ISA"]
+        del os.environ["SEME_CPU_ISA"]
+
+
+def test_cpu_isa_cap():
+    from seme import _C
+
+    widest = _C.isa()
+    for isa in ISAS:
+        with cpu_isa(isa):  # the cap, or the widest build below it that this CPU has
+            assert ISAS.index(_C.isa()) <= min(ISAS.index(isa), ISAS.index(widest))
+    with cpu_isa("sse9"), pytest.raises(ValueError, match="SEME_CPU_ISA must be"):
+        _C.isa()
 
 
 def test_philox_words():

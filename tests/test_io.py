@@ -100,5 +100,5 @@ def test_writer_resumes_only_verified_shards_of_the_same_plan(tmp_path):
         f.seek(-4, 2)
         f.write(b"\xff\xff\xff\xff")
     damaged = ShardWriter(str(tmp_path), planned, shard_size=800, plan_id="q", resume=True)
-    assert not damaged.skip("t0")  # its digest no longer matches: merged again
+    assert not damaged.skip("t0")  # its checksum no longer matches: merged again
     damaged.close()

@@ -24,16 +24,26 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <tuple>
 #include <utility>
 
-// This file is compiled twice: as is, for the baseline ISA, and (GCC on x86) from
-// fused_merge_avx2.cpp with SEME_AVX2 defined, into namespace seme::avx2; the entry points at the
-// end pick one at run time. Both give the same bits: no FMA contraction, no reassociation.
+// This file is compiled three times: as is, for the baseline ISA, and (GCC on x86) from
+// fused_merge_avx2.cpp (SEME_AVX2) and fused_merge_avx512.cpp (SEME_AVX512, which also has
+// SEME_AVX2: its 8-lane paths stay valid) into namespaces seme::avx2 and seme::avx512; the entry
+// points at the end pick one at run time. All give the same bits: no FMA contraction, no
+// reassociation.
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
 #define SEME_AVX2_BUILD 1
 #endif
-#ifdef SEME_AVX2
+#ifdef SEME_AVX512
+#include <immintrin.h>
+// 512-bit vectors where the compiler vectorizes too (its generic tuning prefers 256).
+#pragma GCC target("avx2,avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512")
+// GCC 12 warns on its own intrinsics' `__m512 __Y = __Y;` (_mm512_undefined_ps) when inlined.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define SEME_ISA avx512
+#elif defined(SEME_AVX2)
 #include <immintrin.h>
 #pragma GCC target("avx2")
 #define SEME_ISA avx2
@@ -118,6 +128,65 @@ void uniforms(uint64_t key, int64_t off, int64_t len, float* __restrict u) {
   };
   int64_t i = std::min(end, (off + 3) & ~int64_t(3));
   one_by_one(off, i);
+#ifdef SEME_AVX512
+  // 16 blocks per vector. A 32x32->64 multiply of the even and of the odd lanes; one masked
+  // shuffle each picks the high and the low words back into lane order, and one ternary-logic op
+  // does each round's three-way xor. The 4 x 16 words leave transposed by 128-bit quarters.
+  {
+    constexpr int kWide = 16, kGroups = 4;
+    const __m512i round_a = _mm512_set1_epi32(int(0xD2511F53u)), round_b = _mm512_set1_epi32(int(0xCD9E8D57u));
+    auto mulhilo = [](__m512i m, __m512i x, __m512i& hi, __m512i& lo) {
+      const __m512i even = _mm512_mul_epu32(x, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), m);
+      hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_CDAB);
+      lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CDAB);
+    };
+    auto to_uniform = [](__m512i w) {
+      return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 8)), _mm512_set1_ps(0x1p-24f));
+    };
+    for (; i + 4 * kWide * kGroups <= end; i += 4 * kWide * kGroups) {
+      __m512i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+      for (int g = 0; g < kGroups; ++g) {
+        alignas(64) uint32_t lo_words[kWide], hi_words[kWide];
+        for (int l = 0; l < kWide; ++l) {
+          const uint64_t counter = (uint64_t(i) >> 2) + g * kWide + l;
+          lo_words[l] = uint32_t(counter), hi_words[l] = uint32_t(counter >> 32);
+        }
+        c0[g] = _mm512_load_si512(lo_words);
+        c1[g] = _mm512_load_si512(hi_words);
+        c2[g] = c3[g] = _mm512_setzero_si512();
+      }
+      uint32_t k0 = uint32_t(key), k1 = uint32_t(key >> 32);
+      for (int round = 0; round < 10; ++round) {
+        const __m512i key0 = _mm512_set1_epi32(int(k0)), key1 = _mm512_set1_epi32(int(k1));
+        for (int g = 0; g < kGroups; ++g) {
+          __m512i hi_b, lo_b, hi_a, lo_a;
+          mulhilo(round_b, c2[g], hi_b, lo_b);
+          mulhilo(round_a, c0[g], hi_a, lo_a);
+          c0[g] = _mm512_ternarylogic_epi32(hi_b, c1[g], key0, 0x96);
+          c2[g] = _mm512_ternarylogic_epi32(hi_a, c3[g], key1, 0x96);
+          c1[g] = lo_b, c3[g] = lo_a;
+        }
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+      }
+      for (int g = 0; g < kGroups; ++g) {
+        const __m512 f0 = to_uniform(c0[g]), f1 = to_uniform(c1[g]), f2 = to_uniform(c2[g]), f3 = to_uniform(c3[g]);
+        const __m512 a_lo = _mm512_unpacklo_ps(f0, f1), a_hi = _mm512_unpackhi_ps(f0, f1);
+        const __m512 b_lo = _mm512_unpacklo_ps(f2, f3), b_hi = _mm512_unpackhi_ps(f2, f3);
+        // q_r holds, in each quarter Q, the 4 words of block 4Q + r.
+        const __m512 q0 = _mm512_shuffle_ps(a_lo, b_lo, 0x44), q1 = _mm512_shuffle_ps(a_lo, b_lo, 0xEE);
+        const __m512 q2 = _mm512_shuffle_ps(a_hi, b_hi, 0x44), q3 = _mm512_shuffle_ps(a_hi, b_hi, 0xEE);
+        const __m512 t0 = _mm512_shuffle_f32x4(q0, q1, 0x44), t1 = _mm512_shuffle_f32x4(q2, q3, 0x44);
+        const __m512 t2 = _mm512_shuffle_f32x4(q0, q1, 0xEE), t3 = _mm512_shuffle_f32x4(q2, q3, 0xEE);
+        float* v = u + (i - off) + 4 * kWide * g;
+        _mm512_storeu_ps(v, _mm512_shuffle_f32x4(t0, t1, 0x88));
+        _mm512_storeu_ps(v + 16, _mm512_shuffle_f32x4(t0, t1, 0xDD));
+        _mm512_storeu_ps(v + 32, _mm512_shuffle_f32x4(t2, t3, 0x88));
+        _mm512_storeu_ps(v + 48, _mm512_shuffle_f32x4(t2, t3, 0xDD));
+      }
+    }
+  }
+#endif
 #ifdef SEME_AVX2
   // By hand: the compiler's version spends most of its time shuffling. Products of 8 lanes come as
   // two 4-lane 32x32->64 multiplies (even and odd lanes) blended back into high and low words; the
@@ -307,16 +376,20 @@ struct Ctx {
   }
 };
 
-// Σ_j f(j) in double, in a fixed order (8 interleaved partial sums, so that it vectorizes; f
-// should capture by value, or the pointers it reads are reloaded at every element).
+// Σ_j f(j) in double, in a fixed order: kLanes interleaved partial sums, so that it vectorizes into
+// several independent add chains (one chain waits on the add's latency), then a pairwise tree. f
+// should capture by value, or the pointers it reads are reloaded at every element.
 template <class F>
 double lane_sum(int64_t len, F&& f) {
-  double acc[8] = {};
+  constexpr int kLanes = 32;
+  double acc[kLanes] = {};
   int64_t j = 0;
-  for (; j + 8 <= len; j += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += f(j + l);
+  for (; j + kLanes <= len; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += f(j + l);
   for (int l = 0; j < len; ++j, ++l) acc[l] += f(j);
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
+  return acc[0];
 }
 
 double sum_abs(const float* d, int64_t len) {
@@ -1407,28 +1480,54 @@ Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool nor
 
 #ifndef SEME_AVX2
 #ifdef SEME_AVX2_BUILD
-namespace avx2 {
-Finite family_merge(const Tensors& t, const FamilyParams& p);
-Finite sce_merge(const Tensors& t, double tau, SceStats* stats);
-Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize);
-}  // namespace avx2
+#define SEME_DECLARE(isa)                                                                     \
+  namespace isa {                                                                             \
+  Finite family_merge(const Tensors& t, const FamilyParams& p);                               \
+  Finite sce_merge(const Tensors& t, double tau, SceStats* stats);                            \
+  Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize);     \
+  }
+SEME_DECLARE(avx2)
+SEME_DECLARE(avx512)
+#undef SEME_DECLARE
 
-// SEME_BASELINE_ISA (set to anything) forces the baseline build: the tests compare the two.
-static bool use_avx2() { return __builtin_cpu_supports("avx2") && !std::getenv("SEME_BASELINE_ISA"); }
+enum class Isa { baseline, avx2, avx512 };
 
-Finite family_merge(const Tensors& t, const FamilyParams& p) {
-  return use_avx2() ? avx2::family_merge(t, p) : baseline::family_merge(t, p);
+// The widest build this CPU runs; SEME_CPU_ISA=baseline|avx2 caps it (the tests compare them all).
+static Isa isa() {
+  __builtin_cpu_init();
+  const char* cap = std::getenv("SEME_CPU_ISA");
+  const std::string limit = cap ? cap : "avx512";
+  if (limit != "baseline" && limit != "avx2" && limit != "avx512")
+    throw std::invalid_argument("SEME_CPU_ISA must be baseline, avx2 or avx512, not '" + limit + "'");
+  if (limit == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    return Isa::avx512;
+  if (limit != "baseline" && __builtin_cpu_supports("avx2")) return Isa::avx2;
+  return Isa::baseline;
 }
 
-Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
-  return use_avx2() ? avx2::sce_merge(t, tau, stats) : baseline::sce_merge(t, tau, stats);
+struct Kernels {
+  decltype(&baseline::family_merge) family;
+  decltype(&baseline::sce_merge) sce;
+  decltype(&baseline::linear_merge) linear;
+};
+
+static Kernels kernels(Isa i) {
+  if (i == Isa::avx512) return {avx512::family_merge, avx512::sce_merge, avx512::linear_merge};
+  if (i == Isa::avx2) return {avx2::family_merge, avx2::sce_merge, avx2::linear_merge};
+  return {baseline::family_merge, baseline::sce_merge, baseline::linear_merge};
 }
 
+Finite family_merge(const Tensors& t, const FamilyParams& p) { return kernels(isa()).family(t, p); }
+Finite sce_merge(const Tensors& t, double tau, SceStats* stats) { return kernels(isa()).sce(t, tau, stats); }
 Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize) {
-  return use_avx2() ? avx2::linear_merge(t, weight, normalize) : baseline::linear_merge(t, weight, normalize);
+  return kernels(isa()).linear(t, weight, normalize);
 }
 
-const char* active_isa() { return use_avx2() ? "avx2" : "baseline"; }
+const char* active_isa() {
+  const Isa i = isa();
+  return i == Isa::avx512 ? "avx512" : i == Isa::avx2 ? "avx2" : "baseline";
+}
 #else
 Finite family_merge(const Tensors& t, const FamilyParams& p) { return baseline::family_merge(t, p); }
 Finite sce_merge(const Tensors& t, double tau, SceStats* stats) { return baseline::sce_merge(t, tau, stats); }

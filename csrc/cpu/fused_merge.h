@@ -72,7 +72,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats);
 // Finite.inputs is exact here: the inputs themselves are checked.
 Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize);
 
-// Which build of the kernels runs: "avx2" or "baseline".
+// Which build of the kernels runs: "avx512", "avx2" or "baseline".
 const char* active_isa();
 
 // Philox4x32-10 of counter (lo, hi, 0, 0) under key (lo, hi): the generator of seme.methods.rng.
