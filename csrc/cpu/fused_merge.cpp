@@ -114,9 +114,119 @@ void dispatch(Dtype t, F&& f) {
 
 // ------------------------------------------------------------ random draws
 
+#ifdef SEME_AVX2
+// Philox by hand (the compiler's version spends most of its time shuffling), on the lanes of one
+// ISA: L holds V (a vector of kWide 32-bit lanes, one Philox block each) and its operations.
+#ifdef SEME_AVX512
+// 16 lanes. A 32x32->64 multiply of the even and of the odd lanes; one masked shuffle each picks
+// the high and the low words back into lane order, and one ternary-logic op does a round's
+// three-way xor. The 4 x 16 words leave transposed by 128-bit quarters.
+struct Avx512Lanes {
+  using V = __m512i;
+  static constexpr int kWide = 16;
+  static V load(const uint32_t* w) { return _mm512_load_si512(w); }
+  static V zero() { return _mm512_setzero_si512(); }
+  static V set1(uint32_t x) { return _mm512_set1_epi32(int(x)); }
+  static void mulhilo(V m, V x, V& hi, V& lo) {
+    const V even = _mm512_mul_epu32(x, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), m);
+    hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_CDAB);
+    lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CDAB);
+  }
+  static V xor3(V a, V b, V c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
+  static __m512 uniform(V w) {
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 8)), _mm512_set1_ps(0x1p-24f));
+  }
+  // Lane l's 4 words to v[4l .. 4l + 3].
+  static void store(float* v, V c0, V c1, V c2, V c3) {
+    const __m512 f0 = uniform(c0), f1 = uniform(c1), f2 = uniform(c2), f3 = uniform(c3);
+    const __m512 a_lo = _mm512_unpacklo_ps(f0, f1), a_hi = _mm512_unpackhi_ps(f0, f1);
+    const __m512 b_lo = _mm512_unpacklo_ps(f2, f3), b_hi = _mm512_unpackhi_ps(f2, f3);
+    // q_r holds, in each quarter Q, the 4 words of lane 4Q + r.
+    const __m512 q0 = _mm512_shuffle_ps(a_lo, b_lo, 0x44), q1 = _mm512_shuffle_ps(a_lo, b_lo, 0xEE);
+    const __m512 q2 = _mm512_shuffle_ps(a_hi, b_hi, 0x44), q3 = _mm512_shuffle_ps(a_hi, b_hi, 0xEE);
+    const __m512 t0 = _mm512_shuffle_f32x4(q0, q1, 0x44), t1 = _mm512_shuffle_f32x4(q2, q3, 0x44);
+    const __m512 t2 = _mm512_shuffle_f32x4(q0, q1, 0xEE), t3 = _mm512_shuffle_f32x4(q2, q3, 0xEE);
+    _mm512_storeu_ps(v, _mm512_shuffle_f32x4(t0, t1, 0x88));
+    _mm512_storeu_ps(v + 16, _mm512_shuffle_f32x4(t0, t1, 0xDD));
+    _mm512_storeu_ps(v + 32, _mm512_shuffle_f32x4(t2, t3, 0x88));
+    _mm512_storeu_ps(v + 48, _mm512_shuffle_f32x4(t2, t3, 0xDD));
+  }
+};
+#endif
+
+// 8 lanes: two 4-lane 32x32->64 multiplies (even and odd lanes) blended back into high and low
+// words; the 4 x 8 words are transposed into element order on the way out.
+struct Avx2Lanes {
+  using V = __m256i;
+  static constexpr int kWide = 8;
+  static V load(const uint32_t* w) { return _mm256_load_si256(reinterpret_cast<const V*>(w)); }
+  static V zero() { return _mm256_setzero_si256(); }
+  static V set1(uint32_t x) { return _mm256_set1_epi32(int(x)); }
+  static void mulhilo(V m, V x, V& hi, V& lo) {
+    const V even = _mm256_mul_epu32(x, m), odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);
+    lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+    hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  }
+  static V xor3(V a, V b, V c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+  static __m256 uniform(V w) {
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), _mm256_set1_ps(0x1p-24f));
+  }
+  static void store(float* v, V c0, V c1, V c2, V c3) {
+    const __m256 f0 = uniform(c0), f1 = uniform(c1), f2 = uniform(c2), f3 = uniform(c3);
+    const __m256 a_lo = _mm256_unpacklo_ps(f0, f1), a_hi = _mm256_unpackhi_ps(f0, f1);
+    const __m256 b_lo = _mm256_unpacklo_ps(f2, f3), b_hi = _mm256_unpackhi_ps(f2, f3);
+    const __m256 q0 = _mm256_shuffle_ps(a_lo, b_lo, 0x44), q1 = _mm256_shuffle_ps(a_lo, b_lo, 0xEE);  // lanes 0|4, 1|5
+    const __m256 q2 = _mm256_shuffle_ps(a_hi, b_hi, 0x44), q3 = _mm256_shuffle_ps(a_hi, b_hi, 0xEE);  // lanes 2|6, 3|7
+    _mm256_storeu_ps(v, _mm256_permute2f128_ps(q0, q1, 0x20));
+    _mm256_storeu_ps(v + 8, _mm256_permute2f128_ps(q2, q3, 0x20));
+    _mm256_storeu_ps(v + 16, _mm256_permute2f128_ps(q0, q1, 0x31));
+    _mm256_storeu_ps(v + 24, _mm256_permute2f128_ps(q2, q3, 0x31));
+  }
+};
+
+// The draws of elements [i, end) in whole steps of kGroups vectors of blocks (i a multiple of 4),
+// written from u on; returns where it stopped.
+template <class L>
+int64_t philox_vectors(uint64_t key, int64_t i, int64_t end, float* __restrict u) {
+  using V = typename L::V;
+  constexpr int kGroups = 4;  // independent multiply chains in flight: the multiplies' latency is hidden
+  constexpr int64_t kStep = 4 * L::kWide * kGroups;
+  const V round_a = L::set1(0xD2511F53u), round_b = L::set1(0xCD9E8D57u);
+  for (; i + kStep <= end; i += kStep, u += kStep) {
+    V c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+    for (int g = 0; g < kGroups; ++g) {
+      alignas(64) uint32_t lo_words[L::kWide], hi_words[L::kWide];
+      for (int l = 0; l < L::kWide; ++l) {
+        const uint64_t counter = (uint64_t(i) >> 2) + g * L::kWide + l;
+        lo_words[l] = uint32_t(counter), hi_words[l] = uint32_t(counter >> 32);
+      }
+      c0[g] = L::load(lo_words);
+      c1[g] = L::load(hi_words);
+      c2[g] = c3[g] = L::zero();
+    }
+    uint32_t k0 = uint32_t(key), k1 = uint32_t(key >> 32);
+    for (int round = 0; round < 10; ++round) {
+      const V key0 = L::set1(k0), key1 = L::set1(k1);
+      for (int g = 0; g < kGroups; ++g) {
+        V hi_b, lo_b, hi_a, lo_a;
+        L::mulhilo(round_b, c2[g], hi_b, lo_b);
+        L::mulhilo(round_a, c0[g], hi_a, lo_a);
+        c0[g] = L::xor3(hi_b, c1[g], key0);
+        c2[g] = L::xor3(hi_a, c3[g], key1);
+        c1[g] = lo_b, c3[g] = lo_a;
+      }
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    for (int g = 0; g < kGroups; ++g) L::store(u + 4 * L::kWide * g, c0[g], c1[g], c2[g], c3[g]);
+  }
+  return i;
+}
+#endif
+
 // u[j] = the uniform draw of element off + j: element i takes word i & 3 of Philox block i >> 2.
 // The aligned middle runs 8 Philox blocks side by side (structure of arrays): independent multiply
-// chains, ~1.7x faster than one block at a time, and hand-vectorized in the AVX2 build.
+// chains, ~1.7x faster than one block at a time; the AVX2 and AVX-512 builds run wider steps first.
 void uniforms(uint64_t key, int64_t off, int64_t len, float* __restrict u) {
   constexpr int kLanes = 8;
   const int64_t end = off + len;
@@ -129,117 +239,10 @@ void uniforms(uint64_t key, int64_t off, int64_t len, float* __restrict u) {
   int64_t i = std::min(end, (off + 3) & ~int64_t(3));
   one_by_one(off, i);
 #ifdef SEME_AVX512
-  // 16 blocks per vector. A 32x32->64 multiply of the even and of the odd lanes; one masked
-  // shuffle each picks the high and the low words back into lane order, and one ternary-logic op
-  // does each round's three-way xor. The 4 x 16 words leave transposed by 128-bit quarters.
-  {
-    constexpr int kWide = 16, kGroups = 4;
-    const __m512i round_a = _mm512_set1_epi32(int(0xD2511F53u)), round_b = _mm512_set1_epi32(int(0xCD9E8D57u));
-    auto mulhilo = [](__m512i m, __m512i x, __m512i& hi, __m512i& lo) {
-      const __m512i even = _mm512_mul_epu32(x, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), m);
-      hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_CDAB);
-      lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CDAB);
-    };
-    auto to_uniform = [](__m512i w) {
-      return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 8)), _mm512_set1_ps(0x1p-24f));
-    };
-    for (; i + 4 * kWide * kGroups <= end; i += 4 * kWide * kGroups) {
-      __m512i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
-      for (int g = 0; g < kGroups; ++g) {
-        alignas(64) uint32_t lo_words[kWide], hi_words[kWide];
-        for (int l = 0; l < kWide; ++l) {
-          const uint64_t counter = (uint64_t(i) >> 2) + g * kWide + l;
-          lo_words[l] = uint32_t(counter), hi_words[l] = uint32_t(counter >> 32);
-        }
-        c0[g] = _mm512_load_si512(lo_words);
-        c1[g] = _mm512_load_si512(hi_words);
-        c2[g] = c3[g] = _mm512_setzero_si512();
-      }
-      uint32_t k0 = uint32_t(key), k1 = uint32_t(key >> 32);
-      for (int round = 0; round < 10; ++round) {
-        const __m512i key0 = _mm512_set1_epi32(int(k0)), key1 = _mm512_set1_epi32(int(k1));
-        for (int g = 0; g < kGroups; ++g) {
-          __m512i hi_b, lo_b, hi_a, lo_a;
-          mulhilo(round_b, c2[g], hi_b, lo_b);
-          mulhilo(round_a, c0[g], hi_a, lo_a);
-          c0[g] = _mm512_ternarylogic_epi32(hi_b, c1[g], key0, 0x96);
-          c2[g] = _mm512_ternarylogic_epi32(hi_a, c3[g], key1, 0x96);
-          c1[g] = lo_b, c3[g] = lo_a;
-        }
-        k0 += 0x9E3779B9u;
-        k1 += 0xBB67AE85u;
-      }
-      for (int g = 0; g < kGroups; ++g) {
-        const __m512 f0 = to_uniform(c0[g]), f1 = to_uniform(c1[g]), f2 = to_uniform(c2[g]), f3 = to_uniform(c3[g]);
-        const __m512 a_lo = _mm512_unpacklo_ps(f0, f1), a_hi = _mm512_unpackhi_ps(f0, f1);
-        const __m512 b_lo = _mm512_unpacklo_ps(f2, f3), b_hi = _mm512_unpackhi_ps(f2, f3);
-        // q_r holds, in each quarter Q, the 4 words of block 4Q + r.
-        const __m512 q0 = _mm512_shuffle_ps(a_lo, b_lo, 0x44), q1 = _mm512_shuffle_ps(a_lo, b_lo, 0xEE);
-        const __m512 q2 = _mm512_shuffle_ps(a_hi, b_hi, 0x44), q3 = _mm512_shuffle_ps(a_hi, b_hi, 0xEE);
-        const __m512 t0 = _mm512_shuffle_f32x4(q0, q1, 0x44), t1 = _mm512_shuffle_f32x4(q2, q3, 0x44);
-        const __m512 t2 = _mm512_shuffle_f32x4(q0, q1, 0xEE), t3 = _mm512_shuffle_f32x4(q2, q3, 0xEE);
-        float* v = u + (i - off) + 4 * kWide * g;
-        _mm512_storeu_ps(v, _mm512_shuffle_f32x4(t0, t1, 0x88));
-        _mm512_storeu_ps(v + 16, _mm512_shuffle_f32x4(t0, t1, 0xDD));
-        _mm512_storeu_ps(v + 32, _mm512_shuffle_f32x4(t2, t3, 0x88));
-        _mm512_storeu_ps(v + 48, _mm512_shuffle_f32x4(t2, t3, 0xDD));
-      }
-    }
-  }
+  i = philox_vectors<Avx512Lanes>(key, i, end, u + (i - off));
 #endif
 #ifdef SEME_AVX2
-  // By hand: the compiler's version spends most of its time shuffling. Products of 8 lanes come as
-  // two 4-lane 32x32->64 multiplies (even and odd lanes) blended back into high and low words; the
-  // 4 x 8 words are transposed into element order on the way out.
-  const __m256i round_a = _mm256_set1_epi32(int(0xD2511F53u)), round_b = _mm256_set1_epi32(int(0xCD9E8D57u));
-  auto mulhilo = [](__m256i m, __m256i x, __m256i& hi, __m256i& lo) {
-    const __m256i even = _mm256_mul_epu32(x, m), odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);
-    lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-    hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  };
-  auto to_uniform = [](__m256i w) {
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), _mm256_set1_ps(0x1p-24f));
-  };
-  constexpr int kGroups = 4;  // independent multiply chains in flight: the multiplies' latency is hidden
-  for (; i + 4 * kLanes * kGroups <= end; i += 4 * kLanes * kGroups) {
-    __m256i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
-    for (int g = 0; g < kGroups; ++g) {
-      alignas(32) uint32_t lo_words[kLanes], hi_words[kLanes];
-      for (int l = 0; l < kLanes; ++l) {
-        const uint64_t counter = (uint64_t(i) >> 2) + g * kLanes + l;
-        lo_words[l] = uint32_t(counter), hi_words[l] = uint32_t(counter >> 32);
-      }
-      c0[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo_words));
-      c1[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi_words));
-      c2[g] = c3[g] = _mm256_setzero_si256();
-    }
-    uint32_t k0 = uint32_t(key), k1 = uint32_t(key >> 32);
-    for (int round = 0; round < 10; ++round) {
-      const __m256i key0 = _mm256_set1_epi32(int(k0)), key1 = _mm256_set1_epi32(int(k1));
-      for (int g = 0; g < kGroups; ++g) {
-        __m256i hi_b, lo_b, hi_a, lo_a;
-        mulhilo(round_b, c2[g], hi_b, lo_b);
-        mulhilo(round_a, c0[g], hi_a, lo_a);
-        c0[g] = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1[g]), key0);
-        c2[g] = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3[g]), key1);
-        c1[g] = lo_b, c3[g] = lo_a;
-      }
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    for (int g = 0; g < kGroups; ++g) {
-      const __m256 f0 = to_uniform(c0[g]), f1 = to_uniform(c1[g]), f2 = to_uniform(c2[g]), f3 = to_uniform(c3[g]);
-      const __m256 a_lo = _mm256_unpacklo_ps(f0, f1), a_hi = _mm256_unpackhi_ps(f0, f1);
-      const __m256 b_lo = _mm256_unpacklo_ps(f2, f3), b_hi = _mm256_unpackhi_ps(f2, f3);
-      const __m256 q0 = _mm256_shuffle_ps(a_lo, b_lo, 0x44), q1 = _mm256_shuffle_ps(a_lo, b_lo, 0xEE);  // lanes 0|4, 1|5
-      const __m256 q2 = _mm256_shuffle_ps(a_hi, b_hi, 0x44), q3 = _mm256_shuffle_ps(a_hi, b_hi, 0xEE);  // lanes 2|6, 3|7
-      float* v = u + (i - off) + 4 * kLanes * g;
-      _mm256_storeu_ps(v, _mm256_permute2f128_ps(q0, q1, 0x20));
-      _mm256_storeu_ps(v + 8, _mm256_permute2f128_ps(q2, q3, 0x20));
-      _mm256_storeu_ps(v + 16, _mm256_permute2f128_ps(q0, q1, 0x31));
-      _mm256_storeu_ps(v + 24, _mm256_permute2f128_ps(q2, q3, 0x31));
-    }
-  }
+  i = philox_vectors<Avx2Lanes>(key, i, end, u + (i - off));
 #endif
   for (; i + 4 * kLanes <= end; i += 4 * kLanes) {
     uint32_t c0[kLanes], c1[kLanes], c2[kLanes] = {}, c3[kLanes] = {};
