@@ -1,10 +1,10 @@
-"""Streaming execution of a plan: merge one output tensor from its inputs into its place in the
-output, repeat.
+"""Streaming execution of a plan: merge one output tensor from its inputs, write it to its place
+in the output, repeat.
 
-Inputs are zero-copy views of memory-mapped files and the output shards are mapped too, so the
-merge reads page-cache pages and writes its result where it will stay. Each tensor's pages are
-unmapped once it is done: resident memory holds about one tensor's inputs and result, whatever
-the size of the models.
+Inputs are zero-copy views of memory-mapped files, so the merge reads page-cache pages; each
+tensor's input pages are unmapped once it is done, and results go through a few reused staging
+buffers: resident memory holds about one tensor's inputs and three results, whatever the size of
+the models.
 """
 from __future__ import annotations
 
@@ -208,13 +208,14 @@ def _prefetch(plan: Plan, tasks, start: int, budget: int) -> int:
 
 
 class Finisher:
-    """Hands written tensors to the shard writer on a background thread (checksumming, unmapping and a
+    """Hands merged tensors to the shard writer on a background thread (checksumming, pwrite and a
     finished shard's fsync release the GIL), so that the next merge need not wait for them. At most
-    two tensors wait. An error there surfaces on the next put."""
+    one tensor waits while another is written: with the one merging, the three results that
+    --max-memory counts. An error there surfaces on the next put."""
 
     def __init__(self, writer: ShardWriter, progress: Progress):
         self.writer, self.progress = writer, progress
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 

@@ -102,3 +102,16 @@ def test_writer_resumes_only_verified_shards_of_the_same_plan(tmp_path):
     damaged = ShardWriter(str(tmp_path), planned, shard_size=800, plan_id="q", resume=True)
     assert not damaged.skip("t0")  # its checksum no longer matches: merged again
     damaged.close()
+
+
+def test_staging_buffers_are_reused_and_grown():
+    from seme.io.writer import _Buffers
+
+    buffers = _Buffers()
+    a, b = buffers.take(100), buffers.take(300)
+    assert len(a) == 100 and len(b) == 300 and a is not b
+    buffers.give(a)
+    buffers.give(b)
+    assert buffers.take(200) is b  # the largest free one first
+    c = buffers.take(500)  # a (100 bytes) is too small: replaced, not kept beside the new one
+    assert len(c) == 500 and buffers.free == []
