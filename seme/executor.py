@@ -28,8 +28,8 @@ class Progress:
     """Tensors done and the rates of the stages (merge: input bytes over the time spent merging,
     the reads included where inputs are read through their mappings as the merge touches them;
     read, on a GPU: input bytes over the time the background readers staging them were busy;
-    write: output bytes over the time spent checksumming and flushing) on one self-rewriting stderr
-    line, shown only on a terminal."""
+    write: output bytes over the time spent checksumming, writing and flushing) on one
+    self-rewriting stderr line, shown only on a terminal."""
 
     def __init__(self, total_tensors: int, total_bytes: int, enabled: bool):
         self.total_tensors, self.total_bytes, self.enabled = total_tensors, total_bytes, enabled
