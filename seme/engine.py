@@ -1,7 +1,7 @@
-"""How one output tensor is merged into its place in the output shard (a writable memoryview).
+"""How one output tensor is merged into the buffer the shard writer hands out (a writable memoryview).
 
 `NativeEngine` runs the C++ kernels on raw addresses: the inputs are the memory-mapped safetensors
-files and the output is the mapped shard itself, so nothing is copied and torch is never imported
+files and the output is that buffer, so no input is copied and torch is never imported
 (importing it takes about a second, a third of a whole CPU merge of four 223M models). It serves CPU
 merges of the methods the kernels cover. `TorchEngine` serves everything else: other methods,
 `--backend reference`, GPUs, SeMe and torchrun. Both give the same bytes where both apply (the
@@ -101,7 +101,7 @@ class TorchEngine:
 
 
 class NativeEngine:
-    """CPU merges with the C++ kernels, from the mapped inputs straight into the mapped output. A
+    """CPU merges with the C++ kernels, from the mapped inputs straight into the output buffer. A
     tensor the kernels cannot take as it is (inputs of mixed dtypes, a `dtype` that would round
     the inputs first, a single model, 2^32 elements or more) goes to a TorchEngine made on first
     need."""
@@ -133,7 +133,7 @@ class NativeEngine:
             return True
         anchor = ctypes.c_char.from_buffer(out)
         address = ctypes.addressof(anchor)
-        del anchor  # the export would keep `out` from being released; the mapping outlives the call
+        del anchor  # the export would keep `out` from being released; the buffer outlives the call
         addresses = [models[m].address(name) for m, name in task.inputs]
         inputs_finite, output_finite = fused_merge.launch(
             self.plan.recipe.merge_method, task.params, base=addresses[base],
