@@ -111,8 +111,12 @@ class MappedFile:
         return memoryview(self._map)[info.start:info.end]
 
     def release(self, info: TensorInfo) -> None:
-        """Unmap the tensor's pages once it has been used (see `unmap_pages`)."""
-        unmap_pages(self._map, info.start, info.end)
+        """Unmap the pages that lie wholly inside the tensor once it has been used: the data stays in
+        the page cache, but no longer counts in this process's resident memory."""
+        start = -(-info.start // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = info.end - info.end % mmap.PAGESIZE
+        if end > start and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def tensor(self, info: TensorInfo):
         import torch
@@ -129,16 +133,6 @@ class MappedFile:
         if info.nbytes and hasattr(self._map, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
             start = info.start - info.start % mmap.PAGESIZE
             self._map.madvise(mmap.MADV_WILLNEED, start, info.end - start)
-
-
-def unmap_pages(mapping: mmap.mmap, start: int, end: int) -> None:
-    """Drop the pages lying wholly inside [start, end) from this process's mapping: their data stays
-    in the page cache (written pages stay dirty until written back), but no longer counts in the
-    process's resident memory. Pages shared with a neighbouring range are kept."""
-    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-    last = end - end % mmap.PAGESIZE
-    if last > first and hasattr(mmap, "MADV_DONTNEED"):
-        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def layout_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict) -> tuple[bytes, dict[str, int]]:

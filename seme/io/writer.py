@@ -120,9 +120,10 @@ class ShardWriter:
 
     def buffer(self, name: str) -> memoryview:
         """A buffer for the bytes of `name`, to be filled once and then handed to `written`."""
+        nbytes = self._where[name][1]
         if name not in self._staged:
-            self._staged[name] = self._buffers.take(self._where[name][1])
-        return memoryview(self._staged[name])[:self._where[name][1]]
+            self._staged[name] = self._buffers.take(nbytes)
+        return memoryview(self._staged[name])[:nbytes]
 
     def written(self, name: str) -> None:
         """`name`'s bytes are in its buffer: checksum them (while tensors arrive in file order),
@@ -190,9 +191,9 @@ def _allocate(fd: int, size: int) -> None:
 
 class _Buffers:
     """Staging buffers, reused: a fresh one costs a page fault per page when first filled. Every take
-    reuses a free buffer when there is one (grown if too small), so no more exist than tensors in
-    flight: one merging, one waiting and one being written (`seme.executor.Finisher`), the three
-    results that --max-memory counts."""
+    reuses a free buffer when there is one (replaced by a larger one if too small), so no more exist
+    than tensors in flight: one merging, one waiting and one being written
+    (`seme.executor.Finisher`), the three results that --max-memory counts."""
 
     def __init__(self):
         self.free: list[bytearray] = []
