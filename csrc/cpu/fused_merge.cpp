@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -454,6 +455,11 @@ void unpack_bits(const uint64_t* __restrict words, int64_t len, float* __restric
     for (int64_t b = 0; b < n; ++b) flags[j + b] = (word >> b) & 1 ? 1.0f : 0.0f;
   }
 }
+
+// Bit arrays of one pass's decisions, n/64 words, not cleared: every word is packed before it is
+// read. Clearing them was a memset on one thread ahead of the parallel passes, which took all their
+// page faults there too (a DARE-TIES merge of bench.e2e's models: 84 MB, 20K of its 70K faults).
+std::unique_ptr<uint64_t[]> uncleared_words(size_t words) { return std::unique_ptr<uint64_t[]>(new uint64_t[words]); }
 
 // Exclusive scan over chunks of per-chunk counts laid out [chunk][cols].
 std::vector<int64_t> chunk_prefix(const std::vector<int64_t>& counts, int64_t nchunks, size_t cols) {
@@ -1010,9 +1016,9 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
   // words, so no two threads share a word.
   const int64_t row_words = della ? (p.cols + 63) / 64 : 0;
   auto first_word = [&](int64_t off) { return della ? off / p.cols * row_words : off >> 6; };  // of a block
-  std::vector<std::vector<uint64_t>> kept_bits((p.sparsify == kRandom || della) && p.rescale ? K : 0);
+  std::vector<std::unique_ptr<uint64_t[]>> kept_bits((p.sparsify == kRandom || della) && p.rescale ? K : 0);
   for (int k : active)
-    if (!kept_bits.empty()) kept_bits[k].assign(size_t(della ? t.n / p.cols * row_words : (t.n + 63) / 64), 0);
+    if (!kept_bits.empty()) kept_bits[k] = uncleared_words(size_t(della ? t.n / p.cols * row_words : (t.n + 63) / 64));
   bool replay = false;
 
   // Zeroes the dropped elements of model k's δ in the staged block (a DELLA block is one row).
@@ -1022,7 +1028,7 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
       keep_ranks(d, len, cuts[2 * k], cuts[2 * k + 1], eq[2 * k], eq[2 * k + 1], s.ties.data());
       return;
     }
-    uint64_t* bits = kept_bits.empty() ? nullptr : kept_bits[k].data() + first_word(off);
+    uint64_t* bits = kept_bits.empty() ? nullptr : kept_bits[k].get() + first_word(off);
     float* keep = s.div.data();  // 1 where the element is kept
     if (bits && replay) {
       unpack_bits(bits, len, keep);
@@ -1185,7 +1191,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
   // selection instead of computing every variance again (blocks start at multiples of 64). False
   // where the bracket misses or holds too many elements: nothing is kept of it, and the histogram
   // passes run.
-  std::vector<uint64_t> selected_bits;
+  std::unique_ptr<uint64_t[]> selected_bits;
   uint64_t first_kept = 0;  // of the bin's elements in (key, index) order; found by the bracketed pass
   bool first_kept_known = false;
   // Appends the m staged elements at positions `at` (with their deltas) to chunk c's list.
@@ -1224,7 +1230,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
     std::vector<int64_t> below(ctx.nchunks, 0);
     Collected inside(ctx.nchunks);
     std::vector<double> above(ctx.nchunks * size_t(K), 0.0);
-    std::vector<uint64_t> bits(size_t((t.n + 63) / 64), 0);
+    std::unique_ptr<uint64_t[]> bits = uncleared_words(size_t((t.n + 63) / 64));
     ctx.chunks([&](int th, int64_t c, int64_t start, int64_t end) {
       Scratch& s = ctx.scratch[th];
       ctx.blocks(start, end, [&](int64_t off, int64_t len) {
@@ -1234,7 +1240,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
         float* __restrict mask = s.acc.data();
         for (int64_t j = 0; j < len; ++j) mask[j] = key_of(v[j]) > hi ? 1.0f : 0.0f;
         for (int k = 0; k < K; ++k) above[c * K + k] += sum_squares(ctx.delta(s, k), mask, len);
-        pack_bits(mask, len, bits.data() + (off >> 6));
+        pack_bits(mask, len, bits.get() + (off >> 6));
         uint32_t* at = s.ties.data();
         const int64_t m = positions_between(v, len, lo, hi, at, below[c]);
         collect(s, c, off, at, m, inside);
@@ -1329,7 +1335,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
         eq_count[c] += uint32_t(e >> 32) == cut.v;
         if (e < first_kept) continue;
         for (int k = 0; k < K; ++k) part[c * K + k] += double(d[i * K + k]) * double(d[i * K + k]);
-        if (!selected_bits.empty()) selected_bits[uint32_t(e) >> 6] |= uint64_t(1) << (uint32_t(e) & 63);
+        if (selected_bits) selected_bits[uint32_t(e) >> 6] |= uint64_t(1) << (uint32_t(e) & 63);
       }
     }
     for (int64_t c = 0; c < ctx.nchunks; ++c)
@@ -1408,8 +1414,8 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
         float* keep = s.u.data();
         if (none) {
           std::fill(keep, keep + len, 0.0f);
-        } else if (!selected_bits.empty()) {
-          unpack_bits(selected_bits.data() + (off >> 6), len, keep);
+        } else if (selected_bits) {
+          unpack_bits(selected_bits.get() + (off >> 6), len, keep);
         } else {
           variance(s, len);
           keep_mask(s, len, eq, keep);
