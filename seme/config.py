@@ -56,6 +56,7 @@ class Recipe:
     random_seed: int
     uses_slices: bool  # False when the recipe listed whole `models`
     text: str  # the recipe as written, for the model card
+    path: str | None = None  # the file it was read from
 
     @property
     def models(self) -> list[str]:
@@ -71,17 +72,24 @@ def load(path_or_text: str | os.PathLike | dict) -> Recipe:
     """Parse a recipe from a YAML file path, YAML text or an already-parsed dict."""
     import yaml
 
-    base_dir = os.getcwd()
+    base_dir, path = os.getcwd(), None
     if isinstance(path_or_text, dict):
         raw, text = path_or_text, yaml.safe_dump(path_or_text, sort_keys=False)
     else:
         text = str(path_or_text)
         if "\n" not in text and (os.path.exists(text) or text.endswith((".yml", ".yaml"))):
-            if not os.path.isfile(text):
+            if not os.path.exists(text):
                 raise SemeError(f"config file not found: {text}")
-            base_dir = os.path.dirname(os.path.abspath(text))
-            with open(text, encoding="utf-8") as f:
-                text = f.read()
+            if os.path.isdir(text):
+                raise SemeError(f"config {text} is a folder, not a recipe file")
+            path, base_dir = os.path.abspath(text), os.path.dirname(os.path.abspath(text))
+            try:
+                with open(text, encoding="utf-8") as f:
+                    text = f.read()
+            except UnicodeDecodeError:
+                raise SemeError(f"config {path} is not UTF-8 text (a recipe is a YAML file)") from None
+            except OSError as e:
+                raise SemeError(f"config {path}: cannot read: {e.strerror}") from None
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -90,7 +98,7 @@ def load(path_or_text: str | os.PathLike | dict) -> Recipe:
             raise SemeError(f"config is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
         if isinstance(raw, str) and "\n" not in text:  # one word that is no file: a path mistyped
             raise SemeError(f"config file not found: {text}")
-    return _validate(raw, text, base_dir)
+    return _validate(raw, text, base_dir, path)
 
 
 def _check_keys(d: Any, allowed: set, where: str) -> None:
@@ -177,7 +185,7 @@ def _layer_range(value: Any, where: str) -> tuple[int, int]:
     return start, end
 
 
-def _validate(raw: Any, text: str, base_dir: str) -> Recipe:
+def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
     from seme.methods import registry
 
     if raw is None:
@@ -269,7 +277,7 @@ def _validate(raw: Any, text: str, base_dir: str) -> Recipe:
         tok = _resolve_model(tok, "tokenizer_source", base_dir)
 
     return Recipe(method_name, tuple(slices), base_model, global_params, _dtype(raw.get("dtype"), "dtype"),
-                  _dtype(raw.get("out_dtype"), "out_dtype"), tok, seed, "slices" in raw, text)
+                  _dtype(raw.get("out_dtype"), "out_dtype"), tok, seed, "slices" in raw, text, path)
 
 
 def _check_parameter_names(method, sl: Slice, global_params: dict, base: str | None) -> None:

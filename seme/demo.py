@@ -48,6 +48,13 @@ def build_tiny_llama(path: str, seed: int, hidden: int = 64, layers: int = 4, vo
 
 
 def run_demo(out_dir: str, **options) -> None:
+    from seme.errors import SemeError
+    from seme.io.card import merged_by_seme
+
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not options.get("overwrite"):
+        if not merged_by_seme(out_dir):  # refused before the models are built
+            raise SemeError(f"output folder {out_dir} exists and is not empty (use --overwrite to replace it)")
+        options["overwrite"] = True  # an earlier demo's output is rebuilt
     work = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(out_dir)), ".seme-demo-models"))
     print(f"seme demo: building tiny models in {work}", file=sys.stderr)
     base = build_tiny_llama(os.path.join(work, "base"), seed=0)
@@ -60,7 +67,6 @@ def run_demo(out_dir: str, **options) -> None:
 
     from seme import merge
 
-    options["overwrite"] = True  # the demo's own output folder is always rebuilt
     merge(recipe_path, out_dir, **options)
     if options.get("dry_run"):
         return

@@ -125,13 +125,42 @@ def _publish(plan: Plan, stats: dict, staging: str, out_dir: str, version: str) 
         stats["semantic"].write_report(staging)
     write_metadata(staging, plan, version, os.path.basename(out_dir))
     if os.path.exists(out_dir):
-        shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
+        shutil.rmtree(out_dir)
     os.rename(staging, out_dir)
 
 
-def _prepare_staging(plan: Plan, out_dir: str, staging: str, overwrite: bool, resume: bool) -> None:
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
+# What --overwrite may delete: the files of a model folder (a previous merge, any Hugging Face
+# checkpoint). Anything else in the output folder (another file, a subfolder) stops the merge, so
+# that a mistyped output path costs nobody their files.
+_MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".md", ".bin", ".model", ".txt", ".jinja", ".py", ".yml", ".yaml",
+                        ".tiktoken", ".gitattributes")
+
+
+def _check_output(plan: Plan, out_dir: str, overwrite: bool) -> None:
+    """Refuse an output path that is a file, is or holds an input of the merge (publishing replaces
+    the folder), or, with `overwrite`, holds what a model folder does not."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SemeError(f"output path {out_dir} is a file, not a folder")
+    inputs = [m.path for m in plan.models] + [plan.tokenizer_model.path] + [p for p in [plan.recipe.path] if p]
+    real_out = os.path.realpath(out_dir)
+    for path in inputs:
+        real = os.path.realpath(path)
+        if real == real_out or real.startswith(real_out.rstrip(os.sep) + os.sep):
+            what = "is an input" if real == real_out else f"holds {path}, an input"
+            raise SemeError(f"output folder {out_dir} {what} of the merge: choose another output folder")
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        return
+    if not overwrite:
         raise SemeError(f"output folder {out_dir} exists and is not empty (use --overwrite to replace it)")
+    with os.scandir(out_dir) as entries:
+        for entry in entries:
+            if not (entry.is_file(follow_symlinks=False) and entry.name.endswith(_MODEL_FILE_SUFFIXES)):
+                raise SemeError(f"--overwrite replaces a model folder, and {out_dir} also holds '{entry.name}': "
+                                f"move it or choose another output folder")
+
+
+def _prepare_staging(plan: Plan, out_dir: str, staging: str, overwrite: bool, resume: bool) -> None:
+    _check_output(plan, out_dir, overwrite)
     if os.path.exists(staging) and not (resume or overwrite):
         raise SemeError(f"an interrupted merge into {out_dir} left {staging}: use --resume to continue it "
                         f"or --overwrite to start over")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -135,6 +136,51 @@ def test_non_empty_output_is_refused(llama_family, tmp_path, capsys):
     status, err, out = run_cli(tmp_path, ties(llama_family), capsys)
     assert status == 2 and "exists and is not empty (use --overwrite" in err[0]
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_an_output_folder_that_is_or_holds_an_input_is_refused(llama_family, tmp_path, capsys):
+    models = tmp_path / "models"
+    for name in ("base", "expert0", "expert1"):
+        shutil.copytree(llama_family[name], models / name)
+    recipe = ties({k: str(models / k) for k in ("base", "expert0", "expert1")})
+    path = write_recipe(tmp_path, recipe)
+    for out in (models / "expert0", models, tmp_path):  # the model itself, its parent, the recipe's folder
+        status = main([path, str(out), "--overwrite"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and len(err) == 1 and "an input of the merge: choose another output folder" in err[0]
+    assert sorted(os.listdir(models / "expert0")) == sorted(os.listdir(llama_family["expert0"]))
+    assert os.path.isfile(path)
+
+
+def test_overwrite_replaces_only_a_model_folder(llama_family, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"old")
+    status, err, _ = run_cli(tmp_path, ties(llama_family), capsys, "--overwrite")
+    assert status == 2 and err == [f"seme: error: --overwrite replaces a model folder, and {out} also holds 'runs': "
+                                   f"move it or choose another output folder"]
+    assert (out / "model.safetensors").read_bytes() == b"old"
+    (out / "runs").rmdir()
+    (out / "notes.md").write_text("an earlier merge's card")
+    status, err, _ = run_cli(tmp_path, ties(llama_family), capsys, "--overwrite")
+    assert status == 0 and not (out / "notes.md").exists() and (out / "model.safetensors").stat().st_size > 3
+
+
+def test_an_output_path_that_is_a_file_is_refused(llama_family, tmp_path, capsys):
+    (tmp_path / "out").write_text("mine")
+    status, err, out = run_cli(tmp_path, ties(llama_family), capsys, "--overwrite")
+    assert status == 2 and err == [f"seme: error: output path {out} is a file, not a folder"]
+    assert out.read_text() == "mine"
+
+
+def test_a_config_that_is_no_text_file(tmp_path, capsys):
+    (tmp_path / "recipe.yml").write_bytes(b"\xff\xfe\x00merge")
+    assert main([str(tmp_path / "recipe.yml"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"seme: error: config {tmp_path / 'recipe.yml'} is not UTF-8 text (a recipe is a YAML file)"]
+    assert main([str(tmp_path), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"seme: error: config {tmp_path} is a folder, not a recipe file"]
 
 
 def test_bad_option_value(llama_family, tmp_path, capsys):

@@ -140,8 +140,18 @@ def test_help_imports_nothing_heavy():
 
 
 def test_demo_runs(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "seme.merge", "--demo", str(tmp_path / "demo")],
-                          capture_output=True, text=True, timeout=300)
+    def demo(folder):
+        return subprocess.run([sys.executable, "-m", "seme.merge", "--demo", str(folder)],
+                              capture_output=True, text=True, timeout=300)
+
+    proc = demo(tmp_path / "demo")
     assert proc.returncode == 0, proc.stderr
     assert "reloads (torch.bfloat16) and generates" in proc.stderr
     assert (tmp_path / "demo" / "model.safetensors").is_file()
+    assert demo(tmp_path / "demo").returncode == 0  # its own earlier output is rebuilt
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    proc = demo(tmp_path / "mine")  # any other non-empty folder is refused, before models are built
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"seme: error: output folder {tmp_path / 'mine'} exists and is not empty (use --overwrite to replace it)"]
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]

@@ -28,6 +28,15 @@ The merge is reproducible from this recipe alone (`python -m seme.merge recipe.y
 """
 
 
+def merged_by_seme(folder: str) -> bool:
+    """Whether `folder` holds a merge's output: its model card says it was merged with seme."""
+    try:
+        with open(os.path.join(folder, "README.md"), encoding="utf-8") as f:
+            return "This model was merged with seme " in f.read()
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def write_metadata(folder: str, plan, version: str, name: str) -> None:
     """Config, generation config, tokenizer files and the model card (titled `name`) into `folder`."""
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
