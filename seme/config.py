@@ -117,11 +117,39 @@ def _resolve_model(ref: Any, where: str, base_dir: str) -> str:
         raise SemeError(f"{where}: model must be a path string, got {ref!r}")
     if "+" in ref and not os.path.exists(ref):
         raise SemeError(f"{where}: LoRA references ('{ref}') are not supported; merge the adapter first")
-    for candidate in (ref, os.path.join(base_dir, ref)):
+    path = os.path.expanduser(ref)
+    for candidate in (path, os.path.join(base_dir, path)):
         if os.path.isdir(candidate):
             return os.path.abspath(candidate)
-    raise SemeError(f"{where}: model folder not found: {ref} (seme reads local Hugging Face folders; "
-                    f"download hub models first)")
+    snapshot = _hub_snapshot(ref)
+    if snapshot:
+        return snapshot
+    raise SemeError(f"{where}: model not found: {ref} is neither a local folder nor a model in the Hugging Face "
+                    f"cache ({_hub_cache()}); seme does not download: fetch it first, e.g. `hf download {ref}`")
+
+
+def _hub_cache() -> str:
+    """The Hugging Face hub cache folder, located as huggingface_hub locates it."""
+    if os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return os.environ.get("HF_HUB_CACHE") or os.environ["HUGGINGFACE_HUB_CACHE"]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.environ.get("HF_HOME") or os.path.join(cache, "huggingface"), "hub")
+
+
+def _hub_snapshot(ref: str) -> str | None:
+    """The cached snapshot of hub model `org/name` or `org/name@revision` (a branch, tag or commit), as
+    mergekit recipes name models; None where the cache does not hold it. No network."""
+    repo, _, revision = ref.partition("@")
+    if repo.count("/") != 1 or repo.startswith(("/", ".", "~")):
+        return None
+    folder = os.path.join(_hub_cache(), "models--" + repo.replace("/", "--"))
+    revision = revision or "main"
+    pointer = os.path.join(folder, "refs", revision)
+    if os.path.isfile(pointer):
+        with open(pointer, encoding="utf-8") as f:
+            revision = f.read().strip()
+    snapshot = os.path.join(folder, "snapshots", revision)
+    return snapshot if revision and os.path.isdir(snapshot) else None
 
 
 def _check_setting(setting: Any, where: str) -> None:

@@ -40,7 +40,7 @@ CASES = {
     "missing weight": (lambda m: ties(m, models=[{"model": m["expert0"]}, {"model": m["expert1"]}]),
                        "needs parameter 'weight'"),
     "unknown parameter": (lambda m: ties(m, parameters={"densty": 0.5}), "unknown parameter 'densty' for method 'ties' (did you mean 'density'?)"),
-    "missing model folder": (lambda m: ties(m, base_model="/nonexistent/model"), "model folder not found: /nonexistent/model"),
+    "missing model folder": (lambda m: ties(m, base_model="/nonexistent/model"), "model not found: /nonexistent/model is neither a local folder nor a model in the Hugging Face cache"),
     "models and slices": (lambda m: ties(m, slices=[]), "exactly one of 'models' or 'slices'"),
     "empty models": (lambda m: ties(m, models=[]), "'models' must be a non-empty list"),
     "bad dtype": (lambda m: ties(m, dtype="float8"), "dtype must be one of"),
@@ -181,6 +181,42 @@ def test_a_config_that_is_no_text_file(tmp_path, capsys):
     assert main([str(tmp_path), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"seme: error: config {tmp_path} is a folder, not a recipe file"]
+
+
+def test_hub_names_resolve_to_the_local_hub_cache(llama_family, tmp_path, capsys, monkeypatch):
+    # mergekit recipes name hub models ("org/name", "org/name@revision"); the hub cache's layout is
+    # models--org--name/{refs/<branch>, snapshots/<commit>/<file> -> ../../blobs/<hash>}.
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for name in ("base", "expert0", "expert1"):
+        repo = cache / f"models--org--{name}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        (repo / "blobs").mkdir()
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        for f in os.listdir(llama_family[name]):
+            shutil.copyfile(os.path.join(llama_family[name], f), repo / "blobs" / f)
+            os.symlink(f"../../blobs/{f}", repo / "snapshots" / commit / f)
+    local = ties(llama_family)
+    status, _, out = run_cli(tmp_path, local, capsys)
+    assert status == 0
+    names = {"base": "org/base", "expert0": f"org/expert0@{commit}", "expert1": "org/expert1@main"}
+    assert main([write_recipe(tmp_path, ties(names)), str(tmp_path / "from-hub")]) == 0
+    assert (tmp_path / "from-hub" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    status, err, _ = run_cli(tmp_path, ties({**names, "base": "org/base@v2"}), capsys)
+    assert status == 2 and err == [f"seme: error: base_model: model not found: org/base@v2 is neither a local folder "
+                                   f"nor a model in the Hugging Face cache ({cache}); seme does not download: fetch "
+                                   f"it first, e.g. `hf download org/base@v2`"]
+
+
+def test_model_paths_may_start_with_a_tilde(llama_family, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", os.path.dirname(llama_family["base"]))
+    tilde = {k: "~/" + os.path.basename(v) for k, v in llama_family.items() if k in ("base", "expert0", "expert1")}
+    status, err, out = run_cli(tmp_path, ties(tilde), capsys)
+    assert status == 0, err
+    assert f"`{llama_family['base']}`" in (out / "README.md").read_text()  # the card names the folder
 
 
 def test_bad_option_value(llama_family, tmp_path, capsys):
