@@ -104,14 +104,18 @@ def test_writer_resumes_only_verified_shards_of_the_same_plan(tmp_path):
     damaged.close()
 
 
-def test_staging_buffers_are_reused_and_grown():
+def test_staging_buffers_are_reused_and_take_no_room_until_written():
+    import resource
+
     from seme.io.writer import _Buffers
 
-    buffers = _Buffers()
-    a, b = buffers.take(100), buffers.take(300)
-    assert len(a) == 100 and len(b) == 300 and a is not b
+    buffers = _Buffers(64 << 20)  # the largest planned tensor: every buffer fits every tensor
+    a, b = buffers.take(100), buffers.take(64 << 20)
+    assert len(a) == len(b) == 64 << 20 and a is not b and a[:100] == bytes(100)
     buffers.give(a)
-    buffers.give(b)
-    assert buffers.take(200) is b  # the largest free one first
-    c = buffers.take(500)  # a (100 bytes) is too small: replaced, not kept beside the new one
-    assert len(c) == 500 and buffers.free == []
+    assert buffers.take(300) is a and buffers.free == []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    c = buffers.take(200)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 100  # 16384 pages, none touched
+    c[:200] = b"x" * 200
+    assert bytes(c[:200]) == b"x" * 200
