@@ -51,8 +51,8 @@ extensions = [
     Pybind11Extension(
         "seme._C",
         ["csrc/bindings.cpp", "csrc/cpu/fused_merge.cpp", "csrc/cpu/fused_merge_avx2.cpp",
-         "csrc/cpu/fused_merge_avx512.cpp"],
-        depends=["csrc/cpu/fused_merge.h"],
+         "csrc/cpu/fused_merge_avx512.cpp", "csrc/cpu/crc32.cpp"],
+        depends=["csrc/cpu/fused_merge.h", "csrc/cpu/crc32.h"],
         include_dirs=["csrc"],
         extra_compile_args=_FLAGS,
         extra_link_args=["-fopenmp"],

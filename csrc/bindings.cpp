@@ -6,6 +6,7 @@
 
 #include <omp.h>
 
+#include "cpu/crc32.h"
 #include "cpu/fused_merge.h"
 
 namespace py = pybind11;
@@ -101,4 +102,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("key"), py::arg("counter"));
   m.def("max_threads", &omp_get_max_threads, "OpenMP's default thread count.");
   m.def("isa", &seme::active_isa, "Which build of the kernels runs: 'avx512', 'avx2' or 'baseline'.");
+  m.def(
+      "crc32",
+      [](py::buffer data, uint32_t crc) {
+        py::buffer_info info = data.request();
+        if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1)
+          throw py::value_error("crc32 takes a contiguous bytes-like object");
+        py::gil_scoped_release unlocked;  // the writer's thread checksums while the merge goes on
+        return seme::crc32(static_cast<const uint8_t*>(info.ptr), size_t(info.size), crc);
+      },
+      "zlib.crc32(data, crc), with carry-less multiplies where crc32_accelerated().", py::arg("data"),
+      py::arg("crc") = 0);
+  m.def("crc32_accelerated", &seme::crc32_accelerated, "Whether crc32 runs with carry-less multiplies here.");
 }

@@ -119,3 +119,26 @@ def test_staging_buffers_are_reused_and_take_no_room_until_written():
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 100  # 16384 pages, none touched
     c[:200] = b"x" * 200
     assert bytes(c[:200]) == b"x" * 200
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx512"])  # bytewise; carry-less multiplies where the CPU has them
+def test_native_crc32_is_zlibs(isa, monkeypatch):
+    import random
+    import zlib
+
+    from seme import _C
+
+    monkeypatch.setenv("SEME_CPU_ISA", isa)
+    if isa == "baseline":
+        assert not _C.crc32_accelerated()
+    rng = random.Random(0)
+    for n in [*range(0, 200), 1023, 4096, 65536 + 5, (1 << 20) + 3]:
+        data = rng.randbytes(n)
+        for crc in (0, 1, 0xFFFFFFFF, rng.getrandbits(32)):
+            assert _C.crc32(data, crc) == zlib.crc32(data, crc), (n, crc)
+        cut = rng.randrange(n + 1)
+        assert _C.crc32(data[cut:], _C.crc32(data[:cut])) == zlib.crc32(data)  # chained, as the writer does
+    view = memoryview(bytearray(rng.randbytes(1000)))[7:900]
+    assert _C.crc32(view) == zlib.crc32(view)
+    with pytest.raises(ValueError, match="contiguous"):
+        _C.crc32(memoryview(bytearray(100))[::2])

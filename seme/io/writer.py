@@ -17,11 +17,24 @@ SHARD_METADATA = {"format": "pt"}
 MANIFEST = "seme-manifest.{rank}.json"  # one per rank: ranks never write the same file
 
 
+def _crc32_function():
+    """zlib.crc32's function, from seme._C where it runs with carry-less multiplies (2.3x zlib's
+    rate here: the checksums were most of the writer thread's CPU)."""
+    try:
+        from seme import _C
+    except ImportError:
+        return zlib.crc32
+    return _C.crc32 if _C.crc32_accelerated() else zlib.crc32
+
+
+crc32 = _crc32_function()
+
+
 def file_checksum(path: str) -> str:
     crc = 0
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
-            crc = zlib.crc32(block, crc)
+            crc = crc32(block, crc)
     return _checksum(crc)
 
 
@@ -83,7 +96,7 @@ class ShardWriter:
             os.pwrite(fd, header, 0)
             _allocate(fd, len(header) + sum(e[3] for e in entries))
             self._pending[file] = [name for name, *_ in entries]
-            self._crcs[file] = zlib.crc32(header)
+            self._crcs[file] = crc32(header)
             for name, _, _, nbytes in entries:
                 self._where[name] = (offsets[name], nbytes)
             if not entries:
@@ -135,7 +148,7 @@ class ShardWriter:
         with memoryview(staged) as whole, whole[:nbytes] as data:
             pending = self._pending[file]
             if self._crcs.get(file) is not None and pending[0] == name:
-                self._crcs[file] = zlib.crc32(data, self._crcs[file])
+                self._crcs[file] = crc32(data, self._crcs[file])
             else:
                 self._crcs[file] = None  # out of order: the checksum is read back when the shard is done
             pending.remove(name)
