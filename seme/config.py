@@ -130,8 +130,9 @@ def _resolve_model(ref: Any, where: str, base_dir: str) -> str:
 
 def _hub_cache() -> str:
     """The Hugging Face hub cache folder, located as huggingface_hub locates it."""
-    if os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        return os.environ.get("HF_HUB_CACHE") or os.environ["HUGGINGFACE_HUB_CACHE"]
+    named = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if named:
+        return named
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(os.environ.get("HF_HOME") or os.path.join(cache, "huggingface"), "hub")
 

@@ -48,12 +48,12 @@ def build_tiny_llama(path: str, seed: int, hidden: int = 64, layers: int = 4, vo
 
 
 def run_demo(out_dir: str, **options) -> None:
-    from seme.errors import SemeError
+    from seme.executor import not_empty
     from seme.io.card import merged_by_seme
 
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not options.get("overwrite"):
         if not merged_by_seme(out_dir):  # refused before the models are built
-            raise SemeError(f"output folder {out_dir} exists and is not empty (use --overwrite to replace it)")
+            raise not_empty(out_dir)
         options["overwrite"] = True  # an earlier demo's output is rebuilt
     work = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(out_dir)), ".seme-demo-models"))
     print(f"seme demo: building tiny models in {work}", file=sys.stderr)

@@ -148,15 +148,21 @@ def _check_output(plan: Plan, out_dir: str, overwrite: bool) -> None:
         if real == real_out or real.startswith(real_out.rstrip(os.sep) + os.sep):
             what = "is an input" if real == real_out else f"holds {path}, an input"
             raise SemeError(f"output folder {out_dir} {what} of the merge: choose another output folder")
-    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+    if not os.path.isdir(out_dir):
         return
-    if not overwrite:
-        raise SemeError(f"output folder {out_dir} exists and is not empty (use --overwrite to replace it)")
-    with os.scandir(out_dir) as entries:
-        for entry in entries:
-            if not (entry.is_file(follow_symlinks=False) and entry.name.endswith(_MODEL_FILE_SUFFIXES)):
-                raise SemeError(f"--overwrite replaces a model folder, and {out_dir} also holds '{entry.name}': "
-                                f"move it or choose another output folder")
+    with os.scandir(out_dir) as listing:
+        entries = list(listing)
+    if entries and not overwrite:
+        raise not_empty(out_dir)
+    for entry in entries:
+        if not (entry.is_file(follow_symlinks=False) and entry.name.endswith(_MODEL_FILE_SUFFIXES)):
+            raise SemeError(f"--overwrite replaces a model folder, and {out_dir} also holds '{entry.name}': "
+                            f"move it or choose another output folder")
+
+
+def not_empty(out_dir: str) -> SemeError:
+    """The refusal of a non-empty output folder without --overwrite."""
+    return SemeError(f"output folder {out_dir} exists and is not empty (use --overwrite to replace it)")
 
 
 def _prepare_staging(plan: Plan, out_dir: str, staging: str, overwrite: bool, resume: bool) -> None:

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+SIGNATURE = "This model was merged with seme"  # how an earlier merge's output is recognised
 CARD = """---
 library_name: transformers
 tags:
@@ -13,7 +14,7 @@ tags:
 ---
 # {name}
 
-This model was merged with seme {version}
+{signature} {version}
 using the **{method}** method.
 
 ## Inputs
@@ -32,7 +33,7 @@ def merged_by_seme(folder: str) -> bool:
     """Whether `folder` holds a merge's output: its model card says it was merged with seme."""
     try:
         with open(os.path.join(folder, "README.md"), encoding="utf-8") as f:
-            return "This model was merged with seme " in f.read()
+            return f"{SIGNATURE} " in f.read()
     except (OSError, UnicodeDecodeError):
         return False
 
@@ -48,7 +49,7 @@ def write_metadata(folder: str, plan, version: str, name: str) -> None:
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(folder, file))
     models = "\n".join(f"- `{m.path}`" for m in plan.models)
-    card = CARD.format(name=name, version=version,
+    card = CARD.format(name=name, signature=SIGNATURE, version=version,
                        method=plan.recipe.merge_method, models=models, recipe=plan.recipe.text.strip())
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
         f.write(card)

@@ -134,10 +134,9 @@ class ShardWriter:
 
     def buffer(self, name: str) -> memoryview:
         """A buffer for the bytes of `name`, to be filled once and then handed to `written`."""
-        nbytes = self._where[name][1]
         if name not in self._staged:
-            self._staged[name] = self._buffers.take(nbytes)
-        return memoryview(self._staged[name])[:nbytes]
+            self._staged[name] = self._buffers.take()
+        return memoryview(self._staged[name])[:self._where[name][1]]
 
     def written(self, name: str) -> None:
         """`name`'s bytes are in its buffer: checksum them (while tensors arrive in file order),
@@ -219,11 +218,11 @@ class _Buffers:
         self.free: list[mmap.mmap] = []
         self.lock = threading.Lock()  # taken on the merging thread, given back on the finishing one
 
-    def take(self, nbytes: int) -> mmap.mmap:
+    def take(self) -> mmap.mmap:
         with self.lock:
             if self.free:
                 return self.free.pop()
-        return _anonymous(max(self.size, nbytes))
+        return _anonymous(self.size)
 
     def give(self, buffer: mmap.mmap) -> None:
         with self.lock:
