@@ -157,11 +157,12 @@ def test_half_dtypes(name, case, dtype, out_dtype):
     assert bool(((ref64 - out.double()).abs() <= (ref64 - ref).abs() + tol).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name,case", CASES)
-def test_thread_count_independence(name, case):
+def test_thread_count_independence(name, case, dtype):
     """Bit-identical for 1 and 2 threads, and between the baseline, AVX2 and AVX-512 builds (those
-    this CPU runs: SEME_CPU_ISA caps the build)."""
-    inputs = make_inputs((3, 70001), 3, "ties" if case % 2 else "normal", seed=case)
+    this CPU runs: SEME_CPU_ISA caps the build), whatever the inputs' dtype."""
+    inputs = make_inputs((3, 70001), 3, "ties" if case % 2 else "normal", dtype=dtype, seed=case)
     params = bound(name, FAMILY_PARAMS[name][case], 3)
     one = fused_merge.merge(name, inputs, params, num_threads=1)
     assert torch.equal(one, fused_merge.merge(name, inputs, params, num_threads=2))

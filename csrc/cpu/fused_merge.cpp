@@ -40,7 +40,7 @@
 #ifdef SEME_AVX512
 #include <immintrin.h>
 // 512-bit vectors where the compiler vectorizes too (its generic tuning prefers 256).
-#pragma GCC target("avx2,avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512")
+#pragma GCC target("avx2,bmi2,avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512")
 // GCC 12 warns on its own intrinsics' `__m512 __Y = __Y;` (_mm512_undefined_ps) when inlined.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define SEME_ISA avx512
@@ -102,6 +102,15 @@ inline void from_f32(float x, f16& y) {  // round to nearest even; the float add
   const uint32_t bits = f2u(v), nonsign = ((bits >> 13) & 0x7c00u) + (bits & 0x0fffu);
   y.bits = uint16_t((sign >> 16) | (shl1 > 0xff000000u ? 0x7e00u : nonsign));
 }
+
+#ifdef SEME_AVX512
+// 16 elements in fp32, as to_f32 converts them.
+inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load16(const bf16* x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+}
+inline __m512 load16(const f16* x) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))); }
+#endif
 
 template <class F>
 void dispatch(Dtype t, F&& f) {
@@ -185,15 +194,15 @@ struct Avx2Lanes {
   }
 };
 
-// The draws of elements [i, end) in whole steps of kGroups vectors of blocks (i a multiple of 4),
-// written from u on; returns where it stopped.
-template <class L>
-int64_t philox_vectors(uint64_t key, int64_t i, int64_t end, float* __restrict u) {
+// The Philox words of elements [i, end) in whole steps of kGroups vectors of blocks (i a multiple
+// of 4), handed to out(first element of the group, c0, c1, c2, c3); returns where it stopped.
+template <class L, class Out>
+int64_t philox_vectors(uint64_t key, int64_t i, int64_t end, Out&& out) {
   using V = typename L::V;
   constexpr int kGroups = 4;  // independent multiply chains in flight: the multiplies' latency is hidden
   constexpr int64_t kStep = 4 * L::kWide * kGroups;
   const V round_a = L::set1(0xD2511F53u), round_b = L::set1(0xCD9E8D57u);
-  for (; i + kStep <= end; i += kStep, u += kStep) {
+  for (; i + kStep <= end; i += kStep) {
     V c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
     for (int g = 0; g < kGroups; ++g) {
       alignas(64) uint32_t lo_words[L::kWide], hi_words[L::kWide];
@@ -219,7 +228,7 @@ int64_t philox_vectors(uint64_t key, int64_t i, int64_t end, float* __restrict u
       k0 += 0x9E3779B9u;
       k1 += 0xBB67AE85u;
     }
-    for (int g = 0; g < kGroups; ++g) L::store(u + 4 * L::kWide * g, c0[g], c1[g], c2[g], c3[g]);
+    for (int g = 0; g < kGroups; ++g) out(i + 4 * L::kWide * g, c0[g], c1[g], c2[g], c3[g]);
   }
   return i;
 }
@@ -240,10 +249,10 @@ void uniforms(uint64_t key, int64_t off, int64_t len, float* __restrict u) {
   int64_t i = std::min(end, (off + 3) & ~int64_t(3));
   one_by_one(off, i);
 #ifdef SEME_AVX512
-  i = philox_vectors<Avx512Lanes>(key, i, end, u + (i - off));
+  i = philox_vectors<Avx512Lanes>(key, i, end, [&](int64_t at, auto... c) { Avx512Lanes::store(u + (at - off), c...); });
 #endif
 #ifdef SEME_AVX2
-  i = philox_vectors<Avx2Lanes>(key, i, end, u + (i - off));
+  i = philox_vectors<Avx2Lanes>(key, i, end, [&](int64_t at, auto... c) { Avx2Lanes::store(u + (at - off), c...); });
 #endif
   for (; i + 4 * kLanes <= end; i += 4 * kLanes) {
     uint32_t c0[kLanes], c1[kLanes], c2[kLanes] = {}, c3[kLanes] = {};
@@ -334,8 +343,9 @@ struct Ctx {
 
   float* delta(Scratch& s, int k) const { return s.delta.data() + size_t(k) * block; }
 
-  // Stage base and δ_k = x_k - base of elements [off, off + len) in fp32.
-  void load(Scratch& s, int64_t off, int64_t len) const {
+  // Stage base and δ_k = x_k - base of elements [off, off + len) in fp32. With `note`, the element
+  // pass's: the largest exponent of the δ is noted for finite() on the way.
+  void load(Scratch& s, int64_t off, int64_t len, bool note = false) const {
     dispatch(t.in_dtype, [&](auto tag) {
       using T = decltype(tag);
       const T* __restrict b = static_cast<const T*>(t.base) + off;
@@ -346,7 +356,13 @@ struct Ctx {
         const T* __restrict x = static_cast<const T*>(t.others[k]) + off;
         prefetch_next(x, len);
         float* __restrict d = delta(s, k);
-        for (int64_t j = 0; j < len; ++j) d[j] = to_f32(x[j]) - bf[j];
+        if (!note) {
+          for (int64_t j = 0; j < len; ++j) d[j] = to_f32(x[j]) - bf[j];
+          continue;
+        }
+        uint32_t m = s.input_exponents;
+        for (int64_t j = 0; j < len; ++j) d[j] = to_f32(x[j]) - bf[j], m = std::max(m, f2u(d[j]) & 0x7f800000u);
+        s.input_exponents = m;
       }
     });
   }
@@ -358,11 +374,6 @@ struct Ctx {
       d = to_f32(static_cast<const T*>(t.others[k])[i]) - to_f32(static_cast<const T*>(t.base)[i]);
     });
     return d;
-  }
-
-  // The element pass's inputs, as staged by load(): every δ_k.
-  void note_inputs(Scratch& s, int64_t len) const {
-    for (int k = 0; k < K; ++k) s.input_exponents = max_exponent(delta(s, k), len, s.input_exponents);
   }
 
   // What the threads noted: the smallest |x| bits that overflow the output dtype, with round to
@@ -379,13 +390,12 @@ struct Ctx {
 
   // Writes v to the output in its dtype, noting max |v|.
   void store(Scratch& s, const float* v, int64_t off, int64_t len) const {
-    uint32_t m = s.output_magnitude;
-    for (int64_t j = 0; j < len; ++j) m = std::max(m, f2u(v[j]) & 0x7fffffffu);
-    s.output_magnitude = m;
     dispatch(t.out_dtype, [&](auto tag) {
       using T = decltype(tag);
       T* __restrict o = static_cast<T*>(t.out) + off;
-      for (int64_t j = 0; j < len; ++j) from_f32(v[j], o[j]);
+      uint32_t m = s.output_magnitude;
+      for (int64_t j = 0; j < len; ++j) m = std::max(m, f2u(v[j]) & 0x7fffffffu), from_f32(v[j], o[j]);
+      s.output_magnitude = m;
     });
   }
 };
@@ -410,17 +420,56 @@ double sum_abs(const float* d, int64_t len) {
   return lane_sum(len, [=](int64_t j) { return std::fabs(double(d[j])); });
 }
 
+// Σ|δ| and Σ|δ| over the elements flagged in words (bit j & 63 of words[j >> 6]), δ = x - base
+// computed from the inputs as load() stages it: sum_abs's sums of the staged δ and of the
+// sparsified δ, without staging.
+template <class T>
+std::pair<double, double> abs_sums(const T* __restrict base, const T* __restrict x, const uint64_t* __restrict words,
+                                   int64_t len) {
+  auto magnitude = [=](int64_t j) { return std::fabs(double(to_f32(x[j]) - to_f32(base[j]))); };
+#ifdef SEME_AVX512
+  // lane_sum's 32 lanes as four vectors of 8, in one pass for both sums; the flags mask the adds.
+  __m512d all[4], kept[4];
+  for (int v = 0; v < 4; ++v) all[v] = kept[v] = _mm512_setzero_pd();
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    const uint32_t flags = uint32_t(words[j >> 6] >> (j & 63));
+    for (int h = 0; h < 2; ++h) {
+      const __m512 d = _mm512_abs_ps(_mm512_sub_ps(load16(x + j + 16 * h), load16(base + j + 16 * h)));
+      const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(d));
+      const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
+      all[2 * h] = _mm512_add_pd(all[2 * h], lo), all[2 * h + 1] = _mm512_add_pd(all[2 * h + 1], hi);
+      const __mmask8 k_lo = __mmask8(flags >> (16 * h)), k_hi = __mmask8(flags >> (16 * h + 8));
+      kept[2 * h] = _mm512_mask_add_pd(kept[2 * h], k_lo, kept[2 * h], lo);
+      kept[2 * h + 1] = _mm512_mask_add_pd(kept[2 * h + 1], k_hi, kept[2 * h + 1], hi);
+    }
+  }
+  alignas(64) double a[32], b[32];
+  for (int v = 0; v < 4; ++v) _mm512_store_pd(a + 8 * v, all[v]), _mm512_store_pd(b + 8 * v, kept[v]);
+  for (int l = 0; j < len; ++j, ++l) {
+    a[l] += magnitude(j);
+    if ((words[j >> 6] >> (j & 63)) & 1) b[l] += magnitude(j);
+  }
+  for (int width = 16; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) a[l] += a[l + width], b[l] += b[l + width];
+  return {a[0], b[0]};
+#else
+  return {lane_sum(len, magnitude),
+          lane_sum(len, [=](int64_t j) { return (words[j >> 6] >> (j & 63)) & 1 ? magnitude(j) : 0.0; })};
+#endif
+}
+
 // Sign election: the elected sign is + where sum = Σ_k (weighted) δ_k >= 0, and an entry counts if
 // its sign is the elected one (zeros never count). For the entries of d that count:
 // acc += d (or d · w when kTimesW), wsum += w.
-template <bool kTimesW>
+template <bool kTimesW, bool kFirst = false>
 void add_agreeing(const float* __restrict sum, const float* __restrict d, float w, int64_t len,
                   float* __restrict acc, float* __restrict wsum) {
   for (int64_t j = 0; j < len; ++j) {
     const bool pos = sum[j] >= 0.0f;
     const bool counts = (pos & (d[j] > 0.0f)) | (!pos & (d[j] < 0.0f));
-    acc[j] += counts ? (kTimesW ? d[j] * w : d[j]) : 0.0f;
-    wsum[j] += counts ? w : 0.0f;
+    acc[j] = (kFirst ? 0.0f : acc[j]) + (counts ? (kTimesW ? d[j] * w : d[j]) : 0.0f);
+    wsum[j] = (kFirst ? 0.0f : wsum[j]) + (counts ? w : 0.0f);
   }
 }
 
@@ -454,6 +503,29 @@ void unpack_bits(const uint64_t* __restrict words, int64_t len, float* __restric
     const int64_t n = std::min<int64_t>(64, len - j);
     for (int64_t b = 0; b < n; ++b) flags[j + b] = (word >> b) & 1 ? 1.0f : 0.0f;
   }
+}
+
+// DARE's keep flags of elements [off, off + len) as bits (off a multiple of 64, u scratch for len
+// floats): element i is kept where its draw u_i < p. As u_i = (w >> 8) · 2^-24 exactly for its
+// Philox word w, that is (w >> 8) < ceil(p · 2^24): the AVX-512 build compares the words as they
+// come and interleaves the four words' masks into element order, with no floats in between.
+void keep_bits(uint64_t key, int64_t off, int64_t len, float p, float* __restrict u, uint64_t* __restrict words) {
+  int64_t done = off;
+#ifdef SEME_AVX512
+  const uint32_t below = !(p > 0.0f) ? 0u : uint32_t(std::min(std::ceil(double(p) * 0x1p24), 0x1p24));
+  const __m512i limit = _mm512_set1_epi32(int(below));
+  auto mask = [&](__m512i w) { return uint64_t(_mm512_cmplt_epu32_mask(_mm512_srli_epi32(w, 8), limit)); };
+  done = philox_vectors<Avx512Lanes>(key, off, off + len, [&](int64_t at, __m512i c0, __m512i c1, __m512i c2, __m512i c3) {
+    // Lane l holds word t of elements 4l + t: bit l of mask t goes to bit 4l + t.
+    words[(at - off) >> 6] = _pdep_u64(mask(c0), 0x1111111111111111ull) | _pdep_u64(mask(c1), 0x2222222222222222ull) |
+                             _pdep_u64(mask(c2), 0x4444444444444444ull) | _pdep_u64(mask(c3), 0x8888888888888888ull);
+  });
+#endif
+  const int64_t rest = off + len - done;
+  if (rest == 0) return;
+  uniforms(key, done, rest, u);
+  for (int64_t j = 0; j < rest; ++j) u[j] = u[j] < p ? 1.0f : 0.0f;
+  pack_bits(u, rest, words + ((done - off) >> 6));
 }
 
 // Bit arrays of one pass's decisions, n/64 words, not cleared: every word is packed before it is
@@ -1021,19 +1093,19 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
     if (!kept_bits.empty()) kept_bits[k] = uncleared_words(size_t(della ? t.n / p.cols * row_words : (t.n + 63) / 64));
   bool replay = false;
 
-  // Zeroes the dropped elements of model k's δ in the staged block (a DELLA block is one row).
-  auto sparsify = [&](Scratch& s, int k, int64_t off, int64_t len, int64_t* eq) {
+  // Drops elements of model k's δ in the staged block (a DELLA block is one row): zeroes them, or
+  // returns the flags (1 kept, 0 dropped) for the caller to apply in a pass of its own.
+  auto sparsify = [&](Scratch& s, int k, int64_t off, int64_t len, int64_t* eq) -> const float* {
     float* d = ctx.delta(s, k);
     if (p.sparsify == kRank) {
       keep_ranks(d, len, cuts[2 * k], cuts[2 * k + 1], eq[2 * k], eq[2 * k + 1], s.ties.data());
-      return;
+      return nullptr;
     }
     uint64_t* bits = kept_bits.empty() ? nullptr : kept_bits[k].get() + first_word(off);
-    float* keep = s.div.data();  // 1 where the element is kept
+    float* keep = s.div.data();
     if (bits && replay) {
       unpack_bits(bits, len, keep);
-      zero_unless(d, keep, len);
-      return;
+      return keep;
     }
     uniforms(p.key[k], off, len, s.u.data());
     const float* u = s.u.data();
@@ -1047,8 +1119,8 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
       const float* rank = s.rank.data();
       for (int64_t j = 0; j < len; ++j) keep[j] = u[j] < p0 + ((rank[j] / span) * 2.0f) * eps ? 1.0f : 0.0f;
     }
-    zero_unless(d, keep, len);
     if (bits) pack_bits(keep, len, bits);
+    return keep;
   };
 
   // L1 rescale: kept δ · (Σ|δ| / Σ|kept|), from per-chunk sums added in chunk order.
@@ -1059,10 +1131,26 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
       Scratch& s = ctx.scratch[th];
       std::vector<int64_t> eq(eq_start.begin() + c * 2 * K, eq_start.begin() + (c + 1) * 2 * K);
       ctx.blocks(start, end, [&](int64_t off, int64_t len) {
+        if (p.sparsify == kRandom) {  // the draws go straight to bits, and the sums read the inputs
+          dispatch(t.in_dtype, [&](auto tag) {
+            using T = decltype(tag);
+            const T* base = static_cast<const T*>(t.base) + off;
+            prefetch_next(base, len);
+            for (int k : active) {
+              prefetch_next(static_cast<const T*>(t.others[k]) + off, len);
+              uint64_t* bits = kept_bits[k].get() + first_word(off);
+              keep_bits(p.key[k], off, len, p.p0[k], s.u.data(), bits);
+              const auto [before, after] = abs_sums(base, static_cast<const T*>(t.others[k]) + off, bits, len);
+              sums[(c * K + k) * 2] += before;
+              sums[(c * K + k) * 2 + 1] += after;
+            }
+          });
+          return;
+        }
         ctx.load(s, off, len);
         for (int k : active) {
           sums[(c * K + k) * 2] += sum_abs(ctx.delta(s, k), len);
-          sparsify(s, k, off, len, eq.data());
+          if (const float* keep = sparsify(s, k, off, len, eq.data())) zero_unless(ctx.delta(s, k), keep, len);
           sums[(c * K + k) * 2 + 1] += sum_abs(ctx.delta(s, k), len);
         }
       });
@@ -1085,40 +1173,43 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
     Scratch& s = ctx.scratch[th];
     std::vector<int64_t> eq(eq_start.begin() + c * 2 * K, eq_start.begin() + (c + 1) * 2 * K);
     ctx.blocks(start, end, [&](int64_t off, int64_t len) {
-      ctx.load(s, off, len);
-      ctx.note_inputs(s, len);
+      ctx.load(s, off, len, true);
       float* __restrict sum = s.acc.data();
       for (int k = 0; k < K; ++k) {
         float* __restrict d = ctx.delta(s, k);
+        const float* keep = nullptr;
         if (p.mode[k] == kDrop) std::fill(d, d + len, 0.0f);
-        else if (p.mode[k] == kActive && p.sparsify != kNone) sparsify(s, k, off, len, eq.data());
-        if (rescaled[k])
-          for (int64_t j = 0; j < len; ++j) d[j] *= scale[k];
-        const float w = p.weight[k];
-        for (int64_t j = 0; j < len; ++j) d[j] *= w;
-      }
-      std::fill(sum, sum + len, 0.0f);
-      for (int k = 0; k < K; ++k) {
-        const float* __restrict d = ctx.delta(s, k);
-        for (int64_t j = 0; j < len; ++j) sum[j] += d[j];
-      }
-      if (p.consensus) {
-        float* __restrict mixed = s.u.data();
-        float* __restrict div = s.div.data();
-        std::fill(mixed, mixed + len, 0.0f);
-        std::fill(div, div + len, 0.0f);
-        for (int k = 0; k < K; ++k) add_agreeing<false>(sum, ctx.delta(s, k), p.weight[k], len, mixed, div);
-        if (p.normalize)
-          for (int64_t j = 0; j < len; ++j) sum[j] = mixed[j] / (div[j] == 0.0f ? 1.0f : div[j]);
+        else if (p.mode[k] == kActive && p.sparsify != kNone) keep = sparsify(s, k, off, len, eq.data());
+        // Drop, rescale (x · 1 is x), weight and the running sum over models (from 0, in order, like torch).
+        const float sc = rescaled[k] ? scale[k] : 1.0f, w = p.weight[k];
+        if (keep && k == 0)
+          for (int64_t j = 0; j < len; ++j) d[j] = ((keep[j] != 0.0f ? d[j] : 0.0f) * sc) * w, sum[j] = 0.0f + d[j];
+        else if (keep)
+          for (int64_t j = 0; j < len; ++j) d[j] = ((keep[j] != 0.0f ? d[j] : 0.0f) * sc) * w, sum[j] += d[j];
+        else if (k == 0)
+          for (int64_t j = 0; j < len; ++j) d[j] = (d[j] * sc) * w, sum[j] = 0.0f + d[j];
         else
-          std::copy(mixed, mixed + len, sum);
-      } else if (p.normalize) {
-        for (int64_t j = 0; j < len; ++j) sum[j] /= weight_sum;
+          for (int64_t j = 0; j < len; ++j) d[j] = (d[j] * sc) * w, sum[j] += d[j];
       }
-      if (p.lambda != 1.0f)
-        for (int64_t j = 0; j < len; ++j) sum[j] *= p.lambda;
+      const float* mixed = sum;  // may be sum itself: no __restrict
+      const float* div = nullptr;
+      if (p.consensus) {
+        float* __restrict m = s.u.data();
+        float* __restrict v = s.div.data();
+        add_agreeing<false, true>(sum, ctx.delta(s, 0), p.weight[0], len, m, v);
+        for (int k = 1; k < K; ++k) add_agreeing<false, false>(sum, ctx.delta(s, k), p.weight[k], len, m, v);
+        mixed = m;
+        if (p.normalize) div = v;
+      }
       const float* __restrict base = s.base.data();
-      for (int64_t j = 0; j < len; ++j) sum[j] = base[j] + sum[j];
+      const float lambda = p.lambda, by = weight_sum;
+      // sum = base + lambda · the (normalized) mix, where x · 1 is x
+      if (div)
+        for (int64_t j = 0; j < len; ++j) sum[j] = base[j] + (mixed[j] / (div[j] == 0.0f ? 1.0f : div[j])) * lambda;
+      else if (!p.consensus && p.normalize)
+        for (int64_t j = 0; j < len; ++j) sum[j] = base[j] + (mixed[j] / by) * lambda;
+      else
+        for (int64_t j = 0; j < len; ++j) sum[j] = base[j] + mixed[j] * lambda;
       ctx.store(s, sum, off, len);
     });
   });
@@ -1407,8 +1498,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
     Scratch& s = ctx.scratch[th];
     int64_t eq = eq_start[c];
     ctx.blocks(start, end, [&](int64_t off, int64_t len) {
-      ctx.load(s, off, len);
-      ctx.note_inputs(s, len);
+      ctx.load(s, off, len, true);
       float* __restrict sum = s.acc.data();
       if (none || select) {
         float* keep = s.u.data();
@@ -1520,7 +1610,7 @@ static Isa isa() {
   if (limit != "baseline" && limit != "avx2" && limit != "avx512")
     throw std::invalid_argument("SEME_CPU_ISA must be baseline, avx2 or avx512, not '" + limit + "'");
   if (limit == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("bmi2"))
     return Isa::avx512;
   if (limit != "baseline" && __builtin_cpu_supports("avx2")) return Isa::avx2;
   return Isa::baseline;
