@@ -71,6 +71,7 @@ def merge(config, out_dir: str, **options) -> dict:
                              shard_size=opts["out_shard_size"],
                              overwrite=opts["overwrite"], resume=opts["resume"],
                              allow_nonfinite=opts["allow_nonfinite"], max_memory=opts["max_memory"],
+                             direct_io=not opts["buffered_writes"],
                              progress=progress, version=__version__)
     seconds = max(stats["seconds"], 1e-9)
     print(f"seme: merged {stats['tensors']} tensors with {recipe.merge_method} "

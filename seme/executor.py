@@ -66,14 +66,15 @@ class Progress:
 
 def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto", shard_size: int = 5 * 10**9,
         overwrite: bool = False, resume: bool = False, allow_nonfinite: bool = False, progress: bool = False,
-        version: str = "", max_memory: int = 4 * 10**9) -> dict:
+        version: str = "", max_memory: int = 4 * 10**9, direct_io: bool = True) -> dict:
     """Execute `plan` into `out_dir`: built in `OUT.seme-partial`, published by rename when complete.
 
     An existing non-empty `out_dir` is refused unless `overwrite`. A failure after the first write
     keeps the staging folder; `resume` continues from its finished shards (bit-identical result).
     Under torchrun, each rank writes its share of the shards and rank 0 publishes. `max_memory`
     bounds the bytes held at once: read-ahead inputs, the tensor being merged and results waiting
-    to be written.
+    to be written. With `direct_io`, shards are written around the page cache where the filesystem
+    allows it (`seme.io.writer`).
     """
     largest = max((_input_bytes(plan, t) + 3 * t.nbytes for t in plan.tasks), default=0)
     if largest > max_memory:
@@ -97,7 +98,8 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
     error, stats = None, None
     try:
         stats = _execute(plan, staging, device, backend, shard_size, resume, allow_nonfinite,
-                         progress and group.rank == 0, _plan_id(plan, shard_size, version), group, max_memory - largest)
+                         progress and group.rank == 0, _plan_id(plan, shard_size, version), group, max_memory - largest,
+                         direct_io)
     except OSError as e:
         error = (f"{e.strerror or e} ({e.filename or staging}); the partial merge is kept in {staging}: "
                  f"fix the cause and rerun with --resume")
@@ -191,13 +193,13 @@ def _plan_id(plan: Plan, shard_size: int, version: str) -> str:
 
 
 def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int, resume: bool,
-             allow_nonfinite: bool, progress: bool, plan_id: str, group, prefetch_bytes: int) -> dict:
+             allow_nonfinite: bool, progress: bool, plan_id: str, group, prefetch_bytes: int, direct_io: bool) -> dict:
     """The streaming loop. Inputs of the next tasks are prefetched (madvise), and on a GPU staged
     (`seme.staging`), while the current one is merged, and finished tensors are checksummed and their
     shards flushed by a background thread."""
     engine = make_engine(plan, device, backend, group.world)
     writer = ShardWriter(folder, [(t.name, t.dtype, t.shape, t.nbytes) for t in plan.tasks], shard_size, plan_id,
-                         resume=resume, rank=group.rank, world=group.world)
+                         resume=resume, rank=group.rank, world=group.world, direct_io=direct_io)
     tasks = [t for t in plan.tasks if not writer.skip(t.name)]
     bar = Progress(len(tasks), sum(_input_bytes(plan, t) for t in tasks), progress)
     prefetched = 0

@@ -50,6 +50,8 @@ OPTIONS = (
     Option("dry_run", False, "print the plan (tensors, bytes, method and parameters per tensor) and exit"),
     Option("overwrite", False, "replace a non-empty output folder (or an interrupted merge's staging folder)"),
     Option("resume", False, "continue an interrupted merge from its finished shards"),
+    Option("buffered_writes", False, "write the output through the page cache (default: direct I/O where the "
+           "filesystem takes it)"),
     Option("allow_nonfinite", False, "write merged tensors that contain NaN or Inf instead of stopping"),
     Option("progress", None, "show a progress bar (default: when stderr is a terminal)"),
 )

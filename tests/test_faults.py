@@ -152,6 +152,20 @@ def test_write_error_mid_merge_keeps_the_staging_folder(llama_family, tmp_path, 
             assert (tmp_path / "out" / f).read_bytes() == (reference / f).read_bytes(), f
 
 
+def test_buffered_writes_give_the_same_shards(llama_family, tmp_path):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "dare_ties", "base_model": llama_family["base"], "models": [
+        {"model": llama_family["expert0"], "parameters": {"weight": 1.0, "density": 0.5}},
+        {"model": llama_family["expert1"], "parameters": {"weight": 0.5, "density": 0.5}}]}))
+    assert main([str(recipe), str(tmp_path / "direct"), "--out-shard-size", "30KB"]) == 0
+    assert main([str(recipe), str(tmp_path / "buffered"), "--out-shard-size", "30KB", "--buffered-writes"]) == 0
+    files = sorted(os.listdir(tmp_path / "direct"))
+    assert files == sorted(os.listdir(tmp_path / "buffered"))
+    for f in files:
+        if f.endswith((".safetensors", ".index.json")):
+            assert (tmp_path / "direct" / f).read_bytes() == (tmp_path / "buffered" / f).read_bytes(), f
+
+
 def test_without_reserved_blocks_the_shards_are_the_same(llama_family, tmp_path, monkeypatch):
     # Where posix_fallocate is unsupported the shards are only sized (sparse): every byte must still
     # be written.

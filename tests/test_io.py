@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -77,6 +78,66 @@ def test_writer_shards_load_with_safetensors(tmp_path):
     for file in set(index["weight_map"].values()):
         loaded.update(load_file(str(tmp_path / file)))
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
+def _write_shards(folder, direct_io, tensors, order):
+    planned = [(n, "F32", tuple(t.shape), t.numel() * 4) for n, t in tensors.items()]
+    folder.mkdir()
+    writer = ShardWriter(str(folder), planned, shard_size=40_000, plan_id="p", direct_io=direct_io)
+    direct = dict(writer._direct_fds)
+    for name in order:
+        _put(writer, name, tensors[name])
+    writer.write_index()
+    return direct, {f.name: f.read_bytes() for f in folder.iterdir()}
+
+
+# Sizes around the 4 KiB blocks: tensors inside one block, across two, ending on a boundary, many
+# blocks long, at offsets that fall anywhere in a block.
+DIRECT_SIZES = (1, 7, 1023, 1024, 1025, 2048, 3000, 4096 + 1, 5000, 20_000, 9)
+
+
+def test_direct_writes_give_the_buffered_bytes(tmp_path, monkeypatch):
+    tensors = {f"t{i}": torch.randn(n) for i, n in enumerate(DIRECT_SIZES)}
+    _, buffered = _write_shards(tmp_path / "buffered", False, tensors, list(tensors))
+    writes = []  # (fd, length, offset)
+    pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: writes.append((fd, len(data), offset)) or pwrite(fd, data, offset))
+    direct, written = _write_shards(tmp_path / "direct", True, tensors, list(reversed(tensors)))
+    assert written == buffered and len([f for f in written if f.endswith(".safetensors")]) > 1
+    if not direct:
+        pytest.skip("this filesystem takes no O_DIRECT")  # the bytes are still checked above
+    big = [w for w in writes if w[0] in direct.values()]
+    assert big and all(length % 4096 == 0 and offset % 4096 == 0 for _, length, offset in big)
+    assert sum(length for _, length, _ in big) > sum(t.numel() * 4 for t in tensors.values()) // 2
+
+
+@pytest.mark.parametrize("refuses", ["open", "write"])
+def test_direct_writes_fall_back_where_the_filesystem_refuses_them(tmp_path, monkeypatch, refuses):
+    import errno
+
+    tensors = {f"t{i}": torch.randn(n) for i, n in enumerate(DIRECT_SIZES)}
+    _, buffered = _write_shards(tmp_path / "buffered", False, tensors, list(tensors))
+    opened, direct_fds = os.open, set()
+
+    def open_(path, flags, *mode):
+        if flags & os.O_DIRECT and refuses == "open":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fd = opened(path, flags, *mode)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    pwrite = os.pwrite
+
+    def pwrite_(fd, data, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "pwrite", pwrite_)
+    _, written = _write_shards(tmp_path / "fallback", True, tensors, list(tensors))
+    assert written == buffered
 
 
 def test_writer_resumes_only_verified_shards_of_the_same_plan(tmp_path):
