@@ -8,10 +8,12 @@ import seme
 from mergekit_reference import mergekit_merge
 from seme.errors import SemeError
 from seme.methods import registry, rng
+from seme.methods.inputs import Inputs
 from seme.methods.selection import rank_interval_mask, rank_positions, top_k_mask
 
 ALL_METHODS = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "sce", "slerp", "nuslerp",
-               "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough"}
+               "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough",
+               "multislerp", "karcher", "nearswap", "arcee_fusion"}
 
 
 def test_registry_has_every_method_and_mergekit_parameter_names():
@@ -76,3 +78,41 @@ def test_merge_tensors_errors():
         seme.merge_tensors("linear", [a, torch.zeros(4)], weight=1.0)
     with pytest.raises(SemeError, match="needs 2 values"):
         seme.merge_tensors("task_arithmetic", [a, a], base=a, weight=[1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 1000, (1 << 20) + 7])  # past 10^6 elements mergekit samples; seme does not
+def test_arcee_fusion_threshold_is_the_exact_quartile_rule(n):
+    from seme.methods.arcee_fusion import quartile_threshold
+
+    torch.manual_seed(n)
+    scores = torch.randint(0, 50, (n,)).float() / 7  # many ties
+    ordered = scores.sort().values
+    q1, median, q3 = (ordered[int(q * (n - 1))] for q in (0.25, 0.5, 0.75))
+    assert float(quartile_threshold(scores)) == float(median + 1.5 * (q3 - q1))
+
+
+def test_multislerp_of_balancing_opposites_is_one_line_error():
+    a = torch.randn(4, 5)
+    with pytest.raises(SemeError, match="weighted sum of the directions of 'w' is zero"):
+        registry.get("multislerp").fn(Inputs((a, -a, a * 0 + 1e-12), None, "w"),
+                                      {"weight": [0.5, 0.5, 0.0], "normalize_weights": True, "eps": 1e-8})
+    # two opposite tensors fall back to the linear mix, as in mergekit
+    out = registry.get("multislerp").fn(Inputs((a, -a), None, "w"),
+                                        {"weight": [0.5, 0.5], "normalize_weights": True, "eps": 1e-8})
+    assert torch.allclose(out, torch.zeros_like(a))
+
+
+def test_new_methods_match_mergekit_in_memory():
+    torch.manual_seed(1)
+    base = torch.randn(30, 20)
+    xs = [base + 0.1 * torch.randn(30, 20) for _ in range(3)]
+    for method, params, inputs, with_base in [
+        ("multislerp", dict(weight=[0.2, 0.5, 0.3]), xs, True),
+        ("multislerp", dict(weight=[1.0, 2.0, 1.0], normalize_weights=False), xs, False),
+        ("karcher", dict(max_iter=5), xs, False),
+        ("nearswap", dict(t=0.05), xs[:1], True),
+        ("arcee_fusion", {}, xs[:1], True),
+    ]:
+        kwargs = dict(base=base) if with_base else {}
+        ours = seme.merge_tensors(method, inputs, **kwargs, **params)
+        torch.testing.assert_close(ours, mergekit_merge(method, inputs, **kwargs, **params), msg=method)

@@ -45,6 +45,14 @@ DETERMINISTIC = {
                           "models": [{"model": m["expert0"], "parameters": {"weight": 0.3}},
                                      {"model": m["expert1"], "parameters": {"weight": 0.7}}]},
     "model_stock": lambda m: {"base_model": m["base"], "models": [{"model": m[f"expert{i}"]} for i in range(3)]},
+    "multislerp": lambda m: {"base_model": m["base"],
+                             "models": [{"model": m[f"expert{i}"], "parameters": {"weight": [0.2, 0.5, 0.3][i]}}
+                                        for i in range(3)]},
+    "karcher": lambda m: {"parameters": {"max_iter": 20},
+                          "models": [{"model": m["base"]}] + [{"model": m[f"expert{i}"]} for i in range(2)]},
+    "nearswap": lambda m: {"base_model": m["base"], "parameters": {"t": [0.001, 0.01]},
+                           "models": [{"model": m["base"]}, {"model": m["expert0"]}]},
+    "arcee_fusion": lambda m: {"base_model": m["base"], "models": [{"model": m["base"]}, {"model": m["expert1"]}]},
     # mergekit 0.1.5 writes an unloadable Qwen2 config when slices change the depth, so the parity
     # recipe keeps it; tests/test_merge.py covers depth changes.
     "passthrough": lambda m: {"slices": [{"sources": [{"model": m["base"], "layer_range": [0, 1]}]},

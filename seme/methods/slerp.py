@@ -1,9 +1,11 @@
-"""Spherical interpolation: SLERP (base + one model) and NuSLERP (two models, optionally around a base)."""
+"""Spherical interpolation and means: SLERP (base + one model), NuSLERP (two models, optionally
+around a base), Multi-SLERP (any number, in the tangent space of their mean) and the Karcher mean."""
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING
 
+from seme.errors import SemeError
 from seme.methods.inputs import Inputs, compute_dtype
 from seme.methods.registry import NON_BASE, Method, Param, register
 
@@ -69,6 +71,83 @@ def nuslerp(inputs: Inputs, p: dict) -> torch.Tensor:
     return base + nuslerp_vectors(t, x0 - base, x1 - base, row_wise, flatten)
 
 
+def multislerp(inputs: Inputs, p: dict) -> torch.Tensor:
+    """Barycentric interpolation on the hypersphere, as mergekit 0.1.5's `multislerp`: the (base-
+    relative) tensors are projected to the unit sphere, mixed in the tangent space at their weighted
+    mean direction, mapped back with the exponential map and scaled by their weighted mean norm."""
+    import torch
+
+    others = inputs.others
+    if len(others) == 1:
+        return others[0].to(compute_dtype(others[0]))
+    dtype = compute_dtype(others[0])
+    eps = p["eps"]
+    x = torch.stack([t.to(dtype) for t in others])
+    if inputs.base is not None:
+        x -= inputs.base.to(dtype)
+    flat = x.view(len(others), -1)
+    weights = torch.tensor(p["weight"], dtype=dtype)
+    if p["normalize_weights"]:
+        weights = weights / weights.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * weights.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if len(others) != 2:
+            raise SemeError(f"multislerp: the weighted sum of the directions of '{inputs.name}' is zero "
+                            f"(opposite tensors with balancing weights): change the weights")
+        out = (x[0] * weights[0] + x[1] * weights[1]).view(x.shape[1:])  # mergekit's fallback: linear
+        return out if inputs.base is None else out + inputs.base.to(dtype)
+    mean = mean / mean_norm
+    tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * weights.view(-1, 1)).sum(0)
+    tangent_norm = torch.norm(tangent) + eps
+    out = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    out = (out * (norms.squeeze(-1) * weights).sum()).view(x.shape[1:])
+    return out if inputs.base is None else out + inputs.base.to(dtype)
+
+
+def karcher(inputs: Inputs, p: dict) -> torch.Tensor:
+    """The equally weighted Karcher (Riemannian) mean of the inputs' directions on the unit sphere,
+    by fixed-point iteration, scaled by their mean norm: mergekit 0.1.5's `karcher`, step for step."""
+    import torch
+
+    dtype = compute_dtype(inputs.tensors[0])
+    tensors = [t.to(dtype) for t in inputs.tensors]
+    if len(tensors) == 1:
+        return tensors[0]
+    max_iter, tol = p["max_iter"], p["tol"]
+    alphas = [1.0 / len(tensors)] * len(tensors)
+    norms = [torch.linalg.vector_norm(t) for t in tensors]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    alpha_sum = sum(alphas[i] for i in valid)
+    weights = [alphas[i] / alpha_sum for i in valid]
+    units = [tensors[i] / norms[i] for i in valid]
+    mean = torch.zeros_like(units[0])
+    for w, u in zip(weights, units):
+        mean += w * u
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = units[0].clone() if mean_norm.item() < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for w, u in zip(weights, units):
+            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += w * (theta / torch.sin(theta)) * (u - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent)
+        if tangent_norm.item() < tol:
+            break
+        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = torch.linalg.vector_norm(mean)
+        if unit_norm.item() > tol:
+            mean = mean / unit_norm
+    return sum(a * n for a, n in zip(alphas, norms)) * mean
+
+
 register(Method("slerp", slerp, (Param("t", float),), base="required", min_inputs=2, max_inputs=2,
                 reference="https://en.wikipedia.org/wiki/Slerp"))
 register(Method("nuslerp", nuslerp, (
@@ -76,3 +155,12 @@ register(Method("nuslerp", nuslerp, (
     Param("nuslerp_row_wise", bool, default=False),
     Param("nuslerp_flatten", bool, default=True),
 ), base="optional", min_non_base=2, max_non_base=2))
+register(Method("multislerp", multislerp, (
+    Param("weight", float, NON_BASE),
+    Param("normalize_weights", bool, default=True),
+    Param("eps", float, default=1e-8, minimum=0.0),
+), base="optional", min_non_base=1, reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"))
+register(Method("karcher", karcher, (
+    Param("max_iter", int, default=10, minimum=0),
+    Param("tol", float, default=1e-5, minimum=0.0),
+), reference="https://en.wikipedia.org/wiki/Fr%C3%A9chet_mean"))
