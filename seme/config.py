@@ -18,10 +18,9 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-            "tokenizer_source", "random_seed", "name"}
+            "tokenizer_source", "chat_template", "random_seed", "name"}
 # mergekit keys that seme does not implement: refused by name rather than as typos.
-UNSUPPORTED_KEYS = {"modules": "'modules' (multi-module architectures)", "tokenizer": "'tokenizer' (vocabulary surgery)",
-                    "chat_template": "'chat_template'"}
+UNSUPPORTED_KEYS = {"modules": "'modules' (multi-module architectures)", "tokenizer": "'tokenizer' (vocabulary surgery)"}
 MODEL_KEYS = {"model", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
@@ -57,6 +56,7 @@ class Recipe:
     uses_slices: bool  # False when the recipe listed whole `models`
     text: str  # the recipe as written, for the model card
     path: str | None = None  # the file it was read from
+    chat_template: str | None = None  # as written: 'auto', a built-in name or a template (seme.chat_template)
 
     @property
     def models(self) -> list[str]:
@@ -305,8 +305,13 @@ def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
     elif tok is not None:
         tok = _resolve_model(tok, "tokenizer_source", base_dir)
 
+    template = raw.get("chat_template")
+    if template is not None:
+        from seme import chat_template
+
+        template = chat_template.check(template)
     return Recipe(method_name, tuple(slices), base_model, global_params, _dtype(raw.get("dtype"), "dtype"),
-                  _dtype(raw.get("out_dtype"), "out_dtype"), tok, seed, "slices" in raw, text, path)
+                  _dtype(raw.get("out_dtype"), "out_dtype"), tok, seed, "slices" in raw, text, path, template)
 
 
 def _check_parameter_names(method, sl: Slice, global_params: dict, base: str | None) -> None:

@@ -52,6 +52,7 @@ class Plan:
     num_layers: int
     archs: list
     semantic: object = None  # seme.semantic.pipeline.SemanticPlan for SeMe merges
+    chat_template: str | None = None  # the template to write into the tokenizer files
 
     @property
     def input_bytes(self) -> int:
@@ -73,8 +74,9 @@ def make_plan(recipe: Recipe) -> Plan:
     arch = archs[ref]
     tied = arch.tied(models[ref].config)
     tokenizer = models[index[recipe.tokenizer_source]] if recipe.tokenizer_source else models[ref]
+    template = _chat_template(recipe, models, tokenizer)
     if method.name == "seme":
-        return _plan_seme(recipe, method, models, archs, index, tokenizer)
+        return _plan_seme(recipe, method, models, archs, index, tokenizer, template)
 
     def layer_range(source):
         n = archs[index[source.model]].num_layers(models[index[source.model]].config)
@@ -129,10 +131,32 @@ def make_plan(recipe: Recipe) -> Plan:
     config = _output_config(models, archs, ref, layer_sources)
     merged = [t.dtype for t in builder.tasks if not t.copy]
     _set_dtype(config, recipe.out_dtype or recipe.dtype or CODE_NAMES[_promote_codes(merged or ["F32"])])
-    return Plan(recipe, models, builder.tasks, config, tokenizer, out_layer, archs)
+    return Plan(recipe, models, builder.tasks, config, tokenizer, out_layer, archs, chat_template=template)
 
 
-def _plan_seme(recipe, method, models, archs, index, tokenizer) -> Plan:
+def _chat_template(recipe: Recipe, models: list[ModelFolder], tokenizer: ModelFolder) -> str | None:
+    """The recipe's chat template resolved against the models, checked to have a tokenizer to go in."""
+    if recipe.chat_template is None:
+        return None
+    import json
+
+    from seme import chat_template
+
+    files = tokenizer.tokenizer_files()
+    if "tokenizer_config.json" not in files and "tokenizer.json" not in files:
+        raise SemeError(f"config: chat_template: the tokenizer source {tokenizer.path} has no tokenizer files to hold it")
+    if "tokenizer_config.json" in files:  # the template goes into it after the merge: read it now
+        path = os.path.join(tokenizer.path, "tokenizer_config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                if not isinstance(json.load(f), dict):
+                    raise ValueError
+        except (OSError, ValueError):
+            raise SemeError(f"config: chat_template: {path} is not a readable JSON object") from None
+    return chat_template.resolve(recipe.chat_template, [m.path for m in models])
+
+
+def _plan_seme(recipe, method, models, archs, index, tokenizer, template) -> Plan:
     """SeMe keeps the pivot's architecture: one task per pivot tensor, each source input derived
     (aligned, interpolated across layers, vocabulary-mapped) by seme.semantic.pipeline."""
     from seme.semantic import pipeline
@@ -158,7 +182,7 @@ def _plan_seme(recipe, method, models, archs, index, tokenizer) -> Plan:
     if recipe.out_dtype or recipe.dtype:
         _set_dtype(config, recipe.out_dtype or recipe.dtype)
     depth = archs[sp.pivot].num_layers(pivot.config)
-    return Plan(recipe, models, tasks, config, tokenizer, depth, archs, sp)
+    return Plan(recipe, models, tasks, config, tokenizer, depth, archs, sp, template)
 
 
 def _set_dtype(config: dict, dtype: str) -> None:

@@ -48,6 +48,10 @@ def write_metadata(folder: str, plan, version: str, name: str) -> None:
         src = os.path.join(ref.path, file)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(folder, file))
+    if plan.chat_template is not None:
+        from seme import chat_template
+
+        chat_template.write(folder, plan.chat_template)
     models = "\n".join(f"- `{m.path}`" for m in plan.models)
     card = CARD.format(name=name, signature=SIGNATURE, version=version,
                        method=plan.recipe.merge_method, models=models, recipe=plan.recipe.text.strip())
