@@ -51,7 +51,7 @@ class Recipe:
     parameters: dict
     dtype: str | None
     out_dtype: str | None
-    tokenizer_source: str | None  # resolved model path, or None for the base / first model
+    tokenizer_source: str | None  # "base", a resolved model path, or None (not given: the base / first model's)
     random_seed: int
     uses_slices: bool  # False when the recipe listed whole `models`
     text: str  # the recipe as written, for the model card
@@ -300,9 +300,7 @@ def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
     tok = raw.get("tokenizer_source")
     if tok == "union":
         raise SemeError("config: tokenizer_source 'union' is not supported yet; use 'base' or a model path")
-    if tok == "base":
-        tok = None
-    elif tok is not None:
+    if tok is not None and tok != "base":
         tok = _resolve_model(tok, "tokenizer_source", base_dir)
 
     template = raw.get("chat_template")

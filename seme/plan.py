@@ -73,7 +73,10 @@ def make_plan(recipe: Recipe) -> Plan:
     ref = index[ref_path]
     arch = archs[ref]
     tied = arch.tied(models[ref].config)
-    tokenizer = models[index[recipe.tokenizer_source]] if recipe.tokenizer_source else models[ref]
+    source = ref_path if recipe.tokenizer_source in (None, "base") else recipe.tokenizer_source
+    tokenizer = models[index[source]] if source in index else ModelFolder(source)
+    if recipe.tokenizer_source is not None:
+        _check_vocabularies(models, tokenizer)
     template = _chat_template(recipe, models, tokenizer)
     if method.name == "seme":
         return _plan_seme(recipe, method, models, archs, index, tokenizer, template)
@@ -132,6 +135,32 @@ def make_plan(recipe: Recipe) -> Plan:
     merged = [t.dtype for t in builder.tasks if not t.copy]
     _set_dtype(config, recipe.out_dtype or recipe.dtype or CODE_NAMES[_promote_codes(merged or ["F32"])])
     return Plan(recipe, models, builder.tasks, config, tokenizer, out_layer, archs, chat_template=template)
+
+
+def _check_vocabularies(models: list[ModelFolder], tokenizer: ModelFolder) -> None:
+    """Given a tokenizer_source, mergekit moves each model's embedding rows to the ids that source's
+    vocabulary gives their tokens; seme merges rows where they lie. That is the same merge only where
+    every token of the source has its id in every model: refused otherwise, before any tensor is read."""
+    import filecmp
+
+    files = [f for f in ("tokenizer.json", "vocab.json", "tokenizer.model") if f in tokenizer.tokenizer_files()]
+    target = tokenizer.vocabulary()
+    rows = tokenizer.config.get("vocab_size")
+    for m in models:
+        if m.path == tokenizer.path or (files and all(
+                os.path.isfile(os.path.join(m.path, f))
+                and filecmp.cmp(os.path.join(m.path, f), os.path.join(tokenizer.path, f), shallow=False) for f in files)):
+            continue
+        vocab = m.vocabulary()
+        if target is None or vocab is None:
+            raise SemeError(f"config: tokenizer_source: cannot compare the vocabularies of {m.name} and {tokenizer.name} "
+                            f"(no tokenizer.json or vocab.json), and their tokenizer files differ")
+        for token, i in target.items():
+            if (rows is None or i < rows) and vocab.get(token) != i:
+                where = "lacks it" if token not in vocab else f"gives it id {vocab[token]}"
+                raise SemeError(f"config: tokenizer_source: {tokenizer.name} gives token {token!r} id {i} but {m.name} "
+                                f"{where}: mergekit re-maps embeddings between vocabularies, seme does not yet "
+                                f"(merge models that share a tokenizer, or use merge_method: seme)")
 
 
 def _chat_template(recipe: Recipe, models: list[ModelFolder], tokenizer: ModelFolder) -> str | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -88,6 +89,49 @@ def test_metadata_tokenizer_and_model_card(llama_family, tmp_path):
     card = (out / "README.md").read_text()
     assert f"seme {seme.__version__}" in card and "merge_method: sce" in card and llama_family["expert0"] in card
     assert not os.path.exists(f"{out}.seme-partial")
+
+
+def _retokenized(src, dst, edit):
+    """A copy of model `src` whose tokenizer.json is rewritten by edit(data)."""
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    edit(data)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)  # other bytes even where the vocabulary is the same
+    return str(dst)
+
+
+def test_tokenizer_source_outside_the_merge_and_vocabularies_that_agree(llama_family, tmp_path):
+    # a model the merge does not read can lend its tokenizer; one with the same vocabulary written
+    # differently is accepted (mergekit's re-mapping of rows would be the identity)
+    same = _retokenized(llama_family["expert1"], tmp_path / "same", lambda data: data.update(truncation=None))
+    for i, source in enumerate([llama_family["expert2"], same, "base"]):
+        recipe = {"merge_method": "linear", "tokenizer_source": source,
+                  "models": [{"model": llama_family["expert0"], "parameters": {"weight": 1.0}},
+                             {"model": same, "parameters": {"weight": 1.0}}]}
+        seme.merge(recipe, str(tmp_path / f"out{i}"), progress=False)
+    assert (tmp_path / "out0" / "tokenizer.json").read_bytes() == \
+        open(os.path.join(llama_family["expert2"], "tokenizer.json"), "rb").read()
+
+
+def test_tokenizer_source_with_another_vocabulary_is_refused(llama_family, tmp_path, capsys):
+    from seme.merge import main
+
+    def swap(data):
+        vocab = data["model"]["vocab"]
+        vocab["w1"], vocab["w2"] = vocab["w2"], vocab["w1"]
+
+    other = _retokenized(llama_family["expert1"], tmp_path / "other", swap)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "tokenizer_source": other, "models": [
+        {"model": llama_family["expert0"], "parameters": {"weight": 1.0}},
+        {"model": other, "parameters": {"weight": 1.0}}]}))
+    assert main([str(recipe), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gives token 'w1' id 5 but expert0 gives it id 4" in err[0], err
+    assert not (tmp_path / "out").exists()
 
 
 def test_passthrough_slices_change_depth_and_per_layer_config(qwen2_family, tmp_path):

@@ -95,3 +95,26 @@ class ModelFolder:
 
     def tokenizer_files(self) -> list[str]:
         return [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(self.path, f))]
+
+    def vocabulary(self) -> dict[str, int] | None:
+        """token -> id from tokenizer.json (or vocab.json), added tokens included; None without either."""
+        path = os.path.join(self.path, "tokenizer.json")
+        try:
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+                model_vocab = data.get("model", {}).get("vocab", {})
+                if isinstance(model_vocab, list):  # Unigram: [[piece, score], ...]
+                    vocab = {piece: i for i, (piece, _) in enumerate(model_vocab)}
+                else:
+                    vocab = dict(model_vocab)
+                for tok in data.get("added_tokens", []):
+                    vocab[tok["content"]] = tok["id"]
+                return vocab
+            path = os.path.join(self.path, "vocab.json")
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    return dict(json.load(f))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise SemeError(f"{path}: cannot read the vocabulary: {e}") from None
+        return None

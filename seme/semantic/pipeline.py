@@ -75,7 +75,7 @@ def plan_sources(recipe, method, models, archs, index):
     parch = archs[pivot]
     d = parch.hidden_size(models[pivot].config)
     layer_maps, token_maps, heads = {}, {}, {}
-    piv_vocab = vocab.read_vocab(models[pivot].path)
+    piv_vocab = models[pivot].vocabulary()
     for m in [pivot] + sources:
         heads[m] = _head_names(models[m], archs[m])
     for m in sources:
@@ -89,7 +89,7 @@ def plan_sources(recipe, method, models, archs, index):
         layer_maps[m] = layers.layer_map(parch.num_layers(models[pivot].config), arch.num_layers(models[m].config))
         v_src = models[m].tensors[heads[m][0]].shape[0]
         v_piv = models[pivot].tensors[heads[pivot][0]].shape[0]
-        src_vocab = vocab.read_vocab(models[m].path)
+        src_vocab = models[m].vocabulary()
         if piv_vocab is not None and src_vocab is not None and piv_vocab != src_vocab:
             token_maps[m] = vocab.token_map(piv_vocab, src_vocab, v_piv)
             if all(j < 0 for j in token_maps[m]):
