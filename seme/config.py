@@ -18,9 +18,11 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-            "tokenizer_source", "chat_template", "random_seed", "name"}
-# mergekit keys that seme does not implement: refused by name rather than as typos.
-UNSUPPORTED_KEYS = {"modules": "'modules' (multi-module architectures)", "tokenizer": "'tokenizer' (vocabulary surgery)"}
+            "tokenizer_source", "tokenizer", "chat_template", "random_seed", "name"}
+# mergekit keys that seme does not implement, by where they appear: refused by name rather than as typos.
+UNSUPPORTED_KEYS = {"config": {"modules": "'modules' (multi-module architectures)"},
+                    "config: tokenizer": {"tokens": "'tokenizer.tokens' (per-token embedding sources)"}}
+TOKENIZER_KEYS = {"source", "pad_to_multiple_of"}
 MODEL_KEYS = {"model", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
@@ -51,12 +53,13 @@ class Recipe:
     parameters: dict
     dtype: str | None
     out_dtype: str | None
-    tokenizer_source: str | None  # "base", a resolved model path, or None (not given: the base / first model's)
+    tokenizer_source: str | None  # "base", "union", a resolved model path, or None (not given: the base's, as is)
     random_seed: int
     uses_slices: bool  # False when the recipe listed whole `models`
     text: str  # the recipe as written, for the model card
     path: str | None = None  # the file it was read from
     chat_template: str | None = None  # as written: 'auto', a built-in name or a template (seme.chat_template)
+    pad_vocabulary_to: int | None = None  # tokenizer.pad_to_multiple_of
 
     @property
     def models(self) -> list[str]:
@@ -107,8 +110,8 @@ def _check_keys(d: Any, allowed: set, where: str) -> None:
     for key in d:
         if key in allowed:
             continue
-        if where == "config" and key in UNSUPPORTED_KEYS:
-            raise SemeError(f"config: {UNSUPPORTED_KEYS[key]} is a mergekit feature seme does not support yet")
+        if key in UNSUPPORTED_KEYS.get(where, {}):
+            raise SemeError(f"config: {UNSUPPORTED_KEYS[where][key]} is a mergekit feature seme does not support yet")
         raise SemeError(f"{where}: unknown key {str(key)!r}{suggest(str(key), allowed)}")
 
 
@@ -297,10 +300,16 @@ def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise SemeError(f"config: random_seed must be a non-negative integer, got {seed!r}")
 
-    tok = raw.get("tokenizer_source")
-    if tok == "union":
-        raise SemeError("config: tokenizer_source 'union' is not supported yet; use 'base' or a model path")
-    if tok is not None and tok != "base":
+    tok, pad = raw.get("tokenizer_source"), None
+    if "tokenizer" in raw:
+        if tok is not None:
+            raise SemeError("config: give tokenizer_source or tokenizer, not both")
+        spec = raw["tokenizer"]
+        _check_keys(spec, TOKENIZER_KEYS, "config: tokenizer")
+        tok, pad = spec.get("source", "union"), spec.get("pad_to_multiple_of")
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+            raise SemeError(f"config: tokenizer: pad_to_multiple_of must be a positive integer, got {pad!r}")
+    if tok is not None and tok not in ("base", "union"):
         tok = _resolve_model(tok, "tokenizer_source", base_dir)
 
     template = raw.get("chat_template")
@@ -309,7 +318,7 @@ def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
 
         template = chat_template.check(template)
     return Recipe(method_name, tuple(slices), base_model, global_params, _dtype(raw.get("dtype"), "dtype"),
-                  _dtype(raw.get("out_dtype"), "out_dtype"), tok, seed, "slices" in raw, text, path, template)
+                  _dtype(raw.get("out_dtype"), "out_dtype"), tok, seed, "slices" in raw, text, path, template, pad)
 
 
 def _check_parameter_names(method, sl: Slice, global_params: dict, base: str | None) -> None:

@@ -75,6 +75,8 @@ class TorchEngine:
         sources = self.stager.get(task) if self.stager is not None else tensors
         if task.derived:
             sources = [self.semantic.load(d, task.name) if d else t for d, t in zip(task.derived, sources)]
+        if task.remap_rows:
+            sources = plan.vocabulary.apply([m for m, _ in task.inputs], sources)
         compute = getattr(torch, task.compute_dtype) if task.compute_dtype else None
         on_device = []
         for t in sources:
@@ -125,7 +127,7 @@ class NativeEngine:
         others = [i for i in range(len(task.inputs)) if i != base]
         compute = TORCH_NAMES.get(task.compute_dtype, code)
         if codes or code not in KERNEL_DTYPES or task.dtype not in KERNEL_DTYPES or compute not in (code, "F32") \
-                or base is None or not others or math.prod(task.shape) >= fused_merge.MAX_ELEMENTS:
+                or base is None or not others or math.prod(task.shape) >= fused_merge.MAX_ELEMENTS or task.remap_rows:
             if self._torch is None:
                 self._torch = TorchEngine(self.plan, self.device, "auto")
             return self._torch.merge(task, out)

@@ -32,6 +32,7 @@ class TensorTask:
     params: dict  # bound method parameters (see registry.bind)
     compute_dtype: str | None  # torch dtype name the inputs are cast to before merging, or None
     copy: bool = False  # non-float tensor: copied from the first input, not merged
+    remap_rows: bool = False  # rows are tokens: move them to the output vocabulary first (Plan.vocabulary)
     derived: tuple | None = None  # SeMe: per input, how it is built (seme.semantic.pipeline.Derived) or None
 
     @property
@@ -53,6 +54,7 @@ class Plan:
     archs: list
     semantic: object = None  # seme.semantic.pipeline.SemanticPlan for SeMe merges
     chat_template: str | None = None  # the template to write into the tokenizer files
+    vocabulary: object = None  # seme.vocabulary.Remap where the models' vocabularies must be re-mapped
 
     @property
     def input_bytes(self) -> int:
@@ -73,12 +75,18 @@ def make_plan(recipe: Recipe) -> Plan:
     ref = index[ref_path]
     arch = archs[ref]
     tied = arch.tied(models[ref].config)
-    source = ref_path if recipe.tokenizer_source in (None, "base") else recipe.tokenizer_source
+    source = ref_path if recipe.tokenizer_source in (None, "base", "union") else recipe.tokenizer_source
     tokenizer = models[index[source]] if source in index else ModelFolder(source)
+    remap = None
     if recipe.tokenizer_source is not None:
-        _check_vocabularies(models, tokenizer)
+        from seme import vocabulary
+
+        remap = vocabulary.plan(recipe.tokenizer_source, recipe.pad_vocabulary_to, models, ref, tokenizer)
     template = _chat_template(recipe, models, tokenizer)
     if method.name == "seme":
+        if remap is not None:
+            raise SemeError("config: seme maps the sources' vocabularies to the pivot's itself: "
+                            "drop tokenizer_source / tokenizer")
         return _plan_seme(recipe, method, models, archs, index, tokenizer, template)
 
     def layer_range(source):
@@ -98,7 +106,7 @@ def make_plan(recipe: Recipe) -> Plan:
             raise SemeError(f"models of different depths cannot be merged layer by layer ({detail}); "
                             f"select equal layer ranges with 'slices'")
 
-    builder = _Builder(recipe, method, models, archs, index, tied)
+    builder = _Builder(recipe, method, models, archs, index, tied, remap)
     ref_names = list(models[ref].tensors)
     pre = [n for n in ref_names if _role(arch, n) in ("embedding", "position_embedding")]
     post = [n for n in ref_names if _layer(arch, n) is None and n not in pre]
@@ -132,35 +140,12 @@ def make_plan(recipe: Recipe) -> Plan:
         builder.add(name, {s.model: name for s in last_slice.sources}, last_slice, t=0.0)
 
     config = _output_config(models, archs, ref, layer_sources)
+    if remap is not None and "vocab_size" in config:
+        config["vocab_size"] = remap.size
     merged = [t.dtype for t in builder.tasks if not t.copy]
     _set_dtype(config, recipe.out_dtype or recipe.dtype or CODE_NAMES[_promote_codes(merged or ["F32"])])
-    return Plan(recipe, models, builder.tasks, config, tokenizer, out_layer, archs, chat_template=template)
-
-
-def _check_vocabularies(models: list[ModelFolder], tokenizer: ModelFolder) -> None:
-    """Given a tokenizer_source, mergekit moves each model's embedding rows to the ids that source's
-    vocabulary gives their tokens; seme merges rows where they lie. That is the same merge only where
-    every token of the source has its id in every model: refused otherwise, before any tensor is read."""
-    import filecmp
-
-    files = [f for f in ("tokenizer.json", "vocab.json", "tokenizer.model") if f in tokenizer.tokenizer_files()]
-    target = tokenizer.vocabulary()
-    rows = tokenizer.config.get("vocab_size")
-    for m in models:
-        if m.path == tokenizer.path or (files and all(
-                os.path.isfile(os.path.join(m.path, f))
-                and filecmp.cmp(os.path.join(m.path, f), os.path.join(tokenizer.path, f), shallow=False) for f in files)):
-            continue
-        vocab = m.vocabulary()
-        if target is None or vocab is None:
-            raise SemeError(f"config: tokenizer_source: cannot compare the vocabularies of {m.name} and {tokenizer.name} "
-                            f"(no tokenizer.json or vocab.json), and their tokenizer files differ")
-        for token, i in target.items():
-            if (rows is None or i < rows) and vocab.get(token) != i:
-                where = "lacks it" if token not in vocab else f"gives it id {vocab[token]}"
-                raise SemeError(f"config: tokenizer_source: {tokenizer.name} gives token {token!r} id {i} but {m.name} "
-                                f"{where}: mergekit re-maps embeddings between vocabularies, seme does not yet "
-                                f"(merge models that share a tokenizer, or use merge_method: seme)")
+    return Plan(recipe, models, builder.tasks, config, tokenizer, out_layer, archs, chat_template=template,
+                vocabulary=remap)
 
 
 def _chat_template(recipe: Recipe, models: list[ModelFolder], tokenizer: ModelFolder) -> str | None:
@@ -261,8 +246,9 @@ def _rename(arch, name: str, layer: int) -> str:
 
 
 class _Builder:
-    def __init__(self, recipe, method, models, archs, index, tied):
+    def __init__(self, recipe, method, models, archs, index, tied, remap=None):
         self.recipe, self.method, self.models, self.archs, self.index = recipe, method, models, archs, index
+        self.remap = remap
         self.tasks: list[TensorTask] = []
         self.seen: set[str] = set()
         self.dropped_heads: list[str] = []
@@ -292,7 +278,13 @@ class _Builder:
         sources = sl.sources
         inputs = tuple((self.index[s.model], self._find(self.index[s.model], names_in[s.model])) for s in sources)
         infos = [self.models[m].tensors[n] for m, n in inputs]
-        shapes = {info.shape for info in infos}
+        remap = self.remap is not None and _role(self.archs[inputs[0][0]], inputs[0][1]) in ("embedding", "lm_head")
+        shapes = {info.shape[1:] if remap else info.shape for info in infos}
+        if remap:
+            for (m, name), info in zip(inputs, infos):
+                if max(self.remap.rows[m]) >= info.shape[0]:
+                    raise SemeError(f"tensor '{name}' of {self.models[m].name} has {info.shape[0]} rows, fewer than "
+                                    f"its vocabulary's tokens")
         if len(shapes) > 1:
             detail = ", ".join(f"{list(info.shape)} in {self.models[m].name}" for (m, _), info in zip(inputs, infos))
             hint = ""
@@ -332,7 +324,8 @@ class _Builder:
         compute = recipe.dtype
         dtype_out = recipe.out_dtype or recipe.dtype
         code = TORCH_NAMES[dtype_out] if dtype_out else _promote_codes([i.dtype for i in infos])
-        self.tasks.append(TensorTask(out_name, lead.shape, code, inputs, base_index, params, compute))
+        shape = (self.remap.size, *lead.shape[1:]) if remap else lead.shape
+        self.tasks.append(TensorTask(out_name, shape, code, inputs, base_index, params, compute, remap_rows=remap))
 
 
 def _promote_codes(codes) -> str:

@@ -20,6 +20,9 @@ def print_plan(plan, out) -> None:
               f"{plan.input_bytes / 1e9:.3f} GB read; layers: "
               f"{plan.num_layers}\n")
     out.write(f"tokenizer from: {plan.tokenizer_model.path}\n")
+    if plan.vocabulary is not None:
+        out.write(f"vocabulary: {plan.recipe.tokenizer_source}, {plan.vocabulary.tokens} tokens in "
+                  f"{plan.vocabulary.size} rows; embedding and LM head rows re-mapped\n")
     if plan.chat_template is not None:
         out.write(f"chat template ({plan.recipe.chat_template}): {plan.chat_template!r}\n")
     for t in plan.tasks:

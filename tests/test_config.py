@@ -65,7 +65,12 @@ CASES = {
         "weight": [{"filter": "mlp", "value": 1.0}], "density": 0.5}}]), "parameter 'weight' has no value for expert0"),
     "bad regex filter": (lambda m: ties(m, parameters={"density": [{"filter": "re:(", "value": 0.5}]}),
                          "invalid regular expression"),
-    "tokenizer union": (lambda m: ties(m, tokenizer_source="union"), "tokenizer_source 'union' is not supported"),
+    "tokenizer tokens": (lambda m: ties(m, tokenizer={"source": "union", "tokens": {"<x>": {"source": "zero"}}}),
+                         "'tokenizer.tokens' (per-token embedding sources) is a mergekit feature"),
+    "tokenizer twice": (lambda m: ties(m, tokenizer_source="union", tokenizer={"source": "base"}),
+                        "give tokenizer_source or tokenizer, not both"),
+    "tokenizer key typo": (lambda m: ties(m, tokenizer={"sorce": "base"}), "config: tokenizer: unknown key 'sorce' (did you mean 'source'?)"),
+    "tokenizer padding": (lambda m: ties(m, tokenizer={"pad_to_multiple_of": 0}), "pad_to_multiple_of must be a positive integer"),
     "unsupported mergekit key": (lambda m: ties(m, modules={}), "'modules' (multi-module architectures) is a mergekit feature"),
     "random_seed type": (lambda m: ties(m, random_seed="abc"), "random_seed must be a non-negative integer"),
     "della epsilon": (lambda m: {"merge_method": "della", "base_model": m["base"], "parameters": {

@@ -116,24 +116,6 @@ def test_tokenizer_source_outside_the_merge_and_vocabularies_that_agree(llama_fa
         open(os.path.join(llama_family["expert2"], "tokenizer.json"), "rb").read()
 
 
-def test_tokenizer_source_with_another_vocabulary_is_refused(llama_family, tmp_path, capsys):
-    from seme.merge import main
-
-    def swap(data):
-        vocab = data["model"]["vocab"]
-        vocab["w1"], vocab["w2"] = vocab["w2"], vocab["w1"]
-
-    other = _retokenized(llama_family["expert1"], tmp_path / "other", swap)
-    recipe = tmp_path / "r.yml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "tokenizer_source": other, "models": [
-        {"model": llama_family["expert0"], "parameters": {"weight": 1.0}},
-        {"model": other, "parameters": {"weight": 1.0}}]}))
-    assert main([str(recipe), str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "gives token 'w1' id 5 but expert0 gives it id 4" in err[0], err
-    assert not (tmp_path / "out").exists()
-
-
 def test_passthrough_slices_change_depth_and_per_layer_config(qwen2_family, tmp_path):
     m = qwen2_family
     recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": [

@@ -44,10 +44,13 @@ def write_metadata(folder: str, plan, version: str, name: str) -> None:
         json.dump(plan.config, f, indent=2)
         f.write("\n")
     ref = plan.tokenizer_model
-    for file in ["generation_config.json"] + ref.tokenizer_files():
+    union = plan.vocabulary is not None and plan.vocabulary.tokenizer is not None
+    for file in ["generation_config.json"] + ([] if union else ref.tokenizer_files()):
         src = os.path.join(ref.path, file)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(folder, file))
+    if union:
+        plan.vocabulary.tokenizer.save_pretrained(folder)
     if plan.chat_template is not None:
         from seme import chat_template
 

@@ -1,0 +1,154 @@
+"""One output vocabulary for models whose tokenizers differ (mergekit's `tokenizer_source` and
+`tokenizer:`): each model's embedding and LM head rows move to the ids the output vocabulary gives
+their tokens, and rows a model lacks take a default, before the method merges them.
+
+The output vocabulary is the base model's (its tokens below its `vocab_size`), another model's
+tokenizer, or the union: the base's tokens, then every other token of the models, regular ones
+before added ones, in model order and then id order (mergekit adds regular tokens in the order of
+the tokenizers' hash maps, which varies from run to run). A token that some model lacks gets, in
+that model, the row of the only model that has it, else the base's row where the base has it,
+else the mean of the rows of the models that have it (zero where none has it). Rows past the
+vocabulary (`pad_to_multiple_of`) take the mean of the model's token rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from seme.errors import SemeError
+
+if TYPE_CHECKING:  # torch is imported inside the functions: planning never loads it
+    import torch
+
+    from seme.io.model import ModelFolder
+
+
+@dataclass
+class Remap:
+    size: int  # output rows: the vocabulary, padded
+    tokens: int  # tokens in the output vocabulary
+    rows: dict[int, list[int]]  # model index -> for each output token id, that token's row in the model, or -1
+    base: int | None  # the model whose rows stand in for tokens another model lacks
+    tokenizer: object = None  # a transformers tokenizer to save (union); None: copy the source's files
+    _index: dict = field(default_factory=dict, repr=False)  # (model, device) -> row indices as a tensor
+
+    def apply(self, models: list[int], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors (rows are tokens) of the inputs of one task, re-mapped to the output vocabulary."""
+        import torch
+
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        device = tensors[0].device
+        rows = [self._rows(m, device) for m in models]
+        present = [r >= 0 for r in rows]
+        moved = [t.to(dtype)[r.clamp(min=0)] for t, r in zip(tensors, rows)]
+        count = torch.stack(present).sum(0)
+        lacking = count < len(tensors)  # tokens some model lacks: they take a default row
+        default = torch.zeros_like(moved[0])
+        if bool(lacking.any()):
+            for m, p in zip(moved, present):  # in model order, as mergekit sums them
+                default += torch.where(p.unsqueeze(-1), m, 0)
+            default /= count.clamp(min=1).unsqueeze(-1).to(dtype)  # one model: its row (x / 1 is x)
+            if self.base in models:
+                b = models.index(self.base)
+                use_base = (present[b] & (count > 1)).unsqueeze(-1)
+                default = torch.where(use_base, moved[b], default)
+        out = []
+        for m, p in zip(moved, present):
+            rows_out = torch.where(p.unsqueeze(-1), m, default)
+            if self.size > self.tokens:
+                pad = rows_out.mean(0, keepdim=True).expand(self.size - self.tokens, *rows_out.shape[1:])
+                rows_out = torch.cat([rows_out, pad])
+            out.append(rows_out)
+        return out
+
+    def _rows(self, model: int, device) -> torch.Tensor:
+        import torch
+
+        key = (model, str(device))
+        if key not in self._index:
+            self._index[key] = torch.tensor(self.rows[model], dtype=torch.long, device=device)
+        return self._index[key]
+
+
+def vocab_size(model: ModelFolder) -> int | None:
+    value = model.config.get("vocab_size", (model.config.get("text_config") or {}).get("vocab_size"))
+    return value if isinstance(value, int) else None
+
+
+def _vocabulary(model: ModelFolder) -> dict[str, int]:
+    vocab = model.vocabulary()
+    if vocab is None:
+        raise SemeError(f"config: tokenizer_source: {model.name} has no tokenizer.json or vocab.json to read "
+                        f"its vocabulary from")
+    size = vocab_size(model)
+    return {tok: i for tok, i in vocab.items() if size is None or i < size}
+
+
+def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder], base: int,
+         tokenizer: ModelFolder) -> Remap | None:
+    """The re-mapping for `source` ("base", "union" or a model, whose folder is `tokenizer`), or None
+    where every model already has the output vocabulary's tokens at its ids and as many rows."""
+    vocabs = {i: _vocabulary(m) for i, m in enumerate(models)}
+    built = None
+    if source == "union":
+        built = _union(models, base, vocabs)
+        out = built.get_vocab()
+    elif source == "base":
+        out = vocabs[base]
+        stripped = len(models[base].vocabulary()) - len(out)
+        if stripped:
+            raise SemeError(f"config: tokenizer_source: base: the tokenizer of {models[base].name} has {stripped} "
+                            f"tokens past its vocab_size ({vocab_size(models[base])}); give a model whose "
+                            f"tokenizer fits, or 'union'")
+    else:
+        out = tokenizer.vocabulary()
+        if out is None:
+            raise SemeError(f"config: tokenizer_source: {tokenizer.name} has no tokenizer.json or vocab.json")
+    tokens = len(out)
+    if sorted(out.values()) != list(range(tokens)):
+        raise SemeError("config: tokenizer_source: the output vocabulary's ids are not 0..n-1")
+    size = tokens if not pad_to_multiple_of else -(-tokens // pad_to_multiple_of) * pad_to_multiple_of
+    rows = {}
+    for i, vocab in vocabs.items():
+        rows[i] = [-1] * tokens
+        for tok, new in out.items():
+            rows[i][new] = vocab.get(tok, -1)
+    identity = list(range(tokens))
+    if all(r == identity and vocab_size(models[i]) == size for i, r in rows.items()):
+        return None
+    return Remap(size, tokens, rows, base, built)
+
+
+def _union(models: list[ModelFolder], base: int, vocabs: dict[int, dict[str, int]]):
+    """The base's tokenizer with every other model's tokens added (transformers builds the files)."""
+    import transformers
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    loaded = {}
+    for i in [base] + [i for i in range(len(models)) if i != base]:
+        try:
+            loaded[i] = transformers.AutoTokenizer.from_pretrained(models[i].path, use_fast=True)
+        except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
+            raise SemeError(f"config: tokenizer_source: union: cannot load the tokenizer of {models[i].name}: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if len(loaded[base].get_vocab()) != len(vocabs[base]):
+        raise SemeError(f"config: tokenizer_source: union: the tokenizer of {models[base].name} has tokens past "
+                        f"its vocab_size ({vocab_size(models[base])})")
+    union = loaded[base]
+    regular, added = {}, {}  # first seen first; a token added in any model is added, as in mergekit
+    for i, tok in loaded.items():
+        added_here = {t.content: t for t_id, t in tok.added_tokens_decoder.items() if t_id < len(vocabs[i])}
+        for t, _ in sorted(vocabs[i].items(), key=lambda item: item[1]):
+            if t in added_here:
+                added.setdefault(t, added_here[t])
+            else:
+                regular.setdefault(t)
+    for t in regular:
+        if t not in added and t not in vocabs[base]:
+            union.add_tokens(t)
+    for t in added.values():
+        union.add_tokens(t)
+    return union

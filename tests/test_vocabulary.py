@@ -1,0 +1,122 @@
+"""Vocabulary re-mapping (tokenizer_source / tokenizer:): rows move to the output vocabulary's ids."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import seme
+from conftest import load_folder
+from test_parity_mergekit import run_mergekit
+
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def renumbered(src, dst, a="w1", b="w2"):
+    """The same model with tokens a and b at each other's ids (tokenizer and rows both swapped)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    vocab = data["model"]["vocab"]
+    i, j = vocab[a], vocab[b]
+    vocab[a], vocab[b] = j, i
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    weights = os.path.join(dst, "model.safetensors")
+    state = load_file(weights)
+    for name in VOCAB_TENSORS:
+        state[name][[i, j]] = state[name][[j, i]].clone()
+    save_file(state, weights, metadata={"format": "pt"})
+    return str(dst)
+
+
+def with_added_tokens(src, dst, tokens, seed):
+    """The model with `tokens` added to its tokenizer and random rows for them."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src)
+    tokenizer.add_tokens(tokens)
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            weight[old:] = torch.randn(weight[old:].shape, generator=g) * 0.02
+    model.save_pretrained(dst)
+    tokenizer.save_pretrained(dst)
+    return str(dst)
+
+
+def ties(models, base, **extra):
+    return {"merge_method": "ties", "base_model": base, "dtype": "float32", **extra,
+            "models": [{"model": m, "parameters": {"weight": 0.7, "density": 0.6}} for m in models]}
+
+
+@pytest.mark.parametrize("source", ["base", "union"])
+def test_renumbered_tokens_merge_as_if_they_were_not(llama_family, tmp_path, source):
+    # The same three models, one with two tokens' ids swapped: re-mapped into the base's vocabulary,
+    # the merge is the one of the models as they were.
+    other = renumbered(llama_family["expert1"], tmp_path / "renumbered")
+    seme.merge(ties([llama_family["expert0"], llama_family["expert1"]], llama_family["base"]),
+               str(tmp_path / "plain"), progress=False)
+    seme.merge(ties([llama_family["expert0"], other], llama_family["base"], tokenizer_source=source),
+               str(tmp_path / "remapped"), progress=False)
+    plain, remapped = load_folder(tmp_path / "plain"), load_folder(tmp_path / "remapped")
+    assert plain.keys() == remapped.keys()
+    for name in plain:
+        torch.testing.assert_close(remapped[name], plain[name], rtol=0, atol=0, msg=name)
+
+
+def test_union_of_added_tokens_matches_mergekit(llama_family, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    a = with_added_tokens(llama_family["expert0"], tmp_path / "a", ["<x0>", "<x1>"], seed=1)
+    b = with_added_tokens(llama_family["expert1"], tmp_path / "b", ["<x1>", "<x2>", "<x3>"], seed=2)
+    recipe = ties([a, b], llama_family["base"], tokenizer={"source": "union", "pad_to_multiple_of": 8})
+    run_mergekit(recipe, str(tmp_path / "mergekit"))
+    seme.merge(recipe, str(tmp_path / "seme"), progress=False)
+    ours_tok, theirs_tok = AutoTokenizer.from_pretrained(tmp_path / "seme"), AutoTokenizer.from_pretrained(tmp_path / "mergekit")
+    ours_vocab, theirs_vocab = ours_tok.get_vocab(), theirs_tok.get_vocab()
+    assert ours_vocab.keys() == theirs_vocab.keys() and len(ours_vocab) == 96 + 4
+    ours, theirs = load_folder(tmp_path / "seme"), load_folder(tmp_path / "mergekit")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        if name in VOCAB_TENSORS:
+            assert ours[name].shape == theirs[name].shape == (104, 32)  # 100 tokens padded to a multiple of 8
+            by_token = [theirs_vocab[t] for t, _ in sorted(ours_vocab.items(), key=lambda item: item[1])]
+            torch.testing.assert_close(ours[name][:100], theirs[name][by_token], rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(ours[name][100:], theirs[name][100:], rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "seme")
+    assert model.config.vocab_size == 104
+    ids = ours_tok("w5 <x3> <x0>", return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] == 104
+
+
+def test_vocabularies_that_agree_keep_the_fast_path(llama_family, tmp_path):
+    from seme import config, plan
+
+    recipe = config.load(ties([llama_family["expert0"], llama_family["expert1"]], llama_family["base"],
+                              tokenizer_source="union"))
+    merged = plan.make_plan(recipe)
+    assert merged.vocabulary is None and not any(t.remap_rows for t in merged.tasks)
+
+
+def test_dry_run_shows_the_remapping(llama_family, tmp_path, capsys):
+    import yaml
+
+    from seme.merge import main
+
+    other = renumbered(llama_family["expert1"], tmp_path / "renumbered")
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(ties([llama_family["expert0"], other], llama_family["base"], tokenizer_source="base")))
+    assert main([str(recipe), str(tmp_path / "out"), "--dry-run"]) == 0
+    assert "vocabulary: base, 96 tokens in 96 rows; embedding and LM head rows re-mapped" in capsys.readouterr().out
