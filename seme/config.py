@@ -20,9 +20,8 @@ _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "hal
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "random_seed", "name"}
 # mergekit keys that seme does not implement, by where they appear: refused by name rather than as typos.
-UNSUPPORTED_KEYS = {"config": {"modules": "'modules' (multi-module architectures)"},
-                    "config: tokenizer": {"tokens": "'tokenizer.tokens' (per-token embedding sources)"}}
-TOKENIZER_KEYS = {"source", "pad_to_multiple_of"}
+UNSUPPORTED_KEYS = {"config": {"modules": "'modules' (multi-module architectures)"}}
+TOKENIZER_KEYS = {"source", "pad_to_multiple_of", "tokens"}
 MODEL_KEYS = {"model", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
@@ -60,6 +59,9 @@ class Recipe:
     path: str | None = None  # the file it was read from
     chat_template: str | None = None  # as written: 'auto', a built-in name or a template (seme.chat_template)
     pad_vocabulary_to: int | None = None  # tokenizer.pad_to_multiple_of
+    # tokenizer.tokens: token -> (source, force); source: ("zero",), ("model", path) for the model's row
+    # of that token, or ("model_token", path, token id or token) for a row of the model's own vocabulary
+    token_sources: dict = field(default_factory=dict)
 
     @property
     def models(self) -> list[str]:
@@ -300,7 +302,7 @@ def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise SemeError(f"config: random_seed must be a non-negative integer, got {seed!r}")
 
-    tok, pad = raw.get("tokenizer_source"), None
+    tok, pad, token_sources = raw.get("tokenizer_source"), None, {}
     if "tokenizer" in raw:
         if tok is not None:
             raise SemeError("config: give tokenizer_source or tokenizer, not both")
@@ -309,6 +311,7 @@ def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
         tok, pad = spec.get("source", "union"), spec.get("pad_to_multiple_of")
         if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
             raise SemeError(f"config: tokenizer: pad_to_multiple_of must be a positive integer, got {pad!r}")
+        token_sources = _token_sources(spec.get("tokens") or {}, base_dir)
     if tok is not None and tok not in ("base", "union"):
         tok = _resolve_model(tok, "tokenizer_source", base_dir)
 
@@ -318,7 +321,42 @@ def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
 
         template = chat_template.check(template)
     return Recipe(method_name, tuple(slices), base_model, global_params, _dtype(raw.get("dtype"), "dtype"),
-                  _dtype(raw.get("out_dtype"), "out_dtype"), tok, seed, "slices" in raw, text, path, template, pad)
+                  _dtype(raw.get("out_dtype"), "out_dtype"), tok, seed, "slices" in raw, text, path, template, pad,
+                  token_sources)
+
+
+def _token_sources(tokens, base_dir: str) -> dict:
+    """tokenizer.tokens, as mergekit writes it, validated (see Recipe.token_sources)."""
+    if not isinstance(tokens, dict):
+        raise SemeError(f"config: tokenizer: tokens must be a mapping of token to settings, got {type(tokens).__name__}")
+    out = {}
+    for token, setting in tokens.items():
+        where = f"config: tokenizer: tokens: {str(token)!r}"
+        _check_keys(setting, {"source", "force"}, where)
+        force = setting.get("force", False)
+        if not isinstance(force, bool):
+            raise SemeError(f"{where}: force must be true or false, got {force!r}")
+        source = setting.get("source")
+        if isinstance(source, dict):
+            kind = source.get("kind")
+            if kind == "zero":
+                _check_keys(source, {"kind"}, f"{where}: source")
+                out[str(token)] = (("zero",), force)
+                continue
+            if kind != "model_token":
+                raise SemeError(f"{where}: source kind must be 'zero' or 'model_token', got {kind!r}")
+            _check_keys(source, {"kind", "model", "token_id", "token"}, f"{where}: source")
+            if ("token_id" in source) == ("token" in source):
+                raise SemeError(f"{where}: source: give token_id or token, one of them")
+            ref = source.get("token_id", source.get("token"))
+            if "token_id" in source and (not isinstance(ref, int) or isinstance(ref, bool) or ref < 0):
+                raise SemeError(f"{where}: source: token_id must be a non-negative integer, got {ref!r}")
+            out[str(token)] = (("model_token", _resolve_model(source.get("model"), f"{where}: source", base_dir), ref), force)
+        elif isinstance(source, str):
+            out[str(token)] = (("model", _resolve_model(source, f"{where}: source", base_dir)), force)
+        else:
+            raise SemeError(f"{where}: source must be a model, {{kind: zero}} or {{kind: model_token, ...}}")
+    return out
 
 
 def _check_parameter_names(method, sl: Slice, global_params: dict, base: str | None) -> None:

@@ -81,7 +81,8 @@ def make_plan(recipe: Recipe) -> Plan:
     if recipe.tokenizer_source is not None:
         from seme import vocabulary
 
-        remap = vocabulary.plan(recipe.tokenizer_source, recipe.pad_vocabulary_to, models, ref, tokenizer)
+        remap = vocabulary.plan(recipe.tokenizer_source, recipe.pad_vocabulary_to, models, ref, tokenizer,
+                                recipe.token_sources)
     template = _chat_template(recipe, models, tokenizer)
     if method.name == "seme":
         if remap is not None:

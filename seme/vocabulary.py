@@ -7,8 +7,10 @@ tokenizer, or the union: the base's tokens, then every other token of the models
 before added ones, in model order and then id order (mergekit adds regular tokens in the order of
 the tokenizers' hash maps, which varies from run to run). A token that some model lacks gets, in
 that model, the row of the only model that has it, else the base's row where the base has it,
-else the mean of the rows of the models that have it (zero where none has it). Rows past the
-vocabulary (`pad_to_multiple_of`) take the mean of the model's token rows.
+else the mean of the rows of the models that have it (zero where none has it); `tokenizer.tokens`
+names a token's row (zero, or a model's row) instead, for the models that lack it or, with
+`force`, for all. Those tokens are added to the output vocabulary where it lacks them. Rows past
+the vocabulary (`pad_to_multiple_of`) take the mean of the model's token rows.
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ class Remap:
     tokens: int  # tokens in the output vocabulary
     rows: dict[int, list[int]]  # model index -> for each output token id, that token's row in the model, or -1
     base: int | None  # the model whose rows stand in for tokens another model lacks
-    tokenizer: object = None  # a transformers tokenizer to save (union); None: copy the source's files
+    tokenizer: object = None  # a transformers tokenizer to save (union, added tokens); None: copy the source's files
+    # tokenizer.tokens: (output token id, model index or None for zeros, row in that model, force)
+    overrides: list[tuple[int, int | None, int, bool]] = field(default_factory=list)
     _index: dict = field(default_factory=dict, repr=False)  # (model, device) -> row indices as a tensor
 
     def apply(self, models: list[int], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -46,6 +50,7 @@ class Remap:
         count = torch.stack(present).sum(0)
         lacking = count < len(tensors)  # tokens some model lacks: they take a default row
         default = torch.zeros_like(moved[0])
+        forced = torch.zeros_like(lacking)
         if bool(lacking.any()):
             for m, p in zip(moved, present):  # in model order, as mergekit sums them
                 default += torch.where(p.unsqueeze(-1), m, 0)
@@ -54,9 +59,17 @@ class Remap:
                 b = models.index(self.base)
                 use_base = (present[b] & (count > 1)).unsqueeze(-1)
                 default = torch.where(use_base, moved[b], default)
+        for token, model, row, force in self.overrides:
+            if model is None:
+                default[token] = 0
+            elif model in models:
+                default[token] = tensors[models.index(model)][row].to(dtype)
+            else:
+                raise SemeError("tokenizer.tokens: a token's row comes from a model this tensor is not merged from")
+            forced[token] = force
         out = []
         for m, p in zip(moved, present):
-            rows_out = torch.where(p.unsqueeze(-1), m, default)
+            rows_out = torch.where((p & ~forced).unsqueeze(-1), m, default)
             if self.size > self.tokens:
                 pad = rows_out.mean(0, keepdim=True).expand(self.size - self.tokens, *rows_out.shape[1:])
                 rows_out = torch.cat([rows_out, pad])
@@ -87,9 +100,11 @@ def _vocabulary(model: ModelFolder) -> dict[str, int]:
 
 
 def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder], base: int,
-         tokenizer: ModelFolder) -> Remap | None:
-    """The re-mapping for `source` ("base", "union" or a model, whose folder is `tokenizer`), or None
-    where every model already has the output vocabulary's tokens at its ids and as many rows."""
+         tokenizer: ModelFolder, token_sources: dict | None = None) -> Remap | None:
+    """The re-mapping for `source` ("base", "union" or a model, whose folder is `tokenizer`) and
+    `token_sources` (Recipe.token_sources), or None where every model already has the output
+    vocabulary's tokens at its ids and as many rows, and no row is forced."""
+    token_sources = token_sources or {}
     vocabs = {i: _vocabulary(m) for i, m in enumerate(models)}
     built = None
     if source == "union":
@@ -106,6 +121,13 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
         out = tokenizer.vocabulary()
         if out is None:
             raise SemeError(f"config: tokenizer_source: {tokenizer.name} has no tokenizer.json or vocab.json")
+    missing = [t for t in token_sources if t not in out]
+    if missing:  # mergekit adds them to the output tokenizer
+        if built is None:
+            built = _load_tokenizer(models[base] if source == "base" else tokenizer)
+        for t in missing:
+            built.add_tokens(t)
+        out = built.get_vocab()
     tokens = len(out)
     if sorted(out.values()) != list(range(tokens)):
         raise SemeError("config: tokenizer_source: the output vocabulary's ids are not 0..n-1")
@@ -115,25 +137,45 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
         rows[i] = [-1] * tokens
         for tok, new in out.items():
             rows[i][new] = vocab.get(tok, -1)
+    overrides = []
+    paths = {m.path: i for i, m in enumerate(models)}
+    for token, (spec, force) in token_sources.items():
+        where = f"config: tokenizer: tokens: {token!r}"
+        if spec[0] == "zero":
+            overrides.append((out[token], None, -1, force))
+            continue
+        if spec[1] not in paths:
+            raise SemeError(f"{where}: source {spec[1]} is not among the merged models")
+        m = paths[spec[1]]
+        if spec[0] == "model":
+            row = vocabs[m].get(token, -1)
+        else:
+            row = spec[2] if isinstance(spec[2], int) else vocabs[m].get(spec[2], -1)
+        if not 0 <= row < (vocab_size(models[m]) or row + 1):
+            raise SemeError(f"{where}: {models[m].name} has no such token")
+        overrides.append((out[token], m, row, force))
     identity = list(range(tokens))
-    if all(r == identity and vocab_size(models[i]) == size for i, r in rows.items()):
+    if not any(force for *_, force in overrides) and \
+            all(r == identity and vocab_size(models[i]) == size for i, r in rows.items()):
         return None
-    return Remap(size, tokens, rows, base, built)
+    return Remap(size, tokens, rows, base, built, overrides)
 
 
-def _union(models: list[ModelFolder], base: int, vocabs: dict[int, dict[str, int]]):
-    """The base's tokenizer with every other model's tokens added (transformers builds the files)."""
+def _load_tokenizer(model: ModelFolder):
     import transformers
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    loaded = {}
-    for i in [base] + [i for i in range(len(models)) if i != base]:
-        try:
-            loaded[i] = transformers.AutoTokenizer.from_pretrained(models[i].path, use_fast=True)
-        except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
-            raise SemeError(f"config: tokenizer_source: union: cannot load the tokenizer of {models[i].name}: "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model.path, use_fast=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
+        raise SemeError(f"config: tokenizer: cannot load the tokenizer of {model.name}: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _union(models: list[ModelFolder], base: int, vocabs: dict[int, dict[str, int]]):
+    """The base's tokenizer with every other model's tokens added (transformers builds the files)."""
+    loaded = {i: _load_tokenizer(models[i]) for i in [base] + [i for i in range(len(models)) if i != base]}
     if len(loaded[base].get_vocab()) != len(vocabs[base]):
         raise SemeError(f"config: tokenizer_source: union: the tokenizer of {models[base].name} has tokens past "
                         f"its vocab_size ({vocab_size(models[base])})")

@@ -65,8 +65,10 @@ CASES = {
         "weight": [{"filter": "mlp", "value": 1.0}], "density": 0.5}}]), "parameter 'weight' has no value for expert0"),
     "bad regex filter": (lambda m: ties(m, parameters={"density": [{"filter": "re:(", "value": 0.5}]}),
                          "invalid regular expression"),
-    "tokenizer tokens": (lambda m: ties(m, tokenizer={"source": "union", "tokens": {"<x>": {"source": "zero"}}}),
-                         "'tokenizer.tokens' (per-token embedding sources) is a mergekit feature"),
+    "tokenizer token kind": (lambda m: ties(m, tokenizer={"tokens": {"<x>": {"source": {"kind": "mean"}}}}),
+                             "tokens: '<x>': source kind must be 'zero' or 'model_token', got 'mean'"),
+    "tokenizer token source": (lambda m: ties(m, tokenizer={"tokens": {"<x>": {"source": {
+        "kind": "model_token", "model": m["expert0"], "token_id": 3, "token": "w0"}}}}), "give token_id or token, one of them"),
     "tokenizer twice": (lambda m: ties(m, tokenizer_source="union", tokenizer={"source": "base"}),
                         "give tokenizer_source or tokenizer, not both"),
     "tokenizer key typo": (lambda m: ties(m, tokenizer={"sorce": "base"}), "config: tokenizer: unknown key 'sorce' (did you mean 'source'?)"),

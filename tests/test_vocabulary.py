@@ -120,3 +120,52 @@ def test_dry_run_shows_the_remapping(llama_family, tmp_path, capsys):
     recipe.write_text(yaml.safe_dump(ties([llama_family["expert0"], other], llama_family["base"], tokenizer_source="base")))
     assert main([str(recipe), str(tmp_path / "out"), "--dry-run"]) == 0
     assert "vocabulary: base, 96 tokens in 96 rows; embedding and LM head rows re-mapped" in capsys.readouterr().out
+
+
+def test_token_sources_match_mergekit(llama_family, tmp_path):
+    from transformers import AutoTokenizer
+
+    a = with_added_tokens(llama_family["expert0"], tmp_path / "a", ["<x0>"], seed=3)
+    e1 = llama_family["expert1"]
+    tokens = {
+        "<new>": {"source": {"kind": "zero"}},  # in no model: added to the vocabulary, zero rows
+        "<x0>": {"source": a},  # only in a: a's row, as without the entry
+        "w5": {"source": {"kind": "model_token", "model": e1, "token": "w9"}, "force": True},  # every model: e1's w9
+        "w7": {"source": {"kind": "model_token", "model": a, "token_id": 3}},  # all have it, not forced: unchanged
+    }
+    # (source union: with source base, mergekit 0.1.5 adds the new tokens to the base's own tokenizer
+    # object and then fails with a KeyError on them)
+    recipe = ties([a, e1], llama_family["base"], tokenizer={"source": "union", "tokens": tokens})
+    run_mergekit(recipe, str(tmp_path / "mergekit"))
+    seme.merge(recipe, str(tmp_path / "seme"), progress=False)
+    ours_vocab = AutoTokenizer.from_pretrained(tmp_path / "seme").get_vocab()
+    theirs_vocab = AutoTokenizer.from_pretrained(tmp_path / "mergekit").get_vocab()
+    assert ours_vocab == theirs_vocab and {"<new>", "<x0>"} <= ours_vocab.keys()
+    ours, theirs = load_folder(tmp_path / "seme"), load_folder(tmp_path / "mergekit")
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+    e1_rows = load_folder(e1)
+    w5, w9 = ours_vocab["w5"], ours_vocab["w9"]
+    for name in VOCAB_TENSORS:  # forced: every model's w5 row was e1's w9 row, so TIES keeps it
+        torch.testing.assert_close(ours[name][w5], e1_rows[name][w9], rtol=1e-6, atol=1e-6)
+        assert not ours[name][ours_vocab["<new>"]].any()
+
+
+def test_tokens_added_to_the_base_vocabulary(llama_family, tmp_path):
+    # mergekit 0.1.5 fails here (see above); the added token gets its row and the model loads
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = ties([llama_family["expert0"], llama_family["expert1"]], llama_family["base"],
+                  tokenizer={"source": "base", "tokens": {"<new>": {"source": {"kind": "zero"}},
+                                                          "<copy>": {"source": {"kind": "model_token", "model": llama_family["expert0"],
+                                                                                "token": "w4"}}}})
+    seme.merge(recipe, str(tmp_path / "out"), progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    vocab = tokenizer.get_vocab()
+    assert vocab["<new>"] == 96 and vocab["<copy>"] == 97
+    merged, e0 = load_folder(tmp_path / "out"), load_folder(llama_family["expert0"])
+    for name in VOCAB_TENSORS:
+        assert merged[name].shape[0] == 98 and not merged[name][96].any()
+        torch.testing.assert_close(merged[name][97], e0[name][vocab["w4"]])  # every model's row: TIES keeps it
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model(tokenizer("w1 <copy> <new>", return_tensors="pt").input_ids).logits.shape[-1] == 98
