@@ -37,7 +37,8 @@ class Remap:
     _index: dict = field(default_factory=dict, repr=False)  # (model, device) -> row indices as a tensor
 
     def apply(self, models: list[int], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The tensors (rows are tokens) of the inputs of one task, re-mapped to the output vocabulary."""
+        """The tensors (rows are tokens) of the inputs of one task, re-mapped to the output vocabulary.
+        Besides the outputs (the merge's inputs) only the rows that take a default are held."""
         import torch
 
         dtype = tensors[0].dtype
@@ -45,35 +46,45 @@ class Remap:
             dtype = torch.promote_types(dtype, t.dtype)
         device = tensors[0].device
         rows = [self._rows(m, device) for m in models]
-        present = [r >= 0 for r in rows]
-        moved = [t.to(dtype)[r.clamp(min=0)] for t, r in zip(tensors, rows)]
-        count = torch.stack(present).sum(0)
-        lacking = count < len(tensors)  # tokens some model lacks: they take a default row
-        default = torch.zeros_like(moved[0])
-        forced = torch.zeros_like(lacking)
-        if bool(lacking.any()):
-            for m, p in zip(moved, present):  # in model order, as mergekit sums them
-                default += torch.where(p.unsqueeze(-1), m, 0)
-            default /= count.clamp(min=1).unsqueeze(-1).to(dtype)  # one model: its row (x / 1 is x)
+        present = torch.stack([r >= 0 for r in rows])  # [models, tokens]
+        count = present.sum(0)
+        forced = torch.zeros(self.tokens, dtype=torch.bool, device=device)
+        for token, *_, force in self.overrides:
+            forced[token] = force
+        needed = ((count < len(tensors)) | forced).nonzero().squeeze(1)  # tokens that take a default row
+        if needed.numel():
+            here, n = present[:, needed], count[needed]
+            default = torch.zeros((needed.numel(), *tensors[0].shape[1:]), dtype=dtype, device=device)
+            for t, r, p in zip(tensors, rows, here):  # in model order, as mergekit sums them
+                default += torch.where(p.unsqueeze(-1), t[r[needed].clamp(min=0)].to(dtype), 0)
+            default /= n.clamp(min=1).unsqueeze(-1).to(dtype)  # one model: its row (x / 1 is x)
             if self.base in models:
                 b = models.index(self.base)
-                use_base = (present[b] & (count > 1)).unsqueeze(-1)
-                default = torch.where(use_base, moved[b], default)
-        for token, model, row, force in self.overrides:
-            if model is None:
-                default[token] = 0
-            elif model in models:
-                default[token] = tensors[models.index(model)][row].to(dtype)
-            else:
-                raise SemeError("tokenizer.tokens: a token's row comes from a model this tensor is not merged from")
-            forced[token] = force
+                base_rows = tensors[b][rows[b][needed].clamp(min=0)].to(dtype)
+                default = torch.where((here[b] & (n > 1)).unsqueeze(-1), base_rows, default)
+            position = {token: i for i, token in enumerate(needed.tolist())}
+            for token, model, row, _ in self.overrides:
+                if token not in position:  # every model has it and it is not forced: their own rows
+                    continue
+                if model is None:
+                    default[position[token]] = 0
+                elif model in models:
+                    default[position[token]] = tensors[models.index(model)][row].to(dtype)
+                else:
+                    raise SemeError("tokenizer.tokens: a token's row comes from a model this tensor is not merged from")
         out = []
-        for m, p in zip(moved, present):
-            rows_out = torch.where((p & ~forced).unsqueeze(-1), m, default)
+        for t, r, p in zip(tensors, rows, present):
+            o = torch.empty((self.size, *t.shape[1:]), dtype=dtype, device=device)
+            if t.dtype == dtype:  # gathered in place: no temporary as large as the output
+                torch.index_select(t, 0, r.clamp(min=0), out=o[:self.tokens])
+            else:
+                o[:self.tokens] = t[r.clamp(min=0)]
+            if needed.numel():
+                take = ~p[needed] | forced[needed]
+                o[needed[take]] = default[take]
             if self.size > self.tokens:
-                pad = rows_out.mean(0, keepdim=True).expand(self.size - self.tokens, *rows_out.shape[1:])
-                rows_out = torch.cat([rows_out, pad])
-            out.append(rows_out)
+                o[self.tokens:] = o[:self.tokens].mean(0)
+            out.append(o)
         return out
 
     def _rows(self, model: int, device) -> torch.Tensor:
