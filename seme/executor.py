@@ -9,6 +9,7 @@ the models.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import queue
 import shutil
@@ -20,6 +21,7 @@ from seme import distributed
 from seme.engine import make_engine
 from seme.errors import SemeError
 from seme.io.card import write_metadata
+from seme.io.safetensors_file import DTYPE_SIZES
 from seme.io.writer import ShardWriter
 from seme.plan import Plan
 
@@ -76,10 +78,11 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
     to be written. With `direct_io`, shards are written around the page cache where the filesystem
     allows it (`seme.io.writer`).
     """
-    largest = max((_input_bytes(plan, t) + 3 * t.nbytes for t in plan.tasks), default=0)
+    largest = max((_input_bytes(plan, t) + _remapped_bytes(plan, t) + 3 * t.nbytes for t in plan.tasks), default=0)
     if largest > max_memory:
         raise SemeError(f"--max-memory {max_memory / 1e9:.2f} GB is below what the largest tensor needs "
-                        f"(inputs, result and two results waiting to be written: {largest / 1e9:.2f} GB)")
+                        f"(inputs, their re-mapped rows where vocabularies differ, result and two results "
+                        f"waiting to be written: {largest / 1e9:.2f} GB)")
     group = distributed.current(device)
     if device.startswith("cuda") and group.world > 1:
         device = f"cuda:{group.local_rank}"
@@ -231,6 +234,15 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
 
 def _input_bytes(plan: Plan, task) -> int:
     return sum(plan.models[m].tensors[n].nbytes for m, n in task.inputs)
+
+
+def _remapped_bytes(plan: Plan, task) -> int:
+    """A vocabulary re-mapping's copies of the inputs (seme.vocabulary.Remap.apply): one per input,
+    with the output's rows, in the widest input dtype."""
+    if not task.remap_rows:
+        return 0
+    width = max(DTYPE_SIZES[plan.models[m].tensors[n].dtype] for m, n in task.inputs)
+    return len(task.inputs) * math.prod(task.shape) * width
 
 
 def _prefetch(plan: Plan, tasks, start: int, budget: int) -> int:

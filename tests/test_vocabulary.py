@@ -169,3 +169,16 @@ def test_tokens_added_to_the_base_vocabulary(llama_family, tmp_path):
         torch.testing.assert_close(merged[name][97], e0[name][vocab["w4"]])  # every model's row: TIES keeps it
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model(tokenizer("w1 <copy> <new>", return_tensors="pt").input_ids).logits.shape[-1] == 98
+
+
+def test_max_memory_counts_the_remapped_rows(llama_family, tmp_path):
+    from seme.errors import SemeError
+
+    # embedding and head: 96 x 32 fp32 = 12288 bytes; three inputs, three results, three re-mapped copies
+    other = renumbered(llama_family["expert1"], tmp_path / "renumbered")
+    plain = ties([llama_family["expert0"], llama_family["expert1"]], llama_family["base"])
+    seme.merge(plain, str(tmp_path / "plain"), progress=False, max_memory=100_000)
+    remapped = ties([llama_family["expert0"], other], llama_family["base"], tokenizer_source="base")
+    with pytest.raises(SemeError, match=r"re-mapped rows .*: 0\.00 GB"):
+        seme.merge(remapped, str(tmp_path / "remapped"), progress=False, max_memory=100_000)
+    seme.merge(remapped, str(tmp_path / "remapped"), progress=False, max_memory=110_592)
