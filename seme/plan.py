@@ -279,9 +279,9 @@ class _Builder:
         sources = sl.sources
         inputs = tuple((self.index[s.model], self._find(self.index[s.model], names_in[s.model])) for s in sources)
         infos = [self.models[m].tensors[n] for m, n in inputs]
-        remap = self.remap is not None and _role(self.archs[inputs[0][0]], inputs[0][1]) in ("embedding", "lm_head")
-        shapes = {info.shape[1:] if remap else info.shape for info in infos}
-        if remap:
+        remapped = self.remap is not None and _role(self.archs[inputs[0][0]], inputs[0][1]) in ("embedding", "lm_head")
+        shapes = {info.shape[1:] if remapped else info.shape for info in infos}
+        if remapped:
             for (m, name), info in zip(inputs, infos):
                 if max(self.remap.rows[m]) >= info.shape[0]:
                     raise SemeError(f"tensor '{name}' of {self.models[m].name} has {info.shape[0]} rows, fewer than "
@@ -325,8 +325,8 @@ class _Builder:
         compute = recipe.dtype
         dtype_out = recipe.out_dtype or recipe.dtype
         code = TORCH_NAMES[dtype_out] if dtype_out else _promote_codes([i.dtype for i in infos])
-        shape = (self.remap.size, *lead.shape[1:]) if remap else lead.shape
-        self.tasks.append(TensorTask(out_name, shape, code, inputs, base_index, params, compute, remap_rows=remap))
+        shape = (self.remap.size, *lead.shape[1:]) if remapped else lead.shape
+        self.tasks.append(TensorTask(out_name, shape, code, inputs, base_index, params, compute, remap_rows=remapped))
 
 
 def _promote_codes(codes) -> str:

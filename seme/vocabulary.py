@@ -101,13 +101,15 @@ def vocab_size(model: ModelFolder) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _vocabulary(model: ModelFolder) -> dict[str, int]:
+def _vocabulary(model: ModelFolder) -> tuple[dict[str, int], int]:
+    """The model's tokens that have rows (below its vocab_size), and how many past it were left out."""
     vocab = model.vocabulary()
     if vocab is None:
         raise SemeError(f"config: tokenizer_source: {model.name} has no tokenizer.json or vocab.json to read "
                         f"its vocabulary from")
     size = vocab_size(model)
-    return {tok: i for tok, i in vocab.items() if size is None or i < size}
+    kept = {tok: i for tok, i in vocab.items() if size is None or i < size}
+    return kept, len(vocab) - len(kept)
 
 
 def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder], base: int,
@@ -116,18 +118,18 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
     `token_sources` (Recipe.token_sources), or None where every model already has the output
     vocabulary's tokens at its ids and as many rows, and no row is forced."""
     token_sources = token_sources or {}
-    vocabs = {i: _vocabulary(m) for i, m in enumerate(models)}
+    read = {i: _vocabulary(m) for i, m in enumerate(models)}
+    vocabs = {i: kept for i, (kept, _) in read.items()}
+    if source in ("base", "union") and read[base][1]:
+        raise SemeError(f"config: tokenizer_source: {source}: the tokenizer of {models[base].name} has "
+                        f"{read[base][1]} tokens past its vocab_size ({vocab_size(models[base])}); give a model "
+                        f"whose tokenizer fits")
     built = None
     if source == "union":
         built = _union(models, base, vocabs)
         out = built.get_vocab()
     elif source == "base":
         out = vocabs[base]
-        stripped = len(models[base].vocabulary()) - len(out)
-        if stripped:
-            raise SemeError(f"config: tokenizer_source: base: the tokenizer of {models[base].name} has {stripped} "
-                            f"tokens past its vocab_size ({vocab_size(models[base])}); give a model whose "
-                            f"tokenizer fits, or 'union'")
     else:
         out = tokenizer.vocabulary()
         if out is None:
@@ -187,9 +189,6 @@ def _load_tokenizer(model: ModelFolder):
 def _union(models: list[ModelFolder], base: int, vocabs: dict[int, dict[str, int]]):
     """The base's tokenizer with every other model's tokens added (transformers builds the files)."""
     loaded = {i: _load_tokenizer(models[i]) for i in [base] + [i for i in range(len(models)) if i != base]}
-    if len(loaded[base].get_vocab()) != len(vocabs[base]):
-        raise SemeError(f"config: tokenizer_source: union: the tokenizer of {models[base].name} has tokens past "
-                        f"its vocab_size ({vocab_size(models[base])})")
     union = loaded[base]
     regular, added = {}, {}  # first seen first; a token added in any model is added, as in mergekit
     for i, tok in loaded.items():

@@ -182,3 +182,21 @@ def test_max_memory_counts_the_remapped_rows(llama_family, tmp_path):
     with pytest.raises(SemeError, match=r"re-mapped rows .*: 0\.00 GB"):
         seme.merge(remapped, str(tmp_path / "remapped"), progress=False, max_memory=100_000)
     seme.merge(remapped, str(tmp_path / "remapped"), progress=False, max_memory=110_592)
+
+
+@pytest.mark.parametrize("source", ["base", "union"])
+def test_a_base_tokenizer_past_its_vocab_size_is_refused(llama_family, tmp_path, capsys, source):
+    import yaml
+
+    from seme.merge import main
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_family["base"], base)
+    config = json.loads((base / "config.json").read_text())
+    config["vocab_size"] = 90  # the tokenizer has 96 tokens
+    (base / "config.json").write_text(json.dumps(config))
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(ties([llama_family["expert0"]], str(base), tokenizer_source=source)))
+    assert main([str(recipe), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"tokenizer_source: {source}: the tokenizer of base has 6 tokens past its vocab_size (90)" in err[0]
