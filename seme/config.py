@@ -120,9 +120,15 @@ def _check_keys(d: Any, allowed: set, where: str) -> None:
 def _resolve_model(ref: Any, where: str, base_dir: str) -> str:
     if not isinstance(ref, str) or not ref:
         raise SemeError(f"{where}: model must be a path string, got {ref!r}")
-    if "+" in ref and not os.path.exists(ref):
-        raise SemeError(f"{where}: LoRA references ('{ref}') are not supported; merge the adapter first")
     path = os.path.expanduser(ref)
+    if "+" in ref and not any(os.path.exists(p) for p in (path, os.path.join(base_dir, path))):
+        chunks = ref.split("+")  # a LoRA reference, model+adapter, as mergekit writes it
+        if len(chunks) != 2 or not all(chunks):
+            raise SemeError(f"{where}: '{ref}' is neither a model nor a model+adapter reference")
+        model, adapter = (_resolve_model(chunk, where, base_dir) for chunk in chunks)
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise SemeError(f"{where}: {adapter} has no adapter_config.json (not a LoRA adapter)")
+        return f"{model}+{adapter}"
     for candidate in (path, os.path.join(base_dir, path)):
         if os.path.isdir(candidate):
             return os.path.abspath(candidate)

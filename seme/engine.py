@@ -105,8 +105,8 @@ class TorchEngine:
 class NativeEngine:
     """CPU merges with the C++ kernels, from the mapped inputs straight into the output buffer. A
     tensor the kernels cannot take as it is (inputs of mixed dtypes, a `dtype` that would round
-    the inputs first, a single model, 2^32 elements or more) goes to a TorchEngine made on first
-    need."""
+    the inputs first, a single model, 2^32 elements or more, rows to re-map, a LoRA adapter's
+    update to add) goes to a TorchEngine made on first need."""
 
     semantic = None
 
@@ -127,7 +127,8 @@ class NativeEngine:
         others = [i for i in range(len(task.inputs)) if i != base]
         compute = TORCH_NAMES.get(task.compute_dtype, code)
         if codes or code not in KERNEL_DTYPES or task.dtype not in KERNEL_DTYPES or compute not in (code, "F32") \
-                or base is None or not others or math.prod(task.shape) >= fused_merge.MAX_ELEMENTS or task.remap_rows:
+                or base is None or not others or math.prod(task.shape) >= fused_merge.MAX_ELEMENTS or task.remap_rows \
+                or any(models[m].adapted(name) for m, name in task.inputs):
             if self._torch is None:
                 self._torch = TorchEngine(self.plan, self.device, "auto")
             return self._torch.merge(task, out)

@@ -146,7 +146,8 @@ def _check_output(plan: Plan, out_dir: str, overwrite: bool) -> None:
     the folder), or, with `overwrite`, holds what a model folder does not."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SemeError(f"output path {out_dir} is a file, not a folder")
-    inputs = [m.path for m in plan.models] + [plan.tokenizer_model.path] + [p for p in [plan.recipe.path] if p]
+    inputs = [m.path for m in plan.models] + [m.adapter.path for m in plan.models if m.adapter]
+    inputs += [plan.tokenizer_model.path] + [p for p in [plan.recipe.path] if p]
     real_out = os.path.realpath(out_dir)
     for path in inputs:
         real = os.path.realpath(path)
@@ -187,7 +188,7 @@ def _prepare_staging(plan: Plan, out_dir: str, staging: str, overwrite: bool, re
 def _plan_id(plan: Plan, shard_size: int, version: str) -> str:
     """What a resumed merge must share with the interrupted one: recipe, inputs' files, layout, version."""
     h = hashlib.sha256()
-    files = sorted({info.path for m in plan.models for info in m.tensors.values()})
+    files = sorted({f for m in plan.models for f in m.files()})
     parts = [plan.recipe.text, version, str(shard_size)]
     parts += [f"{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files]
     parts += [f"{t.name}:{t.dtype}:{t.shape}" for t in plan.tasks]

@@ -67,8 +67,8 @@ class Plan:
 
 def make_plan(recipe: Recipe) -> Plan:
     method = registry.get(recipe.merge_method)
-    models = [ModelFolder(path) for path in recipe.models]
-    index = {m.path: i for i, m in enumerate(models)}
+    models = [ModelFolder.open(ref) for ref in recipe.models]
+    index = {m.ref: i for i, m in enumerate(models)}
     archs = [architectures.for_config(m.config) for m in models]
     first_slice = recipe.slices[0]
     ref_path = recipe.base_model or first_slice.base_model or first_slice.sources[0].model
@@ -76,7 +76,7 @@ def make_plan(recipe: Recipe) -> Plan:
     arch = archs[ref]
     tied = arch.tied(models[ref].config)
     source = ref_path if recipe.tokenizer_source in (None, "base", "union") else recipe.tokenizer_source
-    tokenizer = models[index[source]] if source in index else ModelFolder(source)
+    tokenizer = models[index[source]] if source in index else ModelFolder.open(source)
     remap = None
     if recipe.tokenizer_source is not None:
         from seme import vocabulary

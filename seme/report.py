@@ -15,7 +15,7 @@ def print_plan(plan, out) -> None:
     names = [m.name for m in plan.models]
     out.write(f"method: {recipe.merge_method}\n")
     for i, m in enumerate(plan.models):
-        out.write(f"model[{i}]: {m.path}\n")
+        out.write(f"model[{i}]: {m.ref}\n")
     out.write(f"output: {len(plan.tasks)} tensors, {plan.output_bytes / 1e9:.3f} GB written, "
               f"{plan.input_bytes / 1e9:.3f} GB read; layers: "
               f"{plan.num_layers}\n")

@@ -151,7 +151,7 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
         for tok, new in out.items():
             rows[i][new] = vocab.get(tok, -1)
     overrides = []
-    paths = {m.path: i for i, m in enumerate(models)}
+    paths = {m.ref: i for i, m in enumerate(models)}
     for token, (spec, force) in token_sources.items():
         where = f"config: tokenizer: tokens: {token!r}"
         if spec[0] == "zero":

@@ -55,7 +55,7 @@ def write_metadata(folder: str, plan, version: str, name: str) -> None:
         from seme import chat_template
 
         chat_template.write(folder, plan.chat_template)
-    models = "\n".join(f"- `{m.path}`" for m in plan.models)
+    models = "\n".join(f"- `{m.ref}`" for m in plan.models)
     card = CARD.format(name=name, signature=SIGNATURE, version=version,
                        method=plan.recipe.merge_method, models=models, recipe=plan.recipe.text.strip())
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:

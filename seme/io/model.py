@@ -13,9 +13,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 class ModelFolder:
-    def __init__(self, path: str):
+    @classmethod
+    def open(cls, ref: str) -> "ModelFolder":
+        """The model a resolved recipe reference names: a folder, or folder+adapter (both folders)."""
+        if not os.path.isdir(ref):
+            for i, c in enumerate(ref):
+                if c == "+" and os.path.isdir(ref[:i]) and os.path.isdir(ref[i + 1:]):
+                    return cls(ref[:i], ref[i + 1:])
+        return cls(ref)
+
+    def __init__(self, path: str, adapter: str | None = None):
+        """The model in folder `path`, with the LoRA adapter in folder `adapter` applied as it is read."""
         self.path = path
+        self.ref = path if adapter is None else f"{path}+{adapter}"  # as the recipe names it
         self.name = os.path.basename(os.path.normpath(path))
+        if adapter is not None:
+            self.name += "+" + os.path.basename(os.path.normpath(adapter))
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise SemeError(f"{path}: no config.json (not a Hugging Face model folder)")
@@ -28,6 +41,11 @@ class ModelFolder:
             raise SemeError(f"{config_path}: not a JSON object")
         self.tensors = self._index()
         self._maps: dict[str, MappedFile] = {}
+        self.adapter = None
+        if adapter is not None:
+            from seme.io.lora import LoraAdapter
+
+            self.adapter = LoraAdapter(adapter, self.tensors)
 
     def _index(self) -> dict[str, TensorInfo]:
         index_path = os.path.join(self.path, "model.safetensors.index.json")
@@ -68,19 +86,32 @@ class ModelFolder:
         return tensors
 
     def load(self, name: str):
-        """The tensor `name` as a zero-copy view of the memory-mapped file."""
-        return self._mapped(name).tensor(self.tensors[name])
+        """The tensor `name`: a zero-copy view of the memory-mapped file, or, where the adapter
+        changes it, a new tensor."""
+        tensor = self._mapped(name).tensor(self.tensors[name])
+        return self.adapter.merged(name, tensor) if self.adapted(name) else tensor
+
+    def adapted(self, name: str) -> bool:
+        """Whether the adapter changes `name` (its bytes in the file are not the tensor's)."""
+        return self.adapter is not None and name in self.adapter.updates
+
+    def files(self) -> list[str]:
+        """Every file the tensors are read from, the adapter's included."""
+        found = {info.path for info in self.tensors.values()}
+        return sorted(found | set(self.adapter.files if self.adapter else ()))
 
     def prefetch(self, name: str) -> None:
         """Start reading `name` from disk in the background (no-op where madvise is unavailable)."""
         self._mapped(name).prefetch(self.tensors[name])
 
     def address(self, name: str) -> int:
-        """Where `name`'s data lies in memory (the file is mapped on first use)."""
+        """Where `name`'s data lies in memory (the file is mapped on first use); not for adapted tensors."""
+        assert not self.adapted(name), name
         return self._mapped(name).address(self.tensors[name])
 
     def view(self, name: str) -> memoryview:
-        """`name`'s bytes, zero-copy."""
+        """`name`'s bytes, zero-copy; not for adapted tensors."""
+        assert not self.adapted(name), name
         return self._mapped(name).view(self.tensors[name])
 
     def release(self, name: str) -> None:

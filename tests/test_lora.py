@@ -1,0 +1,122 @@
+"""LoRA references (`model+adapter`): the adapter's update is added as the model is read."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+
+import seme
+from conftest import load_folder
+from seme.merge import main
+
+
+def make_adapter(model_path, folder, seed, **config):
+    """A LoRA adapter (random, non-zero A and B) for the model, and the model with it merged by peft."""
+    import peft
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+                           **config)
+    wrapped = peft.get_peft_model(model, lora)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    wrapped.save_pretrained(folder / "adapter")
+    merged = wrapped.merge_and_unload()
+    merged.save_pretrained(folder / "merged")
+    for f in os.listdir(model_path):
+        if f.startswith("token") or f == "special_tokens_map.json":
+            shutil.copy(os.path.join(model_path, f), folder / "merged" / f)
+    return str(folder / "adapter"), str(folder / "merged")
+
+
+def linear(*models):
+    return {"merge_method": "linear", "dtype": "float32",
+            "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(models, (0.6, 0.4))]}
+
+
+@pytest.mark.parametrize("config", [{}, {"use_rslora": True, "alpha_pattern": {"v_proj": 16}}])
+def test_an_adapter_merges_as_the_model_peft_merged_it_into(llama_family, tmp_path, config):
+    adapter, merged = make_adapter(llama_family["expert0"], tmp_path, seed=1, **config)
+    seme.merge(linear(merged, llama_family["expert1"]), str(tmp_path / "reference"), progress=False)
+    seme.merge(linear(f"{llama_family['expert0']}+{adapter}", llama_family["expert1"]), str(tmp_path / "lora"),
+               progress=False)
+    reference, ours = load_folder(tmp_path / "reference"), load_folder(tmp_path / "lora")
+    assert reference.keys() == ours.keys()
+    plain = load_folder(llama_family["expert0"])
+    assert not torch.equal(load_folder(merged)["model.embed_tokens.weight"], plain["model.embed_tokens.weight"])
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=0, msg=name)
+
+
+def test_an_adapter_matches_mergekit(llama_family, tmp_path):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    adapter, _ = make_adapter(llama_family["expert0"], tmp_path, seed=2)
+    recipe = {"merge_method": "ties", "base_model": llama_family["base"], "dtype": "float32",
+              "models": [{"model": f"{llama_family['expert0']}+{adapter}", "parameters": {"weight": 1.0, "density": 0.5}},
+                         {"model": llama_family["expert1"], "parameters": {"weight": 0.5, "density": 0.5}}]}
+    with contextlib.redirect_stderr(io.StringIO()):
+        run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "mergekit"),
+                  options=MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False,
+                                       lora_merge_cache=str(tmp_path / "cache")))
+    seme.merge(recipe, str(tmp_path / "seme"), progress=False)
+    theirs, ours = load_folder(tmp_path / "mergekit"), load_folder(tmp_path / "seme")
+    assert theirs.keys() == ours.keys()
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_dry_run_and_card_name_the_adapter(llama_family, tmp_path, capsys):
+    adapter, _ = make_adapter(llama_family["expert0"], tmp_path, seed=3)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(linear(f"{llama_family['expert0']}+{adapter}", llama_family["expert1"])))
+    assert main([str(recipe), str(tmp_path / "out"), "--dry-run"]) == 0
+    assert f"model[0]: {llama_family['expert0']}+{adapter}" in capsys.readouterr().out
+    assert main([str(recipe), str(tmp_path / "out")]) == 0
+    assert f"{llama_family['expert0']}+{adapter}" in (tmp_path / "out" / "README.md").read_text()
+
+
+def _with_config(adapter, **changes):
+    path = os.path.join(adapter, "adapter_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("three parts", "is neither a model nor a model+adapter reference"),
+    ("not an adapter", "has no adapter_config.json (not a LoRA adapter)"),
+    ("dora", "the adapter uses DoRA, which seme does not apply yet"),
+    ("other peft", "a PREFIX_TUNING adapter; seme applies LoRA adapters only"),
+])
+def test_bad_adapters_are_one_line_errors(llama_family, tmp_path, capsys, case, message):
+    adapter, _ = make_adapter(llama_family["expert0"], tmp_path, seed=4)
+    ref = f"{llama_family['expert0']}+{adapter}"
+    if case == "three parts":
+        ref += f"+{adapter}"
+    elif case == "not an adapter":
+        ref = f"{llama_family['expert0']}+{llama_family['expert1']}"
+    elif case == "dora":
+        _with_config(adapter, use_dora=True)
+    else:
+        _with_config(adapter, peft_type="PREFIX_TUNING")
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(linear(ref, llama_family["expert1"])))
+    assert main([str(recipe), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
