@@ -269,8 +269,10 @@ def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
         for i, raw_slice in enumerate(raw_slices):
             where = f"slices[{i}]"
             _check_keys(raw_slice, SLICE_KEYS, where)
-            if raw_slice.get("residual_weight") is not None:
-                raise SemeError(f"{where}: residual_weight is not supported")
+            if raw_slice.get("residual_weight") is not None:  # as in mergekit, whose recipes may carry it
+                import warnings
+
+                warnings.warn(f"{where}: residual_weight has no effect (mergekit 0.1.5 reads it and ignores it too)")
             raw_sources = raw_slice.get("sources")
             if not isinstance(raw_sources, list) or not raw_sources:
                 raise SemeError(f"{where}: 'sources' must be a non-empty list")

@@ -238,3 +238,14 @@ def test_real_process_prints_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == ["seme: error: config: unknown merge_method 'tie' (did you mean 'ties'?) "
                                                 "(known: " + proc.stderr.split("(known: ")[1].strip()]
     assert "Traceback" not in proc.stderr
+
+
+def test_residual_weight_is_read_and_has_no_effect_as_in_mergekit(llama_family, tmp_path, capsys):
+    recipe = {"merge_method": "linear", "slices": [{"sources": [
+        {"model": llama_family["expert0"], "layer_range": [0, 2], "parameters": {"weight": 1.0}},
+        {"model": llama_family["expert1"], "layer_range": [0, 2], "parameters": {"weight": 1.0}}], "residual_weight": 0.5}]}
+    status, err, out = run_cli(tmp_path, recipe, capsys)
+    assert status == 0 and "seme: warning: slices[0]: residual_weight has no effect" in "\n".join(err)
+    plain = dict(recipe, slices=[{k: v for k, v in recipe["slices"][0].items() if k != "residual_weight"}])
+    assert main([write_recipe(tmp_path, plain), str(tmp_path / "plain")]) == 0
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
