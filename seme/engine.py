@@ -71,8 +71,8 @@ class TorchEngine:
         from seme.plan import CODE_NAMES
 
         plan = self.plan
-        tensors = [plan.models[m].load(name) for m, name in task.inputs]
-        sources = self.stager.get(task) if self.stager is not None else tensors
+        # read here only when not staged: a LoRA adapter's update makes a read cost a product
+        sources = self.stager.get(task) if self.stager is not None else [plan.models[m].load(n) for m, n in task.inputs]
         if task.derived:
             sources = [self.semantic.load(d, task.name) if d else t for d, t in zip(task.derived, sources)]
         if task.remap_rows:
@@ -93,7 +93,7 @@ class TorchEngine:
         result = result.to(out_dtype)
         if merged.inputs_finite is not True:  # unchecked, or a kernel saw NaN / Inf: find which
             # scanned on the merge device (a GPU's copies), unless derived inputs changed them
-            _warn_nonfinite(plan, task, tensors if task.derived else inputs.tensors)
+            _warn_nonfinite(plan, task, [plan.models[m].load(n) for m, n in task.inputs] if task.derived else inputs.tensors)
         finite = merged.output_finite if merged.output_finite is not None else all_finite(result)
         if len(out) and self.stager is not None:
             self.stager.put(result, out)

@@ -197,3 +197,24 @@ def test_a_read_failing_midway_fails_the_merge_in_one_line(llama_family, tmp_pat
     monkeypatch.setattr(InputStager, "_read", failing)
     with pytest.raises(SemeError, match="Input/output error.*rerun with --resume"):
         _merge(monkeypatch, _recipes(llama_family)["ties"], tmp_path / "out", stage=True)
+
+
+@pytest.mark.parametrize("remap", ["lora", "vocabulary"])
+def test_staged_merges_of_adapted_and_remapped_inputs_write_the_same_bytes(llama_family, tmp_path, monkeypatch, remap):
+    # a LoRA adapter's update and a vocabulary re-mapping are applied to staged inputs too
+    from test_lora import make_adapter
+    from test_vocabulary import renumbered
+
+    if remap == "lora":
+        adapter, _ = make_adapter(llama_family["expert0"], tmp_path, seed=5)
+        first, extra = f"{llama_family['expert0']}+{adapter}", {}
+    else:
+        first, extra = renumbered(llama_family["expert0"], tmp_path / "renumbered"), {"tokenizer_source": "base"}
+    recipe = {"merge_method": "ties", "base_model": llama_family["base"], **extra,
+              "parameters": {"weight": 0.5, "density": 0.5},
+              "models": [{"model": first}, {"model": llama_family["expert1"]}]}
+    staged = _merge(monkeypatch, recipe, tmp_path / "staged", stage=True)
+    plain = _merge(monkeypatch, recipe, tmp_path / "plain", stage=False)
+    assert staged.keys() == plain.keys()
+    for f in staged:
+        assert staged[f] == plain[f], f
