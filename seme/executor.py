@@ -78,11 +78,11 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
     to be written. With `direct_io`, shards are written around the page cache where the filesystem
     allows it (`seme.io.writer`).
     """
-    largest = max((_input_bytes(plan, t) + _remapped_bytes(plan, t) + 3 * t.nbytes for t in plan.tasks), default=0)
+    largest = max((_input_bytes(plan, t) + _working_bytes(plan, t) + 3 * t.nbytes for t in plan.tasks), default=0)
     if largest > max_memory:
         raise SemeError(f"--max-memory {max_memory / 1e9:.2f} GB is below what the largest tensor needs "
-                        f"(inputs, their re-mapped rows where vocabularies differ, result and two results "
-                        f"waiting to be written: {largest / 1e9:.2f} GB)")
+                        f"(inputs, their adapted or re-mapped copies, result and two results waiting to be "
+                        f"written: {largest / 1e9:.2f} GB)")
     group = distributed.current(device)
     if device.startswith("cuda") and group.world > 1:
         device = f"cuda:{group.local_rank}"
@@ -237,13 +237,19 @@ def _input_bytes(plan: Plan, task) -> int:
     return sum(plan.models[m].tensors[n].nbytes for m, n in task.inputs)
 
 
-def _remapped_bytes(plan: Plan, task) -> int:
-    """A vocabulary re-mapping's copies of the inputs (seme.vocabulary.Remap.apply): one per input,
-    with the output's rows, in the widest input dtype."""
-    if not task.remap_rows:
-        return 0
-    width = max(DTYPE_SIZES[plan.models[m].tensors[n].dtype] for m, n in task.inputs)
-    return len(task.inputs) * math.prod(task.shape) * width
+def _working_bytes(plan: Plan, task) -> int:
+    """What a task holds beyond its mapped inputs: a LoRA-adapted input's copy and its fp32 update
+    (two, while scaled), and a vocabulary re-mapping's copies of the inputs (seme.vocabulary.Remap.apply:
+    one per input, with the output's rows, in the widest input dtype)."""
+    held = 0
+    for m, n in task.inputs:
+        if plan.models[m].adapted(n):
+            info = plan.models[m].tensors[n]
+            held += info.nbytes + 2 * 4 * math.prod(info.shape)
+    if task.remap_rows:
+        width = max(DTYPE_SIZES[plan.models[m].tensors[n].dtype] for m, n in task.inputs)
+        held += len(task.inputs) * math.prod(task.shape) * width
+    return held
 
 
 def _prefetch(plan: Plan, tasks, start: int, budget: int) -> int:

@@ -120,3 +120,17 @@ def test_bad_adapters_are_one_line_errors(llama_family, tmp_path, capsys, case, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_max_memory_counts_the_adapted_copies(llama_family, tmp_path):
+    from seme.errors import SemeError
+
+    # the embedding, 96 x 32 fp32 (12288 bytes), is adapted: its copy and two fp32 updates are held
+    adapter, _ = make_adapter(llama_family["expert0"], tmp_path, seed=6)
+    plain, adapted = linear(llama_family["expert0"], llama_family["expert1"]), \
+        linear(f"{llama_family['expert0']}+{adapter}", llama_family["expert1"])
+    needed = 2 * 12288 + 3 * 12288  # inputs and results of the largest tensor (the embedding and head)
+    seme.merge(plain, str(tmp_path / "plain"), progress=False, max_memory=needed)
+    with pytest.raises(SemeError, match="adapted or re-mapped copies"):
+        seme.merge(adapted, str(tmp_path / "adapted"), progress=False, max_memory=needed)
+    seme.merge(adapted, str(tmp_path / "adapted"), progress=False, max_memory=needed + 3 * 12288)
