@@ -101,15 +101,18 @@ def vocab_size(model: ModelFolder) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _vocabulary(model: ModelFolder) -> tuple[dict[str, int], int]:
-    """The model's tokens that have rows (below its vocab_size), and how many past it were left out."""
+def _vocabulary(model: ModelFolder) -> dict[str, int]:
     vocab = model.vocabulary()
     if vocab is None:
         raise SemeError(f"config: tokenizer_source: {model.name} has no tokenizer.json or vocab.json to read "
                         f"its vocabulary from")
+    return vocab
+
+
+def _with_rows(model: ModelFolder, vocab: dict[str, int]) -> dict[str, int]:
+    """The tokens of `vocab` that have rows in the model: below its vocab_size."""
     size = vocab_size(model)
-    kept = {tok: i for tok, i in vocab.items() if size is None or i < size}
-    return kept, len(vocab) - len(kept)
+    return {tok: i for tok, i in vocab.items() if size is None or i < size}
 
 
 def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder], base: int,
@@ -118,11 +121,12 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
     `token_sources` (Recipe.token_sources), or None where every model already has the output
     vocabulary's tokens at its ids and as many rows, and no row is forced."""
     token_sources = token_sources or {}
-    read = {i: _vocabulary(m) for i, m in enumerate(models)}
-    vocabs = {i: kept for i, (kept, _) in read.items()}
-    if source in ("base", "union") and read[base][1]:
+    read = [_vocabulary(m) for m in models]
+    vocabs = {i: _with_rows(m, vocab) for i, (m, vocab) in enumerate(zip(models, read))}
+    past = len(read[base]) - len(vocabs[base])
+    if source in ("base", "union") and past:
         raise SemeError(f"config: tokenizer_source: {source}: the tokenizer of {models[base].name} has "
-                        f"{read[base][1]} tokens past its vocab_size ({vocab_size(models[base])}); give a model "
+                        f"{past} tokens past its vocab_size ({vocab_size(models[base])}); give a model "
                         f"whose tokenizer fits")
     built = None
     if source == "union":
@@ -130,10 +134,8 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
         out = built.get_vocab()
     elif source == "base":
         out = vocabs[base]
-    else:
-        out = tokenizer.vocabulary()
-        if out is None:
-            raise SemeError(f"config: tokenizer_source: {tokenizer.name} has no tokenizer.json or vocab.json")
+    else:  # the model's whole vocabulary, as mergekit takes it; read once where it is merged too
+        out = next((read[i] for i, m in enumerate(models) if m is tokenizer), None) or _vocabulary(tokenizer)
     missing = [t for t in token_sources if t not in out]
     if missing:  # mergekit adds them to the output tokenizer
         if built is None:
@@ -192,7 +194,7 @@ def _union(models: list[ModelFolder], base: int, vocabs: dict[int, dict[str, int
     union = loaded[base]
     regular, added = {}, {}  # first seen first; a token added in any model is added, as in mergekit
     for i, tok in loaded.items():
-        added_here = {t.content: t for t_id, t in tok.added_tokens_decoder.items() if t_id < len(vocabs[i])}
+        added_here = {t.content: t for t_id, t in tok.added_tokens_decoder.items() if vocabs[i].get(t.content) == t_id}
         for t, _ in sorted(vocabs[i].items(), key=lambda item: item[1]):
             if t in added_here:
                 added.setdefault(t, added_here[t])

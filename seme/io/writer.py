@@ -152,9 +152,7 @@ class ShardWriter:
         """A buffer for the bytes of `name`, to be filled once and then handed to `written`."""
         if name not in self._staged:
             self._staged[name] = self._buffers.take()
-        offset, nbytes = self._where[name]
-        start = offset % DIRECT_BLOCK  # file blocks fall on memory blocks
-        return memoryview(self._staged[name])[start:start + nbytes]
+        return _placed(self._staged[name], *self._where[name])
 
     def written(self, name: str) -> None:
         """`name`'s bytes are in its buffer: checksum them (while tensors arrive in file order),
@@ -162,8 +160,7 @@ class ShardWriter:
         offset, nbytes = self._where.pop(name)
         file = self.weight_map[name]
         staged = self._staged.pop(name)
-        start = offset % DIRECT_BLOCK
-        with memoryview(staged) as whole, whole[start:start + nbytes] as data:
+        with _placed(staged, offset, nbytes) as data:
             pending = self._pending[file]
             if self._crcs.get(file) is not None and pending[0] == name:
                 self._crcs[file] = crc32(data, self._crcs[file])
@@ -181,7 +178,7 @@ class ShardWriter:
         the shard has a direct descriptor, the rest buffered."""
         fd, direct = self._fds[file], self._direct_fds.get(file)
         first = -offset % DIRECT_BLOCK  # data[first:last] are the tensor's whole blocks
-        last = first + (len(data) - first) // DIRECT_BLOCK * DIRECT_BLOCK if len(data) > first else first
+        last = max(first, (offset + len(data)) // DIRECT_BLOCK * DIRECT_BLOCK - offset)
         if direct is None or last == first:
             _pwrite_all(fd, data, offset)
             return
@@ -219,6 +216,13 @@ class ShardWriter:
             f.write("\n")
         for path in glob.glob(os.path.join(self.folder, MANIFEST.format(rank="*"))):
             os.remove(path)
+
+
+def _placed(buffer: mmap.mmap, offset: int, nbytes: int) -> memoryview:
+    """The bytes of a tensor at file `offset` in its staging buffer, placed so that the file's blocks
+    fall on the buffer's (page-aligned) blocks: whole blocks can be written direct from it."""
+    start = offset % DIRECT_BLOCK
+    return memoryview(buffer)[start:start + nbytes]
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -82,9 +82,10 @@ def multislerp(inputs: Inputs, p: dict) -> torch.Tensor:
         return others[0].to(compute_dtype(others[0]))
     dtype = compute_dtype(others[0])
     eps = p["eps"]
+    base = None if inputs.base is None else inputs.base.to(dtype)
     x = torch.stack([t.to(dtype) for t in others])
-    if inputs.base is not None:
-        x -= inputs.base.to(dtype)
+    if base is not None:
+        x -= base
     flat = x.view(len(others), -1)
     weights = torch.tensor(p["weight"], dtype=dtype)
     if p["normalize_weights"]:
@@ -98,13 +99,13 @@ def multislerp(inputs: Inputs, p: dict) -> torch.Tensor:
             raise SemeError(f"multislerp: the weighted sum of the directions of '{inputs.name}' is zero "
                             f"(opposite tensors with balancing weights): change the weights")
         out = (x[0] * weights[0] + x[1] * weights[1]).view(x.shape[1:])  # mergekit's fallback: linear
-        return out if inputs.base is None else out + inputs.base.to(dtype)
+        return out if base is None else out + base
     mean = mean / mean_norm
     tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * weights.view(-1, 1)).sum(0)
     tangent_norm = torch.norm(tangent) + eps
     out = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
     out = (out * (norms.squeeze(-1) * weights).sum()).view(x.shape[1:])
-    return out if inputs.base is None else out + inputs.base.to(dtype)
+    return out if base is None else out + base
 
 
 def karcher(inputs: Inputs, p: dict) -> torch.Tensor:
