@@ -238,14 +238,13 @@ def _input_bytes(plan: Plan, task) -> int:
 
 
 def _working_bytes(plan: Plan, task) -> int:
-    """What a task holds beyond its mapped inputs: a LoRA-adapted input's copy and its fp32 update
-    (two, while scaled), and a vocabulary re-mapping's copies of the inputs (seme.vocabulary.Remap.apply:
-    one per input, with the output's rows, in the widest input dtype)."""
+    """What a task holds beyond its mapped inputs: an adapted input's copy and temporaries
+    (LoraAdapter.working_bytes), and a vocabulary re-mapping's copies of the inputs
+    (seme.vocabulary.Remap.apply: one per input, with the output's rows, in the widest input dtype)."""
     held = 0
     for m, n in task.inputs:
         if plan.models[m].adapted(n):
-            info = plan.models[m].tensors[n]
-            held += info.nbytes + 2 * 4 * math.prod(info.shape)
+            held += plan.models[m].adapter.working_bytes(n, plan.models[m].tensors[n])
     if task.remap_rows:
         width = max(DTYPE_SIZES[plan.models[m].tensors[n].dtype] for m, n in task.inputs)
         held += len(task.inputs) * math.prod(task.shape) * width

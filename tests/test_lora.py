@@ -12,27 +12,29 @@ import torch
 import yaml
 
 import seme
-from conftest import load_folder
+from conftest import build_model, load_folder
 from seme.merge import main
 
 
-def make_adapter(model_path, folder, seed, **config):
-    """A LoRA adapter (random, non-zero A and B) for the model, and the model with it merged by peft."""
+def make_adapter(model_path, folder, seed, targets=("q_proj", "v_proj", "down_proj", "embed_tokens"), **config):
+    """A LoRA adapter for the model with every trainable tensor random (A and B non-zero), and the model
+    with it merged as peft loads and merges it (what mergekit does, and a user would)."""
     import peft
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
-                           **config)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), **config)
     wrapped = peft.get_peft_model(model, lora)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in wrapped.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            if p.requires_grad:  # LoRA pairs, DoRA magnitudes, biases, tokens and modules to save
+                noise = torch.randn(p.shape, generator=g).to(p.dtype) * 0.1
+                p.copy_(noise if "lora_A" in name or "lora_B" in name or "lora_embedding" in name else p + noise)
     wrapped.save_pretrained(folder / "adapter")
-    merged = wrapped.merge_and_unload()
-    merged.save_pretrained(folder / "merged")
+    reloaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(model_path),
+                                              str(folder / "adapter"))
+    reloaded.merge_and_unload().save_pretrained(folder / "merged")
     for f in os.listdir(model_path):
         if f.startswith("token") or f == "special_tokens_map.json":
             shutil.copy(os.path.join(model_path, f), folder / "merged" / f)
@@ -56,6 +58,43 @@ def test_an_adapter_merges_as_the_model_peft_merged_it_into(llama_family, tmp_pa
     assert not torch.equal(load_folder(merged)["model.embed_tokens.weight"], plain["model.embed_tokens.weight"])
     for name in reference:
         torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=0, msg=name)
+
+
+ADAPTERS = {  # what peft can train beside plain LoRA: (family, LoraConfig arguments, tensors it changes)
+    "dora": ("llama", dict(use_dora=True, targets=("q_proj", "embed_tokens")), {"model.embed_tokens.weight", "self_attn.q_proj.weight"}),
+    "lora bias": ("qwen2", dict(lora_bias=True, targets=("q_proj", "v_proj")),
+                  {"self_attn.q_proj.bias", "self_attn.v_proj.bias", "self_attn.q_proj.weight", "self_attn.v_proj.weight"}),
+    "trained biases": ("qwen2", dict(bias="all", targets=("q_proj",)),
+                       {"self_attn.k_proj.bias", "self_attn.q_proj.bias", "self_attn.v_proj.bias", "self_attn.q_proj.weight"}),
+    "lora-only biases": ("qwen2", dict(bias="lora_only", targets=("k_proj",)),
+                         {"self_attn.k_proj.bias", "self_attn.k_proj.weight"}),
+    "modules to save": ("llama", dict(modules_to_save=["lm_head"], targets=("o_proj",)),
+                        {"lm_head.weight", "self_attn.o_proj.weight"}),
+    "trainable tokens": ("llama", dict(trainable_token_indices=[1, 5, 7], targets=("up_proj",)),
+                         {"model.embed_tokens.weight", "mlp.up_proj.weight"}),
+    "trainable tokens by module": ("llama", dict(trainable_token_indices={"embed_tokens": [3, 4]}, targets=("q_proj",)),
+                                   {"model.embed_tokens.weight", "self_attn.q_proj.weight"}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", [*ADAPTERS, "plain"])
+def test_adapted_tensors_are_the_ones_peft_merges(tmp_path, kind, dtype):
+    from conftest import build_model
+    from seme.io.model import ModelFolder
+
+    family, config, changed = ADAPTERS.get(kind, ("llama", {}, {"model.embed_tokens.weight", "q_proj.weight", "v_proj.weight", "down_proj.weight"}))
+    build_model(tmp_path / "model", family, layers=1, dtype=dtype)
+    adapter, merged = make_adapter(str(tmp_path / "model"), tmp_path, seed=7, **config)
+    model, reference, plain = ModelFolder.open(f"{tmp_path / 'model'}+{adapter}"), load_folder(merged), \
+        load_folder(tmp_path / "model")
+    assert model.tensors.keys() == reference.keys()
+    assert {n for n in model.tensors if not torch.equal(plain[n], reference[n])} == \
+        {n for n in model.tensors if any(n.endswith(c) for c in changed)}
+    for name in model.tensors:
+        ours = model.load(name)
+        assert ours.dtype == reference[name].dtype == dtype, name
+        assert torch.equal(ours, reference[name]), name
 
 
 def test_an_adapter_matches_mergekit(llama_family, tmp_path):
@@ -100,7 +139,9 @@ def _with_config(adapter, **changes):
 @pytest.mark.parametrize("case,message", [
     ("three parts", "is neither a model nor a model+adapter reference"),
     ("not an adapter", "has no adapter_config.json (not a LoRA adapter)"),
-    ("dora", "the adapter uses DoRA, which seme does not apply yet"),
+    ("tied head", "the adapter saves 'lm_head.weight', which the model does not store (tied to its embeddings?)"),
+    ("bad tokens", "trainable_token_indices names no distinct rows of 'model.embed_tokens' (0..95)"),
+    ("unknown entry", "adapter entry 'lora_C' is not a LoRA entry"),
     ("other peft", "a PREFIX_TUNING adapter; seme applies LoRA adapters only"),
 ])
 def test_bad_adapters_are_one_line_errors(llama_family, tmp_path, capsys, case, message):
@@ -110,8 +151,21 @@ def test_bad_adapters_are_one_line_errors(llama_family, tmp_path, capsys, case, 
         ref += f"+{adapter}"
     elif case == "not an adapter":
         ref = f"{llama_family['expert0']}+{llama_family['expert1']}"
-    elif case == "dora":
-        _with_config(adapter, use_dora=True)
+    elif case == "tied head":
+        tied = tmp_path / "tied"
+        build_model(tied, tied=True, layers=1)
+        adapter, _ = make_adapter(str(tied), tmp_path / "t", seed=4, modules_to_save=["lm_head"], targets=("q_proj",))
+        ref = f"{tied}+{adapter}"
+    elif case == "bad tokens":
+        adapter, _ = make_adapter(llama_family["expert0"], tmp_path / "t", seed=4, trainable_token_indices=[3, 4],
+                                    targets=("q_proj",))
+        _with_config(adapter, trainable_token_indices=[3, 96])
+        ref = f"{llama_family['expert0']}+{adapter}"
+    elif case == "unknown entry":
+        from safetensors.torch import load_file, save_file
+
+        weights = os.path.join(adapter, "adapter_model.safetensors")
+        save_file({**load_file(weights), "lora_C": torch.zeros(1)}, weights)
     else:
         _with_config(adapter, peft_type="PREFIX_TUNING")
     recipe = tmp_path / "r.yml"

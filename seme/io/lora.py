@@ -1,13 +1,14 @@
 """A LoRA adapter applied to its model as the model is read (mergekit's `model+adapter` references).
 
-Where mergekit has peft merge the adapter into a full copy of the model on disk first, seme adds
-each adapted weight's update as the weight is read: W + (B @ A) · scaling, in the order and dtypes
-of peft's `merge_and_unload` (the product in fp32 where the adapter is half precision, cast to the
-adapter's dtype, added in place to W's dtype). Plain LoRA on linear and embedding layers is read
-(`r` from the weights, `lora_alpha` and `alpha_pattern`, `use_rslora`, `fan_in_fan_out`), and the
-layer weights peft saves beside them (`base_layer`, as it does for embeddings), which replace the
-model's; an adapter with anything else (DoRA, trained biases, `modules_to_save`, other layer kinds)
-is refused by name.
+Where mergekit has peft merge the adapter into a full copy of the model on disk first, seme changes
+each adapted weight as the weight is read, to the values `PeftModel.from_pretrained(model,
+adapter).merge_and_unload()` gives: the adapter's half-precision weights upcast to fp32 as peft loads
+them, W + (B @ A) · scaling added in place to W's dtype (an embedding's update rounded to it first,
+as peft does; `r` from the weights, `lora_alpha` and `alpha_pattern`, `use_rslora`, `fan_in_fan_out`). Beside plain LoRA on linear and embedding layers it
+applies DoRA (W' = m / ‖W + ΔW‖ · (W + ΔW), norms per output), LoRA biases (`lora_bias`: b += b_B ·
+scaling), trainable tokens (rows of an embedding replaced), and the tensors peft saves whole — layer
+weights (`base_layer`), trained biases (`bias: all | lora_only`) and `modules_to_save` — which replace
+the model's, cast to its dtype. Any other entry or layer kind is refused by name.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from seme.errors import SemeError
@@ -25,17 +26,30 @@ if TYPE_CHECKING:  # torch is imported inside the functions: planning never load
     import torch
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-_ENTRY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|"
-                    r"lora_embedding_A|lora_embedding_B|base_layer\.weight)$")
+_PREFIX = "base_model.model."
+_PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "embedding A", "lora_embedding_B": "B",
+          "lora_B.bias": "bias", "lora_magnitude_vector": "magnitude", "lora_magnitude_vector.weight": "magnitude",
+          "token_adapter.trainable_tokens_delta": "tokens"}
+_PART = re.compile(rf"^(?P<module>.+)\.(?P<part>{'|'.join(re.escape(p) for p in _PARTS)})$")
+
+
+@dataclass(frozen=True)
+class _Lora:
+    a: TensorInfo
+    b: TensorInfo
+    scaling: float
+    transpose: bool  # fan_in_fan_out layers and embeddings keep their weights as (B @ A)ᵀ
+    embedding: bool  # peft rounds an embedding's update to the weight's dtype before adding it
+    magnitude: TensorInfo | None  # DoRA's, one per output
 
 
 @dataclass(frozen=True)
 class _Update:
-    a: TensorInfo | None  # None: the weight is only replaced
-    b: TensorInfo | None
-    scaling: float
-    transpose: bool  # fan_in_fan_out layers and embeddings keep their weights as (B @ A)ᵀ
-    weight: TensorInfo | None  # the layer weight saved with the adapter, which replaces the model's
+    """What the adapter does to one model tensor, in peft's order."""
+    saved: TensorInfo | None = None  # saved whole with the adapter: replaces the model's
+    rows: tuple[tuple[int, ...], TensorInfo] | None = None  # trainable tokens: these rows replaced
+    lora: _Lora | None = None
+    bias: tuple[TensorInfo, float] | None = None  # lora_B's bias and the layer's scaling, added
 
 
 class LoraAdapter:
@@ -52,37 +66,48 @@ class LoraAdapter:
             raise SemeError(f"{self.files[0]}: cannot read: {e}") from None
         if config.get("peft_type", "LORA") != "LORA":
             raise SemeError(f"{path}: a {config.get('peft_type')} adapter; seme applies LoRA adapters only")
-        for key, what in (("use_dora", "DoRA"), ("lora_bias", "trained biases"), ("modules_to_save", "modules_to_save")):
-            if config.get(key):
-                raise SemeError(f"{path}: the adapter uses {what}, which seme does not apply yet; merge it with peft first")
         if not os.path.isfile(self.files[1]):
             raise SemeError(f"{path}: no {WEIGHTS} (seme reads safetensors only)")
         infos, _ = read_header(self.files[1])
         parts: dict[str, dict[str, TensorInfo]] = {}
-        embeddings = set()
+        updates: dict[str, _Update] = {}
         for key, info in infos.items():
-            m = _ENTRY.match(key)
-            if not m:
-                raise SemeError(f"{path}: adapter entry '{key}' is not a LoRA A or B matrix; seme applies plain LoRA only")
-            parts.setdefault(m["module"], {})[m["part"].split(".")[0].replace("embedding_", "")] = info  # lora_A, lora_B, base_layer
-            if m["part"].startswith("lora_embedding"):
-                embeddings.add(m["module"])
-        alpha, patterns = config.get("lora_alpha", 8), config.get("alpha_pattern") or {}
-        self.updates: dict[str, _Update] = {}
-        for module, pair in parts.items():
-            target = f"{module}.weight"
-            if target not in tensors or (set(pair) - {"base_layer"} not in ({"lora_A", "lora_B"}, set())):
-                raise SemeError(f"{path}: adapter module '{module}' has no A and B pair or no weight in the model")
-            replaced, w = pair.get("base_layer"), tensors[target]
-            if replaced is not None and (tuple(replaced.shape) != tuple(w.shape) or replaced.dtype != w.dtype):
-                raise SemeError(f"{path}: the adapter's '{module}' weight is {replaced.dtype} {list(replaced.shape)}, "
-                                f"the model's {w.dtype} {list(w.shape)}")
-            if "lora_A" not in pair:
-                self.updates[target] = _Update(None, None, 0.0, False, replaced)
+            if not key.startswith(_PREFIX):
+                raise SemeError(f"{path}: adapter entry '{key}' is not a LoRA entry (no '{_PREFIX}' prefix)")
+            m = _PART.match(key[len(_PREFIX):])
+            if m:
+                parts.setdefault(m["module"], {})[_PARTS[m["part"]]] = info
                 continue
-            a, b = pair["lora_A"], pair["lora_B"]
-            transpose = module in embeddings or bool(config.get("fan_in_fan_out"))
-            r = a.shape[0]
+            # saved whole: a layer weight (`base_layer`), a trained bias or a module to save
+            name = key[len(_PREFIX):].replace(".base_layer.", ".")
+            if name not in tensors:
+                raise SemeError(f"{path}: the adapter saves '{name}', which the model does not store"
+                                + (" (tied to its embeddings?)" if "lm_head" in name else ""))
+            if tuple(info.shape) != tuple(tensors[name].shape):
+                raise SemeError(f"{path}: the adapter's '{name}' is {list(info.shape)}, "
+                                f"the model's {list(tensors[name].shape)}")
+            updates[name] = _Update(saved=info)
+        alpha, patterns = config.get("lora_alpha", 8), config.get("alpha_pattern") or {}
+        for module, part in parts.items():
+            target = f"{module}.weight"
+            if target not in tensors:
+                raise SemeError(f"{path}: adapter module '{module}' has no weight in the model")
+            w = tensors[target]
+            if "tokens" in part:
+                if set(part) != {"tokens"}:
+                    raise SemeError(f"{path}: adapter module '{module}' has both LoRA weights and trainable tokens")
+                rows = (_token_indices(path, config, module, w.shape[0]), part["tokens"])
+                if tuple(rows[1].shape) != (len(rows[0]), *w.shape[1:]):
+                    raise SemeError(f"{path}: adapter module '{module}' has {list(rows[1].shape)} trainable tokens "
+                                    f"for {len(rows[0])} indices of a {list(w.shape)} weight")
+                updates[target] = replace(updates.get(target, _Update()), rows=rows)
+                continue
+            a = part.get("A", part.get("embedding A"))
+            if a is None or "B" not in part:
+                raise SemeError(f"{path}: adapter module '{module}' has no A and B pair")
+            b, r = part["B"], a.shape[0]
+            embedding = "embedding A" in part
+            transpose = embedding or bool(config.get("fan_in_fan_out"))
             expected = (b.shape[0], a.shape[1]) if not transpose else (a.shape[1], b.shape[0])
             if len(a.shape) != 2 or len(b.shape) != 2 or b.shape[1] != r or tuple(w.shape) != expected:
                 raise SemeError(f"{path}: adapter module '{module}' has A {list(a.shape)} and B {list(b.shape)}, "
@@ -90,27 +115,73 @@ class LoraAdapter:
             key = next((p for p in patterns if re.match(rf"(.*\.)?{p}$", module)), None)
             lora_alpha = patterns[key] if key is not None else alpha
             scaling = lora_alpha / math.sqrt(r) if config.get("use_rslora") else lora_alpha / r
-            self.updates[target] = _Update(a, b, scaling, transpose, replaced)
+            outputs = b.shape[0]  # DoRA's norms and the LoRA bias are per output: B's rows
+            magnitude = part.get("magnitude")
+            if magnitude is not None and tuple(magnitude.shape) != (outputs,):
+                raise SemeError(f"{path}: adapter module '{module}' has a DoRA magnitude of shape "
+                                f"{list(magnitude.shape)}, not [{outputs}]")
+            updates[target] = replace(updates.get(target, _Update()), lora=_Lora(a, b, scaling, transpose, embedding, magnitude))
+            if "bias" in part:
+                bias = f"{module}.bias"
+                if bias not in tensors or tuple(part["bias"].shape) != (outputs,) != tuple(tensors[bias].shape):
+                    raise SemeError(f"{path}: adapter module '{module}' has a LoRA bias of shape "
+                                    f"{list(part['bias'].shape)}, and the model's layer no bias of that shape")
+                updates[bias] = replace(updates.get(bias, _Update()), bias=(part["bias"], scaling))
+        self.updates = updates
         self._map: MappedFile | None = None
 
+    def working_bytes(self, name: str, info: TensorInfo) -> int:
+        """What merging `name` (the model's `info`) holds beside the model's bytes: the changed copy and
+        its fp32 temporaries (two for a LoRA update while it is scaled, three for DoRA's)."""
+        lora = self.updates[name].lora
+        return info.nbytes + (0 if lora is None else (3 if lora.magnitude is not None else 2) * 4 * math.prod(info.shape))
+
     def merged(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """The model's tensor `name` (`weight`) as the adapter changes it, in a new tensor: the layer
-        weight saved with the adapter in its place where there is one, plus the update."""
+        """The model's tensor `name` (`weight`) as the adapter changes it, in a new tensor."""
         import torch
 
         u = self.updates[name]
         if self._map is None:
             self._map = MappedFile(self.files[1])
-        if u.weight is not None:
-            weight = self._map.tensor(u.weight)
-        if u.a is None:
-            return weight.clone()
-        a, b = self._map.tensor(u.a), self._map.tensor(u.b)
-        dtype = b.dtype
-        if dtype in (torch.float16, torch.bfloat16):  # peft multiplies half adapters in fp32 on CPU
-            a, b = a.float(), b.float()
-        delta = b @ a
-        delta = (delta.T if u.transpose else delta) * u.scaling
-        out = weight.clone()
-        out += delta.to(dtype)
+        out = (self._map.tensor(u.saved) if u.saved is not None else weight).to(weight.dtype, copy=True)
+        if u.rows is not None:
+            out.index_copy_(0, torch.tensor(u.rows[0]), self._map.tensor(u.rows[1]).to(out.dtype))
+        if u.lora is not None:
+            out = _lora_merged(out, u.lora, self._adapter_tensor)
+        if u.bias is not None:
+            out += self._adapter_tensor(u.bias[0]) * u.bias[1]
         return out
+
+    def _adapter_tensor(self, info: TensorInfo) -> torch.Tensor:
+        """An adapter weight as peft loads it: half precision upcast to fp32."""
+        t = self._map.tensor(info)
+        return t.float() if t.element_size() < 4 and t.is_floating_point() else t
+
+
+def _lora_merged(w: torch.Tensor, lora: _Lora, load) -> torch.Tensor:
+    """w with the LoRA (or DoRA) update merged, as peft's merge does it; in place for plain LoRA."""
+    import torch
+
+    a, b = load(lora.a), load(lora.b)
+    delta = b @ a
+    delta = (delta.T if lora.transpose else delta) * lora.scaling
+    if lora.magnitude is None:
+        w += delta.to(w.dtype) if lora.embedding else delta
+        return w
+    # the norm of each output's weights, W and ΔW as peft lays them out ([outputs, inputs])
+    norm = torch.linalg.norm(w.T + delta.T if lora.transpose else w + delta, dim=1)
+    factor = load(lora.magnitude) / norm
+    factor = factor.view(1, -1) if lora.transpose else factor.view(-1, 1)
+    return (factor * (w + delta)).to(w.dtype)
+
+
+def _token_indices(path: str, config: dict, module: str, rows: int) -> tuple[int, ...]:
+    """The rows of `module`'s weight that `trainable_token_indices` names (a list for the input
+    embedding, or a mapping from module names)."""
+    spec = config.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        spec = next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
+    if not isinstance(spec, list) or not all(isinstance(i, int) and 0 <= i < rows for i in spec) \
+            or len(set(spec)) != len(spec):
+        raise SemeError(f"{path}: trainable_token_indices names no distinct rows of '{module}' (0..{rows - 1})")
+    return tuple(spec)
