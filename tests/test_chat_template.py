@@ -20,6 +20,7 @@ RENDERED = {  # bos <s>, eos </s>
                "<|end_header_id|>\n\nw1 w2<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nw3<|eot_id|>"
                "<|start_header_id|>user<|end_header_id|>\n\nw4<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
     "mistral": "<s>[INST] Be brief.\n\nw1 w2 [/INST]w3</s>[INST] w4 [/INST]",
+    "exaone": "[|system|]Be brief.[|endofturn|]\n[|user|]w1 w2\n[|assistant|]w3[|endofturn|]\n[|user|]w4\n[|assistant|]",
     "alpaca": ("Be brief.\n\n### Instruction:\nw1 w2\n\n### Response:\nw3</s>\n\n### Instruction:\nw4\n\n"
                "### Response:\n"),
 }
@@ -90,7 +91,7 @@ def test_dry_run_shows_the_template(llama_family, tmp_path, capsys):
 
 @pytest.mark.parametrize("template,message", [
     (7, "chat_template must be a string"),
-    ("chatmll", "chat_template 'chatmll' is neither 'auto', a built-in template (chatml, llama3, mistral, alpaca)"),
+    ("chatmll", "chat_template 'chatmll' is neither 'auto', a built-in template (chatml, llama3, mistral, exaone, alpaca)"),
     ("{{ short }}", "is neither 'auto'"),
 ])
 def test_bad_templates_are_one_line_errors(template, message, llama_family, tmp_path, capsys):
