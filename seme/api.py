@@ -52,9 +52,16 @@ def merge(config, out_dir: str, **options) -> dict:
     from seme.plan import make_plan
 
     opts = resolve(**options)
+    shown = set()
+
+    def show_once(message, *_):  # one line each; a warning about every input model is said once
+        if str(message) not in shown:
+            shown.add(str(message))
+            print(f"seme: warning: {message}", file=sys.stderr)
+
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.showwarning = _one_line_warning
+        warnings.showwarning = show_once
         recipe = recipe_config.load(config)
         plan = make_plan(recipe)
         if opts["dry_run"]:
@@ -78,10 +85,6 @@ def merge(config, out_dir: str, **options) -> dict:
           f"({stats['input_bytes'] / 1e9:.3f} GB in, {stats['input_bytes'] / 1e9 / seconds:.2f} GB/s) "
           f"in {stats['seconds']:.2f} s -> {out_dir}", file=sys.stderr)
     return stats
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"seme: warning: {message}", file=sys.stderr)
 
 
 def _cuda_available() -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ import yaml
 import seme
 from bench.zoo import rotate as rotate_residual_stream  # fold norm gains, then turn the residual stream
 from conftest import build_model, load_folder, save_tokenizer
+from seme.errors import SemeError
+from seme.merge import main
 from seme.semantic import alignment
 from seme.semantic.bases import semantic_bases
 from seme.semantic.layers import layer_map
@@ -245,6 +248,46 @@ def test_seme_merges_a_rotated_fine_tune_and_naive_averaging_breaks(trained, tmp
     naive_err = float((logits(tmp_path / "naive", ids) - target).norm() / target.norm())
     assert aligned_err < 0.05, aligned_err
     assert naive_err > 10 * aligned_err and naive_err > 0.3, (naive_err, aligned_err)
+
+
+def renamed_architecture(src, dst, architecture: str) -> str:
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    config.update(architectures=[architecture], model_type=architecture.lower())
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+    return str(dst)
+
+
+def test_models_without_a_role_table_are_not_rotated(trained, tmp_path, capsys):
+    # names alone cannot say which norm gains each reader folds: a rotation would change the function
+    paths, _, _, _ = trained
+    pivot, source = (renamed_architecture(paths[k], tmp_path / k, "MysteryForCausalLM") for k in ("A", "rotB"))
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "seme", "base_model": pivot, "models": [{"model": source}]}))
+    assert main([str(recipe), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == ("seme: warning: unknown architecture 'MysteryForCausalLM' (model_type 'mysteryforcausallm'); "
+                      "tensor roles are inferred from tensor names")  # once, though both models are
+    assert len(err) == 2 and "aligning MysteryForCausalLM models by rotation needs the architecture's role " \
+        "table" in err[1] and err[1].endswith("set alignment: never to merge without it"), err
+    assert not (tmp_path / "out").exists()
+    same = renamed_architecture(paths["B"], tmp_path / "B", "MysteryForCausalLM")
+    report = seme_merge(pivot, [same], tmp_path / "unrotated")
+    assert not report["sources"][0]["applied"]
+
+
+def test_a_zero_head_is_a_one_line_error(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    paths, _, _, _ = trained
+    pivot = shutil.copytree(paths["A"], tmp_path / "A")
+    weights = load_file(pivot / "model.safetensors")
+    weights["model.norm.weight"].zero_()
+    save_file(weights, pivot / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SemeError, match=r"the LM head of A, scaled by its final norm's gains, is zero"):
+        seme_merge(str(pivot), [paths["B"]], tmp_path / "out")
 
 
 def test_same_base_fine_tunes_skip_alignment(trained, tmp_path):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from seme.errors import SemeError
+
 _CHUNK = 16384
 _MAX_CONDITION = 1e12
 _FP32_GRAM_CONDITION = 1e2
@@ -105,8 +107,9 @@ def block_norms(W: torch.Tensor, inverse: torch.Tensor, chunk: int = _CHUNK) -> 
                       for i in range(0, W.shape[0], chunk)])
 
 
-def semantic_bases(heads: list[torch.Tensor]) -> list[SemanticBases]:
-    """Bases of several heads; Gram matrices of equal width are factored in one batched call.
+def semantic_bases(heads: list[torch.Tensor], names: list[str] | None = None) -> list[SemanticBases]:
+    """Bases of several heads (named `names` in errors); Gram matrices of equal width are factored
+    in one batched call.
 
     Precision follows the conditioning: the Gram matrix is first accumulated in float32 (cheap)
     and, when its condition number shows fp32 would lose digits (> 1e2), again in float64; rows
@@ -129,6 +132,10 @@ def semantic_bases(heads: list[torch.Tensor]) -> list[SemanticBases]:
         for j in range(len(members)):
             if info[j] != 0 or conditions[j] > _MAX_CONDITION:
                 ridges[j] = 1e-6 * float(G[j].trace()) / width
+                if not ridges[j] > 0:  # an all-zero (or non-finite) head: no ridge can make it invertible
+                    name = names[members[j]] if names else f"number {members[j]}"
+                    raise SemeError(f"seme: the LM head of {name}, scaled by its final norm's gains, is "
+                                    f"{'zero' if ridges[j] == 0 else 'not finite'}: it has no semantic bases")
                 chol[j] = torch.linalg.cholesky(G[j] + ridges[j] * torch.eye(width, dtype=G.dtype, device=G.device))
         inverse = torch.cholesky_inverse(chol)
         for j, i in enumerate(members):

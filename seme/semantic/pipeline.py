@@ -162,13 +162,20 @@ class SemanticContext:
         arch = plan.archs[sp.pivot]
         self.offset = arch.norm_gain_offset
         models = [sp.pivot] + sp.sources
-        bases = semantic_bases([self._head(m) for m in models])
+        bases = semantic_bases([self._head(m) for m in models], [plan.models[m].name for m in models])
         self.bases = dict(zip(models, bases))
         self.rotations: dict[int, torch.Tensor | None] = {}
         self.alignment_report = {}
         for m in sp.sources:
             self.rotations[m], self.alignment_report[m] = self._align(m)
         if any(q is not None for q in self.rotations.values()):
+            if arch.inferred:  # names alone cannot say which norm gains a reader folds, or which norms turn
+                from seme.architectures import known_architectures
+
+                kind = (plan.models[sp.pivot].config.get("architectures") or ["this"])[0]
+                raise SemeError(f"seme: aligning {kind} models by rotation needs the architecture's role table, "
+                                f"and seme has none (it has {', '.join(known_architectures())}); "
+                                f"set alignment: never to merge without it")
             bad = {s.role for s in arch.tensors.values()} & {"write_norm", "norm_bias", "final_norm_bias"}
             if bad:
                 raise SemeError(f"seme: aligning {arch.name} models by rotation is not supported "
