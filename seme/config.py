@@ -20,7 +20,7 @@ _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "hal
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "random_seed", "name"}
 # mergekit keys that seme does not implement, by where they appear: refused by name rather than as typos.
-UNSUPPORTED_KEYS = {"config": {"modules": "'modules' (multi-module architectures)"}}
+UNSUPPORTED_KEYS = {"config": {"modules": "'modules' (per-module recipes; 'models:' merges a multimodal model whole)"}}
 TOKENIZER_KEYS = {"source", "pad_to_multiple_of", "tokens"}
 MODEL_KEYS = {"model", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}

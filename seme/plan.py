@@ -84,11 +84,18 @@ def make_plan(recipe: Recipe) -> Plan:
         remap = vocabulary.plan(recipe.tokenizer_source, recipe.pad_vocabulary_to, models, ref, tokenizer,
                                 recipe.token_sources)
     template = _chat_template(recipe, models, tokenizer)
+    stacks = _stacks(arch, models[ref])
     if method.name == "seme":
+        if len(stacks) > 1:
+            raise SemeError(f"seme: {models[ref].name} has several layer stacks ({', '.join(stacks)}); SeMe aligns "
+                            f"language models of one stack: merge it with another method")
         if remap is not None:
             raise SemeError("config: seme maps the sources' vocabularies to the pivot's itself: "
                             "drop tokenizer_source / tokenizer")
         return _plan_seme(recipe, method, models, archs, index, tokenizer, template)
+
+    if len(stacks) > 1:
+        return _plan_stacks(recipe, method, models, archs, index, ref, stacks, tokenizer, template, remap)
 
     def layer_range(source):
         n = archs[index[source.model]].num_layers(models[index[source.model]].config)
@@ -147,6 +154,56 @@ def make_plan(recipe: Recipe) -> Plan:
     _set_dtype(config, recipe.out_dtype or recipe.dtype or CODE_NAMES[_promote_codes(merged or ["F32"])])
     return Plan(recipe, models, builder.tasks, config, tokenizer, out_layer, archs, chat_template=template,
                 vocabulary=remap)
+
+
+def _stacks(arch, model: ModelFolder) -> dict[str, int]:
+    """The model's layer stacks (a decoder's layers, a vision tower's blocks) by name prefix, with
+    their depths."""
+    found: dict[str, set[int]] = {}
+    for name in model.tensors:
+        stack = _stack(arch, name)
+        if stack is not None:
+            found.setdefault(stack, set()).add(_layer(arch, name))
+    return {stack: max(layers) + 1 for stack, layers in found.items()}
+
+
+def _stack(arch, name: str) -> str | None:
+    role = arch.role(name)
+    if role is not None:
+        return role.template[:role.template.index("{layer}")] if role.layer is not None else None
+    m = architectures.LAYER_PATTERN.search(name)
+    return name[:m.start(1)] if m else None
+
+
+def _plan_stacks(recipe, method, models, archs, index, ref, stacks, tokenizer, template, remap) -> Plan:
+    """A model of several layer stacks (a multimodal model: language decoder, vision tower) merged
+    whole, tensor by tensor; a gradient runs over each stack's own layers."""
+    reference = models[ref]
+    where = ", ".join(f"{stack}* ({depth} layers)" for stack, depth in stacks.items())
+    if recipe.uses_slices:
+        raise SemeError(f"{reference.name} has several layer stacks ({where}), which one layer_range cannot "
+                        f"select: merge it whole with 'models:' (mergekit's per-module 'modules:' is not supported)")
+    if remap is not None:
+        raise SemeError(f"{reference.name} has several layer stacks ({where}): re-mapping its vocabulary "
+                        f"(tokenizer_source / tokenizer) is not supported")
+    for i, model in enumerate(models):
+        if i != ref and _stacks(archs[i], model) != stacks:
+            found = ", ".join(f"{s}* ({d} layers)" for s, d in _stacks(archs[i], model).items())
+            raise SemeError(f"{model.name} has layer stacks {found or 'none'}, {reference.name} {where}: "
+                            f"models merged whole must have the same layers")
+    sl = recipe.slices[0]
+    builder = _Builder(recipe, method, models, archs, index, tied=False)
+    arch = archs[ref]
+    for name in reference.tensors:
+        stack = _stack(arch, name)
+        depth = stacks[stack] if stack is not None else 0
+        t = 0.0 if stack is None else _layer(arch, name) / (depth - 1) if depth > 1 else 1.0
+        builder.add(name, {s.model: name for s in sl.sources}, sl, t)
+    config = dict(reference.config)
+    merged = [t.dtype for t in builder.tasks if not t.copy]
+    _set_dtype(config, recipe.out_dtype or recipe.dtype or CODE_NAMES[_promote_codes(merged or ["F32"])])
+    return Plan(recipe, models, builder.tasks, config, tokenizer, max(stacks.values()), archs,
+                chat_template=template)
 
 
 def _chat_template(recipe: Recipe, models: list[ModelFolder], tokenizer: ModelFolder) -> str | None:

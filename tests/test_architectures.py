@@ -213,4 +213,6 @@ def test_loader_imports_only_stdlib():
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported <= {"__future__", "json", "re", "warnings", "dataclasses", "functools", "importlib"}
+    assert imported <= {"__future__", "json", "re", "warnings", "dataclasses", "functools", "importlib", "seme"}
+    errors = ast.parse(Path(archs.__file__).parent.parent.joinpath("errors.py").read_text())
+    assert not [node for node in ast.walk(errors) if isinstance(node, (ast.Import, ast.ImportFrom))]

@@ -73,7 +73,7 @@ CASES = {
                         "give tokenizer_source or tokenizer, not both"),
     "tokenizer key typo": (lambda m: ties(m, tokenizer={"sorce": "base"}), "config: tokenizer: unknown key 'sorce' (did you mean 'source'?)"),
     "tokenizer padding": (lambda m: ties(m, tokenizer={"pad_to_multiple_of": 0}), "pad_to_multiple_of must be a positive integer"),
-    "unsupported mergekit key": (lambda m: ties(m, modules={}), "'modules' (multi-module architectures) is a mergekit feature"),
+    "unsupported mergekit key": (lambda m: ties(m, modules={}), "'modules' (per-module recipes; 'models:' merges a multimodal model whole) is a mergekit feature"),
     "random_seed type": (lambda m: ties(m, random_seed="abc"), "random_seed must be a non-negative integer"),
     "della epsilon": (lambda m: {"merge_method": "della", "base_model": m["base"], "parameters": {
         "weight": 1.0, "density": 0.1, "epsilon": 0.2}, "models": [{"model": m["expert0"]}]}, "DELLA needs 0 < density - epsilon"),

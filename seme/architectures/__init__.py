@@ -13,7 +13,7 @@ checkpoint tensor name, which role the tensor plays relative to the residual str
   buffer                                   a constant that is not a weight (gpt2 causal masks): copy, never merge
 
 Norm gains are effective as ``norm_gain_offset + w`` (1.0 for gemma's ``(1 + w)`` RMSNorm).
-Deliberately stdlib-only: it is imported before torch/transformers are needed.
+Deliberately stdlib-only (seme.errors is too): it is imported before torch/transformers are needed.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import warnings
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
+
+from seme.errors import SemeError
 
 ROLES = frozenset({
     "embedding", "position_embedding", "lm_head", "final_norm", "final_norm_bias",
@@ -150,7 +152,7 @@ def _first(config: dict, keys: tuple[str, ...]):
     for key in keys:
         if key in config:
             return config[key]
-    raise KeyError(f"config has none of {keys}")
+    raise SemeError(f"config.json has none of {', '.join(keys)}")
 
 
 def _candidates(name: str):
