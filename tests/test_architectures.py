@@ -23,6 +23,7 @@ FAMILIES = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(DECODER, head_dim=8)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(DECODER, head_dim=8)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(DECODER, head_dim=8)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", DECODER),
     # Phi3's default pad_token_id (32000) is outside the tiny vocabulary.
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128)),
