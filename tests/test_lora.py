@@ -142,11 +142,12 @@ def _with_config(adapter, **changes):
     ("tied head", "the adapter saves 'lm_head.weight', which the model does not store (tied to its embeddings?)"),
     ("bad tokens", "trainable_token_indices names no distinct rows of 'model.embed_tokens' (0..95)"),
     ("unknown entry", "adapter entry 'lora_C' is not a LoRA entry"),
+    ("bad lora bias", "has a LoRA bias of shape [31], and the model's layer no bias of that shape"),
     ("other peft", "a PREFIX_TUNING adapter; seme applies LoRA adapters only"),
 ])
-def test_bad_adapters_are_one_line_errors(llama_family, tmp_path, capsys, case, message):
+def test_bad_adapters_are_one_line_errors(llama_family, qwen2_family, tmp_path, capsys, case, message):
     adapter, _ = make_adapter(llama_family["expert0"], tmp_path, seed=4)
-    ref = f"{llama_family['expert0']}+{adapter}"
+    ref, other = f"{llama_family['expert0']}+{adapter}", llama_family["expert1"]
     if case == "three parts":
         ref += f"+{adapter}"
     elif case == "not an adapter":
@@ -161,6 +162,15 @@ def test_bad_adapters_are_one_line_errors(llama_family, tmp_path, capsys, case, 
                                     targets=("q_proj",))
         _with_config(adapter, trainable_token_indices=[3, 96])
         ref = f"{llama_family['expert0']}+{adapter}"
+    elif case == "bad lora bias":
+        from safetensors.torch import load_file, save_file
+
+        adapter, _ = make_adapter(qwen2_family["expert0"], tmp_path / "t", seed=4, lora_bias=True, targets=("q_proj",))
+        weights = os.path.join(adapter, "adapter_model.safetensors")
+        entries = load_file(weights)
+        key = next(k for k in entries if k.endswith("q_proj.lora_B.bias"))
+        save_file({**entries, key: entries[key][:31]}, weights)
+        ref, other = f"{qwen2_family['expert0']}+{adapter}", qwen2_family["expert1"]
     elif case == "unknown entry":
         from safetensors.torch import load_file, save_file
 
@@ -169,7 +179,7 @@ def test_bad_adapters_are_one_line_errors(llama_family, tmp_path, capsys, case, 
     else:
         _with_config(adapter, peft_type="PREFIX_TUNING")
     recipe = tmp_path / "r.yml"
-    recipe.write_text(yaml.safe_dump(linear(ref, llama_family["expert1"])))
+    recipe.write_text(yaml.safe_dump(linear(ref, other)))
     assert main([str(recipe), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err

@@ -4,8 +4,8 @@ Where mergekit has peft merge the adapter into a full copy of the model on disk 
 each adapted weight as the weight is read, to the values `PeftModel.from_pretrained(model,
 adapter).merge_and_unload()` gives: the adapter's half-precision weights upcast to fp32 as peft loads
 them, W + (B @ A) · scaling added in place to W's dtype (an embedding's update rounded to it first,
-as peft does; `r` from the weights, `lora_alpha` and `alpha_pattern`, `use_rslora`, `fan_in_fan_out`). Beside plain LoRA on linear and embedding layers it
-applies DoRA (W' = m / ‖W + ΔW‖ · (W + ΔW), norms per output), LoRA biases (`lora_bias`: b += b_B ·
+as peft does; `r` from the weights, `lora_alpha` and `alpha_pattern`, `use_rslora`,
+`fan_in_fan_out`). Beside plain LoRA on linear and embedding layers it applies DoRA (W' = m / ‖W + ΔW‖ · (W + ΔW), norms per output), LoRA biases (`lora_bias`: b += b_B ·
 scaling), trainable tokens (rows of an embedding replaced), and the tensors peft saves whole — layer
 weights (`base_layer`), trained biases (`bias: all | lora_only`) and `modules_to_save` — which replace
 the model's, cast to its dtype. Any other entry or layer kind is refused by name.
@@ -120,10 +120,11 @@ class LoraAdapter:
             if magnitude is not None and tuple(magnitude.shape) != (outputs,):
                 raise SemeError(f"{path}: adapter module '{module}' has a DoRA magnitude of shape "
                                 f"{list(magnitude.shape)}, not [{outputs}]")
-            updates[target] = replace(updates.get(target, _Update()), lora=_Lora(a, b, scaling, transpose, embedding, magnitude))
+            lora = _Lora(a, b, scaling, transpose, embedding, magnitude)
+            updates[target] = replace(updates.get(target, _Update()), lora=lora)
             if "bias" in part:
                 bias = f"{module}.bias"
-                if bias not in tensors or tuple(part["bias"].shape) != (outputs,) != tuple(tensors[bias].shape):
+                if bias not in tensors or {tuple(part["bias"].shape), tuple(tensors[bias].shape)} != {(outputs,)}:
                     raise SemeError(f"{path}: adapter module '{module}' has a LoRA bias of shape "
                                     f"{list(part['bias'].shape)}, and the model's layer no bias of that shape")
                 updates[bias] = replace(updates.get(bias, _Update()), bias=(part["bias"], scaling))
