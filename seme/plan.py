@@ -87,7 +87,7 @@ def make_plan(recipe: Recipe) -> Plan:
     stacks = _stacks(arch, models[ref])
     if method.name == "seme":
         if len(stacks) > 1:
-            raise SemeError(f"seme: {models[ref].name} has several layer stacks ({', '.join(stacks)}); SeMe aligns "
+            raise SemeError(f"seme: {models[ref].name} has several layer stacks ({_describe(stacks)}); SeMe aligns "
                             f"language models of one stack: merge it with another method")
         if remap is not None:
             raise SemeError("config: seme maps the sources' vocabularies to the pivot's itself: "
@@ -150,8 +150,7 @@ def make_plan(recipe: Recipe) -> Plan:
     config = _output_config(models, archs, ref, layer_sources)
     if remap is not None and "vocab_size" in config:
         config["vocab_size"] = remap.size
-    merged = [t.dtype for t in builder.tasks if not t.copy]
-    _set_dtype(config, recipe.out_dtype or recipe.dtype or CODE_NAMES[_promote_codes(merged or ["F32"])])
+    _set_output_dtype(config, recipe, builder.tasks)
     return Plan(recipe, models, builder.tasks, config, tokenizer, out_layer, archs, chat_template=template,
                 vocabulary=remap)
 
@@ -161,25 +160,21 @@ def _stacks(arch, model: ModelFolder) -> dict[str, int]:
     their depths."""
     found: dict[str, set[int]] = {}
     for name in model.tensors:
-        stack = _stack(arch, name)
-        if stack is not None:
-            found.setdefault(stack, set()).add(_layer(arch, name))
+        position = _position(arch, name)
+        if position is not None:
+            found.setdefault(position[0], set()).add(position[1])
     return {stack: max(layers) + 1 for stack, layers in found.items()}
 
 
-def _stack(arch, name: str) -> str | None:
-    role = arch.role(name)
-    if role is not None:
-        return role.template[:role.template.index("{layer}")] if role.layer is not None else None
-    m = architectures.LAYER_PATTERN.search(name)
-    return name[:m.start(1)] if m else None
+def _describe(stacks: dict[str, int]) -> str:
+    return ", ".join(f"{stack}* ({depth} layers)" for stack, depth in stacks.items()) or "none"
 
 
 def _plan_stacks(recipe, method, models, archs, index, ref, stacks, tokenizer, template, remap) -> Plan:
     """A model of several layer stacks (a multimodal model: language decoder, vision tower) merged
     whole, tensor by tensor; a gradient runs over each stack's own layers."""
     reference = models[ref]
-    where = ", ".join(f"{stack}* ({depth} layers)" for stack, depth in stacks.items())
+    where = _describe(stacks)
     if recipe.uses_slices:
         raise SemeError(f"{reference.name} has several layer stacks ({where}), which one layer_range cannot "
                         f"select: merge it whole with 'models:' (mergekit's per-module 'modules:' is not supported)")
@@ -187,21 +182,19 @@ def _plan_stacks(recipe, method, models, archs, index, ref, stacks, tokenizer, t
         raise SemeError(f"{reference.name} has several layer stacks ({where}): re-mapping its vocabulary "
                         f"(tokenizer_source / tokenizer) is not supported")
     for i, model in enumerate(models):
-        if i != ref and _stacks(archs[i], model) != stacks:
-            found = ", ".join(f"{s}* ({d} layers)" for s, d in _stacks(archs[i], model).items())
-            raise SemeError(f"{model.name} has layer stacks {found or 'none'}, {reference.name} {where}: "
+        found = _stacks(archs[i], model) if i != ref else stacks
+        if found != stacks:
+            raise SemeError(f"{model.name} has layer stacks {_describe(found)}, {reference.name} {where}: "
                             f"models merged whole must have the same layers")
     sl = recipe.slices[0]
     builder = _Builder(recipe, method, models, archs, index, tied=False)
-    arch = archs[ref]
     for name in reference.tensors:
-        stack = _stack(arch, name)
-        depth = stacks[stack] if stack is not None else 0
-        t = 0.0 if stack is None else _layer(arch, name) / (depth - 1) if depth > 1 else 1.0
+        position = _position(archs[ref], name)
+        depth = stacks[position[0]] if position else 0
+        t = 0.0 if not position else position[1] / (depth - 1) if depth > 1 else 1.0
         builder.add(name, {s.model: name for s in sl.sources}, sl, t)
     config = dict(reference.config)
-    merged = [t.dtype for t in builder.tasks if not t.copy]
-    _set_dtype(config, recipe.out_dtype or recipe.dtype or CODE_NAMES[_promote_codes(merged or ["F32"])])
+    _set_output_dtype(config, recipe, builder.tasks)
     return Plan(recipe, models, builder.tasks, config, tokenizer, max(stacks.values()), archs,
                 chat_template=template)
 
@@ -257,6 +250,12 @@ def _plan_seme(recipe, method, models, archs, index, tokenizer, template) -> Pla
     return Plan(recipe, models, tasks, config, tokenizer, depth, archs, sp, template)
 
 
+def _set_output_dtype(config: dict, recipe: Recipe, tasks: list[TensorTask]) -> None:
+    """The recipe's output dtype, or else the promotion of the merged tensors' dtypes."""
+    merged = [t.dtype for t in tasks if not t.copy]
+    _set_dtype(config, recipe.out_dtype or recipe.dtype or CODE_NAMES[_promote_codes(merged or ["F32"])])
+
+
 def _set_dtype(config: dict, dtype: str) -> None:
     for key in ("torch_dtype", "dtype"):
         if key in config or key == "dtype":
@@ -289,11 +288,18 @@ def _role(arch, name):
 
 def _layer(arch, name) -> int | None:
     """Layer index of a tensor; names missing from the role table fall back to the name pattern."""
+    position = _position(arch, name)
+    return position[1] if position else None
+
+
+def _position(arch, name) -> tuple[str, int] | None:
+    """(layer stack's name prefix, layer index) of a per-layer tensor, from the role table or else
+    the name pattern."""
     role = arch.role(name)
     if role:
-        return role.layer
+        return None if role.layer is None else (role.template[:role.template.index("{layer}")], role.layer)
     m = architectures.LAYER_PATTERN.search(name)
-    return int(m.group(1)) if m else None
+    return (name[:m.start(1)], int(m.group(1))) if m else None
 
 
 def _rename(arch, name: str, layer: int) -> str:
