@@ -17,10 +17,9 @@ from seme.methods.registry import suggest
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 
-TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+TOP_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "random_seed", "name"}
-# mergekit keys that seme does not implement, by where they appear: refused by name rather than as typos.
-UNSUPPORTED_KEYS = {"config": {"modules": "'modules' (per-module recipes; 'models:' merges a multimodal model whole)"}}
+MODULE_KEYS = {"models", "slices", "parameters"}
 TOKENIZER_KEYS = {"source", "pad_to_multiple_of", "tokens"}
 MODEL_KEYS = {"model", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
@@ -42,6 +41,8 @@ class Slice:
     sources: tuple[Source, ...]
     base_model: str | None = None
     parameters: dict = field(default_factory=dict)
+    module: str | None = None  # the `modules:` entry it belongs to (None: the recipe has no modules)
+    module_parameters: dict = field(default_factory=dict)  # that module's parameters, between the slice's and the recipe's
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Recipe:
     out_dtype: str | None
     tokenizer_source: str | None  # "base", "union", a resolved model path, or None (not given: the base's, as is)
     random_seed: int
-    uses_slices: bool  # False when the recipe listed whole `models`
+    uses_slices: bool  # False when the recipe listed whole `models` (or `modules`)
     text: str  # the recipe as written, for the model card
     path: str | None = None  # the file it was read from
     chat_template: str | None = None  # as written: 'auto', a built-in name or a template (seme.chat_template)
@@ -62,6 +63,7 @@ class Recipe:
     # tokenizer.tokens: token -> (source, force); source: ("zero",), ("model", path) for the model's row
     # of that token, or ("model_token", path, token id or token) for a row of the model's own vocabulary
     token_sources: dict = field(default_factory=dict)
+    modules: tuple[str, ...] = ()  # the `modules:` names in recipe order; their slices are in `slices`
 
     @property
     def models(self) -> list[str]:
@@ -112,8 +114,6 @@ def _check_keys(d: Any, allowed: set, where: str) -> None:
     for key in d:
         if key in allowed:
             continue
-        if key in UNSUPPORTED_KEYS.get(where, {}):
-            raise SemeError(f"config: {UNSUPPORTED_KEYS[where][key]} is a mergekit feature seme does not support yet")
         raise SemeError(f"{where}: unknown key {str(key)!r}{suggest(str(key), allowed)}")
 
 
@@ -238,73 +238,40 @@ def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
         raise SemeError(f"config: unknown merge_method '{method_name}'{suggest(str(method_name), registry.names())}"
                         f" (known: {', '.join(registry.names())})")
     method = registry.get(method_name)
-    if ("models" in raw) == ("slices" in raw):
-        raise SemeError("config: give exactly one of 'models' or 'slices'")
+    if sum(raw.get(key) is not None for key in ("models", "slices", "modules")) != 1:  # null: absent, as in mergekit
+        raise SemeError("config: give exactly one of 'models', 'slices' or 'modules'")
 
     base_model = _resolve_model(raw["base_model"], "base_model", base_dir) if raw.get("base_model") is not None else None
     global_params = _parameters(raw.get("parameters"), "parameters")
 
-    slices = []
-    if "models" in raw:
-        models = raw["models"]
-        if not isinstance(models, list) or not models:
-            raise SemeError("config: 'models' must be a non-empty list")
-        sources = []
-        for i, entry in enumerate(models):
-            where = f"models[{i}]"
-            if isinstance(entry, str):  # shorthand: a bare path
-                entry = {"model": entry}
-            _check_keys(entry, MODEL_KEYS, where)
-            if "model" not in entry:
-                raise SemeError(f"{where}: missing 'model'")
-            sources.append(Source(_resolve_model(entry["model"], where, base_dir), None,
-                                  _parameters(entry.get("parameters"), f"{where}.parameters")))
-        if base_model and base_model not in {s.model for s in sources}:
-            sources.append(Source(base_model))  # mergekit adds the base as an input, as here
-        slices.append(Slice(tuple(sources)))
+    labelled = []  # (where, slice)
+    if raw.get("modules") is not None:
+        modules = raw["modules"]
+        if not isinstance(modules, dict) or not modules:
+            raise SemeError("config: 'modules' must be a non-empty mapping of module name to its models or slices")
+        for name, module in modules.items():
+            where = f"modules.{name}"
+            _check_keys(module, MODULE_KEYS, where)
+            if (module.get("models") is None) == (module.get("slices") is None):
+                raise SemeError(f"{where}: give exactly one of 'models' or 'slices'")
+            params = _parameters(module.get("parameters"), f"{where}.parameters")
+            labelled += _inputs(module, f"{where}.", base_model, base_dir, str(name), params)
     else:
-        raw_slices = raw["slices"]
-        if not isinstance(raw_slices, list) or not raw_slices:
-            raise SemeError("config: 'slices' must be a non-empty list")
-        for i, raw_slice in enumerate(raw_slices):
-            where = f"slices[{i}]"
-            _check_keys(raw_slice, SLICE_KEYS, where)
-            if raw_slice.get("residual_weight") is not None:  # as in mergekit, whose recipes may carry it
-                import warnings
+        labelled = _inputs(raw, "", base_model, base_dir)
 
-                warnings.warn(f"{where}: residual_weight has no effect (mergekit 0.1.5 reads it and ignores it too)")
-            raw_sources = raw_slice.get("sources")
-            if not isinstance(raw_sources, list) or not raw_sources:
-                raise SemeError(f"{where}: 'sources' must be a non-empty list")
-            sources = []
-            for j, src in enumerate(raw_sources):
-                swhere = f"{where}.sources[{j}]"
-                _check_keys(src, SOURCE_KEYS, swhere)
-                if "model" not in src or "layer_range" not in src:
-                    raise SemeError(f"{swhere}: needs 'model' and 'layer_range'")
-                sources.append(Source(_resolve_model(src["model"], swhere, base_dir),
-                                      _layer_range(src["layer_range"], swhere),
-                                      _parameters(src.get("parameters"), f"{swhere}.parameters")))
-            lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
-            if len(lengths) > 1:
-                raise SemeError(f"{where}: all sources of a slice must span the same number of layers, "
-                                f"got {sorted(lengths)}")
-            slice_base = raw_slice.get("base_model")
-            slice_base = _resolve_model(slice_base, f"{where}.base_model", base_dir) if slice_base else None
-            slices.append(Slice(tuple(sources), slice_base, _parameters(raw_slice.get("parameters"), f"{where}.parameters")))
-
-    for i, sl in enumerate(slices):
+    for where, sl in labelled:
         base = sl.base_model or base_model
         models_in = [s.model for s in sl.sources]
         if len(set(models_in)) != len(models_in):
-            raise SemeError(f"slices[{i}]: a model is listed twice" if raw.get("slices") else "models: a model is listed twice")
+            raise SemeError(f"{where}: a model is listed twice")
         has_base = base is not None and base in models_in
         if base is not None and not has_base and method.base != "ignored":
-            raise SemeError(f"slices[{i}]: base_model is not among the slice's sources")
+            raise SemeError(f"{where}: base_model is not among the slice's sources")
         problem = method.check_inputs(len(models_in), has_base)
         if problem:
-            raise SemeError(f"config: {problem}")
+            raise SemeError(f"config: {where}: {problem}" if sl.module else f"config: {problem}")
         _check_parameter_names(method, sl, global_params, base)
+    slices = [sl for _, sl in labelled]
 
     seed = raw.get("random_seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -329,8 +296,66 @@ def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
 
         template = chat_template.check(template)
     return Recipe(method_name, tuple(slices), base_model, global_params, _dtype(raw.get("dtype"), "dtype"),
-                  _dtype(raw.get("out_dtype"), "out_dtype"), tok, seed, "slices" in raw, text, path, template, pad,
-                  token_sources)
+                  _dtype(raw.get("out_dtype"), "out_dtype"), tok, seed, raw.get("slices") is not None, text, path,
+                  template, pad,
+                  token_sources, tuple(str(name) for name in raw.get("modules") or ()))
+
+
+def _inputs(raw: dict, prefix: str, base_model: str | None, base_dir: str, module: str | None = None,
+            module_params: dict | None = None) -> list[tuple[str, Slice]]:
+    """The output slices of a `models:` or `slices:` list (of the recipe, or of one module), each with
+    the key path its errors name."""
+    module_params = module_params or {}
+    if raw.get("models") is not None:
+        models = raw["models"]
+        if not isinstance(models, list) or not models:
+            raise SemeError(f"config: '{prefix}models' must be a non-empty list")
+        sources = []
+        for i, entry in enumerate(models):
+            where = f"{prefix}models[{i}]"
+            if isinstance(entry, str):  # shorthand: a bare path
+                entry = {"model": entry}
+            _check_keys(entry, MODEL_KEYS, where)
+            if "model" not in entry:
+                raise SemeError(f"{where}: missing 'model'")
+            sources.append(Source(_resolve_model(entry["model"], where, base_dir), None,
+                                  _parameters(entry.get("parameters"), f"{where}.parameters")))
+        if base_model and base_model not in {s.model for s in sources}:
+            sources.append(Source(base_model))  # mergekit adds the base as an input, as here
+        return [(f"{prefix}models", Slice(tuple(sources), module=module, module_parameters=module_params))]
+    raw_slices = raw["slices"]
+    if not isinstance(raw_slices, list) or not raw_slices:
+        raise SemeError(f"config: '{prefix}slices' must be a non-empty list")
+    slices = []
+    for i, raw_slice in enumerate(raw_slices):
+        where = f"{prefix}slices[{i}]"
+        _check_keys(raw_slice, SLICE_KEYS, where)
+        if raw_slice.get("residual_weight") is not None:  # as in mergekit, whose recipes may carry it
+            import warnings
+
+            warnings.warn(f"{where}: residual_weight has no effect (mergekit 0.1.5 reads it and ignores it too)")
+        raw_sources = raw_slice.get("sources")
+        if not isinstance(raw_sources, list) or not raw_sources:
+            raise SemeError(f"{where}: 'sources' must be a non-empty list")
+        sources = []
+        for j, src in enumerate(raw_sources):
+            swhere = f"{where}.sources[{j}]"
+            _check_keys(src, SOURCE_KEYS, swhere)
+            if "model" not in src or "layer_range" not in src:
+                raise SemeError(f"{swhere}: needs 'model' and 'layer_range'")
+            sources.append(Source(_resolve_model(src["model"], swhere, base_dir),
+                                  _layer_range(src["layer_range"], swhere),
+                                  _parameters(src.get("parameters"), f"{swhere}.parameters")))
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+        if len(lengths) > 1:
+            raise SemeError(f"{where}: all sources of a slice must span the same number of layers, "
+                            f"got {sorted(lengths)}")
+        slice_base = raw_slice.get("base_model")
+        slice_base = _resolve_model(slice_base, f"{where}.base_model", base_dir) if slice_base else None
+        slices.append((where, Slice(tuple(sources), slice_base, _parameters(raw_slice.get("parameters"),
+                                                                            f"{where}.parameters"),
+                                    module, module_params)))
+    return slices
 
 
 def _token_sources(tokens, base_dir: str) -> dict:
@@ -370,7 +395,8 @@ def _token_sources(tokens, base_dir: str) -> dict:
 def _check_parameter_names(method, sl: Slice, global_params: dict, base: str | None) -> None:
     import warnings
 
-    scopes = [("parameters", global_params), ("slice parameters", sl.parameters)]
+    scopes = [("parameters", global_params), (f"modules.{sl.module}.parameters", sl.module_parameters),
+              ("slice parameters", sl.parameters)]
     scopes += [(f"parameters of {os.path.basename(s.model)}", s.parameters) for s in sl.sources]
     for where, params in scopes:
         for name, setting in params.items():
@@ -388,7 +414,7 @@ def _check_parameter_names(method, sl: Slice, global_params: dict, base: str | N
     for param in method.params:
         if not param.required:
             continue
-        global_hit = param.name in global_params or param.name in sl.parameters
+        global_hit = any(param.name in scope for scope in (global_params, sl.module_parameters, sl.parameters))
         if param.scope == "shared":
             if not global_hit:
                 raise SemeError(f"config: method '{method.name}' needs parameter '{param.name}'")

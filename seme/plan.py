@@ -10,6 +10,7 @@ import warnings
 from dataclasses import dataclass
 
 from seme import architectures
+from seme.architectures import modules
 from seme.config import Recipe, Slice, evaluate
 from seme.errors import SemeError
 from seme.io.model import ModelFolder
@@ -85,6 +86,12 @@ def make_plan(recipe: Recipe) -> Plan:
                                 recipe.token_sources)
     template = _chat_template(recipe, models, tokenizer)
     stacks = _stacks(arch, models[ref])
+    if recipe.modules:
+        if method.name == "seme":
+            raise SemeError("config: seme takes its sources from 'models:', not 'modules:'")
+        parts = _module_parts(recipe, models[ref])
+        if len(parts) > 1 or len(stacks) > 1:
+            return _plan_modules(recipe, method, models, archs, index, ref, parts, stacks, tokenizer, template, remap)
     if method.name == "seme":
         if len(stacks) > 1:
             raise SemeError(f"seme: {models[ref].name} has several layer stacks ({_describe(stacks)}); SeMe aligns "
@@ -124,23 +131,7 @@ def make_plan(recipe: Recipe) -> Plan:
 
     for name in pre:
         builder.add(name, {s.model: name for s in first_slice.sources}, first_slice, t=0.0)
-    out_layer = 0
-    layer_sources = []  # (model index, source layer) of each output layer, for per-layer config lists
-    for sl in recipe.slices:
-        spans = [layer_range(s) for s in sl.sources]
-        depth = spans[0][1] - spans[0][0]
-        lead = sl.sources[0]
-        lead_arch = archs[index[lead.model]]
-        for offset in range(depth):
-            t = offset / (depth - 1) if depth > 1 else 1.0
-            lead_layer = spans[0][0] + offset
-            lead_names = [n for n in models[index[lead.model]].tensors if _layer(lead_arch, n) == lead_layer]
-            for name in lead_names:
-                names_in = {s.model: _rename(archs[index[s.model]], name, span[0] + offset)
-                            for s, span in zip(sl.sources, spans)}
-                builder.add(_rename(lead_arch, name, out_layer), names_in, sl, t)
-            layer_sources.append((index[lead.model], lead_layer))
-            out_layer += 1
+    layer_sources = _add_layers(builder, recipe.slices, layer_range)
     last_slice = recipe.slices[-1]
     for name in post:
         if _role(arch, name) == "lm_head" and tied:
@@ -151,8 +142,33 @@ def make_plan(recipe: Recipe) -> Plan:
     if remap is not None and "vocab_size" in config:
         config["vocab_size"] = remap.size
     _set_output_dtype(config, recipe, builder.tasks)
-    return Plan(recipe, models, builder.tasks, config, tokenizer, out_layer, archs, chat_template=template,
+    return Plan(recipe, models, builder.tasks, config, tokenizer, len(layer_sources), archs, chat_template=template,
                 vocabulary=remap)
+
+
+def _add_layers(builder, slices, layer_range, stack: str | None = None) -> list[tuple[int, int]]:
+    """Add the output layers of `slices` (layers of the stack named `stack`, or of the models' one
+    stack) to `builder`, renumbered from 0; `layer_range(source)` is a source's (start, end). Returns
+    the (model index, source layer) of each output layer."""
+    layer_sources = []
+    for sl in slices:
+        spans = [layer_range(s) for s in sl.sources]
+        depth = spans[0][1] - spans[0][0]
+        lead = builder.index[sl.sources[0].model]
+        lead_arch = builder.archs[lead]
+        for offset in range(depth):
+            t = offset / (depth - 1) if depth > 1 else 1.0
+            lead_layer = spans[0][0] + offset
+            out_layer = len(layer_sources)
+            for name in builder.models[lead].tensors:
+                position = _position(lead_arch, name)
+                if position is None or position[1] != lead_layer or stack not in (None, position[0]):
+                    continue
+                names_in = {s.model: _rename(builder.archs[builder.index[s.model]], name, span[0] + offset)
+                            for s, span in zip(sl.sources, spans)}
+                builder.add(_rename(lead_arch, name, out_layer), names_in, sl, t)
+            layer_sources.append((lead, lead_layer))
+    return layer_sources
 
 
 def _stacks(arch, model: ModelFolder) -> dict[str, int]:
@@ -177,7 +193,7 @@ def _plan_stacks(recipe, method, models, archs, index, ref, stacks, tokenizer, t
     where = _describe(stacks)
     if recipe.uses_slices:
         raise SemeError(f"{reference.name} has several layer stacks ({where}), which one layer_range cannot "
-                        f"select: merge it whole with 'models:' (mergekit's per-module 'modules:' is not supported)")
+                        f"select: merge it whole with 'models:', or module by module with 'modules:'")
     if remap is not None:
         raise SemeError(f"{reference.name} has several layer stacks ({where}): re-mapping its vocabulary "
                         f"(tokenizer_source / tokenizer) is not supported")
@@ -197,6 +213,100 @@ def _plan_stacks(recipe, method, models, archs, index, ref, stacks, tokenizer, t
     _set_output_dtype(config, recipe, builder.tasks)
     return Plan(recipe, models, builder.tasks, config, tokenizer, max(stacks.values()), archs,
                 chat_template=template)
+
+
+def _module_parts(recipe: Recipe, reference: ModelFolder) -> dict[str, str]:
+    """The reference's parts (seme.architectures.modules), in its tensors' order, each with the
+    `modules:` name that selects it; every part must be selected, once."""
+    parts = dict.fromkeys(modules.part_of(name) for name in reference.tensors)
+    chosen: dict[str, str] = {}
+    for name in recipe.modules:
+        part = modules.canonical(name, parts)
+        if part is None:
+            known = ", ".join(modules.SINGLE_NAMES if len(parts) == 1 else parts)
+            raise SemeError(f"modules.{name}: {reference.name} has no module '{name}' (its modules: {known})")
+        if part in chosen:
+            raise SemeError(f"modules.{name}: the same module as modules.{chosen[part]}")
+        chosen[part] = name
+    missing = [part for part in parts if part not in chosen]
+    if missing:
+        raise SemeError(f"modules: {', '.join(missing)} of {reference.name} not listed; list every module "
+                        f"(one left out would be missing from the output)")
+    return {part: chosen[part] for part in parts}
+
+
+def _plan_modules(recipe, method, models, archs, index, ref, parts, stacks, tokenizer, template, remap) -> Plan:
+    """A model of several parts (modules.part_of) merged module by module, as mergekit's `modules:`
+    does: each with its own models or slices and parameters. A module given `models:` is merged whole
+    (gradients run over each of its stacks' layers); one given `slices:` must have one layer stack,
+    whose layers the slices select, as the `slices:` of a language model do."""
+    reference = models[ref]
+    if remap is not None:
+        raise SemeError(f"{reference.name} has several modules: re-mapping its vocabulary "
+                        f"(tokenizer_source / tokenizer) is not supported")
+    builder = _Builder(recipe, method, models, archs, index, tied=False)
+    config = dict(reference.config)
+    stacks_of = [stacks if i == ref else _stacks(archs[i], m) for i, m in enumerate(models)]
+    depth = 0
+    for part, name in parts.items():
+        where = f"modules.{name}"
+        slices = [sl for sl in recipe.slices if sl.module == name]
+        names = [n for n in reference.tensors if modules.part_of(n) == part]
+        own = {stack: d for stack, d in stacks.items() if modules.part_of(stack) == part}
+        if all(s.layer_range is None for sl in slices for s in sl.sources):  # models: the module whole
+            sl = slices[0]
+            for s in sl.sources:
+                m = index[s.model]
+                found = {stack: d for stack, d in stacks_of[m].items() if modules.part_of(stack) == part}
+                if found != own:
+                    raise SemeError(f"{where}: {models[m].name} has layer stacks {_describe(found)}, "
+                                    f"{reference.name} {_describe(own)}: models merged whole must have the same layers")
+            for n in names:
+                position = _position(archs[ref], n)
+                layers = own.get(position[0], 1) if position else 1
+                t = 0.0 if not position else position[1] / (layers - 1) if layers > 1 else 1.0
+                builder.add(n, {s.model: n for s in sl.sources}, sl, t)
+            depth = max([depth, *own.values()])
+            continue
+        if len(own) != 1:
+            raise SemeError(f"{where}: {reference.name}'s {part} has "
+                            f"{'no layers' if not own else 'several layer stacks (' + _describe(own) + ')'}: "
+                            f"give it 'models:', not 'slices:'")
+        (stack, ref_depth), = own.items()
+
+        def layer_range(source, stack=stack, where=where):
+            m = index[source.model]
+            n = stacks_of[m].get(stack)
+            if n is None or source.layer_range[1] > n:
+                raise SemeError(f"{where}: layer_range {list(source.layer_range)} is out of bounds for "
+                                f"{models[m].name} ({n or 0} layers in {stack}*)")
+            return source.layer_range
+
+        # loose tensors: embeddings come from the first slice's models (as mergekit's pre-weights),
+        # the rest (final norms, heads) from the last slice's
+        loose = [n for n in names if _position(archs[ref], n) is None]
+        pre = [n for n in loose if "embed" in n]
+        for n in pre:
+            builder.add(n, {s.model: n for s in slices[0].sources}, slices[0], t=0.0)
+        layer_sources = _add_layers(builder, slices, layer_range, stack)
+        for n in loose:
+            if n not in pre:
+                builder.add(n, {s.model: n for s in slices[-1].sources}, slices[-1], t=0.0)
+        depth = max(depth, len(layer_sources))
+        if layer_sources != [(ref, layer) for layer in range(ref_depth)]:
+            found = modules.depth_settings(config, part, ref_depth)
+            if found is None:
+                raise SemeError(f"{where}: config.json of {reference.name} has no depth of {ref_depth} for its "
+                                f"{part} to change")
+            settings, key = found
+            sources = [modules.depth_settings(m.config, part, stacks_of[i].get(stack)) for i, m in enumerate(models)]
+            relayered = _relayered(settings, key, layer_sources, [f[0] if f else {} for f in sources])
+            if settings is config:
+                config = relayered
+            else:
+                config[modules.CONFIG_KEYS[part]] = relayered
+    _set_output_dtype(config, recipe, builder.tasks)
+    return Plan(recipe, models, builder.tasks, config, tokenizer, depth, archs, chat_template=template)
 
 
 def _chat_template(recipe: Recipe, models: list[ModelFolder], tokenizer: ModelFolder) -> str | None:
@@ -264,19 +374,29 @@ def _set_dtype(config: dict, dtype: str) -> None:
 
 def _output_config(models, archs, ref: int, layer_sources) -> dict:
     """The reference config with the new depth; per-layer lists (e.g. layer_types) follow the layers."""
-    config = dict(models[ref].config)
-    depth = archs[ref].num_layers(config)
-    for key, value in models[ref].config.items():
+    config = models[ref].config
+    key = next(k for k in archs[ref].num_layers_keys if k in config)
+    return _relayered(config, key, layer_sources, [m.config for m in models])
+
+
+def _relayered(settings: dict, depth_key: str, layer_sources, sources: list[dict]) -> dict:
+    """`settings` (a config, or one part of it) for the output's layers: the depth under `depth_key`
+    and per-layer lists that follow the layers, each entry from `sources[m]` (the same settings of
+    model m) for a layer of model m."""
+    depth = settings[depth_key]
+    out = dict(settings)
+    for key, value in settings.items():
         if isinstance(value, list) and len(value) == depth and depth > 0:
-            config[key] = [_per_layer(models[m], archs[m], key, value, layer) for m, layer in layer_sources]
-    config[next(k for k in archs[ref].num_layers_keys if k in config)] = len(layer_sources)
-    return config
+            out[key] = [_per_layer(sources[m], depth_key, key, value, layer) for m, layer in layer_sources]
+    out[depth_key] = len(layer_sources)
+    return out
 
 
-def _per_layer(model, arch, key: str, fallback: list, layer: int):
-    """Layer `layer`'s entry of a per-layer config list, from the model that supplies the layer."""
-    value = model.config.get(key)
-    if isinstance(value, list) and len(value) == arch.num_layers(model.config):
+def _per_layer(settings: dict, depth_key: str, key: str, fallback: list, layer: int):
+    """Layer `layer`'s entry of a per-layer config list, from the settings of the model that supplies
+    the layer."""
+    value = settings.get(key)
+    if isinstance(value, list) and len(value) == settings.get(depth_key):
         return value[layer]
     return fallback[min(layer, len(fallback) - 1)]
 
@@ -367,7 +487,7 @@ class _Builder:
         supplied = {}
         for param in method.params:
             if param.scope == "shared":
-                value = _resolve(param.name, [sl.parameters, recipe.parameters], out_name, t)
+                value = _resolve(param.name, [sl.parameters, sl.module_parameters, recipe.parameters], out_name, t)
                 if value is not None:
                     supplied[param.name] = value
                 continue
@@ -375,7 +495,8 @@ class _Builder:
             for i, (s, (_, name)) in enumerate(zip(sources, inputs)):
                 if param.scope == "non_base" and i == base_index:
                     continue
-                value = _resolve(param.name, [s.parameters, sl.parameters, recipe.parameters], name, t)
+                value = _resolve(param.name, [s.parameters, sl.parameters, sl.module_parameters, recipe.parameters],
+                                 name, t)
                 if value is None:
                     if param.required:
                         raise SemeError(f"{where}: parameter '{param.name}' has no value for "

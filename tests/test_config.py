@@ -41,7 +41,7 @@ CASES = {
                        "needs parameter 'weight'"),
     "unknown parameter": (lambda m: ties(m, parameters={"densty": 0.5}), "unknown parameter 'densty' for method 'ties' (did you mean 'density'?)"),
     "missing model folder": (lambda m: ties(m, base_model="/nonexistent/model"), "model not found: /nonexistent/model is neither a local folder nor a model in the Hugging Face cache"),
-    "models and slices": (lambda m: ties(m, slices=[]), "exactly one of 'models' or 'slices'"),
+    "models and slices": (lambda m: ties(m, slices=[]), "exactly one of 'models', 'slices' or 'modules'"),
     "empty models": (lambda m: ties(m, models=[]), "'models' must be a non-empty list"),
     "bad dtype": (lambda m: ties(m, dtype="float8"), "dtype must be one of"),
     "negative density": (lambda m: ties(m, parameters={"density": -0.5}), "parameter 'density' must be >= 0.0, got -0.5"),
@@ -73,7 +73,9 @@ CASES = {
                         "give tokenizer_source or tokenizer, not both"),
     "tokenizer key typo": (lambda m: ties(m, tokenizer={"sorce": "base"}), "config: tokenizer: unknown key 'sorce' (did you mean 'source'?)"),
     "tokenizer padding": (lambda m: ties(m, tokenizer={"pad_to_multiple_of": 0}), "pad_to_multiple_of must be a positive integer"),
-    "unsupported mergekit key": (lambda m: ties(m, modules={}), "'modules' (per-module recipes; 'models:' merges a multimodal model whole) is a mergekit feature"),
+    "modules not a mapping": (lambda m: {"merge_method": "linear", "modules": [m["base"]]}, "'modules' must be a non-empty mapping"),
+    "module parameter unknown": (lambda m: {"merge_method": "linear", "modules": {"default": {
+        "models": [m["base"]], "parameters": {"wieght": 1.0}}}}, "modules.default.parameters: unknown parameter 'wieght'"),
     "random_seed type": (lambda m: ties(m, random_seed="abc"), "random_seed must be a non-negative integer"),
     "della epsilon": (lambda m: {"merge_method": "della", "base_model": m["base"], "parameters": {
         "weight": 1.0, "density": 0.1, "epsilon": 0.2}, "models": [{"model": m["expert0"]}]}, "DELLA needs 0 < density - epsilon"),

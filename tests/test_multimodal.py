@@ -1,5 +1,6 @@
 """Models of several layer stacks (a language decoder and a vision tower: Llava, Qwen2-VL, Gemma 3)
-are merged whole, tensor by tensor, with gradients running over each stack's own layers."""
+are merged whole, tensor by tensor, with gradients running over each stack's own layers, or module
+by module (mergekit's `modules:`), each module with its own models or slices and parameters."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 import yaml
 
 import seme
-from conftest import load_folder
+from conftest import load_folder, save_tokenizer
+from seme.architectures import modules
 from seme.merge import main
 
 
@@ -26,6 +28,33 @@ def build_llava(path, seed: int, vision_layers: int = 3):
     return str(path)
 
 
+def build_qwen2_vl(path, seed: int):
+    import transformers
+
+    config = transformers.Qwen2VLConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, bos_token_id=1, eos_token_id=2,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2))
+    torch.manual_seed(seed)
+    transformers.Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+    return str(path)
+
+
+def build_gemma3(path, seed: int):
+    import transformers
+
+    config = transformers.Gemma3Config(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, head_dim=8),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14), mm_tokens_per_image=4)
+    torch.manual_seed(seed)
+    transformers.Gemma3ForConditionalGeneration(config).save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -35,6 +64,10 @@ def llavas(tmp_path_factory):
 def recipe(models):
     return {"merge_method": "linear", "dtype": "float32", "models": [{"model": m} for m in models],
             "parameters": {"weight": 1.0}, }
+
+
+def without_models(r):
+    return {k: v for k, v in r.items() if k != "models"}
 
 
 def test_a_multimodal_model_merges_whole_with_gradients_per_stack(llavas, tmp_path):
@@ -71,6 +104,127 @@ def test_what_a_multimodal_model_cannot_do_is_a_one_line_error(llavas, tmp_path,
         r = {"merge_method": "seme", "base_model": a, "models": [{"model": b}]}
     else:
         r = recipe([a, build_llava(tmp_path / "deep", 3, vision_layers=4)])
+    path = tmp_path / "r.yml"
+    path.write_text(yaml.safe_dump(r))
+    capsys.readouterr()
+    assert main([str(path), str(tmp_path / "out")]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("seme: warning")]
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_modules_merge_each_part_with_its_own_models_and_parameters(llavas, tmp_path):
+    a, b = llavas
+    # precedence as in mergekit: a source's parameters, its slice's, its module's, the recipe's
+    seme.merge({**without_models(recipe(llavas)), "modules": {
+        "text_decoder": {"models": [{"model": a, "parameters": {"weight": 0.25}}, {"model": b}],
+                         "parameters": {"weight": 0.75}},
+        "vision_tower": {"models": [a]},
+        "multi_modal_projector": {"models": [a, b], "parameters": {"weight": 0.5}}}},
+        str(tmp_path / "out"), progress=False)
+    out, wa, wb = (load_folder(p) for p in (tmp_path / "out", a, b))
+    assert out.keys() == wa.keys()
+    for name in wa:
+        if name.startswith("language_model."):
+            expected = 0.25 * wa[name] + 0.75 * wb[name]
+        elif name.startswith("vision_tower."):
+            expected = wa[name]
+        else:
+            assert name.startswith("multi_modal_projector.")
+            expected = (wa[name] + wb[name]) / 2
+        torch.testing.assert_close(out[name], expected, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_modules_that_all_list_the_same_models_equal_the_whole_merge(llavas, tmp_path):
+    a, b = llavas
+    models = [{"model": a, "parameters": {"weight": [1.0, 0.3]}}, {"model": b, "parameters": {"weight": 0.5}}]
+    whole = {**recipe(llavas), "models": models}
+    per_module = {**without_models(recipe(llavas)),
+                  "modules": {m: {"models": models} for m in ("vision_tower", "multi_modal_projector", "text_decoder")}}
+    seme.merge(whole, str(tmp_path / "whole"), progress=False)
+    seme.merge(per_module, str(tmp_path / "modules"), progress=False)
+    whole, per_module = load_folder(tmp_path / "whole"), load_folder(tmp_path / "modules")
+    assert whole.keys() == per_module.keys()
+    assert all(torch.equal(whole[n], per_module[n]) for n in whole)
+
+
+@pytest.mark.parametrize("build, text, vision", [
+    (build_llava, ("text_config", "num_hidden_layers"), ("vision_config", "num_hidden_layers")),
+    (build_qwen2_vl, ("text_config", "num_hidden_layers"), ("vision_config", "depth")),
+    (build_gemma3, ("text_config", "num_hidden_layers"), ("vision_config", "num_hidden_layers")),
+])
+def test_module_slices_change_the_depth_of_one_stack(build, text, vision, tmp_path):
+    """Depth up-scaling of the language model only: its layers 0, 1, 1 from two models, the vision
+    tower and projector as they were. The output loads in transformers with the new depth."""
+    import json
+
+    import transformers
+
+    a, b = build(tmp_path / "a", 0), build(tmp_path / "b", 1)
+    seme.merge({"merge_method": "passthrough", "modules": {
+        "text_decoder": {"slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
+                                    {"sources": [{"model": b, "layer_range": [1, 2]}]}]},
+        "vision_tower": {"models": [a]},
+        "multi_modal_projector": {"models": [a]}}}, str(tmp_path / "out"), progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    source = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config[text[0]][text[1]] == 3 and config[vision[0]][vision[1]] == source[vision[0]][vision[1]]
+    for key, value in source[text[0]].items():  # per-layer lists (layer_types) follow the layers
+        if isinstance(value, list) and len(value) == 2:
+            assert config[text[0]][key] == [value[0], value[1], value[1]], key
+    out, wa, wb = (load_folder(p) for p in (tmp_path / "out", a, b))
+    layer1 = [n for n in wb if ".layers.1." in n and modules.part_of(n) == "text_decoder"]
+    assert layer1 and all(torch.equal(out[n.replace(".layers.1.", ".layers.2.")], wb[n]) for n in layer1)
+    assert all(torch.equal(out[n], wa[n]) for n in wa if modules.part_of(n) != "text_decoder")
+    assert len(out) == len(wa) + len(layer1)
+    cls = getattr(transformers, json.loads((tmp_path / "a" / "config.json").read_text())["architectures"][0])
+    model = cls.from_pretrained(tmp_path / "out")
+    assert model.config.get_text_config().num_hidden_layers == 3
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown module", "modules.vision: a has no module 'vision' (its modules: text_decoder, "
+                       "multi_modal_projector, vision_tower)"),
+    ("module left out", "modules: multi_modal_projector of a not listed; list every module"),
+    ("twice", "modules.vision_tower: the same module as modules.vision_model"),
+    ("slices of no layers", "modules.multi_modal_projector: a's multi_modal_projector has no layers: give it "
+                            "'models:', not 'slices:'"),
+    ("out of bounds", "modules.vision_tower: layer_range [0, 4] is out of bounds for a (3 layers in "
+                      "vision_tower.encoder.layers.*)"),
+    ("seme", "seme takes its sources from 'models:', not 'modules:'"),
+    ("vocabulary", "has several modules: re-mapping its vocabulary"),
+    ("both", "give exactly one of 'models', 'slices' or 'modules'"),
+    ("neither", "modules.text_decoder: give exactly one of 'models' or 'slices'"),
+    ("typo", "modules.text_decoder: unknown key 'model'"),
+])
+def test_what_modules_cannot_do_is_a_one_line_error(llavas, tmp_path, capsys, case, message):
+    a, b = llavas
+    mods = {"text_decoder": {"models": [a, b]}, "vision_tower": {"models": [a, b]},
+            "multi_modal_projector": {"models": [a, b]}}
+    r = {"merge_method": "linear", "parameters": {"weight": 1.0}, "modules": mods}
+    if case == "unknown module":
+        mods["vision"] = mods.pop("vision_tower")
+    elif case == "module left out":
+        del mods["multi_modal_projector"]
+    elif case == "twice":
+        mods["vision_model"] = mods["vision_tower"]
+    elif case == "slices of no layers":
+        mods["multi_modal_projector"] = {"slices": [{"sources": [{"model": a, "layer_range": [0, 1]}]}]}
+    elif case == "out of bounds":
+        mods["vision_tower"] = {"slices": [{"sources": [{"model": a, "layer_range": [0, 4]}]}]}
+    elif case == "seme":
+        r = {"merge_method": "seme", "base_model": a, "modules": mods}
+    elif case == "vocabulary":  # b's vocabulary is a's but the last 4 tokens: its rows must be re-mapped
+        pair = [build_llava(tmp_path / name, seed) for seed, name in enumerate("ab")]
+        for model, vocab in zip(pair, (64, 60)):
+            save_tokenizer(model, vocab)
+        r = {**r, "modules": {m: {"models": pair} for m in mods}, "tokenizer_source": "union"}
+    elif case == "both":
+        r["models"] = [a]
+    elif case == "neither":
+        mods["text_decoder"] = {"parameters": {"weight": 0.5}}
+    else:
+        mods["text_decoder"] = {"model": a}
     path = tmp_path / "r.yml"
     path.write_text(yaml.safe_dump(r))
     capsys.readouterr()

@@ -88,6 +88,30 @@ def test_whole_merge_matches_mergekit(method, family, request, tmp_path):
     assert changed > 0, "the merge changed nothing: the comparison would be vacuous"
 
 
+MODULES = {  # a language model's one module, as mergekit names it, with parameters at every level
+    "models": lambda m: {"merge_method": "ties", "base_model": m["base"], "parameters": {"weight": 0.5, "density": 0.9},
+                         "modules": {"default": {"parameters": {"density": [0.3, 0.7]}, "models": [
+                             {"model": m["expert0"], "parameters": {"weight": 1.0}}, {"model": m["expert1"]}]}}},
+    "slices": lambda m: {"merge_method": "linear", "parameters": {"weight": 0.5}, "modules": {"default": {
+        "parameters": {"weight": [0.2, 0.8]},
+        "slices": [{"sources": [{"model": m["expert0"], "layer_range": [0, 2]},
+                                {"model": m["expert1"], "layer_range": [0, 2]}]},
+                   {"sources": [{"model": m["expert0"], "layer_range": [1, 2]},
+                                {"model": m["expert1"], "layer_range": [1, 2]}], "parameters": {"weight": 0.3}}]}}},
+}
+
+
+@pytest.mark.parametrize("form", sorted(MODULES))
+def test_modules_match_mergekit(form, llama_family, tmp_path):
+    recipe = {"dtype": "float32", **MODULES[form](llama_family)}
+    run_mergekit(recipe, str(tmp_path / "mergekit"))
+    seme.merge(yaml.safe_dump(recipe), str(tmp_path / "seme"), progress=False)
+    theirs, ours = load_folder(tmp_path / "mergekit"), load_folder(tmp_path / "seme")
+    assert sorted(ours) == sorted(theirs)
+    for name, expected in theirs.items():
+        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
 RANDOMIZED = {
     "dare_ties": dict(weight=[0.6, 0.8, 1.0], density=[0.3, 0.5, 0.9]),
     "dare_linear": dict(weight=[0.6, 0.8, 1.0], density=0.4),

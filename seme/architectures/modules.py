@@ -1,0 +1,45 @@
+"""The parts of a checkpoint that mergekit's per-module recipes (`modules:`) name.
+
+mergekit calls a multimodal model's parts text_decoder, vision_tower and multi_modal_projector
+(Llama 4's vision part: vision_model), and the one part of a language model `default`. Here a
+tensor's part is read from its name, so that checkpoints mergekit has no definition for (Llava) are
+split the same way. Stdlib-only, like the role tables.
+"""
+from __future__ import annotations
+
+TEXT = "text_decoder"
+# Checked in order: a projector may sit inside the vision part (Qwen2-VL's visual.merger).
+MARKERS = (
+    ("multi_modal_projector", ("multi_modal_projector", "mm_projector", "visual.merger")),
+    ("vision_tower", ("vision_tower", "vision_model", "visual", "vision_encoder")),
+)
+ALIASES = {"vision_model": "vision_tower"}
+SINGLE_NAMES = ("default", TEXT)  # what a model of one part may be called
+# Where a part's own settings live in config.json (else at its top level), and the keys of its depth.
+CONFIG_KEYS = {TEXT: "text_config", "vision_tower": "vision_config"}
+DEPTH_KEYS = ("num_hidden_layers", "num_layers", "depth", "n_layer", "n_layers")
+
+
+def part_of(name: str) -> str:
+    """The part a tensor (or a layer stack's name prefix) belongs to."""
+    dotted = f".{name}."
+    for part, markers in MARKERS:
+        if any(f".{marker}." in dotted for marker in markers):
+            return part
+    return TEXT
+
+
+def canonical(module: str, parts) -> str | None:
+    """The part a `modules:` name means for a model with `parts`, or None if it has no such part."""
+    if len(parts) == 1:
+        return next(iter(parts)) if module in SINGLE_NAMES else None
+    module = ALIASES.get(module, module)
+    return module if module in parts else None
+
+
+def depth_settings(config: dict, part: str, depth: int) -> tuple[dict, str] | None:
+    """(the dict of `part`'s settings, its depth key) in `config`, where a key holds `depth`."""
+    sub = config.get(CONFIG_KEYS.get(part, ""))
+    settings = sub if isinstance(sub, dict) else config
+    key = next((k for k in DEPTH_KEYS if settings.get(k) == depth), None)
+    return (settings, key) if key else None
