@@ -44,7 +44,8 @@ def merge(config, out_dir: str, **options) -> dict:
     """Merge the models of `config` (a YAML path, YAML text or dict) into `out_dir`.
 
     Options are those of the CLI (see `seme.options.OPTIONS`): device, backend, out_shard_size,
-    max_memory, dry_run, overwrite, resume, allow_nonfinite, progress. Returns statistics of the run (or the plan's, with dry_run).
+    max_memory, dry_run, overwrite, resume, buffered_writes, allow_nonfinite, progress, random_seed,
+    copy_tokenizer, write_model_card. Returns statistics of the run (or the plan's, with dry_run).
     """
     from seme import __version__
     from seme import config as recipe_config
@@ -63,6 +64,10 @@ def merge(config, out_dir: str, **options) -> dict:
         warnings.simplefilter("always")
         warnings.showwarning = show_once
         recipe = recipe_config.load(config)
+        if opts["random_seed"] is not None:
+            recipe = recipe_config.with_seed(recipe, opts["random_seed"])
+        if recipe.chat_template is not None and not opts["copy_tokenizer"] and recipe.tokenizer_source is None:
+            raise SemeError("config: chat_template goes into the tokenizer files, which --no-copy-tokenizer leaves out")
         plan = make_plan(recipe)
         if opts["dry_run"]:
             from seme.report import print_plan
@@ -78,8 +83,8 @@ def merge(config, out_dir: str, **options) -> dict:
                              shard_size=opts["out_shard_size"],
                              overwrite=opts["overwrite"], resume=opts["resume"],
                              allow_nonfinite=opts["allow_nonfinite"], max_memory=opts["max_memory"],
-                             direct_io=not opts["buffered_writes"],
-                             progress=progress, version=__version__)
+                             direct_io=not opts["buffered_writes"], tokenizer=opts["copy_tokenizer"],
+                             card=opts["write_model_card"], progress=progress, version=__version__)
     seconds = max(stats["seconds"], 1e-9)
     print(f"seme: merged {stats['tensors']} tensors with {recipe.merge_method} "
           f"({stats['input_bytes'] / 1e9:.3f} GB in, {stats['input_bytes'] / 1e9 / seconds:.2f} GB/s) "

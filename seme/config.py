@@ -358,6 +358,22 @@ def _inputs(raw: dict, prefix: str, base_model: str | None, base_dir: str, modul
     return slices
 
 
+def with_seed(recipe: Recipe, seed: int) -> Recipe:
+    """`recipe` with another random_seed, its text (which the model card holds) rewritten to match."""
+    import dataclasses
+
+    import yaml
+
+    line = re.compile(r"^random_seed:.*$", re.MULTILINE)
+    if line.search(recipe.text):
+        text = line.sub(f"random_seed: {seed}", recipe.text)
+    elif isinstance(yaml.safe_load(recipe.text), dict) and not recipe.text.lstrip().startswith("{"):
+        text = recipe.text.rstrip("\n") + f"\nrandom_seed: {seed}\n"
+    else:  # a recipe in flow style: written again
+        text = yaml.safe_dump({**yaml.safe_load(recipe.text), "random_seed": seed}, sort_keys=False)
+    return dataclasses.replace(recipe, random_seed=seed, text=text)
+
+
 def _token_sources(tokens, base_dir: str) -> dict:
     """tokenizer.tokens, as mergekit writes it, validated (see Recipe.token_sources)."""
     if not isinstance(tokens, dict):

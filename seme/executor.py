@@ -68,7 +68,8 @@ class Progress:
 
 def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto", shard_size: int = 5 * 10**9,
         overwrite: bool = False, resume: bool = False, allow_nonfinite: bool = False, progress: bool = False,
-        version: str = "", max_memory: int = 4 * 10**9, direct_io: bool = True) -> dict:
+        version: str = "", max_memory: int = 4 * 10**9, direct_io: bool = True, tokenizer: bool = True,
+        card: bool = True) -> dict:
     """Execute `plan` into `out_dir`: built in `OUT.seme-partial`, published by rename when complete.
 
     An existing non-empty `out_dir` is refused unless `overwrite`. A failure after the first write
@@ -76,7 +77,8 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
     Under torchrun, each rank writes its share of the shards and rank 0 publishes. `max_memory`
     bounds the bytes held at once: read-ahead inputs, the tensor being merged and results waiting
     to be written. With `direct_io`, shards are written around the page cache where the filesystem
-    allows it (`seme.io.writer`).
+    allows it (`seme.io.writer`). `tokenizer` and `card`: whether the output gets the reference's
+    tokenizer files and a model card (`seme.io.card.write_metadata`).
     """
     largest = max((_input_bytes(plan, t) + _working_bytes(plan, t) + 3 * t.nbytes for t in plan.tasks), default=0)
     if largest > max_memory:
@@ -114,7 +116,7 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
         raise SemeError(error)
     if group.rank == 0:
         try:
-            _publish(plan, stats, staging, out_dir, version)
+            _publish(plan, stats, staging, out_dir, version, tokenizer, card)
         except OSError as e:
             raise SemeError(f"{e.strerror or e} ({e.filename or staging}) while finishing the merge; the "
                             f"partial merge is kept in {staging}: fix the cause and rerun with --resume") from None
@@ -123,12 +125,12 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
     return {k: v for k, v in stats.items() if k not in ("writer", "semantic")}
 
 
-def _publish(plan: Plan, stats: dict, staging: str, out_dir: str, version: str) -> None:
+def _publish(plan: Plan, stats: dict, staging: str, out_dir: str, version: str, tokenizer: bool, card: bool) -> None:
     """Index, report and metadata into the staging folder, then the rename that makes it the output."""
     stats["writer"].write_index()
     if plan.semantic:
         stats["semantic"].write_report(staging)
-    write_metadata(staging, plan, version, os.path.basename(out_dir))
+    write_metadata(staging, plan, version, os.path.basename(out_dir), tokenizer, card)
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.rename(staging, out_dir)

@@ -7,7 +7,7 @@ import os
 import sys
 import types
 
-from seme.options import OPTIONS
+from seme.options import MERGEKIT_FLAGS, OPTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,15 +21,45 @@ def build_parser() -> argparse.ArgumentParser:
     for o in OPTIONS:
         flag = "--" + o.name.replace("_", "-")
         if o.parse is None:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction if o.default is None else "store_true",
-                                default=o.default, help=o.help)
+            parser.add_argument(flag, action="store_true" if o.default is False else argparse.BooleanOptionalAction,
+                                default=o.default, help=o.help + (" (default: on)" if o.default else ""))
         else:
-            parser.add_argument(flag, default=o.default, help=f"{o.help} (default: {o.default})")
+            shown = "" if o.default is None else f" (default: {o.default})"
+            parser.add_argument(flag, default=o.default, help=o.help + shown)
+    mergekit = parser.add_argument_group("mergekit-yaml's flags", "accepted so that switching is a change of command")
+    for f in MERGEKIT_FLAGS:
+        flags = ["--" + f.name.replace("_", "-")] + (["-j"] if f.name == "num_threads" else [])
+        if f.takes is None:
+            mergekit.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=f.effect)
+        else:
+            mergekit.add_argument(*flags, type=f.takes, default=None, metavar=f.takes.__name__.upper(), help=f.effect)
+    mergekit.add_argument("-v", action="count", default=0, help="no effect: seme's output is one line per merge")
     return parser
 
 
+def _options(args, parser) -> dict:
+    """The merge options of parsed arguments, mergekit-yaml's flags applied (a flag's environment
+    variable is set here, before the kernels' OpenMP or torch start)."""
+    from seme.errors import SemeError
+
+    options = {o.name: getattr(args, o.name) for o in OPTIONS}
+    for f in MERGEKIT_FLAGS:
+        value = getattr(args, f.name)
+        if value is None:
+            continue
+        if f.refused and value == f.refused[0]:
+            raise SemeError(f.refused[1])
+        if f.env:
+            os.environ[f.env] = str(value)
+        for name, setting in (f.sets.items() if value is True else ()):
+            if options[name] == parser.get_default(name):  # an option given itself wins
+                options[name] = setting
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     # Before torch or seme._C loads OpenMP: idle OpenMP workers sleep instead of spinning. Spinning
     # between a tensor's kernels took the cores from the readers, the checksum thread and the next
     # tensor's setup (bench.e2e, 2 cores: DARE-TIES merge loop 1.45 -> 1.05 s, CPU time 2.5 -> 1.75 s).
@@ -37,17 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     from seme.errors import SemeError
 
     try:
+        options = _options(args, parser)
         if args.demo:
             from seme.demo import run_demo
 
-            options = {o.name: getattr(args, o.name) for o in OPTIONS}
             run_demo(args.out or args.config or "./seme-demo-merged", **options)
             return 0
         if not args.config or not args.out:
             raise SemeError("expected CONFIG and OUT (or --demo); see --help")
         from seme.api import merge
 
-        merge(args.config, args.out, **{o.name: getattr(args, o.name) for o in OPTIONS})
+        merge(args.config, args.out, **options)
         return 0
     except SemeError as e:
         print(f"seme: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line

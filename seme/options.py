@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from seme.errors import SemeError
@@ -12,13 +12,16 @@ _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "
 
 
 def parse_size(value: Any) -> int:
-    """Bytes from an int or a string like '2GB', '500MB', '1.5GiB'."""
+    """Bytes from an int or a string like '2GB', '500MB', '1.5GiB', or mergekit's '5B' (5 * 10^9)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     m = _SIZE.match(str(value))
     if not m or float(m.group(1)) <= 0:
         raise SemeError(f"invalid size {value!r} (expected e.g. 2GB, 500MB, 1.5GiB or a byte count)")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    unit = (m.group(2) or "").lower()
+    if not unit and str(value).strip()[-1] in "bB":  # mergekit's K/M/B suffixes: B is a billion, not a byte
+        unit = "g"
+    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def parse_device(value: Any) -> str:
@@ -30,6 +33,14 @@ def parse_device(value: Any) -> str:
 def parse_backend(value: Any) -> str:
     if value not in ("auto", "fused", "reference"):
         raise SemeError(f"invalid backend {value!r} (expected auto, fused or reference)")
+    return value
+
+
+def parse_seed(value: Any) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise SemeError(f"invalid random seed {value!r} (expected a non-negative integer)")
     return value
 
 
@@ -45,7 +56,8 @@ OPTIONS = (
     Option("device", "cpu", "where the math runs: cpu, cuda or cuda:N", parse_device),
     Option("backend", "auto", "merge kernels: auto (fused where available), fused (required) or reference "
            "(plain torch)", parse_backend),
-    Option("out_shard_size", "5GB", "maximum size of one output shard, e.g. 2GB or 500MB", parse_size),
+    Option("out_shard_size", "5GB", "maximum size of one output shard, e.g. 2GB, 500MB (or mergekit's 500M, 5B)",
+           parse_size),
     Option("max_memory", "4GB", "bound on the bytes held at once (read-ahead, merge, pending writes)", parse_size),
     Option("dry_run", False, "print the plan (tensors, bytes, method and parameters per tensor) and exit"),
     Option("overwrite", False, "replace a non-empty output folder (or an interrupted merge's staging folder)"),
@@ -54,6 +66,51 @@ OPTIONS = (
            "filesystem takes it)"),
     Option("allow_nonfinite", False, "write merged tensors that contain NaN or Inf instead of stopping"),
     Option("progress", None, "show a progress bar (default: when stderr is a terminal)"),
+    Option("random_seed", None, "seed of the randomised methods (DARE, DELLA) in place of the recipe's random_seed",
+           parse_seed),
+    Option("copy_tokenizer", True, "write the tokenizer files of the base (or first) model into the output; a "
+           "tokenizer the recipe chooses (tokenizer_source, tokenizer) is written either way"),
+    Option("write_model_card", True, "write a README.md model card that holds the recipe"),
+)
+
+
+@dataclass(frozen=True)
+class MergekitFlag:
+    """A flag of mergekit-yaml with no option of its own here, accepted so that switching tools is a
+    change of command. An on/off flag comes as --name and --no-name."""
+
+    name: str  # the flag without its dashes, as a python name
+    effect: str  # what it does here, for --help
+    takes: type | None = None  # its value's type; None: an on/off flag
+    sets: dict = field(default_factory=dict)  # options it sets when on (unless given themselves)
+    env: str | None = None  # environment variable its value goes to
+    refused: tuple[bool, str] | None = None  # (the state seme refuses, why)
+
+
+MERGEKIT_FLAGS = (
+    MergekitFlag("cuda", "same as --device cuda", sets={"device": "cuda"}),
+    MergekitFlag("gpu_rich", "same as --device cuda", sets={"device": "cuda"}),
+    MergekitFlag("quiet", "same as --no-progress", sets={"progress": False}),
+    MergekitFlag("transformers_cache", "the Hugging Face hub cache that model names are looked up in", str,
+                 env="HF_HUB_CACHE"),
+    MergekitFlag("num_threads", "threads of the CPU kernels (OMP_NUM_THREADS)", int, env="OMP_NUM_THREADS"),
+    MergekitFlag("safe_serialization", "always on: seme writes safetensors",
+                 refused=(False, "seme writes safetensors only; pickled checkpoints can run code when loaded")),
+    MergekitFlag("unsafe_truncate_embeddings", "refused: give the models one vocabulary with tokenizer_source",
+                 refused=(True, "--unsafe-truncate-embeddings is not supported: give the models one vocabulary "
+                                "with tokenizer_source (rows are re-mapped by token, not truncated)")),
+    MergekitFlag("allow_crimes", "no effect: models of different architectures merge wherever their tensors' "
+                 "names and shapes agree"),
+    MergekitFlag("trust_remote_code", "no effect: seme never runs a model's code"),
+    MergekitFlag("lazy_unpickle", "no effect: inputs are safetensors, memory-mapped"),
+    MergekitFlag("low_cpu_memory", "no effect: resident memory stays at about one tensor (see --max-memory)"),
+    MergekitFlag("read_to_gpu", "no effect: inputs are staged to the GPU ahead of their merge"),
+    MergekitFlag("multi_gpu", "no effect: split a merge across GPUs with torchrun"),
+    MergekitFlag("async_write", "no effect: outputs are always written while the next tensors merge"),
+    MergekitFlag("write_threads", "no effect: one background thread writes", int),
+    MergekitFlag("clone_tensors", "no effect: every output tensor is its own buffer"),
+    MergekitFlag("lora_merge_cache", "no effect: adapters are applied as the tensors are read; nothing is cached", str),
+    MergekitFlag("lora_merge_dtype", "no effect: adapters are applied as peft's merge_and_unload applies them", str),
 )
 
 

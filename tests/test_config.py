@@ -251,3 +251,89 @@ def test_residual_weight_is_read_and_has_no_effect_as_in_mergekit(llama_family, 
     plain = dict(recipe, slices=[{k: v for k, v in recipe["slices"][0].items() if k != "residual_weight"}])
     assert main([write_recipe(tmp_path, plain), str(tmp_path / "plain")]) == 0
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
+
+
+def test_mergekit_yaml_flags_are_accepted_with_their_meaning(llama_family, tmp_path, capsys, monkeypatch):
+    """A mergekit-yaml command line works with the command changed: flags without an effect here
+    are accepted, --quiet and -j are applied, and the output is the plain run's."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    status, err, plain = run_cli(tmp_path, ties(llama_family), capsys)
+    assert status == 0, err
+    shutil.move(str(plain), str(tmp_path / "plain"))
+    flags = ["--allow-crimes", "--lazy-unpickle", "--no-low-cpu-memory", "--copy-tokenizer", "--safe-serialization",
+             "--trust-remote-code", "--async-write", "--write-threads", "2", "--clone-tensors", "--quiet", "-j", "2",
+             "--out-shard-size", "5B", "--lora-merge-cache", str(tmp_path / "cache"), "-v", "--no-multi-gpu"]
+    status, err, out = run_cli(tmp_path, ties(llama_family), capsys, *flags)
+    assert status == 0, err
+    assert os.environ["OMP_NUM_THREADS"] == "2"
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "plain"))
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--no-safe-serialization"], "seme writes safetensors only"),
+    (["--unsafe-truncate-embeddings"], "--unsafe-truncate-embeddings is not supported: give the models one "
+                                       "vocabulary with tokenizer_source"),
+    (["--random-seed", "-3"], "invalid random seed '-3'"),
+])
+def test_mergekit_yaml_flags_seme_refuses_are_one_line_errors(llama_family, tmp_path, capsys, flags, message):
+    status, err, out = run_cli(tmp_path, ties(llama_family), capsys, *flags)
+    assert status == 2 and len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_cuda_flag_asks_for_a_gpu(llama_family, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --cuda merges on it (tests/test_gpu_merge.py)")
+    status, err, _ = run_cli(tmp_path, ties(llama_family), capsys, "--cuda")
+    assert status == 2 and err == ["seme: error: --device cuda was asked for, but torch sees no CUDA device"]
+
+
+def test_no_copy_tokenizer_and_no_model_card(llama_family, tmp_path, capsys):
+    status, err, out = run_cli(tmp_path, ties(llama_family), capsys, "--no-copy-tokenizer", "--no-write-model-card")
+    assert status == 0, err
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
+                                       "model.safetensors.index.json"]
+    # a tokenizer the recipe chooses is written all the same; a chat template needs one
+    status, err, out = run_cli(tmp_path, ties(llama_family, tokenizer_source="base"), capsys, "--no-copy-tokenizer",
+                               "--overwrite")
+    assert status == 0 and (out / "tokenizer.json").is_file(), err
+    status, err, _ = run_cli(tmp_path, ties(llama_family, chat_template="chatml"), capsys, "--no-copy-tokenizer",
+                             "--overwrite")
+    assert status == 2 and err == ["seme: error: config: chat_template goes into the tokenizer files, which "
+                                   "--no-copy-tokenizer leaves out"]
+
+
+@pytest.mark.parametrize("style", ["block", "flow", "with a seed"])
+def test_random_seed_flag_replaces_the_recipes(llama_family, tmp_path, capsys, style):
+    dare = {"merge_method": "dare_ties", "base_model": llama_family["base"], "dtype": "float32",
+            "models": [{"model": llama_family["expert0"], "parameters": {"weight": 1.0, "density": 0.5}}]}
+    seeded = tmp_path / "seeded"
+    assert main([write_recipe(tmp_path, {**dare, "random_seed": 5}), str(seeded)]) == 0
+    given = {**dare, "random_seed": 0} if style == "with a seed" else dare
+    text = yaml.safe_dump(given, default_flow_style=True) if style == "flow" else yaml.safe_dump(given)
+    status, err, out = run_cli(tmp_path, text, capsys, "--random-seed", "5")
+    assert status == 0, err
+    assert (out / "model.safetensors").read_bytes() == (seeded / "model.safetensors").read_bytes()
+    card = (out / "README.md").read_text()
+    recipe = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert recipe == {**dare, "random_seed": 5}  # the card's recipe reproduces the merge
+    status, err, unseeded = run_cli(tmp_path, dare, capsys, "--overwrite")
+    assert (unseeded / "model.safetensors").read_bytes() != (seeded / "model.safetensors").read_bytes()
+
+
+def test_transformers_cache_flag_names_the_hub_cache(llama_family, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    cache, commit = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    names = {}
+    for name in ("base", "expert0", "expert1"):
+        repo = cache / f"models--org--{name}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        shutil.copytree(llama_family[name], repo / "snapshots" / commit)
+        names[name] = f"org/{name}"
+    status, err, out = run_cli(tmp_path, ties(names), capsys, "--transformers-cache", str(cache))
+    assert status == 0, err
+    assert f"`{cache}/models--org--base/snapshots/{commit}`" in (out / "README.md").read_text()

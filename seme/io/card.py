@@ -38,14 +38,16 @@ def merged_by_seme(folder: str) -> bool:
         return False
 
 
-def write_metadata(folder: str, plan, version: str, name: str) -> None:
-    """Config, generation config, tokenizer files and the model card (titled `name`) into `folder`."""
+def write_metadata(folder: str, plan, version: str, name: str, tokenizer: bool = True, card: bool = True) -> None:
+    """Config, generation config, tokenizer files (with `tokenizer`, or where the recipe chose a
+    tokenizer) and the model card (titled `name`; with `card`) into `folder`."""
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(plan.config, f, indent=2)
         f.write("\n")
     ref = plan.tokenizer_model
     union = plan.vocabulary is not None and plan.vocabulary.tokenizer is not None
-    for file in ["generation_config.json"] + ([] if union else ref.tokenizer_files()):
+    tokenizer = tokenizer or plan.recipe.tokenizer_source is not None
+    for file in ["generation_config.json"] + ([] if union or not tokenizer else ref.tokenizer_files()):
         src = os.path.join(ref.path, file)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(folder, file))
@@ -55,6 +57,8 @@ def write_metadata(folder: str, plan, version: str, name: str) -> None:
         from seme import chat_template
 
         chat_template.write(folder, plan.chat_template)
+    if not card:
+        return
     models = "\n".join(f"- `{m.ref}`" for m in plan.models)
     card = CARD.format(name=name, signature=SIGNATURE, version=version,
                        method=plan.recipe.merge_method, models=models, recipe=plan.recipe.text.strip())
