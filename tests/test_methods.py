@@ -13,7 +13,7 @@ from seme.methods.selection import rank_interval_mask, rank_positions, top_k_mas
 
 ALL_METHODS = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "sce", "slerp", "nuslerp",
                "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough",
-               "multislerp", "karcher", "nearswap", "arcee_fusion"}
+               "multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl"}
 
 
 def test_registry_has_every_method_and_mergekit_parameter_names():
@@ -112,6 +112,10 @@ def test_new_methods_match_mergekit_in_memory():
         ("karcher", dict(max_iter=5), xs, False),
         ("nearswap", dict(t=0.05), xs[:1], True),
         ("arcee_fusion", {}, xs[:1], True),
+        # sparse changes, so that elements changed by one, several and no model all occur
+        *[(m, params, [base + (x - base) * (torch.rand(30, 20) < 0.4) for x in xs], True)
+          for m, params in [("ram", {}), ("ram", dict(epsilon=0.05)), ("ramplus_tl", {}),
+                            ("ramplus_tl", dict(r=0.5, alpha=1.0, epsilon=0.02))]],
     ]:
         kwargs = dict(base=base) if with_base else {}
         ours = seme.merge_tensors(method, inputs, **kwargs, **params)

@@ -53,6 +53,10 @@ DETERMINISTIC = {
     "nearswap": lambda m: {"base_model": m["base"], "parameters": {"t": [0.001, 0.01]},
                            "models": [{"model": m["base"]}, {"model": m["expert0"]}]},
     "arcee_fusion": lambda m: {"base_model": m["base"], "models": [{"model": m["base"]}, {"model": m["expert1"]}]},
+    "ram": lambda m: {"base_model": m["base"], "parameters": {"epsilon": 0.001},  # about half the changes count
+                      "models": [{"model": m[f"expert{i}"]} for i in range(3)]},
+    "ramplus_tl": lambda m: {"base_model": m["base"], "parameters": {"r": 0.5, "alpha": 0.4, "epsilon": 0.001},
+                             "models": [{"model": m[f"expert{i}"]} for i in range(3)]},
     # mergekit 0.1.5 writes an unloadable Qwen2 config when slices change the depth, so the parity
     # recipe keeps it; tests/test_merge.py covers depth changes.
     "passthrough": lambda m: {"slices": [{"sources": [{"model": m["base"], "layer_range": [0, 1]}]},

@@ -103,7 +103,7 @@ def _load() -> dict[str, Method]:
     # The family modules register their methods on import: done on first use. They import torch
     # inside their functions, so that planning and the native engine never load it.
     # Importing all of them each time is a no-op after the first, even if one was imported directly.
-    from seme.methods import (arcee_fusion, linear, model_stock, nearswap, passthrough, seme,  # noqa: F401
+    from seme.methods import (arcee_fusion, linear, model_stock, nearswap, passthrough, ram, seme,  # noqa: F401
                               slerp, task_vector)
 
     return _METHODS

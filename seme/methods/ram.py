@@ -1,0 +1,58 @@
+"""Reinforced Agent Merging (RAM, https://arxiv.org/abs/2601.13572) and its tensor-local RAM+.
+
+An element of a task vector counts where |delta| > epsilon. Where one model changed an element it
+keeps its whole change; where several did, their changes are averaged over those models (not
+diluted by the ones that left it alone). RAM+ also scales each model's unique changes by
+1 + r * clamp(shared_i / unique_i, 0, alpha), its count of shared over unique changed elements in
+the tensor, so that a model whose changes are mostly shared gives more weight to those it alone made.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from seme.methods.inputs import Inputs, compute_dtype
+from seme.methods.registry import Method, Param, register
+
+if TYPE_CHECKING:  # torch is imported inside the functions: planning never loads it
+    import torch
+
+
+def _changes(inputs: Inputs, epsilon: float):
+    """(base, each model's delta with its uncounted elements zeroed, whether each element counts,
+    how many models change each element), in the compute dtype."""
+    import torch
+
+    dtype = compute_dtype(inputs.base)
+    base = inputs.base.to(dtype)
+    deltas = torch.stack([x.to(dtype) - base for x in inputs.others])
+    counted = deltas.abs() > epsilon
+    return base, deltas * counted, counted, counted.sum(dim=0)
+
+
+def ram(inputs: Inputs, p: dict) -> torch.Tensor:
+    if not inputs.others:
+        return inputs.base.to(compute_dtype(inputs.base))
+    base, deltas, _, count = _changes(inputs, p["epsilon"])
+    return base + (deltas / count.clamp(min=1)).sum(dim=0)
+
+
+def ramplus_tl(inputs: Inputs, p: dict) -> torch.Tensor:
+    import torch
+
+    if not inputs.others:
+        return inputs.base.to(compute_dtype(inputs.base))
+    base, deltas, counted, count = _changes(inputs, p["epsilon"])
+    unique = count == 1
+    unique_counts = (counted & unique).flatten(1).sum(dim=1)
+    shared_counts = (counted & ~unique).flatten(1).sum(dim=1)  # count 0 is never counted
+    # a model without unique changes has no element to scale: its ratio is moot (mergekit: shared / epsilon)
+    ratio = shared_counts / unique_counts.clamp(min=1).to(deltas.dtype)
+    scale = (1 + p["r"] * ratio.clamp(min=0, max=p["alpha"])).to(deltas.dtype).view(-1, *[1] * (deltas.dim() - 1))
+    return base + torch.where(unique, deltas * scale, deltas / count.clamp(min=1)).sum(dim=0)
+
+
+EPSILON = Param("epsilon", float, default=1e-5, minimum=0.0)
+register(Method("ram", ram, (EPSILON,), base="required", reference="https://arxiv.org/abs/2601.13572"))
+register(Method("ramplus_tl", ramplus_tl, (Param("r", float, default=0.1, minimum=0.0),
+                                           Param("alpha", float, default=0.2, minimum=0.0), EPSILON),
+                base="required", reference="https://arxiv.org/abs/2601.13572"))
