@@ -33,6 +33,8 @@ METHODS = {  # name -> parameters (scalars: the same for every model), as both e
     "sce": dict(select_topk=0.3),
     "breadcrumbs": dict(weight=0.5, density=0.3),
     "della": dict(weight=0.5, density=0.3, epsilon=0.1),
+    "ram": dict(epsilon=0.01),  # the deltas' scale: about a third of each model's changes count
+    "ramplus_tl": dict(epsilon=0.01),
 }
 
 

@@ -98,6 +98,35 @@ PYBIND11_MODULE(_C, m) {
       py::arg("base"), py::arg("others"), py::arg("out"), py::arg("n"), py::arg("in_dtype"), py::arg("out_dtype"),
       py::arg("weight"), py::arg("normalize"), py::arg("num_threads") = 0);
 
+  m.def(
+      "ram_counts",
+      [](uintptr_t base, const std::vector<uintptr_t>& others, int64_t n, int in_dtype, float epsilon,
+         int num_threads) {
+        const auto t = tensors(base, others, 0, n, in_dtype, in_dtype, num_threads);
+        std::vector<int64_t> unique, shared;
+        {
+          py::gil_scoped_release release;
+          seme::ram_counts(t, epsilon, unique, shared);
+        }
+        return std::make_pair(unique, shared);
+      },
+      "RAM+'s per-model counts of changed elements no other model changes, and of those another does: "
+      "(unique, shared).",
+      py::arg("base"), py::arg("others"), py::arg("n"), py::arg("in_dtype"), py::arg("epsilon"),
+      py::arg("num_threads") = 0);
+
+  m.def(
+      "ram_merge",
+      [](uintptr_t base, const std::vector<uintptr_t>& others, uintptr_t out, int64_t n, int in_dtype, int out_dtype,
+         float epsilon, std::vector<float> scale, int num_threads) {
+        const auto t = tensors(base, others, out, n, in_dtype, out_dtype, num_threads);
+        py::gil_scoped_release release;
+        return finite(seme::ram_merge(t, epsilon, scale));
+      },
+      "RAM (scale all 1) or RAM+ merge into `out`; (inputs finite, output finite).",
+      py::arg("base"), py::arg("others"), py::arg("out"), py::arg("n"), py::arg("in_dtype"), py::arg("out_dtype"),
+      py::arg("epsilon"), py::arg("scale"), py::arg("num_threads") = 0);
+
   m.def("philox4x32", &seme::philox4x32, "The 4 output words of Philox4x32-10 (seme.methods.rng).",
         py::arg("key"), py::arg("counter"));
   m.def("max_threads", &omp_get_max_threads, "OpenMP's default thread count.");

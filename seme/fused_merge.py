@@ -1,4 +1,4 @@
-"""Fused CPU kernels (seme._C, C++/OpenMP) for the task-vector family, SCE and linear.
+"""Fused CPU kernels (seme._C, C++/OpenMP) for the task-vector family, SCE, linear and RAM.
 
 `merge(method, inputs, params)` is a drop-in for `registry.get(method).fn(inputs, params)` on CPU
 tensors (same `Inputs`, same bound params): the same masks (exact rank selection with the
@@ -10,6 +10,7 @@ the element pass (csrc/cpu/fused_merge.h, `Finite`), so that the engine needs no
 from __future__ import annotations
 
 import math
+import struct
 
 from seme.methods import rng
 from seme.methods.inputs import Inputs, all_finite
@@ -33,7 +34,7 @@ FAMILY = {
     "della_linear": ("della_magprune", False),
 }
 GPU_METHODS = frozenset(FAMILY) | {"sce"}  # also in the CUDA and Triton kernels
-METHODS = GPU_METHODS | {"linear"}
+METHODS = GPU_METHODS | {"linear", "ram", "ramplus_tl"}
 _KERNEL = {None: _NONE, "magnitude": _RANK, "magnitude_outliers": _RANK, "random": _RANDOM,
            "della_magprune": _DELLA}
 
@@ -128,8 +129,28 @@ def launch(method: str, params: dict, *, base: int, others: list[int], out: int,
         return _C.sce_merge(select_topk=float(params["select_topk"]), **common)
     if method == "linear":
         return _C.linear_merge(weight=list(params["weight"]), normalize=params["normalize"], **common)
+    if method in ("ram", "ramplus_tl"):
+        scale = [1.0] * len(others)
+        if method == "ramplus_tl":
+            unique, shared = _C.ram_counts(base=base, others=others, n=n, in_dtype=in_dtype,
+                                           epsilon=params["epsilon"], num_threads=num_threads)
+            scale = ramplus_scales(unique, shared, params["r"], params["alpha"])
+        return _C.ram_merge(epsilon=params["epsilon"], scale=scale, **common)
     return _C.family_merge(cols=shape[-1] if len(shape) >= 2 else n,  # DELLA ranks along rows
                            **family_arguments(method, params, n, keys), **common)
+
+
+def ramplus_scales(unique: list[int], shared: list[int], r: float, alpha: float) -> list[float]:
+    """RAM+'s scale of each model's unique changes, 1 + r * clamp(shared / unique, 0, alpha), in fp32
+    step by step as the reference computes it (seme.methods.ram)."""
+    def f32(x: float) -> float:
+        return struct.unpack("f", struct.pack("f", x))[0]
+
+    scales = []
+    for u, s in zip(unique, shared):
+        ratio = min(max(f32(f32(s) / f32(max(u, 1))), 0.0), f32(alpha))
+        scales.append(f32(1.0 + f32(f32(r) * ratio)))
+    return scales
 
 
 def stream_keys(seed: int, name: str, others) -> list[int]:

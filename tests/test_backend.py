@@ -14,6 +14,7 @@ from seme.errors import SemeError
 @pytest.mark.skipif(not fused_merge.available(), reason="seme._C is not built")
 def test_auto_picks_the_cpp_kernel_where_it_covers_the_method():
     assert implementation("ties", "auto", torch.device("cpu"))[1]
+    assert implementation("ram", "auto", torch.device("cpu"))[1]
     assert not implementation("slerp", "auto", torch.device("cpu"))[1]
     assert not implementation("ties", "reference", torch.device("cpu"))[1]
     with pytest.raises(SemeError, match="no fused kernel for method 'slerp'"):
@@ -23,6 +24,7 @@ def test_auto_picks_the_cpp_kernel_where_it_covers_the_method():
 @pytest.mark.parametrize("method, params", [
     ("ties", {"weight": 1.0, "density": 0.3}), ("dare_ties", {"weight": 1.0, "density": 0.5}),
     ("sce", {"select_topk": 0.2}), ("della", {"weight": 1.0, "density": 0.5, "epsilon": 0.1}),
+    ("ramplus_tl", {"epsilon": 0.001, "r": 0.5}),
 ])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
 def test_fused_and_reference_backends_agree_on_whole_merges(llama_family, tmp_path, method, params, dtype):

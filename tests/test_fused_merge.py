@@ -318,3 +318,57 @@ def test_seme_fusion_reports_the_references_statistics(select_topk, shape, kind)
     assert inputs_finite and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6 * max(1.0, float(ref.abs().max())))
     assert stats == ref_stats
+
+
+RAM_PARAMS = [("ram", dict(epsilon=1e-5)), ("ram", dict(epsilon=0.05)), ("ramplus_tl", dict(r=0.1, alpha=0.2)),
+              ("ramplus_tl", dict(r=0.7, alpha=1.3, epsilon=0.05)), ("ramplus_tl", dict(r=0.3, alpha=0.05, epsilon=0.0))]
+
+
+def sparse_inputs(shape, k, dtype, seed):
+    """Base and k fine-tunes that each change about 40% of the elements (some equal to the base
+    exactly), so that elements changed by no model, by one and by several all occur."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    others = [base + 0.1 * torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < 0.4) for _ in range(k)]
+    return Inputs(tuple(t.to(dtype) for t in (base, *others)), base_index=0, name="w", seed=seed)
+
+
+RAM_CASES = [(shape, k, dtype) for shape in [(1,), (7,), (1023,), (33, 31)] for k in (1, 2, 3, 8)
+             for dtype in (torch.float32, torch.bfloat16, torch.float16)] + [(((1 << 20) + 3,), 3, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("shape,k,dtype", RAM_CASES)
+@pytest.mark.parametrize("name,params", RAM_PARAMS)
+def test_ram_is_bit_equal_to_its_reference(name, params, shape, k, dtype):
+    """The reference sums the models in order, as the kernel does, so every dtype matches bit for bit,
+    in fp32 and cast to the inputs' dtype."""
+    inputs = sparse_inputs(shape, k, dtype, seed=k)
+    p = registry.bind(registry.get(name), params, k + 1, 0, "test")
+    ref = registry.get(name).fn(inputs, p)
+    assert torch.equal(fused_merge.merge(name, inputs, p), ref)
+    out, inputs_finite, output_finite = fused_merge.merge(name, inputs, p, out_dtype=dtype, checks=True)
+    assert torch.equal(out, ref.to(dtype)) and inputs_finite and output_finite
+
+
+@pytest.mark.parametrize("name,params", RAM_PARAMS[1:4])
+def test_ram_threads_and_builds_agree(name, params):
+    inputs = sparse_inputs((3, 70001), 3, torch.bfloat16, seed=5)
+    p = registry.bind(registry.get(name), params, 4, 0, "test")
+    one = fused_merge.merge(name, inputs, p, num_threads=1)
+    assert torch.equal(one, fused_merge.merge(name, inputs, p, num_threads=2))
+    for isa in ISAS:
+        with cpu_isa(isa):
+            assert torch.equal(one, fused_merge.merge(name, inputs, p, num_threads=2)), isa
+
+
+@pytest.mark.parametrize("name", ["ram", "ramplus_tl"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_ram_nonfinite_inputs_propagate_as_in_the_reference(name, bad):
+    inputs = sparse_inputs((5000,), 3, torch.float32, seed=2)
+    tensors = [t.clone() for t in inputs.tensors]
+    tensors[2][4321] = bad
+    broken = Inputs(tuple(tensors), 0, "w")
+    p = registry.bind(registry.get(name), {}, 4, 0, "test")
+    out, inputs_finite, output_finite = fused_merge.merge(name, broken, p, checks=True)
+    assert not inputs_finite and not output_finite
+    torch.testing.assert_close(out, registry.get(name).fn(broken, p), equal_nan=True, rtol=0, atol=0)

@@ -1631,6 +1631,76 @@ Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool nor
   return ctx.finite();
 }
 
+// ------------------------------------------------------------ RAM
+
+void ram_counts(const Tensors& t, float epsilon, std::vector<int64_t>& unique, std::vector<int64_t>& shared) {
+  check(t);
+  Ctx ctx(t, kChunk, kBlock);
+  const int K = ctx.K;
+  std::vector<int64_t> counts(size_t(ctx.nt) * 2 * K, 0);  // [thread][unique, shared][model]: order-free sums
+  ctx.chunks([&](int th, int64_t, int64_t start, int64_t end) {
+    Scratch& s = ctx.scratch[th];
+    int64_t* u = counts.data() + size_t(th) * 2 * K;
+    int64_t* sh = u + K;
+    ctx.blocks(start, end, [&](int64_t off, int64_t len) {
+      ctx.load(s, off, len);
+      float* __restrict c = s.div.data();
+      for (int64_t j = 0; j < len; ++j) c[j] = 0.0f;
+      for (int k = 0; k < K; ++k) {
+        const float* __restrict d = ctx.delta(s, k);
+        for (int64_t j = 0; j < len; ++j) c[j] += std::fabs(d[j]) > epsilon ? 1.0f : 0.0f;
+      }
+      for (int k = 0; k < K; ++k) {
+        const float* __restrict d = ctx.delta(s, k);
+        int64_t nu = 0, ns = 0;
+        for (int64_t j = 0; j < len; ++j) {
+          const bool counted = std::fabs(d[j]) > epsilon;
+          nu += counted & (c[j] == 1.0f);
+          ns += counted & (c[j] > 1.0f);
+        }
+        u[k] += nu, sh[k] += ns;
+      }
+    });
+  });
+  unique.assign(K, 0), shared.assign(K, 0);
+  for (int th = 0; th < ctx.nt; ++th)
+    for (int k = 0; k < K; ++k) unique[k] += counts[size_t(th) * 2 * K + k], shared[k] += counts[size_t(th) * 2 * K + K + k];
+}
+
+Finite ram_merge(const Tensors& t, float epsilon, const std::vector<float>& scale) {
+  check(t);
+  Ctx ctx(t, kChunk, kBlock);
+  const int K = ctx.K;
+  if (scale.size() != size_t(K)) throw std::invalid_argument("ram_merge: one scale per non-base model");
+  ctx.chunks([&](int th, int64_t, int64_t start, int64_t end) {
+    Scratch& s = ctx.scratch[th];
+    ctx.blocks(start, end, [&](int64_t off, int64_t len) {
+      ctx.load(s, off, len, true);
+      float* __restrict c = s.div.data();
+      float* __restrict acc = s.acc.data();
+      const float* __restrict b = s.base.data();
+      for (int64_t j = 0; j < len; ++j) c[j] = 0.0f, acc[j] = 0.0f;
+      for (int k = 0; k < K; ++k) {
+        const float* __restrict d = ctx.delta(s, k);
+        for (int64_t j = 0; j < len; ++j) c[j] += std::fabs(d[j]) > epsilon ? 1.0f : 0.0f;
+      }
+      // The reference's order: (δ_k · counted) then · scale_k where one model changes the element,
+      // / max(c, 1) elsewhere, summed over k from 0, then added to the base.
+      for (int k = 0; k < K; ++k) {
+        const float* __restrict d = ctx.delta(s, k);
+        const float sk = scale[k];
+        for (int64_t j = 0; j < len; ++j) {
+          const float kept = d[j] * (std::fabs(d[j]) > epsilon ? 1.0f : 0.0f);
+          acc[j] += c[j] == 1.0f ? kept * sk : kept / std::max(c[j], 1.0f);
+        }
+      }
+      for (int64_t j = 0; j < len; ++j) acc[j] = b[j] + acc[j];
+      ctx.store(s, acc, off, len);
+    });
+  });
+  return ctx.finite();
+}
+
 }  // namespace SEME_ISA
 
 #ifndef SEME_AVX2
@@ -1640,6 +1710,9 @@ Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool nor
   Finite family_merge(const Tensors& t, const FamilyParams& p);                               \
   Finite sce_merge(const Tensors& t, double tau, SceStats* stats);                            \
   Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize);     \
+  void ram_counts(const Tensors& t, float epsilon, std::vector<int64_t>& unique,              \
+                  std::vector<int64_t>& shared);                                              \
+  Finite ram_merge(const Tensors& t, float epsilon, const std::vector<float>& scale);         \
   }
 SEME_DECLARE(avx2)
 SEME_DECLARE(avx512)
@@ -1665,18 +1738,29 @@ struct Kernels {
   decltype(&baseline::family_merge) family;
   decltype(&baseline::sce_merge) sce;
   decltype(&baseline::linear_merge) linear;
+  decltype(&baseline::ram_counts) ram_counts;
+  decltype(&baseline::ram_merge) ram;
 };
 
 static Kernels kernels(Isa i) {
-  if (i == Isa::avx512) return {avx512::family_merge, avx512::sce_merge, avx512::linear_merge};
-  if (i == Isa::avx2) return {avx2::family_merge, avx2::sce_merge, avx2::linear_merge};
-  return {baseline::family_merge, baseline::sce_merge, baseline::linear_merge};
+  if (i == Isa::avx512) return {avx512::family_merge, avx512::sce_merge, avx512::linear_merge, avx512::ram_counts,
+          avx512::ram_merge};
+  if (i == Isa::avx2) return {avx2::family_merge, avx2::sce_merge, avx2::linear_merge, avx2::ram_counts,
+          avx2::ram_merge};
+  return {baseline::family_merge, baseline::sce_merge, baseline::linear_merge, baseline::ram_counts,
+          baseline::ram_merge};
 }
 
 Finite family_merge(const Tensors& t, const FamilyParams& p) { return kernels(isa()).family(t, p); }
 Finite sce_merge(const Tensors& t, double tau, SceStats* stats) { return kernels(isa()).sce(t, tau, stats); }
 Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize) {
   return kernels(isa()).linear(t, weight, normalize);
+}
+void ram_counts(const Tensors& t, float epsilon, std::vector<int64_t>& unique, std::vector<int64_t>& shared) {
+  kernels(isa()).ram_counts(t, epsilon, unique, shared);
+}
+Finite ram_merge(const Tensors& t, float epsilon, const std::vector<float>& scale) {
+  return kernels(isa()).ram(t, epsilon, scale);
 }
 
 const char* active_isa() {
@@ -1688,6 +1772,12 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) { return baseline::
 Finite sce_merge(const Tensors& t, double tau, SceStats* stats) { return baseline::sce_merge(t, tau, stats); }
 Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize) {
   return baseline::linear_merge(t, weight, normalize);
+}
+void ram_counts(const Tensors& t, float epsilon, std::vector<int64_t>& unique, std::vector<int64_t>& shared) {
+  baseline::ram_counts(t, epsilon, unique, shared);
+}
+Finite ram_merge(const Tensors& t, float epsilon, const std::vector<float>& scale) {
+  return baseline::ram_merge(t, epsilon, scale);
 }
 const char* active_isa() { return "baseline"; }
 #endif

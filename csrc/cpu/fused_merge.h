@@ -1,4 +1,4 @@
-// Fused CPU (OpenMP) merge kernels for the task-vector family and SCE.
+// Fused CPU (OpenMP) merge kernels for the task-vector family, SCE, linear and RAM.
 //
 // Bit-compatible with the plain-torch references in seme/methods/task_vector.py: masks are
 // identical (exact rank selection with the (value, index) tie rule, the same Philox draws), and
@@ -71,6 +71,15 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats);
 // Linear: Σ_k w_k x_k over base (the first model) and others, divided by Σ w_k when normalize.
 // Finite.inputs is exact here: the inputs themselves are checked.
 Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize);
+
+// RAM and tensor-local RAM+ (seme/methods/ram.py). δ_k counts where |δ_k| > epsilon; an element
+// changed by one model takes that change times scale_k (1 for RAM), one changed by c > 1 models
+// Σ_k δ_k / c. An uncounted δ_k is multiplied by 0, as in the reference, so NaN stays NaN.
+Finite ram_merge(const Tensors& t, float epsilon, const std::vector<float>& scale);
+
+// RAM+'s tensor-wide counts, per model, of its counted δ_k that no other model changes (unique)
+// and that another model changes too (shared).
+void ram_counts(const Tensors& t, float epsilon, std::vector<int64_t>& unique, std::vector<int64_t>& shared);
 
 // Which build of the kernels runs: "avx512", "avx2" or "baseline".
 const char* active_isa();

@@ -29,11 +29,22 @@ def _changes(inputs: Inputs, epsilon: float):
     return base, deltas * counted, counted, counted.sum(dim=0)
 
 
+def _sum(terms: torch.Tensor) -> torch.Tensor:
+    """Σ over the models, one after the other from 0, as the fused kernel adds them (torch's sum over
+    the first dimension changes its order from 5 models on, with the tensor's size)."""
+    import torch
+
+    total = torch.zeros_like(terms[0])
+    for term in terms:
+        total += term
+    return total
+
+
 def ram(inputs: Inputs, p: dict) -> torch.Tensor:
     if not inputs.others:
         return inputs.base.to(compute_dtype(inputs.base))
     base, deltas, _, count = _changes(inputs, p["epsilon"])
-    return base + (deltas / count.clamp(min=1)).sum(dim=0)
+    return base + _sum(deltas / count.clamp(min=1))
 
 
 def ramplus_tl(inputs: Inputs, p: dict) -> torch.Tensor:
@@ -48,7 +59,7 @@ def ramplus_tl(inputs: Inputs, p: dict) -> torch.Tensor:
     # a model without unique changes has no element to scale: its ratio is moot (mergekit: shared / epsilon)
     ratio = shared_counts / unique_counts.clamp(min=1).to(deltas.dtype)
     scale = (1 + p["r"] * ratio.clamp(min=0, max=p["alpha"])).to(deltas.dtype).view(-1, *[1] * (deltas.dim() - 1))
-    return base + torch.where(unique, deltas * scale, deltas / count.clamp(min=1)).sum(dim=0)
+    return base + _sum(torch.where(unique, deltas * scale, deltas / count.clamp(min=1)))
 
 
 EPSILON = Param("epsilon", float, default=1e-5, minimum=0.0)
