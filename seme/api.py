@@ -45,12 +45,12 @@ def merge(config, out_dir: str, **options) -> dict:
 
     Options are those of the CLI (see `seme.options.OPTIONS`): device, backend, out_shard_size,
     max_memory, dry_run, overwrite, resume, buffered_writes, allow_nonfinite, progress, random_seed,
-    copy_tokenizer, write_model_card. Returns statistics of the run (or the plan's, with dry_run).
+    copy_tokenizer, write_model_card, intermediate_dir, lazy. A multi-stage recipe (several YAML
+    documents, `seme.stages`) is merged stage by stage. Returns statistics of the run (of its final
+    stage; the plan's, with dry_run).
     """
-    from seme import __version__
     from seme import config as recipe_config
     from seme.options import resolve
-    from seme.plan import make_plan
 
     opts = resolve(**options)
     shown = set()
@@ -63,28 +63,49 @@ def merge(config, out_dir: str, **options) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = show_once
-        recipe = recipe_config.load(config)
-        if opts["random_seed"] is not None:
-            recipe = recipe_config.with_seed(recipe, opts["random_seed"])
-        if recipe.chat_template is not None and not opts["copy_tokenizer"] and recipe.tokenizer_source is None:
-            raise SemeError("config: chat_template goes into the tokenizer files, which --no-copy-tokenizer leaves out")
-        plan = make_plan(recipe)
-        if opts["dry_run"]:
-            from seme.report import print_plan
+        docs, base_dir, path = recipe_config.documents(config)
+        if len(docs) == 1:
+            return _merge_recipe(recipe_config.validate(*docs[0], base_dir, path), out_dir, opts)
+        from seme import stages
 
-            print_plan(plan, sys.stdout)
-            return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes}
-        if opts["device"].startswith("cuda") and not _cuda_available():
-            raise SemeError(f"--device {opts['device']} was asked for, but torch sees no CUDA device")
-        from seme import executor
+        found = stages.plan(docs, base_dir, path, out_dir, opts["intermediate_dir"])
+        for stage in found:  # every stage's options checked before the first merge
+            _check_options(stage.recipe, opts)
+        return stages.run(found, lambda recipe, out, overwrite: _merge_recipe(recipe, out, {**opts, "overwrite": overwrite}),
+                          lazy=opts["lazy"], overwrite=opts["overwrite"], dry_run=opts["dry_run"], resume=opts["resume"])
 
-        progress = sys.stderr.isatty() if opts["progress"] is None else opts["progress"]
-        stats = executor.run(plan, out_dir, device=opts["device"], backend=opts["backend"],
-                             shard_size=opts["out_shard_size"],
-                             overwrite=opts["overwrite"], resume=opts["resume"],
-                             allow_nonfinite=opts["allow_nonfinite"], max_memory=opts["max_memory"],
-                             direct_io=not opts["buffered_writes"], tokenizer=opts["copy_tokenizer"],
-                             card=opts["write_model_card"], progress=progress, version=__version__)
+
+def _check_options(recipe, opts: dict) -> None:
+    if recipe.chat_template is not None and not opts["copy_tokenizer"] and recipe.tokenizer_source is None:
+        raise SemeError("config: chat_template goes into the tokenizer files, which --no-copy-tokenizer leaves out")
+
+
+def _merge_recipe(recipe, out_dir: str, opts: dict) -> dict:
+    """One validated recipe into `out_dir`, with resolved options."""
+    from seme import __version__
+    from seme import config as recipe_config
+    from seme.plan import make_plan
+
+    if opts["random_seed"] is not None:
+        recipe = recipe_config.with_seed(recipe, opts["random_seed"])
+    _check_options(recipe, opts)
+    plan = make_plan(recipe)
+    if opts["dry_run"]:
+        from seme.report import print_plan
+
+        print_plan(plan, sys.stdout)
+        return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes}
+    if opts["device"].startswith("cuda") and not _cuda_available():
+        raise SemeError(f"--device {opts['device']} was asked for, but torch sees no CUDA device")
+    from seme import executor
+
+    progress = sys.stderr.isatty() if opts["progress"] is None else opts["progress"]
+    stats = executor.run(plan, out_dir, device=opts["device"], backend=opts["backend"],
+                         shard_size=opts["out_shard_size"],
+                         overwrite=opts["overwrite"], resume=opts["resume"],
+                         allow_nonfinite=opts["allow_nonfinite"], max_memory=opts["max_memory"],
+                         direct_io=not opts["buffered_writes"], tokenizer=opts["copy_tokenizer"],
+                         card=opts["write_model_card"], progress=progress, version=__version__)
     seconds = max(stats["seconds"], 1e-9)
     print(f"seme: merged {stats['tensors']} tensors with {recipe.merge_method} "
           f"({stats['input_bytes'] / 1e9:.3f} GB in, {stats['input_bytes'] / 1e9 / seconds:.2f} GB/s) "

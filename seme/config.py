@@ -5,6 +5,7 @@ errors (with a did-you-mean), never silently ignored.
 """
 from __future__ import annotations
 
+import contextvars
 import fnmatch
 import os
 import re
@@ -25,6 +26,8 @@ MODEL_KEYS = {"model", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
 CONDITION_KEYS = {"value", "filter"}
+# Stage name -> output folder, while a stage of a multi-stage recipe is validated (see `validate`).
+_STAGE_OUTPUTS: contextvars.ContextVar[dict] = contextvars.ContextVar("stage_outputs", default={})
 
 
 @dataclass(frozen=True)
@@ -77,35 +80,59 @@ class Recipe:
 
 def load(path_or_text: str | os.PathLike | dict) -> Recipe:
     """Parse a recipe from a YAML file path, YAML text or an already-parsed dict."""
+    docs, base_dir, path = documents(path_or_text)
+    if len(docs) > 1:
+        raise SemeError(f"config holds {len(docs)} recipes (a multi-stage recipe, as mergekit-multimerge takes): "
+                        f"merge it with seme.merge or the command line, which run it stage by stage")
+    return validate(*docs[0], base_dir, path)
+
+
+def documents(path_or_text: str | os.PathLike | dict) -> tuple[list[tuple[Any, str]], str, str | None]:
+    """The YAML documents of a recipe file or text (several, separated by `---`, in a multi-stage
+    recipe), each parsed and with its own text; the folder relative paths start from; the file."""
     import yaml
 
     base_dir, path = os.getcwd(), None
     if isinstance(path_or_text, dict):
-        raw, text = path_or_text, yaml.safe_dump(path_or_text, sort_keys=False)
-    else:
-        text = str(path_or_text)
-        if "\n" not in text and (os.path.exists(text) or text.endswith((".yml", ".yaml"))):
-            if not os.path.exists(text):
-                raise SemeError(f"config file not found: {text}")
-            if os.path.isdir(text):
-                raise SemeError(f"config {text} is a folder, not a recipe file")
-            path, base_dir = os.path.abspath(text), os.path.dirname(os.path.abspath(text))
-            try:
-                with open(text, encoding="utf-8") as f:
-                    text = f.read()
-            except UnicodeDecodeError:
-                raise SemeError(f"config {path} is not UTF-8 text (a recipe is a YAML file)") from None
-            except OSError as e:
-                raise SemeError(f"config {path}: cannot read: {e.strerror}") from None
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise SemeError(f"config is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
-        if isinstance(raw, str) and "\n" not in text:  # one word that is no file: a path mistyped
+        return [(path_or_text, yaml.safe_dump(path_or_text, sort_keys=False))], base_dir, path
+    text = str(path_or_text)
+    if "\n" not in text and (os.path.exists(text) or text.endswith((".yml", ".yaml"))):
+        if not os.path.exists(text):
             raise SemeError(f"config file not found: {text}")
-    return _validate(raw, text, base_dir, path)
+        if os.path.isdir(text):
+            raise SemeError(f"config {text} is a folder, not a recipe file")
+        path, base_dir = os.path.abspath(text), os.path.dirname(os.path.abspath(text))
+        try:
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise SemeError(f"config {path} is not UTF-8 text (a recipe is a YAML file)") from None
+        except OSError as e:
+            raise SemeError(f"config {path}: cannot read: {e.strerror}") from None
+    try:
+        nodes = list(yaml.compose_all(text))
+        if len(nodes) > 1:  # each document's own text: the model card of its stage holds it
+            parts = [text[n.start_mark.index:n.end_mark.index] for n in nodes]
+            docs = [(yaml.safe_load(part), part) for part in parts]
+        else:
+            docs = [(yaml.safe_load(text), text)]
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SemeError(f"config is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if isinstance(docs[0][0], str) and "\n" not in text:  # one word that is no file: a path mistyped
+        raise SemeError(f"config file not found: {text}")
+    return docs, base_dir, path
+
+
+def validate(raw: Any, text: str, base_dir: str, path: str | None, stages: dict[str, str] | None = None) -> Recipe:
+    """One parsed recipe, validated; `stages` maps the names of earlier stages of a multi-stage
+    recipe to the folders they will be merged into, so that models may name them."""
+    token = _STAGE_OUTPUTS.set(stages or {})
+    try:
+        return _validate(raw, text, base_dir, path)
+    finally:
+        _STAGE_OUTPUTS.reset(token)
 
 
 def _check_keys(d: Any, allowed: set, where: str) -> None:
@@ -120,6 +147,8 @@ def _check_keys(d: Any, allowed: set, where: str) -> None:
 def _resolve_model(ref: Any, where: str, base_dir: str) -> str:
     if not isinstance(ref, str) or not ref:
         raise SemeError(f"{where}: model must be a path string, got {ref!r}")
+    if ref in _STAGE_OUTPUTS.get():  # an earlier stage's output, not merged yet
+        return _STAGE_OUTPUTS.get()[ref]
     path = os.path.expanduser(ref)
     if "+" in ref and not any(os.path.exists(p) for p in (path, os.path.join(base_dir, path))):
         chunks = ref.split("+")  # a LoRA reference, model+adapter, as mergekit writes it

@@ -19,16 +19,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true",
                         help="build two tiny fine-tunes of a tiny Llama and merge them (no downloads)")
     for o in OPTIONS:
-        flag = "--" + o.name.replace("_", "-")
+        flags = ["--" + o.name.replace("_", "-")] + ([o.short] if o.short else [])
         if o.parse is None:
-            parser.add_argument(flag, action="store_true" if o.default is False else argparse.BooleanOptionalAction,
+            parser.add_argument(*flags, action="store_true" if o.default is False else argparse.BooleanOptionalAction,
                                 default=o.default, help=o.help + (" (default: on)" if o.default else ""))
         else:
             shown = "" if o.default is None else f" (default: {o.default})"
-            parser.add_argument(flag, default=o.default, help=o.help + shown)
+            parser.add_argument(*flags, default=o.default, help=o.help + shown)
     mergekit = parser.add_argument_group("mergekit-yaml's flags", "accepted so that switching is a change of command")
     for f in MERGEKIT_FLAGS:
-        flags = ["--" + f.name.replace("_", "-")] + (["-j"] if f.name == "num_threads" else [])
+        flags = ["--" + f.name.replace("_", "-")] + ([f.short] if f.short else [])
         if f.takes is None:
             mergekit.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=f.effect)
         else:

@@ -50,6 +50,7 @@ class Option:
     default: Any
     help: str
     parse: Any = None  # value converter for non-flag options; None for boolean flags
+    short: str | None = None  # a one-letter flag beside --name, as mergekit spells it
 
 
 OPTIONS = (
@@ -71,6 +72,9 @@ OPTIONS = (
     Option("copy_tokenizer", True, "write the tokenizer files of the base (or first) model into the output; a "
            "tokenizer the recipe chooses (tokenizer_source, tokenizer) is written either way"),
     Option("write_model_card", True, "write a README.md model card that holds the recipe"),
+    Option("intermediate_dir", None, "where the named stages of a multi-stage recipe are merged (default: "
+           "OUT.stages)", str, short="-I"),
+    Option("lazy", True, "keep a named stage's folder that seme merged from the same recipe before"),
 )
 
 
@@ -85,6 +89,7 @@ class MergekitFlag:
     sets: dict = field(default_factory=dict)  # options it sets when on (unless given themselves)
     env: str | None = None  # environment variable its value goes to
     refused: tuple[bool, str] | None = None  # (the state seme refuses, why)
+    short: str | None = None
 
 
 MERGEKIT_FLAGS = (
@@ -93,7 +98,7 @@ MERGEKIT_FLAGS = (
     MergekitFlag("quiet", "same as --no-progress", sets={"progress": False}),
     MergekitFlag("transformers_cache", "the Hugging Face hub cache that model names are looked up in", str,
                  env="HF_HUB_CACHE"),
-    MergekitFlag("num_threads", "threads of the CPU kernels (OMP_NUM_THREADS)", int, env="OMP_NUM_THREADS"),
+    MergekitFlag("num_threads", "threads of the CPU kernels (OMP_NUM_THREADS)", int, env="OMP_NUM_THREADS", short="-j"),
     MergekitFlag("safe_serialization", "always on: seme writes safetensors",
                  refused=(False, "seme writes safetensors only; pickled checkpoints can run code when loaded")),
     MergekitFlag("unsafe_truncate_embeddings", "refused: give the models one vocabulary with tokenizer_source",

@@ -29,13 +29,15 @@ The merge is reproducible from this recipe alone (`python -m seme.merge recipe.y
 """
 
 
-def merged_by_seme(folder: str) -> bool:
-    """Whether `folder` holds a merge's output: its model card says it was merged with seme."""
+def merged_by_seme(folder: str, recipe_text: str | None = None) -> bool:
+    """Whether `folder` holds a merge's output: its model card says it was merged with seme (and,
+    given `recipe_text`, quotes that recipe)."""
     try:
         with open(os.path.join(folder, "README.md"), encoding="utf-8") as f:
-            return f"{SIGNATURE} " in f.read()
+            card = f.read()
     except (OSError, UnicodeDecodeError):
         return False
+    return f"{SIGNATURE} " in card and (recipe_text is None or f"```yaml\n{recipe_text.strip()}\n```" in card)
 
 
 def write_metadata(folder: str, plan, version: str, name: str, tokenizer: bool = True, card: bool = True) -> None:
