@@ -330,6 +330,16 @@ def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
                   token_sources, tuple(str(name) for name in raw.get("modules") or ()))
 
 
+def _source(entry: Any, where: str, base_dir: str, layered: bool) -> Source:
+    """One model of a `models:` list, or with `layered` one source of a slice (it has a layer_range)."""
+    _check_keys(entry, SOURCE_KEYS if layered else MODEL_KEYS, where)
+    if "model" not in entry or (layered and "layer_range" not in entry):
+        raise SemeError(f"{where}: needs 'model' and 'layer_range'" if layered else f"{where}: missing 'model'")
+    return Source(_resolve_model(entry["model"], where, base_dir),
+                  _layer_range(entry["layer_range"], where) if layered else None,
+                  _parameters(entry.get("parameters"), f"{where}.parameters"))
+
+
 def _inputs(raw: dict, prefix: str, base_model: str | None, base_dir: str, module: str | None = None,
             module_params: dict | None = None) -> list[tuple[str, Slice]]:
     """The output slices of a `models:` or `slices:` list (of the recipe, or of one module), each with
@@ -339,16 +349,8 @@ def _inputs(raw: dict, prefix: str, base_model: str | None, base_dir: str, modul
         models = raw["models"]
         if not isinstance(models, list) or not models:
             raise SemeError(f"config: '{prefix}models' must be a non-empty list")
-        sources = []
-        for i, entry in enumerate(models):
-            where = f"{prefix}models[{i}]"
-            if isinstance(entry, str):  # shorthand: a bare path
-                entry = {"model": entry}
-            _check_keys(entry, MODEL_KEYS, where)
-            if "model" not in entry:
-                raise SemeError(f"{where}: missing 'model'")
-            sources.append(Source(_resolve_model(entry["model"], where, base_dir), None,
-                                  _parameters(entry.get("parameters"), f"{where}.parameters")))
+        sources = [_source({"model": entry} if isinstance(entry, str) else entry,  # a bare path: shorthand
+                           f"{prefix}models[{i}]", base_dir, layered=False) for i, entry in enumerate(models)]
         if base_model and base_model not in {s.model for s in sources}:
             sources.append(Source(base_model))  # mergekit adds the base as an input, as here
         return [(f"{prefix}models", Slice(tuple(sources), module=module, module_parameters=module_params))]
@@ -366,15 +368,7 @@ def _inputs(raw: dict, prefix: str, base_model: str | None, base_dir: str, modul
         raw_sources = raw_slice.get("sources")
         if not isinstance(raw_sources, list) or not raw_sources:
             raise SemeError(f"{where}: 'sources' must be a non-empty list")
-        sources = []
-        for j, src in enumerate(raw_sources):
-            swhere = f"{where}.sources[{j}]"
-            _check_keys(src, SOURCE_KEYS, swhere)
-            if "model" not in src or "layer_range" not in src:
-                raise SemeError(f"{swhere}: needs 'model' and 'layer_range'")
-            sources.append(Source(_resolve_model(src["model"], swhere, base_dir),
-                                  _layer_range(src["layer_range"], swhere),
-                                  _parameters(src.get("parameters"), f"{swhere}.parameters")))
+        sources = [_source(src, f"{where}.sources[{j}]", base_dir, layered=True) for j, src in enumerate(raw_sources)]
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
         if len(lengths) > 1:
             raise SemeError(f"{where}: all sources of a slice must span the same number of layers, "

@@ -23,8 +23,12 @@ def build_llava(path, seed: int, vision_layers: int = 3):
                            num_hidden_layers=vision_layers, num_attention_heads=2, image_size=28, patch_size=14,
                            projection_dim=16),
         image_token_index=60, vision_feature_layer=-2)
+    return save_random(path, seed, transformers.LlavaForConditionalGeneration, config)
+
+
+def save_random(path, seed: int, model_class, config) -> str:
     torch.manual_seed(seed)
-    transformers.LlavaForConditionalGeneration(config).save_pretrained(path)
+    model_class(config).save_pretrained(path)
     return str(path)
 
 
@@ -37,9 +41,7 @@ def build_qwen2_vl(path, seed: int):
                          rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
         vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2))
-    torch.manual_seed(seed)
-    transformers.Qwen2VLForConditionalGeneration(config).save_pretrained(path)
-    return str(path)
+    return save_random(path, seed, transformers.Qwen2VLForConditionalGeneration, config)
 
 
 def build_gemma3(path, seed: int):
@@ -50,9 +52,7 @@ def build_gemma3(path, seed: int):
                          num_key_value_heads=2, vocab_size=300, head_dim=8),
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                            image_size=28, patch_size=14), mm_tokens_per_image=4)
-    torch.manual_seed(seed)
-    transformers.Gemma3ForConditionalGeneration(config).save_pretrained(path)
-    return str(path)
+    return save_random(path, seed, transformers.Gemma3ForConditionalGeneration, config)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,17 @@ def test_a_multimodal_model_merges_whole_with_gradients_per_stack(llavas, tmp_pa
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 9]])).logits).all()
 
 
+def assert_refused(r, message, tmp_path, capsys):
+    """The command line refuses recipe `r` with one line holding `message`, and writes nothing."""
+    path = tmp_path / "r.yml"
+    path.write_text(yaml.safe_dump(r))
+    capsys.readouterr()
+    assert main([str(path), str(tmp_path / "out")]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("seme: warning")]
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("case, message", [
     ("slices", "has several layer stacks (language_model.model.layers.* (2 layers), vision_tower.encoder.layers.* "
                "(3 layers)), which one layer_range cannot select: merge it whole with 'models:'"),
@@ -104,13 +115,7 @@ def test_what_a_multimodal_model_cannot_do_is_a_one_line_error(llavas, tmp_path,
         r = {"merge_method": "seme", "base_model": a, "models": [{"model": b}]}
     else:
         r = recipe([a, build_llava(tmp_path / "deep", 3, vision_layers=4)])
-    path = tmp_path / "r.yml"
-    path.write_text(yaml.safe_dump(r))
-    capsys.readouterr()
-    assert main([str(path), str(tmp_path / "out")]) == 2
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("seme: warning")]
-    assert len(err) == 1 and message in err[0], err
-    assert not (tmp_path / "out").exists()
+    assert_refused(r, message, tmp_path, capsys)
 
 
 def test_modules_merge_each_part_with_its_own_models_and_parameters(llavas, tmp_path):
@@ -225,10 +230,4 @@ def test_what_modules_cannot_do_is_a_one_line_error(llavas, tmp_path, capsys, ca
         mods["text_decoder"] = {"parameters": {"weight": 0.5}}
     else:
         mods["text_decoder"] = {"model": a}
-    path = tmp_path / "r.yml"
-    path.write_text(yaml.safe_dump(r))
-    capsys.readouterr()
-    assert main([str(path), str(tmp_path / "out")]) == 2
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("seme: warning")]
-    assert len(err) == 1 and message in err[0], err
-    assert not (tmp_path / "out").exists()
+    assert_refused(r, message, tmp_path, capsys)
