@@ -6,6 +6,7 @@ errors (with a did-you-mean), never silently ignored.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import fnmatch
 import os
 import re
@@ -26,8 +27,17 @@ MODEL_KEYS = {"model", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
 CONDITION_KEYS = {"value", "filter"}
-# Stage name -> output folder, while a stage of a multi-stage recipe is validated (see `validate`).
-_STAGE_OUTPUTS: contextvars.ContextVar[dict] = contextvars.ContextVar("stage_outputs", default={})
+
+
+@dataclass
+class _Resolving:
+    """What model references resolve against while one recipe is validated (see `validate`)."""
+
+    stages: dict  # stage name -> output folder, in a multi-stage recipe
+    hub: dict = field(default_factory=dict)  # found: hub snapshot folder -> the hub name it was given as
+
+
+_RESOLVING: contextvars.ContextVar[_Resolving] = contextvars.ContextVar("resolving", default=_Resolving({}))
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,18 @@ class Recipe:
     # of that token, or ("model_token", path, token id or token) for a row of the model's own vocabulary
     token_sources: dict = field(default_factory=dict)
     modules: tuple[str, ...] = ()  # the `modules:` names in recipe order; their slices are in `slices`
+    hub_names: dict = field(default_factory=dict)  # hub snapshot folder -> the name the recipe gave it
+
+    def written(self, ref: str) -> str:
+        """A resolved model reference (a folder, or model+adapter) as the recipe named it: hub
+        snapshots by their hub names, folders by their paths."""
+        return "+".join(self.hub_names.get(part, part) for part in split_reference(ref))
+
+    @property
+    def hub_models(self) -> list[str]:
+        """The hub repositories of the models merged (adapters aside), without revisions."""
+        found = (self.hub_names.get(split_reference(m)[0]) for m in self.models)
+        return list(dict.fromkeys(name.partition("@")[0] for name in found if name))
 
     @property
     def models(self) -> list[str]:
@@ -128,11 +150,13 @@ def documents(path_or_text: str | os.PathLike | dict) -> tuple[list[tuple[Any, s
 def validate(raw: Any, text: str, base_dir: str, path: str | None, stages: dict[str, str] | None = None) -> Recipe:
     """One parsed recipe, validated; `stages` maps the names of earlier stages of a multi-stage
     recipe to the folders they will be merged into, so that models may name them."""
-    token = _STAGE_OUTPUTS.set(stages or {})
+    resolving = _Resolving(stages or {})
+    token = _RESOLVING.set(resolving)
     try:
-        return _validate(raw, text, base_dir, path)
+        recipe = _validate(raw, text, base_dir, path)
     finally:
-        _STAGE_OUTPUTS.reset(token)
+        _RESOLVING.reset(token)
+    return dataclasses.replace(recipe, hub_names=resolving.hub)
 
 
 def _check_keys(d: Any, allowed: set, where: str) -> None:
@@ -147,8 +171,9 @@ def _check_keys(d: Any, allowed: set, where: str) -> None:
 def _resolve_model(ref: Any, where: str, base_dir: str) -> str:
     if not isinstance(ref, str) or not ref:
         raise SemeError(f"{where}: model must be a path string, got {ref!r}")
-    if ref in _STAGE_OUTPUTS.get():  # an earlier stage's output, not merged yet
-        return _STAGE_OUTPUTS.get()[ref]
+    resolving = _RESOLVING.get()
+    if ref in resolving.stages:  # an earlier stage's output, not merged yet
+        return resolving.stages[ref]
     path = os.path.expanduser(ref)
     if "+" in ref and not any(os.path.exists(p) for p in (path, os.path.join(base_dir, path))):
         chunks = ref.split("+")  # a LoRA reference, model+adapter, as mergekit writes it
@@ -157,12 +182,13 @@ def _resolve_model(ref: Any, where: str, base_dir: str) -> str:
         model, adapter = (_resolve_model(chunk, where, base_dir) for chunk in chunks)
         if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
             raise SemeError(f"{where}: {adapter} has no adapter_config.json (not a LoRA adapter)")
-        return f"{model}+{adapter}"
+        return join_reference(model, adapter)
     for candidate in (path, os.path.join(base_dir, path)):
         if os.path.isdir(candidate):
             return os.path.abspath(candidate)
     snapshot = _hub_snapshot(ref)
     if snapshot:
+        resolving.hub[snapshot] = ref
         return snapshot
     raise SemeError(f"{where}: model not found: {ref} is neither a local folder nor a model in the Hugging Face "
                     f"cache ({_hub_cache()}); seme does not download: fetch it first, e.g. `hf download {ref}`")
@@ -379,6 +405,22 @@ def _inputs(raw: dict, prefix: str, base_model: str | None, base_dir: str, modul
                                                                             f"{where}.parameters"),
                                     module, module_params)))
     return slices
+
+
+def join_reference(model: str, adapter: str | None = None) -> str:
+    """A resolved reference: the model folder, or model+adapter as mergekit writes LoRA references."""
+    return model if adapter is None else f"{model}+{adapter}"
+
+
+def split_reference(ref: str) -> tuple[str, ...]:
+    """(model folder,) or (model folder, adapter folder) of a resolved reference; folders that hold a
+    '+' stay whole."""
+    if os.path.isdir(ref):
+        return (ref,)
+    for i, c in enumerate(ref):
+        if c == "+" and os.path.isdir(ref[:i]) and os.path.isdir(ref[i + 1:]):
+            return ref[:i], ref[i + 1:]
+    return (ref,)
 
 
 def with_seed(recipe: Recipe, seed: int) -> Recipe:

@@ -213,6 +213,8 @@ def test_hub_names_resolve_to_the_local_hub_cache(llama_family, tmp_path, capsys
     names = {"base": "org/base", "expert0": f"org/expert0@{commit}", "expert1": "org/expert1@main"}
     assert main([write_recipe(tmp_path, ties(names)), str(tmp_path / "from-hub")]) == 0
     assert (tmp_path / "from-hub" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    card = (tmp_path / "from-hub" / "README.md").read_text()  # a revision names an input, not a hub repository
+    assert "\n- org/expert0\n" in card and f"- `org/expert0@{commit}`" in card
     capsys.readouterr()
     status, err, _ = run_cli(tmp_path, ties({**names, "base": "org/base@v2"}), capsys)
     assert status == 2 and err == [f"seme: error: base_model: model not found: org/base@v2 is neither a local folder "
@@ -336,4 +338,6 @@ def test_transformers_cache_flag_names_the_hub_cache(llama_family, tmp_path, cap
         names[name] = f"org/{name}"
     status, err, out = run_cli(tmp_path, ties(names), capsys, "--transformers-cache", str(cache))
     assert status == 0, err
-    assert f"`{cache}/models--org--base/snapshots/{commit}`" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()  # models as the recipe names them, and the hub's model tree
+    assert card.startswith("---\nbase_model:\n- org/expert0\n- org/expert1\n- org/base\nlibrary_name:")
+    assert "- `org/base`" in card and str(cache) not in card

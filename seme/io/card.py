@@ -7,7 +7,7 @@ import shutil
 
 SIGNATURE = "This model was merged with seme"  # how an earlier merge's output is recognised
 CARD = """---
-library_name: transformers
+{base_models}library_name: transformers
 tags:
 - seme
 - merge
@@ -61,8 +61,11 @@ def write_metadata(folder: str, plan, version: str, name: str, tokenizer: bool =
         chat_template.write(folder, plan.chat_template)
     if not card:
         return
-    models = "\n".join(f"- `{m.ref}`" for m in plan.models)
-    card = CARD.format(name=name, signature=SIGNATURE, version=version,
-                       method=plan.recipe.merge_method, models=models, recipe=plan.recipe.text.strip())
+    recipe = plan.recipe
+    models = "\n".join(f"- `{recipe.written(m.ref)}`" for m in plan.models)
+    hub = recipe.hub_models  # the hub's model tree links a merge to the models its card names as base_model
+    base_models = "base_model:\n" + "".join(f"- {m}\n" for m in hub) if hub else ""
+    card = CARD.format(base_models=base_models, name=name, signature=SIGNATURE, version=version,
+                       method=recipe.merge_method, models=models, recipe=recipe.text.strip())
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
         f.write(card)

@@ -16,16 +16,16 @@ class ModelFolder:
     @classmethod
     def open(cls, ref: str) -> "ModelFolder":
         """The model a resolved recipe reference names: a folder, or folder+adapter (both folders)."""
-        if not os.path.isdir(ref):
-            for i, c in enumerate(ref):
-                if c == "+" and os.path.isdir(ref[:i]) and os.path.isdir(ref[i + 1:]):
-                    return cls(ref[:i], ref[i + 1:])
-        return cls(ref)
+        from seme.config import split_reference
+
+        return cls(*split_reference(ref))
 
     def __init__(self, path: str, adapter: str | None = None):
         """The model in folder `path`, with the LoRA adapter in folder `adapter` applied as it is read."""
+        from seme.config import join_reference
+
         self.path = path
-        self.ref = path if adapter is None else f"{path}+{adapter}"  # as the recipe names it
+        self.ref = join_reference(path, adapter)  # as the resolved recipe names it
         self.name = os.path.basename(os.path.normpath(path))
         if adapter is not None:
             self.name += "+" + os.path.basename(os.path.normpath(adapter))
