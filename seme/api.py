@@ -97,7 +97,7 @@ def _merge_recipe(recipe, out_dir: str, opts: dict) -> dict:
         return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes}
     if opts["device"].startswith("cuda") and not _cuda_available():
         raise SemeError(f"--device {opts['device']} was asked for, but torch sees no CUDA device")
-    from seme import executor
+    from seme import distributed, executor
 
     progress = sys.stderr.isatty() if opts["progress"] is None else opts["progress"]
     stats = executor.run(plan, out_dir, device=opts["device"], backend=opts["backend"],
@@ -107,9 +107,10 @@ def _merge_recipe(recipe, out_dir: str, opts: dict) -> dict:
                          direct_io=not opts["buffered_writes"], tokenizer=opts["copy_tokenizer"],
                          card=opts["write_model_card"], progress=progress, version=__version__)
     seconds = max(stats["seconds"], 1e-9)
-    print(f"seme: merged {stats['tensors']} tensors with {recipe.merge_method} "
-          f"({stats['input_bytes'] / 1e9:.3f} GB in, {stats['input_bytes'] / 1e9 / seconds:.2f} GB/s) "
-          f"in {stats['seconds']:.2f} s -> {out_dir}", file=sys.stderr)
+    if distributed.reports():
+            print(f"seme: merged {stats['tensors']} tensors with {recipe.merge_method} "
+              f"({stats['input_bytes'] / 1e9:.3f} GB in, {stats['input_bytes'] / 1e9 / seconds:.2f} GB/s) "
+              f"in {stats['seconds']:.2f} s -> {out_dir}", file=sys.stderr)
     return stats
 
 

@@ -78,11 +78,12 @@ class Recipe:
     token_sources: dict = field(default_factory=dict)
     modules: tuple[str, ...] = ()  # the `modules:` names in recipe order; their slices are in `slices`
     hub_names: dict = field(default_factory=dict)  # hub snapshot folder -> the name the recipe gave it
+    stage_names: dict = field(default_factory=dict)  # output folder -> name, of a multi-stage recipe's stages
 
     def written(self, ref: str) -> str:
         """A resolved model reference (a folder, or model+adapter) as the recipe named it: hub
-        snapshots by their hub names, folders by their paths."""
-        return "+".join(self.hub_names.get(part, part) for part in split_reference(ref))
+        snapshots and earlier stages' outputs by their names, other folders by their paths."""
+        return "+".join(self.stage_names.get(part) or self.hub_names.get(part, part) for part in split_reference(ref))
 
     @property
     def hub_models(self) -> list[str]:
@@ -156,7 +157,8 @@ def validate(raw: Any, text: str, base_dir: str, path: str | None, stages: dict[
         recipe = _validate(raw, text, base_dir, path)
     finally:
         _RESOLVING.reset(token)
-    return dataclasses.replace(recipe, hub_names=resolving.hub)
+    return dataclasses.replace(recipe, hub_names=resolving.hub,
+                               stage_names={folder: name for name, folder in (stages or {}).items()})
 
 
 def _check_keys(d: Any, allowed: set, where: str) -> None:

@@ -41,6 +41,12 @@ class Group:
 SINGLE = Group(0, 1, 0)
 
 
+def reports() -> bool:
+    """Whether this process says what the merge did: under torchrun, rank 0 alone (the others would
+    repeat its lines)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def current(device: str) -> Group:
     """The torchrun group this process belongs to (initialised on first use), or SINGLE."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -85,6 +85,7 @@ def run(stages: list[Stage], merge_one, *, lazy: bool, overwrite: bool, dry_run:
     """Merge the stages in order with `merge_one(recipe, out_dir, overwrite) -> stats`; returns the
     final stage's statistics. With `lazy`, a named stage whose folder holds seme's merge of the
     same recipe (its model card says so), from inputs not merged again in this run, is kept."""
+    from seme.distributed import reports
     from seme.executor import not_empty
     from seme.io.card import merged_by_seme
 
@@ -104,9 +105,11 @@ def run(stages: list[Stage], merge_one, *, lazy: bool, overwrite: bool, dry_run:
             stats = merge_one(stage.recipe, stage.out_dir, overwrite)
             continue
         if not stage.final and lazy and not (stage.needs & merged) and merged_by_seme(stage.out_dir, stage.recipe.text):
-            print(f"{label}: kept {stage.out_dir}, merged from this recipe before", file=sys.stderr)
+            if reports():
+                print(f"{label}: kept {stage.out_dir}, merged from this recipe before", file=sys.stderr)
             continue
-        print(f"{label} -> {stage.out_dir}", file=sys.stderr)
+        if reports():
+            print(f"{label} -> {stage.out_dir}", file=sys.stderr)
         # an intermediate folder seme merged before is replaced: it is this recipe's working space
         stats = merge_one(stage.recipe, stage.out_dir, overwrite or (not stage.final and merged_by_seme(stage.out_dir)))
         merged.add(stage.name)
