@@ -17,12 +17,13 @@ import sys
 import threading
 import time
 
-from seme import distributed
+from seme import distributed, fused_merge
 from seme.engine import make_engine
 from seme.errors import SemeError
 from seme.io.card import write_metadata
 from seme.io.safetensors_file import DTYPE_SIZES
 from seme.io.writer import ShardWriter
+from seme.methods import registry
 from seme.plan import Plan
 
 
@@ -66,9 +67,11 @@ class Progress:
         return time.perf_counter() - self.start
 
 
+READ_AHEAD = 4 * 10**9  # without --max-memory: the bytes of the next tensors read while one merges
+
 def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto", shard_size: int = 5 * 10**9,
         overwrite: bool = False, resume: bool = False, allow_nonfinite: bool = False, progress: bool = False,
-        version: str = "", max_memory: int = 4 * 10**9, direct_io: bool = True, tokenizer: bool = True,
+        version: str = "", max_memory: int | None = None, direct_io: bool = True, tokenizer: bool = True,
         card: bool = True) -> dict:
     """Execute `plan` into `out_dir`: built in `OUT.seme-partial`, published by rename when complete.
 
@@ -80,11 +83,14 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
     allows it (`seme.io.writer`). `tokenizer` and `card`: whether the output gets the reference's
     tokenizer files and a model card (`seme.io.card.write_metadata`).
     """
-    largest = max((_input_bytes(plan, t) + _working_bytes(plan, t) + 3 * t.nbytes for t in plan.tasks), default=0)
+    largest = max((_input_bytes(plan, t) + _working_bytes(plan, t, device, backend) + 3 * t.nbytes
+                   for t in plan.tasks), default=0)
+    if max_memory is None:
+        max_memory = largest + READ_AHEAD
     if largest > max_memory:
         raise SemeError(f"--max-memory {max_memory / 1e9:.2f} GB is below what the largest tensor needs "
-                        f"(inputs, their adapted or re-mapped copies, result and two results waiting to be "
-                        f"written: {largest / 1e9:.2f} GB)")
+                        f"(inputs, their adapted or re-mapped copies, the method's temporaries, result and two "
+                        f"results waiting to be written: {largest / 1e9:.2f} GB)")
     group = distributed.current(device)
     if device.startswith("cuda") and group.world > 1:
         device = f"cuda:{group.local_rank}"
@@ -239,10 +245,14 @@ def _input_bytes(plan: Plan, task) -> int:
     return sum(plan.models[m].tensors[n].nbytes for m, n in task.inputs)
 
 
-def _working_bytes(plan: Plan, task) -> int:
+def _working_bytes(plan: Plan, task, device: str, backend: str) -> int:
     """What a task holds beyond its mapped inputs: an adapted input's copy and temporaries
-    (LoraAdapter.working_bytes), and a vocabulary re-mapping's copies of the inputs
-    (seme.vocabulary.Remap.apply: one per input, with the output's rows, in the widest input dtype)."""
+    (LoraAdapter.working_bytes), a vocabulary re-mapping's copies of the inputs
+    (seme.vocabulary.Remap.apply: one per input, with the output's rows, in the widest input dtype),
+    and, on the CPU, a plain-torch merge's temporaries (Method.peak_buffers: where no fused kernel
+    serves the method, or the merge is in float64). On a GPU those are the GPU's memory."""
+    if task.copy:
+        return 0
     held = 0
     for m, n in task.inputs:
         if plan.models[m].adapted(n):
@@ -250,6 +260,14 @@ def _working_bytes(plan: Plan, task) -> int:
     if task.remap_rows:
         width = max(DTYPE_SIZES[plan.models[m].tensors[n].dtype] for m, n in task.inputs)
         held += len(task.inputs) * math.prod(task.shape) * width
+    if device != "cpu":
+        return held
+    method = plan.recipe.merge_method
+    wide = task.compute_dtype == "float64" or any(plan.models[m].tensors[n].dtype == "F64" for m, n in task.inputs)
+    fused = backend != "reference" and fused_merge.available() and method in fused_merge.METHODS | {"seme"}
+    if wide or not fused:
+        held += registry.get(plan.recipe.merge_method).working_bytes(len(task.inputs), math.prod(task.shape),
+                                                                     8 if wide else 4)
     return held
 
 

@@ -59,7 +59,8 @@ OPTIONS = (
            "(plain torch)", parse_backend),
     Option("out_shard_size", "5GB", "maximum size of one output shard, e.g. 2GB, 500MB (or mergekit's 500M, 5B)",
            parse_size),
-    Option("max_memory", "4GB", "bound on the bytes held at once (read-ahead, merge, pending writes)", parse_size),
+    Option("max_memory", None, "bound on the bytes held at once: read-ahead, the merge (its temporaries too) and "
+           "pending writes (default: what the largest tensor needs, plus 4GB of read-ahead)", parse_size),
     Option("dry_run", False, "print the plan (tensors, bytes, method and parameters per tensor) and exit"),
     Option("overwrite", False, "replace a non-empty output folder (or an interrupted merge's staging folder)"),
     Option("resume", False, "continue an interrupted merge from its finished shards"),

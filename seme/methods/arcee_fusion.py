@@ -43,4 +43,4 @@ def arcee_fusion(inputs: Inputs, p: dict) -> torch.Tensor:
 
 
 register(Method("arcee_fusion", arcee_fusion, (), base="required", min_inputs=2, max_inputs=2,
-                reference="https://arcee.ai"))
+                peak_buffers=(3.0, 2.0), reference="https://arcee.ai"))

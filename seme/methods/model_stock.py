@@ -37,4 +37,4 @@ def model_stock(inputs: Inputs, p: dict) -> torch.Tensor:
 
 
 register(Method("model_stock", model_stock, (Param("filter_wise", bool, default=False),), base="required",
-                min_inputs=3, reference="https://arxiv.org/abs/2403.19522"))
+                min_inputs=3, peak_buffers=(3.0, 2.0), reference="https://arxiv.org/abs/2403.19522"))

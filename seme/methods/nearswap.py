@@ -21,4 +21,4 @@ def nearswap(inputs: Inputs, p: dict) -> torch.Tensor:
 
 
 register(Method("nearswap", nearswap, (Param("t", float, minimum=0.0),), base="required", min_inputs=2,
-                max_inputs=2, reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"))
+                max_inputs=2, peak_buffers=(3.0, 2.0), reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"))

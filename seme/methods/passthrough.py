@@ -16,4 +16,5 @@ def passthrough(inputs: Inputs, p: dict) -> torch.Tensor:
     return tensor if scale is None else tensor * scale
 
 
-register(Method("passthrough", passthrough, (Param("scale", float, INPUT, default=None),), max_inputs=1))
+register(Method("passthrough", passthrough, (Param("scale", float, INPUT, default=None),), max_inputs=1,
+                peak_buffers=(1.0, 0.0)))

@@ -63,7 +63,8 @@ def ramplus_tl(inputs: Inputs, p: dict) -> torch.Tensor:
 
 
 EPSILON = Param("epsilon", float, default=1e-5, minimum=0.0)
-register(Method("ram", ram, (EPSILON,), base="required", reference="https://arxiv.org/abs/2601.13572"))
+register(Method("ram", ram, (EPSILON,), base="required", peak_buffers=(2.0, 4.0),
+                reference="https://arxiv.org/abs/2601.13572"))
 register(Method("ramplus_tl", ramplus_tl, (Param("r", float, default=0.1, minimum=0.0),
                                            Param("alpha", float, default=0.2, minimum=0.0), EPSILON),
-                base="required", reference="https://arxiv.org/abs/2601.13572"))
+                base="required", peak_buffers=(3.0, 4.0), reference="https://arxiv.org/abs/2601.13572"))

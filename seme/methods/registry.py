@@ -68,10 +68,18 @@ class Method:
     max_non_base: int | None = None
     randomized: bool = False
     reference: str = ""
+    # (a, b): the reference merge of tensors of n elements holds at most a + b * (inputs) fp32 tensors of
+    # n elements at once, its result included (tests/test_memory.py measures it); --max-memory counts it
+    peak_buffers: tuple[float, float] = (2.0, 4.0)
     param_index: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "param_index", {p.name: p for p in self.params})
+
+    def working_bytes(self, n_inputs: int, numel: int, element_size: int = 4) -> int:
+        """What the reference merge of `n_inputs` tensors of `numel` elements holds at its peak."""
+        a, b = self.peak_buffers
+        return int((a + b * n_inputs) * numel * element_size)
 
     def check_inputs(self, n_inputs: int, has_base: bool) -> str | None:
         """The reason why this many inputs cannot be merged, or None."""

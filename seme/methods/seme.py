@@ -92,5 +92,5 @@ def stabilize(inputs: Inputs, p: dict, mean_drift: Callable[[torch.Tensor], floa
     return sce_mean(base, kept, erase, weights), scales.tolist(), (weights / weights.sum()).tolist()
 
 
-register(Method("seme", seme_fuse, PARAMS, base="required", min_non_base=1,
+register(Method("seme", seme_fuse, PARAMS, base="required", min_non_base=1, peak_buffers=(1.0, 4.0),
                 reference="docs/method.md"))

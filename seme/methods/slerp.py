@@ -150,18 +150,19 @@ def karcher(inputs: Inputs, p: dict) -> torch.Tensor:
 
 
 register(Method("slerp", slerp, (Param("t", float),), base="required", min_inputs=2, max_inputs=2,
-                reference="https://en.wikipedia.org/wiki/Slerp"))
+                peak_buffers=(2.0, 2.0), reference="https://en.wikipedia.org/wiki/Slerp"))
 register(Method("nuslerp", nuslerp, (
     Param("weight", float, NON_BASE),
     Param("nuslerp_row_wise", bool, default=False),
     Param("nuslerp_flatten", bool, default=True),
-), base="optional", min_non_base=2, max_non_base=2))
+), base="optional", min_non_base=2, max_non_base=2, peak_buffers=(3.0, 3.0)))
 register(Method("multislerp", multislerp, (
     Param("weight", float, NON_BASE),
     Param("normalize_weights", bool, default=True),
     Param("eps", float, default=1e-8, minimum=0.0),
-), base="optional", min_non_base=1, reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"))
+), base="optional", min_non_base=1, peak_buffers=(2.0, 4.0),
+    reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"))
 register(Method("karcher", karcher, (
     Param("max_iter", int, default=10, minimum=0),
     Param("tol", float, default=1e-5, minimum=0.0),
-), reference="https://en.wikipedia.org/wiki/Fr%C3%A9chet_mean"))
+), peak_buffers=(5.5, 2.0), reference="https://en.wikipedia.org/wiki/Fr%C3%A9chet_mean"))

@@ -128,7 +128,7 @@ def _family_merge(sparsification: str | None, consensus: bool):
     return merge
 
 
-def _register_family(name, sparsification, consensus, normalize, rescale, reference):
+def _register_family(name, sparsification, consensus, normalize, rescale, peak_buffers, reference):
     params = [
         Param("weight", float, NON_BASE),
         Param("density", float, NON_BASE, default=1.0, minimum=0.0, maximum=1.0),
@@ -142,17 +142,18 @@ def _register_family(name, sparsification, consensus, normalize, rescale, refere
     if sparsification == "della_magprune":
         params.append(Param("epsilon", float, NON_BASE, default=0.15, minimum=0.0, maximum=0.5))
     register(Method(name, _family_merge(sparsification, consensus), tuple(params), base="required",
-                    randomized=sparsification in ("random", "della_magprune"), reference=reference))
+                    randomized=sparsification in ("random", "della_magprune"), peak_buffers=peak_buffers,
+                    reference=reference))
 
 
-_register_family("task_arithmetic", None, False, False, False, "https://arxiv.org/abs/2212.04089")
-_register_family("ties", "magnitude", True, True, False, "https://arxiv.org/abs/2306.01708")
-_register_family("dare_ties", "random", True, False, True, "https://arxiv.org/abs/2311.03099")
-_register_family("dare_linear", "random", False, False, True, "https://arxiv.org/abs/2311.03099")
-_register_family("breadcrumbs", "magnitude_outliers", False, False, False, "https://arxiv.org/abs/2312.06795")
-_register_family("breadcrumbs_ties", "magnitude_outliers", True, False, False, "https://arxiv.org/abs/2312.06795")
-_register_family("della", "della_magprune", True, True, True, "https://arxiv.org/abs/2406.11617")
-_register_family("della_linear", "della_magprune", False, False, True, "https://arxiv.org/abs/2406.11617")
+_register_family("task_arithmetic", None, False, False, False, (1.0, 2.0), "https://arxiv.org/abs/2212.04089")
+_register_family("ties", "magnitude", True, True, False, (2.5, 3.0), "https://arxiv.org/abs/2306.01708")
+_register_family("dare_ties", "random", True, False, True, (3.0, 3.0), "https://arxiv.org/abs/2311.03099")
+_register_family("dare_linear", "random", False, False, True, (5.5, 1.5), "https://arxiv.org/abs/2311.03099")
+_register_family("breadcrumbs", "magnitude_outliers", False, False, False, (5.5, 1.5), "https://arxiv.org/abs/2312.06795")
+_register_family("breadcrumbs_ties", "magnitude_outliers", True, False, False, (2.5, 3.0), "https://arxiv.org/abs/2312.06795")
+_register_family("della", "della_magprune", True, True, True, (4.5, 2.5), "https://arxiv.org/abs/2406.11617")
+_register_family("della_linear", "della_magprune", False, False, True, (6.5, 1.5), "https://arxiv.org/abs/2406.11617")
 
 
 def sce_select_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
@@ -211,4 +212,4 @@ def sce(inputs: Inputs, p: dict):
 register(Method("sce", sce, (
     Param("select_topk", float, default=1.0, minimum=0.0, maximum=1.0),
     Param("int8_mask", bool, default=False),
-), base="required", reference="https://arxiv.org/abs/2408.07990"))
+), base="required", peak_buffers=(1.0, 4.0), reference="https://arxiv.org/abs/2408.07990"))

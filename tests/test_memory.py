@@ -1,0 +1,110 @@
+"""What a plain-torch (reference) merge holds at its peak is what its method declares
+(`Method.peak_buffers`), so that --max-memory counts it before the merge starts.
+
+One subprocess measures every method: resident memory's high-water mark (VmHWM, reset through
+/proc/self/clear_refs) over a merge of 2^18-element tensors, with glibc returning every freed
+buffer to the system (MALLOC_MMAP_THRESHOLD_), in units of fp32 tensors of that size."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+N = 1 << 18
+PARAMS = {"linear": {"weight": 1.0}, "slerp": {"t": 0.3}, "nearswap": {"t": 0.01}, "nuslerp": {"weight": 0.5},
+          "multislerp": {"weight": 0.5}, "karcher": {}, "model_stock": {}, "arcee_fusion": {}, "passthrough": {},
+          "sce": {"select_topk": 0.3}, "seme": {"select_topk": 0.3}, "ram": {}, "ramplus_tl": {},
+          **{m: {"weight": 1.0, "density": 0.3} for m in ("task_arithmetic", "ties", "dare_ties", "dare_linear",
+                                                           "breadcrumbs", "breadcrumbs_ties")},
+          **{m: {"weight": 1.0, "density": 0.5, "epsilon": 0.1} for m in ("della", "della_linear")}}
+
+
+def measure() -> dict:
+    """{method: {inputs: [(dtype, fp32 buffers at the peak)]}}, for the fewest, 2, 3 and 5 inputs (those a method
+    takes), fp32 and bf16 inputs."""
+    import torch
+
+    from seme.methods import registry
+    from seme.methods.inputs import Inputs
+
+    def resident(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    found = {}
+    for name in registry.names():
+        method = registry.get(name)
+        valid = [k for k in range(1, 6) if method.check_inputs(k, method.base != "ignored") is None]
+        for k in sorted({valid[0], valid[-1]} | ({2, 3} & set(valid))):
+            base_index = 0 if method.base != "ignored" else None
+            params = registry.bind(method, PARAMS[name], k, base_index, "test")
+            for dtype in (torch.float32, torch.bfloat16):
+                g = torch.Generator().manual_seed(0)
+                base = torch.randn(N, generator=g)
+                tensors = [base.to(dtype)] + [(base + 0.01 * torch.randn(N, generator=g)).to(dtype) for _ in range(k - 1)]
+                del base
+                inputs = Inputs(tuple(tensors), base_index, "model.layers.0.mlp.up_proj.weight")
+                small = Inputs(tuple(t[:4096].clone() for t in tensors), base_index, "w")
+                method.fn(small, params)  # lazy initialisations are not the merge's
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                before = resident("VmRSS:")
+                result = method.fn(inputs, params)
+                peak = resident("VmHWM:") - before
+                del result
+                found.setdefault(name, {}).setdefault(k, []).append((str(dtype), peak / (N * 4)))
+    return found
+
+
+@pytest.fixture(scope="module")
+def peaks():
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the resident high-water mark")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_every_reference_merge_stays_within_its_declared_peak(peaks):
+    from seme.methods import registry
+
+    for name, by_count in peaks.items():
+        a, b = registry.get(name).peak_buffers
+        for k, measured in by_count.items():
+            for dtype, buffers in measured:
+                assert buffers <= a + b * int(k), f"{name}, {k} {dtype} inputs: {buffers:.2f} > {a} + {b} x {k}"
+        # and tightly enough to be of use: within 4.5 buffers of what the most inputs measured need
+        k = max(by_count, key=int)
+        loose = a + b * int(k) - max(buffers for _, buffers in by_count[k])
+        assert loose <= 4.5, f"{name}: declared {a} + {b} k is loose by {loose:.1f} buffers at {k} inputs"
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure()))
+
+
+def test_max_memory_counts_the_temporaries_of_a_plain_torch_merge(llama_family, tmp_path):
+    import seme
+    from seme.errors import SemeError
+    from seme.methods import registry
+
+    # the largest tensors: embedding and head, 96 x 32 fp32 (12288 bytes); SLERP has no fused kernel
+    recipe = {"merge_method": "slerp", "base_model": llama_family["base"], "parameters": {"t": 0.5},
+              "models": [{"model": llama_family["base"]}, {"model": llama_family["expert0"]}]}
+    numel = 96 * 32
+    needed = 2 * 4 * numel + 3 * 4 * numel + registry.get("slerp").working_bytes(2, numel)
+    with pytest.raises(SemeError, match="the method's temporaries"):
+        seme.merge(recipe, str(tmp_path / "short"), progress=False, max_memory=needed - 1)
+    seme.merge(recipe, str(tmp_path / "enough"), progress=False, max_memory=needed)
+    seme.merge(recipe, str(tmp_path / "default"), progress=False)  # the default fits the largest tensor
+    # a fused kernel's merge holds no temporaries of that size: TIES fits where its reference would not
+    ties = {"merge_method": "ties", "base_model": llama_family["base"], "parameters": {"weight": 1.0, "density": 0.5},
+            "models": [{"model": llama_family["expert0"]}]}
+    seme.merge(ties, str(tmp_path / "fused"), progress=False, max_memory=5 * 4 * numel)
+    with pytest.raises(SemeError, match="the method's temporaries"):
+        seme.merge(ties, str(tmp_path / "reference"), progress=False, max_memory=5 * 4 * numel, backend="reference")
