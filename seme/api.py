@@ -93,7 +93,7 @@ def _merge_recipe(recipe, out_dir: str, opts: dict) -> dict:
     if opts["dry_run"]:
         from seme.report import print_plan
 
-        print_plan(plan, sys.stdout)
+        print_plan(plan, sys.stdout, opts["device"], opts["backend"])
         return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes}
     if opts["device"].startswith("cuda") and not _cuda_available():
         raise SemeError(f"--device {opts['device']} was asked for, but torch sees no CUDA device")

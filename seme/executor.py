@@ -79,12 +79,11 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
     keeps the staging folder; `resume` continues from its finished shards (bit-identical result).
     Under torchrun, each rank writes its share of the shards and rank 0 publishes. `max_memory`
     bounds the bytes held at once: read-ahead inputs, the tensor being merged and results waiting
-    to be written. With `direct_io`, shards are written around the page cache where the filesystem
+    to be written (None: `largest_need` plus READ_AHEAD). With `direct_io`, shards are written around the page cache where the filesystem
     allows it (`seme.io.writer`). `tokenizer` and `card`: whether the output gets the reference's
     tokenizer files and a model card (`seme.io.card.write_metadata`).
     """
-    largest = max((_input_bytes(plan, t) + _working_bytes(plan, t, device, backend) + 3 * t.nbytes
-                   for t in plan.tasks), default=0)
+    largest, _ = largest_need(plan, device, backend)
     if max_memory is None:
         max_memory = largest + READ_AHEAD
     if largest > max_memory:
@@ -239,6 +238,13 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
     seconds = bar.finish()
     return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes,
             "seconds": seconds, "writer": writer, "semantic": engine.semantic}
+
+
+def largest_need(plan: Plan, device: str, backend: str) -> tuple[int, str | None]:
+    """The most bytes one tensor's merge holds (its inputs, their adapted or re-mapped copies, the
+    method's temporaries, the result and two results waiting to be written), and that tensor."""
+    return max(((_input_bytes(plan, t) + _working_bytes(plan, t, device, backend) + 3 * t.nbytes, t.name)
+                for t in plan.tasks), default=(0, None))
 
 
 def _input_bytes(plan: Plan, task) -> int:

@@ -10,7 +10,9 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def print_plan(plan, out) -> None:
+def print_plan(plan, out, device: str = "cpu", backend: str = "auto") -> None:
+    from seme.executor import largest_need
+
     recipe = plan.recipe
     names = [m.name for m in plan.models]
     out.write(f"method: {recipe.merge_method}\n")
@@ -19,6 +21,9 @@ def print_plan(plan, out) -> None:
     out.write(f"output: {len(plan.tasks)} tensors, {plan.output_bytes / 1e9:.3f} GB written, "
               f"{plan.input_bytes / 1e9:.3f} GB read; layers: "
               f"{plan.num_layers}\n")
+    need, name = largest_need(plan, device, backend)
+    out.write(f"memory: {need} B ({need / 2**20:.1f} MiB) for the largest tensor's merge, {name}: the least "
+              f"--max-memory takes\n")
     out.write(f"tokenizer from: {plan.tokenizer_model.path}\n")
     if plan.vocabulary is not None:
         out.write(f"vocabulary: {plan.recipe.tokenizer_source}, {plan.vocabulary.tokens} tokens in "
