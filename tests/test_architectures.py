@@ -27,7 +27,15 @@ FAMILIES = {
     # Phi3's default pad_token_id (32000) is outside the tiny vocabulary.
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128)),
+    # mixtures of experts: checkpoints hold one tensor per expert, transformers fuses them in memory
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(DECODER, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(DECODER, head_dim=8, num_experts=4,
+                                                                 num_experts_per_tok=2, moe_intermediate_size=16)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(DECODER, num_experts=4, num_experts_per_tok=2,
+                                                                 moe_intermediate_size=16,
+                                                                 shared_expert_intermediate_size=24)),
 }
+MOE = {"mixtral", "qwen3_moe", "qwen2_moe"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -102,17 +110,21 @@ def test_checkpoint_roles(saved, case):
     tied = arch.tied(config)
     assert tied == ("lm_head.weight" not in shapes)
     assert tied == model.config.tie_word_embeddings
+    experts = range(config.get("num_local_experts", config.get("num_experts", 0)))
     for template, spec in arch.tensors.items():
         if spec.optional or (tied and spec.role == "lm_head"):
             continue
         layers = range(arch.num_layers(config)) if "{layer}" in template else [None]
         for i in layers:
-            assert (arch.layer_name(template, i) if i is not None else template) in shapes, template
+            name = arch.layer_name(template, i) if i is not None else template
+            for e in experts if "{expert}" in template else [None]:
+                assert (name if e is None else name.replace("{expert}", str(e))) in shapes, template
         if spec.tied_to:
             assert spec.tied_to in shapes
 
-    # The in-memory state dict (which keeps a tied lm_head) is fully classified as well.
-    assert all(arch.role(k) is not None for k in model.state_dict())
+    # The in-memory state dict (which keeps a tied lm_head) is fully classified as well, where it
+    # names tensors as checkpoints do (not a mixture of experts' fused ones).
+    assert family in MOE or all(arch.role(k) is not None for k in model.state_dict())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -136,14 +148,64 @@ def test_norm_feeds_read(saved, family):
     for h in handles:
         h.remove()
 
-    for name in shapes:
+    for name in (n for n in shapes if module(n) in modules):  # experts are fused in memory: no module each
         r = arch.role(name)
         if r.role == "read":
-            assert inputs[module(name)] is outputs[module(r.norm)], name
+            x, y = inputs[module(name)], outputs[module(r.norm)]  # the same tensor, or a view of it (a router's)
+            assert x is y or (x.data_ptr() == y.data_ptr() and x.numel() == y.numel()), name
         elif r.role == "write_norm":
             writes = [module(n) for n in shapes
                       if arch.role(n).role == "write" and arch.role(n).layer == r.layer]
             assert any(inputs[module(name)] is outputs[w] for w in writes), name
+
+
+ROTATABLE = [f for f in FAMILIES if not {s.role for s in for_config({"architectures": [FAMILIES[f][1]]}).tensors.values()}
+             & {"write_norm", "norm_bias", "final_norm_bias", "position_embedding", "buffer"}]
+
+
+def rotated_by_roles(state: dict, arch, Q) -> dict:
+    """The same function in a residual stream turned by Q, from the role table alone: norm gains
+    folded into the tensors that read the normalised stream, then h -> Q h."""
+    def gain(name):
+        return arch.norm_gain_offset + state[name]
+
+    final = next(n for n in state if arch.role(n).role == "final_norm")
+    out = {}
+    for name, w in state.items():
+        role = arch.role(name).role
+        if role == "read":
+            w = (w * gain(arch.role(name).norm)) @ Q.T
+        elif role == "lm_head":
+            w = (w * gain(final)) @ Q.T
+        elif role in ("norm", "final_norm"):
+            w = torch.full_like(w, 1.0 - arch.norm_gain_offset)
+        elif role in ("write", "write_bias"):
+            w = Q @ w
+        elif role == "embedding":
+            w = w @ Q.T
+        out[name] = w
+    return out
+
+
+@pytest.mark.parametrize("family", ROTATABLE)
+def test_a_rotation_by_the_role_table_keeps_the_function(family, tmp_path):
+    """Every tensor's role is right: turning the residual stream by them leaves the logits as they
+    were (a wrong or missing role changes them by percents)."""
+    model = build(family, {"tie_word_embeddings": False})
+    model.save_pretrained(tmp_path / "original")
+    config = json.loads((tmp_path / "original" / "config.json").read_text())
+    arch = for_config(config)
+    state = {k: v.double() for k, v in safetensors_torch.load_file(tmp_path / "original" / "model.safetensors").items()}
+    Q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    turned = rotated_by_roles(state, arch, Q)
+    (tmp_path / "rotated").mkdir()
+    safetensors_torch.save_file({k: v.float() for k, v in turned.items()}, tmp_path / "rotated" / "model.safetensors")
+    (tmp_path / "rotated" / "config.json").write_text(json.dumps(config))
+    rotated = getattr(transformers, FAMILIES[family][1]).from_pretrained(tmp_path / "rotated").eval()
+    ids = torch.arange(3, 11).unsqueeze(0)
+    with torch.no_grad():
+        expected, got = model(ids).logits, rotated(ids).logits
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
 
 
 def test_known_architectures():

@@ -260,6 +260,31 @@ def renamed_architecture(src, dst, architecture: str) -> str:
     return str(dst)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_a_rotated_mixture_of_experts_is_aligned_back(family, tmp_path):
+    """Per-expert tensors, routers and shared experts are rotated as their role table says: merging
+    a model with its own rotation gives the model back."""
+    from safetensors.torch import load_file, save_file
+
+    from test_architectures import build, rotated_by_roles
+    from seme.architectures import for_config
+
+    build(family, {"tie_word_embeddings": False}).save_pretrained(tmp_path / "A")
+    config = json.loads((tmp_path / "A" / "config.json").read_text())
+    state = {k: v.double() for k, v in load_file(tmp_path / "A" / "model.safetensors").items()}
+    Q, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+    (tmp_path / "rotA").mkdir()
+    save_file({k: v.float() for k, v in rotated_by_roles(state, for_config(config), Q).items()},
+              tmp_path / "rotA" / "model.safetensors")
+    (tmp_path / "rotA" / "config.json").write_text(json.dumps(config))
+    report = seme_merge(str(tmp_path / "A"), [str(tmp_path / "rotA")], tmp_path / "out")
+    assert report["sources"][0]["applied"]
+    merged, original = load_folder(tmp_path / "out"), load_folder(tmp_path / "A")
+    assert merged.keys() == original.keys()
+    for name, t in original.items():
+        torch.testing.assert_close(merged[name], t, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_models_without_a_role_table_are_not_rotated(trained, tmp_path, capsys):
     # names alone cannot say which norm gains each reader folds: a rotation would change the function
     paths, _, _, _ = trained

@@ -12,7 +12,9 @@ checkpoint tensor name, which role the tensor plays relative to the residual str
   inner                                    anything else (biases of read projections, per-head q/k norms)
   buffer                                   a constant that is not a weight (gpt2 causal masks): copy, never merge
 
-Norm gains are effective as ``norm_gain_offset + w`` (1.0 for gemma's ``(1 + w)`` RMSNorm).
+Norm gains are effective as ``norm_gain_offset + w`` (1.0 for gemma's ``(1 + w)`` RMSNorm). A
+template may hold ``{expert}`` after ``{layer}`` (a mixture of experts' per-expert tensors): the
+role is the same for every expert, and the concrete template keeps the expert's index.
 Deliberately stdlib-only (seme.errors is too): it is imported before torch/transformers are needed.
 """
 
@@ -110,11 +112,12 @@ class Architecture:
 
     def _lookup(self, name: str, strip: str) -> TensorRole | None:
         """Role of a full (prefixed) name; concrete names drop `strip` to match the checkpoint."""
-        for layer, template in _candidates(name):
+        for layer, expert, template in _candidates(name):
             spec = self.tensors.get(template)
             if spec is not None:
                 norm = spec.norm and self.layer_name(spec.norm, layer)[len(strip):]
-                return TensorRole(spec.role, layer, template[len(strip):], norm, spec.layout,
+                concrete = template if expert is None else template.replace("{expert}", str(expert))
+                return TensorRole(spec.role, layer, concrete[len(strip):], norm, spec.layout,
                                   spec.optional, spec.tied_to)
         return None
 
@@ -156,10 +159,16 @@ def _first(config: dict, keys: tuple[str, ...]):
 
 
 def _candidates(name: str):
-    """(layer, template) pairs: the name itself, then each numeric segment as {layer}."""
-    yield None, name
-    for m in _SEGMENT.finditer(name):
-        yield int(m.group()), name[:m.start()] + "{layer}" + name[m.end():]
+    """(layer, expert, template) triples: the name itself, then each numeric segment as {layer}, then
+    each pair of them as {layer} and {expert}."""
+    yield None, None, name
+    segments = list(_SEGMENT.finditer(name))
+    for m in segments:
+        yield int(m.group()), None, name[:m.start()] + "{layer}" + name[m.end():]
+    for i, m in enumerate(segments):
+        for e in segments[i + 1:]:
+            template = name[:m.start()] + "{layer}" + name[m.end():e.start()] + "{expert}" + name[e.end():]
+            yield int(m.group()), int(e.group()), template
 
 
 def _parse(data: dict) -> Architecture:
