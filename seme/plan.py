@@ -272,41 +272,48 @@ def _plan_modules(recipe, method, models, archs, index, ref, parts, stacks, toke
             raise SemeError(f"{where}: {reference.name}'s {part} has "
                             f"{'no layers' if not own else 'several layer stacks (' + _describe(own) + ')'}: "
                             f"give it 'models:', not 'slices:'")
-        (stack, ref_depth), = own.items()
-
-        def layer_range(source, stack=stack, where=where):
-            m = index[source.model]
-            n = stacks_of[m].get(stack)
-            if n is None or source.layer_range[1] > n:
-                raise SemeError(f"{where}: layer_range {list(source.layer_range)} is out of bounds for "
-                                f"{models[m].name} ({n or 0} layers in {stack}*)")
-            return source.layer_range
-
-        # loose tensors: embeddings come from the first slice's models (as mergekit's pre-weights),
-        # the rest (final norms, heads) from the last slice's
-        loose = [n for n in names if _position(archs[ref], n) is None]
-        pre = [n for n in loose if "embed" in n]
-        for n in pre:
-            builder.add(n, {s.model: n for s in slices[0].sources}, slices[0], t=0.0)
-        layer_sources = _add_layers(builder, slices, layer_range, stack)
-        for n in loose:
-            if n not in pre:
-                builder.add(n, {s.model: n for s in slices[-1].sources}, slices[-1], t=0.0)
-        depth = max(depth, len(layer_sources))
-        if layer_sources != [(ref, layer) for layer in range(ref_depth)]:
-            found = modules.depth_settings(config, part, ref_depth)
-            if found is None:
-                raise SemeError(f"{where}: config.json of {reference.name} has no depth of {ref_depth} for its "
-                                f"{part} to change")
-            settings, key = found
-            sources = [modules.depth_settings(m.config, part, stacks_of[i].get(stack)) for i, m in enumerate(models)]
-            relayered = _relayered(settings, key, layer_sources, [f[0] if f else {} for f in sources])
-            if settings is config:
-                config = relayered
-            else:
-                config[modules.CONFIG_KEYS[part]] = relayered
+        config, layers = _add_module_slices(builder, where, part, slices, names, own, ref, stacks_of, config)
+        depth = max(depth, layers)
     _set_output_dtype(config, recipe, builder.tasks)
     return Plan(recipe, models, builder.tasks, config, tokenizer, depth, archs, chat_template=template)
+
+
+def _add_module_slices(builder, where, part, slices, names, own, ref, stacks_of, config) -> tuple[dict, int]:
+    """A module of one layer stack (`own`) given `slices:`: its layers as the slices select them,
+    its embeddings from the first slice's models (mergekit's pre-weights) and its other loose
+    tensors (final norms, heads) from the last slice's. Returns the output config, with the part's
+    depth and per-layer lists rewritten where they changed, and the module's depth."""
+    models, archs, index = builder.models, builder.archs, builder.index
+    (stack, ref_depth), = own.items()
+
+    def layer_range(source):
+        m = index[source.model]
+        n = stacks_of[m].get(stack)
+        if n is None or source.layer_range[1] > n:
+            raise SemeError(f"{where}: layer_range {list(source.layer_range)} is out of bounds for "
+                            f"{models[m].name} ({n or 0} layers in {stack}*)")
+        return source.layer_range
+
+    loose = [n for n in names if _position(archs[ref], n) is None]
+    pre = [n for n in loose if "embed" in n]
+    for n in pre:
+        builder.add(n, {s.model: n for s in slices[0].sources}, slices[0], t=0.0)
+    layer_sources = _add_layers(builder, slices, layer_range, stack)
+    for n in loose:
+        if n not in pre:
+            builder.add(n, {s.model: n for s in slices[-1].sources}, slices[-1], t=0.0)
+    if layer_sources == [(ref, layer) for layer in range(ref_depth)]:
+        return config, ref_depth
+    found = modules.depth_settings(config, part, ref_depth)
+    if found is None:
+        raise SemeError(f"{where}: config.json of {models[ref].name} has no depth of {ref_depth} for its {part} "
+                        f"to change")
+    settings, key = found
+    sources = [modules.depth_settings(m.config, part, stacks_of[i].get(stack)) for i, m in enumerate(models)]
+    relayered = _relayered(settings, key, layer_sources, [f[0] if f else {} for f in sources])
+    if settings is config:
+        return relayered, len(layer_sources)
+    return {**config, modules.CONFIG_KEYS[part]: relayered}, len(layer_sources)
 
 
 def _chat_template(recipe: Recipe, models: list[ModelFolder], tokenizer: ModelFolder) -> str | None:
