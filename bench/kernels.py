@@ -25,6 +25,7 @@ from seme.methods import registry
 from seme.methods.inputs import Inputs
 
 K = 3
+INPUTS = {"slerp": 2}  # methods that take fewer than the K + 1 tensors: the first ones
 METHODS = {  # name -> parameters (scalars: the same for every model), as both engines take them
     "linear": dict(weight=0.25),
     "task_arithmetic": dict(weight=0.5),
@@ -33,6 +34,7 @@ METHODS = {  # name -> parameters (scalars: the same for every model), as both e
     "sce": dict(select_topk=0.3),
     "breadcrumbs": dict(weight=0.5, density=0.3),
     "della": dict(weight=0.5, density=0.3, epsilon=0.1),
+    "slerp": dict(t=0.3),  # base and the first fine-tune: SLERP takes two
     "ram": dict(epsilon=0.01),  # the deltas' scale: about a third of each model's changes count
     "ramplus_tl": dict(epsilon=0.01),
 }
@@ -106,19 +108,24 @@ def main(argv=None):
         tensors = [base.to(dtype)] + [(base + 0.01 * torch.randn(shape, generator=g)).to(dtype) for _ in range(K)]
         tensors = [t.to(device) for t in tensors]
         del base
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        copy = best_time(lambda: [t.clone() for t in tensors], args.repeat, device)
-        inputs = Inputs(tuple(tensors), base_index=0, name="model.layers.0.mlp.down_proj.weight", seed=0)
+        copies = {}  # number of inputs -> time of their copy
         for name in args.methods.split(","):
             if device.type == "cuda" and name not in fused_merge.GPU_METHODS:
                 continue  # the GPU runs it in torch
-            params = registry.bind(registry.get(name), METHODS[name], K + 1, 0, "bench")
+            count = INPUTS.get(name, K + 1)
+            used = tensors[:count]
+            if count not in copies:
+                copies[count] = best_time(lambda: [t.clone() for t in used], args.repeat, device)
+            copy = copies[count]
+            inputs = Inputs(tuple(used), base_index=0, name="model.layers.0.mlp.down_proj.weight", seed=0)
+            params = registry.bind(registry.get(name), METHODS[name], count, 0, "bench")
+            nbytes = sum(t.numel() * t.element_size() for t in used)
             moved = nbytes + tensors[0].numel() * tensors[0].element_size()
             times = {n: best_time(lambda: f(name, inputs, params, dtype), args.repeat, device)
                      for n, f in impls.items()}
             fastest = min(times.values())
             ref = best_time(lambda: registry.get(name).fn(inputs, params).to(dtype), args.baseline_repeat, device)
-            mk = mergekit_fn(name, tensors, METHODS[name])
+            mk = mergekit_fn(name, used, METHODS[name])
             mk_time = best_time(mk, args.baseline_repeat, device) if mk else float("nan")
             line = (f"| {name} | {dtype_name} | "
                     + " | ".join(f"{times[n] * 1e3:.2f} | {moved / times[n] / 1e9:.1f}" for n in names)
@@ -126,7 +133,9 @@ def main(argv=None):
                     f"{ref / fastest:.1f} | {fastest / copy:.2f} |")
             rows.append(line)
             print(line, flush=True)
-        print(f"copy of the {K + 1} {dtype_name} inputs: {copy * 1e3:.2f} ms, {2 * nbytes / copy / 1e9:.1f} GB/s")
+        for count, copy in copies.items():
+            size = count * tensors[0].numel() * tensors[0].element_size()
+            print(f"copy of {count} {dtype_name} inputs: {copy * 1e3:.2f} ms, {2 * size / copy / 1e9:.1f} GB/s")
 
     if not args.no_record:
         command = " ".join(["python -m bench.kernels"] + (argv if argv is not None else sys.argv[1:]))
@@ -149,7 +158,7 @@ def main(argv=None):
             + "; ".join(f"{n} {p}" for n, p in METHODS.items()) + f". {kernel_text}. "
             "reference: seme.methods (plain torch), output cast to the dtype. mergekit: 0.1.5's own "
             "implementation (computes in the input dtype). copy: `clone()` of the "
-            f"{K + 1} inputs, the bandwidth floor. GB/s: (inputs read once + output written once) / kernel time. "
+            f"{K + 1} inputs (SLERP: of its 2), the bandwidth floor. GB/s: (inputs read once + output written once) / kernel time. "
             "Kernels and copy: best of --repeat; reference and mergekit: best of --baseline-repeat.\n\n"
             + "\n".join(rows)))
         print("updated bench/RESULTS.md")

@@ -1,4 +1,4 @@
-"""Fused CPU kernels (seme._C, C++/OpenMP) for the task-vector family, SCE, linear and RAM.
+"""Fused CPU kernels (seme._C, C++/OpenMP) for the task-vector family, SCE, linear, SLERP and RAM.
 
 `merge(method, inputs, params)` is a drop-in for `registry.get(method).fn(inputs, params)` on CPU
 tensors (same `Inputs`, same bound params): the same masks (exact rank selection with the
@@ -34,7 +34,7 @@ FAMILY = {
     "della_linear": ("della_magprune", False),
 }
 GPU_METHODS = frozenset(FAMILY) | {"sce"}  # also in the CUDA and Triton kernels
-METHODS = GPU_METHODS | {"linear", "ram", "ramplus_tl"}
+METHODS = GPU_METHODS | {"linear", "slerp", "ram", "ramplus_tl"}
 _KERNEL = {None: _NONE, "magnitude": _RANK, "magnitude_outliers": _RANK, "random": _RANDOM,
            "della_magprune": _DELLA}
 
@@ -129,6 +129,13 @@ def launch(method: str, params: dict, *, base: int, others: list[int], out: int,
         return _C.sce_merge(select_topk=float(params["select_topk"]), **common)
     if method == "linear":
         return _C.linear_merge(weight=list(params["weight"]), normalize=params["normalize"], **common)
+    if method == "slerp":  # the norms and cosine in one pass, then a linear merge with SLERP's coefficients
+        from seme.methods.slerp import _NORM_EPS, slerp_coefficients
+
+        sq_a, sq_b, ab = _C.dot_stats(base=base, other=others[0], n=n, in_dtype=in_dtype, num_threads=num_threads)
+        na, nb = (math.sqrt(v) if math.sqrt(v) > _NORM_EPS else 1.0 for v in (sq_a, sq_b))
+        c0, c1 = slerp_coefficients(params["t"], ab / (na * nb))
+        return _C.linear_merge(weight=[c0, c1], normalize=False, **common)
     if method in ("ram", "ramplus_tl"):
         scale = [1.0] * len(others)
         if method == "ramplus_tl":

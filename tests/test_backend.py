@@ -15,10 +15,11 @@ from seme.errors import SemeError
 def test_auto_picks_the_cpp_kernel_where_it_covers_the_method():
     assert implementation("ties", "auto", torch.device("cpu"))[1]
     assert implementation("ram", "auto", torch.device("cpu"))[1]
-    assert not implementation("slerp", "auto", torch.device("cpu"))[1]
+    assert implementation("slerp", "auto", torch.device("cpu"))[1]
+    assert not implementation("karcher", "auto", torch.device("cpu"))[1]
     assert not implementation("ties", "reference", torch.device("cpu"))[1]
-    with pytest.raises(SemeError, match="no fused kernel for method 'slerp'"):
-        implementation("slerp", "fused", torch.device("cpu"))
+    with pytest.raises(SemeError, match="no fused kernel for method 'karcher'"):
+        implementation("karcher", "fused", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("method, params", [

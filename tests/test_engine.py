@@ -104,9 +104,9 @@ def test_make_engine_picks_native_only_where_it_serves_the_whole_run(bf16_family
     assert isinstance(engine.make_engine(plan, "cpu", "auto", 1), engine.NativeEngine)
     assert isinstance(engine.make_engine(plan, "cpu", "reference", 1), engine.TorchEngine)
     assert isinstance(engine.make_engine(plan, "cpu", "auto", 2), engine.TorchEngine)
-    slerp = {"merge_method": "slerp", "base_model": bf16_family["base"], "parameters": {"t": 0.3},
-             "models": [{"model": bf16_family["base"]}, {"model": bf16_family["expert0"]}]}
-    assert isinstance(engine.make_engine(make_plan(load(slerp)), "cpu", "auto", 1), engine.TorchEngine)
+    nearswap = {"merge_method": "nearswap", "base_model": bf16_family["base"], "parameters": {"t": 0.3},
+                "models": [{"model": bf16_family["base"]}, {"model": bf16_family["expert0"]}]}
+    assert isinstance(engine.make_engine(make_plan(load(nearswap)), "cpu", "auto", 1), engine.TorchEngine)
 
 
 def test_tensors_beyond_the_kernels_index_range_take_the_reference(bf16_family, tmp_path, monkeypatch):

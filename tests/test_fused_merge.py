@@ -240,7 +240,7 @@ def test_edge_cases():
     with pytest.raises(TypeError):
         fused_merge.merge("ties", make_inputs((4,), 1, dtype=torch.float64), bound("ties", dict(weight=1.0), 1))
     with pytest.raises(ValueError):
-        fused_merge.merge("slerp", make_inputs((4,), 1), {})
+        fused_merge.merge("karcher", make_inputs((4,), 1), {})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -372,3 +372,44 @@ def test_ram_nonfinite_inputs_propagate_as_in_the_reference(name, bad):
     out, inputs_finite, output_finite = fused_merge.merge(name, broken, p, checks=True)
     assert not inputs_finite and not output_finite
     torch.testing.assert_close(out, registry.get(name).fn(broken, p), equal_nan=True, rtol=0, atol=0)
+
+
+SLERP_CASES = {"apart": lambda a: a + 0.5 * torch.randn(a.shape, generator=torch.Generator().manual_seed(9)),
+               "collinear": lambda a: 2 * a, "opposite": lambda a: -a, "zero": torch.zeros_like}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1,), (7,), (33, 31), ((1 << 20) + 3,)])
+@pytest.mark.parametrize("case", list(SLERP_CASES))
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0, 1.5])
+def test_slerp_is_as_close_to_float64_as_the_reference(t, case, shape, dtype):
+    """The kernel sums the norms and the cosine in double where the reference sums them in fp32:
+    |kernel - ref64| <= |reference - ref64| + 1e-7 (relative to the result's scale)."""
+    a = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    tensors = (a.to(dtype), SLERP_CASES[case](a).to(dtype))
+    method = registry.get("slerp")
+    p = registry.bind(method, {"t": t}, 2, 0, "test")
+    ref = method.fn(Inputs(tensors, 0, "w"), p).double()
+    ref64 = method.fn(Inputs(tuple(x.double() for x in tensors), 0, "w"), p)
+    out = fused_merge.merge("slerp", Inputs(tensors, 0, "w"), p).double()
+    scale = max(float(ref64.abs().max()), 1e-30)
+    assert float((out - ref64).abs().max()) <= float((ref - ref64).abs().max()) + 1e-7 * scale
+    cast, inputs_finite, output_finite = fused_merge.merge("slerp", Inputs(tensors, 0, "w"), p, out_dtype=dtype,
+                                                           checks=True)
+    assert inputs_finite and output_finite
+    assert torch.equal(cast, out.to(dtype))  # the fp32 result, rounded once
+
+
+def test_slerp_threads_builds_and_nonfinite_inputs():
+    a = torch.randn(3, 70001, generator=torch.Generator().manual_seed(3), dtype=torch.float32).to(torch.bfloat16)
+    inputs = Inputs((a, (a.float() + 0.3).to(torch.bfloat16)), 0, "w")
+    p = registry.bind(registry.get("slerp"), {"t": 0.4}, 2, 0, "test")
+    one = fused_merge.merge("slerp", inputs, p, num_threads=1)
+    assert torch.equal(one, fused_merge.merge("slerp", inputs, p, num_threads=2))
+    for isa in ISAS:
+        with cpu_isa(isa):
+            assert torch.equal(one, fused_merge.merge("slerp", inputs, p, num_threads=2)), isa
+    broken = Inputs((a, a.clone().index_fill_(1, torch.tensor([5]), float("nan"))), 0, "w")
+    out, inputs_finite, output_finite = fused_merge.merge("slerp", broken, p, checks=True)
+    assert not inputs_finite and not output_finite
+    assert torch.isnan(registry.get("slerp").fn(broken, p)).all() and torch.isnan(out).all()  # as the reference

@@ -93,11 +93,11 @@ def test_max_memory_counts_the_temporaries_of_a_plain_torch_merge(llama_family, 
     from seme.errors import SemeError
     from seme.methods import registry
 
-    # the largest tensors: embedding and head, 96 x 32 fp32 (12288 bytes); SLERP has no fused kernel
-    recipe = {"merge_method": "slerp", "base_model": llama_family["base"], "parameters": {"t": 0.5},
+    # the largest tensors: embedding and head, 96 x 32 fp32 (12288 bytes); NearSwap has no fused kernel
+    recipe = {"merge_method": "nearswap", "base_model": llama_family["base"], "parameters": {"t": 0.01},
               "models": [{"model": llama_family["base"]}, {"model": llama_family["expert0"]}]}
     numel = 96 * 32
-    needed = 2 * 4 * numel + 3 * 4 * numel + registry.get("slerp").working_bytes(2, numel)
+    needed = 2 * 4 * numel + 3 * 4 * numel + registry.get("nearswap").working_bytes(2, numel)
     with pytest.raises(SemeError, match="the method's temporaries"):
         seme.merge(recipe, str(tmp_path / "short"), progress=False, max_memory=needed - 1)
     seme.merge(recipe, str(tmp_path / "enough"), progress=False, max_memory=needed)

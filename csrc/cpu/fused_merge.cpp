@@ -1631,6 +1631,41 @@ Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool nor
   return ctx.finite();
 }
 
+// ------------------------------------------------------------ SLERP's norms and cosine
+
+std::array<double, 3> dot_stats(const Tensors& t) {
+  check(t);
+  if (t.others.size() != 1) throw std::invalid_argument("dot_stats: one tensor besides the base");
+  Ctx ctx(t, kChunk, kBlock);
+  std::vector<std::array<double, 3>> partial(ctx.nchunks);  // per chunk, summed in chunk order below
+  ctx.chunks([&](int th, int64_t c, int64_t start, int64_t end) {
+    Scratch& s = ctx.scratch[th];
+    std::array<double, 3> sums = {0, 0, 0};
+    ctx.blocks(start, end, [&](int64_t off, int64_t len) {
+      float* __restrict a = s.base.data();
+      float* __restrict b = s.acc.data();
+      dispatch(t.in_dtype, [&](auto tag) {
+        using T = decltype(tag);
+        const T* __restrict x = static_cast<const T*>(t.base) + off;
+        const T* __restrict y = static_cast<const T*>(t.others[0]) + off;
+        prefetch_next(x, len);
+        prefetch_next(y, len);
+        for (int64_t j = 0; j < len; ++j) a[j] = to_f32(x[j]), b[j] = to_f32(y[j]);
+      });
+      s.input_exponents = max_exponent(b, len, max_exponent(a, len, s.input_exponents));
+      sums[0] += lane_sum(len, [=](int64_t j) { return double(a[j]) * double(a[j]); });
+      sums[1] += lane_sum(len, [=](int64_t j) { return double(b[j]) * double(b[j]); });
+      sums[2] += lane_sum(len, [=](int64_t j) { return double(a[j]) * double(b[j]); });
+    });
+    partial[c] = sums;
+  });
+  std::array<double, 3> total = {0, 0, 0};
+  for (const auto& p : partial)
+    for (int i = 0; i < 3; ++i) total[i] += p[i];
+  if (!ctx.finite().inputs) total[2] = std::nan("");  // NaN / Inf inputs: the caller's merge sees them
+  return total;
+}
+
 // ------------------------------------------------------------ RAM
 
 void ram_counts(const Tensors& t, float epsilon, std::vector<int64_t>& unique, std::vector<int64_t>& shared) {
@@ -1710,6 +1745,7 @@ Finite ram_merge(const Tensors& t, float epsilon, const std::vector<float>& scal
   Finite family_merge(const Tensors& t, const FamilyParams& p);                               \
   Finite sce_merge(const Tensors& t, double tau, SceStats* stats);                            \
   Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize);     \
+  std::array<double, 3> dot_stats(const Tensors& t);                                          \
   void ram_counts(const Tensors& t, float epsilon, std::vector<int64_t>& unique,              \
                   std::vector<int64_t>& shared);                                              \
   Finite ram_merge(const Tensors& t, float epsilon, const std::vector<float>& scale);         \
@@ -1738,16 +1774,17 @@ struct Kernels {
   decltype(&baseline::family_merge) family;
   decltype(&baseline::sce_merge) sce;
   decltype(&baseline::linear_merge) linear;
+  decltype(&baseline::dot_stats) dot_stats;
   decltype(&baseline::ram_counts) ram_counts;
   decltype(&baseline::ram_merge) ram;
 };
 
 static Kernels kernels(Isa i) {
-  if (i == Isa::avx512) return {avx512::family_merge, avx512::sce_merge, avx512::linear_merge, avx512::ram_counts,
+  if (i == Isa::avx512) return {avx512::family_merge, avx512::sce_merge, avx512::linear_merge, avx512::dot_stats, avx512::ram_counts,
           avx512::ram_merge};
-  if (i == Isa::avx2) return {avx2::family_merge, avx2::sce_merge, avx2::linear_merge, avx2::ram_counts,
+  if (i == Isa::avx2) return {avx2::family_merge, avx2::sce_merge, avx2::linear_merge, avx2::dot_stats, avx2::ram_counts,
           avx2::ram_merge};
-  return {baseline::family_merge, baseline::sce_merge, baseline::linear_merge, baseline::ram_counts,
+  return {baseline::family_merge, baseline::sce_merge, baseline::linear_merge, baseline::dot_stats, baseline::ram_counts,
           baseline::ram_merge};
 }
 
@@ -1756,6 +1793,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) { return kernels
 Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize) {
   return kernels(isa()).linear(t, weight, normalize);
 }
+std::array<double, 3> dot_stats(const Tensors& t) { return kernels(isa()).dot_stats(t); }
 void ram_counts(const Tensors& t, float epsilon, std::vector<int64_t>& unique, std::vector<int64_t>& shared) {
   kernels(isa()).ram_counts(t, epsilon, unique, shared);
 }
@@ -1773,6 +1811,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) { return baselin
 Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize) {
   return baseline::linear_merge(t, weight, normalize);
 }
+std::array<double, 3> dot_stats(const Tensors& t) { return baseline::dot_stats(t); }
 void ram_counts(const Tensors& t, float epsilon, std::vector<int64_t>& unique, std::vector<int64_t>& shared) {
   baseline::ram_counts(t, epsilon, unique, shared);
 }

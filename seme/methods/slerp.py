@@ -25,12 +25,19 @@ def slerp_flat(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     na, nb = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
     na = na if na > _NORM_EPS else 1.0
     nb = nb if nb > _NORM_EPS else 1.0
-    dot = min(max(float(torch.sum((a / na) * (b / nb))), -1.0), 1.0)
+    c0, c1 = slerp_coefficients(t, float(torch.sum((a / na) * (b / nb))))
+    return c0 * a + c1 * b
+
+
+def slerp_coefficients(t: float, cosine: float) -> tuple[float, float]:
+    """(c0, c1) of SLERP's c0 a + c1 b for the cosine of a and b: linear when (anti)collinear (the
+    fused kernel computes the cosine its own way and shares this rule)."""
+    dot = min(max(cosine, -1.0), 1.0)
     if abs(dot) > _DOT_THRESHOLD:
-        return (1 - t) * a + t * b
+        return 1 - t, t
     theta = math.acos(dot)
     s = math.sin(theta)
-    return (math.sin((1 - t) * theta) / s) * a + (math.sin(t * theta) / s) * b
+    return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
 
 
 def slerp(inputs: Inputs, p: dict) -> torch.Tensor:
