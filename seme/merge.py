@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             mergekit.add_argument(*flags, type=f.takes, default=None, metavar=f.takes.__name__.upper(), help=f.effect)
     mergekit.add_argument("-v", action="count", default=0, help="no effect: seme's output is one line per merge")
+    mergekit.add_argument("--out-path", metavar="OUT", help="OUT, as mergekit-multimerge names it")
     return parser
 
 
@@ -73,11 +74,14 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.out or args.config or "./seme-demo-merged", **options)
             return 0
-        if not args.config or not args.out:
+        if args.out and args.out_path and args.out != args.out_path:
+            raise SemeError(f"two outputs given: {args.out} and --out-path {args.out_path}")
+        out = args.out or args.out_path
+        if not args.config or not out:
             raise SemeError("expected CONFIG and OUT (or --demo); see --help")
         from seme.api import merge
 
-        merge(args.config, args.out, **options)
+        merge(args.config, out, **options)
         return 0
     except SemeError as e:
         print(f"seme: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line

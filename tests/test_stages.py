@@ -113,3 +113,13 @@ def test_loading_a_multi_stage_recipe_as_one_says_what_it_is(llama_family, tmp_p
 
     with pytest.raises(SemeError, match="config holds 2 recipes \\(a multi-stage recipe"):
         config.load(write(tmp_path, *stage_recipes(llama_family)))
+
+
+def test_mergekit_multimerge_command_line_works_with_the_command_changed(llama_family, tmp_path, capsys):
+    # mergekit-multimerge CONFIG --intermediate-dir DIR --out-path OUT
+    path = write(tmp_path, *stage_recipes(llama_family))
+    status = main([path, "--intermediate-dir", str(tmp_path / "stages"), "--out-path", str(tmp_path / "out")])
+    assert status == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "stages" / "first").is_dir()
+    assert main([path, str(tmp_path / "a"), "--out-path", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"two outputs given: {tmp_path}/a and --out-path {tmp_path}/b")
