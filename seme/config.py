@@ -136,7 +136,8 @@ def documents(path_or_text: str | os.PathLike | dict) -> tuple[list[tuple[Any, s
         nodes = list(yaml.compose_all(text))
         if len(nodes) > 1:  # each document's own text: the model card of its stage holds it
             parts = [text[n.start_mark.index:n.end_mark.index] for n in nodes]
-            docs = [(yaml.safe_load(part), part) for part in parts]
+            docs = [(raw, part) for raw, part in ((yaml.safe_load(part), part) for part in parts)
+                    if raw is not None] or [(None, text)]  # empty documents (a closing ---) are none
         else:
             docs = [(yaml.safe_load(text), text)]
     except yaml.YAMLError as e:

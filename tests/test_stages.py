@@ -123,3 +123,15 @@ def test_mergekit_multimerge_command_line_works_with_the_command_changed(llama_f
     assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "stages" / "first").is_dir()
     assert main([path, str(tmp_path / "a"), "--out-path", str(tmp_path / "b")]) == 2
     assert capsys.readouterr().err.strip().endswith(f"two outputs given: {tmp_path}/a and --out-path {tmp_path}/b")
+
+
+def test_empty_documents_are_no_stages(llama_family, tmp_path, capsys):
+    first, final = stage_recipes(llama_family)
+    final = {**final, "models": [{"model": llama_family["expert0"], "parameters": {"weight": 1.0}}]}
+    path = tmp_path / "one.yml"
+    path.write_text("---\n" + yaml.safe_dump(final) + "---\n")  # a closing --- opens an empty document
+    status, err = run(str(path), tmp_path / "out", capsys)
+    assert status == 0 and not any(line.startswith("seme: stage") for line in err), err
+    path.write_text("---\n---\n")
+    status, err = run(str(path), tmp_path / "none", capsys)
+    assert status == 2 and err == ["seme: error: config is empty"]
