@@ -65,30 +65,33 @@ def merge(config, out_dir: str, **options) -> dict:
         warnings.showwarning = show_once
         docs, base_dir, path = recipe_config.documents(config)
         if len(docs) == 1:
-            return _merge_recipe(recipe_config.validate(*docs[0], base_dir, path), out_dir, opts)
+            return _merge_recipe(_with_options(recipe_config.validate(*docs[0], base_dir, path), opts), out_dir, opts)
+        import dataclasses
+
         from seme import stages
 
-        found = stages.plan(docs, base_dir, path, out_dir, opts["intermediate_dir"])
-        for stage in found:  # every stage's options checked before the first merge
-            _check_options(stage.recipe, opts)
+        found = [dataclasses.replace(stage, recipe=_with_options(stage.recipe, opts))  # all checked before a merge
+                 for stage in stages.plan(docs, base_dir, path, out_dir, opts["intermediate_dir"])]
         return stages.run(found, lambda recipe, out, overwrite: _merge_recipe(recipe, out, {**opts, "overwrite": overwrite}),
                           lazy=opts["lazy"], overwrite=opts["overwrite"], dry_run=opts["dry_run"], resume=opts["resume"])
 
 
-def _check_options(recipe, opts: dict) -> None:
-    if recipe.chat_template is not None and not opts["copy_tokenizer"] and recipe.tokenizer_source is None:
-        raise SemeError("config: chat_template goes into the tokenizer files, which --no-copy-tokenizer leaves out")
-
-
-def _merge_recipe(recipe, out_dir: str, opts: dict) -> dict:
-    """One validated recipe into `out_dir`, with resolved options."""
-    from seme import __version__
+def _with_options(recipe, opts: dict):
+    """`recipe` as the options change it (--random-seed), checked against them."""
     from seme import config as recipe_config
-    from seme.plan import make_plan
 
     if opts["random_seed"] is not None:
         recipe = recipe_config.with_seed(recipe, opts["random_seed"])
-    _check_options(recipe, opts)
+    if recipe.chat_template is not None and not opts["copy_tokenizer"] and recipe.tokenizer_source is None:
+        raise SemeError("config: chat_template goes into the tokenizer files, which --no-copy-tokenizer leaves out")
+    return recipe
+
+
+def _merge_recipe(recipe, out_dir: str, opts: dict) -> dict:
+    """One recipe (`_with_options`) into `out_dir`, with resolved options."""
+    from seme import __version__
+    from seme.plan import make_plan
+
     plan = make_plan(recipe)
     if opts["dry_run"]:
         from seme.report import print_plan

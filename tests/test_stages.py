@@ -61,6 +61,10 @@ def test_a_stage_merged_from_the_same_recipe_is_kept(llama_family, tmp_path, cap
     # --no-lazy merges it again; so does a change of its recipe, and the final stage follows
     status, err = run(path, tmp_path / "out", capsys, "-I", str(tmp_path / "stages"), "--overwrite", "--no-lazy")
     assert status == 0 and f"seme: stage first -> {stage}" in err
+    for _ in range(2):  # a seed given on the command line is the recipe's: the second run keeps the stage
+        status, err = run(path, tmp_path / "out", capsys, "-I", str(tmp_path / "stages"), "--overwrite",
+                          "--random-seed", "7")
+    assert status == 0 and f"seme: stage first: kept {stage}, merged from this recipe before" in err
     before = (tmp_path / "out" / "model.safetensors").read_bytes()
     path = write(tmp_path, {**first, "models": first["models"][:1]}, final)
     status, err = run(path, tmp_path / "out", capsys, "-I", str(tmp_path / "stages"), "--overwrite")
