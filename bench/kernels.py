@@ -35,6 +35,7 @@ METHODS = {  # name -> parameters (scalars: the same for every model), as both e
     "breadcrumbs": dict(weight=0.5, density=0.3),
     "della": dict(weight=0.5, density=0.3, epsilon=0.1),
     "slerp": dict(t=0.3),  # base and the first fine-tune: SLERP takes two
+    "model_stock": dict(),
     "ram": dict(epsilon=0.01),  # the deltas' scale: about a third of each model's changes count
     "ramplus_tl": dict(epsilon=0.01),
 }

@@ -99,14 +99,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("weight"), py::arg("normalize"), py::arg("num_threads") = 0);
 
   m.def(
-      "dot_stats",
-      [](uintptr_t base, uintptr_t other, int64_t n, int in_dtype, int num_threads) {
-        const auto t = tensors(base, {other}, 0, n, in_dtype, in_dtype, num_threads);
+      "gram",
+      [](uintptr_t base, const std::vector<uintptr_t>& others, int64_t n, int in_dtype, bool deltas, int num_threads) {
+        const auto t = tensors(base, others, 0, n, in_dtype, in_dtype, num_threads);
         py::gil_scoped_release release;
-        return seme::dot_stats(t);
+        return seme::gram(t, deltas);
       },
-      "SLERP's (sum of a^2, sum of b^2, sum of a*b) of base and other, in double; the last NaN for non-finite inputs.",
-      py::arg("base"), py::arg("other"), py::arg("n"), py::arg("in_dtype"), py::arg("num_threads") = 0);
+      "Gram matrix (row-major, in double) of [base, *others], or with deltas of others - base; NaN for "
+      "non-finite inputs.",
+      py::arg("base"), py::arg("others"), py::arg("n"), py::arg("in_dtype"), py::arg("deltas"),
+      py::arg("num_threads") = 0);
 
   m.def(
       "ram_counts",

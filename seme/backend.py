@@ -2,7 +2,8 @@
 on request (`--backend reference`) or where no kernel covers the method.
 
 CPU tensors go to the C++/OpenMP kernel (seme._C), SeMe's Select / Compute / Erase included (the
-SCE kernel, which also counts what SeMe reports), and so do SLERP, RAM and RAM+ (CPU only). CUDA tensors go to whichever GPU kernel was
+SCE kernel, which also counts what SeMe reports), and so do SLERP, Model Stock (not filter-wise),
+RAM and RAM+ (CPU only). CUDA tensors go to whichever GPU kernel was
 faster for the method in `python -m bench.kernels --device cuda` (bench/RESULTS.md, H100): the CUDA
 C++ one (seme._C_cuda, up to 8 non-base models) for all but DARE, the Triton one for DARE and for
 SeMe's fusion (its SCE kernel counts SeMe's statistics). All draw the same masks as the reference,
@@ -60,7 +61,8 @@ def implementation(method: str, backend: str, device: torch.device) -> tuple[Cal
     if kernel is None:
         if backend == "fused":
             raise SemeError(f"no fused kernel for method '{method}' on {device.type} "
-                            f"(kernels cover linear, the task-vector family, sce and, on CPU, slerp and ram; use --backend auto)")
+                            f"(kernels cover linear, the task-vector family, sce and, on CPU, slerp, model_stock and ram; use "
+                            f"--backend auto)")
         return reference, False
 
     def fused(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged:
@@ -88,7 +90,9 @@ def _fused(method: str, device: torch.device):
         if method not in fused_merge.METHODS:
             return None
 
-        def cpu(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged:
+        def cpu(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged | None:
+            if not fused_merge.covers(method, params):
+                return None  # the reference
             tensor, inputs_finite, output_finite = fused_merge.merge(method, inputs, params, out_dtype=out_dtype,
                                                                      checks=True)
             return Merged(tensor, inputs_finite=inputs_finite, output_finite=output_finite)

@@ -273,7 +273,8 @@ def _working_bytes(plan: Plan, task, device: str, backend: str) -> int:
         return held
     method = plan.recipe.merge_method
     wide = task.compute_dtype == "float64" or any(plan.models[m].tensors[n].dtype == "F64" for m, n in task.inputs)
-    fused = backend != "reference" and fused_merge.available() and method in fused_merge.METHODS | {"seme"}
+    fused = backend != "reference" and fused_merge.available() and (method == "seme"
+                                                                    or fused_merge.covers(method, task.params))
     if wide or not fused:
         held += registry.get(plan.recipe.merge_method).working_bytes(len(task.inputs), math.prod(task.shape),
                                                                      8 if wide else 4)

@@ -34,7 +34,7 @@ FAMILY = {
     "della_linear": ("della_magprune", False),
 }
 GPU_METHODS = frozenset(FAMILY) | {"sce"}  # also in the CUDA and Triton kernels
-METHODS = GPU_METHODS | {"linear", "slerp", "ram", "ramplus_tl"}
+METHODS = GPU_METHODS | {"linear", "slerp", "model_stock", "ram", "ramplus_tl"}
 _KERNEL = {None: _NONE, "magnitude": _RANK, "magnitude_outliers": _RANK, "random": _RANDOM,
            "della_magprune": _DELLA}
 
@@ -46,6 +46,12 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def covers(method: str, params: dict) -> bool:
+    """Whether the CPU kernels merge `method` with these bound parameters: not Model Stock's
+    filter-wise ratios (one per row), which the reference computes."""
+    return method in METHODS and not (method == "model_stock" and params["filter_wise"])
 
 
 def kernel_dtype(dtype) -> int | None:
@@ -64,8 +70,8 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype=None, num_thre
     """
     import torch
 
-    if method not in METHODS:
-        raise ValueError(f"no fused kernel for method '{method}'")
+    if not covers(method, params):
+        raise ValueError(f"no fused kernel for method '{method}' with {params}")
     out_dtype = torch.float32 if out_dtype is None else out_dtype
     if kernel_dtype(out_dtype) is None:  # the kernel writes fp32, bf16 or fp16; anything else is a cast of fp32
         merged = merge(method, inputs, params, num_threads=num_threads, checks=checks)
@@ -129,13 +135,12 @@ def launch(method: str, params: dict, *, base: int, others: list[int], out: int,
         return _C.sce_merge(select_topk=float(params["select_topk"]), **common)
     if method == "linear":
         return _C.linear_merge(weight=list(params["weight"]), normalize=params["normalize"], **common)
-    if method == "slerp":  # the norms and cosine in one pass, then a linear merge with SLERP's coefficients
-        from seme.methods.slerp import _NORM_EPS, slerp_coefficients
-
-        sq_a, sq_b, ab = _C.dot_stats(base=base, other=others[0], n=n, in_dtype=in_dtype, num_threads=num_threads)
-        na, nb = (math.sqrt(v) if math.sqrt(v) > _NORM_EPS else 1.0 for v in (sq_a, sq_b))
-        c0, c1 = slerp_coefficients(params["t"], ab / (na * nb))
-        return _C.linear_merge(weight=[c0, c1], normalize=False, **common)
+    if method in ("slerp", "model_stock"):  # a Gram matrix in one pass, then a linear merge by its coefficients
+        g = _C.gram(base=base, others=others, n=n, in_dtype=in_dtype, deltas=method == "model_stock",
+                    num_threads=num_threads)
+        size = math.isqrt(len(g))
+        gram = [g[i * size:(i + 1) * size] for i in range(size)]
+        return _C.linear_merge(weight=_linear_weights(method, params, gram), normalize=False, **common)
     if method in ("ram", "ramplus_tl"):
         scale = [1.0] * len(others)
         if method == "ramplus_tl":
@@ -145,6 +150,24 @@ def launch(method: str, params: dict, *, base: int, others: list[int], out: int,
         return _C.ram_merge(epsilon=params["epsilon"], scale=scale, **common)
     return _C.family_merge(cols=shape[-1] if len(shape) >= 2 else n,  # DELLA ranks along rows
                            **family_arguments(method, params, n, keys), **common)
+
+
+def _linear_weights(method: str, params: dict, gram: list[list[float]]) -> list[float]:
+    """The weights of [base, *others] in a SLERP (Gram of the inputs) or Model Stock (Gram of the task
+    vectors) merge, by the rules their references follow."""
+    if method == "slerp":
+        from seme.methods.slerp import _NORM_EPS, slerp_coefficients
+
+        na, nb = (math.sqrt(v) if math.sqrt(v) > _NORM_EPS else 1.0 for v in (gram[0][0], gram[1][1]))
+        return list(slerp_coefficients(params["t"], gram[0][1] / (na * nb)))
+    from seme.methods.model_stock import interpolation_ratio
+
+    k = len(gram)
+    norms = [math.sqrt(gram[i][i]) for i in range(k)]
+    cosines = [min(max(gram[i][j] / max(norms[i] * norms[j], 1e-6), -1.0), 1.0)
+               for i in range(k) for j in range(i + 1, k)]
+    t = interpolation_ratio(sum(cosines) / len(cosines), k)
+    return [1 - t] + [t / k] * k
 
 
 def ramplus_scales(unique: list[int], shared: list[int], r: float, alpha: float) -> list[float]:

@@ -413,3 +413,53 @@ def test_slerp_threads_builds_and_nonfinite_inputs():
     out, inputs_finite, output_finite = fused_merge.merge("slerp", broken, p, checks=True)
     assert not inputs_finite and not output_finite
     assert torch.isnan(registry.get("slerp").fn(broken, p)).all() and torch.isnan(out).all()  # as the reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1,), (7,), (33, 31), ((1 << 20) + 3,)])
+@pytest.mark.parametrize("case,k", [("apart", 2), ("apart", 3), ("apart", 5), ("same", 2), ("same", 5),
+                                    ("opposite", 3), ("opposite", 5)])
+def test_model_stock_is_as_close_to_float64_as_the_reference(case, k, shape, dtype):
+    """Task vectors apart, all the same (cos 1) or alternating (a negative mean cosine):
+    |kernel - ref64| <= |reference - ref64| + 1e-6 (relative). Two opposite ones sit on t's
+    singularity, where a rounding of the inputs moves t without bound: no two sums agree there."""
+    g = torch.Generator().manual_seed(k)
+    base = torch.randn(shape, generator=g)
+    deltas = [0.01 * torch.randn(shape, generator=g) for _ in range(k)]
+    if case != "apart":
+        deltas = [deltas[0] * (-1 if case == "opposite" and i % 2 else 1) for i in range(k)]
+    tensors = tuple(x.to(dtype) for x in [base] + [base + d for d in deltas])
+    method = registry.get("model_stock")
+    p = registry.bind(method, {}, k + 1, 0, "test")
+    ref = method.fn(Inputs(tensors, 0, "w"), p).double()
+    ref64 = method.fn(Inputs(tuple(x.double() for x in tensors), 0, "w"), p)
+    out, inputs_finite, output_finite = fused_merge.merge("model_stock", Inputs(tensors, 0, "w"), p, checks=True)
+    assert inputs_finite and output_finite
+    scale = max(float(ref64.abs().max()), 1e-30)
+    assert float((out.double() - ref64).abs().max()) <= float((ref - ref64).abs().max()) + 1e-6 * scale
+
+
+def test_model_stock_filter_wise_takes_the_reference(llama_family, tmp_path):
+    import seme
+    from conftest import load_folder
+
+    recipe = {"merge_method": "model_stock", "base_model": llama_family["base"], "dtype": "float32",
+              "parameters": {"filter_wise": True}, "models": [{"model": llama_family[f"expert{i}"]} for i in range(3)]}
+    p = registry.bind(registry.get("model_stock"), {"filter_wise": True}, 4, 0, "test")
+    assert not fused_merge.covers("model_stock", p)
+    with pytest.raises(ValueError, match="no fused kernel for method 'model_stock'"):
+        fused_merge.merge("model_stock", make_inputs((8,), 3), p)
+    seme.merge(recipe, str(tmp_path / "auto"), progress=False)  # the native engine hands every tensor to torch
+    seme.merge(recipe, str(tmp_path / "reference"), progress=False, backend="reference")
+    auto, reference = load_folder(tmp_path / "auto"), load_folder(tmp_path / "reference")
+    assert all(torch.equal(auto[n], reference[n]) for n in reference)
+
+
+def test_model_stock_threads_and_builds_agree():
+    inputs = sparse_inputs((3, 70001), 3, torch.bfloat16, seed=4)
+    p = registry.bind(registry.get("model_stock"), {}, 4, 0, "test")
+    one = fused_merge.merge("model_stock", inputs, p, num_threads=1)
+    assert torch.equal(one, fused_merge.merge("model_stock", inputs, p, num_threads=2))
+    for isa in ISAS:
+        with cpu_isa(isa):
+            assert torch.equal(one, fused_merge.merge("model_stock", inputs, p, num_threads=2)), isa

@@ -1631,38 +1631,44 @@ Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool nor
   return ctx.finite();
 }
 
-// ------------------------------------------------------------ SLERP's norms and cosine
+// ------------------------------------------------------------ Gram matrices (SLERP, Model Stock)
 
-std::array<double, 3> dot_stats(const Tensors& t) {
+std::vector<double> gram(const Tensors& t, bool deltas) {
   check(t);
-  if (t.others.size() != 1) throw std::invalid_argument("dot_stats: one tensor besides the base");
   Ctx ctx(t, kChunk, kBlock);
-  std::vector<std::array<double, 3>> partial(ctx.nchunks);  // per chunk, summed in chunk order below
+  const int M = deltas ? ctx.K : ctx.K + 1;
+  std::vector<std::vector<double>> partial(ctx.nchunks, std::vector<double>(size_t(M) * M, 0.0));
   ctx.chunks([&](int th, int64_t c, int64_t start, int64_t end) {
     Scratch& s = ctx.scratch[th];
-    std::array<double, 3> sums = {0, 0, 0};
+    std::vector<double>& sums = partial[c];
     ctx.blocks(start, end, [&](int64_t off, int64_t len) {
-      float* __restrict a = s.base.data();
-      float* __restrict b = s.acc.data();
-      dispatch(t.in_dtype, [&](auto tag) {
-        using T = decltype(tag);
-        const T* __restrict x = static_cast<const T*>(t.base) + off;
-        const T* __restrict y = static_cast<const T*>(t.others[0]) + off;
-        prefetch_next(x, len);
-        prefetch_next(y, len);
-        for (int64_t j = 0; j < len; ++j) a[j] = to_f32(x[j]), b[j] = to_f32(y[j]);
-      });
-      s.input_exponents = max_exponent(b, len, max_exponent(a, len, s.input_exponents));
-      sums[0] += lane_sum(len, [=](int64_t j) { return double(a[j]) * double(a[j]); });
-      sums[1] += lane_sum(len, [=](int64_t j) { return double(b[j]) * double(b[j]); });
-      sums[2] += lane_sum(len, [=](int64_t j) { return double(a[j]) * double(b[j]); });
+      ctx.load(s, off, len, true);  // base and δ_k = x_k - base, noting non-finite ones
+      if (!deltas)
+        for (int k = 0; k < ctx.K; ++k) {  // x_k = base + δ_k again, as the raw inputs in fp32
+          float* __restrict d = ctx.delta(s, k);
+          dispatch(t.in_dtype, [&](auto tag) {
+            using T = decltype(tag);
+            const T* __restrict x = static_cast<const T*>(t.others[k]) + off;
+            for (int64_t j = 0; j < len; ++j) d[j] = to_f32(x[j]);
+          });
+        }
+      auto vec = [&](int i) -> const float* {
+        return deltas ? ctx.delta(s, i) : i == 0 ? s.base.data() : ctx.delta(s, i - 1);
+      };
+      for (int i = 0; i < M; ++i)
+        for (int j = i; j < M; ++j) {
+          const float* __restrict a = vec(i);
+          const float* __restrict b = vec(j);
+          sums[size_t(i) * M + j] += lane_sum(len, [=](int64_t e) { return double(a[e]) * double(b[e]); });
+        }
     });
-    partial[c] = sums;
   });
-  std::array<double, 3> total = {0, 0, 0};
-  for (const auto& p : partial)
-    for (int i = 0; i < 3; ++i) total[i] += p[i];
-  if (!ctx.finite().inputs) total[2] = std::nan("");  // NaN / Inf inputs: the caller's merge sees them
+  std::vector<double> total(size_t(M) * M, 0.0);
+  for (const auto& p : partial)  // chunk order: the same sums for any thread count
+    for (size_t e = 0; e < total.size(); ++e) total[e] += p[e];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < i; ++j) total[size_t(i) * M + j] = total[size_t(j) * M + i];
+  if (!ctx.finite().inputs) std::fill(total.begin(), total.end(), std::nan(""));
   return total;
 }
 
@@ -1745,7 +1751,7 @@ Finite ram_merge(const Tensors& t, float epsilon, const std::vector<float>& scal
   Finite family_merge(const Tensors& t, const FamilyParams& p);                               \
   Finite sce_merge(const Tensors& t, double tau, SceStats* stats);                            \
   Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize);     \
-  std::array<double, 3> dot_stats(const Tensors& t);                                          \
+  std::vector<double> gram(const Tensors& t, bool deltas);                                    \
   void ram_counts(const Tensors& t, float epsilon, std::vector<int64_t>& unique,              \
                   std::vector<int64_t>& shared);                                              \
   Finite ram_merge(const Tensors& t, float epsilon, const std::vector<float>& scale);         \
@@ -1774,17 +1780,17 @@ struct Kernels {
   decltype(&baseline::family_merge) family;
   decltype(&baseline::sce_merge) sce;
   decltype(&baseline::linear_merge) linear;
-  decltype(&baseline::dot_stats) dot_stats;
+  decltype(&baseline::gram) gram;
   decltype(&baseline::ram_counts) ram_counts;
   decltype(&baseline::ram_merge) ram;
 };
 
 static Kernels kernels(Isa i) {
-  if (i == Isa::avx512) return {avx512::family_merge, avx512::sce_merge, avx512::linear_merge, avx512::dot_stats, avx512::ram_counts,
+  if (i == Isa::avx512) return {avx512::family_merge, avx512::sce_merge, avx512::linear_merge, avx512::gram, avx512::ram_counts,
           avx512::ram_merge};
-  if (i == Isa::avx2) return {avx2::family_merge, avx2::sce_merge, avx2::linear_merge, avx2::dot_stats, avx2::ram_counts,
+  if (i == Isa::avx2) return {avx2::family_merge, avx2::sce_merge, avx2::linear_merge, avx2::gram, avx2::ram_counts,
           avx2::ram_merge};
-  return {baseline::family_merge, baseline::sce_merge, baseline::linear_merge, baseline::dot_stats, baseline::ram_counts,
+  return {baseline::family_merge, baseline::sce_merge, baseline::linear_merge, baseline::gram, baseline::ram_counts,
           baseline::ram_merge};
 }
 
@@ -1793,7 +1799,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) { return kernels
 Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize) {
   return kernels(isa()).linear(t, weight, normalize);
 }
-std::array<double, 3> dot_stats(const Tensors& t) { return kernels(isa()).dot_stats(t); }
+std::vector<double> gram(const Tensors& t, bool deltas) { return kernels(isa()).gram(t, deltas); }
 void ram_counts(const Tensors& t, float epsilon, std::vector<int64_t>& unique, std::vector<int64_t>& shared) {
   kernels(isa()).ram_counts(t, epsilon, unique, shared);
 }
@@ -1811,7 +1817,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) { return baselin
 Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize) {
   return baseline::linear_merge(t, weight, normalize);
 }
-std::array<double, 3> dot_stats(const Tensors& t) { return baseline::dot_stats(t); }
+std::vector<double> gram(const Tensors& t, bool deltas) { return baseline::gram(t, deltas); }
 void ram_counts(const Tensors& t, float epsilon, std::vector<int64_t>& unique, std::vector<int64_t>& shared) {
   baseline::ram_counts(t, epsilon, unique, shared);
 }

@@ -1,4 +1,4 @@
-// Fused CPU (OpenMP) merge kernels for the task-vector family, SCE, linear, SLERP and RAM.
+// Fused CPU (OpenMP) merge kernels for the task-vector family, SCE, linear, SLERP, Model Stock and RAM.
 //
 // Bit-compatible with the plain-torch references in seme/methods/task_vector.py: masks are
 // identical (exact rank selection with the (value, index) tie rule, the same Philox draws), and
@@ -72,10 +72,11 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats);
 // Finite.inputs is exact here: the inputs themselves are checked.
 Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool normalize);
 
-// SLERP's statistics of base (a) and others[0] (b), as fp32 values: (Σ a², Σ b², Σ a·b), summed in
-// double in a fixed order (independent of the thread count); Σ a·b is NaN where an input is not
-// finite. The interpolation itself is linear_merge with SLERP's two coefficients.
-std::array<double, 3> dot_stats(const Tensors& t);
+// The Gram matrix (row-major) of the inputs as fp32 values, [base, others...], or with `deltas` of
+// δ_k = x_k - base: every Σ u·v summed in double in a fixed order (independent of the thread
+// count); all NaN where an input is not finite. SLERP's norms and cosine, Model Stock's cosines
+// between task vectors; their merges are then linear_merge with the coefficients they give.
+std::vector<double> gram(const Tensors& t, bool deltas);
 
 // RAM and tensor-local RAM+ (seme/methods/ram.py). δ_k counts where |δ_k| > epsilon; an element
 // changed by one model takes that change times scale_k (1 for RAM), one changed by c > 1 models

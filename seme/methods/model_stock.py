@@ -10,6 +10,8 @@ from seme.methods.registry import Method, Param, register
 if TYPE_CHECKING:  # torch is imported inside the functions: planning never loads it
     import torch
 
+_SINGULAR = 1e-6
+
 
 def model_stock(inputs: Inputs, p: dict) -> torch.Tensor:
     import torch
@@ -30,10 +32,16 @@ def model_stock(inputs: Inputs, p: dict) -> torch.Tensor:
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     n = len(ws)
     denominator = 1 + (n - 1) * cos
-    # At the singularity there is no finite estimate: keep the base for that filter.
-    singular = denominator.abs() < 1e-6
+    singular = denominator.abs() < _SINGULAR
     t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
     return (t * (sum(ws) / n) + (1 - t) * w0).reshape(shape)
+
+
+def interpolation_ratio(cosine: float, n: int) -> float:
+    """Model Stock's t = n cos / (1 + (n - 1) cos) for the mean cosine of n task vectors; at the
+    singularity there is no finite estimate: 0, the base (the fused kernel shares this rule)."""
+    denominator = 1 + (n - 1) * cosine
+    return 0.0 if abs(denominator) < _SINGULAR else n * cosine / denominator
 
 
 register(Method("model_stock", model_stock, (Param("filter_wise", bool, default=False),), base="required",
