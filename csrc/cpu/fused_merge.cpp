@@ -1642,16 +1642,20 @@ std::vector<double> gram(const Tensors& t, bool deltas) {
     Scratch& s = ctx.scratch[th];
     std::vector<double>& sums = partial[c];
     ctx.blocks(start, end, [&](int64_t off, int64_t len) {
-      ctx.load(s, off, len, true);  // base and δ_k = x_k - base, noting non-finite ones
-      if (!deltas)
-        for (int k = 0; k < ctx.K; ++k) {  // x_k = base + δ_k again, as the raw inputs in fp32
-          float* __restrict d = ctx.delta(s, k);
-          dispatch(t.in_dtype, [&](auto tag) {
-            using T = decltype(tag);
-            const T* __restrict x = static_cast<const T*>(t.others[k]) + off;
-            for (int64_t j = 0; j < len; ++j) d[j] = to_f32(x[j]);
-          });
-        }
+      if (deltas) {
+        ctx.load(s, off, len, true);  // base and δ_k = x_k - base, noting non-finite ones
+      } else {  // the inputs themselves, in fp32
+        dispatch(t.in_dtype, [&](auto tag) {
+          using T = decltype(tag);
+          for (int i = 0; i <= ctx.K; ++i) {
+            const T* __restrict x = static_cast<const T*>(i == 0 ? t.base : t.others[i - 1]) + off;
+            float* __restrict v = i == 0 ? s.base.data() : ctx.delta(s, i - 1);
+            prefetch_next(x, len);
+            for (int64_t j = 0; j < len; ++j) v[j] = to_f32(x[j]);
+            s.input_exponents = max_exponent(v, len, s.input_exponents);
+          }
+        });
+      }
       auto vec = [&](int i) -> const float* {
         return deltas ? ctx.delta(s, i) : i == 0 ? s.base.data() : ctx.delta(s, i - 1);
       };
