@@ -76,8 +76,8 @@ def test_every_reference_merge_stays_within_its_declared_peak(peaks):
     for name, by_count in peaks.items():
         a, b = registry.get(name).peak_buffers
         for k, measured in by_count.items():
-            for dtype, buffers in measured:
-                assert buffers <= a + b * int(k), f"{name}, {k} {dtype} inputs: {buffers:.2f} > {a} + {b} x {k}"
+            for dtype, buffers in measured:  # 0.05: a few pages of bookkeeping, which vary from run to run
+                assert buffers <= a + b * int(k) + 0.05, f"{name}, {k} {dtype} inputs: {buffers:.3f} > {a} + {b} x {k}"
         # and tightly enough to be of use: within 4.5 buffers of what the most inputs measured need
         k = max(by_count, key=int)
         loose = a + b * int(k) - max(buffers for _, buffers in by_count[k])

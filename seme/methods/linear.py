@@ -24,4 +24,4 @@ def linear(inputs: Inputs, p: dict) -> torch.Tensor:
 register(Method("linear", linear, (
     Param("weight", float, INPUT),
     Param("normalize", bool, default=True),
-), peak_buffers=(2.0, 0.0), reference="https://arxiv.org/abs/2203.05482"))
+), peak_buffers=(2.5, 0.0), reference="https://arxiv.org/abs/2203.05482"))
