@@ -28,6 +28,8 @@ RECIPES = {
     "sce": {"merge_method": "sce", "parameters": {"select_topk": 0.5}},
     "ram": {"merge_method": "ram", "parameters": {"epsilon": 0.001}},
     "ramplus_tl": {"merge_method": "ramplus_tl", "parameters": {"epsilon": 0.001, "r": 0.5}},
+    "slerp": {"merge_method": "slerp", "parameters": {"t": [0.2, 0.8]}},
+    "model_stock": {"merge_method": "model_stock", "parameters": {}},
 }
 
 
@@ -39,7 +41,7 @@ def bf16_family(tmp_path_factory):
 def _recipe(name: str, family: dict, **extra) -> dict:
     spec = dict(RECIPES[name])
     recipe = {"merge_method": spec.pop("merge_method"), "parameters": spec.pop("parameters"), **spec, **extra}
-    experts = [{"model": family["expert0"]}, {"model": family["expert1"]}]
+    experts = [{"model": family["expert0"]}, {"model": family["expert1"]}][:1 if name == "slerp" else 2]
     if recipe["merge_method"] == "linear":
         recipe["models"] = [{"model": family["base"]}] + experts
     else:
@@ -86,9 +88,10 @@ def test_native_engine_hands_what_its_kernels_cannot_take_to_torch(bf16_family, 
     assert used._torch is not None and native == reference
 
 
-def test_cpu_merge_of_a_fused_method_never_imports_torch(bf16_family, tmp_path):
+@pytest.mark.parametrize("method", ["ties", "slerp", "model_stock", "ramplus_tl"])
+def test_cpu_merge_of_a_fused_method_never_imports_torch(bf16_family, tmp_path, method):
     recipe = tmp_path / "r.yml"
-    recipe.write_text(yaml.safe_dump(_recipe("ties", bf16_family)))
+    recipe.write_text(yaml.safe_dump(_recipe(method, bf16_family)))
     code = ("import sys; from seme.merge import main; status = main([sys.argv[1], sys.argv[2]]); "
             "print(status, 'torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code, str(recipe), str(tmp_path / "out")], capture_output=True,
