@@ -197,22 +197,34 @@ def _plan_stacks(recipe, method, models, archs, index, ref, stacks, tokenizer, t
     if remap is not None:
         raise SemeError(f"{reference.name} has several layer stacks ({where}): re-mapping its vocabulary "
                         f"(tokenizer_source / tokenizer) is not supported")
-    for i, model in enumerate(models):
-        found = _stacks(archs[i], model) if i != ref else stacks
-        if found != stacks:
-            raise SemeError(f"{model.name} has layer stacks {_describe(found)}, {reference.name} {where}: "
-                            f"models merged whole must have the same layers")
-    sl = recipe.slices[0]
     builder = _Builder(recipe, method, models, archs, index, tied=False)
-    for name in reference.tensors:
-        position = _position(archs[ref], name)
-        depth = stacks[position[0]] if position else 0
-        t = 0.0 if not position else position[1] / (depth - 1) if depth > 1 else 1.0
-        builder.add(name, {s.model: name for s in sl.sources}, sl, t)
+    stacks_of = [stacks if i == ref else _stacks(archs[i], m) for i, m in enumerate(models)]
+    depth = _add_whole(builder, recipe.slices[0], list(reference.tensors), stacks_of, ref)
     config = dict(reference.config)
     _set_output_dtype(config, recipe, builder.tasks)
-    return Plan(recipe, models, builder.tasks, config, tokenizer, max(stacks.values()), archs,
-                chat_template=template)
+    return Plan(recipe, models, builder.tasks, config, tokenizer, depth, archs, chat_template=template)
+
+
+def _add_whole(builder, sl, names, stacks_of, ref, part: str | None = None, where: str = "") -> int:
+    """The reference's tensors `names` merged whole from the models of `sl`, whose layer stacks (those
+    of `part`, if given) must be the reference's; a gradient runs over each stack's own layers.
+    Returns the deepest stack's depth."""
+    def own(m):
+        return {stack: d for stack, d in stacks_of[m].items() if part is None or modules.part_of(stack) == part}
+
+    stacks = own(ref)
+    for s in sl.sources:
+        m = builder.index[s.model]
+        if own(m) != stacks:
+            raise SemeError(f"{where}{builder.models[m].name} has layer stacks {_describe(own(m))}, "
+                            f"{builder.models[ref].name} {_describe(stacks)}: models merged whole must have the "
+                            f"same layers")
+    for n in names:
+        position = _position(builder.archs[ref], n)
+        layers = stacks.get(position[0], 1) if position else 1
+        t = 0.0 if not position else position[1] / (layers - 1) if layers > 1 else 1.0
+        builder.add(n, {s.model: n for s in sl.sources}, sl, t)
+    return max(stacks.values(), default=0)
 
 
 def _module_parts(recipe: Recipe, reference: ModelFolder) -> dict[str, str]:
@@ -254,19 +266,7 @@ def _plan_modules(recipe, method, models, archs, index, ref, parts, stacks, toke
         names = [n for n in reference.tensors if modules.part_of(n) == part]
         own = {stack: d for stack, d in stacks.items() if modules.part_of(stack) == part}
         if all(s.layer_range is None for sl in slices for s in sl.sources):  # models: the module whole
-            sl = slices[0]
-            for s in sl.sources:
-                m = index[s.model]
-                found = {stack: d for stack, d in stacks_of[m].items() if modules.part_of(stack) == part}
-                if found != own:
-                    raise SemeError(f"{where}: {models[m].name} has layer stacks {_describe(found)}, "
-                                    f"{reference.name} {_describe(own)}: models merged whole must have the same layers")
-            for n in names:
-                position = _position(archs[ref], n)
-                layers = own.get(position[0], 1) if position else 1
-                t = 0.0 if not position else position[1] / (layers - 1) if layers > 1 else 1.0
-                builder.add(n, {s.model: n for s in sl.sources}, sl, t)
-            depth = max([depth, *own.values()])
+            depth = max(depth, _add_whole(builder, slices[0], names, stacks_of, ref, part, f"{where}: "))
             continue
         if len(own) != 1:
             raise SemeError(f"{where}: {reference.name}'s {part} has "
