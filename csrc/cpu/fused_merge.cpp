@@ -1678,6 +1678,17 @@ std::vector<double> gram(const Tensors& t, bool deltas) {
 
 // ------------------------------------------------------------ RAM
 
+// How many models change each staged element (|δ_k| > epsilon), as floats in s.div.
+static const float* changed_counts(const Ctx& ctx, Scratch& s, int64_t len, float epsilon) {
+  float* __restrict c = s.div.data();
+  for (int64_t j = 0; j < len; ++j) c[j] = 0.0f;
+  for (int k = 0; k < ctx.K; ++k) {
+    const float* __restrict d = ctx.delta(s, k);
+    for (int64_t j = 0; j < len; ++j) c[j] += std::fabs(d[j]) > epsilon ? 1.0f : 0.0f;
+  }
+  return c;
+}
+
 void ram_counts(const Tensors& t, float epsilon, std::vector<int64_t>& unique, std::vector<int64_t>& shared) {
   check(t);
   Ctx ctx(t, kChunk, kBlock);
@@ -1689,12 +1700,7 @@ void ram_counts(const Tensors& t, float epsilon, std::vector<int64_t>& unique, s
     int64_t* sh = u + K;
     ctx.blocks(start, end, [&](int64_t off, int64_t len) {
       ctx.load(s, off, len);
-      float* __restrict c = s.div.data();
-      for (int64_t j = 0; j < len; ++j) c[j] = 0.0f;
-      for (int k = 0; k < K; ++k) {
-        const float* __restrict d = ctx.delta(s, k);
-        for (int64_t j = 0; j < len; ++j) c[j] += std::fabs(d[j]) > epsilon ? 1.0f : 0.0f;
-      }
+      const float* __restrict c = changed_counts(ctx, s, len, epsilon);
       for (int k = 0; k < K; ++k) {
         const float* __restrict d = ctx.delta(s, k);
         int64_t nu = 0, ns = 0;
@@ -1721,14 +1727,10 @@ Finite ram_merge(const Tensors& t, float epsilon, const std::vector<float>& scal
     Scratch& s = ctx.scratch[th];
     ctx.blocks(start, end, [&](int64_t off, int64_t len) {
       ctx.load(s, off, len, true);
-      float* __restrict c = s.div.data();
+      const float* __restrict c = changed_counts(ctx, s, len, epsilon);
       float* __restrict acc = s.acc.data();
       const float* __restrict b = s.base.data();
-      for (int64_t j = 0; j < len; ++j) c[j] = 0.0f, acc[j] = 0.0f;
-      for (int k = 0; k < K; ++k) {
-        const float* __restrict d = ctx.delta(s, k);
-        for (int64_t j = 0; j < len; ++j) c[j] += std::fabs(d[j]) > epsilon ? 1.0f : 0.0f;
-      }
+      for (int64_t j = 0; j < len; ++j) acc[j] = 0.0f;
       // The reference's order: (δ_k · counted) then · scale_k where one model changes the element,
       // / max(c, 1) elsewhere, summed over k from 0, then added to the base.
       for (int k = 0; k < K; ++k) {
