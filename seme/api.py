@@ -111,7 +111,7 @@ def _merge_recipe(recipe, out_dir: str, opts: dict) -> dict:
                          card=opts["write_model_card"], progress=progress, version=__version__)
     seconds = max(stats["seconds"], 1e-9)
     if distributed.reports():
-            print(f"seme: merged {stats['tensors']} tensors with {recipe.merge_method} "
+        print(f"seme: merged {stats['tensors']} tensors with {recipe.merge_method} "
               f"({stats['input_bytes'] / 1e9:.3f} GB in, {stats['input_bytes'] / 1e9 / seconds:.2f} GB/s) "
               f"in {stats['seconds']:.2f} s -> {out_dir}", file=sys.stderr)
     return stats

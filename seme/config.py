@@ -428,8 +428,6 @@ def split_reference(ref: str) -> tuple[str, ...]:
 
 def with_seed(recipe: Recipe, seed: int) -> Recipe:
     """`recipe` with another random_seed, its text (which the model card holds) rewritten to match."""
-    import dataclasses
-
     import yaml
 
     line = re.compile(r"^random_seed:.*$", re.MULTILINE)

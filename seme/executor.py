@@ -72,6 +72,7 @@ class Progress:
 # bench.e2e's merges from 0.68 to 0.81 GB.
 DEFAULT_MEMORY = 4 * 10**9
 
+
 def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto", shard_size: int = 5 * 10**9,
         overwrite: bool = False, resume: bool = False, allow_nonfinite: bool = False, progress: bool = False,
         version: str = "", max_memory: int | None = None, direct_io: bool = True, tokenizer: bool = True,
@@ -82,8 +83,8 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
     keeps the staging folder; `resume` continues from its finished shards (bit-identical result).
     Under torchrun, each rank writes its share of the shards and rank 0 publishes. `max_memory`
     bounds the bytes held at once: read-ahead inputs, the tensor being merged and results waiting
-    to be written (None: DEFAULT_MEMORY, or `largest_need` if more). With `direct_io`, shards are written around the page cache where the filesystem
-    allows it (`seme.io.writer`). `tokenizer` and `card`: whether the output gets the reference's
+    to be written (None: DEFAULT_MEMORY, or `largest_need` if more). With `direct_io`, shards are
+    written around the page cache where the filesystem allows it (`seme.io.writer`). `tokenizer` and `card`: whether the output gets the reference's
     tokenizer files and a model card (`seme.io.card.write_metadata`).
     """
     largest, _ = largest_need(plan, device, backend)
@@ -276,8 +277,7 @@ def _working_bytes(plan: Plan, task, device: str, backend: str) -> int:
     fused = backend != "reference" and fused_merge.available() and (method == "seme"
                                                                     or fused_merge.covers(method, task.params))
     if wide or not fused:
-        held += registry.get(plan.recipe.merge_method).working_bytes(len(task.inputs), math.prod(task.shape),
-                                                                     8 if wide else 4)
+        held += registry.get(method).working_bytes(len(task.inputs), math.prod(task.shape), 8 if wide else 4)
     return held
 
 
