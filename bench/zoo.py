@@ -256,23 +256,29 @@ def evaluate_folder(folder: str, cfg: Config) -> dict[str, dict]:
 
 # --- heterogeneous members -------------------------------------------------------------------------
 
-def rotate(state: dict, Q: torch.Tensor, layers: int) -> dict:
-    """The same function in a rotated residual stream: norm gains folded into the readers, then h -> Q h."""
-    s = {k: v.clone() for k, v in state.items()}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for norm, readers in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                              ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
-            g = s[p + norm + ".weight"]
-            for r in readers:
-                s[p + r + ".weight"] = s[p + r + ".weight"] * g @ Q.T
-            s[p + norm + ".weight"] = torch.ones_like(g)
-        for w in ("self_attn.o_proj", "mlp.down_proj"):
-            s[p + w + ".weight"] = Q @ s[p + w + ".weight"]
-    s["lm_head.weight"] = s["lm_head.weight"] * s["model.norm.weight"] @ Q.T
-    s["model.norm.weight"] = torch.ones_like(s["model.norm.weight"])
-    s["model.embed_tokens.weight"] = s["model.embed_tokens.weight"] @ Q.T
-    return s
+def rotate(state: dict, arch, Q: torch.Tensor) -> dict:
+    """The same function in a residual stream turned by Q, from the role table of `arch`
+    (seme.architectures) alone: norm gains folded into the tensors that read the normalised stream,
+    then h -> Q h."""
+    def gain(name):
+        return arch.norm_gain_offset + state[name]
+
+    final = next(n for n in state if arch.role(n).role == "final_norm")
+    out = {}
+    for name, w in state.items():
+        role = arch.role(name).role
+        if role == "read":
+            w = (w * gain(arch.role(name).norm)) @ Q.T
+        elif role == "lm_head":
+            w = (w * gain(final)) @ Q.T
+        elif role in ("norm", "final_norm"):
+            w = torch.full_like(w, 1.0 - arch.norm_gain_offset)
+        elif role in ("write", "write_bias"):
+            w = Q @ w
+        elif role == "embedding":
+            w = w @ Q.T
+        out[name] = w
+    return out
 
 
 def deepen(state: dict, order: list[int]) -> dict:
@@ -355,7 +361,10 @@ def _derive(root: str, cfg: Config) -> None:
         shutil.copytree(source, folder, dirs_exist_ok=True)
         tokens = TOKENS
         if name == "rotated":
-            new = rotate(state, random_orthogonal(cfg.hidden, cfg.seed + 7), cfg.layers)
+            from seme.architectures import for_config
+
+            llama = for_config({"architectures": ["LlamaForCausalLM"]})
+            new = rotate(state, llama, random_orthogonal(cfg.hidden, cfg.seed + 7))
         else:  # own id j holds the token the base calls TOKENS[perm[j]], some spelt differently
             perm = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(cfg.seed + 11)).tolist()
             names = renamed_tokens()

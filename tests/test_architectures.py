@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import seme.architectures as archs
+from bench.zoo import rotate  # the residual stream turned by the role table alone
 from seme.architectures import for_config, known_architectures
 
 torch = pytest.importorskip("torch")
@@ -163,30 +164,6 @@ ROTATABLE = [f for f in FAMILIES if not {s.role for s in for_config({"architectu
              & {"write_norm", "norm_bias", "final_norm_bias", "position_embedding", "buffer"}]
 
 
-def rotated_by_roles(state: dict, arch, Q) -> dict:
-    """The same function in a residual stream turned by Q, from the role table alone: norm gains
-    folded into the tensors that read the normalised stream, then h -> Q h."""
-    def gain(name):
-        return arch.norm_gain_offset + state[name]
-
-    final = next(n for n in state if arch.role(n).role == "final_norm")
-    out = {}
-    for name, w in state.items():
-        role = arch.role(name).role
-        if role == "read":
-            w = (w * gain(arch.role(name).norm)) @ Q.T
-        elif role == "lm_head":
-            w = (w * gain(final)) @ Q.T
-        elif role in ("norm", "final_norm"):
-            w = torch.full_like(w, 1.0 - arch.norm_gain_offset)
-        elif role in ("write", "write_bias"):
-            w = Q @ w
-        elif role == "embedding":
-            w = w @ Q.T
-        out[name] = w
-    return out
-
-
 @pytest.mark.parametrize("family", ROTATABLE)
 def test_a_rotation_by_the_role_table_keeps_the_function(family, tmp_path):
     """Every tensor's role is right: turning the residual stream by them leaves the logits as they
@@ -197,7 +174,7 @@ def test_a_rotation_by_the_role_table_keeps_the_function(family, tmp_path):
     arch = for_config(config)
     state = {k: v.double() for k, v in safetensors_torch.load_file(tmp_path / "original" / "model.safetensors").items()}
     Q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
-    turned = rotated_by_roles(state, arch, Q)
+    turned = rotate(state, arch, Q)
     (tmp_path / "rotated").mkdir()
     safetensors_torch.save_file({k: v.float() for k, v in turned.items()}, tmp_path / "rotated" / "model.safetensors")
     (tmp_path / "rotated" / "config.json").write_text(json.dumps(config))

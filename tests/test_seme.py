@@ -15,8 +15,9 @@ import torch
 import yaml
 
 import seme
-from bench.zoo import rotate as rotate_residual_stream  # fold norm gains, then turn the residual stream
+from bench.zoo import rotate  # fold norm gains, then turn the residual stream, by the role table
 from conftest import build_model, load_folder, save_tokenizer
+from seme.architectures import for_config
 from seme.errors import SemeError
 from seme.merge import main
 from seme.semantic import alignment
@@ -47,6 +48,9 @@ def train(model, steps: int, seed: int, lr: float, offset: int = 0):
         loss.backward()
         opt.step()
     return model
+
+
+LLAMA = for_config({"architectures": ["LlamaForCausalLM"]})
 
 
 def llama(layers: int = 2):
@@ -84,8 +88,8 @@ def trained(tmp_path_factory):
     b_state = {k: v.detach().clone() for k, v in b.state_dict().items()}
     paths["B"] = save(b, None, root / "B")
     Q = random_orthogonal(HIDDEN, 7)
-    paths["rotA"] = save(llama(), rotate_residual_stream(a_state, Q, 2), root / "rotA")
-    paths["rotB"] = save(llama(), rotate_residual_stream(b_state, Q, 2), root / "rotB")
+    paths["rotA"] = save(llama(), rotate(a_state, LLAMA, Q), root / "rotA")
+    paths["rotB"] = save(llama(), rotate(b_state, LLAMA, Q), root / "rotB")
     return paths, Q, a_state, b_state
 
 
@@ -201,7 +205,7 @@ def recovered_rotation(pivot_state, source_state, mode: str = "linear") -> torch
 
 def test_alignment_recovers_a_pure_rotation_exactly(trained, tmp_path):
     paths, Q, a_state, _ = trained
-    rot_a = rotate_residual_stream(a_state, Q, 2)
+    rot_a = rotate(a_state, LLAMA, Q)
     Q_hat = recovered_rotation(a_state, rot_a)
     assert float((Q_hat.float() - Q.T).abs().max()) < 1e-4  # h_A = Qᵀ h_rotA
     # Merging A with its own rotation (one source, nothing trimmed) gives back A.
@@ -214,7 +218,7 @@ def test_alignment_recovers_a_pure_rotation_exactly(trained, tmp_path):
 
 def test_probability_mode_alignment_recovers_a_pure_rotation(trained, tmp_path):
     paths, Q, a_state, _ = trained
-    Q_hat = recovered_rotation(a_state, rotate_residual_stream(a_state, Q, 2), mode="probability")
+    Q_hat = recovered_rotation(a_state, rotate(a_state, LLAMA, Q), mode="probability")
     # φ smooths over near neighbours (T = 0.05), so A is Q up to a near-identity factor the polar factor
     # removes: measured 1.8e-4 here.
     assert float((Q_hat.float() - Q.T).abs().max()) < 1e-3
@@ -227,7 +231,7 @@ def test_alignment_of_a_rotated_fine_tune_is_close_and_improves_with_smaller_del
     errors = []
     for scale in (1.0, 0.25):  # shrink the fine-tune delta
         state = {k: a_state[k] + scale * (b_state[k] - a_state[k]) for k in a_state}
-        Q_hat = recovered_rotation(a_state, rotate_residual_stream(state, Q, 2))
+        Q_hat = recovered_rotation(a_state, rotate(state, LLAMA, Q))
         errors.append(float(torch.linalg.norm(Q_hat.float() - Q.T)) / HIDDEN ** 0.5)
     assert errors[0] < 0.1, errors
     assert errors[1] < errors[0] / 2, errors
@@ -266,15 +270,14 @@ def test_a_rotated_mixture_of_experts_is_aligned_back(family, tmp_path):
     a model with its own rotation gives the model back."""
     from safetensors.torch import load_file, save_file
 
-    from test_architectures import build, rotated_by_roles
-    from seme.architectures import for_config
+    from test_architectures import build
 
     build(family, {"tie_word_embeddings": False}).save_pretrained(tmp_path / "A")
     config = json.loads((tmp_path / "A" / "config.json").read_text())
     state = {k: v.double() for k, v in load_file(tmp_path / "A" / "model.safetensors").items()}
     Q, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
     (tmp_path / "rotA").mkdir()
-    save_file({k: v.float() for k, v in rotated_by_roles(state, for_config(config), Q).items()},
+    save_file({k: v.float() for k, v in rotate(state, for_config(config), Q).items()},
               tmp_path / "rotA" / "model.safetensors")
     (tmp_path / "rotA" / "config.json").write_text(json.dumps(config))
     report = seme_merge(str(tmp_path / "A"), [str(tmp_path / "rotA")], tmp_path / "out")
