@@ -37,8 +37,12 @@ RECIPES = {
 }
 
 
+SHARD_BYTES = 2 * 10**9  # larger models are written in shards of about this size, with an index, as hubs hold them
+
+
 def make_models(root: str, n_models: int, hidden: int, layers: int, vocab: int, intermediate: int) -> list[str]:
-    """Random Llama checkpoints written directly (no transformers needed): a base and fine-tunes."""
+    """Random Llama checkpoints written directly (no transformers needed): a base and fine-tunes.
+    One fine-tune's shard at a time is held beside the base, so models larger than memory can be made."""
     from safetensors.torch import save_file
 
     kv = hidden // 4
@@ -57,28 +61,45 @@ def make_models(root: str, n_models: int, hidden: int, layers: int, vocab: int, 
               "max_position_embeddings": 2048, "dtype": "bfloat16", "torch_dtype": "bfloat16"}
     g = torch.Generator().manual_seed(0)
     base = {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+    shards, size = [[]], 0
+    for name, tensor in base.items():
+        if size + tensor.nbytes > SHARD_BYTES and shards[-1]:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += tensor.nbytes
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     paths = []
     for i in range(n_models):
         path = os.path.join(root, f"model{i}")
         paths.append(path)
-        if os.path.exists(os.path.join(path, "model.safetensors")):
+        if os.path.exists(os.path.join(path, "config.json")):  # written last: the model is complete
             continue
         os.makedirs(path, exist_ok=True)
-        state = base if i == 0 else {k: (v.float() + torch.randn(v.shape, generator=g) * 0.002).to(torch.bfloat16)
-                                     for k, v in base.items()}
-        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        for file, names in zip(files, shards):
+            state = {k: base[k] if i == 0 else (base[k].float() + torch.randn(base[k].shape, generator=g) * 0.002)
+                     .to(torch.bfloat16) for k in names}
+            save_file(state, os.path.join(path, file), metadata={"format": "pt"})
+        if len(files) > 1:
+            index = {"metadata": {"total_size": sum(t.nbytes for t in base.values())},
+                     "weight_map": {k: file for file, names in zip(files, shards) for k in names}}
+            with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config, f)
     return paths
 
 
-def run(cmd: list[str], cwd: str, inputs: list[str], out: str) -> tuple[float, float, str]:
+def run(cmd: list[str], cwd: str, inputs: list[str] | None, out: str) -> tuple[float, float, str]:
     """Wall seconds, peak RSS (GB) of the process, and its stderr. Each run starts alike: no output
-    folder, the previous run's writes flushed, and the inputs read into the page cache again (this
-    machine's page cache loses pages of idle files within seconds, whatever memory is free)."""
+    folder, the previous run's writes flushed, and the `inputs` (None: inputs larger than memory,
+    read from disk) read into the page cache again (this machine's page cache loses pages of idle
+    files within seconds, whatever memory is free)."""
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
-    read_bandwidth(inputs)
+    if inputs is not None:
+        read_bandwidth(inputs)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err = proc.stderr.read()
@@ -89,8 +110,13 @@ def run(cmd: list[str], cwd: str, inputs: list[str], out: str) -> tuple[float, f
     return wall, usage.ru_maxrss / 1e6, err
 
 
+def weights(path: str) -> list[str]:
+    """A model folder's safetensors files."""
+    return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
 def read_bandwidth(paths: list[str]) -> float:
-    files = [os.path.join(p, "model.safetensors") for p in paths]
+    files = [f for p in paths for f in weights(p)]
     total = sum(os.path.getsize(f) for f in files)
     buffer = bytearray(1 << 24)
     start = time.perf_counter()
@@ -132,16 +158,20 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     os.makedirs(args.root, exist_ok=True)
     paths = make_models(args.root, args.models, args.hidden, args.layers, args.vocab, args.intermediate)
-    in_bytes = sum(os.path.getsize(os.path.join(p, "model.safetensors")) for p in paths)
-    params = os.path.getsize(os.path.join(paths[0], "model.safetensors")) / 2 / 1e6
+    out_bytes = sum(os.path.getsize(f) for f in weights(paths[0]))
+    in_bytes = out_bytes * len(paths)
+    params = out_bytes / 2 / 1e6
     load = os.getloadavg()[0]  # other work on the machine skews every column: recorded with the table
-    read_bandwidth(paths)  # warm the page cache, as a repeated merge would find it
+    cached = in_bytes < 0.6 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # else read from disk
+    source = "page cache" if cached else "disk (the inputs exceed memory)"
+    if cached:
+        read_bandwidth(paths)  # warm the page cache, as a repeated merge would find it
     bandwidth = read_bandwidth(paths)
-    out_bytes = os.path.getsize(os.path.join(paths[0], "model.safetensors"))
+    warm = paths if cached else None
     # read the inputs, write the output; a floor, so the best of three writes (the disk is noisy)
     floor = in_bytes / 1e9 / bandwidth + min(write_seconds(args.root, out_bytes) for _ in range(3))
     print(f"{args.models} models of {params:.0f}M parameters (bf16), {in_bytes / 1e9:.2f} GB in; "
-          f"plain read from page cache {bandwidth:.2f} GB/s; read + write floor {floor:.2f} s", flush=True)
+          f"plain read from {source} {bandwidth:.2f} GB/s; read + write floor {floor:.2f} s", flush=True)
     mergekit = shutil.which("mergekit-yaml") or os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
     header = ("| recipe | seme s | seme start-up s | seme RSS GB | seme steady GB/s | mergekit s | mergekit RSS GB | "
               "speed-up | seme / floor | steady / read bandwidth |\n|---|---|---|---|---|---|---|---|---|---|")
@@ -155,7 +185,7 @@ def main(argv=None) -> None:
         runs = []
         for _ in range(args.repeat):
             wall, rss, err = run([sys.executable, "-m", "seme.merge", recipe_path, out, "--device", args.device],
-                                 args.root, paths, out)
+                                 args.root, warm, out)
             loop = re.search(r"([\d.]+) GB/s\) in ([\d.]+) s", err)
             runs.append((wall, rss, float(loop.group(1)), wall - float(loop.group(2))))
         seme_s, seme_rss, steady, startup = sorted(runs)[len(runs) // 2]  # the median run by wall time
@@ -163,7 +193,7 @@ def main(argv=None) -> None:
         if not args.no_mergekit:
             mk_out = os.path.join(args.root, "out-mergekit")
             mk_cmd = [mergekit, recipe_path, mk_out, "--no-copy-tokenizer", "--allow-crimes", "--out-shard-size", "5B"]
-            mk_s, mk_rss, _ = run(mk_cmd + (["--cuda"] if args.device == "cuda" else []), args.root, paths, mk_out)
+            mk_s, mk_rss, _ = run(mk_cmd + (["--cuda"] if args.device == "cuda" else []), args.root, warm, mk_out)
         row = (f"| {name} | {seme_s:.1f} | {startup:.2f} | {seme_rss:.2f} | {steady:.2f} | {mk_s:.1f} | {mk_rss:.2f} | "
                f"{mk_s / seme_s:.1f}x | {seme_s / floor:.1f}x | {steady / bandwidth:.2f} |")
         rows.append(row)
@@ -172,13 +202,16 @@ def main(argv=None) -> None:
         return
     command = "python -m bench.e2e " + " ".join(argv if argv is not None else sys.argv[1:])
     kind = torch.device(args.device).type
-    update_section(f"e2e-{kind}", f"## End to end: seme vs mergekit-yaml ({kind})\n\n`{command.strip()}` on {machine()}, "
+    default = all(getattr(args, k) == parser.get_default(k) for k in ("models", "hidden", "layers", "intermediate", "vocab"))
+    section, title = (f"e2e-{kind}", kind) if default else (f"e2e-{kind}-{params:.0f}M", f"{kind}, {params:.0f}M-parameter models")
+    start = ("Every run starts with its inputs in the page cache and no output folder." if cached else
+             "The inputs do not fit in memory: every run reads them from disk, and starts with no output folder.")
+    update_section(section, f"## End to end: seme vs mergekit-yaml ({title})\n\n`{command.strip()}` on {machine()}, "
                           f"load average before the run {load:.2f}.\n"
                           f"{args.models} Llama-shaped models of {params:.0f}M parameters (bf16, dense deltas), "
-                          f"{in_bytes / 1e9:.2f} GB of input; plain read of the same files from page cache: "
+                          f"{in_bytes / 1e9:.2f} GB of input; plain read of the same files from {source}: "
                           f"{bandwidth:.2f} GB/s; *floor*: that read plus the best of three writes (and fsync) of the "
-                          f"output's bytes, {floor:.2f} s. Every run starts with its inputs in the page cache and no "
-                          f"output folder. Times are whole processes, seme's the median of {args.repeat} runs "
+                          f"output's bytes, {floor:.2f} s. {start} Times are whole processes, seme's the median of {args.repeat} runs "
                           f"(mergekit: one); *start-up* is seme's time outside its merge loop (imports, planning, "
                           f"publishing), *steady* its loop's input rate.\n\n{header}\n" + "\n".join(rows))
 

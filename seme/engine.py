@@ -15,8 +15,13 @@ import math
 import warnings
 
 from seme import fused_merge
+from seme.errors import SemeError
 from seme.fused_merge import KERNEL_DTYPES
-from seme.io.safetensors_file import TORCH_NAMES
+from seme.io.safetensors_file import DTYPE_SIZES, TORCH_NAMES
+
+# The share of a GPU's free memory a merge plans to use: the caching allocator's rounding and
+# fragmentation, and the CUDA kernels' workspaces, take some of the rest.
+DEVICE_ROOM = 0.85
 
 
 def make_engine(plan, device: str, backend: str, world: int):
@@ -29,33 +34,78 @@ def make_engine(plan, device: str, backend: str, world: int):
 class TorchEngine:
     """Inputs as torch tensors on the merge device, `seme.backend`'s implementation of the method,
     and the result copied into the output. On a GPU the inputs of the next tasks are staged while
-    one merges (`seme.staging`; `stage` forces it on or off, as the tests do on a CPU)."""
+    one merges (`seme.staging`; `stage` forces it on or off, as the tests do on a CPU), and a tensor
+    whose merge would not fit in the GPU's free memory is merged on the CPU instead (`route`)."""
 
     def __init__(self, plan, device: str, backend: str, stage: bool | None = None):
         import torch
 
         from seme.backend import implementation
 
-        self.plan, self.device = plan, torch.device(device)
+        self.plan, self.device, self.backend = plan, torch.device(device), backend
         self.impl, self.fused = implementation(plan.recipe.merge_method, backend, self.device)
         self.semantic = plan.semantic.prepare(plan, self.device) if plan.semantic else None
         self.stage = self.device.type == "cuda" if stage is None else stage
         self.stager = None
+        self.on_host: set[str] = set()  # tasks merged on the CPU: too large for the device
+        self._host: TorchEngine | None = None
 
     def staging(self, tasks, budget: int, progress):
         """A context in which the inputs of `tasks` (in merge order) are staged ahead, `budget` bytes
         at most beyond the task being merged; the readers' time is `progress`'s read stage."""
         if not self.stage:
             return contextlib.nullcontext()
-        import torch
-
         from seme.staging import InputStager
 
-        if self.device.type == "cuda":  # staged inputs wait in GPU memory: most of it stays the merge's
-            budget = min(budget, torch.cuda.get_device_properties(self.device).total_memory // 4)
-        self.stager = InputStager(self.device, [t for t in tasks if not t.copy], self._sources, budget,
+        tasks = [t for t in tasks if not t.copy]
+        memory = device_memory(self.device)
+        if memory is not None:  # staged inputs wait in GPU memory, beside the largest merge
+            room = int(memory[0] * DEVICE_ROOM)
+            tasks, largest = self.route(tasks, room)
+            budget = max(0, min(budget, memory[1] // 4, room - largest))
+        self.stager = InputStager(self.device, tasks, self._sources, budget,
                                   lambda seconds, nbytes: progress.stage("read", seconds, nbytes))
         return self.stager
+
+    def route(self, tasks, room: int) -> tuple[list, int]:
+        """Send the tasks whose merge needs more than `room` bytes of the device's memory
+        (`device_bytes`) to the CPU, saying which; the others, and the most one of them needs. SeMe's
+        tasks cannot move (their derived inputs are made on the device): one too large is refused."""
+        needs = [(task, self.device_bytes(task)) for task in tasks]
+        self.on_host = {task.name for task, need in needs if need > room}
+        if self.on_host and self.semantic is not None:
+            task, need = max(needs, key=lambda item: item[1])
+            raise SemeError(f"seme: merging '{task.name}' needs {need / 1e9:.2f} GB of {self.device}'s memory, "
+                            f"{room / 1e9:.2f} GB are free to use: merge on the CPU (--device cpu)")
+        if self.on_host:
+            largest = max(need for task, need in needs if task.name in self.on_host)
+            warnings.warn(f"{len(self.on_host)} tensor(s) ({', '.join(sorted(self.on_host)[:3])}"
+                          f"{', ...' if len(self.on_host) > 3 else ''}) need up to {largest / 1e9:.2f} GB of "
+                          f"{self.device}'s memory, more than the {room / 1e9:.2f} GB free to use: merged on the CPU")
+        kept = [(task, need) for task, need in needs if task.name not in self.on_host]
+        return [task for task, _ in kept], max((need for _, need in kept), default=0)
+
+    def device_bytes(self, task) -> int:
+        """The device memory `task`'s merge holds at its peak: the staged inputs, their copies in the
+        compute dtype or with re-mapped rows, the method's temporaries (a plain-torch merge's
+        `Method.peak_buffers`; a fused kernel's scratch, two fp32 tensors at most: DELLA's
+        probabilities, the selection's bits), and the result in the output dtype."""
+        from seme.methods import registry
+
+        numel = math.prod(task.shape)
+        codes = [self.plan.models[m].tensors[n].dtype for m, n in task.inputs]
+        compute = TORCH_NAMES[task.compute_dtype] if task.compute_dtype else None
+        wide = "F64" in (compute, *codes)
+        fused = self.fused and not wide and numel < fused_merge.MAX_ELEMENTS
+        staged = sum(self.plan.models[m].tensors[n].nbytes for m, n in task.inputs)
+        held = staged + numel * DTYPE_SIZES[task.dtype]
+        if task.remap_rows:
+            held += len(codes) * numel * max(DTYPE_SIZES[c] for c in codes)
+        if compute is not None and not (fused and compute == "F32"):  # the kernels widen as they load
+            held += sum(DTYPE_SIZES[compute] * numel for c in codes if c != compute)
+        if fused:
+            return held + 2 * 4 * numel
+        return held + registry.get(self.plan.recipe.merge_method).working_bytes(len(codes), numel, 8 if wide else 4)
 
     def _sources(self, task) -> list:
         """The inputs to stage: all but SeMe's derived ones, which are built on the device."""
@@ -64,6 +114,10 @@ class TorchEngine:
 
     def merge(self, task, out: memoryview) -> bool:
         """Merge `task` into `out`; whether the result is finite. NaN / Inf inputs are warned of."""
+        if task.name in self.on_host:
+            if self._host is None:
+                self._host = TorchEngine(self.plan, "cpu", self.backend, stage=False)
+            return self._host.merge(task, out)
         import torch
 
         from seme.backend import WIDENED_BY_KERNELS
@@ -100,6 +154,15 @@ class TorchEngine:
         elif len(out):
             torch.frombuffer(out, dtype=torch.uint8).copy_(result.contiguous().reshape(-1).view(torch.uint8))
         return finite
+
+
+def device_memory(device) -> tuple[int, int] | None:
+    """(free, total) bytes of a GPU's memory; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.mem_get_info(device)
 
 
 class NativeEngine:

@@ -3,6 +3,7 @@ and shutdown, and whole merges through the executor with the same bytes as unsta
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from types import SimpleNamespace
@@ -218,3 +219,76 @@ def test_staged_merges_of_adapted_and_remapped_inputs_write_the_same_bytes(llama
     assert staged.keys() == plain.keys()
     for f in staged:
         assert staged[f] == plain[f], f
+
+
+# --- tensors too large for the GPU's free memory ----------------------------------------------------
+
+def _plan(recipe):
+    from seme.config import load
+    from seme.plan import make_plan
+
+    return make_plan(load(recipe))
+
+
+@pytest.mark.parametrize("method", ["ties", "slerp"])
+def test_device_bytes_count_inputs_result_and_the_methods_temporaries(llama_family, method):
+    import math
+
+    from seme.methods import registry
+
+    plan = _plan(_recipes(llama_family)[method])
+    fused, reference = engine.TorchEngine(plan, "cpu", "auto"), engine.TorchEngine(plan, "cpu", "reference")
+    for task in plan.tasks:
+        numel = math.prod(task.shape)
+        staged = sum(plan.models[m].tensors[n].nbytes for m, n in task.inputs)
+        result = task.nbytes
+        # fused: inputs, result and two fp32 tensors of scratch; plain torch: the method's declared peak
+        assert fused.device_bytes(task) == staged + result + 8 * numel
+        temporaries = registry.get(method).working_bytes(len(task.inputs), numel)
+        assert reference.device_bytes(task) == staged + result + temporaries > fused.device_bytes(task)
+
+
+def _routed_merge(monkeypatch, recipe, out, free):
+    """A staged merge on the CPU as on a GPU with `free` bytes free; the engine."""
+    made = []
+
+    def make(plan, device, backend, world):
+        made.append(engine.TorchEngine(plan, device, backend, stage=True))
+        return made[-1]
+
+    monkeypatch.setattr("seme.executor.make_engine", make)
+    monkeypatch.setattr(engine, "device_memory", lambda device: (free, 10 * free))
+    seme.merge(recipe, str(out), out_shard_size="40KB", progress=False)
+    return made[0]
+
+
+def test_tensors_too_large_for_the_gpu_are_merged_on_the_cpu_with_the_same_bytes(llama_family, tmp_path, monkeypatch,
+                                                                                 capsys):
+    recipe = _recipes(llama_family)["ties"]
+    plan = _plan(recipe)
+    probe = engine.TorchEngine(plan, "cpu", "auto")
+    needs = {t.name: probe.device_bytes(t) for t in plan.tasks if not t.copy}
+    room = sorted(needs.values())[-3] + 1  # the two largest tensors do not fit
+    staged = []
+    original = InputStager.get
+
+    def get(self, task):
+        staged.append(task.name)
+        return original(self, task)
+
+    monkeypatch.setattr(InputStager, "get", get)
+    made = _routed_merge(monkeypatch, recipe, tmp_path / "routed", free=room / engine.DEVICE_ROOM + 1)
+    assert re.search(r"seme: warning: 2 tensor\(s\) .*merged on the CPU", capsys.readouterr().err)
+    too_large = {name for name, need in needs.items() if need > room}
+    assert made.on_host == too_large and len(too_large) == 2 and made._host is not None
+    assert set(staged) == set(needs) - too_large  # the others were staged as on the GPU
+    plain = _merge(monkeypatch, recipe, tmp_path / "plain", stage=False)
+    routed = _shards(tmp_path / "routed")
+    assert routed.keys() == plain.keys()
+    for f in routed:
+        assert routed[f] == plain[f], f
+
+
+def test_a_seme_tensor_too_large_for_the_gpu_is_refused_in_one_line(llama_family, tmp_path, monkeypatch):
+    with pytest.raises(SemeError, match=r"seme: merging '.*' needs .* GB of cpu's memory.*--device cpu"):
+        _routed_merge(monkeypatch, _recipes(llama_family)["seme"], tmp_path / "out", free=1000)
