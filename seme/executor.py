@@ -112,8 +112,8 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
     error, stats = None, None
     try:
         stats = _execute(plan, staging, device, backend, shard_size, resume, allow_nonfinite,
-                         progress and group.rank == 0, _plan_id(plan, shard_size, version), group, max_memory - largest,
-                         direct_io)
+                         progress and group.rank == 0, _plan_id(plan, shard_size, version), group, max_memory,
+                         max_memory - largest, direct_io)
     except OSError as e:
         error = (f"{e.strerror or e} ({e.filename or staging}); the partial merge is kept in {staging}: "
                  f"fix the cause and rerun with --resume")
@@ -208,7 +208,8 @@ def _plan_id(plan: Plan, shard_size: int, version: str) -> str:
 
 
 def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int, resume: bool,
-             allow_nonfinite: bool, progress: bool, plan_id: str, group, prefetch_bytes: int, direct_io: bool) -> dict:
+             allow_nonfinite: bool, progress: bool, plan_id: str, group, max_memory: int, prefetch_bytes: int,
+             direct_io: bool) -> dict:
     """The streaming loop. Inputs of the next tasks are prefetched (madvise), and on a GPU staged
     (`seme.staging`), while the current one is merged, and finished tensors are checksummed and their
     shards flushed by a background thread."""
@@ -219,6 +220,11 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
     bar = Progress(len(tasks), sum(_input_bytes(plan, t) for t in tasks), progress)
     prefetched = 0
     with Finisher(writer, bar) as finisher, engine.staging(tasks, prefetch_bytes, bar):
+        on_host = [t for t in tasks if t.name in getattr(engine, "on_host", ())]  # too large for the GPU
+        need, name = largest_need(plan, "cpu", backend, on_host)
+        if need > max_memory:
+            raise SemeError(f"--max-memory {max_memory / 1e9:.2f} GB is below what '{name}' needs merged on the CPU, "
+                            f"as it does not fit in the GPU's free memory: {need / 1e9:.2f} GB")
         for i, task in enumerate(tasks):
             prefetched = _prefetch(plan, tasks, max(prefetched, i + 1), prefetch_bytes)
             start = time.perf_counter()
@@ -244,11 +250,12 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
             "seconds": seconds, "writer": writer, "semantic": engine.semantic}
 
 
-def largest_need(plan: Plan, device: str, backend: str) -> tuple[int, str | None]:
-    """The most bytes one tensor's merge holds (its inputs, their adapted or re-mapped copies, the
-    method's temporaries, the result and two results waiting to be written), and that tensor."""
+def largest_need(plan: Plan, device: str, backend: str, tasks=None) -> tuple[int, str | None]:
+    """The most bytes one tensor's merge (of `tasks`, by default the plan's) holds in host memory
+    (its inputs, their adapted or re-mapped copies, the method's temporaries, the result and two
+    results waiting to be written), and that tensor."""
     return max(((_input_bytes(plan, t) + _working_bytes(plan, t, device, backend) + 3 * t.nbytes, t.name)
-                for t in plan.tasks), default=(0, None))
+                for t in (plan.tasks if tasks is None else tasks)), default=(0, None))
 
 
 def _input_bytes(plan: Plan, task) -> int:

@@ -292,3 +292,26 @@ def test_tensors_too_large_for_the_gpu_are_merged_on_the_cpu_with_the_same_bytes
 def test_a_seme_tensor_too_large_for_the_gpu_is_refused_in_one_line(llama_family, tmp_path, monkeypatch):
     with pytest.raises(SemeError, match=r"seme: merging '.*' needs .* GB of cpu's memory.*--device cpu"):
         _routed_merge(monkeypatch, _recipes(llama_family)["seme"], tmp_path / "out", free=1000)
+
+
+def test_max_memory_counts_the_cpu_temporaries_of_tensors_too_large_for_the_gpu(llama_family, tmp_path, monkeypatch):
+    from seme import executor
+
+    recipe = {"merge_method": "nearswap", "base_model": llama_family["base"], "parameters": {"t": 0.01},
+              "models": [{"model": llama_family["base"]}, {"model": llama_family["expert0"]}]}
+    plan = _plan(recipe)
+    on_gpu, _ = executor.largest_need(plan, "cuda", "auto")  # a GPU merge's host memory: no temporaries
+    on_cpu, name = executor.largest_need(plan, "cpu", "auto")
+    assert on_cpu > on_gpu
+    made = []
+
+    def make(plan, device, backend, world):
+        made.append(engine.TorchEngine(plan, device, backend, stage=True))
+        return made[-1]
+
+    monkeypatch.setattr("seme.executor.make_engine", make)
+    monkeypatch.setattr(engine, "device_memory", lambda device: (1000, 10**9))  # nothing fits: all on the CPU
+    monkeypatch.setattr(executor, "largest_need", lambda plan, device, backend, tasks=None:
+                        (on_gpu, name) if tasks is None else (on_cpu, name))  # planned as a GPU merge
+    with pytest.raises(SemeError, match=rf"--max-memory .* below what '{name}' needs merged on the CPU"):
+        seme.merge(recipe, str(tmp_path / "out"), max_memory=on_gpu, progress=False)
