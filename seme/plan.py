@@ -139,8 +139,8 @@ def make_plan(recipe: Recipe) -> Plan:
         builder.add(name, {s.model: name for s in last_slice.sources}, last_slice, t=0.0)
 
     config = _output_config(models, archs, ref, layer_sources)
-    if remap is not None and "vocab_size" in config:
-        config["vocab_size"] = remap.size
+    if remap is not None:
+        config = remap.config(config)
     _set_output_dtype(config, recipe, builder.tasks)
     return Plan(recipe, models, builder.tasks, config, tokenizer, len(layer_sources), archs, chat_template=template,
                 vocabulary=remap)
@@ -194,15 +194,13 @@ def _plan_stacks(recipe, method, models, archs, index, ref, stacks, tokenizer, t
     if recipe.uses_slices:
         raise SemeError(f"{reference.name} has several layer stacks ({where}), which one layer_range cannot "
                         f"select: merge it whole with 'models:', or module by module with 'modules:'")
-    if remap is not None:
-        raise SemeError(f"{reference.name} has several layer stacks ({where}): re-mapping its vocabulary "
-                        f"(tokenizer_source / tokenizer) is not supported")
-    builder = _Builder(recipe, method, models, archs, index, tied=False)
+    builder = _Builder(recipe, method, models, archs, index, tied=False, remap=remap)
     stacks_of = [stacks if i == ref else _stacks(archs[i], m) for i, m in enumerate(models)]
     depth = _add_whole(builder, recipe.slices[0], list(reference.tensors), stacks_of, ref)
-    config = dict(reference.config)
+    config = dict(reference.config) if remap is None else remap.config(reference.config)
     _set_output_dtype(config, recipe, builder.tasks)
-    return Plan(recipe, models, builder.tasks, config, tokenizer, depth, archs, chat_template=template)
+    return Plan(recipe, models, builder.tasks, config, tokenizer, depth, archs, chat_template=template,
+                vocabulary=remap)
 
 
 def _add_whole(builder, sl, names, stacks_of, ref, part: str | None = None, where: str = "") -> int:
@@ -253,11 +251,8 @@ def _plan_modules(recipe, method, models, archs, index, ref, parts, stacks, toke
     (gradients run over each of its stacks' layers); one given `slices:` must have one layer stack,
     whose layers the slices select, as the `slices:` of a language model do."""
     reference = models[ref]
-    if remap is not None:
-        raise SemeError(f"{reference.name} has several modules: re-mapping its vocabulary "
-                        f"(tokenizer_source / tokenizer) is not supported")
-    builder = _Builder(recipe, method, models, archs, index, tied=False)
-    config = dict(reference.config)
+    builder = _Builder(recipe, method, models, archs, index, tied=False, remap=remap)
+    config = dict(reference.config) if remap is None else remap.config(reference.config)
     stacks_of = [stacks if i == ref else _stacks(archs[i], m) for i, m in enumerate(models)]
     depth = 0
     for part, name in parts.items():
@@ -275,7 +270,8 @@ def _plan_modules(recipe, method, models, archs, index, ref, parts, stacks, toke
         config, layers = _add_module_slices(builder, where, part, slices, names, own, ref, stacks_of, config)
         depth = max(depth, layers)
     _set_output_dtype(config, recipe, builder.tasks)
-    return Plan(recipe, models, builder.tasks, config, tokenizer, depth, archs, chat_template=template)
+    return Plan(recipe, models, builder.tasks, config, tokenizer, depth, archs, chat_template=template,
+                vocabulary=remap)
 
 
 def _add_module_slices(builder, where, part, slices, names, own, ref, stacks_of, config) -> tuple[dict, int]:
@@ -469,7 +465,8 @@ class _Builder:
         sources = sl.sources
         inputs = tuple((self.index[s.model], self._find(self.index[s.model], names_in[s.model])) for s in sources)
         infos = [self.models[m].tensors[n] for m, n in inputs]
-        remapped = self.remap is not None and _role(self.archs[inputs[0][0]], inputs[0][1]) in ("embedding", "lm_head")
+        remapped = (self.remap is not None and modules.part_of(out_name) == modules.TEXT  # not a vision embedding
+                    and _role(self.archs[inputs[0][0]], inputs[0][1]) in ("embedding", "lm_head"))
         shapes = {info.shape[1:] if remapped else info.shape for info in infos}
         if remapped:
             for (m, name), info in zip(inputs, infos):

@@ -14,6 +14,7 @@ the vocabulary (`pad_to_multiple_of`) take the mean of the model's token rows.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,32 @@ class Remap:
     tokenizer: object = None  # a transformers tokenizer to save (union, added tokens); None: copy the source's files
     # tokenizer.tokens: (output token id, model index or None for zeros, row in that model, force)
     overrides: list[tuple[int, int | None, int, bool]] = field(default_factory=list)
+    base_tokens: dict[int, str] = field(default_factory=dict)  # the base's tokens by row, to name them
     _index: dict = field(default_factory=dict, repr=False)  # (model, device) -> row indices as a tensor
+
+    def config(self, config: dict) -> dict:
+        """The base's `config` for the output vocabulary: its `vocab_size` (a multimodal model's in
+        `text_config`), and the tokens it names by id (`bos_token_id`, `pad_token_id`, a multimodal
+        model's `image_token_index`, ...) at the ids the output gives them. An id that is no token
+        of the base stays; a token the output lacks is an error."""
+        moved = {row: new for new, row in enumerate(self.rows[self.base]) if row >= 0}
+
+        def token(key, value):
+            if isinstance(value, list):
+                return [token(key, v) for v in value]
+            if isinstance(value, bool) or not isinstance(value, int) or value not in self.base_tokens:
+                return value
+            if value not in moved:
+                raise SemeError(f"config: tokenizer_source: the output vocabulary has no {self.base_tokens[value]!r}, "
+                                f"the base model's {key}")
+            return moved[value]
+
+        out = {key: token(key, value) if _TOKEN_KEY.search(key) else value for key, value in config.items()}
+        if isinstance(out.get("text_config"), dict):
+            out["text_config"] = self.config(out["text_config"])
+        if isinstance(out.get("vocab_size"), int):
+            out["vocab_size"] = self.size
+        return out
 
     def apply(self, models: list[int], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """The tensors (rows are tokens) of the inputs of one task, re-mapped to the output vocabulary.
@@ -94,6 +120,9 @@ class Remap:
         if key not in self._index:
             self._index[key] = torch.tensor(self.rows[model], dtype=torch.long, device=device)
         return self._index[key]
+
+
+_TOKEN_KEY = re.compile(r"token_(id|index)s?$")  # config keys that name a token by its id
 
 
 def vocab_size(model: ModelFolder) -> int | None:
@@ -173,7 +202,7 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
     if not any(force for *_, force in overrides) and \
             all(r == identity and vocab_size(models[i]) == size for i, r in rows.items()):
         return None
-    return Remap(size, tokens, rows, base, built, overrides)
+    return Remap(size, tokens, rows, base, built, overrides, {i: tok for tok, i in vocabs[base].items()})
 
 
 def _load_tokenizer(model: ModelFolder):

@@ -197,7 +197,6 @@ def test_module_slices_change_the_depth_of_one_stack(build, text, vision, tmp_pa
     ("out of bounds", "modules.vision_tower: layer_range [0, 4] is out of bounds for a (3 layers in "
                       "vision_tower.encoder.layers.*)"),
     ("seme", "seme takes its sources from 'models:', not 'modules:'"),
-    ("vocabulary", "has several modules: re-mapping its vocabulary"),
     ("both", "give exactly one of 'models', 'slices' or 'modules'"),
     ("neither", "modules.text_decoder: give exactly one of 'models' or 'slices'"),
     ("typo", "modules.text_decoder: unknown key 'model'"),
@@ -219,11 +218,6 @@ def test_what_modules_cannot_do_is_a_one_line_error(llavas, tmp_path, capsys, ca
         mods["vision_tower"] = {"slices": [{"sources": [{"model": a, "layer_range": [0, 4]}]}]}
     elif case == "seme":
         r = {"merge_method": "seme", "base_model": a, "modules": mods}
-    elif case == "vocabulary":  # b's vocabulary is a's but the last 4 tokens: its rows must be re-mapped
-        pair = [build_llava(tmp_path / name, seed) for seed, name in enumerate("ab")]
-        for model, vocab in zip(pair, (64, 60)):
-            save_tokenizer(model, vocab)
-        r = {**r, "modules": {m: {"models": pair} for m in mods}, "tokenizer_source": "union"}
     elif case == "both":
         r["models"] = [a]
     elif case == "neither":
@@ -231,3 +225,79 @@ def test_what_modules_cannot_do_is_a_one_line_error(llavas, tmp_path, capsys, ca
     else:
         mods["text_decoder"] = {"model": a}
     assert_refused(r, message, tmp_path, capsys)
+
+
+# --- vocabulary re-mapping ----------------------------------------------------------------------------
+
+def swapped_tokens(src, dst, a: str, b: str) -> str:
+    """The same Llava with tokens a and b at each other's ids: tokenizer, text embedding and LM head
+    rows, and the config's token ids."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    path = dst / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    i, j = vocab[a], vocab[b]
+    vocab[a], vocab[b] = j, i
+    path.write_text(json.dumps(data))
+    state = load_file(dst / "model.safetensors")
+    for name in state:
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            state[name][[i, j]] = state[name][[j, i]].clone()
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["image_token_index"] = {i: j, j: i}.get(config["image_token_index"], config["image_token_index"])
+    (dst / "config.json").write_text(json.dumps(config))
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def renumbered_llavas(tmp_path_factory):
+    """A Llava with a tokenizer, and the same model with its image token (id 60, 'w57') at id 4."""
+    root = tmp_path_factory.mktemp("llava-vocab")
+    a = build_llava(root / "a", 0)
+    save_tokenizer(a, 64)
+    return a, swapped_tokens(root / "a", root / "b", "w57", "w1")
+
+
+@pytest.mark.parametrize("per_module", [False, True])
+@pytest.mark.parametrize("source", ["base", "b"])
+def test_a_multimodal_models_vocabulary_is_remapped_with_its_image_token(renumbered_llavas, tmp_path, per_module,
+                                                                          source):
+    import json
+
+    import transformers
+
+    a, b = renumbered_llavas
+    # b is a with two tokens renumbered: merged in a's vocabulary it is a, in b's a is b
+    r = {**recipe([a, b]), "tokenizer_source": "base" if source == "base" else b}
+    if per_module:
+        r = {**without_models(r), "modules": {m: {"models": [{"model": a}, {"model": b}]}
+                                              for m in ("text_decoder", "vision_tower", "multi_modal_projector")}}
+    seme.merge(r, str(tmp_path / "out"), progress=False)
+    target = a if source == "base" else b
+    merged, expected = load_folder(tmp_path / "out"), load_folder(target)
+    assert merged.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=1e-7, msg=name)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["image_token_index"] == (60 if source == "base" else 4)
+    assert config["text_config"]["vocab_size"] == 64
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.convert_tokens_to_ids("w57") == config["image_token_index"]
+    transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
+
+
+def test_an_image_token_the_output_vocabulary_lacks_is_a_one_line_error(renumbered_llavas, tmp_path, capsys):
+    import shutil
+
+    a, _ = renumbered_llavas
+    short = tmp_path / "short"
+    shutil.copytree(a, short)
+    save_tokenizer(short, 60)  # no 'w57'
+    r = {**recipe([a, str(short)]), "tokenizer_source": str(short)}
+    assert_refused(r, "the output vocabulary has no 'w57', the base model's image_token_index", tmp_path, capsys)

@@ -74,6 +74,25 @@ def test_renumbered_tokens_merge_as_if_they_were_not(llama_family, tmp_path, sou
         torch.testing.assert_close(remapped[name], plain[name], rtol=0, atol=0, msg=name)
 
 
+def test_the_configs_token_ids_follow_the_output_vocabulary(llama_family, tmp_path):
+    # a model whose '<s>' and 'w5' changed ids: its vocabulary as the output's moves the base's bos
+    # token id (1) to where it has '<s>'; eos and pad stay
+    other = renumbered(llama_family["expert1"], tmp_path / "renumbered", a="<s>", b="w5")
+    path = os.path.join(other, "tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    for token in data["added_tokens"]:  # '<s>' is a special token: its entry there moves too
+        token["id"] = data["model"]["vocab"][token["content"]]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    seme.merge(ties([llama_family["expert0"], other], llama_family["base"], tokenizer_source=other),
+               str(tmp_path / "out"), progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    with open(os.path.join(other, "tokenizer.json"), encoding="utf-8") as f:
+        assert config["bos_token_id"] == json.load(f)["model"]["vocab"]["<s>"] == 8
+    assert (config["eos_token_id"], config["pad_token_id"]) == (2, 0)
+
+
 def test_union_of_added_tokens_matches_mergekit(llama_family, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
