@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -95,19 +96,36 @@ def run(cmd: list[str], cwd: str, inputs: list[str] | None, out: str) -> tuple[f
     """Wall seconds, peak RSS (GB) of the process, and its stderr. Each run starts alike: no output
     folder, the previous run's writes flushed, and the `inputs` (None: inputs larger than memory,
     read from disk) read into the page cache again (this machine's page cache loses pages of idle
-    files within seconds, whatever memory is free)."""
+    files within seconds, whatever memory is free). The peak is the child's own high-water mark,
+    sampled as it runs: wait4's ru_maxrss would count this process's memory, from which the child
+    was forked (the models this process made, gigabytes for large ones)."""
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
     if inputs is not None:
         read_bandwidth(inputs)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()))
+    reader.start()
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, high_water(proc.pid))
+        time.sleep(0.005)
     wall = time.perf_counter() - start
-    if status != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
-    return wall, usage.ru_maxrss / 1e6, err
+    reader.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[0][-2000:]}")
+    return wall, peak / 1e9, err[0]
+
+
+def high_water(pid: int) -> int:
+    """A running process's peak resident bytes (VmHWM); 0 once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
 
 
 def weights(path: str) -> list[str]:
