@@ -92,17 +92,19 @@ def make_models(root: str, n_models: int, hidden: int, layers: int, vocab: int, 
     return paths
 
 
-def run(cmd: list[str], cwd: str, inputs: list[str] | None, out: str) -> tuple[float, float, str]:
+def run(cmd: list[str], cwd: str, inputs: list[str], cached: bool, out: str) -> tuple[float, float, str]:
     """Wall seconds, peak RSS (GB) of the process, and its stderr. Each run starts alike: no output
-    folder, the previous run's writes flushed, and the `inputs` (None: inputs larger than memory,
-    read from disk) read into the page cache again (this machine's page cache loses pages of idle
-    files within seconds, whatever memory is free). The peak is the child's own high-water mark,
+    folder, the previous run's writes flushed, and the `inputs` read into the page cache again (this
+    machine's page cache loses pages of idle files within seconds, whatever memory is free) or, not
+    `cached` (inputs larger than memory), dropped from it. The peak is the child's own high-water mark,
     sampled as it runs: wait4's ru_maxrss would count this process's memory, from which the child
     was forked (the models this process made, gigabytes for large ones)."""
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
-    if inputs is not None:
+    if cached:
         read_bandwidth(inputs)
+    else:
+        evict(inputs)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err: list[str] = []
@@ -131,6 +133,17 @@ def high_water(pid: int) -> int:
 def weights(path: str) -> list[str]:
     """A model folder's safetensors files."""
     return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
+def evict(paths: list[str]) -> None:
+    """Drop the models' files from the page cache, so that they are read from disk again."""
+    for path in paths:
+        for f in weights(path):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def read_bandwidth(paths: list[str]) -> float:
@@ -182,10 +195,12 @@ def main(argv=None) -> None:
     load = os.getloadavg()[0]  # other work on the machine skews every column: recorded with the table
     cached = in_bytes < 0.6 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # else read from disk
     source = "page cache" if cached else "disk (the inputs exceed memory)"
+    os.sync()
     if cached:
         read_bandwidth(paths)  # warm the page cache, as a repeated merge would find it
+    else:
+        evict(paths)
     bandwidth = read_bandwidth(paths)
-    warm = paths if cached else None
     # read the inputs, write the output; a floor, so the best of three writes (the disk is noisy)
     floor = in_bytes / 1e9 / bandwidth + min(write_seconds(args.root, out_bytes) for _ in range(3))
     print(f"{args.models} models of {params:.0f}M parameters (bf16), {in_bytes / 1e9:.2f} GB in; "
@@ -203,7 +218,7 @@ def main(argv=None) -> None:
         runs = []
         for _ in range(args.repeat):
             wall, rss, err = run([sys.executable, "-m", "seme.merge", recipe_path, out, "--device", args.device],
-                                 args.root, warm, out)
+                                 args.root, paths, cached, out)
             loop = re.search(r"([\d.]+) GB/s\) in ([\d.]+) s", err)
             runs.append((wall, rss, float(loop.group(1)), wall - float(loop.group(2))))
         seme_s, seme_rss, steady, startup = sorted(runs)[len(runs) // 2]  # the median run by wall time
@@ -211,7 +226,7 @@ def main(argv=None) -> None:
         if not args.no_mergekit:
             mk_out = os.path.join(args.root, "out-mergekit")
             mk_cmd = [mergekit, recipe_path, mk_out, "--no-copy-tokenizer", "--allow-crimes", "--out-shard-size", "5B"]
-            mk_s, mk_rss, _ = run(mk_cmd + (["--cuda"] if args.device == "cuda" else []), args.root, warm, mk_out)
+            mk_s, mk_rss, _ = run(mk_cmd + (["--cuda"] if args.device == "cuda" else []), args.root, paths, cached, mk_out)
         row = (f"| {name} | {seme_s:.1f} | {startup:.2f} | {seme_rss:.2f} | {steady:.2f} | {mk_s:.1f} | {mk_rss:.2f} | "
                f"{mk_s / seme_s:.1f}x | {seme_s / floor:.1f}x | {steady / bandwidth:.2f} |")
         rows.append(row)
@@ -223,7 +238,8 @@ def main(argv=None) -> None:
     default = all(getattr(args, k) == parser.get_default(k) for k in ("models", "hidden", "layers", "intermediate", "vocab"))
     section, title = (f"e2e-{kind}", kind) if default else (f"e2e-{kind}-{params:.0f}M", f"{kind}, {params:.0f}M-parameter models")
     start = ("Every run starts with its inputs in the page cache and no output folder." if cached else
-             "The inputs do not fit in memory: every run reads them from disk, and starts with no output folder.")
+             "The inputs do not fit in memory: every run (and the plain read) starts with none of them in the page "
+             "cache, and no output folder.")
     update_section(section, f"## End to end: seme vs mergekit-yaml ({title})\n\n`{command.strip()}` on {machine()}, "
                           f"load average before the run {load:.2f}.\n"
                           f"{args.models} Llama-shaped models of {params:.0f}M parameters (bf16, dense deltas), "
