@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark, for a machine with a CUDA GPU, nvcc and torch (run from the repo root):
-#   bash bench/gpu.sh [tests|cuda-tests] [kernels] [seme] [e2e]   (default: all; logs under $OUT)
+#   bash bench/gpu.sh [tests|cuda-tests] [kernels] [seme] [e2e] [startup]   (default: all but startup; logs under $OUT)
 # Builds the extensions in place, runs the CUDA and Triton tests on the GPU, then the benchmarks,
 # which write their GPU sections of bench/RESULTS.md. mergekit (for the baselines) must be importable.
 set -uo pipefail
@@ -24,6 +24,13 @@ for stage in $stages; do
     seme) timeout 240 python3 -m bench.seme --device cuda --vocab 128256 --hidden 4096 --repeat 3 2>&1 \
             | tee "$OUT/seme.log" ;;
     e2e) timeout 420 python3 -m bench.e2e --device cuda --root /tmp/seme-e2e 2>&1 | tee "$OUT/e2e.log" ;;
+    # where a GPU merge's start-up goes (imports, CUDA's initialisation, planning, publishing)
+    startup) timeout 120 python3 -m bench.e2e --device cuda --root /tmp/seme-e2e --recipes linear --repeat 1 \
+               --no-mergekit >/dev/null 2>&1
+             timeout 60 python3 -X importtime -m seme.merge /tmp/seme-e2e/linear.yml /tmp/seme-startup --device cuda \
+               --overwrite 2>"$OUT/importtime.log"
+             timeout 60 python3 -m cProfile -s cumtime -m seme.merge /tmp/seme-e2e/linear.yml /tmp/seme-startup \
+               --device cuda --overwrite 2>&1 | head -80 | tee "$OUT/startup.log" ;;
   esac
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   cp bench/RESULTS.md "$OUT/RESULTS.md"

@@ -71,7 +71,7 @@ class TorchEngine:
         """Send the tasks whose merge needs more than `room` bytes of the device's memory
         (`device_bytes`) to the CPU, saying which; the others, and the most one of them needs. SeMe's
         tasks cannot move (their derived inputs are made on the device): one too large is refused."""
-        needs = [(task, self.device_bytes(task)) for task in tasks]
+        needs = [(task, device_bytes(self.plan, task, self.fused)) for task in tasks]
         self.on_host = {task.name for task, need in needs if need > room}
         if self.on_host and self.semantic is not None:
             task, need = max(needs, key=lambda item: item[1])
@@ -84,28 +84,6 @@ class TorchEngine:
                           f"{self.device}'s memory, more than the {room / 1e9:.2f} GB free to use: merged on the CPU")
         kept = [(task, need) for task, need in needs if task.name not in self.on_host]
         return [task for task, _ in kept], max((need for _, need in kept), default=0)
-
-    def device_bytes(self, task) -> int:
-        """The device memory `task`'s merge holds at its peak: the staged inputs, their copies in the
-        compute dtype or with re-mapped rows, the method's temporaries (a plain-torch merge's
-        `Method.peak_buffers`; a fused kernel's scratch, two fp32 tensors at most: DELLA's
-        probabilities, the selection's bits), and the result in the output dtype."""
-        from seme.methods import registry
-
-        numel = math.prod(task.shape)
-        codes = [self.plan.models[m].tensors[n].dtype for m, n in task.inputs]
-        compute = TORCH_NAMES[task.compute_dtype] if task.compute_dtype else None
-        wide = "F64" in (compute, *codes)
-        fused = self.fused and not wide and numel < fused_merge.MAX_ELEMENTS
-        staged = sum(self.plan.models[m].tensors[n].nbytes for m, n in task.inputs)
-        held = staged + numel * DTYPE_SIZES[task.dtype]
-        if task.remap_rows:
-            held += len(codes) * numel * max(DTYPE_SIZES[c] for c in codes)
-        if compute is not None and not (fused and compute == "F32"):  # the kernels widen as they load
-            held += sum(DTYPE_SIZES[compute] * numel for c in codes if c != compute)
-        if fused:
-            return held + 2 * 4 * numel
-        return held + registry.get(self.plan.recipe.merge_method).working_bytes(len(codes), numel, 8 if wide else 4)
 
     def _sources(self, task) -> list:
         """The inputs to stage: all but SeMe's derived ones, which are built on the device."""
@@ -154,6 +132,34 @@ class TorchEngine:
         elif len(out):
             torch.frombuffer(out, dtype=torch.uint8).copy_(result.contiguous().reshape(-1).view(torch.uint8))
         return finite
+
+
+def device_bytes(plan, task, fused: bool) -> int:
+    """The GPU memory `task`'s merge holds at its peak, `fused` if a GPU kernel serves the method:
+    the staged inputs, their copies in the compute dtype or with re-mapped rows, the method's
+    temporaries (a plain-torch merge's `Method.peak_buffers`; a fused kernel's scratch) and the
+    result in the output dtype."""
+    from seme.methods import registry
+
+    numel = math.prod(task.shape)
+    codes = [plan.models[m].tensors[n].dtype for m, n in task.inputs]
+    compute = TORCH_NAMES[task.compute_dtype] if task.compute_dtype else None
+    wide = "F64" in (compute, *codes)
+    fused = fused and not wide and numel < fused_merge.MAX_ELEMENTS
+    held = sum(plan.models[m].tensors[n].nbytes for m, n in task.inputs) + numel * DTYPE_SIZES[task.dtype]
+    if task.remap_rows:
+        held += len(codes) * numel * max(DTYPE_SIZES[c] for c in codes)
+    if compute is not None and not (fused and compute == "F32"):  # the kernels widen as they load
+        held += sum(DTYPE_SIZES[compute] * numel for c in codes if c != compute)
+    method = plan.recipe.merge_method
+    if fused and not method.startswith("della"):
+        from seme.cuda_merge import METHODS, selection_rows
+
+        # the CUDA kernels' selection buffer: a byte an element for each cut (the Triton kernels'
+        # histograms and the per-block tables of both are small)
+        return held + (selection_rows(method, task.params, len(codes)) * numel if method in METHODS else 0)
+    # plain torch, or DELLA, whose keep probabilities the kernels take as the reference computes them
+    return held + registry.get(method).working_bytes(len(codes), numel, 8 if wide else 4)
 
 
 def device_memory(device) -> tuple[int, int] | None:

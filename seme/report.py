@@ -24,6 +24,16 @@ def print_plan(plan, out, device: str = "cpu", backend: str = "auto") -> None:
     need, name = largest_need(plan, device, backend)
     out.write(f"memory: {need} B ({need / 2**20:.1f} MiB) for the largest tensor's merge, {name}: the least "
               f"--max-memory takes\n")
+    if device != "cpu":
+        import torch
+
+        from seme.backend import implementation
+        from seme.engine import device_bytes
+
+        fused = implementation(recipe.merge_method, backend, torch.device(device))[1]
+        gpu, name = max(((device_bytes(plan, t, fused), t.name) for t in plan.tasks if not t.copy), default=(0, None))
+        out.write(f"{device} memory: {gpu} B ({gpu / 2**20:.1f} MiB) for the largest tensor's merge, {name} (a "
+                  f"tensor that needs more than the GPU has free is merged on the CPU)\n")
     out.write(f"tokenizer from: {plan.tokenizer_model.path}\n")
     if plan.vocabulary is not None:
         out.write(f"vocabulary: {plan.recipe.tokenizer_source}, {plan.vocabulary.tokens} tokens in "

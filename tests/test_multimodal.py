@@ -229,39 +229,15 @@ def test_what_modules_cannot_do_is_a_one_line_error(llavas, tmp_path, capsys, ca
 
 # --- vocabulary re-mapping ----------------------------------------------------------------------------
 
-def swapped_tokens(src, dst, a: str, b: str) -> str:
-    """The same Llava with tokens a and b at each other's ids: tokenizer, text embedding and LM head
-    rows, and the config's token ids."""
-    import json
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    path = dst / "tokenizer.json"
-    data = json.loads(path.read_text())
-    vocab = data["model"]["vocab"]
-    i, j = vocab[a], vocab[b]
-    vocab[a], vocab[b] = j, i
-    path.write_text(json.dumps(data))
-    state = load_file(dst / "model.safetensors")
-    for name in state:
-        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-            state[name][[i, j]] = state[name][[j, i]].clone()
-    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((dst / "config.json").read_text())
-    config["image_token_index"] = {i: j, j: i}.get(config["image_token_index"], config["image_token_index"])
-    (dst / "config.json").write_text(json.dumps(config))
-    return str(dst)
-
-
 @pytest.fixture(scope="module")
 def renumbered_llavas(tmp_path_factory):
     """A Llava with a tokenizer, and the same model with its image token (id 60, 'w57') at id 4."""
     root = tmp_path_factory.mktemp("llava-vocab")
+    from test_vocabulary import renumbered
+
     a = build_llava(root / "a", 0)
     save_tokenizer(a, 64)
-    return a, swapped_tokens(root / "a", root / "b", "w57", "w1")
+    return a, renumbered(a, root / "b", "w57", "w1")
 
 
 @pytest.mark.parametrize("per_module", [False, True])

@@ -237,15 +237,15 @@ def test_device_bytes_count_inputs_result_and_the_methods_temporaries(llama_fami
     from seme.methods import registry
 
     plan = _plan(_recipes(llama_family)[method])
-    fused, reference = engine.TorchEngine(plan, "cpu", "auto"), engine.TorchEngine(plan, "cpu", "reference")
     for task in plan.tasks:
         numel = math.prod(task.shape)
         staged = sum(plan.models[m].tensors[n].nbytes for m, n in task.inputs)
         result = task.nbytes
-        # fused: inputs, result and two fp32 tensors of scratch; plain torch: the method's declared peak
-        assert fused.device_bytes(task) == staged + result + 8 * numel
+        # fused: inputs, result and the kernels' scratch; plain torch: the method's declared peak
+        fused = engine.device_bytes(plan, task, fused=True)
+        assert fused == staged + result + (len(task.inputs) if method == "ties" else 0) * numel  # a cut a model
         temporaries = registry.get(method).working_bytes(len(task.inputs), numel)
-        assert reference.device_bytes(task) == staged + result + temporaries > fused.device_bytes(task)
+        assert engine.device_bytes(plan, task, fused=False) == staged + result + temporaries > fused
 
 
 def _routed_merge(monkeypatch, recipe, out, free):
@@ -266,8 +266,7 @@ def test_tensors_too_large_for_the_gpu_are_merged_on_the_cpu_with_the_same_bytes
                                                                                  capsys):
     recipe = _recipes(llama_family)["ties"]
     plan = _plan(recipe)
-    probe = engine.TorchEngine(plan, "cpu", "auto")
-    needs = {t.name: probe.device_bytes(t) for t in plan.tasks if not t.copy}
+    needs = {t.name: engine.device_bytes(plan, t, fused=True) for t in plan.tasks if not t.copy}
     room = sorted(needs.values())[-3] + 1  # the two largest tensors do not fit
     staged = []
     original = InputStager.get
@@ -315,3 +314,21 @@ def test_max_memory_counts_the_cpu_temporaries_of_tensors_too_large_for_the_gpu(
                         (on_gpu, name) if tasks is None else (on_cpu, name))  # planned as a GPU merge
     with pytest.raises(SemeError, match=rf"--max-memory .* below what '{name}' needs merged on the CPU"):
         seme.merge(recipe, str(tmp_path / "out"), max_memory=on_gpu, progress=False)
+
+
+def test_a_gpu_dry_run_prints_the_gpu_memory_of_the_largest_merge(llama_family, tmp_path, capsys):
+    import yaml
+
+    from seme.backend import implementation
+    from seme.merge import main
+
+    recipe = _recipes(llama_family)["ties"]
+    path = tmp_path / "r.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main([str(path), str(tmp_path / "out"), "--device", "cuda", "--dry-run"]) == 0
+    plan = _plan(recipe)
+    fused = implementation("ties", "auto", torch.device("cuda"))[1]  # what this install would run on a GPU
+    need, name = max((engine.device_bytes(plan, t, fused), t.name) for t in plan.tasks if not t.copy)
+    assert f"cuda memory: {need} B ({need / 2**20:.1f} MiB) for the largest tensor's merge, {name} (" \
+           in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()

@@ -16,7 +16,9 @@ VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def renumbered(src, dst, a="w1", b="w2"):
-    """The same model with tokens a and b at each other's ids (tokenizer and rows both swapped)."""
+    """The same model with tokens a and b at each other's ids: its tokenizer (special tokens too),
+    its embedding and LM head rows (a multimodal model's text ones) and the token ids its config
+    names (a multimodal model's image token)."""
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, dst)
@@ -26,13 +28,23 @@ def renumbered(src, dst, a="w1", b="w2"):
     vocab = data["model"]["vocab"]
     i, j = vocab[a], vocab[b]
     vocab[a], vocab[b] = j, i
+    for token in data["added_tokens"]:
+        token["id"] = vocab.get(token["content"], token["id"])
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f)
     weights = os.path.join(dst, "model.safetensors")
     state = load_file(weights)
-    for name in VOCAB_TENSORS:
-        state[name][[i, j]] = state[name][[j, i]].clone()
+    for name in state:
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):  # a multimodal model's too
+            state[name][[i, j]] = state[name][[j, i]].clone()
     save_file(state, weights, metadata={"format": "pt"})
+    path = os.path.join(dst, "config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config = {k: {i: j, j: i}.get(v, v) if k.endswith(("token_id", "token_index")) and isinstance(v, int) else v
+              for k, v in config.items()}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f)
     return str(dst)
 
 
@@ -78,13 +90,6 @@ def test_the_configs_token_ids_follow_the_output_vocabulary(llama_family, tmp_pa
     # a model whose '<s>' and 'w5' changed ids: its vocabulary as the output's moves the base's bos
     # token id (1) to where it has '<s>'; eos and pad stay
     other = renumbered(llama_family["expert1"], tmp_path / "renumbered", a="<s>", b="w5")
-    path = os.path.join(other, "tokenizer.json")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    for token in data["added_tokens"]:  # '<s>' is a special token: its entry there moves too
-        token["id"] = data["model"]["vocab"][token["content"]]
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f)
     seme.merge(ties([llama_family["expert0"], other], llama_family["base"], tokenizer_source=other),
                str(tmp_path / "out"), progress=False)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
