@@ -239,7 +239,8 @@ def main(argv=None) -> None:
     section, title = (f"e2e-{kind}", kind) if default else (f"e2e-{kind}-{params:.0f}M", f"{kind}, {params:.0f}M-parameter models")
     start = ("Every run starts with its inputs in the page cache and no output folder." if cached else
              "The inputs do not fit in memory: every run (and the plain read) starts with none of them in the page "
-             "cache, and no output folder.")
+             "cache, and no output folder; a disk's cold read rate drifts between runs, so the floor is approximate "
+             "and seme / floor can fall below 1.")
     update_section(section, f"## End to end: seme vs mergekit-yaml ({title})\n\n`{command.strip()}` on {machine()}, "
                           f"load average before the run {load:.2f}.\n"
                           f"{args.models} Llama-shaped models of {params:.0f}M parameters (bf16, dense deltas), "
