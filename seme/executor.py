@@ -218,6 +218,10 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
                          resume=resume, rank=group.rank, world=group.world, direct_io=direct_io)
     tasks = [t for t in plan.tasks if not writer.skip(t.name)]
     bar = Progress(len(tasks), sum(_input_bytes(plan, t) for t in tasks), progress)
+    # Inputs that do not fit in memory leave the page cache after their last use (a pass over them
+    # would only evict them later, reclaiming memory in the way of the next reads: DARE-TIES on
+    # 28.5 GB read from disk, 23 GB of memory, 62 -> 49 s); inputs that fit stay cached for the next merge.
+    last_use = {key: i for i, t in enumerate(tasks) for key in t.inputs} if bar.total_bytes > available_memory() else {}
     prefetched = 0
     with Finisher(writer, bar) as finisher, engine.staging(tasks, prefetch_bytes, bar):
         on_host = [t for t in tasks if t.name in getattr(engine, "on_host", ())]  # too large for the GPU
@@ -238,7 +242,7 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
                 else:
                     finite = engine.merge(task, out)
             for m, name in task.inputs:
-                plan.models[m].release(name)
+                plan.models[m].release(name, evict=last_use.get((m, name)) == i)
             if not allow_nonfinite and not finite:
                 raise SemeError(f"the merged tensor '{task.name}' contains NaN or Inf "
                                 f"(pass --allow-nonfinite to write it anyway)")
@@ -286,6 +290,16 @@ def _working_bytes(plan: Plan, task, device: str, backend: str) -> int:
     if wide or not fused:
         held += registry.get(method).working_bytes(len(task.inputs), math.prod(task.shape), 8 if wide else 4)
     return held
+
+
+def available_memory() -> float:
+    """Bytes of memory available for the page cache and new allocations (Linux's MemAvailable);
+    infinite where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return math.inf
 
 
 def _prefetch(plan: Plan, tasks, start: int, budget: int) -> int:

@@ -187,3 +187,38 @@ def test_demo_runs(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"seme: error: output folder {tmp_path / 'mine'} exists and is not empty (use --overwrite to replace it)"]
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_inputs_larger_than_memory_leave_the_page_cache_after_their_last_use(qwen2_family, tmp_path, monkeypatch,
+                                                                           fits):
+    from seme import executor
+    from seme.io import safetensors_file
+
+    m = qwen2_family  # base's layer 1 feeds two output layers: it is evicted after the second
+    recipe = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": m["base"], "layer_range": [0, 2]}]},
+        {"sources": [{"model": m["base"], "layer_range": [1, 2]}]}]}
+    seme.merge(recipe, str(tmp_path / "cached"), progress=False)
+    evicted, original = [], os.posix_fadvise
+
+    def fadvise(fd, offset, length, advice):
+        evicted.append((os.readlink(f"/proc/self/fd/{fd}"), offset, advice))
+        original(fd, offset, length, advice)
+
+    monkeypatch.setattr(safetensors_file.os, "posix_fadvise", fadvise)
+    monkeypatch.setattr(executor, "available_memory", lambda: 10**12 if fits else 0)
+    seme.merge(recipe, str(tmp_path / "out"), progress=False)
+    assert load_folder(tmp_path / "out").keys() == load_folder(tmp_path / "cached").keys()
+    for name, tensor in load_folder(tmp_path / "out").items():
+        assert torch.equal(tensor, load_folder(tmp_path / "cached")[name]), name
+    if fits:
+        assert not evicted
+        return
+    from seme.io.model import ModelFolder
+
+    base = ModelFolder.open(m["base"])
+    # every input tensor of at least a page, once, as dropped pages: layer 1's too, though read twice
+    wide = {(os.path.realpath(i.path), -(-i.start // 4096) * 4096) for i in base.tensors.values()
+            if (i.end - i.end % 4096) > -(-i.start // 4096) * 4096}
+    assert sorted(evicted) == sorted((path, start, os.POSIX_FADV_DONTNEED) for path, start in wide)

@@ -114,9 +114,10 @@ class ModelFolder:
         assert not self.adapted(name), name
         return self._mapped(name).view(self.tensors[name])
 
-    def release(self, name: str) -> None:
-        """Drop `name`'s pages from this process's resident memory (they stay in the page cache)."""
-        self._mapped(name).release(self.tensors[name])
+    def release(self, name: str, evict: bool = False) -> None:
+        """Drop `name`'s pages from this process's resident memory; with `evict`, from the page cache
+        too (`MappedFile.release`)."""
+        self._mapped(name).release(self.tensors[name], evict)
 
     def _mapped(self, name: str) -> MappedFile:
         path = self.tensors[name].path

@@ -110,13 +110,21 @@ class MappedFile:
         """The tensor's bytes, zero-copy."""
         return memoryview(self._map)[info.start:info.end]
 
-    def release(self, info: TensorInfo) -> None:
+    def release(self, info: TensorInfo, evict: bool = False) -> None:
         """Unmap the pages that lie wholly inside the tensor once it has been used: the data stays in
-        the page cache, but no longer counts in this process's resident memory."""
+        the page cache, but no longer counts in this process's resident memory. With `evict` it
+        leaves the page cache too: where the inputs do not fit in memory, pages read once would only
+        be reclaimed later, in the way of the reads that take their place."""
         start = -(-info.start // mmap.PAGESIZE) * mmap.PAGESIZE
         end = info.end - info.end % mmap.PAGESIZE
         if end > start and hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+        if evict and end > start and hasattr(os, "posix_fadvise"):
+            fd = os.open(info.path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
     def tensor(self, info: TensorInfo):
         import torch
