@@ -241,8 +241,10 @@ def main(argv=None) -> None:
              "The inputs do not fit in memory: every run (and the plain read) starts with none of them in the page "
              "cache, and no output folder; a disk's cold read rate drifts between runs, so the floor is approximate "
              "and seme / floor can fall below 1.")
+    from seme import _C  # the CPU kernels' build (AVX-512, AVX2, baseline) changes their speed several times over
+
     update_section(section, f"## End to end: seme vs mergekit-yaml ({title})\n\n`{command.strip()}` on {machine()}, "
-                          f"load average before the run {load:.2f}.\n"
+                          f"kernel build {_C.isa()}, load average before the run {load:.2f}.\n"
                           f"{args.models} Llama-shaped models of {params:.0f}M parameters (bf16, dense deltas), "
                           f"{in_bytes / 1e9:.2f} GB of input; plain read of the same files from {source}: "
                           f"{bandwidth:.2f} GB/s; *floor*: that read plus the best of three writes (and fsync) of the "
