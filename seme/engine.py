@@ -139,27 +139,44 @@ def device_bytes(plan, task, fused: bool) -> int:
     the staged inputs, their copies in the compute dtype or with re-mapped rows, the method's
     temporaries (a plain-torch merge's `Method.peak_buffers`; a fused kernel's scratch) and the
     result in the output dtype."""
-    from seme.methods import registry
-
     numel = math.prod(task.shape)
     codes = [plan.models[m].tensors[n].dtype for m, n in task.inputs]
     compute = TORCH_NAMES[task.compute_dtype] if task.compute_dtype else None
-    wide = "F64" in (compute, *codes)
-    fused = fused and not wide and numel < fused_merge.MAX_ELEMENTS
+    kernel = fused and "F64" not in (compute, *codes) and numel < fused_merge.MAX_ELEMENTS
     held = sum(plan.models[m].tensors[n].nbytes for m, n in task.inputs) + numel * DTYPE_SIZES[task.dtype]
-    if task.remap_rows:
-        held += len(codes) * numel * max(DTYPE_SIZES[c] for c in codes)
-    if compute is not None and not (fused and compute == "F32"):  # the kernels widen as they load
+    held += remapped_bytes(plan, task)
+    if compute is not None and not (kernel and compute == "F32"):  # the kernels widen as they load
         held += sum(DTYPE_SIZES[compute] * numel for c in codes if c != compute)
     method = plan.recipe.merge_method
-    if fused and not method.startswith("della"):
+    if kernel and not method.startswith("della"):
         from seme.cuda_merge import METHODS, selection_rows
 
         # the CUDA kernels' selection buffer: a byte an element for each cut (the Triton kernels'
         # histograms and the per-block tables of both are small)
         return held + (selection_rows(method, task.params, len(codes)) * numel if method in METHODS else 0)
     # plain torch, or DELLA, whose keep probabilities the kernels take as the reference computes them
-    return held + registry.get(method).working_bytes(len(codes), numel, 8 if wide else 4)
+    return held + reference_bytes(plan, task, fused=False)
+
+
+def remapped_bytes(plan, task) -> int:
+    """A vocabulary re-mapping's copies of a task's inputs (`Remap.apply`: one per input, with the
+    output's rows, in the widest input dtype); 0 where its rows are not re-mapped."""
+    if not task.remap_rows:
+        return 0
+    width = max(DTYPE_SIZES[plan.models[m].tensors[n].dtype] for m, n in task.inputs)
+    return len(task.inputs) * math.prod(task.shape) * width
+
+
+def reference_bytes(plan, task, fused: bool) -> int:
+    """The temporaries of a plain-torch merge of `task` (`Method.peak_buffers`, in float64 where the
+    merge is), where one runs: no fused kernel serves it (not `fused`) or it is in float64; else 0."""
+    from seme.methods import registry
+
+    wide = task.compute_dtype == "float64" or any(plan.models[m].tensors[n].dtype == "F64" for m, n in task.inputs)
+    if fused and not wide:
+        return 0
+    return registry.get(plan.recipe.merge_method).working_bytes(len(task.inputs), math.prod(task.shape),
+                                                                8 if wide else 4)
 
 
 def device_memory(device) -> tuple[int, int] | None:
@@ -178,6 +195,7 @@ class NativeEngine:
     update to add) goes to a TorchEngine made on first need."""
 
     semantic = None
+    on_host: frozenset = frozenset()  # it runs on the CPU: no task is moved there
 
     def __init__(self, plan, device: str):
         self.plan, self.device = plan, device

@@ -18,12 +18,10 @@ import threading
 import time
 
 from seme import distributed, fused_merge
-from seme.engine import make_engine
+from seme.engine import make_engine, reference_bytes, remapped_bytes
 from seme.errors import SemeError
 from seme.io.card import write_metadata
-from seme.io.safetensors_file import DTYPE_SIZES
 from seme.io.writer import ShardWriter
-from seme.methods import registry
 from seme.plan import Plan
 
 
@@ -224,7 +222,7 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
     last_use = {key: i for i, t in enumerate(tasks) for key in t.inputs} if bar.total_bytes > available_memory() else {}
     prefetched = 0
     with Finisher(writer, bar) as finisher, engine.staging(tasks, prefetch_bytes, bar):
-        on_host = [t for t in tasks if t.name in getattr(engine, "on_host", ())]  # too large for the GPU
+        on_host = [t for t in tasks if t.name in engine.on_host]  # too large for the GPU
         need, name = largest_need(plan, "cpu", backend, on_host)
         if need > max_memory:
             raise SemeError(f"--max-memory {max_memory / 1e9:.2f} GB is below what '{name}' needs merged on the CPU, "
@@ -278,18 +276,13 @@ def _working_bytes(plan: Plan, task, device: str, backend: str) -> int:
     for m, n in task.inputs:
         if plan.models[m].adapted(n):
             held += plan.models[m].adapter.working_bytes(n, plan.models[m].tensors[n])
-    if task.remap_rows:
-        width = max(DTYPE_SIZES[plan.models[m].tensors[n].dtype] for m, n in task.inputs)
-        held += len(task.inputs) * math.prod(task.shape) * width
+    held += remapped_bytes(plan, task)
     if device != "cpu":
         return held
     method = plan.recipe.merge_method
-    wide = task.compute_dtype == "float64" or any(plan.models[m].tensors[n].dtype == "F64" for m, n in task.inputs)
     fused = backend != "reference" and fused_merge.available() and (method == "seme"
                                                                     or fused_merge.covers(method, task.params))
-    if wide or not fused:
-        held += registry.get(method).working_bytes(len(task.inputs), math.prod(task.shape), 8 if wide else 4)
-    return held
+    return held + reference_bytes(plan, task, fused)
 
 
 def available_memory() -> float:

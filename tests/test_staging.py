@@ -149,7 +149,8 @@ def _shards(folder) -> dict[str, bytes]:
             if f.startswith("model")}
 
 
-def _merge(monkeypatch, recipe: dict, out, stage: bool) -> dict[str, bytes]:
+def _torch_engines(monkeypatch, stage: bool) -> list:
+    """Merges run on TorchEngines staging (or not) on the CPU; the engines made, in order."""
     made = []
 
     def make(plan, device, backend, world):
@@ -157,6 +158,11 @@ def _merge(monkeypatch, recipe: dict, out, stage: bool) -> dict[str, bytes]:
         return made[-1]
 
     monkeypatch.setattr("seme.executor.make_engine", make)
+    return made
+
+
+def _merge(monkeypatch, recipe: dict, out, stage: bool) -> dict[str, bytes]:
+    made = _torch_engines(monkeypatch, stage)
     seme.merge(recipe, str(out), out_shard_size="40KB", progress=False)
     assert (made[0].stager is not None) == stage
     return _shards(out)
@@ -250,13 +256,7 @@ def test_device_bytes_count_inputs_result_and_the_methods_temporaries(llama_fami
 
 def _routed_merge(monkeypatch, recipe, out, free):
     """A staged merge on the CPU as on a GPU with `free` bytes free; the engine."""
-    made = []
-
-    def make(plan, device, backend, world):
-        made.append(engine.TorchEngine(plan, device, backend, stage=True))
-        return made[-1]
-
-    monkeypatch.setattr("seme.executor.make_engine", make)
+    made = _torch_engines(monkeypatch, stage=True)
     monkeypatch.setattr(engine, "device_memory", lambda device: (free, 10 * free))
     seme.merge(recipe, str(out), out_shard_size="40KB", progress=False)
     return made[0]
@@ -302,13 +302,7 @@ def test_max_memory_counts_the_cpu_temporaries_of_tensors_too_large_for_the_gpu(
     on_gpu, _ = executor.largest_need(plan, "cuda", "auto")  # a GPU merge's host memory: no temporaries
     on_cpu, name = executor.largest_need(plan, "cpu", "auto")
     assert on_cpu > on_gpu
-    made = []
-
-    def make(plan, device, backend, world):
-        made.append(engine.TorchEngine(plan, device, backend, stage=True))
-        return made[-1]
-
-    monkeypatch.setattr("seme.executor.make_engine", make)
+    _torch_engines(monkeypatch, stage=True)
     monkeypatch.setattr(engine, "device_memory", lambda device: (1000, 10**9))  # nothing fits: all on the CPU
     monkeypatch.setattr(executor, "largest_need", lambda plan, device, backend, tasks=None:
                         (on_gpu, name) if tasks is None else (on_cpu, name))  # planned as a GPU merge
