@@ -110,6 +110,17 @@ inline __m512 load16(const bf16* x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
 }
 inline __m512 load16(const f16* x) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))); }
+#elif defined(SEME_AVX2)
+// 8 elements in fp32, as to_f32 converts them (fp16 one by one: F16C is not part of this build).
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const bf16* x) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))), 16));
+}
+inline __m256 load8(const f16* x) {
+  alignas(32) float v[8];
+  for (int l = 0; l < 8; ++l) v[l] = to_f32(x[l]);
+  return _mm256_load_ps(v);
+}
 #endif
 
 template <class F>
@@ -427,11 +438,13 @@ template <class T>
 std::pair<double, double> abs_sums(const T* __restrict base, const T* __restrict x, const uint64_t* __restrict words,
                                    int64_t len) {
   auto magnitude = [=](int64_t j) { return std::fabs(double(to_f32(x[j]) - to_f32(base[j]))); };
-#ifdef SEME_AVX512
-  // lane_sum's 32 lanes as four vectors of 8, in one pass for both sums; the flags mask the adds.
-  __m512d all[4], kept[4];
-  for (int v = 0; v < 4; ++v) all[v] = kept[v] = _mm512_setzero_pd();
+#if defined(SEME_AVX512) || defined(SEME_AVX2)
+  // lane_sum's 32 lanes in vectors, in one pass for both sums; the flags mask the adds.
+  alignas(64) double a[32], b[32];
   int64_t j = 0;
+#ifdef SEME_AVX512
+  __m512d all[4], kept[4];  // lanes 8v .. 8v + 7
+  for (int v = 0; v < 4; ++v) all[v] = kept[v] = _mm512_setzero_pd();
   for (; j + 32 <= len; j += 32) {
     const uint32_t flags = uint32_t(words[j >> 6] >> (j & 63));
     for (int h = 0; h < 2; ++h) {
@@ -444,8 +457,27 @@ std::pair<double, double> abs_sums(const T* __restrict base, const T* __restrict
       kept[2 * h + 1] = _mm512_mask_add_pd(kept[2 * h + 1], k_hi, kept[2 * h + 1], hi);
     }
   }
-  alignas(64) double a[32], b[32];
   for (int v = 0; v < 4; ++v) _mm512_store_pd(a + 8 * v, all[v]), _mm512_store_pd(b + 8 * v, kept[v]);
+#else
+  __m256d all[8], kept[8];  // lanes 4v .. 4v + 3
+  for (int v = 0; v < 8; ++v) all[v] = kept[v] = _mm256_setzero_pd();
+  const __m256i lane_bit = _mm256_setr_epi64x(1, 2, 4, 8);
+  auto flagged = [&](uint32_t four) {  // 4 flags as all-ones or zero lanes
+    const __m256i f = _mm256_and_si256(_mm256_set1_epi64x(four), lane_bit);
+    return _mm256_castsi256_pd(_mm256_cmpeq_epi64(f, lane_bit));
+  };
+  for (; j + 32 <= len; j += 32) {
+    const uint32_t flags = uint32_t(words[j >> 6] >> (j & 63));
+    for (int h = 0; h < 4; ++h) {
+      const __m256 d = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_sub_ps(load8(x + j + 8 * h), load8(base + j + 8 * h)));
+      const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(d)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
+      all[2 * h] = _mm256_add_pd(all[2 * h], lo), all[2 * h + 1] = _mm256_add_pd(all[2 * h + 1], hi);
+      kept[2 * h] = _mm256_add_pd(kept[2 * h], _mm256_and_pd(flagged((flags >> (8 * h)) & 15), lo));
+      kept[2 * h + 1] = _mm256_add_pd(kept[2 * h + 1], _mm256_and_pd(flagged((flags >> (8 * h + 4)) & 15), hi));
+    }
+  }
+  for (int v = 0; v < 8; ++v) _mm256_store_pd(a + 4 * v, all[v]), _mm256_store_pd(b + 4 * v, kept[v]);
+#endif
   for (int l = 0; j < len; ++j, ++l) {
     a[l] += magnitude(j);
     if ((words[j >> 6] >> (j & 63)) & 1) b[l] += magnitude(j);
@@ -505,20 +537,41 @@ void unpack_bits(const uint64_t* __restrict words, int64_t len, float* __restric
   }
 }
 
+#if defined(SEME_AVX2) && !defined(SEME_AVX512)
+// Bit b of an 8-bit mask to bit 4b.
+inline uint32_t spread4(uint32_t m) {
+  m = (m | (m << 12)) & 0x000F000Fu;
+  m = (m | (m << 6)) & 0x03030303u;
+  return (m | (m << 3)) & 0x11111111u;
+}
+#endif
+
 // DARE's keep flags of elements [off, off + len) as bits (off a multiple of 64, u scratch for len
 // floats): element i is kept where its draw u_i < p. As u_i = (w >> 8) · 2^-24 exactly for its
-// Philox word w, that is (w >> 8) < ceil(p · 2^24): the AVX-512 build compares the words as they
-// come and interleaves the four words' masks into element order, with no floats in between.
+// Philox word w, that is (w >> 8) < ceil(p · 2^24): the AVX2 and AVX-512 builds compare the words
+// as they come and interleave the four words' masks into element order, with no floats in between.
 void keep_bits(uint64_t key, int64_t off, int64_t len, float p, float* __restrict u, uint64_t* __restrict words) {
   int64_t done = off;
+  [[maybe_unused]] const uint32_t below = !(p > 0.0f) ? 0u : uint32_t(std::min(std::ceil(double(p) * 0x1p24), 0x1p24));
 #ifdef SEME_AVX512
-  const uint32_t below = !(p > 0.0f) ? 0u : uint32_t(std::min(std::ceil(double(p) * 0x1p24), 0x1p24));
   const __m512i limit = _mm512_set1_epi32(int(below));
   auto mask = [&](__m512i w) { return uint64_t(_mm512_cmplt_epu32_mask(_mm512_srli_epi32(w, 8), limit)); };
   done = philox_vectors<Avx512Lanes>(key, off, off + len, [&](int64_t at, __m512i c0, __m512i c1, __m512i c2, __m512i c3) {
     // Lane l holds word t of elements 4l + t: bit l of mask t goes to bit 4l + t.
     words[(at - off) >> 6] = _pdep_u64(mask(c0), 0x1111111111111111ull) | _pdep_u64(mask(c1), 0x2222222222222222ull) |
                              _pdep_u64(mask(c2), 0x4444444444444444ull) | _pdep_u64(mask(c3), 0x8888888888888888ull);
+  });
+#elif defined(SEME_AVX2)
+  const __m256i limit = _mm256_set1_epi32(int(below));  // signed compares: both sides are < 2^25
+  auto mask = [&](__m256i w) {
+    return spread4(uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(limit, _mm256_srli_epi32(w, 8))))));
+  };
+  done = philox_vectors<Avx2Lanes>(key, off, off + len, [&](int64_t at, __m256i c0, __m256i c1, __m256i c2, __m256i c3) {
+    // Lane l holds word t of elements 4l + t: bit l of mask t goes to bit 4l + t of these 32 flags,
+    // the low or high half of their word.
+    const uint64_t half = mask(c0) | mask(c1) << 1 | mask(c2) << 2 | mask(c3) << 3;
+    uint64_t& word = words[(at - off) >> 6];
+    word = (at - off) & 32 ? (word & 0xffffffffull) | half << 32 : half;
   });
 #endif
   const int64_t rest = off + len - done;
