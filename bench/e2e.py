@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench.results import machine, update_section
+from bench.results import command_line, cpu_build, machine, update_section
 
 RECIPES = {
     "linear": lambda m: {"merge_method": "linear",
@@ -233,18 +233,19 @@ def main(argv=None) -> None:
         print(row, flush=True)
     if args.no_mergekit:
         return
-    command = "python -m bench.e2e " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("bench.e2e", argv if argv is not None else sys.argv[1:])
+    build = cpu_build()
     kind = torch.device(args.device).type
-    default = all(getattr(args, k) == parser.get_default(k) for k in ("models", "hidden", "layers", "intermediate", "vocab"))
-    section, title = (f"e2e-{kind}", kind) if default else (f"e2e-{kind}-{params:.0f}M", f"{kind}, {params:.0f}M-parameter models")
+    # On the CPU each kernel build has its sections; a GPU merge hardly runs them.
+    section, title = (f"e2e-cpu-{build}", f"cpu, kernel build {build}") if kind == "cpu" else (f"e2e-{kind}", kind)
+    if not all(getattr(args, k) == parser.get_default(k) for k in ("models", "hidden", "layers", "intermediate", "vocab")):
+        section, title = f"{section}-{params:.0f}M", f"{title}, {params:.0f}M-parameter models"
     start = ("Every run starts with its inputs in the page cache and no output folder." if cached else
              "The inputs do not fit in memory: every run (and the plain read) starts with none of them in the page "
              "cache, and no output folder; a disk's cold read rate drifts between runs, so the floor is approximate "
              "and seme / floor can fall below 1.")
-    from seme import _C  # the CPU kernels' build (AVX-512, AVX2, baseline) changes their speed several times over
-
-    update_section(section, f"## End to end: seme vs mergekit-yaml ({title})\n\n`{command.strip()}` on {machine()}, "
-                          f"kernel build {_C.isa()}, load average before the run {load:.2f}.\n"
+    update_section(section, f"## End to end: seme vs mergekit-yaml ({title})\n\n`{command}` on {machine()}, "
+                          f"kernel build {build}, load average before the run {load:.2f}.\n"
                           f"{args.models} Llama-shaped models of {params:.0f}M parameters (bf16, dense deltas), "
                           f"{in_bytes / 1e9:.2f} GB of input; plain read of the same files from {source}: "
                           f"{bandwidth:.2f} GB/s; *floor*: that read plus the best of three writes (and fsync) of the "

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench.results import machine, update_section
+from bench.results import command_line, cpu_build, machine, update_section
 from seme import fused_merge
 from seme.methods import registry
 from seme.methods.inputs import Inputs
@@ -139,11 +139,11 @@ def main(argv=None):
             print(f"copy of {count} {dtype_name} inputs: {copy * 1e3:.2f} ms, {2 * size / copy / 1e9:.1f} GB/s")
 
     if not args.no_record:
-        command = " ".join(["python -m bench.kernels"] + (argv if argv is not None else sys.argv[1:]))
+        command = command_line("bench.kernels", argv if argv is not None else sys.argv[1:])
+        section = title = device.type
         if device.type == "cpu":
-            from seme import _C
-
-            where = (f"{threads} thread(s), kernel build {_C.isa()}, torch {torch.__version__}, "
+            section, title = f"cpu-{cpu_build()}", f"cpu, kernel build {cpu_build()}"
+            where = (f"{threads} thread(s), kernel build {cpu_build()}, torch {torch.__version__}, "
                      f"load average before the run {load:.2f}")
             kernel_text = "C++: seme.fused_merge (C++/OpenMP)"
         else:
@@ -152,8 +152,8 @@ def main(argv=None):
             where = f"torch {torch.__version__}, triton {triton.__version__}"
             kernel_text = ("triton: seme.kernels.fused_merge; cuda: seme.cuda_merge (CUDA C++), where built. The "
                            "copy's own rate (2 x input bytes / copy ms) is the device's practical bandwidth")
-        update_section(f"kernels-{device.type}", (
-            f"## Fused kernels vs plain torch vs mergekit ({device.type})\n\n"
+        update_section(f"kernels-{section}", (
+            f"## Fused kernels vs plain torch vs mergekit ({title})\n\n"
             f"`{command}` on {machine()}, {where}.\n\n"
             f"Base + {K} fine-tuned tensors of shape {list(shape)}; parameters: "
             + "; ".join(f"{n} {p}" for n, p in METHODS.items()) + f". {kernel_text}. "

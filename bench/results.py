@@ -32,6 +32,20 @@ def machine() -> str:
     return text
 
 
+def cpu_build() -> str:
+    """The build of the CPU kernels in use (avx512, avx2 or baseline; SEME_CPU_ISA caps it). It changes
+    their speed several times over, so each build's CPU figures have sections of their own."""
+    from seme import _C
+
+    return _C.isa()
+
+
+def command_line(module: str, argv: list[str]) -> str:
+    """The command that re-runs a benchmark as it ran, the SEME_CPU_ISA cap included."""
+    cap = os.environ.get("SEME_CPU_ISA")
+    return " ".join(([f"SEME_CPU_ISA={cap}"] if cap else []) + ["python -m", module] + list(argv))
+
+
 def update_section(name: str, body: str) -> None:
     """Replace (or append) the section between the markers of benchmark `name`."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from bench.results import machine, update_section
+from bench.results import command_line, machine, update_section
 from seme.semantic import alignment
 from seme.semantic.bases import block_norms, semantic_bases
 from seme.semantic.mapping import semantic_distribution, semantic_mix
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     table = ["| stage | seme s | plain torch s | speed-up | note |", "|---|---|---|---|---|"]
     table += [f"| {name} | {ours:.3f} | {ref:.3f} | {ref / ours:.1f}x | {note} |" for name, ours, ref, note in rows]
     print("\n".join(table))
-    command = " ".join(["python -m bench.seme"] + (argv if argv is not None else sys.argv[1:]))
+    command = command_line("bench.seme", argv if argv is not None else sys.argv[1:])
     update_section(f"seme-{device.type}", f"## SeMe stages vs plain torch ({device.type})\n\n`{command}` on {machine()}, {device}, "
                            f"load average before the run {load:.2f}; V={args.vocab}, d={args.hidden}, "
                            f"batch={args.batch}.\n\n" + "\n".join(table))
