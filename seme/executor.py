@@ -269,7 +269,8 @@ def _working_bytes(plan: Plan, task, device: str, backend: str) -> int:
     (LoraAdapter.working_bytes), a vocabulary re-mapping's copies of the inputs
     (seme.vocabulary.Remap.apply: one per input, with the output's rows, in the widest input dtype),
     and, on the CPU, a plain-torch merge's temporaries (Method.peak_buffers: where no fused kernel
-    serves the method, or the merge is in float64). On a GPU those are the GPU's memory."""
+    serves the method or the tensor's size, or the merge is in float64). On a GPU those are the
+    GPU's memory."""
     if task.copy:
         return 0
     held = 0
@@ -281,7 +282,8 @@ def _working_bytes(plan: Plan, task, device: str, backend: str) -> int:
         return held
     method = plan.recipe.merge_method
     fused = backend != "reference" and fused_merge.available() and (method == "seme"
-                                                                    or fused_merge.covers(method, task.params))
+                                                                    or fused_merge.covers(method, task.params)) \
+        and math.prod(task.shape) < fused_merge.MAX_ELEMENTS  # larger tensors take the reference
     return held + reference_bytes(plan, task, fused)
 
 

@@ -2,6 +2,7 @@
 hands what its kernels cannot take to the torch engine."""
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -110,6 +111,24 @@ def test_make_engine_picks_native_only_where_it_serves_the_whole_run(bf16_family
     nearswap = {"merge_method": "nearswap", "base_model": bf16_family["base"], "parameters": {"t": 0.3},
                 "models": [{"model": bf16_family["base"]}, {"model": bf16_family["expert0"]}]}
     assert isinstance(engine.make_engine(make_plan(load(nearswap)), "cpu", "auto", 1), engine.TorchEngine)
+
+
+def test_max_memory_counts_the_reference_temporaries_of_tensors_beyond_the_kernels_index_range(bf16_family,
+                                                                                               monkeypatch):
+    from seme import executor
+    from seme.config import load
+    from seme.plan import make_plan
+
+    plan = make_plan(load(_recipe("ties", bf16_family)))
+    merged = [t for t in plan.tasks if not t.copy]
+    assert all(executor._working_bytes(plan, t, "cpu", "auto") == 0 for t in merged)  # the kernels' scratch is small
+    monkeypatch.setattr(fused_merge, "MAX_ELEMENTS", 500)
+    large = [t for t in merged if math.prod(t.shape) >= 500]
+    assert large and len(large) < len(merged)
+    assert all(engine.reference_bytes(plan, t, fused=False) > 0 for t in large)
+    for t in merged:
+        need = executor._working_bytes(plan, t, "cpu", "auto")
+        assert need == (engine.reference_bytes(plan, t, fused=False) if t in large else 0), t.name
 
 
 def test_tensors_beyond_the_kernels_index_range_take_the_reference(bf16_family, tmp_path, monkeypatch):
