@@ -46,6 +46,9 @@ CASES = {
     "bad dtype": (lambda m: ties(m, dtype="float8"), "dtype must be one of"),
     "negative density": (lambda m: ties(m, parameters={"density": -0.5}), "parameter 'density' must be >= 0.0, got -0.5"),
     "density not a number": (lambda m: ties(m, parameters={"density": "half"}), "parameter 'density' must be a number"),
+    "weight not finite": (lambda m: ties(m, parameters={"weight": float("nan")}), "parameter 'weight' must be a finite number, got nan"),
+    "integer not finite": (lambda m: {"merge_method": "karcher", "parameters": {"max_iter": float("inf")}, "models": [
+        {"model": m["expert0"]}, {"model": m["expert1"]}]}, "parameter 'max_iter' must be a finite number, got inf"),
     "layer range out of bounds": (lambda m: {"merge_method": "passthrough", "slices": [
         {"sources": [{"model": m["base"], "layer_range": [0, 9]}]}]}, "layer_range [0, 9] is out of bounds for base (2 layers)"),
     "inverted layer range": (lambda m: {"merge_method": "passthrough", "slices": [

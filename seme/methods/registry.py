@@ -5,6 +5,7 @@ A method is declared once, as data (`Method`), so that the config validator, the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,6 +44,8 @@ class Param:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SemeError(f"{where}: parameter '{self.name}' must be a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan / .inf: no method gives them a meaning
+            raise SemeError(f"{where}: parameter '{self.name}' must be a finite number, got {value}")
         if self.kind is int and float(value) != int(value):
             raise SemeError(f"{where}: parameter '{self.name}' must be an integer, got {value!r}")
         value = self.kind(value)
