@@ -18,6 +18,7 @@ from seme import fused_merge
 from seme.errors import SemeError
 from seme.fused_merge import KERNEL_DTYPES
 from seme.io.safetensors_file import DTYPE_SIZES, TORCH_NAMES
+from seme.options import format_size
 
 # The share of a GPU's free memory a merge plans to use: the caching allocator's rounding and
 # fragmentation, and the CUDA kernels' workspaces, take some of the rest.
@@ -75,13 +76,13 @@ class TorchEngine:
         self.on_host = {task.name for task, need in needs if need > room}
         if self.on_host and self.semantic is not None:
             task, need = max(needs, key=lambda item: item[1])
-            raise SemeError(f"seme: merging '{task.name}' needs {need / 1e9:.2f} GB of {self.device}'s memory, "
-                            f"{room / 1e9:.2f} GB are free to use: merge on the CPU (--device cpu)")
+            raise SemeError(f"seme: merging '{task.name}' needs {format_size(need)} of {self.device}'s memory, "
+                            f"{format_size(room)} are free to use: merge on the CPU (--device cpu)")
         if self.on_host:
             largest = max(need for task, need in needs if task.name in self.on_host)
             warnings.warn(f"{len(self.on_host)} tensor(s) ({', '.join(sorted(self.on_host)[:3])}"
-                          f"{', ...' if len(self.on_host) > 3 else ''}) need up to {largest / 1e9:.2f} GB of "
-                          f"{self.device}'s memory, more than the {room / 1e9:.2f} GB free to use: merged on the CPU")
+                          f"{', ...' if len(self.on_host) > 3 else ''}) need up to {format_size(largest)} of "
+                          f"{self.device}'s memory, more than the {format_size(room)} free to use: merged on the CPU")
         kept = [(task, need) for task, need in needs if task.name not in self.on_host]
         return [task for task, _ in kept], max((need for _, need in kept), default=0)
 

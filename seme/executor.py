@@ -19,6 +19,7 @@ import time
 
 from seme import distributed, fused_merge
 from seme.engine import make_engine, reference_bytes, remapped_bytes
+from seme.options import format_size
 from seme.errors import SemeError
 from seme.io.card import write_metadata
 from seme.io.writer import ShardWriter
@@ -89,9 +90,9 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
     if max_memory is None:
         max_memory = max(DEFAULT_MEMORY, largest)
     if largest > max_memory:
-        raise SemeError(f"--max-memory {max_memory / 1e9:.2f} GB is below what the largest tensor needs "
+        raise SemeError(f"--max-memory {format_size(max_memory)} is below what the largest tensor needs "
                         f"(inputs, their adapted or re-mapped copies, the method's temporaries, result and two "
-                        f"results waiting to be written: {largest / 1e9:.2f} GB)")
+                        f"results waiting to be written: {format_size(largest)})")
     group = distributed.current(device)
     if device.startswith("cuda") and group.world > 1:
         device = f"cuda:{group.local_rank}"
@@ -191,7 +192,7 @@ def _prepare_staging(plan: Plan, out_dir: str, staging: str, overwrite: bool, re
     free = shutil.disk_usage(os.path.dirname(out_dir)).free
     if free < plan.output_bytes * 1.01 + 10**6:
         raise SemeError(f"not enough disk space in {os.path.dirname(out_dir)}: the merge writes "
-                        f"{plan.output_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB are free")
+                        f"{format_size(plan.output_bytes)}, {format_size(free)} are free")
 
 
 def _plan_id(plan: Plan, shard_size: int, version: str) -> str:
@@ -225,8 +226,8 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
         on_host = [t for t in tasks if t.name in engine.on_host]  # too large for the GPU
         need, name = largest_need(plan, "cpu", backend, on_host)
         if need > max_memory:
-            raise SemeError(f"--max-memory {max_memory / 1e9:.2f} GB is below what '{name}' needs merged on the CPU, "
-                            f"as it does not fit in the GPU's free memory: {need / 1e9:.2f} GB")
+            raise SemeError(f"--max-memory {format_size(max_memory)} is below what '{name}' needs merged on the CPU, "
+                            f"as it does not fit in the GPU's free memory: {format_size(need)}")
         for i, task in enumerate(tasks):
             prefetched = _prefetch(plan, tasks, max(prefetched, i + 1), prefetch_bytes)
             start = time.perf_counter()

@@ -24,6 +24,15 @@ def parse_size(value: Any) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def format_size(nbytes: float) -> str:
+    """Bytes in the unit that suits them, as parse_size reads them back: '1.50 GB', '12.3 MB', '512 bytes'
+    (not '512 B', which mergekit's size syntax, and so parse_size, reads as 512 billion)."""
+    for unit, scale, digits in (("TB", 1e12, 2), ("GB", 1e9, 2), ("MB", 1e6, 1), ("kB", 1e3, 1)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.{digits}f} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
 def parse_device(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value):
         raise SemeError(f"invalid device {value!r} (expected cpu, cuda or cuda:N)")

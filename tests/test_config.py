@@ -238,6 +238,16 @@ def test_bad_option_value(llama_family, tmp_path, capsys):
     assert status == 2 and "invalid size 'lots'" in err[0]
 
 
+@pytest.mark.parametrize("nbytes,text", [(0, "0 bytes"), (999, "999 bytes"), (110_592, "110.6 kB"), (12_345_678, "12.3 MB"),
+                                          (1_500_000_000, "1.50 GB"), (3 * 10**12, "3.00 TB")])
+def test_sizes_in_messages_read_back_as_options(nbytes, text):
+    from seme.options import format_size, parse_size
+
+    assert format_size(nbytes) == text
+    if nbytes >= 1000:
+        assert abs(parse_size(text) - nbytes) <= 0.0051 * nbytes
+
+
 def test_real_process_prints_no_traceback(tmp_path):
     path = write_recipe(tmp_path, {"merge_method": "tie", "models": []})
     proc = subprocess.run([sys.executable, "-m", "seme.merge", path, str(tmp_path / "o")], capture_output=True, text=True)
