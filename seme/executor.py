@@ -188,7 +188,10 @@ def _prepare_staging(plan: Plan, out_dir: str, staging: str, overwrite: bool, re
                         f"or --overwrite to start over")
     if not resume:
         shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging, exist_ok=True)
+    try:
+        os.makedirs(staging, exist_ok=True)
+    except OSError as e:
+        raise SemeError(f"cannot create the output folder {out_dir}: {e.strerror or e} ({e.filename or staging})") from None
     free = shutil.disk_usage(os.path.dirname(out_dir)).free
     if free < plan.output_bytes * 1.01 + 10**6:
         raise SemeError(f"not enough disk space in {os.path.dirname(out_dir)}: the merge writes "

@@ -185,6 +185,15 @@ def test_an_output_path_that_is_a_file_is_refused(llama_family, tmp_path, capsys
     assert out.read_text() == "mine"
 
 
+def test_an_output_folder_that_cannot_be_created_is_refused(llama_family, tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    out = tmp_path / "file" / "out"
+    status = main([write_recipe(tmp_path, ties(llama_family)), str(out)])
+    assert status == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"seme: error: cannot create the output folder {out}: Not a directory ({out}.seme-partial)"]
+
+
 def test_a_config_that_is_no_text_file(tmp_path, capsys):
     (tmp_path / "recipe.yml").write_bytes(b"\xff\xfe\x00merge")
     assert main([str(tmp_path / "recipe.yml"), str(tmp_path / "out")]) == 2
