@@ -142,8 +142,9 @@ def main(argv=None):
         command = command_line("bench.kernels", argv if argv is not None else sys.argv[1:])
         section = title = device.type
         if device.type == "cpu":
-            section, title = f"cpu-{cpu_build()}", f"cpu, kernel build {cpu_build()}"
-            where = (f"{threads} thread(s), kernel build {cpu_build()}, torch {torch.__version__}, "
+            build = cpu_build()
+            section, title = f"cpu-{build}", f"cpu, kernel build {build}"
+            where = (f"{threads} thread(s), kernel build {build}, torch {torch.__version__}, "
                      f"load average before the run {load:.2f}")
             kernel_text = "C++: seme.fused_merge (C++/OpenMP)"
         else:

@@ -170,14 +170,15 @@ def remapped_bytes(plan, task) -> int:
 
 def reference_bytes(plan, task, fused: bool) -> int:
     """The temporaries of a plain-torch merge of `task` (`Method.peak_buffers`, in float64 where the
-    merge is), where one runs: no fused kernel serves it (not `fused`) or it is in float64; else 0."""
+    merge is), where one runs: no fused kernel serves the method (not `fused`), the tensor is beyond
+    the kernels' index range, or the merge is in float64; else 0."""
     from seme.methods import registry
 
+    numel = math.prod(task.shape)
     wide = task.compute_dtype == "float64" or any(plan.models[m].tensors[n].dtype == "F64" for m, n in task.inputs)
-    if fused and not wide:
+    if fused and not wide and numel < fused_merge.MAX_ELEMENTS:
         return 0
-    return registry.get(plan.recipe.merge_method).working_bytes(len(task.inputs), math.prod(task.shape),
-                                                                8 if wide else 4)
+    return registry.get(plan.recipe.merge_method).working_bytes(len(task.inputs), numel, 8 if wide else 4)
 
 
 def device_memory(device) -> tuple[int, int] | None:

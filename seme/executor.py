@@ -19,10 +19,10 @@ import time
 
 from seme import distributed, fused_merge
 from seme.engine import make_engine, reference_bytes, remapped_bytes
-from seme.options import format_size
 from seme.errors import SemeError
 from seme.io.card import write_metadata
 from seme.io.writer import ShardWriter
+from seme.options import format_size
 from seme.plan import Plan
 
 
@@ -286,8 +286,7 @@ def _working_bytes(plan: Plan, task, device: str, backend: str) -> int:
         return held
     method = plan.recipe.merge_method
     fused = backend != "reference" and fused_merge.available() and (method == "seme"
-                                                                    or fused_merge.covers(method, task.params)) \
-        and math.prod(task.shape) < fused_merge.MAX_ELEMENTS  # larger tensors take the reference
+                                                                    or fused_merge.covers(method, task.params))
     return held + reference_bytes(plan, task, fused)
 
 
