@@ -203,15 +203,26 @@ def test_philox_words():
         assert [list(_C.philox4x32(key, int(c))) for c in counters] == expected
 
 
-def test_dtype_conversions():
-    """Every bf16 / fp16 bit pattern is read exactly; fp32 is rounded to them like torch does."""
+@pytest.mark.parametrize("isa", ISAS)
+def test_dtype_conversions(isa):
+    """Every bf16 / fp16 bit pattern is read exactly, by every kernel build (each has its own
+    vector conversions); fp32 is rounded to them like torch does."""
+    with cpu_isa(isa):
+        _dtype_conversions()
+
+
+def _dtype_conversions():
     for dtype in (torch.bfloat16, torch.float16):
         every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
-        inputs = Inputs((torch.zeros_like(every), every), 0)
-        out = fused_merge.merge("task_arithmetic", inputs, bound("task_arithmetic", dict(weight=1.0), 1))
         expected = every.float()
-        assert torch.equal(out.isnan(), expected.isnan())
-        assert torch.equal(out[~out.isnan()], expected[~expected.isnan()])
+        zeros = torch.zeros_like(every)
+        for name, inputs, params in [  # the δ path (task arithmetic) and the plain one (linear)
+                ("task_arithmetic", Inputs((zeros, every), 0), bound("task_arithmetic", dict(weight=1.0), 1)),
+                ("linear", Inputs((every, zeros), None), registry.bind(registry.get("linear"), dict(weight=[1.0, 0.0]),
+                                                                       2, None, "test"))]:
+            out = fused_merge.merge(name, inputs, params)
+            assert torch.equal(out.isnan(), expected.isnan()), name
+            assert torch.equal(out[~out.isnan()], expected[~expected.isnan()]), name
     g = torch.Generator().manual_seed(0)
     values = torch.cat([torch.randn(100000, generator=g) * 10.0 ** torch.randint(-9, 6, (100000,), generator=g),
                         torch.tensor([0.0, 65504.0, 65520.0, 1e6, -1e6, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 1e-40,

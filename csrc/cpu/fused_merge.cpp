@@ -27,6 +27,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 // This file is compiled three times: as is, for the baseline ISA, and (GCC on x86) from
@@ -46,7 +47,7 @@
 #define SEME_ISA avx512
 #elif defined(SEME_AVX2)
 #include <immintrin.h>
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,f16c")
 #define SEME_ISA avx2
 #else
 #define SEME_ISA baseline
@@ -111,15 +112,31 @@ inline __m512 load16(const bf16* x) {
 }
 inline __m512 load16(const f16* x) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))); }
 #elif defined(SEME_AVX2)
-// 8 elements in fp32, as to_f32 converts them (fp16 one by one: F16C is not part of this build).
+// 8 elements in fp32, as to_f32 converts them (F16C's conversion is exact, subnormals included).
 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
 inline __m256 load8(const bf16* x) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))), 16));
 }
-inline __m256 load8(const f16* x) {
-  alignas(32) float v[8];
-  for (int l = 0; l < 8; ++l) v[l] = to_f32(x[l]);
-  return _mm256_load_ps(v);
+inline __m256 load8(const f16* x) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))); }
+#endif
+
+// x[0, len) in fp32. fp16 takes the vector conversion where the build has one: the compiler
+// vectorizes the bf16 and fp32 loops itself, but not the fp16 one.
+template <class T>
+inline void widen(const T* __restrict x, float* __restrict y, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) y[j] = to_f32(x[j]);
+}
+#ifdef SEME_AVX512
+inline void widen(const f16* __restrict x, float* __restrict y, int64_t len) {
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) _mm512_storeu_ps(y + j, load16(x + j));
+  for (; j < len; ++j) y[j] = to_f32(x[j]);
+}
+#elif defined(SEME_AVX2)
+inline void widen(const f16* __restrict x, float* __restrict y, int64_t len) {
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) _mm256_storeu_ps(y + j, load8(x + j));
+  for (; j < len; ++j) y[j] = to_f32(x[j]);
 }
 #endif
 
@@ -362,11 +379,22 @@ struct Ctx {
       const T* __restrict b = static_cast<const T*>(t.base) + off;
       float* __restrict bf = s.base.data();
       prefetch_next(b, len);
-      for (int64_t j = 0; j < len; ++j) bf[j] = to_f32(b[j]);
+      widen(b, bf, len);
       for (int k = 0; k < K; ++k) {
         const T* __restrict x = static_cast<const T*>(t.others[k]) + off;
         prefetch_next(x, len);
         float* __restrict d = delta(s, k);
+        if constexpr (std::is_same_v<T, f16>) {  // widened first, so that fp16 takes widen's vector path
+          widen(x, d, len);
+          if (!note) {
+            for (int64_t j = 0; j < len; ++j) d[j] = d[j] - bf[j];
+            continue;
+          }
+          uint32_t m = s.input_exponents;
+          for (int64_t j = 0; j < len; ++j) d[j] = d[j] - bf[j], m = std::max(m, f2u(d[j]) & 0x7f800000u);
+          s.input_exponents = m;
+          continue;
+        }
         if (!note) {
           for (int64_t j = 0; j < len; ++j) d[j] = to_f32(x[j]) - bf[j];
           continue;
@@ -1667,7 +1695,7 @@ Finite linear_merge(const Tensors& t, const std::vector<float>& weight, bool nor
         for (int k = 0; k <= K; ++k) {
           const T* __restrict in = static_cast<const T*>(k == 0 ? t.base : t.others[k - 1]) + off;
           prefetch_next(in, len);
-          for (int64_t j = 0; j < len; ++j) x[j] = to_f32(in[j]);
+          widen(in, x, len);
           s.input_exponents = max_exponent(x, len, s.input_exponents);
           const float w = weight[k];
           if (k == 0)
@@ -1704,7 +1732,7 @@ std::vector<double> gram(const Tensors& t, bool deltas) {
             const T* __restrict x = static_cast<const T*>(i == 0 ? t.base : t.others[i - 1]) + off;
             float* __restrict v = i == 0 ? s.base.data() : ctx.delta(s, i - 1);
             prefetch_next(x, len);
-            for (int64_t j = 0; j < len; ++j) v[j] = to_f32(x[j]);
+            widen(x, v, len);
             s.input_exponents = max_exponent(v, len, s.input_exponents);
           }
         });
@@ -1831,7 +1859,7 @@ static Isa isa() {
   if (limit == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("bmi2"))
     return Isa::avx512;
-  if (limit != "baseline" && __builtin_cpu_supports("avx2")) return Isa::avx2;
+  if (limit != "baseline" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return Isa::avx2;
   return Isa::baseline;
 }
 
