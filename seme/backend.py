@@ -21,7 +21,6 @@ from seme.errors import SemeError
 from seme.methods import registry
 from seme.methods.inputs import Inputs
 
-BACKENDS = ("auto", "reference", "fused")
 # On an H100 (bench/RESULTS.md, and a second run of it the same day) Triton was faster on DARE
 # (1.2-1.4x); the CUDA kernels were as fast or faster on task arithmetic (1.0-1.5x, and no JIT
 # compilation on first use), 9-13x faster on the rank-selection methods, 4.4-6.5x on SCE and

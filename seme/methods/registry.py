@@ -69,7 +69,6 @@ class Method:
     max_inputs: int | None = None
     min_non_base: int = 0
     max_non_base: int | None = None
-    randomized: bool = False
     reference: str = ""
     # (a, b): the reference merge of tensors of n elements holds at most a + b * (inputs) fp32 tensors of
     # n elements at once, its result included (tests/test_memory.py measures it); --max-memory counts it

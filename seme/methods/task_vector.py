@@ -142,8 +142,7 @@ def _register_family(name, sparsification, consensus, normalize, rescale, peak_b
     if sparsification == "della_magprune":
         params.append(Param("epsilon", float, NON_BASE, default=0.15, minimum=0.0, maximum=0.5))
     register(Method(name, _family_merge(sparsification, consensus), tuple(params), base="required",
-                    randomized=sparsification in ("random", "della_magprune"), peak_buffers=peak_buffers,
-                    reference=reference))
+                    peak_buffers=peak_buffers, reference=reference))
 
 
 _register_family("task_arithmetic", None, False, False, False, (1.0, 2.0), "https://arxiv.org/abs/2212.04089")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -49,7 +49,6 @@ class SemanticPlan:
     token_maps: dict[int, list[int] | None]  # None: same vocabulary
     settings: dict
     head_names: dict[int, tuple[str, str | None]]  # model -> (LM head tensor, final norm gain)
-    tasks_derived: dict[str, tuple[Derived | None, ...]] = field(default_factory=dict)
 
     def prepare(self, plan, device: torch.device) -> "SemanticContext":
         return SemanticContext(self, plan, device)
