@@ -1,9 +1,9 @@
 """Fused kernels vs the plain-torch reference vs mergekit 0.1.5, side by side, on one device.
 
     python -m bench.kernels [--device cpu|cuda] [--size N] [--repeat R] [--baseline-repeat B]
-                            [--threads T] [--methods a,b] [--dtypes float32,bfloat16] [--no-record]
+                            [--threads T] [--methods a,b] [--dtypes float32,bfloat16,float16] [--no-record]
 
-Per method: three fine-tuned tensors of N elements (fp32, then bf16) against a base. Kernels: the
+Per method: three fine-tuned tensors of N elements (fp32, bf16, then fp16) against a base. Kernels: the
 C++/OpenMP one on CPU; on CUDA the Triton one and the CUDA C++ one (where it is built), each
 timed. Times are best-of-R for the kernels and the memory copy, best-of-B for the (much slower)
 reference and mergekit. GB/s counts one read of the K+1 inputs and one write of the output (the
@@ -84,7 +84,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=5, help="runs of the kernels and the copy (best is kept)")
     parser.add_argument("--baseline-repeat", type=int, default=1, help="runs of the reference and mergekit")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16")
     parser.add_argument("--threads", type=int, default=0, help="torch and CPU kernel threads (0: all cores)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave bench/RESULTS.md as it is")
     args = parser.parse_args(argv)
