@@ -129,6 +129,15 @@ def test_della_rows():
     for shape in [(40, 1), (5, 3, 9), (2, 300)]:
         for kind in ("normal", "ties"):
             assert_matches("della", make_inputs(shape, 2, kind), params)
+    # rows whose |δ| take one value, a narrow span of keys, and the whole range (subnormal to huge):
+    # the row sort takes no pass, one, and three
+    g = torch.Generator().manual_seed(0)
+    signs = torch.randint(0, 2, (4, 300), generator=g) * 2.0 - 1.0
+    magnitudes = torch.stack([torch.full((300,), 0.5), 1.0 + torch.rand(300, generator=g) * 1e-4,
+                              10.0 ** (torch.rand(300, generator=g) * 70 - 40), torch.rand(300, generator=g)])
+    base = torch.zeros(4, 300)  # so that δ keeps every magnitude exactly
+    fine = [signs * magnitudes, signs.flip(1) * magnitudes.flip(1)]
+    assert_matches("della", Inputs((base, *fine), 0), params)
 
 
 def test_exact_top_k_with_ties():

@@ -1055,23 +1055,30 @@ void keep_ranks(float* __restrict d, int64_t len, const Cut& lo, const Cut& hi, 
 // ------------------------------------------------------------ DELLA row ranks
 
 // s.rank[j] = ascending rank of |d[j]| within the row, ties by index: a stable LSD radix sort of
-// (key << 32 | index), whose initial order is by index.
+// (key << 32 | index), whose initial order is by index. Keys are taken relative to the row's
+// smallest, and the digits cover only the bits that vary, in as few passes of at most 11 bits as
+// they need: a row's |δ| spans a few exponents, so the digits are narrower than the key's (smaller
+// counts to clear and sum) and a row of few values takes fewer passes.
 void row_ranks(const float* d, int64_t len, Scratch& s) {
   uint64_t* a = s.sort_a.data();
   uint64_t* b = s.sort_b.data();
-  for (int64_t j = 0; j < len; ++j) a[j] = uint64_t(key_of(d[j])) << 32 | uint64_t(j);
+  uint32_t lo = 0xffffffffu, hi = 0;
+  for (int64_t j = 0; j < len; ++j) lo = std::min(lo, key_of(d[j])), hi = std::max(hi, key_of(d[j]));
+  for (int64_t j = 0; j < len; ++j) a[j] = uint64_t(key_of(d[j]) - lo) << 32 | uint64_t(j);
   if (len <= 64) {
     std::sort(a, a + len);  // the pairs are distinct, so this is the same order
-  } else {
-    constexpr int kShift[3] = {32, 43, 54};  // 11-bit digits of the 31-bit key
-    uint32_t count[3][2048] = {};
+  } else if (hi > lo) {
+    const int bits = 32 - __builtin_clz(hi - lo), passes = (bits + 10) / 11, width = (bits + passes - 1) / passes;
+    const uint32_t mask = (1u << width) - 1;
+    uint32_t count[3][2048];
+    for (int p = 0; p < passes; ++p) std::memset(count[p], 0, sizeof(uint32_t) << width);
     for (int64_t j = 0; j < len; ++j)
-      for (int p = 0; p < 3; ++p) ++count[p][(a[j] >> kShift[p]) & 2047];
-    for (int p = 0; p < 3; ++p) {
+      for (int p = 0; p < passes; ++p) ++count[p][(a[j] >> (32 + p * width)) & mask];
+    for (int p = 0; p < passes; ++p) {
       uint32_t* c = count[p];
-      if (c[(a[0] >> kShift[p]) & 2047] == uint32_t(len)) continue;  // one digit value: order unchanged
-      for (uint32_t i = 0, sum = 0; i < 2048; ++i) std::swap(c[i], sum), sum += c[i];
-      for (int64_t j = 0; j < len; ++j) b[c[(a[j] >> kShift[p]) & 2047]++] = a[j];
+      const int shift = 32 + p * width;
+      for (uint32_t i = 0, sum = 0; i <= mask; ++i) std::swap(c[i], sum), sum += c[i];
+      for (int64_t j = 0; j < len; ++j) b[c[(a[j] >> shift) & mask]++] = a[j];
       std::swap(a, b);
     }
   }
