@@ -1058,32 +1058,41 @@ void keep_ranks(float* __restrict d, int64_t len, const Cut& lo, const Cut& hi, 
 // (key << 32 | index), whose initial order is by index. Keys are taken relative to the row's
 // smallest, and the digits cover only the bits that vary, in as few passes of at most 11 bits as
 // they need: a row's |δ| spans a few exponents, so the digits are narrower than the key's (smaller
-// counts to clear and sum) and a row of few values takes fewer passes.
+// counts to clear and sum) and a row of few values takes fewer passes. The last pass writes the
+// ranks instead of the sorted pairs.
 void row_ranks(const float* d, int64_t len, Scratch& s) {
   uint64_t* a = s.sort_a.data();
   uint64_t* b = s.sort_b.data();
+  float* rank = s.rank.data();
   uint32_t lo = 0xffffffffu, hi = 0;
   for (int64_t j = 0; j < len; ++j) lo = std::min(lo, key_of(d[j])), hi = std::max(hi, key_of(d[j]));
+  if (hi == lo) {  // one value: ranked by index
+    for (int64_t j = 0; j < len; ++j) rank[j] = float(j);
+    return;
+  }
   for (int64_t j = 0; j < len; ++j) a[j] = uint64_t(key_of(d[j]) - lo) << 32 | uint64_t(j);
   if (len <= 64) {
     std::sort(a, a + len);  // the pairs are distinct, so this is the same order
-  } else if (hi > lo) {
-    const int bits = 32 - __builtin_clz(hi - lo), passes = (bits + 10) / 11, width = (bits + passes - 1) / passes;
-    const uint32_t mask = (1u << width) - 1;
-    uint32_t count[3][2048];
-    for (int p = 0; p < passes; ++p) std::memset(count[p], 0, sizeof(uint32_t) << width);
-    for (int64_t j = 0; j < len; ++j)
-      for (int p = 0; p < passes; ++p) ++count[p][(a[j] >> (32 + p * width)) & mask];
-    for (int p = 0; p < passes; ++p) {
-      uint32_t* c = count[p];
-      const int shift = 32 + p * width;
-      for (uint32_t i = 0, sum = 0; i <= mask; ++i) std::swap(c[i], sum), sum += c[i];
-      for (int64_t j = 0; j < len; ++j) b[c[(a[j] >> shift) & mask]++] = a[j];
-      std::swap(a, b);
-    }
+    for (int64_t pos = 0; pos < len; ++pos) rank[uint32_t(a[pos])] = float(pos);
+    return;
   }
-  float* rank = s.rank.data();
-  for (int64_t pos = 0; pos < len; ++pos) rank[uint32_t(a[pos])] = float(pos);
+  const int bits = 32 - __builtin_clz(hi - lo), passes = (bits + 10) / 11, width = (bits + passes - 1) / passes;
+  const uint32_t mask = (1u << width) - 1;
+  uint32_t count[3][2048];
+  for (int p = 0; p < passes; ++p) std::memset(count[p], 0, sizeof(uint32_t) << width);
+  for (int64_t j = 0; j < len; ++j)
+    for (int p = 0; p < passes; ++p) ++count[p][(a[j] >> (32 + p * width)) & mask];
+  for (int p = 0; p < passes; ++p) {
+    uint32_t* c = count[p];
+    const int shift = 32 + p * width;
+    for (uint32_t i = 0, sum = 0; i <= mask; ++i) std::swap(c[i], sum), sum += c[i];
+    if (p + 1 == passes) {
+      for (int64_t j = 0; j < len; ++j) rank[uint32_t(a[j])] = float(c[(a[j] >> shift) & mask]++);
+      return;
+    }
+    for (int64_t j = 0; j < len; ++j) b[c[(a[j] >> shift) & mask]++] = a[j];
+    std::swap(a, b);
+  }
 }
 
 // Elements collected per chunk as key << 32 | index, each list in index order, with their K deltas.
