@@ -143,7 +143,7 @@ def device_bytes(plan, task, fused: bool) -> int:
     numel = math.prod(task.shape)
     codes = [plan.models[m].tensors[n].dtype for m, n in task.inputs]
     compute = TORCH_NAMES[task.compute_dtype] if task.compute_dtype else None
-    kernel = fused and "F64" not in (compute, *codes) and numel < fused_merge.MAX_ELEMENTS
+    kernel = kernel_merges(plan, task, fused)
     held = sum(plan.models[m].tensors[n].nbytes for m, n in task.inputs) + numel * DTYPE_SIZES[task.dtype]
     held += remapped_bytes(plan, task)
     if compute is not None and not (kernel and compute == "F32"):  # the kernels widen as they load
@@ -168,17 +168,25 @@ def remapped_bytes(plan, task) -> int:
     return len(task.inputs) * math.prod(task.shape) * width
 
 
+def _in_float64(plan, task) -> bool:
+    return task.compute_dtype == "float64" or any(plan.models[m].tensors[n].dtype == "F64" for m, n in task.inputs)
+
+
+def kernel_merges(plan, task, fused: bool) -> bool:
+    """Whether a fused kernel merges `task`, where one serves its method (`fused`): not a tensor beyond
+    the kernels' index range, nor a merge in float64 (those take the plain-torch reference)."""
+    return fused and not _in_float64(plan, task) and math.prod(task.shape) < fused_merge.MAX_ELEMENTS
+
+
 def reference_bytes(plan, task, fused: bool) -> int:
     """The temporaries of a plain-torch merge of `task` (`Method.peak_buffers`, in float64 where the
-    merge is), where one runs: no fused kernel serves the method (not `fused`), the tensor is beyond
-    the kernels' index range, or the merge is in float64; else 0."""
+    merge is), where one runs (not `kernel_merges`); else 0."""
     from seme.methods import registry
 
-    numel = math.prod(task.shape)
-    wide = task.compute_dtype == "float64" or any(plan.models[m].tensors[n].dtype == "F64" for m, n in task.inputs)
-    if fused and not wide and numel < fused_merge.MAX_ELEMENTS:
+    if kernel_merges(plan, task, fused):
         return 0
-    return registry.get(plan.recipe.merge_method).working_bytes(len(task.inputs), numel, 8 if wide else 4)
+    return registry.get(plan.recipe.merge_method).working_bytes(len(task.inputs), math.prod(task.shape),
+                                                                8 if _in_float64(plan, task) else 4)
 
 
 def device_memory(device) -> tuple[int, int] | None:
