@@ -27,7 +27,6 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
-#include <type_traits>
 #include <utility>
 
 // This file is compiled three times: as is, for the baseline ISA, and (GCC on x86) from
@@ -384,17 +383,6 @@ struct Ctx {
         const T* __restrict x = static_cast<const T*>(t.others[k]) + off;
         prefetch_next(x, len);
         float* __restrict d = delta(s, k);
-        if constexpr (std::is_same_v<T, f16>) {  // widened first, so that fp16 takes widen's vector path
-          widen(x, d, len);
-          if (!note) {
-            for (int64_t j = 0; j < len; ++j) d[j] = d[j] - bf[j];
-            continue;
-          }
-          uint32_t m = s.input_exponents;
-          for (int64_t j = 0; j < len; ++j) d[j] = d[j] - bf[j], m = std::max(m, f2u(d[j]) & 0x7f800000u);
-          s.input_exponents = m;
-          continue;
-        }
         if (!note) {
           for (int64_t j = 0; j < len; ++j) d[j] = to_f32(x[j]) - bf[j];
           continue;
