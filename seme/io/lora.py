@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING
 
 from seme.errors import SemeError
 from seme.io.safetensors_file import MappedFile, TensorInfo, read_header
+from seme.io.torch_file import read_torch_index
 
 if TYPE_CHECKING:  # torch is imported inside the functions: planning never loads it
     import torch
 
-CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's, newest first
 _PREFIX = "base_model.model."
 _PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "embedding A", "lora_embedding_B": "B",
           "lora_B.bias": "bias", "lora_magnitude_vector": "magnitude", "lora_magnitude_vector.weight": "magnitude",
@@ -56,7 +58,8 @@ class LoraAdapter:
     def __init__(self, path: str, tensors: dict[str, TensorInfo]):
         """The adapter in folder `path`, checked against its model's `tensors`."""
         self.path = path
-        self.files = [os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)]
+        weights = next((w for w in WEIGHTS if os.path.isfile(os.path.join(path, w))), WEIGHTS[0])
+        self.files = [os.path.join(path, CONFIG), os.path.join(path, weights)]
         try:
             with open(self.files[0], encoding="utf-8") as f:
                 config = json.load(f)
@@ -67,8 +70,8 @@ class LoraAdapter:
         if config.get("peft_type", "LORA") != "LORA":
             raise SemeError(f"{path}: a {config.get('peft_type')} adapter; seme applies LoRA adapters only")
         if not os.path.isfile(self.files[1]):
-            raise SemeError(f"{path}: no {WEIGHTS} (seme reads safetensors only)")
-        infos, _ = read_header(self.files[1])
+            raise SemeError(f"{path}: no {' or '.join(WEIGHTS)}")
+        infos = read_torch_index(self.files[1]) if weights.endswith(".bin") else read_header(self.files[1])[0]
         parts: dict[str, dict[str, TensorInfo]] = {}
         updates: dict[str, _Update] = {}
         for key, info in infos.items():

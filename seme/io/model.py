@@ -7,6 +7,7 @@ import os
 
 from seme.errors import SemeError
 from seme.io.safetensors_file import MappedFile, TensorInfo, read_header
+from seme.io.torch_file import read_torch_index
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja")
@@ -47,33 +48,39 @@ class ModelFolder:
 
             self.adapter = LoraAdapter(adapter, self.tensors)
 
+    def _weight_files(self) -> tuple[dict | None, list[str]]:
+        """(the index's weight map or None, the weight files), in mergekit's order: safetensors
+        first, then PyTorch's pytorch_model.bin, each sharded (with an index) or whole."""
+        for weights in ("model.safetensors", "pytorch_model.bin"):
+            index_path = os.path.join(self.path, weights + ".index.json")
+            if os.path.isfile(index_path):
+                try:
+                    with open(index_path, encoding="utf-8") as f:
+                        weight_map = json.load(f)["weight_map"]
+                    files = sorted(set(weight_map.values()))
+                except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                    raise SemeError(f"{index_path}: malformed index ({e})") from None
+                if not all(isinstance(file, str) for file in files):
+                    raise SemeError(f"{index_path}: malformed index (a file name that is not a string)")
+                return weight_map, files
+            if os.path.isfile(os.path.join(self.path, weights)):
+                return None, [weights]
+            if weights == "model.safetensors":
+                files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(self.path, "*.safetensors")))
+                if files:
+                    return None, files
+        others = sorted(glob.glob(os.path.join(self.path, "*.bin")) + glob.glob(os.path.join(self.path, "*.pt")))
+        found = f" (only {os.path.basename(others[0])}, which is not pytorch_model.bin)" if others else ""
+        raise SemeError(f"{self.path}: no safetensors or pytorch_model.bin weights found{found}")
+
     def _index(self) -> dict[str, TensorInfo]:
-        index_path = os.path.join(self.path, "model.safetensors.index.json")
-        single = os.path.join(self.path, "model.safetensors")
-        if os.path.isfile(index_path):
-            try:
-                with open(index_path, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-                raise SemeError(f"{index_path}: malformed index ({e})") from None
-            files = sorted(set(weight_map.values()))
-        elif os.path.isfile(single):
-            weight_map, files = None, ["model.safetensors"]
-        else:
-            files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(self.path, "*.safetensors")))
-            weight_map = None
-            if not files:
-                pickles = glob.glob(os.path.join(self.path, "*.bin")) + glob.glob(os.path.join(self.path, "*.pt"))
-                if pickles:
-                    raise SemeError(f"{self.path}: only PyTorch pickle weights ({os.path.basename(pickles[0])}); "
-                                    f"seme reads safetensors only, since pickles can run code: convert the model first")
-                raise SemeError(f"{self.path}: no safetensors weights found")
+        weight_map, files = self._weight_files()
         tensors: dict[str, TensorInfo] = {}
         for file in files:
             path = os.path.join(self.path, file)
             if os.path.dirname(os.path.normpath(file)) or not os.path.isfile(path):
                 raise SemeError(f"{self.path}: weight file '{file}' is missing or outside the model folder")
-            infos, _ = read_header(path)
+            infos = read_torch_index(path) if file.endswith(".bin") else read_header(path)[0]
             for name, info in infos.items():
                 if name in tensors:
                     raise SemeError(f"{self.path}: tensor '{name}' appears in two files")
