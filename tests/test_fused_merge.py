@@ -140,6 +140,28 @@ def test_della_rows():
     assert_matches("della", Inputs((base, *fine), 0), params)
 
 
+@pytest.mark.parametrize("kind", ["spread", "narrow", "quantized", "clustered"])
+def test_della_long_rows(kind):
+    """Rows of 4096, where the kernel decides most draws from a key bucket's rank bracket: spread |δ|
+    (the undecided ones' buckets sorted), a span of fewer keys than buckets (counted), and many equal
+    |δ| (crowded: the row sorted whole), for ε up to the widest."""
+    g = torch.Generator().manual_seed(5)
+    rows, cols = 6, 4096
+    if kind == "spread":
+        magnitudes = torch.randn(rows, cols, generator=g).abs() * 0.01
+    elif kind == "narrow":
+        magnitudes = 1.0 + torch.randint(0, 1500, (rows, cols), generator=g) * 2.0 ** -23
+    elif kind == "quantized":  # as bf16 fine-tunes' deltas: few multiples of a few ulps, many zeros
+        magnitudes = torch.randint(0, 4, (rows, cols), generator=g) * 2.0 ** torch.randint(-12, -6, (rows, cols), generator=g)
+    else:
+        magnitudes = (torch.randn(300, generator=g).abs() * 0.01)[torch.randint(0, 300, (rows, cols), generator=g)]
+    signs = torch.randint(0, 2, (rows, cols), generator=g) * 2.0 - 1.0
+    fine = [signs * magnitudes, signs.flip(1) * magnitudes.flip(1)]
+    for epsilon in (0.05, 0.2, 0.5):
+        params = bound("della", dict(weight=1.0, density=0.5, epsilon=epsilon), 2)
+        assert_matches("della", Inputs((torch.zeros(rows, cols), *fine), 0), params)
+
+
 def test_exact_top_k_with_ties():
     """One model, weight 1: the output is the kept δ itself, k of them, the later of equal |δ|."""
     inputs = make_inputs((5000,), 1, "ties", seed=3)
