@@ -18,15 +18,11 @@ import zipfile
 from dataclasses import dataclass
 
 from seme.errors import SemeError
-from seme.io.safetensors_file import DTYPE_SIZES, TensorInfo
+from seme.io.safetensors_file import DTYPE_SIZES, TORCH_NAMES, TensorInfo
 
 _STORAGE_DTYPES = {"DoubleStorage": "F64", "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
                    "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
                    "ByteStorage": "U8", "BoolStorage": "BOOL"}
-# torch.save names a dtype itself (`_rebuild_tensor_v3`) for dtypes without a typed storage class.
-_TORCH_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-                 "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-                 "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
 _MAX_PICKLE = 256 * 1024 * 1024
 
 
@@ -83,7 +79,8 @@ _NAMES = {
     ("torch.storage", "UntypedStorage"): _StorageType(None),
     ("torch", "UntypedStorage"): _StorageType(None),
     **{("torch", name): _StorageType(code) for name, code in _STORAGE_DTYPES.items()},
-    **{("torch", name): _StorageType(code) for name, code in _TORCH_DTYPES.items()},
+    # torch.save names a dtype itself (`_rebuild_tensor_v3`) for dtypes without a typed storage class.
+    **{("torch", name): _StorageType(code) for name, code in TORCH_NAMES.items()},
 }
 
 
