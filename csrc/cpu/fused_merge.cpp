@@ -1048,10 +1048,10 @@ void keep_ranks(float* __restrict d, int64_t len, const Cut& lo, const Cut& hi, 
 
 // s.rank[j] = ascending rank of |d[j]| within the row, whose keys lie in [lo, hi] (lo < hi), ties
 // by index: a stable LSD radix sort of (key << 32 | index), whose initial order is by index. Keys
-// are taken relative to the row's smallest, and the digits cover only the bits that vary, in as few passes of at most 11 bits as
-// they need: a row's |δ| spans a few exponents, so the digits are narrower than the key's (smaller
-// counts to clear and sum) and a row of few values takes fewer passes. The last pass writes the
-// ranks instead of the sorted pairs.
+// are taken relative to the row's smallest, and the digits cover only the bits that vary, in as
+// few passes of at most 11 bits as they need: a row's |δ| spans a few exponents, so the digits are
+// narrower than the key's (smaller counts to clear and sum) and a row of few values takes fewer
+// passes. The last pass writes the ranks instead of the sorted pairs.
 void row_ranks(const float* d, int64_t len, uint32_t lo, uint32_t hi, Scratch& s) {
   uint64_t* a = s.sort_a.data();
   uint64_t* b = s.sort_b.data();

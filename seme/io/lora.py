@@ -20,8 +20,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from seme.errors import SemeError
-from seme.io.safetensors_file import MappedFile, TensorInfo, read_header
-from seme.io.torch_file import read_torch_index
+from seme.io.model import read_weights_index
+from seme.io.safetensors_file import MappedFile, TensorInfo
 
 if TYPE_CHECKING:  # torch is imported inside the functions: planning never loads it
     import torch
@@ -71,7 +71,7 @@ class LoraAdapter:
             raise SemeError(f"{path}: a {config.get('peft_type')} adapter; seme applies LoRA adapters only")
         if not os.path.isfile(self.files[1]):
             raise SemeError(f"{path}: no {' or '.join(WEIGHTS)}")
-        infos = read_torch_index(self.files[1]) if weights.endswith(".bin") else read_header(self.files[1])[0]
+        infos = read_weights_index(self.files[1])
         parts: dict[str, dict[str, TensorInfo]] = {}
         updates: dict[str, _Update] = {}
         for key, info in infos.items():

@@ -13,6 +13,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja")
 
 
+def read_weights_index(path: str) -> dict[str, TensorInfo]:
+    """The tensors of one weights file, as byte ranges of it: a PyTorch checkpoint (`.bin`) or safetensors."""
+    return read_torch_index(path) if path.endswith(".bin") else read_header(path)[0]
+
+
 class ModelFolder:
     @classmethod
     def open(cls, ref: str) -> "ModelFolder":
@@ -80,7 +85,7 @@ class ModelFolder:
             path = os.path.join(self.path, file)
             if os.path.dirname(os.path.normpath(file)) or not os.path.isfile(path):
                 raise SemeError(f"{self.path}: weight file '{file}' is missing or outside the model folder")
-            infos = read_torch_index(path) if file.endswith(".bin") else read_header(path)[0]
+            infos = read_weights_index(path)
             for name, info in infos.items():
                 if name in tensors:
                     raise SemeError(f"{self.path}: tensor '{name}' appears in two files")
