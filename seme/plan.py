@@ -126,7 +126,7 @@ def make_plan(recipe: Recipe) -> Plan:
     pre = [n for n in ref_names if _role(arch, n) in ("embedding", "position_embedding")]
     post = [n for n in ref_names if _layer(arch, n) is None and n not in pre]
     head = next((name for name, spec in arch.tensors.items() if spec.role == "lm_head"), None)
-    if not tied and head and head not in ref_names:
+    if not tied and head and not any(_role(arch, n) == "lm_head" for n in ref_names):
         post.append(head)  # an untied output needs a head even if the reference stored none
 
     for name in pre:
@@ -466,7 +466,7 @@ class _Builder:
         inputs = tuple((self.index[s.model], self._find(self.index[s.model], names_in[s.model])) for s in sources)
         infos = [self.models[m].tensors[n] for m, n in inputs]
         remapped = (self.remap is not None and modules.part_of(out_name) == modules.TEXT  # not a vision embedding
-                    and _role(self.archs[inputs[0][0]], inputs[0][1]) in ("embedding", "lm_head"))
+                    and _role(self.archs[inputs[0][0]], inputs[0][1]) in architectures.VOCAB_ROLES)
         shapes = {info.shape[1:] if remapped else info.shape for info in infos}
         if remapped:
             for (m, name), info in zip(inputs, infos):
@@ -476,7 +476,7 @@ class _Builder:
         if len(shapes) > 1:
             detail = ", ".join(f"{list(info.shape)} in {self.models[m].name}" for (m, _), info in zip(inputs, infos))
             hint = ""
-            if any(_role(self.archs[m], n) in ("embedding", "lm_head") for m, n in inputs):
+            if any(_role(self.archs[m], n) in architectures.VOCAB_ROLES for m, n in inputs):
                 hint = " (the vocabularies differ: align them with a common tokenizer first)"
             raise SemeError(f"tensor '{out_name}' has different shapes: {detail}{hint}")
         lead = infos[0]

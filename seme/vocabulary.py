@@ -67,6 +67,8 @@ class Remap:
         Besides the outputs (the merge's inputs) only the rows that take a default are held."""
         import torch
 
+        if tensors[0].dim() == 1:  # a head's bias: a value per token, handled as rows of one
+            return [t.squeeze(1) for t in self.apply(models, [t.unsqueeze(1) for t in tensors])]
         dtype = tensors[0].dtype
         for t in tensors[1:]:
             dtype = torch.promote_types(dtype, t.dtype)

@@ -9,6 +9,20 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# family -> (config class, model class, config beyond the common one): the variants mergekit reads
+FAMILY_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+    "falcon": ("FalconConfig", "FalconForCausalLM", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {"use_qkv_bias": True}),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"use_qk_norm": True}),
+}
+
+
 def build_model(path, family: str = "llama", *, seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = 96,
                 tied: bool = False, base_state: dict | None = None, delta: float = 0.05,
                 dtype: torch.dtype = torch.float32) -> dict:
@@ -20,9 +34,8 @@ def build_model(path, family: str = "llama", *, seed: int = 0, layers: int = 2, 
     common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=tied,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
-                             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[family]
-    config = getattr(transformers, config_cls)(**common)
+    config_cls, model_cls, extra = FAMILY_CLASSES[family]
+    config = getattr(transformers, config_cls)(**common, **extra)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
     with torch.no_grad():

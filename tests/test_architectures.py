@@ -35,6 +35,18 @@ FAMILIES = {
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(DECODER, num_experts=4, num_experts_per_tok=2,
                                                                  moe_intermediate_size=16,
                                                                  shared_expert_intermediate_size=24)),
+    # LayerNorm families (rotation does not commute with their norms)
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", DECODER),
+    "falcon": ("FalconConfig", "FalconForCausalLM", DECODER),
+    "phi": ("PhiConfig", "PhiForCausalLM", DECODER),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", DECODER),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", DECODER),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "cohere:cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(DECODER, pad_token_id=0, bos_token_id=1,
+                                                                   eos_token_id=2)),
+    # normalised after each sublayer: the projections read the raw residual stream
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(DECODER, pad_token_id=0)),
+    "olmo2:olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(DECODER, pad_token_id=0)),
 }
 MOE = {"mixtral", "qwen3_moe", "qwen2_moe"}
 CASES = [(f, {}) for f in FAMILIES] + [
@@ -43,9 +55,22 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"attention_bias": True, "mlp_bias": True}),
     ("qwen2", {"tie_word_embeddings": True}),
     ("gemma", {"tie_word_embeddings": False}),
+    ("gpt_neox", {"use_parallel_residual": False}),
+    ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),  # falcon-40b / 180b: ln_attn, ln_mlp
+    ("falcon", {"new_decoder_architecture": True, "num_ln_in_parallel_attn": 1}),  # falcon2-11b
+    ("falcon", {"parallel_attn": False, "bias": True}),  # falcon-rw
+    ("phi", {"qk_layernorm": True}),
+    ("stablelm", {"use_parallel_residual": True, "use_qkv_bias": True, "qk_layernorm": True}),
+    ("starcoder2", {"use_bias": False}),
+    ("cohere", {"use_qk_norm": True, "attention_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias"}
+
+
+def family_of(key: str) -> str:
+    """The role table a FAMILIES key tests ("table:model type" where one table serves several)."""
+    return key.split(":")[0]
 
 
 def build(family, extra):
@@ -84,9 +109,10 @@ def test_checkpoint_roles(saved, case):
     family, extra = case
     model, config, shapes = saved(family, extra)
     arch = for_config(config)
-    assert arch.name == family and not arch.inferred
+    assert arch.name == family_of(family) and not arch.inferred
     hidden, vocab = arch.hidden_size(config), config["vocab_size"]
     assert hidden == 32 and arch.num_layers(config) == 2
+    post_norm = not any(s.role == "norm" for s in arch.tensors.values())  # olmo2: reads take the raw stream
 
     for name, shape in shapes.items():
         r = arch.role(name)
@@ -97,11 +123,13 @@ def test_checkpoint_roles(saved, case):
         in_dim, out_dim = (1, 0) if r.layout == "out_in" else (0, 1)
         if r.role == "read":
             assert shape[in_dim] == hidden, name
-            assert r.norm in shapes and arch.role(r.norm).role == "norm", name
+            assert r.norm is None if post_norm else (r.norm in shapes and arch.role(r.norm).role == "norm"), name
         elif r.role == "write":
             assert shape[out_dim] == hidden, name
         elif r.role in ("embedding", "lm_head"):
             assert shape == (vocab, hidden), name
+        elif r.role == "lm_head_bias":
+            assert shape == (vocab,), name
         elif r.role == "position_embedding":
             assert shape[1] == hidden, name
         elif r.role in VECTOR_ROLES:
@@ -109,7 +137,7 @@ def test_checkpoint_roles(saved, case):
 
     # Completeness: every required template exists at every layer (lm_head only when untied).
     tied = arch.tied(config)
-    assert tied == ("lm_head.weight" not in shapes)
+    assert tied == (not any(arch.role(n).role == "lm_head" for n in shapes))
     assert tied == model.config.tie_word_embeddings
     experts = range(config.get("num_local_experts", config.get("num_experts", 0)))
     for template, spec in arch.tensors.items():
@@ -128,14 +156,17 @@ def test_checkpoint_roles(saved, case):
     assert family in MOE or all(arch.role(k) is not None for k in model.state_dict())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_norm_feeds_read(saved, family):
-    """Run the model: each read projection's input is exactly its norm's output, and each
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_norm_feeds_read(saved, case):
+    """Run the model: each read projection's input is exactly its norm's output (or, without a norm,
+    the residual stream: the layer's input plus what its earlier sublayers added), and each
     write_norm normalises the output of a write projection of its layer."""
-    model, config, shapes = saved(family, {})
+    model, config, shapes = saved(*case)
     arch = for_config(config)
     module = lambda tensor_name: tensor_name.rsplit(".", 1)[0]
     modules = dict(model.named_modules())
+    layer_module = lambda r: model.base_model_prefix + "." + r.template[len(arch.base_prefix):r.template.index(
+        ".", r.template.index("{layer}"))].replace("{layer}", str(r.layer))
     inputs, outputs = {}, {}
 
     def hook(name):
@@ -143,7 +174,9 @@ def test_norm_feeds_read(saved, family):
             inputs[name], outputs[name] = args[0], output
         return record
 
-    handles = [modules[m].register_forward_hook(hook(m)) for m in {module(n) for n in shapes} if m in modules]
+    layers = {layer_module(arch.role(n)) for n in shapes if arch.role(n).layer is not None}
+    watched = [m for m in {module(n) for n in shapes} | layers if m in modules]
+    handles = [modules[m].register_forward_hook(hook(m)) for m in watched]
     with torch.no_grad():
         model(torch.arange(8).unsqueeze(0))
     for h in handles:
@@ -151,7 +184,13 @@ def test_norm_feeds_read(saved, family):
 
     for name in (n for n in shapes if module(n) in modules):  # experts are fused in memory: no module each
         r = arch.role(name)
-        if r.role == "read":
+        if r.role == "read" and r.norm is None:
+            stream = inputs[layer_module(r)]
+            added = [outputs[module(n)] for n in shapes
+                     if arch.role(n).role == "write_norm" and arch.role(n).layer == r.layer]
+            candidates = [stream] + [stream + a for a in added]
+            assert any(torch.allclose(inputs[module(name)], c) for c in candidates), name
+        elif r.role == "read":
             x, y = inputs[module(name)], outputs[module(r.norm)]  # the same tensor, or a view of it (a router's)
             assert x is y or (x.data_ptr() == y.data_ptr() and x.numel() == y.numel()), name
         elif r.role == "write_norm":
@@ -160,8 +199,9 @@ def test_norm_feeds_read(saved, family):
             assert any(inputs[module(name)] is outputs[w] for w in writes), name
 
 
-ROTATABLE = [f for f in FAMILIES if not {s.role for s in for_config({"architectures": [FAMILIES[f][1]]}).tensors.values()}
-             & {"write_norm", "norm_bias", "final_norm_bias", "position_embedding", "buffer"}]
+ROTATABLE = [f for f in FAMILIES if for_config({"architectures": [FAMILIES[f][1]]}).norm_type == "rms_norm"
+             and not {s.role for s in for_config({"architectures": [FAMILIES[f][1]]}).tensors.values()}
+             & {"write_norm", "position_embedding", "buffer"}]
 
 
 @pytest.mark.parametrize("family", ROTATABLE)
@@ -186,7 +226,54 @@ def test_a_rotation_by_the_role_table_keeps_the_function(family, tmp_path):
 
 
 def test_known_architectures():
-    assert set(known_architectures()) == set(FAMILIES)
+    assert set(known_architectures()) == {family_of(f) for f in FAMILIES}
+
+
+def test_a_layer_norm_family_is_not_rotation_invariant(tmp_path):
+    """Why norm_type matters: cohere's LayerNorms have no bias, so no role says they subtract the
+    mean, and the turn by its role table changes the function."""
+    model = build("cohere", {"tie_word_embeddings": False})
+    model.save_pretrained(tmp_path / "original")
+    config = json.loads((tmp_path / "original" / "config.json").read_text())
+    arch = for_config(config)
+    assert arch.norm_type == "layer_norm"
+    state = {k: v.double() for k, v in safetensors_torch.load_file(tmp_path / "original" / "model.safetensors").items()}
+    Q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    rotated = build("cohere", {"tie_word_embeddings": False})
+    rotated.load_state_dict({k: v.float() for k, v in rotate(state, arch, Q).items()})
+    ids = torch.arange(3, 11).unsqueeze(0)
+    with torch.no_grad():
+        expected, got = model(ids).logits, rotated(ids).logits
+    assert float((got - expected).norm() / expected.norm()) > 1e-2
+
+
+def test_variants_follow_the_config():
+    falcon = {"architectures": ["FalconForCausalLM"]}
+    qkv = "transformer.h.0.self_attention.query_key_value.weight"
+    mlp = "transformer.h.0.mlp.dense_h_to_4h.weight"
+    assert for_config(falcon).variant == "" and for_config(falcon).role(mlp).norm == "transformer.h.0.input_layernorm.weight"
+    new = for_config(dict(falcon, new_decoder_architecture=True))
+    assert (new.role(qkv).norm, new.role(mlp).norm) == ("transformer.h.0.ln_attn.weight", "transformer.h.0.ln_mlp.weight")
+    assert new.role("transformer.h.0.input_layernorm.weight") is None and new.variant == "new_decoder_architecture=true"
+    assert new is for_config(dict(falcon, new_decoder_architecture=True))  # one object per variant
+    one_norm = for_config(dict(falcon, new_decoder_architecture=True, num_ln_in_parallel_attn=1))
+    assert one_norm.role(mlp).norm == "transformer.h.0.input_layernorm.weight"
+    rw = for_config(dict(falcon, parallel_attn=False))
+    assert rw.role(mlp).norm == "transformer.h.0.post_attention_layernorm.weight"
+    assert rw.role(qkv).norm == "transformer.h.0.input_layernorm.weight"
+
+
+def test_a_table_is_checked_when_loaded():
+    table = {"name": "t", "architectures": [], "model_types": [], "num_layers_key": "n", "hidden_size_key": "d",
+             "tie_key": "tie", "tied_default": False, "norm_gain_offset": 0.0,
+             "tensors": {"a.norm.bias": {"role": "norm_bias"}}}
+    with pytest.raises(ValueError, match="is a norm bias but norm_type is rms_norm"):
+        archs._parse(table)
+    with pytest.raises(ValueError, match="bad norm_type"):
+        archs._parse(dict(table, norm_type="batch_norm"))
+    with pytest.raises(ValueError, match="refers to unknown tensor"):
+        archs._parse(dict(table, norm_type="layer_norm", variants=[{"when": {"x": 1}, "tensors": {
+            "a.norm.bias": None, "a.proj.weight": {"role": "read", "norm": "a.norm.bias"}}}]))
 
 
 def test_match_order():
@@ -245,6 +332,8 @@ def test_inferred_fallback(saved):
     assert arch.role("transformer.h.2.ln_1.bias").role == "norm_bias"
     assert arch.role("transformer.wpe.weight").role == "position_embedding"
     assert arch.role("transformer.ln_f.weight").role == "final_norm"
+    assert arch.role("embed_out.weight").role == "lm_head"  # gpt_neox's head is no embedding
+    assert arch.role("lm_head.bias").role == "lm_head_bias"
 
 
 def test_loader_imports_only_stdlib():

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import seme
-from conftest import load_folder
+from conftest import build_family, load_folder
 from mergekit_reference import bernoulli_from, mergekit_merge
 
 DETERMINISTIC = {
@@ -90,6 +90,42 @@ def test_whole_merge_matches_mergekit(method, family, request, tmp_path):
         torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
         changed += name in base and not torch.equal(expected, base[name])
     assert changed > 0, "the merge changed nothing: the comparison would be vacuous"
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "falcon", "phi", "stablelm", "starcoder2", "olmo2", "cohere"])
+def test_other_families_merge_as_mergekit_does(family, tmp_path):
+    # each role table's family (a head bias, gpt_neox's embed_out, falcon's fused qkv and biased norms)
+    # merged with per-layer gradients and a filter, as mergekit merges it
+    models = build_family(str(tmp_path / "models"), family, n_experts=2)
+    if family == "gpt_neox":  # mergekit requires the buffers older checkpoints (Pythia's) carry
+        for path in models.values():
+            with_pythia_buffers(path)
+    recipe = {"merge_method": "ties", "dtype": "float32", "base_model": models["base"],
+              "models": [{"model": models[f"expert{i}"], "parameters": {
+                  "weight": [{"filter": "mlp", "value": 0.4 + 0.3 * i}, {"value": 1.0}], "density": [0.3, 0.8]}}
+                  for i in range(2)]}
+    run_mergekit(recipe, str(tmp_path / "mergekit"))
+    seme.merge(yaml.safe_dump(recipe), str(tmp_path / "seme"), progress=False)
+    theirs, ours = load_folder(tmp_path / "mergekit"), load_folder(tmp_path / "seme")
+    assert sorted(ours) == sorted(theirs) == sorted(load_folder(models["base"]))
+    for name, expected in theirs.items():
+        if ours[name].dtype == torch.bool:  # a causal mask: seme copies it, mergekit casts it to dtype
+            expected = expected.bool()
+        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def with_pythia_buffers(path: str) -> None:
+    """Add the causal mask, masked_bias and rotary inv_freq buffers Pythia's checkpoints store."""
+    from safetensors.torch import load_file, save_file
+
+    weights = f"{path}/model.safetensors"
+    state = load_file(weights)
+    for layer in {int(n.split(".")[2]) for n in state if n.startswith("gpt_neox.layers.")}:
+        prefix = f"gpt_neox.layers.{layer}.attention."
+        state[prefix + "bias"] = torch.tril(torch.ones(16, 16, dtype=torch.bool)).view(1, 1, 16, 16)
+        state[prefix + "masked_bias"] = torch.tensor(-1e9)
+        state[prefix + "rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, 2, 2).float() / 2)
+    save_file(state, weights, metadata={"format": "pt"})
 
 
 MODULES = {  # a language model's one module, as mergekit names it, with parameters at every level

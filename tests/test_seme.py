@@ -306,6 +306,38 @@ def test_models_without_a_role_table_are_not_rotated(trained, tmp_path, capsys):
     assert not report["sources"][0]["applied"]
 
 
+def test_layer_norm_families_merge_unrotated(tmp_path, capsys):
+    # phi: LayerNorms (a rotation of the residual stream does not commute with them) and a head bias
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from conftest import build_family
+
+    phi = build_family(str(tmp_path / "models"), "phi", n_experts=1)
+    report = seme_merge(phi["base"], [phi["expert0"]], tmp_path / "out")
+    assert not report["sources"][0]["applied"] and "already aligned" in report["sources"][0]["reason"]
+    merged = load_folder(tmp_path / "out")
+    assert merged.keys() == load_folder(phi["base"]).keys() and "lm_head.bias" in merged
+    with torch.no_grad():
+        assert torch.isfinite(AutoModelForCausalLM.from_pretrained(tmp_path / "out")(torch.arange(8)[None]).logits).all()
+
+    turned = shutil.copytree(phi["expert0"], tmp_path / "turned")  # its heads in other coordinates
+    state = {k: v.double() for k, v in load_file(turned / "model.safetensors").items()}
+    Q = random_orthogonal(HIDDEN, seed=4).double()
+    save_file({k: v.float().contiguous() for k, v in rotate(state, for_config({"architectures": ["PhiForCausalLM"]}), Q).items()},
+              turned / "model.safetensors", metadata={"format": "pt"})
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "seme", "base_model": phi["base"], "models": [{"model": str(turned)}]}))
+    assert main([str(recipe), str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("seme: error: seme: aligning phi models by rotation is not supported (its norms are LayerNorms, which subtract "
+                   "the mean: a rotation of the residual stream would change the function); set alignment: never to "
+                   "merge without it"), err
+    assert not (tmp_path / "refused").exists()
+    report = seme_merge(phi["base"], [str(turned)], tmp_path / "never", alignment="never")
+    assert report["sources"][0]["reason"] == "alignment: never"
+
+
 def test_a_zero_head_is_a_one_line_error(trained, tmp_path):
     from safetensors.torch import load_file, save_file
 

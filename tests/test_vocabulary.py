@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import seme
-from conftest import load_folder
+from conftest import build_family, load_folder
 from test_parity_mergekit import run_mergekit
 
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -123,6 +123,32 @@ def test_union_of_added_tokens_matches_mergekit(llama_family, tmp_path):
     assert model.config.vocab_size == 104
     ids = ours_tok("w5 <x3> <x0>", return_tensors="pt").input_ids
     assert model(ids).logits.shape[-1] == 104
+
+
+def test_a_head_bias_follows_its_tokens_as_in_mergekit(tmp_path):
+    # phi's LM head has a bias: a value per token, re-mapped with the head's rows
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    phi = build_family(str(tmp_path / "models"), "phi", n_experts=2)
+    a = with_added_tokens(phi["expert0"], tmp_path / "a", ["<x0>", "<x1>"], seed=1)
+    b = with_added_tokens(phi["expert1"], tmp_path / "b", ["<x1>", "<x2>"], seed=2)
+    for seed, path in enumerate((phi["base"], a, b)):  # biases of distinct values, the added tokens' too
+        weights = os.path.join(path, "model.safetensors")
+        state = load_file(weights)
+        state["lm_head.bias"] = torch.randn(state["lm_head.bias"].shape, generator=torch.Generator().manual_seed(seed))
+        save_file(state, weights, metadata={"format": "pt"})
+    recipe = ties([a, b], phi["base"], tokenizer={"source": "union"})
+    run_mergekit(recipe, str(tmp_path / "mergekit"))
+    seme.merge(recipe, str(tmp_path / "seme"), progress=False)
+    ours_vocab = AutoTokenizer.from_pretrained(tmp_path / "seme").get_vocab()
+    theirs_vocab = AutoTokenizer.from_pretrained(tmp_path / "mergekit").get_vocab()
+    by_token = [theirs_vocab[t] for t, _ in sorted(ours_vocab.items(), key=lambda item: item[1])]
+    ours, theirs = load_folder(tmp_path / "seme"), load_folder(tmp_path / "mergekit")
+    assert ours.keys() == theirs.keys() and ours["lm_head.bias"].shape == (96 + 3,)
+    for name in ours:
+        expected = theirs[name][by_token] if name in VOCAB_TENSORS + ("lm_head.bias",) else theirs[name]
+        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_vocabularies_that_agree_keep_the_fast_path(llama_family, tmp_path):

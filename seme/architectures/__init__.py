@@ -4,6 +4,7 @@ The tables are data (``data/<family>.json``); this module loads them and answers
 checkpoint tensor name, which role the tensor plays relative to the residual stream:
 
   embedding, position_embedding, lm_head   [V, d] / [P, d] / [V, d]
+  lm_head_bias                             [V]: the head's bias (phi), a row per token like the head
   final_norm, final_norm_bias              the norm before the head
   norm, norm_bias                          a norm that reads the residual stream inside a layer
   read                                     a Linear whose input is the normalised residual (q/k/v, gate/up, fused)
@@ -12,9 +13,15 @@ checkpoint tensor name, which role the tensor plays relative to the residual str
   inner                                    anything else (biases of read projections, per-head q/k norms)
   buffer                                   a constant that is not a weight (gpt2 causal masks): copy, never merge
 
-Norm gains are effective as ``norm_gain_offset + w`` (1.0 for gemma's ``(1 + w)`` RMSNorm). A
-template may hold ``{expert}`` after ``{layer}`` (a mixture of experts' per-expert tensors): the
-role is the same for every expert, and the concrete template keeps the expert's index.
+Norm gains are effective as ``norm_gain_offset + w`` (1.0 for gemma's ``(1 + w)`` RMSNorm);
+``norm_type`` says whether the norms are RMSNorms or LayerNorms (which subtract the mean, so a
+rotation of the residual stream does not commute with them). A template may hold ``{expert}`` (a
+mixture of experts' per-expert tensors) or ``{head}`` (per-head norms) after ``{layer}``: the role is
+the same for every index, and the concrete template keeps it.
+
+A family whose tensors depend on its config (falcon's norms, stablelm's parallel residual) lists
+``variants``: the first whose ``when`` values all equal the config's overlays its ``tensors`` on
+the family's (``null`` drops a template).
 Deliberately stdlib-only (seme.errors is too): it is imported before torch/transformers are needed.
 """
 
@@ -30,10 +37,12 @@ from importlib import resources
 from seme.errors import SemeError
 
 ROLES = frozenset({
-    "embedding", "position_embedding", "lm_head", "final_norm", "final_norm_bias",
+    "embedding", "position_embedding", "lm_head", "lm_head_bias", "final_norm", "final_norm_bias",
     "norm", "norm_bias", "read", "write", "write_bias", "write_norm", "inner", "buffer",
 })
+VOCAB_ROLES = ("embedding", "lm_head", "lm_head_bias")  # a row per token
 LAYOUTS = ("out_in", "in_out")
+NORM_TYPES = ("rms_norm", "layer_norm")
 
 # A decimal path segment: the candidate layer index of a name.
 _SEGMENT = re.compile(r"(?:^|(?<=\.))\d+(?=\.|$)")
@@ -72,10 +81,18 @@ class Architecture:
     tie_key: str = "tie_word_embeddings"
     tied_default: bool = False
     norm_gain_offset: float = 0.0
+    norm_type: str = "rms_norm"
     base_prefix: str = ""
     notes: str = ""
     tensors: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
+    variant: str = ""  # the config values that chose this variant ("" for the family's own table)
+    variants: tuple[tuple[dict, Architecture], ...] = field(default=(), repr=False)
     _cache: dict[str, TensorRole | None] = field(default_factory=dict, init=False, repr=False)
+
+    def for_config(self, config: dict) -> Architecture:
+        """The variant of this family that `config` describes."""
+        return next((v for when, v in self.variants
+                     if all(config.get(k) == value for k, value in when.items())), self)
 
     def num_layers(self, config: dict) -> int:
         return int(_first(config, self.num_layers_keys))
@@ -129,10 +146,10 @@ class Architecture:
         module, is_bias = parts[-2] if len(parts) > 1 else "", parts[-1] == "bias"
         if module in _POSITION:
             role = "position_embedding"
+        elif module in _HEAD:
+            role = "lm_head_bias" if is_bias else "lm_head"
         elif module in _EMBED or "embed" in module:
             role = "embedding"
-        elif module == "lm_head":
-            role = "lm_head"
         elif "norm" in module or module.startswith("ln"):
             role = ("norm" if m else "final_norm") + ("_bias" if is_bias else "")
         elif module in _READ:
@@ -146,6 +163,7 @@ class Architecture:
 
 _POSITION = frozenset({"wpe", "embed_positions", "position_embeddings"})
 _EMBED = frozenset({"wte", "word_embeddings"})
+_HEAD = frozenset({"lm_head", "embed_out"})  # embed_out: gpt_neox checkpoints' head
 _READ = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj",
                    "qkv", "c_attn", "c_fc", "fc1", "query_key_value", "dense_h_to_4h"})
 _WRITE = frozenset({"o_proj", "down_proj", "dense", "c_proj", "fc2", "out_proj", "dense_4h_to_h"})
@@ -172,25 +190,47 @@ def _candidates(name: str):
 
 
 def _parse(data: dict) -> Architecture:
+    name = data["name"]
+    norm_type = data.get("norm_type", "rms_norm")
+    if norm_type not in NORM_TYPES:
+        raise ValueError(f"{name}: bad norm_type {norm_type!r}")
+    tensors = _specs(name, data["tensors"], norm_type)
+    family = dict(
+        name=name, inferred=False,
+        architectures=tuple(data["architectures"]), model_types=tuple(data["model_types"]),
+        num_layers_keys=_keys(data["num_layers_key"]), hidden_size_keys=_keys(data["hidden_size_key"]),
+        tie_key=data["tie_key"], tied_default=data["tied_default"],
+        norm_gain_offset=float(data["norm_gain_offset"]), norm_type=norm_type,
+        base_prefix=data.get("base_prefix", ""), notes=data.get("notes", ""),
+    )
+    variants = []
+    for v in data.get("variants", ()):
+        overlay = {**data["tensors"], **v["tensors"]}
+        specs = _specs(name, {t: raw for t, raw in overlay.items() if raw is not None}, norm_type)
+        label = ", ".join(f"{k}={json.dumps(x)}" for k, x in v["when"].items())
+        variants.append((v["when"], Architecture(**family, tensors=specs, variant=label)))
+    return Architecture(**family, tensors=tensors, variants=tuple(variants))
+
+
+def _keys(value: str | list[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _specs(family: str, raw_tensors: dict, norm_type: str) -> dict[str, TensorSpec]:
     tensors = {}
-    for template, raw in data["tensors"].items():
+    for template, raw in raw_tensors.items():
         spec = TensorSpec(raw["role"], raw.get("norm"), raw.get("layout", "out_in"),
-                     raw.get("optional", False), raw.get("tied_to"))
+                          raw.get("optional", False), raw.get("tied_to"))
         if spec.role not in ROLES or spec.layout not in LAYOUTS:
-            raise ValueError(f"{data['name']}: bad role/layout for {template!r}")
-        tensors[template] = spec
+            raise ValueError(f"{family}: bad role/layout for {template!r}")
+        if spec.role in ("norm_bias", "final_norm_bias") and norm_type != "layer_norm":
+            raise ValueError(f"{family}: {template!r} is a norm bias but norm_type is {norm_type}")
+        tensors[template.replace("{head}", "{expert}")] = spec  # one inner index, however it is spelt
     for template, spec in tensors.items():
         for ref in (spec.norm, spec.tied_to):
             if ref is not None and ref not in tensors:
-                raise ValueError(f"{data['name']}: {template!r} refers to unknown tensor {ref!r}")
-    return Architecture(
-        name=data["name"], inferred=False,
-        architectures=tuple(data["architectures"]), model_types=tuple(data["model_types"]),
-        num_layers_keys=(data["num_layers_key"],), hidden_size_keys=(data["hidden_size_key"],),
-        tie_key=data["tie_key"], tied_default=data["tied_default"],
-        norm_gain_offset=float(data["norm_gain_offset"]), base_prefix=data.get("base_prefix", ""),
-        notes=data.get("notes", ""), tensors=tensors,
-    )
+                raise ValueError(f"{family}: {template!r} refers to unknown tensor {ref!r}")
+    return tensors
 
 
 @cache
@@ -224,7 +264,7 @@ def for_config(config: dict) -> Architecture:
     archs = config.get("architectures") or [None]
     found = by_arch.get(archs[0]) or by_type.get(config.get("model_type"))
     if found is not None:
-        return found
+        return found.for_config(config)
     warnings.warn(
         f"unknown architecture {archs[0]!r} (model_type {config.get('model_type')!r}); "
         "tensor roles are inferred from tensor names",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from seme.architectures import VOCAB_ROLES
 from seme.errors import SemeError
 from seme.methods.seme import stabilize
 from seme.semantic import alignment, layers, vocab
@@ -25,7 +26,6 @@ _SIGNATURE_COLUMNS = 256
 # The drift report's cost grows with V x d (each signature is a [256, d] x [d, V] product): it is
 # computed unasked only up to this size, and always for `stabilize`, which needs it.
 _DRIFT_REPORT_ELEMENTS = 1 << 27
-VOCAB_ROLES = ("embedding", "lm_head")
 ROTATED_ROLES = ("read", "lm_head", "embedding", "position_embedding", "write", "write_bias")
 PIVOT_ROLES = ("norm", "final_norm")  # gains: an aligned source takes the pivot's (folded into its readers)
 
@@ -175,11 +175,13 @@ class SemanticContext:
                 raise SemeError(f"seme: aligning {kind} models by rotation needs the architecture's role table, "
                                 f"and seme has none (it has {', '.join(known_architectures())}); "
                                 f"set alignment: never to merge without it")
-            bad = {s.role for s in arch.tensors.values()} & {"write_norm", "norm_bias", "final_norm_bias"}
-            if bad:
+            why = (["its norms are LayerNorms, which subtract the mean"] if arch.norm_type == "layer_norm" else []) \
+                + (["its sublayer outputs are normalised before the residual add"]
+                   if any(s.role == "write_norm" for s in arch.tensors.values()) else [])
+            if why:
                 raise SemeError(f"seme: aligning {arch.name} models by rotation is not supported "
-                                f"({', '.join(sorted(bad))} tensors are not rotation-invariant); "
-                                f"set alignment: never to merge without it")
+                                f"({' and '.join(why)}: a rotation of the residual stream would change the "
+                                f"function); set alignment: never to merge without it")
         pivot = self.bases[sp.pivot]
         self.report_drift = (pivot.vocab_size * pivot.W.shape[1] <= _DRIFT_REPORT_ELEMENTS
                              or any(p.get("stabilize") for p in self.params.values()))
