@@ -101,6 +101,13 @@ def test_large_odd_size(name, params, kind):
     assert torch.equal(fused_merge.merge(name, inputs, params, num_threads=1), fused_merge.merge(name, inputs, params))
 
 
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_sce_many_models_large(kind):
+    """More models than the bracketed pass keeps energy sums for on the stack."""
+    inputs, params = make_inputs((2**18 + 5,), 9, kind, seed=9), bound("sce", dict(select_topk=0.3), 9)
+    assert_matches("sce", inputs, params)
+
+
 @pytest.mark.parametrize("pattern", ["sample-misses", "bracket-overflows"])
 @pytest.mark.parametrize("name,params", [("ties", dict(weight=1.0, density=0.3)),
                                          ("breadcrumbs", dict(weight=1.0, density=0.3, gamma=0.05)),

@@ -1434,6 +1434,8 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
 
 // ------------------------------------------------------------ SCE
 
+constexpr int kMaxUnrolledModels = 8;  // per-chunk energy sums kept on the stack up to this many models
+
 Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
   check(t);
   const int K = int(t.others.size());
@@ -1635,15 +1637,26 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
     std::vector<double> part(ctx.nchunks * size_t(K), 0.0);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(ctx.nt)
     for (int64_t c = 0; c < ctx.nchunks; ++c) {
-      const std::vector<uint64_t>& list = in_bin.at[c];
-      const float* d = in_bin.deltas[c].data();
-      for (size_t i = 0; i < list.size(); ++i) {
+      // Locals: through the shared vectors every store would reload first_kept (int64 may alias it).
+      const uint64_t* __restrict list = in_bin.at[c].data();
+      const float* __restrict d = in_bin.deltas[c].data();
+      const int64_t m = int64_t(in_bin.at[c].size());
+      const uint64_t first = first_kept;
+      const uint32_t cv = cut.v;
+      uint64_t* __restrict bits = selected_bits.get();
+      double sums[kMaxUnrolledModels] = {};
+      std::vector<double> wide(K > kMaxUnrolledModels ? K : 0, 0.0);
+      double* __restrict acc = K > kMaxUnrolledModels ? wide.data() : sums;
+      int64_t eq = 0;
+      for (int64_t i = 0; i < m; ++i) {
         const uint64_t e = list[i];
-        eq_count[c] += uint32_t(e >> 32) == cut.v;
-        if (e < first_kept) continue;
-        for (int k = 0; k < K; ++k) part[c * K + k] += double(d[i * K + k]) * double(d[i * K + k]);
-        if (selected_bits) selected_bits[uint32_t(e) >> 6] |= uint64_t(1) << (uint32_t(e) & 63);
+        eq += uint32_t(e >> 32) == cv;
+        if (e < first) continue;
+        for (int k = 0; k < K; ++k) acc[k] += double(d[i * K + k]) * double(d[i * K + k]);
+        if (bits) bits[uint32_t(e) >> 6] |= uint64_t(1) << (uint32_t(e) & 63);
       }
+      eq_count[c] = eq;
+      for (int k = 0; k < K; ++k) part[c * K + k] = acc[k];
     }
     for (int64_t c = 0; c < ctx.nchunks; ++c)
       for (int k = 0; k < K; ++k) energy[k] += part[c * K + k];
