@@ -254,7 +254,7 @@ def test_variants_follow_the_config():
     assert for_config(falcon).variant == "" and for_config(falcon).role(mlp).norm == "transformer.h.0.input_layernorm.weight"
     new = for_config(dict(falcon, new_decoder_architecture=True))
     assert (new.role(qkv).norm, new.role(mlp).norm) == ("transformer.h.0.ln_attn.weight", "transformer.h.0.ln_mlp.weight")
-    assert new.role("transformer.h.0.input_layernorm.weight") is None and new.variant == "new_decoder_architecture=true"
+    assert new.role("transformer.h.0.input_layernorm.weight") is None and new.label == "falcon (new_decoder_architecture=true)"
     assert new is for_config(dict(falcon, new_decoder_architecture=True))  # one object per variant
     one_norm = for_config(dict(falcon, new_decoder_architecture=True, num_ln_in_parallel_attn=1))
     assert one_norm.role(mlp).norm == "transformer.h.0.input_layernorm.weight"

@@ -338,6 +338,18 @@ def test_layer_norm_families_merge_unrotated(tmp_path, capsys):
     assert report["sources"][0]["reason"] == "alignment: never"
 
 
+def test_variants_of_a_family_are_not_mixed(tmp_path):
+    # falcon-7b's layout and falcon-40b's name other norms: refused before any tensor is read
+    from test_architectures import build
+
+    build("falcon", {}).save_pretrained(tmp_path / "7b")
+    build("falcon", {"new_decoder_architecture": True}).save_pretrained(tmp_path / "40b")
+    with pytest.raises(SemeError, match=r"^seme: 40b is a falcon \(new_decoder_architecture=true\) model but the "
+                                        r"pivot is falcon; cross-architecture merges are not supported yet$"):
+        seme_merge(str(tmp_path / "7b"), [str(tmp_path / "40b")], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_zero_head_is_a_one_line_error(trained, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -89,6 +89,11 @@ class Architecture:
     variants: tuple[tuple[dict, Architecture], ...] = field(default=(), repr=False)
     _cache: dict[str, TensorRole | None] = field(default_factory=dict, init=False, repr=False)
 
+    @property
+    def label(self) -> str:
+        """The family's name, with the config values that chose its variant."""
+        return f"{self.name} ({self.variant})" if self.variant else self.name
+
     def for_config(self, config: dict) -> Architecture:
         """The variant of this family that `config` describes."""
         return next((v for when, v in self.variants

@@ -79,8 +79,8 @@ def plan_sources(recipe, method, models, archs, index):
         heads[m] = _head_names(models[m], archs[m])
     for m in sources:
         arch, name = archs[m], models[m].name
-        if arch.name != parch.name:
-            raise SemeError(f"seme: {name} is a {arch.name} model but the pivot is {parch.name}; "
+        if arch is not parch:  # one object per family variant
+            raise SemeError(f"seme: {name} is a {arch.label} model but the pivot is {parch.label}; "
                             f"cross-architecture merges are not supported yet")
         if arch.hidden_size(models[m].config) != d:
             raise SemeError(f"seme: {name} has hidden size {arch.hidden_size(models[m].config)}, the pivot {d}; "
