@@ -103,7 +103,7 @@ def test_large_odd_size(name, params, kind):
 
 @pytest.mark.parametrize("kind", ["normal", "ties"])
 def test_sce_many_models_large(kind):
-    """More models than the bracketed pass keeps energy sums for on the stack."""
+    """Nine models through the bracketed pass (2^18 elements and more), its bin's energies summed per model."""
     inputs, params = make_inputs((2**18 + 5,), 9, kind, seed=9), bound("sce", dict(select_topk=0.3), 9)
     assert_matches("sce", inputs, params)
 

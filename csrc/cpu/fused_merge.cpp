@@ -1434,8 +1434,6 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
 
 // ------------------------------------------------------------ SCE
 
-constexpr int kMaxUnrolledModels = 8;  // per-chunk energy sums kept on the stack up to this many models
-
 Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
   check(t);
   const int K = int(t.others.size());
@@ -1644,9 +1642,8 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
       const uint64_t first = first_kept;
       const uint32_t cv = cut.v;
       uint64_t* __restrict bits = selected_bits.get();
-      double sums[kMaxUnrolledModels] = {};
-      std::vector<double> wide(K > kMaxUnrolledModels ? K : 0, 0.0);
-      double* __restrict acc = K > kMaxUnrolledModels ? wide.data() : sums;
+      std::vector<double> sums(K, 0.0);
+      double* __restrict acc = sums.data();
       int64_t eq = 0;
       for (int64_t i = 0; i < m; ++i) {
         const uint64_t e = list[i];

@@ -94,7 +94,7 @@ class Architecture:
         """The family's name, with the config values that chose its variant."""
         return f"{self.name} ({self.variant})" if self.variant else self.name
 
-    def for_config(self, config: dict) -> Architecture:
+    def variant_for(self, config: dict) -> Architecture:
         """The variant of this family that `config` describes."""
         return next((v for when, v in self.variants
                      if all(config.get(k) == value for k, value in when.items())), self)
@@ -269,7 +269,7 @@ def for_config(config: dict) -> Architecture:
     archs = config.get("architectures") or [None]
     found = by_arch.get(archs[0]) or by_type.get(config.get("model_type"))
     if found is not None:
-        return found.for_config(config)
+        return found.variant_for(config)
     warnings.warn(
         f"unknown architecture {archs[0]!r} (model_type {config.get('model_type')!r}); "
         "tensor roles are inferred from tensor names",
