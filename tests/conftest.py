@@ -20,6 +20,10 @@ FAMILY_CLASSES = {
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {}),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
     "cohere": ("CohereConfig", "CohereForCausalLM", {"use_qk_norm": True}),
+    "arcee": ("ArceeConfig", "ArceeForCausalLM", {}),
+    "apertus": ("ApertusConfig", "ApertusForCausalLM", {"head_dim": 8}),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", {"head_dim": 8}),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", {"n_inner": 64}),
 }
 
 
@@ -41,7 +45,7 @@ def build_model(path, family: str = "llama", *, seed: int = 0, layers: int = 2, 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if base_state is not None:
-                p.copy_(base_state[name] + delta * torch.randn_like(p) * (base_state[name].std() + 1e-3))
+                p.copy_(base_state[name] + delta * torch.randn_like(p) * (base_state[name].std().nan_to_num() + 1e-3))
             elif "norm" in name:  # non-trivial gains, so merges of norms are tested too
                 p.copy_(1 + 0.1 * torch.randn_like(p))
     model.to(dtype).save_pretrained(path)

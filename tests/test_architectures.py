@@ -47,6 +47,22 @@ FAMILIES = {
     # normalised after each sublayer: the projections read the raw residual stream
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(DECODER, pad_token_id=0)),
     "olmo2:olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(DECODER, pad_token_id=0)),
+    "olmo2:exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(DECODER, head_dim=8, pad_token_id=0)),
+    # llama's tensors under other names
+    "llama:ministral": ("MinistralConfig", "MinistralForCausalLM", dict(DECODER, head_dim=8)),
+    "llama:helium": ("HeliumConfig", "HeliumForCausalLM", dict(DECODER, head_dim=8)),
+    "llama:seed_oss": ("SeedOssConfig", "SeedOssForCausalLM", dict(DECODER, head_dim=8)),
+    "llama:smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(DECODER, pad_token_id=0)),
+    "llama:ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", dict(DECODER, head_dim=8)),
+    "arcee": ("ArceeConfig", "ArceeForCausalLM", DECODER),
+    "apertus": ("ApertusConfig", "ApertusForCausalLM", dict(DECODER, head_dim=8, pad_token_id=0)),
+    "glm": ("GlmConfig", "GlmForCausalLM", dict(DECODER, head_dim=8, pad_token_id=0)),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(DECODER, head_dim=8, pad_token_id=0)),
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", dict(DECODER, head_dim=8, pad_token_id=0)),
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM", dict(DECODER, head_dim=8, pad_token_id=0, bos_token_id=1,
+                                                                  eos_token_id=2)),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128,
+                                                                      n_positions=64)),
 }
 MOE = {"mixtral", "qwen3_moe", "qwen2_moe"}
 CASES = [(f, {}) for f in FAMILIES] + [
@@ -63,6 +79,11 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("stablelm", {"use_parallel_residual": True, "use_qkv_bias": True, "qk_layernorm": True}),
     ("starcoder2", {"use_bias": False}),
     ("cohere", {"use_qk_norm": True, "attention_bias": True}),
+    ("llama:seed_oss", {"attention_bias": True}),
+    ("llama:ernie4_5", {"use_bias": True}),
+    ("llama:smollm3", {"tie_word_embeddings": False}),
+    ("hunyuan_v1_dense", {"use_qk_norm": False}),
+    ("nemotron", {"attention_bias": True, "mlp_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias"}
@@ -201,7 +222,7 @@ def test_norm_feeds_read(saved, case):
 
 ROTATABLE = [f for f in FAMILIES if for_config({"architectures": [FAMILIES[f][1]]}).norm_type == "rms_norm"
              and not {s.role for s in for_config({"architectures": [FAMILIES[f][1]]}).tensors.values()}
-             & {"write_norm", "position_embedding", "buffer"}]
+             & {"write_norm", "position_embedding"}]
 
 
 @pytest.mark.parametrize("family", ROTATABLE)

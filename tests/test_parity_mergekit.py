@@ -92,7 +92,8 @@ def test_whole_merge_matches_mergekit(method, family, request, tmp_path):
     assert changed > 0, "the merge changed nothing: the comparison would be vacuous"
 
 
-@pytest.mark.parametrize("family", ["gpt_neox", "falcon", "phi", "stablelm", "starcoder2", "olmo2", "cohere"])
+@pytest.mark.parametrize("family", ["gpt_neox", "falcon", "phi", "stablelm", "starcoder2", "olmo2", "cohere", "arcee",
+                                    "apertus", "glm4", "gpt_bigcode"])
 def test_other_families_merge_as_mergekit_does(family, tmp_path):
     # each role table's family (a head bias, gpt_neox's embed_out, falcon's fused qkv and biased norms)
     # merged with per-layer gradients and a filter, as mergekit merges it
@@ -107,11 +108,25 @@ def test_other_families_merge_as_mergekit_does(family, tmp_path):
     run_mergekit(recipe, str(tmp_path / "mergekit"))
     seme.merge(yaml.safe_dump(recipe), str(tmp_path / "seme"), progress=False)
     theirs, ours = load_folder(tmp_path / "mergekit"), load_folder(tmp_path / "seme")
-    assert sorted(ours) == sorted(theirs) == sorted(load_folder(models["base"]))
+    base = load_folder(models["base"])
+    assert sorted(ours) == sorted(theirs) == sorted(base)
+    experts = [load_folder(models[f"expert{i}"]) for i in range(2)]
     for name, expected in theirs.items():
         if ours[name].dtype == torch.bool:  # a causal mask: seme copies it, mergekit casts it to dtype
             expected = expected.bool()
-        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+        # Equal |δ| at a density cut are kept by position in seme, in argsort order in mergekit.
+        settled = ~tied_magnitudes([e[name] - base[name] for e in experts]) if expected.is_floating_point() else ...
+        torch.testing.assert_close(ours[name][settled], expected[settled], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def tied_magnitudes(deltas: list) -> torch.Tensor:
+    """Where some delta's magnitude occurs more than once in its tensor (float32 deltas are multiples of
+    the base's ulp, so equal magnitudes happen)."""
+    tied = torch.zeros(deltas[0].shape, dtype=torch.bool)
+    for d in deltas:
+        _, inverse, counts = d.abs().flatten().unique(return_inverse=True, return_counts=True)
+        tied |= (counts[inverse] > 1).reshape(d.shape)
+    return tied
 
 
 def with_pythia_buffers(path: str) -> None:

@@ -21,7 +21,8 @@ the same for every index, and the concrete template keeps it.
 
 A family whose tensors depend on its config (falcon's norms, stablelm's parallel residual) lists
 ``variants``: the first whose ``when`` values all equal the config's overlays its ``tensors`` on
-the family's (``null`` drops a template).
+the family's (``null`` drops a template), and may set its own ``tied_default`` (a model type whose
+config class ties the head by default, where checkpoints may leave the key out).
 Deliberately stdlib-only (seme.errors is too): it is imported before torch/transformers are needed.
 """
 
@@ -210,10 +211,11 @@ def _parse(data: dict) -> Architecture:
     )
     variants = []
     for v in data.get("variants", ()):
-        overlay = {**data["tensors"], **v["tensors"]}
+        overlay = {**data["tensors"], **v.get("tensors", {})}
         specs = _specs(name, {t: raw for t, raw in overlay.items() if raw is not None}, norm_type)
         label = ", ".join(f"{k}={json.dumps(x)}" for k, x in v["when"].items())
-        variants.append((v["when"], Architecture(**family, tensors=specs, variant=label)))
+        own = {**family, "tied_default": v.get("tied_default", family["tied_default"])}
+        variants.append((v["when"], Architecture(**own, tensors=specs, variant=label)))
     return Architecture(**family, tensors=tensors, variants=tuple(variants))
 
 
