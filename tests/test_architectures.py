@@ -16,6 +16,8 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, vocab_size=128)
+MLA = dict(DECODER, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=4, qk_rope_head_dim=4,
+           v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER),
     "mistral": ("MistralConfig", "MistralForCausalLM", DECODER),
@@ -35,6 +37,14 @@ FAMILIES = {
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(DECODER, num_experts=4, num_experts_per_tok=2,
                                                                  moe_intermediate_size=16,
                                                                  shared_expert_intermediate_size=24)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(DECODER, num_experts=4, num_experts_per_tok=2, eos_token_id=2)),
+    # a dense MLP below first_k_dense_replace, experts above; multi-head latent attention (one key/value head
+    # per query head)
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(MLA, n_group=1, topk_group=1)),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", MLA),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(DECODER, head_dim=8, n_routed_experts=4,
+                                                             num_experts_per_tok=2, moe_intermediate_size=16,
+                                                             first_k_dense_replace=1)),
     # LayerNorm families (rotation does not commute with their norms)
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", DECODER),
     "falcon": ("FalconConfig", "FalconForCausalLM", DECODER),
@@ -64,7 +74,7 @@ FAMILIES = {
     "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128,
                                                                       n_positions=64)),
 }
-MOE = {"mixtral", "qwen3_moe", "qwen2_moe"}
+MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -84,6 +94,11 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("llama:smollm3", {"tie_word_embeddings": False}),
     ("hunyuan_v1_dense", {"use_qk_norm": False}),
     ("nemotron", {"attention_bias": True, "mlp_bias": True}),
+    ("olmoe", {"attention_bias": True}),
+    ("deepseek_v3", {"q_lora_rank": None}),
+    ("deepseek_v3", {"attention_bias": True}),
+    ("deepseek_v2", {"q_lora_rank": None, "attention_bias": True, "mlp_bias": True}),
+    ("glm4_moe", {"use_qk_norm": True, "attention_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias"}
@@ -97,7 +112,7 @@ def family_of(key: str) -> str:
 def build(family, extra):
     config_cls, model_cls, kwargs = FAMILIES[family]
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**kwargs, **extra)
+    config = getattr(transformers, config_cls)(**{**kwargs, **extra})  # extra may override the family's kwargs
     return getattr(transformers, model_cls)(config).eval()
 
 
@@ -301,6 +316,7 @@ def test_match_order():
     assert for_config({"architectures": ["Qwen2ForCausalLM"], "model_type": "llama"}).name == "qwen2"
     assert for_config({"architectures": ["LlamaForTokenClassification"], "model_type": "llama"}).name == "llama"
     assert for_config({"model_type": "gpt2"}).name == "gpt2"
+    assert for_config({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2"}).name == "deepseek_v3"
 
 
 def test_gpt2_without_base_prefix():
