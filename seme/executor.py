@@ -237,9 +237,7 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
             nbytes = _input_bytes(plan, task)
             with writer.buffer(task.name) as out:
                 if task.copy:
-                    m, name = task.inputs[0]
-                    with plan.models[m].view(name) as source:
-                        out[:] = source
+                    copy_tensor(plan, task, out)
                     finite = True
                 else:
                     finite = engine.merge(task, out)
@@ -254,6 +252,23 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
     seconds = bar.finish()
     return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes,
             "seconds": seconds, "writer": writer, "semantic": engine.semantic}
+
+
+def copy_tensor(plan: Plan, task, out: memoryview) -> None:
+    """A copy task's one input, as stored or cast to the task's dtype (a trailing layer in the output's)."""
+    m, name = task.inputs[0]
+    if plan.models[m].tensors[name].dtype == task.dtype:
+        with plan.models[m].view(name) as source:
+            out[:] = source
+        return
+    import torch
+
+    from seme.plan import CODE_NAMES
+
+    if not len(out):
+        return
+    cast = plan.models[m].load(name).to(getattr(torch, CODE_NAMES[task.dtype]))
+    torch.frombuffer(out, dtype=torch.uint8).copy_(cast.contiguous().reshape(-1).view(torch.uint8))
 
 
 def largest_need(plan: Plan, device: str, backend: str, tasks=None) -> tuple[int, str | None]:

@@ -123,7 +123,7 @@ def make_plan(recipe: Recipe) -> Plan:
 
     builder = _Builder(recipe, method, models, archs, index, tied, remap)
     ref_names = list(models[ref].tensors)
-    pre = [n for n in ref_names if _role(arch, n) in ("embedding", "position_embedding")]
+    pre = [n for n in ref_names if _role(arch, n) in ("embedding", "position_embedding") and _layer(arch, n) is None]
     post = [n for n in ref_names if _layer(arch, n) is None and n not in pre]
     head = next((name for name, spec in arch.tensors.items() if spec.role == "lm_head"), None)
     if not tied and head and not any(_role(arch, n) == "lm_head" for n in ref_names):
@@ -133,6 +133,7 @@ def make_plan(recipe: Recipe) -> Plan:
         builder.add(name, {s.model: name for s in first_slice.sources}, first_slice, t=0.0)
     layer_sources = _add_layers(builder, recipe.slices, layer_range)
     last_slice = recipe.slices[-1]
+    _add_trailing(builder, ref, last_slice, len(layer_sources))
     for name in post:
         if _role(arch, name) == "lm_head" and tied:
             continue  # tied heads stay tied: the output has no separate lm_head
@@ -169,6 +170,48 @@ def _add_layers(builder, slices, layer_range, stack: str | None = None) -> list[
                 builder.add(_rename(lead_arch, name, out_layer), names_in, sl, t)
             layer_sources.append((lead, lead_layer))
     return layer_sources
+
+
+def trailing_layers(arch, model: ModelFolder) -> list[str]:
+    """Tensors of the layers a checkpoint stores after its last one, which transformers does not run
+    (DeepSeek-V3's and GLM-4.5's multi-token prediction)."""
+    depth = arch.num_layers(model.config)
+    return [n for n in model.tensors if (_layer(arch, n) or 0) >= depth]
+
+
+def _add_trailing(builder, ref: int, sl: Slice, depth: int) -> None:
+    """The reference's trailing layers, after the output's `depth` layers: merged index for index from
+    the sources of `sl` where every one has them, else the reference's copied."""
+    models, archs, index = builder.models, builder.archs, builder.index
+    names = trailing_layers(archs[ref], models[ref])
+    if not names:
+        return
+    n_ref = archs[ref].num_layers(models[ref].config)
+    out = {n: _rename(archs[ref], n, depth + _layer(archs[ref], n) - n_ref) for n in names}
+    inputs = {n: {} for n in names}
+    lacking = []
+    for s in sl.sources:
+        m = index[s.model]
+        n_m = archs[m].num_layers(models[m].config)
+        for n in names:
+            inputs[n][s.model] = _rename(archs[m], n, n_m + _layer(archs[ref], n) - n_ref)
+        if any(name not in models[m].tensors for name in (inputs[n][s.model] for n in names)):
+            lacking.append(models[m].name)
+    what = f"the layers after the last ({_name_layers(archs[ref], names)})"
+    if not lacking:
+        for n in names:
+            builder.add(out[n], inputs[n], sl, t=1.0)
+    elif builder.remap is not None and any(_role(archs[ref], n) in architectures.VOCAB_ROLES for n in names):
+        warnings.warn(f"{what} are left out: {', '.join(lacking)} {'lacks' if len(lacking) == 1 else 'lack'} them, "
+                      f"and the reference's rows follow its own vocabulary")
+    else:
+        warnings.warn(f"{what} are the reference's: {', '.join(lacking)} {'lacks' if len(lacking) == 1 else 'lack'} them")
+        for n in names:
+            builder.copy(out[n], ref, n)
+
+
+def _name_layers(arch, names) -> str:
+    return ", ".join(sorted({"".join(map(str, _position(arch, n))) for n in names}))
 
 
 def _stacks(arch, model: ModelFolder) -> dict[str, int]:
@@ -341,11 +384,15 @@ def _plan_seme(recipe, method, models, archs, index, tokenizer, template) -> Pla
 
     sp = pipeline.plan_sources(recipe, method, models, archs, index)
     pivot = models[sp.pivot]
+    trailing = set(trailing_layers(archs[sp.pivot], pivot))
+    if trailing:  # the merged layers are in the pivot's coordinates, which the pivot's own extra layers read
+        warnings.warn(f"the layers after the last ({_name_layers(archs[sp.pivot], trailing)}) are the pivot's")
     tasks = []
     for name, info in pivot.tensors.items():
         dtype = TORCH_NAMES[recipe.out_dtype or recipe.dtype] if (recipe.out_dtype or recipe.dtype) else info.dtype
-        if info.dtype not in FLOAT_CODES or _role(archs[sp.pivot], name) == "buffer":
-            tasks.append(TensorTask(name, info.shape, info.dtype, ((sp.pivot, name),), None, {}, None, copy=True))
+        if info.dtype not in FLOAT_CODES or _role(archs[sp.pivot], name) == "buffer" or name in trailing:
+            code = dtype if name in trailing and info.dtype in FLOAT_CODES else info.dtype
+            tasks.append(TensorTask(name, info.shape, code, ((sp.pivot, name),), None, {}, None, copy=True))
             continue
         derived = pipeline.derive(sp, models, archs, name)
         supplied = {}
@@ -455,6 +502,14 @@ class _Builder:
         if role and role.tied_to and role.tied_to in folder.tensors:
             return role.tied_to
         raise SemeError(f"tensor '{name}' is missing from {folder.name}")
+
+    def copy(self, out_name: str, model: int, name: str) -> None:
+        """`name` of `model` written as it is, in the recipe's output dtype (if a float)."""
+        self.seen.add(out_name)
+        info = self.models[model].tensors[name]
+        dtype_out = self.recipe.out_dtype or self.recipe.dtype
+        code = TORCH_NAMES[dtype_out] if dtype_out and info.dtype in FLOAT_CODES else info.dtype
+        self.tasks.append(TensorTask(out_name, info.shape, code, ((model, name),), None, {}, None, copy=True))
 
     def add(self, out_name: str, names_in: dict, sl: Slice, t: float) -> None:
         if out_name in self.seen:

@@ -24,6 +24,10 @@ FAMILY_CLASSES = {
     "apertus": ("ApertusConfig", "ApertusForCausalLM", {"head_dim": 8}),
     "glm4": ("Glm4Config", "Glm4ForCausalLM", {"head_dim": 8}),
     "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", {"n_inner": 64}),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {
+        "num_key_value_heads": 4, "kv_lora_rank": 8, "q_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
+        "v_head_dim": 8, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+        "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}),
 }
 
 
@@ -39,7 +43,7 @@ def build_model(path, family: str = "llama", *, seed: int = 0, layers: int = 2, 
                   num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=tied,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config_cls, model_cls, extra = FAMILY_CLASSES[family]
-    config = getattr(transformers, config_cls)(**common, **extra)
+    config = getattr(transformers, config_cls)(**{**common, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
     with torch.no_grad():

@@ -222,3 +222,117 @@ def test_inputs_larger_than_memory_leave_the_page_cache_after_their_last_use(qwe
     wide = {(os.path.realpath(i.path), -(-i.start // 4096) * 4096) for i in base.tensors.values()
             if (i.end - i.end % 4096) > -(-i.start // 4096) * 4096}
     assert sorted(evicted) == sorted((path, start, os.POSIX_FADV_DONTNEED) for path, start in wide)
+
+
+def with_mtp_layer(path: str, seed: int) -> None:
+    """Add a multi-token-prediction layer after the last, as DeepSeek-V3's checkpoints store it
+    (transformers does not load it): a copy of the last layer plus its own norms, projection and head."""
+    from safetensors.torch import load_file, save_file
+
+    weights = f"{path}/model.safetensors"
+    state = load_file(weights)
+    depth = json.loads(open(f"{path}/config.json").read())["num_hidden_layers"]
+    g = torch.Generator().manual_seed(seed)
+    for name in [n for n in state if n.startswith(f"model.layers.{depth - 1}.")]:
+        state[name.replace(f".{depth - 1}.", f".{depth}.", 1)] = state[name] + 0.01 * torch.randn(
+            state[name].shape, generator=g)
+    hidden = state["model.norm.weight"].numel()
+    mtp = f"model.layers.{depth}."
+    state[mtp + "enorm.weight"] = 1 + 0.1 * torch.randn(hidden, generator=g)
+    state[mtp + "hnorm.weight"] = 1 + 0.1 * torch.randn(hidden, generator=g)
+    state[mtp + "eh_proj.weight"] = 0.02 * torch.randn(hidden, 2 * hidden, generator=g)
+    state[mtp + "embed_tokens.weight"] = state["model.embed_tokens.weight"] + 0.01
+    state[mtp + "shared_head.norm.weight"] = 1 + 0.1 * torch.randn(hidden, generator=g)
+    state[mtp + "shared_head.head.weight"] = state["lm_head.weight"] + 0.01 * torch.randn(
+        state["lm_head.weight"].shape, generator=g)
+    save_file(state, weights, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def deepseek_mtp(tmp_path_factory):
+    """base + 2 experts of a tiny DeepSeek-V3 (one dense, one MoE layer), each with its MTP layer."""
+    models = build_family(str(tmp_path_factory.mktemp("models")), "deepseek_v3", n_experts=2)
+    for i, path in enumerate(models.values()):
+        with_mtp_layer(path, seed=i)
+    return models
+
+
+def test_layers_after_the_last_are_merged_after_the_output_s_last(deepseek_mtp, tmp_path):
+    m = deepseek_mtp
+    recipe = {"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": m["expert0"], "parameters": {"weight": 0.25}}, {"model": m["expert1"], "parameters": {"weight": 0.75}}]}
+    seme.merge(recipe, str(tmp_path / "whole"), progress=False)
+    e0, e1, ours = load_folder(m["expert0"]), load_folder(m["expert1"]), load_folder(tmp_path / "whole")
+    assert sorted(ours) == sorted(e0)
+    for name in (n for n in e0 if n.startswith("model.layers.2.")):
+        torch.testing.assert_close(ours[name], 0.25 * e0[name] + 0.75 * e1[name], msg=name)
+
+    # A deeper output (layer 1 twice): the MTP layer follows its last layer, from the last slice.
+    recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": m["expert0"], "layer_range": [0, 2]}]},
+        {"sources": [{"model": m["expert1"], "layer_range": [1, 2]}]}]}
+    seme.merge(recipe, str(tmp_path / "deeper"), progress=False)
+    deeper = load_folder(tmp_path / "deeper")
+    assert json.loads((tmp_path / "deeper" / "config.json").read_text())["num_hidden_layers"] == 3
+    assert not any(n.startswith("model.layers.4.") for n in deeper)
+    for name in (n for n in e1 if n.startswith("model.layers.2.")):
+        torch.testing.assert_close(deeper[name.replace(".2.", ".3.", 1)], e1[name], msg=name)
+    reload_and_generate(tmp_path / "deeper")  # transformers leaves the MTP layer unloaded
+
+
+def test_layers_after_the_last_missing_from_a_source_are_the_reference_s(deepseek_mtp, tmp_path, capsys):
+    m = deepseek_mtp
+    plain = tmp_path / "plain"
+    shutil.copytree(m["expert1"], plain)
+    state = load_folder(plain)
+    from safetensors.torch import save_file
+    save_file({k: v for k, v in state.items() if not k.startswith("model.layers.2.")}, plain / "model.safetensors",
+              metadata={"format": "pt"})
+    recipe = {"merge_method": "ties", "dtype": "bfloat16", "base_model": m["base"], "parameters": {"density": 0.5},
+              "models": [{"model": m["expert0"], "parameters": {"weight": 0.5}},
+                         {"model": str(plain), "parameters": {"weight": 0.5}}]}
+    seme.merge(recipe, str(tmp_path / "out"), progress=False)
+    assert "seme: warning: the layers after the last (model.layers.2) are the reference's: plain lacks" \
+        in capsys.readouterr().err
+    base, ours = load_folder(m["base"]), load_folder(tmp_path / "out")
+    for name in (n for n in base if n.startswith("model.layers.2.")):
+        assert ours[name].dtype == torch.bfloat16
+        assert torch.equal(ours[name], base[name].bfloat16()), name
+
+
+def test_seme_takes_the_pivot_s_layers_after_the_last(deepseek_mtp, tmp_path, capsys):
+    m = deepseek_mtp
+    recipe = {"merge_method": "seme", "dtype": "float32", "base_model": m["base"],
+              "models": [{"model": m["expert0"]}, {"model": m["expert1"]}]}
+    seme.merge(recipe, str(tmp_path / "out"), progress=False)
+    assert "seme: warning: the layers after the last (model.layers.2) are the pivot's" in capsys.readouterr().err
+    base, ours = load_folder(m["base"]), load_folder(tmp_path / "out")
+    assert sorted(ours) == sorted(base)
+    for name in (n for n in base if n.startswith("model.layers.2.")):
+        assert torch.equal(ours[name], base[name]), name
+    assert not torch.equal(ours["model.layers.1.self_attn.o_proj.weight"], base["model.layers.1.self_attn.o_proj.weight"])
+
+
+def test_layers_after_the_last_follow_the_output_vocabulary(deepseek_mtp, tmp_path, capsys):
+    from test_vocabulary import renumbered
+
+    m = deepseek_mtp
+    swapped = renumbered(m["expert1"], tmp_path / "swapped")  # rows of the MTP layer's embedding and head too
+    recipe = lambda expert1, **extra: {"merge_method": "ties", "dtype": "float32", "base_model": m["base"], **extra,
+                                       "models": [{"model": e, "parameters": {"weight": 0.5, "density": 0.5}}
+                                                  for e in (m["expert0"], expert1)]}
+    seme.merge(recipe(m["expert1"]), str(tmp_path / "plain"), progress=False)
+    seme.merge(recipe(swapped, tokenizer_source="union"), str(tmp_path / "union"), progress=False)
+    plain, union = load_folder(tmp_path / "plain"), load_folder(tmp_path / "union")
+    assert sorted(plain) == sorted(union)
+    for name in plain:
+        torch.testing.assert_close(union[name], plain[name], msg=name)
+
+    # A source without them: the reference's rows follow its own vocabulary, so they are left out.
+    state = load_folder(swapped)
+    from safetensors.torch import save_file
+    save_file({k: v for k, v in state.items() if not k.startswith("model.layers.2.")},
+              os.path.join(swapped, "model.safetensors"), metadata={"format": "pt"})
+    seme.merge(recipe(swapped, tokenizer_source="union"), str(tmp_path / "lacking"), progress=False)
+    assert "the layers after the last (model.layers.2) are left out: swapped lacks them" in capsys.readouterr().err
+    assert not any(n.startswith("model.layers.2.") for n in load_folder(tmp_path / "lacking"))

@@ -35,7 +35,8 @@ def renumbered(src, dst, a="w1", b="w2"):
     weights = os.path.join(dst, "model.safetensors")
     state = load_file(weights)
     for name in state:
-        if name.endswith(("embed_tokens.weight", "lm_head.weight")):  # a multimodal model's too
+        if name.endswith(("embed_tokens.weight", "lm_head.weight", "shared_head.head.weight")):  # a multimodal
+            # model's text rows and a multi-token-prediction layer's too
             state[name][[i, j]] = state[name][[j, i]].clone()
     save_file(state, weights, metadata={"format": "pt"})
     path = os.path.join(dst, "config.json")

@@ -104,7 +104,7 @@ def _head_names(model, arch) -> tuple[str, str | None]:
     head = embed = gain = None
     for name in model.tensors:
         role = arch.role(name)
-        if role is None:
+        if role is None or role.layer is not None:  # a multi-token-prediction layer's own head and embedding
             continue
         if role.role == "lm_head":
             head = name
