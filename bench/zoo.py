@@ -266,18 +266,20 @@ def rotate(state: dict, arch, Q: torch.Tensor) -> dict:
     final = next(n for n in state if arch.role(n).role == "final_norm")
     out = {}
     for name, w in state.items():
-        role = arch.role(name).role
-        if role == "read":
-            w = (w * gain(arch.role(name).norm)) @ Q.T
-        elif role == "lm_head":
+        r = arch.role(name)
+        if r.layout == "in_out":  # [in, out] (fused experts: [E, in, out]) into the Linear convention
+            w = w.mT
+        if r.role == "read":
+            w = (w * gain(r.norm)) @ Q.T
+        elif r.role == "lm_head":
             w = (w * gain(final)) @ Q.T
-        elif role in ("norm", "final_norm"):
+        elif r.role in ("norm", "final_norm"):
             w = torch.full_like(w, 1.0 - arch.norm_gain_offset)
-        elif role in ("write", "write_bias"):
+        elif r.role == "write":
             w = Q @ w
-        elif role == "embedding":
+        elif r.role in ("embedding", "write_bias"):  # a write bias: [d], or one per expert [E, d]
             w = w @ Q.T
-        out[name] = w
+        out[name] = w.mT.contiguous() if r.layout == "in_out" else w
     return out
 
 

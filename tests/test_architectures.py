@@ -45,6 +45,12 @@ FAMILIES = {
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(DECODER, head_dim=8, n_routed_experts=4,
                                                              num_experts_per_tok=2, moe_intermediate_size=16,
                                                              first_k_dense_replace=1)),
+    # experts fused in checkpoints too: [E, in, out]
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(DECODER, head_dim=8, num_local_experts=4,
+                                                          num_experts_per_tok=2, pad_token_id=0)),
+    "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM", dict(DECODER, head_dim=8, num_local_experts=4,
+                                                                  intermediate_size_mlp=64, interleave_moe_layer_step=2,
+                                                                  pad_token_id=0)),
     # LayerNorm families (rotation does not commute with their norms)
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", DECODER),
     "falcon": ("FalconConfig", "FalconForCausalLM", DECODER),
@@ -74,7 +80,7 @@ FAMILIES = {
     "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128,
                                                                       n_positions=64)),
 }
-MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe"}
+MOE = {"gpt_oss", "llama4_text", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -156,7 +162,7 @@ def test_checkpoint_roles(saved, case):
         m = LAYER.search(name)
         assert r.layer == (int(m.group(1)) if m else None), name
         assert (r.template == name) if r.layer is None else (arch.layer_name(r.template, r.layer) == name)
-        in_dim, out_dim = (1, 0) if r.layout == "out_in" else (0, 1)
+        in_dim, out_dim = (-1, -2) if r.layout == "out_in" else (-2, -1)  # fused experts lead with [E, ...]
         if r.role == "read":
             assert shape[in_dim] == hidden, name
             assert r.norm is None if post_norm else (r.norm in shapes and arch.role(r.norm).role == "norm"), name
@@ -168,6 +174,8 @@ def test_checkpoint_roles(saved, case):
             assert shape == (vocab,), name
         elif r.role == "position_embedding":
             assert shape[1] == hidden, name
+        elif r.role == "write_bias":  # one per expert where the experts are fused
+            assert shape[-1:] == (hidden,) and len(shape) <= 2, name
         elif r.role in VECTOR_ROLES:
             assert shape == (hidden,), name
 
@@ -206,13 +214,13 @@ def test_norm_feeds_read(saved, case):
     inputs, outputs = {}, {}
 
     def hook(name):
-        def record(_, args, output):
-            inputs[name], outputs[name] = args[0], output
+        def record(_, args, kwargs, output):  # gpt-oss calls its attention with keywords only
+            inputs[name], outputs[name] = args[0] if args else kwargs["hidden_states"], output
         return record
 
     layers = {layer_module(arch.role(n)) for n in shapes if arch.role(n).layer is not None}
     watched = [m for m in {module(n) for n in shapes} | layers if m in modules]
-    handles = [modules[m].register_forward_hook(hook(m)) for m in watched]
+    handles = [modules[m].register_forward_hook(hook(m), with_kwargs=True) for m in watched]
     with torch.no_grad():
         model(torch.arange(8).unsqueeze(0))
     for h in handles:
@@ -228,7 +236,14 @@ def test_norm_feeds_read(saved, case):
             assert any(torch.allclose(inputs[module(name)], c) for c in candidates), name
         elif r.role == "read":
             x, y = inputs[module(name)], outputs[module(r.norm)]  # the same tensor, or a view of it (a router's)
-            assert x is y or (x.data_ptr() == y.data_ptr() and x.numel() == y.numel()), name
+            if x is y or (x.data_ptr() == y.data_ptr() and x.numel() == y.numel()):
+                continue
+            # or, for fused experts that take their tokens scaled by the router (llama4), each expert's copy of
+            # the tokens, each scaled
+            tokens = y.reshape(-1, y.shape[-1])
+            copies = x.reshape(-1, *tokens.shape)
+            scale = (copies * tokens).sum(-1, keepdim=True) / (tokens * tokens).sum(-1, keepdim=True).clamp_min(1e-30)
+            assert r.layout == "in_out" and torch.allclose(copies, scale * tokens, atol=1e-6), name
         elif r.role == "write_norm":
             writes = [module(n) for n in shapes
                       if arch.role(n).role == "write" and arch.role(n).layer == r.layer]

@@ -1,6 +1,7 @@
 """Every validation failure: one line on stderr naming the problem, exit status 2, nothing written."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -152,6 +153,20 @@ def test_non_empty_output_is_refused(llama_family, tmp_path, capsys):
     status, err, out = run_cli(tmp_path, ties(llama_family), capsys)
     assert status == 2 and "exists and is not empty (use --overwrite" in err[0]
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_a_quantized_model_is_refused_before_any_merge(llama_family, tmp_path, capsys):
+    # DeepSeek-V3's FP8 release, gpt-oss's MXFP4 one: packed weights beside scales, not mergeable numbers
+    quantized = tmp_path / "fp8"
+    shutil.copytree(llama_family["expert0"], quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (quantized / "config.json").write_text(json.dumps(config))
+    recipe = ties({"base": llama_family["base"], "expert0": str(quantized), "expert1": llama_family["expert1"]})
+    status, err, out = run_cli(tmp_path, recipe, capsys)
+    assert status == 2 and len(err) == 1 and not out.exists()
+    assert err[0] == (f"seme: error: {quantized}: its weights are quantized (fp8); seme merges unquantized weights: "
+                      f"dequantize the model first (e.g. to bf16)")
 
 
 def test_an_output_folder_that_is_or_holds_an_input_is_refused(llama_family, tmp_path, capsys):

@@ -45,6 +45,11 @@ class ModelFolder:
             raise SemeError(f"{config_path}: cannot read: {e}") from None
         if not isinstance(self.config, dict):
             raise SemeError(f"{config_path}: not a JSON object")
+        quantized = self.config.get("quantization_config")
+        if quantized:  # packed integers and scales: merged as numbers they would be garbage, copied they would not merge
+            scheme = quantized.get("quant_method", "unknown scheme") if isinstance(quantized, dict) else "unknown scheme"
+            raise SemeError(f"{path}: its weights are quantized ({scheme}); seme merges unquantized weights: "
+                            f"dequantize the model first (e.g. to bf16)")
         self.tensors = self._index()
         self._maps: dict[str, MappedFile] = {}
         self.adapter = None

@@ -65,8 +65,8 @@ def rotate(t: torch.Tensor, role: str, layout: str, Q: torch.Tensor, src_gain: t
     with Q. Norm gains themselves are replaced by the pivot's by the caller.
     """
     Q = Q.to(torch.float32)
-    if layout == "in_out":  # GPT-2 Conv1D stores [in, out]: transpose into the Linear convention
-        return rotate(t.T, role, "out_in", Q, src_gain, piv_gain).T
+    if layout == "in_out":  # [in, out] (GPT-2's Conv1D; fused experts' [E, in, out]): into the Linear convention
+        return rotate(t.mT, role, "out_in", Q, src_gain, piv_gain).mT
     if role in ("read", "lm_head"):
         w = t * src_gain if src_gain is not None else t
         w = w @ Q.T
@@ -75,6 +75,6 @@ def rotate(t: torch.Tensor, role: str, layout: str, Q: torch.Tensor, src_gain: t
         return t @ Q.T
     if role == "write":
         return Q @ t
-    if role == "write_bias":
-        return Q @ t
+    if role == "write_bias":  # [d], or one per expert [E, d]
+        return t @ Q.T
     raise ValueError(f"role {role!r} is not rotated")

@@ -278,7 +278,8 @@ class SemanticContext:
     def _signature(self, delta: torch.Tensor, layout: str) -> torch.Tensor | None:
         """Mean distribution of a write update's columns (residual directions), weighted by their
         norms; the `_SIGNATURE_COLUMNS` largest columns stand for the whole update."""
-        columns = delta.T if layout == "out_in" else delta
+        columns = delta.mT if layout == "out_in" else delta
+        columns = columns.reshape(-1, columns.shape[-1])  # fused experts' [E, in, out]: every expert's columns
         norms = columns.norm(dim=1)
         if float(norms.sum()) == 0.0:
             return None
