@@ -90,7 +90,7 @@ def _fused(method: str, device: torch.device):
             return None
 
         def cpu(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged | None:
-            if not fused_merge.covers(method, params):
+            if not fused_merge.covers(method, params, tuple(inputs.tensors[0].shape)):
                 return None  # the reference
             tensor, inputs_finite, output_finite = fused_merge.merge(method, inputs, params, out_dtype=out_dtype,
                                                                      checks=True)
@@ -113,6 +113,8 @@ def _fused(method: str, device: torch.device):
         triton_first = use_triton and method in TRITON_FIRST
 
         def gpu(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged | None:
+            if not fused_merge.ranks_along_rows(method, tuple(inputs.tensors[0].shape)):
+                return None  # the reference
             fits = native and len(inputs.others) <= cuda_merge.max_models()
             if fits and not triton_first:
                 return Merged(cuda_merge.merge(method, inputs, params, out_dtype=out_dtype))

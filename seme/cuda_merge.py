@@ -45,6 +45,9 @@ def della_probability(base: torch.Tensor, x: torch.Tensor, density: float, epsil
     kernel, so both draw the same masks. base, x: contiguous CUDA tensors of one shape and dtype."""
     from seme import _C_cuda
 
+    if x.dim() > 2:  # rows along dimension 1, as the reference (and mergekit) ranks them
+        rows = della_probability(base.movedim(1, -1).contiguous(), x.movedim(1, -1).contiguous(), density, epsilon)
+        return rows.movedim(-1, 1).contiguous()
     cols = x.shape[-1] if x.dim() else 1
     if cols > _C_cuda.DELLA_MAX_COLS:
         return della_keep_probability(x.float() - base.float(), density, epsilon)

@@ -301,7 +301,7 @@ def _working_bytes(plan: Plan, task, device: str, backend: str) -> int:
         return held
     method = plan.recipe.merge_method
     fused = backend != "reference" and fused_merge.available() and (method == "seme"
-                                                                    or fused_merge.covers(method, task.params))
+                                                                    or fused_merge.covers(method, task.params, task.shape))
     return held + reference_bytes(plan, task, fused)
 
 

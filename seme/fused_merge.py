@@ -48,10 +48,19 @@ def available() -> bool:
     return True
 
 
-def covers(method: str, params: dict) -> bool:
-    """Whether the CPU kernels merge `method` with these bound parameters: not Model Stock's
-    filter-wise ratios (one per row), which the reference computes."""
-    return method in METHODS and not (method == "model_stock" and params["filter_wise"])
+def covers(method: str, params: dict, shape: tuple[int, ...]) -> bool:
+    """Whether the CPU kernels merge `method` with these bound parameters on a tensor of `shape`: not
+    Model Stock's filter-wise ratios (one per row), which the reference computes, nor what
+    `ranks_along_rows` excludes."""
+    return (method in METHODS and not (method == "model_stock" and params["filter_wise"])
+            and ranks_along_rows(method, shape))
+
+
+def ranks_along_rows(method: str, shape: tuple[int, ...]) -> bool:
+    """Whether the kernels (CPU and GPU) rank `method`'s elements as mergekit does on `shape`: they rank
+    DELLA's along contiguous rows, mergekit along dimension 1, which for 3 or more dimensions (fused
+    experts' [E, in, out]) is not the last."""
+    return not (method.startswith("della") and len(shape) > 2)
 
 
 def kernel_dtype(dtype) -> int | None:
@@ -70,8 +79,9 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype=None, num_thre
     """
     import torch
 
-    if not covers(method, params):
-        raise ValueError(f"no fused kernel for method '{method}' with {params}")
+    shape = tuple(inputs.tensors[0].shape)
+    if not covers(method, params, shape):
+        raise ValueError(f"no fused kernel for method '{method}' with {params} on shape {list(shape)}")
     out_dtype = torch.float32 if out_dtype is None else out_dtype
     if kernel_dtype(out_dtype) is None:  # the kernel writes fp32, bf16 or fp16; anything else is a cast of fp32
         merged = merge(method, inputs, params, num_threads=num_threads, checks=checks)

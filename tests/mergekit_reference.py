@@ -17,14 +17,18 @@ def mergekit_merge(method: str, tensors, base=None, **params) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def bernoulli_from(masks):
-    """Make torch.bernoulli return the given masks in call order (mergekit draws one per model)."""
+def bernoulli_from(masks, probabilities=None):
+    """Make torch.bernoulli return the given masks in call order (mergekit draws one per model),
+    checking that mergekit asks with the given probabilities (where given)."""
     pending = list(masks)
+    expected = list(probabilities) if probabilities is not None else None
     original = torch.bernoulli
 
     def fake(p, *args, **kwargs):
         mask = pending.pop(0)
         assert mask.shape == p.shape
+        if expected is not None:
+            torch.testing.assert_close(p.float(), expected.pop(0).reshape(p.shape).float())
         return mask.to(p.dtype)
 
     torch.bernoulli = fake

@@ -131,11 +131,15 @@ def test_selection_where_the_strided_sample_misleads(pattern, name, params):
 
 
 def test_della_rows():
-    """DELLA ranks along the last dimension: rows of length 1, short rows, 3-D tensors."""
+    """DELLA ranks along the last dimension: rows of length 1, short rows. A tensor of 3 or more
+    dimensions, which mergekit ranks along dimension 1, is the reference's."""
     params = bound("della", dict(weight=1.0, density=0.5, epsilon=0.2), 2)
-    for shape in [(40, 1), (5, 3, 9), (2, 300)]:
+    for shape in [(40, 1), (2, 300)]:
         for kind in ("normal", "ties"):
             assert_matches("della", make_inputs(shape, 2, kind), params)
+    assert not fused_merge.covers("della", params, (5, 3, 9))
+    with pytest.raises(ValueError, match=r"no fused kernel for method 'della' .* on shape \[5, 3, 9\]"):
+        fused_merge.merge("della", make_inputs((5, 3, 9), 2), params)
     # rows whose |δ| take one value, a narrow span of keys, and the whole range (subnormal to huge):
     # the row sort takes no pass, one, and three
     g = torch.Generator().manual_seed(0)
@@ -495,7 +499,7 @@ def test_model_stock_filter_wise_takes_the_reference(llama_family, tmp_path):
     recipe = {"merge_method": "model_stock", "base_model": llama_family["base"], "dtype": "float32",
               "parameters": {"filter_wise": True}, "models": [{"model": llama_family[f"expert{i}"]} for i in range(3)]}
     p = registry.bind(registry.get("model_stock"), {"filter_wise": True}, 4, 0, "test")
-    assert not fused_merge.covers("model_stock", p)
+    assert not fused_merge.covers("model_stock", p, (8,))
     with pytest.raises(ValueError, match="no fused kernel for method 'model_stock'"):
         fused_merge.merge("model_stock", make_inputs((8,), 3), p)
     seme.merge(recipe, str(tmp_path / "auto"), progress=False)  # the native engine hands every tensor to torch

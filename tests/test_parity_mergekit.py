@@ -175,7 +175,7 @@ RANDOMIZED = {
 }
 
 
-@pytest.mark.parametrize("shape", [(33, 47), (257,)])
+@pytest.mark.parametrize("shape", [(33, 47), (257,), (3, 11, 6)])  # 3-D: fused experts' [E, in, out]
 @pytest.mark.parametrize("method", sorted(RANDOMIZED))
 def test_randomized_methods_match_mergekit_given_the_same_draws(method, shape):
     from seme.methods import rng
@@ -187,7 +187,7 @@ def test_randomized_methods_match_mergekit_given_the_same_draws(method, shape):
     params = RANDOMIZED[method]
     ours = seme.merge_tensors(method, xs, base=base, name="t", seed=7, **params)
 
-    masks = []
+    masks, probabilities = [], []
     for j, x in enumerate(xs):
         u = rng.uniform(rng.stream_key(7, "t", j + 1), x.numel()).reshape(shape)
         density = params["density"][j] if isinstance(params["density"], list) else params["density"]
@@ -196,8 +196,10 @@ def test_randomized_methods_match_mergekit_given_the_same_draws(method, shape):
             p = della_keep_probability(x - base, density, eps)
             masks.append((u < p).float().reshape(p.shape if len(shape) > 1 else (1, -1)))
         else:
+            p = torch.full(shape, float(density))
             masks.append((u < density).float())
-    with bernoulli_from(masks):
+        probabilities.append(p)
+    with bernoulli_from(masks, probabilities):
         theirs = mergekit_merge(method, xs, base=base, **params)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     kept = torch.stack([m.reshape(shape) for m in masks]).mean().item()

@@ -50,15 +50,18 @@ def random_mask(delta: torch.Tensor, keep_probability: torch.Tensor | float, key
 
 
 def della_keep_probability(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA: keep probability grows linearly with the |δ| rank within each row, in density ± ε."""
+    """DELLA: keep probability grows linearly with the |δ| rank within each row, in density ± ε. A
+    row runs along dimension 1, as mergekit ranks: the last for a matrix, not for fused experts'
+    [E, in, out] (a vector is one row)."""
     import torch
 
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.movedim(1, -1)
     ranks = rank_positions(rows.abs()).to(torch.float32)
     # A tensor, not a Python number: CUDA divides by a CPU scalar through its reciprocal, which rounds
     # differently from a division (and from the C++ and CUDA kernels).
     span = torch.tensor(float(max(rows.shape[-1] - 1, 1)), device=delta.device)
-    return ((density - epsilon) + (ranks / span).clamp(0, 1) * 2 * epsilon).reshape(delta.shape)
+    probability = (density - epsilon) + (ranks / span).clamp(0, 1) * 2 * epsilon
+    return probability.reshape(delta.shape) if delta.dim() < 2 else probability.movedim(-1, 1)
 
 
 def sparsify(delta: torch.Tensor, method: str | None, density: float, rescale: bool, *,
