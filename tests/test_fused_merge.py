@@ -154,8 +154,8 @@ def test_della_rows():
 @pytest.mark.parametrize("kind", ["spread", "narrow", "quantized", "clustered"])
 def test_della_long_rows(kind):
     """Rows of 4096, where the kernel decides most draws from a key bucket's rank bracket: spread |δ|
-    (the undecided ones' buckets sorted), a span of fewer keys than buckets (counted), and many equal
-    |δ| (crowded: the row sorted whole), for ε up to the widest."""
+    (the few undecided ones counted over the row), a span of fewer keys than buckets, and many equal
+    |δ| (crowded: ranked by their index order in buckets of one key), for ε up to the widest."""
     g = torch.Generator().manual_seed(5)
     rows, cols = 6, 4096
     if kind == "spread":
@@ -171,6 +171,37 @@ def test_della_long_rows(kind):
     for epsilon in (0.05, 0.2, 0.5):
         params = bound("della", dict(weight=1.0, density=0.5, epsilon=epsilon), 2)
         assert_matches("della", Inputs((torch.zeros(rows, cols), *fine), 0), params)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp16", "one_mixed_bucket", "narrow_and_outlier"])
+def test_della_crowded_rows(kind):
+    """Crowded rows (many equal |δ|: more undecided elements than the kernel counts one by one) of
+    4096. Buckets holding one key, as bf16 and fp16 fine-tunes' deltas mostly have, rank their elements
+    in index order; the undecided elements of a bucket holding several keys (one exponent's two keys a
+    few ulps apart, among single-key buckets) are counted among that bucket's elements, or by a count over
+    the row when few; where that would read more than a sort of the row (a narrow span of keys sharing
+    one bucket, the outlier widening the buckets), the row is sorted."""
+    g = torch.Generator().manual_seed(7)
+    rows, cols = 8, 4096
+    if kind in ("bf16", "fp16"):  # δ as the kernel takes it from bf16 / fp16 inputs, in fp32
+        dtype = torch.bfloat16 if kind == "bf16" else torch.float16
+        base = torch.randn(rows, cols, generator=g)
+        fine = [(base + 0.01 * torch.randn(rows, cols, generator=g)).to(dtype).float() for _ in range(2)]
+        base = base.to(dtype).float()
+    else:
+        if kind == "one_mixed_bucket":
+            exponents = torch.randint(-8, 0, (rows, cols), generator=g)
+            apart = (exponents == -3) * torch.randint(0, 2, (rows, cols), generator=g) * 2.0 ** -20
+            magnitudes = 2.0 ** exponents * (1 + apart)
+        else:
+            magnitudes = 1.0 + torch.randint(0, 1500, (rows, cols), generator=g) * 2.0 ** -23
+            magnitudes[:, 7] = 1e3
+        signs = torch.randint(0, 2, (rows, cols), generator=g) * 2.0 - 1.0
+        base = torch.zeros(rows, cols)
+        fine = [signs * magnitudes, signs.flip(1) * magnitudes.flip(1)]
+    for epsilon in (0.05, 0.2):
+        params = bound("della", dict(weight=1.0, density=0.5, epsilon=epsilon), 2)
+        assert_matches("della", Inputs((base, *fine), 0), params)
 
 
 def test_exact_top_k_with_ties():

@@ -315,12 +315,15 @@ struct Scratch {
   std::vector<uint32_t> ties;            // positions of elements equal to a split cut
   std::vector<float> var;                // SCE: variances over models
   std::vector<double> mean, m2;          // SCE: Welford accumulators
-  std::vector<uint32_t> rank;            // DELLA: ranks within the row
+  std::vector<uint32_t> rank;            // DELLA: ranks within the row, or positions within buckets
   std::vector<uint64_t> sort_a, sort_b;  // DELLA: row sort
+  std::vector<uint16_t> bucket;          // DELLA: each element's key bucket
   std::vector<uint32_t> bucket_start;    // DELLA: first rank of each key bucket of the row
-  std::vector<uint32_t> bucket_cursor;   // DELLA: where a bucket's elements are gathered
+  std::vector<uint32_t> bucket_key;      // DELLA: a key of some buckets
+  std::vector<uint8_t> bucket_mixed;     // DELLA: whether such a bucket holds other keys too
   std::vector<float> bucket_min, bucket_max;  // DELLA: the keep bound over a bucket's ranks
   std::vector<uint32_t> undecided;       // DELLA: elements their bucket does not decide
+  std::vector<uint32_t> gathered_at, gathered_keys;  // DELLA: the elements of the mixed buckets
   uint32_t input_exponents = 0;          // max of the exponent bits of the staged δ (or inputs)
   uint32_t output_magnitude = 0;         // max of |output| as fp32 bits
 };
@@ -1082,89 +1085,145 @@ void row_ranks(const float* d, int64_t len, uint32_t lo, uint32_t hi, Scratch& s
 }
 
 constexpr int kBucketBits = 11;
-constexpr int64_t kCrowded = 16;
+static_assert(kBucketBits < 16, "bucket numbers are stored as uint16_t");
+constexpr int64_t kCounted = 8;   // undecided elements each ranked by a count over the row; more take a pass first
+constexpr int64_t kSortRow = 32;  // counts reading more keys than this many rows hold: the row is sorted instead
 
 // DELLA's draw for one row: keep[j] = 1 where u[j] < p0 + ((rank[j] / span) * 2) * eps (the
 // reference's float ops), rank[j] being the ascending rank of |d[j]| within the row, ties by index.
 // The bound is monotone in the rank, so an element's bucket (its key's top bits above the row's
-// smallest) decides it wherever the bounds at the bucket's first and last rank lie on one side of
-// u[j]: nearly every element, since the buckets are narrow. Only the buckets holding undecided
-// elements are sorted to rank them. (3 x 16M fp32 on a 2-core EPYC, AVX2: 350-365 ms -> 250-270 ms
-// against the row sort alone; bf16 and fp16 deltas, quantized, mostly take the row sort.)
+// smallest nonzero key; the zeros have a bucket of their own, so that they do not widen the others)
+// decides it wherever the bounds at the bucket's first and last rank lie on one side of u[j]: nearly
+// every element, since the buckets are narrow. The few undecided ones are ranked by a count over the
+// row. Crowded buckets (many equal |δ|, as quantized bf16 / fp16 deltas have) leave more undecided:
+// where such a bucket holds one key, index order is rank order, and the element's position among
+// its bucket's, taken while counting them, ranks it; the undecided elements of buckets holding
+// several keys are counted among those buckets' elements, or the row is sorted where that reads
+// less. (3 x 16M as [4096, 4096], 2 threads on a noisy 2-core EPYC (Zen 3), AVX2, best of 7 in
+// five alternations, fp32 / bf16 / fp16: 265-331 / 273-343 / 290-353 ms -> 183-233 / 190-229 /
+// 184-204 ms, against crowded rows, picked by a sample, sorted whole and the others' undecided
+// elements' buckets sorted.)
 void della_keep(const float* d, int64_t len, const float* u, float p0, float eps, float* keep, Scratch& s) {
   const float span = float(std::max<int64_t>(len - 1, 1));
   auto bound = [&](uint32_t rank) { return p0 + ((float(rank) / span) * 2.0f) * eps; };
-  uint32_t lo = 0xffffffffu, hi = 0;
-  for (int64_t j = 0; j < len; ++j) lo = std::min(lo, key_of(d[j])), hi = std::max(hi, key_of(d[j]));
-  if (hi == lo) {  // one value: ranked by index
-    for (int64_t j = 0; j < len; ++j) keep[j] = u[j] < bound(uint32_t(j)) ? 1.0f : 0.0f;
-    return;
-  }
-  uint32_t* rank = s.rank.data();
-  const int bits = 32 - __builtin_clz(hi - lo);
+#ifdef SEME_AVX2
+  const int64_t len8 = len & ~int64_t(7);  // the part of the row the 8-lane loops take
+#else
+  const int64_t len8 = 0;
+#endif
+  uint32_t lo = 0xffffffffu, hi = 0;  // the smallest nonzero key (key - 1 wraps for 0), the largest
+  for (int64_t j = 0; j < len; ++j) lo = std::min(lo, key_of(d[j]) - 1), hi = std::max(hi, key_of(d[j]));
+  ++lo;
+  const int bits = hi > lo ? 32 - __builtin_clz(hi - lo) : 0;
   const int width = std::min({bits, kBucketBits, 32 - __builtin_clz(uint32_t(len))});
   const int shift = bits - width;
-  const uint32_t buckets = ((hi - lo) >> shift) + 1;
-  auto bucket_of = [&](int64_t j) { return (key_of(d[j]) - lo) >> shift; };
+  const uint32_t buckets = ((hi - lo) >> shift) + 2;
+  // Bucket 1 starts at lo; bucket 0 holds the keys below: the zeros (and, where lo is below one
+  // bucket's width, the keys below that width).
+  const uint32_t floor = lo >= (1u << shift) ? lo - (1u << shift) : 0;
+  uint16_t* bucket = s.bucket.data();
+  for (int64_t j = 0; j < len; ++j) bucket[j] = uint16_t((std::max(key_of(d[j]), floor) - floor) >> shift);
   uint32_t* start = s.bucket_start.data();
-  // Crowded buckets (many equal |δ|, as quantized bf16 deltas have) would leave most of the row
-  // undecided: such a row is ranked whole. Crowding is estimated from a sample of the row, as the
-  // chance that two of its elements share a bucket (pairs / (m (m - 1) / 2) ~ Σ count² / len²).
+  uint32_t* pos = s.rank.data();  // an element's position among its bucket's, in index order
   std::memset(start, 0, sizeof(uint32_t) * (buckets + 1));
-  const int64_t step = std::max<int64_t>(1, len / 256);
-  int64_t m = 0, pairs = 0;
-  for (int64_t j = 0; j < len; j += step, ++m) pairs += start[bucket_of(j) + 1]++;
-  if (2 * pairs * len > kCrowded * m * (m - 1)) {
-    row_ranks(d, len, lo, hi, s);
-    for (int64_t j = 0; j < len; ++j) keep[j] = u[j] < bound(rank[j]) ? 1.0f : 0.0f;
-    return;
-  }
-  std::memset(start, 0, sizeof(uint32_t) * (buckets + 1));
-  for (int64_t j = 0; j < len; ++j) ++start[bucket_of(j) + 1];
+  for (int64_t j = 0; j < len; ++j) pos[j] = start[bucket[j] + 1]++;
   for (uint32_t b = 0; b < buckets; ++b) start[b + 1] += start[b];
   float* below = s.bucket_min.data();
   float* above = s.bucket_max.data();
-  for (uint32_t b = 0; b < buckets; ++b) {
-    if (start[b + 1] == start[b]) continue;
+  for (uint32_t b = 0; b < buckets; ++b) {  // (vectorized: an empty bucket's bounds are never read)
     const float first = bound(start[b]), last = bound(start[b + 1] - 1);
     below[b] = std::min(first, last), above[b] = std::max(first, last);
   }
-  uint32_t* undecided = s.undecided.data();
+  uint32_t* undecided = s.undecided.data();  // ascending
   int64_t n = 0;
-  for (int64_t j = 0; j < len; ++j) {
-    const uint32_t b = bucket_of(j);
+#ifdef SEME_AVX2
+  for (int64_t j = 0; j < len8; j += 8) {
+    const __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bucket + j)));
+    const __m256 uj = _mm256_loadu_ps(u + j);
+    const __m256 yes = _mm256_cmp_ps(uj, _mm256_i32gather_ps(below, b, 4), _CMP_LT_OQ);
+    const __m256 open = _mm256_andnot_ps(yes, _mm256_cmp_ps(uj, _mm256_i32gather_ps(above, b, 4), _CMP_LT_OQ));
+    _mm256_storeu_ps(keep + j, _mm256_and_ps(yes, _mm256_set1_ps(1.0f)));
+    n += pack(positions8(j), _mm256_movemask_ps(open), undecided + n);
+  }
+#endif
+  for (int64_t j = len8; j < len; ++j) {
+    const uint32_t b = bucket[j];
     const bool yes = u[j] < below[b];
     keep[j] = yes ? 1.0f : 0.0f;
     undecided[n] = uint32_t(j);
     n += !yes & (u[j] < above[b]);
   }
-  if (n == 0) return;
-  if (shift == 0) {  // a bucket is one key: index order ranks its elements
-    for (int64_t j = 0; j < len; ++j) rank[j] = start[bucket_of(j)]++;
-  } else {
-    // The undecided elements' buckets, gathered (as key << 32 | index) and sorted each: at worst a
-    // sort of the row.
-    constexpr uint32_t kOut = 0xffffffffu;
-    uint32_t* cursor = s.bucket_cursor.data();
-    std::fill(cursor, cursor + buckets, kOut);
-    for (int64_t i = 0; i < n; ++i) cursor[bucket_of(undecided[i])] = 0;
-    for (uint32_t b = 0, at = 0; b < buckets; ++b)
-      if (cursor[b] != kOut) cursor[b] = at, at += start[b + 1] - start[b];
-    uint64_t* a = s.sort_a.data();
-    for (int64_t j = 0; j < len; ++j) {
-      const uint32_t b = bucket_of(j);
-      if (cursor[b] != kOut) a[cursor[b]++] = uint64_t(key_of(d[j]) - lo) << 32 | uint64_t(j);
+  if (n > kCounted) {
+    // mixed[b]: bucket b holds a key unlike the one an undecided element of it left in some_key[b]
+    // (kNoKey: none did, nothing to mark). The other buckets' undecided elements are ranked.
+    uint32_t* some_key = s.bucket_key.data();
+    uint8_t* mixed = s.bucket_mixed.data();
+    std::fill(some_key, some_key + buckets, kNoKey);
+    for (int64_t i = 0; i < n; ++i) some_key[bucket[undecided[i]]] = key_of(d[undecided[i]]);
+    std::memset(mixed, 0, buckets);
+#ifdef SEME_AVX2
+    for (int64_t j = 0; j < len8; j += 8) {
+      const __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bucket + j)));
+      const __m256i v = _mm256_i32gather_epi32(reinterpret_cast<const int*>(some_key), b, 4);
+      const __m256i none = _mm256_cmpeq_epi32(v, _mm256_set1_epi32(int(kNoKey)));
+      const __m256i same = _mm256_or_si256(_mm256_cmpeq_epi32(keys8(d + j), v), none);
+      for (unsigned other = ~unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(same))) & 0xff; other; other &= other - 1)
+        mixed[bucket[j + __builtin_ctz(other)]] = 1;
     }
-    for (uint32_t b = 0; b < buckets; ++b) {
-      if (cursor[b] == kOut) continue;
-      const uint32_t size = start[b + 1] - start[b], first = cursor[b] - size;
-      std::sort(a + first, a + cursor[b]);  // the pairs are distinct: (key, index) order
-      for (uint32_t pos = 0; pos < size; ++pos) rank[uint32_t(a[first + pos])] = start[b] + pos;
+#endif
+    for (int64_t j = len8; j < len; ++j)
+      if (some_key[bucket[j]] != kNoKey && key_of(d[j]) != some_key[bucket[j]]) mixed[bucket[j]] = 1;
+    int64_t m = 0;  // the undecided elements of mixed buckets, kept in front
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t j = undecided[i], b = bucket[j];
+      if (mixed[b]) undecided[m++] = j;
+      else keep[j] = u[j] < bound(start[b] + pos[j]) ? 1.0f : 0.0f;
+    }
+    n = m;
+    if (n > kCounted) {
+      // The mixed buckets' elements, gathered in index order (keys, positions): each undecided one is
+      // counted among them, from its bucket's first key.
+      uint32_t* keys = s.gathered_keys.data();
+      uint32_t* at = s.gathered_at.data();
+      int64_t g = 0;
+#ifdef SEME_AVX2
+      for (int64_t j = 0; j < len8; j += 8) {  // mixed[b] as the low byte of 4 read at b (it has the room)
+        const __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bucket + j)));
+        const __m256i flag = _mm256_slli_epi32(_mm256_i32gather_epi32(reinterpret_cast<const int*>(mixed), b, 1), 24);
+        const int take = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(flag, _mm256_setzero_si256())));
+        pack(keys8(d + j), take, keys + g);
+        g += pack(positions8(j), take, at + g);
+      }
+#endif
+      for (int64_t j = len8; j < len; ++j) keys[g] = key_of(d[j]), at[g] = uint32_t(j), g += mixed[bucket[j]];
+      if (n * g > kSortRow * len) {
+        row_ranks(d, len, start[1] > 0 ? 0 : lo, hi, s);
+        for (int64_t i = 0; i < n; ++i) {
+          const uint32_t j = undecided[i];
+          keep[j] = u[j] < bound(s.rank[j]) ? 1.0f : 0.0f;
+        }
+        return;
+      }
+      for (int64_t i = 0, p = 0; i < n; ++i) {
+        const uint32_t j = undecided[i], b = bucket[j];
+        while (at[p] != j) ++p;
+        const int32_t key = int32_t(key_of(d[j])), first = b > 0 ? int32_t(floor + (b << shift)) : 0;
+        uint32_t rank = start[b];
+        for (int64_t q = 0; q < p; ++q) rank += (int32_t(keys[q]) >= first) & (int32_t(keys[q]) <= key);
+        for (int64_t q = p; q < g; ++q) rank += (int32_t(keys[q]) >= first) & (int32_t(keys[q]) < key);
+        keep[j] = u[j] < bound(rank) ? 1.0f : 0.0f;
+      }
+      return;
     }
   }
+  // The keys below key_j, and the equal ones before j (keys are below 2^31: signed compares vectorize).
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t j = undecided[i];
-    keep[j] = u[j] < bound(rank[j]) ? 1.0f : 0.0f;
+    const int32_t key = int32_t(key_of(d[j]));
+    uint32_t rank = 0;
+    for (uint32_t k = 0; k < j; ++k) rank += int32_t(key_of(d[k])) <= key;
+    for (int64_t k = j; k < len; ++k) rank += int32_t(key_of(d[k])) < key;
+    keep[j] = u[j] < bound(rank) ? 1.0f : 0.0f;
   }
 }
 
@@ -1250,9 +1309,10 @@ Finite family_merge(const Tensors& t, const FamilyParams& p) {
   Ctx ctx(t, della ? rows_per_chunk * p.cols : kChunk, della ? p.cols : kBlock);
   if (della)
     for (Scratch& s : ctx.scratch) {
-      const size_t buckets = size_t(1) << kBucketBits;
-      s.sort_a.resize(p.cols), s.sort_b.resize(p.cols), s.rank.resize(p.cols), s.undecided.resize(p.cols);
-      s.bucket_start.resize(buckets + 1), s.bucket_cursor.resize(buckets);
+      const size_t buckets = (size_t(1) << kBucketBits) + 1;  // the zeros' and the key buckets
+      s.sort_a.resize(p.cols), s.sort_b.resize(p.cols), s.rank.resize(p.cols), s.undecided.resize(p.cols + 8);
+      s.bucket.resize(p.cols), s.gathered_at.resize(p.cols + 8), s.gathered_keys.resize(p.cols + 8);
+      s.bucket_start.resize(buckets + 1), s.bucket_key.resize(buckets), s.bucket_mixed.resize(buckets + 3);
       s.bucket_min.resize(buckets), s.bucket_max.resize(buckets);
     }
 
