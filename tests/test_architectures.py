@@ -52,10 +52,15 @@ FAMILIES = {
                                                                   intermediate_size_mlp=64, interleave_moe_layer_step=2,
                                                                   pad_token_id=0)),
     # Mamba-2 mixers beside attention, experts fused as [E, out, in] (granite 4)
-    "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", dict(
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(DECODER, num_local_experts=4, num_experts_per_tok=2)),
+    "granitemoe:granitemoeshared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM", dict(
+        DECODER, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48)),
+    "granitemoe:granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", dict(
         DECODER, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48, mamba_n_heads=8,
         mamba_d_head=8, mamba_n_groups=1, mamba_d_state=16, layer_types=["linear_attention", "full_attention"],
         pad_token_id=0)),
+    # gated short convolutions beside attention
+    "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(DECODER, layer_types=["conv", "full_attention"], pad_token_id=0)),
     # LayerNorm families (rotation does not commute with their norms)
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", DECODER),
     "falcon": ("FalconConfig", "FalconForCausalLM", DECODER),
@@ -85,7 +90,9 @@ FAMILIES = {
     "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128,
                                                                       n_positions=64)),
 }
-MOE = {"gpt_oss", "llama4_text", "granitemoehybrid", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe"}
+# Checkpoints name these experts unlike transformers in memory (one tensor per expert, or granite's input_linear).
+MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "granitemoe",
+       "granitemoe:granitemoeshared", "granitemoe:granitemoehybrid"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
