@@ -403,6 +403,7 @@ def test_inferred_fallback(saved):
     assert arch.role("transformer.ln_f.weight").role == "final_norm"
     assert arch.role("embed_out.weight").role == "lm_head"  # gpt_neox's head is no embedding
     assert arch.role("lm_head.bias").role == "lm_head_bias"
+    assert arch.role("model.embedding_norm.weight").role == "final_norm"  # a norm, whatever its name says
 
 
 def test_loader_imports_only_stdlib():

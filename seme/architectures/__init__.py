@@ -154,7 +154,7 @@ class Architecture:
             role = "position_embedding"
         elif module in _HEAD:
             role = "lm_head_bias" if is_bias else "lm_head"
-        elif module in _EMBED or "embed" in module:
+        elif module in _EMBED or ("embed" in module and "norm" not in module):  # LFM2's final embedding_norm
             role = "embedding"
         elif "norm" in module or module.startswith("ln"):
             role = ("norm" if m else "final_norm") + ("_bias" if is_bias else "")
