@@ -261,12 +261,12 @@ def copy_tensor(plan: Plan, task, out: memoryview) -> None:
         with plan.models[m].view(name) as source:
             out[:] = source
         return
+    if not len(out):
+        return
     import torch
 
     from seme.plan import CODE_NAMES
 
-    if not len(out):
-        return
     cast = plan.models[m].load(name).to(getattr(torch, CODE_NAMES[task.dtype]))
     torch.frombuffer(out, dtype=torch.uint8).copy_(cast.contiguous().reshape(-1).view(torch.uint8))
 

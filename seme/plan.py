@@ -187,25 +187,27 @@ def _add_trailing(builder, ref: int, sl: Slice, depth: int) -> None:
     if not names:
         return
     n_ref = archs[ref].num_layers(models[ref].config)
-    out = {n: _rename(archs[ref], n, depth + _layer(archs[ref], n) - n_ref) for n in names}
+    past = {n: _layer(archs[ref], n) - n_ref for n in names}  # 0 for the first layer after the last
     inputs = {n: {} for n in names}
     lacking = []
     for s in sl.sources:
         m = index[s.model]
         n_m = archs[m].num_layers(models[m].config)
         for n in names:
-            inputs[n][s.model] = _rename(archs[m], n, n_m + _layer(archs[ref], n) - n_ref)
-        if any(name not in models[m].tensors for name in (inputs[n][s.model] for n in names)):
+            inputs[n][s.model] = _rename(archs[m], n, n_m + past[n])
+        if any(inputs[n][s.model] not in models[m].tensors for n in names):
             lacking.append(models[m].name)
-    what = f"the layers after the last ({_name_layers(archs[ref], names)})"
+    out = {n: _rename(archs[ref], n, depth + past[n]) for n in names}
     if not lacking:
         for n in names:
             builder.add(out[n], inputs[n], sl, t=1.0)
-    elif builder.remap is not None and any(_role(archs[ref], n) in architectures.VOCAB_ROLES for n in names):
-        warnings.warn(f"{what} are left out: {', '.join(lacking)} {'lacks' if len(lacking) == 1 else 'lack'} them, "
-                      f"and the reference's rows follow its own vocabulary")
+        return
+    what = f"the layers after the last ({_name_layers(archs[ref], names)})"
+    who = f"{', '.join(lacking)} {'lacks' if len(lacking) == 1 else 'lack'} them"
+    if builder.remap is not None and any(_role(archs[ref], n) in architectures.VOCAB_ROLES for n in names):
+        warnings.warn(f"{what} are left out: {who}, and the reference's rows follow its own vocabulary")
     else:
-        warnings.warn(f"{what} are the reference's: {', '.join(lacking)} {'lacks' if len(lacking) == 1 else 'lack'} them")
+        warnings.warn(f"{what} are the reference's: {who}")
         for n in names:
             builder.copy(out[n], ref, n)
 
