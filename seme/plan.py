@@ -70,7 +70,7 @@ def make_plan(recipe: Recipe) -> Plan:
     method = registry.get(recipe.merge_method)
     models = [ModelFolder.open(ref) for ref in recipe.models]
     index = {m.ref: i for i, m in enumerate(models)}
-    archs = [architectures.for_config(m.config) for m in models]
+    archs = [architectures.for_config(m.config, m.tensors) for m in models]
     first_slice = recipe.slices[0]
     ref_path = recipe.base_model or first_slice.base_model or first_slice.sources[0].model
     ref = index[ref_path]
@@ -93,9 +93,12 @@ def make_plan(recipe: Recipe) -> Plan:
         if len(parts) > 1 or len(stacks) > 1:
             return _plan_modules(recipe, method, models, archs, index, ref, parts, stacks, tokenizer, template, remap)
     if method.name == "seme":
-        if len(stacks) > 1:
+        language = [s for s in stacks if modules.part_of(s) == modules.TEXT]
+        if len(language) > 1 or (len(stacks) > 1 and not arch.settings_key):
             raise SemeError(f"seme: {models[ref].name} has several layer stacks ({_describe(stacks)}); SeMe aligns "
-                            f"language models of one stack: merge it with another method")
+                            f"language models of one stack, and multimodal models whose language model has a "
+                            f"role table ({', '.join(architectures.known_architectures())}): merge it with "
+                            f"another method")
         if remap is not None:
             raise SemeError("config: seme maps the sources' vocabularies to the pivot's itself: "
                             "drop tokenizer_source / tokenizer")
@@ -176,7 +179,7 @@ def trailing_layers(arch, model: ModelFolder) -> list[str]:
     """Tensors of the layers a checkpoint stores after its last one, which transformers does not run
     (DeepSeek-V3's and GLM-4.5's multi-token prediction)."""
     depth = arch.num_layers(model.config)
-    return [n for n in model.tensors if (_layer(arch, n) or 0) >= depth]
+    return [n for n in model.tensors if (_layer(arch, n) or 0) >= depth and modules.part_of(n) == modules.TEXT]
 
 
 def _add_trailing(builder, ref: int, sl: Slice, depth: int) -> None:
@@ -386,6 +389,13 @@ def _plan_seme(recipe, method, models, archs, index, tokenizer, template) -> Pla
 
     sp = pipeline.plan_sources(recipe, method, models, archs, index)
     pivot = models[sp.pivot]
+    # A multimodal model's other parts are merged tensor by tensor, layer for layer.
+    others = lambda m: {s: d for s, d in _stacks(archs[m], models[m]).items() if modules.part_of(s) != modules.TEXT}
+    for m in sp.sources:
+        if others(m) != others(sp.pivot):
+            raise SemeError(f"seme: {models[m].name} has layer stacks {_describe(others(m))} beside its language "
+                            f"model, the pivot {_describe(others(sp.pivot))}: SeMe matches only the language "
+                            f"models' layers")
     trailing = set(trailing_layers(archs[sp.pivot], pivot))
     if trailing:  # the merged layers are in the pivot's coordinates, which the pivot's own extra layers read
         warnings.warn(f"the layers after the last ({_name_layers(archs[sp.pivot], trailing)}) are the pivot's")

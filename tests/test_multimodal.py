@@ -3,12 +3,15 @@ are merged whole, tensor by tensor, with gradients running over each stack's own
 by module (mergekit's `modules:`), each module with its own models or slices and parameters."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
 
 import seme
 from conftest import load_folder, save_tokenizer
+from seme import architectures
 from seme.architectures import modules
 from seme.merge import main
 
@@ -53,6 +56,41 @@ def build_gemma3(path, seed: int):
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                            image_size=28, patch_size=14), mm_tokens_per_image=4)
     return save_random(path, seed, transformers.Gemma3ForConditionalGeneration, config)
+
+
+def build_qwen2_5_vl(path, seed: int):
+    import transformers
+
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=dict(QWEN_VL_TEXT, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           fullatt_block_indexes=[1]))
+    return save_random(path, seed, transformers.Qwen2_5_VLForConditionalGeneration, config)
+
+
+def build_qwen3_vl(path, seed: int):
+    import transformers
+
+    config = transformers.Qwen3VLConfig(
+        text_config=dict(QWEN_VL_TEXT, head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           deepstack_visual_indexes=[0]))
+    return save_random(path, seed, transformers.Qwen3VLForConditionalGeneration, config)
+
+
+def build_mistral3(path, seed: int):
+    import transformers
+
+    config = transformers.Mistral3Config(
+        text_config=dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64, head_dim=8),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           head_dim=8, image_size=28, patch_size=14), tie_word_embeddings=False)
+    return save_random(path, seed, transformers.Mistral3ForConditionalGeneration, config)
+
+
+QWEN_VL_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=64, bos_token_id=1, eos_token_id=2)
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +142,35 @@ def assert_refused(r, message, tmp_path, capsys):
 @pytest.mark.parametrize("case, message", [
     ("slices", "has several layer stacks (language_model.model.layers.* (2 layers), vision_tower.encoder.layers.* "
                "(3 layers)), which one layer_range cannot select: merge it whole with 'models:'"),
-    ("seme", "SeMe aligns language models of one stack"),
+    # independent models: their language models would need turning, and their projectors with them
+    ("seme", "aligning llama (in LlavaForConditionalGeneration) models by rotation is not supported (its vision "
+             "projector, which writes into the language model's stream, is not described"),
+    ("seme-depths", "beside its language model, the pivot vision_tower.encoder.layers.* (3 layers): SeMe matches "
+                    "only the language models' layers"),
+    ("seme-no-table", "SeMe aligns language models of one stack, and multimodal models whose language model has "
+                      "a role table"),
     ("depths", "models merged whole must have the same layers"),
 ])
 def test_what_a_multimodal_model_cannot_do_is_a_one_line_error(llavas, tmp_path, capsys, case, message):
+    import json
+    import shutil
+
     a, b = llavas
     if case == "slices":
         r = {"merge_method": "passthrough", "slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]}]}
     elif case == "seme":
         r = {"merge_method": "seme", "base_model": a, "models": [{"model": b}]}
+    elif case == "seme-depths":
+        r = {"merge_method": "seme", "base_model": a, "models": [{"model": build_llava(tmp_path / "deep", 3, 4)}]}
+    elif case == "seme-no-table":  # a language model of a family seme has no table for
+        unknown = []
+        for i, model in enumerate((a, b)):
+            unknown.append(tmp_path / f"unknown{i}")
+            shutil.copytree(model, unknown[-1])
+            config = json.loads((unknown[-1] / "config.json").read_text())
+            config["text_config"]["model_type"] = "unknown_lm"
+            (unknown[-1] / "config.json").write_text(json.dumps(config))
+        r = {"merge_method": "seme", "base_model": str(unknown[0]), "models": [{"model": str(unknown[1])}]}
     else:
         r = recipe([a, build_llava(tmp_path / "deep", 3, vision_layers=4)])
     assert_refused(r, message, tmp_path, capsys)
@@ -225,6 +283,116 @@ def test_what_modules_cannot_do_is_a_one_line_error(llavas, tmp_path, capsys, ca
     else:
         mods["text_decoder"] = {"model": a}
     assert_refused(r, message, tmp_path, capsys)
+
+
+# --- the language model's role table ----------------------------------------------------------------
+
+WRAPPERS = {  # the builder, and the family of its language model
+    "llava": (build_llava, "llama"), "gemma3": (build_gemma3, "gemma3"), "qwen2_vl": (build_qwen2_vl, "qwen2"),
+    "qwen2_5_vl": (build_qwen2_5_vl, "qwen2"), "qwen3_vl": (build_qwen3_vl, "qwen3"),
+    "mistral3": (build_mistral3, "mistral"),
+}
+
+
+def own_name(name: str) -> str:
+    """What a checkpoint of the language model alone calls a multimodal checkpoint's tensor `name`."""
+    if name.startswith("language_model."):  # the whole causal LM nested (Llava, Gemma 3, Mistral 3)
+        return name[len("language_model."):]
+    if name.startswith("model.language_model."):  # its decoder nested beside the head (Qwen3-VL)
+        return "model." + name[len("model.language_model."):]
+    return name  # Qwen2-VL: the decoder's own names beside `visual`
+
+
+def tensor_names(path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(f"{path}/model.safetensors", "pt") as f:
+        return list(f.keys())
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_a_multimodal_models_language_model_has_its_familys_roles(wrapper, tmp_path):
+    """The language model's tensors have the roles its family's table gives them in a checkpoint of its
+    own, wherever the multimodal checkpoint keeps them; the other parts have none."""
+    import json
+
+    build, family = WRAPPERS[wrapper]
+    path = build(tmp_path / wrapper, 0)
+    config = json.loads((tmp_path / wrapper / "config.json").read_text())
+    names = tensor_names(path)
+    arch = architectures.for_config(config, names)
+    own = architectures.for_config({"model_type": config["text_config"]["model_type"]})
+    assert not arch.inferred and arch.name == own.name == family
+    assert arch.num_layers(config) == 2 and arch.hidden_size(config) == 32
+    for name in names:
+        role = arch.role(name)
+        if modules.part_of(name) != modules.TEXT:
+            assert role is None, name
+            continue
+        expected = own.role(own_name(name))
+        assert role is not None and expected is not None, name
+        assert (role.role, role.layer, role.layout) == (expected.role, expected.layer, expected.layout), name
+        assert role.norm is None or (role.norm in names and own_name(role.norm) == expected.norm), name
+    tied = not any(arch.role(n) and arch.role(n).role == "lm_head" for n in names)
+    assert tied == arch.tied(config)
+    for template, spec in arch.tensors.items():  # every required tensor, at every layer
+        if not spec.optional and not (tied and spec.role == "lm_head"):
+            for layer in range(2) if "{layer}" in template else [None]:
+                assert (template if layer is None else arch.layer_name(template, layer)) in names, template
+
+
+# --- SeMe ------------------------------------------------------------------------------------------------
+
+def fine_tune(base, path, seed: int, scale: float = 0.02) -> str:
+    """`base` (a model folder) plus a small random task vector on every tensor, saved at `path`."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(base, path)
+    g = torch.Generator().manual_seed(seed)
+    tensors = load_folder(base)
+    save_file({k: v + scale * v.std().nan_to_num() * torch.randn(v.shape, generator=g) for k, v in tensors.items()},
+              f"{path}/model.safetensors", metadata={"format": "pt"})
+    return str(path)
+
+
+def language_model(path, out) -> str:
+    """The Llava at `path`'s language model, saved as a checkpoint of its own (a Llama) at `out`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config = json.loads((path / "config.json").read_text())["text_config"]
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
+    save_file({own_name(k): v for k, v in load_folder(path).items() if modules.part_of(k) == modules.TEXT},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    return str(out)
+
+
+def test_seme_merges_a_multimodal_model(llavas, tmp_path):
+    """SeMe on fine-tunes of one Llava: its language model merges as the same models' language models
+    alone do; the vision tower and projector, which SeMe does not align, by SCE's rule on their task
+    vectors (SeMe's Select / Compute / Erase)."""
+    a = llavas[0]
+    b, c = fine_tune(a, tmp_path / "b", 1), fine_tune(a, tmp_path / "c", 2)
+    r = {"merge_method": "seme", "base_model": a, "models": [{"model": a}, {"model": b}, {"model": c}],
+         "dtype": "float32"}
+    seme.merge(r, str(tmp_path / "out"), progress=False)
+    merged = load_folder(tmp_path / "out")
+    alone = [language_model(Path(p), tmp_path / f"{i}-lm") for i, p in enumerate((a, b, c))]
+    seme.merge({**r, "base_model": alone[0], "models": [{"model": p} for p in alone]}, str(tmp_path / "lm"),
+               progress=False)
+    lm, inputs = load_folder(tmp_path / "lm"), [load_folder(p) for p in (a, b, c)]
+    assert merged.keys() == inputs[0].keys()
+    for name, tensor in merged.items():
+        if modules.part_of(name) == modules.TEXT:
+            expected = lm[own_name(name)]
+        else:
+            expected = seme.merge_tensors("sce", [x[name] for x in inputs[1:]], base=inputs[0][name], select_topk=1.0)
+        torch.testing.assert_close(tensor, expected, msg=name)
+    assert not torch.equal(merged["multi_modal_projector.linear_2.weight"], inputs[0]["multi_modal_projector.linear_2.weight"])
 
 
 # --- vocabulary re-mapping ----------------------------------------------------------------------------

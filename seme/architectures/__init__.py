@@ -23,6 +23,10 @@ A family whose tensors depend on its config (falcon's norms, stablelm's parallel
 ``variants``: the first whose ``when`` values all equal the config's overlays its ``tensors`` on
 the family's (``null`` drops a template), and may set its own ``tied_default`` (a model type whose
 config class ties the head by default, where checkpoints may leave the key out).
+A multimodal model (Llava, Gemma 3, Qwen2-VL, ...) whose `text_config` names a family with a table
+gets that table for its language model, moved to where the checkpoint keeps it (``for_config`` given
+the checkpoint's tensor names). Its other parts (vision tower, projector) have no roles: none holds a
+row per token, and the projector, which writes into the language model's stream, is not described.
 Deliberately stdlib-only (seme.errors is too): it is imported before torch/transformers are needed.
 """
 
@@ -31,7 +35,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 
@@ -87,6 +91,7 @@ class Architecture:
     notes: str = ""
     tensors: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
     variant: str = ""  # the config values that chose this variant ("" for the family's own table)
+    settings_key: str = ""  # where config.json holds this family's settings ("text_config" in a multimodal model)
     variants: tuple[tuple[dict, Architecture], ...] = field(default=(), repr=False)
     _cache: dict[str, TensorRole | None] = field(default_factory=dict, init=False, repr=False)
 
@@ -100,14 +105,19 @@ class Architecture:
         return next((v for when, v in self.variants
                      if all(config.get(k) == value for k, value in when.items())), self)
 
+    def settings(self, config: dict) -> dict:
+        """The part of `config` that describes this family's model."""
+        return config.get(self.settings_key) or config if self.settings_key else config
+
     def num_layers(self, config: dict) -> int:
-        return int(_first(config, self.num_layers_keys))
+        return int(_first(self.settings(config), self.num_layers_keys))
 
     def hidden_size(self, config: dict) -> int:
-        return int(_first(config, self.hidden_size_keys))
+        return int(_first(self.settings(config), self.hidden_size_keys))
 
     def tied(self, config: dict) -> bool:
-        return bool(config.get(self.tie_key, self.tied_default))
+        # A multimodal model ties as its top-level config says (transformers reads it there).
+        return bool(config.get(self.tie_key, self.settings(config).get(self.tie_key, self.tied_default)))
 
     def role(self, tensor_name: str) -> TensorRole | None:
         try:
@@ -265,19 +275,56 @@ def _inferred() -> Architecture:
     )
 
 
-def for_config(config: dict) -> Architecture:
-    """The architecture of an HF config.json dict: by architectures[0], then model_type."""
+def for_config(config: dict, names=None) -> Architecture:
+    """The architecture of an HF config.json dict: by architectures[0], then model_type; for a
+    multimodal model, given its checkpoint's tensor `names`, its language model's family's."""
     by_arch, by_type = _index()
     archs = config.get("architectures") or [None]
     found = by_arch.get(archs[0]) or by_type.get(config.get("model_type"))
     if found is not None:
         return found.variant_for(config)
+    text = config.get("text_config")
+    if names is not None and isinstance(text, dict) and text.get("model_type") in by_type:
+        family = by_type[text["model_type"]].variant_for(text)
+        return _moved(family, _text_prefix(names), archs[0] or config.get("model_type"))
     warnings.warn(
         f"unknown architecture {archs[0]!r} (model_type {config.get('model_type')!r}); "
         "tensor roles are inferred from tensor names",
         stacklevel=2,
     )
     return _inferred()
+
+
+# Where multimodal checkpoints keep their language model: the whole causal LM nested
+# (`language_model.model.layers`, `language_model.lm_head`: transformers 4's layout, and 5's when it
+# saves Llava or Gemma 3), its decoder nested beside a top-level head (`model.language_model.layers`,
+# `lm_head`: Qwen3-VL, Qwen3.5), or its decoder's own names (`model.layers` beside `visual`: Qwen2-VL).
+_NESTED_LM, _NESTED_DECODER = "language_model.", "model.language_model."
+
+
+def _text_prefix(names) -> str:
+    for prefix in (_NESTED_DECODER, _NESTED_LM):
+        if any(n.startswith(prefix) for n in names):
+            return prefix
+    return ""
+
+
+@cache
+def _moved(family: Architecture, prefix: str, wrapper: str) -> Architecture:
+    """`family`'s table with its templates where the multimodal `wrapper`'s checkpoints keep them
+    (`prefix`), its settings read from the config's text_config."""
+    def move(template: str | None) -> str | None:
+        if template is None or not prefix:
+            return template
+        if prefix == _NESTED_LM:
+            return prefix + template
+        base = family.base_prefix
+        return prefix + template[len(base):] if template.startswith(base) else template
+
+    tensors = {move(t): replace(s, norm=move(s.norm), tied_to=move(s.tied_to)) for t, s in family.tensors.items()}
+    return replace(family, tensors=tensors, base_prefix=move(family.base_prefix) if prefix else family.base_prefix,
+                   settings_key="text_config", variants=(),
+                   variant=f"{family.variant}, in {wrapper}" if family.variant else f"in {wrapper}")
 
 
 def known_architectures() -> list[str]:

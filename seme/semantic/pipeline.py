@@ -180,8 +180,10 @@ class SemanticContext:
                 why.append("its norms are LayerNorms, which subtract the mean")
             if any(s.role == "write_norm" for s in arch.tensors.values()):
                 why.append("its sublayer outputs are normalised before the residual add")
+            if arch.settings_key:
+                why.append("its vision projector, which writes into the language model's stream, is not described")
             if why:
-                raise SemeError(f"seme: aligning {arch.name} models by rotation is not supported "
+                raise SemeError(f"seme: aligning {arch.label} models by rotation is not supported "
                                 f"({' and '.join(why)}: a rotation of the residual stream would change the "
                                 f"function); set alignment: never to merge without it")
         pivot = self.bases[sp.pivot]
