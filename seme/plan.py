@@ -136,13 +136,15 @@ def make_plan(recipe: Recipe) -> Plan:
         builder.add(name, {s.model: name for s in first_slice.sources}, first_slice, t=0.0)
     layer_sources = _add_layers(builder, recipe.slices, layer_range)
     last_slice = recipe.slices[-1]
-    _add_trailing(builder, ref, last_slice, len(layer_sources))
+    trailing_left_out = _add_trailing(builder, ref, last_slice, len(layer_sources))
     for name in post:
         if _role(arch, name) == "lm_head" and tied:
             continue  # tied heads stay tied: the output has no separate lm_head
         builder.add(name, {s.model: name for s in last_slice.sources}, last_slice, t=0.0)
 
     config = _output_config(models, archs, ref, layer_sources)
+    if trailing_left_out:
+        config.update({key: 0 for key in TRAILING_COUNT_KEYS if key in config})
     if remap is not None:
         config = remap.config(config)
     _set_output_dtype(config, recipe, builder.tasks)
@@ -175,6 +177,10 @@ def _add_layers(builder, slices, layer_range, stack: str | None = None) -> list[
     return layer_sources
 
 
+# Config keys that count the layers after the last (DeepSeek-V3's and GLM-4.5's multi-token prediction).
+TRAILING_COUNT_KEYS = ("num_nextn_predict_layers",)
+
+
 def trailing_layers(arch, model: ModelFolder) -> list[str]:
     """Tensors of the layers a checkpoint stores after its last one, which transformers does not run
     (DeepSeek-V3's and GLM-4.5's multi-token prediction)."""
@@ -182,13 +188,14 @@ def trailing_layers(arch, model: ModelFolder) -> list[str]:
     return [n for n in model.tensors if (_layer(arch, n) or 0) >= depth and modules.part_of(n) == modules.TEXT]
 
 
-def _add_trailing(builder, ref: int, sl: Slice, depth: int) -> None:
+def _add_trailing(builder, ref: int, sl: Slice, depth: int) -> bool:
     """The reference's trailing layers, after the output's `depth` layers: merged index for index from
-    the sources of `sl` where every one has them, else the reference's copied."""
+    the sources of `sl` where every one has them, else the reference's copied. Returns whether they
+    were left out instead (the reference's rows are in another vocabulary)."""
     models, archs, index = builder.models, builder.archs, builder.index
     names = trailing_layers(archs[ref], models[ref])
     if not names:
-        return
+        return False
     n_ref = archs[ref].num_layers(models[ref].config)
     past = {n: _layer(archs[ref], n) - n_ref for n in names}  # 0 for the first layer after the last
     inputs = {n: {} for n in names}
@@ -204,15 +211,16 @@ def _add_trailing(builder, ref: int, sl: Slice, depth: int) -> None:
     if not lacking:
         for n in names:
             builder.add(out[n], inputs[n], sl, t=1.0)
-        return
+        return False
     what = f"the layers after the last ({_name_layers(archs[ref], names)})"
     who = f"{', '.join(lacking)} {'lacks' if len(lacking) == 1 else 'lack'} them"
     if builder.remap is not None and any(_role(archs[ref], n) in architectures.VOCAB_ROLES for n in names):
         warnings.warn(f"{what} are left out: {who}, and the reference's rows follow its own vocabulary")
-    else:
-        warnings.warn(f"{what} are the reference's: {who}")
-        for n in names:
-            builder.copy(out[n], ref, n)
+        return True
+    warnings.warn(f"{what} are the reference's: {who}")
+    for n in names:
+        builder.copy(out[n], ref, n)
+    return False
 
 
 def _name_layers(arch, names) -> str:

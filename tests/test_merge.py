@@ -336,3 +336,5 @@ def test_layers_after_the_last_follow_the_output_vocabulary(deepseek_mtp, tmp_pa
     seme.merge(recipe(swapped, tokenizer_source="union"), str(tmp_path / "lacking"), progress=False)
     assert "the layers after the last (model.layers.2) are left out: swapped lacks them" in capsys.readouterr().err
     assert not any(n.startswith("model.layers.2.") for n in load_folder(tmp_path / "lacking"))
+    assert json.loads((tmp_path / "lacking" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    assert json.loads((tmp_path / "union" / "config.json").read_text())["num_nextn_predict_layers"] == 1

@@ -308,6 +308,29 @@ def test_models_without_a_role_table_are_not_rotated(trained, tmp_path, capsys):
     assert not report["sources"][0]["applied"]
 
 
+def test_tensors_the_role_table_lacks_are_not_rotated_silently(trained, tmp_path, capsys):
+    # a tensor with no role would keep the source's coordinates while every other one turns
+    from safetensors.torch import load_file, save_file
+
+    paths, _, _, _ = trained
+    extra = {}
+    for k in ("A", "B", "rotB"):
+        extra[k] = shutil.copytree(paths[k], tmp_path / k)
+        state = load_file(extra[k] / "model.safetensors")
+        state["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(4, HIDDEN)
+        save_file(state, extra[k] / "model.safetensors", metadata={"format": "pt"})
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "seme", "base_model": str(extra["A"]),
+                                      "models": [{"model": str(extra["rotB"])}]}))
+    assert main([str(recipe), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ("aligning llama models by rotation is not supported (its role table does not describe "
+            "model.layers.0.mlp.extra_proj.weight: a rotation") in err, err
+    assert not (tmp_path / "out").exists()
+    report = seme_merge(str(extra["A"]), [str(extra["B"])], tmp_path / "unrotated")  # nothing to turn: merged
+    assert not report["sources"][0]["applied"]
+
+
 def test_layer_norm_families_merge_unrotated(tmp_path, capsys):
     # phi: LayerNorms (a rotation of the residual stream does not commute with them) and a head bias
     from safetensors.torch import load_file, save_file

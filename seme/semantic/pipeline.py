@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seme.architectures import VOCAB_ROLES
+from seme.architectures import VOCAB_ROLES, modules
 from seme.errors import SemeError
 from seme.methods.seme import stabilize
 from seme.semantic import alignment, layers, vocab
@@ -182,6 +182,11 @@ class SemanticContext:
                 why.append("its sublayer outputs are normalised before the residual add")
             if arch.settings_key:
                 why.append("its vision projector, which writes into the language model's stream, is not described")
+            unknown = [t.name for t in plan.tasks
+                       if not t.copy and arch.role(t.name) is None and modules.part_of(t.name) == modules.TEXT]
+            if unknown:
+                more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+                why.append(f"its role table does not describe {', '.join(unknown[:3])}{more}")
             if why:
                 raise SemeError(f"seme: aligning {arch.label} models by rotation is not supported "
                                 f"({' and '.join(why)}: a rotation of the residual stream would change the "
