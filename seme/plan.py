@@ -125,7 +125,8 @@ def make_plan(recipe: Recipe) -> Plan:
                             f"select equal layer ranges with 'slices'")
 
     builder = _Builder(recipe, method, models, archs, index, tied, remap)
-    ref_names = list(models[ref].tensors)
+    trailing = set(trailing_layers(arch, models[ref]))
+    ref_names = [n for n in models[ref].tensors if n not in trailing]  # those _add_trailing adds
     pre = [n for n in ref_names if _role(arch, n) in ("embedding", "position_embedding") and _layer(arch, n) is None]
     post = [n for n in ref_names if _layer(arch, n) is None and n not in pre]
     head = next((name for name, spec in arch.tensors.items() if spec.role == "lm_head"), None)
@@ -182,10 +183,12 @@ TRAILING_COUNT_KEYS = ("num_nextn_predict_layers",)
 
 
 def trailing_layers(arch, model: ModelFolder) -> list[str]:
-    """Tensors of the layers a checkpoint stores after its last one, which transformers does not run
-    (DeepSeek-V3's and GLM-4.5's multi-token prediction)."""
+    """Tensors that transformers does not run: of the layers a checkpoint stores after its last one
+    (DeepSeek-V3's and GLM-4.5's multi-token prediction) and of the modules its role table says
+    transformers does not load (Qwen3-Next's mtp.*)."""
     depth = arch.num_layers(model.config)
-    return [n for n in model.tensors if (_layer(arch, n) or 0) >= depth and modules.part_of(n) == modules.TEXT]
+    return [n for n in model.tensors if arch.unloaded_module(n)
+            or ((_layer(arch, n) or 0) >= depth and modules.part_of(n) == modules.TEXT)]
 
 
 def _add_trailing(builder, ref: int, sl: Slice, depth: int) -> bool:
@@ -197,17 +200,23 @@ def _add_trailing(builder, ref: int, sl: Slice, depth: int) -> bool:
     if not names:
         return False
     n_ref = archs[ref].num_layers(models[ref].config)
-    past = {n: _layer(archs[ref], n) - n_ref for n in names}  # 0 for the first layer after the last
+    past = {n: _layer(archs[ref], n) - n_ref for n in names  # 0 for the first layer after the last
+            if not archs[ref].unloaded_module(n)}
+
+    def named(m: int, n: str, layers: int) -> str:
+        """Trailing tensor `n` where model `m` has `layers` layers: an unloaded module keeps its name."""
+        return _rename(archs[m], n, layers + past[n]) if n in past else n
+
     inputs = {n: {} for n in names}
     lacking = []
     for s in sl.sources:
         m = index[s.model]
         n_m = archs[m].num_layers(models[m].config)
         for n in names:
-            inputs[n][s.model] = _rename(archs[m], n, n_m + past[n])
+            inputs[n][s.model] = named(m, n, n_m)
         if any(inputs[n][s.model] not in models[m].tensors for n in names):
             lacking.append(models[m].name)
-    out = {n: _rename(archs[ref], n, depth + past[n]) for n in names}
+    out = {n: named(ref, n, depth) for n in names}
     if not lacking:
         for n in names:
             builder.add(out[n], inputs[n], sl, t=1.0)
@@ -224,7 +233,12 @@ def _add_trailing(builder, ref: int, sl: Slice, depth: int) -> bool:
 
 
 def _name_layers(arch, names) -> str:
-    return ", ".join(sorted({"".join(map(str, _position(arch, n))) for n in names}))
+    """The layers (model.layers.61) and the unloaded modules (mtp.*) that hold `names`."""
+    def where(n):
+        module = arch.unloaded_module(n)
+        return module + "*" if module else "".join(map(str, _position(arch, n)))
+
+    return ", ".join(sorted({where(n) for n in names}))
 
 
 def _stacks(arch, model: ModelFolder) -> dict[str, int]:
@@ -484,7 +498,9 @@ def _layer(arch, name) -> int | None:
 
 def _position(arch, name) -> tuple[str, int] | None:
     """(layer stack's name prefix, layer index) of a per-layer tensor, from the role table or else
-    the name pattern."""
+    the name pattern; a module that transformers does not load is no layer stack of the model."""
+    if arch.unloaded_module(name):
+        return None
     role = arch.role(name)
     if role:
         return None if role.layer is None else (role.template[:role.template.index("{layer}")], role.layer)

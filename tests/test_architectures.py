@@ -18,6 +18,8 @@ DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_at
                num_key_value_heads=2, vocab_size=128)
 MLA = dict(DECODER, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=4, qk_rope_head_dim=4,
            v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1)
+GATED_DELTA_NET = dict(DECODER, head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                       linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, pad_token_id=0)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER),
     "mistral": ("MistralConfig", "MistralForCausalLM", DECODER),
@@ -42,6 +44,10 @@ FAMILIES = {
     # per query head)
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(MLA, n_group=1, topk_group=1)),
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", MLA),
+    "deepseek_v3:glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", dict(MLA, n_group=1, topk_group=1)),
+    # DeepSeek-V3 plus the lightning indexer
+    "deepseek_v3:deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM", dict(
+        MLA, n_group=1, topk_group=1, index_n_heads=4, index_head_dim=8, index_topk=4)),
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(DECODER, head_dim=8, n_routed_experts=4,
                                                              num_experts_per_tok=2, moe_intermediate_size=16,
                                                              first_k_dense_replace=1)),
@@ -59,6 +65,14 @@ FAMILIES = {
         DECODER, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48, mamba_n_heads=8,
         mamba_d_head=8, mamba_n_groups=1, mamba_d_state=16, layer_types=["linear_attention", "full_attention"],
         pad_token_id=0)),
+    # Gated DeltaNet linear attention beside gated attention; (1 + w) norms
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(
+        GATED_DELTA_NET, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24)),
+    "qwen3_next:qwen3_5_text": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", GATED_DELTA_NET),
+    "qwen3_next:qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(
+        GATED_DELTA_NET, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24)),
     # gated short convolutions beside attention
     "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(DECODER, layer_types=["conv", "full_attention"], pad_token_id=0)),
     # LayerNorm families (rotation does not commute with their norms)
@@ -76,6 +90,7 @@ FAMILIES = {
     "olmo2:exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(DECODER, head_dim=8, pad_token_id=0)),
     # llama's tensors under other names
     "llama:ministral": ("MinistralConfig", "MinistralForCausalLM", dict(DECODER, head_dim=8)),
+    "llama:ministral3": ("Ministral3Config", "Ministral3ForCausalLM", dict(DECODER, head_dim=8)),
     "llama:helium": ("HeliumConfig", "HeliumForCausalLM", dict(DECODER, head_dim=8)),
     "llama:seed_oss": ("SeedOssConfig", "SeedOssForCausalLM", dict(DECODER, head_dim=8)),
     "llama:smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(DECODER, pad_token_id=0)),
@@ -92,7 +107,8 @@ FAMILIES = {
 }
 # Checkpoints name these experts unlike transformers in memory (one tensor per expert, or granite's input_linear).
 MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "granitemoe",
-       "granitemoe:granitemoeshared", "granitemoe:granitemoehybrid"}
+       "granitemoe:granitemoeshared", "granitemoe:granitemoehybrid", "deepseek_v3:glm4_moe_lite",
+       "deepseek_v3:deepseek_v32"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -117,6 +133,10 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("deepseek_v3", {"attention_bias": True}),
     ("deepseek_v2", {"q_lora_rank": None, "attention_bias": True, "mlp_bias": True}),
     ("glm4_moe", {"use_qk_norm": True, "attention_bias": True}),
+    ("deepseek_v3:glm4_moe_lite", {"q_lora_rank": None}),
+    ("qwen3_next", {"mlp_only_layers": [0], "attention_bias": True}),
+    ("qwen3_next", {"tie_word_embeddings": True}),
+    ("qwen3_next:qwen3_5_text", {"attention_bias": True, "tie_word_embeddings": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias"}
@@ -140,7 +160,7 @@ def saved(tmp_path_factory):
     cache = {}
 
     def get(family, extra):
-        key = (family, tuple(sorted(extra.items())))
+        key = (family, json.dumps(extra, sort_keys=True))  # values may be lists (mlp_only_layers)
         if key not in cache:
             model = build(family, extra)
             out = tmp_path_factory.mktemp(family)
@@ -360,6 +380,23 @@ def test_gpt2_without_base_prefix():
     assert arch.rename_layer("h.1.mlp.c_fc.weight", 11) == "h.11.mlp.c_fc.weight"
     assert arch.tied({"n_layer": 12})  # Hub gpt2 config.json has no tie_word_embeddings
 
+
+def test_an_unloaded_module_keeps_its_names_beside_a_nested_language_model():
+    """Qwen3.5's multi-token-prediction module (mtp.*, which transformers does not load) is described
+    by the table, at the top level of the checkpoint, whether or not a multimodal model nests the
+    language model."""
+    text = {"model_type": "qwen3_5_text", "num_hidden_layers": 2, "hidden_size": 32}
+    names = ["model.language_model.layers.0.input_layernorm.weight", "model.visual.blocks.0.attn.qkv.weight",
+             "mtp.fc.weight"]
+    for config, layers in (({"architectures": ["Qwen3_5ForCausalLM"], **text}, "model.layers.0."),
+                           ({"architectures": ["Qwen3_5ForConditionalGeneration"], "text_config": text},
+                            "model.language_model.layers.0.")):
+        arch = for_config(config, names)
+        assert arch.name == "qwen3_next" and arch.unloaded_module("mtp.fc.weight") == "mtp."
+        r = arch.role("mtp.layers.0.mlp.gate_proj.weight")
+        assert (r.role, r.layer, r.norm) == ("read", 0, "mtp.layers.0.post_attention_layernorm.weight")
+        assert arch.unloaded_module(layers + "mlp.gate_proj.weight") is None
+        assert arch.role(layers + "mlp.gate_proj.weight").norm == layers + "post_attention_layernorm.weight"
 
 def test_rename_layer():
     arch = for_config({"architectures": ["LlamaForCausalLM"]})

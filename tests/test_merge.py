@@ -338,3 +338,105 @@ def test_layers_after_the_last_follow_the_output_vocabulary(deepseek_mtp, tmp_pa
     assert not any(n.startswith("model.layers.2.") for n in load_folder(tmp_path / "lacking"))
     assert json.loads((tmp_path / "lacking" / "config.json").read_text())["num_nextn_predict_layers"] == 0
     assert json.loads((tmp_path / "union" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+
+
+def with_mtp_module(path: str, seed: int) -> None:
+    """Add a multi-token-prediction module under mtp., as Qwen3-Next's and Qwen3.5's checkpoints store it
+    (transformers does not load it): norms of the token's embedding and of the last hidden state, their
+    projection, a copy of the last (full-attention) layer and a final norm; the head is the model's."""
+    from safetensors.torch import load_file, save_file
+
+    weights = f"{path}/model.safetensors"
+    state = load_file(weights)
+    last = f"model.layers.{json.loads(open(f'{path}/config.json').read())['num_hidden_layers'] - 1}."
+    g = torch.Generator().manual_seed(seed)
+    for name in [n for n in state if n.startswith(last)]:
+        state["mtp.layers.0." + name[len(last):]] = state[name] + 0.01 * torch.randn(state[name].shape, generator=g)
+    hidden = state["model.norm.weight"].numel()
+    state["mtp.fc.weight"] = 0.02 * torch.randn(hidden, 2 * hidden, generator=g)
+    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        state[f"mtp.{norm}.weight"] = 0.1 * torch.randn(hidden, generator=g)  # (1 + w) gains
+    save_file(state, weights, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def qwen_mtp(tmp_path_factory):
+    """base + 2 experts of a tiny Qwen3-Next (a linear-attention and a full-attention layer, experts), each
+    with its MTP module."""
+    models = build_family(str(tmp_path_factory.mktemp("models")), "qwen3_next", n_experts=2)
+    for i, path in enumerate(models.values()):
+        with_mtp_module(path, seed=i)
+    return models
+
+
+def test_an_unloaded_module_is_described_and_merged_by_name(qwen_mtp, tmp_path):
+    from seme.architectures import for_config
+
+    m = qwen_mtp
+    e0, e1 = load_folder(m["expert0"]), load_folder(m["expert1"])
+    arch = for_config(json.loads(open(f"{m['expert0']}/config.json").read()))
+    mtp = [n for n in e0 if n.startswith("mtp.")]
+    assert len(mtp) == 29 and all(arch.unloaded_module(n) == "mtp." for n in mtp)
+    for name in mtp:
+        r = arch.role(name)
+        assert r is not None and (r.role != "read" or (e0[name].shape[-1] == 32 and r.norm in e0)), name
+    assert arch.role("mtp.fc.weight").role == "inner" and arch.role("mtp.norm.weight").role == "norm"
+
+    recipe = {"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": m["expert0"], "parameters": {"weight": 0.25}}, {"model": m["expert1"], "parameters": {"weight": 0.75}}]}
+    seme.merge(recipe, str(tmp_path / "whole"), progress=False)
+    ours = load_folder(tmp_path / "whole")
+    assert sorted(ours) == sorted(e0)
+    for name in mtp:
+        torch.testing.assert_close(ours[name], 0.25 * e0[name] + 0.75 * e1[name], msg=name)
+
+    # A deeper output (layer 1 twice): the module keeps its names, from the last slice.
+    recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": m["expert0"], "layer_range": [0, 2]}]},
+        {"sources": [{"model": m["expert1"], "layer_range": [1, 2]}]}]}
+    seme.merge(recipe, str(tmp_path / "deeper"), progress=False)
+    deeper = load_folder(tmp_path / "deeper")
+    config = json.loads((tmp_path / "deeper" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and config["layer_types"][2] == "full_attention"
+    assert sorted(n for n in deeper if n.startswith("mtp.")) == sorted(mtp)
+    assert all(torch.equal(deeper[n], e1[n]) for n in mtp)
+    reload_and_generate(tmp_path / "deeper")  # transformers leaves the MTP module unloaded
+
+    recipe = {"merge_method": "ties", "dtype": "float32", "base_model": m["base"], "parameters": {"density": 0.5},
+              "models": [{"model": m["expert0"], "parameters": {"weight": 0.5}},
+                         {"model": m["expert1"], "parameters": {"weight": 0.5}}]}
+    seme.merge(recipe, str(tmp_path / "ties"), progress=False)
+    ties, base = load_folder(tmp_path / "ties"), load_folder(m["base"])
+    assert sorted(ties) == sorted(e0) and not torch.equal(ties["mtp.fc.weight"], base["mtp.fc.weight"])
+
+
+def test_an_unloaded_module_missing_from_a_source_is_the_reference_s(qwen_mtp, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    m = qwen_mtp
+    plain = tmp_path / "plain"
+    shutil.copytree(m["expert1"], plain)
+    save_file({k: v for k, v in load_folder(plain).items() if not k.startswith("mtp.")}, plain / "model.safetensors",
+              metadata={"format": "pt"})
+    recipe = {"merge_method": "ties", "dtype": "bfloat16", "base_model": m["base"], "parameters": {"density": 0.5},
+              "models": [{"model": m["expert0"], "parameters": {"weight": 0.5}},
+                         {"model": str(plain), "parameters": {"weight": 0.5}}]}
+    seme.merge(recipe, str(tmp_path / "out"), progress=False)
+    assert "seme: warning: the layers after the last (mtp.*) are the reference's: plain lacks them" \
+        in capsys.readouterr().err
+    base, ours = load_folder(m["base"]), load_folder(tmp_path / "out")
+    for name in (n for n in base if n.startswith("mtp.")):
+        assert torch.equal(ours[name], base[name].bfloat16()), name
+
+
+def test_seme_takes_the_pivot_s_unloaded_module(qwen_mtp, tmp_path, capsys):
+    m = qwen_mtp
+    recipe = {"merge_method": "seme", "dtype": "float32", "base_model": m["base"],
+              "models": [{"model": m["expert0"]}, {"model": m["expert1"]}]}
+    seme.merge(recipe, str(tmp_path / "out"), progress=False)
+    assert "seme: warning: the layers after the last (mtp.*) are the pivot's" in capsys.readouterr().err
+    base, ours = load_folder(m["base"]), load_folder(tmp_path / "out")
+    assert sorted(ours) == sorted(base)
+    for name in (n for n in base if n.startswith("mtp.")):
+        assert torch.equal(ours[name], base[name]), name
+    assert not torch.equal(ours["model.layers.1.self_attn.o_proj.weight"], base["model.layers.1.self_attn.o_proj.weight"])

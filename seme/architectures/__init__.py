@@ -23,6 +23,9 @@ A family whose tensors depend on its config (falcon's norms, stablelm's parallel
 ``variants``: the first whose ``when`` values all equal the config's overlays its ``tensors`` on
 the family's (``null`` drops a template), and may set its own ``tied_default`` (a model type whose
 config class ties the head by default, where checkpoints may leave the key out).
+``unloaded`` lists the name prefixes of modules that checkpoints store but transformers does not load
+(Qwen3-Next's multi-token prediction, ``mtp.``): their tensors have roles, but they are no layers of
+the model's stack (seme.plan merges them after the decoder, as it does layers after the last).
 A multimodal model (Llava, Gemma 3, Qwen2-VL, ...) whose `text_config` names a family with a table
 gets that table for its language model, moved to where the checkpoint keeps it (``for_config`` given
 the checkpoint's tensor names). Its other parts (vision tower, projector) have no roles: none holds a
@@ -88,6 +91,7 @@ class Architecture:
     norm_gain_offset: float = 0.0
     norm_type: str = "rms_norm"
     base_prefix: str = ""
+    unloaded: tuple[str, ...] = ()
     notes: str = ""
     tensors: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
     variant: str = ""  # the config values that chose this variant ("" for the family's own table)
@@ -118,6 +122,10 @@ class Architecture:
     def tied(self, config: dict) -> bool:
         # A multimodal model ties as its top-level config says (transformers reads it there).
         return bool(config.get(self.tie_key, self.settings(config).get(self.tie_key, self.tied_default)))
+
+    def unloaded_module(self, tensor_name: str) -> str | None:
+        """The prefix of the module transformers does not load that holds the tensor, if one does."""
+        return next((p for p in self.unloaded if tensor_name.startswith(p)), None)
 
     def role(self, tensor_name: str) -> TensorRole | None:
         try:
@@ -217,7 +225,7 @@ def _parse(data: dict) -> Architecture:
         num_layers_keys=_keys(data["num_layers_key"]), hidden_size_keys=_keys(data["hidden_size_key"]),
         tie_key=data["tie_key"], tied_default=data["tied_default"],
         norm_gain_offset=float(data["norm_gain_offset"]), norm_type=norm_type,
-        base_prefix=data.get("base_prefix", ""), notes=data.get("notes", ""),
+        base_prefix=data.get("base_prefix", ""), unloaded=tuple(data.get("unloaded", ())), notes=data.get("notes", ""),
     )
     variants = []
     for v in data.get("variants", ()):
