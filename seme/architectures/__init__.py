@@ -23,6 +23,11 @@ A family whose tensors depend on its config (falcon's norms, stablelm's parallel
 ``variants``: the first whose ``when`` values all equal the config's overlays its ``tensors`` on
 the family's (``null`` drops a template), and may set its own ``tied_default`` (a model type whose
 config class ties the head by default, where checkpoints may leave the key out).
+
+A family whose function no turn of the residual stream by its roles can keep (zamba2's shared attention
+reads the stream and the embeddings concatenated) says why in ``unrotatable``; SeMe then refuses to
+align its models by rotation.
+
 Deliberately stdlib-only (seme.errors is too): it is imported before torch/transformers are needed.
 """
 
@@ -85,6 +90,7 @@ class Architecture:
     norm_type: str = "rms_norm"
     base_prefix: str = ""
     notes: str = ""
+    unrotatable: str = ""  # why a rotation of the residual stream by the roles would change the function
     tensors: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
     variant: str = ""  # the config values that chose this variant ("" for the family's own table)
     variants: tuple[tuple[dict, Architecture], ...] = field(default=(), repr=False)
@@ -101,7 +107,8 @@ class Architecture:
                      if all(config.get(k) == value for k, value in when.items())), self)
 
     def num_layers(self, config: dict) -> int:
-        return int(_first(config, self.num_layers_keys))
+        depth = _first(config, self.num_layers_keys)
+        return len(depth) if isinstance(depth, list) else int(depth)  # a list of the layers' kinds (nemotron_h)
 
     def hidden_size(self, config: dict) -> int:
         return int(_first(config, self.hidden_size_keys))
@@ -208,6 +215,7 @@ def _parse(data: dict) -> Architecture:
         tie_key=data["tie_key"], tied_default=data["tied_default"],
         norm_gain_offset=float(data["norm_gain_offset"]), norm_type=norm_type,
         base_prefix=data.get("base_prefix", ""), notes=data.get("notes", ""),
+        unrotatable=data.get("unrotatable", ""),
     )
     variants = []
     for v in data.get("variants", ()):

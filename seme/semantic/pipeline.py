@@ -180,6 +180,8 @@ class SemanticContext:
                 why.append("its norms are LayerNorms, which subtract the mean")
             if any(s.role == "write_norm" for s in arch.tensors.values()):
                 why.append("its sublayer outputs are normalised before the residual add")
+            if arch.unrotatable:
+                why.append(arch.unrotatable)
             if why:
                 raise SemeError(f"seme: aligning {arch.name} models by rotation is not supported "
                                 f"({' and '.join(why)}: a rotation of the residual stream would change the "
