@@ -466,21 +466,27 @@ def _output_config(models, archs, ref: int, layer_sources) -> dict:
 def _relayered(settings: dict, depth_key: str, layer_sources, sources: list[dict]) -> dict:
     """`settings` (a config, or one part of it) for the output's layers: the depth under `depth_key`
     and per-layer lists that follow the layers, each entry from `sources[m]` (the same settings of
-    model m) for a layer of model m."""
-    depth = settings[depth_key]
+    model m) for a layer of model m. The depth may be a per-layer list itself (nemotron_h's
+    layers_block_type, where its config has no layer count)."""
+    depth = _depth(settings[depth_key])
     out = dict(settings)
     for key, value in settings.items():
         if isinstance(value, list) and len(value) == depth and depth > 0:
             out[key] = [_per_layer(sources[m], depth_key, key, value, layer) for m, layer in layer_sources]
-    out[depth_key] = len(layer_sources)
+    if not isinstance(settings[depth_key], list):
+        out[depth_key] = len(layer_sources)
     return out
+
+
+def _depth(value) -> int | None:
+    return len(value) if isinstance(value, list) else value
 
 
 def _per_layer(settings: dict, depth_key: str, key: str, fallback: list, layer: int):
     """Layer `layer`'s entry of a per-layer config list, from the settings of the model that supplies
     the layer."""
     value = settings.get(key)
-    if isinstance(value, list) and len(value) == settings.get(depth_key):
+    if isinstance(value, list) and len(value) == _depth(settings.get(depth_key)):
         return value[layer]
     return fallback[min(layer, len(fallback) - 1)]
 

@@ -20,6 +20,8 @@ MLA = dict(DECODER, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_n
            v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1)
 GATED_DELTA_NET = dict(DECODER, head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
                        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, pad_token_id=0)
+SSM = dict(hidden_size=32, num_hidden_layers=2, vocab_size=128, state_size=8)
+MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER),
     "mistral": ("MistralConfig", "MistralForCausalLM", DECODER),
@@ -75,6 +77,36 @@ FAMILIES = {
         shared_expert_intermediate_size=24)),
     # gated short convolutions beside attention
     "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(DECODER, layer_types=["conv", "full_attention"], pad_token_id=0)),
+    # state-space models: Mamba-1 / Mamba-2 mixers alone, or beside attention
+    "mamba": ("MambaConfig", "MambaForCausalLM", SSM),
+    "mamba:falcon_mamba": ("FalconMambaConfig", "FalconMambaForCausalLM", SSM),
+    "mamba:mamba2": ("Mamba2Config", "Mamba2ForCausalLM", dict(SSM, num_heads=8, head_dim=8, n_groups=1, chunk_size=4)),
+    # layer 0: a Mamba mixer and experts; layer 1: an attention and a dense MLP
+    "jamba": ("JambaConfig", "JambaForCausalLM", dict(DECODER, mamba_d_state=8, attn_layer_period=2, attn_layer_offset=1,
+                                                      expert_layer_period=2, expert_layer_offset=0, num_experts=4,
+                                                      num_experts_per_tok=2)),
+    "bamba": ("BambaConfig", "BambaForCausalLM", dict(DECODER, attn_layer_indices=[1], **MAMBA2)),
+    # muP multipliers (config scalars, and ssm_multipliers over sections of in_proj's output) away from 1
+    "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM", dict(
+        DECODER, head_dim=8, mamba_d_ssm=64, **MAMBA2, embedding_multiplier=2.0, lm_head_multiplier=0.5,
+        attention_in_multiplier=0.5, attention_out_multiplier=1.3, key_multiplier=0.8, ssm_in_multiplier=1.5,
+        ssm_out_multiplier=0.7, mlp_multipliers=[0.9, 1.1], ssm_multipliers=[1.0, 0.5, 2.0, 1.5, 0.8])),
+    # one mixer per layer; the second key holds the block kinds the first's two layers cannot (without an
+    # attention layer, transformers 5.23 cannot run with a cache)
+    "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM", dict(
+        DECODER, head_dim=8, layers_block_type=["linear_attention", "full_attention"], mamba_num_heads=8,
+        mamba_head_dim=8, n_groups=1, ssm_state_size=8, chunk_size=4)),
+    "nemotron_h:mlp_moe": ("NemotronHConfig", "NemotronHForCausalLM", dict(
+        DECODER, head_dim=8, layers_block_type=["mlp", "moe"], n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, moe_shared_expert_intermediate_size=24, use_cache=False)),
+    # experts in a latent width, projected in and out (the table; configs without moe_latent_size are a variant)
+    "nemotron_h:latent_moe": ("NemotronHConfig", "NemotronHForCausalLM", dict(
+        DECODER, head_dim=8, layers_block_type=["mlp", "moe"], n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, moe_shared_expert_intermediate_size=24, moe_latent_size=16, use_cache=False)),
+    # a shared attention block (reading the residual stream and the embeddings concatenated) before a Mamba-2 mixer
+    "zamba2": ("Zamba2Config", "Zamba2ForCausalLM", dict(
+        DECODER, num_key_value_heads=4, layers_block_type=["linear_attention", "hybrid"], n_mamba_heads=8,
+        mamba_d_state=8, chunk_size=4, use_shared_attention_adapter=True, adapter_rank=4)),
     # LayerNorm families (rotation does not commute with their norms)
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", DECODER),
     "falcon": ("FalconConfig", "FalconForCausalLM", DECODER),
@@ -105,10 +137,11 @@ FAMILIES = {
     "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128,
                                                                       n_positions=64)),
 }
-# Checkpoints name these experts unlike transformers in memory (one tensor per expert, or granite's input_linear).
+# Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
+# nemotron_h's backbone).
 MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "granitemoe",
        "granitemoe:granitemoeshared", "granitemoe:granitemoehybrid", "deepseek_v3:glm4_moe_lite",
-       "deepseek_v3:deepseek_v32"}
+       "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -137,13 +170,24 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("qwen3_next", {"mlp_only_layers": [0], "attention_bias": True}),
     ("qwen3_next", {"tie_word_embeddings": True}),
     ("qwen3_next:qwen3_5_text", {"attention_bias": True, "tie_word_embeddings": True}),
+    ("mamba", {"use_bias": True, "use_conv_bias": False}),
+    ("mamba:mamba2", {"use_bias": True, "tie_word_embeddings": True}),
+    ("jamba", {"mamba_proj_bias": True}),
+    ("bamba", {"attention_bias": True, "mlp_bias": True, "mamba_proj_bias": True}),
+    ("falcon_h1", {"mamba_rms_norm": True, "projectors_bias": True, "mamba_proj_bias": True, "attention_bias": True,
+                   "mlp_bias": True}),
+    ("nemotron_h", {"use_bias": True}),
+    ("nemotron_h:mlp_moe", {"mlp_bias": True}),
+    ("zamba2", {"layers_block_type": ["hybrid", "hybrid"], "num_mem_blocks": 2, "add_bias_linear": True}),
+    ("zamba2", {"use_shared_attention_adapter": False}),
 ]
 LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias"}
 
 
 def family_of(key: str) -> str:
-    """The role table a FAMILIES key tests ("table:model type" where one table serves several)."""
+    """The role table a FAMILIES key tests ("table:model type" where one table serves several, or
+    "table:layer kinds" where one configuration cannot hold all of its layer kinds)."""
     return key.split(":")[0]
 
 
@@ -161,6 +205,7 @@ def saved(tmp_path_factory):
 
     def get(family, extra):
         key = (family, json.dumps(extra, sort_keys=True))  # values may be lists (mlp_only_layers)
+        key = (family, json.dumps(extra, sort_keys=True))  # extra may hold lists (layer kinds)
         if key not in cache:
             model = build(family, extra)
             out = tmp_path_factory.mktemp(family)
@@ -234,15 +279,20 @@ def test_checkpoint_roles(saved, case):
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_norm_feeds_read(saved, case):
-    """Run the model: each read projection's input is exactly its norm's output (or, without a norm,
-    the residual stream: the layer's input plus what its earlier sublayers added), and each
+    """Run the model: each read projection's input is exactly its norm's output (or that times a config
+    scalar, falcon_h1's multipliers, where it is a multiple of no other norm's output; or, without a
+    norm, the residual stream: the layer's input plus what its earlier sublayers added), and each
     write_norm normalises the output of a write projection of its layer."""
     model, config, shapes = saved(*case)
     arch = for_config(config)
-    module = lambda tensor_name: tensor_name.rsplit(".", 1)[0]
     modules = dict(model.named_modules())
-    layer_module = lambda r: model.base_model_prefix + "." + r.template[len(arch.base_prefix):r.template.index(
-        ".", r.template.index("{layer}"))].replace("{layer}", str(r.layer))
+    # where memory names the base model otherwise (nemotron_h's backbone is model there)
+    renamed = arch.base_prefix and arch.base_prefix[:-1] not in modules
+    in_memory = lambda name: model.base_model_prefix + "." + name[len(arch.base_prefix):] \
+        if renamed and name.startswith(arch.base_prefix) else name
+    module = lambda tensor_name: in_memory(tensor_name.rsplit(".", 1)[0])
+    layer_module = lambda r: in_memory(r.template[:r.template.index(".", r.template.index("{layer}"))].replace(
+        "{layer}", str(r.layer)))
     inputs, outputs = {}, {}
 
     def hook(name):
@@ -270,6 +320,11 @@ def test_norm_feeds_read(saved, case):
             x, y = inputs[module(name)], outputs[module(r.norm)]  # the same tensor, or a view of it (a router's)
             if x is y or (x.data_ptr() == y.data_ptr() and x.numel() == y.numel()):
                 continue
+            if len(shapes[name]) == 2:
+                multiple = lambda t: t.shape == x.shape and torch.allclose(x, t * ((x * t).sum() / (t * t).sum()))
+                norms = {module(n) for n in shapes if arch.role(n).role in ("norm", "final_norm")}
+                assert [m for m in norms if multiple(outputs[m])] == [module(r.norm)], name
+                continue
             # or, for fused experts, the tokens routed to them: each row a copy of a token's, or scaled by the
             # router (llama4)
             assert len(shapes[name]) == 3, name
@@ -282,9 +337,13 @@ def test_norm_feeds_read(saved, case):
             assert any(inputs[module(name)] is outputs[w] for w in writes), name
 
 
-ROTATABLE = [f for f in FAMILIES if for_config({"architectures": [FAMILIES[f][1]]}).norm_type == "rms_norm"
-             and not {s.role for s in for_config({"architectures": [FAMILIES[f][1]]}).tensors.values()}
-             & {"write_norm", "position_embedding"}]
+def rotatable(family: str) -> bool:
+    arch = for_config({"architectures": [FAMILIES[family][1]]})
+    return (arch.norm_type == "rms_norm" and not arch.unrotatable
+            and not {s.role for s in arch.tensors.values()} & {"write_norm", "position_embedding"})
+
+
+ROTATABLE = [f for f in FAMILIES if rotatable(f)]
 
 
 @pytest.mark.parametrize("family", ROTATABLE)
@@ -317,17 +376,21 @@ def test_known_architectures():
     assert set(known_architectures()) == {family_of(f) for f in FAMILIES}
 
 
-def test_a_layer_norm_family_is_not_rotation_invariant(tmp_path):
-    """Why norm_type matters: cohere's LayerNorms have no bias, so no role says they subtract the
-    mean, and the turn by its role table changes the function."""
-    model = build("cohere", {"tie_word_embeddings": False})
+@pytest.mark.parametrize("family, extra", [("cohere", {}), ("zamba2", {"initializer_range": 0.1})])
+def test_an_unrotatable_family_is_not_rotation_invariant(family, extra, tmp_path):
+    """Why norm_type and unrotatable matter: cohere's LayerNorms have no bias, so no role says they
+    subtract the mean; zamba2's shared attention reads the residual stream concatenated with the
+    embeddings (inner by its table; weights larger than at init, so that the shared block's share of
+    the output shows). The turn by the role table changes their function."""
+    extra = dict(extra, tie_word_embeddings=False)
+    model = build(family, extra)
     model.save_pretrained(tmp_path / "original")
     config = json.loads((tmp_path / "original" / "config.json").read_text())
     arch = for_config(config)
-    assert arch.norm_type == "layer_norm"
+    assert family not in ROTATABLE and (arch.norm_type == "layer_norm") != bool(arch.unrotatable)
     state = {k: v.double() for k, v in safetensors_torch.load_file(tmp_path / "original" / "model.safetensors").items()}
     Q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
-    rotated = build("cohere", {"tie_word_embeddings": False})
+    rotated = build(family, extra)
     rotated.load_state_dict({k: v.float() for k, v in rotate(state, arch, Q).items()})
     ids = torch.arange(3, 11).unsqueeze(0)
     with torch.no_grad():
@@ -349,6 +412,18 @@ def test_variants_follow_the_config():
     rw = for_config(dict(falcon, parallel_attn=False))
     assert rw.role(mlp).norm == "transformer.h.0.post_attention_layernorm.weight"
     assert rw.role(qkv).norm == "transformer.h.0.input_layernorm.weight"
+
+
+def test_nemotron_h_depth_and_latent_experts():
+    nemotron = {"architectures": ["NemotronHForCausalLM"]}
+    arch = for_config(nemotron)
+    assert arch.num_layers(dict(nemotron, layers_block_type=["linear_attention", "moe", "full_attention"])) == 3
+    assert arch.num_layers(dict(nemotron, num_hidden_layers=52, hybrid_override_pattern="M-M*")) == 52  # older configs
+    expert = "backbone.layers.3.mixer.experts.7.up_proj.weight"
+    assert (arch.label, arch.role(expert).role) == ("nemotron_h (moe_latent_size=null)", "read")
+    latent = for_config(dict(nemotron, moe_latent_size=1024))
+    assert (latent.label, latent.role(expert).role) == ("nemotron_h", "inner")
+    assert latent.role("backbone.layers.3.mixer.fc1_latent_proj.weight").norm == "backbone.layers.3.norm.weight"
 
 
 def test_a_table_is_checked_when_loaded():

@@ -130,6 +130,27 @@ def test_passthrough_slices_change_depth_and_per_layer_config(qwen2_family, tmp_
     reload_and_generate(tmp_path / "out")
 
 
+def test_a_depth_given_as_the_list_of_layer_kinds_follows_the_layers(tmp_path):
+    # nemotron_h configs written by transformers 5 have no num_hidden_layers: layers_block_type is the depth
+    from test_architectures import build
+
+    build("nemotron_h", {}).save_pretrained(tmp_path / "a")  # a Mamba layer, then an attention
+    recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(tmp_path / "a"), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(tmp_path / "a"), "layer_range": [0, 1]}]}]}
+    seme.merge(recipe, str(tmp_path / "out"), progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "num_hidden_layers" not in config
+    assert config["layers_block_type"] == ["linear_attention", "full_attention", "linear_attention"]
+    out = load_folder(tmp_path / "out")
+    assert torch.equal(out["backbone.layers.2.mixer.in_proj.weight"], out["backbone.layers.0.mixer.in_proj.weight"])
+    reload_and_generate(tmp_path / "out")
+    seme.merge({"merge_method": "linear", "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1.0}}]},
+               str(tmp_path / "same"), progress=False)
+    assert json.loads((tmp_path / "same" / "config.json").read_text())["layers_block_type"] == \
+        ["linear_attention", "full_attention"]
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(llama_family, tmp_path, capsys):
     recipe = {"merge_method": "ties", "base_model": llama_family["base"],
               "models": [{"model": llama_family["expert0"], "parameters": {"weight": [1.0, 0.0], "density": 0.5}}]}

@@ -364,6 +364,25 @@ def test_layer_norm_families_merge_unrotated(tmp_path, capsys):
     assert report["sources"][0]["reason"] == "alignment: never"
 
 
+def test_a_table_that_says_unrotatable_is_refused_rotation(tmp_path):
+    # zamba2's shared attention reads the residual stream concatenated with the embeddings: no role turns it
+    from safetensors.torch import load_file, save_file
+
+    from test_architectures import build
+
+    build("zamba2", {}).save_pretrained(tmp_path / "pivot")
+    turned = shutil.copytree(tmp_path / "pivot", tmp_path / "turned")
+    arch = for_config(json.loads((turned / "config.json").read_text()))
+    state = {k: v.double() for k, v in load_file(turned / "model.safetensors").items()}
+    save_file({k: v.float().contiguous() for k, v in rotate(state, arch, random_orthogonal(32, seed=4).double()).items()},
+              turned / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SemeError, match=r"^seme: aligning zamba2 models by rotation is not supported \(its shared "
+                                        r"attention reads the residual stream concatenated with the token embeddings, "
+                                        r"which no role expresses: a rotation"):
+        seme_merge(str(tmp_path / "pivot"), [str(turned)], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_variants_of_a_family_are_not_mixed(tmp_path):
     # falcon-7b's layout and falcon-40b's name other norms: refused before any tensor is read
     from test_architectures import build

@@ -30,6 +30,9 @@ A multimodal model (Llava, Gemma 3, Qwen2-VL, ...) whose `text_config` names a f
 gets that table for its language model, moved to where the checkpoint keeps it (``for_config`` given
 the checkpoint's tensor names). Its other parts (vision tower, projector) have no roles: none holds a
 row per token, and the projector, which writes into the language model's stream, is not described.
+A family whose function no turn of the residual stream by its roles can keep (zamba2's shared attention
+reads the stream and the embeddings concatenated) says why in ``unrotatable``; SeMe then refuses to
+align its models by rotation.
 Deliberately stdlib-only (seme.errors is too): it is imported before torch/transformers are needed.
 """
 
@@ -93,6 +96,7 @@ class Architecture:
     base_prefix: str = ""
     unloaded: tuple[str, ...] = ()
     notes: str = ""
+    unrotatable: str = ""  # why a rotation of the residual stream by the roles would change the function
     tensors: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
     variant: str = ""  # the config values that chose this variant ("" for the family's own table)
     settings_key: str = ""  # where config.json holds this family's settings ("text_config" in a multimodal model)
@@ -114,7 +118,8 @@ class Architecture:
         return config.get(self.settings_key) or config if self.settings_key else config
 
     def num_layers(self, config: dict) -> int:
-        return int(_first(self.settings(config), self.num_layers_keys))
+        depth = _first(self.settings(config), self.num_layers_keys)
+        return len(depth) if isinstance(depth, list) else int(depth)  # a list of the layers' kinds (nemotron_h)
 
     def hidden_size(self, config: dict) -> int:
         return int(_first(self.settings(config), self.hidden_size_keys))
@@ -226,6 +231,7 @@ def _parse(data: dict) -> Architecture:
         tie_key=data["tie_key"], tied_default=data["tied_default"],
         norm_gain_offset=float(data["norm_gain_offset"]), norm_type=norm_type,
         base_prefix=data.get("base_prefix", ""), unloaded=tuple(data.get("unloaded", ())), notes=data.get("notes", ""),
+        unrotatable=data.get("unrotatable", ""),
     )
     variants = []
     for v in data.get("variants", ()):

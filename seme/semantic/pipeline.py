@@ -180,6 +180,8 @@ class SemanticContext:
                 why.append("its norms are LayerNorms, which subtract the mean")
             if any(s.role == "write_norm" for s in arch.tensors.values()):
                 why.append("its sublayer outputs are normalised before the residual add")
+            if arch.unrotatable:
+                why.append(arch.unrotatable)
             if arch.settings_key:
                 why.append("its vision projector, which writes into the language model's stream, is not described")
             unknown = [t.name for t in plan.tasks
