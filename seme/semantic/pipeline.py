@@ -175,11 +175,7 @@ class SemanticContext:
                 raise SemeError(f"seme: aligning {kind} models by rotation needs the architecture's role table, "
                                 f"and seme has none (it has {', '.join(known_architectures())}); "
                                 f"set alignment: never to merge without it")
-            why = []
-            if arch.norm_type == "layer_norm":
-                why.append("its norms are LayerNorms, which subtract the mean")
-            if any(s.role == "write_norm" for s in arch.tensors.values()):
-                why.append("its sublayer outputs are normalised before the residual add")
+            why = arch.rotation_obstacles()
             if why:
                 raise SemeError(f"seme: aligning {arch.name} models by rotation is not supported "
                                 f"({' and '.join(why)}: a rotation of the residual stream would change the "
