@@ -29,6 +29,9 @@ FAMILY_CLASSES = {
         "mamba_d_head": 8, "mamba_n_groups": 1, "mamba_d_state": 16, "layer_types": ["linear_attention", "full_attention"]}),
     "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", {"layer_types": ["conv", "full_attention"]}),
     "mamba": ("MambaConfig", "MambaForCausalLM", {"state_size": 8}),
+    "afmoe": ("AfmoeConfig", "AfmoeForCausalLM", {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2,
+                                                  "num_shared_experts": 1, "moe_intermediate_size": 16,
+                                                  "num_dense_layers": 1}),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {
         "num_key_value_heads": 4, "kv_lora_rank": 8, "q_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
         "v_head_dim": 8, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,

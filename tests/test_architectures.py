@@ -59,6 +59,23 @@ FAMILIES = {
     "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM", dict(DECODER, head_dim=8, num_local_experts=4,
                                                                   intermediate_size_mlp=64, interleave_moe_layer_step=2,
                                                                   pad_token_id=0)),
+    "mixtral:minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM", dict(DECODER, head_dim=8, num_local_experts=4,
+                                                                    num_experts_per_tok=2, bos_token_id=1,
+                                                                    eos_token_id=2)),
+    "llama:ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
+        DECODER, head_dim=8, moe_num_experts=4, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=1)),
+    "hunyuan_v1_dense:hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", dict(
+        DECODER, head_dim=8, num_experts=4, moe_topk=2, pad_token_id=0)),
+    "glm4_moe:dots1": ("Dots1Config", "Dots1ForCausalLM", dict(
+        DECODER, head_dim=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
+        first_k_dense_replace=1)),
+    "glm4_moe:exaone_moe": ("ExaoneMoeConfig", "ExaoneMoeForCausalLM", dict(
+        DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        mlp_layer_types=["dense", "sparse"], pad_token_id=0, eos_token_id=2)),
+    # a mixture of attention heads and of MLP experts, fused as [E, out, in]
+    "jetmoe": ("JetMoeConfig", "JetMoeForCausalLM", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                         num_key_value_heads=2, kv_channels=8, num_local_experts=4,
+                                                         num_experts_per_tok=2, vocab_size=128)),
     # Mamba-2 mixers beside attention, experts fused as [E, out, in] (granite 4)
     "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(DECODER, num_local_experts=4, num_experts_per_tok=2)),
     "granitemoe:granitemoeshared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM", dict(
@@ -107,8 +124,28 @@ FAMILIES = {
     "zamba2": ("Zamba2Config", "Zamba2ForCausalLM", dict(
         DECODER, num_key_value_heads=4, layers_block_type=["linear_attention", "hybrid"], n_mamba_heads=8,
         mamba_d_state=8, chunk_size=4, use_shared_attention_adapter=True, adapter_rank=4)),
+    "lfm2:lfm2_moe": ("Lfm2MoeConfig", "Lfm2MoeForCausalLM", dict(
+        DECODER, layer_types=["conv", "full_attention"], num_dense_layers=1, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, pad_token_id=0)),
+    # parallel attention and experts from one norm, RMSNorms where rms_norm_eps is set (else LayerNorms: CASES)
+    "cohere:cohere2_moe": ("Cohere2MoeConfig", "Cohere2MoeForCausalLM", dict(
+        DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, num_shared_experts=1, first_k_dense_replace=1,
+        prefix_dense_intermediate_size=48, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # LayerNorm families (rotation does not commute with their norms)
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", DECODER),
+    "mixtral:phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(DECODER, num_local_experts=4, num_experts_per_tok=2,
+                                                                  attention_bias=True, lm_head_bias=True)),
+    # experts fused as 2-D [E * F, d]: w1 / v1 (out, in), w2 (in, out)
+    # (transformers 5.23 reads attn_config.rope_theta, which DbrxAttentionConfig does not declare, and cannot clamp
+    # with clip_qkv None)
+    "dbrx": ("DbrxConfig", "DbrxForCausalLM", dict(
+        d_model=32, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=64,
+        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        ffn_config={"hidden_size": 32, "ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2})),
+    # post-norm: each sublayer carries its norm's output on as the residual; lightning attention beside softmax
+    "minimax": ("MiniMaxConfig", "MiniMaxForCausalLM", dict(
+        DECODER, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["linear_attention", "full_attention"])),
     "falcon": ("FalconConfig", "FalconForCausalLM", DECODER),
     "phi": ("PhiConfig", "PhiForCausalLM", DECODER),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", DECODER),
@@ -120,6 +157,12 @@ FAMILIES = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(DECODER, pad_token_id=0)),
     "olmo2:olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(DECODER, pad_token_id=0)),
     "olmo2:exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(DECODER, head_dim=8, pad_token_id=0)),
+    "olmo2:flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", dict(DECODER, num_experts=4, num_experts_per_tok=2,
+                                                                      pad_token_id=0, eos_token_id=2)),
+    # sandwich norms around the attention and the experts
+    "afmoe": ("AfmoeConfig", "AfmoeForCausalLM", dict(
+        DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=16,
+        num_dense_layers=1)),
     # llama's tensors under other names
     "llama:ministral": ("MinistralConfig", "MinistralForCausalLM", dict(DECODER, head_dim=8)),
     "llama:ministral3": ("Ministral3Config", "Ministral3ForCausalLM", dict(DECODER, head_dim=8)),
@@ -141,7 +184,9 @@ FAMILIES = {
 # nemotron_h's backbone).
 MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "granitemoe",
        "granitemoe:granitemoeshared", "granitemoe:granitemoehybrid", "deepseek_v3:glm4_moe_lite",
-       "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe"}
+       "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
+       "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
+       "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -180,8 +225,15 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("nemotron_h:mlp_moe", {"mlp_bias": True}),
     ("zamba2", {"layers_block_type": ["hybrid", "hybrid"], "num_mem_blocks": 2, "add_bias_linear": True}),
     ("zamba2", {"use_shared_attention_adapter": False}),
+    ("mixtral:phimoe", {"attention_bias": False, "lm_head_bias": False}),
+    ("llama:ernie4_5_moe", {"use_bias": True}),
+    ("hunyuan_v1_dense:hunyuan_v1_moe", {"attention_bias": True}),
+    ("cohere:cohere2_moe", {"rms_norm_eps": None}),  # LayerNorms
+    ("cohere:cohere2_moe", {"num_shared_experts": 0, "attention_bias": True}),
+    ("afmoe", {"attention_bias": True}),
+    ("lfm2:lfm2_moe", {"use_expert_bias": False}),
 ]
-LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias"}
 
 
@@ -260,7 +312,8 @@ def test_checkpoint_roles(saved, case):
     tied = arch.tied(config)
     assert tied == (not any(arch.role(n).role == "lm_head" for n in shapes))
     assert tied == model.config.tie_word_embeddings
-    experts = range(config.get("num_local_experts", config.get("num_experts", 0)))
+    experts = range(next((config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+                          if config.get(k)), 0))
     for template, spec in arch.tensors.items():
         if spec.optional or (tied and spec.role == "lm_head"):
             continue
@@ -282,7 +335,8 @@ def test_norm_feeds_read(saved, case):
     """Run the model: each read projection's input is exactly its norm's output (or that times a config
     scalar, falcon_h1's multipliers, where it is a multiple of no other norm's output; or, without a
     norm, the residual stream: the layer's input plus what its earlier sublayers added), and each
-    write_norm normalises the output of a write projection of its layer."""
+    write_norm normalises the output of a write projection of its layer (or of the block that sums
+    a mixture of experts' writes)."""
     model, config, shapes = saved(*case)
     arch = for_config(config)
     modules = dict(model.named_modules())
@@ -301,7 +355,13 @@ def test_norm_feeds_read(saved, case):
         return record
 
     layers = {layer_module(arch.role(n)) for n in shapes if arch.role(n).layer is not None}
-    watched = [m for m in {module(n) for n in shapes} | layers if m in modules]
+
+    def blocks(tensor_name):  # the modules that hold it, inside its layer (a mixture of experts' block)
+        layer, parts = layer_module(arch.role(tensor_name)), module(tensor_name).split(".")
+        return {".".join(parts[:i]) for i in range(layer.count(".") + 2, len(parts) + 1)}
+
+    writes = {n: blocks(n) for n in shapes if arch.role(n).role == "write"}
+    watched = [m for m in {module(n) for n in shapes} | layers | set().union(*writes.values()) if m in modules]
     handles = [modules[m].register_forward_hook(hook(m), with_kwargs=True) for m in watched]
     with torch.no_grad():
         model(torch.arange(8).unsqueeze(0))
@@ -320,36 +380,33 @@ def test_norm_feeds_read(saved, case):
             x, y = inputs[module(name)], outputs[module(r.norm)]  # the same tensor, or a view of it (a router's)
             if x is y or (x.data_ptr() == y.data_ptr() and x.numel() == y.numel()):
                 continue
-            if len(shapes[name]) == 2:
+            if len(shapes[name]) == 2 and x.shape == y.shape:
                 multiple = lambda t: t.shape == x.shape and torch.allclose(x, t * ((x * t).sum() / (t * t).sum()))
                 norms = {module(n) for n in shapes if arch.role(n).role in ("norm", "final_norm")}
                 assert [m for m in norms if multiple(outputs[m])] == [module(r.norm)], name
                 continue
-            # or, for fused experts, the tokens routed to them: each row a copy of a token's, or scaled by the
-            # router (llama4)
-            assert len(shapes[name]) == 3, name
+            # or, for fused experts (dbrx's 2-D too), the tokens routed to them: each row a copy of a token's, or
+            # scaled by the router (llama4)
             unit = lambda t: torch.nn.functional.normalize(t.reshape(-1, t.shape[-1]), dim=-1)
             rows, tokens = unit(x), unit(y)
             assert bool(((rows @ tokens.T).max(1).values > 1 - 1e-5).logical_or(rows.norm(dim=-1) == 0).all()), name
-        elif r.role == "write_norm":
-            writes = [module(n) for n in shapes
-                      if arch.role(n).role == "write" and arch.role(n).layer == r.layer]
-            assert any(inputs[module(name)] is outputs[w] for w in writes), name
+        elif r.role == "write_norm":  # the output of a write of its layer, or of a block that sums several
+            sublayers = set().union(*(b for n, b in writes.items() if arch.role(n).layer == r.layer))
+            assert any(inputs[module(name)] is outputs[m] for m in sublayers if m in outputs), name
 
 
-def rotatable(family: str) -> bool:
-    arch = for_config({"architectures": [FAMILIES[family][1]]})
-    return (arch.norm_type == "rms_norm" and not arch.unrotatable
-            and not {s.role for s in arch.tensors.values()} & {"write_norm", "position_embedding"})
+def role_table(family):
+    """The role table (its variant included) that a FAMILIES key's config chooses."""
+    config_cls, model_cls, kwargs = FAMILIES[family]
+    return for_config({**getattr(transformers, config_cls)(**kwargs).to_dict(), "architectures": [model_cls]})
 
 
-ROTATABLE = [f for f in FAMILIES if rotatable(f)]
+ROTATABLE = [f for f in FAMILIES if not role_table(f).rotation_obstacles()
+             and not any(s.role == "position_embedding" for s in role_table(f).tensors.values())]
 
 
-@pytest.mark.parametrize("family", ROTATABLE)
-def test_a_rotation_by_the_role_table_keeps_the_function(family, tmp_path):
-    """Every tensor's role is right: turning the residual stream by them leaves the logits as they
-    were (a wrong or missing role changes them by percents)."""
+def rotation_error(family, tmp_path) -> float:
+    """How far turning the residual stream by the role table alone moves the logits (relative)."""
     model = build(family, {"tie_word_embeddings": False})
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():  # gains and biases away from their 1 / 0 init, so that a norm is not an inner vector
@@ -369,25 +426,39 @@ def test_a_rotation_by_the_role_table_keeps_the_function(family, tmp_path):
     ids = torch.arange(3, 11).unsqueeze(0)
     with torch.no_grad():
         expected, got = model(ids).logits, rotated(ids).logits
-    assert float((got - expected).norm() / expected.norm()) < 1e-5
+    return float((got - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize("family", ROTATABLE)
+def test_a_rotation_by_the_role_table_keeps_the_function(family, tmp_path):
+    """Every tensor's role is right: turning the residual stream by them leaves the logits as they
+    were (a wrong or missing role changes them by percents)."""
+    assert rotation_error(family, tmp_path) < 1e-5
 
 
 def test_known_architectures():
     assert set(known_architectures()) == {family_of(f) for f in FAMILIES}
 
 
-@pytest.mark.parametrize("family, extra", [("cohere", {}), ("zamba2", {"initializer_range": 0.1})])
-def test_an_unrotatable_family_is_not_rotation_invariant(family, extra, tmp_path):
-    """Why norm_type and unrotatable matter: cohere's LayerNorms have no bias, so no role says they
-    subtract the mean; zamba2's shared attention reads the residual stream concatenated with the
-    embeddings (inner by its table; weights larger than at init, so that the shared block's share of
-    the output shows). The turn by the role table changes their function."""
-    extra = dict(extra, tie_word_embeddings=False)
+@pytest.mark.parametrize("family", ["cohere", "minimax"])
+def test_a_family_with_rotation_obstacles_is_not_rotation_invariant(family, tmp_path):
+    """Why norm_type and normed_residual matter: cohere's LayerNorms have no bias, so no role says they
+    subtract the mean; MiniMax's sublayers carry their norm's output on as the residual, so the gains
+    scale the stream. The turn by either role table changes the function."""
+    assert role_table(family).rotation_obstacles()
+    assert rotation_error(family, tmp_path) > 1e-2
+
+
+def test_zamba2_is_not_rotation_invariant(tmp_path):
+    """Why unrotatable matters: zamba2's shared attention reads the residual stream concatenated with
+    the embeddings (inner by its table; weights larger than at init, so that the shared block's share
+    of the output shows). The turn by the role table changes its function."""
+    family, extra = "zamba2", {"initializer_range": 0.1, "tie_word_embeddings": False}
     model = build(family, extra)
     model.save_pretrained(tmp_path / "original")
     config = json.loads((tmp_path / "original" / "config.json").read_text())
     arch = for_config(config)
-    assert family not in ROTATABLE and (arch.norm_type == "layer_norm") != bool(arch.unrotatable)
+    assert family not in ROTATABLE and arch.unrotatable in arch.rotation_obstacles()
     state = {k: v.double() for k, v in safetensors_torch.load_file(tmp_path / "original" / "model.safetensors").items()}
     Q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
     rotated = build(family, extra)
@@ -412,6 +483,14 @@ def test_variants_follow_the_config():
     rw = for_config(dict(falcon, parallel_attn=False))
     assert rw.role(mlp).norm == "transformer.h.0.post_attention_layernorm.weight"
     assert rw.role(qkv).norm == "transformer.h.0.input_layernorm.weight"
+    # a variant may set its own norm type: Cohere2-MoE's norms are RMSNorms where its config sets rms_norm_eps
+    cohere2_moe = {"architectures": ["Cohere2MoeForCausalLM"], "model_type": "cohere2_moe"}
+    assert for_config(cohere2_moe).norm_type == "layer_norm"
+    assert for_config(dict(cohere2_moe, rms_norm_eps=None)).norm_type == "layer_norm"
+    rms = for_config(dict(cohere2_moe, rms_norm_eps=1e-5))
+    assert rms.norm_type == "rms_norm" and not rms.rotation_obstacles()
+    assert for_config({"architectures": ["PhimoeForCausalLM"], "model_type": "phimoe"}).norm_type == "layer_norm"
+    assert for_config({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}).norm_type == "rms_norm"
 
 
 def test_nemotron_h_depth_and_latent_experts():
@@ -437,6 +516,11 @@ def test_a_table_is_checked_when_loaded():
     with pytest.raises(ValueError, match="refers to unknown tensor"):
         archs._parse(dict(table, norm_type="layer_norm", variants=[{"when": {"x": 1}, "tensors": {
             "a.norm.bias": None, "a.proj.weight": {"role": "read", "norm": "a.norm.bias"}}}]))
+    assert archs._parse(dict(table, norm_type="layer_norm", variants=[{"when": {"x": 1}, "norm_type": "layer_norm"}]))
+    with pytest.raises(ValueError, match="is a norm bias but norm_type is rms_norm"):  # checked per variant
+        archs._parse(dict(table, norm_type="layer_norm", variants=[{"when": {"x": 1}, "norm_type": "rms_norm"}]))
+    with pytest.raises(ValueError, match="bad norm_type"):
+        archs._parse(dict(table, norm_type="layer_norm", variants=[{"when": {"x": 1}, "norm_type": "batch_norm"}]))
 
 
 def test_match_order():

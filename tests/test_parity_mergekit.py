@@ -93,7 +93,7 @@ def test_whole_merge_matches_mergekit(method, family, request, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["gpt_neox", "falcon", "phi", "stablelm", "starcoder2", "olmo2", "cohere", "arcee",
-                                    "apertus", "glm4", "gpt_bigcode", "granitemoehybrid", "lfm2", "mamba"])
+                                    "apertus", "glm4", "gpt_bigcode", "granitemoehybrid", "lfm2", "mamba", "afmoe"])
 def test_other_families_merge_as_mergekit_does(family, tmp_path):
     # each role table's family (a head bias, gpt_neox's embed_out, falcon's fused qkv and biased norms)
     # merged with per-layer gradients and a filter, as mergekit merges it

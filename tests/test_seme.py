@@ -267,7 +267,9 @@ def renamed_architecture(src, dst, architecture: str) -> str:
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2",
                                     "deepseek_v3:deepseek_v32", "deepseek_v3:glm4_moe_lite", "glm4_moe", "gpt_oss",
                                     "llama4_text", "granitemoe:granitemoehybrid", "lfm2", "qwen3_next",
-                                    "qwen3_next:qwen3_5_text", "qwen3_next:qwen3_5_moe_text"])
+                                    "qwen3_next:qwen3_5_text", "qwen3_next:qwen3_5_moe_text",
+                                    "mixtral:minimax_m2", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
+                                    "glm4_moe:dots1", "glm4_moe:exaone_moe", "jetmoe", "lfm2:lfm2_moe", "cohere:cohere2_moe"])
 def test_a_rotated_mixture_of_experts_is_aligned_back(family, tmp_path):
     """Per-expert tensors, routers and shared experts are rotated as their role table says: merging
     a model with its own rotation gives the model back."""

@@ -15,14 +15,19 @@ checkpoint tensor name, which role the tensor plays relative to the residual str
 
 Norm gains are effective as ``norm_gain_offset + w`` (1.0 for gemma's ``(1 + w)`` RMSNorm);
 ``norm_type`` says whether the norms are RMSNorms or LayerNorms (which subtract the mean, so a
-rotation of the residual stream does not commute with them). A template may hold ``{expert}`` (a
-mixture of experts' per-expert tensors) or ``{head}`` (per-head norms) after ``{layer}``: the role is
-the same for every index, and the concrete template keeps it.
+rotation of the residual stream does not commute with them). ``normed_residual`` marks a family
+whose sublayers carry their norm's output on as the residual (post-LN, MiniMax-Text-01): the
+gains then scale the stream itself, and a rotation of it does not commute with them either.
+``rotation_obstacles`` names what keeps a family from being turned. A template may hold
+``{expert}`` (a mixture of experts' per-expert tensors) or ``{head}`` (per-head norms) after
+``{layer}``: the role is the same for every index, and the concrete template keeps it.
 
 A family whose tensors depend on its config (falcon's norms, stablelm's parallel residual) lists
 ``variants``: the first whose ``when`` values all equal the config's overlays its ``tensors`` on
 the family's (``null`` drops a template), and may set its own ``tied_default`` (a model type whose
-config class ties the head by default, where checkpoints may leave the key out).
+config class ties the head by default, where checkpoints may leave the key out) and ``norm_type``
+(a model type whose norms are LayerNorms where the family's are RMSNorms, or one whose config
+chooses).
 ``unloaded`` lists the name prefixes of modules that checkpoints store but transformers does not load
 (Qwen3-Next's multi-token prediction, ``mtp.``): their tensors have roles, but they are no layers of
 the model's stack (seme.plan merges them after the decoder, as it does layers after the last).
@@ -93,6 +98,7 @@ class Architecture:
     tied_default: bool = False
     norm_gain_offset: float = 0.0
     norm_type: str = "rms_norm"
+    normed_residual: bool = False
     base_prefix: str = ""
     unloaded: tuple[str, ...] = ()
     notes: str = ""
@@ -131,6 +137,22 @@ class Architecture:
     def unloaded_module(self, tensor_name: str) -> str | None:
         """The prefix of the module transformers does not load that holds the tensor, if one does."""
         return next((p for p in self.unloaded if tensor_name.startswith(p)), None)
+
+    def rotation_obstacles(self) -> list[str]:
+        """Why turning the residual stream by the role table would change this family's function
+        (none: it would not)."""
+        why = []
+        if self.norm_type == "layer_norm":
+            why.append("its norms are LayerNorms, which subtract the mean")
+        if self.normed_residual:
+            why.append("its sublayers carry their norm's output on as the residual, so the norm gains scale the stream")
+        if any(s.role == "write_norm" for s in self.tensors.values()):
+            why.append("its sublayer outputs are normalised before the residual add")
+        if self.unrotatable:
+            why.append(self.unrotatable)
+        if self.settings_key:
+            why.append("its vision projector, which writes into the language model's stream, is not described")
+        return why
 
     def role(self, tensor_name: str) -> TensorRole | None:
         try:
@@ -220,9 +242,7 @@ def _candidates(name: str):
 
 def _parse(data: dict) -> Architecture:
     name = data["name"]
-    norm_type = data.get("norm_type", "rms_norm")
-    if norm_type not in NORM_TYPES:
-        raise ValueError(f"{name}: bad norm_type {norm_type!r}")
+    norm_type = _norm_type(name, data.get("norm_type", "rms_norm"))
     tensors = _specs(name, data["tensors"], norm_type)
     family = dict(
         name=name, inferred=False,
@@ -230,17 +250,25 @@ def _parse(data: dict) -> Architecture:
         num_layers_keys=_keys(data["num_layers_key"]), hidden_size_keys=_keys(data["hidden_size_key"]),
         tie_key=data["tie_key"], tied_default=data["tied_default"],
         norm_gain_offset=float(data["norm_gain_offset"]), norm_type=norm_type,
+        normed_residual=data.get("normed_residual", False),
         base_prefix=data.get("base_prefix", ""), unloaded=tuple(data.get("unloaded", ())), notes=data.get("notes", ""),
         unrotatable=data.get("unrotatable", ""),
     )
     variants = []
     for v in data.get("variants", ()):
+        own_norm_type = _norm_type(name, v.get("norm_type", norm_type))
         overlay = {**data["tensors"], **v.get("tensors", {})}
-        specs = _specs(name, {t: raw for t, raw in overlay.items() if raw is not None}, norm_type)
+        specs = _specs(name, {t: raw for t, raw in overlay.items() if raw is not None}, own_norm_type)
         label = ", ".join(f"{k}={json.dumps(x)}" for k, x in v["when"].items())
-        own = {**family, "tied_default": v.get("tied_default", family["tied_default"])}
+        own = {**family, "tied_default": v.get("tied_default", family["tied_default"]), "norm_type": own_norm_type}
         variants.append((v["when"], Architecture(**own, tensors=specs, variant=label)))
     return Architecture(**family, tensors=tensors, variants=tuple(variants))
+
+
+def _norm_type(family: str, norm_type: str) -> str:
+    if norm_type not in NORM_TYPES:
+        raise ValueError(f"{family}: bad norm_type {norm_type!r}")
+    return norm_type
 
 
 def _keys(value: str | list[str]) -> tuple[str, ...]:

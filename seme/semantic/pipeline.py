@@ -175,15 +175,7 @@ class SemanticContext:
                 raise SemeError(f"seme: aligning {kind} models by rotation needs the architecture's role table, "
                                 f"and seme has none (it has {', '.join(known_architectures())}); "
                                 f"set alignment: never to merge without it")
-            why = []
-            if arch.norm_type == "layer_norm":
-                why.append("its norms are LayerNorms, which subtract the mean")
-            if any(s.role == "write_norm" for s in arch.tensors.values()):
-                why.append("its sublayer outputs are normalised before the residual add")
-            if arch.unrotatable:
-                why.append(arch.unrotatable)
-            if arch.settings_key:
-                why.append("its vision projector, which writes into the language model's stream, is not described")
+            why = arch.rotation_obstacles()
             unknown = [t.name for t in plan.tasks
                        if not t.copy and arch.role(t.name) is None and modules.part_of(t.name) == modules.TEXT]
             if unknown:
