@@ -89,6 +89,17 @@ def build_mistral3(path, seed: int):
     return save_random(path, seed, transformers.Mistral3ForConditionalGeneration, config)
 
 
+def build_qwen3_5(path, seed: int):
+    import transformers
+
+    config = transformers.Qwen3_5Config(
+        text_config=dict(QWEN_VL_TEXT, head_dim=8, layer_types=["linear_attention", "full_attention"],
+                         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                         linear_value_head_dim=8),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32))
+    return save_random(path, seed, transformers.Qwen3_5ForConditionalGeneration, config)
+
+
 QWEN_VL_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=64, bos_token_id=1, eos_token_id=2)
 
@@ -290,7 +301,7 @@ def test_what_modules_cannot_do_is_a_one_line_error(llavas, tmp_path, capsys, ca
 WRAPPERS = {  # the builder, and the family of its language model
     "llava": (build_llava, "llama"), "gemma3": (build_gemma3, "gemma3"), "qwen2_vl": (build_qwen2_vl, "qwen2"),
     "qwen2_5_vl": (build_qwen2_5_vl, "qwen2"), "qwen3_vl": (build_qwen3_vl, "qwen3"),
-    "mistral3": (build_mistral3, "mistral"),
+    "mistral3": (build_mistral3, "mistral"), "qwen3_5": (build_qwen3_5, "qwen3_next"),
 }
 
 
@@ -352,7 +363,7 @@ def fine_tune(base, path, seed: int, scale: float = 0.02) -> str:
     shutil.copytree(base, path)
     g = torch.Generator().manual_seed(seed)
     tensors = load_folder(base)
-    save_file({k: v + scale * v.std().nan_to_num() * torch.randn(v.shape, generator=g) for k, v in tensors.items()},
+    save_file({k: v + scale * (v.std().nan_to_num() + 0.01) * torch.randn(v.shape, generator=g) for k, v in tensors.items()},
               f"{path}/model.safetensors", metadata={"format": "pt"})
     return str(path)
 
@@ -393,6 +404,28 @@ def test_seme_merges_a_multimodal_model(llavas, tmp_path):
             expected = seme.merge_tensors("sce", [x[name] for x in inputs[1:]], base=inputs[0][name], select_topk=1.0)
         torch.testing.assert_close(tensor, expected, msg=name)
     assert not torch.equal(merged["multi_modal_projector.linear_2.weight"], inputs[0]["multi_modal_projector.linear_2.weight"])
+
+
+def test_seme_merges_a_multimodal_model_with_its_mtp_module(tmp_path, capsys):
+    """Qwen3.5's checkpoints keep their multi-token-prediction module under mtp., beside the nested
+    language model: no layer stack; SeMe keeps the pivot's (its layers read the pivot's coordinates)."""
+    from safetensors.torch import save_file
+
+    a = build_qwen3_5(tmp_path / "a", 0)
+    g = torch.Generator().manual_seed(0)
+    state = load_folder(a)
+    last = "model.language_model.layers.1."
+    state.update({"mtp.layers.0." + n[len(last):]: t.clone() for n, t in state.items() if n.startswith(last)})
+    state.update({"mtp.fc.weight": torch.randn(32, 64, generator=g) / 8, "mtp.norm.weight": torch.randn(32, generator=g)})
+    save_file(state, f"{a}/model.safetensors", metadata={"format": "pt"})
+    b, c = fine_tune(a, tmp_path / "b", 1), fine_tune(a, tmp_path / "c", 2)
+    seme.merge({"merge_method": "seme", "base_model": a, "models": [{"model": b}, {"model": c}], "dtype": "float32"},
+               str(tmp_path / "out"), progress=False)
+    assert "the layers after the last (mtp.*) are the pivot's" in capsys.readouterr().err
+    merged = load_folder(tmp_path / "out")
+    assert merged.keys() == state.keys()
+    for name, tensor in state.items():
+        assert torch.equal(merged[name], tensor) == name.startswith("mtp."), name
 
 
 # --- vocabulary re-mapping ----------------------------------------------------------------------------
