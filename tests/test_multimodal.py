@@ -363,8 +363,8 @@ def fine_tune(base, path, seed: int, scale: float = 0.02) -> str:
     shutil.copytree(base, path)
     g = torch.Generator().manual_seed(seed)
     tensors = load_folder(base)
-    save_file({k: v + scale * (v.std().nan_to_num() + 0.01) * torch.randn(v.shape, generator=g) for k, v in tensors.items()},
-              f"{path}/model.safetensors", metadata={"format": "pt"})
+    noise = {k: scale * (v.std().nan_to_num() + 0.01) * torch.randn(v.shape, generator=g) for k, v in tensors.items()}
+    save_file({k: v + noise[k] for k, v in tensors.items()}, f"{path}/model.safetensors", metadata={"format": "pt"})
     return str(path)
 
 
