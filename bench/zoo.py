@@ -277,6 +277,8 @@ def rotate(state: dict, arch, Q: torch.Tensor) -> dict:
             w = torch.full_like(w, 1.0 - arch.norm_gain_offset)
         elif r.role == "write":
             w = Q @ w
+        elif r.role == "stream_map":
+            w = Q @ w @ Q.T
         elif r.role in ("embedding", "write_bias"):  # a write bias: [d], or one per expert [E, d]
             w = w @ Q.T
         out[name] = w.mT.contiguous() if r.layout == "in_out" else w

@@ -40,9 +40,10 @@ class Remap:
 
     def config(self, config: dict) -> dict:
         """The base's `config` for the output vocabulary: its `vocab_size` (a multimodal model's in
-        `text_config`), and the tokens it names by id (`bos_token_id`, `pad_token_id`, a multimodal
-        model's `image_token_index`, ...) at the ids the output gives them. An id that is no token
-        of the base stays; a token the output lacks is an error."""
+        `text_config`; `vocab_size_per_layer_input` too, the rows of Gemma's per-layer token table,
+        re-mapped with the embedding's), and the tokens it names by id (`bos_token_id`,
+        `pad_token_id`, a multimodal model's `image_token_index`, ...) at the ids the output gives
+        them. An id that is no token of the base stays; a token the output lacks is an error."""
         moved = {row: new for new, row in enumerate(self.rows[self.base]) if row >= 0}
 
         def token(key, value):
@@ -58,8 +59,9 @@ class Remap:
         out = {key: token(key, value) if _TOKEN_KEY.search(key) else value for key, value in config.items()}
         if isinstance(out.get("text_config"), dict):
             out["text_config"] = self.config(out["text_config"])
-        if isinstance(out.get("vocab_size"), int):
-            out["vocab_size"] = self.size
+        for key in _ROWS_KEYS:
+            if isinstance(out.get(key), int):
+                out[key] = self.size
         return out
 
     def apply(self, models: list[int], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -125,6 +127,7 @@ class Remap:
 
 
 _TOKEN_KEY = re.compile(r"token_(id|index)s?$")  # config keys that name a token by its id
+_ROWS_KEYS = ("vocab_size", "vocab_size_per_layer_input")  # config keys that count a table's rows per token
 
 
 def vocab_size(model: ModelFolder) -> int | None:

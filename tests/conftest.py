@@ -42,6 +42,14 @@ FAMILY_CLASSES = {
         "num_experts_per_tok": 2, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 24}),
 }
 
+# Families mergekit has no definition for, built the same way.
+OTHER_CLASSES = {
+    # per-layer inputs: a second table of a row per token
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", {
+        "head_dim": 8, "global_head_dim": 16, "layer_types": ["sliding_attention", "full_attention"],
+        "hidden_size_per_layer_input": 8}),
+}
+
 
 def build_model(path, family: str = "llama", *, seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = 96,
                 tied: bool = False, base_state: dict | None = None, delta: float = 0.05,
@@ -54,8 +62,10 @@ def build_model(path, family: str = "llama", *, seed: int = 0, layers: int = 2, 
     common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=tied,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    config_cls, model_cls, extra = FAMILY_CLASSES[family]
+    config_cls, model_cls, extra = {**FAMILY_CLASSES, **OTHER_CLASSES}[family]
     config = getattr(transformers, config_cls)(**{**common, **extra})
+    if hasattr(config, "vocab_size_per_layer_input"):  # gemma 4's per-layer token table: a row per token too
+        config.vocab_size_per_layer_input = vocab
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
     with torch.no_grad():

@@ -1,4 +1,5 @@
 import ast
+import itertools
 import json
 import re
 import warnings
@@ -29,7 +30,17 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(DECODER, head_dim=8)),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(DECODER, head_dim=8)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(DECODER, head_dim=8)),
+    # four AltUp streams (as released); its per-layer token table covers only the first tokens, as in the E2B / E4B
+    "gemma3n": ("Gemma3nTextConfig", "Gemma3nForCausalLM", dict(DECODER, head_dim=8, layer_types=[
+        "sliding_attention", "full_attention"], hidden_size_per_layer_input=8, vocab_size_per_layer_input=120,
+        laurel_rank=4, num_kv_shared_layers=0, activation_sparsity_pattern=[0.95, 0.0])),
+    "gemma2:vaultgemma": ("VaultGemmaConfig", "VaultGemmaForCausalLM", dict(DECODER, head_dim=8)),  # no post norms
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(DECODER, head_dim=8)),
+    # a sliding and a full attention layer, of their own head widths; per-layer inputs off (see CASES)
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", dict(DECODER, head_dim=8, global_head_dim=16,
+                                                             layer_types=["sliding_attention", "full_attention"],
+                                                             hidden_size_per_layer_input=0,
+                                                             vocab_size_per_layer_input=128)),
     "granite": ("GraniteConfig", "GraniteForCausalLM", DECODER),
     # Phi3's default pad_token_id (32000) is outside the tiny vocabulary.
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
@@ -232,6 +243,15 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("cohere:cohere2_moe", {"num_shared_experts": 0, "attention_bias": True}),
     ("afmoe", {"attention_bias": True}),
     ("lfm2:lfm2_moe", {"use_expert_bias": False}),
+    ("gemma3n", {"num_kv_shared_layers": 1, "layer_types": ["full_attention", "full_attention"]}),
+    ("gemma4", {"tie_word_embeddings": False, "attention_bias": True}),
+    ("gemma4", {"hidden_size_per_layer_input": 8}),  # per-layer inputs (gemma-4-E2B / E4B)
+    # the last layer reuses the first's keys and values, its MLP twice as wide (E2B)
+    ("gemma4", {"hidden_size_per_layer_input": 8, "num_kv_shared_layers": 1, "use_double_wide_mlp": True,
+                "layer_types": ["full_attention", "full_attention"]}),
+    ("gemma4", {"attention_k_eq_v": True, "num_global_key_value_heads": 1}),  # full attention: keys are values (31B)
+    # a mixture of experts beside each dense MLP (26B-A4B)
+    ("gemma4", {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 16}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias"}
@@ -250,16 +270,26 @@ def build(family, extra):
     return getattr(transformers, model_cls)(config).eval()
 
 
+def perturbed(model):
+    """`model` with its gains and biases away from their 1 / 0 init, so that a norm is not an inner vector
+    and no gain is zero (gemma 3n's altup.correct_output_scale starts at 0)."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.ndim == 1 and t.is_floating_point():
+                t.mul_(1 + 0.3 * torch.randn(t.shape, generator=g)).add_(0.1 * torch.randn(t.shape, generator=g))
+    return model
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """(model, config.json dict, {saved tensor name: shape}) per case, built once."""
     cache = {}
 
     def get(family, extra):
-        key = (family, json.dumps(extra, sort_keys=True))  # values may be lists (mlp_only_layers)
         key = (family, json.dumps(extra, sort_keys=True))  # extra may hold lists (layer kinds)
         if key not in cache:
-            model = build(family, extra)
+            model = perturbed(build(family, extra))
             out = tmp_path_factory.mktemp(family)
             model.save_pretrained(out, safe_serialization=True)
             config = json.loads((out / "config.json").read_text())
@@ -283,7 +313,6 @@ def test_checkpoint_roles(saved, case):
     assert arch.name == family_of(family) and not arch.inferred
     hidden, vocab = arch.hidden_size(config), config["vocab_size"]
     assert hidden == 32 and arch.num_layers(config) == 2
-    post_norm = not any(s.role == "norm" for s in arch.tensors.values())  # olmo2: reads take the raw stream
 
     for name, shape in shapes.items():
         r = arch.role(name)
@@ -294,13 +323,18 @@ def test_checkpoint_roles(saved, case):
         in_dim, out_dim = (-1, -2) if r.layout == "out_in" else (-2, -1)  # fused experts lead with [E, ...]
         if r.role == "read":
             assert shape[in_dim] == hidden, name
-            assert r.norm is None if post_norm else (r.norm in shapes and arch.role(r.norm).role == "norm"), name
+            # without a norm it reads the raw stream (olmo2, gemma 4's per-layer inputs): test_norm_feeds_read
+            assert r.norm is None or (r.norm in shapes and arch.role(r.norm).role == "norm"), name
         elif r.role == "write":
             assert shape[out_dim] == hidden, name
         elif r.role in ("embedding", "lm_head"):
             assert shape == (vocab, hidden), name
         elif r.role == "lm_head_bias":
             assert shape == (vocab,), name
+        elif r.role == "token_table":
+            assert shape[0] == config.get("vocab_size_per_layer_input", vocab), name
+        elif r.role == "stream_map":
+            assert shape == (hidden, hidden), name
         elif r.role == "position_embedding":
             assert shape[1] == hidden, name
         elif r.role == "write_bias":  # one per expert where the experts are fused
@@ -368,17 +402,46 @@ def test_norm_feeds_read(saved, case):
     for h in handles:
         h.remove()
 
+    def same(x, y):  # the same tensor, or a view of it
+        return x is y or (torch.is_tensor(y) and x.data_ptr() == y.data_ptr() and x.numel() == y.numel())
+
+    def sums(tensors, least: int):
+        return (sum(chosen[1:], chosen[0]) for k in range(least, len(tensors) + 1)
+                for chosen in itertools.combinations(tensors, k))
+
+    def on_stream(x, r) -> bool:
+        """x is the residual stream where r reads it: before the layers the embeddings, in a layer its
+        input plus some of what its sublayers added (their write_norms' outputs)."""
+        if r.layer is None:
+            return any(same(x, outputs[module(n)]) for n in shapes if arch.role(n).role == "embedding")
+        stream = inputs[layer_module(r)]
+        added = [outputs[module(n)] for n in shapes
+                 if arch.role(n).role == "write_norm" and arch.role(n).layer == r.layer]
+        candidates = itertools.chain([stream], (stream + a for a in sums(added, 1)))
+        return any(torch.allclose(x.reshape(stream.shape), c) for c in candidates)
+
     for name in (n for n in shapes if module(n) in modules):  # experts are fused in memory: no module each
         r = arch.role(name)
         if r.role == "read" and r.norm is None:
-            stream = inputs[layer_module(r)]
-            added = [outputs[module(n)] for n in shapes
-                     if arch.role(n).role == "write_norm" and arch.role(n).layer == r.layer]
-            candidates = [stream] + [stream + a for a in added]
-            assert any(torch.allclose(inputs[module(name)], c) for c in candidates), name
+            assert on_stream(inputs[module(name)], r), name
         elif r.role == "read":
-            x, y = inputs[module(name)], outputs[module(r.norm)]  # the same tensor, or a view of it (a router's)
-            if x is y or (x.data_ptr() == y.data_ptr() and x.numel() == y.numel()):
+            x, y = inputs[module(name)], outputs.get(module(r.norm))  # the same tensor, or a view of it (a router's)
+            if same(x, y):
+                continue
+            if torch.is_tensor(y) and x.shape == y.shape and torch.allclose(x, y * (x.norm() / y.norm())):
+                continue  # or it times a constant (gemma 3n's router_input_scale)
+            gain = arch.norm_gain_offset + model.get_parameter(r.norm)
+            if y is None:  # a gain whose module applies it without being called (gemma 3n's altup.correct_output_scale,
+                # on the active stream that the layer outputs)
+                assert any(torch.allclose(x, stream * gain) for stream in outputs[layer_module(r)]), name
+                continue
+            if not torch.is_tensor(y):  # a gain that the reader's parent applies after an RMSNorm of its own
+                # without one (gemma 4's router.scale): the parent's input normalised, times the gain, up to a
+                # constant factor
+                h = inputs[module(r.norm)]
+                assert module(name).startswith(module(r.norm) + ".") and on_stream(h, r), name
+                y = torch.nn.functional.rms_norm(h, h.shape[-1:], eps=model.config.rms_norm_eps) * gain
+                assert torch.allclose(x, y * (x.norm() / y.norm()), atol=1e-6), name
                 continue
             if len(shapes[name]) == 2 and x.shape == y.shape:
                 multiple = lambda t: t.shape == x.shape and torch.allclose(x, t * ((x * t).sum() / (t * t).sum()))
@@ -390,15 +453,23 @@ def test_norm_feeds_read(saved, case):
             unit = lambda t: torch.nn.functional.normalize(t.reshape(-1, t.shape[-1]), dim=-1)
             rows, tokens = unit(x), unit(y)
             assert bool(((rows @ tokens.T).max(1).values > 1 - 1e-5).logical_or(rows.norm(dim=-1) == 0).all()), name
-        elif r.role == "write_norm":  # the output of a write of its layer, or of a block that sums several
+        elif r.role == "write_norm":  # a write's output (or that of the block that sums a mixture of experts'
+            # writes), or the sum of its layer's other write_norms' outputs (gemma 4: the dense MLP's and the
+            # experts' outputs, each normalised, then their sum)
+            x = inputs[module(name)]
             sublayers = set().union(*(b for n, b in writes.items() if arch.role(n).layer == r.layer))
-            assert any(inputs[module(name)] is outputs[m] for m in sublayers if m in outputs), name
+            others = [outputs[module(n)] for n in shapes
+                      if arch.role(n).role == "write_norm" and arch.role(n).layer == r.layer and n != name]
+            assert any(same(x, outputs[m]) for m in sublayers if m in outputs) \
+                or any(torch.allclose(x, s) for s in sums(others, 2)), name
 
 
 def role_table(family):
-    """The role table (its variant included) that a FAMILIES key's config chooses."""
-    config_cls, model_cls, kwargs = FAMILIES[family]
-    return for_config({**getattr(transformers, config_cls)(**kwargs).to_dict(), "architectures": [model_cls]})
+    """The role table (its variant included) that a FAMILIES key's config chooses. From the key and its
+    settings alone: importing transformers' config classes while tests are collected would import
+    triton before the Triton tests can set TRITON_INTERPRET."""
+    _, model_cls, kwargs = FAMILIES[family]
+    return for_config({**kwargs, "architectures": [model_cls], "model_type": family.split(":")[-1]})
 
 
 ROTATABLE = [f for f in FAMILIES if not role_table(f).rotation_obstacles()
@@ -407,12 +478,7 @@ ROTATABLE = [f for f in FAMILIES if not role_table(f).rotation_obstacles()
 
 def rotation_error(family, tmp_path) -> float:
     """How far turning the residual stream by the role table alone moves the logits (relative)."""
-    model = build(family, {"tie_word_embeddings": False})
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # gains and biases away from their 1 / 0 init, so that a norm is not an inner vector
-        for t in model.state_dict().values():
-            if t.ndim == 1 and t.is_floating_point():
-                t.mul_(1 + 0.3 * torch.randn(t.shape, generator=g)).add_(0.1 * torch.randn(t.shape, generator=g))
+    model = perturbed(build(family, {"tie_word_embeddings": False}))
     model.save_pretrained(tmp_path / "original")
     config = json.loads((tmp_path / "original" / "config.json").read_text())
     arch = for_config(config)
@@ -575,6 +641,12 @@ def test_gemma_semantics():
     assert g2.role("model.layers.0.post_feedforward_layernorm.weight").role == "write_norm"
     assert g2.role("model.layers.0.mlp.up_proj.weight").norm == "model.layers.0.pre_feedforward_layernorm.weight"
     assert for_config({"model_type": "qwen3"}).norm_gain_offset == 0.0
+    vault = for_config({"architectures": ["VaultGemmaForCausalLM"], "model_type": "vaultgemma"})
+    assert vault.label == 'gemma2 (model_type="vaultgemma")' and vault.norm_gain_offset == 1.0
+    assert vault.role("model.layers.0.post_attention_layernorm.weight") is None
+    g4 = for_config({"architectures": ["Gemma4ForCausalLM"]})
+    assert g4.norm_gain_offset == 0.0 and g4.tied({})  # Gemma 4's RMSNorm multiplies by w itself
+    assert g4.role("model.embed_tokens_per_layer.weight").role == "token_table"  # rows per token, not the stream's
 
 
 def test_inferred_fallback(saved):

@@ -58,6 +58,25 @@ def build_gemma3(path, seed: int):
     return save_random(path, seed, transformers.Gemma3ForConditionalGeneration, config)
 
 
+def build_gemma4(path, seed: int):
+    import transformers
+
+    config = transformers.Gemma4Config(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, head_dim=8, global_head_dim=16,
+                         layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=8,
+                         vocab_size_per_layer_input=300),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=8, patch_size=4, position_embedding_size=64,
+                           pooling_kernel_size=2),
+        # clipped linears' bounds start infinite (real checkpoints hold finite ones)
+        audio_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, subsampling_conv_channels=[8, 4],
+                          output_proj_dims=16, use_clipped_linears=False),
+        boi_token_id=290, eoi_token_id=291, image_token_id=292, video_token_id=293, boa_token_id=294,
+        eoa_token_index=295, audio_token_id=296)
+    return save_random(path, seed, transformers.Gemma4ForConditionalGeneration, config)
+
+
 def build_qwen2_5_vl(path, seed: int):
     import transformers
 
@@ -299,7 +318,8 @@ def test_what_modules_cannot_do_is_a_one_line_error(llavas, tmp_path, capsys, ca
 # --- the language model's role table ----------------------------------------------------------------
 
 WRAPPERS = {  # the builder, and the family of its language model
-    "llava": (build_llava, "llama"), "gemma3": (build_gemma3, "gemma3"), "qwen2_vl": (build_qwen2_vl, "qwen2"),
+    "llava": (build_llava, "llama"), "gemma3": (build_gemma3, "gemma3"), "gemma4": (build_gemma4, "gemma4"),
+    "qwen2_vl": (build_qwen2_vl, "qwen2"),
     "qwen2_5_vl": (build_qwen2_5_vl, "qwen2"), "qwen3_vl": (build_qwen3_vl, "qwen3"),
     "mistral3": (build_mistral3, "mistral"), "qwen3_5": (build_qwen3_5, "qwen3_next"),
 }
@@ -426,6 +446,26 @@ def test_seme_merges_a_multimodal_model_with_its_mtp_module(tmp_path, capsys):
     assert merged.keys() == state.keys()
     for name, tensor in state.items():
         assert torch.equal(merged[name], tensor) == name.startswith("mtp."), name
+
+
+def test_seme_merges_gemma4_beside_its_vision_and_audio_towers(tmp_path):
+    """Gemma 4's audio encoder is a part of its own (audio_tower), as its vision tower is, and its
+    embed_vision / embed_audio project into the language model's stream (multi_modal_projector): SeMe
+    merges the language model and the other parts tensor by tensor; the output loads and runs."""
+    import transformers
+
+    a = build_gemma4(tmp_path / "a", 0)
+    b = fine_tune(a, tmp_path / "b", 1)
+    seme.merge({"merge_method": "seme", "base_model": a, "models": [{"model": a}, {"model": b}], "dtype": "float32"},
+               str(tmp_path / "out"), progress=False)
+    merged, inputs = load_folder(tmp_path / "out"), [load_folder(p) for p in (a, b)]
+    parts = {modules.part_of(n) for n in merged}
+    assert parts == {modules.TEXT, "vision_tower", "audio_tower", "multi_modal_projector"}
+    for name in (n for n in merged if modules.part_of(n) != modules.TEXT):
+        expected = seme.merge_tensors("sce", [inputs[1][name]], base=inputs[0][name], select_topk=1.0)
+        torch.testing.assert_close(merged[name], expected, msg=name)
+    model = transformers.Gemma4ForConditionalGeneration.from_pretrained(tmp_path / "out")
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 9]])).logits).all()
 
 
 # --- vocabulary re-mapping ----------------------------------------------------------------------------

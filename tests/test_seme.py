@@ -197,6 +197,17 @@ def test_rotated_model_computes_the_same_function(trained):
     torch.testing.assert_close(logits(paths["rotB"], ids), logits(paths["B"], ids), rtol=1e-4, atol=1e-4)
 
 
+def test_each_role_turns_with_the_stream():
+    """h' = Q h: a reader's output stays, a writer's and a stream map's output turn with the stream."""
+    Q, x = random_orthogonal(HIDDEN, 3), torch.randn(5, HIDDEN)
+    W = {"read": torch.randn(7, HIDDEN), "write": torch.randn(HIDDEN, 7), "stream_map": torch.randn(HIDDEN, HIDDEN)}
+    turned = {role: alignment.rotate(w, role, "out_in", Q, None, None) for role, w in W.items()}
+    torch.testing.assert_close((x @ Q.T) @ turned["read"].T, x @ W["read"].T)
+    h = torch.randn(5, 7)
+    torch.testing.assert_close(h @ turned["write"].T, (h @ W["write"].T) @ Q.T)
+    torch.testing.assert_close((x @ Q.T) @ turned["stream_map"].T, (x @ W["stream_map"].T) @ Q.T)
+
+
 def recovered_rotation(pivot_state, source_state, mode: str = "linear") -> torch.Tensor:
     heads = [s["lm_head.weight"] * s["model.norm.weight"] for s in (source_state, pivot_state)]
     src, piv = semantic_bases(heads)
@@ -525,18 +536,30 @@ def test_a_deeper_source_merges_by_interpolation(tmp_path):
 
 # --- vocabularies --------------------------------------------------------------------------------
 
-def test_a_permuted_partly_different_vocabulary_keeps_token_meaning(tmp_path):
+# gemma 4 (tied, per-layer inputs): its per-layer token table's rows follow the tokens too, while its
+# semantic bases come from its embedding alone
+@pytest.mark.parametrize("family, token_tables", [
+    ("llama", ("model.embed_tokens.weight", "lm_head.weight")),
+    ("gemma4", ("model.embed_tokens.weight", "model.embed_tokens_per_layer.weight")),
+])
+def test_a_permuted_partly_different_vocabulary_keeps_token_meaning(tmp_path, family, token_tables):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    pivot = build_model(tmp_path / "pivot", hidden=HIDDEN, vocab=VOCAB)
+    from seme.io.model import ModelFolder
+    from seme.semantic.pipeline import _head_names
+
+    tied = family == "gemma4"
+    pivot = build_model(tmp_path / "pivot", family, hidden=HIDDEN, vocab=VOCAB, tied=tied)
     words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(VOCAB, generator=g).tolist()
     src_words = [words[p] if p % 5 else f"new{p}" for p in perm]  # a fifth of the tokens differ
-    source = build_model(tmp_path / "source", hidden=HIDDEN, vocab=VOCAB, base_state=pivot, delta=0.05)
+    source = build_model(tmp_path / "source", family, hidden=HIDDEN, vocab=VOCAB, tied=tied, base_state=pivot,
+                         delta=0.05)
     state = load_folder(tmp_path / "source")
-    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+    assert set(token_tables) <= state.keys()
+    for key in token_tables:
         state[key] = state[key][perm].contiguous()  # source id j holds the row of pivot token perm[j]
     from safetensors.torch import save_file
 
@@ -545,13 +568,54 @@ def test_a_permuted_partly_different_vocabulary_keeps_token_meaning(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path / "source")
 
+    folder = ModelFolder.open(str(tmp_path / "source"))
+    head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    assert _head_names(folder, for_config(folder.config)) == (head, "model.norm.weight")
     report = seme_merge(str(tmp_path / "pivot"), [str(tmp_path / "source")], tmp_path / "out", alignment="never")
     shared = sum(1 for p in perm if p % 5)
     assert report["sources"][0]["shared_tokens"] == shared
     out, original_source = load_folder(tmp_path / "out"), source
-    for token_id in range(VOCAB):
-        row = out["model.embed_tokens.weight"][token_id]
-        if token_id % 5:  # shared: the source's row for the same token lands on the pivot's id
-            torch.testing.assert_close(row, original_source["model.embed_tokens.weight"][token_id])
-        else:  # the source lacks this token: the pivot's row is kept
-            torch.testing.assert_close(row, pivot["model.embed_tokens.weight"][token_id])
+    for key in token_tables:
+        for token_id in range(VOCAB):
+            if token_id % 5:  # shared: the source's row for the same token lands on the pivot's id
+                torch.testing.assert_close(out[key][token_id], original_source[key][token_id], msg=key)
+            else:  # the source lacks this token: the pivot's row is kept
+                torch.testing.assert_close(out[key][token_id], pivot[key][token_id], msg=key)
+
+
+def test_a_token_table_of_the_first_tokens_follows_them(tmp_path):
+    """Gemma 3n's per-layer token table holds rows for the first vocab_size_per_layer_input tokens only:
+    under a permuted vocabulary a pivot token takes the source's row where both tables have one."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig, PreTrainedTokenizerFast
+
+    rows, table = 100, "model.embed_tokens_per_layer.weight"
+    config = Gemma3nTextConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, vocab_size_per_layer_input=rows,
+                               hidden_size_per_layer_input=8, laurel_rank=4, num_kv_shared_layers=0,
+                               layer_types=["sliding_attention", "full_attention"],
+                               activation_sparsity_pattern=[0.0, 0.0])
+    torch.manual_seed(0)
+    save(Gemma3nForCausalLM(config), None, tmp_path / "pivot")
+    pivot = load_folder(tmp_path / "pivot")
+    g = torch.Generator().manual_seed(0)
+    source = {k: v + 0.05 * v.std().nan_to_num() * torch.randn(v.shape, generator=g) for k, v in pivot.items()}
+    perm = torch.randperm(VOCAB, generator=g).tolist()  # source id j is pivot token perm[j]
+    state = dict(source, **{"model.embed_tokens.weight": source["model.embed_tokens.weight"][perm].contiguous()})
+    state[table] = torch.stack([source[table][p] if p < rows else torch.randn(source[table].shape[1:], generator=g)
+                                for p in perm[:rows]])
+    shutil.copytree(tmp_path / "pivot", tmp_path / "source")
+    save_file(state, str(tmp_path / "source" / "model.safetensors"), metadata={"format": "pt"})
+    words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
+    src_words = [words[p] if p % 5 else f"new{p}" for p in perm]  # a fifth of the tokens differ
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(src_words)}, unk_token=src_words[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path / "source")
+
+    seme_merge(str(tmp_path / "pivot"), [str(tmp_path / "source")], tmp_path / "out", alignment="never")
+    out, where = load_folder(tmp_path / "out"), {p: j for j, p in enumerate(perm)}
+    assert out[table].shape == pivot[table].shape
+    for token in range(rows):
+        from_source = token % 5 and where[token] < rows
+        torch.testing.assert_close(out[table][token], (source if from_source else pivot)[table][token], msg=str(token))

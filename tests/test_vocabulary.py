@@ -35,8 +35,9 @@ def renumbered(src, dst, a="w1", b="w2"):
     weights = os.path.join(dst, "model.safetensors")
     state = load_file(weights)
     for name in state:
-        if name.endswith(("embed_tokens.weight", "lm_head.weight", "shared_head.head.weight")):  # a multimodal
-            # model's text rows and a multi-token-prediction layer's too
+        if name.endswith(("embed_tokens.weight", "lm_head.weight", "shared_head.head.weight",
+                          "embed_tokens_per_layer.weight")):  # a multimodal model's text rows, a multi-token-
+            # prediction layer's and Gemma 4's per-layer token table too
             state[name][[i, j]] = state[name][[j, i]].clone()
     save_file(state, weights, metadata={"format": "pt"})
     path = os.path.join(dst, "config.json")
@@ -85,6 +86,31 @@ def test_renumbered_tokens_merge_as_if_they_were_not(llama_family, tmp_path, sou
     assert plain.keys() == remapped.keys()
     for name in plain:
         torch.testing.assert_close(remapped[name], plain[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_second_token_table_follows_its_tokens(tmp_path):
+    # Gemma 4's per-layer inputs: a table of a row per token besides the embedding, re-mapped with it
+    from transformers import AutoTokenizer, Gemma4ForCausalLM
+
+    gemma = build_family(str(tmp_path / "models"), "gemma4", n_experts=2, tied=True)
+    other = renumbered(gemma["expert1"], tmp_path / "renumbered")
+    seme.merge(ties([gemma["expert0"], gemma["expert1"]], gemma["base"]), str(tmp_path / "plain"), progress=False)
+    seme.merge(ties([gemma["expert0"], other], gemma["base"], tokenizer_source="base"), str(tmp_path / "remapped"),
+               progress=False)
+    plain, remapped = load_folder(tmp_path / "plain"), load_folder(tmp_path / "remapped")
+    assert plain.keys() == remapped.keys() and "model.embed_tokens_per_layer.weight" in plain
+    for name in plain:
+        torch.testing.assert_close(remapped[name], plain[name], rtol=0, atol=0, msg=name)
+
+    a = with_added_tokens(gemma["expert0"], tmp_path / "a", ["<x0>", "<x1>"], seed=1)
+    b = with_added_tokens(gemma["expert1"], tmp_path / "b", ["<x1>", "<x2>"], seed=2)
+    seme.merge(ties([a, b], gemma["base"], tokenizer={"source": "union"}), str(tmp_path / "union"), progress=False)
+    union = load_folder(tmp_path / "union")
+    assert union["model.embed_tokens_per_layer.weight"].shape[0] == union["model.embed_tokens.weight"].shape[0] == 99
+    model = Gemma4ForCausalLM.from_pretrained(tmp_path / "union")
+    assert model.config.vocab_size == model.config.vocab_size_per_layer_input == 99
+    ids = AutoTokenizer.from_pretrained(tmp_path / "union")("w5 <x2> <x0>", return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] == 99
 
 
 def test_the_configs_token_ids_follow_the_output_vocabulary(llama_family, tmp_path):

@@ -5,11 +5,16 @@ checkpoint tensor name, which role the tensor plays relative to the residual str
 
   embedding, position_embedding, lm_head   [V, d] / [P, d] / [V, d]
   lm_head_bias                             [V]: the head's bias (phi), a row per token like the head
+  token_table                              [V, k]: another table of a row per token, outside the residual stream
+                                           (Gemma's per-layer embeddings): its rows follow the tokens, never turned
   final_norm, final_norm_bias              the norm before the head
   norm, norm_bias                          a norm that reads the residual stream inside a layer
-  read                                     a Linear whose input is the normalised residual (q/k/v, gate/up, fused)
+  read                                     a Linear whose input is the residual, normalised by its `norm`, or raw
+                                           where it has none (q/k/v, gate/up, fused)
   write, write_bias                        a Linear whose output is added to the residual, and its bias
   write_norm                               a norm applied to a sublayer's output before the add (gemma2)
+  stream_map                               a [d, d] Linear from the residual stream to the residual stream
+                                           (gemma 3n's AltUp projections between its parallel streams)
   inner                                    anything else (biases of read projections, per-head q/k norms)
   buffer                                   a constant that is not a weight (gpt2 causal masks): copy, never merge
 
@@ -54,9 +59,9 @@ from seme.errors import SemeError
 
 ROLES = frozenset({
     "embedding", "position_embedding", "lm_head", "lm_head_bias", "final_norm", "final_norm_bias",
-    "norm", "norm_bias", "read", "write", "write_bias", "write_norm", "inner", "buffer",
+    "norm", "norm_bias", "read", "write", "write_bias", "write_norm", "stream_map", "inner", "buffer", "token_table",
 })
-VOCAB_ROLES = ("embedding", "lm_head", "lm_head_bias")  # a row per token
+VOCAB_ROLES = ("embedding", "lm_head", "lm_head_bias", "token_table")  # a row per token
 LAYOUTS = ("out_in", "in_out")
 NORM_TYPES = ("rms_norm", "layer_norm")
 

@@ -1,22 +1,26 @@
 """The parts of a checkpoint that mergekit's per-module recipes (`modules:`) name.
 
 mergekit calls a multimodal model's parts text_decoder, vision_tower and multi_modal_projector
-(Llama 4's vision part: vision_model), and the one part of a language model `default`. Here a
+(Llama 4's vision part: vision_model), and the one part of a language model `default`; seme calls
+an audio encoder (Gemma 3n's and 4's) audio_tower. Here a
 tensor's part is read from its name, so that checkpoints mergekit has no definition for (Llava) are
 split the same way. Stdlib-only, like the role tables.
 """
 from __future__ import annotations
 
 TEXT = "text_decoder"
-# Checked in order: a projector may sit inside the vision part (Qwen2-VL's visual.merger).
+# Checked in order: a projector may sit inside the vision part (Qwen2-VL's visual.merger). Gemma 3n and 4
+# embed images and sounds into the language model's stream with embed_vision / embed_audio.
 MARKERS = (
-    ("multi_modal_projector", ("multi_modal_projector", "mm_projector", "visual.merger")),
+    ("multi_modal_projector", ("multi_modal_projector", "mm_projector", "visual.merger", "embed_vision",
+                               "embed_audio")),
     ("vision_tower", ("vision_tower", "vision_model", "visual", "vision_encoder")),
+    ("audio_tower", ("audio_tower",)),
 )
 ALIASES = {"vision_model": "vision_tower"}
 SINGLE_NAMES = ("default", TEXT)  # what a model of one part may be called
 # Where a part's own settings live in config.json (else at its top level), and the keys of its depth.
-CONFIG_KEYS = {TEXT: "text_config", "vision_tower": "vision_config"}
+CONFIG_KEYS = {TEXT: "text_config", "vision_tower": "vision_config", "audio_tower": "audio_config"}
 DEPTH_KEYS = ("num_hidden_layers", "num_layers", "depth", "n_layer", "n_layers")
 
 

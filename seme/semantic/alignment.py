@@ -61,8 +61,9 @@ def rotate(t: torch.Tensor, role: str, layout: str, Q: torch.Tensor, src_gain: t
     """One source tensor carried into pivot coordinates by the orthogonal Q (h_piv = Q h_src).
 
     Readers absorb the source's norm gain, turn with Qᵀ and give the pivot's gain back
-    (W ← W diag(g_src) Qᵀ diag(1/g_piv)); writers turn with Q (W ← Q W); embeddings' rows turn
-    with Q. Norm gains themselves are replaced by the pivot's by the caller.
+    (W ← W diag(g_src) Qᵀ diag(1/g_piv)); writers turn with Q (W ← Q W); maps from the stream to
+    the stream with both (W ← Q W Qᵀ); embeddings' rows turn with Q. Norm gains themselves are
+    replaced by the pivot's by the caller.
     """
     Q = Q.to(torch.float32)
     if layout == "in_out":  # [in, out] (GPT-2's Conv1D; fused experts' [E, in, out]): into the Linear convention
@@ -75,6 +76,8 @@ def rotate(t: torch.Tensor, role: str, layout: str, Q: torch.Tensor, src_gain: t
         return t @ Q.T
     if role == "write":
         return Q @ t
+    if role == "stream_map":
+        return Q @ t @ Q.T
     if role == "write_bias":  # [d], or one per expert [E, d]
         return t @ Q.T
     raise ValueError(f"role {role!r} is not rotated")

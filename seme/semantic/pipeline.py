@@ -26,7 +26,7 @@ _SIGNATURE_COLUMNS = 256
 # The drift report's cost grows with V x d (each signature is a [256, d] x [d, V] product): it is
 # computed unasked only up to this size, and always for `stabilize`, which needs it.
 _DRIFT_REPORT_ELEMENTS = 1 << 27
-ROTATED_ROLES = ("read", "lm_head", "embedding", "position_embedding", "write", "write_bias")
+ROTATED_ROLES = ("read", "lm_head", "embedding", "position_embedding", "write", "write_bias", "stream_map")
 PIVOT_ROLES = ("norm", "final_norm")  # gains: an aligned source takes the pivot's (folded into its readers)
 
 
@@ -241,10 +241,11 @@ class SemanticContext:
         return self._gather_rows(m, total, pivot_name) if spec.vocab else total
 
     def _gather_rows(self, m: int, x: torch.Tensor, pivot_name: str) -> torch.Tensor:
-        """Rows in the pivot's token order; tokens the source lacks keep the pivot's row (no update)."""
-        tmap = torch.tensor(self.sp.token_maps[m], device=x.device)
+        """Rows in the pivot's token order; tokens the source lacks keep the pivot's row (no update), as do
+        tokens past the source's rows where a table holds only the first tokens' (gemma 3n's per-layer one)."""
         out = self._load(self.sp.pivot, pivot_name)
-        keep = tmap >= 0
+        tmap = torch.tensor(self.sp.token_maps[m][:out.shape[0]], device=x.device)
+        keep = (tmap >= 0) & (tmap < x.shape[0])
         out[keep] = x[tmap[keep]]
         return out
 
