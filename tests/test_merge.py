@@ -272,66 +272,46 @@ def with_mtp_layer(path: str, seed: int) -> None:
 @pytest.fixture(scope="module")
 def deepseek_mtp(tmp_path_factory):
     """base + 2 experts of a tiny DeepSeek-V3 (one dense, one MoE layer), each with its MTP layer."""
-    models = build_family(str(tmp_path_factory.mktemp("models")), "deepseek_v3", n_experts=2)
+    return family_with(tmp_path_factory, "deepseek_v3", with_mtp_layer)
+
+
+def family_with(tmp_path_factory, family: str, add) -> dict:
+    """base + 2 experts of a tiny `family`, each given add(path, seed)."""
+    models = build_family(str(tmp_path_factory.mktemp("models")), family, n_experts=2)
     for i, path in enumerate(models.values()):
-        with_mtp_layer(path, seed=i)
+        add(path, seed=i)
     return models
+
+
+def quarter_and_three_quarters(m: dict) -> dict:
+    """A linear recipe: a quarter of expert0, three quarters of expert1."""
+    return {"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": m["expert0"], "parameters": {"weight": 0.25}}, {"model": m["expert1"], "parameters": {"weight": 0.75}}]}
+
+
+def last_layer_twice(m: dict) -> dict:
+    """A passthrough recipe three layers deep: expert0's two, then expert1's last."""
+    return {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": m["expert0"], "layer_range": [0, 2]}]},
+        {"sources": [{"model": m["expert1"], "layer_range": [1, 2]}]}]}
 
 
 def test_layers_after_the_last_are_merged_after_the_output_s_last(deepseek_mtp, tmp_path):
     m = deepseek_mtp
-    recipe = {"merge_method": "linear", "dtype": "float32", "models": [
-        {"model": m["expert0"], "parameters": {"weight": 0.25}}, {"model": m["expert1"], "parameters": {"weight": 0.75}}]}
-    seme.merge(recipe, str(tmp_path / "whole"), progress=False)
+    seme.merge(quarter_and_three_quarters(m), str(tmp_path / "whole"), progress=False)
     e0, e1, ours = load_folder(m["expert0"]), load_folder(m["expert1"]), load_folder(tmp_path / "whole")
     assert sorted(ours) == sorted(e0)
     for name in (n for n in e0 if n.startswith("model.layers.2.")):
         torch.testing.assert_close(ours[name], 0.25 * e0[name] + 0.75 * e1[name], msg=name)
 
     # A deeper output (layer 1 twice): the MTP layer follows its last layer, from the last slice.
-    recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": [
-        {"sources": [{"model": m["expert0"], "layer_range": [0, 2]}]},
-        {"sources": [{"model": m["expert1"], "layer_range": [1, 2]}]}]}
-    seme.merge(recipe, str(tmp_path / "deeper"), progress=False)
+    seme.merge(last_layer_twice(m), str(tmp_path / "deeper"), progress=False)
     deeper = load_folder(tmp_path / "deeper")
     assert json.loads((tmp_path / "deeper" / "config.json").read_text())["num_hidden_layers"] == 3
     assert not any(n.startswith("model.layers.4.") for n in deeper)
     for name in (n for n in e1 if n.startswith("model.layers.2.")):
         torch.testing.assert_close(deeper[name.replace(".2.", ".3.", 1)], e1[name], msg=name)
     reload_and_generate(tmp_path / "deeper")  # transformers leaves the MTP layer unloaded
-
-
-def test_layers_after_the_last_missing_from_a_source_are_the_reference_s(deepseek_mtp, tmp_path, capsys):
-    m = deepseek_mtp
-    plain = tmp_path / "plain"
-    shutil.copytree(m["expert1"], plain)
-    state = load_folder(plain)
-    from safetensors.torch import save_file
-    save_file({k: v for k, v in state.items() if not k.startswith("model.layers.2.")}, plain / "model.safetensors",
-              metadata={"format": "pt"})
-    recipe = {"merge_method": "ties", "dtype": "bfloat16", "base_model": m["base"], "parameters": {"density": 0.5},
-              "models": [{"model": m["expert0"], "parameters": {"weight": 0.5}},
-                         {"model": str(plain), "parameters": {"weight": 0.5}}]}
-    seme.merge(recipe, str(tmp_path / "out"), progress=False)
-    assert "seme: warning: the layers after the last (model.layers.2) are the reference's: plain lacks" \
-        in capsys.readouterr().err
-    base, ours = load_folder(m["base"]), load_folder(tmp_path / "out")
-    for name in (n for n in base if n.startswith("model.layers.2.")):
-        assert ours[name].dtype == torch.bfloat16
-        assert torch.equal(ours[name], base[name].bfloat16()), name
-
-
-def test_seme_takes_the_pivot_s_layers_after_the_last(deepseek_mtp, tmp_path, capsys):
-    m = deepseek_mtp
-    recipe = {"merge_method": "seme", "dtype": "float32", "base_model": m["base"],
-              "models": [{"model": m["expert0"]}, {"model": m["expert1"]}]}
-    seme.merge(recipe, str(tmp_path / "out"), progress=False)
-    assert "seme: warning: the layers after the last (model.layers.2) are the pivot's" in capsys.readouterr().err
-    base, ours = load_folder(m["base"]), load_folder(tmp_path / "out")
-    assert sorted(ours) == sorted(base)
-    for name in (n for n in base if n.startswith("model.layers.2.")):
-        assert torch.equal(ours[name], base[name]), name
-    assert not torch.equal(ours["model.layers.1.self_attn.o_proj.weight"], base["model.layers.1.self_attn.o_proj.weight"])
 
 
 def test_layers_after_the_last_follow_the_output_vocabulary(deepseek_mtp, tmp_path, capsys):
@@ -384,10 +364,7 @@ def with_mtp_module(path: str, seed: int) -> None:
 def qwen_mtp(tmp_path_factory):
     """base + 2 experts of a tiny Qwen3-Next (a linear-attention and a full-attention layer, experts), each
     with its MTP module."""
-    models = build_family(str(tmp_path_factory.mktemp("models")), "qwen3_next", n_experts=2)
-    for i, path in enumerate(models.values()):
-        with_mtp_module(path, seed=i)
-    return models
+    return family_with(tmp_path_factory, "qwen3_next", with_mtp_module)
 
 
 def test_an_unloaded_module_is_described_and_merged_by_name(qwen_mtp, tmp_path):
@@ -403,19 +380,14 @@ def test_an_unloaded_module_is_described_and_merged_by_name(qwen_mtp, tmp_path):
         assert r is not None and (r.role != "read" or (e0[name].shape[-1] == 32 and r.norm in e0)), name
     assert arch.role("mtp.fc.weight").role == "inner" and arch.role("mtp.norm.weight").role == "norm"
 
-    recipe = {"merge_method": "linear", "dtype": "float32", "models": [
-        {"model": m["expert0"], "parameters": {"weight": 0.25}}, {"model": m["expert1"], "parameters": {"weight": 0.75}}]}
-    seme.merge(recipe, str(tmp_path / "whole"), progress=False)
+    seme.merge(quarter_and_three_quarters(m), str(tmp_path / "whole"), progress=False)
     ours = load_folder(tmp_path / "whole")
     assert sorted(ours) == sorted(e0)
     for name in mtp:
         torch.testing.assert_close(ours[name], 0.25 * e0[name] + 0.75 * e1[name], msg=name)
 
     # A deeper output (layer 1 twice): the module keeps its names, from the last slice.
-    recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": [
-        {"sources": [{"model": m["expert0"], "layer_range": [0, 2]}]},
-        {"sources": [{"model": m["expert1"], "layer_range": [1, 2]}]}]}
-    seme.merge(recipe, str(tmp_path / "deeper"), progress=False)
+    seme.merge(last_layer_twice(m), str(tmp_path / "deeper"), progress=False)
     deeper = load_folder(tmp_path / "deeper")
     config = json.loads((tmp_path / "deeper" / "config.json").read_text())
     assert config["num_hidden_layers"] == 3 and config["layer_types"][2] == "full_attention"
@@ -431,33 +403,44 @@ def test_an_unloaded_module_is_described_and_merged_by_name(qwen_mtp, tmp_path):
     assert sorted(ties) == sorted(e0) and not torch.equal(ties["mtp.fc.weight"], base["mtp.fc.weight"])
 
 
-def test_an_unloaded_module_missing_from_a_source_is_the_reference_s(qwen_mtp, tmp_path, capsys):
+# DeepSeek-V3's MTP layer after the last, and Qwen3-Next's mtp.* module (unloaded by transformers)
+TRAILING = pytest.mark.parametrize("models, prefix, where", [("deepseek_mtp", "model.layers.2.", "model.layers.2"),
+                                                             ("qwen_mtp", "mtp.", "mtp.*")])
+
+
+@TRAILING
+def test_layers_after_the_last_missing_from_a_source_are_the_reference_s(models, prefix, where, request, tmp_path,
+                                                                        capsys):
     from safetensors.torch import save_file
 
-    m = qwen_mtp
+    m = request.getfixturevalue(models)
     plain = tmp_path / "plain"
     shutil.copytree(m["expert1"], plain)
-    save_file({k: v for k, v in load_folder(plain).items() if not k.startswith("mtp.")}, plain / "model.safetensors",
+    save_file({k: v for k, v in load_folder(plain).items() if not k.startswith(prefix)}, plain / "model.safetensors",
               metadata={"format": "pt"})
     recipe = {"merge_method": "ties", "dtype": "bfloat16", "base_model": m["base"], "parameters": {"density": 0.5},
               "models": [{"model": m["expert0"], "parameters": {"weight": 0.5}},
                          {"model": str(plain), "parameters": {"weight": 0.5}}]}
     seme.merge(recipe, str(tmp_path / "out"), progress=False)
-    assert "seme: warning: the layers after the last (mtp.*) are the reference's: plain lacks them" \
+    assert f"seme: warning: the layers after the last ({where}) are the reference's: plain lacks them" \
         in capsys.readouterr().err
     base, ours = load_folder(m["base"]), load_folder(tmp_path / "out")
-    for name in (n for n in base if n.startswith("mtp.")):
+    for name in (n for n in base if n.startswith(prefix)):
+        assert ours[name].dtype == torch.bfloat16
         assert torch.equal(ours[name], base[name].bfloat16()), name
 
 
-def test_seme_takes_the_pivot_s_unloaded_module(qwen_mtp, tmp_path, capsys):
-    m = qwen_mtp
+@TRAILING
+def test_seme_takes_the_pivot_s_layers_after_the_last(models, prefix, where, request, tmp_path, capsys):
+    m = request.getfixturevalue(models)
     recipe = {"merge_method": "seme", "dtype": "float32", "base_model": m["base"],
               "models": [{"model": m["expert0"]}, {"model": m["expert1"]}]}
     seme.merge(recipe, str(tmp_path / "out"), progress=False)
-    assert "seme: warning: the layers after the last (mtp.*) are the pivot's" in capsys.readouterr().err
+    assert f"seme: warning: the layers after the last ({where}) are the pivot's" in capsys.readouterr().err
     base, ours = load_folder(m["base"]), load_folder(tmp_path / "out")
     assert sorted(ours) == sorted(base)
-    for name in (n for n in base if n.startswith("mtp.")):
+    for name in (n for n in base if n.startswith(prefix)):
         assert torch.equal(ours[name], base[name]), name
     assert not torch.equal(ours["model.layers.1.self_attn.o_proj.weight"], base["model.layers.1.self_attn.o_proj.weight"])
+
+
