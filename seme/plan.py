@@ -136,6 +136,7 @@ def make_plan(recipe: Recipe) -> Plan:
     for name in pre:
         builder.add(name, {s.model: name for s in first_slice.sources}, first_slice, t=0.0)
     layer_sources = _add_layers(builder, recipe.slices, layer_range)
+    _check_layer_blocks(arch, ref_names, layer_sources, arch.num_layers(models[ref].config))
     last_slice = recipe.slices[-1]
     trailing_left_out = _add_trailing(builder, ref, last_slice, len(layer_sources))
     for name in post:
@@ -176,6 +177,17 @@ def _add_layers(builder, slices, layer_range, stack: str | None = None) -> list[
                 builder.add(_rename(lead_arch, name, out_layer), names_in, sl, t)
             layer_sources.append((lead, lead_layer))
     return layer_sources
+
+
+def _check_layer_blocks(arch, names, layer_sources, depth: int, where: str = "") -> None:
+    """Tensors that pack a block per layer (Gemma's per-layer token tables) are merged whole: their
+    blocks fit the output only where its layer i is layer i of a source, for each of the `depth`."""
+    if [layer for _, layer in layer_sources] == list(range(depth)):
+        return
+    packed = [n for n in names if arch.role(n) is not None and arch.role(n).layer_blocks is not None]
+    if packed:
+        raise SemeError(f"{where}{packed[0]} packs a block for each of its {depth} layers: slices that move or drop "
+                        f"layers would leave it with the old layers' blocks; keep every layer in place")
 
 
 # Config keys that count the layers after the last (DeepSeek-V3's and GLM-4.5's multi-token prediction).
@@ -365,6 +377,7 @@ def _add_module_slices(builder, where, part, slices, names, own, ref, stacks_of,
     for n in pre:
         builder.add(n, {s.model: n for s in slices[0].sources}, slices[0], t=0.0)
     layer_sources = _add_layers(builder, slices, layer_range, stack)
+    _check_layer_blocks(archs[ref], names, layer_sources, ref_depth, f"{where}: ")
     for n in loose:
         if n not in pre:
             builder.add(n, {s.model: n for s in slices[-1].sources}, slices[-1], t=0.0)

@@ -151,6 +151,28 @@ def test_a_depth_given_as_the_list_of_layer_kinds_follows_the_layers(tmp_path):
         ["linear_attention", "full_attention"]
 
 
+def test_tables_packing_a_block_per_layer_keep_their_layers_in_place(tmp_path, capsys):
+    # Gemma 4 E2B / E4B: embed_tokens_per_layer and per_layer_model_projection hold one block per layer
+    from test_architectures import build
+
+    from seme.merge import main
+
+    build("gemma4", {"hidden_size_per_layer_input": 8}).save_pretrained(tmp_path / "a")
+    a = str(tmp_path / "a")
+    seme.merge({"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": a, "layer_range": [0, 1]}]}, {"sources": [{"model": a, "layer_range": [1, 2]}]}]},
+        str(tmp_path / "in-place"), progress=False)  # every layer where it was
+    reload_and_generate(tmp_path / "in-place")
+    (tmp_path / "r.yml").write_text(yaml.safe_dump({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": a, "layer_range": [0, 2]}]}, {"sources": [{"model": a, "layer_range": [1, 2]}]}]}))
+    capsys.readouterr()
+    assert main([str(tmp_path / "r.yml"), str(tmp_path / "deeper")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["seme: error: model.embed_tokens_per_layer.weight packs a block for each of its 2 layers: slices "
+                   "that move or drop layers would leave it with the old layers' blocks; keep every layer in place"], err
+    assert not (tmp_path / "deeper").exists()
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(llama_family, tmp_path, capsys):
     recipe = {"merge_method": "ties", "base_model": llama_family["base"],
               "models": [{"model": llama_family["expert0"], "parameters": {"weight": [1.0, 0.0], "density": 0.5}}]}

@@ -25,7 +25,9 @@ whose sublayers carry their norm's output on as the residual (post-LN, MiniMax-T
 gains then scale the stream itself, and a rotation of it does not commute with them either.
 ``rotation_obstacles`` names what keeps a family from being turned. A template may hold
 ``{expert}`` (a mixture of experts' per-expert tensors) or ``{head}`` (per-head norms) after
-``{layer}``: the role is the same for every index, and the concrete template keeps it.
+``{layer}``: the role is the same for every index, and the concrete template keeps it. A tensor
+outside the layers that packs one block per layer (Gemma's per-layer token tables) gives the axis in
+``layer_blocks``: seme.plan refuses merges that would move or drop its layers' blocks.
 
 A family whose tensors depend on its config (falcon's norms, stablelm's parallel residual) lists
 ``variants``: the first whose ``when`` values all equal the config's overlays its ``tensors`` on
@@ -79,6 +81,7 @@ class TensorRole:
     layout: str
     optional: bool
     tied_to: str | None
+    layer_blocks: int | None = None  # the axis along which it packs one block per layer (Gemma's per-layer tables)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class TensorSpec:
     layout: str = "out_in"
     optional: bool = False
     tied_to: str | None = None
+    layer_blocks: int | None = None
 
 
 # eq=False: instances are per-family singletons, identity hashing suffices.
@@ -191,7 +195,7 @@ class Architecture:
                 norm = spec.norm and self.layer_name(spec.norm, layer)[len(strip):]
                 concrete = template if expert is None else template.replace("{expert}", str(expert))
                 return TensorRole(spec.role, layer, concrete[len(strip):], norm, spec.layout,
-                                  spec.optional, spec.tied_to)
+                                  spec.optional, spec.tied_to, spec.layer_blocks)
         return None
 
     def _infer(self, name: str) -> TensorRole | None:
@@ -284,7 +288,7 @@ def _specs(family: str, raw_tensors: dict, norm_type: str) -> dict[str, TensorSp
     tensors = {}
     for template, raw in raw_tensors.items():
         spec = TensorSpec(raw["role"], raw.get("norm"), raw.get("layout", "out_in"),
-                          raw.get("optional", False), raw.get("tied_to"))
+                          raw.get("optional", False), raw.get("tied_to"), raw.get("layer_blocks"))
         if spec.role not in ROLES or spec.layout not in LAYOUTS:
             raise ValueError(f"{family}: bad role/layout for {template!r}")
         if spec.role in ("norm_bias", "final_norm_bias") and norm_type != "layer_norm":
