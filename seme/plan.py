@@ -484,8 +484,10 @@ def _relayered(settings: dict, depth_key: str, layer_sources, sources: list[dict
     depth = _depth(settings[depth_key])
     out = dict(settings)
     for key, value in settings.items():
-        if isinstance(value, list) and len(value) == depth and depth > 0:
-            out[key] = [_per_layer(sources[m], depth_key, key, value, layer) for m, layer in layer_sources]
+        per_layer = _per_layer_list(key, value)
+        if isinstance(per_layer, list) and len(per_layer) == depth and depth > 0:
+            entries = [_per_layer(sources[m], depth_key, key, per_layer, layer) for m, layer in layer_sources]
+            out[key] = "".join(entries) if isinstance(value, str) else entries
     if not isinstance(settings[depth_key], list):
         out[depth_key] = len(layer_sources)
     return out
@@ -495,10 +497,19 @@ def _depth(value) -> int | None:
     return len(value) if isinstance(value, list) else value
 
 
+# Config strings of one character per layer (Nemotron-H's older configs: "M-M*-..."; transformers
+# prefers the pattern to num_hidden_layers).
+LAYER_PATTERN_KEYS = ("hybrid_override_pattern",)
+
+
+def _per_layer_list(key: str, value):
+    return list(value) if key in LAYER_PATTERN_KEYS and isinstance(value, str) else value
+
+
 def _per_layer(settings: dict, depth_key: str, key: str, fallback: list, layer: int):
     """Layer `layer`'s entry of a per-layer config list, from the settings of the model that supplies
     the layer."""
-    value = settings.get(key)
+    value = _per_layer_list(key, settings.get(key))
     if isinstance(value, list) and len(value) == _depth(settings.get(depth_key)):
         return value[layer]
     return fallback[min(layer, len(fallback) - 1)]

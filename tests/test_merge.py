@@ -150,6 +150,16 @@ def test_a_depth_given_as_the_list_of_layer_kinds_follows_the_layers(tmp_path):
     assert json.loads((tmp_path / "same" / "config.json").read_text())["layers_block_type"] == \
         ["linear_attention", "full_attention"]
 
+    # Older configs: a layer count and a pattern of a character per layer, which transformers prefers
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    del config["layers_block_type"]
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2,
+                                                            "hybrid_override_pattern": "M*"}))
+    seme.merge(recipe, str(tmp_path / "older"), progress=False)
+    config = json.loads((tmp_path / "older" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and config["hybrid_override_pattern"] == "M*M"
+    reload_and_generate(tmp_path / "older")
+
 
 def test_tables_packing_a_block_per_layer_keep_their_layers_in_place(tmp_path, capsys):
     # Gemma 4 E2B / E4B: embed_tokens_per_layer and per_layer_model_projection hold one block per layer
