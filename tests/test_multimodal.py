@@ -173,8 +173,8 @@ def assert_refused(r, message, tmp_path, capsys):
     ("slices", "has several layer stacks (language_model.model.layers.* (2 layers), vision_tower.encoder.layers.* "
                "(3 layers)), which one layer_range cannot select: merge it whole with 'models:'"),
     # independent models: their language models would need turning, and their projectors with them
-    ("seme", "aligning llama (in LlavaForConditionalGeneration) models by rotation is not supported (its vision "
-             "projector, which writes into the language model's stream, is not described"),
+    ("seme", "aligning qwen2 (in Qwen2VLForConditionalGeneration) models by rotation is not supported (its "
+             "vision projector, which writes into the language model's stream, is not described"),
     ("seme-depths", "beside its language model, the pivot vision_tower.encoder.layers.* (3 layers): SeMe matches "
                     "only the language models' layers"),
     ("seme-no-table", "SeMe aligns language models of one stack, and multimodal models whose language model has "
@@ -188,8 +188,9 @@ def test_what_a_multimodal_model_cannot_do_is_a_one_line_error(llavas, tmp_path,
     a, b = llavas
     if case == "slices":
         r = {"merge_method": "passthrough", "slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]}]}
-    elif case == "seme":
-        r = {"merge_method": "seme", "base_model": a, "models": [{"model": b}]}
+    elif case == "seme":  # Qwen2-VL's projector has no roles
+        r = {"merge_method": "seme", "base_model": build_qwen2_vl(tmp_path / "q0", 0),
+             "models": [{"model": build_qwen2_vl(tmp_path / "q1", 1)}]}
     elif case == "seme-depths":
         r = {"merge_method": "seme", "base_model": a, "models": [{"model": build_llava(tmp_path / "deep", 3, 4)}]}
     elif case == "seme-no-table":  # a language model of a family seme has no table for
@@ -357,8 +358,8 @@ def test_a_multimodal_models_language_model_has_its_familys_roles(wrapper, tmp_p
     assert arch.num_layers(config) == 2 and arch.hidden_size(config) == 32
     for name in names:
         role = arch.role(name)
-        if modules.part_of(name) != modules.TEXT:
-            assert role is None, name
+        if modules.part_of(name) != modules.TEXT:  # the projector's writes into the stream, where described
+            assert role is None if not arch.projected else role.role in ("inner", "write", "write_bias"), name
             continue
         expected = own.role(own_name(name))
         assert role is not None and expected is not None, name
@@ -370,6 +371,56 @@ def test_a_multimodal_models_language_model_has_its_familys_roles(wrapper, tmp_p
         if not spec.optional and not (tied and spec.role == "lm_head"):
             for layer in range(2) if "{layer}" in template else [None]:
                 assert (template if layer is None else arch.layer_name(template, layer)) in names, template
+
+
+def rotated_llava(path, out, Q) -> str:
+    """The Llava at `path` with its language model's stream turned by Q through its role table (the
+    projector's write turning with it), saved at `out`."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from bench.zoo import rotate
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    arch = architectures.for_config(config, tensor_names(path))
+    assert arch.projected
+    shutil.copytree(path, out)
+    state = {k: v.double() for k, v in load_folder(path).items()}
+    save_file({k: v.float().contiguous() for k, v in rotate(state, arch, Q).items()}, f"{out}/model.safetensors",
+              metadata={"format": "pt"})
+    return str(out)
+
+
+def random_rotation(seed: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))[0]
+
+
+def llava_logits(path) -> torch.Tensor:
+    """Logits of a prompt holding an image (its 4 patches take the image token's places)."""
+    import transformers
+
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
+    ids = torch.tensor([[1, 5] + [60] * 4 + [9, 11]])
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)))\
+            .logits
+
+
+def test_a_rotation_by_the_roles_keeps_a_llavas_function(tmp_path):
+    """The language model's roles and the projector's write are all a turn of the stream needs: the
+    logits of a prompt with an image stay (a missed projector would move them by percents)."""
+    from safetensors.torch import save_file
+
+    a = build_llava(tmp_path / "a", 0)
+    g = torch.Generator().manual_seed(1)  # gains and biases away from their 1 / 0 init
+    save_file({k: v * (1 + 0.3 * torch.randn(v.shape, generator=g)) + 0.1 * torch.randn(v.shape, generator=g)
+               if v.ndim == 1 else v for k, v in load_folder(a).items()}, f"{a}/model.safetensors",
+              metadata={"format": "pt"})
+    turned = rotated_llava(a, tmp_path / "turned", random_rotation(2))
+    expected, got = llava_logits(a), llava_logits(turned)
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
 
 
 # --- SeMe ------------------------------------------------------------------------------------------------
@@ -424,6 +475,22 @@ def test_seme_merges_a_multimodal_model(llavas, tmp_path):
             expected = seme.merge_tensors("sce", [x[name] for x in inputs[1:]], base=inputs[0][name], select_topk=1.0)
         torch.testing.assert_close(tensor, expected, msg=name)
     assert not torch.equal(merged["multi_modal_projector.linear_2.weight"], inputs[0]["multi_modal_projector.linear_2.weight"])
+
+
+def test_seme_aligns_a_rotated_llava_back(llavas, tmp_path):
+    """A Llava merged with its own turned copy: SeMe recovers the turn from the heads and turns the copy's
+    language model and projector back, so the merge is the model."""
+    import json
+
+    a = llavas[0]
+    turned = rotated_llava(a, tmp_path / "turned", random_rotation(3))
+    seme.merge({"merge_method": "seme", "base_model": a, "models": [{"model": turned}], "dtype": "float32"},
+               str(tmp_path / "out"), progress=False)
+    assert json.loads((tmp_path / "out" / "seme_report.json").read_text())["sources"][0]["applied"]
+    merged, original = load_folder(tmp_path / "out"), load_folder(a)
+    assert merged.keys() == original.keys()
+    for name, tensor in original.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_seme_merges_a_multimodal_model_with_its_mtp_module(tmp_path, capsys):

@@ -40,8 +40,9 @@ chooses).
 the model's stack (seme.plan merges them after the decoder, as it does layers after the last).
 A multimodal model (Llava, Gemma 3, Qwen2-VL, ...) whose `text_config` names a family with a table
 gets that table for its language model, moved to where the checkpoint keeps it (``for_config`` given
-the checkpoint's tensor names). Its other parts (vision tower, projector) have no roles: none holds a
-row per token, and the projector, which writes into the language model's stream, is not described.
+the checkpoint's tensor names). Where ``data/multimodal/projectors.json`` describes the projector's
+writes into the language model's stream, the other parts' tensors are inner (they work in coordinates
+of their own); elsewhere they have no roles, and such a model cannot be aligned by rotation.
 A family whose function no turn of the residual stream by its roles can keep (zamba2's shared attention
 reads the stream and the embeddings concatenated) says why in ``unrotatable``; SeMe then refuses to
 align its models by rotation.
@@ -57,6 +58,7 @@ from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 
+from seme.architectures import modules
 from seme.errors import SemeError
 
 ROLES = frozenset({
@@ -115,6 +117,7 @@ class Architecture:
     tensors: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
     variant: str = ""  # the config values that chose this variant ("" for the family's own table)
     settings_key: str = ""  # where config.json holds this family's settings ("text_config" in a multimodal model)
+    projected: bool = False  # a multimodal model whose projector's writes are described (the rest beside: inner)
     variants: tuple[tuple[dict, Architecture], ...] = field(default=(), repr=False)
     _cache: dict[str, TensorRole | None] = field(default_factory=dict, init=False, repr=False)
 
@@ -159,7 +162,7 @@ class Architecture:
             why.append("its sublayer outputs are normalised before the residual add")
         if self.unrotatable:
             why.append(self.unrotatable)
-        if self.settings_key:
+        if self.settings_key and not self.projected:
             why.append("its vision projector, which writes into the language model's stream, is not described")
         return why
 
@@ -185,6 +188,10 @@ class Architecture:
         # Checkpoints saved from the bare base model (e.g. GPT2Model on the Hub) lack base_prefix.
         if found is None and self.base_prefix and not name.startswith(self.base_prefix):
             found = self._lookup(self.base_prefix + name, self.base_prefix)
+        if found is None and self.projected and modules.part_of(name) != modules.TEXT:
+            m = LAYER_PATTERN.search(name)  # a vision tower's layers stay a layer stack
+            template = name[:m.start(1)] + "{layer}" + name[m.end(1):] if m else name
+            found = TensorRole("inner", int(m.group(1)) if m else None, template, None, "out_in", False, None)
         return found
 
     def _lookup(self, name: str, strip: str) -> TensorRole | None:
@@ -309,6 +316,13 @@ def _families() -> dict[str, Architecture]:
 
 
 @cache
+def _projectors() -> dict[str, dict[str, TensorSpec]]:
+    """Per multimodal architecture, the roles of its projector's writes into the language model."""
+    data = json.loads((resources.files(__package__) / "data" / "multimodal" / "projectors.json").read_text())
+    return {arch: _specs(arch, tensors, "rms_norm") for arch, tensors in data.items() if arch != "notes"}
+
+
+@cache
 def _index() -> tuple[dict[str, Architecture], dict[str, Architecture]]:
     by_arch, by_type = {}, {}
     for a in _families().values():
@@ -373,7 +387,9 @@ def _moved(family: Architecture, prefix: str, wrapper: str) -> Architecture:
         return prefix + template[len(base):] if template.startswith(base) else template
 
     tensors = {move(t): replace(s, norm=move(s.norm), tied_to=move(s.tied_to)) for t, s in family.tensors.items()}
-    return replace(family, tensors=tensors, base_prefix=move(family.base_prefix) if prefix else family.base_prefix,
+    projector = _projectors().get(wrapper)
+    return replace(family, tensors={**tensors, **(projector or {})}, projected=projector is not None,
+                   base_prefix=move(family.base_prefix) if prefix else family.base_prefix,
                    settings_key="text_config", variants=(),
                    variant=f"{family.variant}, in {wrapper}" if family.variant else f"in {wrapper}")
 

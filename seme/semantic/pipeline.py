@@ -126,7 +126,7 @@ def derive(sp: SemanticPlan, models, archs, pivot_name: str) -> tuple[Derived, .
     out = []
     for m in sp.sources:
         arch, folder = archs[m], models[m]
-        if role is not None and role.layer is not None:
+        if role is not None and role.layer is not None and modules.part_of(pivot_name) == modules.TEXT:
             a, b, lam = sp.layer_maps[m][role.layer]
             picks = [(a, 1.0 - lam)] + ([(b, lam)] if lam > 0 else [])
             terms = []
