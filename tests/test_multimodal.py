@@ -43,7 +43,7 @@ def build_qwen2_vl(path, seed: int):
                          num_key_value_heads=2, vocab_size=64, bos_token_id=1, eos_token_id=2,
                          rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
         vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2))
+                           spatial_merge_size=2), **QWEN_VL_TOKENS)
     return save_random(path, seed, transformers.Qwen2VLForConditionalGeneration, config)
 
 
@@ -83,7 +83,7 @@ def build_qwen2_5_vl(path, seed: int):
     config = transformers.Qwen2_5_VLConfig(
         text_config=dict(QWEN_VL_TEXT, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
         vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
-                           fullatt_block_indexes=[1]))
+                           fullatt_block_indexes=[1]), **QWEN_VL_TOKENS)
     return save_random(path, seed, transformers.Qwen2_5_VLForConditionalGeneration, config)
 
 
@@ -119,6 +119,7 @@ def build_qwen3_5(path, seed: int):
     return save_random(path, seed, transformers.Qwen3_5ForConditionalGeneration, config)
 
 
+QWEN_VL_TOKENS = dict(image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63)
 QWEN_VL_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=64, bos_token_id=1, eos_token_id=2)
 
@@ -173,7 +174,7 @@ def assert_refused(r, message, tmp_path, capsys):
     ("slices", "has several layer stacks (language_model.model.layers.* (2 layers), vision_tower.encoder.layers.* "
                "(3 layers)), which one layer_range cannot select: merge it whole with 'models:'"),
     # independent models: their language models would need turning, and their projectors with them
-    ("seme", "aligning qwen2 (in Qwen2VLForConditionalGeneration) models by rotation is not supported (its "
+    ("seme", "aligning qwen3 (in Qwen3VLForConditionalGeneration) models by rotation is not supported (its "
              "vision projector, which writes into the language model's stream, is not described"),
     ("seme-depths", "beside its language model, the pivot vision_tower.encoder.layers.* (3 layers): SeMe matches "
                     "only the language models' layers"),
@@ -188,9 +189,9 @@ def test_what_a_multimodal_model_cannot_do_is_a_one_line_error(llavas, tmp_path,
     a, b = llavas
     if case == "slices":
         r = {"merge_method": "passthrough", "slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]}]}
-    elif case == "seme":  # Qwen2-VL's projector has no roles
-        r = {"merge_method": "seme", "base_model": build_qwen2_vl(tmp_path / "q0", 0),
-             "models": [{"model": build_qwen2_vl(tmp_path / "q1", 1)}]}
+    elif case == "seme":  # Qwen3-VL's projectors (its merger and deepstack mergers) have no roles
+        r = {"merge_method": "seme", "base_model": build_qwen3_vl(tmp_path / "q0", 0),
+             "models": [{"model": build_qwen3_vl(tmp_path / "q1", 1)}]}
     elif case == "seme-depths":
         r = {"merge_method": "seme", "base_model": a, "models": [{"model": build_llava(tmp_path / "deep", 3, 4)}]}
     elif case == "seme-no-table":  # a language model of a family seme has no table for
@@ -373,9 +374,9 @@ def test_a_multimodal_models_language_model_has_its_familys_roles(wrapper, tmp_p
                 assert (template if layer is None else arch.layer_name(template, layer)) in names, template
 
 
-def rotated_llava(path, out, Q) -> str:
-    """The Llava at `path` with its language model's stream turned by Q through its role table (the
-    projector's write turning with it), saved at `out`."""
+def rotated(path, out, Q) -> str:
+    """The multimodal model at `path` with its language model's stream turned by Q through its role
+    table (the projector's write turning with it), saved at `out`."""
     import json
     import shutil
 
@@ -397,29 +398,41 @@ def random_rotation(seed: int) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))[0]
 
 
-def llava_logits(path) -> torch.Tensor:
-    """Logits of a prompt holding an image (its 4 patches take the image token's places)."""
-    import transformers
-
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
-    ids = torch.tensor([[1, 5] + [60] * 4 + [9, 11]])
-    with torch.no_grad():
-        return model(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)))\
-            .logits
+def qwen_vl_prompt() -> dict:
+    """An image of 2 x 2 patches, merged into one token between the vision start and end tokens."""
+    ids = torch.tensor([[1, 5, 62, 60, 63, 9]])
+    pixels = torch.randn(4, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0))
+    return dict(input_ids=ids, pixel_values=pixels, image_grid_thw=torch.tensor([[1, 2, 2]]),
+                mm_token_type_ids=(ids == 60).long())
 
 
-def test_a_rotation_by_the_roles_keeps_a_llavas_function(tmp_path):
+# builder, model class, a prompt holding an image
+PROMPTS = {
+    "llava": (build_llava, "LlavaForConditionalGeneration", lambda: dict(  # its 4 patches take the image tokens'
+        input_ids=torch.tensor([[1, 5] + [60] * 4 + [9, 11]]),             # places
+        pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)))),
+    "qwen2_vl": (build_qwen2_vl, "Qwen2VLForConditionalGeneration", qwen_vl_prompt),
+    "qwen2_5_vl": (build_qwen2_5_vl, "Qwen2_5_VLForConditionalGeneration", qwen_vl_prompt),
+}
+
+
+@pytest.mark.parametrize("wrapper", PROMPTS)
+def test_a_rotation_by_the_roles_keeps_a_multimodal_models_function(wrapper, tmp_path):
     """The language model's roles and the projector's write are all a turn of the stream needs: the
     logits of a prompt with an image stay (a missed projector would move them by percents)."""
+    import transformers
     from safetensors.torch import save_file
 
-    a = build_llava(tmp_path / "a", 0)
+    build, model_class, prompt = PROMPTS[wrapper]
+    a = build(tmp_path / "a", 0)
     g = torch.Generator().manual_seed(1)  # gains and biases away from their 1 / 0 init
     save_file({k: v * (1 + 0.3 * torch.randn(v.shape, generator=g)) + 0.1 * torch.randn(v.shape, generator=g)
                if v.ndim == 1 else v for k, v in load_folder(a).items()}, f"{a}/model.safetensors",
               metadata={"format": "pt"})
-    turned = rotated_llava(a, tmp_path / "turned", random_rotation(2))
-    expected, got = llava_logits(a), llava_logits(turned)
+    turned = rotated(a, tmp_path / "turned", random_rotation(2))
+    with torch.no_grad():
+        expected, got = (getattr(transformers, model_class).from_pretrained(p).eval()(**prompt()).logits
+                         for p in (a, turned))
     assert float((got - expected).norm() / expected.norm()) < 1e-5
 
 
@@ -483,7 +496,7 @@ def test_seme_aligns_a_rotated_llava_back(llavas, tmp_path):
     import json
 
     a = llavas[0]
-    turned = rotated_llava(a, tmp_path / "turned", random_rotation(3))
+    turned = rotated(a, tmp_path / "turned", random_rotation(3))
     seme.merge({"merge_method": "seme", "base_model": a, "models": [{"model": turned}], "dtype": "float32"},
                str(tmp_path / "out"), progress=False)
     assert json.loads((tmp_path / "out" / "seme_report.json").read_text())["sources"][0]["applied"]
