@@ -108,15 +108,18 @@ def build_mistral3(path, seed: int):
     return save_random(path, seed, transformers.Mistral3ForConditionalGeneration, config)
 
 
-def build_qwen3_5(path, seed: int):
+def build_qwen3_5(path, seed: int, moe: bool = False):
     import transformers
 
-    config = transformers.Qwen3_5Config(
-        text_config=dict(QWEN_VL_TEXT, head_dim=8, layer_types=["linear_attention", "full_attention"],
-                         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
-                         linear_value_head_dim=8),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32))
-    return save_random(path, seed, transformers.Qwen3_5ForConditionalGeneration, config)
+    text = dict(QWEN_VL_TEXT, head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24)
+    config = getattr(transformers, "Qwen3_5MoeConfig" if moe else "Qwen3_5Config")(
+        text_config=text, vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2,
+                                             out_hidden_size=32), **QWEN_VL_TOKENS)
+    model = "Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"
+    return save_random(path, seed, getattr(transformers, model), config)
 
 
 QWEN_VL_TOKENS = dict(image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63)
@@ -324,6 +327,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "qwen2_vl": (build_qwen2_vl, "qwen2"),
     "qwen2_5_vl": (build_qwen2_5_vl, "qwen2"), "qwen3_vl": (build_qwen3_vl, "qwen3"),
     "mistral3": (build_mistral3, "mistral"), "qwen3_5": (build_qwen3_5, "qwen3_next"),
+    "qwen3_5_moe": (lambda path, seed: build_qwen3_5(path, seed, moe=True), "qwen3_next"),
 }
 
 
@@ -398,10 +402,10 @@ def random_rotation(seed: int) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))[0]
 
 
-def qwen_vl_prompt() -> dict:
+def qwen_vl_prompt(patch: int = 14) -> dict:
     """An image of 2 x 2 patches, merged into one token between the vision start and end tokens."""
     ids = torch.tensor([[1, 5, 62, 60, 63, 9]])
-    pixels = torch.randn(4, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0))
+    pixels = torch.randn(4, 3 * 2 * patch * patch, generator=torch.Generator().manual_seed(0))
     return dict(input_ids=ids, pixel_values=pixels, image_grid_thw=torch.tensor([[1, 2, 2]]),
                 mm_token_type_ids=(ids == 60).long())
 
@@ -413,6 +417,9 @@ PROMPTS = {
         pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)))),
     "qwen2_vl": (build_qwen2_vl, "Qwen2VLForConditionalGeneration", qwen_vl_prompt),
     "qwen2_5_vl": (build_qwen2_5_vl, "Qwen2_5_VLForConditionalGeneration", qwen_vl_prompt),
+    "qwen3_5": (build_qwen3_5, "Qwen3_5ForConditionalGeneration", lambda: qwen_vl_prompt(16)),
+    "qwen3_5_moe": (lambda path, seed: build_qwen3_5(path, seed, moe=True), "Qwen3_5MoeForConditionalGeneration",
+                    lambda: qwen_vl_prompt(16)),
 }
 
 
