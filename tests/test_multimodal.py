@@ -415,6 +415,9 @@ PROMPTS = {
     "llava": (build_llava, "LlavaForConditionalGeneration", lambda: dict(  # its 4 patches take the image tokens'
         input_ids=torch.tensor([[1, 5] + [60] * 4 + [9, 11]]),             # places
         pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)))),
+    "mistral3": (build_mistral3, "Mistral3ForConditionalGeneration", lambda: dict(  # 4 x 4 patches, merged 2 x 2
+        input_ids=torch.tensor([[1, 5] + [10] * 4 + [9, 11]]), image_sizes=torch.tensor([[56, 56]]),
+        pixel_values=torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0)))),
     "qwen2_vl": (build_qwen2_vl, "Qwen2VLForConditionalGeneration", qwen_vl_prompt),
     "qwen2_5_vl": (build_qwen2_5_vl, "Qwen2_5_VLForConditionalGeneration", qwen_vl_prompt),
     "qwen3_5": (build_qwen3_5, "Qwen3_5ForConditionalGeneration", lambda: qwen_vl_prompt(16)),
