@@ -35,6 +35,18 @@ def save_random(path, seed: int, model_class, config) -> str:
     return str(path)
 
 
+def build_llava_nested(path, seed: int) -> str:
+    """A Llava as transformers 4.52 to 4.x saved one: every part under model., the head on top."""
+    from safetensors.torch import save_file
+
+    build_llava(path, seed)
+    renamed = {("lm_head." + k[len("language_model.lm_head."):] if k.startswith("language_model.lm_head.") else
+                "model.language_model." + k[len("language_model.model."):] if k.startswith("language_model.model.")
+                else "model." + k): v for k, v in load_folder(path).items()}
+    save_file(renamed, f"{path}/model.safetensors", metadata={"format": "pt"})
+    return str(path)
+
+
 def build_qwen2_vl(path, seed: int):
     import transformers
 
@@ -323,7 +335,8 @@ def test_what_modules_cannot_do_is_a_one_line_error(llavas, tmp_path, capsys, ca
 # --- the language model's role table ----------------------------------------------------------------
 
 WRAPPERS = {  # the builder, and the family of its language model
-    "llava": (build_llava, "llama"), "gemma3": (build_gemma3, "gemma3"), "gemma4": (build_gemma4, "gemma4"),
+    "llava": (build_llava, "llama"), "llava-nested": (build_llava_nested, "llama"),
+    "gemma3": (build_gemma3, "gemma3"), "gemma4": (build_gemma4, "gemma4"),
     "qwen2_vl": (build_qwen2_vl, "qwen2"),
     "qwen2_5_vl": (build_qwen2_5_vl, "qwen2"), "qwen3_vl": (build_qwen3_vl, "qwen3"),
     "mistral3": (build_mistral3, "mistral"), "qwen3_5": (build_qwen3_5, "qwen3_next"),
@@ -410,11 +423,15 @@ def qwen_vl_prompt(patch: int = 14) -> dict:
                 mm_token_type_ids=(ids == 60).long())
 
 
+def llava_prompt() -> dict:  # its 4 patches take the image tokens' places
+    return dict(input_ids=torch.tensor([[1, 5] + [60] * 4 + [9, 11]]),
+                pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)))
+
+
 # builder, model class, a prompt holding an image
 PROMPTS = {
-    "llava": (build_llava, "LlavaForConditionalGeneration", lambda: dict(  # its 4 patches take the image tokens'
-        input_ids=torch.tensor([[1, 5] + [60] * 4 + [9, 11]]),             # places
-        pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)))),
+    "llava": (build_llava, "LlavaForConditionalGeneration", llava_prompt),
+    "llava-nested": (build_llava_nested, "LlavaForConditionalGeneration", llava_prompt),
     "mistral3": (build_mistral3, "Mistral3ForConditionalGeneration", lambda: dict(  # 4 x 4 patches, merged 2 x 2
         input_ids=torch.tensor([[1, 5] + [10] * 4 + [9, 11]]), image_sizes=torch.tensor([[56, 56]]),
         pixel_values=torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0)))),
@@ -444,6 +461,21 @@ def test_a_rotation_by_the_roles_keeps_a_multimodal_models_function(wrapper, tmp
         expected, got = (getattr(transformers, model_class).from_pretrained(p).eval()(**prompt()).logits
                          for p in (a, turned))
     assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_a_projector_in_a_layout_its_description_does_not_know_is_not_turned(llavas):
+    """Where the described projector writes are missing (another layout), the model is not taken as
+    projected, so SeMe refuses to rotate it rather than leave its projector unturned."""
+    import json
+
+    config = json.loads((Path(llavas[0]) / "config.json").read_text())
+    names = tensor_names(llavas[0])
+    assert architectures.for_config(config, names).projected
+    other = [n.replace("multi_modal_projector.linear_2", "multi_modal_projector.out") for n in names]
+    arch = architectures.for_config(config, other)
+    assert not arch.projected and arch.role("multi_modal_projector.out.weight") is None
+    assert "its vision projector, which writes into the language model's stream, is not described" in \
+        arch.rotation_obstacles()
 
 
 # --- SeMe ------------------------------------------------------------------------------------------------

@@ -350,8 +350,12 @@ def for_config(config: dict, names=None) -> Architecture:
         return found.variant_for(config)
     text = config.get("text_config")
     if names is not None and isinstance(text, dict) and text.get("model_type") in by_type:
-        family = by_type[text["model_type"]].variant_for(text)
-        return _moved(family, _text_prefix(names), archs[0] or config.get("model_type"))
+        family, prefix, wrapper = by_type[text["model_type"]].variant_for(text), _text_prefix(names), archs[0]
+        arch = _moved(family, prefix, wrapper or config.get("model_type"), projected=True)
+        required = [t for t, spec in _projector(prefix, wrapper).items() if not spec.optional]
+        if arch.projected and not all(t in names for t in required):  # a layout the description does not know:
+            arch = _moved(family, prefix, wrapper or config.get("model_type"), projected=False)  # no rotation
+        return arch
     warnings.warn(
         f"unknown architecture {archs[0]!r} (model_type {config.get('model_type')!r}); "
         "tensor roles are inferred from tensor names",
@@ -374,10 +378,19 @@ def _text_prefix(names) -> str:
     return ""
 
 
+def _projector(prefix: str, wrapper: str | None) -> dict[str, TensorSpec]:
+    """The projector writes of `wrapper` (projectors.json names them as transformers 4 saved them),
+    where checkpoints whose decoder is nested as `prefix` keep them: transformers 5 nests every part
+    under `model.` (`model.multi_modal_projector.`, `model.visual.`)."""
+    moved = "model." if prefix == _NESTED_DECODER else ""
+    return {moved + t: spec for t, spec in _projectors().get(wrapper, {}).items()}
+
+
 @cache
-def _moved(family: Architecture, prefix: str, wrapper: str) -> Architecture:
+def _moved(family: Architecture, prefix: str, wrapper: str, projected: bool) -> Architecture:
     """`family`'s table with its templates where the multimodal `wrapper`'s checkpoints keep them
-    (`prefix`), its settings read from the config's text_config."""
+    (`prefix`), its settings read from the config's text_config; with its projector's writes where
+    `projected` and projectors.json describes them."""
     def move(template: str | None) -> str | None:
         if template is None or not prefix:
             return template
@@ -387,8 +400,8 @@ def _moved(family: Architecture, prefix: str, wrapper: str) -> Architecture:
         return prefix + template[len(base):] if template.startswith(base) else template
 
     tensors = {move(t): replace(s, norm=move(s.norm), tied_to=move(s.tied_to)) for t, s in family.tensors.items()}
-    projector = _projectors().get(wrapper)
-    return replace(family, tensors={**tensors, **(projector or {})}, projected=projector is not None,
+    projector = _projector(prefix, wrapper) if projected else {}
+    return replace(family, tensors={**tensors, **projector}, projected=bool(projector),
                    base_prefix=move(family.base_prefix) if prefix else family.base_prefix,
                    settings_key="text_config", variants=(),
                    variant=f"{family.variant}, in {wrapper}" if family.variant else f"in {wrapper}")
