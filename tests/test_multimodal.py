@@ -105,7 +105,7 @@ def build_qwen3_vl(path, seed: int):
     config = transformers.Qwen3VLConfig(
         text_config=dict(QWEN_VL_TEXT, head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]}),
         vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
-                           deepstack_visual_indexes=[0]))
+                           deepstack_visual_indexes=[0]), **QWEN_VL_TOKENS)
     return save_random(path, seed, transformers.Qwen3VLForConditionalGeneration, config)
 
 
@@ -189,7 +189,7 @@ def assert_refused(r, message, tmp_path, capsys):
     ("slices", "has several layer stacks (language_model.model.layers.* (2 layers), vision_tower.encoder.layers.* "
                "(3 layers)), which one layer_range cannot select: merge it whole with 'models:'"),
     # independent models: their language models would need turning, and their projectors with them
-    ("seme", "aligning qwen3 (in Qwen3VLForConditionalGeneration) models by rotation is not supported (its "
+    ("seme", "aligning llama (in LlavaForConditionalGeneration) models by rotation is not supported (its "
              "vision projector, which writes into the language model's stream, is not described"),
     ("seme-depths", "beside its language model, the pivot vision_tower.encoder.layers.* (3 layers): SeMe matches "
                     "only the language models' layers"),
@@ -204,9 +204,15 @@ def test_what_a_multimodal_model_cannot_do_is_a_one_line_error(llavas, tmp_path,
     a, b = llavas
     if case == "slices":
         r = {"merge_method": "passthrough", "slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]}]}
-    elif case == "seme":  # Qwen3-VL's projectors (its merger and deepstack mergers) have no roles
-        r = {"merge_method": "seme", "base_model": build_qwen3_vl(tmp_path / "q0", 0),
-             "models": [{"model": build_qwen3_vl(tmp_path / "q1", 1)}]}
+    elif case == "seme":  # a projector in a layout its description does not know
+        from safetensors.torch import save_file
+
+        other = []
+        for i, model in enumerate((a, b)):
+            other.append(shutil.copytree(model, tmp_path / f"other{i}"))
+            save_file({k.replace("linear_2", "out"): v for k, v in load_folder(model).items()},
+                      other[-1] / "model.safetensors", metadata={"format": "pt"})
+        r = {"merge_method": "seme", "base_model": str(other[0]), "models": [{"model": str(other[1])}]}
     elif case == "seme-depths":
         r = {"merge_method": "seme", "base_model": a, "models": [{"model": build_llava(tmp_path / "deep", 3, 4)}]}
     elif case == "seme-no-table":  # a language model of a family seme has no table for
@@ -437,6 +443,7 @@ PROMPTS = {
         pixel_values=torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0)))),
     "qwen2_vl": (build_qwen2_vl, "Qwen2VLForConditionalGeneration", qwen_vl_prompt),
     "qwen2_5_vl": (build_qwen2_5_vl, "Qwen2_5_VLForConditionalGeneration", qwen_vl_prompt),
+    "qwen3_vl": (build_qwen3_vl, "Qwen3VLForConditionalGeneration", lambda: qwen_vl_prompt(16)),
     "qwen3_5": (build_qwen3_5, "Qwen3_5ForConditionalGeneration", lambda: qwen_vl_prompt(16)),
     "qwen3_5_moe": (lambda path, seed: build_qwen3_5(path, seed, moe=True), "Qwen3_5MoeForConditionalGeneration",
                     lambda: qwen_vl_prompt(16)),

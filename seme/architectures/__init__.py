@@ -188,10 +188,13 @@ class Architecture:
         # Checkpoints saved from the bare base model (e.g. GPT2Model on the Hub) lack base_prefix.
         if found is None and self.base_prefix and not name.startswith(self.base_prefix):
             found = self._lookup(self.base_prefix + name, self.base_prefix)
-        if found is None and self.projected and modules.part_of(name) != modules.TEXT:
-            m = LAYER_PATTERN.search(name)  # a vision tower's layers stay a layer stack
+        if self.projected and modules.part_of(name) != modules.TEXT:
+            # Beside the language model, layer stacks are what the name pattern finds (a vision tower's
+            # layers; Qwen3-VL's deepstack mergers are no layers); what projectors.json does not name is inner.
+            m = LAYER_PATTERN.search(name)
             template = name[:m.start(1)] + "{layer}" + name[m.end(1):] if m else name
-            found = TensorRole("inner", int(m.group(1)) if m else None, template, None, "out_in", False, None)
+            found = replace(found, layer=int(m.group(1)) if m else None, template=template) if found else \
+                TensorRole("inner", int(m.group(1)) if m else None, template, None, "out_in", False, None)
         return found
 
     def _lookup(self, name: str, strip: str) -> TensorRole | None:
