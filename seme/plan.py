@@ -125,8 +125,9 @@ def make_plan(recipe: Recipe) -> Plan:
                             f"select equal layer ranges with 'slices'")
 
     builder = _Builder(recipe, method, models, archs, index, tied, remap)
-    trailing = set(trailing_layers(arch, models[ref]))
-    ref_names = [n for n in models[ref].tensors if n not in trailing]  # those _add_trailing adds
+    trailing = trailing_layers(arch, models[ref])
+    added_later = set(trailing)  # by _add_trailing
+    ref_names = [n for n in models[ref].tensors if n not in added_later]
     pre = [n for n in ref_names if _role(arch, n) in ("embedding", "position_embedding") and _layer(arch, n) is None]
     post = [n for n in ref_names if _layer(arch, n) is None and n not in pre]
     head = next((name for name, spec in arch.tensors.items() if spec.role == "lm_head"), None)
@@ -138,7 +139,7 @@ def make_plan(recipe: Recipe) -> Plan:
     layer_sources = _add_layers(builder, recipe.slices, layer_range)
     _check_layer_blocks(arch, ref_names, layer_sources, arch.num_layers(models[ref].config))
     last_slice = recipe.slices[-1]
-    trailing_left_out = _add_trailing(builder, ref, last_slice, len(layer_sources))
+    trailing_left_out = _add_trailing(builder, ref, trailing, last_slice, len(layer_sources))
     for name in post:
         if _role(arch, name) == "lm_head" and tied:
             continue  # tied heads stay tied: the output has no separate lm_head
@@ -203,12 +204,12 @@ def trailing_layers(arch, model: ModelFolder) -> list[str]:
             or ((_layer(arch, n) or 0) >= depth and modules.part_of(n) == modules.TEXT)]
 
 
-def _add_trailing(builder, ref: int, sl: Slice, depth: int) -> bool:
-    """The reference's trailing layers, after the output's `depth` layers: merged index for index from
-    the sources of `sl` where every one has them, else the reference's copied. Returns whether they
-    were left out instead (the reference's rows are in another vocabulary)."""
+def _add_trailing(builder, ref: int, names: list[str], sl: Slice, depth: int) -> bool:
+    """The reference's trailing layers (its tensors `names`, trailing_layers'), after the output's
+    `depth` layers: merged index for index from the sources of `sl` where every one has them, else the
+    reference's copied. Returns whether they were left out instead (the reference's rows are in
+    another vocabulary)."""
     models, archs, index = builder.models, builder.archs, builder.index
-    names = trailing_layers(archs[ref], models[ref])
     if not names:
         return False
     n_ref = archs[ref].num_layers(models[ref].config)
@@ -426,10 +427,11 @@ def _plan_seme(recipe, method, models, archs, index, tokenizer, template) -> Pla
     pivot = models[sp.pivot]
     # A multimodal model's other parts are merged tensor by tensor, layer for layer.
     others = lambda m: {s: d for s, d in _stacks(archs[m], models[m]).items() if modules.part_of(s) != modules.TEXT}
+    pivot_others = others(sp.pivot)
     for m in sp.sources:
-        if others(m) != others(sp.pivot):
+        if others(m) != pivot_others:
             raise SemeError(f"seme: {models[m].name} has layer stacks {_describe(others(m))} beside its language "
-                            f"model, the pivot {_describe(others(sp.pivot))}: SeMe matches only the language "
+                            f"model, the pivot {_describe(pivot_others)}: SeMe matches only the language "
                             f"models' layers")
     trailing = set(trailing_layers(archs[sp.pivot], pivot))
     if trailing:  # the merged layers are in the pivot's coordinates, which the pivot's own extra layers read
@@ -438,8 +440,8 @@ def _plan_seme(recipe, method, models, archs, index, tokenizer, template) -> Pla
     for name, info in pivot.tensors.items():
         dtype = TORCH_NAMES[recipe.out_dtype or recipe.dtype] if (recipe.out_dtype or recipe.dtype) else info.dtype
         if info.dtype not in FLOAT_CODES or _role(archs[sp.pivot], name) == "buffer" or name in trailing:
-            code = dtype if name in trailing and info.dtype in FLOAT_CODES else info.dtype
-            tasks.append(TensorTask(name, info.shape, code, ((sp.pivot, name),), None, {}, None, copy=True))
+            cast = (recipe.out_dtype or recipe.dtype) if name in trailing else None
+            tasks.append(_copy_task(name, sp.pivot, name, info, cast))
             continue
         derived = pipeline.derive(sp, models, archs, name)
         supplied = {}
@@ -455,6 +457,12 @@ def _plan_seme(recipe, method, models, archs, index, tokenizer, template) -> Pla
         _set_dtype(config, recipe.out_dtype or recipe.dtype)
     depth = archs[sp.pivot].num_layers(pivot.config)
     return Plan(recipe, models, tasks, config, tokenizer, depth, archs, sp, template)
+
+
+def _copy_task(out_name: str, model: int, name: str, info, dtype_out: str | None) -> TensorTask:
+    """`name` of `model` (header `info`) written as it is, cast to `dtype_out` if given and a float."""
+    code = TORCH_NAMES[dtype_out] if dtype_out and info.dtype in FLOAT_CODES else info.dtype
+    return TensorTask(out_name, info.shape, code, ((model, name),), None, {}, None, copy=True)
 
 
 def _set_output_dtype(config: dict, recipe: Recipe, tasks: list[TensorTask]) -> None:
@@ -572,10 +580,8 @@ class _Builder:
     def copy(self, out_name: str, model: int, name: str) -> None:
         """`name` of `model` written as it is, in the recipe's output dtype (if a float)."""
         self.seen.add(out_name)
-        info = self.models[model].tensors[name]
-        dtype_out = self.recipe.out_dtype or self.recipe.dtype
-        code = TORCH_NAMES[dtype_out] if dtype_out and info.dtype in FLOAT_CODES else info.dtype
-        self.tasks.append(TensorTask(out_name, info.shape, code, ((model, name),), None, {}, None, copy=True))
+        self.tasks.append(_copy_task(out_name, model, name, self.models[model].tensors[name],
+                                     self.recipe.out_dtype or self.recipe.dtype))
 
     def add(self, out_name: str, names_in: dict, sl: Slice, t: float) -> None:
         if out_name in self.seen:

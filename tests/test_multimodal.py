@@ -14,6 +14,7 @@ from conftest import load_folder, save_tokenizer
 from seme import architectures
 from seme.architectures import modules
 from seme.merge import main
+from test_seme import random_orthogonal
 
 
 def build_llava(path, seed: int, vision_layers: int = 3):
@@ -417,10 +418,6 @@ def rotated(path, out, Q) -> str:
     return str(out)
 
 
-def random_rotation(seed: int) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))[0]
-
-
 def qwen_vl_prompt(patch: int = 14) -> dict:
     """An image of 2 x 2 patches, merged into one token between the vision start and end tokens."""
     ids = torch.tensor([[1, 5, 62, 60, 63, 9]])
@@ -463,7 +460,7 @@ def test_a_rotation_by_the_roles_keeps_a_multimodal_models_function(wrapper, tmp
     save_file({k: v * (1 + 0.3 * torch.randn(v.shape, generator=g)) + 0.1 * torch.randn(v.shape, generator=g)
                if v.ndim == 1 else v for k, v in load_folder(a).items()}, f"{a}/model.safetensors",
               metadata={"format": "pt"})
-    turned = rotated(a, tmp_path / "turned", random_rotation(2))
+    turned = rotated(a, tmp_path / "turned", random_orthogonal(32, 2).double())
     with torch.no_grad():
         expected, got = (getattr(transformers, model_class).from_pretrained(p).eval()(**prompt()).logits
                          for p in (a, turned))
@@ -545,7 +542,7 @@ def test_seme_aligns_a_rotated_llava_back(llavas, tmp_path):
     import json
 
     a = llavas[0]
-    turned = rotated(a, tmp_path / "turned", random_rotation(3))
+    turned = rotated(a, tmp_path / "turned", random_orthogonal(32, 3).double())
     seme.merge({"merge_method": "seme", "base_model": a, "models": [{"model": turned}], "dtype": "float32"},
                str(tmp_path / "out"), progress=False)
     assert json.loads((tmp_path / "out" / "seme_report.json").read_text())["sources"][0]["applied"]

@@ -191,10 +191,9 @@ class Architecture:
         if self.projected and modules.part_of(name) != modules.TEXT:
             # Beside the language model, layer stacks are what the name pattern finds (a vision tower's
             # layers; Qwen3-VL's deepstack mergers are no layers); what projectors.json does not name is inner.
-            m = LAYER_PATTERN.search(name)
-            template = name[:m.start(1)] + "{layer}" + name[m.end(1):] if m else name
-            found = replace(found, layer=int(m.group(1)) if m else None, template=template) if found else \
-                TensorRole("inner", int(m.group(1)) if m else None, template, None, "out_in", False, None)
+            layer, template = _pattern_layer(name)
+            found = replace(found, layer=layer, template=template) if found else \
+                TensorRole("inner", layer, template, None, "out_in", False, None)
         return found
 
     def _lookup(self, name: str, strip: str) -> TensorRole | None:
@@ -209,9 +208,7 @@ class Architecture:
         return None
 
     def _infer(self, name: str) -> TensorRole | None:
-        m = LAYER_PATTERN.search(name)
-        layer = int(m.group(1)) if m else None
-        template = name[:m.start(1)] + "{layer}" + name[m.end(1):] if m else name
+        layer, template = _pattern_layer(name)
         parts = name.split(".")
         module, is_bias = parts[-2] if len(parts) > 1 else "", parts[-1] == "bias"
         if module in _POSITION:
@@ -221,7 +218,7 @@ class Architecture:
         elif module in _EMBED or ("embed" in module and "norm" not in module):  # LFM2's final embedding_norm
             role = "embedding"
         elif "norm" in module or module.startswith("ln"):
-            role = ("norm" if m else "final_norm") + ("_bias" if is_bias else "")
+            role = ("norm" if layer is not None else "final_norm") + ("_bias" if is_bias else "")
         elif module in _READ:
             role = "inner" if is_bias else "read"
         elif module in _WRITE:
@@ -237,6 +234,12 @@ _HEAD = frozenset({"lm_head", "embed_out"})  # embed_out: gpt_neox checkpoints' 
 _READ = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj",
                    "qkv", "c_attn", "c_fc", "fc1", "query_key_value", "dense_h_to_4h"})
 _WRITE = frozenset({"o_proj", "down_proj", "dense", "c_proj", "fc2", "out_proj", "dense_4h_to_h"})
+
+
+def _pattern_layer(name: str) -> tuple[int | None, str]:
+    """(layer index, template) of a name by the layer pattern alone ((None, name) outside layers)."""
+    m = LAYER_PATTERN.search(name)
+    return (int(m.group(1)), name[:m.start(1)] + "{layer}" + name[m.end(1):]) if m else (None, name)
 
 
 def _first(config: dict, keys: tuple[str, ...]):
@@ -353,12 +356,12 @@ def for_config(config: dict, names=None) -> Architecture:
         return found.variant_for(config)
     text = config.get("text_config")
     if names is not None and isinstance(text, dict) and text.get("model_type") in by_type:
-        family, prefix, wrapper = by_type[text["model_type"]].variant_for(text), _text_prefix(names), archs[0]
-        arch = _moved(family, prefix, wrapper or config.get("model_type"), projected=True)
-        required = [t for t, spec in _projector(prefix, wrapper).items() if not spec.optional]
-        if arch.projected and not all(t in names for t in required):  # a layout the description does not know:
-            arch = _moved(family, prefix, wrapper or config.get("model_type"), projected=False)  # no rotation
-        return arch
+        family, prefix = by_type[text["model_type"]].variant_for(text), _text_prefix(names)
+        wrapper = archs[0] or config.get("model_type")
+        # Where the described projector writes are missing (a layout the description does not know), the
+        # model is not projected: no rotation rather than an unturned projector.
+        described = all(t in names for t, spec in _projector(prefix, wrapper).items() if not spec.optional)
+        return _moved(family, prefix, wrapper, described)
     warnings.warn(
         f"unknown architecture {archs[0]!r} (model_type {config.get('model_type')!r}); "
         "tensor roles are inferred from tensor names",
@@ -405,7 +408,7 @@ def _moved(family: Architecture, prefix: str, wrapper: str, projected: bool) -> 
     tensors = {move(t): replace(s, norm=move(s.norm), tied_to=move(s.tied_to)) for t, s in family.tensors.items()}
     projector = _projector(prefix, wrapper) if projected else {}
     return replace(family, tensors={**tensors, **projector}, projected=bool(projector),
-                   base_prefix=move(family.base_prefix) if prefix else family.base_prefix,
+                   base_prefix=move(family.base_prefix),
                    settings_key="text_config", variants=(),
                    variant=f"{family.variant}, in {wrapper}" if family.variant else f"in {wrapper}")
 
