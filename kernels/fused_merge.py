@@ -34,17 +34,17 @@ from triton.language.random import philox_impl
 
 from seme.methods import registry, rng
 from seme.methods.inputs import Inputs, compute_dtype
-from seme.methods.task_vector import _RESCALE_EPS, della_keep_probability
+from seme.methods.task_vector import _RESCALE_EPS, della_keep_probability, family_params, with_base
 
 SUPPORTED = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-             "della", "della_linear", "sce"}
+             "della", "della_linear", "lrp", "sce"}
 
 # Sparsification modes (kernel constexpr).
 _NONE, _RANK, _RANDOM, _DELLA, _SCE = 0, 1, 2, 3, 4
 _FAMILY = {  # method: (mode, rank bounds per model (RANK), sign consensus)
     "task_arithmetic": (_NONE, 0, False), "ties": (_RANK, 1, True), "dare_ties": (_RANDOM, 0, True),
     "dare_linear": (_RANDOM, 0, False), "breadcrumbs": (_RANK, 2, False), "breadcrumbs_ties": (_RANK, 2, True),
-    "della": (_DELLA, 0, True), "della_linear": (_DELLA, 0, False)}
+    "della": (_DELLA, 0, True), "della_linear": (_DELLA, 0, False), "lrp": (_RANK, 1, False)}
 
 BLOCK = 1024  # elements per program of the element passes (the equal-count offsets are per block)
 # Radix-select digits (shift, bits): the 31 value bits of a non-negative float32.
@@ -360,6 +360,7 @@ def _bounds(nb: int, n: int, density: float, gamma: float, active: bool) -> list
 
 def _family(method, inputs: Inputs, p: dict, xs, b, out):
     mode, nb, consensus = _FAMILY[method]
+    p = family_params(method, p)
     K, n, dev = len(xs), b.numel(), b.device
     nblocks = triton.cdiv(n, BLOCK)
     density = p["density"]
@@ -460,6 +461,7 @@ def fused_merge(method: str, inputs: Inputs, params: dict, out_dtype: torch.dtyp
     """Merge one tensor like `registry.get(method).fn(inputs, params)`, into `out_dtype`."""
     if method not in SUPPORTED:
         raise ValueError(f"fused_merge: unsupported method {method!r}")
+    inputs = with_base(inputs)
     base = inputs.base
     if not inputs.others:
         return base.to(out_dtype)

@@ -13,7 +13,7 @@ import torch
 from seme.fused_merge import _ACTIVE, FAMILY, family_arguments, kernel_dtype, kernel_inputs, stream_keys
 from seme.fused_merge import GPU_METHODS as METHODS
 from seme.methods.inputs import Inputs
-from seme.methods.task_vector import della_keep_probability
+from seme.methods.task_vector import della_keep_probability, with_base
 
 
 def available() -> bool:
@@ -68,6 +68,7 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype =
         raise ValueError(f"no fused kernel for method '{method}'")
     if kernel_dtype(out_dtype) is None:
         return merge(method, inputs, params).to(out_dtype)
+    inputs = with_base(inputs)
     base, others = inputs.base, inputs.others
     if not others:
         return base.to(out_dtype)

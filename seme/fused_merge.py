@@ -14,6 +14,7 @@ import struct
 
 from seme.methods import rng
 from seme.methods.inputs import Inputs, all_finite
+from seme.methods.task_vector import family_params, with_base
 
 MAX_ELEMENTS = 2 ** 32  # the kernels index elements in 32 bits: larger tensors take the reference
 # safetensors dtype code -> the kernels' dtype code (csrc/cpu/fused_merge.h, csrc/cuda/fused_merge.h).
@@ -32,6 +33,7 @@ FAMILY = {
     "breadcrumbs_ties": ("magnitude_outliers", True),
     "della": ("della_magprune", True),
     "della_linear": ("della_magprune", False),
+    "lrp": ("magnitude", False),
 }
 GPU_METHODS = frozenset(FAMILY) | {"sce"}  # also in the CUDA and Triton kernels
 METHODS = GPU_METHODS | {"linear", "slerp", "model_stock", "ram", "ramplus_tl"}
@@ -92,6 +94,7 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype=None, num_thre
     if method == "linear":  # no base: the first model takes its place
         base, others = inputs.tensors[0], inputs.tensors[1:]
     else:
+        inputs = with_base(inputs)
         base, others = inputs.base, inputs.others
     if not others:
         out = base.to(out_dtype)
@@ -218,6 +221,7 @@ def family_arguments(method: str, params: dict, n: int, keys: list[int]) -> dict
     """The per-model tables both native kernels take (seme._C, seme._C_cuda), from bound params and
     the others' random streams."""
     sparsification, consensus = FAMILY[method]
+    params = family_params(method, params)
     density = params["density"]
     k_models = len(density)
     gamma = params.get("gamma", [0.0] * k_models)

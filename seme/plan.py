@@ -636,7 +636,6 @@ class _Builder:
                 values.append(value)
             supplied[param.name] = values
         params = registry.bind(method, supplied, len(inputs), base_index, where)
-        _check_values(method.name, params, where)
         compute = recipe.dtype
         dtype_out = recipe.out_dtype or recipe.dtype
         code = TORCH_NAMES[dtype_out] if dtype_out else _promote_codes([i.dtype for i in infos])
@@ -660,14 +659,3 @@ def _resolve(name: str, scopes, tensor_name: str, t: float):
             if value is not None:
                 return value
     return None
-
-
-def _check_values(method: str, params: dict, where: str) -> None:
-    """Values that are well-typed but make a method divide by zero or misbehave."""
-    if method == "linear" and params["normalize"] and abs(sum(params["weight"])) < 1e-12:
-        raise SemeError(f"{where}: linear weights sum to 0, so they cannot be normalised")
-    if method.startswith("della"):
-        for d, e in zip(params["density"], params["epsilon"]):
-            if d < 1 and not (0 < d - e and d + e < 1):
-                raise SemeError(f"{where}: DELLA needs 0 < density - epsilon and density + epsilon < 1 "
-                                f"(density {d}, epsilon {e})")

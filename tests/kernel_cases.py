@@ -26,3 +26,8 @@ def make_inputs(shape, k, dtype=torch.float32, tied=False, seed=0, name="model.l
         xs = [base + 0.1 * torch.randn(shape, generator=g) * (i + 1) for i in range(k)]
     tensors = tuple(t.to(dtype) for t in [xs[0], base, *xs[1:]])
     return Inputs(tensors, base_index=1, name=name, seed=seed + 7)
+
+
+def without_base(inputs: Inputs) -> Inputs:
+    """The fine-tunes of `inputs` alone (LRP merges them without a base)."""
+    return Inputs(inputs.others, None, inputs.name, inputs.seed)

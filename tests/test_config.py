@@ -65,6 +65,9 @@ CASES = {
     "weights sum to zero": (lambda m: {"merge_method": "linear", "models": [
         {"model": m["expert0"], "parameters": {"weight": 1.0}}, {"model": m["expert1"], "parameters": {"weight": -1.0}}]},
         "linear weights sum to 0"),
+    "lrp weights sum to zero": (lambda m: {"merge_method": "lrp", "models": [
+        {"model": m["expert0"], "parameters": {"weight": 0.5}}, {"model": m["expert1"], "parameters": {"weight": -0.5}}]},
+        "lrp weights sum to 0, and it divides by their sum"),
     "filters match nothing": (lambda m: ties(m, models=[{"model": m["expert0"], "parameters": {
         "weight": [{"filter": "mlp", "value": 1.0}], "density": 0.5}}]), "parameter 'weight' has no value for expert0"),
     "bad regex filter": (lambda m: ties(m, parameters={"density": [{"filter": "re:(", "value": 0.5}]}),

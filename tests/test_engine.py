@@ -27,6 +27,7 @@ RECIPES = {
                                                                             "gamma": 0.1}},
     "della": {"merge_method": "della", "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}},
     "sce": {"merge_method": "sce", "parameters": {"select_topk": 0.5}},
+    "lrp": {"merge_method": "lrp", "parameters": {"density": 0.4}},
     "ram": {"merge_method": "ram", "parameters": {"epsilon": 0.001}},
     "ramplus_tl": {"merge_method": "ramplus_tl", "parameters": {"epsilon": 0.001, "r": 0.5}},
     "slerp": {"merge_method": "slerp", "parameters": {"t": [0.2, 0.8]}},

@@ -25,6 +25,7 @@ FAMILY_PARAMS = {  # per method: a few parameter sets (scalars broadcast, lists 
     "breadcrumbs_ties": [dict(weight=1.0, density=0.4, gamma=0.2)],
     "della": [dict(weight=1.0, density=0.5, epsilon=0.1), dict(weight=[0.4, 1.0, 0.7], density=[0.2, 0.8, 1.0])],
     "della_linear": [dict(weight=[0.4, 1.0, 0.7], density=0.4, epsilon=0.3, normalize=True)],
+    "lrp": [dict(), dict(weight=[0.4, 1.0, -0.7], density=0.01), dict(weight=[1.0, -0.5, 2.0], density=1.0)],
     "sce": [dict(select_topk=1.0), dict(select_topk=0.3), dict(select_topk=0.01), dict(select_topk=0.0)],
 }
 CASES = [(name, i) for name, sets in FAMILY_PARAMS.items() for i in range(len(sets))]
@@ -70,6 +71,17 @@ def test_matches_reference(name, case, shape, kind):
     assert_matches(name, make_inputs(shape, k, kind, seed=len(shape) + shape[0]), bound(name, FAMILY_PARAMS[name][case], k))
 
 
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_lrp_without_a_base_merges_the_models_themselves(density, kind):
+    inputs = make_inputs((33, 31), 3, kind, seed=2)
+    inputs = Inputs(inputs.tensors, None, inputs.name, inputs.seed)
+    params = registry.bind(registry.get("lrp"), dict(weight=[0.5, 1.0, 0.25, -0.5], density=density), 4, None, "test")
+    ref = reference("lrp", inputs, params)
+    assert torch.equal(fused_merge.merge("lrp", inputs, params) != 0, ref != 0)
+    torch.testing.assert_close(fused_merge.merge("lrp", inputs, params), ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("k", [1, 2, 5, 8])
 @pytest.mark.parametrize("name", ["ties", "dare_ties", "breadcrumbs_ties", "della", "sce"])
 def test_model_counts(name, k):
@@ -82,6 +94,8 @@ def test_model_counts(name, k):
 @pytest.mark.parametrize("name", ["ties", "dare_ties", "breadcrumbs", "della", "sce"])
 def test_density_sweep(name, density):
     params = dict(select_topk=density) if name == "sce" else dict(weight=[0.6, 1.1], density=density)
+    if name == "della":  # density ± epsilon within (0, 1)
+        params["epsilon"] = 0.005
     for kind in ("normal", "ties"):
         assert_matches(name, make_inputs((4099,), 2, kind, seed=int(density * 100)), bound(name, params, 2))
 
@@ -168,7 +182,7 @@ def test_della_long_rows(kind):
         magnitudes = (torch.randn(300, generator=g).abs() * 0.01)[torch.randint(0, 300, (rows, cols), generator=g)]
     signs = torch.randint(0, 2, (rows, cols), generator=g) * 2.0 - 1.0
     fine = [signs * magnitudes, signs.flip(1) * magnitudes.flip(1)]
-    for epsilon in (0.05, 0.2, 0.5):
+    for epsilon in (0.05, 0.2, 0.499):  # 0.5 would give probabilities 0 and 1, which DELLA refuses
         params = bound("della", dict(weight=1.0, density=0.5, epsilon=epsilon), 2)
         assert_matches("della", Inputs((torch.zeros(rows, cols), *fine), 0), params)
 

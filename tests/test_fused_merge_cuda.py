@@ -10,7 +10,7 @@ import pytest
 
 import torch
 
-from kernel_cases import FAMILY, OPTIONS, OPTIONS_PARAMS, make_inputs
+from kernel_cases import FAMILY, OPTIONS, OPTIONS_PARAMS, make_inputs, without_base
 from seme.methods import registry
 from seme.methods.inputs import Inputs
 from seme.methods.task_vector import della_keep_probability
@@ -66,8 +66,8 @@ def test_family_matches_reference(method, case):
     supplied = {"weight": [0.7, 0.4, 1.1, 0.25, 0.5, 0.9, 0.3, 0.6][:k], "density": density}
     if "breadcrumbs" in method:
         supplied["gamma"] = [0.05, 0.0, 0.2, 0.01, 0.1, 0.0, 0.02, 0.05][:k]
-    if "della" in method:
-        supplied["epsilon"] = [0.1, 0.3, 0.05, 0.0, 0.1, 0.1, 0.2, 0.05][:k]
+    if "della" in method:  # density ± epsilon within (0, 1), as DELLA requires
+        supplied["epsilon"] = [min(e, d / 2, (1 - d) / 2) for e, d in zip([0.1, 0.3, 0.05, 0.0, 0.1, 0.1, 0.2, 0.05], density)]
     check(method, make_inputs(rows(n), k, dtype, tied, seed=case), supplied)
 
 
@@ -76,6 +76,16 @@ def test_family_matches_reference(method, case):
 @pytest.mark.parametrize("overrides", OPTIONS)
 def test_family_options(method, overrides):
     check(method, make_inputs(rows(3000), 3, torch.float32, True, seed=3), {**OPTIONS_PARAMS, **overrides})
+
+
+@gpu
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("with_base", [True, False])
+def test_lrp_matches_reference(case, with_base):
+    n, k, dtype, tied, density = CASES[case]
+    inputs = make_inputs(rows(n), k, dtype, tied, seed=case)
+    check("lrp", inputs if with_base else without_base(inputs),
+          {"weight": [0.7, -0.4, 1.1, 0.25, 0.5, 0.9, 0.3, 0.6][:k], "density": density[0]})
 
 
 @gpu

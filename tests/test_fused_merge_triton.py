@@ -16,7 +16,7 @@ from triton_device import DEVICE  # first: it sets up the interpreter where ther
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from kernel_cases import FAMILY, OPTIONS, OPTIONS_PARAMS, make_inputs  # noqa: E402
+from kernel_cases import FAMILY, OPTIONS, OPTIONS_PARAMS, make_inputs, without_base  # noqa: E402
 from seme.kernels import fused_merge as fm  # noqa: E402
 from seme.methods import registry, rng  # noqa: E402
 from seme.methods.inputs import Inputs  # noqa: E402
@@ -57,8 +57,8 @@ def test_family_matches_reference(method, case):
     supplied = {"weight": [0.7, 0.4, 1.1, 0.25][:k], "density": density}
     if "breadcrumbs" in method:
         supplied["gamma"] = [0.05, 0.0, 0.2, 0.01][:k]
-    if "della" in method:
-        supplied["epsilon"] = [0.1, 0.3, 0.05, 0.0][:k]
+    if "della" in method:  # density ± epsilon within (0, 1), as DELLA requires
+        supplied["epsilon"] = [min(e, d / 2, (1 - d) / 2) for e, d in zip([0.1, 0.3, 0.05, 0.0], density)]
     check(method, make_inputs(shape, k, dtype, tied, seed=case), supplied)
 
 
@@ -66,6 +66,15 @@ def test_family_matches_reference(method, case):
 @pytest.mark.parametrize("overrides", OPTIONS)
 def test_family_options(method, overrides):
     check(method, make_inputs((300,), 3, tied=True, seed=3), {**OPTIONS_PARAMS, **overrides})
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("with_base", [True, False])
+def test_lrp_matches_reference(case, with_base):
+    shape, k, dtype, tied, density = CASES[case]
+    inputs = make_inputs(shape, k, dtype, tied, seed=case)
+    check("lrp", inputs if with_base else without_base(inputs),
+          {"weight": [0.7, -0.4, 1.1, 0.25][:k], "density": density[0]})
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))

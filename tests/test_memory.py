@@ -16,46 +16,49 @@ import pytest
 N = 1 << 18
 PARAMS = {"linear": {"weight": 1.0}, "slerp": {"t": 0.3}, "nearswap": {"t": 0.01}, "nuslerp": {"weight": 0.5},
           "multislerp": {"weight": 0.5}, "karcher": {}, "model_stock": {}, "arcee_fusion": {}, "passthrough": {},
-          "sce": {"select_topk": 0.3}, "seme": {"select_topk": 0.3}, "ram": {}, "ramplus_tl": {},
+          "sce": {"select_topk": 0.3}, "lrp": {"density": 0.3}, "seme": {"select_topk": 0.3}, "ram": {}, "ramplus_tl": {},
           **{m: {"weight": 1.0, "density": 0.3} for m in ("task_arithmetic", "ties", "dare_ties", "dare_linear",
                                                            "breadcrumbs", "breadcrumbs_ties")},
           **{m: {"weight": 1.0, "density": 0.5, "epsilon": 0.1} for m in ("della", "della_linear")}}
 
 
+def resident(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
 def measure() -> dict:
     """{method: {inputs: [(dtype, fp32 buffers at the peak)]}}, for the fewest, 2, 3 and 5 inputs (those a method
-    takes), fp32 and bf16 inputs."""
+    takes), fp32 and bf16 inputs; a method whose base is optional, with and without one."""
     import torch
 
     from seme.methods import registry
     from seme.methods.inputs import Inputs
 
-    def resident(key: str) -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
     found = {}
     for name in registry.names():
         method = registry.get(name)
-        valid = [k for k in range(1, 6) if method.check_inputs(k, method.base != "ignored") is None]
-        for k in sorted({valid[0], valid[-1]} | ({2, 3} & set(valid))):
-            base_index = 0 if method.base != "ignored" else None
-            params = registry.bind(method, PARAMS[name], k, base_index, "test")
-            for dtype in (torch.float32, torch.bfloat16):
-                g = torch.Generator().manual_seed(0)
-                base = torch.randn(N, generator=g)
-                tensors = [base.to(dtype)] + [(base + 0.01 * torch.randn(N, generator=g)).to(dtype) for _ in range(k - 1)]
-                del base
-                inputs = Inputs(tuple(tensors), base_index, "model.layers.0.mlp.up_proj.weight")
-                small = Inputs(tuple(t[:4096].clone() for t in tensors), base_index, "w")
-                method.fn(small, params)  # lazy initialisations are not the merge's
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                before = resident("VmRSS:")
-                result = method.fn(inputs, params)
-                peak = resident("VmHWM:") - before
-                del result
-                found.setdefault(name, {}).setdefault(k, []).append((str(dtype), peak / (N * 4)))
+        for has_base in {"ignored": [False], "required": [True], "optional": [True, False]}[method.base]:
+            valid = [k for k in range(1, 6) if method.check_inputs(k, has_base) is None]
+            for k in sorted({valid[0], valid[-1]} | ({2, 3} & set(valid))):
+                base_index = 0 if has_base else None
+                params = registry.bind(method, PARAMS[name], k, base_index, "test")
+                for dtype in (torch.float32, torch.bfloat16):
+                    g = torch.Generator().manual_seed(0)
+                    base = torch.randn(N, generator=g)
+                    tensors = [base.to(dtype)] + [(base + 0.01 * torch.randn(N, generator=g)).to(dtype)
+                                                  for _ in range(k - 1)]
+                    del base
+                    inputs = Inputs(tuple(tensors), base_index, "model.layers.0.mlp.up_proj.weight")
+                    small = Inputs(tuple(t[:4096].clone() for t in tensors), base_index, "w")
+                    method.fn(small, params)  # lazy initialisations are not the merge's
+                    with open("/proc/self/clear_refs", "w") as f:
+                        f.write("5")
+                    before = resident("VmRSS:")
+                    result = method.fn(inputs, params)
+                    peak = resident("VmHWM:") - before
+                    del result
+                    found.setdefault(name, {}).setdefault(k, []).append((str(dtype), peak / (N * 4)))
     return found
 
 

@@ -14,16 +14,20 @@ from seme.methods.selection import rank_interval_mask, rank_positions, top_k_mas
 ALL_METHODS = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "sce", "slerp", "nuslerp",
                "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough",
                "multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl"}
+# Methods of later mergekit releases than the one installed here, with their parameters' defaults.
+NEWER_THAN_MERGEKIT_0_1_5 = {"lrp": {"density": 0.7, "weight": 1.0}}
 
 
 def test_registry_has_every_method_and_mergekit_parameter_names():
     from mergekit.merge_methods import registry as mk
 
-    assert set(registry.names()) == ALL_METHODS | {"seme"}
+    assert set(registry.names()) == ALL_METHODS | set(NEWER_THAN_MERGEKIT_0_1_5) | {"seme"}
     for name in ALL_METHODS:
         ours = {p.name: (p.default if not p.required else "required") for p in registry.get(name).params}
         theirs = {p.name: (p.default if not p.required else "required") for p in mk.get(name).spec.parameters}
         assert ours == theirs, name
+    for name, theirs in NEWER_THAN_MERGEKIT_0_1_5.items():
+        assert {p.name: p.default for p in registry.get(name).params} == theirs, name
 
 
 def test_philox_known_answer():
@@ -120,3 +124,53 @@ def test_new_methods_match_mergekit_in_memory():
         kwargs = dict(base=base) if with_base else {}
         ours = seme.merge_tensors(method, inputs, **kwargs, **params)
         torch.testing.assert_close(ours, mergekit_merge(method, inputs, **kwargs, **params), msg=method)
+
+
+def mergekit_lrp(tensors, base, weight, density):
+    """mergekit's `lrp` (mergekit/merge_methods/lrp.py, later than the installed 0.1.5), transcribed
+    with its magnitude importance: per model the argsort's k = max(1, int(density · n)) largest |δ|,
+    each masked δ added with weight / Σ weight; zeros for a missing base."""
+    base = torch.zeros_like(tensors[0]) if base is None else base
+    merged = torch.zeros_like(base)
+    for x, w in zip(tensors, weight):
+        delta = x - base
+        mask = torch.zeros(delta.numel(), dtype=torch.bool)
+        if density >= 1:
+            mask[:] = True
+        elif density > 0:
+            mask[torch.argsort(delta.abs().flatten(), descending=True)[:max(1, int(density * delta.numel()))]] = True
+        merged += w / sum(weight) * delta * mask.reshape(delta.shape)
+    return base + merged
+
+
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_lrp_matches_mergekits(density, with_base):
+    torch.manual_seed(int(density * 100))
+    base = torch.randn(30, 20, dtype=torch.float64)
+    xs = [base + 0.1 * torch.randn(30, 20, dtype=torch.float64) for _ in range(3)]
+    weight = [0.5, 1.0, -0.3]
+    kwargs = dict(base=base) if with_base else {}
+    ours = seme.merge_tensors("lrp", xs, **kwargs, weight=weight, density=density)
+    torch.testing.assert_close(ours, mergekit_lrp(xs, base if with_base else None, weight, density))
+    default = seme.merge_tensors("lrp", xs, **kwargs)  # density 0.7, weight 1 each
+    torch.testing.assert_close(default, mergekit_lrp(xs, base if with_base else None, [1.0] * 3, 0.7))
+
+
+def test_lrp_errors():
+    a = torch.zeros(3)
+    with pytest.raises(SemeError, match="needs at least 1 models besides the base"):
+        seme.merge_tensors("lrp", [], base=a)
+    with pytest.raises(SemeError, match="must be a number"):  # density is one for all models, as in mergekit
+        seme.merge_tensors("lrp", [a, a], base=a, density=[0.5, 0.5])
+
+
+def test_della_takes_densities_0_and_1_whatever_epsilon_as_mergekit_does():
+    """A model at density 0 is dropped and one at 1 kept whole: no draws, so epsilon is not checked."""
+    torch.manual_seed(2)
+    base = torch.randn(30, 20)
+    xs = [base + 0.1 * torch.randn(30, 20) for _ in range(2)]
+    params = dict(weight=[0.5, 1.0], density=[0.0, 1.0], epsilon=0.3)
+    ours = seme.merge_tensors("della", xs, base=base, **params)
+    torch.testing.assert_close(ours, mergekit_merge("della", xs, base=base, **params))
+    torch.testing.assert_close(ours, xs[1])

@@ -21,7 +21,13 @@ def linear(inputs: Inputs, p: dict) -> torch.Tensor:
     return out
 
 
+def _check(p: dict) -> str | None:
+    if p["normalize"] and abs(sum(p["weight"])) < 1e-12:
+        return "linear weights sum to 0, so they cannot be normalised"
+    return None
+
+
 register(Method("linear", linear, (
     Param("weight", float, INPUT),
     Param("normalize", bool, default=True),
-), peak_buffers=(2.5, 0.0), reference="https://arxiv.org/abs/2203.05482"))
+), peak_buffers=(2.5, 0.0), reference="https://arxiv.org/abs/2203.05482", check=_check))

@@ -70,6 +70,8 @@ class Method:
     min_non_base: int = 0
     max_non_base: int | None = None
     reference: str = ""
+    # bound params -> why their values, well-typed each, cannot be merged (a division by zero), or None
+    check: Callable[[dict], str | None] | None = None
     # (a, b): the reference merge of tensors of n elements holds at most a + b * (inputs) fp32 tensors of
     # n elements at once, its result included (tests/test_memory.py measures it); --max-memory counts it
     peak_buffers: tuple[float, float] = (2.0, 4.0)
@@ -154,6 +156,9 @@ def bind(method: Method, supplied: dict, n_inputs: int, base_index: int | None, 
         if len(values) != count:
             raise SemeError(f"{where}: parameter '{param.name}' needs {count} values (one per input), got {len(values)}")
         bound[param.name] = [v if v is None else param.coerce(v, where) for v in values]
+    problem = method.check(bound) if method.check else None
+    if problem:
+        raise SemeError(f"{where}: {problem}")
     return bound
 
 

@@ -1,5 +1,5 @@
 """The task-vector family: task arithmetic, TIES, DARE, breadcrumbs, DELLA (mergekit's
-"generalized task arithmetic") and SCE. Plain-torch references; the fused kernels match them.
+"generalized task arithmetic"), LRP and SCE. Plain-torch references; the fused kernels match them.
 
 Per tensor, with deltas δ_k = θ_k − θ_base:
   sparsify each δ_k (magnitude top-k, random drop, outlier band, DELLA rank-weighted drop),
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from seme.methods import rng
 from seme.methods.inputs import Inputs, compute_dtype
-from seme.methods.registry import NON_BASE, Method, Param, register
+from seme.methods.registry import NON_BASE, SHARED, Method, Param, register
 from seme.methods.selection import rank_interval_mask, rank_positions, top_k_mask
 
 if TYPE_CHECKING:  # torch is imported inside the functions: planning never loads it
@@ -131,6 +131,13 @@ def _family_merge(sparsification: str | None, consensus: bool):
     return merge
 
 
+def _della_check(p: dict) -> str | None:
+    for d, e in zip(p["density"], p["epsilon"]):  # density 0 drops a model, 1 keeps it whole: no draws
+        if 0 < d < 1 and not (0 < d - e and d + e < 1):
+            return f"DELLA needs 0 < density - epsilon and density + epsilon < 1 (density {d}, epsilon {e})"
+    return None
+
+
 def _register_family(name, sparsification, consensus, normalize, rescale, peak_buffers, reference):
     params = [
         Param("weight", float, NON_BASE),
@@ -145,7 +152,8 @@ def _register_family(name, sparsification, consensus, normalize, rescale, peak_b
     if sparsification == "della_magprune":
         params.append(Param("epsilon", float, NON_BASE, default=0.15, minimum=0.0, maximum=0.5))
     register(Method(name, _family_merge(sparsification, consensus), tuple(params), base="required",
-                    peak_buffers=peak_buffers, reference=reference))
+                    peak_buffers=peak_buffers, reference=reference,
+                    check=_della_check if sparsification == "della_magprune" else None))
 
 
 _register_family("task_arithmetic", None, False, False, False, (1.0, 2.0), "https://arxiv.org/abs/2212.04089")
@@ -156,6 +164,45 @@ _register_family("breadcrumbs", "magnitude_outliers", False, False, False, (5.5,
 _register_family("breadcrumbs_ties", "magnitude_outliers", True, False, False, (2.5, 3.0), "https://arxiv.org/abs/2312.06795")
 _register_family("della", "della_magprune", True, True, True, (4.5, 2.5), "https://arxiv.org/abs/2406.11617")
 _register_family("della_linear", "della_magprune", False, False, True, (6.5, 1.5), "https://arxiv.org/abs/2406.11617")
+
+
+def with_base(inputs: Inputs) -> Inputs:
+    """`inputs` with zeros as their base where they have none (LRP without a base merges the models
+    themselves, as mergekit does)."""
+    import torch
+
+    if inputs.base is not None:
+        return inputs
+    return Inputs((torch.zeros_like(inputs.tensors[0]), *inputs.tensors), 0, inputs.name, inputs.seed)
+
+
+def family_params(method: str, p: dict) -> dict:
+    """The family's parameters of `method`'s bound ones: LRP is TIES' selection (each model's
+    int(density·n) largest |δ|, at least one) without sign election, divided by the weights' sum."""
+    if method != "lrp":
+        return p
+    return {"weight": p["weight"], "density": [p["density"]] * len(p["weight"]), "normalize": True,
+            "rescale": False, "lambda": 1.0}
+
+
+_magnitude_sum = _family_merge("magnitude", False)
+
+
+def lrp(inputs: Inputs, p: dict):
+    return _magnitude_sum(with_base(inputs), family_params("lrp", p))
+
+
+def _lrp_check(p: dict) -> str | None:
+    return "lrp weights sum to 0, and it divides by their sum" if abs(sum(p["weight"])) < 1e-12 else None
+
+
+# mergekit's "lrp" ranks by Layer-wise Relevance Propagation scores where its caller passes files of
+# them, which no recipe can: by |δ| otherwise, as here.
+register(Method("lrp", lrp, (
+    Param("density", float, SHARED, default=0.7, minimum=0.0, maximum=1.0),
+    Param("weight", float, NON_BASE, default=1.0),
+), base="optional", min_non_base=1, peak_buffers=(7.0, 1.5), reference="https://github.com/arcee-ai/mergekit",
+   check=_lrp_check))
 
 
 def sce_select_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
