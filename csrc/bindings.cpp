@@ -4,10 +4,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <omp.h>
-
 #include "cpu/crc32.h"
 #include "cpu/fused_merge.h"
+#include "cpu/openmp.h"
 
 namespace py = pybind11;
 
@@ -141,7 +140,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("philox4x32", &seme::philox4x32, "The 4 output words of Philox4x32-10 (seme.methods.rng).",
         py::arg("key"), py::arg("counter"));
-  m.def("max_threads", &omp_get_max_threads, "OpenMP's default thread count.");
+  m.def("max_threads", &omp_get_max_threads, "OpenMP's default thread count (1 in a build without OpenMP).");
+  m.attr("OPENMP") = seme::kOpenMP;
   m.def("isa", &seme::active_isa, "Which build of the kernels runs: 'avx512', 'avx2' or 'baseline'.");
   m.def(
       "crc32",

@@ -16,8 +16,7 @@
 // are kept per chunk and added in chunk order, so results do not depend on the thread count.
 // Floating-point order per element mirrors the torch reference (fp32, models summed in order).
 #include "fused_merge.h"
-
-#include <omp.h>
+#include "openmp.h"
 
 #include <algorithm>
 #include <cmath>
