@@ -36,11 +36,12 @@ def save_random(path, seed: int, model_class, config) -> str:
     return str(path)
 
 
-def build_llava_nested(path, seed: int) -> str:
-    """A Llava as transformers 4.52 to 4.x saved one: every part under model., the head on top."""
+def build_llava_nested(path, seed: int, build=build_llava) -> str:
+    """A Llava (or a model `build` saves as one) as transformers 4.52 to 4.x saved it: every part under
+    model., the head on top."""
     from safetensors.torch import save_file
 
-    build_llava(path, seed)
+    build(path, seed)
     renamed = {("lm_head." + k[len("language_model.lm_head."):] if k.startswith("language_model.lm_head.") else
                 "model.language_model." + k[len("language_model.model."):] if k.startswith("language_model.model.")
                 else "model." + k): v for k, v in load_folder(path).items()}
@@ -119,6 +120,31 @@ def build_mistral3(path, seed: int):
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                            head_dim=8, image_size=28, patch_size=14), tie_word_embeddings=False)
     return save_random(path, seed, transformers.Mistral3ForConditionalGeneration, config)
+
+
+LLAVA_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=64)
+SIGLIP = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+              num_attention_heads=2, image_size=28, patch_size=14)
+# an image of 28 x 56 pixels: its overview, then its two tiles with image_newline after each row of patches
+LLAVA_NEXT = dict(image_token_index=60, video_token_index=61, image_grid_pinpoints=[[28, 56]])
+
+
+def build_llava_next(path, seed: int, model: str = "LlavaNext"):
+    import transformers
+
+    clip = dict(SIGLIP, model_type="clip_vision_model", projection_dim=16)
+    config = getattr(transformers, f"{model}Config")(text_config=dict(LLAVA_TEXT, model_type="llama"), vision_config=clip,
+                                                     vision_feature_layer=-2, **LLAVA_NEXT)
+    return save_random(path, seed, getattr(transformers, f"{model}ForConditionalGeneration"), config)
+
+
+def build_llava_onevision(path, seed: int):
+    import transformers
+
+    config = transformers.LlavaOnevisionConfig(text_config=dict(LLAVA_TEXT, model_type="qwen2"), vision_config=SIGLIP,
+                                               vision_feature_layer=-1, **LLAVA_NEXT)
+    return save_random(path, seed, transformers.LlavaOnevisionForConditionalGeneration, config)
 
 
 def build_qwen3_5(path, seed: int, moe: bool = False):
@@ -347,6 +373,9 @@ WRAPPERS = {  # the builder, and the family of its language model
     "qwen2_vl": (build_qwen2_vl, "qwen2"),
     "qwen2_5_vl": (build_qwen2_5_vl, "qwen2"), "qwen3_vl": (build_qwen3_vl, "qwen3"),
     "mistral3": (build_mistral3, "mistral"), "qwen3_5": (build_qwen3_5, "qwen3_next"),
+    "llava_next": (build_llava_next, "llama"),
+    "llava_next_video": (lambda path, seed: build_llava_next(path, seed, "LlavaNextVideo"), "llama"),
+    "llava_onevision": (build_llava_onevision, "qwen2"),
     "qwen3_5_moe": (lambda path, seed: build_qwen3_5(path, seed, moe=True), "qwen3_next"),
 }
 
@@ -384,7 +413,7 @@ def test_a_multimodal_models_language_model_has_its_familys_roles(wrapper, tmp_p
     for name in names:
         role = arch.role(name)
         if modules.part_of(name) != modules.TEXT:  # the projector's writes into the stream, where described
-            assert role is None if not arch.projected else role.role in ("inner", "write", "write_bias"), name
+            assert role is None if not arch.projected else role.role in ("inner", "write", "write_bias", "stream_vector"), name
             continue
         expected = own.role(own_name(name))
         assert role is not None and expected is not None, name
@@ -431,6 +460,13 @@ def llava_prompt() -> dict:  # its 4 patches take the image tokens' places
                 pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)))
 
 
+def llava_next_prompt() -> dict:
+    """An image of 28 x 56 pixels: its overview's 2 x 2 patches, then its two tiles' 2 x 4 patches with
+    image_newline after each row."""
+    return dict(input_ids=torch.tensor([[1, 5] + [60] * (4 + 2 * 5) + [9, 11]]), image_sizes=torch.tensor([[28, 56]]),
+                pixel_values=torch.randn(1, 3, 3, 28, 28, generator=torch.Generator().manual_seed(0)))
+
+
 # builder, model class, a prompt holding an image
 PROMPTS = {
     "llava": (build_llava, "LlavaForConditionalGeneration", llava_prompt),
@@ -444,6 +480,11 @@ PROMPTS = {
     "qwen3_5": (build_qwen3_5, "Qwen3_5ForConditionalGeneration", lambda: qwen_vl_prompt(16)),
     "qwen3_5_moe": (lambda path, seed: build_qwen3_5(path, seed, moe=True), "Qwen3_5MoeForConditionalGeneration",
                     lambda: qwen_vl_prompt(16)),
+    "llava_next": (build_llava_next, "LlavaNextForConditionalGeneration", llava_next_prompt),
+    "llava_next-nested": (lambda path, seed: build_llava_nested(path, seed, build_llava_next),
+                          "LlavaNextForConditionalGeneration", llava_next_prompt),
+    "llava_next_video": (WRAPPERS["llava_next_video"][0], "LlavaNextVideoForConditionalGeneration", llava_next_prompt),
+    "llava_onevision": (build_llava_onevision, "LlavaOnevisionForConditionalGeneration", llava_next_prompt),
 }
 
 
@@ -536,12 +577,13 @@ def test_seme_merges_a_multimodal_model(llavas, tmp_path):
     assert not torch.equal(merged["multi_modal_projector.linear_2.weight"], inputs[0]["multi_modal_projector.linear_2.weight"])
 
 
-def test_seme_aligns_a_rotated_llava_back(llavas, tmp_path):
+@pytest.mark.parametrize("wrapper", ["llava", "llava_next"])
+def test_seme_aligns_a_rotated_llava_back(wrapper, tmp_path):
     """A Llava merged with its own turned copy: SeMe recovers the turn from the heads and turns the copy's
-    language model and projector back, so the merge is the model."""
+    language model and projector back (Llava-NeXT's image_newline with them), so the merge is the model."""
     import json
 
-    a = llavas[0]
+    a = WRAPPERS[wrapper][0](tmp_path / "a", 0)
     turned = rotated(a, tmp_path / "turned", random_orthogonal(32, 3).double())
     seme.merge({"merge_method": "seme", "base_model": a, "models": [{"model": turned}], "dtype": "float32"},
                str(tmp_path / "out"), progress=False)

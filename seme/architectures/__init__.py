@@ -12,6 +12,8 @@ checkpoint tensor name, which role the tensor plays relative to the residual str
   read                                     a Linear whose input is the residual, normalised by its `norm`, or raw
                                            where it has none (q/k/v, gate/up, fused)
   write, write_bias                        a Linear whose output is added to the residual, and its bias
+  stream_vector                            [d]: a vector in the residual stream that no write adds (Llava-NeXT's
+                                           image_newline, which takes a token's place): turns as embeddings' rows
   write_norm                               a norm applied to a sublayer's output before the add (gemma2)
   stream_map                               a [d, d] Linear from the residual stream to the residual stream
                                            (gemma 3n's AltUp projections between its parallel streams)
@@ -63,7 +65,8 @@ from seme.errors import SemeError
 
 ROLES = frozenset({
     "embedding", "position_embedding", "lm_head", "lm_head_bias", "final_norm", "final_norm_bias",
-    "norm", "norm_bias", "read", "write", "write_bias", "write_norm", "stream_map", "inner", "buffer", "token_table",
+    "norm", "norm_bias", "read", "write", "write_bias", "write_norm", "stream_map", "stream_vector", "inner",
+    "buffer", "token_table",
 })
 VOCAB_ROLES = ("embedding", "lm_head", "lm_head_bias", "token_table")  # a row per token
 LAYOUTS = ("out_in", "in_out")
