@@ -32,7 +32,12 @@ def build_llava(path, seed: int, vision_layers: int = 3):
 
 def save_random(path, seed: int, model_class, config) -> str:
     torch.manual_seed(seed)
-    model_class(config).save_pretrained(path)
+    model = model_class(config)
+    with torch.no_grad():  # matrices that start at zero (Gemma 3's projector) write something
+        for w in model.parameters():
+            if w.ndim == 2 and not w.any():
+                w.normal_(0, w.shape[0] ** -0.5)
+    model.save_pretrained(path)
     return str(path)
 
 
@@ -488,24 +493,58 @@ PROMPTS = {
 }
 
 
+def perturbed(path) -> str:
+    """The model at `path` with its gains and biases away from their 1 / 0 init."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    save_file({k: v * (1 + 0.3 * torch.randn(v.shape, generator=g)) + 0.1 * torch.randn(v.shape, generator=g)
+               if v.ndim == 1 else v for k, v in load_folder(path).items()}, f"{path}/model.safetensors",
+              metadata={"format": "pt"})
+    return path
+
+
 @pytest.mark.parametrize("wrapper", PROMPTS)
 def test_a_rotation_by_the_roles_keeps_a_multimodal_models_function(wrapper, tmp_path):
     """The language model's roles and the projector's write are all a turn of the stream needs: the
     logits of a prompt with an image stay (a missed projector would move them by percents)."""
     import transformers
-    from safetensors.torch import save_file
 
     build, model_class, prompt = PROMPTS[wrapper]
-    a = build(tmp_path / "a", 0)
-    g = torch.Generator().manual_seed(1)  # gains and biases away from their 1 / 0 init
-    save_file({k: v * (1 + 0.3 * torch.randn(v.shape, generator=g)) + 0.1 * torch.randn(v.shape, generator=g)
-               if v.ndim == 1 else v for k, v in load_folder(a).items()}, f"{a}/model.safetensors",
-              metadata={"format": "pt"})
+    a = perturbed(build(tmp_path / "a", 0))
     turned = rotated(a, tmp_path / "turned", random_orthogonal(32, 2).double())
     with torch.no_grad():
         expected, got = (getattr(transformers, model_class).from_pretrained(p).eval()(**prompt()).logits
                          for p in (a, turned))
     assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
+# builder, model class, pixel values: models whose language model no turn of its stream keeps (Gemma 3's
+# normalises its sublayers' outputs before the add), but whose projector is described all the same
+FEATURES = {
+    "gemma3": (build_gemma3, "Gemma3ForConditionalGeneration", lambda: torch.randn(1, 3, 28, 28)),
+}
+
+
+@pytest.mark.parametrize("wrapper", FEATURES)
+def test_a_projector_writes_image_features_that_turn_with_the_stream(wrapper, tmp_path):
+    """The image features that take the image tokens' places in the stream, of a model turned by its roles,
+    are the model's turned: its projector is described right, whatever keeps its language model from turning."""
+    import json
+
+    import transformers
+
+    build, model_class, pixels = FEATURES[wrapper]
+    a = perturbed(build(tmp_path / "a", 0))
+    Q = random_orthogonal(32, 2).double()
+    turned = rotated(a, tmp_path / "turned", Q)
+    assert architectures.for_config(json.loads((Path(a) / "config.json").read_text()), tensor_names(a)).projected
+    torch.manual_seed(0)
+    x = pixels()
+    with torch.no_grad():
+        expected, got = (getattr(transformers, model_class).from_pretrained(p).eval().model.get_image_features(
+            x, return_dict=True).pooler_output.double() for p in (a, turned))
+    assert float((got - expected @ Q.T).norm() / expected.norm()) < 1e-5
 
 
 def test_a_projector_in_a_layout_its_description_does_not_know_is_not_turned(llavas):
