@@ -152,6 +152,38 @@ def build_llava_onevision(path, seed: int):
     return save_random(path, seed, transformers.LlavaOnevisionForConditionalGeneration, config)
 
 
+def build_internvl(path, seed: int):
+    import transformers
+
+    config = transformers.InternVLConfig(  # 4 x 4 patches, shuffled into 2 x 2 image tokens
+        text_config=dict(LLAVA_TEXT, model_type="qwen2"), image_token_id=60, tie_word_embeddings=False,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=56, patch_size=14))
+    return save_random(path, seed, transformers.InternVLForConditionalGeneration, config)
+
+
+def build_paligemma(path, seed: int):
+    import transformers
+
+    config = transformers.PaliGemmaConfig(
+        text_config=dict(LLAVA_TEXT, model_type="gemma", vocab_size=300, head_dim=8),
+        vision_config=dict(SIGLIP, projection_dim=32), image_token_id=260, projection_dim=32, hidden_size=32,
+        tie_word_embeddings=False)
+    return save_random(path, seed, transformers.PaliGemmaForConditionalGeneration, config)
+
+
+def build_llama4(path, seed: int):
+    import transformers
+
+    config = transformers.Llama4Config(  # a dense layer, then a mixture of experts; 4 x 4 patches shuffled into 2 x 2
+        text_config=dict(LLAVA_TEXT, model_type="llama4_text", head_dim=8, intermediate_size_mlp=64,
+                         num_local_experts=2, interleave_moe_layer_step=2),
+        vision_config=dict(hidden_size=16, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=56, patch_size=14, vision_output_dim=24, projector_input_dim=24,
+                           projector_output_dim=24, pixel_shuffle_ratio=0.5), image_token_index=60)
+    return save_random(path, seed, transformers.Llama4ForConditionalGeneration, config)
+
+
 def build_qwen3_5(path, seed: int, moe: bool = False):
     import transformers
 
@@ -380,7 +412,8 @@ WRAPPERS = {  # the builder, and the family of its language model
     "mistral3": (build_mistral3, "mistral"), "qwen3_5": (build_qwen3_5, "qwen3_next"),
     "llava_next": (build_llava_next, "llama"),
     "llava_next_video": (lambda path, seed: build_llava_next(path, seed, "LlavaNextVideo"), "llama"),
-    "llava_onevision": (build_llava_onevision, "qwen2"),
+    "llava_onevision": (build_llava_onevision, "qwen2"), "internvl": (build_internvl, "qwen2"),
+    "paligemma": (build_paligemma, "gemma"), "llama4": (build_llama4, "llama4_text"),
     "qwen3_5_moe": (lambda path, seed: build_qwen3_5(path, seed, moe=True), "qwen3_next"),
 }
 
@@ -465,6 +498,12 @@ def llava_prompt() -> dict:  # its 4 patches take the image tokens' places
                 pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)))
 
 
+def image_prompt(image_token: int, tokens: int, pixels: int) -> dict:
+    """A square image of `pixels` pixels a side, whose `tokens` image tokens sit between text tokens."""
+    return dict(input_ids=torch.tensor([[1, 5] + [image_token] * tokens + [9, 11]]),
+                pixel_values=torch.randn(1, 3, pixels, pixels, generator=torch.Generator().manual_seed(0)))
+
+
 def llava_next_prompt() -> dict:
     """An image of 28 x 56 pixels: its overview's 2 x 2 patches, then its two tiles' 2 x 4 patches with
     image_newline after each row."""
@@ -490,6 +529,9 @@ PROMPTS = {
                           "LlavaNextForConditionalGeneration", llava_next_prompt),
     "llava_next_video": (WRAPPERS["llava_next_video"][0], "LlavaNextVideoForConditionalGeneration", llava_next_prompt),
     "llava_onevision": (build_llava_onevision, "LlavaOnevisionForConditionalGeneration", llava_next_prompt),
+    "internvl": (build_internvl, "InternVLForConditionalGeneration", lambda: image_prompt(60, 4, 56)),
+    "paligemma": (build_paligemma, "PaliGemmaForConditionalGeneration", lambda: image_prompt(260, 4, 28)),
+    "llama4": (build_llama4, "Llama4ForConditionalGeneration", lambda: image_prompt(60, 4, 56)),
 }
 
 
