@@ -184,6 +184,15 @@ def build_llama4(path, seed: int):
     return save_random(path, seed, transformers.Llama4ForConditionalGeneration, config)
 
 
+def build_idefics3(path, seed: int, model: str = "Idefics3"):
+    import transformers
+
+    config = getattr(transformers, f"{model}Config")(  # 4 x 4 patches, shuffled into 2 x 2 image tokens
+        text_config=dict(LLAVA_TEXT, model_type="llama"), image_token_id=60, scale_factor=2,
+        vision_config=dict(SIGLIP, model_type=f"{model.lower()}_vision", image_size=56))
+    return save_random(path, seed, getattr(transformers, f"{model}ForConditionalGeneration"), config)
+
+
 def build_qwen3_5(path, seed: int, moe: bool = False):
     import transformers
 
@@ -414,6 +423,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "llava_next_video": (lambda path, seed: build_llava_next(path, seed, "LlavaNextVideo"), "llama"),
     "llava_onevision": (build_llava_onevision, "qwen2"), "internvl": (build_internvl, "qwen2"),
     "paligemma": (build_paligemma, "gemma"), "llama4": (build_llama4, "llama4_text"),
+    "idefics3": (build_idefics3, "llama"), "smolvlm": (lambda path, seed: build_idefics3(path, seed, "SmolVLM"), "llama"),
     "qwen3_5_moe": (lambda path, seed: build_qwen3_5(path, seed, moe=True), "qwen3_next"),
 }
 
@@ -422,8 +432,9 @@ def own_name(name: str) -> str:
     """What a checkpoint of the language model alone calls a multimodal checkpoint's tensor `name`."""
     if name.startswith("language_model."):  # the whole causal LM nested (Llava, Gemma 3, Mistral 3)
         return name[len("language_model."):]
-    if name.startswith("model.language_model."):  # its decoder nested beside the head (Qwen3-VL)
-        return "model." + name[len("model.language_model."):]
+    for nested in ("model.language_model.", "model.text_model."):  # its decoder nested beside the head (Qwen3-VL)
+        if name.startswith(nested):
+            return "model." + name[len(nested):]
     return name  # Qwen2-VL: the decoder's own names beside `visual`
 
 
@@ -504,6 +515,11 @@ def image_prompt(image_token: int, tokens: int, pixels: int) -> dict:
                 pixel_values=torch.randn(1, 3, pixels, pixels, generator=torch.Generator().manual_seed(0)))
 
 
+def idefics3_prompt() -> dict:  # pixel values per prompt, per image
+    prompt = image_prompt(60, 4, 56)
+    return dict(prompt, pixel_values=prompt["pixel_values"][None])
+
+
 def llava_next_prompt() -> dict:
     """An image of 28 x 56 pixels: its overview's 2 x 2 patches, then its two tiles' 2 x 4 patches with
     image_newline after each row."""
@@ -532,6 +548,8 @@ PROMPTS = {
     "internvl": (build_internvl, "InternVLForConditionalGeneration", lambda: image_prompt(60, 4, 56)),
     "paligemma": (build_paligemma, "PaliGemmaForConditionalGeneration", lambda: image_prompt(260, 4, 28)),
     "llama4": (build_llama4, "Llama4ForConditionalGeneration", lambda: image_prompt(60, 4, 56)),
+    "idefics3": (build_idefics3, "Idefics3ForConditionalGeneration", idefics3_prompt),
+    "smolvlm": (WRAPPERS["smolvlm"][0], "SmolVLMForConditionalGeneration", idefics3_prompt),
 }
 
 

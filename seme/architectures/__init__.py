@@ -376,12 +376,13 @@ def for_config(config: dict, names=None) -> Architecture:
 # Where multimodal checkpoints keep their language model: the whole causal LM nested
 # (`language_model.model.layers`, `language_model.lm_head`: transformers 4's layout, and 5's when it
 # saves Llava or Gemma 3), its decoder nested beside a top-level head (`model.language_model.layers`,
-# `lm_head`: Qwen3-VL, Qwen3.5), or its decoder's own names (`model.layers` beside `visual`: Qwen2-VL).
-_NESTED_LM, _NESTED_DECODER = "language_model.", "model.language_model."
+# `lm_head`: Qwen3-VL, Qwen3.5; `model.text_model.layers`: Idefics3, SmolVLM), or its decoder's own names
+# (`model.layers` beside `visual`: Qwen2-VL).
+_NESTED_LM, _NESTED_DECODER, _TEXT_MODEL = "language_model.", "model.language_model.", "model.text_model."
 
 
 def _text_prefix(names) -> str:
-    for prefix in (_NESTED_DECODER, _NESTED_LM):
+    for prefix in (_NESTED_DECODER, _TEXT_MODEL, _NESTED_LM):
         if any(n.startswith(prefix) for n in names):
             return prefix
     return ""
