@@ -193,6 +193,15 @@ def build_idefics3(path, seed: int, model: str = "Idefics3"):
     return save_random(path, seed, getattr(transformers, f"{model}ForConditionalGeneration"), config)
 
 
+def build_aya_vision(path, seed: int, model: str = "AyaVision"):
+    import transformers
+
+    config = getattr(transformers, f"{model}Config")(  # 4 x 4 patches, shuffled into 2 x 2 image tokens
+        text_config=dict(LLAVA_TEXT, model_type="cohere2", head_dim=8), vision_config=dict(SIGLIP, image_size=56),
+        image_token_id=60, downsample_factor=2, alignment_intermediate_size=64, tie_word_embeddings=False)
+    return save_random(path, seed, getattr(transformers, f"{model}ForConditionalGeneration"), config)
+
+
 def build_qwen3_5(path, seed: int, moe: bool = False):
     import transformers
 
@@ -424,6 +433,8 @@ WRAPPERS = {  # the builder, and the family of its language model
     "llava_onevision": (build_llava_onevision, "qwen2"), "internvl": (build_internvl, "qwen2"),
     "paligemma": (build_paligemma, "gemma"), "llama4": (build_llama4, "llama4_text"),
     "idefics3": (build_idefics3, "llama"), "smolvlm": (lambda path, seed: build_idefics3(path, seed, "SmolVLM"), "llama"),
+    "aya_vision": (build_aya_vision, "cohere"),
+    "cohere2_vision": (lambda path, seed: build_aya_vision(path, seed, "Cohere2Vision"), "cohere"),
     "qwen3_5_moe": (lambda path, seed: build_qwen3_5(path, seed, moe=True), "qwen3_next"),
 }
 
@@ -580,9 +591,13 @@ def test_a_rotation_by_the_roles_keeps_a_multimodal_models_function(wrapper, tmp
 
 
 # builder, model class, pixel values: models whose language model no turn of its stream keeps (Gemma 3's
-# normalises its sublayers' outputs before the add), but whose projector is described all the same
+# normalises its sublayers' outputs before the add, Cohere's norms are LayerNorms), but whose projector is
+# described all the same
 FEATURES = {
     "gemma3": (build_gemma3, "Gemma3ForConditionalGeneration", lambda: torch.randn(1, 3, 28, 28)),
+    "aya_vision": (build_aya_vision, "AyaVisionForConditionalGeneration", lambda: torch.randn(1, 3, 56, 56)),
+    "cohere2_vision": (WRAPPERS["cohere2_vision"][0], "Cohere2VisionForConditionalGeneration",
+                       lambda: torch.randn(1, 3, 56, 56)),
 }
 
 
