@@ -279,7 +279,7 @@ def rotate(state: dict, arch, Q: torch.Tensor) -> dict:
             w = Q @ w
         elif r.role == "stream_map":
             w = Q @ w @ Q.T
-        elif r.role in ("embedding", "write_bias"):  # a write bias: [d], or one per expert [E, d]
+        elif r.role in ("embedding", "write_bias", "stream_vector"):  # a write bias: [d], or one per expert [E, d]
             w = w @ Q.T
         out[name] = w.mT.contiguous() if r.layout == "in_out" else w
     return out

@@ -32,15 +32,21 @@ def build_llava(path, seed: int, vision_layers: int = 3):
 
 def save_random(path, seed: int, model_class, config) -> str:
     torch.manual_seed(seed)
-    model_class(config).save_pretrained(path)
+    model = model_class(config)
+    with torch.no_grad():  # matrices that start at zero (Gemma 3's projector) write something
+        for w in model.parameters():
+            if w.ndim == 2 and not w.any():
+                w.normal_(0, w.shape[0] ** -0.5)
+    model.save_pretrained(path)
     return str(path)
 
 
-def build_llava_nested(path, seed: int) -> str:
-    """A Llava as transformers 4.52 to 4.x saved one: every part under model., the head on top."""
+def build_llava_nested(path, seed: int, build=build_llava) -> str:
+    """A Llava (or a model `build` saves as one) as transformers 4.52 to 4.x saved it: every part under
+    model., the head on top."""
     from safetensors.torch import save_file
 
-    build_llava(path, seed)
+    build(path, seed)
     renamed = {("lm_head." + k[len("language_model.lm_head."):] if k.startswith("language_model.lm_head.") else
                 "model.language_model." + k[len("language_model.model."):] if k.startswith("language_model.model.")
                 else "model." + k): v for k, v in load_folder(path).items()}
@@ -119,6 +125,81 @@ def build_mistral3(path, seed: int):
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                            head_dim=8, image_size=28, patch_size=14), tie_word_embeddings=False)
     return save_random(path, seed, transformers.Mistral3ForConditionalGeneration, config)
+
+
+LLAVA_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=64)
+SIGLIP = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+              num_attention_heads=2, image_size=28, patch_size=14)
+# an image of 28 x 56 pixels: its overview, then its two tiles with image_newline after each row of patches
+LLAVA_NEXT = dict(image_token_index=60, video_token_index=61, image_grid_pinpoints=[[28, 56]])
+
+
+def build_llava_next(path, seed: int, model: str = "LlavaNext"):
+    import transformers
+
+    clip = dict(SIGLIP, model_type="clip_vision_model", projection_dim=16)
+    config = getattr(transformers, f"{model}Config")(text_config=dict(LLAVA_TEXT, model_type="llama"), vision_config=clip,
+                                                     vision_feature_layer=-2, **LLAVA_NEXT)
+    return save_random(path, seed, getattr(transformers, f"{model}ForConditionalGeneration"), config)
+
+
+def build_llava_onevision(path, seed: int):
+    import transformers
+
+    config = transformers.LlavaOnevisionConfig(text_config=dict(LLAVA_TEXT, model_type="qwen2"), vision_config=SIGLIP,
+                                               vision_feature_layer=-1, **LLAVA_NEXT)
+    return save_random(path, seed, transformers.LlavaOnevisionForConditionalGeneration, config)
+
+
+def build_internvl(path, seed: int):
+    import transformers
+
+    config = transformers.InternVLConfig(  # 4 x 4 patches, shuffled into 2 x 2 image tokens
+        text_config=dict(LLAVA_TEXT, model_type="qwen2"), image_token_id=60, tie_word_embeddings=False,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=56, patch_size=14))
+    return save_random(path, seed, transformers.InternVLForConditionalGeneration, config)
+
+
+def build_paligemma(path, seed: int):
+    import transformers
+
+    config = transformers.PaliGemmaConfig(
+        text_config=dict(LLAVA_TEXT, model_type="gemma", vocab_size=300, head_dim=8),
+        vision_config=dict(SIGLIP, projection_dim=32), image_token_id=260, projection_dim=32, hidden_size=32,
+        tie_word_embeddings=False)
+    return save_random(path, seed, transformers.PaliGemmaForConditionalGeneration, config)
+
+
+def build_llama4(path, seed: int):
+    import transformers
+
+    config = transformers.Llama4Config(  # a dense layer, then a mixture of experts; 4 x 4 patches shuffled into 2 x 2
+        text_config=dict(LLAVA_TEXT, model_type="llama4_text", head_dim=8, intermediate_size_mlp=64,
+                         num_local_experts=2, interleave_moe_layer_step=2),
+        vision_config=dict(hidden_size=16, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=56, patch_size=14, vision_output_dim=24, projector_input_dim=24,
+                           projector_output_dim=24, pixel_shuffle_ratio=0.5), image_token_index=60)
+    return save_random(path, seed, transformers.Llama4ForConditionalGeneration, config)
+
+
+def build_idefics3(path, seed: int, model: str = "Idefics3"):
+    import transformers
+
+    config = getattr(transformers, f"{model}Config")(  # 4 x 4 patches, shuffled into 2 x 2 image tokens
+        text_config=dict(LLAVA_TEXT, model_type="llama"), image_token_id=60, scale_factor=2,
+        vision_config=dict(SIGLIP, model_type=f"{model.lower()}_vision", image_size=56))
+    return save_random(path, seed, getattr(transformers, f"{model}ForConditionalGeneration"), config)
+
+
+def build_aya_vision(path, seed: int, model: str = "AyaVision"):
+    import transformers
+
+    config = getattr(transformers, f"{model}Config")(  # 4 x 4 patches, shuffled into 2 x 2 image tokens
+        text_config=dict(LLAVA_TEXT, model_type="cohere2", head_dim=8), vision_config=dict(SIGLIP, image_size=56),
+        image_token_id=60, downsample_factor=2, alignment_intermediate_size=64, tie_word_embeddings=False)
+    return save_random(path, seed, getattr(transformers, f"{model}ForConditionalGeneration"), config)
 
 
 def build_qwen3_5(path, seed: int, moe: bool = False):
@@ -347,6 +428,13 @@ WRAPPERS = {  # the builder, and the family of its language model
     "qwen2_vl": (build_qwen2_vl, "qwen2"),
     "qwen2_5_vl": (build_qwen2_5_vl, "qwen2"), "qwen3_vl": (build_qwen3_vl, "qwen3"),
     "mistral3": (build_mistral3, "mistral"), "qwen3_5": (build_qwen3_5, "qwen3_next"),
+    "llava_next": (build_llava_next, "llama"),
+    "llava_next_video": (lambda path, seed: build_llava_next(path, seed, "LlavaNextVideo"), "llama"),
+    "llava_onevision": (build_llava_onevision, "qwen2"), "internvl": (build_internvl, "qwen2"),
+    "paligemma": (build_paligemma, "gemma"), "llama4": (build_llama4, "llama4_text"),
+    "idefics3": (build_idefics3, "llama"), "smolvlm": (lambda path, seed: build_idefics3(path, seed, "SmolVLM"), "llama"),
+    "aya_vision": (build_aya_vision, "cohere"),
+    "cohere2_vision": (lambda path, seed: build_aya_vision(path, seed, "Cohere2Vision"), "cohere"),
     "qwen3_5_moe": (lambda path, seed: build_qwen3_5(path, seed, moe=True), "qwen3_next"),
 }
 
@@ -355,8 +443,9 @@ def own_name(name: str) -> str:
     """What a checkpoint of the language model alone calls a multimodal checkpoint's tensor `name`."""
     if name.startswith("language_model."):  # the whole causal LM nested (Llava, Gemma 3, Mistral 3)
         return name[len("language_model."):]
-    if name.startswith("model.language_model."):  # its decoder nested beside the head (Qwen3-VL)
-        return "model." + name[len("model.language_model."):]
+    for nested in ("model.language_model.", "model.text_model."):  # its decoder nested beside the head (Qwen3-VL)
+        if name.startswith(nested):
+            return "model." + name[len(nested):]
     return name  # Qwen2-VL: the decoder's own names beside `visual`
 
 
@@ -384,7 +473,7 @@ def test_a_multimodal_models_language_model_has_its_familys_roles(wrapper, tmp_p
     for name in names:
         role = arch.role(name)
         if modules.part_of(name) != modules.TEXT:  # the projector's writes into the stream, where described
-            assert role is None if not arch.projected else role.role in ("inner", "write", "write_bias"), name
+            assert role is None if not arch.projected else role.role in ("inner", "write", "write_bias", "stream_vector"), name
             continue
         expected = own.role(own_name(name))
         assert role is not None and expected is not None, name
@@ -431,6 +520,24 @@ def llava_prompt() -> dict:  # its 4 patches take the image tokens' places
                 pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)))
 
 
+def image_prompt(image_token: int, tokens: int, pixels: int) -> dict:
+    """A square image of `pixels` pixels a side, whose `tokens` image tokens sit between text tokens."""
+    return dict(input_ids=torch.tensor([[1, 5] + [image_token] * tokens + [9, 11]]),
+                pixel_values=torch.randn(1, 3, pixels, pixels, generator=torch.Generator().manual_seed(0)))
+
+
+def idefics3_prompt() -> dict:  # pixel values per prompt, per image
+    prompt = image_prompt(60, 4, 56)
+    return dict(prompt, pixel_values=prompt["pixel_values"][None])
+
+
+def llava_next_prompt() -> dict:
+    """An image of 28 x 56 pixels: its overview's 2 x 2 patches, then its two tiles' 2 x 4 patches with
+    image_newline after each row."""
+    return dict(input_ids=torch.tensor([[1, 5] + [60] * (4 + 2 * 5) + [9, 11]]), image_sizes=torch.tensor([[28, 56]]),
+                pixel_values=torch.randn(1, 3, 3, 28, 28, generator=torch.Generator().manual_seed(0)))
+
+
 # builder, model class, a prompt holding an image
 PROMPTS = {
     "llava": (build_llava, "LlavaForConditionalGeneration", llava_prompt),
@@ -444,7 +551,28 @@ PROMPTS = {
     "qwen3_5": (build_qwen3_5, "Qwen3_5ForConditionalGeneration", lambda: qwen_vl_prompt(16)),
     "qwen3_5_moe": (lambda path, seed: build_qwen3_5(path, seed, moe=True), "Qwen3_5MoeForConditionalGeneration",
                     lambda: qwen_vl_prompt(16)),
+    "llava_next": (build_llava_next, "LlavaNextForConditionalGeneration", llava_next_prompt),
+    "llava_next-nested": (lambda path, seed: build_llava_nested(path, seed, build_llava_next),
+                          "LlavaNextForConditionalGeneration", llava_next_prompt),
+    "llava_next_video": (WRAPPERS["llava_next_video"][0], "LlavaNextVideoForConditionalGeneration", llava_next_prompt),
+    "llava_onevision": (build_llava_onevision, "LlavaOnevisionForConditionalGeneration", llava_next_prompt),
+    "internvl": (build_internvl, "InternVLForConditionalGeneration", lambda: image_prompt(60, 4, 56)),
+    "paligemma": (build_paligemma, "PaliGemmaForConditionalGeneration", lambda: image_prompt(260, 4, 28)),
+    "llama4": (build_llama4, "Llama4ForConditionalGeneration", lambda: image_prompt(60, 4, 56)),
+    "idefics3": (build_idefics3, "Idefics3ForConditionalGeneration", idefics3_prompt),
+    "smolvlm": (WRAPPERS["smolvlm"][0], "SmolVLMForConditionalGeneration", idefics3_prompt),
 }
+
+
+def perturbed(path) -> str:
+    """The model at `path` with its gains and biases away from their 1 / 0 init."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    save_file({k: v * (1 + 0.3 * torch.randn(v.shape, generator=g)) + 0.1 * torch.randn(v.shape, generator=g)
+               if v.ndim == 1 else v for k, v in load_folder(path).items()}, f"{path}/model.safetensors",
+              metadata={"format": "pt"})
+    return path
 
 
 @pytest.mark.parametrize("wrapper", PROMPTS)
@@ -452,19 +580,46 @@ def test_a_rotation_by_the_roles_keeps_a_multimodal_models_function(wrapper, tmp
     """The language model's roles and the projector's write are all a turn of the stream needs: the
     logits of a prompt with an image stay (a missed projector would move them by percents)."""
     import transformers
-    from safetensors.torch import save_file
 
     build, model_class, prompt = PROMPTS[wrapper]
-    a = build(tmp_path / "a", 0)
-    g = torch.Generator().manual_seed(1)  # gains and biases away from their 1 / 0 init
-    save_file({k: v * (1 + 0.3 * torch.randn(v.shape, generator=g)) + 0.1 * torch.randn(v.shape, generator=g)
-               if v.ndim == 1 else v for k, v in load_folder(a).items()}, f"{a}/model.safetensors",
-              metadata={"format": "pt"})
+    a = perturbed(build(tmp_path / "a", 0))
     turned = rotated(a, tmp_path / "turned", random_orthogonal(32, 2).double())
     with torch.no_grad():
         expected, got = (getattr(transformers, model_class).from_pretrained(p).eval()(**prompt()).logits
                          for p in (a, turned))
     assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
+# builder, model class, pixel values: models whose language model no turn of its stream keeps (Gemma 3's
+# normalises its sublayers' outputs before the add, Cohere's norms are LayerNorms), but whose projector is
+# described all the same
+FEATURES = {
+    "gemma3": (build_gemma3, "Gemma3ForConditionalGeneration", lambda: torch.randn(1, 3, 28, 28)),
+    "aya_vision": (build_aya_vision, "AyaVisionForConditionalGeneration", lambda: torch.randn(1, 3, 56, 56)),
+    "cohere2_vision": (WRAPPERS["cohere2_vision"][0], "Cohere2VisionForConditionalGeneration",
+                       lambda: torch.randn(1, 3, 56, 56)),
+}
+
+
+@pytest.mark.parametrize("wrapper", FEATURES)
+def test_a_projector_writes_image_features_that_turn_with_the_stream(wrapper, tmp_path):
+    """The image features that take the image tokens' places in the stream, of a model turned by its roles,
+    are the model's turned: its projector is described right, whatever keeps its language model from turning."""
+    import json
+
+    import transformers
+
+    build, model_class, pixels = FEATURES[wrapper]
+    a = perturbed(build(tmp_path / "a", 0))
+    Q = random_orthogonal(32, 2).double()
+    turned = rotated(a, tmp_path / "turned", Q)
+    assert architectures.for_config(json.loads((Path(a) / "config.json").read_text()), tensor_names(a)).projected
+    torch.manual_seed(0)
+    x = pixels()
+    with torch.no_grad():
+        expected, got = (getattr(transformers, model_class).from_pretrained(p).eval().model.get_image_features(
+            x, return_dict=True).pooler_output.double() for p in (a, turned))
+    assert float((got - expected @ Q.T).norm() / expected.norm()) < 1e-5
 
 
 def test_a_projector_in_a_layout_its_description_does_not_know_is_not_turned(llavas):
@@ -536,12 +691,13 @@ def test_seme_merges_a_multimodal_model(llavas, tmp_path):
     assert not torch.equal(merged["multi_modal_projector.linear_2.weight"], inputs[0]["multi_modal_projector.linear_2.weight"])
 
 
-def test_seme_aligns_a_rotated_llava_back(llavas, tmp_path):
+@pytest.mark.parametrize("wrapper", ["llava", "llava_next"])
+def test_seme_aligns_a_rotated_llava_back(wrapper, tmp_path):
     """A Llava merged with its own turned copy: SeMe recovers the turn from the heads and turns the copy's
-    language model and projector back, so the merge is the model."""
+    language model and projector back (Llava-NeXT's image_newline with them), so the merge is the model."""
     import json
 
-    a = llavas[0]
+    a = WRAPPERS[wrapper][0](tmp_path / "a", 0)
     turned = rotated(a, tmp_path / "turned", random_orthogonal(32, 3).double())
     seme.merge({"merge_method": "seme", "base_model": a, "models": [{"model": turned}], "dtype": "float32"},
                str(tmp_path / "out"), progress=False)

@@ -198,11 +198,14 @@ def test_rotated_model_computes_the_same_function(trained):
 
 
 def test_each_role_turns_with_the_stream():
-    """h' = Q h: a reader's output stays, a writer's and a stream map's output turn with the stream."""
+    """h' = Q h: a reader's output stays, a writer's and a stream map's output turn with the stream, and a
+    vector in the stream (Llava-NeXT's image_newline) is read as it was."""
     Q, x = random_orthogonal(HIDDEN, 3), torch.randn(5, HIDDEN)
-    W = {"read": torch.randn(7, HIDDEN), "write": torch.randn(HIDDEN, 7), "stream_map": torch.randn(HIDDEN, HIDDEN)}
+    W = {"read": torch.randn(7, HIDDEN), "write": torch.randn(HIDDEN, 7), "stream_map": torch.randn(HIDDEN, HIDDEN),
+         "stream_vector": torch.randn(HIDDEN)}
     turned = {role: alignment.rotate(w, role, "out_in", Q, None, None) for role, w in W.items()}
     torch.testing.assert_close((x @ Q.T) @ turned["read"].T, x @ W["read"].T)
+    torch.testing.assert_close(turned["stream_vector"] @ turned["read"].T, W["stream_vector"] @ W["read"].T)
     h = torch.randn(5, 7)
     torch.testing.assert_close(h @ turned["write"].T, (h @ W["write"].T) @ Q.T)
     torch.testing.assert_close((x @ Q.T) @ turned["stream_map"].T, (x @ W["stream_map"].T) @ Q.T)

@@ -12,6 +12,8 @@ checkpoint tensor name, which role the tensor plays relative to the residual str
   read                                     a Linear whose input is the residual, normalised by its `norm`, or raw
                                            where it has none (q/k/v, gate/up, fused)
   write, write_bias                        a Linear whose output is added to the residual, and its bias
+  stream_vector                            [d]: a vector in the residual stream that no write adds (Llava-NeXT's
+                                           image_newline, which takes a token's place): turns as embeddings' rows
   write_norm                               a norm applied to a sublayer's output before the add (gemma2)
   stream_map                               a [d, d] Linear from the residual stream to the residual stream
                                            (gemma 3n's AltUp projections between its parallel streams)
@@ -63,7 +65,8 @@ from seme.errors import SemeError
 
 ROLES = frozenset({
     "embedding", "position_embedding", "lm_head", "lm_head_bias", "final_norm", "final_norm_bias",
-    "norm", "norm_bias", "read", "write", "write_bias", "write_norm", "stream_map", "inner", "buffer", "token_table",
+    "norm", "norm_bias", "read", "write", "write_bias", "write_norm", "stream_map", "stream_vector", "inner",
+    "buffer", "token_table",
 })
 VOCAB_ROLES = ("embedding", "lm_head", "lm_head_bias", "token_table")  # a row per token
 LAYOUTS = ("out_in", "in_out")
@@ -373,12 +376,13 @@ def for_config(config: dict, names=None) -> Architecture:
 # Where multimodal checkpoints keep their language model: the whole causal LM nested
 # (`language_model.model.layers`, `language_model.lm_head`: transformers 4's layout, and 5's when it
 # saves Llava or Gemma 3), its decoder nested beside a top-level head (`model.language_model.layers`,
-# `lm_head`: Qwen3-VL, Qwen3.5), or its decoder's own names (`model.layers` beside `visual`: Qwen2-VL).
-_NESTED_LM, _NESTED_DECODER = "language_model.", "model.language_model."
+# `lm_head`: Qwen3-VL, Qwen3.5; `model.text_model.layers`: Idefics3, SmolVLM), or its decoder's own names
+# (`model.layers` beside `visual`: Qwen2-VL).
+_NESTED_LM, _NESTED_DECODER, _TEXT_MODEL = "language_model.", "model.language_model.", "model.text_model."
 
 
 def _text_prefix(names) -> str:
-    for prefix in (_NESTED_DECODER, _NESTED_LM):
+    for prefix in (_NESTED_DECODER, _TEXT_MODEL, _NESTED_LM):
         if any(n.startswith(prefix) for n in names):
             return prefix
     return ""

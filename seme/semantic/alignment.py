@@ -62,7 +62,7 @@ def rotate(t: torch.Tensor, role: str, layout: str, Q: torch.Tensor, src_gain: t
 
     Readers absorb the source's norm gain, turn with Qᵀ and give the pivot's gain back
     (W ← W diag(g_src) Qᵀ diag(1/g_piv)); writers turn with Q (W ← Q W); maps from the stream to
-    the stream with both (W ← Q W Qᵀ); embeddings' rows turn with Q. Norm gains themselves are
+    the stream with both (W ← Q W Qᵀ); embeddings' rows, and vectors in the stream, turn with Q. Norm gains themselves are
     replaced by the pivot's by the caller.
     """
     Q = Q.to(torch.float32)
@@ -72,7 +72,7 @@ def rotate(t: torch.Tensor, role: str, layout: str, Q: torch.Tensor, src_gain: t
         w = t * src_gain if src_gain is not None else t
         w = w @ Q.T
         return w / piv_gain if piv_gain is not None else w
-    if role in ("embedding", "position_embedding"):
+    if role in ("embedding", "position_embedding", "stream_vector"):
         return t @ Q.T
     if role == "write":
         return Q @ t

@@ -26,7 +26,8 @@ _SIGNATURE_COLUMNS = 256
 # The drift report's cost grows with V x d (each signature is a [256, d] x [d, V] product): it is
 # computed unasked only up to this size, and always for `stabilize`, which needs it.
 _DRIFT_REPORT_ELEMENTS = 1 << 27
-ROTATED_ROLES = ("read", "lm_head", "embedding", "position_embedding", "write", "write_bias", "stream_map")
+ROTATED_ROLES = ("read", "lm_head", "embedding", "position_embedding", "write", "write_bias", "stream_map",
+                 "stream_vector")
 PIVOT_ROLES = ("norm", "final_norm")  # gains: an aligned source takes the pivot's (folded into its readers)
 
 
