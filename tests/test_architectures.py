@@ -199,6 +199,9 @@ FAMILIES = {
         o_lora_rank=8, index_n_heads=2, index_head_dim=8, index_topk=4, sliding_window=8,
         layer_types=["compressed_sparse_attention", "heavily_compressed_attention"], mlp_layer_types=["hash_moe", "moe"],
         compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4})),
+    # DeepSeek-V3.2's layout; the second layer reuses the first's indexer choice
+    "deepseek_v3:glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", dict(
+        MLA, n_group=1, topk_group=1, index_n_heads=4, index_head_dim=8, index_topk=4, indexer_types=["full", "shared"])),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -207,7 +210,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
        "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe"}
-MOE |= {"deepseek_v4"}  # batch A
+MOE |= {"deepseek_v4", "deepseek_v3:glm_moe_dsa"}  # batch A
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
