@@ -207,6 +207,11 @@ FAMILIES = {
         MLA, q_lora_rank=None, num_experts=4, num_experts_per_token=2, linear_head_dim=8, linear_num_heads=4,
         layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "sparse"], pad_token_id=0,
         bos_token_id=1, eos_token_id=2)),
+    # a sliding-window layer with attention sinks and a dense MLP, then a full attention layer with experts
+    "glm4_moe:mimo_v2_flash": ("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", dict(
+        DECODER, head_dim=8, v_head_dim=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["dense", "sparse"], sliding_window=4,
+        pad_token_id=0)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -215,7 +220,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
        "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe"}
-MOE |= {"deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear"}  # batch A
+MOE |= {"deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash"}  # batch A
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -272,6 +277,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("gemma4", {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 16}),
 ] + [  # batch A
     ("kimi_linear", {"q_lora_rank": 16, "attention_bias": True}),
+    ("glm4_moe:mimo_v2_flash", {"attention_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
