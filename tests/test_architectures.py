@@ -212,6 +212,12 @@ FAMILIES = {
         DECODER, head_dim=8, v_head_dim=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
         layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["dense", "sparse"], sliding_window=4,
         pad_token_id=0)),
+    # two attention and two MLP sublayers per layer, and a shortcut mixture of experts with identity experts
+    "longcat_flash": ("LongcatFlashConfig", "LongcatFlashForCausalLM", dict(
+        hidden_size=32, ffn_hidden_size=64, num_layers=2, num_attention_heads=4, vocab_size=128, q_lora_rank=16,
+        kv_lora_rank=16, qk_nope_head_dim=4, qk_rope_head_dim=4, head_dim=4, v_head_dim=8, n_routed_experts=4,
+        zero_expert_num=2,
+        moe_topk=2, expert_ffn_hidden_size=16, pad_token_id=0)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -220,7 +226,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
        "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe"}
-MOE |= {"deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash"}  # batch A
+MOE |= {"deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash", "longcat_flash"}  # batch A
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -278,6 +284,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
 ] + [  # batch A
     ("kimi_linear", {"q_lora_rank": 16, "attention_bias": True}),
     ("glm4_moe:mimo_v2_flash", {"attention_bias": True}),
+    ("longcat_flash", {"attention_bias": True, "router_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
@@ -411,7 +418,7 @@ def test_norm_feeds_read(saved, case):
 
     def hook(name):
         def record(_, args, kwargs, output):  # gpt-oss calls its attention with keywords only
-            inputs[name], outputs[name] = args[0] if args else kwargs["hidden_states"], output
+            inputs[name], outputs[name] = args[0] if args else kwargs.get("hidden_states"), output
         return record
 
     layers = {layer_module(arch.role(n)) for n in shapes if arch.role(n).layer is not None}
@@ -421,7 +428,11 @@ def test_norm_feeds_read(saved, case):
         return {".".join(parts[:i]) for i in range(layer.count(".") + 2, len(parts) + 1)}
 
     writes = {n: blocks(n) for n in shapes if arch.role(n).role == "write"}
-    watched = [m for m in {module(n) for n in shapes} | layers | set().union(*writes.values()) if m in modules]
+    # a read's parent too: where the parent applies the read's weight without calling its module (LongCat-Flash's
+    # router.classifier), the read's input is the parent's
+    parents = {module(n).rsplit(".", 1)[0] for n in shapes if arch.role(n).role == "read"}
+    watched = [m for m in {module(n) for n in shapes} | layers | parents | set().union(*writes.values())
+               if m in modules]
     handles = [modules[m].register_forward_hook(hook(m), with_kwargs=True) for m in watched]
     with torch.no_grad():
         model(torch.arange(8).unsqueeze(0))
@@ -451,7 +462,8 @@ def test_norm_feeds_read(saved, case):
         if r.role == "read" and r.norm is None:
             assert on_stream(inputs[module(name)], r), name
         elif r.role == "read":
-            x, y = inputs[module(name)], outputs.get(module(r.norm))  # the same tensor, or a view of it (a router's)
+            x = inputs.get(module(name), inputs.get(module(name).rsplit(".", 1)[0]))
+            y = outputs.get(module(r.norm))  # the same tensor, or a view of it (a router's)
             if same(x, y):
                 continue
             if torch.is_tensor(y) and x.shape == y.shape and torch.allclose(x, y * (x.norm() / y.norm())):
