@@ -218,6 +218,10 @@ FAMILIES = {
         kv_lora_rank=16, qk_nope_head_dim=4, qk_rope_head_dim=4, head_dim=4, v_head_dim=8, n_routed_experts=4,
         zero_expert_num=2,
         moe_topk=2, expert_ffn_hidden_size=16, pad_token_id=0)),
+    # a dense MLP, then experts beside a shared expert (named as Hy3 names them)
+    "glm4_moe:hy_v3": ("HYV3Config", "HYV3ForCausalLM", dict(
+        DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        mlp_layer_types=["dense", "sparse"], pad_token_id=0)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -226,7 +230,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
        "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe"}
-MOE |= {"deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash", "longcat_flash"}  # batch A
+MOE |= {"deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash", "longcat_flash", "glm4_moe:hy_v3"}  # batch A
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -285,6 +289,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("kimi_linear", {"q_lora_rank": 16, "attention_bias": True}),
     ("glm4_moe:mimo_v2_flash", {"attention_bias": True}),
     ("longcat_flash", {"attention_bias": True, "router_bias": True}),
+    ("glm4_moe:hy_v3", {"attention_bias": True, "mlp_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
