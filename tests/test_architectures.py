@@ -222,6 +222,12 @@ FAMILIES = {
     "glm4_moe:hy_v3": ("HYV3Config", "HYV3ForCausalLM", dict(
         DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
         mlp_layer_types=["dense", "sparse"], pad_token_id=0)),
+    # hyper-connections over two streams; GLM-5's attention, gated; the second layer reuses the first's indexer choice
+    "hy_v4": ("HYV4Config", "HYV4ForCausalLM", dict(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=128, n_routed_experts=4, num_experts_per_tok=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=4,
+        qk_rope_head_dim=4, v_head_dim=8, index_topk=4, index_head_dim=8, index_n_heads=2,
+        indexer_types=["full", "shared"], hc_mult=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -230,7 +236,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
        "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe"}
-MOE |= {"deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash", "longcat_flash", "glm4_moe:hy_v3"}  # batch A
+MOE |= {"deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash", "longcat_flash", "glm4_moe:hy_v3", "hy_v4"}  # batch A
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
