@@ -228,6 +228,11 @@ FAMILIES = {
         vocab_size=128, n_routed_experts=4, num_experts_per_tok=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=4,
         qk_rope_head_dim=4, v_head_dim=8, index_topk=4, index_head_dim=8, index_n_heads=2,
         indexer_types=["full", "shared"], hc_mult=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # a sliding-window layer with a dense MLP, then a full attention layer with experts; gated heads
+    "glm4_moe:laguna": ("LagunaConfig", "LagunaForCausalLM", dict(
+        DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, mlp_layer_types=["dense", "sparse"],
+        layer_types=["sliding_attention", "full_attention"], sliding_window=4, pad_token_id=0)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -236,7 +241,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
        "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe"}
-MOE |= {"deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash", "longcat_flash", "glm4_moe:hy_v3", "hy_v4"}  # batch A
+MOE |= {"deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash", "longcat_flash", "glm4_moe:hy_v3", "hy_v4", "glm4_moe:laguna"}  # batch A
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -296,6 +301,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("glm4_moe:mimo_v2_flash", {"attention_bias": True}),
     ("longcat_flash", {"attention_bias": True, "router_bias": True}),
     ("glm4_moe:hy_v3", {"attention_bias": True, "mlp_bias": True}),
+    ("glm4_moe:laguna", {"attention_bias": True, "gating": "per-channel", "num_attention_heads_per_layer": [4, 8]}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
