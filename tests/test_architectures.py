@@ -190,6 +190,49 @@ FAMILIES = {
                                                                   eos_token_id=2)),
     "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128,
                                                                       n_positions=64)),
+    # batch A: frontier MoE and attention variants
+    # hyper-connections over two streams; a compressed sparse (indexer) and a heavily compressed attention layer, the
+    # first hash-routed
+    "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM", dict(
+        hidden_size=32, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
+        q_lora_rank=16, vocab_size=128, n_routed_experts=4, num_experts_per_tok=2, hc_mult=2, o_groups=2,
+        o_lora_rank=8, index_n_heads=2, index_head_dim=8, index_topk=4, sliding_window=8,
+        layer_types=["compressed_sparse_attention", "heavily_compressed_attention"], mlp_layer_types=["hash_moe", "moe"],
+        compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4})),
+    # DeepSeek-V3.2's layout; the second layer reuses the first's indexer choice
+    "deepseek_v3:glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", dict(
+        MLA, n_group=1, topk_group=1, index_n_heads=4, index_head_dim=8, index_topk=4, indexer_types=["full", "shared"])),
+    # Kimi Delta Attention beside latent attention; a dense MLP, then experts
+    "kimi_linear": ("KimiLinearConfig", "KimiLinearForCausalLM", dict(
+        MLA, q_lora_rank=None, num_experts=4, num_experts_per_token=2, linear_head_dim=8, linear_num_heads=4,
+        layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "sparse"], pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)),
+    # a sliding-window layer with attention sinks and a dense MLP, then a full attention layer with experts
+    "glm4_moe:mimo_v2_flash": ("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", dict(
+        DECODER, head_dim=8, v_head_dim=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["dense", "sparse"], sliding_window=4,
+        pad_token_id=0)),
+    # two attention and two MLP sublayers per layer, and a shortcut mixture of experts with identity experts
+    "longcat_flash": ("LongcatFlashConfig", "LongcatFlashForCausalLM", dict(
+        hidden_size=32, ffn_hidden_size=64, num_layers=2, num_attention_heads=4, vocab_size=128, q_lora_rank=16,
+        kv_lora_rank=16, qk_nope_head_dim=4, qk_rope_head_dim=4, head_dim=4, v_head_dim=8, n_routed_experts=4,
+        zero_expert_num=2,
+        moe_topk=2, expert_ffn_hidden_size=16, pad_token_id=0)),
+    # a dense MLP, then experts beside a shared expert (named as Hy3 names them)
+    "glm4_moe:hy_v3": ("HYV3Config", "HYV3ForCausalLM", dict(
+        DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        mlp_layer_types=["dense", "sparse"], pad_token_id=0)),
+    # hyper-connections over two streams; GLM-5's attention, gated; the second layer reuses the first's indexer choice
+    "hy_v4": ("HYV4Config", "HYV4ForCausalLM", dict(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=128, n_routed_experts=4, num_experts_per_tok=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=4,
+        qk_rope_head_dim=4, v_head_dim=8, index_topk=4, index_head_dim=8, index_n_heads=2,
+        indexer_types=["full", "shared"], hc_mult=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # a sliding-window layer with a dense MLP, then a full attention layer with experts; gated heads
+    "glm4_moe:laguna": ("LagunaConfig", "LagunaForCausalLM", dict(
+        DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, mlp_layer_types=["dense", "sparse"],
+        layer_types=["sliding_attention", "full_attention"], sliding_window=4, pad_token_id=0)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -198,6 +241,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
        "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe"}
+MOE |= {"deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash", "longcat_flash", "glm4_moe:hy_v3", "hy_v4", "glm4_moe:laguna"}  # batch A
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -252,6 +296,12 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("gemma4", {"attention_k_eq_v": True, "num_global_key_value_heads": 1}),  # full attention: keys are values (31B)
     # a mixture of experts beside each dense MLP (26B-A4B)
     ("gemma4", {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 16}),
+] + [  # batch A
+    ("kimi_linear", {"q_lora_rank": 16, "attention_bias": True}),
+    ("glm4_moe:mimo_v2_flash", {"attention_bias": True}),
+    ("longcat_flash", {"attention_bias": True, "router_bias": True}),
+    ("glm4_moe:hy_v3", {"attention_bias": True, "mlp_bias": True}),
+    ("glm4_moe:laguna", {"attention_bias": True, "gating": "per-channel", "num_attention_heads_per_layer": [4, 8]}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
@@ -385,7 +435,7 @@ def test_norm_feeds_read(saved, case):
 
     def hook(name):
         def record(_, args, kwargs, output):  # gpt-oss calls its attention with keywords only
-            inputs[name], outputs[name] = args[0] if args else kwargs["hidden_states"], output
+            inputs[name], outputs[name] = args[0] if args else kwargs.get("hidden_states"), output
         return record
 
     layers = {layer_module(arch.role(n)) for n in shapes if arch.role(n).layer is not None}
@@ -395,7 +445,11 @@ def test_norm_feeds_read(saved, case):
         return {".".join(parts[:i]) for i in range(layer.count(".") + 2, len(parts) + 1)}
 
     writes = {n: blocks(n) for n in shapes if arch.role(n).role == "write"}
-    watched = [m for m in {module(n) for n in shapes} | layers | set().union(*writes.values()) if m in modules]
+    # a read's parent too: where the parent applies the read's weight without calling its module (LongCat-Flash's
+    # router.classifier), the read's input is the parent's
+    parents = {module(n).rsplit(".", 1)[0] for n in shapes if arch.role(n).role == "read"}
+    watched = [m for m in {module(n) for n in shapes} | layers | parents | set().union(*writes.values())
+               if m in modules]
     handles = [modules[m].register_forward_hook(hook(m), with_kwargs=True) for m in watched]
     with torch.no_grad():
         model(torch.arange(8).unsqueeze(0))
@@ -425,7 +479,8 @@ def test_norm_feeds_read(saved, case):
         if r.role == "read" and r.norm is None:
             assert on_stream(inputs[module(name)], r), name
         elif r.role == "read":
-            x, y = inputs[module(name)], outputs.get(module(r.norm))  # the same tensor, or a view of it (a router's)
+            x = inputs.get(module(name), inputs.get(module(name).rsplit(".", 1)[0]))
+            y = outputs.get(module(r.norm))  # the same tensor, or a view of it (a router's)
             if same(x, y):
                 continue
             if torch.is_tensor(y) and x.shape == y.shape and torch.allclose(x, y * (x.norm() / y.norm())):
