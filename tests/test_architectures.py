@@ -190,6 +190,9 @@ FAMILIES = {
                                                                   eos_token_id=2)),
     "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128,
                                                                       n_positions=64)),
+    # batch B: dense and hybrid families
+    # non-parametric LayerNorms: checkpoints store no norm
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(DECODER, pad_token_id=0)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -252,6 +255,8 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("gemma4", {"attention_k_eq_v": True, "num_global_key_value_heads": 1}),  # full attention: keys are values (31B)
     # a mixture of experts beside each dense MLP (26B-A4B)
     ("gemma4", {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 16}),
+    # batch B: dense and hybrid families
+    ("olmo", {"attention_bias": True, "clip_qkv": 0.5}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
@@ -409,21 +414,26 @@ def test_norm_feeds_read(saved, case):
         return (sum(chosen[1:], chosen[0]) for k in range(least, len(tensors) + 1)
                 for chosen in itertools.combinations(tensors, k))
 
-    def on_stream(x, r) -> bool:
-        """x is the residual stream where r reads it: before the layers the embeddings, in a layer its
-        input plus some of what its sublayers added (their write_norms' outputs)."""
+    def on_stream(x, r, normalise=lambda t: t) -> bool:
+        """x is the residual stream where r reads it (normalised, where given how): before the layers the
+        embeddings, in a layer its input plus some of what its sublayers added (their write_norms' outputs,
+        or, where the norms have no gains to tell them by, their writes')."""
         if r.layer is None:
             return any(same(x, outputs[module(n)]) for n in shapes if arch.role(n).role == "embedding")
         stream = inputs[layer_module(r)]
-        added = [outputs[module(n)] for n in shapes
-                 if arch.role(n).role == "write_norm" and arch.role(n).layer == r.layer]
+        added = [outputs[module(n)] for n in shapes if arch.role(n).layer == r.layer and (
+            arch.role(n).role == "write_norm" or arch.gainless_norms and arch.role(n).role == "write")]
         candidates = itertools.chain([stream], (stream + a for a in sums(added, 1)))
-        return any(torch.allclose(x.reshape(stream.shape), c) for c in candidates)
+        return any(torch.allclose(x.reshape(stream.shape), normalise(c)) for c in candidates)
+
+    def weightless_norm(t):  # the norm of a family whose norms have no gains (OLMo 1's LayerNorm)
+        normalise = torch.nn.functional.layer_norm if arch.norm_type == "layer_norm" else torch.nn.functional.rms_norm
+        return normalise(t, t.shape[-1:], eps=1e-5)
 
     for name in (n for n in shapes if module(n) in modules):  # experts are fused in memory: no module each
         r = arch.role(name)
         if r.role == "read" and r.norm is None:
-            assert on_stream(inputs[module(name)], r), name
+            assert on_stream(inputs[module(name)], r, weightless_norm if arch.gainless_norms else lambda t: t), name
         elif r.role == "read":
             x, y = inputs[module(name)], outputs.get(module(r.norm))  # the same tensor, or a view of it (a router's)
             if same(x, y):
@@ -569,6 +579,15 @@ def test_nemotron_h_depth_and_latent_experts():
     latent = for_config(dict(nemotron, moe_latent_size=1024))
     assert (latent.label, latent.role(expert).role) == ("nemotron_h", "inner")
     assert latent.role("backbone.layers.3.mixer.fc1_latent_proj.weight").norm == "backbone.layers.3.norm.weight"
+
+
+def test_gainless_norms():
+    """OLMo 1's LayerNorms have no weights: its reads have no gain to fold, and what keeps it from being turned
+    is that the norms subtract the mean (test_norm_feeds_read checks that its reads read the normalised stream)."""
+    olmo = for_config({"architectures": ["OlmoForCausalLM"], "model_type": "olmo"})
+    assert olmo.gainless_norms and not for_config({"model_type": "olmo2"}).gainless_norms
+    assert olmo.role("model.layers.0.mlp.up_proj.weight").norm is None
+    assert olmo.rotation_obstacles() == ["its norms are LayerNorms, which subtract the mean"]
 
 
 def test_a_table_is_checked_when_loaded():

@@ -25,6 +25,8 @@ Norm gains are effective as ``norm_gain_offset + w`` (1.0 for gemma's ``(1 + w)`
 rotation of the residual stream does not commute with them). ``normed_residual`` marks a family
 whose sublayers carry their norm's output on as the residual (post-LN, MiniMax-Text-01): the
 gains then scale the stream itself, and a rotation of it does not commute with them either.
+``gainless_norms`` marks a family whose norms have no weights (OLMo 1's non-parametric LayerNorm):
+its reads have no ``norm`` to fold, yet read the normalised stream, not the raw one.
 ``rotation_obstacles`` names what keeps a family from being turned. A template may hold
 ``{expert}`` (a mixture of experts' per-expert tensors) or ``{head}`` (per-head norms) after
 ``{layer}``: the role is the same for every index, and the concrete template keeps it. A tensor
@@ -113,6 +115,7 @@ class Architecture:
     norm_gain_offset: float = 0.0
     norm_type: str = "rms_norm"
     normed_residual: bool = False
+    gainless_norms: bool = False  # norms without weights: a read without a `norm` still reads the normalised stream
     base_prefix: str = ""
     unloaded: tuple[str, ...] = ()
     notes: str = ""
@@ -275,7 +278,7 @@ def _parse(data: dict) -> Architecture:
         num_layers_keys=_keys(data["num_layers_key"]), hidden_size_keys=_keys(data["hidden_size_key"]),
         tie_key=data["tie_key"], tied_default=data["tied_default"],
         norm_gain_offset=float(data["norm_gain_offset"]), norm_type=norm_type,
-        normed_residual=data.get("normed_residual", False),
+        normed_residual=data.get("normed_residual", False), gainless_norms=data.get("gainless_norms", False),
         base_prefix=data.get("base_prefix", ""), unloaded=tuple(data.get("unloaded", ())), notes=data.get("notes", ""),
         unrotatable=data.get("unrotatable", ""),
     )
