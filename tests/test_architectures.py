@@ -14,6 +14,8 @@ from seme.architectures import for_config, known_architectures
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
+from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: E402
+from transformers.core_model_loading import WeightRenaming, apply_renamings  # noqa: E402
 
 DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, vocab_size=128)
@@ -193,6 +195,9 @@ FAMILIES = {
     # batch B: dense and hybrid families
     # non-parametric LayerNorms: checkpoints store no norm
     "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(DECODER, pad_token_id=0)),
+    # pre-norm Gated DeltaNet layers beside post-norm attention layers: a norm's role follows its layer's kind
+    "olmo_hybrid": ("OlmoHybridConfig", "OlmoHybridForCausalLM", dict(
+        GATED_DELTA_NET, layer_types=["linear_attention", "full_attention"])),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -200,7 +205,8 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "granitemoe:granitemoeshared", "granitemoe:granitemoehybrid", "deepseek_v3:glm4_moe_lite",
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
-       "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe"}
+       "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe",
+       "olmo_hybrid"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -257,6 +263,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("gemma4", {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 16}),
     # batch B: dense and hybrid families
     ("olmo", {"attention_bias": True, "clip_qkv": 0.5}),
+    ("olmo_hybrid", {"layer_types": ["full_attention", "linear_attention"], "attention_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
@@ -353,16 +360,16 @@ def test_checkpoint_roles(saved, case):
     assert tied == model.config.tie_word_embeddings
     experts = range(next((config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
                           if config.get(k)), 0))
-    for template, spec in arch.tensors.items():
-        if spec.optional or (tied and spec.role == "lm_head"):
-            continue
-        layers = range(arch.num_layers(config)) if "{layer}" in template else [None]
-        for i in layers:
+    for template in set(arch.tensors).union(*arch.kind_tensors.values()):  # each layer's, as its kind says
+        for i in range(arch.num_layers(config)) if "{layer}" in template else [None]:
+            spec = arch.spec(template, i)
+            if spec is None or spec.optional or (tied and spec.role == "lm_head"):
+                continue
             name = arch.layer_name(template, i) if i is not None else template
             for e in experts if "{expert}" in template else [None]:
                 assert (name if e is None else name.replace("{expert}", str(e))) in shapes, template
-        if spec.tied_to:
-            assert spec.tied_to in shapes
+            if spec.tied_to:
+                assert spec.tied_to in shapes
 
     # The in-memory state dict (which keeps a tied lm_head) is fully classified as well, where it
     # names tensors as checkpoints do (not a mixture of experts' fused ones).
@@ -381,9 +388,16 @@ def test_norm_feeds_read(saved, case):
     modules = dict(model.named_modules())
     # where memory names the base model otherwise (nemotron_h's backbone is model there)
     renamed = arch.base_prefix and arch.base_prefix[:-1] not in modules
-    in_memory = lambda name: model.base_model_prefix + "." + name[len(arch.base_prefix):] \
-        if renamed and name.startswith(arch.base_prefix) else name
-    module = lambda tensor_name: in_memory(tensor_name.rsplit(".", 1)[0])
+    parameters = dict(model.named_parameters())
+    # where transformers renames a checkpoint's tensors when it loads them (OLMo Hybrid's norms)
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+
+    def in_memory(name):
+        if renamed and name.startswith(arch.base_prefix):
+            name = model.base_model_prefix + "." + name[len(arch.base_prefix):]
+        return name if name in modules or name in parameters else apply_renamings(name, renamings)
+
+    module = lambda tensor_name: in_memory(tensor_name).rsplit(".", 1)[0]
     layer_module = lambda r: in_memory(r.template[:r.template.index(".", r.template.index("{layer}"))].replace(
         "{layer}", str(r.layer)))
     inputs, outputs = {}, {}
@@ -440,7 +454,7 @@ def test_norm_feeds_read(saved, case):
                 continue
             if torch.is_tensor(y) and x.shape == y.shape and torch.allclose(x, y * (x.norm() / y.norm())):
                 continue  # or it times a constant (gemma 3n's router_input_scale)
-            gain = arch.norm_gain_offset + model.get_parameter(r.norm)
+            gain = arch.norm_gain_offset + model.get_parameter(in_memory(r.norm))
             if y is None:  # a gain whose module applies it without being called (gemma 3n's altup.correct_output_scale,
                 # on the active stream that the layer outputs)
                 assert any(torch.allclose(x, stream * gain) for stream in outputs[layer_module(r)]), name
@@ -579,6 +593,21 @@ def test_nemotron_h_depth_and_latent_experts():
     latent = for_config(dict(nemotron, moe_latent_size=1024))
     assert (latent.label, latent.role(expert).role) == ("nemotron_h", "inner")
     assert latent.role("backbone.layers.3.mixer.fc1_latent_proj.weight").norm == "backbone.layers.3.norm.weight"
+
+
+def test_a_norm_takes_its_layer_kinds_role():
+    """OLMo Hybrid's feedforward_layer_norm feeds the MLP in a linear-attention layer, but normalises the
+    attention's output in a full-attention one: the config's layer_types choose each layer's roles."""
+    config = {"architectures": ["OlmoHybridForCausalLM"], "layer_types": ["linear_attention", "full_attention"]}
+    arch = for_config(config)
+    assert arch.kinds == ("linear_attention", "full_attention") and arch is for_config(dict(config))
+    assert arch.role("model.layers.0.feedforward_layer_norm.weight").role == "norm"
+    assert arch.role("model.layers.0.mlp.up_proj.weight").norm == "model.layers.0.feedforward_layer_norm.weight"
+    assert arch.role("model.layers.1.feedforward_layer_norm.weight").role == "write_norm"
+    assert arch.role("model.layers.1.mlp.up_proj.weight").norm is None
+    assert arch.role("model.layers.1.linear_attn.q_proj.weight") is None  # dropped by the kind
+    assert arch.role("model.layers.0.self_attn.q_proj.weight") is None
+    assert "its sublayer outputs are normalised before the residual add" in arch.rotation_obstacles()
 
 
 def test_gainless_norms():
