@@ -198,6 +198,10 @@ FAMILIES = {
     # pre-norm Gated DeltaNet layers beside post-norm attention layers: a norm's role follows its layer's kind
     "olmo_hybrid": ("OlmoHybridConfig", "OlmoHybridForCausalLM", dict(
         GATED_DELTA_NET, layer_types=["linear_attention", "full_attention"])),
+    # without its sandwich norms (see CASES), so that the turn checks the attention's gate
+    "lfm2:lfm3": ("Lfm3Config", "Lfm3ForCausalLM", dict(DECODER, head_dim=8, layer_types=["conv", "sliding_attention"],
+                                                       use_sandwich_norm=False, pad_token_id=0, bos_token_id=1,
+                                                       eos_token_id=2)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -206,7 +210,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
        "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe",
-       "olmo_hybrid"}
+       "olmo_hybrid", "lfm2:lfm3"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -264,6 +268,9 @@ CASES = [(f, {}) for f in FAMILIES] + [
     # batch B: dense and hybrid families
     ("olmo", {"attention_bias": True, "clip_qkv": 0.5}),
     ("olmo_hybrid", {"layer_types": ["full_attention", "linear_attention"], "attention_bias": True}),
+    ("lfm2:lfm3", {"use_sandwich_norm": True}),
+    ("lfm2:lfm3", {"use_attention_gate": False, "attention_bias": True, "conv_bias": True,
+                   "layer_types": ["full_attention", "conv"]}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
