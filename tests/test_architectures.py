@@ -202,6 +202,9 @@ FAMILIES = {
     "lfm2:lfm3": ("Lfm3Config", "Lfm3ForCausalLM", dict(DECODER, head_dim=8, layer_types=["conv", "sliding_attention"],
                                                        use_sandwich_norm=False, pad_token_id=0, bos_token_id=1,
                                                        eos_token_id=2)),
+    # llama's model for configs of their own
+    "llama:internlm3": ("InternLM3Config", "LlamaForCausalLM", dict(DECODER, head_dim=8)),
+    "llama:iquestcoder": ("IQuestCoderConfig", "LlamaForCausalLM", dict(DECODER, head_dim=8)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -271,6 +274,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("lfm2:lfm3", {"use_sandwich_norm": True}),
     ("lfm2:lfm3", {"use_attention_gate": False, "attention_bias": True, "conv_bias": True,
                    "layer_types": ["full_attention", "conv"]}),
+    ("llama:internlm3", {"qkv_bias": True, "bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
