@@ -205,6 +205,9 @@ FAMILIES = {
     # llama's model for configs of their own
     "llama:internlm3": ("InternLM3Config", "LlamaForCausalLM", dict(DECODER, head_dim=8)),
     "llama:iquestcoder": ("IQuestCoderConfig", "LlamaForCausalLM", dict(DECODER, head_dim=8)),
+    # DeepSeek-V2's latent attention, a dense MLP in every layer, muP-like scalars away from 1
+    "deepseek_v2:minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM", dict(
+        MLA, scale_emb=3.0, scale_depth=2.0, dim_model_base=8)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -275,6 +278,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("lfm2:lfm3", {"use_attention_gate": False, "attention_bias": True, "conv_bias": True,
                    "layer_types": ["full_attention", "conv"]}),
     ("llama:internlm3", {"qkv_bias": True, "bias": True}),
+    ("deepseek_v2:minicpm3", {"q_lora_rank": None, "attention_bias": True, "mlp_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
