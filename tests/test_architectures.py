@@ -208,6 +208,8 @@ FAMILIES = {
     # DeepSeek-V2's latent attention, a dense MLP in every layer, muP-like scalars away from 1
     "deepseek_v2:minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM", dict(
         MLA, scale_emb=3.0, scale_depth=2.0, dim_model_base=8)),
+    "glm4_moe:solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(
+        DECODER, head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -216,7 +218,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
        "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe",
-       "olmo_hybrid", "lfm2:lfm3"}
+       "olmo_hybrid", "lfm2:lfm3", "glm4_moe:solar_open"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -279,6 +281,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
                    "layer_types": ["full_attention", "conv"]}),
     ("llama:internlm3", {"qkv_bias": True, "bias": True}),
     ("deepseek_v2:minicpm3", {"q_lora_rank": None, "attention_bias": True, "mlp_bias": True}),
+    ("glm4_moe:solar_open", {"attention_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
