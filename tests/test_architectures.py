@@ -208,6 +208,7 @@ FAMILIES = {
     # DeepSeek-V2's latent attention, a dense MLP in every layer, muP-like scalars away from 1
     "deepseek_v2:minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM", dict(
         MLA, scale_emb=3.0, scale_depth=2.0, dim_model_base=8)),
+    "deepseek_v2:youtu": ("YoutuConfig", "YoutuForCausalLM", MLA),
     "glm4_moe:solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(
         DECODER, head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)),
 }
@@ -282,6 +283,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("llama:internlm3", {"qkv_bias": True, "bias": True}),
     ("deepseek_v2:minicpm3", {"q_lora_rank": None, "attention_bias": True, "mlp_bias": True}),
     ("glm4_moe:solar_open", {"attention_bias": True}),
+    ("deepseek_v2:youtu", {"q_lora_rank": None, "attention_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
