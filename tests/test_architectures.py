@@ -209,6 +209,9 @@ FAMILIES = {
     "deepseek_v2:minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM", dict(
         MLA, scale_emb=3.0, scale_depth=2.0, dim_model_base=8)),
     "deepseek_v2:youtu": ("YoutuConfig", "YoutuForCausalLM", MLA),
+    # convolutional attention, one expert per token, and a residual stream scaled channel by channel
+    "zaya": ("ZayaConfig", "ZayaForCausalLM", dict(DECODER, head_dim=8, num_experts=4, num_experts_per_tok=1,
+                                                   moe_intermediate_size=16, router_hidden_size=16)),
     "glm4_moe:solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(
         DECODER, head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)),
 }
@@ -284,9 +287,12 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("deepseek_v2:minicpm3", {"q_lora_rank": None, "attention_bias": True, "mlp_bias": True}),
     ("glm4_moe:solar_open", {"attention_bias": True}),
     ("deepseek_v2:youtu", {"q_lora_rank": None, "attention_bias": True}),
+    ("zaya", {"attention_bias": True, "lm_head_bias": True, "tie_word_embeddings": False,
+              "layer_types": ["hybrid_sliding", "hybrid"], "sliding_window": 4}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
-VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
+VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
+                "stream_gain"}
 
 
 def family_of(key: str) -> str:
@@ -423,8 +429,8 @@ def test_norm_feeds_read(saved, case):
     inputs, outputs = {}, {}
 
     def hook(name):
-        def record(_, args, kwargs, output):  # gpt-oss calls its attention with keywords only
-            inputs[name], outputs[name] = args[0] if args else kwargs["hidden_states"], output
+        def record(_, args, kwargs, output):  # gpt-oss calls its attention with keywords only (the model: ids)
+            inputs[name], outputs[name] = args[0] if args else kwargs.get("hidden_states"), output
         return record
 
     layers = {layer_module(arch.role(n)) for n in shapes if arch.role(n).layer is not None}
@@ -550,11 +556,12 @@ def test_known_architectures():
     assert set(known_architectures()) == {family_of(f) for f in FAMILIES}
 
 
-@pytest.mark.parametrize("family", ["cohere", "minimax"])
+@pytest.mark.parametrize("family", ["cohere", "minimax", "zaya"])
 def test_a_family_with_rotation_obstacles_is_not_rotation_invariant(family, tmp_path):
-    """Why norm_type and normed_residual matter: cohere's LayerNorms have no bias, so no role says they
-    subtract the mean; MiniMax's sublayers carry their norm's output on as the residual, so the gains
-    scale the stream. The turn by either role table changes the function."""
+    """Why norm_type, normed_residual and stream_gain matter: cohere's LayerNorms have no bias, so no role
+    says they subtract the mean; MiniMax's sublayers carry their norm's output on as the residual, so the
+    gains scale the stream; ZAYA scales its stream channel by channel. The turn by each role table changes
+    the function."""
     assert role_table(family).rotation_obstacles()
     assert rotation_error(family, tmp_path) > 1e-2
 

@@ -15,6 +15,9 @@ checkpoint tensor name, which role the tensor plays relative to the residual str
   stream_vector                            [d]: a vector in the residual stream that no write adds (Llava-NeXT's
                                            image_newline, which takes a token's place): turns as embeddings' rows
   write_norm                               a norm applied to a sublayer's output before the add (gemma2)
+  stream_gain                              [d]: a gain that multiplies the residual stream, or a sublayer's output
+                                           before the add, channel by channel (ZAYA's residual scaling): no turn
+                                           of the stream commutes with it
   stream_map                               a [d, d] Linear from the residual stream to the residual stream
                                            (gemma 3n's AltUp projections between its parallel streams)
   inner                                    anything else (biases of read projections, per-head q/k norms)
@@ -72,7 +75,7 @@ from seme.errors import SemeError
 ROLES = frozenset({
     "embedding", "position_embedding", "lm_head", "lm_head_bias", "final_norm", "final_norm_bias",
     "norm", "norm_bias", "read", "write", "write_bias", "write_norm", "stream_map", "stream_vector", "inner",
-    "buffer", "token_table",
+    "buffer", "token_table", "stream_gain",
 })
 VOCAB_ROLES = ("embedding", "lm_head", "lm_head_bias", "token_table")  # a row per token
 LAYOUTS = ("out_in", "in_out")
@@ -184,6 +187,8 @@ class Architecture:
         overlays = (s for overlay in self.kind_tensors.values() for s in overlay.values() if s is not None)
         if any(s.role == "write_norm" for s in (*self.tensors.values(), *overlays)):
             why.append("its sublayer outputs are normalised before the residual add")
+        if any(s.role == "stream_gain" for s in self.tensors.values()):
+            why.append("its residual stream is scaled channel by channel")
         if self.unrotatable:
             why.append(self.unrotatable)
         if self.settings_key and not self.projected:
