@@ -205,6 +205,8 @@ FAMILIES = {
     # llama's model for configs of their own
     "llama:internlm3": ("InternLM3Config", "LlamaForCausalLM", dict(DECODER, head_dim=8)),
     "llama:iquestcoder": ("IQuestCoderConfig", "LlamaForCausalLM", dict(DECODER, head_dim=8)),
+    "llama:cwm": ("CwmConfig", "CwmForCausalLM", dict(DECODER, head_dim=8, layer_types=["sliding_attention",
+                                                                                      "full_attention"])),
     # DeepSeek-V2's latent attention, a dense MLP in every layer, muP-like scalars away from 1
     "deepseek_v2:minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM", dict(
         MLA, scale_emb=3.0, scale_depth=2.0, dim_model_base=8)),
@@ -287,6 +289,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("deepseek_v2:minicpm3", {"q_lora_rank": None, "attention_bias": True, "mlp_bias": True}),
     ("glm4_moe:solar_open", {"attention_bias": True}),
     ("deepseek_v2:youtu", {"q_lora_rank": None, "attention_bias": True}),
+    ("llama:cwm", {"mlp_bias": True}),
     ("zaya", {"attention_bias": True, "lm_head_bias": True, "tie_word_embeddings": False,
               "layer_types": ["hybrid_sliding", "hybrid"], "sliding_window": 4}),
 ]
