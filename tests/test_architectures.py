@@ -214,6 +214,8 @@ FAMILIES = {
     # convolutional attention, one expert per token, and a residual stream scaled channel by channel
     "zaya": ("ZayaConfig", "ZayaForCausalLM", dict(DECODER, head_dim=8, num_experts=4, num_experts_per_tok=1,
                                                    moe_intermediate_size=16, router_hidden_size=16)),
+    # LayerNorms, an MLP without a gate
+    "jais2": ("Jais2Config", "Jais2ForCausalLM", dict(DECODER, head_dim=8)),
     "glm4_moe:solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(
         DECODER, head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)),
 }
@@ -290,6 +292,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("glm4_moe:solar_open", {"attention_bias": True}),
     ("deepseek_v2:youtu", {"q_lora_rank": None, "attention_bias": True}),
     ("llama:cwm", {"mlp_bias": True}),
+    ("jais2", {"attention_bias": False, "mlp_bias": False}),
     ("zaya", {"attention_bias": True, "lm_head_bias": True, "tie_word_embeddings": False,
               "layer_types": ["hybrid_sliding", "hybrid"], "sliding_window": 4}),
 ]
