@@ -216,6 +216,8 @@ FAMILIES = {
                                                    moe_intermediate_size=16, router_hidden_size=16)),
     # LayerNorms, an MLP without a gate
     "jais2": ("Jais2Config", "Jais2ForCausalLM", dict(DECODER, head_dim=8)),
+    # RMSNorms without gains (the embeddings normalised too), q/k normalised per head, logits soft-capped
+    "nanochat": ("NanoChatConfig", "NanoChatForCausalLM", dict(DECODER, head_dim=8, final_logit_softcapping=3.0)),
     "glm4_moe:solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(
         DECODER, head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)),
 }
@@ -293,6 +295,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("deepseek_v2:youtu", {"q_lora_rank": None, "attention_bias": True}),
     ("llama:cwm", {"mlp_bias": True}),
     ("jais2", {"attention_bias": False, "mlp_bias": False}),
+    ("nanochat", {"attention_bias": True}),
     ("zaya", {"attention_bias": True, "lm_head_bias": True, "tie_word_embeddings": False,
               "layer_types": ["hybrid_sliding", "hybrid"], "sliding_window": 4}),
 ]
@@ -472,9 +475,10 @@ def test_norm_feeds_read(saved, case):
         candidates = itertools.chain([stream], (stream + a for a in sums(added, 1)))
         return any(torch.allclose(x.reshape(stream.shape), normalise(c)) for c in candidates)
 
-    def weightless_norm(t):  # the norm of a family whose norms have no gains (OLMo 1's LayerNorm)
-        normalise = torch.nn.functional.layer_norm if arch.norm_type == "layer_norm" else torch.nn.functional.rms_norm
-        return normalise(t, t.shape[-1:], eps=1e-5)
+    def weightless_norm(t):  # the norm of a family whose norms have no gains (OLMo 1's LayerNorm: eps 1e-5; NanoChat's)
+        if arch.norm_type == "layer_norm":
+            return torch.nn.functional.layer_norm(t, t.shape[-1:], eps=1e-5)
+        return torch.nn.functional.rms_norm(t, t.shape[-1:], eps=model.config.rms_norm_eps)
 
     for name in (n for n in shapes if module(n) in modules):  # experts are fused in memory: no module each
         r = arch.role(name)
