@@ -218,6 +218,10 @@ FAMILIES = {
     "jais2": ("Jais2Config", "Jais2ForCausalLM", dict(DECODER, head_dim=8)),
     # RMSNorms without gains (the embeddings normalised too), q/k normalised per head, logits soft-capped
     "nanochat": ("NanoChatConfig", "NanoChatForCausalLM", dict(DECODER, head_dim=8, final_logit_softcapping=3.0)),
+    # a dense layer, then a sparse one (mlp_layer_types)
+    "qwen3_moe:mellum": ("MellumConfig", "MellumForCausalLM", dict(
+        DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        mlp_layer_types=["dense", "sparse"])),
     "glm4_moe:solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(
         DECODER, head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)),
 }
@@ -228,7 +232,8 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
        "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe",
-       "olmo_hybrid", "lfm2:lfm3", "glm4_moe:solar_open"}
+       "olmo_hybrid", "lfm2:lfm3", "glm4_moe:solar_open",
+       "qwen3_moe:mellum"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -296,6 +301,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("llama:cwm", {"mlp_bias": True}),
     ("jais2", {"attention_bias": False, "mlp_bias": False}),
     ("nanochat", {"attention_bias": True}),
+    ("qwen3_moe:mellum", {"attention_bias": True, "mlp_layer_types": ["sparse", "sparse"]}),
     ("zaya", {"attention_bias": True, "lm_head_bias": True, "tie_word_embeddings": False,
               "layer_types": ["hybrid_sliding", "hybrid"], "sliding_window": 4}),
 ]
