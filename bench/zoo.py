@@ -260,10 +260,10 @@ def rotate(state: dict, arch, Q: torch.Tensor) -> dict:
     """The same function in a residual stream turned by Q, from the role table of `arch`
     (seme.architectures) alone: norm gains folded into the tensors that read the normalised stream,
     then h -> Q h."""
-    def gain(name):
-        return arch.norm_gain_offset + state[name]
+    def gain(name):  # 1 where the norm has no gain (NanoChat's)
+        return 1.0 if name is None else arch.norm_gain_offset + state[name]
 
-    final = next(n for n in state if arch.role(n).role == "final_norm")
+    final = next((n for n in state if arch.role(n).role == "final_norm"), None)
     out = {}
     for name, w in state.items():
         r = arch.role(name)

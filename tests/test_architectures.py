@@ -14,6 +14,8 @@ from seme.architectures import for_config, known_architectures
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
+from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: E402
+from transformers.core_model_loading import WeightRenaming, apply_renamings  # noqa: E402
 
 DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, vocab_size=128)
@@ -233,6 +235,38 @@ FAMILIES = {
         DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
         shared_expert_intermediate_size=24, mlp_layer_types=["dense", "sparse"],
         layer_types=["sliding_attention", "full_attention"], sliding_window=4, pad_token_id=0)),
+    # batch B: dense and hybrid families
+    # non-parametric LayerNorms: checkpoints store no norm
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(DECODER, pad_token_id=0)),
+    # pre-norm Gated DeltaNet layers beside post-norm attention layers: a norm's role follows its layer's kind
+    "olmo_hybrid": ("OlmoHybridConfig", "OlmoHybridForCausalLM", dict(
+        GATED_DELTA_NET, layer_types=["linear_attention", "full_attention"])),
+    # without its sandwich norms (see CASES), so that the turn checks the attention's gate
+    "lfm2:lfm3": ("Lfm3Config", "Lfm3ForCausalLM", dict(DECODER, head_dim=8, layer_types=["conv", "sliding_attention"],
+                                                       use_sandwich_norm=False, pad_token_id=0, bos_token_id=1,
+                                                       eos_token_id=2)),
+    # llama's model for configs of their own
+    "llama:internlm3": ("InternLM3Config", "LlamaForCausalLM", dict(DECODER, head_dim=8)),
+    "llama:iquestcoder": ("IQuestCoderConfig", "LlamaForCausalLM", dict(DECODER, head_dim=8)),
+    "llama:cwm": ("CwmConfig", "CwmForCausalLM", dict(DECODER, head_dim=8, layer_types=["sliding_attention",
+                                                                                      "full_attention"])),
+    # DeepSeek-V2's latent attention, a dense MLP in every layer, muP-like scalars away from 1
+    "deepseek_v2:minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM", dict(
+        MLA, scale_emb=3.0, scale_depth=2.0, dim_model_base=8)),
+    "deepseek_v2:youtu": ("YoutuConfig", "YoutuForCausalLM", MLA),
+    # convolutional attention, one expert per token, and a residual stream scaled channel by channel
+    "zaya": ("ZayaConfig", "ZayaForCausalLM", dict(DECODER, head_dim=8, num_experts=4, num_experts_per_tok=1,
+                                                   moe_intermediate_size=16, router_hidden_size=16)),
+    # LayerNorms, an MLP without a gate
+    "jais2": ("Jais2Config", "Jais2ForCausalLM", dict(DECODER, head_dim=8)),
+    # RMSNorms without gains (the embeddings normalised too), q/k normalised per head, logits soft-capped
+    "nanochat": ("NanoChatConfig", "NanoChatForCausalLM", dict(DECODER, head_dim=8, final_logit_softcapping=3.0)),
+    # a dense layer, then a sparse one (mlp_layer_types)
+    "qwen3_moe:mellum": ("MellumConfig", "MellumForCausalLM", dict(
+        DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        mlp_layer_types=["dense", "sparse"])),
+    "glm4_moe:solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(
+        DECODER, head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -240,7 +274,8 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "granitemoe:granitemoeshared", "granitemoe:granitemoehybrid", "deepseek_v3:glm4_moe_lite",
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
-       "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe"}
+       "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe",
+       "olmo_hybrid", "lfm2:lfm3", "glm4_moe:solar_open", "qwen3_moe:mellum"}
 MOE |= {"deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash", "longcat_flash", "glm4_moe:hy_v3", "hy_v4", "glm4_moe:laguna"}  # batch A
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
@@ -302,9 +337,26 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("longcat_flash", {"attention_bias": True, "router_bias": True}),
     ("glm4_moe:hy_v3", {"attention_bias": True, "mlp_bias": True}),
     ("glm4_moe:laguna", {"attention_bias": True, "gating": "per-channel", "num_attention_heads_per_layer": [4, 8]}),
+    # batch B: dense and hybrid families
+    ("olmo", {"attention_bias": True, "clip_qkv": 0.5}),
+    ("olmo_hybrid", {"layer_types": ["full_attention", "linear_attention"], "attention_bias": True}),
+    ("lfm2:lfm3", {"use_sandwich_norm": True}),
+    ("lfm2:lfm3", {"use_attention_gate": False, "attention_bias": True, "conv_bias": True,
+                   "layer_types": ["full_attention", "conv"]}),
+    ("llama:internlm3", {"qkv_bias": True, "bias": True}),
+    ("deepseek_v2:minicpm3", {"q_lora_rank": None, "attention_bias": True, "mlp_bias": True}),
+    ("glm4_moe:solar_open", {"attention_bias": True}),
+    ("deepseek_v2:youtu", {"q_lora_rank": None, "attention_bias": True}),
+    ("llama:cwm", {"mlp_bias": True}),
+    ("jais2", {"attention_bias": False, "mlp_bias": False}),
+    ("nanochat", {"attention_bias": True}),
+    ("qwen3_moe:mellum", {"attention_bias": True, "mlp_layer_types": ["sparse", "sparse"]}),
+    ("zaya", {"attention_bias": True, "lm_head_bias": True, "tie_word_embeddings": False,
+              "layer_types": ["hybrid_sliding", "hybrid"], "sliding_window": 4}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
-VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
+VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
+                "stream_gain"}
 
 
 def family_of(key: str) -> str:
@@ -398,16 +450,16 @@ def test_checkpoint_roles(saved, case):
     assert tied == model.config.tie_word_embeddings
     experts = range(next((config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
                           if config.get(k)), 0))
-    for template, spec in arch.tensors.items():
-        if spec.optional or (tied and spec.role == "lm_head"):
-            continue
-        layers = range(arch.num_layers(config)) if "{layer}" in template else [None]
-        for i in layers:
+    for template in set(arch.tensors).union(*arch.kind_tensors.values()):  # each layer's, as its kind says
+        for i in range(arch.num_layers(config)) if "{layer}" in template else [None]:
+            spec = arch.spec(template, i)
+            if spec is None or spec.optional or (tied and spec.role == "lm_head"):
+                continue
             name = arch.layer_name(template, i) if i is not None else template
             for e in experts if "{expert}" in template else [None]:
                 assert (name if e is None else name.replace("{expert}", str(e))) in shapes, template
-        if spec.tied_to:
-            assert spec.tied_to in shapes
+            if spec.tied_to:
+                assert spec.tied_to in shapes
 
     # The in-memory state dict (which keeps a tied lm_head) is fully classified as well, where it
     # names tensors as checkpoints do (not a mixture of experts' fused ones).
@@ -426,15 +478,22 @@ def test_norm_feeds_read(saved, case):
     modules = dict(model.named_modules())
     # where memory names the base model otherwise (nemotron_h's backbone is model there)
     renamed = arch.base_prefix and arch.base_prefix[:-1] not in modules
-    in_memory = lambda name: model.base_model_prefix + "." + name[len(arch.base_prefix):] \
-        if renamed and name.startswith(arch.base_prefix) else name
-    module = lambda tensor_name: in_memory(tensor_name.rsplit(".", 1)[0])
+    parameters = dict(model.named_parameters())
+    # where transformers renames a checkpoint's tensors when it loads them (OLMo Hybrid's norms)
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+
+    def in_memory(name):
+        if renamed and name.startswith(arch.base_prefix):
+            name = model.base_model_prefix + "." + name[len(arch.base_prefix):]
+        return name if name in modules or name in parameters else apply_renamings(name, renamings)
+
+    module = lambda tensor_name: in_memory(tensor_name).rsplit(".", 1)[0]
     layer_module = lambda r: in_memory(r.template[:r.template.index(".", r.template.index("{layer}"))].replace(
         "{layer}", str(r.layer)))
     inputs, outputs = {}, {}
 
     def hook(name):
-        def record(_, args, kwargs, output):  # gpt-oss calls its attention with keywords only
+        def record(_, args, kwargs, output):  # gpt-oss calls its attention with keywords only (the model: ids)
             inputs[name], outputs[name] = args[0] if args else kwargs.get("hidden_states"), output
         return record
 
@@ -463,21 +522,27 @@ def test_norm_feeds_read(saved, case):
         return (sum(chosen[1:], chosen[0]) for k in range(least, len(tensors) + 1)
                 for chosen in itertools.combinations(tensors, k))
 
-    def on_stream(x, r) -> bool:
-        """x is the residual stream where r reads it: before the layers the embeddings, in a layer its
-        input plus some of what its sublayers added (their write_norms' outputs)."""
+    def on_stream(x, r, normalise=lambda t: t) -> bool:
+        """x is the residual stream where r reads it (normalised, where given how): before the layers the
+        embeddings, in a layer its input plus some of what its sublayers added (their write_norms' outputs,
+        or, where the norms have no gains to tell them by, their writes')."""
         if r.layer is None:
             return any(same(x, outputs[module(n)]) for n in shapes if arch.role(n).role == "embedding")
         stream = inputs[layer_module(r)]
-        added = [outputs[module(n)] for n in shapes
-                 if arch.role(n).role == "write_norm" and arch.role(n).layer == r.layer]
+        added = [outputs[module(n)] for n in shapes if arch.role(n).layer == r.layer and (
+            arch.role(n).role == "write_norm" or arch.gainless_norms and arch.role(n).role == "write")]
         candidates = itertools.chain([stream], (stream + a for a in sums(added, 1)))
-        return any(torch.allclose(x.reshape(stream.shape), c) for c in candidates)
+        return any(torch.allclose(x.reshape(stream.shape), normalise(c)) for c in candidates)
+
+    def weightless_norm(t):  # the norm of a family whose norms have no gains (OLMo 1's LayerNorm: eps 1e-5; NanoChat's)
+        if arch.norm_type == "layer_norm":
+            return torch.nn.functional.layer_norm(t, t.shape[-1:], eps=1e-5)
+        return torch.nn.functional.rms_norm(t, t.shape[-1:], eps=model.config.rms_norm_eps)
 
     for name in (n for n in shapes if module(n) in modules):  # experts are fused in memory: no module each
         r = arch.role(name)
         if r.role == "read" and r.norm is None:
-            assert on_stream(inputs[module(name)], r), name
+            assert on_stream(inputs[module(name)], r, weightless_norm if arch.gainless_norms else lambda t: t), name
         elif r.role == "read":
             x = inputs.get(module(name), inputs.get(module(name).rsplit(".", 1)[0]))
             y = outputs.get(module(r.norm))  # the same tensor, or a view of it (a router's)
@@ -485,7 +550,7 @@ def test_norm_feeds_read(saved, case):
                 continue
             if torch.is_tensor(y) and x.shape == y.shape and torch.allclose(x, y * (x.norm() / y.norm())):
                 continue  # or it times a constant (gemma 3n's router_input_scale)
-            gain = arch.norm_gain_offset + model.get_parameter(r.norm)
+            gain = arch.norm_gain_offset + model.get_parameter(in_memory(r.norm))
             if y is None:  # a gain whose module applies it without being called (gemma 3n's altup.correct_output_scale,
                 # on the active stream that the layer outputs)
                 assert any(torch.allclose(x, stream * gain) for stream in outputs[layer_module(r)]), name
@@ -561,11 +626,12 @@ def test_known_architectures():
     assert set(known_architectures()) == {family_of(f) for f in FAMILIES}
 
 
-@pytest.mark.parametrize("family", ["cohere", "minimax"])
+@pytest.mark.parametrize("family", ["cohere", "minimax", "zaya"])
 def test_a_family_with_rotation_obstacles_is_not_rotation_invariant(family, tmp_path):
-    """Why norm_type and normed_residual matter: cohere's LayerNorms have no bias, so no role says they
-    subtract the mean; MiniMax's sublayers carry their norm's output on as the residual, so the gains
-    scale the stream. The turn by either role table changes the function."""
+    """Why norm_type, normed_residual and stream_gain matter: cohere's LayerNorms have no bias, so no role
+    says they subtract the mean; MiniMax's sublayers carry their norm's output on as the residual, so the
+    gains scale the stream; ZAYA scales its stream channel by channel. The turn by each role table changes
+    the function."""
     assert role_table(family).rotation_obstacles()
     assert rotation_error(family, tmp_path) > 1e-2
 
@@ -624,6 +690,30 @@ def test_nemotron_h_depth_and_latent_experts():
     latent = for_config(dict(nemotron, moe_latent_size=1024))
     assert (latent.label, latent.role(expert).role) == ("nemotron_h", "inner")
     assert latent.role("backbone.layers.3.mixer.fc1_latent_proj.weight").norm == "backbone.layers.3.norm.weight"
+
+
+def test_a_norm_takes_its_layer_kinds_role():
+    """OLMo Hybrid's feedforward_layer_norm feeds the MLP in a linear-attention layer, but normalises the
+    attention's output in a full-attention one: the config's layer_types choose each layer's roles."""
+    config = {"architectures": ["OlmoHybridForCausalLM"], "layer_types": ["linear_attention", "full_attention"]}
+    arch = for_config(config)
+    assert arch.kinds == ("linear_attention", "full_attention") and arch is for_config(dict(config))
+    assert arch.role("model.layers.0.feedforward_layer_norm.weight").role == "norm"
+    assert arch.role("model.layers.0.mlp.up_proj.weight").norm == "model.layers.0.feedforward_layer_norm.weight"
+    assert arch.role("model.layers.1.feedforward_layer_norm.weight").role == "write_norm"
+    assert arch.role("model.layers.1.mlp.up_proj.weight").norm is None
+    assert arch.role("model.layers.1.linear_attn.q_proj.weight") is None  # dropped by the kind
+    assert arch.role("model.layers.0.self_attn.q_proj.weight") is None
+    assert "its sublayer outputs are normalised before the residual add" in arch.rotation_obstacles()
+
+
+def test_gainless_norms():
+    """OLMo 1's LayerNorms have no weights: its reads have no gain to fold, and what keeps it from being turned
+    is that the norms subtract the mean (test_norm_feeds_read checks that its reads read the normalised stream)."""
+    olmo = for_config({"architectures": ["OlmoForCausalLM"], "model_type": "olmo"})
+    assert olmo.gainless_norms and not for_config({"model_type": "olmo2"}).gainless_norms
+    assert olmo.role("model.layers.0.mlp.up_proj.weight").norm is None
+    assert olmo.rotation_obstacles() == ["its norms are LayerNorms, which subtract the mean"]
 
 
 def test_a_table_is_checked_when_loaded():

@@ -15,6 +15,9 @@ checkpoint tensor name, which role the tensor plays relative to the residual str
   stream_vector                            [d]: a vector in the residual stream that no write adds (Llava-NeXT's
                                            image_newline, which takes a token's place): turns as embeddings' rows
   write_norm                               a norm applied to a sublayer's output before the add (gemma2)
+  stream_gain                              [d]: a gain that multiplies the residual stream, or a sublayer's output
+                                           before the add, channel by channel (ZAYA's residual scaling): no turn
+                                           of the stream commutes with it
   stream_map                               a [d, d] Linear from the residual stream to the residual stream
                                            (gemma 3n's AltUp projections between its parallel streams)
   inner                                    anything else (biases of read projections, per-head q/k norms)
@@ -25,6 +28,8 @@ Norm gains are effective as ``norm_gain_offset + w`` (1.0 for gemma's ``(1 + w)`
 rotation of the residual stream does not commute with them). ``normed_residual`` marks a family
 whose sublayers carry their norm's output on as the residual (post-LN, MiniMax-Text-01): the
 gains then scale the stream itself, and a rotation of it does not commute with them either.
+``gainless_norms`` marks a family whose norms have no weights (OLMo 1's non-parametric LayerNorm):
+its reads have no ``norm`` to fold, yet read the normalised stream, not the raw one.
 ``rotation_obstacles`` names what keeps a family from being turned. A template may hold
 ``{expert}`` (a mixture of experts' per-expert tensors) or ``{head}`` (per-head norms) after
 ``{layer}``: the role is the same for every index, and the concrete template keeps it. A tensor
@@ -37,6 +42,10 @@ the family's (``null`` drops a template), and may set its own ``tied_default`` (
 config class ties the head by default, where checkpoints may leave the key out) and ``norm_type``
 (a model type whose norms are LayerNorms where the family's are RMSNorms, or one whose config
 chooses).
+A family whose layers differ in kind by a config list (``layer_kinds``: its ``key``, e.g. layer_types,
+and per kind an overlay of ``tensors`` like a variant's) gives a template the kind's role in the
+layers of that kind: OLMo Hybrid's feedforward_layer_norm feeds the MLP in its linear-attention
+layers, but normalises the attention's output in the others. ``for_config`` binds the config's kinds.
 ``unloaded`` lists the name prefixes of modules that checkpoints store but transformers does not load
 (Qwen3-Next's multi-token prediction, ``mtp.``): their tensors have roles, but they are no layers of
 the model's stack (seme.plan merges them after the decoder, as it does layers after the last).
@@ -66,7 +75,7 @@ from seme.errors import SemeError
 ROLES = frozenset({
     "embedding", "position_embedding", "lm_head", "lm_head_bias", "final_norm", "final_norm_bias",
     "norm", "norm_bias", "read", "write", "write_bias", "write_norm", "stream_map", "stream_vector", "inner",
-    "buffer", "token_table",
+    "buffer", "token_table", "stream_gain",
 })
 VOCAB_ROLES = ("embedding", "lm_head", "lm_head_bias", "token_table")  # a row per token
 LAYOUTS = ("out_in", "in_out")
@@ -113,6 +122,7 @@ class Architecture:
     norm_gain_offset: float = 0.0
     norm_type: str = "rms_norm"
     normed_residual: bool = False
+    gainless_norms: bool = False  # norms without weights: a read without a `norm` still reads the normalised stream
     base_prefix: str = ""
     unloaded: tuple[str, ...] = ()
     notes: str = ""
@@ -122,6 +132,9 @@ class Architecture:
     settings_key: str = ""  # where config.json holds this family's settings ("text_config" in a multimodal model)
     projected: bool = False  # a multimodal model whose projector's writes are described (the rest beside: inner)
     variants: tuple[tuple[dict, Architecture], ...] = field(default=(), repr=False)
+    layer_kinds_key: str = ""  # the config list of the layers' kinds whose overlays kind_tensors holds
+    kind_tensors: dict[str, dict[str, TensorSpec | None]] = field(default_factory=dict, repr=False)
+    kinds: tuple[str, ...] = ()  # each layer's kind, as the config that chose this table says
     _cache: dict[str, TensorRole | None] = field(default_factory=dict, init=False, repr=False)
 
     @property
@@ -130,9 +143,19 @@ class Architecture:
         return f"{self.name} ({self.variant})" if self.variant else self.name
 
     def variant_for(self, config: dict) -> Architecture:
-        """The variant of this family that `config` describes."""
-        return next((v for when, v in self.variants
-                     if all(config.get(k) == value for k, value in when.items())), self)
+        """The variant of this family that `config` describes, with its layers' kinds."""
+        chosen = next((v for when, v in self.variants
+                       if all(config.get(k) == value for k, value in when.items())), self)
+        kinds = config.get(self.layer_kinds_key) if self.layer_kinds_key else None
+        return _with_kinds(chosen, tuple(kinds)) if isinstance(kinds, list) else chosen
+
+    def spec(self, template: str, layer: int | None) -> TensorSpec | None:
+        """The role of `template` in `layer`: its layer kind's, where that kind's overlay names it."""
+        if layer is not None and layer < len(self.kinds):
+            overlay = self.kind_tensors.get(self.kinds[layer], {})
+            if template in overlay:
+                return overlay[template]
+        return self.tensors.get(template)
 
     def settings(self, config: dict) -> dict:
         """The part of `config` that describes this family's model."""
@@ -161,8 +184,11 @@ class Architecture:
             why.append("its norms are LayerNorms, which subtract the mean")
         if self.normed_residual:
             why.append("its sublayers carry their norm's output on as the residual, so the norm gains scale the stream")
-        if any(s.role == "write_norm" for s in self.tensors.values()):
+        overlays = (s for overlay in self.kind_tensors.values() for s in overlay.values() if s is not None)
+        if any(s.role == "write_norm" for s in (*self.tensors.values(), *overlays)):
             why.append("its sublayer outputs are normalised before the residual add")
+        if any(s.role == "stream_gain" for s in self.tensors.values()):
+            why.append("its residual stream is scaled channel by channel")
         if self.unrotatable:
             why.append(self.unrotatable)
         if self.settings_key and not self.projected:
@@ -202,7 +228,7 @@ class Architecture:
     def _lookup(self, name: str, strip: str) -> TensorRole | None:
         """Role of a full (prefixed) name; concrete names drop `strip` to match the checkpoint."""
         for layer, expert, template in _candidates(name):
-            spec = self.tensors.get(template)
+            spec = self.spec(template, layer)
             if spec is not None:
                 norm = spec.norm and self.layer_name(spec.norm, layer)[len(strip):]
                 concrete = template if expert is None else template.replace("{expert}", str(expert))
@@ -275,10 +301,15 @@ def _parse(data: dict) -> Architecture:
         num_layers_keys=_keys(data["num_layers_key"]), hidden_size_keys=_keys(data["hidden_size_key"]),
         tie_key=data["tie_key"], tied_default=data["tied_default"],
         norm_gain_offset=float(data["norm_gain_offset"]), norm_type=norm_type,
-        normed_residual=data.get("normed_residual", False),
+        normed_residual=data.get("normed_residual", False), gainless_norms=data.get("gainless_norms", False),
         base_prefix=data.get("base_prefix", ""), unloaded=tuple(data.get("unloaded", ())), notes=data.get("notes", ""),
         unrotatable=data.get("unrotatable", ""),
     )
+    kinds = data.get("layer_kinds", {})
+    if kinds:
+        family["layer_kinds_key"] = kinds["key"]
+        family["kind_tensors"] = {kind: _overlay(name, data["tensors"], overlay, norm_type)
+                                  for kind, overlay in kinds["tensors"].items()}
     variants = []
     for v in data.get("variants", ()):
         own_norm_type = _norm_type(name, v.get("norm_type", norm_type))
@@ -288,6 +319,18 @@ def _parse(data: dict) -> Architecture:
         own = {**family, "tied_default": v.get("tied_default", family["tied_default"]), "norm_type": own_norm_type}
         variants.append((v["when"], Architecture(**own, tensors=specs, variant=label)))
     return Architecture(**family, tensors=tensors, variants=tuple(variants))
+
+
+def _overlay(family: str, tensors: dict, overlay: dict, norm_type: str) -> dict[str, TensorSpec | None]:
+    """A layer kind's specs (None where the kind drops a template), checked against the table they overlay."""
+    specs = _specs(family, {t: raw for t, raw in {**tensors, **overlay}.items() if raw is not None}, norm_type)
+    return {t.replace("{head}", "{expert}"): raw and specs[t.replace("{head}", "{expert}")] for t, raw in overlay.items()}
+
+
+@cache
+def _with_kinds(family: Architecture, kinds: tuple[str, ...]) -> Architecture:
+    """`family` with its layers' kinds bound (one object per family and kinds)."""
+    return replace(family, kinds=kinds)
 
 
 def _norm_type(family: str, norm_type: str) -> str:
@@ -409,9 +452,13 @@ def _moved(family: Architecture, prefix: str, wrapper: str, projected: bool) -> 
         base = family.base_prefix
         return prefix + template[len(base):] if template.startswith(base) else template
 
-    tensors = {move(t): replace(s, norm=move(s.norm), tied_to=move(s.tied_to)) for t, s in family.tensors.items()}
+    def moved(specs: dict) -> dict:
+        return {move(t): s and replace(s, norm=move(s.norm), tied_to=move(s.tied_to)) for t, s in specs.items()}
+
+    tensors = moved(family.tensors)
+    kind_tensors = {kind: moved(overlay) for kind, overlay in family.kind_tensors.items()}
     projector = _projector(prefix, wrapper) if projected else {}
-    return replace(family, tensors={**tensors, **projector}, projected=bool(projector),
+    return replace(family, tensors={**tensors, **projector}, kind_tensors=kind_tensors, projected=bool(projector),
                    base_prefix=move(family.base_prefix),
                    settings_key="text_config", variants=(),
                    variant=f"{family.variant}, in {wrapper}" if family.variant else f"in {wrapper}")
