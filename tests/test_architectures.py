@@ -190,6 +190,10 @@ FAMILIES = {
                                                                   eos_token_id=2)),
     "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128,
                                                                       n_positions=64)),
+    # batch C: other decoder families
+    # a sliding-window layer without RoPE beside a full one; a sink logit per head
+    "granite:granite_swa": ("GraniteSWAConfig", "GraniteSWAForCausalLM", dict(
+        DECODER, layer_types=["full_attention", "sliding_attention"], sliding_window=4, layer_rope_theta=[10000.0, 0])),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
