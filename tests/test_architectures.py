@@ -194,6 +194,9 @@ FAMILIES = {
     # a sliding-window layer without RoPE beside a full one; a sink logit per head
     "granite:granite_swa": ("GraniteSWAConfig", "GraniteSWAForCausalLM", dict(
         DECODER, layer_types=["full_attention", "sliding_attention"], sliding_window=4, layer_rope_theta=[10000.0, 0])),
+    "granitemoe:granitemoe_swa": ("GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM", dict(
+        DECODER, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
+        layer_types=["full_attention", "sliding_attention"], sliding_window=4)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -256,6 +259,8 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("gemma4", {"attention_k_eq_v": True, "num_global_key_value_heads": 1}),  # full attention: keys are values (31B)
     # a mixture of experts beside each dense MLP (26B-A4B)
     ("gemma4", {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 16}),
+    # batch C: other decoder families
+    ("granitemoe:granitemoe_swa", {"shared_intermediate_size": 0}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
