@@ -197,6 +197,8 @@ FAMILIES = {
     "granitemoe:granitemoe_swa": ("GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM", dict(
         DECODER, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
         layer_types=["full_attention", "sliding_attention"], sliding_window=4)),
+    # norms over the attention's and the MLP's inner outputs, before o_proj / down_proj
+    "llama:bitnet": ("BitNetConfig", "BitNetForCausalLM", DECODER),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
