@@ -199,6 +199,8 @@ FAMILIES = {
         layer_types=["full_attention", "sliding_attention"], sliding_window=4)),
     # norms over the attention's and the MLP's inner outputs, before o_proj / down_proj
     "llama:bitnet": ("BitNetConfig", "BitNetForCausalLM", DECODER),
+    # each sublayer's output normalised before the residual add (use_post_norm; without: CASES)
+    "granite:hyperclovax": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", DECODER),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -263,6 +265,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("gemma4", {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 16}),
     # batch C: other decoder families
     ("granitemoe:granitemoe_swa", {"shared_intermediate_size": 0}),
+    ("granite:hyperclovax", {"use_post_norm": False}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
