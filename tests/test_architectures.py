@@ -201,6 +201,12 @@ FAMILIES = {
     "llama:bitnet": ("BitNetConfig", "BitNetForCausalLM", DECODER),
     # each sublayer's output normalised before the residual add (use_post_norm; without: CASES)
     "granite:hyperclovax": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", DECODER),
+    # layer 0: a Kimi delta attention and a dense MLP; layer 1: a latent attention and experts (Ling 3.0)
+    "bailing_hybrid": ("BailingHybridConfig", "BailingHybridForCausalLM", dict(
+        DECODER, num_key_value_heads=4, head_dim=8, kv_lora_rank=16, qk_nope_head_dim=4, qk_rope_head_dim=4,
+        v_head_dim=8, num_experts=4, num_experts_per_token=2, moe_intermediate_size=16, first_k_dense_replace=1,
+        num_expert_group=1, topk_group=1, layer_types=["linear_attention", "full_attention"], pad_token_id=0,
+        eos_token_id=2)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -208,7 +214,8 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "granitemoe:granitemoeshared", "granitemoe:granitemoehybrid", "deepseek_v3:glm4_moe_lite",
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
-       "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe"}
+       "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe",
+       "bailing_hybrid"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -266,6 +273,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     # batch C: other decoder families
     ("granitemoe:granitemoe_swa", {"shared_intermediate_size": 0}),
     ("granite:hyperclovax", {"use_post_norm": False}),
+    ("bailing_hybrid", {"attention_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
