@@ -207,6 +207,12 @@ FAMILIES = {
         v_head_dim=8, num_experts=4, num_experts_per_token=2, moe_intermediate_size=16, first_k_dense_replace=1,
         num_expert_group=1, topk_group=1, layer_types=["linear_attention", "full_attention"], pad_token_id=0,
         eos_token_id=2)),
+    # a sink logit per head, RoPE only in sliding-window layers; a dense MLP in layer 0, experts and an ungated
+    # shared expert in layer 1
+    "qwen3_moe:flint": ("FlintConfig", "FlintForCausalLM", dict(
+        DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, mlp_only_layers=[0], layer_types=["sliding_attention", "full_attention"],
+        sliding_window=4)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -215,7 +221,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
        "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe",
-       "bailing_hybrid"}
+       "bailing_hybrid", "qwen3_moe:flint"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -274,6 +280,8 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("granitemoe:granitemoe_swa", {"shared_intermediate_size": 0}),
     ("granite:hyperclovax", {"use_post_norm": False}),
     ("bailing_hybrid", {"attention_bias": True}),
+    ("qwen3_moe", {"attention_bias": True}),  # o_proj has a bias too
+    ("qwen3_moe:flint", {"attention_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
