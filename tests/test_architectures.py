@@ -217,6 +217,8 @@ FAMILIES = {
     "kolibri1": ("Kolibri1Config", "Kolibri1ForCausalLM", dict(
         DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
         shared_expert_intermediate_size=24, layer_types=["sliding_attention", "full_attention"], sliding_window=4)),
+    # residual connections scaled per channel; dynamic mask attention over more tokens than keep_window_size
+    "doge": ("DogeConfig", "DogeForCausalLM", dict(DECODER, keep_window_size=4)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -286,6 +288,8 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("bailing_hybrid", {"attention_bias": True}),
     ("qwen3_moe", {"attention_bias": True}),  # o_proj has a bias too
     ("qwen3_moe:flint", {"attention_bias": True}),
+    ("doge", {"attention_bias": True, "mlp_bias": True}),
+    ("doge", {"is_moe": True, "num_experts": 16, "num_experts_per_tok": 4}),  # retrieval experts beside the MLP
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector"}
@@ -429,7 +433,15 @@ def test_norm_feeds_read(saved, case):
         return {".".join(parts[:i]) for i in range(layer.count(".") + 2, len(parts) + 1)}
 
     writes = {n: blocks(n) for n in shapes if arch.role(n).role == "write"}
-    watched = [m for m in {module(n) for n in shapes} | layers | set().union(*writes.values()) if m in modules]
+    def reader(tensor_name):  # the module whose input a read takes: where the read's rows are looked up by index
+        # (Doge's retrieval experts, an nn.Embedding whose rows multiply the normalised stream), the block that
+        # holds them
+        m = module(tensor_name)
+        return m.rsplit(".", 1)[0] if isinstance(modules.get(m), torch.nn.Embedding) and arch.role(
+            tensor_name).role == "read" else m
+
+    watched = [m for m in {module(n) for n in shapes} | {reader(n) for n in shapes} | layers
+               | set().union(*writes.values()) if m in modules]
     handles = [modules[m].register_forward_hook(hook(m), with_kwargs=True) for m in watched]
     with torch.no_grad():
         model(torch.arange(8).unsqueeze(0))
@@ -457,9 +469,9 @@ def test_norm_feeds_read(saved, case):
     for name in (n for n in shapes if module(n) in modules):  # experts are fused in memory: no module each
         r = arch.role(name)
         if r.role == "read" and r.norm is None:
-            assert on_stream(inputs[module(name)], r), name
+            assert on_stream(inputs[reader(name)], r), name
         elif r.role == "read":
-            x, y = inputs[module(name)], outputs.get(module(r.norm))  # the same tensor, or a view of it (a router's)
+            x, y = inputs[reader(name)], outputs.get(module(r.norm))  # the same tensor, or a view of it (a router's)
             if same(x, y):
                 continue
             if torch.is_tensor(y) and x.shape == y.shape and torch.allclose(x, y * (x.norm() / y.norm())):
@@ -540,11 +552,12 @@ def test_known_architectures():
     assert set(known_architectures()) == {family_of(f) for f in FAMILIES}
 
 
-@pytest.mark.parametrize("family", ["cohere", "minimax"])
+@pytest.mark.parametrize("family", ["cohere", "minimax", "doge"])
 def test_a_family_with_rotation_obstacles_is_not_rotation_invariant(family, tmp_path):
-    """Why norm_type and normed_residual matter: cohere's LayerNorms have no bias, so no role says they
-    subtract the mean; MiniMax's sublayers carry their norm's output on as the residual, so the gains
-    scale the stream. The turn by either role table changes the function."""
+    """Why norm_type, normed_residual and unrotatable matter: cohere's LayerNorms have no bias, so no role
+    says they subtract the mean; MiniMax's sublayers carry their norm's output on as the residual, so the
+    gains scale the stream; Doge's residual connections scale it per channel. The turn by any of these role
+    tables changes the function."""
     assert role_table(family).rotation_obstacles()
     assert rotation_error(family, tmp_path) > 1e-2
 
