@@ -219,6 +219,8 @@ FAMILIES = {
         shared_expert_intermediate_size=24, layer_types=["sliding_attention", "full_attention"], sliding_window=4)),
     # residual connections scaled per channel; dynamic mask attention over more tokens than keep_window_size
     "doge": ("DogeConfig", "DogeForCausalLM", dict(DECODER, keep_window_size=4)),
+    # differential attention: two softmaxes per head, weighted by learnt vectors
+    "llama:diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", DECODER),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -289,6 +291,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("qwen3_moe", {"attention_bias": True}),  # o_proj has a bias too
     ("qwen3_moe:flint", {"attention_bias": True}),
     ("doge", {"attention_bias": True, "mlp_bias": True}),
+    ("llama:diffllama", {"attention_bias": True}),
     ("doge", {"is_moe": True, "num_experts": 16, "num_experts_per_tok": 4}),  # retrieval experts beside the MLP
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
