@@ -221,6 +221,9 @@ FAMILIES = {
     "doge": ("DogeConfig", "DogeForCausalLM", dict(DECODER, keep_window_size=4)),
     # differential attention: two softmaxes per head, weighted by learnt vectors
     "llama:diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", DECODER),
+    # DeepSeek-V3 with the experts' output normalised before the add
+    "deepseek_v3:axk1": ("AXK1Config", "AXK1ForCausalLM", dict(MLA, n_group=1, topk_group=1,
+                                                            mlp_layer_types=["dense", "sparse"])),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -229,7 +232,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
        "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe",
-       "bailing_hybrid", "qwen3_moe:flint", "kolibri1"}
+       "bailing_hybrid", "qwen3_moe:flint", "kolibri1", "deepseek_v3:axk1"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
