@@ -224,6 +224,9 @@ FAMILIES = {
     # DeepSeek-V3 with the experts' output normalised before the add
     "deepseek_v3:axk1": ("AXK1Config", "AXK1ForCausalLM", dict(MLA, n_group=1, topk_group=1,
                                                             mlp_layer_types=["dense", "sparse"])),
+    # DeepSeek-V3.2 with gated norms: a low-rank gate from the normalised stream multiplies it per channel
+    "axk2": ("AXK2Config", "AXK2ForCausalLM", dict(
+        MLA, index_n_heads=4, index_head_dim=8, index_topk=4, gated_norm_rank=4, mlp_layer_types=["dense", "sparse"])),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -232,7 +235,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
        "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe",
-       "bailing_hybrid", "qwen3_moe:flint", "kolibri1", "deepseek_v3:axk1"}
+       "bailing_hybrid", "qwen3_moe:flint", "kolibri1", "deepseek_v3:axk1", "axk2"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -411,7 +414,8 @@ def test_checkpoint_roles(saved, case):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_norm_feeds_read(saved, case):
     """Run the model: each read projection's input is exactly its norm's output (or that times a config
-    scalar, falcon_h1's multipliers, where it is a multiple of no other norm's output; or, without a
+    scalar, falcon_h1's multipliers, where it is a multiple of no other norm's output; or, in an unrotatable
+    family, the output of the module around the norm that gates it per channel; or, without a
     norm, the residual stream: the layer's input plus what its earlier sublayers added), and each
     write_norm normalises the output of a write projection of its layer (or of the block that sums
     a mixture of experts' writes)."""
@@ -446,7 +450,10 @@ def test_norm_feeds_read(saved, case):
         return m.rsplit(".", 1)[0] if isinstance(modules.get(m), torch.nn.Embedding) and arch.role(
             tensor_name).role == "read" else m
 
-    watched = [m for m in {module(n) for n in shapes} | {reader(n) for n in shapes} | layers
+    # a norm inside a module of its own that gates its output (A.X-K2's gated norms, in an unrotatable family)
+    gated = {n: module(n).rsplit(".", 1)[0] for n in shapes if arch.unrotatable and arch.role(n).role == "norm"
+             and module(n).rsplit(".", 1)[0] not in layers}
+    watched = [m for m in {module(n) for n in shapes} | {reader(n) for n in shapes} | set(gated.values()) | layers
                | set().union(*writes.values()) if m in modules]
     handles = [modules[m].register_forward_hook(hook(m), with_kwargs=True) for m in watched]
     with torch.no_grad():
@@ -478,7 +485,7 @@ def test_norm_feeds_read(saved, case):
             assert on_stream(inputs[reader(name)], r), name
         elif r.role == "read":
             x, y = inputs[reader(name)], outputs.get(module(r.norm))  # the same tensor, or a view of it (a router's)
-            if same(x, y):
+            if same(x, y) or (r.norm in gated and same(x, outputs.get(gated[r.norm]))):
                 continue
             if torch.is_tensor(y) and x.shape == y.shape and torch.allclose(x, y * (x.norm() / y.norm())):
                 continue  # or it times a constant (gemma 3n's router_input_scale)
