@@ -227,6 +227,12 @@ FAMILIES = {
     # DeepSeek-V3.2 with gated norms: a low-rank gate from the normalised stream multiplies it per channel
     "axk2": ("AXK2Config", "AXK2ForCausalLM", dict(
         MLA, index_n_heads=4, index_head_dim=8, index_topk=4, gated_norm_rank=4, mlp_layer_types=["dense", "sparse"])),
+    # an indexed attention with a dense MLP, then a sliding-window one (its own widths) with experts; gated heads
+    "deepseek_v3:dots3_note_text": ("Dots3NoteTextConfig", "Dots3NoteForCausalLM", dict(
+        MLA, head_dim=8, shared_experts_intermediate_size=16, index_n_heads=4, index_head_dim=8, index_topk=4,
+        layer_types=["indexed_attention", "sliding_attention"], mlp_layer_types=["dense", "sparse"], sliding_window=4,
+        swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=16, swa_kv_lora_rank=16, swa_head_dim=8,
+        swa_qk_nope_head_dim=4, swa_v_head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -235,7 +241,8 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
        "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe",
-       "bailing_hybrid", "qwen3_moe:flint", "kolibri1", "deepseek_v3:axk1", "axk2"}
+       "bailing_hybrid", "qwen3_moe:flint", "kolibri1", "deepseek_v3:axk1", "axk2",
+       "deepseek_v3:dots3_note_text"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
