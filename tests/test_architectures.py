@@ -233,6 +233,9 @@ FAMILIES = {
         layer_types=["indexed_attention", "sliding_attention"], mlp_layer_types=["dense", "sparse"], sliding_window=4,
         swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=16, swa_kv_lora_rank=16, swa_head_dim=8,
         swa_qk_nope_head_dim=4, swa_v_head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # experts fused in checkpoints as [E, in, out] (fc1, fc2), beside shared experts
+    "aria_text": ("AriaTextConfig", "AriaTextForCausalLM", dict(DECODER, intermediate_size=16, moe_num_experts=4, moe_topk=2,
+                                                                moe_num_shared_experts=1, pad_token_id=0)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -242,7 +245,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
        "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe",
        "bailing_hybrid", "qwen3_moe:flint", "kolibri1", "deepseek_v3:axk1", "axk2",
-       "deepseek_v3:dots3_note_text"}
+       "deepseek_v3:dots3_note_text", "aria_text"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -305,6 +308,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("qwen3_moe:flint", {"attention_bias": True}),
     ("doge", {"attention_bias": True, "mlp_bias": True}),
     ("llama:diffllama", {"attention_bias": True}),
+    ("aria_text", {"attention_bias": True, "mlp_bias": True}),
     ("doge", {"is_moe": True, "num_experts": 16, "num_experts_per_tok": 4}),  # retrieval experts beside the MLP
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
