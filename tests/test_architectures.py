@@ -236,6 +236,11 @@ FAMILIES = {
     # experts fused in checkpoints as [E, in, out] (fc1, fc2), beside shared experts
     "aria_text": ("AriaTextConfig", "AriaTextForCausalLM", dict(DECODER, intermediate_size=16, moe_num_experts=4, moe_topk=2,
                                                                 moe_num_shared_experts=1, pad_token_id=0)),
+    # Cohere2's tensors; a sliding-window layer beside a full one without rotary embeddings
+    "cohere:cohere_compass_text": ("CohereCompassTextConfig", "CohereCompassForCausalLM", dict(
+        DECODER, layer_types=["sliding_attention", "full_attention"], sliding_window=4, rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}, "full_attention": None},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
