@@ -241,6 +241,12 @@ FAMILIES = {
         DECODER, layer_types=["sliding_attention", "full_attention"], sliding_window=4, rope_parameters={
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}, "full_attention": None},
         pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # (1 + w) norms; a sparse-indexed attention and a dense MLP, then a full attention and experts
+    "minimax_m3_vl_text": ("MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", dict(
+        DECODER, intermediate_size=16, dense_intermediate_size=64, shared_intermediate_size=24, head_dim=8, rotary_dim=4,
+        num_local_experts=4, num_experts_per_tok=2, index_n_heads=2, index_head_dim=8, index_block_size=2,
+        index_topk_blocks=2, layer_types=["minimax_m3_sparse", "full_attention"], mlp_layer_types=["dense", "sparse"],
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
