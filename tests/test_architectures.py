@@ -267,6 +267,63 @@ FAMILIES = {
         mlp_layer_types=["dense", "sparse"])),
     "glm4_moe:solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(
         DECODER, head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)),
+    # batch C: other decoder families
+    # a sliding-window layer without RoPE beside a full one; a sink logit per head
+    "granite:granite_swa": ("GraniteSWAConfig", "GraniteSWAForCausalLM", dict(
+        DECODER, layer_types=["full_attention", "sliding_attention"], sliding_window=4, layer_rope_theta=[10000.0, 0])),
+    "granitemoe:granitemoe_swa": ("GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM", dict(
+        DECODER, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
+        layer_types=["full_attention", "sliding_attention"], sliding_window=4)),
+    # norms over the attention's and the MLP's inner outputs, before o_proj / down_proj
+    "llama:bitnet": ("BitNetConfig", "BitNetForCausalLM", DECODER),
+    # each sublayer's output normalised before the residual add (use_post_norm; without: CASES)
+    "granite:hyperclovax": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", DECODER),
+    # layer 0: a Kimi delta attention and a dense MLP; layer 1: a latent attention and experts (Ling 3.0)
+    "bailing_hybrid": ("BailingHybridConfig", "BailingHybridForCausalLM", dict(
+        DECODER, num_key_value_heads=4, head_dim=8, kv_lora_rank=16, qk_nope_head_dim=4, qk_rope_head_dim=4,
+        v_head_dim=8, num_experts=4, num_experts_per_token=2, moe_intermediate_size=16, first_k_dense_replace=1,
+        num_expert_group=1, topk_group=1, layer_types=["linear_attention", "full_attention"], pad_token_id=0,
+        eos_token_id=2)),
+    # a sink logit per head, RoPE only in sliding-window layers; a dense MLP in layer 0, experts and an ungated
+    # shared expert in layer 1
+    "qwen3_moe:flint": ("FlintConfig", "FlintForCausalLM", dict(
+        DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, mlp_only_layers=[0], layer_types=["sliding_attention", "full_attention"],
+        sliding_window=4)),
+    # sandwich norms around the attention and the experts
+    "kolibri1": ("Kolibri1Config", "Kolibri1ForCausalLM", dict(
+        DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, layer_types=["sliding_attention", "full_attention"], sliding_window=4)),
+    # residual connections scaled per channel; dynamic mask attention over more tokens than keep_window_size
+    "doge": ("DogeConfig", "DogeForCausalLM", dict(DECODER, keep_window_size=4)),
+    # differential attention: two softmaxes per head, weighted by learnt vectors
+    "llama:diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", DECODER),
+    # DeepSeek-V3 with the experts' output normalised before the add
+    "deepseek_v3:axk1": ("AXK1Config", "AXK1ForCausalLM", dict(MLA, n_group=1, topk_group=1,
+                                                            mlp_layer_types=["dense", "sparse"])),
+    # DeepSeek-V3.2 with gated norms: a low-rank gate from the normalised stream multiplies it per channel
+    "axk2": ("AXK2Config", "AXK2ForCausalLM", dict(
+        MLA, index_n_heads=4, index_head_dim=8, index_topk=4, gated_norm_rank=4, mlp_layer_types=["dense", "sparse"])),
+    # an indexed attention with a dense MLP, then a sliding-window one (its own widths) with experts; gated heads
+    "deepseek_v3:dots3_note_text": ("Dots3NoteTextConfig", "Dots3NoteForCausalLM", dict(
+        MLA, head_dim=8, shared_experts_intermediate_size=16, index_n_heads=4, index_head_dim=8, index_topk=4,
+        layer_types=["indexed_attention", "sliding_attention"], mlp_layer_types=["dense", "sparse"], sliding_window=4,
+        swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=16, swa_kv_lora_rank=16, swa_head_dim=8,
+        swa_qk_nope_head_dim=4, swa_v_head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # experts fused in checkpoints as [E, in, out] (fc1, fc2), beside shared experts
+    "aria_text": ("AriaTextConfig", "AriaTextForCausalLM", dict(DECODER, intermediate_size=16, moe_num_experts=4, moe_topk=2,
+                                                                moe_num_shared_experts=1, pad_token_id=0)),
+    # Cohere2's tensors; a sliding-window layer beside a full one without rotary embeddings
+    "cohere:cohere_compass_text": ("CohereCompassTextConfig", "CohereCompassForCausalLM", dict(
+        DECODER, layer_types=["sliding_attention", "full_attention"], sliding_window=4, rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}, "full_attention": None},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # (1 + w) norms; a sparse-indexed attention and a dense MLP, then a full attention and experts
+    "minimax_m3_vl_text": ("MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", dict(
+        DECODER, intermediate_size=16, dense_intermediate_size=64, shared_intermediate_size=24, head_dim=8, rotary_dim=4,
+        num_local_experts=4, num_experts_per_tok=2, index_n_heads=2, index_head_dim=8, index_block_size=2,
+        index_topk_blocks=2, layer_types=["minimax_m3_sparse", "full_attention"], mlp_layer_types=["dense", "sparse"],
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -275,8 +332,11 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
        "mixtral:phimoe", "mixtral:minimax_m2", "minimax", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
        "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe",
-       "olmo_hybrid", "lfm2:lfm3", "glm4_moe:solar_open", "qwen3_moe:mellum"}
-MOE |= {"deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash", "longcat_flash", "glm4_moe:hy_v3", "hy_v4", "glm4_moe:laguna"}  # batch A
+       "olmo_hybrid", "lfm2:lfm3", "glm4_moe:solar_open", "qwen3_moe:mellum",
+       "deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash", "longcat_flash",
+       "glm4_moe:hy_v3", "hy_v4", "glm4_moe:laguna",
+       "bailing_hybrid", "qwen3_moe:flint", "kolibri1", "deepseek_v3:axk1", "axk2",
+       "deepseek_v3:dots3_note_text", "aria_text"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -353,6 +413,16 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("qwen3_moe:mellum", {"attention_bias": True, "mlp_layer_types": ["sparse", "sparse"]}),
     ("zaya", {"attention_bias": True, "lm_head_bias": True, "tie_word_embeddings": False,
               "layer_types": ["hybrid_sliding", "hybrid"], "sliding_window": 4}),
+    # batch C: other decoder families
+    ("granitemoe:granitemoe_swa", {"shared_intermediate_size": 0}),
+    ("granite:hyperclovax", {"use_post_norm": False}),
+    ("bailing_hybrid", {"attention_bias": True}),
+    ("qwen3_moe", {"attention_bias": True}),  # o_proj has a bias too
+    ("qwen3_moe:flint", {"attention_bias": True}),
+    ("doge", {"attention_bias": True, "mlp_bias": True}),
+    ("llama:diffllama", {"attention_bias": True}),
+    ("aria_text", {"attention_bias": True, "mlp_bias": True}),
+    ("doge", {"is_moe": True, "num_experts": 16, "num_experts_per_tok": 4}),  # retrieval experts beside the MLP
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
@@ -469,7 +539,8 @@ def test_checkpoint_roles(saved, case):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_norm_feeds_read(saved, case):
     """Run the model: each read projection's input is exactly its norm's output (or that times a config
-    scalar, falcon_h1's multipliers, where it is a multiple of no other norm's output; or, without a
+    scalar, falcon_h1's multipliers, where it is a multiple of no other norm's output; or, in an unrotatable
+    family, the output of the module around the norm that gates it per channel; or, without a
     norm, the residual stream: the layer's input plus what its earlier sublayers added), and each
     write_norm normalises the output of a write projection of its layer (or of the block that sums
     a mixture of experts' writes)."""
@@ -507,8 +578,19 @@ def test_norm_feeds_read(saved, case):
     # a read's parent too: where the parent applies the read's weight without calling its module (LongCat-Flash's
     # router.classifier), the read's input is the parent's
     parents = {module(n).rsplit(".", 1)[0] for n in shapes if arch.role(n).role == "read"}
-    watched = [m for m in {module(n) for n in shapes} | layers | parents | set().union(*writes.values())
-               if m in modules]
+
+    def reader(tensor_name):  # the module whose input a read takes: where the read's rows are looked up by index
+        # (Doge's retrieval experts, an nn.Embedding whose rows multiply the normalised stream), the block that
+        # holds them
+        m = module(tensor_name)
+        return m.rsplit(".", 1)[0] if isinstance(modules.get(m), torch.nn.Embedding) and arch.role(
+            tensor_name).role == "read" else m
+
+    # a norm inside a module of its own that gates its output (A.X-K2's gated norms, in an unrotatable family)
+    gated = {n: module(n).rsplit(".", 1)[0] for n in shapes if arch.unrotatable and arch.role(n).role == "norm"
+             and module(n).rsplit(".", 1)[0] not in layers}
+    watched = [m for m in {module(n) for n in shapes} | {reader(n) for n in shapes} | parents | set(gated.values())
+               | layers | set().union(*writes.values()) if m in modules]
     handles = [modules[m].register_forward_hook(hook(m), with_kwargs=True) for m in watched]
     with torch.no_grad():
         model(torch.arange(8).unsqueeze(0))
@@ -542,11 +624,11 @@ def test_norm_feeds_read(saved, case):
     for name in (n for n in shapes if module(n) in modules):  # experts are fused in memory: no module each
         r = arch.role(name)
         if r.role == "read" and r.norm is None:
-            assert on_stream(inputs[module(name)], r, weightless_norm if arch.gainless_norms else lambda t: t), name
+            assert on_stream(inputs[reader(name)], r, weightless_norm if arch.gainless_norms else lambda t: t), name
         elif r.role == "read":
-            x = inputs.get(module(name), inputs.get(module(name).rsplit(".", 1)[0]))
+            x = inputs.get(reader(name), inputs.get(module(name).rsplit(".", 1)[0]))
             y = outputs.get(module(r.norm))  # the same tensor, or a view of it (a router's)
-            if same(x, y):
+            if same(x, y) or (r.norm in gated and same(x, outputs.get(gated[r.norm]))):
                 continue
             if torch.is_tensor(y) and x.shape == y.shape and torch.allclose(x, y * (x.norm() / y.norm())):
                 continue  # or it times a constant (gemma 3n's router_input_scale)
@@ -626,12 +708,12 @@ def test_known_architectures():
     assert set(known_architectures()) == {family_of(f) for f in FAMILIES}
 
 
-@pytest.mark.parametrize("family", ["cohere", "minimax", "zaya"])
+@pytest.mark.parametrize("family", ["cohere", "minimax", "zaya", "doge"])
 def test_a_family_with_rotation_obstacles_is_not_rotation_invariant(family, tmp_path):
-    """Why norm_type, normed_residual and stream_gain matter: cohere's LayerNorms have no bias, so no role
-    says they subtract the mean; MiniMax's sublayers carry their norm's output on as the residual, so the
-    gains scale the stream; ZAYA scales its stream channel by channel. The turn by each role table changes
-    the function."""
+    """Why norm_type, normed_residual, stream_gain and unrotatable matter: cohere's LayerNorms have no bias, so
+    no role says they subtract the mean; MiniMax's sublayers carry their norm's output on as the residual, so the
+    gains scale the stream; ZAYA scales its stream channel by channel, and so do Doge's residual connections. The
+    turn by any of these role tables changes the function."""
     assert role_table(family).rotation_obstacles()
     assert rotation_error(family, tmp_path) > 1e-2
 
