@@ -283,10 +283,16 @@ def renamed_architecture(src, dst, architecture: str) -> str:
                                     "llama4_text", "granitemoe:granitemoehybrid", "lfm2", "qwen3_next",
                                     "qwen3_next:qwen3_5_text", "qwen3_next:qwen3_5_moe_text",
                                     "mixtral:minimax_m2", "llama:ernie4_5_moe", "hunyuan_v1_dense:hunyuan_v1_moe",
-                                    "glm4_moe:dots1", "glm4_moe:exaone_moe", "jetmoe", "lfm2:lfm2_moe", "cohere:cohere2_moe"])
-def test_a_rotated_mixture_of_experts_is_aligned_back(family, tmp_path):
-    """Per-expert tensors, routers and shared experts are rotated as their role table says: merging
-    a model with its own rotation gives the model back."""
+                                    "glm4_moe:dots1", "glm4_moe:exaone_moe", "jetmoe", "lfm2:lfm2_moe", "cohere:cohere2_moe",
+                                    "kimi_linear", "deepseek_v3:glm_moe_dsa", "glm4_moe:mimo_v2_flash", "glm4_moe:hy_v3",
+                                    "glm4_moe:laguna", "glm4_moe:solar_open", "qwen3_moe:mellum", "qwen3_moe:flint",
+                                    "granitemoe:granitemoe_swa", "bailing_hybrid", "deepseek_v3:dots3_note_text",
+                                    "aria_text", "minimax_m3_vl_text", "deepseek_v2:minicpm3", "lfm2:lfm3", "nanochat",
+                                    "llama:bitnet", "llama:diffllama"])
+def test_a_rotated_model_of_a_described_family_is_aligned_back(family, tmp_path):
+    """Per-expert tensors, routers, shared experts and every other role are rotated as the family's table
+    says (a NanoChat's norms have no gains to fold): merging a model with its own rotation gives the model
+    back."""
     from safetensors.torch import load_file, save_file
 
     from test_architectures import build
