@@ -193,6 +193,8 @@ def _resolve_model(ref: Any, where: str, base_dir: str) -> str:
     if snapshot:
         resolving.hub[snapshot] = ref
         return snapshot
+    if ref.startswith(("/", "./", "../", "~")) or ref.split("@")[0].count("/") > 1:  # no Hub repository id
+        raise SemeError(f"{where}: model not found: no folder {ref}")
     raise SemeError(f"{where}: model not found: {ref} is neither a local folder nor a model in the Hugging Face "
                     f"cache ({_hub_cache()}); seme does not download: fetch it first, e.g. `hf download {ref}`")
 
