@@ -138,6 +138,16 @@ def _keep(d, k: tl.constexpr, offs, m, pid, nblocks, sel_ptr, eqoff_ptr, coef_pt
     return keep
 
 
+@triton.jit
+def _store(out_ptr, offs, value, m, BF16_BITS: tl.constexpr):
+    """Store fp32 `value` in out's dtype, rounded to nearest even (BF16_BITS: out is the int16 view of a
+    bfloat16 tensor, rounded by hand: the interpreter's own cast truncates)."""
+    if BF16_BITS:
+        bits = value.to(tl.uint32, bitcast=True)
+        value = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
+    tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=m)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Kernels
 
@@ -247,10 +257,10 @@ def _merge_kernel(xs, b_ptr, out_ptr, sel_ptr, eqoff_ptr, coef_ptr, keys_ptr, bi
                   lam, K: tl.constexpr, MODE: tl.constexpr, NB: tl.constexpr, CONSENSUS: tl.constexpr,
                   NORMALIZE: tl.constexpr, LAMBDA: tl.constexpr, BF16_BITS: tl.constexpr, STATS: tl.constexpr,
                   BLOCK: tl.constexpr):
-    """out = base + mixed, in the reference's order of operations, into out's dtype (BF16_BITS: out is
-    the int16 view of a bfloat16 tensor). coef[k] = (scale, weight, keep
-    probability); for SCE scale is the coefficient η_k. STATS (SCE): stats[2·block] = the selected
-    elements, stats[2·block + 1] = those with a live δ_k of the losing sign (what SeMe reports)."""
+    """out = base + mixed, in the reference's order of operations, into out's dtype (`_store`).
+    coef[k] = (scale, weight, keep probability); for SCE scale is the coefficient η_k. STATS (SCE):
+    stats[2·block] = the selected elements, stats[2·block + 1] = those with a live δ_k of the losing sign
+    (what SeMe reports)."""
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
@@ -300,11 +310,7 @@ def _merge_kernel(xs, b_ptr, out_ptr, sel_ptr, eqoff_ptr, coef_ptr, keys_ptr, bi
             mixed = tl.math.div_rn(mixed, divisor)
     if LAMBDA:
         mixed = mixed * lam
-    out = base + mixed
-    if BF16_BITS:  # round to nearest even by hand: the interpreter's own cast truncates
-        bits = out.to(tl.uint32, bitcast=True)
-        out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
+    _store(out_ptr, offs, base + mixed, m, BF16_BITS)
 
 
 # ---------------------------------------------------------------------------------------------------
