@@ -32,13 +32,14 @@ import torch
 import triton
 import triton.language as tl
 
-from seme.fused_merge import _linear_weights, ramplus_scales
+from seme.fused_merge import TRITON_ONLY_METHODS, _linear_weights, ramplus_scales
 from seme.kernels.fused_merge import _OPTS, _OUT_DTYPES, _delta, _store, _upload
 from seme.methods import registry
 from seme.methods.inputs import Inputs
 
-SUPPORTED = {"linear", "slerp", "model_stock", "ram", "ramplus_tl"}
+SUPPORTED = TRITON_ONLY_METHODS
 BLOCK = 1024  # elements per program
+MAX_ELEMENTS = 2 ** 31  # int32 offsets
 
 
 def covers(method: str, params: dict) -> bool:
@@ -181,8 +182,8 @@ def fused_merge(method: str, inputs: Inputs, params: dict, out_dtype: torch.dtyp
     if method != "linear" and not inputs.others:
         return first.to(out_dtype)
     n = first.numel()
-    if n >= 2 ** 31:
-        raise ValueError("fused_merge: at most 2^31 elements (int32 offsets)")
+    if n >= MAX_ELEMENTS:
+        raise ValueError(f"fused_merge: fewer than {MAX_ELEMENTS} elements (int32 offsets)")
     out = torch.empty(first.shape, dtype=out_dtype, device=first.device)
     if n == 0:
         return out

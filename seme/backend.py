@@ -2,12 +2,13 @@
 on request (`--backend reference`) or where no kernel covers the method.
 
 CPU tensors go to the C++/OpenMP kernel (seme._C), SeMe's Select / Compute / Erase included (the
-SCE kernel, which also counts what SeMe reports), and so do SLERP, Model Stock (not filter-wise),
-RAM and RAM+ (CPU only). CUDA tensors go to whichever GPU kernel was
-faster for the method in `python -m bench.kernels --device cuda` (bench/RESULTS.md, H100): the CUDA
-C++ one (seme._C_cuda, up to 8 non-base models) for all but DARE, the Triton one for DARE and for
-SeMe's fusion (its SCE kernel counts SeMe's statistics). All draw the same masks as the reference,
-so the backend changes speed, not results (fp32 sums apart).
+SCE kernel, which also counts what SeMe reports), and so do linear, SLERP, Model Stock (not
+filter-wise), RAM and RAM+. CUDA tensors of the task-vector family and SCE go to whichever GPU kernel
+was faster for the method in `python -m bench.kernels --device cuda` (bench/RESULTS.md, H100): the
+CUDA C++ one (seme._C_cuda, up to 8 non-base models) for all but DARE, the Triton one for DARE and for
+SeMe's fusion (its SCE kernel counts SeMe's statistics); linear, SLERP, Model Stock (not filter-wise),
+RAM and RAM+ go to their Triton kernels (seme.kernels.linear_merge), which no CUDA C++ kernel has.
+All draw the same masks as the reference, so the backend changes speed, not results (fp32 sums apart).
 """
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ def implementation(method: str, backend: str, device: torch.device) -> tuple[Cal
     if kernel is None:
         if backend == "fused":
             raise SemeError(f"no fused kernel for method '{method}' on {device.type} "
-                            f"(kernels cover linear, the task-vector family, sce and, on CPU, slerp, model_stock and ram; use "
-                            f"--backend auto)")
+                            f"(kernels cover the task-vector family, sce, linear, slerp, model_stock and ram, on CUDA "
+                            f"with Triton for the last four; use --backend auto)")
         return reference, False
 
     def fused(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged:
@@ -102,10 +103,13 @@ def _fused(method: str, device: torch.device):
 
         try:
             from seme.kernels import fused_merge as triton_merge
+            from seme.kernels import linear_merge as triton_linear
         except ImportError:  # no triton
-            triton_merge = None
+            triton_merge = triton_linear = None
         if method == "seme":
             return None if triton_merge is None else _gpu_seme(triton_merge)
+        if method in fused_merge.TRITON_ONLY_METHODS:
+            return None if triton_linear is None else _gpu_linear(method, triton_linear)
         native = cuda_merge.available() and method in cuda_merge.METHODS
         use_triton = triton_merge is not None and method in triton_merge.SUPPORTED
         if not native and not use_triton:
@@ -126,6 +130,18 @@ def _fused(method: str, device: torch.device):
 
         return gpu
     return None
+
+
+def _gpu_linear(method: str, triton_linear):
+    """Linear, SLERP, Model Stock, RAM or RAM+ on their Triton kernels; the reference where those do not
+    cover the parameters (filter-wise Model Stock) or the size."""
+
+    def gpu_linear(inputs: Inputs, params: dict, out_dtype: torch.dtype) -> Merged | None:
+        if not triton_linear.covers(method, params) or inputs.tensors[0].numel() >= triton_linear.MAX_ELEMENTS:
+            return None
+        return Merged(triton_linear.fused_merge(method, inputs, params, out_dtype))
+
+    return gpu_linear
 
 
 def _gpu_seme(triton_merge):

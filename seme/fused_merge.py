@@ -36,7 +36,9 @@ FAMILY = {
     "lrp": ("magnitude", False),
 }
 GPU_METHODS = frozenset(FAMILY) | {"sce"}  # also in the CUDA and Triton kernels
-METHODS = GPU_METHODS | {"linear", "slerp", "model_stock", "ram", "ramplus_tl"}
+# also in the Triton kernels (seme.kernels.linear_merge), which the GPU runs them on: no CUDA C++ kernel
+TRITON_ONLY_METHODS = frozenset({"linear", "slerp", "model_stock", "ram", "ramplus_tl"})
+METHODS = GPU_METHODS | TRITON_ONLY_METHODS
 _KERNEL = {None: _NONE, "magnitude": _RANK, "magnitude_outliers": _RANK, "random": _RANDOM,
            "della_magprune": _DELLA}
 
@@ -96,7 +98,7 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype=None, num_thre
     else:
         inputs = with_base(inputs)
         base, others = inputs.base, inputs.others
-    if not others:
+    if not others and method != "linear":  # one model's linear merge is still w·x (/ w)
         out = base.to(out_dtype)
         return (out, all_finite(base), all_finite(out)) if checks else out
     tensors = kernel_inputs(base, others, "cpu")

@@ -72,6 +72,13 @@ def test_matches_reference(name, case, shape, kind):
     assert_matches(name, make_inputs(shape, k, kind, seed=len(shape) + shape[0]), bound(name, FAMILY_PARAMS[name][case], k))
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_of_one_model_is_its_weighted_copy(normalize):
+    inputs = make_inputs((1023,), 0)
+    params = registry.bind(registry.get("linear"), dict(weight=0.7, normalize=normalize), 1, None, "test")
+    assert torch.equal(fused_merge.merge("linear", inputs, params), reference("linear", inputs, params))
+
+
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("kind", ["normal", "ties"])
 def test_lrp_without_a_base_merges_the_models_themselves(density, kind):
