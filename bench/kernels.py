@@ -4,8 +4,8 @@
                             [--threads T] [--methods a,b] [--dtypes float32,bfloat16,float16] [--no-record]
 
 Per method: three fine-tuned tensors of N elements (fp32, bf16, then fp16) against a base. Kernels: the
-C++/OpenMP one on CPU; on CUDA the Triton one and the CUDA C++ one (where it is built), each
-timed. Times are best-of-R for the kernels and the memory copy, best-of-B for the (much slower)
+C++/OpenMP one on CPU; on CUDA the Triton ones and the CUDA C++ one (where it is built), each
+timed on the methods it covers (the CUDA C++ one: the task-vector family and SCE). Times are best-of-R for the kernels and the memory copy, best-of-B for the (much slower)
 reference and mergekit. GB/s counts one read of the K+1 inputs and one write of the output (the
 copy: K+1 reads and writes); the kernels really read the inputs once per pass (1 to 4 passes by
 method). --threads sets both torch's and the CPU kernel's thread count (default: all cores).
@@ -55,15 +55,21 @@ def best_time(fn, repeat: int, device: torch.device) -> float:
 
 
 def kernels(device: torch.device, threads: int) -> dict:
-    """name -> merge(method, inputs, params, out_dtype) of every fused kernel built for the device."""
+    """name -> (merge(method, inputs, params, out_dtype), the methods it covers) of every fused kernel
+    built for the device."""
     if device.type == "cpu":
-        return {"C++": lambda m, i, p, dt: fused_merge.merge(m, i, p, out_dtype=dt, num_threads=threads)}
+        return {"C++": (lambda m, i, p, dt: fused_merge.merge(m, i, p, out_dtype=dt, num_threads=threads),
+                        fused_merge.METHODS)}
     from seme import cuda_merge
     from seme.kernels import fused_merge as triton_merge
+    from seme.kernels import linear_merge as triton_linear
 
-    found = {"triton": lambda m, i, p, dt: triton_merge.fused_merge(m, i, p, out_dtype=dt)}
+    def triton(m, i, p, dt):
+        return (triton_linear if m in triton_linear.SUPPORTED else triton_merge).fused_merge(m, i, p, out_dtype=dt)
+
+    found = {"triton": (triton, fused_merge.METHODS)}
     if cuda_merge.available():
-        found["cuda"] = lambda m, i, p, dt: cuda_merge.merge(m, i, p, out_dtype=dt)
+        found["cuda"] = (lambda m, i, p, dt: cuda_merge.merge(m, i, p, out_dtype=dt), fused_merge.GPU_METHODS)
     return found
 
 
@@ -111,8 +117,9 @@ def main(argv=None):
         del base
         copies = {}  # number of inputs -> time of their copy
         for name in args.methods.split(","):
-            if device.type == "cuda" and name not in fused_merge.GPU_METHODS:
-                continue  # the GPU runs it in torch
+            covering = [n for n, (_, methods) in impls.items() if name in methods]
+            if not covering:
+                continue  # the device runs it in torch
             count = INPUTS.get(name, K + 1)
             used = tensors[:count]
             if count not in copies:
@@ -122,14 +129,15 @@ def main(argv=None):
             params = registry.bind(registry.get(name), METHODS[name], count, 0, "bench")
             nbytes = sum(t.numel() * t.element_size() for t in used)
             moved = nbytes + tensors[0].numel() * tensors[0].element_size()
-            times = {n: best_time(lambda: f(name, inputs, params, dtype), args.repeat, device)
-                     for n, f in impls.items()}
+            times = {n: best_time(lambda: impls[n][0](name, inputs, params, dtype), args.repeat, device)
+                     for n in covering}
             fastest = min(times.values())
             ref = best_time(lambda: registry.get(name).fn(inputs, params).to(dtype), args.baseline_repeat, device)
             mk = mergekit_fn(name, used, METHODS[name])
             mk_time = best_time(mk, args.baseline_repeat, device) if mk else float("nan")
             line = (f"| {name} | {dtype_name} | "
-                    + " | ".join(f"{times[n] * 1e3:.2f} | {moved / times[n] / 1e9:.1f}" for n in names)
+                    + " | ".join(f"{times[n] * 1e3:.2f} | {moved / times[n] / 1e9:.1f}" if n in times else "- | -"
+                                 for n in names)
                     + f" | {ref * 1e3:.1f} | {mk_time * 1e3:.1f} | {copy * 1e3:.2f} | {mk_time / fastest:.1f} | "
                     f"{ref / fastest:.1f} | {fastest / copy:.2f} |")
             rows.append(line)
@@ -151,8 +159,10 @@ def main(argv=None):
             import triton
 
             where = f"torch {torch.__version__}, triton {triton.__version__}"
-            kernel_text = ("triton: seme.kernels.fused_merge; cuda: seme.cuda_merge (CUDA C++), where built. The "
-                           "copy's own rate (2 x input bytes / copy ms) is the device's practical bandwidth")
+            kernel_text = ("triton: seme.kernels.fused_merge, and seme.kernels.linear_merge for linear, slerp, "
+                           "model_stock, ram and ramplus_tl; cuda: seme.cuda_merge (CUDA C++), where built, for the "
+                           "task-vector family and sce (-: not covered). The copy's own rate (2 x input bytes / copy "
+                           "ms) is the device's practical bandwidth")
         update_section(f"kernels-{section}", (
             f"## Fused kernels vs plain torch vs mergekit ({title})\n\n"
             f"`{command}` on {machine()}, {where}.\n\n"

@@ -44,13 +44,15 @@ def test_fused_and_reference_backends_agree_on_whole_merges(llama_family, tmp_pa
 @pytest.mark.parametrize("method, params", [
     ("ties", {"weight": 1.0, "density": 0.3}), ("dare_linear", {"weight": 0.5, "density": 0.5}),
     ("sce", {"select_topk": 0.2}), ("della", {"weight": 1.0, "density": 0.5, "epsilon": 0.1}),
-    ("ramplus_tl", {"epsilon": 0.001, "r": 0.5}),  # plain torch on the GPU, the C++ kernel on the CPU
+    ("ramplus_tl", {"epsilon": 0.001, "r": 0.5}),  # the Triton kernel on the GPU, the C++ kernel on the CPU
+    ("slerp", {"t": 0.3}), ("model_stock", {}), ("linear", {"weight": 0.4}),
 ])
 def test_gpu_merges_equal_cpu_merges(llama_family, tmp_path, method, params):
-    # The CUDA C++ kernel (default on a GPU) and the C++ CPU kernel draw the same masks; where the GPU
-    # has no kernel for the method, its plain-torch reference computes what the CPU kernel does.
+    # The CUDA C++ kernel (default on a GPU) and the C++ CPU kernel draw the same masks; RAM+, SLERP, Model
+    # Stock and linear run the C++ kernels' passes on the GPU's Triton kernels.
+    experts = [{"model": llama_family[f"expert{i}"]} for i in range(1 if method == "slerp" else 3)]
     recipe = {"merge_method": method, "base_model": llama_family["base"], "dtype": "float32", "random_seed": 1,
-              "parameters": params, "models": [{"model": llama_family[f"expert{i}"]} for i in range(3)]}
+              "parameters": params, "models": experts}
     seme.merge(recipe, str(tmp_path / "gpu"), device="cuda", progress=False)
     seme.merge(recipe, str(tmp_path / "cpu"), device="cpu", progress=False)
     gpu, cpu = load_folder(tmp_path / "gpu"), load_folder(tmp_path / "cpu")
