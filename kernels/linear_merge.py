@@ -87,18 +87,14 @@ def _gram_kernel(xs, b_ptr, partial_ptr, n, nblocks, M: tl.constexpr, DELTAS: tl
 
 
 @triton.jit
-def _changes(xs, base, offs, m, epsilon, K: tl.constexpr):
-    """(the δ_k, whether each counts: |δ_k| > ε, how many models change each element, as fp32)."""
+def _changes(xs, base, offs, m, epsilon, K: tl.constexpr, BLOCK: tl.constexpr):
+    """(the δ_k, how many models change each element: |δ_k| > ε, as fp32)."""
     ds = ()
-    counted = ()
-    count = tl.zeros(base.shape, tl.float32)
+    count = tl.zeros([BLOCK], tl.float32)
     for k in tl.static_range(K):
-        d = _delta(xs[k], base, offs, m)
-        c = tl.abs(d) > epsilon
-        ds = ds + (d,)
-        counted = counted + (c,)
-        count = count + tl.where(c, 1.0, 0.0)
-    return ds, counted, count
+        ds = ds + (_delta(xs[k], base, offs, m),)
+        count = count + tl.where(tl.abs(ds[k]) > epsilon, 1.0, 0.0)
+    return ds, count
 
 
 @triton.jit
@@ -109,9 +105,9 @@ def _ram_counts_kernel(xs, b_ptr, counts_ptr, n, nblocks, epsilon, K: tl.constex
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     base = tl.load(b_ptr + offs, mask=m, other=0).to(tl.float32)
-    _, counted, count = _changes(xs, base, offs, m, epsilon, K)
+    ds, count = _changes(xs, base, offs, m, epsilon, K, BLOCK)
     for k in tl.static_range(K):
-        live = counted[k] & m
+        live = (tl.abs(ds[k]) > epsilon) & m
         tl.store(counts_ptr + k * nblocks + pid, tl.sum((live & (count == 1.0)).to(tl.int32)))
         tl.store(counts_ptr + (K + k) * nblocks + pid, tl.sum((live & (count > 1.0)).to(tl.int32)))
 
@@ -124,10 +120,10 @@ def _ram_kernel(xs, b_ptr, scale_ptr, out_ptr, n, epsilon, K: tl.constexpr, BF16
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     base = tl.load(b_ptr + offs, mask=m, other=0).to(tl.float32)
-    ds, counted, count = _changes(xs, base, offs, m, epsilon, K)
+    ds, count = _changes(xs, base, offs, m, epsilon, K, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     for k in tl.static_range(K):
-        kept = ds[k] * tl.where(counted[k], 1.0, 0.0)
+        kept = ds[k] * tl.where(tl.abs(ds[k]) > epsilon, 1.0, 0.0)
         acc = acc + tl.where(count == 1.0, kept * tl.load(scale_ptr + k), tl.math.div_rn(kept, tl.maximum(count, 1.0)))
     _store(out_ptr, offs, base + acc, m, BF16_BITS)
 
