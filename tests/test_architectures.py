@@ -324,6 +324,8 @@ FAMILIES = {
         num_local_experts=4, num_experts_per_tok=2, index_n_heads=2, index_head_dim=8, index_block_size=2,
         index_topk_blocks=2, layer_types=["minimax_m3_sparse", "full_attention"], mlp_layer_types=["dense", "sparse"],
         pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # batch F: classic decoder families (LayerNorms, learned positions, fused or parallel sublayers)
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(DECODER, ffn_dim=64, max_position_embeddings=64, pad_token_id=0)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -423,6 +425,9 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("llama:diffllama", {"attention_bias": True}),
     ("aria_text", {"attention_bias": True, "mlp_bias": True}),
     ("doge", {"is_moe": True, "num_experts": 16, "num_experts_per_tok": 4}),  # retrieval experts beside the MLP
+    # batch F: classic decoder families
+    ("opt", {"enable_bias": False}),
+    ("opt", {"do_layer_norm_before": False, "word_embed_proj_dim": 16}),  # opt-350m: post-norm, projected embeddings
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
@@ -574,7 +579,7 @@ def test_norm_feeds_read(saved, case):
         layer, parts = layer_module(arch.role(tensor_name)), module(tensor_name).split(".")
         return {".".join(parts[:i]) for i in range(layer.count(".") + 2, len(parts) + 1)}
 
-    writes = {n: blocks(n) for n in shapes if arch.role(n).role == "write"}
+    writes = {n: blocks(n) for n in shapes if arch.role(n).role == "write" and arch.role(n).layer is not None}
     # a read's parent too: where the parent applies the read's weight without calling its module (LongCat-Flash's
     # router.classifier), the read's input is the parent's
     parents = {module(n).rsplit(".", 1)[0] for n in shapes if arch.role(n).role == "read"}
@@ -608,8 +613,10 @@ def test_norm_feeds_read(saved, case):
         """x is the residual stream where r reads it (normalised, where given how): before the layers the
         embeddings, in a layer its input plus some of what its sublayers added (their write_norms' outputs,
         or, where the norms have no gains to tell them by, their writes')."""
-        if r.layer is None:
-            return any(same(x, outputs[module(n)]) for n in shapes if arch.role(n).role == "embedding")
+        if r.layer is None:  # or, after the layers, the last one's output (opt-350m's project_out)
+            last = next(m for m in layers if m.rsplit(".", 1)[-1] == str(arch.num_layers(config) - 1))
+            return any(same(x, outputs[module(n)]) for n in shapes if arch.role(n).role == "embedding") \
+                or same(x, outputs.get(last))
         stream = inputs[layer_module(r)]
         added = [outputs[module(n)] for n in shapes if arch.role(n).layer == r.layer and (
             arch.role(n).role == "write_norm" or arch.gainless_norms and arch.role(n).role == "write")]
