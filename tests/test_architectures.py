@@ -326,6 +326,20 @@ FAMILIES = {
         pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # batch F: classic decoder families (LayerNorms, learned positions, fused or parallel sublayers)
     "opt": ("OPTConfig", "OPTForCausalLM", dict(DECODER, ffn_dim=64, max_position_embeddings=64, pad_token_id=0)),
+    # the embeddings normalised before the first layer; ALiBi
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=128)),
+    # parallel attention and MLP from one norm, a head with a bias
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64,
+                                                  vocab_size=128)),
+    # a global and a local attention layer
+    "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM", dict(hidden_size=32, num_layers=2, num_heads=4, vocab_size=128,
+                                                         max_position_embeddings=64, intermediate_size=64,
+                                                         attention_types=[[["global", "local"], 1]], window_size=4,
+                                                         bos_token_id=1, eos_token_id=2)),
+    "mpt": ("MptConfig", "MptForCausalLM", dict(d_model=32, n_layers=2, n_heads=4, vocab_size=128, max_seq_len=64)),
+    "codegen": ("CodeGenConfig", "CodeGenForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                                           n_positions=64, vocab_size=128, bos_token_id=1,
+                                                           eos_token_id=2)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -428,6 +442,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     # batch F: classic decoder families
     ("opt", {"enable_bias": False}),
     ("opt", {"do_layer_norm_before": False, "word_embed_proj_dim": 16}),  # opt-350m: post-norm, projected embeddings
+    ("bloom", {"apply_residual_connection_post_layernorm": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
