@@ -340,6 +340,21 @@ FAMILIES = {
     "codegen": ("CodeGenConfig", "CodeGenForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
                                                            n_positions=64, vocab_size=128, bos_token_id=1,
                                                            eos_token_id=2)),
+    "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", dict(DECODER, pad_token_id=0, bos_token_id=1,
+                                                                 eos_token_id=2)),
+    # pre-norm BART decoders: sinusoidal (xglm) or learned (biogpt) positions, the embeddings scaled
+    "xglm": ("XGLMConfig", "XGLMForCausalLM", dict(d_model=32, num_layers=2, attention_heads=4, ffn_dim=64,
+                                                   vocab_size=128, max_position_embeddings=64)),
+    "biogpt": ("BioGptConfig", "BioGptForCausalLM", dict(DECODER, max_position_embeddings=64, pad_token_id=0,
+                                                         bos_token_id=1, eos_token_id=2)),
+    # a bias vector after the last layer's attention only
+    "gpt_neox_japanese": ("GPTNeoXJapaneseConfig", "GPTNeoXJapaneseForCausalLM", dict(
+        DECODER, intermediate_multiple_size=2, bos_token_id=1, eos_token_id=2)),
+    # post-norm: each norm's output is the residual
+    "openai-gpt": ("OpenAIGPTConfig", "OpenAIGPTLMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128,
+                                                                   n_positions=64)),
+    "ctrl": ("CTRLConfig", "CTRLLMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, dff=64, vocab_size=128,
+                                                   n_positions=64)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -443,6 +458,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("opt", {"enable_bias": False}),
     ("opt", {"do_layer_norm_before": False, "word_embed_proj_dim": 16}),  # opt-350m: post-norm, projected embeddings
     ("bloom", {"apply_residual_connection_post_layernorm": True}),
+    ("persimmon", {"qk_layernorm": False}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
