@@ -355,6 +355,10 @@ FAMILIES = {
                                                                    n_positions=64)),
     "ctrl": ("CTRLConfig", "CTRLLMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, dff=64, vocab_size=128,
                                                    n_positions=64)),
+    # an RG-LRU recurrence, then a local attention; (1 + w) RMSNorms
+    "recurrent_gemma": ("RecurrentGemmaConfig", "RecurrentGemmaForCausalLM", dict(
+        DECODER, block_types=["recurrent", "attention"], attention_window_size=4, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -459,6 +463,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("opt", {"do_layer_norm_before": False, "word_embed_proj_dim": 16}),  # opt-350m: post-norm, projected embeddings
     ("bloom", {"apply_residual_connection_post_layernorm": True}),
     ("persimmon", {"qk_layernorm": False}),
+    ("recurrent_gemma", {"attention_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
