@@ -359,6 +359,11 @@ FAMILIES = {
     "recurrent_gemma": ("RecurrentGemmaConfig", "RecurrentGemmaForCausalLM", dict(
         DECODER, block_types=["recurrent", "attention"], attention_window_size=4, pad_token_id=0, bos_token_id=1,
         eos_token_id=2)),
+    # two hybrid layers: the shared attention (reading the stream and the embeddings concatenated) before a Mamba-1
+    # mixer (transformers 5.23 cannot tie the shared block where a single layer uses it)
+    "zamba": ("ZambaConfig", "ZambaForCausalLM", dict(
+        DECODER, num_key_value_heads=4, n_mamba_heads=2, mamba_d_state=8, layers_block_type=["hybrid", "hybrid"],
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -464,6 +469,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("bloom", {"apply_residual_connection_post_layernorm": True}),
     ("persimmon", {"qk_layernorm": False}),
     ("recurrent_gemma", {"attention_bias": True}),
+    ("zamba", {"mamba_proj_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
