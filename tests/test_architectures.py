@@ -364,6 +364,9 @@ FAMILIES = {
     "zamba": ("ZambaConfig", "ZambaForCausalLM", dict(
         DECODER, num_key_value_heads=4, n_mamba_heads=2, mamba_d_state=8, layers_block_type=["hybrid", "hybrid"],
         pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # mLSTM blocks: a matrix-memory recurrence with exponential gates, then a gated MLP
+    "xlstm": ("xLSTMConfig", "xLSTMForCausalLM", dict(hidden_size=32, num_hidden_layers=2, num_heads=4, vocab_size=128,
+                                                      use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
