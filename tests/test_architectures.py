@@ -492,7 +492,8 @@ def test_checkpoint_roles(saved, case):
         m = LAYER.search(name)
         assert r.layer == (int(m.group(1)) if m else None), name
         assert (r.template == name) if r.layer is None else (arch.layer_name(r.template, r.layer) == name)
-        in_dim, out_dim = (-1, -2) if r.layout == "out_in" else (-2, -1)  # fused experts lead with [E, ...]
+        # fused experts lead with [E, ...]
+        in_dim, out_dim = (-1, -2) if archs.orientation(r.layout, r.role, shape, hidden) == "out_in" else (-2, -1)
         if r.role == "read":
             assert shape[in_dim] == hidden, name
             # without a norm it reads the raw stream (olmo2, gemma 4's per-layer inputs): test_norm_feeds_read
@@ -818,6 +819,19 @@ def test_a_table_is_checked_when_loaded():
         archs._parse(dict(table, norm_type="layer_norm", variants=[{"when": {"x": 1}, "norm_type": "rms_norm"}]))
     with pytest.raises(ValueError, match="bad norm_type"):
         archs._parse(dict(table, norm_type="layer_norm", variants=[{"when": {"x": 1}, "norm_type": "batch_norm"}]))
+    with pytest.raises(ValueError, match="has layout either, which only a read or a write can have"):
+        archs._parse(dict(table, tensors={"a.embed.weight": {"role": "embedding", "layout": "either"}}))
+
+
+def test_a_layout_either_is_told_by_the_shape():
+    """Fused experts kept [E, out, in] or [E, in, out]: out_in where the residual width (8) sits where a read's
+    input or a write's output does in memory, as transformers decides when it loads them (so where both fit)."""
+    assert archs.orientation("either", "read", (4, 6, 8), 8) == "out_in"
+    assert archs.orientation("either", "read", (4, 8, 6), 8) == "in_out"
+    assert archs.orientation("either", "write", (4, 8, 3), 8) == "out_in"
+    assert archs.orientation("either", "write", (4, 3, 8), 8) == "in_out"
+    assert archs.orientation("either", "read", (4, 8, 8), 8) == "out_in"
+    assert archs.orientation("in_out", "read", (4, 6, 8), 8) == "in_out"
 
 
 def test_match_order():

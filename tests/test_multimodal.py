@@ -216,6 +216,25 @@ def build_qwen3_5(path, seed: int, moe: bool = False):
     return save_random(path, seed, getattr(transformers, model), config)
 
 
+def build_qwen3_vl_moe(path, seed: int, hub: bool = False):
+    """A Qwen3-VL-MoE; with `hub`, its fused experts transposed to [E, in, out], as its Hub checkpoints keep them
+    (transformers 5 saves them as [E, out, in], and loads both)."""
+    import transformers
+
+    from safetensors.torch import save_file
+
+    config = transformers.Qwen3VLMoeConfig(
+        text_config=dict(QWEN_VL_TEXT, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                         rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           deepstack_visual_indexes=[0]), **QWEN_VL_TOKENS)
+    save_random(path, seed, transformers.Qwen3VLMoeForConditionalGeneration, config)
+    if hub:
+        save_file({k: v.mT.contiguous() if ".mlp.experts." in k else v for k, v in load_folder(path).items()},
+                  f"{path}/model.safetensors", metadata={"format": "pt"})
+    return str(path)
+
+
 QWEN_VL_TOKENS = dict(image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63)
 QWEN_VL_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=64, bos_token_id=1, eos_token_id=2)
@@ -436,6 +455,9 @@ WRAPPERS = {  # the builder, and the family of its language model
     "aya_vision": (build_aya_vision, "cohere"),
     "cohere2_vision": (lambda path, seed: build_aya_vision(path, seed, "Cohere2Vision"), "cohere"),
     "qwen3_5_moe": (lambda path, seed: build_qwen3_5(path, seed, moe=True), "qwen3_next"),
+    # batch D: language models inside multimodal wrappers
+    "qwen3_vl_moe": (build_qwen3_vl_moe, "qwen3_moe"),
+    "qwen3_vl_moe-hub": (lambda path, seed: build_qwen3_vl_moe(path, seed, hub=True), "qwen3_moe"),
 }
 
 
@@ -561,6 +583,11 @@ PROMPTS = {
     "llama4": (build_llama4, "Llama4ForConditionalGeneration", lambda: image_prompt(60, 4, 56)),
     "idefics3": (build_idefics3, "Idefics3ForConditionalGeneration", idefics3_prompt),
     "smolvlm": (WRAPPERS["smolvlm"][0], "SmolVLMForConditionalGeneration", idefics3_prompt),
+    # batch D: language models inside multimodal wrappers (Qwen3-VL-MoE's experts as transformers 5 saves them, and
+    # as the Hub keeps them)
+    "qwen3_vl_moe": (build_qwen3_vl_moe, "Qwen3VLMoeForConditionalGeneration", lambda: qwen_vl_prompt(16)),
+    "qwen3_vl_moe-hub": (WRAPPERS["qwen3_vl_moe-hub"][0], "Qwen3VLMoeForConditionalGeneration",
+                         lambda: qwen_vl_prompt(16)),
 }
 
 
@@ -691,10 +718,11 @@ def test_seme_merges_a_multimodal_model(llavas, tmp_path):
     assert not torch.equal(merged["multi_modal_projector.linear_2.weight"], inputs[0]["multi_modal_projector.linear_2.weight"])
 
 
-@pytest.mark.parametrize("wrapper", ["llava", "llava_next"])
+@pytest.mark.parametrize("wrapper", ["llava", "llava_next", "qwen3_vl_moe-hub"])
 def test_seme_aligns_a_rotated_llava_back(wrapper, tmp_path):
     """A Llava merged with its own turned copy: SeMe recovers the turn from the heads and turns the copy's
-    language model and projector back (Llava-NeXT's image_newline with them), so the merge is the model."""
+    language model and projector back (Llava-NeXT's image_newline with them; Qwen3-VL-MoE's experts as its Hub
+    checkpoints keep them, [E, in, out]), so the merge is the model."""
     import json
 
     a = WRAPPERS[wrapper][0](tmp_path / "a", 0)
