@@ -235,6 +235,33 @@ def build_qwen3_vl_moe(path, seed: int, hub: bool = False):
     return str(path)
 
 
+GLM4V_TOKENS = dict(image_token_id=60, video_token_id=61, image_start_token_id=62, image_end_token_id=63,
+                   video_start_token_id=58, video_end_token_id=59)
+GLM4V_VISION = dict(depth=2, hidden_size=16, intermediate_size=48, num_heads=2, out_hidden_size=32, image_size=28,
+                    patch_size=14)
+GLM4V_ROPE = {"rope_type": "default", "mrope_section": [1, 1, 2], "partial_rotary_factor": 0.5}
+
+
+def build_glm4v(path, seed: int, model: str = "Glm4v"):
+    """A GLM-4.1V (or, as `model`, GLM-4.6V: the same parts), whose merger's down_proj writes into the stream."""
+    import transformers
+
+    config = getattr(transformers, f"{model}Config")(text_config=dict(QWEN_VL_TEXT, rope_parameters=GLM4V_ROPE),
+                                                     vision_config=GLM4V_VISION, **GLM4V_TOKENS)
+    return save_random(path, seed, getattr(transformers, f"{model}ForConditionalGeneration"), config)
+
+
+def build_glm4v_moe(path, seed: int):
+    """A GLM-4.5V: a dense layer, then a mixture of experts."""
+    import transformers
+
+    config = transformers.Glm4vMoeConfig(
+        text_config=dict(QWEN_VL_TEXT, head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                         first_k_dense_replace=1, rope_parameters=GLM4V_ROPE),
+        vision_config=GLM4V_VISION, **GLM4V_TOKENS)
+    return save_random(path, seed, transformers.Glm4vMoeForConditionalGeneration, config)
+
+
 QWEN_VL_TOKENS = dict(image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63)
 QWEN_VL_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=64, bos_token_id=1, eos_token_id=2)
@@ -458,6 +485,8 @@ WRAPPERS = {  # the builder, and the family of its language model
     # batch D: language models inside multimodal wrappers
     "qwen3_vl_moe": (build_qwen3_vl_moe, "qwen3_moe"),
     "qwen3_vl_moe-hub": (lambda path, seed: build_qwen3_vl_moe(path, seed, hub=True), "qwen3_moe"),
+    "glm4v": (build_glm4v, "glm4"), "glm46v": (lambda path, seed: build_glm4v(path, seed, "Glm46V"), "glm4"),
+    "glm4v_moe": (build_glm4v_moe, "glm4_moe"),
 }
 
 
@@ -588,6 +617,7 @@ PROMPTS = {
     "qwen3_vl_moe": (build_qwen3_vl_moe, "Qwen3VLMoeForConditionalGeneration", lambda: qwen_vl_prompt(16)),
     "qwen3_vl_moe-hub": (WRAPPERS["qwen3_vl_moe-hub"][0], "Qwen3VLMoeForConditionalGeneration",
                          lambda: qwen_vl_prompt(16)),
+    "glm4v_moe": (build_glm4v_moe, "Glm4vMoeForConditionalGeneration", qwen_vl_prompt),
 }
 
 
@@ -625,6 +655,10 @@ FEATURES = {
     "aya_vision": (build_aya_vision, "AyaVisionForConditionalGeneration", lambda: torch.randn(1, 3, 56, 56)),
     "cohere2_vision": (WRAPPERS["cohere2_vision"][0], "Cohere2VisionForConditionalGeneration",
                        lambda: torch.randn(1, 3, 56, 56)),
+    # batch D: language models inside multimodal wrappers (GLM-4.1V's, as GLM-4's, normalises its sublayers'
+    # outputs); 2 x 2 patches, merged into one token
+    "glm4v": (build_glm4v, "Glm4vForConditionalGeneration", lambda: dict(
+        pixel_values=torch.randn(4, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 2, 2]]))),
 }
 
 
@@ -643,9 +677,14 @@ def test_a_projector_writes_image_features_that_turn_with_the_stream(wrapper, tm
     assert architectures.for_config(json.loads((Path(a) / "config.json").read_text()), tensor_names(a)).projected
     torch.manual_seed(0)
     x = pixels()
+    x = x if isinstance(x, dict) else {"pixel_values": x}  # or all that get_image_features takes
+
+    def features(model):  # one tensor, where they come split per image
+        pooled = model.model.get_image_features(**x, return_dict=True).pooler_output
+        return (torch.cat(pooled) if isinstance(pooled, (list, tuple)) else pooled).double()
+
     with torch.no_grad():
-        expected, got = (getattr(transformers, model_class).from_pretrained(p).eval().model.get_image_features(
-            x, return_dict=True).pooler_output.double() for p in (a, turned))
+        expected, got = (features(getattr(transformers, model_class).from_pretrained(p).eval()) for p in (a, turned))
     assert float((got - expected @ Q.T).norm() / expected.norm()) < 1e-5
 
 
