@@ -324,6 +324,9 @@ FAMILIES = {
         num_local_experts=4, num_experts_per_tok=2, index_n_heads=2, index_head_dim=8, index_block_size=2,
         index_topk_blocks=2, layer_types=["minimax_m3_sparse", "full_attention"], mlp_layer_types=["dense", "sparse"],
         pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # batch D: language models inside multimodal wrappers
+    # DeepSeek-V3's tensors, the experts fused (Mistral Small 4)
+    "deepseek_v3:mistral4": ("Mistral4Config", "Mistral4ForCausalLM", dict(MLA, n_group=1, topk_group=1)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -710,7 +713,11 @@ def test_a_rotation_by_the_role_table_keeps_the_function(family, tmp_path):
 
 
 def test_known_architectures():
-    assert set(known_architectures()) == {family_of(f) for f in FAMILIES}
+    """Every table is tested: on its own, or where transformers has no causal LM of it, inside the multimodal
+    models that hold it (Mistral Large 4's language model)."""
+    from test_multimodal import WRAPPERS
+
+    assert set(known_architectures()) == {family_of(f) for f in FAMILIES} | {family for _, family in WRAPPERS.values()}
 
 
 @pytest.mark.parametrize("family", ["cohere", "minimax", "zaya", "doge"])

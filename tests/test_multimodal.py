@@ -127,6 +127,34 @@ def build_mistral3(path, seed: int):
     return save_random(path, seed, transformers.Mistral3ForConditionalGeneration, config)
 
 
+def build_mistral_large4(path, seed: int):
+    """A Mistral Large 4, saved in Mistral's own names: a dense layer, then a mixture of experts; latent attention
+    with a sparse-attention indexer in each layer."""
+    import transformers
+
+    config = transformers.MistralLarge4Config(
+        text_config=dict(LLAVA_TEXT, num_key_value_heads=4, moe_intermediate_size=16, kv_lora_rank=16,
+                         qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=8, n_routed_experts=4,
+                         num_experts_per_tok=2, index_topk=4, index_head_dim=8, index_n_heads=2),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           head_dim=8, image_size=56, patch_size=14), image_token_index=10)
+    return save_random(path, seed, transformers.MistralLarge4ForConditionalGeneration, config)
+
+
+def build_mistral3_mistral4(path, seed: int):
+    """A Mistral Small 4: Mistral 3's vision tower and projector, a DeepSeek-V3-like language model."""
+    import transformers
+
+    config = transformers.Mistral3Config(
+        text_config=dict(LLAVA_TEXT, model_type="mistral4", num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16,
+                         qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
+                         num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1, n_group=1,
+                         topk_group=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           head_dim=8, image_size=28, patch_size=14), tie_word_embeddings=False)
+    return save_random(path, seed, transformers.Mistral3ForConditionalGeneration, config)
+
+
 LLAVA_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=64)
 SIGLIP = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -487,6 +515,8 @@ WRAPPERS = {  # the builder, and the family of its language model
     "qwen3_vl_moe-hub": (lambda path, seed: build_qwen3_vl_moe(path, seed, hub=True), "qwen3_moe"),
     "glm4v": (build_glm4v, "glm4"), "glm46v": (lambda path, seed: build_glm4v(path, seed, "Glm46V"), "glm4"),
     "glm4v_moe": (build_glm4v_moe, "glm4_moe"),
+    "mistral_large4": (build_mistral_large4, "mistral_large4_text"), "mistral3-mistral4": (build_mistral3_mistral4,
+                                                                                            "deepseek_v3"),
 }
 
 
@@ -518,7 +548,7 @@ def test_a_multimodal_models_language_model_has_its_familys_roles(wrapper, tmp_p
     config = json.loads((tmp_path / wrapper / "config.json").read_text())
     names = tensor_names(path)
     arch = architectures.for_config(config, names)
-    own = architectures.for_config({"model_type": config["text_config"]["model_type"]})
+    own = architectures.for_config(config["text_config"])  # its variant, as the text config chooses it
     assert not arch.inferred and arch.name == own.name == family
     assert arch.num_layers(config) == 2 and arch.hidden_size(config) == 32
     for name in names:
@@ -566,6 +596,11 @@ def qwen_vl_prompt(patch: int = 14) -> dict:
                 mm_token_type_ids=(ids == 60).long())
 
 
+def mistral3_prompt() -> dict:  # 4 x 4 patches, merged 2 x 2
+    return dict(input_ids=torch.tensor([[1, 5] + [10] * 4 + [9, 11]]), image_sizes=torch.tensor([[56, 56]]),
+                pixel_values=torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0)))
+
+
 def llava_prompt() -> dict:  # its 4 patches take the image tokens' places
     return dict(input_ids=torch.tensor([[1, 5] + [60] * 4 + [9, 11]]),
                 pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)))
@@ -593,9 +628,7 @@ def llava_next_prompt() -> dict:
 PROMPTS = {
     "llava": (build_llava, "LlavaForConditionalGeneration", llava_prompt),
     "llava-nested": (build_llava_nested, "LlavaForConditionalGeneration", llava_prompt),
-    "mistral3": (build_mistral3, "Mistral3ForConditionalGeneration", lambda: dict(  # 4 x 4 patches, merged 2 x 2
-        input_ids=torch.tensor([[1, 5] + [10] * 4 + [9, 11]]), image_sizes=torch.tensor([[56, 56]]),
-        pixel_values=torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0)))),
+    "mistral3": (build_mistral3, "Mistral3ForConditionalGeneration", mistral3_prompt),
     "qwen2_vl": (build_qwen2_vl, "Qwen2VLForConditionalGeneration", qwen_vl_prompt),
     "qwen2_5_vl": (build_qwen2_5_vl, "Qwen2_5_VLForConditionalGeneration", qwen_vl_prompt),
     "qwen3_vl": (build_qwen3_vl, "Qwen3VLForConditionalGeneration", lambda: qwen_vl_prompt(16)),
@@ -618,6 +651,7 @@ PROMPTS = {
     "qwen3_vl_moe-hub": (WRAPPERS["qwen3_vl_moe-hub"][0], "Qwen3VLMoeForConditionalGeneration",
                          lambda: qwen_vl_prompt(16)),
     "glm4v_moe": (build_glm4v_moe, "Glm4vMoeForConditionalGeneration", qwen_vl_prompt),
+    "mistral3-mistral4": (build_mistral3_mistral4, "Mistral3ForConditionalGeneration", mistral3_prompt),
 }
 
 
@@ -659,6 +693,9 @@ FEATURES = {
     # outputs); 2 x 2 patches, merged into one token
     "glm4v": (build_glm4v, "Glm4vForConditionalGeneration", lambda: dict(
         pixel_values=torch.randn(4, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 2, 2]]))),
+    # (Mistral Large 4's indexer normalises the stream with a LayerNorm) 4 x 4 patches, merged 2 x 2
+    "mistral_large4": (build_mistral_large4, "MistralLarge4ForConditionalGeneration", lambda: dict(
+        pixel_values=torch.randn(1, 3, 56, 56), image_sizes=torch.tensor([[56, 56]]), vision_feature_layer=-1)),
 }
 
 
