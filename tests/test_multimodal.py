@@ -155,6 +155,19 @@ def build_mistral3_mistral4(path, seed: int):
     return save_random(path, seed, transformers.Mistral3ForConditionalGeneration, config)
 
 
+def build_ernie4_5_vl_moe(path, seed: int):
+    """An ERNIE 4.5 VL: a dense layer, then experts for text tokens beside experts for image tokens."""
+    import transformers
+
+    config = transformers.Ernie4_5_VLMoeConfig(
+        text_config=dict(LLAVA_TEXT, moe_intermediate_size=[16, 8], moe_k=2, moe_num_experts=4, moe_num_shared_experts=1,
+                         mlp_layer_types=["dense", "sparse"],
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2), tie_word_embeddings=False,
+        **GLM4V_TOKENS)
+    return save_random(path, seed, transformers.Ernie4_5_VLMoeForConditionalGeneration, config)
+
+
 LLAVA_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=64)
 SIGLIP = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -517,6 +530,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "glm4v_moe": (build_glm4v_moe, "glm4_moe"),
     "mistral_large4": (build_mistral_large4, "mistral_large4_text"), "mistral3-mistral4": (build_mistral3_mistral4,
                                                                                             "deepseek_v3"),
+    "ernie4_5_vl_moe": (build_ernie4_5_vl_moe, "llama"),
 }
 
 
@@ -678,6 +692,43 @@ def test_a_rotation_by_the_roles_keeps_a_multimodal_models_function(wrapper, tmp
     with torch.no_grad():
         expected, got = (getattr(transformers, model_class).from_pretrained(p).eval()(**prompt()).logits
                          for p in (a, turned))
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
+# model class, what it takes beside the token ids: wrappers whose projector is not described, whose language model
+# turns (batch D; ERNIE 4.5 VL's middle tokens taken as an image's, so that its image experts run)
+TEXT_PROMPTS = {
+    "ernie4_5_vl_moe": ("Ernie4_5_VLMoeForConditionalGeneration",
+                        dict(moe_mm_token_type_ids=torch.tensor([[0, 0, 1, 1, 0, 0]]))),
+}
+
+
+@pytest.mark.parametrize("wrapper", TEXT_PROMPTS)
+def test_a_rotation_by_the_roles_keeps_a_multimodal_models_text_function(wrapper, tmp_path):
+    """Where the projector is not described, the language model's roles alone: turned by them, the model gives a
+    prompt without an image the same logits (its projector is all that keeps it from being aligned)."""
+    import json
+
+    import transformers
+    from safetensors.torch import save_file
+
+    from bench.zoo import rotate
+
+    a = perturbed(WRAPPERS[wrapper][0](tmp_path / "a", 0))
+    arch = architectures.for_config(json.loads((Path(a) / "config.json").read_text()), tensor_names(a))
+    assert arch.rotation_obstacles() == [
+        "its vision projector, which writes into the language model's stream, is not described"]
+    state = {k: v.double() for k, v in load_folder(a).items()}
+    text = {k: v for k, v in state.items() if modules.part_of(k) == modules.TEXT}
+    turned = {**state, **rotate(text, arch, random_orthogonal(32, 2).double())}
+    (tmp_path / "turned").mkdir()
+    (tmp_path / "turned" / "config.json").write_text((Path(a) / "config.json").read_text())
+    save_file({k: v.float().contiguous() for k, v in turned.items()}, f"{tmp_path}/turned/model.safetensors",
+              metadata={"format": "pt"})
+    model_class, kwargs = TEXT_PROMPTS[wrapper]
+    with torch.no_grad():
+        expected, got = (getattr(transformers, model_class).from_pretrained(p).eval()(
+            input_ids=torch.tensor([[1, 5, 9, 11, 3, 7]]), **kwargs).logits for p in (a, tmp_path / "turned"))
     assert float((got - expected).norm() / expected.norm()) < 1e-5
 
 
