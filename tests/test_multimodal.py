@@ -168,6 +168,36 @@ def build_ernie4_5_vl_moe(path, seed: int):
     return save_random(path, seed, transformers.Ernie4_5_VLMoeForConditionalGeneration, config)
 
 
+OMNI_AUDIO = dict(d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32, output_dim=32, num_mel_bins=16,
+                  max_source_positions=50, n_window=4)
+
+
+def build_qwen2_5_omni_thinker(path, seed: int):
+    """Qwen2.5-Omni's thinker: Qwen2's language model beside a vision and an audio encoder."""
+    import transformers
+
+    config = transformers.Qwen2_5OmniThinkerConfig(
+        text_config=dict(QWEN_VL_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           fullatt_block_indexes=[1]), audio_config=OMNI_AUDIO, audio_token_index=57,
+        image_token_index=60, video_token_index=61, vision_start_token_id=62, vision_end_token_id=63,
+        audio_start_token_id=58, audio_end_token_id=59)
+    return save_random(path, seed, transformers.Qwen2_5OmniThinkerForConditionalGeneration, config)
+
+
+def build_qwen3_omni_moe_thinker(path, seed: int):
+    """Qwen3-Omni's thinker: Qwen3-MoE's language model beside a vision and an audio encoder."""
+    import transformers
+
+    config = transformers.Qwen3OmniMoeThinkerConfig(
+        text_config=dict(QWEN_VL_TEXT, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           deepstack_visual_indexes=[0]), audio_config=dict(OMNI_AUDIO, downsample_hidden_size=8),
+        audio_token_id=57, audio_start_token_id=58, audio_end_token_id=59, **QWEN_VL_TOKENS)
+    return save_random(path, seed, transformers.Qwen3OmniMoeThinkerForConditionalGeneration, config)
+
+
 LLAVA_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=64)
 SIGLIP = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -531,6 +561,8 @@ WRAPPERS = {  # the builder, and the family of its language model
     "mistral_large4": (build_mistral_large4, "mistral_large4_text"), "mistral3-mistral4": (build_mistral3_mistral4,
                                                                                             "deepseek_v3"),
     "ernie4_5_vl_moe": (build_ernie4_5_vl_moe, "llama"),
+    "qwen2_5_omni_thinker": (build_qwen2_5_omni_thinker, "qwen2"),
+    "qwen3_omni_moe_thinker": (build_qwen3_omni_moe_thinker, "qwen3_moe"),
 }
 
 
@@ -576,10 +608,11 @@ def test_a_multimodal_models_language_model_has_its_familys_roles(wrapper, tmp_p
         assert role.norm is None or (role.norm in names and own_name(role.norm) == expected.norm), name
     tied = not any(arch.role(n) and arch.role(n).role == "lm_head" for n in names)
     assert tied == arch.tied(config)
-    for template, spec in arch.tensors.items():  # every required tensor, at every layer
+    for template, spec in arch.tensors.items():  # every required tensor, at every layer (of its first expert)
         if not spec.optional and not (tied and spec.role == "lm_head"):
             for layer in range(2) if "{layer}" in template else [None]:
-                assert (template if layer is None else arch.layer_name(template, layer)) in names, template
+                name = template if layer is None else arch.layer_name(template, layer)
+                assert name.replace("{expert}", "0") in names, template
 
 
 def rotated(path, out, Q) -> str:
@@ -700,6 +733,8 @@ def test_a_rotation_by_the_roles_keeps_a_multimodal_models_function(wrapper, tmp
 TEXT_PROMPTS = {
     "ernie4_5_vl_moe": ("Ernie4_5_VLMoeForConditionalGeneration",
                         dict(moe_mm_token_type_ids=torch.tensor([[0, 0, 1, 1, 0, 0]]))),
+    "qwen2_5_omni_thinker": ("Qwen2_5OmniThinkerForConditionalGeneration", {}),
+    "qwen3_omni_moe_thinker": ("Qwen3OmniMoeThinkerForConditionalGeneration", {}),
 }
 
 
