@@ -322,6 +322,15 @@ def build_glm4v(path, seed: int, model: str = "Glm4v"):
     return save_random(path, seed, getattr(transformers, f"{model}ForConditionalGeneration"), config)
 
 
+def build_glm_ocr(path, seed: int):
+    """A GLM-OCR: GLM-4.1V's parts, without attention biases."""
+    import transformers
+
+    config = transformers.GlmOcrConfig(text_config=dict(QWEN_VL_TEXT, head_dim=16, rope_parameters=GLM4V_ROPE),
+                                       vision_config=GLM4V_VISION, **GLM4V_TOKENS)
+    return save_random(path, seed, transformers.GlmOcrForConditionalGeneration, config)
+
+
 def build_glm4v_moe(path, seed: int):
     """A GLM-4.5V: a dense layer, then a mixture of experts."""
     import transformers
@@ -563,6 +572,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "ernie4_5_vl_moe": (build_ernie4_5_vl_moe, "llama"),
     "qwen2_5_omni_thinker": (build_qwen2_5_omni_thinker, "qwen2"),
     "qwen3_omni_moe_thinker": (build_qwen3_omni_moe_thinker, "qwen3_moe"),
+    "glm_ocr": (build_glm_ocr, "glm4"),
 }
 
 
@@ -767,6 +777,10 @@ def test_a_rotation_by_the_roles_keeps_a_multimodal_models_text_function(wrapper
     assert float((got - expected).norm() / expected.norm()) < 1e-5
 
 
+def glm4v_pixels() -> dict:  # 2 x 2 patches, merged into one token
+    return dict(pixel_values=torch.randn(4, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 2, 2]]))
+
+
 # builder, model class, pixel values: models whose language model no turn of its stream keeps (Gemma 3's
 # normalises its sublayers' outputs before the add, Cohere's norms are LayerNorms), but whose projector is
 # described all the same
@@ -775,10 +789,10 @@ FEATURES = {
     "aya_vision": (build_aya_vision, "AyaVisionForConditionalGeneration", lambda: torch.randn(1, 3, 56, 56)),
     "cohere2_vision": (WRAPPERS["cohere2_vision"][0], "Cohere2VisionForConditionalGeneration",
                        lambda: torch.randn(1, 3, 56, 56)),
-    # batch D: language models inside multimodal wrappers (GLM-4.1V's, as GLM-4's, normalises its sublayers'
-    # outputs); 2 x 2 patches, merged into one token
-    "glm4v": (build_glm4v, "Glm4vForConditionalGeneration", lambda: dict(
-        pixel_values=torch.randn(4, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 2, 2]]))),
+    # batch D: language models inside multimodal wrappers (GLM-4.1V's and GLM-OCR's, as GLM-4's, normalise their
+    # sublayers' outputs)
+    "glm4v": (build_glm4v, "Glm4vForConditionalGeneration", glm4v_pixels),
+    "glm_ocr": (build_glm_ocr, "GlmOcrForConditionalGeneration", glm4v_pixels),
     # (Mistral Large 4's indexer normalises the stream with a LayerNorm) 4 x 4 patches, merged 2 x 2
     "mistral_large4": (build_mistral_large4, "MistralLarge4ForConditionalGeneration", lambda: dict(
         pixel_values=torch.randn(1, 3, 56, 56), image_sizes=torch.tensor([[56, 56]]), vision_feature_layer=-1)),
