@@ -260,6 +260,8 @@ def rotate(state: dict, arch, Q: torch.Tensor) -> dict:
     """The same function in a residual stream turned by Q, from the role table of `arch`
     (seme.architectures) alone: norm gains folded into the tensors that read the normalised stream,
     then h -> Q h."""
+    from seme.architectures import orientation
+
     def gain(name):  # 1 where the norm has no gain (NanoChat's)
         return 1.0 if name is None else arch.norm_gain_offset + state[name]
 
@@ -267,7 +269,8 @@ def rotate(state: dict, arch, Q: torch.Tensor) -> dict:
     out = {}
     for name, w in state.items():
         r = arch.role(name)
-        if r.layout == "in_out":  # [in, out] (fused experts: [E, in, out]) into the Linear convention
+        layout = orientation(r.layout, r.role, w.shape, Q.shape[0])
+        if layout == "in_out":  # [in, out] (fused experts: [E, in, out]) into the Linear convention
             w = w.mT
         if r.role == "read":
             w = (w * gain(r.norm)) @ Q.T
@@ -281,7 +284,7 @@ def rotate(state: dict, arch, Q: torch.Tensor) -> dict:
             w = Q @ w @ Q.T
         elif r.role in ("embedding", "write_bias", "stream_vector"):  # a write bias: [d], or one per expert [E, d]
             w = w @ Q.T
-        out[name] = w.mT.contiguous() if r.layout == "in_out" else w
+        out[name] = w.mT.contiguous() if layout == "in_out" else w
     return out
 
 

@@ -367,6 +367,9 @@ FAMILIES = {
     # mLSTM blocks: a matrix-memory recurrence with exponential gates, then a gated MLP
     "xlstm": ("xLSTMConfig", "xLSTMForCausalLM", dict(hidden_size=32, num_hidden_layers=2, num_heads=4, vocab_size=128,
                                                       use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # batch D: language models inside multimodal wrappers
+    # DeepSeek-V3's tensors, the experts fused (Mistral Small 4)
+    "deepseek_v3:mistral4": ("Mistral4Config", "Mistral4ForCausalLM", dict(MLA, n_group=1, topk_group=1)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -542,7 +545,8 @@ def test_checkpoint_roles(saved, case):
         m = LAYER.search(name)
         assert r.layer == (int(m.group(1)) if m else None), name
         assert (r.template == name) if r.layer is None else (arch.layer_name(r.template, r.layer) == name)
-        in_dim, out_dim = (-1, -2) if r.layout == "out_in" else (-2, -1)  # fused experts lead with [E, ...]
+        # fused experts lead with [E, ...]
+        in_dim, out_dim = (-1, -2) if archs.orientation(r.layout, r.role, shape, hidden) == "out_in" else (-2, -1)
         if r.role == "read":
             assert shape[in_dim] == hidden, name
             # without a norm it reads the raw stream (olmo2, gemma 4's per-layer inputs): test_norm_feeds_read
@@ -761,7 +765,11 @@ def test_a_rotation_by_the_role_table_keeps_the_function(family, tmp_path):
 
 
 def test_known_architectures():
-    assert set(known_architectures()) == {family_of(f) for f in FAMILIES}
+    """Every table is tested: on its own, or where transformers has no causal LM of it, inside the multimodal
+    models that hold it (Mistral Large 4's language model)."""
+    from test_multimodal import WRAPPERS
+
+    assert set(known_architectures()) == {family_of(f) for f in FAMILIES} | {family for _, family in WRAPPERS.values()}
 
 
 @pytest.mark.parametrize("family", ["cohere", "minimax", "zaya", "doge"])
@@ -870,6 +878,19 @@ def test_a_table_is_checked_when_loaded():
         archs._parse(dict(table, norm_type="layer_norm", variants=[{"when": {"x": 1}, "norm_type": "rms_norm"}]))
     with pytest.raises(ValueError, match="bad norm_type"):
         archs._parse(dict(table, norm_type="layer_norm", variants=[{"when": {"x": 1}, "norm_type": "batch_norm"}]))
+    with pytest.raises(ValueError, match="has layout either, which only a read or a write can have"):
+        archs._parse(dict(table, tensors={"a.embed.weight": {"role": "embedding", "layout": "either"}}))
+
+
+def test_a_layout_either_is_told_by_the_shape():
+    """Fused experts kept [E, out, in] or [E, in, out]: out_in where the residual width (8) sits where a read's
+    input or a write's output does in memory, as transformers decides when it loads them (so where both fit)."""
+    assert archs.orientation("either", "read", (4, 6, 8), 8) == "out_in"
+    assert archs.orientation("either", "read", (4, 8, 6), 8) == "in_out"
+    assert archs.orientation("either", "write", (4, 8, 3), 8) == "out_in"
+    assert archs.orientation("either", "write", (4, 3, 8), 8) == "in_out"
+    assert archs.orientation("either", "read", (4, 8, 8), 8) == "out_in"
+    assert archs.orientation("in_out", "read", (4, 6, 8), 8) == "in_out"
 
 
 def test_match_order():

@@ -127,6 +127,77 @@ def build_mistral3(path, seed: int):
     return save_random(path, seed, transformers.Mistral3ForConditionalGeneration, config)
 
 
+def build_mistral_large4(path, seed: int):
+    """A Mistral Large 4, saved in Mistral's own names: a dense layer, then a mixture of experts; latent attention
+    with a sparse-attention indexer in each layer."""
+    import transformers
+
+    config = transformers.MistralLarge4Config(
+        text_config=dict(LLAVA_TEXT, num_key_value_heads=4, moe_intermediate_size=16, kv_lora_rank=16,
+                         qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=8, n_routed_experts=4,
+                         num_experts_per_tok=2, index_topk=4, index_head_dim=8, index_n_heads=2),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           head_dim=8, image_size=56, patch_size=14), image_token_index=10)
+    return save_random(path, seed, transformers.MistralLarge4ForConditionalGeneration, config)
+
+
+def build_mistral3_mistral4(path, seed: int):
+    """A Mistral Small 4: Mistral 3's vision tower and projector, a DeepSeek-V3-like language model."""
+    import transformers
+
+    config = transformers.Mistral3Config(
+        text_config=dict(LLAVA_TEXT, model_type="mistral4", num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16,
+                         qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
+                         num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1, n_group=1,
+                         topk_group=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           head_dim=8, image_size=28, patch_size=14), tie_word_embeddings=False)
+    return save_random(path, seed, transformers.Mistral3ForConditionalGeneration, config)
+
+
+def build_ernie4_5_vl_moe(path, seed: int):
+    """An ERNIE 4.5 VL: a dense layer, then experts for text tokens beside experts for image tokens."""
+    import transformers
+
+    config = transformers.Ernie4_5_VLMoeConfig(
+        text_config=dict(LLAVA_TEXT, moe_intermediate_size=[16, 8], moe_k=2, moe_num_experts=4, moe_num_shared_experts=1,
+                         mlp_layer_types=["dense", "sparse"],
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2), tie_word_embeddings=False,
+        **GLM4V_TOKENS)
+    return save_random(path, seed, transformers.Ernie4_5_VLMoeForConditionalGeneration, config)
+
+
+OMNI_AUDIO = dict(d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32, output_dim=32, num_mel_bins=16,
+                  max_source_positions=50, n_window=4)
+
+
+def build_qwen2_5_omni_thinker(path, seed: int):
+    """Qwen2.5-Omni's thinker: Qwen2's language model beside a vision and an audio encoder."""
+    import transformers
+
+    config = transformers.Qwen2_5OmniThinkerConfig(
+        text_config=dict(QWEN_VL_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           fullatt_block_indexes=[1]), audio_config=OMNI_AUDIO, audio_token_index=57,
+        image_token_index=60, video_token_index=61, vision_start_token_id=62, vision_end_token_id=63,
+        audio_start_token_id=58, audio_end_token_id=59)
+    return save_random(path, seed, transformers.Qwen2_5OmniThinkerForConditionalGeneration, config)
+
+
+def build_qwen3_omni_moe_thinker(path, seed: int):
+    """Qwen3-Omni's thinker: Qwen3-MoE's language model beside a vision and an audio encoder."""
+    import transformers
+
+    config = transformers.Qwen3OmniMoeThinkerConfig(
+        text_config=dict(QWEN_VL_TEXT, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           deepstack_visual_indexes=[0]), audio_config=dict(OMNI_AUDIO, downsample_hidden_size=8),
+        audio_token_id=57, audio_start_token_id=58, audio_end_token_id=59, **QWEN_VL_TOKENS)
+    return save_random(path, seed, transformers.Qwen3OmniMoeThinkerForConditionalGeneration, config)
+
+
 LLAVA_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=64)
 SIGLIP = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -214,6 +285,61 @@ def build_qwen3_5(path, seed: int, moe: bool = False):
                                              out_hidden_size=32), **QWEN_VL_TOKENS)
     model = "Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"
     return save_random(path, seed, getattr(transformers, model), config)
+
+
+def build_qwen3_vl_moe(path, seed: int, hub: bool = False):
+    """A Qwen3-VL-MoE; with `hub`, its fused experts transposed to [E, in, out], as its Hub checkpoints keep them
+    (transformers 5 saves them as [E, out, in], and loads both)."""
+    import transformers
+
+    from safetensors.torch import save_file
+
+    config = transformers.Qwen3VLMoeConfig(
+        text_config=dict(QWEN_VL_TEXT, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                         rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           deepstack_visual_indexes=[0]), **QWEN_VL_TOKENS)
+    save_random(path, seed, transformers.Qwen3VLMoeForConditionalGeneration, config)
+    if hub:
+        save_file({k: v.mT.contiguous() if ".mlp.experts." in k else v for k, v in load_folder(path).items()},
+                  f"{path}/model.safetensors", metadata={"format": "pt"})
+    return str(path)
+
+
+GLM4V_TOKENS = dict(image_token_id=60, video_token_id=61, image_start_token_id=62, image_end_token_id=63,
+                   video_start_token_id=58, video_end_token_id=59)
+GLM4V_VISION = dict(depth=2, hidden_size=16, intermediate_size=48, num_heads=2, out_hidden_size=32, image_size=28,
+                    patch_size=14)
+GLM4V_ROPE = {"rope_type": "default", "mrope_section": [1, 1, 2], "partial_rotary_factor": 0.5}
+
+
+def build_glm4v(path, seed: int, model: str = "Glm4v"):
+    """A GLM-4.1V (or, as `model`, GLM-4.6V: the same parts), whose merger's down_proj writes into the stream."""
+    import transformers
+
+    config = getattr(transformers, f"{model}Config")(text_config=dict(QWEN_VL_TEXT, rope_parameters=GLM4V_ROPE),
+                                                     vision_config=GLM4V_VISION, **GLM4V_TOKENS)
+    return save_random(path, seed, getattr(transformers, f"{model}ForConditionalGeneration"), config)
+
+
+def build_glm_ocr(path, seed: int):
+    """A GLM-OCR: GLM-4.1V's parts, without attention biases."""
+    import transformers
+
+    config = transformers.GlmOcrConfig(text_config=dict(QWEN_VL_TEXT, head_dim=16, rope_parameters=GLM4V_ROPE),
+                                       vision_config=GLM4V_VISION, **GLM4V_TOKENS)
+    return save_random(path, seed, transformers.GlmOcrForConditionalGeneration, config)
+
+
+def build_glm4v_moe(path, seed: int):
+    """A GLM-4.5V: a dense layer, then a mixture of experts."""
+    import transformers
+
+    config = transformers.Glm4vMoeConfig(
+        text_config=dict(QWEN_VL_TEXT, head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                         first_k_dense_replace=1, rope_parameters=GLM4V_ROPE),
+        vision_config=GLM4V_VISION, **GLM4V_TOKENS)
+    return save_random(path, seed, transformers.Glm4vMoeForConditionalGeneration, config)
 
 
 QWEN_VL_TOKENS = dict(image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63)
@@ -436,6 +562,17 @@ WRAPPERS = {  # the builder, and the family of its language model
     "aya_vision": (build_aya_vision, "cohere"),
     "cohere2_vision": (lambda path, seed: build_aya_vision(path, seed, "Cohere2Vision"), "cohere"),
     "qwen3_5_moe": (lambda path, seed: build_qwen3_5(path, seed, moe=True), "qwen3_next"),
+    # batch D: language models inside multimodal wrappers
+    "qwen3_vl_moe": (build_qwen3_vl_moe, "qwen3_moe"),
+    "qwen3_vl_moe-hub": (lambda path, seed: build_qwen3_vl_moe(path, seed, hub=True), "qwen3_moe"),
+    "glm4v": (build_glm4v, "glm4"), "glm46v": (lambda path, seed: build_glm4v(path, seed, "Glm46V"), "glm4"),
+    "glm4v_moe": (build_glm4v_moe, "glm4_moe"),
+    "mistral_large4": (build_mistral_large4, "mistral_large4_text"), "mistral3-mistral4": (build_mistral3_mistral4,
+                                                                                            "deepseek_v3"),
+    "ernie4_5_vl_moe": (build_ernie4_5_vl_moe, "llama"),
+    "qwen2_5_omni_thinker": (build_qwen2_5_omni_thinker, "qwen2"),
+    "qwen3_omni_moe_thinker": (build_qwen3_omni_moe_thinker, "qwen3_moe"),
+    "glm_ocr": (build_glm_ocr, "glm4"),
 }
 
 
@@ -467,7 +604,7 @@ def test_a_multimodal_models_language_model_has_its_familys_roles(wrapper, tmp_p
     config = json.loads((tmp_path / wrapper / "config.json").read_text())
     names = tensor_names(path)
     arch = architectures.for_config(config, names)
-    own = architectures.for_config({"model_type": config["text_config"]["model_type"]})
+    own = architectures.for_config(config["text_config"])  # its variant, as the text config chooses it
     assert not arch.inferred and arch.name == own.name == family
     assert arch.num_layers(config) == 2 and arch.hidden_size(config) == 32
     for name in names:
@@ -481,10 +618,11 @@ def test_a_multimodal_models_language_model_has_its_familys_roles(wrapper, tmp_p
         assert role.norm is None or (role.norm in names and own_name(role.norm) == expected.norm), name
     tied = not any(arch.role(n) and arch.role(n).role == "lm_head" for n in names)
     assert tied == arch.tied(config)
-    for template, spec in arch.tensors.items():  # every required tensor, at every layer
+    for template, spec in arch.tensors.items():  # every required tensor, at every layer (of its first expert)
         if not spec.optional and not (tied and spec.role == "lm_head"):
             for layer in range(2) if "{layer}" in template else [None]:
-                assert (template if layer is None else arch.layer_name(template, layer)) in names, template
+                name = template if layer is None else arch.layer_name(template, layer)
+                assert name.replace("{expert}", "0") in names, template
 
 
 def rotated(path, out, Q) -> str:
@@ -515,6 +653,11 @@ def qwen_vl_prompt(patch: int = 14) -> dict:
                 mm_token_type_ids=(ids == 60).long())
 
 
+def mistral3_prompt() -> dict:  # 4 x 4 patches, merged 2 x 2
+    return dict(input_ids=torch.tensor([[1, 5] + [10] * 4 + [9, 11]]), image_sizes=torch.tensor([[56, 56]]),
+                pixel_values=torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0)))
+
+
 def llava_prompt() -> dict:  # its 4 patches take the image tokens' places
     return dict(input_ids=torch.tensor([[1, 5] + [60] * 4 + [9, 11]]),
                 pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)))
@@ -542,9 +685,7 @@ def llava_next_prompt() -> dict:
 PROMPTS = {
     "llava": (build_llava, "LlavaForConditionalGeneration", llava_prompt),
     "llava-nested": (build_llava_nested, "LlavaForConditionalGeneration", llava_prompt),
-    "mistral3": (build_mistral3, "Mistral3ForConditionalGeneration", lambda: dict(  # 4 x 4 patches, merged 2 x 2
-        input_ids=torch.tensor([[1, 5] + [10] * 4 + [9, 11]]), image_sizes=torch.tensor([[56, 56]]),
-        pixel_values=torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0)))),
+    "mistral3": (build_mistral3, "Mistral3ForConditionalGeneration", mistral3_prompt),
     "qwen2_vl": (build_qwen2_vl, "Qwen2VLForConditionalGeneration", qwen_vl_prompt),
     "qwen2_5_vl": (build_qwen2_5_vl, "Qwen2_5_VLForConditionalGeneration", qwen_vl_prompt),
     "qwen3_vl": (build_qwen3_vl, "Qwen3VLForConditionalGeneration", lambda: qwen_vl_prompt(16)),
@@ -561,6 +702,13 @@ PROMPTS = {
     "llama4": (build_llama4, "Llama4ForConditionalGeneration", lambda: image_prompt(60, 4, 56)),
     "idefics3": (build_idefics3, "Idefics3ForConditionalGeneration", idefics3_prompt),
     "smolvlm": (WRAPPERS["smolvlm"][0], "SmolVLMForConditionalGeneration", idefics3_prompt),
+    # batch D: language models inside multimodal wrappers (Qwen3-VL-MoE's experts as transformers 5 saves them, and
+    # as the Hub keeps them)
+    "qwen3_vl_moe": (build_qwen3_vl_moe, "Qwen3VLMoeForConditionalGeneration", lambda: qwen_vl_prompt(16)),
+    "qwen3_vl_moe-hub": (WRAPPERS["qwen3_vl_moe-hub"][0], "Qwen3VLMoeForConditionalGeneration",
+                         lambda: qwen_vl_prompt(16)),
+    "glm4v_moe": (build_glm4v_moe, "Glm4vMoeForConditionalGeneration", qwen_vl_prompt),
+    "mistral3-mistral4": (build_mistral3_mistral4, "Mistral3ForConditionalGeneration", mistral3_prompt),
 }
 
 
@@ -590,6 +738,49 @@ def test_a_rotation_by_the_roles_keeps_a_multimodal_models_function(wrapper, tmp
     assert float((got - expected).norm() / expected.norm()) < 1e-5
 
 
+# model class, what it takes beside the token ids: wrappers whose projector is not described, whose language model
+# turns (batch D; ERNIE 4.5 VL's middle tokens taken as an image's, so that its image experts run)
+TEXT_PROMPTS = {
+    "ernie4_5_vl_moe": ("Ernie4_5_VLMoeForConditionalGeneration",
+                        dict(moe_mm_token_type_ids=torch.tensor([[0, 0, 1, 1, 0, 0]]))),
+    "qwen2_5_omni_thinker": ("Qwen2_5OmniThinkerForConditionalGeneration", {}),
+    "qwen3_omni_moe_thinker": ("Qwen3OmniMoeThinkerForConditionalGeneration", {}),
+}
+
+
+@pytest.mark.parametrize("wrapper", TEXT_PROMPTS)
+def test_a_rotation_by_the_roles_keeps_a_multimodal_models_text_function(wrapper, tmp_path):
+    """Where the projector is not described, the language model's roles alone: turned by them, the model gives a
+    prompt without an image the same logits (its projector is all that keeps it from being aligned)."""
+    import json
+
+    import transformers
+    from safetensors.torch import save_file
+
+    from bench.zoo import rotate
+
+    a = perturbed(WRAPPERS[wrapper][0](tmp_path / "a", 0))
+    arch = architectures.for_config(json.loads((Path(a) / "config.json").read_text()), tensor_names(a))
+    assert arch.rotation_obstacles() == [
+        "its vision projector, which writes into the language model's stream, is not described"]
+    state = {k: v.double() for k, v in load_folder(a).items()}
+    text = {k: v for k, v in state.items() if modules.part_of(k) == modules.TEXT}
+    turned = {**state, **rotate(text, arch, random_orthogonal(32, 2).double())}
+    (tmp_path / "turned").mkdir()
+    (tmp_path / "turned" / "config.json").write_text((Path(a) / "config.json").read_text())
+    save_file({k: v.float().contiguous() for k, v in turned.items()}, f"{tmp_path}/turned/model.safetensors",
+              metadata={"format": "pt"})
+    model_class, kwargs = TEXT_PROMPTS[wrapper]
+    with torch.no_grad():
+        expected, got = (getattr(transformers, model_class).from_pretrained(p).eval()(
+            input_ids=torch.tensor([[1, 5, 9, 11, 3, 7]]), **kwargs).logits for p in (a, tmp_path / "turned"))
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
+def glm4v_pixels() -> dict:  # 2 x 2 patches, merged into one token
+    return dict(pixel_values=torch.randn(4, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 2, 2]]))
+
+
 # builder, model class, pixel values: models whose language model no turn of its stream keeps (Gemma 3's
 # normalises its sublayers' outputs before the add, Cohere's norms are LayerNorms), but whose projector is
 # described all the same
@@ -598,6 +789,13 @@ FEATURES = {
     "aya_vision": (build_aya_vision, "AyaVisionForConditionalGeneration", lambda: torch.randn(1, 3, 56, 56)),
     "cohere2_vision": (WRAPPERS["cohere2_vision"][0], "Cohere2VisionForConditionalGeneration",
                        lambda: torch.randn(1, 3, 56, 56)),
+    # batch D: language models inside multimodal wrappers (GLM-4.1V's and GLM-OCR's, as GLM-4's, normalise their
+    # sublayers' outputs)
+    "glm4v": (build_glm4v, "Glm4vForConditionalGeneration", glm4v_pixels),
+    "glm_ocr": (build_glm_ocr, "GlmOcrForConditionalGeneration", glm4v_pixels),
+    # (Mistral Large 4's indexer normalises the stream with a LayerNorm) 4 x 4 patches, merged 2 x 2
+    "mistral_large4": (build_mistral_large4, "MistralLarge4ForConditionalGeneration", lambda: dict(
+        pixel_values=torch.randn(1, 3, 56, 56), image_sizes=torch.tensor([[56, 56]]), vision_feature_layer=-1)),
 }
 
 
@@ -616,9 +814,14 @@ def test_a_projector_writes_image_features_that_turn_with_the_stream(wrapper, tm
     assert architectures.for_config(json.loads((Path(a) / "config.json").read_text()), tensor_names(a)).projected
     torch.manual_seed(0)
     x = pixels()
+    x = x if isinstance(x, dict) else {"pixel_values": x}  # or all that get_image_features takes
+
+    def features(model):  # one tensor, where they come split per image
+        pooled = model.model.get_image_features(**x, return_dict=True).pooler_output
+        return (torch.cat(pooled) if isinstance(pooled, (list, tuple)) else pooled).double()
+
     with torch.no_grad():
-        expected, got = (getattr(transformers, model_class).from_pretrained(p).eval().model.get_image_features(
-            x, return_dict=True).pooler_output.double() for p in (a, turned))
+        expected, got = (features(getattr(transformers, model_class).from_pretrained(p).eval()) for p in (a, turned))
     assert float((got - expected @ Q.T).norm() / expected.norm()) < 1e-5
 
 
@@ -691,10 +894,11 @@ def test_seme_merges_a_multimodal_model(llavas, tmp_path):
     assert not torch.equal(merged["multi_modal_projector.linear_2.weight"], inputs[0]["multi_modal_projector.linear_2.weight"])
 
 
-@pytest.mark.parametrize("wrapper", ["llava", "llava_next"])
+@pytest.mark.parametrize("wrapper", ["llava", "llava_next", "qwen3_vl_moe-hub"])
 def test_seme_aligns_a_rotated_llava_back(wrapper, tmp_path):
     """A Llava merged with its own turned copy: SeMe recovers the turn from the heads and turns the copy's
-    language model and projector back (Llava-NeXT's image_newline with them), so the merge is the model."""
+    language model and projector back (Llava-NeXT's image_newline with them; Qwen3-VL-MoE's experts as its Hub
+    checkpoints keep them, [E, in, out]), so the merge is the model."""
     import json
 
     a = WRAPPERS[wrapper][0](tmp_path / "a", 0)

@@ -35,6 +35,8 @@ its reads have no ``norm`` to fold, yet read the normalised stream, not the raw 
 ``{layer}``: the role is the same for every index, and the concrete template keeps it. A tensor
 outside the layers that packs one block per layer (Gemma's per-layer token tables) gives the axis in
 ``layer_blocks``: seme.plan refuses merges that would move or drop its layers' blocks.
+A ``layout`` ``either`` marks fused experts that checkpoints keep both ways (Qwen3-VL-MoE's: [E, in, out] on
+the Hub, [E, out, in] as transformers 5 saves them): ``orientation`` tells which from the tensor's shape.
 
 A family whose tensors depend on its config (falcon's norms, stablelm's parallel residual) lists
 ``variants``: the first whose ``when`` values all equal the config's overlays its ``tensors`` on
@@ -78,7 +80,7 @@ ROLES = frozenset({
     "buffer", "token_table", "stream_gain",
 })
 VOCAB_ROLES = ("embedding", "lm_head", "lm_head_bias", "token_table")  # a row per token
-LAYOUTS = ("out_in", "in_out")
+LAYOUTS = ("out_in", "in_out", "either")
 NORM_TYPES = ("rms_norm", "layer_norm")
 
 # A decimal path segment: the candidate layer index of a name.
@@ -271,6 +273,15 @@ def _pattern_layer(name: str) -> tuple[int | None, str]:
     return (int(m.group(1)), name[:m.start(1)] + "{layer}" + name[m.end(1):]) if m else (None, name)
 
 
+def orientation(layout: str, role: str, shape, hidden: int) -> str:
+    """"out_in" or "in_out" for a tensor of `shape` whose role has `layout`: a layout "either" resolved as
+    transformers resolves it when it loads such a tensor, out_in (its in-memory [E, out, in]) where the
+    residual width `hidden` sits on that axis (a read's last, a write's next to last), else in_out."""
+    if layout != "either":
+        return layout
+    return "out_in" if shape[-1 if role == "read" else -2] == hidden else "in_out"
+
+
 def _first(config: dict, keys: tuple[str, ...]):
     for key in keys:
         if key in config:
@@ -351,6 +362,8 @@ def _specs(family: str, raw_tensors: dict, norm_type: str) -> dict[str, TensorSp
                           raw.get("optional", False), raw.get("tied_to"), raw.get("layer_blocks"))
         if spec.role not in ROLES or spec.layout not in LAYOUTS:
             raise ValueError(f"{family}: bad role/layout for {template!r}")
+        if spec.layout == "either" and spec.role not in ("read", "write"):
+            raise ValueError(f"{family}: {template!r} has layout either, which only a read or a write can have")
         if spec.role in ("norm_bias", "final_norm_bias") and norm_type != "layer_norm":
             raise ValueError(f"{family}: {template!r} is a norm bias but norm_type is {norm_type}")
         tensors[template.replace("{head}", "{expert}")] = spec  # one inner index, however it is spelt

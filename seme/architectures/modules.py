@@ -11,10 +11,13 @@ from __future__ import annotations
 TEXT = "text_decoder"
 # Checked in order: a projector may sit inside the vision part (Qwen2-VL's visual.merger). Gemma 3n and 4
 # embed images and sounds into the language model's stream with embed_vision / embed_audio; Llava-NeXT's
-# image_newline is appended to its projected image features; Idefics3's projector is its connector.
+# image_newline is appended to its projected image features; Idefics3's projector is its connector; Mistral's own
+# checkpoint names (Mistral Large 4) call the projector's parts pre_mm_projector_norm, patch_merger and
+# vision_language_adapter; ERNIE 4.5 VL's is its resampler_model.
 MARKERS = (
     ("multi_modal_projector", ("multi_modal_projector", "mm_projector", "visual.merger", "embed_vision",
-                               "embed_audio", "image_newline", "connector")),
+                               "embed_audio", "image_newline", "connector", "pre_mm_projector_norm", "patch_merger",
+                               "vision_language_adapter", "resampler_model")),
     ("vision_tower", ("vision_tower", "vision_model", "visual", "vision_encoder")),
     ("audio_tower", ("audio_tower",)),
 )

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from seme.architectures import orientation
 from seme.semantic.bases import SemanticBases
 from seme.semantic.mapping import semantic_mix
 
@@ -66,6 +67,7 @@ def rotate(t: torch.Tensor, role: str, layout: str, Q: torch.Tensor, src_gain: t
     Norm gains themselves are replaced by the pivot's by the caller.
     """
     Q = Q.to(torch.float32)
+    layout = orientation(layout, role, t.shape, Q.shape[0])
     if layout == "in_out":  # [in, out] (GPT-2's Conv1D; fused experts' [E, in, out]): into the Linear convention
         return rotate(t.mT, role, "out_in", Q, src_gain, piv_gain).mT
     if role in ("read", "lm_head"):

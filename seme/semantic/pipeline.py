@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seme.architectures import VOCAB_ROLES, modules
+from seme.architectures import VOCAB_ROLES, modules, orientation
 from seme.errors import SemeError
 from seme.methods.seme import stabilize
 from seme.semantic import alignment, layers, vocab
@@ -281,6 +281,7 @@ class SemanticContext:
     def _signature(self, delta: torch.Tensor, layout: str) -> torch.Tensor | None:
         """Mean distribution of a write update's columns (residual directions), weighted by their
         norms; the `_SIGNATURE_COLUMNS` largest columns stand for the whole update."""
+        layout = orientation(layout, "write", delta.shape, self.bases[self.sp.pivot].shape[1])
         columns = delta.mT if layout == "out_in" else delta
         columns = columns.reshape(-1, columns.shape[-1])  # fused experts' [E, in, out]: every expert's columns
         norms = columns.norm(dim=1)
