@@ -221,6 +221,31 @@ QWEN_VL_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, n
                     num_key_value_heads=2, vocab_size=64, bos_token_id=1, eos_token_id=2)
 
 
+# --- batch E: more wrappers of language models with a table (text settings from test_architectures) ---
+
+def text_of(family: str, **changes) -> dict:
+    """The tiny text settings test_architectures gives `family` (a table key), with `changes`."""
+    from test_architectures import FAMILIES
+
+    return dict(FAMILIES[family][2], **changes)
+
+
+def build_lfm2_vl(path, seed: int):
+    import transformers
+
+    config = transformers.Lfm2VlConfig(  # 4 x 4 patches of 4 pixels, unshuffled into 2 x 2 image tokens
+        text_config=text_of("lfm2"), image_token_id=60, projector_hidden_size=24, tie_word_embeddings=False,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           patch_size=4, num_patches=16))
+    return save_random(path, seed, transformers.Lfm2VlForConditionalGeneration, config)
+
+
+def siglip2_prompt() -> dict:  # 4 x 4 patches of 4 pixels (flattened), unshuffled into 2 x 2 image tokens
+    prompt = image_prompt(60, 4, 0)
+    return dict(prompt, pixel_values=torch.randn(1, 16, 48, generator=torch.Generator().manual_seed(0)),
+                pixel_attention_mask=torch.ones(1, 16, dtype=torch.long), spatial_shapes=torch.tensor([[4, 4]]))
+
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -436,6 +461,8 @@ WRAPPERS = {  # the builder, and the family of its language model
     "aya_vision": (build_aya_vision, "cohere"),
     "cohere2_vision": (lambda path, seed: build_aya_vision(path, seed, "Cohere2Vision"), "cohere"),
     "qwen3_5_moe": (lambda path, seed: build_qwen3_5(path, seed, moe=True), "qwen3_next"),
+    # batch E
+    "lfm2_vl": (build_lfm2_vl, "lfm2"),
 }
 
 
@@ -561,6 +588,8 @@ PROMPTS = {
     "llama4": (build_llama4, "Llama4ForConditionalGeneration", lambda: image_prompt(60, 4, 56)),
     "idefics3": (build_idefics3, "Idefics3ForConditionalGeneration", idefics3_prompt),
     "smolvlm": (WRAPPERS["smolvlm"][0], "SmolVLMForConditionalGeneration", idefics3_prompt),
+    # batch E
+    "lfm2_vl": (build_lfm2_vl, "Lfm2VlForConditionalGeneration", siglip2_prompt),
 }
 
 
