@@ -246,6 +246,15 @@ def siglip2_prompt() -> dict:  # 4 x 4 patches of 4 pixels (flattened), unshuffl
                 pixel_attention_mask=torch.ones(1, 16, dtype=torch.long), spatial_shapes=torch.tensor([[4, 4]]))
 
 
+def build_lfm3_vl(path, seed: int):
+    import transformers
+
+    config = transformers.Lfm3VlConfig(  # 2 x 2 patches of 4 pixels, merged into one image token
+        text_config=text_of("lfm2:lfm3"), projector_hidden_size=24, tie_word_embeddings=False,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2, patch_size=4), **QWEN_VL_TOKENS)
+    return save_random(path, seed, transformers.Lfm3VlForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -462,7 +471,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "cohere2_vision": (lambda path, seed: build_aya_vision(path, seed, "Cohere2Vision"), "cohere"),
     "qwen3_5_moe": (lambda path, seed: build_qwen3_5(path, seed, moe=True), "qwen3_next"),
     # batch E
-    "lfm2_vl": (build_lfm2_vl, "lfm2"),
+    "lfm2_vl": (build_lfm2_vl, "lfm2"), "lfm3_vl": (build_lfm3_vl, "lfm2"),
 }
 
 
@@ -590,6 +599,7 @@ PROMPTS = {
     "smolvlm": (WRAPPERS["smolvlm"][0], "SmolVLMForConditionalGeneration", idefics3_prompt),
     # batch E
     "lfm2_vl": (build_lfm2_vl, "Lfm2VlForConditionalGeneration", siglip2_prompt),
+    "lfm3_vl": (build_lfm3_vl, "Lfm3VlForConditionalGeneration", lambda: qwen_vl_prompt(4)),
 }
 
 
