@@ -255,6 +255,33 @@ def build_lfm3_vl(path, seed: int):
                            num_key_value_heads=2, patch_size=4), **QWEN_VL_TOKENS)
     return save_random(path, seed, transformers.Lfm3VlForConditionalGeneration, config)
 
+def build_kimi_k25(path, seed: int):
+    import transformers
+
+    config = transformers.Kimi_K25Config(  # 2 x 2 patches of 4 pixels, merged into one image token
+        text_config=text_of("deepseek_v3", model_type="deepseek_v3", n_group=1, topk_group=1), projection_hidden_size=16,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           patch_size=4, pos_emb_height=4, pos_emb_width=4), tie_word_embeddings=False,
+        **QWEN_VL_TOKENS)
+    save_random(path, seed, transformers.Kimi_K25ForConditionalGeneration, config)
+    # transformers saves its language model's layers as blocks (its vision tower's name, renamed back on load
+    # in both); the Hub's checkpoints keep them as layers
+    return renamed(path, lambda name: name.replace("language_model.model.blocks.", "language_model.model.layers."))
+
+
+def renamed(path, rename) -> str:
+    """The checkpoint at `path` with its tensors renamed by `rename`."""
+    from safetensors.torch import save_file
+
+    save_file({rename(k): v for k, v in load_folder(path).items()}, f"{path}/model.safetensors", metadata={"format": "pt"})
+    return str(path)
+
+
+def patch_prompt(patch: int) -> dict:  # 2 x 2 patches (one image, [3, patch, patch] each) merged into one token
+    ids = torch.tensor([[1, 5, 62, 60, 63, 9]])
+    return dict(input_ids=ids, pixel_values=torch.randn(4, 3, patch, patch, generator=torch.Generator().manual_seed(0)),
+                image_grid_thw=torch.tensor([[1, 2, 2]]))
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -472,6 +499,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "qwen3_5_moe": (lambda path, seed: build_qwen3_5(path, seed, moe=True), "qwen3_next"),
     # batch E
     "lfm2_vl": (build_lfm2_vl, "lfm2"), "lfm3_vl": (build_lfm3_vl, "lfm2"),
+    "kimi_k25": (build_kimi_k25, "deepseek_v3"),
 }
 
 
@@ -503,7 +531,7 @@ def test_a_multimodal_models_language_model_has_its_familys_roles(wrapper, tmp_p
     config = json.loads((tmp_path / wrapper / "config.json").read_text())
     names = tensor_names(path)
     arch = architectures.for_config(config, names)
-    own = architectures.for_config({"model_type": config["text_config"]["model_type"]})
+    own = architectures.for_config(config["text_config"])  # its variant by its settings (MLA with q_lora_rank)
     assert not arch.inferred and arch.name == own.name == family
     assert arch.num_layers(config) == 2 and arch.hidden_size(config) == 32
     for name in names:
@@ -600,6 +628,7 @@ PROMPTS = {
     # batch E
     "lfm2_vl": (build_lfm2_vl, "Lfm2VlForConditionalGeneration", siglip2_prompt),
     "lfm3_vl": (build_lfm3_vl, "Lfm3VlForConditionalGeneration", lambda: qwen_vl_prompt(4)),
+    "kimi_k25": (build_kimi_k25, "Kimi_K25ForConditionalGeneration", lambda: patch_prompt(4)),
 }
 
 
