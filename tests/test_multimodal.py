@@ -282,6 +282,21 @@ def patch_prompt(patch: int) -> dict:  # 2 x 2 patches (one image, [3, patch, pa
     return dict(input_ids=ids, pixel_values=torch.randn(4, 3, patch, patch, generator=torch.Generator().manual_seed(0)),
                 image_grid_thw=torch.tensor([[1, 2, 2]]))
 
+def build_minicpmv(path, seed: int, version: str = "4_6"):
+    import transformers
+
+    config = getattr(transformers, f"MiniCPMV{version}Config")(  # 4 x 4 patches, merged twice 2 x 2 into one token
+        text_config=text_of("qwen3_next:qwen3_5_text", model_type="qwen3_5_text"), insert_layer_id=0,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=16, patch_size=4, insert_layer_id=0), image_token_id=60, video_token_id=61)
+    return save_random(path, seed, getattr(transformers, f"MiniCPMV{version}ForConditionalGeneration"), config)
+
+
+def minicpmv_prompt() -> dict:  # 4 x 4 patches of 4 pixels side by side
+    prompt = image_prompt(60, 1, 0)
+    return dict(prompt, pixel_values=torch.randn(1, 3, 4, 64, generator=torch.Generator().manual_seed(0)),
+                target_sizes=torch.tensor([[4, 4]]), mm_token_type_ids=(prompt["input_ids"] == 60).long())
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -499,7 +514,8 @@ WRAPPERS = {  # the builder, and the family of its language model
     "qwen3_5_moe": (lambda path, seed: build_qwen3_5(path, seed, moe=True), "qwen3_next"),
     # batch E
     "lfm2_vl": (build_lfm2_vl, "lfm2"), "lfm3_vl": (build_lfm3_vl, "lfm2"),
-    "kimi_k25": (build_kimi_k25, "deepseek_v3"),
+    "kimi_k25": (build_kimi_k25, "deepseek_v3"), "minicpmv4_6": (build_minicpmv, "qwen3_next"),
+    "minicpmv4_7": (lambda path, seed: build_minicpmv(path, seed, "4_7"), "qwen3_next"),
 }
 
 
@@ -629,6 +645,8 @@ PROMPTS = {
     "lfm2_vl": (build_lfm2_vl, "Lfm2VlForConditionalGeneration", siglip2_prompt),
     "lfm3_vl": (build_lfm3_vl, "Lfm3VlForConditionalGeneration", lambda: qwen_vl_prompt(4)),
     "kimi_k25": (build_kimi_k25, "Kimi_K25ForConditionalGeneration", lambda: patch_prompt(4)),
+    "minicpmv4_6": (build_minicpmv, "MiniCPMV4_6ForConditionalGeneration", minicpmv_prompt),
+    "minicpmv4_7": (WRAPPERS["minicpmv4_7"][0], "MiniCPMV4_7ForConditionalGeneration", minicpmv_prompt),
 }
 
 

@@ -9,11 +9,12 @@ split the same way. Stdlib-only, like the role tables.
 from __future__ import annotations
 
 TEXT = "text_decoder"
-# Checked in order: a projector may sit inside the vision part (Qwen2-VL's visual.merger). Gemma 3n and 4
-# embed images and sounds into the language model's stream with embed_vision / embed_audio; Llava-NeXT's
-# image_newline is appended to its projected image features; Idefics3's projector is its connector.
+# Checked in order: a projector may sit inside the vision part (Qwen2-VL's visual.merger; MiniCPM-V 4.6's
+# merger sits beside it). Gemma 3n and 4 embed images and sounds into the language model's stream with
+# embed_vision / embed_audio; Llava-NeXT's image_newline is appended to its projected image features;
+# Idefics3's projector is its connector.
 MARKERS = (
-    ("multi_modal_projector", ("multi_modal_projector", "mm_projector", "visual.merger", "embed_vision",
+    ("multi_modal_projector", ("multi_modal_projector", "mm_projector", "merger", "embed_vision",
                                "embed_audio", "image_newline", "connector")),
     ("vision_tower", ("vision_tower", "vision_model", "visual", "vision_encoder")),
     ("audio_tower", ("audio_tower",)),
