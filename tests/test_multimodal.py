@@ -297,6 +297,16 @@ def minicpmv_prompt() -> dict:  # 4 x 4 patches of 4 pixels side by side
     return dict(prompt, pixel_values=torch.randn(1, 3, 4, 64, generator=torch.Generator().manual_seed(0)),
                 target_sizes=torch.tensor([[4, 4]]), mm_token_type_ids=(prompt["input_ids"] == 60).long())
 
+def build_idefics2(path, seed: int):
+    import transformers
+
+    config = transformers.Idefics2Config(  # its perceiver resampler works in the language model's width
+        text_config=dict(LLAVA_TEXT, model_type="mistral"), image_token_id=60,
+        vision_config=dict(SIGLIP, model_type="idefics2_vision"),
+        perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                              resampler_head_dim=8, num_key_value_heads=1))
+    return save_random(path, seed, transformers.Idefics2ForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -516,6 +526,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "lfm2_vl": (build_lfm2_vl, "lfm2"), "lfm3_vl": (build_lfm3_vl, "lfm2"),
     "kimi_k25": (build_kimi_k25, "deepseek_v3"), "minicpmv4_6": (build_minicpmv, "qwen3_next"),
     "minicpmv4_7": (lambda path, seed: build_minicpmv(path, seed, "4_7"), "qwen3_next"),
+    "idefics2": (build_idefics2, "mistral"),
 }
 
 
