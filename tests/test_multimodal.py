@@ -307,6 +307,14 @@ def build_idefics2(path, seed: int):
                               resampler_head_dim=8, num_key_value_heads=1))
     return save_random(path, seed, transformers.Idefics2ForConditionalGeneration, config)
 
+def build_video_llava(path, seed: int, model: str = "VideoLlava", **settings):
+    import transformers
+
+    clip = dict(SIGLIP, model_type="clip_vision_model", projection_dim=16)
+    config = getattr(transformers, f"{model}Config")(text_config=dict(LLAVA_TEXT, model_type="llama"), vision_config=clip,
+                                                     image_token_index=60, **settings)
+    return save_random(path, seed, getattr(transformers, f"{model}ForConditionalGeneration"), config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -526,7 +534,8 @@ WRAPPERS = {  # the builder, and the family of its language model
     "lfm2_vl": (build_lfm2_vl, "lfm2"), "lfm3_vl": (build_lfm3_vl, "lfm2"),
     "kimi_k25": (build_kimi_k25, "deepseek_v3"), "minicpmv4_6": (build_minicpmv, "qwen3_next"),
     "minicpmv4_7": (lambda path, seed: build_minicpmv(path, seed, "4_7"), "qwen3_next"),
-    "idefics2": (build_idefics2, "mistral"),
+    "idefics2": (build_idefics2, "mistral"), "video_llava": (build_video_llava, "llama"),
+    "vipllava": (lambda path, seed: build_video_llava(path, seed, "VipLlava", vision_feature_layer=[-2, -1]), "llama"),
 }
 
 
@@ -658,6 +667,9 @@ PROMPTS = {
     "kimi_k25": (build_kimi_k25, "Kimi_K25ForConditionalGeneration", lambda: patch_prompt(4)),
     "minicpmv4_6": (build_minicpmv, "MiniCPMV4_6ForConditionalGeneration", minicpmv_prompt),
     "minicpmv4_7": (WRAPPERS["minicpmv4_7"][0], "MiniCPMV4_7ForConditionalGeneration", minicpmv_prompt),
+    "video_llava": (build_video_llava, "VideoLlavaForConditionalGeneration",
+                    lambda: dict(input_ids=llava_prompt()["input_ids"], pixel_values_images=llava_prompt()["pixel_values"])),
+    "vipllava": (WRAPPERS["vipllava"][0], "VipLlavaForConditionalGeneration", llava_prompt),
 }
 
 
