@@ -315,6 +315,14 @@ def build_video_llava(path, seed: int, model: str = "VideoLlava", **settings):
                                                      image_token_index=60, **settings)
     return save_random(path, seed, getattr(transformers, f"{model}ForConditionalGeneration"), config)
 
+def build_aria(path, seed: int):
+    import transformers
+
+    config = transformers.AriaConfig(  # 2 x 2 patches, cross-attended by 2 queries
+        text_config=text_of("aria_text", model_type="aria_text"), image_token_index=60,
+        vision_config=dict(SIGLIP, model_type="idefics3_vision"), projector_patch_to_query_dict={4: 2})
+    return save_random(path, seed, transformers.AriaForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -536,6 +544,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "minicpmv4_7": (lambda path, seed: build_minicpmv(path, seed, "4_7"), "qwen3_next"),
     "idefics2": (build_idefics2, "mistral"), "video_llava": (build_video_llava, "llama"),
     "vipllava": (lambda path, seed: build_video_llava(path, seed, "VipLlava", vision_feature_layer=[-2, -1]), "llama"),
+    "aria": (build_aria, "aria_text"),
 }
 
 
@@ -670,6 +679,7 @@ PROMPTS = {
     "video_llava": (build_video_llava, "VideoLlavaForConditionalGeneration",
                     lambda: dict(input_ids=llava_prompt()["input_ids"], pixel_values_images=llava_prompt()["pixel_values"])),
     "vipllava": (WRAPPERS["vipllava"][0], "VipLlavaForConditionalGeneration", llava_prompt),
+    "aria": (build_aria, "AriaForConditionalGeneration", lambda: image_prompt(60, 2, 28)),
 }
 
 
