@@ -323,6 +323,20 @@ def build_aria(path, seed: int):
         vision_config=dict(SIGLIP, model_type="idefics3_vision"), projector_patch_to_query_dict={4: 2})
     return save_random(path, seed, transformers.AriaForConditionalGeneration, config)
 
+def build_exaone4_5(path, seed: int):
+    import transformers
+
+    config = transformers.Exaone4_5_Config(
+        text_config=text_of("olmo2:exaone4", model_type="exaone4"), image_token_id=60, video_token_id=61,
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, num_key_value_heads=2,
+                           out_hidden_size=32, fullatt_block_indexes=[1]))
+    return save_random(path, seed, transformers.Exaone4_5_ForConditionalGeneration, config)
+
+
+def qwen_vl_image() -> dict:  # get_image_features' inputs of qwen_vl_prompt
+    prompt = qwen_vl_prompt()
+    return dict(pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"])
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -544,7 +558,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "minicpmv4_7": (lambda path, seed: build_minicpmv(path, seed, "4_7"), "qwen3_next"),
     "idefics2": (build_idefics2, "mistral"), "video_llava": (build_video_llava, "llama"),
     "vipllava": (lambda path, seed: build_video_llava(path, seed, "VipLlava", vision_feature_layer=[-2, -1]), "llama"),
-    "aria": (build_aria, "aria_text"),
+    "aria": (build_aria, "aria_text"), "exaone4_5": (build_exaone4_5, "olmo2"),
 }
 
 
@@ -717,6 +731,8 @@ FEATURES = {
     "aya_vision": (build_aya_vision, "AyaVisionForConditionalGeneration", lambda: torch.randn(1, 3, 56, 56)),
     "cohere2_vision": (WRAPPERS["cohere2_vision"][0], "Cohere2VisionForConditionalGeneration",
                        lambda: torch.randn(1, 3, 56, 56)),
+    # batch E
+    "exaone4_5": (build_exaone4_5, "Exaone4_5_ForConditionalGeneration", qwen_vl_image),
 }
 
 
@@ -734,10 +750,16 @@ def test_a_projector_writes_image_features_that_turn_with_the_stream(wrapper, tm
     turned = rotated(a, tmp_path / "turned", Q)
     assert architectures.for_config(json.loads((Path(a) / "config.json").read_text()), tensor_names(a)).projected
     torch.manual_seed(0)
-    x = pixels()
-    with torch.no_grad():
-        expected, got = (getattr(transformers, model_class).from_pretrained(p).eval().model.get_image_features(
-            x, return_dict=True).pooler_output.double() for p in (a, turned))
+    x = pixels()  # pixel values, or all that get_image_features takes (the grid of Qwen2.5-VL's patches)
+    inputs = x if isinstance(x, dict) else {"pixel_values": x}
+
+    def features(path):  # the image's, or each image's (joined)
+        with torch.no_grad():
+            out = getattr(transformers, model_class).from_pretrained(path).eval().model.get_image_features(
+                **inputs, return_dict=True).pooler_output
+        return (torch.cat(out) if isinstance(out, (tuple, list)) else out).double()
+
+    expected, got = features(a), features(turned)
     assert float((got - expected @ Q.T).norm() / expected.norm()) < 1e-5
 
 
