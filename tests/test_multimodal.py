@@ -337,6 +337,17 @@ def qwen_vl_image() -> dict:  # get_image_features' inputs of qwen_vl_prompt
     prompt = qwen_vl_prompt()
     return dict(pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"])
 
+def build_janus(path, seed: int):
+    import transformers
+
+    config = transformers.JanusConfig(
+        text_config=dict(LLAVA_TEXT, model_type="llama"), image_token_id=60, tie_word_embeddings=False,
+        vision_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14,
+                           projection_dim=32, num_image_tokens=4),
+        vq_config=dict(embed_dim=4, num_embeddings=16, latent_channels=4, base_channels=32, channel_multiplier=[1, 1],
+                       num_res_blocks=1, num_patches=2, projection_dim=32, image_token_embed_dim=32))
+    return save_random(path, seed, transformers.JanusForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -559,6 +570,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "idefics2": (build_idefics2, "mistral"), "video_llava": (build_video_llava, "llama"),
     "vipllava": (lambda path, seed: build_video_llava(path, seed, "VipLlava", vision_feature_layer=[-2, -1]), "llama"),
     "aria": (build_aria, "aria_text"), "exaone4_5": (build_exaone4_5, "olmo2"),
+    "janus": (build_janus, "llama"),
 }
 
 

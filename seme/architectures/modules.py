@@ -2,7 +2,8 @@
 
 mergekit calls a multimodal model's parts text_decoder, vision_tower and multi_modal_projector
 (Llama 4's vision part: vision_model), and the one part of a language model `default`; seme calls
-an audio encoder (Gemma 3n's and 4's) audio_tower, and Video-LLaVA's video encoder video_tower. Here a
+an audio encoder (Gemma 3n's and 4's) audio_tower, Video-LLaVA's video encoder video_tower, and Janus's VQ-VAE
+image_tokenizer. Here a
 tensor's part is read from its name, so that checkpoints mergekit has no definition for (Llava) are
 split the same way. Stdlib-only, like the role tables.
 """
@@ -12,14 +13,18 @@ TEXT = "text_decoder"
 # Checked in order: a projector may sit inside the vision part (Qwen2-VL's visual.merger; MiniCPM-V 4.6's
 # merger sits beside it). Gemma 3n and 4 embed images and sounds into the language model's stream with
 # embed_vision / embed_audio; Llava-NeXT's image_newline is appended to its projected image features;
-# Idefics3's projector is its connector. Video-LLaVA encodes images with its image_tower and videos with a
-# video_tower of the same settings (vision_config), a part of its own.
+# Idefics3's projector is its connector, DeepSeek-VL's and Janus's their aligner. Video-LLaVA encodes images with
+# its image_tower and videos with a video_tower of the same settings (vision_config), a part of its own. Janus
+# generates images through the language model: its generation_embeddings and generation_aligner write image
+# tokens into its stream, its generation_head reads them out, and its VQ-VAE (vqmodel) is an image tokenizer.
 MARKERS = (
     ("multi_modal_projector", ("multi_modal_projector", "mm_projector", "merger", "embed_vision",
-                               "embed_audio", "image_newline", "connector")),
+                               "embed_audio", "image_newline", "connector", "aligner", "generation_aligner",
+                               "generation_embeddings", "generation_head")),
     ("vision_tower", ("vision_tower", "vision_model", "visual", "vision_encoder", "image_tower")),
     ("video_tower", ("video_tower",)),
     ("audio_tower", ("audio_tower",)),
+    ("image_tokenizer", ("vqmodel",)),
 )
 ALIASES = {"vision_model": "vision_tower"}
 SINGLE_NAMES = ("default", TEXT)  # what a model of one part may be called
