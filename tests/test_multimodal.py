@@ -348,6 +348,13 @@ def build_janus(path, seed: int):
                        num_res_blocks=1, num_patches=2, projection_dim=32, image_token_embed_dim=32))
     return save_random(path, seed, transformers.JanusForConditionalGeneration, config)
 
+def build_deepseek_vl(path, seed: int):
+    import transformers
+
+    config = transformers.DeepseekVLConfig(text_config=dict(LLAVA_TEXT, model_type="llama"), vision_config=SIGLIP,
+                                           image_token_id=60, tie_word_embeddings=False)
+    return save_random(path, seed, transformers.DeepseekVLForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -570,7 +577,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "idefics2": (build_idefics2, "mistral"), "video_llava": (build_video_llava, "llama"),
     "vipllava": (lambda path, seed: build_video_llava(path, seed, "VipLlava", vision_feature_layer=[-2, -1]), "llama"),
     "aria": (build_aria, "aria_text"), "exaone4_5": (build_exaone4_5, "olmo2"),
-    "janus": (build_janus, "llama"),
+    "janus": (build_janus, "llama"), "deepseek_vl": (build_deepseek_vl, "llama"),
 }
 
 
@@ -706,6 +713,7 @@ PROMPTS = {
                     lambda: dict(input_ids=llava_prompt()["input_ids"], pixel_values_images=llava_prompt()["pixel_values"])),
     "vipllava": (WRAPPERS["vipllava"][0], "VipLlavaForConditionalGeneration", llava_prompt),
     "aria": (build_aria, "AriaForConditionalGeneration", lambda: image_prompt(60, 2, 28)),
+    "deepseek_vl": (build_deepseek_vl, "DeepseekVLForConditionalGeneration", lambda: image_prompt(60, 4, 28)),
 }
 
 
