@@ -355,6 +355,16 @@ def build_deepseek_vl(path, seed: int):
                                            image_token_id=60, tie_word_embeddings=False)
     return save_random(path, seed, transformers.DeepseekVLForConditionalGeneration, config)
 
+def build_ovis2(path, seed: int):
+    import transformers
+
+    config = transformers.Ovis2Config(  # 2 x 2 patches over a visual vocabulary of 16 (its last 5 indicators)
+        text_config=dict(LLAVA_TEXT, model_type="qwen2"), image_token_id=60, visual_indicator_token_ids=[55, 56, 57, 58, 59],
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14, vocab_size=16), vocab_size=64, hidden_size=32,
+        tie_word_embeddings=False)
+    return save_random(path, seed, transformers.Ovis2ForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -578,6 +588,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "vipllava": (lambda path, seed: build_video_llava(path, seed, "VipLlava", vision_feature_layer=[-2, -1]), "llama"),
     "aria": (build_aria, "aria_text"), "exaone4_5": (build_exaone4_5, "olmo2"),
     "janus": (build_janus, "llama"), "deepseek_vl": (build_deepseek_vl, "llama"),
+    "ovis2": (build_ovis2, "qwen2"),
 }
 
 
@@ -714,6 +725,8 @@ PROMPTS = {
     "vipllava": (WRAPPERS["vipllava"][0], "VipLlavaForConditionalGeneration", llava_prompt),
     "aria": (build_aria, "AriaForConditionalGeneration", lambda: image_prompt(60, 2, 28)),
     "deepseek_vl": (build_deepseek_vl, "DeepseekVLForConditionalGeneration", lambda: image_prompt(60, 4, 28)),
+    "ovis2": (build_ovis2, "Ovis2ForConditionalGeneration", lambda: dict(  # an image between its indicators
+        image_prompt(60, 4, 28), input_ids=torch.tensor([[1, 5, 55] + [60] * 4 + [56, 9, 11]]))),
 }
 
 

@@ -17,10 +17,11 @@ TEXT = "text_decoder"
 # its image_tower and videos with a video_tower of the same settings (vision_config), a part of its own. Janus
 # generates images through the language model: its generation_embeddings and generation_aligner write image
 # tokens into its stream, its generation_head reads them out, and its VQ-VAE (vqmodel) is an image tokenizer.
+# Ovis2 embeds its vision tower's probabilities over a visual vocabulary with its visual_embeddings_table.
 MARKERS = (
     ("multi_modal_projector", ("multi_modal_projector", "mm_projector", "merger", "embed_vision",
                                "embed_audio", "image_newline", "connector", "aligner", "generation_aligner",
-                               "generation_embeddings", "generation_head")),
+                               "generation_embeddings", "generation_head", "visual_embeddings_table")),
     ("vision_tower", ("vision_tower", "vision_model", "visual", "vision_encoder", "image_tower")),
     ("video_tower", ("video_tower",)),
     ("audio_tower", ("audio_tower",)),
