@@ -365,6 +365,15 @@ def build_ovis2(path, seed: int):
         tie_word_embeddings=False)
     return save_random(path, seed, transformers.Ovis2ForConditionalGeneration, config)
 
+def build_got_ocr2(path, seed: int):
+    import transformers
+
+    config = transformers.GotOcr2Config(  # 4 x 4 patches, convolved twice with stride 2 into one image token
+        text_config=dict(LLAVA_TEXT, model_type="qwen2"), image_token_index=60, tie_word_embeddings=False,
+        vision_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                           patch_size=16, window_size=2, global_attn_indexes=[1], mlp_dim=32))
+    return save_random(path, seed, transformers.GotOcr2ForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -588,7 +597,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "vipllava": (lambda path, seed: build_video_llava(path, seed, "VipLlava", vision_feature_layer=[-2, -1]), "llama"),
     "aria": (build_aria, "aria_text"), "exaone4_5": (build_exaone4_5, "olmo2"),
     "janus": (build_janus, "llama"), "deepseek_vl": (build_deepseek_vl, "llama"),
-    "ovis2": (build_ovis2, "qwen2"),
+    "ovis2": (build_ovis2, "qwen2"), "got_ocr2": (build_got_ocr2, "qwen2"),
 }
 
 
@@ -727,6 +736,7 @@ PROMPTS = {
     "deepseek_vl": (build_deepseek_vl, "DeepseekVLForConditionalGeneration", lambda: image_prompt(60, 4, 28)),
     "ovis2": (build_ovis2, "Ovis2ForConditionalGeneration", lambda: dict(  # an image between its indicators
         image_prompt(60, 4, 28), input_ids=torch.tensor([[1, 5, 55] + [60] * 4 + [56, 9, 11]]))),
+    "got_ocr2": (build_got_ocr2, "GotOcr2ForConditionalGeneration", lambda: image_prompt(60, 1, 64)),
 }
 
 
