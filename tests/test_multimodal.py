@@ -374,6 +374,15 @@ def build_got_ocr2(path, seed: int):
                            patch_size=16, window_size=2, global_attn_indexes=[1], mlp_dim=32))
     return save_random(path, seed, transformers.GotOcr2ForConditionalGeneration, config)
 
+def build_lighton_ocr(path, seed: int):
+    import transformers
+
+    config = transformers.LightOnOcrConfig(  # Pixtral's 4 x 4 patches, merged 2 x 2
+        text_config=dict(LLAVA_TEXT, model_type="qwen3", head_dim=8), image_token_id=60, tie_word_embeddings=False,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           head_dim=8, image_size=56, patch_size=14))
+    return save_random(path, seed, transformers.LightOnOcrForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -598,6 +607,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "aria": (build_aria, "aria_text"), "exaone4_5": (build_exaone4_5, "olmo2"),
     "janus": (build_janus, "llama"), "deepseek_vl": (build_deepseek_vl, "llama"),
     "ovis2": (build_ovis2, "qwen2"), "got_ocr2": (build_got_ocr2, "qwen2"),
+    "lighton_ocr": (build_lighton_ocr, "qwen3"),
 }
 
 
@@ -737,6 +747,8 @@ PROMPTS = {
     "ovis2": (build_ovis2, "Ovis2ForConditionalGeneration", lambda: dict(  # an image between its indicators
         image_prompt(60, 4, 28), input_ids=torch.tensor([[1, 5, 55] + [60] * 4 + [56, 9, 11]]))),
     "got_ocr2": (build_got_ocr2, "GotOcr2ForConditionalGeneration", lambda: image_prompt(60, 1, 64)),
+    "lighton_ocr": (build_lighton_ocr, "LightOnOcrForConditionalGeneration",
+                    lambda: dict(image_prompt(60, 4, 56), image_sizes=torch.tensor([[56, 56]]))),
 }
 
 
