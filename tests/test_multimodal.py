@@ -383,6 +383,18 @@ def build_lighton_ocr(path, seed: int):
                            head_dim=8, image_size=56, patch_size=14))
     return save_random(path, seed, transformers.LightOnOcrForConditionalGeneration, config)
 
+def build_qianfan_ocr(path, seed: int):
+    import transformers
+
+    config = transformers.QianfanOCRConfig(  # 4 x 4 patches, shuffled into 2 x 2 image tokens
+        text_config=dict(LLAVA_TEXT, model_type="qwen3", head_dim=8), image_token_id=60,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=56, patch_size=14))
+    save_random(path, seed, transformers.QianfanOCRForConditionalGeneration, config)
+    # saved as InternVL-chat's checkpoints are (language_model.model., vision_model., mlp1.), but with the
+    # language model's layers renamed as the vision tower's (encoder.layers.); the Hub's keep them as layers
+    return renamed(path, lambda name: name.replace("language_model.model.encoder.layers.", "language_model.model.layers."))
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -607,7 +619,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "aria": (build_aria, "aria_text"), "exaone4_5": (build_exaone4_5, "olmo2"),
     "janus": (build_janus, "llama"), "deepseek_vl": (build_deepseek_vl, "llama"),
     "ovis2": (build_ovis2, "qwen2"), "got_ocr2": (build_got_ocr2, "qwen2"),
-    "lighton_ocr": (build_lighton_ocr, "qwen3"),
+    "lighton_ocr": (build_lighton_ocr, "qwen3"), "qianfan_ocr": (build_qianfan_ocr, "qwen3"),
 }
 
 
@@ -749,6 +761,7 @@ PROMPTS = {
     "got_ocr2": (build_got_ocr2, "GotOcr2ForConditionalGeneration", lambda: image_prompt(60, 1, 64)),
     "lighton_ocr": (build_lighton_ocr, "LightOnOcrForConditionalGeneration",
                     lambda: dict(image_prompt(60, 4, 56), image_sizes=torch.tensor([[56, 56]]))),
+    "qianfan_ocr": (build_qianfan_ocr, "QianfanOCRForConditionalGeneration", lambda: image_prompt(60, 4, 56)),
 }
 
 
