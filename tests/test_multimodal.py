@@ -395,6 +395,14 @@ def build_qianfan_ocr(path, seed: int):
     # language model's layers renamed as the vision tower's (encoder.layers.); the Hub's keep them as layers
     return renamed(path, lambda name: name.replace("language_model.model.encoder.layers.", "language_model.model.layers."))
 
+def build_video_llama_3(path, seed: int):
+    import transformers
+
+    config = transformers.VideoLlama3Config(
+        text_config=dict(LLAVA_TEXT, model_type="qwen2"), image_token_id=60, video_token_id=61,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4))
+    return save_random(path, seed, transformers.VideoLlama3ForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -620,6 +628,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "janus": (build_janus, "llama"), "deepseek_vl": (build_deepseek_vl, "llama"),
     "ovis2": (build_ovis2, "qwen2"), "got_ocr2": (build_got_ocr2, "qwen2"),
     "lighton_ocr": (build_lighton_ocr, "qwen3"), "qianfan_ocr": (build_qianfan_ocr, "qwen3"),
+    "video_llama_3": (build_video_llama_3, "qwen2"),
 }
 
 
@@ -762,6 +771,9 @@ PROMPTS = {
     "lighton_ocr": (build_lighton_ocr, "LightOnOcrForConditionalGeneration",
                     lambda: dict(image_prompt(60, 4, 56), image_sizes=torch.tensor([[56, 56]]))),
     "qianfan_ocr": (build_qianfan_ocr, "QianfanOCRForConditionalGeneration", lambda: image_prompt(60, 4, 56)),
+    "video_llama_3": (build_video_llama_3, "VideoLlama3ForConditionalGeneration", lambda: dict(  # 2 x 2 patches, merged
+        image_prompt(60, 1, 0), pixel_values=torch.randn(4, 48, generator=torch.Generator().manual_seed(0)),
+        image_grid_thw=torch.tensor([[1, 2, 2]]), image_merge_sizes=torch.tensor([2]))),
 }
 
 
