@@ -403,6 +403,18 @@ def build_video_llama_3(path, seed: int):
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4))
     return save_random(path, seed, transformers.VideoLlama3ForConditionalGeneration, config)
 
+def build_dots3_note(path, seed: int):
+    import transformers
+
+    config = transformers.Dots3NoteConfig(  # 2 x 2 patches of 4 pixels, merged into one image token
+        text_config=text_of("deepseek_v3:dots3_note_text", model_type="dots3_note_text"),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                           mlp_layer_types=["dense", "dense"], adapter_in_dim=16, adapter_out_dim=32),
+        audio_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          downsample_hidden_size=8, feature_size=16, adapter_input_size=16, adapter_out_dim=32),
+        image_token_id=60, video_token_id=61, audio_token_id=62)
+    return save_random(path, seed, transformers.Dots3NoteForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -628,7 +640,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "janus": (build_janus, "llama"), "deepseek_vl": (build_deepseek_vl, "llama"),
     "ovis2": (build_ovis2, "qwen2"), "got_ocr2": (build_got_ocr2, "qwen2"),
     "lighton_ocr": (build_lighton_ocr, "qwen3"), "qianfan_ocr": (build_qianfan_ocr, "qwen3"),
-    "video_llama_3": (build_video_llama_3, "qwen2"),
+    "video_llama_3": (build_video_llama_3, "qwen2"), "dots3_note": (build_dots3_note, "deepseek_v3"),
 }
 
 
@@ -774,6 +786,11 @@ PROMPTS = {
     "video_llama_3": (build_video_llama_3, "VideoLlama3ForConditionalGeneration", lambda: dict(  # 2 x 2 patches, merged
         image_prompt(60, 1, 0), pixel_values=torch.randn(4, 48, generator=torch.Generator().manual_seed(0)),
         image_grid_thw=torch.tensor([[1, 2, 2]]), image_merge_sizes=torch.tensor([2]))),
+    "dots3_note": (build_dots3_note, "Dots3NoteForConditionalGeneration", lambda: dict(  # an image, then a sound
+        input_ids=torch.tensor([[1, 5, 60, 9, 62, 62, 11]]), image_grid_thw=torch.tensor([[1, 2, 2]]),
+        pixel_values=torch.randn(4, 48, generator=torch.Generator().manual_seed(0)),
+        input_features=torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(1)),
+        chunk_sample_lengths=torch.tensor([2560]))),  # 16 frames of 160 samples, subsampled 8-fold: 2 tokens
 }
 
 
