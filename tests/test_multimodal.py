@@ -415,6 +415,15 @@ def build_dots3_note(path, seed: int):
         image_token_id=60, video_token_id=61, audio_token_id=62)
     return save_random(path, seed, transformers.Dots3NoteForConditionalGeneration, config)
 
+def build_minimax_m3_vl(path, seed: int):
+    import transformers
+
+    config = transformers.MiniMaxM3VLConfig(  # 2 x 2 patches of 4 pixels, merged into one image token
+        text_config=text_of("minimax_m3_vl_text", model_type="minimax_m3_vl_text"), projector_hidden_size=24,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=4), image_token_index=60, video_token_index=61)
+    return save_random(path, seed, transformers.MiniMaxM3SparseForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -641,6 +650,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "ovis2": (build_ovis2, "qwen2"), "got_ocr2": (build_got_ocr2, "qwen2"),
     "lighton_ocr": (build_lighton_ocr, "qwen3"), "qianfan_ocr": (build_qianfan_ocr, "qwen3"),
     "video_llama_3": (build_video_llama_3, "qwen2"), "dots3_note": (build_dots3_note, "deepseek_v3"),
+    "minimax_m3_vl": (build_minimax_m3_vl, "minimax_m3_vl_text"),
 }
 
 
@@ -791,6 +801,9 @@ PROMPTS = {
         pixel_values=torch.randn(4, 48, generator=torch.Generator().manual_seed(0)),
         input_features=torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(1)),
         chunk_sample_lengths=torch.tensor([2560]))),  # 16 frames of 160 samples, subsampled 8-fold: 2 tokens
+    "minimax_m3_vl": (build_minimax_m3_vl, "MiniMaxM3SparseForConditionalGeneration", lambda: dict(
+        image_prompt(60, 1, 0), pixel_values=torch.randn(4, 96, generator=torch.Generator().manual_seed(0)),
+        image_grid_thw=torch.tensor([[1, 2, 2]]))),
 }
 
 
