@@ -424,6 +424,15 @@ def build_minimax_m3_vl(path, seed: int):
                            image_size=28, patch_size=4), image_token_index=60, video_token_index=61)
     return save_random(path, seed, transformers.MiniMaxM3SparseForConditionalGeneration, config)
 
+def build_hyperclovax_vision_v2(path, seed: int):
+    import transformers
+
+    config = transformers.HyperCLOVAXVisionV2Config(  # Qwen2.5-VL's vision tower
+        text_config=text_of("granite:hyperclovax", model_type="hyperclovax"), image_token_id=60, video_token_id=61,
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=24,
+                           fullatt_block_indexes=[1]), tie_word_embeddings=False)
+    return save_random(path, seed, transformers.HyperCLOVAXVisionV2ForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -651,6 +660,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "lighton_ocr": (build_lighton_ocr, "qwen3"), "qianfan_ocr": (build_qianfan_ocr, "qwen3"),
     "video_llama_3": (build_video_llama_3, "qwen2"), "dots3_note": (build_dots3_note, "deepseek_v3"),
     "minimax_m3_vl": (build_minimax_m3_vl, "minimax_m3_vl_text"),
+    "hyperclovax_vision_v2": (build_hyperclovax_vision_v2, "granite"),
 }
 
 
@@ -660,7 +670,8 @@ def own_name(name: str) -> str:
         return name[len("language_model."):]
     for nested in ("model.language_model.", "model.text_model."):  # its decoder nested beside the head (Qwen3-VL)
         if name.startswith(nested):
-            return "model." + name[len(nested):]
+            own = name[len(nested):]  # HyperCLOVAX-SEED Vision keeps its head there too
+            return own if own.startswith("lm_head.") else "model." + own
     return name  # Qwen2-VL: the decoder's own names beside `visual`
 
 
@@ -843,6 +854,7 @@ FEATURES = {
                        lambda: torch.randn(1, 3, 56, 56)),
     # batch E
     "exaone4_5": (build_exaone4_5, "Exaone4_5_ForConditionalGeneration", qwen_vl_image),
+    "hyperclovax_vision_v2": (build_hyperclovax_vision_v2, "HyperCLOVAXVisionV2ForConditionalGeneration", qwen_vl_image),
 }
 
 

@@ -14,7 +14,8 @@ TEXT = "text_decoder"
 # merger sits beside it). Gemma 3n and 4 embed images and sounds into the language model's stream with
 # embed_vision / embed_audio; Llava-NeXT's image_newline is appended to its projected image features;
 # Idefics3's projector is its connector, DeepSeek-VL's and Janus's their aligner, LightOnOCR's its
-# vision_projection, InternVL-chat's (Qianfan-OCR's) its mlp1, VideoLLaMA3's its projector; MiniMax-M3-VL's
+# vision_projection, InternVL-chat's (Qianfan-OCR's) its mlp1, VideoLLaMA3's its projector, HyperCLOVAX-SEED
+# Vision's its vision_projector; MiniMax-M3-VL's
 # multi_modal_projector is followed by its patch_merge_mlp. Video-LLaVA encodes images with
 # its image_tower and videos with a video_tower of the same settings (vision_config), a part of its own. Janus
 # generates images through the language model: its generation_embeddings and generation_aligner write image
@@ -25,7 +26,8 @@ MARKERS = (
     ("multi_modal_projector", ("multi_modal_projector", "mm_projector", "merger", "embed_vision",
                                "embed_audio", "image_newline", "connector", "aligner", "generation_aligner",
                                "generation_embeddings", "generation_head", "visual_embeddings_table",
-                               "vision_projection", "mlp1", "projector", "patch_merge_mlp")),
+                               "vision_projection", "mlp1", "projector", "patch_merge_mlp",
+                               "vision_projector")),
     ("vision_tower", ("vision_tower", "vision_model", "visual", "vision_encoder", "image_tower")),
     ("video_tower", ("video_tower",)),
     ("audio_tower", ("audio_tower", "audio_encoder")),
