@@ -433,6 +433,19 @@ def build_hyperclovax_vision_v2(path, seed: int):
                            fullatt_block_indexes=[1]), tie_word_embeddings=False)
     return save_random(path, seed, transformers.HyperCLOVAXVisionV2ForConditionalGeneration, config)
 
+def build_nemotron_h_omni(path, seed: int):
+    import transformers
+
+    config = transformers.NemotronH_Omni_Reasoning_V3_Config(  # RADIO's 4 x 4 patches, shuffled into 2 x 2 tokens
+        text_config=text_of("nemotron_h", model_type="nemotron_h"), image_token_id=60, video_token_id=61,
+        vision_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, patch_size=4, image_size=16,
+                           max_img_size=16, num_cls_tokens=1, num_registers=1, video_temporal_patch_size=2),
+        audio_config=dict(model_type="parakeet_encoder", hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=32, subsampling_conv_channels=8, num_mel_bins=16, projection_hidden_size=24,
+                          projection_bias=False),
+        vision_hidden_size=16, projector_hidden_size=24, audio_token_id=62)
+    return save_random(path, seed, transformers.NemotronH_Omni_Reasoning_V3, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -661,6 +674,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "video_llama_3": (build_video_llama_3, "qwen2"), "dots3_note": (build_dots3_note, "deepseek_v3"),
     "minimax_m3_vl": (build_minimax_m3_vl, "minimax_m3_vl_text"),
     "hyperclovax_vision_v2": (build_hyperclovax_vision_v2, "granite"),
+    "nemotron_h_omni": (build_nemotron_h_omni, "nemotron_h"),
 }
 
 
@@ -815,6 +829,10 @@ PROMPTS = {
     "minimax_m3_vl": (build_minimax_m3_vl, "MiniMaxM3SparseForConditionalGeneration", lambda: dict(
         image_prompt(60, 1, 0), pixel_values=torch.randn(4, 96, generator=torch.Generator().manual_seed(0)),
         image_grid_thw=torch.tensor([[1, 2, 2]]))),
+    "nemotron_h_omni": (build_nemotron_h_omni, "NemotronH_Omni_Reasoning_V3", lambda: dict(  # an image, then a sound
+        input_ids=torch.tensor([[1, 5] + [60] * 4 + [9] + [62] * 8 + [11]]), image_grid_hw=torch.tensor([[4, 4]]),
+        pixel_values=torch.randn(16, 48, generator=torch.Generator().manual_seed(0)),  # 4 x 4 patches, shuffled 2 x 2
+        input_features=torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(1)))),  # subsampled 8-fold
 }
 
 

@@ -21,16 +21,17 @@ TEXT = "text_decoder"
 # generates images through the language model: its generation_embeddings and generation_aligner write image
 # tokens into its stream, its generation_head reads them out, and its VQ-VAE (vqmodel) is an image tokenizer.
 # Ovis2 embeds its vision tower's probabilities over a visual vocabulary with its visual_embeddings_table.
-# dots3's checkpoints keep their vision and audio towers as vision_encoder and audio_encoder.
+# dots3's checkpoints keep their vision and audio towers as vision_encoder and audio_encoder; Nemotron-H Omni's
+# its audio tower and projector as sound_encoder and sound_projection.
 MARKERS = (
     ("multi_modal_projector", ("multi_modal_projector", "mm_projector", "merger", "embed_vision",
                                "embed_audio", "image_newline", "connector", "aligner", "generation_aligner",
                                "generation_embeddings", "generation_head", "visual_embeddings_table",
                                "vision_projection", "mlp1", "projector", "patch_merge_mlp",
-                               "vision_projector")),
+                               "vision_projector", "sound_projection")),
     ("vision_tower", ("vision_tower", "vision_model", "visual", "vision_encoder", "image_tower")),
     ("video_tower", ("video_tower",)),
-    ("audio_tower", ("audio_tower", "audio_encoder")),
+    ("audio_tower", ("audio_tower", "audio_encoder", "sound_encoder")),
     ("image_tokenizer", ("vqmodel",)),
 )
 ALIASES = {"vision_model": "vision_tower"}
