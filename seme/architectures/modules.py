@@ -2,27 +2,25 @@
 
 mergekit calls a multimodal model's parts text_decoder, vision_tower and multi_modal_projector
 (Llama 4's vision part: vision_model), and the one part of a language model `default`; seme calls
-an audio encoder (Gemma 3n's and 4's) audio_tower, Video-LLaVA's video encoder video_tower, and Janus's VQ-VAE
-image_tokenizer. Here a
-tensor's part is read from its name, so that checkpoints mergekit has no definition for (Llava) are
-split the same way. Stdlib-only, like the role tables.
+an audio encoder (Gemma 3n's and 4's) audio_tower, Video-LLaVA's video encoder video_tower, and Janus's
+VQ-VAE image_tokenizer. Here a tensor's part is read from its name, so that checkpoints mergekit has no
+definition for (Llava) are split the same way. Stdlib-only, like the role tables.
 """
 from __future__ import annotations
 
 TEXT = "text_decoder"
 # Checked in order: a projector may sit inside the vision part (Qwen2-VL's visual.merger; MiniCPM-V 4.6's
 # merger sits beside it). Gemma 3n and 4 embed images and sounds into the language model's stream with
-# embed_vision / embed_audio; Llava-NeXT's image_newline is appended to its projected image features;
-# Idefics3's projector is its connector, DeepSeek-VL's and Janus's their aligner, LightOnOCR's its
-# vision_projection, InternVL-chat's (Qianfan-OCR's) its mlp1, VideoLLaMA3's its projector, HyperCLOVAX-SEED
-# Vision's its vision_projector; MiniMax-M3-VL's
-# multi_modal_projector is followed by its patch_merge_mlp. Video-LLaVA encodes images with
-# its image_tower and videos with a video_tower of the same settings (vision_config), a part of its own. Janus
-# generates images through the language model: its generation_embeddings and generation_aligner write image
-# tokens into its stream, its generation_head reads them out, and its VQ-VAE (vqmodel) is an image tokenizer.
-# Ovis2 embeds its vision tower's probabilities over a visual vocabulary with its visual_embeddings_table.
-# dots3's checkpoints keep their vision and audio towers as vision_encoder and audio_encoder; Nemotron-H Omni's
-# its audio tower and projector as sound_encoder and sound_projection.
+# embed_vision / embed_audio; Llava-NeXT's image_newline is appended to its projected image features.
+# Projectors by other names: Idefics3's connector, DeepSeek-VL's and Janus's aligner, LightOnOCR's
+# vision_projection, InternVL-chat's (Qianfan-OCR's) mlp1, VideoLLaMA3's projector, HyperCLOVAX-SEED
+# Vision's vision_projector, Nemotron-H Omni's sound_projection, and MiniMax-M3's patch_merge_mlp (after its
+# multi_modal_projector); Ovis2's visual_embeddings_table embeds its vision tower's probabilities over a
+# visual vocabulary. Janus generates images through its language model: generation_embeddings and
+# generation_aligner write image tokens into the stream, generation_head reads them out, and its VQ-VAE
+# (vqmodel) is an image tokenizer. Video-LLaVA encodes images with its image_tower and videos with a
+# video_tower of the same settings (vision_config), a part of its own. Towers by other names: dots3's
+# vision_encoder and audio_encoder, Nemotron-H Omni's sound_encoder.
 MARKERS = (
     ("multi_modal_projector", ("multi_modal_projector", "mm_projector", "merger", "embed_vision",
                                "embed_audio", "image_newline", "connector", "aligner", "generation_aligner",
