@@ -347,6 +347,231 @@ QWEN_VL_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, n
                     num_key_value_heads=2, vocab_size=64, bos_token_id=1, eos_token_id=2)
 
 
+# --- batch E: more wrappers of language models with a table (text settings from test_architectures) ---
+
+def text_of(family: str, **changes) -> dict:
+    """The tiny text settings test_architectures gives `family` (a table key), with `changes`."""
+    from test_architectures import FAMILIES
+
+    return dict(FAMILIES[family][2], **changes)
+
+
+def build_lfm2_vl(path, seed: int):
+    import transformers
+
+    config = transformers.Lfm2VlConfig(  # 4 x 4 patches of 4 pixels, unshuffled into 2 x 2 image tokens
+        text_config=text_of("lfm2"), image_token_id=60, projector_hidden_size=24, tie_word_embeddings=False,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           patch_size=4, num_patches=16))
+    return save_random(path, seed, transformers.Lfm2VlForConditionalGeneration, config)
+
+
+def siglip2_prompt() -> dict:  # 4 x 4 patches of 4 pixels (flattened), unshuffled into 2 x 2 image tokens
+    prompt = image_prompt(60, 4, 0)
+    return dict(prompt, pixel_values=torch.randn(1, 16, 48, generator=torch.Generator().manual_seed(0)),
+                pixel_attention_mask=torch.ones(1, 16, dtype=torch.long), spatial_shapes=torch.tensor([[4, 4]]))
+
+
+def build_lfm3_vl(path, seed: int):
+    import transformers
+
+    config = transformers.Lfm3VlConfig(  # 2 x 2 patches of 4 pixels, merged into one image token
+        text_config=text_of("lfm2:lfm3"), projector_hidden_size=24, tie_word_embeddings=False,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2, patch_size=4), **QWEN_VL_TOKENS)
+    return save_random(path, seed, transformers.Lfm3VlForConditionalGeneration, config)
+
+def build_kimi_k25(path, seed: int):
+    import transformers
+
+    config = transformers.Kimi_K25Config(  # 2 x 2 patches of 4 pixels, merged into one image token
+        text_config=text_of("deepseek_v3", model_type="deepseek_v3", n_group=1, topk_group=1), projection_hidden_size=16,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           patch_size=4, pos_emb_height=4, pos_emb_width=4), tie_word_embeddings=False,
+        **QWEN_VL_TOKENS)
+    save_random(path, seed, transformers.Kimi_K25ForConditionalGeneration, config)
+    # transformers saves its language model's layers as blocks (its vision tower's name, renamed back on load
+    # in both); the Hub's checkpoints keep them as layers
+    return renamed(path, lambda name: name.replace("language_model.model.blocks.", "language_model.model.layers."))
+
+
+def renamed(path, rename) -> str:
+    """The checkpoint at `path` with its tensors renamed by `rename`."""
+    from safetensors.torch import save_file
+
+    save_file({rename(k): v for k, v in load_folder(path).items()}, f"{path}/model.safetensors", metadata={"format": "pt"})
+    return str(path)
+
+
+def patch_prompt(patch: int) -> dict:  # 2 x 2 patches (one image, [3, patch, patch] each) merged into one token
+    ids = torch.tensor([[1, 5, 62, 60, 63, 9]])
+    return dict(input_ids=ids, pixel_values=torch.randn(4, 3, patch, patch, generator=torch.Generator().manual_seed(0)),
+                image_grid_thw=torch.tensor([[1, 2, 2]]))
+
+def build_minicpmv(path, seed: int, version: str = "4_6"):
+    import transformers
+
+    config = getattr(transformers, f"MiniCPMV{version}Config")(  # 4 x 4 patches, merged twice 2 x 2 into one token
+        text_config=text_of("qwen3_next:qwen3_5_text", model_type="qwen3_5_text"), insert_layer_id=0,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=16, patch_size=4, insert_layer_id=0), image_token_id=60, video_token_id=61)
+    return save_random(path, seed, getattr(transformers, f"MiniCPMV{version}ForConditionalGeneration"), config)
+
+
+def minicpmv_prompt() -> dict:  # 4 x 4 patches of 4 pixels side by side
+    prompt = image_prompt(60, 1, 0)
+    return dict(prompt, pixel_values=torch.randn(1, 3, 4, 64, generator=torch.Generator().manual_seed(0)),
+                target_sizes=torch.tensor([[4, 4]]), mm_token_type_ids=(prompt["input_ids"] == 60).long())
+
+def build_idefics2(path, seed: int):
+    import transformers
+
+    config = transformers.Idefics2Config(  # its perceiver resampler works in the language model's width
+        text_config=dict(LLAVA_TEXT, model_type="mistral"), image_token_id=60,
+        vision_config=dict(SIGLIP, model_type="idefics2_vision"),
+        perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                              resampler_head_dim=8, num_key_value_heads=1))
+    return save_random(path, seed, transformers.Idefics2ForConditionalGeneration, config)
+
+def build_video_llava(path, seed: int, model: str = "VideoLlava", **settings):
+    import transformers
+
+    clip = dict(SIGLIP, model_type="clip_vision_model", projection_dim=16)
+    config = getattr(transformers, f"{model}Config")(text_config=dict(LLAVA_TEXT, model_type="llama"), vision_config=clip,
+                                                     image_token_index=60, **settings)
+    return save_random(path, seed, getattr(transformers, f"{model}ForConditionalGeneration"), config)
+
+def build_aria(path, seed: int):
+    import transformers
+
+    config = transformers.AriaConfig(  # 2 x 2 patches, cross-attended by 2 queries
+        text_config=text_of("aria_text", model_type="aria_text"), image_token_index=60,
+        vision_config=dict(SIGLIP, model_type="idefics3_vision"), projector_patch_to_query_dict={4: 2})
+    return save_random(path, seed, transformers.AriaForConditionalGeneration, config)
+
+def build_exaone4_5(path, seed: int):
+    import transformers
+
+    config = transformers.Exaone4_5_Config(
+        text_config=text_of("olmo2:exaone4", model_type="exaone4"), image_token_id=60, video_token_id=61,
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, num_key_value_heads=2,
+                           out_hidden_size=32, fullatt_block_indexes=[1]))
+    return save_random(path, seed, transformers.Exaone4_5_ForConditionalGeneration, config)
+
+
+def qwen_vl_image() -> dict:  # get_image_features' inputs of qwen_vl_prompt
+    prompt = qwen_vl_prompt()
+    return dict(pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"])
+
+def build_janus(path, seed: int):
+    import transformers
+
+    config = transformers.JanusConfig(
+        text_config=dict(LLAVA_TEXT, model_type="llama"), image_token_id=60, tie_word_embeddings=False,
+        vision_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14,
+                           projection_dim=32, num_image_tokens=4),
+        vq_config=dict(embed_dim=4, num_embeddings=16, latent_channels=4, base_channels=32, channel_multiplier=[1, 1],
+                       num_res_blocks=1, num_patches=2, projection_dim=32, image_token_embed_dim=32))
+    return save_random(path, seed, transformers.JanusForConditionalGeneration, config)
+
+def build_deepseek_vl(path, seed: int):
+    import transformers
+
+    config = transformers.DeepseekVLConfig(text_config=dict(LLAVA_TEXT, model_type="llama"), vision_config=SIGLIP,
+                                           image_token_id=60, tie_word_embeddings=False)
+    return save_random(path, seed, transformers.DeepseekVLForConditionalGeneration, config)
+
+def build_ovis2(path, seed: int):
+    import transformers
+
+    config = transformers.Ovis2Config(  # 2 x 2 patches over a visual vocabulary of 16 (its last 5 indicators)
+        text_config=dict(LLAVA_TEXT, model_type="qwen2"), image_token_id=60, visual_indicator_token_ids=[55, 56, 57, 58, 59],
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14, vocab_size=16), vocab_size=64, hidden_size=32,
+        tie_word_embeddings=False)
+    return save_random(path, seed, transformers.Ovis2ForConditionalGeneration, config)
+
+def build_got_ocr2(path, seed: int):
+    import transformers
+
+    config = transformers.GotOcr2Config(  # 4 x 4 patches, convolved twice with stride 2 into one image token
+        text_config=dict(LLAVA_TEXT, model_type="qwen2"), image_token_index=60, tie_word_embeddings=False,
+        vision_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                           patch_size=16, window_size=2, global_attn_indexes=[1], mlp_dim=32))
+    return save_random(path, seed, transformers.GotOcr2ForConditionalGeneration, config)
+
+def build_lighton_ocr(path, seed: int):
+    import transformers
+
+    config = transformers.LightOnOcrConfig(  # Pixtral's 4 x 4 patches, merged 2 x 2
+        text_config=dict(LLAVA_TEXT, model_type="qwen3", head_dim=8), image_token_id=60, tie_word_embeddings=False,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           head_dim=8, image_size=56, patch_size=14))
+    return save_random(path, seed, transformers.LightOnOcrForConditionalGeneration, config)
+
+def build_qianfan_ocr(path, seed: int):
+    import transformers
+
+    config = transformers.QianfanOCRConfig(  # 4 x 4 patches, shuffled into 2 x 2 image tokens
+        text_config=dict(LLAVA_TEXT, model_type="qwen3", head_dim=8), image_token_id=60,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=56, patch_size=14))
+    save_random(path, seed, transformers.QianfanOCRForConditionalGeneration, config)
+    # saved as InternVL-chat's checkpoints are (language_model.model., vision_model., mlp1.), but with the
+    # language model's layers renamed as the vision tower's (encoder.layers.); the Hub's keep them as layers
+    return renamed(path, lambda name: name.replace("language_model.model.encoder.layers.", "language_model.model.layers."))
+
+def build_video_llama_3(path, seed: int):
+    import transformers
+
+    config = transformers.VideoLlama3Config(
+        text_config=dict(LLAVA_TEXT, model_type="qwen2"), image_token_id=60, video_token_id=61,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4))
+    return save_random(path, seed, transformers.VideoLlama3ForConditionalGeneration, config)
+
+def build_dots3_note(path, seed: int):
+    import transformers
+
+    config = transformers.Dots3NoteConfig(  # 2 x 2 patches of 4 pixels, merged into one image token
+        text_config=text_of("deepseek_v3:dots3_note_text", model_type="dots3_note_text"),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                           mlp_layer_types=["dense", "dense"], adapter_in_dim=16, adapter_out_dim=32),
+        audio_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          downsample_hidden_size=8, feature_size=16, adapter_input_size=16, adapter_out_dim=32),
+        image_token_id=60, video_token_id=61, audio_token_id=62)
+    return save_random(path, seed, transformers.Dots3NoteForConditionalGeneration, config)
+
+def build_minimax_m3_vl(path, seed: int):
+    import transformers
+
+    config = transformers.MiniMaxM3VLConfig(  # 2 x 2 patches of 4 pixels, merged into one image token
+        text_config=text_of("minimax_m3_vl_text", model_type="minimax_m3_vl_text"), projector_hidden_size=24,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=4), image_token_index=60, video_token_index=61)
+    return save_random(path, seed, transformers.MiniMaxM3SparseForConditionalGeneration, config)
+
+def build_hyperclovax_vision_v2(path, seed: int):
+    import transformers
+
+    config = transformers.HyperCLOVAXVisionV2Config(  # Qwen2.5-VL's vision tower
+        text_config=text_of("granite:hyperclovax", model_type="hyperclovax"), image_token_id=60, video_token_id=61,
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=24,
+                           fullatt_block_indexes=[1]), tie_word_embeddings=False)
+    return save_random(path, seed, transformers.HyperCLOVAXVisionV2ForConditionalGeneration, config)
+
+def build_nemotron_h_omni(path, seed: int):
+    import transformers
+
+    config = transformers.NemotronH_Omni_Reasoning_V3_Config(  # RADIO's 4 x 4 patches, shuffled into 2 x 2 tokens
+        text_config=text_of("nemotron_h", model_type="nemotron_h"), image_token_id=60, video_token_id=61,
+        vision_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, patch_size=4, image_size=16,
+                           max_img_size=16, num_cls_tokens=1, num_registers=1, video_temporal_patch_size=2),
+        audio_config=dict(model_type="parakeet_encoder", hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=32, subsampling_conv_channels=8, num_mel_bins=16, projection_hidden_size=24,
+                          projection_bias=False),
+        vision_hidden_size=16, projector_hidden_size=24, audio_token_id=62)
+    return save_random(path, seed, transformers.NemotronH_Omni_Reasoning_V3, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -573,6 +798,20 @@ WRAPPERS = {  # the builder, and the family of its language model
     "qwen2_5_omni_thinker": (build_qwen2_5_omni_thinker, "qwen2"),
     "qwen3_omni_moe_thinker": (build_qwen3_omni_moe_thinker, "qwen3_moe"),
     "glm_ocr": (build_glm_ocr, "glm4"),
+    # batch E
+    "lfm2_vl": (build_lfm2_vl, "lfm2"), "lfm3_vl": (build_lfm3_vl, "lfm2"),
+    "kimi_k25": (build_kimi_k25, "deepseek_v3"), "minicpmv4_6": (build_minicpmv, "qwen3_next"),
+    "minicpmv4_7": (lambda path, seed: build_minicpmv(path, seed, "4_7"), "qwen3_next"),
+    "idefics2": (build_idefics2, "mistral"), "video_llava": (build_video_llava, "llama"),
+    "vipllava": (lambda path, seed: build_video_llava(path, seed, "VipLlava", vision_feature_layer=[-2, -1]), "llama"),
+    "aria": (build_aria, "aria_text"), "exaone4_5": (build_exaone4_5, "olmo2"),
+    "janus": (build_janus, "llama"), "deepseek_vl": (build_deepseek_vl, "llama"),
+    "ovis2": (build_ovis2, "qwen2"), "got_ocr2": (build_got_ocr2, "qwen2"),
+    "lighton_ocr": (build_lighton_ocr, "qwen3"), "qianfan_ocr": (build_qianfan_ocr, "qwen3"),
+    "video_llama_3": (build_video_llama_3, "qwen2"), "dots3_note": (build_dots3_note, "deepseek_v3"),
+    "minimax_m3_vl": (build_minimax_m3_vl, "minimax_m3_vl_text"),
+    "hyperclovax_vision_v2": (build_hyperclovax_vision_v2, "granite"),
+    "nemotron_h_omni": (build_nemotron_h_omni, "nemotron_h"),
 }
 
 
@@ -582,7 +821,8 @@ def own_name(name: str) -> str:
         return name[len("language_model."):]
     for nested in ("model.language_model.", "model.text_model."):  # its decoder nested beside the head (Qwen3-VL)
         if name.startswith(nested):
-            return "model." + name[len(nested):]
+            own = name[len(nested):]  # HyperCLOVAX-SEED Vision keeps its head there too
+            return own if own.startswith("lm_head.") else "model." + own
     return name  # Qwen2-VL: the decoder's own names beside `visual`
 
 
@@ -604,7 +844,7 @@ def test_a_multimodal_models_language_model_has_its_familys_roles(wrapper, tmp_p
     config = json.loads((tmp_path / wrapper / "config.json").read_text())
     names = tensor_names(path)
     arch = architectures.for_config(config, names)
-    own = architectures.for_config(config["text_config"])  # its variant, as the text config chooses it
+    own = architectures.for_config(config["text_config"])  # its variant, as its settings choose it
     assert not arch.inferred and arch.name == own.name == family
     assert arch.num_layers(config) == 2 and arch.hidden_size(config) == 32
     for name in names:
@@ -709,6 +949,38 @@ PROMPTS = {
                          lambda: qwen_vl_prompt(16)),
     "glm4v_moe": (build_glm4v_moe, "Glm4vMoeForConditionalGeneration", qwen_vl_prompt),
     "mistral3-mistral4": (build_mistral3_mistral4, "Mistral3ForConditionalGeneration", mistral3_prompt),
+    # batch E
+    "lfm2_vl": (build_lfm2_vl, "Lfm2VlForConditionalGeneration", siglip2_prompt),
+    "lfm3_vl": (build_lfm3_vl, "Lfm3VlForConditionalGeneration", lambda: qwen_vl_prompt(4)),
+    "kimi_k25": (build_kimi_k25, "Kimi_K25ForConditionalGeneration", lambda: patch_prompt(4)),
+    "minicpmv4_6": (build_minicpmv, "MiniCPMV4_6ForConditionalGeneration", minicpmv_prompt),
+    "minicpmv4_7": (WRAPPERS["minicpmv4_7"][0], "MiniCPMV4_7ForConditionalGeneration", minicpmv_prompt),
+    "video_llava": (build_video_llava, "VideoLlavaForConditionalGeneration",
+                    lambda: dict(input_ids=llava_prompt()["input_ids"], pixel_values_images=llava_prompt()["pixel_values"])),
+    "vipllava": (WRAPPERS["vipllava"][0], "VipLlavaForConditionalGeneration", llava_prompt),
+    "aria": (build_aria, "AriaForConditionalGeneration", lambda: image_prompt(60, 2, 28)),
+    "deepseek_vl": (build_deepseek_vl, "DeepseekVLForConditionalGeneration", lambda: image_prompt(60, 4, 28)),
+    "ovis2": (build_ovis2, "Ovis2ForConditionalGeneration", lambda: dict(  # an image between its indicators
+        image_prompt(60, 4, 28), input_ids=torch.tensor([[1, 5, 55] + [60] * 4 + [56, 9, 11]]))),
+    "got_ocr2": (build_got_ocr2, "GotOcr2ForConditionalGeneration", lambda: image_prompt(60, 1, 64)),
+    "lighton_ocr": (build_lighton_ocr, "LightOnOcrForConditionalGeneration",
+                    lambda: dict(image_prompt(60, 4, 56), image_sizes=torch.tensor([[56, 56]]))),
+    "qianfan_ocr": (build_qianfan_ocr, "QianfanOCRForConditionalGeneration", lambda: image_prompt(60, 4, 56)),
+    "video_llama_3": (build_video_llama_3, "VideoLlama3ForConditionalGeneration", lambda: dict(  # 2 x 2 patches, merged
+        image_prompt(60, 1, 0), pixel_values=torch.randn(4, 48, generator=torch.Generator().manual_seed(0)),
+        image_grid_thw=torch.tensor([[1, 2, 2]]), image_merge_sizes=torch.tensor([2]))),
+    "dots3_note": (build_dots3_note, "Dots3NoteForConditionalGeneration", lambda: dict(  # an image, then a sound
+        input_ids=torch.tensor([[1, 5, 60, 9, 62, 62, 11]]), image_grid_thw=torch.tensor([[1, 2, 2]]),
+        pixel_values=torch.randn(4, 48, generator=torch.Generator().manual_seed(0)),
+        input_features=torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(1)),
+        chunk_sample_lengths=torch.tensor([2560]))),  # 16 frames of 160 samples, subsampled 8-fold: 2 tokens
+    "minimax_m3_vl": (build_minimax_m3_vl, "MiniMaxM3SparseForConditionalGeneration", lambda: dict(
+        image_prompt(60, 1, 0), pixel_values=torch.randn(4, 96, generator=torch.Generator().manual_seed(0)),
+        image_grid_thw=torch.tensor([[1, 2, 2]]))),
+    "nemotron_h_omni": (build_nemotron_h_omni, "NemotronH_Omni_Reasoning_V3", lambda: dict(  # an image, then a sound
+        input_ids=torch.tensor([[1, 5] + [60] * 4 + [9] + [62] * 8 + [11]]), image_grid_hw=torch.tensor([[4, 4]]),
+        pixel_values=torch.randn(16, 48, generator=torch.Generator().manual_seed(0)),  # 4 x 4 patches, shuffled 2 x 2
+        input_features=torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(1)))),  # subsampled 8-fold
 }
 
 
@@ -796,6 +1068,9 @@ FEATURES = {
     # (Mistral Large 4's indexer normalises the stream with a LayerNorm) 4 x 4 patches, merged 2 x 2
     "mistral_large4": (build_mistral_large4, "MistralLarge4ForConditionalGeneration", lambda: dict(
         pixel_values=torch.randn(1, 3, 56, 56), image_sizes=torch.tensor([[56, 56]]), vision_feature_layer=-1)),
+    # batch E
+    "exaone4_5": (build_exaone4_5, "Exaone4_5_ForConditionalGeneration", qwen_vl_image),
+    "hyperclovax_vision_v2": (build_hyperclovax_vision_v2, "HyperCLOVAXVisionV2ForConditionalGeneration", qwen_vl_image),
 }
 
 
@@ -813,15 +1088,16 @@ def test_a_projector_writes_image_features_that_turn_with_the_stream(wrapper, tm
     turned = rotated(a, tmp_path / "turned", Q)
     assert architectures.for_config(json.loads((Path(a) / "config.json").read_text()), tensor_names(a)).projected
     torch.manual_seed(0)
-    x = pixels()
-    x = x if isinstance(x, dict) else {"pixel_values": x}  # or all that get_image_features takes
+    x = pixels()  # pixel values, or all that get_image_features takes (the grid of Qwen2.5-VL's patches)
+    inputs = x if isinstance(x, dict) else {"pixel_values": x}
 
-    def features(model):  # one tensor, where they come split per image
-        pooled = model.model.get_image_features(**x, return_dict=True).pooler_output
-        return (torch.cat(pooled) if isinstance(pooled, (list, tuple)) else pooled).double()
+    def features(path):  # the image's, or each image's (joined)
+        with torch.no_grad():
+            out = getattr(transformers, model_class).from_pretrained(path).eval().model.get_image_features(
+                **inputs, return_dict=True).pooler_output
+        return (torch.cat(out) if isinstance(out, (tuple, list)) else out).double()
 
-    with torch.no_grad():
-        expected, got = (features(getattr(transformers, model_class).from_pretrained(p).eval()) for p in (a, turned))
+    expected, got = features(a), features(turned)
     assert float((got - expected @ Q.T).norm() / expected.norm()) < 1e-5
 
 

@@ -421,7 +421,8 @@ def for_config(config: dict, names=None) -> Architecture:
         # Where the described projector writes are missing (a layout the description does not know), the
         # model is not projected: no rotation rather than an unturned projector.
         described = all(t in names for t, spec in _projector(prefix, wrapper).items() if not spec.optional)
-        return _moved(family, prefix, wrapper, described)
+        head_nested = any(n.startswith(prefix + "lm_head.") for n in names) if prefix == _NESTED_DECODER else False
+        return _moved(family, prefix, wrapper, described, head_nested)
     warnings.warn(
         f"unknown architecture {archs[0]!r} (model_type {config.get('model_type')!r}); "
         "tensor roles are inferred from tensor names",
@@ -433,8 +434,9 @@ def for_config(config: dict, names=None) -> Architecture:
 # Where multimodal checkpoints keep their language model: the whole causal LM nested
 # (`language_model.model.layers`, `language_model.lm_head`: transformers 4's layout, and 5's when it
 # saves Llava or Gemma 3), its decoder nested beside a top-level head (`model.language_model.layers`,
-# `lm_head`: Qwen3-VL, Qwen3.5; `model.text_model.layers`: Idefics3, SmolVLM), or its decoder's own names
-# (`model.layers` beside `visual`: Qwen2-VL).
+# `lm_head`: Qwen3-VL, Qwen3.5; `model.text_model.layers`: Idefics3, SmolVLM; or with its head beside it,
+# `model.language_model.lm_head`: HyperCLOVAX-SEED Vision), or its decoder's own names (`model.layers` beside
+# `visual`: Qwen2-VL).
 _NESTED_LM, _NESTED_DECODER, _TEXT_MODEL = "language_model.", "model.language_model.", "model.text_model."
 
 
@@ -454,17 +456,19 @@ def _projector(prefix: str, wrapper: str | None) -> dict[str, TensorSpec]:
 
 
 @cache
-def _moved(family: Architecture, prefix: str, wrapper: str, projected: bool) -> Architecture:
+def _moved(family: Architecture, prefix: str, wrapper: str, projected: bool, head_nested: bool = False) -> Architecture:
     """`family`'s table with its templates where the multimodal `wrapper`'s checkpoints keep them
-    (`prefix`), its settings read from the config's text_config; with its projector's writes where
-    `projected` and projectors.json describes them."""
+    (`prefix`; the head too where `head_nested`), its settings read from the config's text_config; with
+    its projector's writes where `projected` and projectors.json describes them."""
     def move(template: str | None) -> str | None:
         if template is None or not prefix:
             return template
         if prefix == _NESTED_LM:
             return prefix + template
         base = family.base_prefix
-        return prefix + template[len(base):] if template.startswith(base) else template
+        if template.startswith(base):
+            return prefix + template[len(base):]
+        return prefix + template if head_nested else template
 
     def moved(specs: dict) -> dict:
         return {move(t): s and replace(s, norm=move(s.norm), tied_to=move(s.tied_to)) for t, s in specs.items()}

@@ -2,24 +2,38 @@
 
 mergekit calls a multimodal model's parts text_decoder, vision_tower and multi_modal_projector
 (Llama 4's vision part: vision_model), and the one part of a language model `default`; seme calls
-an audio encoder (Gemma 3n's and 4's) audio_tower. Here a
-tensor's part is read from its name, so that checkpoints mergekit has no definition for (Llava) are
-split the same way. Stdlib-only, like the role tables.
+an audio encoder (Gemma 3n's and 4's) audio_tower, Video-LLaVA's video encoder video_tower, and Janus's
+VQ-VAE image_tokenizer. Here a tensor's part is read from its name, so that checkpoints mergekit has no
+definition for (Llava) are split the same way. Stdlib-only, like the role tables.
 """
 from __future__ import annotations
 
 TEXT = "text_decoder"
-# Checked in order: a projector may sit inside the vision part (Qwen2-VL's visual.merger). Gemma 3n and 4
-# embed images and sounds into the language model's stream with embed_vision / embed_audio; Llava-NeXT's
-# image_newline is appended to its projected image features; Idefics3's projector is its connector; Mistral's own
-# checkpoint names (Mistral Large 4) call the projector's parts pre_mm_projector_norm, patch_merger and
-# vision_language_adapter; ERNIE 4.5 VL's is its resampler_model.
+# Checked in order: a projector may sit inside the vision part (Qwen2-VL's visual.merger; MiniCPM-V 4.6's
+# merger sits beside it). Gemma 3n and 4 embed images and sounds into the language model's stream with
+# embed_vision / embed_audio; Llava-NeXT's image_newline is appended to its projected image features.
+# Projectors by other names: Idefics3's connector, DeepSeek-VL's and Janus's aligner, LightOnOCR's
+# vision_projection, InternVL-chat's (Qianfan-OCR's) mlp1, VideoLLaMA3's projector, HyperCLOVAX-SEED
+# Vision's vision_projector, Nemotron-H Omni's sound_projection, and MiniMax-M3's patch_merge_mlp (after its
+# multi_modal_projector); Ovis2's visual_embeddings_table embeds its vision tower's probabilities over a
+# visual vocabulary. Janus generates images through its language model: generation_embeddings and
+# generation_aligner write image tokens into the stream, generation_head reads them out, and its VQ-VAE
+# (vqmodel) is an image tokenizer. Video-LLaVA encodes images with its image_tower and videos with a
+# video_tower of the same settings (vision_config), a part of its own. Towers by other names: dots3's
+# vision_encoder and audio_encoder, Nemotron-H Omni's sound_encoder. Mistral's own checkpoint names (Mistral
+# Large 4) call the projector's parts pre_mm_projector_norm, patch_merger and vision_language_adapter; ERNIE
+# 4.5 VL's is its resampler_model.
 MARKERS = (
-    ("multi_modal_projector", ("multi_modal_projector", "mm_projector", "visual.merger", "embed_vision",
-                               "embed_audio", "image_newline", "connector", "pre_mm_projector_norm", "patch_merger",
-                               "vision_language_adapter", "resampler_model")),
-    ("vision_tower", ("vision_tower", "vision_model", "visual", "vision_encoder")),
-    ("audio_tower", ("audio_tower",)),
+    ("multi_modal_projector", ("multi_modal_projector", "mm_projector", "merger", "embed_vision",
+                               "embed_audio", "image_newline", "connector", "aligner", "generation_aligner",
+                               "generation_embeddings", "generation_head", "visual_embeddings_table",
+                               "vision_projection", "mlp1", "projector", "patch_merge_mlp",
+                               "vision_projector", "sound_projection", "vision_language_adapter",
+                               "resampler_model")),
+    ("vision_tower", ("vision_tower", "vision_model", "visual", "vision_encoder", "image_tower")),
+    ("video_tower", ("video_tower",)),
+    ("audio_tower", ("audio_tower", "audio_encoder", "sound_encoder")),
+    ("image_tokenizer", ("vqmodel",)),
 )
 ALIASES = {"vision_model": "vision_tower"}
 SINGLE_NAMES = ("default", TEXT)  # what a model of one part may be called
