@@ -313,6 +313,41 @@ def test_a_rotated_model_of_a_described_family_is_aligned_back(family, tmp_path)
         torch.testing.assert_close(merged[name], t, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_ernie_moes_unloaded_mtp_layer_is_the_pivots(tmp_path):
+    """Ernie 4.5 MoE's multi-token-prediction layer (model.mtp_*, which transformers does not load) has
+    roles, so a rotated source is aligned rather than refused, and the merge keeps the pivot's layer."""
+    from safetensors.torch import load_file, save_file
+
+    from test_architectures import build
+
+    build("llama:ernie4_5_moe", {"tie_word_embeddings": False}).save_pretrained(tmp_path / "A")
+    config = json.loads((tmp_path / "A" / "config.json").read_text())
+    state = load_file(tmp_path / "A" / "model.safetensors")
+    g = torch.Generator().manual_seed(3)
+    last = f"model.layers.{config['num_hidden_layers'] - 1}."
+    for name in [n for n in state if n.startswith(last)]:
+        state["model.mtp_block.0." + name[len(last):]] = state[name] + 0.01 * torch.randn(state[name].shape, generator=g)
+    hidden = config["hidden_size"]
+    state["model.mtp_emb_norm.0.weight"] = 1 + 0.1 * torch.randn(hidden, generator=g)
+    state["model.mtp_hidden_norm.0.weight"] = 1 + 0.1 * torch.randn(hidden, generator=g)
+    state["model.mtp_linear_proj.0.weight"] = 0.02 * torch.randn(hidden, 2 * hidden, generator=g)
+    save_file(state, tmp_path / "A" / "model.safetensors", metadata={"format": "pt"})
+    arch = for_config(config)
+    mtp = [n for n in state if n.startswith("model.mtp_")]
+    assert all(arch.role(n) is not None and arch.unloaded_module(n) == "model.mtp_" for n in mtp)
+    Q, _ = torch.linalg.qr(torch.randn(hidden, hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+    (tmp_path / "rotA").mkdir()
+    save_file({k: v.float() for k, v in rotate({k: v.double() for k, v in state.items()}, arch, Q).items()},
+              tmp_path / "rotA" / "model.safetensors")
+    (tmp_path / "rotA" / "config.json").write_text(json.dumps(config))
+    report = seme_merge(str(tmp_path / "A"), [str(tmp_path / "rotA")], tmp_path / "out")
+    assert report["sources"][0]["applied"]
+    merged = load_folder(tmp_path / "out")
+    assert merged.keys() == state.keys()
+    for name, t in state.items():
+        torch.testing.assert_close(merged[name], t, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_models_without_a_role_table_are_not_rotated(trained, tmp_path, capsys):
     # names alone cannot say which norm gains each reader folds: a rotation would change the function
     paths, _, _, _ = trained
