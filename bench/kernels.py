@@ -34,6 +34,7 @@ METHODS = {  # name -> parameters (scalars: the same for every model), as both e
     "sce": dict(select_topk=0.3),
     "breadcrumbs": dict(weight=0.5, density=0.3),
     "della": dict(weight=0.5, density=0.3, epsilon=0.1),
+    "lrp": dict(density=0.3),  # not in mergekit 0.1.5: its column is nan
     "slerp": dict(t=0.3),  # base and the first fine-tune: SLERP takes two
     "model_stock": dict(),
     "ram": dict(epsilon=0.01),  # the deltas' scale: about a third of each model's changes count
@@ -79,7 +80,10 @@ def mergekit_fn(name, tensors, params):
         from mergekit.merge_methods.base import TensorGroup
     except ImportError:
         return None
-    method = mk_registry.get(name)
+    try:
+        method = mk_registry.get(name)
+    except RuntimeError:  # a method mergekit 0.1.5 lacks (lrp came later)
+        return None
     return lambda: method([TensorGroup.from_tensors(list(tensors), base_index=0, name="t")], parameters=params)
 
 
