@@ -572,6 +572,19 @@ def build_nemotron_h_omni(path, seed: int):
         vision_hidden_size=16, projector_hidden_size=24, audio_token_id=62)
     return save_random(path, seed, transformers.NemotronH_Omni_Reasoning_V3, config)
 
+
+def build_step3p7(path, seed: int):
+    """A Step-3.7: a dense layer, then a mixture of experts; saved in the released checkpoints' names (the language
+    model at the top level beside vision_model and vit_large_projector)."""
+    import transformers
+
+    config = transformers.Step3p7Config(  # 2 x 2 patches, convolved twice into one image token
+        text_config=dict(LLAVA_TEXT, head_dim=8, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                         share_expert_dim=24, mlp_layer_types=["dense", "sparse"], sliding_window=8),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14), image_token_id=60)
+    return save_random(path, seed, transformers.Step3p7ForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -812,6 +825,8 @@ WRAPPERS = {  # the builder, and the family of its language model
     "minimax_m3_vl": (build_minimax_m3_vl, "minimax_m3_vl_text"),
     "hyperclovax_vision_v2": (build_hyperclovax_vision_v2, "granite"),
     "nemotron_h_omni": (build_nemotron_h_omni, "nemotron_h"),
+    # batch H
+    "step3p7": (build_step3p7, "step3p5"),
 }
 
 
@@ -1017,6 +1032,8 @@ TEXT_PROMPTS = {
                         dict(moe_mm_token_type_ids=torch.tensor([[0, 0, 1, 1, 0, 0]]))),
     "qwen2_5_omni_thinker": ("Qwen2_5OmniThinkerForConditionalGeneration", {}),
     "qwen3_omni_moe_thinker": ("Qwen3OmniMoeThinkerForConditionalGeneration", {}),
+    # batch H
+    "step3p7": ("Step3p7ForConditionalGeneration", {}),
 }
 
 

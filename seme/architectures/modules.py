@@ -29,7 +29,7 @@ MARKERS = (
                                "generation_embeddings", "generation_head", "visual_embeddings_table",
                                "vision_projection", "mlp1", "projector", "patch_merge_mlp",
                                "vision_projector", "sound_projection", "pre_mm_projector_norm", "patch_merger",
-                               "vision_language_adapter", "resampler_model")),
+                               "vision_language_adapter", "resampler_model", "vit_large_projector")),
     ("vision_tower", ("vision_tower", "vision_model", "visual", "vision_encoder", "image_tower")),
     ("video_tower", ("video_tower",)),
     ("audio_tower", ("audio_tower", "audio_encoder", "sound_encoder")),
