@@ -585,6 +585,18 @@ def build_step3p7(path, seed: int):
                            image_size=28, patch_size=14), image_token_id=60)
     return save_random(path, seed, transformers.Step3p7ForConditionalGeneration, config)
 
+
+def build_granite4_vision(path, seed: int):
+    """A Granite 4 Vision: Llava-NeXT's parts, with Q-Former projectors that add image features at layers 0 and 1."""
+    import transformers
+
+    config = transformers.Granite4VisionConfig(
+        text_config=dict(LLAVA_TEXT), image_token_index=60, image_grid_pinpoints=[[56, 56]],
+        vision_config=dict(SIGLIP, model_type="clip_vision_model", hidden_size=64, projection_dim=16, image_size=56),
+        qformer_config=dict(intermediate_size=32), downsample_rate="1/2", deepstack_layer_map=[[-2, 0]],
+        spatial_target_layers=[0, 1, 1, 0])
+    return save_random(path, seed, transformers.Granite4VisionForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -826,7 +838,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "hyperclovax_vision_v2": (build_hyperclovax_vision_v2, "granite"),
     "nemotron_h_omni": (build_nemotron_h_omni, "nemotron_h"),
     # batch H
-    "step3p7": (build_step3p7, "step3p5"),
+    "step3p7": (build_step3p7, "step3p5"), "granite4_vision": (build_granite4_vision, "granite"),
 }
 
 
@@ -1034,6 +1046,7 @@ TEXT_PROMPTS = {
     "qwen3_omni_moe_thinker": ("Qwen3OmniMoeThinkerForConditionalGeneration", {}),
     # batch H
     "step3p7": ("Step3p7ForConditionalGeneration", {}),
+    "granite4_vision": ("Granite4VisionForConditionalGeneration", {}),
 }
 
 
