@@ -597,6 +597,19 @@ def build_granite4_vision(path, seed: int):
         spatial_target_layers=[0, 1, 1, 0])
     return save_random(path, seed, transformers.Granite4VisionForConditionalGeneration, config)
 
+
+def build_hunyuan_vl(path, seed: int):
+    """A HunyuanOCR: its vision tower (vit) and projector (vit.perceive) beside the language model's own names."""
+    import transformers
+
+    config = transformers.HunYuanVLConfig(
+        text_config=dict(LLAVA_TEXT, head_dim=8, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2]},
+                         tie_word_embeddings=False),
+        image_token_id=60, im_start_id=61, im_end_id=62, im_newline_id=63, tie_word_embeddings=False,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                           out_hidden_size=32, text_hidden_size=32))
+    return save_random(path, seed, transformers.HunYuanVLForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -839,6 +852,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "nemotron_h_omni": (build_nemotron_h_omni, "nemotron_h"),
     # batch H
     "step3p7": (build_step3p7, "step3p5"), "granite4_vision": (build_granite4_vision, "granite"),
+    "hunyuan_vl": (build_hunyuan_vl, "hunyuan_v1_dense"),
 }
 
 
@@ -1047,6 +1061,7 @@ TEXT_PROMPTS = {
     # batch H
     "step3p7": ("Step3p7ForConditionalGeneration", {}),
     "granite4_vision": ("Granite4VisionForConditionalGeneration", {}),
+    "hunyuan_vl": ("HunYuanVLForConditionalGeneration", {}),
 }
 
 
