@@ -610,6 +610,18 @@ def build_hunyuan_vl(path, seed: int):
                            out_hidden_size=32, text_hidden_size=32))
     return save_random(path, seed, transformers.HunYuanVLForConditionalGeneration, config)
 
+
+def build_paddleocr_vl(path, seed: int):
+    """A PaddleOCR-VL: Ernie 4.5's language model (with biases) beside visual and its projector, mlp_AR."""
+    import transformers
+
+    config = transformers.PaddleOCRVLConfig(
+        text_config=dict(LLAVA_TEXT, head_dim=8, use_bias=True, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                           patch_size=14), tie_word_embeddings=False, **QWEN_VL_TOKENS)
+    return save_random(path, seed, transformers.PaddleOCRVLForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -852,7 +864,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "nemotron_h_omni": (build_nemotron_h_omni, "nemotron_h"),
     # batch H
     "step3p7": (build_step3p7, "step3p5"), "granite4_vision": (build_granite4_vision, "granite"),
-    "hunyuan_vl": (build_hunyuan_vl, "hunyuan_v1_dense"),
+    "hunyuan_vl": (build_hunyuan_vl, "hunyuan_v1_dense"), "paddleocr_vl": (build_paddleocr_vl, "llama"),
 }
 
 
@@ -1062,6 +1074,7 @@ TEXT_PROMPTS = {
     "step3p7": ("Step3p7ForConditionalGeneration", {}),
     "granite4_vision": ("Granite4VisionForConditionalGeneration", {}),
     "hunyuan_vl": ("HunYuanVLForConditionalGeneration", {}),
+    "paddleocr_vl": ("PaddleOCRVLForConditionalGeneration", {}),
 }
 
 
