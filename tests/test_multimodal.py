@@ -622,6 +622,22 @@ def build_paddleocr_vl(path, seed: int):
                            patch_size=14), tie_word_embeddings=False, **QWEN_VL_TOKENS)
     return save_random(path, seed, transformers.PaddleOCRVLForConditionalGeneration, config)
 
+
+def build_molmo2(path, seed: int, **text):
+    """A Molmo2, saved in its checkpoints' names (transformer.blocks, vision_backbone); a vocabulary of 56 tokens and 8
+    extra ones (image markers)."""
+    import transformers
+
+    config = transformers.Molmo2Config(
+        text_config=dict(LLAVA_TEXT, head_dim=8, vocab_size=56, additional_vocab_size=8, attention_bias=True, **text),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=8, image_size=[28, 28], patch_size=14),
+        adapter_config=dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, head_dim=8, intermediate_size=24,
+                            text_hidden_size=32, vision_feature_layer=[-1]),
+        image_start_token_id=56, low_res_image_start_token_id=57, image_end_token_id=58, image_patch_id=59,
+        frame_start_token_id=60, frame_end_token_id=61)
+    return save_random(path, seed, transformers.Molmo2ForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -865,6 +881,8 @@ WRAPPERS = {  # the builder, and the family of its language model
     # batch H
     "step3p7": (build_step3p7, "step3p5"), "granite4_vision": (build_granite4_vision, "granite"),
     "hunyuan_vl": (build_hunyuan_vl, "hunyuan_v1_dense"), "paddleocr_vl": (build_paddleocr_vl, "llama"),
+    "molmo2": (build_molmo2, "molmo2_text"),
+    "molmo2-norm_after": (lambda path, seed: build_molmo2(path, seed, norm_after=True, qk_norm_type="olmo"), "molmo2_text"),
 }
 
 
@@ -1075,6 +1093,7 @@ TEXT_PROMPTS = {
     "granite4_vision": ("Granite4VisionForConditionalGeneration", {}),
     "hunyuan_vl": ("HunYuanVLForConditionalGeneration", {}),
     "paddleocr_vl": ("PaddleOCRVLForConditionalGeneration", {}),
+    "molmo2": ("Molmo2ForConditionalGeneration", {}),
 }
 
 
