@@ -638,6 +638,21 @@ def build_molmo2(path, seed: int, **text):
         frame_start_token_id=60, frame_end_token_id=61)
     return save_random(path, seed, transformers.Molmo2ForConditionalGeneration, config)
 
+
+def build_glm5_next(path, seed: int):
+    """A GLM-5.3-Flash: a linear-attention layer with a dense MLP, then a latent-attention layer with a sparse-attention
+    indexer and a mixture of experts, over two hyper-connected residual streams."""
+    import transformers
+
+    config = transformers.Glm5NextConfig(
+        text_config=dict(LLAVA_TEXT, num_key_value_heads=4, moe_intermediate_size=16, n_routed_experts=4,
+                         num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=0, qk_nope_head_dim=8,
+                         v_head_dim=8, index_topk=4, index_head_dim=8, index_n_heads=2, index_kpool=2, linear_head_dim=8,
+                         linear_num_heads=4, hc_mult=2, pad_token_id=0, layer_types=["linear_attention", "full_attention"],
+                         mlp_layer_types=["dense", "sparse"]),
+        vision_config=GLM4V_VISION, image_token_id=60, video_token_id=61)
+    return save_random(path, seed, transformers.Glm5NextForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -883,6 +898,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "hunyuan_vl": (build_hunyuan_vl, "hunyuan_v1_dense"), "paddleocr_vl": (build_paddleocr_vl, "llama"),
     "molmo2": (build_molmo2, "molmo2_text"),
     "molmo2-norm_after": (lambda path, seed: build_molmo2(path, seed, norm_after=True, qk_norm_type="olmo"), "molmo2_text"),
+    "glm5_next": (build_glm5_next, "glm5_next_text"),
 }
 
 
