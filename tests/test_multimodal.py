@@ -572,6 +572,87 @@ def build_nemotron_h_omni(path, seed: int):
         vision_hidden_size=16, projector_hidden_size=24, audio_token_id=62)
     return save_random(path, seed, transformers.NemotronH_Omni_Reasoning_V3, config)
 
+
+def build_step3p7(path, seed: int):
+    """A Step-3.7: a dense layer, then a mixture of experts; saved in the released checkpoints' names (the language
+    model at the top level beside vision_model and vit_large_projector)."""
+    import transformers
+
+    config = transformers.Step3p7Config(  # 2 x 2 patches, convolved twice into one image token
+        text_config=dict(LLAVA_TEXT, head_dim=8, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                         share_expert_dim=24, mlp_layer_types=["dense", "sparse"], sliding_window=8),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14), image_token_id=60)
+    return save_random(path, seed, transformers.Step3p7ForConditionalGeneration, config)
+
+
+def build_granite4_vision(path, seed: int):
+    """A Granite 4 Vision: Llava-NeXT's parts, with Q-Former projectors that add image features at layers 0 and 1."""
+    import transformers
+
+    config = transformers.Granite4VisionConfig(
+        text_config=dict(LLAVA_TEXT), image_token_index=60, image_grid_pinpoints=[[56, 56]],
+        vision_config=dict(SIGLIP, model_type="clip_vision_model", hidden_size=64, projection_dim=16, image_size=56),
+        qformer_config=dict(intermediate_size=32), downsample_rate="1/2", deepstack_layer_map=[[-2, 0]],
+        spatial_target_layers=[0, 1, 1, 0])
+    return save_random(path, seed, transformers.Granite4VisionForConditionalGeneration, config)
+
+
+def build_hunyuan_vl(path, seed: int):
+    """A HunyuanOCR: its vision tower (vit) and projector (vit.perceive) beside the language model's own names."""
+    import transformers
+
+    config = transformers.HunYuanVLConfig(
+        text_config=dict(LLAVA_TEXT, head_dim=8, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2]},
+                         tie_word_embeddings=False),
+        image_token_id=60, im_start_id=61, im_end_id=62, im_newline_id=63, tie_word_embeddings=False,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                           out_hidden_size=32, text_hidden_size=32))
+    return save_random(path, seed, transformers.HunYuanVLForConditionalGeneration, config)
+
+
+def build_paddleocr_vl(path, seed: int):
+    """A PaddleOCR-VL: Ernie 4.5's language model (with biases) beside visual and its projector, mlp_AR."""
+    import transformers
+
+    config = transformers.PaddleOCRVLConfig(
+        text_config=dict(LLAVA_TEXT, head_dim=8, use_bias=True, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                           patch_size=14), tie_word_embeddings=False, **QWEN_VL_TOKENS)
+    return save_random(path, seed, transformers.PaddleOCRVLForConditionalGeneration, config)
+
+
+def build_molmo2(path, seed: int, **text):
+    """A Molmo2, saved in its checkpoints' names (transformer.blocks, vision_backbone); a vocabulary of 56 tokens and 8
+    extra ones (image markers)."""
+    import transformers
+
+    config = transformers.Molmo2Config(
+        text_config=dict(LLAVA_TEXT, head_dim=8, vocab_size=56, additional_vocab_size=8, attention_bias=True, **text),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=8, image_size=[28, 28], patch_size=14),
+        adapter_config=dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, head_dim=8, intermediate_size=24,
+                            text_hidden_size=32, vision_feature_layer=[-1]),
+        image_start_token_id=56, low_res_image_start_token_id=57, image_end_token_id=58, image_patch_id=59,
+        frame_start_token_id=60, frame_end_token_id=61)
+    return save_random(path, seed, transformers.Molmo2ForConditionalGeneration, config)
+
+
+def build_glm5_next(path, seed: int):
+    """A GLM-5.3-Flash: a linear-attention layer with a dense MLP, then a latent-attention layer with a sparse-attention
+    indexer and a mixture of experts, over two hyper-connected residual streams."""
+    import transformers
+
+    config = transformers.Glm5NextConfig(
+        text_config=dict(LLAVA_TEXT, num_key_value_heads=4, moe_intermediate_size=16, n_routed_experts=4,
+                         num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=0, qk_nope_head_dim=8,
+                         v_head_dim=8, index_topk=4, index_head_dim=8, index_n_heads=2, index_kpool=2, linear_head_dim=8,
+                         linear_num_heads=4, hc_mult=2, pad_token_id=0, layer_types=["linear_attention", "full_attention"],
+                         mlp_layer_types=["dense", "sparse"]),
+        vision_config=GLM4V_VISION, image_token_id=60, video_token_id=61)
+    return save_random(path, seed, transformers.Glm5NextForConditionalGeneration, config)
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -812,6 +893,12 @@ WRAPPERS = {  # the builder, and the family of its language model
     "minimax_m3_vl": (build_minimax_m3_vl, "minimax_m3_vl_text"),
     "hyperclovax_vision_v2": (build_hyperclovax_vision_v2, "granite"),
     "nemotron_h_omni": (build_nemotron_h_omni, "nemotron_h"),
+    # batch H
+    "step3p7": (build_step3p7, "step3p5"), "granite4_vision": (build_granite4_vision, "granite"),
+    "hunyuan_vl": (build_hunyuan_vl, "hunyuan_v1_dense"), "paddleocr_vl": (build_paddleocr_vl, "llama"),
+    "molmo2": (build_molmo2, "molmo2_text"),
+    "molmo2-norm_after": (lambda path, seed: build_molmo2(path, seed, norm_after=True, qk_norm_type="olmo"), "molmo2_text"),
+    "glm5_next": (build_glm5_next, "glm5_next_text"),
 }
 
 
@@ -1017,6 +1104,12 @@ TEXT_PROMPTS = {
                         dict(moe_mm_token_type_ids=torch.tensor([[0, 0, 1, 1, 0, 0]]))),
     "qwen2_5_omni_thinker": ("Qwen2_5OmniThinkerForConditionalGeneration", {}),
     "qwen3_omni_moe_thinker": ("Qwen3OmniMoeThinkerForConditionalGeneration", {}),
+    # batch H
+    "step3p7": ("Step3p7ForConditionalGeneration", {}),
+    "granite4_vision": ("Granite4VisionForConditionalGeneration", {}),
+    "hunyuan_vl": ("HunYuanVLForConditionalGeneration", {}),
+    "paddleocr_vl": ("PaddleOCRVLForConditionalGeneration", {}),
+    "molmo2": ("Molmo2ForConditionalGeneration", {}),
 }
 
 
