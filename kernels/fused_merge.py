@@ -32,19 +32,18 @@ import triton
 import triton.language as tl
 from triton.language.random import philox_impl
 
+from seme.fused_merge import _DELLA, _KERNEL, _NONE, _RANK, FAMILY, GPU_METHODS, RANK_CUTS
 from seme.methods import registry, rng
 from seme.methods.inputs import Inputs, compute_dtype
 from seme.methods.task_vector import _RESCALE_EPS, della_keep_probability, family_params, with_base
 
-SUPPORTED = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-             "della", "della_linear", "lrp", "sce"}
+SUPPORTED = GPU_METHODS
 
-# Sparsification modes (kernel constexpr).
-_NONE, _RANK, _RANDOM, _DELLA, _SCE = 0, 1, 2, 3, 4
-_FAMILY = {  # method: (mode, rank bounds per model (RANK), sign consensus)
-    "task_arithmetic": (_NONE, 0, False), "ties": (_RANK, 1, True), "dare_ties": (_RANDOM, 0, True),
-    "dare_linear": (_RANDOM, 0, False), "breadcrumbs": (_RANK, 2, False), "breadcrumbs_ties": (_RANK, 2, True),
-    "della": (_DELLA, 0, True), "della_linear": (_DELLA, 0, False), "lrp": (_RANK, 1, False)}
+# Sparsification modes (kernel constexpr): the C++ kernel's codes (seme.fused_merge), and SCE's.
+_SCE = 4
+# method: (mode, rank bounds per model (RANK), sign consensus), from the one table of the family
+_FAMILY = {method: (_KERNEL[sparsification], RANK_CUTS.get(sparsification, 0), consensus)
+           for method, (sparsification, consensus) in FAMILY.items()}
 
 BLOCK = 1024  # elements per program of the element passes (the equal-count offsets are per block)
 # Radix-select digits (shift, bits): the 31 value bits of a non-negative float32.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from seme.fused_merge import _ACTIVE, FAMILY, family_arguments, kernel_dtype, kernel_inputs, stream_keys
+from seme.fused_merge import _ACTIVE, FAMILY, RANK_CUTS, family_arguments, kernel_dtype, kernel_inputs, stream_keys
 from seme.fused_merge import GPU_METHODS as METHODS
 from seme.methods.inputs import Inputs
 from seme.methods.task_vector import della_keep_probability, with_base
@@ -36,7 +36,7 @@ def selection_rows(method: str, params: dict, k_models: int) -> int:
     needs no more)."""
     if method == "sce":
         return int(params["select_topk"] < 1)
-    return {"magnitude": 1, "magnitude_outliers": 2}.get(FAMILY[method][0], 0) * k_models
+    return RANK_CUTS.get(FAMILY[method][0], 0) * k_models
 
 
 def della_probability(base: torch.Tensor, x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:

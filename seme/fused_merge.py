@@ -41,6 +41,7 @@ TRITON_ONLY_METHODS = frozenset({"linear", "slerp", "model_stock", "ram", "rampl
 METHODS = GPU_METHODS | TRITON_ONLY_METHODS
 _KERNEL = {None: _NONE, "magnitude": _RANK, "magnitude_outliers": _RANK, "random": _RANDOM,
            "della_magprune": _DELLA}
+RANK_CUTS = {"magnitude": 1, "magnitude_outliers": 2}  # rank cuts a sparsification selects per model
 
 
 def available() -> bool:
