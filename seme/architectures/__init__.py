@@ -187,9 +187,10 @@ class Architecture:
         if self.normed_residual:
             why.append("its sublayers carry their norm's output on as the residual, so the norm gains scale the stream")
         overlays = (s for overlay in self.kind_tensors.values() for s in overlay.values() if s is not None)
-        if any(s.role == "write_norm" for s in (*self.tensors.values(), *overlays)):
+        roles = {s.role for s in (*self.tensors.values(), *overlays)}  # in every kind of layer
+        if "write_norm" in roles:
             why.append("its sublayer outputs are normalised before the residual add")
-        if any(s.role == "stream_gain" for s in self.tensors.values()):
+        if "stream_gain" in roles:
             why.append("its residual stream is scaled channel by channel")
         if self.unrotatable:
             why.append(self.unrotatable)
@@ -319,13 +320,12 @@ def _parse(data: dict) -> Architecture:
     kinds = data.get("layer_kinds", {})
     if kinds:
         family["layer_kinds_key"] = kinds["key"]
-        family["kind_tensors"] = {kind: _overlay(name, data["tensors"], overlay, norm_type)
+        family["kind_tensors"] = {kind: _kind_specs(name, data["tensors"], overlay, norm_type)
                                   for kind, overlay in kinds["tensors"].items()}
     variants = []
     for v in data.get("variants", ()):
         own_norm_type = _norm_type(name, v.get("norm_type", norm_type))
-        overlay = {**data["tensors"], **v.get("tensors", {})}
-        specs = _specs(name, {t: raw for t, raw in overlay.items() if raw is not None}, own_norm_type)
+        specs = _overlaid(name, data["tensors"], v.get("tensors", {}), own_norm_type)
         label = ", ".join(f"{k}={json.dumps(x)}" for k, x in v["when"].items())
         own = {**family, "tied_default": v.get("tied_default", family["tied_default"]), "norm_type": own_norm_type,
                "normed_residual": v.get("normed_residual", family["normed_residual"])}
@@ -333,9 +333,15 @@ def _parse(data: dict) -> Architecture:
     return Architecture(**family, tensors=tensors, variants=tuple(variants))
 
 
-def _overlay(family: str, tensors: dict, overlay: dict, norm_type: str) -> dict[str, TensorSpec | None]:
+def _overlaid(family: str, tensors: dict, overlay: dict, norm_type: str) -> dict[str, TensorSpec]:
+    """The specs of the raw `tensors` with `overlay` laid over them (a variant's or a layer kind's; None
+    drops a template)."""
+    return _specs(family, {t: raw for t, raw in {**tensors, **overlay}.items() if raw is not None}, norm_type)
+
+
+def _kind_specs(family: str, tensors: dict, overlay: dict, norm_type: str) -> dict[str, TensorSpec | None]:
     """A layer kind's specs (None where the kind drops a template), checked against the table they overlay."""
-    specs = _specs(family, {t: raw for t, raw in {**tensors, **overlay}.items() if raw is not None}, norm_type)
+    specs = _overlaid(family, tensors, overlay, norm_type)
     return {t.replace("{head}", "{expert}"): raw and specs[t.replace("{head}", "{expert}")] for t, raw in overlay.items()}
 
 

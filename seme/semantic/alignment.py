@@ -74,12 +74,11 @@ def rotate(t: torch.Tensor, role: str, layout: str, Q: torch.Tensor, src_gain: t
         w = t * src_gain if src_gain is not None else t
         w = w @ Q.T
         return w / piv_gain if piv_gain is not None else w
-    if role in ("embedding", "position_embedding", "stream_vector"):
+    # rows in the stream (a write bias: [d], or one per expert [E, d])
+    if role in ("embedding", "position_embedding", "stream_vector", "write_bias"):
         return t @ Q.T
     if role == "write":
         return Q @ t
     if role == "stream_map":
         return Q @ t @ Q.T
-    if role == "write_bias":  # [d], or one per expert [E, d]
-        return t @ Q.T
     raise ValueError(f"role {role!r} is not rotated")
