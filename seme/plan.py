@@ -89,11 +89,15 @@ def make_plan(recipe: Recipe) -> Plan:
     if recipe.modules:
         if method.name == "seme":
             raise SemeError("config: seme takes its sources from 'models:', not 'modules:'")
-        parts = _module_parts(recipe, models[ref])
+        parts = _module_parts(recipe, models[ref], arch)
         if len(parts) > 1 or len(stacks) > 1:
             return _plan_modules(recipe, method, models, archs, index, ref, parts, stacks, tokenizer, template, remap)
     if method.name == "seme":
         language = [s for s in stacks if modules.part_of(s) == modules.TEXT]
+        if arch.parts:
+            raise SemeError(f"seme: {models[ref].name} is an encoder-decoder model ({arch.name}: "
+                            f"{', '.join(arch.rotation_obstacles())}); SeMe aligns decoder-only language models: "
+                            f"merge it with another method")
         if len(language) > 1 or (len(stacks) > 1 and not arch.settings_key):
             raise SemeError(f"seme: {models[ref].name} has several layer stacks ({_describe(stacks)}); SeMe aligns "
                             f"language models of one stack, and multimodal models whose language model has a "
@@ -275,8 +279,9 @@ def _plan_stacks(recipe, method, models, archs, index, ref, stacks, tokenizer, t
     reference = models[ref]
     where = _describe(stacks)
     if recipe.uses_slices:
+        named = f" ({', '.join(p.name for p in archs[ref].parts)})" if archs[ref].parts else ""
         raise SemeError(f"{reference.name} has several layer stacks ({where}), which one layer_range cannot "
-                        f"select: merge it whole with 'models:', or module by module with 'modules:'")
+                        f"select: merge it whole with 'models:', or module by module with 'modules:'{named}")
     builder = _Builder(recipe, method, models, archs, index, tied=False, remap=remap)
     stacks_of = [stacks if i == ref else _stacks(archs[i], m) for i, m in enumerate(models)]
     depth = _add_whole(builder, recipe.slices[0], list(reference.tensors), stacks_of, ref)
@@ -290,8 +295,10 @@ def _add_whole(builder, sl, names, stacks_of, ref, part: str | None = None, wher
     """The reference's tensors `names` merged whole from the models of `sl`, whose layer stacks (those
     of `part`, if given) must be the reference's; a gradient runs over each stack's own layers.
     Returns the deepest stack's depth."""
+    arch = builder.archs[ref]
+
     def own(m):
-        return {stack: d for stack, d in stacks_of[m].items() if part is None or modules.part_of(stack) == part}
+        return {stack: d for stack, d in stacks_of[m].items() if part is None or arch.part_of(stack) == part}
 
     stacks = own(ref)
     for s in sl.sources:
@@ -308,10 +315,10 @@ def _add_whole(builder, sl, names, stacks_of, ref, part: str | None = None, wher
     return max(stacks.values(), default=0)
 
 
-def _module_parts(recipe: Recipe, reference: ModelFolder) -> dict[str, str]:
-    """The reference's parts (seme.architectures.modules), in its tensors' order, each with the
-    `modules:` name that selects it; every part must be selected, once."""
-    parts = dict.fromkeys(modules.part_of(name) for name in reference.tensors)
+def _module_parts(recipe: Recipe, reference: ModelFolder, arch) -> dict[str, str]:
+    """The reference's parts (its family's, else seme.architectures.modules'), in its tensors' order,
+    each with the `modules:` name that selects it; every part must be selected, once."""
+    parts = dict.fromkeys(arch.part_of(name) for name in reference.tensors)
     chosen: dict[str, str] = {}
     for name in recipe.modules:
         part = modules.canonical(name, parts)
@@ -329,7 +336,7 @@ def _module_parts(recipe: Recipe, reference: ModelFolder) -> dict[str, str]:
 
 
 def _plan_modules(recipe, method, models, archs, index, ref, parts, stacks, tokenizer, template, remap) -> Plan:
-    """A model of several parts (modules.part_of) merged module by module, as mergekit's `modules:`
+    """A model of several parts (Architecture.part_of) merged module by module, as mergekit's `modules:`
     does: each with its own models or slices and parameters. A module given `models:` is merged whole
     (gradients run over each of its stacks' layers); one given `slices:` must have one layer stack,
     whose layers the slices select, as the `slices:` of a language model do."""
@@ -341,8 +348,8 @@ def _plan_modules(recipe, method, models, archs, index, ref, parts, stacks, toke
     for part, name in parts.items():
         where = f"modules.{name}"
         slices = [sl for sl in recipe.slices if sl.module == name]
-        names = [n for n in reference.tensors if modules.part_of(n) == part]
-        own = {stack: d for stack, d in stacks.items() if modules.part_of(stack) == part}
+        names = [n for n in reference.tensors if archs[ref].part_of(n) == part]
+        own = {stack: d for stack, d in stacks.items() if archs[ref].part_of(stack) == part}
         if all(s.layer_range is None for sl in slices for s in sl.sources):  # models: the module whole
             depth = max(depth, _add_whole(builder, slices[0], names, stacks_of, ref, part, f"{where}: "))
             continue
@@ -359,8 +366,8 @@ def _plan_modules(recipe, method, models, archs, index, ref, parts, stacks, toke
 
 def _add_module_slices(builder, where, part, slices, names, own, ref, stacks_of, config) -> tuple[dict, int]:
     """A module of one layer stack (`own`) given `slices:`: its layers as the slices select them,
-    its embeddings from the first slice's models (mergekit's pre-weights) and its other loose
-    tensors (final norms, heads) from the last slice's. Returns the output config, with the part's
+    its leading loose tensors (embeddings; an encoder-decoder part's `leading`) from the first slice's
+    models (mergekit's pre-weights) and its other loose tensors (final norms, heads) from the last slice's. Returns the output config, with the part's
     depth and per-layer lists rewritten where they changed, and the module's depth."""
     models, archs, index = builder.models, builder.archs, builder.index
     (stack, ref_depth), = own.items()
@@ -374,7 +381,7 @@ def _add_module_slices(builder, where, part, slices, names, own, ref, stacks_of,
         return source.layer_range
 
     loose = [n for n in names if _position(archs[ref], n) is None]
-    pre = [n for n in loose if "embed" in n]
+    pre = [n for n in loose if archs[ref].leads(n)]
     for n in pre:
         builder.add(n, {s.model: n for s in slices[0].sources}, slices[0], t=0.0)
     layer_sources = _add_layers(builder, slices, layer_range, stack)
@@ -384,12 +391,17 @@ def _add_module_slices(builder, where, part, slices, names, own, ref, stacks_of,
             builder.add(n, {s.model: n for s in slices[-1].sources}, slices[-1], t=0.0)
     if layer_sources == [(ref, layer) for layer in range(ref_depth)]:
         return config, ref_depth
-    found = modules.depth_settings(config, part, ref_depth)
+    declared = archs[ref].depth_key(part)  # an encoder-decoder part's (T5's depths may be equal: no search)
+
+    def depth_settings(config: dict, depth: int | None):
+        return (config, declared) if declared else modules.depth_settings(config, part, depth)
+
+    found = depth_settings(config, ref_depth)
     if found is None:
         raise SemeError(f"{where}: config.json of {models[ref].name} has no depth of {ref_depth} for its {part} "
                         f"to change")
     settings, key = found
-    sources = [modules.depth_settings(m.config, part, stacks_of[i].get(stack)) for i, m in enumerate(models)]
+    sources = [depth_settings(m.config, stacks_of[i].get(stack)) for i, m in enumerate(models)]
     relayered = _relayered(settings, key, layer_sources, [f[0] if f else {} for f in sources])
     if settings is config:
         return relayered, len(layer_sources)
@@ -592,7 +604,8 @@ class _Builder:
         sources = sl.sources
         inputs = tuple((self.index[s.model], self._find(self.index[s.model], names_in[s.model])) for s in sources)
         infos = [self.models[m].tensors[n] for m, n in inputs]
-        remapped = (self.remap is not None and modules.part_of(out_name) == modules.TEXT  # not a vision embedding
+        remapped = (self.remap is not None  # not a vision embedding
+                    and modules.is_language(self.archs[inputs[0][0]].part_of(inputs[0][1]))
                     and _role(self.archs[inputs[0][0]], inputs[0][1]) in architectures.VOCAB_ROLES)
         shapes = {info.shape[1:] if remapped else info.shape for info in infos}
         if remapped:

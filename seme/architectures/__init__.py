@@ -56,6 +56,11 @@ gets that table for its language model, moved to where the checkpoint keeps it (
 the checkpoint's tensor names). Where ``data/multimodal/projectors.json`` describes the projector's
 writes into the language model's stream, the other parts' tensors are inner (they work in coordinates
 of their own); elsewhere they have no roles, and such a model cannot be aligned by rotation.
+An encoder-decoder family (T5, Whisper) lists its ``parts``: the modules mergekit's per-module recipes
+(``modules:``) name, each by the name prefixes of its tensors, with the config key of its depth and the
+prefixes of the loose tensors that come before its layers (``leading``: taken from a module's first
+slice, as mergekit's pre-weights are). ``part_of`` tells a tensor's part; a family without parts has
+seme.architectures.modules' (a language model, a vision tower, ...).
 A family whose function no turn of the residual stream by its roles can keep (zamba2's shared attention
 reads the stream and the embeddings concatenated) says why in ``unrotatable``; SeMe then refuses to
 align its models by rotation.
@@ -101,6 +106,15 @@ class TensorRole:
 
 
 @dataclass(frozen=True)
+class Part:
+    """A module of an encoder-decoder family, as mergekit's per-module recipes name it."""
+    name: str
+    prefixes: tuple[str, ...]
+    depth_key: str | None  # the config key of its layers' count (None: it has no layers)
+    leading: tuple[str, ...]  # prefixes of its loose tensors that precede its layers
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     role: str
     norm: str | None = None
@@ -137,6 +151,7 @@ class Architecture:
     layer_kinds_key: str = ""  # the config list of the layers' kinds whose overlays kind_tensors holds
     kind_tensors: dict[str, dict[str, TensorSpec | None]] = field(default_factory=dict, repr=False)
     kinds: tuple[str, ...] = ()  # each layer's kind, as the config that chose this table says
+    parts: tuple[Part, ...] = ()  # an encoder-decoder family's modules
     _cache: dict[str, TensorRole | None] = field(default_factory=dict, init=False, repr=False)
 
     @property
@@ -177,6 +192,30 @@ class Architecture:
     def unloaded_module(self, tensor_name: str) -> str | None:
         """The prefix of the module transformers does not load that holds the tensor, if one does."""
         return next((p for p in self.unloaded if tensor_name.startswith(p)), None)
+
+    def part_of(self, name: str) -> str:
+        """The part (the module a `modules:` recipe names) that holds the tensor or layer stack `name`."""
+        found = self._declared_part(name)
+        return found.name if found else modules.part_of(name)
+
+    def depth_key(self, part: str) -> str | None:
+        """The config key of a declared part's depth (None: look for it, seme.architectures.modules)."""
+        return next((p.depth_key for p in self.parts if p.name == part), None)
+
+    def leads(self, name: str) -> bool:
+        """Whether a loose tensor of a part comes before its layers (a slice takes it from its first models):
+        its part's `leading` where declared, else an embedding by its name."""
+        found = self._declared_part(name)
+        if found is None or not found.leading:
+            return "embed" in name
+        return any(candidate.startswith(found.leading) for candidate in (name, self.base_prefix + name))
+
+    def _declared_part(self, name: str) -> Part | None:
+        for candidate in (name, self.base_prefix + name) if self.parts else ():
+            found = next((p for p in self.parts if candidate.startswith(p.prefixes)), None)
+            if found:
+                return found
+        return None
 
     def rotation_obstacles(self) -> list[str]:
         """Why turning the residual stream by the role table would change this family's function
@@ -316,6 +355,8 @@ def _parse(data: dict) -> Architecture:
         normed_residual=data.get("normed_residual", False), gainless_norms=data.get("gainless_norms", False),
         base_prefix=data.get("base_prefix", ""), unloaded=tuple(data.get("unloaded", ())), notes=data.get("notes", ""),
         unrotatable=data.get("unrotatable", ""),
+        parts=tuple(Part(part, tuple(raw["prefixes"]), raw.get("depth_key"), tuple(raw.get("leading", ())))
+                    for part, raw in data.get("parts", {}).items()),
     )
     kinds = data.get("layer_kinds", {})
     if kinds:

@@ -38,6 +38,7 @@ MARKERS = (
     ("audio_tower", ("audio_tower", "audio_encoder", "sound_encoder")),
     ("image_tokenizer", ("vqmodel",)),
 )
+OTHER_PARTS = frozenset(part for part, _ in MARKERS)
 ALIASES = {"vision_model": "vision_tower"}
 SINGLE_NAMES = ("default", TEXT)  # what a model of one part may be called
 # Where a part's own settings live in config.json (else at its top level), and the keys of its depth.
@@ -52,6 +53,12 @@ def part_of(name: str) -> str:
         if any(f".{marker}." in dotted for marker in markers):
             return part
     return TEXT
+
+
+def is_language(part: str) -> bool:
+    """Whether a part belongs to the language model (its decoder, or an encoder-decoder family's parts),
+    not to a tower or projector beside it."""
+    return part not in OTHER_PARTS
 
 
 def canonical(module: str, parts) -> str | None:

@@ -1,0 +1,313 @@
+"""Encoder-decoder families (T5 and its kin, Whisper): their role tables, their parts as mergekit's
+per-module recipes name them (encoder, decoder, shared), and merges of them, against mergekit's where
+mergekit can merge them (its 0.1.5 Whisper definition names no tensor right: model.decoderlayers.0...).
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import transformers
+import yaml
+from safetensors import torch as safetensors_torch
+
+import seme
+from conftest import load_folder
+from seme.architectures import for_config
+from seme.errors import SemeError
+from test_parity_mergekit import run_mergekit
+
+T5 = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=2, num_heads=4,
+          pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+WHISPER = dict(vocab_size=96, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
+               decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+               max_source_positions=16, max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+               decoder_start_token_id=1, begin_suppress_tokens=None, suppress_tokens=None)
+FAMILIES = {  # "table:what" keys, as in test_architectures
+    "t5": ("T5Config", "T5ForConditionalGeneration", dict(T5, feed_forward_proj="relu")),
+    "t5:gated": ("T5Config", "T5ForConditionalGeneration", dict(T5, feed_forward_proj="gated-gelu")),
+    "t5:encoder": ("T5Config", "T5EncoderModel", T5),
+    "t5:mt5": ("MT5Config", "MT5ForConditionalGeneration", T5),
+    "t5:umt5": ("UMT5Config", "UMT5ForConditionalGeneration", T5),  # a relative_attention_bias per block
+    "whisper": ("WhisperConfig", "WhisperForConditionalGeneration", WHISPER),
+    "whisper:model": ("WhisperConfig", "WhisperModel", WHISPER),  # saved without the 'model.' prefix
+}
+LAYER = re.compile(r"\.(?:block|layers)\.(\d+)\.")
+VECTORS = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_bias"}
+
+
+def build(key: str, seed: int = 0, **extra):
+    config_cls, model_cls, kwargs = FAMILIES[key]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**kwargs, **extra})).eval()
+    with torch.no_grad():  # gains and biases away from 1 / 0, so that a norm's output is told from its input
+        for t in model.state_dict().values():
+            if t.ndim == 1 and t.is_floating_point():
+                t.mul_(1 + 0.3 * torch.randn(t.shape)).add_(0.1 * torch.randn(t.shape))
+    return model
+
+
+def save(model, path) -> str:
+    transformers.utils.logging.disable_progress_bar()
+    model.save_pretrained(path)
+    return str(path)
+
+
+def run(model, key: str):
+    ids = torch.arange(1, 6).unsqueeze(0)
+    if key.startswith("whisper"):
+        return model(input_features=torch.randn(1, WHISPER["num_mel_bins"], 2 * WHISPER["max_source_positions"]),
+                     decoder_input_ids=ids)
+    return model(input_ids=ids) if key == "t5:encoder" else model(input_ids=ids, decoder_input_ids=ids[:, :3])
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    cache = {}
+
+    def get(key):
+        if key not in cache:
+            model = build(key)
+            path = save(model, tmp_path_factory.mktemp(key.replace(":", "-")))
+            config = json.load(open(f"{path}/config.json"))
+            shapes = {k: tuple(v.shape) for k, v in safetensors_torch.load_file(f"{path}/model.safetensors").items()}
+            cache[key] = model, config, shapes
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("key", FAMILIES)
+def test_checkpoint_roles_and_parts(saved, key):
+    model, config, shapes = saved(key)
+    arch = for_config(config)
+    assert arch.name == key.split(":")[0] and not arch.inferred
+    hidden, vocab = arch.hidden_size(config), config["vocab_size"]
+    parts = {p.name: p for p in arch.parts}
+    for name, shape in shapes.items():
+        r = arch.role(name)
+        assert r is not None, name
+        m = LAYER.search(name)
+        assert r.layer == (int(m.group(1)) if m else None), name
+        assert arch.part_of(name) in parts, name
+        if r.role == "read":
+            assert shape[-1] == hidden and r.norm is not None, name
+            norm = arch.role(r.norm)  # its stream's norm, or the encoder's final norm (cross-attention's k and v)
+            assert norm.role in ("norm", "final_norm") and r.norm.removeprefix(arch.base_prefix) in shapes \
+                or r.norm in shapes, name
+        elif r.role == "write":
+            assert shape[0] == hidden, name
+        elif r.role in ("embedding", "lm_head"):
+            assert shape == (vocab, hidden), name
+        elif r.role == "position_embedding":
+            assert shape[1] == hidden, name
+        elif r.role in VECTORS:
+            assert shape == (hidden,), name
+    # Every required template at every layer of its part's stack, in the parts the checkpoint has.
+    present = {arch.part_of(n) for n in shapes}
+    for template, spec in arch.tensors.items():
+        part = parts[arch.part_of(template)]
+        if spec.optional or part.name not in present or (spec.role == "lm_head" and arch.tied(config)):
+            continue
+        for i in range(config[part.depth_key]) if "{layer}" in template else [None]:
+            name = arch.layer_name(template, i) if i is not None else template
+            assert name in shapes or name.removeprefix(arch.base_prefix) in shapes, name
+    assert arch.rotation_obstacles()  # two streams
+
+
+@pytest.mark.parametrize("key", FAMILIES)
+def test_norm_feeds_read(saved, key):
+    """Run the model: each read projection's input is its norm's output (the cross-attention's keys and
+    values: the encoder's final norm's)."""
+    model, config, shapes = saved(key)
+    arch = for_config(config)
+    modules = dict(model.named_modules())
+    inputs, outputs = {}, {}
+
+    def hook(name):
+        def record(_, args, output):
+            inputs[name], outputs[name] = args[0], output
+        return record
+
+    def module(tensor_name):  # in memory, as saved (WhisperModel's too: its names lack 'model.' both ways)
+        return tensor_name.rsplit(".", 1)[0]
+
+    reads = [n for n in shapes if arch.role(n).role == "read"]
+    norms = {n: arch.role(n).norm.removeprefix("" if arch.role(n).norm in shapes else arch.base_prefix) for n in reads}
+    handles = [modules[m].register_forward_hook(hook(m)) for m in {module(n) for n in reads} | set(map(module,
+                                                                                                     norms.values()))]
+    with torch.no_grad():
+        run(model, key)
+    for h in handles:
+        h.remove()
+    assert reads
+    for name in reads:
+        x, y = inputs[module(name)], outputs[module(norms[name])]
+        assert x.shape == y.shape and torch.allclose(x, y), name
+
+
+def family(tmp_path, key: str, n: int = 3, **extra) -> list[str]:
+    return [save(build(key, seed=i, **extra), tmp_path / f"{key.replace(':', '-')}{i}") for i in range(n)]
+
+
+def merge(recipe: dict, out) -> dict:
+    seme.merge(yaml.safe_dump(recipe), str(out), progress=False)
+    return load_folder(out)
+
+
+def modules_recipe(paths, decoder_slices: bool = False) -> dict:
+    """mergekit's modular form: the encoder's layers sliced (one dropped, one repeated), the decoder merged
+    whole with a gradient (or sliced), the shared token table merged whole."""
+    whole = {"models": [{"model": paths[0], "parameters": {"weight": [0.2, 0.9]}},
+                        {"model": paths[1], "parameters": {"weight": 0.5}}]}
+    encoder = {"slices": [{"sources": [{"model": paths[0], "layer_range": [0, 2], "parameters": {"weight": 1.0}}]},
+                          {"sources": [{"model": paths[1], "layer_range": [1, 3], "parameters": {"weight": 1.0}}]}]}
+    decoder = {"slices": [{"sources": [{"model": paths[2], "layer_range": [0, 2], "parameters": {"weight": 1.0}}]},
+                          {"sources": [{"model": paths[0], "layer_range": [1, 2], "parameters": {"weight": 1.0}}]}]}
+    return {"merge_method": "linear", "dtype": "float32",
+            "modules": {"encoder": encoder, "decoder": decoder if decoder_slices else whole, "shared": whole}}
+
+
+def test_t5_modules_match_mergekit(tmp_path):
+    paths = family(tmp_path, "t5:gated")
+    recipe = modules_recipe(paths)
+    run_mergekit(recipe, str(tmp_path / "mergekit"))
+    ours, theirs = merge(recipe, tmp_path / "seme"), load_folder(tmp_path / "mergekit")
+    assert sorted(ours) == sorted(theirs)
+    for name, expected in theirs.items():
+        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    config = json.load(open(tmp_path / "seme" / "config.json"))
+    assert (config["num_layers"], config["num_decoder_layers"]) == (4, 2)
+    source = load_folder(paths[1])
+    assert torch.equal(ours["encoder.block.3.layer.1.DenseReluDense.wo.weight"],
+                       source["encoder.block.2.layer.1.DenseReluDense.wo.weight"])
+    run(transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "seme"), "t5")
+
+
+@pytest.mark.parametrize("key", ["t5:gated", "t5:umt5"])
+def test_t5_whole_merge_matches_mergekit(key, tmp_path):
+    # a gradient runs over each stack's own layers, as in mergekit
+    paths = family(tmp_path, key)
+    recipe = {"merge_method": "task_arithmetic", "dtype": "float32", "base_model": paths[0],
+              "models": [{"model": paths[1], "parameters": {"weight": [0.1, 0.9]}},
+                         {"model": paths[2], "parameters": {"weight": [{"filter": "EncDecAttention", "value": 0.3},
+                                                                       {"value": 0.6}]}}]}
+    run_mergekit(recipe, str(tmp_path / "mergekit"))
+    ours, theirs = merge(recipe, tmp_path / "seme"), load_folder(tmp_path / "mergekit")
+    assert sorted(ours) == sorted(theirs)
+    for name, expected in theirs.items():
+        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def untied(path: str, seed: int) -> None:
+    """The checkpoint with a head of its own, as T5 v1.1, Flan-T5 and mT5 store theirs on the Hub
+    (transformers 5 ties T5's head whatever the config says, and saves none)."""
+    weights = f"{path}/model.safetensors"
+    state = safetensors_torch.load_file(weights)
+    state["lm_head.weight"] = torch.randn(state["shared.weight"].shape, generator=torch.Generator().manual_seed(seed))
+    safetensors_torch.save_file(state, weights, metadata={"format": "pt"})
+    config = json.load(open(f"{path}/config.json"))
+    json.dump({**config, "tie_word_embeddings": False}, open(f"{path}/config.json", "w"))
+
+
+@pytest.mark.parametrize("source", ["base", "union"])
+def test_renumbered_tokens_merge_as_if_they_were_not(tmp_path, source):
+    # T5's shared token table (and an untied head) follow the tokens into the output vocabulary
+    from conftest import save_tokenizer
+    from test_vocabulary import renumbered
+
+    paths = family(tmp_path, "t5:mt5")
+    for i, p in enumerate(paths):
+        save_tokenizer(p, T5["vocab_size"])
+        untied(p, seed=i)
+    other = renumbered(paths[2], tmp_path / "renumbered")
+    recipe = {"merge_method": "task_arithmetic", "dtype": "float32", "base_model": paths[0],
+              "models": [{"model": p, "parameters": {"weight": 0.5}} for p in paths[1:]]}
+    plain = merge(recipe, tmp_path / "plain")
+    recipe["models"][1]["model"], recipe["tokenizer_source"] = other, source
+    remapped = merge(recipe, tmp_path / "remapped")
+    assert plain.keys() == remapped.keys() and "lm_head.weight" in plain
+    for name in plain:
+        torch.testing.assert_close(remapped[name], plain[name], rtol=0, atol=0, msg=name)
+
+
+def test_whisper_modules(tmp_path):
+    """The encoder sliced (its convolutions and positions from the first slice's model, its final norm
+    from the last's), the decoder sliced: each part's depth key follows, and the output runs."""
+    paths = family(tmp_path, "whisper")
+    recipe = modules_recipe(paths, decoder_slices=True)
+    del recipe["modules"]["shared"]
+    ours = merge(recipe, tmp_path / "seme")
+    src = [load_folder(p) for p in paths]
+    expected = {"model.encoder.conv1.weight": src[0]["model.encoder.conv1.weight"],
+                "model.encoder.conv2.bias": src[0]["model.encoder.conv2.bias"],
+                "model.encoder.embed_positions.weight": src[0]["model.encoder.embed_positions.weight"],
+                "model.encoder.layers.1.fc1.weight": src[0]["model.encoder.layers.1.fc1.weight"],
+                "model.encoder.layers.2.fc1.weight": src[1]["model.encoder.layers.1.fc1.weight"],
+                "model.encoder.layers.3.fc2.bias": src[1]["model.encoder.layers.2.fc2.bias"],
+                "model.encoder.layer_norm.weight": src[1]["model.encoder.layer_norm.weight"],
+                "model.decoder.embed_tokens.weight": src[2]["model.decoder.embed_tokens.weight"],
+                "model.decoder.layers.2.encoder_attn.k_proj.weight": src[0]["model.decoder.layers.1.encoder_attn.k_proj.weight"],
+                "model.decoder.layer_norm.bias": src[0]["model.decoder.layer_norm.bias"]}
+    for name, tensor in expected.items():
+        assert torch.equal(ours[name], tensor), name
+    per_layer = lambda stack: sum(n.startswith(f"model.{stack}.layers.0.") for n in src[0])
+    assert len(ours) == len(src[0]) + per_layer("encoder") + per_layer("decoder")  # one more layer each
+    config = json.load(open(tmp_path / "seme" / "config.json"))
+    assert (config["encoder_layers"], config["decoder_layers"]) == (4, 3)
+    run(transformers.WhisperForConditionalGeneration.from_pretrained(tmp_path / "seme"), "whisper")
+
+
+def test_a_part_keeps_its_own_depth_key(tmp_path):
+    # T5's encoder and decoder of equal depth: slicing the decoder changes num_decoder_layers alone
+    paths = family(tmp_path, "t5:gated", num_decoder_layers=3)
+    recipe = modules_recipe(paths, decoder_slices=True)
+    recipe["modules"]["encoder"] = {"models": [{"model": paths[0], "parameters": {"weight": 1.0}}]}
+    merge(recipe, tmp_path / "seme")
+    config = json.load(open(tmp_path / "seme" / "config.json"))
+    assert (config["num_layers"], config["num_decoder_layers"]) == (3, 3)
+    recipe["modules"]["decoder"]["slices"][1]["sources"][0]["layer_range"] = [1, 3]
+    merge(recipe, tmp_path / "seme2")
+    config = json.load(open(tmp_path / "seme2" / "config.json"))
+    assert (config["num_layers"], config["num_decoder_layers"]) == (3, 4)
+    run(transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "seme2"), "t5")
+
+
+def test_whole_whisper_merge(tmp_path):
+    paths = family(tmp_path, "whisper")
+    recipe = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": p, "parameters": {"weight": w}} for p, w in zip(paths, (0.2, 0.3, 0.5))]}
+    ours = merge(recipe, tmp_path / "seme")
+    src = [load_folder(p) for p in paths]
+    assert sorted(ours) == sorted(src[0])
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, 0.2 * src[0][name] + 0.3 * src[1][name] + 0.5 * src[2][name], msg=name)
+
+
+@pytest.mark.parametrize("modules, message", [
+    (None, "module by module with 'modules:' (encoder, decoder, shared)"),
+    ({"encoder": {}, "decoder": {}}, "modules: shared of t5-gated0 not listed"),
+    ({"encoder": {}, "decoder": {}, "shared": {}, "default": {}}, "modules.default: t5-gated0 has no module 'default' "
+                                                                  "(its modules: decoder, encoder, shared)"),
+])
+def test_recipes_that_cannot_select_a_part_are_refused(modules, message, tmp_path):
+    paths = family(tmp_path, "t5:gated", n=1)
+    whole = {"models": [{"model": paths[0], "parameters": {"weight": 1.0}}]}
+    if modules is None:  # a layer_range of the whole model: of which stack?
+        recipe = {"slices": [{"sources": [{"model": paths[0], "layer_range": [0, 2]}]}]}
+    else:
+        recipe = {"modules": {name: whole for name in modules}}
+    with pytest.raises(SemeError, match=re.escape(message)):
+        seme.merge(yaml.safe_dump({"merge_method": "linear", "parameters": {"weight": 1.0}, **recipe}),
+                   str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key", ["t5:gated", "whisper"])
+def test_seme_refuses_an_encoder_decoder_model(key, tmp_path):
+    paths = family(tmp_path, key, n=2)
+    recipe = {"merge_method": "seme", "base_model": paths[0], "models": [{"model": p} for p in paths]}
+    with pytest.raises(SemeError, match="is an encoder-decoder model .*two streams joined by cross-attention"):
+        seme.merge(yaml.safe_dump(recipe), str(tmp_path / "out"), progress=False)
