@@ -604,13 +604,15 @@ class _Builder:
         sources = sl.sources
         inputs = tuple((self.index[s.model], self._find(self.index[s.model], names_in[s.model])) for s in sources)
         infos = [self.models[m].tensors[n] for m, n in inputs]
+        role = _role(self.archs[inputs[0][0]], inputs[0][1])
         remapped = (self.remap is not None  # not a vision embedding
                     and modules.is_language(self.archs[inputs[0][0]].part_of(inputs[0][1]))
-                    and _role(self.archs[inputs[0][0]], inputs[0][1]) in architectures.VOCAB_ROLES)
-        shapes = {info.shape[1:] if remapped else info.shape for info in infos}
+                    and role in architectures.VOCAB_ROLES)
+        axis = len(infos[0].shape) - 1 if role == "lm_head_bias" else 0  # its tokens' axis (BART's bias: [1, V])
+        shapes = {info.shape[:axis] + info.shape[axis + 1:] if remapped else info.shape for info in infos}
         if remapped:
             for (m, name), info in zip(inputs, infos):
-                if max(self.remap.rows[m]) >= info.shape[0]:
+                if max(self.remap.rows[m]) >= info.shape[axis]:
                     raise SemeError(f"tensor '{name}' of {self.models[m].name} has {info.shape[0]} rows, fewer than "
                                     f"its vocabulary's tokens")
         if len(shapes) > 1:
@@ -652,7 +654,7 @@ class _Builder:
         compute = recipe.dtype
         dtype_out = recipe.out_dtype or recipe.dtype
         code = TORCH_NAMES[dtype_out] if dtype_out else _promote_codes([i.dtype for i in infos])
-        shape = (self.remap.size, *lead.shape[1:]) if remapped else lead.shape
+        shape = (*lead.shape[:axis], self.remap.size, *lead.shape[axis + 1:]) if remapped else lead.shape
         self.tasks.append(TensorTask(out_name, shape, code, inputs, base_index, params, compute, remap_rows=remapped))
 
 

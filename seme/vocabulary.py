@@ -71,6 +71,8 @@ class Remap:
 
         if tensors[0].dim() == 1:  # a head's bias: a value per token, handled as rows of one
             return [t.squeeze(1) for t in self.apply(models, [t.unsqueeze(1) for t in tensors])]
+        if tensors[0].shape[0] == 1:  # BART's head bias, [1, V] (token rows are at least the tokens: never one)
+            return [t.reshape(1, -1) for t in self.apply(models, [t.reshape(-1) for t in tensors])]
         dtype = tensors[0].dtype
         for t in tensors[1:]:
             dtype = torch.promote_types(dtype, t.dtype)

@@ -25,6 +25,9 @@ WHISPER = dict(vocab_size=96, d_model=32, encoder_layers=3, decoder_layers=2, en
                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
                max_source_positions=16, max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                decoder_start_token_id=1, begin_suppress_tokens=None, suppress_tokens=None)
+BART = dict(vocab_size=96, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2)
 FAMILIES = {  # "table:what" keys, as in test_architectures
     "t5": ("T5Config", "T5ForConditionalGeneration", dict(T5, feed_forward_proj="relu")),
     "t5:gated": ("T5Config", "T5ForConditionalGeneration", dict(T5, feed_forward_proj="gated-gelu")),
@@ -33,6 +36,15 @@ FAMILIES = {  # "table:what" keys, as in test_architectures
     "t5:umt5": ("UMT5Config", "UMT5ForConditionalGeneration", T5),  # a relative_attention_bias per block
     "whisper": ("WhisperConfig", "WhisperForConditionalGeneration", WHISPER),
     "whisper:model": ("WhisperConfig", "WhisperModel", WHISPER),  # saved without the 'model.' prefix
+    "bart": ("BartConfig", "BartForConditionalGeneration", BART),  # post-LN
+    "bart:marian": ("MarianConfig", "MarianMTModel", BART),  # sinusoidal positions, not saved
+    "bart:marian-unshared": ("MarianConfig", "MarianMTModel", dict(BART, share_encoder_decoder_embeddings=False)),
+    "bart:plbart": ("PLBartConfig", "PLBartForConditionalGeneration", BART),
+    "bart:blenderbot-small": ("BlenderbotSmallConfig", "BlenderbotSmallForConditionalGeneration", BART),
+    "mbart": ("MBartConfig", "MBartForConditionalGeneration", BART),  # pre-LN
+    "mbart:pegasus": ("PegasusConfig", "PegasusForConditionalGeneration", BART),
+    "mbart:m2m_100": ("M2M100Config", "M2M100ForConditionalGeneration", BART),  # NLLB's dense models
+    "mbart:blenderbot": ("BlenderbotConfig", "BlenderbotForConditionalGeneration", BART),
 }
 LAYER = re.compile(r"\.(?:block|layers)\.(\d+)\.")
 VECTORS = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_bias"}
@@ -57,6 +69,8 @@ def save(model, path) -> str:
 
 def run(model, key: str):
     ids = torch.arange(1, 6).unsqueeze(0)
+    if key.startswith(("bart", "mbart")):
+        return model(input_ids=ids, decoder_input_ids=ids[:, :3])
     if key.startswith("whisper"):
         return model(input_features=torch.randn(1, WHISPER["num_mel_bins"], 2 * WHISPER["max_source_positions"]),
                      decoder_input_ids=ids)
@@ -93,14 +107,16 @@ def test_checkpoint_roles_and_parts(saved, key):
         assert r.layer == (int(m.group(1)) if m else None), name
         assert arch.part_of(name) in parts, name
         if r.role == "read":
-            assert shape[-1] == hidden and r.norm is not None, name
-            norm = arch.role(r.norm)  # its stream's norm, or the encoder's final norm (cross-attention's k and v)
-            assert norm.role in ("norm", "final_norm") and r.norm.removeprefix(arch.base_prefix) in shapes \
-                or r.norm in shapes, name
+            assert shape[-1] == hidden and (r.norm is not None or arch.normed_residual), name
+            if r.norm is not None:  # its stream's norm, or the encoder's final norm (cross-attention's k and v)
+                assert arch.role(r.norm).role in ("norm", "final_norm"), name
+                assert r.norm in shapes or r.norm.removeprefix(arch.base_prefix) in shapes, name
         elif r.role == "write":
             assert shape[0] == hidden, name
         elif r.role in ("embedding", "lm_head"):
             assert shape == (vocab, hidden), name
+        elif r.role == "lm_head_bias":
+            assert shape in ((vocab,), (1, vocab)), name
         elif r.role == "position_embedding":
             assert shape[1] == hidden, name
         elif r.role in VECTORS:
@@ -120,32 +136,43 @@ def test_checkpoint_roles_and_parts(saved, key):
 @pytest.mark.parametrize("key", FAMILIES)
 def test_norm_feeds_read(saved, key):
     """Run the model: each read projection's input is its norm's output (the cross-attention's keys and
-    values: the encoder's final norm's)."""
+    values: the encoder's final norm's); in a post-LN family, a read without a norm reads the stream: its
+    layer's input, or the encoder's output."""
     model, config, shapes = saved(key)
     arch = for_config(config)
     modules = dict(model.named_modules())
     inputs, outputs = {}, {}
 
     def hook(name):
-        def record(_, args, output):
-            inputs[name], outputs[name] = args[0], output
+        def record(_, args, output):  # (T5's stacks take keywords only)
+            inputs[name], outputs[name] = args[0] if args else None, output
         return record
 
     def module(tensor_name):  # in memory, as saved (WhisperModel's too: its names lack 'model.' both ways)
         return tensor_name.rsplit(".", 1)[0]
 
+    def layer(r):  # the module of a read's layer
+        return r.template[:r.template.index("{layer}")] + str(r.layer)
+
     reads = [n for n in shapes if arch.role(n).role == "read"]
-    norms = {n: arch.role(n).norm.removeprefix("" if arch.role(n).norm in shapes else arch.base_prefix) for n in reads}
-    handles = [modules[m].register_forward_hook(hook(m)) for m in {module(n) for n in reads} | set(map(module,
-                                                                                                     norms.values()))]
+    norms = {n: arch.role(n).norm.removeprefix("" if arch.role(n).norm in shapes else arch.base_prefix)
+             for n in reads if arch.role(n).norm}
+    watched = {module(n) for n in reads} | set(map(module, norms.values())) | {layer(arch.role(n)) for n in reads}
+    handles = [modules[m].register_forward_hook(hook(m)) for m in watched]
+    handles.append(model.get_encoder().register_forward_hook(hook("encoder")))
     with torch.no_grad():
         run(model, key)
     for h in handles:
         h.remove()
     assert reads
     for name in reads:
-        x, y = inputs[module(name)], outputs[module(norms[name])]
-        assert x.shape == y.shape and torch.allclose(x, y), name
+        x = inputs[module(name)]
+        if name in norms:
+            y = outputs[module(norms[name])]
+            assert x.shape == y.shape and torch.allclose(x, y), name
+        else:
+            stream = inputs[layer(arch.role(name))], outputs["encoder"][0]
+            assert any(x.shape == y.shape and torch.allclose(x, y) for y in stream), name
 
 
 def family(tmp_path, key: str, n: int = 3, **extra) -> list[str]:
@@ -201,34 +228,41 @@ def test_t5_whole_merge_matches_mergekit(key, tmp_path):
         torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def untied(path: str, seed: int) -> None:
-    """The checkpoint with a head of its own, as T5 v1.1, Flan-T5 and mT5 store theirs on the Hub
-    (transformers 5 ties T5's head whatever the config says, and saves none)."""
+def with_own_head(path: str, seed: int) -> None:
+    """T5's checkpoint with a head of its own, as T5 v1.1, Flan-T5 and mT5 store theirs on the Hub
+    (transformers 5 ties T5's head whatever the config says, and saves none); BART's with a head bias
+    that is not zero (Marian's are not)."""
     weights = f"{path}/model.safetensors"
     state = safetensors_torch.load_file(weights)
-    state["lm_head.weight"] = torch.randn(state["shared.weight"].shape, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    if "shared.weight" in state:
+        state["lm_head.weight"] = torch.randn(state["shared.weight"].shape, generator=g)
+        config = json.load(open(f"{path}/config.json"))
+        json.dump({**config, "tie_word_embeddings": False}, open(f"{path}/config.json", "w"))
+    else:
+        state["final_logits_bias"] = torch.randn(state["final_logits_bias"].shape, generator=g)
     safetensors_torch.save_file(state, weights, metadata={"format": "pt"})
-    config = json.load(open(f"{path}/config.json"))
-    json.dump({**config, "tie_word_embeddings": False}, open(f"{path}/config.json", "w"))
 
 
 @pytest.mark.parametrize("source", ["base", "union"])
-def test_renumbered_tokens_merge_as_if_they_were_not(tmp_path, source):
-    # T5's shared token table (and an untied head) follow the tokens into the output vocabulary
+@pytest.mark.parametrize("key", ["t5:mt5", "bart"])
+def test_renumbered_tokens_merge_as_if_they_were_not(tmp_path, key, source):
+    # the shared token table and the head (T5's untied one, BART's [1, V] bias) follow the tokens into
+    # the output vocabulary
     from conftest import save_tokenizer
     from test_vocabulary import renumbered
 
-    paths = family(tmp_path, "t5:mt5")
+    paths = family(tmp_path, key)
     for i, p in enumerate(paths):
         save_tokenizer(p, T5["vocab_size"])
-        untied(p, seed=i)
+        with_own_head(p, seed=i)
     other = renumbered(paths[2], tmp_path / "renumbered")
     recipe = {"merge_method": "task_arithmetic", "dtype": "float32", "base_model": paths[0],
               "models": [{"model": p, "parameters": {"weight": 0.5}} for p in paths[1:]]}
     plain = merge(recipe, tmp_path / "plain")
     recipe["models"][1]["model"], recipe["tokenizer_source"] = other, source
     remapped = merge(recipe, tmp_path / "remapped")
-    assert plain.keys() == remapped.keys() and "lm_head.weight" in plain
+    assert plain.keys() == remapped.keys() and ("lm_head.weight" in plain or "final_logits_bias" in plain)
     for name in plain:
         torch.testing.assert_close(remapped[name], plain[name], rtol=0, atol=0, msg=name)
 
@@ -258,6 +292,31 @@ def test_whisper_modules(tmp_path):
     config = json.load(open(tmp_path / "seme" / "config.json"))
     assert (config["encoder_layers"], config["decoder_layers"]) == (4, 3)
     run(transformers.WhisperForConditionalGeneration.from_pretrained(tmp_path / "seme"), "whisper")
+
+
+@pytest.mark.parametrize("key", ["bart", "bart:marian", "mbart", "mbart:m2m_100"])
+def test_bart_family_modules(key, tmp_path):
+    """Both stacks sliced (mergekit has no definition of these models): each takes its layers, leading
+    tensors (embeddings, positions, layernorm_embedding) from its first slice's model and final norm from
+    its last's; the output loads and runs."""
+    paths = family(tmp_path, key)
+    ours = merge(modules_recipe(paths, decoder_slices=True), tmp_path / "seme")
+    src = [load_folder(p) for p in paths]
+    expected = {"model.encoder.layers.1.fc1.weight": src[0]["model.encoder.layers.1.fc1.weight"],
+                "model.encoder.layers.3.self_attn.q_proj.bias": src[1]["model.encoder.layers.2.self_attn.q_proj.bias"],
+                "model.decoder.layers.2.encoder_attn.k_proj.weight": src[0]["model.decoder.layers.1.encoder_attn.k_proj.weight"],
+                "model.decoder.layers.0.fc2.bias": src[2]["model.decoder.layers.0.fc2.bias"]}
+    for side, first, last in (("encoder", 0, 1), ("decoder", 2, 0)):
+        for name in (f"model.{side}.embed_positions.weight", f"model.{side}.layernorm_embedding.bias"):
+            if name in src[0]:
+                expected[name] = src[first][name]
+        if f"model.{side}.layer_norm.weight" in src[0]:
+            expected[f"model.{side}.layer_norm.weight"] = src[last][f"model.{side}.layer_norm.weight"]
+    for name, tensor in expected.items():
+        assert torch.equal(ours[name], tensor), name
+    config = json.load(open(tmp_path / "seme" / "config.json"))
+    assert (config["encoder_layers"], config["decoder_layers"]) == (4, 3)
+    run(transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "seme"), key)
 
 
 def test_a_part_keeps_its_own_depth_key(tmp_path):

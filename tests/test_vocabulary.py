@@ -36,9 +36,11 @@ def renumbered(src, dst, a="w1", b="w2"):
     state = load_file(weights)
     for name in state:
         if name.endswith(("embed_tokens.weight", "lm_head.weight", "shared_head.head.weight",
-                          "embed_tokens_per_layer.weight")) or name == "shared.weight":  # a multimodal model's text
-            # rows, a multi-token-prediction layer's, Gemma 4's per-layer token table and T5's shared one too
+                          "embed_tokens_per_layer.weight", "shared.weight")):  # a multimodal model's text rows, a
+            # multi-token-prediction layer's, Gemma 4's per-layer token table and T5's or BART's shared one too
             state[name][[i, j]] = state[name][[j, i]].clone()
+        elif name == "final_logits_bias":  # BART's head bias, [1, V]
+            state[name][:, [i, j]] = state[name][:, [j, i]].clone()
     save_file(state, weights, metadata={"format": "pt"})
     path = os.path.join(dst, "config.json")
     with open(path, encoding="utf-8") as f:
