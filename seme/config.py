@@ -92,6 +92,13 @@ class Recipe:
         return list(dict.fromkeys(name.partition("@")[0] for name in found if name))
 
     @property
+    def reference(self) -> str:
+        """The model whose architecture (config.json, processor) the output takes: the base model, else
+        the first slice's, else that slice's first source."""
+        first = self.slices[0]
+        return self.base_model or first.base_model or first.sources[0].model
+
+    @property
     def models(self) -> list[str]:
         """Every referenced model, once, in first-mention order."""
         seen = dict.fromkeys(s.model for sl in self.slices for s in sl.sources)

@@ -21,6 +21,7 @@ from seme import distributed, fused_merge
 from seme.engine import make_engine, reference_bytes, remapped_bytes
 from seme.errors import SemeError
 from seme.io.card import write_metadata
+from seme.io.model import CHAT_TEMPLATES, is_tokenizer_file
 from seme.io.writer import ShardWriter
 from seme.options import format_size
 from seme.plan import Plan
@@ -145,8 +146,8 @@ def _publish(plan: Plan, stats: dict, staging: str, out_dir: str, version: str, 
 
 
 # What --overwrite may delete: the files of a model folder (a previous merge, any Hugging Face
-# checkpoint). Anything else in the output folder (another file, a subfolder) stops the merge, so
-# that a mistyped output path costs nobody their files.
+# checkpoint: its tokenizer's files and named chat templates too). Anything else in the output folder
+# (another file, another subfolder) stops the merge, so that a mistyped output path costs nobody their files.
 _MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".md", ".bin", ".model", ".txt", ".jinja", ".py", ".yml", ".yaml",
                         ".tiktoken", ".gitattributes")
 
@@ -171,9 +172,18 @@ def _check_output(plan: Plan, out_dir: str, overwrite: bool) -> None:
     if entries and not overwrite:
         raise not_empty(out_dir)
     for entry in entries:
-        if not (entry.is_file(follow_symlinks=False) and entry.name.endswith(_MODEL_FILE_SUFFIXES)):
+        if not _of_a_model(entry):
             raise SemeError(f"--overwrite replaces a model folder, and {out_dir} also holds '{entry.name}': "
                             f"move it or choose another output folder")
+
+
+def _of_a_model(entry: os.DirEntry) -> bool:
+    """Whether `entry` is a file of a model folder, or its folder of named chat templates (only those)."""
+    if entry.name == CHAT_TEMPLATES and entry.is_dir(follow_symlinks=False):
+        with os.scandir(entry.path) as listing:
+            return all(t.is_file(follow_symlinks=False) and t.name.endswith(".jinja") for t in listing)
+    return entry.is_file(follow_symlinks=False) and (entry.name.endswith(_MODEL_FILE_SUFFIXES)
+                                                     or is_tokenizer_file(entry.name))
 
 
 def not_empty(out_dir: str) -> SemeError:

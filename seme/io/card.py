@@ -1,10 +1,13 @@
-"""The output folder's metadata: config, generation config, tokenizer files and a model card."""
+"""The output folder's metadata: config, generation config, tokenizer and processor files and a model card."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 
+from seme.io.model import CHAT_TEMPLATES, PROCESSOR_CHAT_TEMPLATE
+
+PROCESSOR_CONFIG = "processor_config.json"
 SIGNATURE = "This model was merged with seme"  # how an earlier merge's output is recognised
 CARD = """---
 {base_models}library_name: transformers
@@ -42,23 +45,40 @@ def merged_by_seme(folder: str, recipe_text: str | None = None) -> bool:
 
 def write_metadata(folder: str, plan, version: str, name: str, tokenizer: bool = True, card: bool = True) -> None:
     """Config, generation config, tokenizer files (with `tokenizer`, or where the recipe chose a
-    tokenizer) and the model card (titled `name`; with `card`) into `folder`."""
+    tokenizer), processor files and the model card (titled `name`; with `card`) into `folder`.
+
+    The tokenizer's files and chat templates are those of the tokenizer's model (Plan.tokenizer_model),
+    or a re-mapped vocabulary's tokenizer as transformers saves it, with that model's processor
+    template (chat_template.json, which tokenizers do not read); the recipe's chat_template replaces
+    every template. The processor's files (image processor, feature extractor, ...) are those of the
+    model whose architecture the output takes, bar a chat template in its processor_config.json,
+    which follows the tokenizer's (`_processor_config`)."""
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(plan.config, f, indent=2)
         f.write("\n")
-    ref = plan.tokenizer_model
-    union = plan.vocabulary is not None and plan.vocabulary.tokenizer is not None
+    source = plan.tokenizer_model
+    built = plan.vocabulary is not None and plan.vocabulary.tokenizer is not None
     tokenizer = tokenizer or plan.recipe.tokenizer_source is not None
-    for file in ["generation_config.json"] + ([] if union or not tokenizer else ref.tokenizer_files()):
-        src = os.path.join(ref.path, file)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(folder, file))
-    if union:
+    files = ["generation_config.json"]
+    if tokenizer:
+        files += [PROCESSOR_CHAT_TEMPLATE] if built else source.tokenizer_files()
+    if plan.chat_template is not None:
+        files = [f for f in files if not _is_chat_template(f)]
+    for file in files:
+        _copy(source.path, folder, file)
+    if built:
         plan.vocabulary.tokenizer.save_pretrained(folder)
     if plan.chat_template is not None:
         from seme import chat_template
 
+        shutil.rmtree(os.path.join(folder, CHAT_TEMPLATES), ignore_errors=True)  # a saved tokenizer's named ones
         chat_template.write(folder, plan.chat_template)
+    architecture = next(m for m in plan.models if m.ref == plan.recipe.reference)
+    for file in architecture.processor_files():
+        if file == PROCESSOR_CONFIG and tokenizer:
+            _processor_config(architecture, source, plan.chat_template is not None, folder)
+        else:
+            _copy(architecture.path, folder, file)
     if not card:
         return
     recipe = plan.recipe
@@ -69,3 +89,39 @@ def write_metadata(folder: str, plan, version: str, name: str, tokenizer: bool =
                        method=recipe.merge_method, models=models, recipe=recipe.text.strip())
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
         f.write(card)
+
+
+def _copy(model_folder: str, folder: str, file: str) -> None:
+    """`file` (a path in the folders) of `model_folder` into `folder`, where it exists."""
+    src = os.path.join(model_folder, file)
+    if os.path.isfile(src):
+        os.makedirs(os.path.dirname(os.path.join(folder, file)), exist_ok=True)
+        shutil.copyfile(src, os.path.join(folder, file))
+
+
+def _is_chat_template(file: str) -> bool:
+    return file in ("chat_template.jinja", PROCESSOR_CHAT_TEMPLATE) or file.startswith(CHAT_TEMPLATES + "/")
+
+
+def _processor_config(architecture, source, templated: bool, folder: str) -> None:
+    """The architecture's processor_config.json, its chat template (which a processor reads before any
+    template file) that of the tokenizer's model, or none where the recipe sets the template."""
+    def read(model) -> dict | None:
+        try:
+            with open(os.path.join(model.path, PROCESSOR_CONFIG), encoding="utf-8") as f:
+                settings = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return settings if isinstance(settings, dict) else None
+
+    settings = read(architecture)
+    template = None if templated else (read(source) or {}).get("chat_template")
+    if settings is None or settings.get("chat_template") == template:  # transformers judges a file it cannot read
+        _copy(architecture.path, folder, PROCESSOR_CONFIG)
+        return
+    settings.pop("chat_template", None)
+    if template is not None:
+        settings["chat_template"] = template
+    with open(os.path.join(folder, PROCESSOR_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2, ensure_ascii=False)
+        f.write("\n")

@@ -4,13 +4,42 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 from seme.errors import SemeError
 from seme.io.safetensors_file import MappedFile, TensorInfo, read_header
 from seme.io.torch_file import read_torch_index
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja")
+# The files transformers (5.x) loads a tokenizer from (PreTrainedTokenizerBase.from_pretrained). The
+# vocabulary's names depend on the tokenizer class (its `vocab_files_names`), which only transformers
+# knows: these are all the names its classes give (tests/test_model_files.py checks that none is missing).
+TOKENIZER_FILES = frozenset({
+    # every tokenizer's: settings, the fast tokenizer, added and special tokens, the chat template
+    "tokenizer_config.json", "tokenizer.json", "added_tokens.json", "special_tokens_map.json", "chat_template.jinja",
+    # the classes' vocabularies (T5's spiece.model, XLM-R's sentencepiece.bpe.model, Marian's *.spm, ...)
+    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+    "sentencepiece.model", "spm.model", "spm_char.model", "source.spm", "target.spm", "target_vocab.json",
+    "vocab-src.json", "vocab-tgt.json", "bpe.codes", "dict.txt", "entity_vocab.json", "emoji.json",
+    "byte_maps.json", "prophetnet.tokenizer", "word_shape.json", "word_pronunciation.json",
+    "normalizer.json",  # Whisper's text normaliser
+    # vocabularies found by name: Mistral's tekken, tiktoken's
+    "tekken.json", "tiktoken.model",
+})
+VERSIONED_TOKENIZER = re.compile(r"tokenizer\.[\w.-]+\.json")  # tokenizer.4.0.0.json: for transformers >= 4.0.0
+VERSIONED_VOCABULARY = "tokenizer.model."  # Mistral's tokenizer.model.v3, ... (mistral-common reads them)
+CHAT_TEMPLATES = "additional_chat_templates"  # named chat templates, <name>.jinja, beside chat_template.jinja
+PROCESSOR_CHAT_TEMPLATE = "chat_template.json"  # a processor's template as older transformers saved it
+# A processor's settings (image processor, feature extractor, video processor, audio tokenizer, the
+# processor's own), as transformers' utils name them; preprocessor_config.json serves image processors
+# and feature extractors alike.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "audio_tokenizer_config.json")
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """Whether a file of a model folder named `name` belongs to its tokenizer: TOKENIZER_FILES,
+    Mistral's versioned vocabularies and a processor's chat template (templates go with the tokenizer)."""
+    return name in TOKENIZER_FILES or name.startswith(VERSIONED_VOCABULARY) or name == PROCESSOR_CHAT_TEMPLATE
 
 
 def read_weights_index(path: str) -> dict[str, TensorInfo]:
@@ -143,7 +172,30 @@ class ModelFolder:
         return self._maps[path]
 
     def tokenizer_files(self) -> list[str]:
-        return [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(self.path, f))]
+        """The tokenizer's files (paths in the folder): those named by is_tokenizer_file, the versioned
+        fast tokenizers its tokenizer_config.json lists (`fast_tokenizer_files`) and the named chat
+        templates (additional_chat_templates/*.jinja)."""
+        found = sorted(f for f in os.listdir(self.path) if is_tokenizer_file(f) and self._holds(f))
+        if "tokenizer_config.json" in found:
+            try:
+                with open(os.path.join(self.path, "tokenizer_config.json"), encoding="utf-8") as f:
+                    versioned = json.load(f).get("fast_tokenizer_files") or []
+            except (OSError, ValueError, AttributeError):
+                versioned = []  # transformers says what is wrong with it where it loads the copy
+            found += sorted({f for f in versioned if isinstance(f, str) and VERSIONED_TOKENIZER.fullmatch(f)
+                             and f not in found and self._holds(f)})
+        templates = os.path.join(self.path, CHAT_TEMPLATES)
+        if os.path.isdir(templates):
+            found += sorted(f"{CHAT_TEMPLATES}/{f}" for f in os.listdir(templates)
+                            if f.endswith(".jinja") and self._holds(f"{CHAT_TEMPLATES}/{f}"))
+        return found
+
+    def processor_files(self) -> list[str]:
+        """The processor's settings files the folder holds (PROCESSOR_FILES)."""
+        return [f for f in PROCESSOR_FILES if self._holds(f)]
+
+    def _holds(self, file: str) -> bool:
+        return os.path.isfile(os.path.join(self.path, file))
 
     def vocabulary(self) -> dict[str, int] | None:
         """token -> id from tokenizer.json (or vocab.json), added tokens included; None without either."""
