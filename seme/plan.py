@@ -72,7 +72,7 @@ def make_plan(recipe: Recipe) -> Plan:
     index = {m.ref: i for i, m in enumerate(models)}
     archs = [architectures.for_config(m.config, m.tensors) for m in models]
     first_slice = recipe.slices[0]
-    ref_path = recipe.base_model or first_slice.base_model or first_slice.sources[0].model
+    ref_path = recipe.reference
     ref = index[ref_path]
     arch = archs[ref]
     tied = arch.tied(models[ref].config)
