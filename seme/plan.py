@@ -164,19 +164,23 @@ def _add_layers(builder, slices, layer_range, stack: str | None = None) -> list[
     stack) to `builder`, renumbered from 0; `layer_range(source)` is a source's (start, end). Returns
     the (model index, source layer) of each output layer."""
     layer_sources = []
+    layers_of: dict[int, dict[int, list[str]]] = {}  # per lead model: layer -> its tensors (of `stack`)
     for sl in slices:
         spans = [layer_range(s) for s in sl.sources]
         depth = spans[0][1] - spans[0][0]
         lead = builder.index[sl.sources[0].model]
         lead_arch = builder.archs[lead]
+        if lead not in layers_of:
+            layers_of[lead] = {}
+            for name in builder.models[lead].tensors:
+                position = _position(lead_arch, name)
+                if position is not None and stack in (None, position[0]):
+                    layers_of[lead].setdefault(position[1], []).append(name)
         for offset in range(depth):
             t = offset / (depth - 1) if depth > 1 else 1.0
             lead_layer = spans[0][0] + offset
             out_layer = len(layer_sources)
-            for name in builder.models[lead].tensors:
-                position = _position(lead_arch, name)
-                if position is None or position[1] != lead_layer or stack not in (None, position[0]):
-                    continue
+            for name in layers_of[lead].get(lead_layer, ()):
                 names_in = {s.model: _rename(builder.archs[builder.index[s.model]], name, span[0] + offset)
                             for s, span in zip(sl.sources, spans)}
                 builder.add(_rename(lead_arch, name, out_layer), names_in, sl, t)

@@ -914,6 +914,10 @@ std::vector<int64_t> equal_starts(Ctx& ctx, const std::vector<std::pair<int, Cut
 // the histogram passes then decide, with the same result.
 constexpr int64_t kSample = 1 << 14;
 constexpr int64_t kMinBracketed = 1 << 18;  // below this, the histogram passes cost as little
+// Up to this many keys over all cuts, the bracket is every key (none sampled) and each cut a selection
+// among them: the histograms' clearing and summing (about 1.5 MB per stream) would cost far more than
+// the elements (norms, biases, small experts: their merge took ~1 ms whatever their size).
+constexpr int64_t kMaxWhole = 1 << 15;
 
 // The keys of the sorted sample around the fraction p of it, `spread` sample positions either side:
 // two selections (linear time; sorting the sample was a tenth of a bf16 TIES merge's CPU time).
@@ -960,10 +964,11 @@ bool bracketed(Ctx& ctx, const std::vector<std::pair<int, Cut*>>& cuts, const st
                Key& sample_key, Prep& prep, Vals& vals, std::vector<int64_t>& eq_counts) {
   const int64_t n = ctx.t.n;
   const size_t Q = cuts.size();
-  if (n < kMinBracketed || Q == 0) return false;
-  std::vector<uint32_t> lo(Q), hi(Q);
-  std::vector<uint32_t> sample(kSample);
-  for (size_t q = 0; q < Q; ++q) {
+  const bool whole = n * int64_t(Q) <= kMaxWhole;
+  if ((n < kMinBracketed && !whole) || Q == 0) return false;
+  std::vector<uint32_t> lo(Q, 0u), hi(Q, 0x7fffffffu);  // whole: [0, the largest key] (keys are < 2^31)
+  std::vector<uint32_t> sample(whole ? 0 : kSample);
+  for (size_t q = 0; q < Q && !whole; ++q) {
     for (int64_t j = 0; j < kSample; ++j) sample[j] = sample_key(cuts[q].first, j * n / kSample);
     const double p = double(ranks[q]) / double(n);
     std::tie(lo[q], hi[q]) = sample_bracket(sample, p, 4.0 * std::sqrt(kSample * p * (1 - p)) + 8.0);
@@ -1245,6 +1250,15 @@ struct Collected {
 // then the equal keys counted per chunk; the lists' index order settles the rest without a sort.
 std::pair<uint64_t, int64_t> select_rank(const Collected& in, int64_t r, int nt) {
   const int64_t nc = int64_t(in.at.size());
+  if (in.size() <= kMaxWhole) {  // few: one selection among them (the indices make every element distinct)
+    std::vector<uint64_t> all;
+    for (const auto& list : in.at) all.insert(all.end(), list.begin(), list.end());
+    std::nth_element(all.begin(), all.begin() + r, all.end());
+    const uint64_t e = all[size_t(r)];
+    int64_t room = 0;
+    for (uint64_t x : all) room += (x >> 32) == (e >> 32) && x < e;
+    return {e, room};
+  }
   auto histogram = [&](int shift, uint32_t prefix_mask, uint32_t prefix) {
     std::vector<int64_t> h(1 << 16, 0);
 #pragma omp parallel num_threads(nt)
@@ -1575,10 +1589,11 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
     }
   };
   auto select_bracketed = [&]() -> bool {
-    if (t.n < kMinBracketed) return false;
-    std::vector<uint32_t> sample(kSample);
+    const bool whole = t.n <= kMaxWhole;  // the bracket [0, the largest key]: every element
+    if (t.n < kMinBracketed && !whole) return false;
+    std::vector<uint32_t> sample(whole ? 0 : kSample);
     int64_t zero_samples = 0;
-    for (int64_t j = 0; j < kSample; ++j) {
+    for (int64_t j = 0; j < int64_t(sample.size()); ++j) {
       const int64_t i = j * t.n / kSample;
       double mean = 0, m2 = 0;
       for (int k = 0; k < K; ++k) {
@@ -1590,7 +1605,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
       zero_samples += sample[j] == 0;
     }
     const double pz = double(zero_samples) / kSample, p = 1.0 - (1.0 - pz) * tau;
-    const auto [lo, hi] = sample_bracket(
+    const auto [lo, hi] = whole ? std::pair<uint32_t, uint32_t>{0u, 0x7fffffffu} : sample_bracket(
         sample, p, 4.0 * (std::sqrt(kSample * p * (1 - p)) + tau * std::sqrt(kSample * pz * (1 - pz))) + 8.0);
     Collection collection{std::max<int64_t>(kChunk, t.n / 8)};
     std::vector<int64_t> below(ctx.nchunks, 0);
