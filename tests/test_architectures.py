@@ -388,6 +388,7 @@ FAMILIES = {
     "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM", DISTILBERT),
     "distilbert:seqcls": ("DistilBertConfig", "DistilBertForSequenceClassification", DISTILBERT),
     "distilbert:tokcls": ("DistilBertConfig", "DistilBertForTokenClassification", DISTILBERT),
+    "ernie": ("ErnieConfig", "ErnieForPreTraining", ENCODER),  # BERT's under ernie.
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -499,6 +500,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("roberta", {"tie_word_embeddings": False}),
     ("distilbert", {"tie_word_embeddings": False}),
     ("distilbert", {"sinusoidal_pos_embds": True}),
+    ("ernie", {"use_task_id": True}),  # a task type table beside the token types'
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
