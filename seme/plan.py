@@ -132,11 +132,14 @@ def make_plan(recipe: Recipe) -> Plan:
     trailing = trailing_layers(arch, models[ref])
     added_later = set(trailing)  # by _add_trailing
     ref_names = [n for n in models[ref].tensors if n not in added_later]
-    pre = [n for n in ref_names if _role(arch, n) in ("embedding", "position_embedding") and _layer(arch, n) is None]
+    # the embeddings, and the norms of the stream before the first layer (BERT's, bloom's): from the first slice
+    pre = [n for n in ref_names if _role(arch, n) in ("embedding", "position_embedding", "norm", "norm_bias")
+           and _layer(arch, n) is None]
     post = [n for n in ref_names if _layer(arch, n) is None and n not in pre]
     head = next((name for name, spec in arch.tensors.items() if spec.role == "lm_head"), None)
-    if not tied and head and not any(_role(arch, n) == "lm_head" for n in ref_names):
-        post.append(head)  # an untied output needs a head even if the reference stored none
+    if not tied and head and not arch.tensors[head].optional and not any(_role(arch, n) == "lm_head" for n in ref_names):
+        post.append(head)  # an untied output needs a head even if the reference stored none (unless its class has
+        # none: an encoder's classifier)
 
     for name in pre:
         builder.add(name, {s.model: name for s in first_slice.sources}, first_slice, t=0.0)

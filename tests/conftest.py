@@ -36,6 +36,11 @@ FAMILY_CLASSES = {
         "num_key_value_heads": 4, "kv_lora_rank": 8, "q_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
         "v_head_dim": 8, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
         "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}),
+    # encoders: a pooler and a classifier, masked-LM heads
+    "bert": ("BertConfig", "BertForSequenceClassification", {}),
+    # tied, as its checkpoints are: mergekit's definition lacks the lm_head.decoder.bias an untied one stores
+    "roberta": ("RobertaConfig", "RobertaForMaskedLM", {"tie_word_embeddings": True}),
+    "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM", {"hidden_dim": 64}),
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", {
         "head_dim": 8, "layer_types": ["linear_attention", "full_attention"], "linear_num_key_heads": 2,
         "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8, "num_experts": 4,
@@ -48,6 +53,8 @@ OTHER_CLASSES = {
     "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", {
         "head_dim": 8, "global_head_dim": 16, "layer_types": ["sliding_attention", "full_attention"],
         "hidden_size_per_layer_input": 8}),
+    # mergekit's BertForMaskedLM wants the pooler of older checkpoints, which transformers' has not
+    "bert_mlm": ("BertConfig", "BertForMaskedLM", {}),
 }
 
 
@@ -108,6 +115,21 @@ def llama_family(tmp_path_factory):
 @pytest.fixture(scope="session")
 def qwen2_family(tmp_path_factory):
     return build_family(str(tmp_path_factory.mktemp("models")), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def bert_family(tmp_path_factory):
+    return build_family(str(tmp_path_factory.mktemp("models")), "bert")
+
+
+@pytest.fixture(scope="session")
+def roberta_family(tmp_path_factory):
+    return build_family(str(tmp_path_factory.mktemp("models")), "roberta")
+
+
+@pytest.fixture(scope="session")
+def distilbert_family(tmp_path_factory):
+    return build_family(str(tmp_path_factory.mktemp("models")), "distilbert")
 
 
 def load_folder(path) -> dict:

@@ -24,6 +24,9 @@ MLA = dict(DECODER, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_n
 GATED_DELTA_NET = dict(DECODER, head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
                        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, pad_token_id=0)
 SSM = dict(hidden_size=32, num_hidden_layers=2, vocab_size=128, state_size=8)
+ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+               max_position_embeddings=64)
+DISTILBERT = dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=128, max_position_embeddings=64)
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER),
@@ -370,6 +373,22 @@ FAMILIES = {
     # batch D: language models inside multimodal wrappers
     # DeepSeek-V3's tensors, the experts fused (Mistral Small 4)
     "deepseek_v3:mistral4": ("Mistral4Config", "Mistral4ForCausalLM", dict(MLA, n_group=1, topk_group=1)),
+    # encoders
+    # post-LN; a masked-LM head tied to the word embeddings, or a pooler and classifiers, or heads on every token
+    "bert": ("BertConfig", "BertForMaskedLM", ENCODER),
+    "bert:pretraining": ("BertConfig", "BertForPreTraining", ENCODER),  # the pooler, the MLM head and the NSP head
+    "bert:seqcls": ("BertConfig", "BertForSequenceClassification", ENCODER),
+    "bert:tokcls": ("BertConfig", "BertForTokenClassification", ENCODER),
+    "bert:qa": ("BertConfig", "BertForQuestionAnswering", ENCODER),
+    "roberta": ("RobertaConfig", "RobertaForMaskedLM", ENCODER),
+    "roberta:seqcls": ("RobertaConfig", "RobertaForSequenceClassification", ENCODER),
+    "roberta:tokcls": ("RobertaConfig", "RobertaForTokenClassification", ENCODER),
+    "roberta:xlm-roberta": ("XLMRobertaConfig", "XLMRobertaForMaskedLM", ENCODER),
+    "roberta:camembert": ("CamembertConfig", "CamembertForSequenceClassification", ENCODER),
+    "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM", DISTILBERT),
+    "distilbert:seqcls": ("DistilBertConfig", "DistilBertForSequenceClassification", DISTILBERT),
+    "distilbert:tokcls": ("DistilBertConfig", "DistilBertForTokenClassification", DISTILBERT),
+    "ernie": ("ErnieConfig", "ErnieForPreTraining", ENCODER),  # BERT's under ernie.
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -476,15 +495,22 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("persimmon", {"qk_layernorm": False}),
     ("recurrent_gemma", {"attention_bias": True}),
     ("zamba", {"mamba_proj_bias": True}),
+    # encoders: masked-LM heads untied (the decoder's weight and bias stored); sinusoidal positions
+    ("bert", {"tie_word_embeddings": False}),
+    ("roberta", {"tie_word_embeddings": False}),
+    ("distilbert", {"tie_word_embeddings": False}),
+    ("distilbert", {"sinusoidal_pos_embds": True}),
+    ("ernie", {"use_task_id": True}),  # a task type table beside the token types'
 ]
-LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
                 "stream_gain"}
 
 
 def family_of(key: str) -> str:
-    """The role table a FAMILIES key tests ("table:model type" where one table serves several, or
-    "table:layer kinds" where one configuration cannot hold all of its layer kinds)."""
+    """The role table a FAMILIES key tests ("table:model type" where one table serves several,
+    "table:layer kinds" where one configuration cannot hold all of its layer kinds, or "table:head" for each
+    head class of an encoder)."""
     return key.split(":")[0]
 
 
@@ -662,10 +688,11 @@ def test_norm_feeds_read(saved, case):
         """x is the residual stream where r reads it (normalised, where given how): before the layers the
         embeddings, in a layer its input plus some of what its sublayers added (their write_norms' outputs,
         or, where the norms have no gains to tell them by, their writes')."""
-        if r.layer is None:  # or, after the layers, the last one's output (opt-350m's project_out)
+        if r.layer is None:  # or, after the layers, the last one's output (opt-350m's project_out), or its first
+            # token's (an encoder's pooler)
             last = next(m for m in layers if m.rsplit(".", 1)[-1] == str(arch.num_layers(config) - 1))
             return any(same(x, outputs[module(n)]) for n in shapes if arch.role(n).role == "embedding") \
-                or same(x, outputs.get(last))
+                or same(x, outputs.get(last)) or same(x, outputs[last][:, 0])
         stream = inputs[layer_module(r)]
         added = [outputs[module(n)] for n in shapes if arch.role(n).layer == r.layer and (
             arch.role(n).role == "write_norm" or arch.gainless_norms and arch.role(n).role == "write")]
@@ -910,6 +937,30 @@ def test_gpt2_without_base_prefix():
     assert arch.role("h.0.attn.bias").role == "buffer"
     assert arch.rename_layer("h.1.mlp.c_fc.weight", 11) == "h.11.mlp.c_fc.weight"
     assert arch.tied({"n_layer": 12})  # Hub gpt2 config.json has no tie_word_embeddings
+
+
+def test_encoders_without_base_prefix_and_with_legacy_names():
+    """Checkpoints saved from BertModel / RobertaModel / DistilBertModel lack the head class's prefix; BERT's
+    TF-era checkpoints (bert-base-uncased) name LayerNorm gains gamma and biases beta, which transformers renames."""
+    bert = for_config({"architectures": ["BertModel"], "model_type": "bert"})
+    r = bert.role("encoder.layer.3.intermediate.dense.weight")
+    assert (r.role, r.layer, r.norm) == ("read", 3, "encoder.layer.3.attention.output.LayerNorm.weight")
+    assert bert.rename_layer("encoder.layer.3.output.LayerNorm.gamma", 7) == "encoder.layer.7.output.LayerNorm.gamma"
+    assert bert.role("bert.encoder.layer.0.attention.output.LayerNorm.beta").role == "norm_bias"
+    assert bert.role("embeddings.token_type_embeddings.weight").role == "position_embedding"
+    assert bert.role("bert.embeddings.position_ids").role == "buffer"
+    assert bert.role("pooler.dense.weight").role == "read" and bert.role("classifier.weight").role == "inner"
+    assert bert.tied({}) and bert.rotation_obstacles()
+    tokens = for_config({"architectures": ["BertForTokenClassification"], "model_type": "bert"})
+    assert tokens.role("classifier.weight").role == "read"  # on every token's stream, not the pooler's output
+    head = bert.role("cls.predictions.decoder.bias")
+    assert (head.role, head.tied_to) == ("lm_head_bias", "cls.predictions.bias")
+    roberta = for_config({"architectures": ["XLMRobertaModel"], "model_type": "xlm-roberta"})
+    assert roberta.name == "roberta" and roberta.role("encoder.layer.1.output.dense.weight").role == "write"
+    assert for_config({"architectures": ["CamembertForMultipleChoice"]}).role("classifier.weight").role == "inner"
+    distil = for_config({"architectures": ["DistilBertModel"], "n_layers": 6, "dim": 768})
+    assert distil.num_layers({"n_layers": 6}) == 6 and distil.hidden_size({"dim": 768}) == 768
+    assert distil.role("transformer.layer.5.ffn.lin1.weight").norm == "transformer.layer.5.sa_layer_norm.weight"
 
 
 def test_an_unloaded_module_keeps_its_names_beside_a_nested_language_model():

@@ -74,7 +74,7 @@ def run_mergekit(recipe: dict, out: str) -> None:
                                                                                      write_model_card=False))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "bert", "roberta", "distilbert"])
 @pytest.mark.parametrize("method", sorted(DETERMINISTIC))
 def test_whole_merge_matches_mergekit(method, family, request, tmp_path):
     models = request.getfixturevalue(f"{family}_family")
@@ -93,7 +93,8 @@ def test_whole_merge_matches_mergekit(method, family, request, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["gpt_neox", "falcon", "phi", "stablelm", "starcoder2", "olmo2", "cohere", "arcee",
-                                    "apertus", "glm4", "gpt_bigcode", "granitemoehybrid", "lfm2", "mamba", "afmoe"])
+                                    "apertus", "glm4", "gpt_bigcode", "granitemoehybrid", "lfm2", "mamba", "afmoe",
+                                    "bert", "roberta", "distilbert"])
 def test_other_families_merge_as_mergekit_does(family, tmp_path):
     # each role table's family (a head bias, gpt_neox's embed_out, falcon's fused qkv and biased norms)
     # merged with per-layer gradients and a filter, as mergekit merges it
@@ -117,6 +118,27 @@ def test_other_families_merge_as_mergekit_does(family, tmp_path):
         # Equal |δ| at a density cut are kept by position in seme, in argsort order in mergekit.
         settled = ~tied_magnitudes([e[name] - base[name] for e in experts]) if expected.is_floating_point() else ...
         torch.testing.assert_close(ours[name][settled], expected[settled], rtol=1e-5, atol=1e-6, msg=name)
+
+
+ENCODER_SLICES = {  # layers repeated from another model, or dropped
+    "repeated": lambda m: [{"sources": [{"model": m["base"], "layer_range": [0, 2]}]},
+                           {"sources": [{"model": m["expert0"], "layer_range": [1, 2]}]}],
+    "dropped": lambda m: [{"sources": [{"model": m["expert0"], "layer_range": [1, 2]}]}],
+}
+
+
+@pytest.mark.parametrize("slices", sorted(ENCODER_SLICES))
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_encoder_slices_match_mergekit(family, slices, tmp_path):
+    # the embeddings (their LayerNorm and token types too) from the first slice's models, the heads from the last's
+    models = build_family(str(tmp_path / "models"), family, n_experts=1)
+    recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": ENCODER_SLICES[slices](models)}
+    run_mergekit(recipe, str(tmp_path / "mergekit"))
+    seme.merge(yaml.safe_dump(recipe), str(tmp_path / "seme"), progress=False)
+    theirs, ours = load_folder(tmp_path / "mergekit"), load_folder(tmp_path / "seme")
+    assert sorted(ours) == sorted(theirs)
+    for name, expected in theirs.items():
+        torch.testing.assert_close(ours[name], expected, rtol=0, atol=0, msg=name)
 
 
 def tied_magnitudes(deltas: list) -> torch.Tensor:

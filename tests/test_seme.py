@@ -421,6 +421,30 @@ def test_layer_norm_families_merge_unrotated(tmp_path, capsys):
     assert report["sources"][0]["reason"] == "alignment: never"
 
 
+@pytest.mark.parametrize("family", ["bert_mlm", "bert", "roberta", "distilbert"])
+def test_an_encoder_is_refused_rotation_in_one_line(family, tmp_path, capsys):
+    # post-LN encoders (a masked-LM head, or none: BERT's classifier): their sources are compared by the word
+    # embeddings, and a turned one is refused as LayerNorm families are, no traceback
+    from safetensors.torch import load_file, save_file
+
+    from conftest import build_family
+
+    models = build_family(str(tmp_path / "models"), family, n_experts=1)
+    turned = shutil.copytree(models["expert0"], tmp_path / "turned")
+    config = json.loads((turned / "config.json").read_text())
+    state = {k: v.double() for k, v in load_file(turned / "model.safetensors").items()}
+    Q = random_orthogonal(HIDDEN, seed=4).double()
+    save_file({k: v.float().contiguous() for k, v in rotate(state, for_config(config), Q).items()},
+              turned / "model.safetensors", metadata={"format": "pt"})
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "seme", "base_model": models["base"],
+                                      "models": [{"model": str(turned)}]}))
+    assert main([str(recipe), str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"seme: error: seme: aligning {family.split('_')[0]} models by rotation "
+                                               "is not supported (its norms are LayerNorms"), err
+
+
 def test_a_table_that_says_unrotatable_is_refused_rotation(tmp_path):
     # zamba2's shared attention reads the residual stream concatenated with the embeddings: no role turns it
     from safetensors.torch import load_file, save_file

@@ -36,8 +36,9 @@ def renumbered(src, dst, a="w1", b="w2"):
     state = load_file(weights)
     for name in state:
         if name.endswith(("embed_tokens.weight", "lm_head.weight", "shared_head.head.weight",
-                          "embed_tokens_per_layer.weight", "shared.weight")):  # a multimodal model's text rows, a
-            # multi-token-prediction layer's, Gemma 4's per-layer token table and T5's or BART's shared one too
+                          "embed_tokens_per_layer.weight", "shared.weight", "word_embeddings.weight",
+                          "cls.predictions.bias")):  # a multimodal model's text rows, a multi-token-prediction
+            # layer's, Gemma 4's per-layer token table, T5's or BART's shared one, BERT's embeddings and head bias too
             state[name][[i, j]] = state[name][[j, i]].clone()
         elif name == "final_logits_bias":  # BART's head bias, [1, V]
             state[name][:, [i, j]] = state[name][:, [j, i]].clone()
@@ -52,12 +53,12 @@ def renumbered(src, dst, a="w1", b="w2"):
     return str(dst)
 
 
-def with_added_tokens(src, dst, tokens, seed):
+def with_added_tokens(src, dst, tokens, seed, auto="AutoModelForCausalLM"):
     """The model with `tokens` added to its tokenizer and random rows for them."""
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(src)
-    model = transformers.AutoModelForCausalLM.from_pretrained(src)
+    model = getattr(transformers, auto).from_pretrained(src)
     tokenizer.add_tokens(tokens)
     old = model.get_input_embeddings().weight.shape[0]
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -111,6 +112,33 @@ def test_a_second_token_table_follows_its_tokens(tmp_path):
     assert union["model.embed_tokens_per_layer.weight"].shape[0] == union["model.embed_tokens.weight"].shape[0] == 99
     model = Gemma4ForCausalLM.from_pretrained(tmp_path / "union")
     assert model.config.vocab_size == model.config.vocab_size_per_layer_input == 99
+    ids = AutoTokenizer.from_pretrained(tmp_path / "union")("w5 <x2> <x0>", return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] == 99
+
+
+def test_a_masked_lm_head_follows_its_tokens(tmp_path):
+    # BERT's masked-LM head: its decoder tied to the word embeddings, its bias a value per token, re-mapped with them
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    bert = build_family(str(tmp_path / "models"), "bert_mlm", n_experts=2, tied=True)
+    other = renumbered(bert["expert1"], tmp_path / "renumbered")
+    seme.merge(ties([bert["expert0"], bert["expert1"]], bert["base"]), str(tmp_path / "plain"), progress=False)
+    seme.merge(ties([bert["expert0"], other], bert["base"], tokenizer_source="union"), str(tmp_path / "remapped"),
+               progress=False)
+    plain, remapped = load_folder(tmp_path / "plain"), load_folder(tmp_path / "remapped")
+    assert plain.keys() == remapped.keys() and "cls.predictions.bias" in plain
+    assert "cls.predictions.decoder.weight" not in plain  # tied heads stay tied
+    for name in plain:
+        torch.testing.assert_close(remapped[name], plain[name], rtol=0, atol=0, msg=name)
+
+    a = with_added_tokens(bert["expert0"], tmp_path / "a", ["<x0>", "<x1>"], seed=1, auto="AutoModelForMaskedLM")
+    b = with_added_tokens(bert["expert1"], tmp_path / "b", ["<x1>", "<x2>"], seed=2, auto="AutoModelForMaskedLM")
+    seme.merge(ties([a, b], bert["base"], tokenizer={"source": "union"}), str(tmp_path / "union"), progress=False)
+    union = load_folder(tmp_path / "union")
+    assert union["cls.predictions.bias"].shape == (99,) and union["bert.embeddings.word_embeddings.weight"].shape[0] == 99
+    model = BertForMaskedLM.from_pretrained(tmp_path / "union")
+    assert model.config.vocab_size == 99
+    assert torch.equal(model.cls.predictions.decoder.bias, union["cls.predictions.bias"])
     ids = AutoTokenizer.from_pretrained(tmp_path / "union")("w5 <x2> <x0>", return_tensors="pt").input_ids
     assert model(ids).logits.shape[-1] == 99
 

@@ -3,12 +3,14 @@
 The tables are data (``data/<family>.json``); this module loads them and answers, for a
 checkpoint tensor name, which role the tensor plays relative to the residual stream:
 
-  embedding, position_embedding, lm_head   [V, d] / [P, d] / [V, d]
+  embedding, position_embedding, lm_head   [V, d] / [P, d] / [V, d]; a position_embedding's rows are added to the
+                                           stream by another index than the token's (position, or BERT's token type)
   lm_head_bias                             [V]: the head's bias (phi), a row per token like the head
   token_table                              [V, k]: another table of a row per token, outside the residual stream
                                            (Gemma's per-layer embeddings): its rows follow the tokens, never turned
   final_norm, final_norm_bias              the norm before the head
-  norm, norm_bias                          a norm that reads the residual stream inside a layer
+  norm, norm_bias                          a norm that reads the residual stream inside a layer, or before the
+                                           first (bloom's and BERT's over the embeddings)
   read                                     a Linear whose input is the residual, normalised by its `norm`, or raw
                                            where it has none (q/k/v, gate/up, fused)
   write, write_bias                        a Linear whose output is added to the residual, and its bias
