@@ -26,6 +26,9 @@ GATED_DELTA_NET = dict(DECODER, head_dim=8, layer_types=["linear_attention", "fu
 SSM = dict(hidden_size=32, num_hidden_layers=2, vocab_size=128, state_size=8)
 ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
                max_position_embeddings=64)
+# DeBERTa-v3's settings: relative positions in buckets, normalised, their keys and queries by the tokens' projections
+DEBERTA_V3 = dict(ENCODER, relative_attention=True, position_buckets=8, norm_rel_ebd="layer_norm", share_att_key=True,
+                  pos_att_type="p2c|c2p", position_biased_input=False)
 DISTILBERT = dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=128, max_position_embeddings=64)
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4)
 FAMILIES = {
@@ -389,6 +392,16 @@ FAMILIES = {
     "distilbert:seqcls": ("DistilBertConfig", "DistilBertForSequenceClassification", DISTILBERT),
     "distilbert:tokcls": ("DistilBertConfig", "DistilBertForTokenClassification", DISTILBERT),
     "ernie": ("ErnieConfig", "ErnieForPreTraining", ENCODER),  # BERT's under ernie.
+    # encoders 2
+    # post-LN with disentangled attention over a table of relative positions
+    "deberta_v2": ("DebertaV2Config", "DebertaV2ForMaskedLM", DEBERTA_V3),
+    "deberta_v2:seqcls": ("DebertaV2Config", "DebertaV2ForSequenceClassification", DEBERTA_V3),
+    "deberta_v2:tokcls": ("DebertaV2Config", "DebertaV2ForTokenClassification", DEBERTA_V3),
+    "deberta_v2:qa": ("DebertaV2Config", "DebertaV2ForQuestionAnswering", DEBERTA_V3),
+    # query, key and value fused
+    "deberta": ("DebertaConfig", "DebertaForMaskedLM", dict(ENCODER, relative_attention=True, pos_att_type="c2p|p2c",
+                                                           position_biased_input=False)),
+    "deberta:seqcls": ("DebertaConfig", "DebertaForSequenceClassification", dict(ENCODER, type_vocab_size=2)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -501,6 +514,14 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("distilbert", {"tie_word_embeddings": False}),
     ("distilbert", {"sinusoidal_pos_embds": True}),
     ("ernie", {"use_task_id": True}),  # a task type table beside the token types'
+    # encoders 2
+    ("deberta_v2", {"legacy": False}),  # lm_predictions: the word embeddings give the logits, no decoder
+    ("deberta_v2", {"tie_word_embeddings": False}),
+    # DeBERTa-v2's: their own projections of the relative positions (unnormalised), absolute positions, token types
+    ("deberta_v2", {"share_att_key": False, "norm_rel_ebd": "none", "position_biased_input": True, "type_vocab_size": 2}),
+    ("deberta_v2", {"conv_kernel_size": 3}),  # a convolution after the first layer (v2-xlarge)
+    ("deberta_v2:tokcls", {"conv_kernel_size": 3}),
+    ("deberta", {"legacy": False}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
@@ -645,7 +666,8 @@ def test_norm_feeds_read(saved, case):
 
     def hook(name):
         def record(_, args, kwargs, output):  # gpt-oss calls its attention with keywords only (the model: ids)
-            inputs[name], outputs[name] = args[0] if args else kwargs.get("hidden_states"), output
+            if name not in inputs:  # its first call (DeBERTa's query_proj projects the relative positions after)
+                inputs[name], outputs[name] = args[0] if args else kwargs.get("hidden_states"), output
         return record
 
     layers = {layer_module(arch.role(n)) for n in shapes if arch.role(n).layer is not None}
@@ -691,8 +713,9 @@ def test_norm_feeds_read(saved, case):
         if r.layer is None:  # or, after the layers, the last one's output (opt-350m's project_out), or its first
             # token's (an encoder's pooler)
             last = next(m for m in layers if m.rsplit(".", 1)[-1] == str(arch.num_layers(config) - 1))
+            out = outputs[last][0] if isinstance(outputs[last], tuple) else outputs[last]  # DeBERTa's: (states, attention)
             return any(same(x, outputs[module(n)]) for n in shapes if arch.role(n).role == "embedding") \
-                or same(x, outputs.get(last)) or same(x, outputs[last][:, 0])
+                or same(x, out) or same(x, out[:, 0])
         stream = inputs[layer_module(r)]
         added = [outputs[module(n)] for n in shapes if arch.role(n).layer == r.layer and (
             arch.role(n).role == "write_norm" or arch.gainless_norms and arch.role(n).role == "write")]

@@ -45,7 +45,7 @@ A family whose tensors depend on its config (falcon's norms, stablelm's parallel
 the family's (``null`` drops a template), and may set its own ``tied_default`` (a model type whose
 config class ties the head by default, where checkpoints may leave the key out) and ``norm_type``
 (a model type whose norms are LayerNorms where the family's are RMSNorms, or one whose config
-chooses) and ``normed_residual`` (OPT's post-norm opt-350m).
+chooses) and ``normed_residual`` (OPT's post-norm opt-350m) and ``unrotatable`` (DeBERTa-v2's convolution).
 A family whose layers differ in kind by a config list (``layer_kinds``: its ``key``, e.g. layer_types,
 and per kind an overlay of ``tensors`` like a variant's) gives a template the kind's role in the
 layers of that kind: OLMo Hybrid's feedforward_layer_norm feeds the MLP in its linear-attention
@@ -371,7 +371,8 @@ def _parse(data: dict) -> Architecture:
         specs = _overlaid(name, data["tensors"], v.get("tensors", {}), own_norm_type)
         label = ", ".join(f"{k}={json.dumps(x)}" for k, x in v["when"].items())
         own = {**family, "tied_default": v.get("tied_default", family["tied_default"]), "norm_type": own_norm_type,
-               "normed_residual": v.get("normed_residual", family["normed_residual"])}
+               "normed_residual": v.get("normed_residual", family["normed_residual"]),
+               "unrotatable": v.get("unrotatable", family["unrotatable"])}
         variants.append((v["when"], Architecture(**own, tensors=specs, variant=label)))
     return Architecture(**family, tensors=tensors, variants=tuple(variants))
 
