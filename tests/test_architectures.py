@@ -29,6 +29,8 @@ ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_at
 # DeBERTa-v3's settings: relative positions in buckets, normalised, their keys and queries by the tokens' projections
 DEBERTA_V3 = dict(ENCODER, relative_attention=True, position_buckets=8, norm_rel_ebd="layer_norm", share_att_key=True,
                   pos_att_type="p2c|c2p", position_biased_input=False)
+MODERNBERT = dict(ENCODER, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+                  mask_token_id=3, global_attn_every_n_layers=2, local_attention=4)
 DISTILBERT = dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=128, max_position_embeddings=64)
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4)
 FAMILIES = {
@@ -402,6 +404,10 @@ FAMILIES = {
     "deberta": ("DebertaConfig", "DebertaForMaskedLM", dict(ENCODER, relative_attention=True, pos_att_type="c2p|p2c",
                                                            position_biased_input=False)),
     "deberta:seqcls": ("DebertaConfig", "DebertaForSequenceClassification", dict(ENCODER, type_vocab_size=2)),
+    # pre-LN, the first layer without an attention norm; a global and a local attention layer
+    "modernbert": ("ModernBertConfig", "ModernBertForMaskedLM", MODERNBERT),
+    "modernbert:seqcls": ("ModernBertConfig", "ModernBertForSequenceClassification", MODERNBERT),
+    "modernbert:tokcls": ("ModernBertConfig", "ModernBertForTokenClassification", MODERNBERT),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -522,6 +528,9 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("deberta_v2", {"conv_kernel_size": 3}),  # a convolution after the first layer (v2-xlarge)
     ("deberta_v2:tokcls", {"conv_kernel_size": 3}),
     ("deberta", {"legacy": False}),
+    ("modernbert", {"norm_bias": True, "mlp_bias": True, "attention_bias": True, "classifier_bias": True}),
+    ("modernbert", {"tie_word_embeddings": False, "decoder_bias": False}),
+    ("modernbert:seqcls", {"norm_bias": True, "classifier_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
@@ -621,7 +630,7 @@ def test_checkpoint_roles(saved, case):
     assert tied == model.config.tie_word_embeddings
     experts = range(next((config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
                           if config.get(k)), 0))
-    for template in set(arch.tensors).union(*arch.kind_tensors.values()):  # each layer's, as its kind says
+    for template in set(arch.tensors).union(*arch.kind_tensors.values(), *arch.layer_tensors.values()):  # each layer's
         for i in range(arch.num_layers(config)) if "{layer}" in template else [None]:
             spec = arch.spec(template, i)
             if spec is None or spec.optional or (tied and spec.role == "lm_head"):

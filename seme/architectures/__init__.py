@@ -50,6 +50,8 @@ A family whose layers differ in kind by a config list (``layer_kinds``: its ``ke
 and per kind an overlay of ``tensors`` like a variant's) gives a template the kind's role in the
 layers of that kind: OLMo Hybrid's feedforward_layer_norm feeds the MLP in its linear-attention
 layers, but normalises the attention's output in the others. ``for_config`` binds the config's kinds.
+``layer_tensors`` overlays the roles of single layers by index, whatever the config (ModernBERT's first layer
+has no attention norm: its attention reads the stream raw).
 ``unloaded`` lists the name prefixes of modules that checkpoints store but transformers does not load
 (Qwen3-Next's multi-token prediction, ``mtp.``): their tensors have roles, but they are no layers of
 the model's stack (seme.plan merges them after the decoder, as it does layers after the last).
@@ -153,6 +155,7 @@ class Architecture:
     layer_kinds_key: str = ""  # the config list of the layers' kinds whose overlays kind_tensors holds
     kind_tensors: dict[str, dict[str, TensorSpec | None]] = field(default_factory=dict, repr=False)
     kinds: tuple[str, ...] = ()  # each layer's kind, as the config that chose this table says
+    layer_tensors: dict[int, dict[str, TensorSpec | None]] = field(default_factory=dict, repr=False)  # by layer index
     parts: tuple[Part, ...] = ()  # an encoder-decoder family's modules
     _cache: dict[str, TensorRole | None] = field(default_factory=dict, init=False, repr=False)
 
@@ -169,7 +172,10 @@ class Architecture:
         return _with_kinds(chosen, tuple(kinds)) if isinstance(kinds, list) else chosen
 
     def spec(self, template: str, layer: int | None) -> TensorSpec | None:
-        """The role of `template` in `layer`: its layer kind's, where that kind's overlay names it."""
+        """The role of `template` in `layer`: the layer's own (layer_tensors), or its layer kind's, where their
+        overlay names it."""
+        if template in self.layer_tensors.get(layer, {}):
+            return self.layer_tensors[layer][template]
         if layer is not None and layer < len(self.kinds):
             overlay = self.kind_tensors.get(self.kinds[layer], {})
             if template in overlay:
@@ -365,6 +371,8 @@ def _parse(data: dict) -> Architecture:
         family["layer_kinds_key"] = kinds["key"]
         family["kind_tensors"] = {kind: _kind_specs(name, data["tensors"], overlay, norm_type)
                                   for kind, overlay in kinds["tensors"].items()}
+    family["layer_tensors"] = {int(i): _kind_specs(name, data["tensors"], overlay, norm_type)
+                               for i, overlay in data.get("layer_tensors", {}).items()}
     variants = []
     for v in data.get("variants", ()):
         own_norm_type = _norm_type(name, v.get("norm_type", norm_type))
