@@ -408,6 +408,11 @@ FAMILIES = {
     "modernbert": ("ModernBertConfig", "ModernBertForMaskedLM", MODERNBERT),
     "modernbert:seqcls": ("ModernBertConfig", "ModernBertForSequenceClassification", MODERNBERT),
     "modernbert:tokcls": ("ModernBertConfig", "ModernBertForTokenClassification", MODERNBERT),
+    # BERT's layers; a discriminator, a generator whose embeddings are narrower than the stream (projected into it)
+    "electra": ("ElectraConfig", "ElectraForPreTraining", dict(ENCODER, embedding_size=32)),
+    "electra:mlm": ("ElectraConfig", "ElectraForMaskedLM", dict(ENCODER, embedding_size=16)),
+    "electra:seqcls": ("ElectraConfig", "ElectraForSequenceClassification", dict(ENCODER, embedding_size=32)),
+    "electra:tokcls": ("ElectraConfig", "ElectraForTokenClassification", dict(ENCODER, embedding_size=16)),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -531,6 +536,10 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("modernbert", {"norm_bias": True, "mlp_bias": True, "attention_bias": True, "classifier_bias": True}),
     ("modernbert", {"tie_word_embeddings": False, "decoder_bias": False}),
     ("modernbert:seqcls", {"norm_bias": True, "classifier_bias": True}),
+    ("electra", {"embedding_size": 16}),
+    ("electra:mlm", {"embedding_size": 32}),  # BERT's masked-LM head
+    ("electra:mlm", {"embedding_size": 32, "tie_word_embeddings": False}),
+    ("electra:tokcls", {"embedding_size": 32}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",

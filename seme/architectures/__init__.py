@@ -42,7 +42,8 @@ the Hub, [E, out, in] as transformers 5 saves them): ``orientation`` tells which
 
 A family whose tensors depend on its config (falcon's norms, stablelm's parallel residual) lists
 ``variants``: the first whose ``when`` values all equal the config's overlays its ``tensors`` on
-the family's (``null`` drops a template), and may set its own ``tied_default`` (a model type whose
+the family's (``null`` drops a template; a ``when`` value ``{"differs_from": key}`` holds where the config sets the
+value unlike its ``key``'s: ELECTRA's embedding_size), and may set its own ``tied_default`` (a model type whose
 config class ties the head by default, where checkpoints may leave the key out) and ``norm_type``
 (a model type whose norms are LayerNorms where the family's are RMSNorms, or one whose config
 chooses) and ``normed_residual`` (OPT's post-norm opt-350m) and ``unrotatable`` (DeBERTa-v2's convolution).
@@ -166,8 +167,7 @@ class Architecture:
 
     def variant_for(self, config: dict) -> Architecture:
         """The variant of this family that `config` describes, with its layers' kinds."""
-        chosen = next((v for when, v in self.variants
-                       if all(config.get(k) == value for k, value in when.items())), self)
+        chosen = next((v for when, v in self.variants if all(_holds(config, k, value) for k, value in when.items())), self)
         kinds = config.get(self.layer_kinds_key) if self.layer_kinds_key else None
         return _with_kinds(chosen, tuple(kinds)) if isinstance(kinds, list) else chosen
 
@@ -328,6 +328,14 @@ def orientation(layout: str, role: str, shape, hidden: int) -> str:
     if layout != "either":
         return layout
     return "out_in" if shape[-1 if role == "read" else -2] == hidden else "in_out"
+
+
+def _holds(config: dict, key: str, value) -> bool:
+    """Whether config's `key` is `value`, or, where `value` is {"differs_from": other}, set and unlike config's
+    `other` (ELECTRA's embedding_size, where it is not hidden_size)."""
+    if isinstance(value, dict) and set(value) == {"differs_from"}:
+        return key in config and config[key] != config.get(value["differs_from"])
+    return config.get(key) == value
 
 
 def _first(config: dict, keys: tuple[str, ...]):
