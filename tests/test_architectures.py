@@ -413,6 +413,13 @@ FAMILIES = {
     "electra:mlm": ("ElectraConfig", "ElectraForMaskedLM", dict(ENCODER, embedding_size=16)),
     "electra:seqcls": ("ElectraConfig", "ElectraForSequenceClassification", dict(ENCODER, embedding_size=32)),
     "electra:tokcls": ("ElectraConfig", "ElectraForTokenClassification", dict(ENCODER, embedding_size=16)),
+    # pre-LN RoBERTa: a norm before the first layer (or none: XLM-RoBERTa-XL), one after the last for the heads
+    "roberta_prelayernorm": ("RobertaPreLayerNormConfig", "RobertaPreLayerNormForMaskedLM", ENCODER),
+    "roberta_prelayernorm:seqcls": ("RobertaPreLayerNormConfig", "RobertaPreLayerNormForSequenceClassification", ENCODER),
+    "roberta_prelayernorm:tokcls": ("RobertaPreLayerNormConfig", "RobertaPreLayerNormForTokenClassification", ENCODER),
+    "xlm_roberta_xl": ("XLMRobertaXLConfig", "XLMRobertaXLForMaskedLM", ENCODER),
+    "xlm_roberta_xl:seqcls": ("XLMRobertaXLConfig", "XLMRobertaXLForSequenceClassification", ENCODER),
+    "xlm_roberta_xl:qa": ("XLMRobertaXLConfig", "XLMRobertaXLForQuestionAnswering", ENCODER),
 }
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
@@ -540,6 +547,8 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("electra:mlm", {"embedding_size": 32}),  # BERT's masked-LM head
     ("electra:mlm", {"embedding_size": 32, "tie_word_embeddings": False}),
     ("electra:tokcls", {"embedding_size": 32}),
+    ("roberta_prelayernorm", {"tie_word_embeddings": False}),
+    ("xlm_roberta_xl", {"tie_word_embeddings": False}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
