@@ -55,6 +55,15 @@ OTHER_CLASSES = {
         "hidden_size_per_layer_input": 8}),
     # mergekit's BertForMaskedLM wants the pooler of older checkpoints, which transformers' has not
     "bert_mlm": ("BertConfig", "BertForMaskedLM", {}),
+    # encoders 2 (DeBERTa-v3's relative positions; ELECTRA's embeddings as wide as the stream)
+    "deberta_v2": ("DebertaV2Config", "DebertaV2ForMaskedLM", {
+        "relative_attention": True, "position_buckets": 8, "norm_rel_ebd": "layer_norm", "share_att_key": True,
+        "pos_att_type": "p2c|c2p", "position_biased_input": False}),
+    "deberta": ("DebertaConfig", "DebertaForSequenceClassification", {"relative_attention": True}),
+    "modernbert": ("ModernBertConfig", "ModernBertForMaskedLM", {"cls_token_id": 1, "sep_token_id": 2}),
+    "electra": ("ElectraConfig", "ElectraForMaskedLM", {"embedding_size": 32}),
+    "roberta_prelayernorm": ("RobertaPreLayerNormConfig", "RobertaPreLayerNormForMaskedLM", {}),
+    "xlm_roberta_xl": ("XLMRobertaXLConfig", "XLMRobertaXLForSequenceClassification", {}),
 }
 
 

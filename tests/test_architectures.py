@@ -1013,6 +1013,31 @@ def test_encoders_without_base_prefix_and_with_legacy_names():
     assert distil.role("transformer.layer.5.ffn.lin1.weight").norm == "transformer.layer.5.sa_layer_norm.weight"
 
 
+def test_encoders_2_roles_follow_the_config():
+    """ELECTRA's embeddings lie outside the stream where embedding_size differs from hidden_size (a when value
+    {"differs_from": key}); ModernBERT's first layer has no attention norm (layer_tensors); DeBERTa-v2's convolution
+    makes its variant unrotatable, whatever the head's variant."""
+    electra = {"architectures": ["ElectraForMaskedLM"], "hidden_size": 256}
+    word = "electra.embeddings.word_embeddings.weight"
+    assert for_config(dict(electra, embedding_size=256)).role(word).role == "embedding"
+    projected = for_config(dict(electra, embedding_size=128))
+    assert projected.role(word).role == "token_table" and projected.role("embeddings_project.weight").role == "write"
+    assert projected.label == 'electra (embedding_size={"differs_from": "hidden_size"})'
+    assert for_config({"architectures": ["ElectraForPreTraining"], "hidden_size": 256}).role(word).role == "embedding"
+    choice = for_config(dict(electra, architectures=["ElectraForMultipleChoice"], embedding_size=128))
+    assert choice.role("classifier.weight").role == "inner" and choice.role(word).role == "token_table"
+    modernbert = for_config({"architectures": ["ModernBertForMaskedLM"]})
+    assert modernbert.role("model.layers.0.attn.Wqkv.weight").norm is None
+    assert modernbert.role("model.layers.0.attn_norm.weight") is None
+    assert modernbert.role("model.layers.3.attn.Wqkv.weight").norm == "model.layers.3.attn_norm.weight"
+    assert modernbert.rename_layer("model.layers.0.attn.Wqkv.weight", 3) == "model.layers.3.attn.Wqkv.weight"
+    deberta = {"architectures": ["DebertaV2ForTokenClassification"], "model_type": "deberta-v2"}
+    assert not for_config(deberta).unrotatable and for_config(deberta).role("classifier.weight").role == "read"
+    conv = for_config(dict(deberta, conv_kernel_size=3))
+    assert "ConvLayer" in conv.unrotatable and conv.role("classifier.weight").role == "read"
+    assert conv.role("deberta.encoder.conv.LayerNorm.weight").role == "norm"
+
+
 def test_an_unloaded_module_keeps_its_names_beside_a_nested_language_model():
     """Qwen3.5's multi-token-prediction module (mtp.*, which transformers does not load) is described
     by the table, at the top level of the checkpoint, whether or not a multimodal model nests the
@@ -1090,3 +1115,36 @@ def test_loader_imports_only_stdlib():
     assert imported <= {"__future__", "json", "re", "warnings", "dataclasses", "functools", "importlib", "seme"}
     errors = ast.parse(Path(archs.__file__).parent.parent.joinpath("errors.py").read_text())
     assert not [node for node in ast.walk(errors) if isinstance(node, (ast.Import, ast.ImportFrom))]
+
+
+@pytest.mark.parametrize("family", ["deberta_v2", "deberta", "modernbert", "electra", "electra:mlm", "roberta_prelayernorm",
+                                    "xlm_roberta_xl"])
+def test_an_encoder_2_merges_end_to_end(family, tmp_path):
+    """task_arithmetic of three fine-tunes over slices that repeat the last layer: the merged model reloads in
+    transformers at its new depth and runs."""
+    import yaml
+
+    import seme
+
+    base = perturbed(build(family, {}))
+    paths = [tmp_path / "base"] + [tmp_path / f"tuned{i}" for i in range(3)]
+    base.save_pretrained(paths[0])
+    g = torch.Generator().manual_seed(3)
+    for path in paths[1:]:
+        tuned = build(family, {})
+        tuned.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                               for k, v in base.state_dict().items()})
+        tuned.save_pretrained(path)
+    sources = lambda layers: [{"model": str(p), "layer_range": layers, **({} if p == paths[0] else {
+        "parameters": {"weight": 0.5}})} for p in paths]
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(paths[0]), "dtype": "float32",
+              "slices": [{"sources": sources([0, 2])}, {"sources": sources([1, 2])}]}
+    seme.merge(yaml.safe_dump(recipe), str(tmp_path / "merged"), progress=False)
+    merged, info = getattr(transformers, FAMILIES[family][1]).from_pretrained(tmp_path / "merged",
+                                                                               output_loading_info=True)
+    assert merged.config.num_hidden_layers == 3 and not info["missing_keys"] and not info["unexpected_keys"], info
+    state = safetensors_torch.load_file(tmp_path / "merged" / "model.safetensors")
+    repeated = [n for n in state if LAYER.search(n) and LAYER.search(n).group(1) == "2"]
+    assert repeated and all(torch.equal(state[n], state[n.replace(".2.", ".1.")]) for n in repeated)
+    with torch.no_grad():
+        assert torch.isfinite(merged(torch.arange(3, 11).unsqueeze(0)).logits).all()
