@@ -94,10 +94,10 @@ def make_plan(recipe: Recipe) -> Plan:
             return _plan_modules(recipe, method, models, archs, index, ref, parts, stacks, tokenizer, template, remap)
     if method.name == "seme":
         language = [s for s in stacks if modules.part_of(s) == modules.TEXT]
-        if arch.parts:
-            raise SemeError(f"seme: {models[ref].name} is an encoder-decoder model ({arch.name}: "
-                            f"{', '.join(arch.rotation_obstacles())}); SeMe aligns decoder-only language models: "
-                            f"merge it with another method")
+        if arch.parts:  # an encoder-decoder model, an image (or image-text) encoder
+            raise SemeError(f"seme: {models[ref].name} is no decoder-only language model with a causal LM head "
+                            f"({arch.name}, of modules {', '.join(p.name for p in arch.parts)}: "
+                            f"{', '.join(arch.rotation_obstacles())}); SeMe aligns those: merge it with another method")
         if len(language) > 1 or (len(stacks) > 1 and not arch.settings_key):
             raise SemeError(f"seme: {models[ref].name} has several layer stacks ({_describe(stacks)}); SeMe aligns "
                             f"language models of one stack, and multimodal models whose language model has a "
@@ -133,8 +133,9 @@ def make_plan(recipe: Recipe) -> Plan:
     added_later = set(trailing)  # by _add_trailing
     ref_names = [n for n in models[ref].tensors if n not in added_later]
     # the embeddings, and the norms of the stream before the first layer (BERT's, bloom's): from the first slice
-    pre = [n for n in ref_names if _role(arch, n) in ("embedding", "position_embedding", "norm", "norm_bias")
-           and _layer(arch, n) is None]
+    # (and what its parts' `leading` name: a vision tower's patch embedding and class token)
+    pre = [n for n in ref_names if _layer(arch, n) is None
+           and (_role(arch, n) in ("embedding", "position_embedding", "norm", "norm_bias") or arch.leads_declared(n))]
     post = [n for n in ref_names if _layer(arch, n) is None and n not in pre]
     head = next((name for name, spec in arch.tensors.items() if spec.role == "lm_head"), None)
     if not tied and head and not arch.tensors[head].optional and not any(_role(arch, n) == "lm_head" for n in ref_names):
@@ -499,8 +500,11 @@ def _set_dtype(config: dict, dtype: str) -> None:
 def _output_config(models, archs, ref: int, layer_sources) -> dict:
     """The reference config with the new depth; per-layer lists (e.g. layer_types) follow the layers."""
     config = models[ref].config
-    key = next(k for k in archs[ref].num_layers_keys if k in config)
-    return _relayered(config, key, layer_sources, [m.config for m in models])
+    found = next(k for k in archs[ref].num_layers_keys if architectures.config_entry(config, k))
+    section, _, key = found.rpartition(".")  # a sub-config's depth (CLIPForImageClassification's vision_config)
+    if not section:
+        return _relayered(config, key, layer_sources, [m.config for m in models])
+    return {**config, section: _relayered(config[section], key, layer_sources, [m.config.get(section, {}) for m in models])}
 
 
 def _relayered(settings: dict, depth_key: str, layer_sources, sources: list[dict]) -> dict:

@@ -843,12 +843,14 @@ def test_a_rotation_by_the_role_table_keeps_the_function(family, tmp_path):
 
 def test_known_architectures():
     """Every table is tested: on its own, or where transformers has no causal LM of it, inside the multimodal
-    models that hold it (Mistral Large 4's language model); the encoder-decoder ones in test_encoder_decoder."""
+    models that hold it (Mistral Large 4's language model); the encoder-decoder ones in test_encoder_decoder, the
+    image and image-text encoders in test_vision_encoders."""
     from test_encoder_decoder import FAMILIES as ENCODER_DECODER
     from test_multimodal import WRAPPERS
+    from test_vision_encoders import FAMILIES as VISION
 
     assert set(known_architectures()) == {family_of(f) for f in FAMILIES} | {family for _, family in WRAPPERS.values()} \
-        | {family_of(f) for f in ENCODER_DECODER}
+        | {family_of(f) for f in ENCODER_DECODER} | {family_of(f) for f in VISION}
 
 
 @pytest.mark.parametrize("family", ["cohere", "minimax", "zaya", "doge"])

@@ -368,5 +368,6 @@ def test_recipes_that_cannot_select_a_part_are_refused(modules, message, tmp_pat
 def test_seme_refuses_an_encoder_decoder_model(key, tmp_path):
     paths = family(tmp_path, key, n=2)
     recipe = {"merge_method": "seme", "base_model": paths[0], "models": [{"model": p} for p in paths]}
-    with pytest.raises(SemeError, match="is an encoder-decoder model .*two streams joined by cross-attention"):
+    with pytest.raises(SemeError, match=r"is no decoder-only language model with a causal LM head \((t5|whisper), of modules "
+                                        r"encoder, .*two streams joined by cross-attention"):
         seme.merge(yaml.safe_dump(recipe), str(tmp_path / "out"), progress=False)

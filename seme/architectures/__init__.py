@@ -46,7 +46,9 @@ the family's (``null`` drops a template; a ``when`` value ``{"differs_from": key
 value unlike its ``key``'s: ELECTRA's embedding_size), and may set its own ``tied_default`` (a model type whose
 config class ties the head by default, where checkpoints may leave the key out) and ``norm_type``
 (a model type whose norms are LayerNorms where the family's are RMSNorms, or one whose config
-chooses) and ``normed_residual`` (OPT's post-norm opt-350m) and ``unrotatable`` (DeBERTa-v2's convolution).
+chooses), ``normed_residual`` (OPT's post-norm opt-350m), ``unrotatable`` (DeBERTa-v2's convolution) and
+``base_prefix`` (CLIP's text model, saved on its own without the ``text_model.`` that CLIPModel's checkpoints
+give its tensors).
 A family whose layers differ in kind by a config list (``layer_kinds``: its ``key``, e.g. layer_types,
 and per kind an overlay of ``tensors`` like a variant's) gives a template the kind's role in the
 layers of that kind: OLMo Hybrid's feedforward_layer_norm feeds the MLP in its linear-attention
@@ -65,7 +67,11 @@ An encoder-decoder family (T5, Whisper) lists its ``parts``: the modules mergeki
 (``modules:``) name, each by the name prefixes of its tensors, with the config key of its depth and the
 prefixes of the loose tensors that come before its layers (``leading``: taken from a module's first
 slice, as mergekit's pre-weights are). ``part_of`` tells a tensor's part; a family without parts has
-seme.architectures.modules' (a language model, a vision tower, ...).
+seme.architectures.modules' (a language model, a vision tower, ...). Image encoders (ViT) and image-text models
+(CLIP, SigLIP) list theirs too: their towers, by their prefixes (text_model, vision_model), whose depth lives in
+the config's text_config / vision_config, and whose ``leading`` say what precedes the layers where no role does
+(a patch embedding, a class token). A ``num_layers_key`` or ``hidden_size_key`` may name a sub-config's setting,
+dotted (CLIPForImageClassification's ``vision_config.num_hidden_layers``).
 A family whose function no turn of the residual stream by its roles can keep (zamba2's shared attention
 reads the stream and the embeddings concatenated) says why in ``unrotatable``; SeMe then refuses to
 align its models by rotation.
@@ -214,9 +220,13 @@ class Architecture:
         """Whether a loose tensor of a part comes before its layers (a slice takes it from its first models):
         its part's `leading` where declared, else an embedding by its name."""
         found = self._declared_part(name)
-        if found is None or not found.leading:
-            return "embed" in name
-        return any(candidate.startswith(found.leading) for candidate in (name, self.base_prefix + name))
+        return self.leads_declared(name) if found and found.leading else "embed" in name
+
+    def leads_declared(self, name: str) -> bool:
+        """Whether a loose tensor comes before its layers by its part's declared `leading`."""
+        found = self._declared_part(name)
+        return bool(found and found.leading) and any(candidate.startswith(found.leading)
+                                                     for candidate in (name, self.base_prefix + name))
 
     def _declared_part(self, name: str) -> Part | None:
         for candidate in (name, self.base_prefix + name) if self.parts else ():
@@ -340,9 +350,18 @@ def _holds(config: dict, key: str, value) -> bool:
 
 def _first(config: dict, keys: tuple[str, ...]):
     for key in keys:
-        if key in config:
-            return config[key]
+        found = config_entry(config, key)
+        if found:
+            return found[0][found[1]]
     raise SemeError(f"config.json has none of {', '.join(keys)}")
+
+
+def config_entry(config: dict, key: str) -> tuple[dict, str] | None:
+    """(the settings that hold `key`, its name there) where `config` sets it: a dotted key names a setting of a
+    sub-config (vision_config.num_hidden_layers: CLIPForImageClassification's depth)."""
+    section, _, name = key.rpartition(".")
+    settings = config.get(section) if section else config
+    return (settings, name) if isinstance(settings, dict) and name in settings else None
 
 
 def _candidates(name: str):
@@ -388,7 +407,8 @@ def _parse(data: dict) -> Architecture:
         label = ", ".join(f"{k}={json.dumps(x)}" for k, x in v["when"].items())
         own = {**family, "tied_default": v.get("tied_default", family["tied_default"]), "norm_type": own_norm_type,
                "normed_residual": v.get("normed_residual", family["normed_residual"]),
-               "unrotatable": v.get("unrotatable", family["unrotatable"])}
+               "unrotatable": v.get("unrotatable", family["unrotatable"]),
+               "base_prefix": v.get("base_prefix", family["base_prefix"])}
         variants.append((v["when"], Architecture(**own, tensors=specs, variant=label)))
     return Architecture(**family, tensors=tensors, variants=tuple(variants))
 

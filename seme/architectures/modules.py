@@ -42,7 +42,9 @@ OTHER_PARTS = frozenset(part for part, _ in MARKERS)
 ALIASES = {"vision_model": "vision_tower"}
 SINGLE_NAMES = ("default", TEXT)  # what a model of one part may be called
 # Where a part's own settings live in config.json (else at its top level), and the keys of its depth.
-CONFIG_KEYS = {TEXT: "text_config", "vision_tower": "vision_config", "audio_tower": "audio_config"}
+# (CLIP's and SigLIP's towers, parts of their role tables, are named by their own prefixes.)
+CONFIG_KEYS = {TEXT: "text_config", "vision_tower": "vision_config", "audio_tower": "audio_config",
+               "text_model": "text_config", "vision_model": "vision_config"}
 DEPTH_KEYS = ("num_hidden_layers", "num_layers", "depth", "n_layer", "n_layers")
 
 
@@ -62,11 +64,15 @@ def is_language(part: str) -> bool:
 
 
 def canonical(module: str, parts) -> str | None:
-    """The part a `modules:` name means for a model with `parts`, or None if it has no such part."""
+    """The part a `modules:` name means for a model with `parts`, or None if it has no such part: its own
+    name, or its alias either way (Llama 4's vision_model is its vision_tower, CLIP's vision_tower its
+    vision_model)."""
+    if module in parts:
+        return module
     if len(parts) == 1:
         return next(iter(parts)) if module in SINGLE_NAMES else None
-    module = ALIASES.get(module, module)
-    return module if module in parts else None
+    aliases = {ALIASES.get(module)} | {name for name, part in ALIASES.items() if part == module}
+    return next((part for part in parts if part in aliases), None)
 
 
 def depth_settings(config: dict, part: str, depth: int) -> tuple[dict, str] | None:
