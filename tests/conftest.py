@@ -116,29 +116,17 @@ def build_family(root, family: str, n_experts: int = 3, **kw) -> dict:
     return paths
 
 
-@pytest.fixture(scope="session")
-def llama_family(tmp_path_factory):
-    return build_family(str(tmp_path_factory.mktemp("models")), "llama")
+def _family_fixture(family: str):
+    @pytest.fixture(scope="session")
+    def fixture(tmp_path_factory):
+        """base + 3 experts of the family (build_family), built once per session."""
+        return build_family(str(tmp_path_factory.mktemp("models")), family)
+
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def qwen2_family(tmp_path_factory):
-    return build_family(str(tmp_path_factory.mktemp("models")), "qwen2")
-
-
-@pytest.fixture(scope="session")
-def bert_family(tmp_path_factory):
-    return build_family(str(tmp_path_factory.mktemp("models")), "bert")
-
-
-@pytest.fixture(scope="session")
-def roberta_family(tmp_path_factory):
-    return build_family(str(tmp_path_factory.mktemp("models")), "roberta")
-
-
-@pytest.fixture(scope="session")
-def distilbert_family(tmp_path_factory):
-    return build_family(str(tmp_path_factory.mktemp("models")), "distilbert")
+llama_family, qwen2_family, bert_family, roberta_family, distilbert_family = (
+    _family_fixture(f) for f in ("llama", "qwen2", "bert", "roberta", "distilbert"))
 
 
 def load_folder(path) -> dict:

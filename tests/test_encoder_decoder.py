@@ -14,6 +14,7 @@ import yaml
 from safetensors import torch as safetensors_torch
 
 import seme
+import tiny_models
 from conftest import load_folder
 from seme.architectures import for_config
 from seme.errors import SemeError
@@ -51,20 +52,7 @@ VECTORS = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_bias"}
 
 
 def build(key: str, seed: int = 0, **extra):
-    config_cls, model_cls, kwargs = FAMILIES[key]
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**kwargs, **extra})).eval()
-    with torch.no_grad():  # gains and biases away from 1 / 0, so that a norm's output is told from its input
-        for t in model.state_dict().values():
-            if t.ndim == 1 and t.is_floating_point():
-                t.mul_(1 + 0.3 * torch.randn(t.shape)).add_(0.1 * torch.randn(t.shape))
-    return model
-
-
-def save(model, path) -> str:
-    transformers.utils.logging.disable_progress_bar()
-    model.save_pretrained(path)
-    return str(path)
+    return tiny_models.build(FAMILIES, key, seed, **extra)
 
 
 def run(model, key: str):
@@ -79,18 +67,14 @@ def run(model, key: str):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    cache = {}
+    """key -> (model, config.json, {saved tensor name: shape})."""
+    get = tiny_models.saved_once(tmp_path_factory, build)
 
-    def get(key):
-        if key not in cache:
-            model = build(key)
-            path = save(model, tmp_path_factory.mktemp(key.replace(":", "-")))
-            config = json.load(open(f"{path}/config.json"))
-            shapes = {k: tuple(v.shape) for k, v in safetensors_torch.load_file(f"{path}/model.safetensors").items()}
-            cache[key] = model, config, shapes
-        return cache[key]
+    def shapes(key):
+        model, config, state = get(key)
+        return model, config, {k: tuple(v.shape) for k, v in state.items()}
 
-    return get
+    return shapes
 
 
 @pytest.mark.parametrize("key", FAMILIES)
@@ -176,7 +160,7 @@ def test_norm_feeds_read(saved, key):
 
 
 def family(tmp_path, key: str, n: int = 3, **extra) -> list[str]:
-    return [save(build(key, seed=i, **extra), tmp_path / f"{key.replace(':', '-')}{i}") for i in range(n)]
+    return [tiny_models.save(build(key, seed=i, **extra), tmp_path / f"{key.replace(':', '-')}{i}") for i in range(n)]
 
 
 def merge(recipe: dict, out) -> dict:

@@ -11,9 +11,9 @@ import pytest
 import torch
 import transformers
 import yaml
-from safetensors import torch as safetensors_torch
 
 import seme
+import tiny_models
 from conftest import load_folder
 from seme.architectures import for_config, modules
 from seme.errors import SemeError
@@ -52,22 +52,7 @@ VECTORS = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_bias"}
 
 
 def build(key: str, seed: int = 0, **extra):
-    config_cls, model_cls, kwargs = FAMILIES[key]
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**kwargs, **extra})).eval()
-    with torch.no_grad():  # gains and biases away from 1 / 0, so that a norm's output is told from its input;
-        for t in model.state_dict().values():  # class tokens away from 0, so that every tensor differs
-            if t.ndim == 1 and t.is_floating_point():
-                t.mul_(1 + 0.3 * torch.randn(t.shape)).add_(0.1 * torch.randn(t.shape))
-            elif t.is_floating_point() and not t.any():
-                t.normal_(0, 0.02)
-    return model
-
-
-def save(model, path) -> str:
-    transformers.utils.logging.disable_progress_bar()
-    model.save_pretrained(path)
-    return str(path)
+    return tiny_models.build(FAMILIES, key, seed, **extra)
 
 
 def run(model):
@@ -92,19 +77,15 @@ def run(model):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    cache = {}
+    """key -> (model, config.json, {saved tensor name: shape}); the saved names' in-memory ones in `in_memory`."""
+    get = tiny_models.saved_once(tmp_path_factory, build)
 
-    def get(key):
-        if key not in cache:
-            model = build(key)
-            path = save(model, tmp_path_factory.mktemp(key.replace(":", "-")))
-            config = json.load(open(f"{path}/config.json"))
-            state = safetensors_torch.load_file(f"{path}/model.safetensors")
-            cache[key] = model, config, {k: tuple(v.shape) for k, v in state.items()}
-            in_memory[model] = {n: in_memory_name(model, t) for n, t in state.items()}
-        return cache[key]
+    def shapes(key):
+        model, config, state = get(key)
+        in_memory.setdefault(model, {n: in_memory_name(model, t) for n, t in state.items()})
+        return model, config, {k: tuple(v.shape) for k, v in state.items()}
 
-    return get
+    return shapes
 
 
 in_memory = {}  # per model, each saved tensor's name in memory: transformers 5 renames ViT's (vit.layers.0.mlp.fc1)
@@ -259,7 +240,7 @@ def test_a_wrong_norm_is_caught(saved, key, read, norm):
 
 
 def family(tmp_path, key: str, n: int = 3, **extra) -> list[str]:
-    return [save(build(key, seed=i, **extra), tmp_path / f"{key.replace(':', '-')}{i}") for i in range(n)]
+    return [tiny_models.save(build(key, seed=i, **extra), tmp_path / f"{key.replace(':', '-')}{i}") for i in range(n)]
 
 
 def merge(recipe: dict, out) -> dict:
