@@ -201,6 +201,12 @@ def _check_layer_blocks(arch, names, layer_sources, depth: int, where: str = "")
     if packed:
         raise SemeError(f"{where}{packed[0]} packs a block for each of its {depth} layers: slices that move or drop "
                         f"layers would leave it with the old layers' blocks; keep every layer in place")
+    # A layer whose tensors are its own (ModernBERT's first, without an attention norm) stays where it is.
+    for out, (_, layer) in enumerate(layer_sources):
+        own = next((i for i in (out, layer) if i in arch.layer_tensors), None)
+        if own is not None and out != layer:
+            raise SemeError(f"{where}slices put layer {layer} at layer {out}, but {arch.name}'s layer {own} has tensors "
+                            f"unlike the others' (seme/architectures/data/{arch.name}.json): keep it in place")
 
 
 # Config keys that count the layers after the last (DeepSeek-V3's and GLM-4.5's multi-token prediction).

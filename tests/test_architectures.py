@@ -1150,3 +1150,24 @@ def test_an_encoder_2_merges_end_to_end(family, tmp_path):
     assert repeated and all(torch.equal(state[n], state[n.replace(".2.", ".1.")]) for n in repeated)
     with torch.no_grad():
         assert torch.isfinite(merged(torch.arange(3, 11).unsqueeze(0)).logits).all()
+
+
+def test_a_layer_of_its_own_stays_in_place(tmp_path):
+    # ModernBERT's first layer has no attention norm: slices that move it, or move another layer into its place,
+    # would give transformers a norm it ignores or lacks
+    import yaml
+
+    import seme
+    from seme.errors import SemeError
+
+    path = tmp_path / "model"
+    perturbed(build("modernbert", {})).save_pretrained(path)
+    for ranges, message in [([[1, 2], [0, 2]], "slices put layer 1 at layer 0"),
+                            ([[0, 1], [0, 2]], "slices put layer 0 at layer 1")]:
+        recipe = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(path), "layer_range": r}]}
+                                                            for r in ranges]}
+        with pytest.raises(SemeError, match=message + ".*modernbert's layer 0 has tensors unlike the others'"):
+            seme.merge(yaml.safe_dump(recipe), str(tmp_path / "out"), progress=False)
+    recipe["slices"] = [{"sources": [{"model": str(path), "layer_range": [0, 2]}]},
+                        {"sources": [{"model": str(path), "layer_range": [1, 2]}]}]  # layer 0 in place: merges
+    seme.merge(yaml.safe_dump(recipe), str(tmp_path / "out"), progress=False)
