@@ -224,7 +224,8 @@ class NativeEngine:
         others = [i for i in range(len(task.inputs)) if i != base]
         compute = TORCH_NAMES.get(task.compute_dtype, code)
         if codes or code not in KERNEL_DTYPES or task.dtype not in KERNEL_DTYPES or compute not in (code, "F32") \
-                or base is None or not others or math.prod(task.shape) >= fused_merge.MAX_ELEMENTS or task.remap_rows \
+                or base is None or (not others and self.plan.recipe.merge_method != "linear") \
+                or math.prod(task.shape) >= fused_merge.MAX_ELEMENTS or task.remap_rows \
                 or not fused_merge.covers(self.plan.recipe.merge_method, task.params, task.shape) \
                 or any(models[m].adapted(name) for m, name in task.inputs):
             if self._torch is None:

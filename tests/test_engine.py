@@ -82,6 +82,17 @@ def test_native_engine_writes_the_torch_engines_bytes(bf16_family, tmp_path, mon
         assert native[f] == reference[f], f
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_native_engine_merges_slices_of_one_model(bf16_family, tmp_path, monkeypatch, normalize):
+    # a frankenmerge written with linear: each slice one model's layers, its weighted copy (no torch needed)
+    recipe = {"merge_method": "linear", "parameters": {"weight": 0.5, "normalize": normalize},
+              "slices": [{"sources": [{"model": bf16_family["base"], "layer_range": [0, 2]}]},
+                         {"sources": [{"model": bf16_family["expert0"], "layer_range": [1, 2]}]}]}
+    native, used = _merge_with(monkeypatch, engine.NativeEngine, recipe, tmp_path / "native")
+    reference, _ = _merge_with(monkeypatch, engine.TorchEngine, recipe, tmp_path / "torch")
+    assert used._torch is None and native == reference
+
+
 def test_native_engine_hands_what_its_kernels_cannot_take_to_torch(bf16_family, llama_family, tmp_path, monkeypatch):
     # fp32 inputs merged in bfloat16 are rounded first: only the torch engine does that.
     recipe = _recipe("ties", llama_family, dtype="bfloat16")
