@@ -405,10 +405,10 @@ def _add_module_slices(builder, where, part, slices, names, own, ref, stacks_of,
             builder.add(n, {s.model: n for s in slices[-1].sources}, slices[-1], t=0.0)
     if layer_sources == [(ref, layer) for layer in range(ref_depth)]:
         return config, ref_depth
-    declared = archs[ref].depth_key(part)  # an encoder-decoder part's (T5's depths may be equal: no search)
+    declared = archs[ref].depth_key(part)  # a declared part's: T5's depths may be equal (no search), a tower's dotted
 
     def depth_settings(config: dict, depth: int | None):
-        return (config, declared) if declared else modules.depth_settings(config, part, depth)
+        return (declared and architectures.config_entry(config, declared)) or modules.depth_settings(config, part, depth)
 
     found = depth_settings(config, ref_depth)
     if found is None:
@@ -419,7 +419,8 @@ def _add_module_slices(builder, where, part, slices, names, own, ref, stacks_of,
     relayered = _relayered(settings, key, layer_sources, [f[0] if f else {} for f in sources])
     if settings is config:
         return relayered, len(layer_sources)
-    return {**config, modules.CONFIG_KEYS[part]: relayered}, len(layer_sources)
+    section = next(k for k, v in config.items() if v is settings)  # the sub-config that holds the depth
+    return {**config, section: relayered}, len(layer_sources)
 
 
 def _chat_template(recipe: Recipe, models: list[ModelFolder], tokenizer: ModelFolder) -> str | None:
@@ -630,7 +631,7 @@ class _Builder:
         if remapped:
             for (m, name), info in zip(inputs, infos):
                 if max(self.remap.rows[m]) >= info.shape[axis]:
-                    raise SemeError(f"tensor '{name}' of {self.models[m].name} has {info.shape[0]} rows, fewer than "
+                    raise SemeError(f"tensor '{name}' of {self.models[m].name} has {info.shape[axis]} rows, fewer than "
                                     f"its vocabulary's tokens")
         if len(shapes) > 1:
             detail = ", ".join(f"{list(info.shape)} in {self.models[m].name}" for (m, _), info in zip(inputs, infos))

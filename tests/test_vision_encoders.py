@@ -15,7 +15,7 @@ import yaml
 import seme
 import tiny_models
 from conftest import load_folder
-from seme.architectures import for_config, modules
+from seme.architectures import config_entry, for_config, modules
 from seme.errors import SemeError
 
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=96,
@@ -100,9 +100,11 @@ def in_memory_name(model, tensor) -> str:
 
 
 def part_settings(config: dict, part: str) -> dict:
-    """The settings of a tower: its sub-config in a two-tower model's config, else the config itself."""
-    sub = config.get(modules.CONFIG_KEYS.get(part, ""))
-    return sub if isinstance(sub, dict) else config
+    """The settings of a tower: its sub-config in a two-tower model's config (its table's depth key says
+    which), else the config itself."""
+    declared = for_config(config).depth_key(part)
+    found = declared and config_entry(config, declared)
+    return found[0] if found else config
 
 
 @pytest.mark.parametrize("key", FAMILIES)

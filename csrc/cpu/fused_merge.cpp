@@ -58,6 +58,7 @@ namespace {
 constexpr int64_t kChunk = 1 << 16;     // unit of parallel work and of the fixed reduction order
 constexpr int64_t kBlock = 2048;        // elements per model staged in fp32 scratch
 constexpr uint32_t kAll = 0x80000000u;  // keys are < 2^31: a cut here has every element below it
+constexpr uint32_t kLargestKey = 0x7fffffffu;  // |NaN| with every payload bit
 constexpr int kBins1 = 1 << 15;         // selection level 1: key >> 16
 constexpr int kBins2 = 1 << 16;         // level 2: key & 0xffff, inside one level-1 bin
 
@@ -924,7 +925,7 @@ constexpr int64_t kMaxWhole = 1 << 15;
 std::pair<uint32_t, uint32_t> sample_bracket(std::vector<uint32_t>& sample, double p, double spread) {
   const double at = p * double(sample.size());
   const int64_t n = int64_t(sample.size()), a = int64_t(std::floor(at - spread)), b = int64_t(std::ceil(at + spread));
-  uint32_t lo = 0u, hi = 0x7fffffffu;
+  uint32_t lo = 0u, hi = kLargestKey;
   if (a >= 0) {
     std::nth_element(sample.begin(), sample.begin() + a, sample.end());
     lo = sample[a];
@@ -966,7 +967,7 @@ bool bracketed(Ctx& ctx, const std::vector<std::pair<int, Cut*>>& cuts, const st
   const size_t Q = cuts.size();
   const bool whole = n * int64_t(Q) <= kMaxWhole;
   if ((n < kMinBracketed && !whole) || Q == 0) return false;
-  std::vector<uint32_t> lo(Q, 0u), hi(Q, 0x7fffffffu);  // whole: [0, the largest key] (keys are < 2^31)
+  std::vector<uint32_t> lo(Q, 0u), hi(Q, kLargestKey);  // whole: every key
   std::vector<uint32_t> sample(whole ? 0 : kSample);
   for (size_t q = 0; q < Q && !whole; ++q) {
     for (int64_t j = 0; j < kSample; ++j) sample[j] = sample_key(cuts[q].first, j * n / kSample);
@@ -1589,7 +1590,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
     }
   };
   auto select_bracketed = [&]() -> bool {
-    const bool whole = t.n <= kMaxWhole;  // the bracket [0, the largest key]: every element
+    const bool whole = t.n <= kMaxWhole;  // the bracket [0, kLargestKey]: every element
     if (t.n < kMinBracketed && !whole) return false;
     std::vector<uint32_t> sample(whole ? 0 : kSample);
     int64_t zero_samples = 0;
@@ -1605,7 +1606,7 @@ Finite sce_merge(const Tensors& t, double tau, SceStats* stats) {
       zero_samples += sample[j] == 0;
     }
     const double pz = double(zero_samples) / kSample, p = 1.0 - (1.0 - pz) * tau;
-    const auto [lo, hi] = whole ? std::pair<uint32_t, uint32_t>{0u, 0x7fffffffu} : sample_bracket(
+    const auto [lo, hi] = whole ? std::pair<uint32_t, uint32_t>{0u, kLargestKey} : sample_bracket(
         sample, p, 4.0 * (std::sqrt(kSample * p * (1 - p)) + tau * std::sqrt(kSample * pz * (1 - pz))) + 8.0);
     Collection collection{std::max<int64_t>(kChunk, t.n / 8)};
     std::vector<int64_t> below(ctx.nchunks, 0);

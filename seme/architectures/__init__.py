@@ -70,8 +70,8 @@ slice, as mergekit's pre-weights are). ``part_of`` tells a tensor's part; a fami
 seme.architectures.modules' (a language model, a vision tower, ...). Image encoders (ViT) and image-text models
 (CLIP, SigLIP) list theirs too: their towers, by their prefixes (text_model, vision_model), whose depth lives in
 the config's text_config / vision_config, and whose ``leading`` say what precedes the layers where no role does
-(a patch embedding, a class token). A ``num_layers_key`` or ``hidden_size_key`` may name a sub-config's setting,
-dotted (CLIPForImageClassification's ``vision_config.num_hidden_layers``).
+(a patch embedding, a class token). A ``num_layers_key``, a ``hidden_size_key`` or a part's ``depth_key`` may
+name a sub-config's setting, dotted (CLIP's ``vision_config.num_hidden_layers``).
 A family whose function no turn of the residual stream by its roles can keep (zamba2's shared attention
 reads the stream and the embeddings concatenated) says why in ``unrotatable``; SeMe then refuses to
 align its models by rotation.
@@ -121,7 +121,7 @@ class Part:
     """A module of an encoder-decoder family, as mergekit's per-module recipes name it."""
     name: str
     prefixes: tuple[str, ...]
-    depth_key: str | None  # the config key of its layers' count (None: it has no layers)
+    depth_key: str | None  # the config key of its layers' count, dotted in a sub-config (None: look for it)
     leading: tuple[str, ...]  # prefixes of its loose tensors that precede its layers
 
 
@@ -219,14 +219,15 @@ class Architecture:
     def leads(self, name: str) -> bool:
         """Whether a loose tensor of a part comes before its layers (a slice takes it from its first models):
         its part's `leading` where declared, else an embedding by its name."""
-        found = self._declared_part(name)
-        return self.leads_declared(name) if found and found.leading else "embed" in name
+        declared = self.leads_declared(name)
+        return "embed" in name if declared is None else declared
 
-    def leads_declared(self, name: str) -> bool:
-        """Whether a loose tensor comes before its layers by its part's declared `leading`."""
+    def leads_declared(self, name: str) -> bool | None:
+        """Whether a loose tensor comes before its layers by its part's declared `leading` (None: none declared)."""
         found = self._declared_part(name)
-        return bool(found and found.leading) and any(candidate.startswith(found.leading)
-                                                     for candidate in (name, self.base_prefix + name))
+        if found is None or not found.leading:
+            return None
+        return any(candidate.startswith(found.leading) for candidate in (name, self.base_prefix + name))
 
     def _declared_part(self, name: str) -> Part | None:
         for candidate in (name, self.base_prefix + name) if self.parts else ():

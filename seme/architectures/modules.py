@@ -42,9 +42,8 @@ OTHER_PARTS = frozenset(part for part, _ in MARKERS)
 ALIASES = {"vision_model": "vision_tower"}
 SINGLE_NAMES = ("default", TEXT)  # what a model of one part may be called
 # Where a part's own settings live in config.json (else at its top level), and the keys of its depth.
-# (CLIP's and SigLIP's towers, parts of their role tables, are named by their own prefixes.)
-CONFIG_KEYS = {TEXT: "text_config", "vision_tower": "vision_config", "audio_tower": "audio_config",
-               "text_model": "text_config", "vision_model": "vision_config"}
+# (A role table's parts declare their depth keys: CLIP's vision_model, vision_config.num_hidden_layers.)
+CONFIG_KEYS = {TEXT: "text_config", "vision_tower": "vision_config", "audio_tower": "audio_config"}
 DEPTH_KEYS = ("num_hidden_layers", "num_layers", "depth", "n_layer", "n_layers")
 
 
