@@ -76,19 +76,25 @@ def ties(models, base, **extra):
             "models": [{"model": m, "parameters": {"weight": 0.7, "density": 0.6}} for m in models]}
 
 
+def merged_alike(plain: dict, remapped: dict, tmp_path) -> dict:
+    """Both recipes merged, to the same tensors bit for bit (the second's models renumbered, re-mapped back
+    to the first's tokens); the first's tensors."""
+    seme.merge(plain, str(tmp_path / "plain"), progress=False)
+    seme.merge(remapped, str(tmp_path / "remapped"), progress=False)
+    ours, theirs = load_folder(tmp_path / "plain"), load_folder(tmp_path / "remapped")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=0, msg=name)
+    return ours
+
+
 @pytest.mark.parametrize("source", ["base", "union"])
 def test_renumbered_tokens_merge_as_if_they_were_not(llama_family, tmp_path, source):
     # The same three models, one with two tokens' ids swapped: re-mapped into the base's vocabulary,
     # the merge is the one of the models as they were.
     other = renumbered(llama_family["expert1"], tmp_path / "renumbered")
-    seme.merge(ties([llama_family["expert0"], llama_family["expert1"]], llama_family["base"]),
-               str(tmp_path / "plain"), progress=False)
-    seme.merge(ties([llama_family["expert0"], other], llama_family["base"], tokenizer_source=source),
-               str(tmp_path / "remapped"), progress=False)
-    plain, remapped = load_folder(tmp_path / "plain"), load_folder(tmp_path / "remapped")
-    assert plain.keys() == remapped.keys()
-    for name in plain:
-        torch.testing.assert_close(remapped[name], plain[name], rtol=0, atol=0, msg=name)
+    merged_alike(ties([llama_family["expert0"], llama_family["expert1"]], llama_family["base"]),
+                 ties([llama_family["expert0"], other], llama_family["base"], tokenizer_source=source), tmp_path)
 
 
 def test_a_second_token_table_follows_its_tokens(tmp_path):
@@ -97,13 +103,9 @@ def test_a_second_token_table_follows_its_tokens(tmp_path):
 
     gemma = build_family(str(tmp_path / "models"), "gemma4", n_experts=2, tied=True)
     other = renumbered(gemma["expert1"], tmp_path / "renumbered")
-    seme.merge(ties([gemma["expert0"], gemma["expert1"]], gemma["base"]), str(tmp_path / "plain"), progress=False)
-    seme.merge(ties([gemma["expert0"], other], gemma["base"], tokenizer_source="base"), str(tmp_path / "remapped"),
-               progress=False)
-    plain, remapped = load_folder(tmp_path / "plain"), load_folder(tmp_path / "remapped")
-    assert plain.keys() == remapped.keys() and "model.embed_tokens_per_layer.weight" in plain
-    for name in plain:
-        torch.testing.assert_close(remapped[name], plain[name], rtol=0, atol=0, msg=name)
+    plain = merged_alike(ties([gemma["expert0"], gemma["expert1"]], gemma["base"]),
+                         ties([gemma["expert0"], other], gemma["base"], tokenizer_source="base"), tmp_path)
+    assert "model.embed_tokens_per_layer.weight" in plain
 
     a = with_added_tokens(gemma["expert0"], tmp_path / "a", ["<x0>", "<x1>"], seed=1)
     b = with_added_tokens(gemma["expert1"], tmp_path / "b", ["<x1>", "<x2>"], seed=2)
@@ -122,14 +124,10 @@ def test_a_masked_lm_head_follows_its_tokens(tmp_path):
 
     bert = build_family(str(tmp_path / "models"), "bert_mlm", n_experts=2, tied=True)
     other = renumbered(bert["expert1"], tmp_path / "renumbered")
-    seme.merge(ties([bert["expert0"], bert["expert1"]], bert["base"]), str(tmp_path / "plain"), progress=False)
-    seme.merge(ties([bert["expert0"], other], bert["base"], tokenizer_source="union"), str(tmp_path / "remapped"),
-               progress=False)
-    plain, remapped = load_folder(tmp_path / "plain"), load_folder(tmp_path / "remapped")
-    assert plain.keys() == remapped.keys() and "cls.predictions.bias" in plain
+    plain = merged_alike(ties([bert["expert0"], bert["expert1"]], bert["base"]),
+                         ties([bert["expert0"], other], bert["base"], tokenizer_source="union"), tmp_path)
+    assert "cls.predictions.bias" in plain
     assert "cls.predictions.decoder.weight" not in plain  # tied heads stay tied
-    for name in plain:
-        torch.testing.assert_close(remapped[name], plain[name], rtol=0, atol=0, msg=name)
 
     a = with_added_tokens(bert["expert0"], tmp_path / "a", ["<x0>", "<x1>"], seed=1, auto="AutoModelForMaskedLM")
     b = with_added_tokens(bert["expert1"], tmp_path / "b", ["<x1>", "<x2>"], seed=2, auto="AutoModelForMaskedLM")
