@@ -14,6 +14,7 @@ the vocabulary (`pad_to_multiple_of`) take the mean of the model's token rows.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -145,6 +146,15 @@ def _vocabulary(model: ModelFolder) -> dict[str, int]:
     return vocab
 
 
+def _two_vocabularies(model: ModelFolder) -> bool:
+    """Whether the model's encoder and decoder index two vocabularies (Marian's separate source and
+    target vocabularies): re-mapping reads one, and would move the other stack's rows by it."""
+    config = model.config
+    decoder = config.get("decoder_vocab_size")
+    return (os.path.isfile(os.path.join(model.path, "target_vocab.json"))
+            or (isinstance(decoder, int) and decoder != config.get("vocab_size")))
+
+
 def _with_rows(model: ModelFolder, vocab: dict[str, int]) -> dict[str, int]:
     """The tokens of `vocab` that have rows in the model: below its vocab_size."""
     size = vocab_size(model)
@@ -157,6 +167,10 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
     `token_sources` (Recipe.token_sources), or None where every model already has the output
     vocabulary's tokens at its ids and as many rows, and no row is forced."""
     token_sources = token_sources or {}
+    for m in dict.fromkeys([*models, tokenizer]):
+        if _two_vocabularies(m):
+            raise SemeError(f"config: tokenizer_source: {m.name} has two vocabularies (source and target); "
+                            f"re-mapping tokens needs one vocabulary per model")
     read = [_vocabulary(m) for m in models]
     vocabs = {i: _with_rows(m, vocab) for i, (m, vocab) in enumerate(zip(models, read))}
     past = len(read[base]) - len(vocabs[base])

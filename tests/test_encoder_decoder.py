@@ -5,6 +5,7 @@ mergekit can merge them (its 0.1.5 Whisper definition names no tensor right: mod
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -343,6 +344,28 @@ def test_recipes_that_cannot_select_a_part_are_refused(modules, message, tmp_pat
     with pytest.raises(SemeError, match=re.escape(message)):
         seme.merge(yaml.safe_dump({"merge_method": "linear", "parameters": {"weight": 1.0}, **recipe}),
                    str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("two_vocabularies", [{"target_vocab.json": "{}"}, {"config.json": {"decoder_vocab_size": 90}}])
+def test_tokens_of_two_vocabularies_are_not_remapped(two_vocabularies, tmp_path):
+    # Marian's separate source and target vocabularies: re-mapping by the one it reads would move the
+    # other stack's rows by the wrong tokens
+    from conftest import save_tokenizer
+
+    paths = family(tmp_path, "bart:marian-unshared", n=2)
+    for p in paths:
+        save_tokenizer(p, BART["vocab_size"])
+    (file, content), = two_vocabularies.items()
+    if file == "config.json":
+        content = json.dumps({**json.load(open(f"{paths[1]}/config.json")), **content})
+    with open(f"{paths[1]}/{file}", "w") as f:
+        f.write(content)
+    recipe = {"merge_method": "linear", "tokenizer_source": "union",
+              "models": [{"model": p, "parameters": {"weight": 0.5}} for p in paths]}
+    with pytest.raises(SemeError, match=re.escape(f"config: tokenizer_source: {os.path.basename(paths[1])} has two "
+                                                  "vocabularies (source and target)")):
+        seme.merge(yaml.safe_dump(recipe), str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()
 
 
