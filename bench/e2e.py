@@ -8,6 +8,7 @@ rate (start-up excluded) and the ratios, plus the machine's plain read bandwidth
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import time
 
 import torch
 
+import seme
 from bench.results import command_line, cpu_build, machine, update_section
 
 RECIPES = {
@@ -188,6 +190,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     os.makedirs(args.root, exist_ok=True)
+    # Both tools start from bytecode, as an installed package does (pip compiles mergekit's and torch's at
+    # install; a checkout run where PYTHONDONTWRITEBYTECODE is set would compile seme's sources every run).
+    compileall.compile_dir(os.path.dirname(seme.__file__), quiet=1)
     paths = make_models(args.root, args.models, args.hidden, args.layers, args.vocab, args.intermediate)
     out_bytes = sum(os.path.getsize(f) for f in weights(paths[0]))
     in_bytes = out_bytes * len(paths)
