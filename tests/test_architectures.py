@@ -853,6 +853,19 @@ def test_known_architectures():
         | {family_of(f) for f in ENCODER_DECODER} | {family_of(f) for f in VISION}
 
 
+def test_every_table_parses_and_owns_its_names():
+    # tables are parsed where a merge asks for one: this parses them all, and finds a model type or
+    # architecture class claimed by two tables (the later would shadow the earlier)
+    from seme import architectures
+
+    claimed = {}
+    for name in known_architectures():
+        family = architectures._family(name)
+        assert family.name == name and (family.model_types or family.architectures), name
+        for key in [("model_type", t) for t in family.model_types] + [("class", a) for a in family.architectures]:
+            assert claimed.setdefault(key, name) == name, f"{key} in {claimed[key]} and {name}"
+
+
 @pytest.mark.parametrize("family", ["cohere", "minimax", "zaya", "doge"])
 def test_a_family_with_rotation_obstacles_is_not_rotation_invariant(family, tmp_path):
     """Why norm_type, normed_residual, stream_gain and unrotatable matter: cohere's LayerNorms have no bias, so

@@ -462,10 +462,17 @@ def _specs(family: str, raw_tensors: dict, norm_type: str) -> dict[str, TensorSp
 
 
 @cache
-def _families() -> dict[str, Architecture]:
+def _tables() -> dict[str, dict]:
+    """Every table's JSON by family name, sorted; parsed into an Architecture where it is asked for
+    (`_family`): a merge reads one or two of them, and parsing them all was most of its planning."""
     root = resources.files(__package__) / "data"
-    loaded = (_parse(json.loads(f.read_text())) for f in root.iterdir() if f.name.endswith(".json"))
-    return {a.name: a for a in sorted(loaded, key=lambda a: a.name)}
+    loaded = (json.loads(f.read_text()) for f in root.iterdir() if f.name.endswith(".json"))
+    return {t["name"]: t for t in sorted(loaded, key=lambda t: t["name"])}
+
+
+@cache
+def _family(name: str) -> Architecture:
+    return _parse(_tables()[name])
 
 
 @cache
@@ -476,11 +483,12 @@ def _projectors() -> dict[str, dict[str, TensorSpec]]:
 
 
 @cache
-def _index() -> tuple[dict[str, Architecture], dict[str, Architecture]]:
+def _index() -> tuple[dict[str, str], dict[str, str]]:
+    """Family names by architecture class and by model type."""
     by_arch, by_type = {}, {}
-    for a in _families().values():
-        by_arch.update(dict.fromkeys(a.architectures, a))
-        by_type.update(dict.fromkeys(a.model_types, a))
+    for name, table in _tables().items():
+        by_arch.update(dict.fromkeys(table["architectures"], name))
+        by_type.update(dict.fromkeys(table["model_types"], name))
     return by_arch, by_type
 
 
@@ -500,10 +508,10 @@ def for_config(config: dict, names=None) -> Architecture:
     archs = config.get("architectures") or [None]
     found = by_arch.get(archs[0]) or by_type.get(config.get("model_type"))
     if found is not None:
-        return found.variant_for(config)
+        return _family(found).variant_for(config)
     text = config.get("text_config")
     if names is not None and isinstance(text, dict) and text.get("model_type") in by_type:
-        family, prefix = by_type[text["model_type"]].variant_for(text), _text_prefix(names)
+        family, prefix = _family(by_type[text["model_type"]]).variant_for(text), _text_prefix(names)
         wrapper = archs[0] or config.get("model_type")
         # Where the described projector writes are missing (a layout the description does not know), the
         # model is not projected: no rotation rather than an unturned projector.
@@ -571,4 +579,4 @@ def _moved(family: Architecture, prefix: str, wrapper: str, projected: bool, hea
 
 def known_architectures() -> list[str]:
     """Family names with a role table, sorted."""
-    return list(_families())
+    return list(_tables())
