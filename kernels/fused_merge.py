@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 from triton.language.random import philox_impl
 
-from seme.fused_merge import _DELLA, _KERNEL, _NONE, _RANK, FAMILY, GPU_METHODS, RANK_CUTS
-from seme.methods import registry, rng
+from seme.fused_merge import _DELLA, _KERNEL, _NONE, _RANK, FAMILY, GPU_METHODS, RANK_CUTS, stream_keys
+from seme.methods import registry
 from seme.methods.inputs import Inputs, compute_dtype
 from seme.methods.task_vector import _RESCALE_EPS, della_keep_probability, family_params, with_base
 
@@ -377,8 +377,8 @@ def _family(method, inputs: Inputs, p: dict, xs, b, out):
     scale = [0.0 if method != "task_arithmetic" and d <= 0 else 1.0 for d in density]
     coef = _upload([[s, w, d if a else 1.0] for s, w, d, a in zip(scale, p["weight"], density, active)],
                    torch.float32, dev)
-    keys = _upload([[key & 0xFFFFFFFF, key >> 32] for key in
-                    (rng.stream_key(inputs.seed, inputs.name, i) for i in inputs.other_indices)], torch.int64, dev)
+    keys = _upload([[key & 0xFFFFFFFF, key >> 32]
+                    for key in stream_keys(method, inputs.seed, inputs.name, inputs.other_indices)], torch.int64, dev)
     sel = eqoff = bits = sums = torch.zeros(1, dtype=torch.int64, device=dev)  # placeholders when unused
     rescale = p["rescale"] and any(active)
     if mode == _RANK:

@@ -90,7 +90,7 @@ def merge(method: str, inputs: Inputs, params: dict, *, out_dtype: torch.dtype =
         if method == "sce":
             _C_cuda.sce_merge(select_topk=float(params["select_topk"]), **common)
             return out
-        args = family_arguments(method, params, n, stream_keys(inputs.seed, inputs.name, inputs.other_indices))
+        args = family_arguments(method, params, n, stream_keys(method, inputs.seed, inputs.name, inputs.other_indices))
         del args["epsilon"]
         probability = []  # DELLA: kept alive until the kernels have read them (the stream orders the free)
         if FAMILY[method][0] == "della_magprune":

@@ -241,7 +241,7 @@ class NativeEngine:
             self.plan.recipe.merge_method, task.params, base=addresses[base],
             others=[addresses[i] for i in others], out=address, shape=task.shape, in_dtype=KERNEL_DTYPES[code],
             out_dtype=KERNEL_DTYPES[task.dtype],
-            keys=fused_merge.stream_keys(self.plan.recipe.random_seed, task.name, others))
+            keys=fused_merge.stream_keys(self.plan.recipe.merge_method, self.plan.recipe.random_seed, task.name, others))
         if not inputs_finite:  # rare: torch is loaded only to name the culprit
             _warn_nonfinite(self.plan, task, [models[m].load(name) for m, name in task.inputs])
         return output_finite
