@@ -53,6 +53,8 @@ A family whose layers differ in kind by a config list (``layer_kinds``: its ``ke
 and per kind an overlay of ``tensors`` like a variant's) gives a template the kind's role in the
 layers of that kind: OLMo Hybrid's feedforward_layer_norm feeds the MLP in its linear-attention
 layers, but normalises the attention's output in the others. ``for_config`` binds the config's kinds.
+Where the config lists layer indices instead (Mllama's cross_attention_layers), ``listed_kind`` names the kind
+of the layers it lists; the others have the table's own tensors.
 ``layer_tensors`` overlays the roles of single layers by index, whatever the config (ModernBERT's first layer
 has no attention norm: its attention reads the stream raw).
 ``unloaded`` lists the name prefixes of modules that checkpoints store but transformers does not load
@@ -161,7 +163,8 @@ class Architecture:
     variants: tuple[tuple[dict, Architecture], ...] = field(default=(), repr=False)
     layer_kinds_key: str = ""  # the config list of the layers' kinds whose overlays kind_tensors holds
     kind_tensors: dict[str, dict[str, TensorSpec | None]] = field(default_factory=dict, repr=False)
-    kinds: tuple[str, ...] = ()  # each layer's kind, as the config that chose this table says
+    listed_kind: str = ""  # the kind of the layers whose indices the config's layer_kinds_key lists ("": it lists kinds)
+    kinds: tuple[str, ...] = ()  # each layer's kind, as the config that chose this table says ("": the table's own)
     layer_tensors: dict[int, dict[str, TensorSpec | None]] = field(default_factory=dict, repr=False)  # by layer index
     parts: tuple[Part, ...] = ()  # an encoder-decoder family's modules
     _cache: dict[str, TensorRole | None] = field(default_factory=dict, init=False, repr=False)
@@ -175,6 +178,8 @@ class Architecture:
         """The variant of this family that `config` describes, with its layers' kinds."""
         chosen = next((v for when, v in self.variants if all(_holds(config, k, value) for k, value in when.items())), self)
         kinds = config.get(self.layer_kinds_key) if self.layer_kinds_key else None
+        if self.listed_kind and isinstance(kinds, list):  # indices of the layers of that kind
+            kinds = [self.listed_kind if i in kinds else "" for i in range(max(kinds, default=-1) + 1)]
         return _with_kinds(chosen, tuple(kinds)) if isinstance(kinds, list) else chosen
 
     def spec(self, template: str, layer: int | None) -> TensorSpec | None:
@@ -396,7 +401,9 @@ def _parse(data: dict) -> Architecture:
     )
     kinds = data.get("layer_kinds", {})
     if kinds:
-        family["layer_kinds_key"] = kinds["key"]
+        family["layer_kinds_key"], family["listed_kind"] = kinds["key"], kinds.get("listed_kind", "")
+        if family["listed_kind"] and family["listed_kind"] not in kinds["tensors"]:
+            raise ValueError(f"{name}: listed_kind {family['listed_kind']!r} has no tensors")
         family["kind_tensors"] = {kind: _kind_specs(name, data["tensors"], overlay, norm_type)
                                   for kind, overlay in kinds["tensors"].items()}
     family["layer_tensors"] = {int(i): _kind_specs(name, data["tensors"], overlay, norm_type)
