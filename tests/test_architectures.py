@@ -422,7 +422,8 @@ FAMILIES = {
     "xlm_roberta_xl:qa": ("XLMRobertaXLConfig", "XLMRobertaXLForQuestionAnswering", ENCODER),
     # mllama, emu3, phi-4-multimodal
     # a self-attention layer, then a cross-attention layer (cross_attention_layers lists its index)
-    "mllama": ("MllamaTextConfig", "MllamaForCausalLM", dict(DECODER, cross_attention_layers=[1], pad_token_id=0)),
+    "mllama": ("MllamaTextConfig", "MllamaForCausalLM", dict(DECODER, cross_attention_layers=[1], pad_token_id=0,
+                                                             bos_token_id=1, eos_token_id=2)),
 }
 # What a family's model takes beside the token ids for every layer to run (Mllama's cross-attention layers run only
 # on image features: stand-ins of the stream's width, which its cross_attn.k_proj / v_proj read)
@@ -1182,6 +1183,35 @@ def test_an_encoder_2_merges_end_to_end(family, tmp_path):
     assert repeated and all(torch.equal(state[n], state[n.replace(".2.", ".1.")]) for n in repeated)
     with torch.no_grad():
         assert torch.isfinite(merged(torch.arange(3, 11).unsqueeze(0)).logits).all()
+
+
+def test_mllamas_listed_layers_follow_a_slice_merge(tmp_path):
+    """task_arithmetic of Mllama fine-tunes over slices that repeat its cross-attention layer (layers 0, 1, 1): the
+    config's cross_attention_layers lists the output's layers that are cross-attention layers of their model, so the
+    output reloads in transformers, runs with image features and generates."""
+    import yaml
+
+    import seme
+
+    base = perturbed(build("mllama", {}))
+    paths = [tmp_path / "base"] + [tmp_path / f"tuned{i}" for i in range(2)]
+    base.save_pretrained(paths[0])
+    g = torch.Generator().manual_seed(3)
+    for path in paths[1:]:
+        tuned = build("mllama", {})
+        tuned.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
+        tuned.save_pretrained(path)
+    sources = lambda layers: [{"model": str(p), "layer_range": layers, **({} if p == paths[0] else {
+        "parameters": {"weight": 0.5}})} for p in paths]
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(paths[0]), "dtype": "float32",
+              "slices": [{"sources": sources([0, 2])}, {"sources": sources([1, 2])}]}
+    seme.merge(yaml.safe_dump(recipe), str(tmp_path / "merged"), progress=False)
+    merged, info = transformers.MllamaForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert merged.config.cross_attention_layers == [1, 2] and merged.config.num_hidden_layers == 3
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        assert torch.isfinite(merged(torch.arange(3, 11).unsqueeze(0), **FORWARD_INPUTS["mllama"]()).logits).all()
+    assert merged.generate(torch.arange(3, 6).unsqueeze(0), max_new_tokens=3, do_sample=False).shape == (1, 6)
 
 
 def test_a_layer_of_its_own_stays_in_place(tmp_path):

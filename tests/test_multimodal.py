@@ -653,6 +653,28 @@ def build_glm5_next(path, seed: int):
         vision_config=GLM4V_VISION, image_token_id=60, video_token_id=61)
     return save_random(path, seed, transformers.Glm5NextForConditionalGeneration, config)
 
+def build_mllama(path, seed: int):
+    """A self-attention layer, then a cross-attention layer; a vision model whose output (its last layer's and two
+    intermediate layers' states, 48 wide) the projector takes to the language model's width."""
+    import transformers
+
+    config = transformers.MllamaConfig(
+        text_config=dict(text_of("mllama"), model_type="mllama_text_model"),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1,
+                           attention_heads=2, intermediate_layers_indices=[0, 1], vision_output_dim=48,
+                           image_size=28, patch_size=14, max_num_tiles=2, supported_aspect_ratios=[[1, 1], [1, 2]]),
+        image_token_index=128)  # past the head's rows, as Llama 3.2 Vision's <|image|>
+    return save_random(path, seed, transformers.MllamaForConditionalGeneration, config)
+
+
+def mllama_prompt() -> dict:
+    """An image of two tiles (aspect ratio 1 x 2), which the tokens from the image token on attend to."""
+    ids = torch.tensor([[1, 5, 128, 9, 11, 7]])
+    return dict(input_ids=ids, pixel_values=torch.randn(1, 1, 2, 3, 28, 28, generator=torch.Generator().manual_seed(0)),
+                aspect_ratio_ids=torch.tensor([[2]]), aspect_ratio_mask=torch.tensor([[[1, 1]]]),
+                cross_attention_mask=(torch.arange(6) >= 2).long().view(1, 6, 1, 1).expand(1, 6, 1, 2))
+
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -899,6 +921,8 @@ WRAPPERS = {  # the builder, and the family of its language model
     "molmo2": (build_molmo2, "molmo2_text"),
     "molmo2-norm_after": (lambda path, seed: build_molmo2(path, seed, norm_after=True, qk_norm_type="olmo"), "molmo2_text"),
     "glm5_next": (build_glm5_next, "glm5_next_text"),
+    # mllama, emu3, phi-4-multimodal
+    "mllama": (build_mllama, "mllama"),
 }
 
 
@@ -945,9 +969,10 @@ def test_a_multimodal_models_language_model_has_its_familys_roles(wrapper, tmp_p
         assert role.norm is None or (role.norm in names and own_name(role.norm) == expected.norm), name
     tied = not any(arch.role(n) and arch.role(n).role == "lm_head" for n in names)
     assert tied == arch.tied(config)
-    for template, spec in arch.tensors.items():  # every required tensor, at every layer (of its first expert)
-        if not spec.optional and not (tied and spec.role == "lm_head"):
-            for layer in range(2) if "{layer}" in template else [None]:
+    for template in set(arch.tensors).union(*arch.kind_tensors.values()):  # every required tensor, at every layer
+        for layer in range(2) if "{layer}" in template else [None]:  # (of its first expert), as its kind has it
+            spec = arch.spec(template, layer)
+            if spec is not None and not spec.optional and not (tied and spec.role == "lm_head"):
                 name = template if layer is None else arch.layer_name(template, layer)
                 assert name.replace("{expert}", "0") in names, template
 
@@ -1068,6 +1093,8 @@ PROMPTS = {
         input_ids=torch.tensor([[1, 5] + [60] * 4 + [9] + [62] * 8 + [11]]), image_grid_hw=torch.tensor([[4, 4]]),
         pixel_values=torch.randn(16, 48, generator=torch.Generator().manual_seed(0)),  # 4 x 4 patches, shuffled 2 x 2
         input_features=torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(1)))),  # subsampled 8-fold
+    # mllama, emu3, phi-4-multimodal: the image reaches the stream through the cross-attention layers alone
+    "mllama": (build_mllama, "MllamaForConditionalGeneration", mllama_prompt),
 }
 
 
@@ -1263,11 +1290,12 @@ def test_seme_merges_a_multimodal_model(llavas, tmp_path):
     assert not torch.equal(merged["multi_modal_projector.linear_2.weight"], inputs[0]["multi_modal_projector.linear_2.weight"])
 
 
-@pytest.mark.parametrize("wrapper", ["llava", "llava_next", "qwen3_vl_moe-hub"])
+@pytest.mark.parametrize("wrapper", ["llava", "llava_next", "qwen3_vl_moe-hub", "mllama"])
 def test_seme_aligns_a_rotated_llava_back(wrapper, tmp_path):
     """A Llava merged with its own turned copy: SeMe recovers the turn from the heads and turns the copy's
     language model and projector back (Llava-NeXT's image_newline with them; Qwen3-VL-MoE's experts as its Hub
-    checkpoints keep them, [E, in, out]), so the merge is the model."""
+    checkpoints keep them, [E, in, out]; Mllama's cross-attention layers, whose image features do not turn), so the
+    merge is the model."""
     import json
 
     a = WRAPPERS[wrapper][0](tmp_path / "a", 0)
@@ -1321,6 +1349,36 @@ def test_seme_merges_gemma4_beside_its_vision_and_audio_towers(tmp_path):
         torch.testing.assert_close(merged[name], expected, msg=name)
     model = transformers.Gemma4ForConditionalGeneration.from_pretrained(tmp_path / "out")
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 9]])).logits).all()
+
+
+def test_mllama_merges_end_to_end(tmp_path):
+    """Fine-tunes of one Llama 3.2 Vision merged by task_arithmetic and by SeMe, and its language model up-scaled by
+    module slices (layers 0, 1, 1: the cross-attention layer repeated, cross_attention_layers following it): each
+    output reloads in transformers and generates from a prompt with an image."""
+    import json
+
+    import transformers
+
+    a = perturbed(build_mllama(tmp_path / "a", 0))
+    b, c = fine_tune(a, tmp_path / "b", 1), fine_tune(a, tmp_path / "c", 2)
+    recipes = {
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": a, "parameters": {"weight": 0.5},
+                            "models": [{"model": b}, {"model": c}]},
+        "seme": {"merge_method": "seme", "base_model": a, "models": [{"model": a}, {"model": b}, {"model": c}]},
+        "slices": {"merge_method": "passthrough", "modules": {
+            "text_decoder": {"slices": [{"sources": [{"model": b, "layer_range": [0, 2]}]},
+                                        {"sources": [{"model": c, "layer_range": [1, 2]}]}]},
+            "vision_tower": {"models": [a]}, "multi_modal_projector": {"models": [a]}}},
+    }
+    for name, r in recipes.items():
+        seme.merge({**r, "dtype": "float32"}, str(tmp_path / name), progress=False)
+        config = json.loads((tmp_path / name / "config.json").read_text())["text_config"]
+        assert config["cross_attention_layers"] == ([1, 2] if name == "slices" else [1]), name
+        model, info = transformers.MllamaForConditionalGeneration.from_pretrained(tmp_path / name,
+                                                                                  output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
+        out = model.eval().generate(**mllama_prompt(), max_new_tokens=3, do_sample=False)
+        assert out.shape == (1, 9), name
 
 
 # --- vocabulary re-mapping ----------------------------------------------------------------------------

@@ -553,7 +553,8 @@ def _projector(prefix: str, wrapper: str | None) -> dict[str, TensorSpec]:
 def _moved(family: Architecture, prefix: str, wrapper: str, projected: bool, head_nested: bool = False) -> Architecture:
     """`family`'s table with its templates where the multimodal `wrapper`'s checkpoints keep them
     (`prefix`; the head too where `head_nested`), its settings read from the config's text_config; with
-    its projector's writes where `projected` and projectors.json describes them."""
+    its projector's writes where `projected` and projectors.json describes them (which may be none: Mllama's
+    projector feeds its cross-attention's keys and values, not the stream)."""
     def move(template: str | None) -> str | None:
         if template is None or not prefix:
             return template
@@ -570,7 +571,8 @@ def _moved(family: Architecture, prefix: str, wrapper: str, projected: bool, hea
     tensors = moved(family.tensors)
     kind_tensors = {kind: moved(overlay) for kind, overlay in family.kind_tensors.items()}
     projector = _projector(prefix, wrapper) if projected else {}
-    return replace(family, tensors={**tensors, **projector}, kind_tensors=kind_tensors, projected=bool(projector),
+    return replace(family, tensors={**tensors, **projector}, kind_tensors=kind_tensors,
+                   projected=projected and wrapper in _projectors(),
                    base_prefix=move(family.base_prefix),
                    settings_key="text_config", variants=(),
                    variant=f"{family.variant}, in {wrapper}" if family.variant else f"in {wrapper}")
