@@ -507,10 +507,13 @@ def _set_dtype(config: dict, dtype: str) -> None:
 
 def _output_config(models, archs, ref: int, layer_sources) -> dict:
     """The reference config with the new depth; per-layer lists (e.g. layer_types) follow the layers."""
-    config = models[ref].config
-    found = next(k for k in archs[ref].num_layers_keys if architectures.config_entry(config, k))
+    config, arch = models[ref].config, archs[ref]
+    settings = arch.settings(config)  # a multimodal model's language model's (Emu3's, its one layer stack)
+    found = next(k for k in arch.num_layers_keys if architectures.config_entry(settings, k))
+    if settings is not config:
+        found = f"{arch.settings_key}.{found}"
     section, _, key = found.rpartition(".")  # a sub-config's depth (CLIPForImageClassification's vision_config)
-    listed = _listed_layers_key(archs[ref])
+    listed = _listed_layers_key(arch)
     if not section:
         return _relayered(config, key, layer_sources, [m.config for m in models], listed)
     return {**config, section: _relayered(config[section], key, layer_sources, [m.config.get(section, {}) for m in models],

@@ -424,6 +424,8 @@ FAMILIES = {
     # a self-attention layer, then a cross-attention layer (cross_attention_layers lists its index)
     "mllama": ("MllamaTextConfig", "MllamaForCausalLM", dict(DECODER, cross_attention_layers=[1], pad_token_id=0,
                                                              bos_token_id=1, eos_token_id=2)),
+    "llama:emu3_text_model": ("Emu3TextConfig", "Emu3ForCausalLM", dict(DECODER, pad_token_id=0, bos_token_id=1,
+                                                                        eos_token_id=2)),
 }
 # What a family's model takes beside the token ids for every layer to run (Mllama's cross-attention layers run only
 # on image features: stand-ins of the stream's width, which its cross_attn.k_proj / v_proj read)
@@ -562,6 +564,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("xlm_roberta_xl", {"tie_word_embeddings": False}),
     # mllama, emu3, phi-4-multimodal
     ("mllama", {"cross_attention_layers": [0]}),  # the cross-attention layer first
+    ("llama:emu3_text_model", {"attention_bias": True, "mlp_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",

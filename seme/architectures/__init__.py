@@ -530,13 +530,17 @@ def for_config(config: dict, names=None) -> Architecture:
 # saves Llava or Gemma 3), its decoder nested beside a top-level head (`model.language_model.layers`,
 # `lm_head`: Qwen3-VL, Qwen3.5; `model.text_model.layers`: Idefics3, SmolVLM; or with its head beside it,
 # `model.language_model.lm_head`: HyperCLOVAX-SEED Vision), or its decoder's own names (`model.layers` beside
-# `visual`: Qwen2-VL).
+# `visual`: Qwen2-VL). Emu3 nests the whole causal LM as `text_model.` (`text_model.model.layers`, `text_model.lm_head`).
 _NESTED_LM, _NESTED_DECODER, _TEXT_MODEL = "language_model.", "model.language_model.", "model.text_model."
+_NESTED_TEXT_LM = "text_model."
+# (prefix, how the names of a checkpoint that keeps its language model there begin)
+_TEXT_PREFIXES = ((_NESTED_DECODER, _NESTED_DECODER), (_TEXT_MODEL, _TEXT_MODEL), (_NESTED_LM, _NESTED_LM),
+                  (_NESTED_TEXT_LM, _NESTED_TEXT_LM + "model."))
 
 
 def _text_prefix(names) -> str:
-    for prefix in (_NESTED_DECODER, _TEXT_MODEL, _NESTED_LM):
-        if any(n.startswith(prefix) for n in names):
+    for prefix, begins in _TEXT_PREFIXES:
+        if any(n.startswith(begins) for n in names):
             return prefix
     return ""
 
@@ -558,7 +562,7 @@ def _moved(family: Architecture, prefix: str, wrapper: str, projected: bool, hea
     def move(template: str | None) -> str | None:
         if template is None or not prefix:
             return template
-        if prefix == _NESTED_LM:
+        if prefix in (_NESTED_LM, _NESTED_TEXT_LM):
             return prefix + template
         base = family.base_prefix
         if template.startswith(base):
