@@ -416,7 +416,8 @@ def _add_module_slices(builder, where, part, slices, names, own, ref, stacks_of,
                         f"to change")
     settings, key = found
     sources = [depth_settings(m.config, stacks_of[i].get(stack)) for i, m in enumerate(models)]
-    relayered = _relayered(settings, key, layer_sources, [f[0] if f else {} for f in sources])
+    relayered = _relayered(settings, key, layer_sources, [f[0] if f else {} for f in sources],
+                           _listed_layers_key(archs[ref]) if part == modules.TEXT else "")
     if settings is config:
         return relayered, len(layer_sources)
     section = next(k for k, v in config.items() if v is settings)  # the sub-config that holds the depth
@@ -506,26 +507,39 @@ def _set_dtype(config: dict, dtype: str) -> None:
 
 def _output_config(models, archs, ref: int, layer_sources) -> dict:
     """The reference config with the new depth; per-layer lists (e.g. layer_types) follow the layers."""
-    config = models[ref].config
-    found = next(k for k in archs[ref].num_layers_keys if architectures.config_entry(config, k))
+    config, arch = models[ref].config, archs[ref]
+    settings = arch.settings(config)  # a multimodal model's language model's (Emu3's, its one layer stack)
+    found = next(k for k in arch.num_layers_keys if architectures.config_entry(settings, k))
+    if settings is not config:
+        found = f"{arch.settings_key}.{found}"
     section, _, key = found.rpartition(".")  # a sub-config's depth (CLIPForImageClassification's vision_config)
+    listed = _listed_layers_key(arch)
     if not section:
-        return _relayered(config, key, layer_sources, [m.config for m in models])
-    return {**config, section: _relayered(config[section], key, layer_sources, [m.config.get(section, {}) for m in models])}
+        return _relayered(config, key, layer_sources, [m.config for m in models], listed)
+    return {**config, section: _relayered(config[section], key, layer_sources, [m.config.get(section, {}) for m in models],
+                                          listed)}
 
 
-def _relayered(settings: dict, depth_key: str, layer_sources, sources: list[dict]) -> dict:
+def _listed_layers_key(arch) -> str:
+    """The config key that lists the indices of the layers of a kind (Mllama's cross_attention_layers), if any."""
+    return arch.layer_kinds_key if arch.listed_kind else ""
+
+
+def _relayered(settings: dict, depth_key: str, layer_sources, sources: list[dict], listed: str = "") -> dict:
     """`settings` (a config, or one part of it) for the output's layers: the depth under `depth_key`
     and per-layer lists that follow the layers, each entry from `sources[m]` (the same settings of
-    model m) for a layer of model m. The depth may be a per-layer list itself (nemotron_h's
+    model m) for a layer of model m, and the list of layer indices under `listed`, of the output's layers
+    that are listed layers of their model. The depth may be a per-layer list itself (nemotron_h's
     layers_block_type, where its config has no layer count)."""
     depth = _depth(settings[depth_key])
     out = dict(settings)
     for key, value in settings.items():
         per_layer = _per_layer_list(key, value)
-        if isinstance(per_layer, list) and len(per_layer) == depth and depth > 0:
+        if isinstance(per_layer, list) and len(per_layer) == depth and depth > 0 and key != listed:
             entries = [_per_layer(sources[m], depth_key, key, per_layer, layer) for m, layer in layer_sources]
             out[key] = "".join(entries) if isinstance(value, str) else entries
+    if isinstance(settings.get(listed), list):
+        out[listed] = [i for i, (m, layer) in enumerate(layer_sources) if layer in (sources[m].get(listed) or ())]
     if not isinstance(settings[depth_key], list):
         out[depth_key] = len(layer_sources)
     return out

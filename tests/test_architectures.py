@@ -420,7 +420,20 @@ FAMILIES = {
     "xlm_roberta_xl": ("XLMRobertaXLConfig", "XLMRobertaXLForMaskedLM", ENCODER),
     "xlm_roberta_xl:seqcls": ("XLMRobertaXLConfig", "XLMRobertaXLForSequenceClassification", ENCODER),
     "xlm_roberta_xl:qa": ("XLMRobertaXLConfig", "XLMRobertaXLForQuestionAnswering", ENCODER),
+    # mllama, emu3, phi-4-multimodal
+    # a self-attention layer, then a cross-attention layer (cross_attention_layers lists its index)
+    "mllama": ("MllamaTextConfig", "MllamaForCausalLM", dict(DECODER, cross_attention_layers=[1], pad_token_id=0,
+                                                             bos_token_id=1, eos_token_id=2)),
+    "llama:emu3_text_model": ("Emu3TextConfig", "Emu3ForCausalLM", dict(DECODER, pad_token_id=0, bos_token_id=1,
+                                                                        eos_token_id=2)),
 }
+# What a family's model takes beside the token ids for every layer to run (Mllama's cross-attention layers run only
+# on image features: stand-ins of the stream's width, which its cross_attn.k_proj / v_proj read)
+FORWARD_INPUTS = {
+    "mllama": lambda: dict(cross_attention_states=torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(4))),
+}
+# Rows of the embedding beyond the head's (Mllama's 8: its image token is id vocab_size)
+EXTRA_EMBEDDING_ROWS = {"mllama": 8}
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
 MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "granitemoe",
@@ -549,6 +562,9 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("electra:tokcls", {"embedding_size": 32}),
     ("roberta_prelayernorm", {"tie_word_embeddings": False}),
     ("xlm_roberta_xl", {"tie_word_embeddings": False}),
+    # mllama, emu3, phi-4-multimodal
+    ("mllama", {"cross_attention_layers": [0]}),  # the cross-attention layer first
+    ("llama:emu3_text_model", {"attention_bias": True, "mlp_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
@@ -627,7 +643,9 @@ def test_checkpoint_roles(saved, case):
             assert r.norm is None or (r.norm in shapes and arch.role(r.norm).role == "norm"), name
         elif r.role == "write":
             assert shape[out_dim] == hidden, name
-        elif r.role in ("embedding", "lm_head"):
+        elif r.role == "embedding":
+            assert shape == (vocab + EXTRA_EMBEDDING_ROWS.get(family_of(family), 0), hidden), name
+        elif r.role == "lm_head":
             assert shape == (vocab, hidden), name
         elif r.role == "lm_head_bias":
             assert shape == (vocab,), name
@@ -722,7 +740,7 @@ def test_norm_feeds_read(saved, case):
                | layers | set().union(*writes.values()) if m in modules]
     handles = [modules[m].register_forward_hook(hook(m), with_kwargs=True) for m in watched]
     with torch.no_grad():
-        model(torch.arange(8).unsqueeze(0))
+        model(torch.arange(8).unsqueeze(0), **FORWARD_INPUTS.get(family_of(case[0]), dict)())
     for h in handles:
         h.remove()
 
@@ -828,9 +846,9 @@ def rotation_error(family, tmp_path) -> float:
     safetensors_torch.save_file({k: v.float() for k, v in turned.items()}, tmp_path / "rotated" / "model.safetensors")
     (tmp_path / "rotated" / "config.json").write_text(json.dumps(config))
     rotated = getattr(transformers, FAMILIES[family][1]).from_pretrained(tmp_path / "rotated").eval()
-    ids = torch.arange(3, 11).unsqueeze(0)
+    ids, inputs = torch.arange(3, 11).unsqueeze(0), FORWARD_INPUTS.get(family_of(family), dict)()
     with torch.no_grad():
-        expected, got = model(ids).logits, rotated(ids).logits
+        expected, got = model(ids, **inputs).logits, rotated(ids, **inputs).logits
     return float((got - expected).norm() / expected.norm())
 
 
@@ -945,6 +963,24 @@ def test_a_norm_takes_its_layer_kinds_role():
     assert arch.role("model.layers.1.linear_attn.q_proj.weight") is None  # dropped by the kind
     assert arch.role("model.layers.0.self_attn.q_proj.weight") is None
     assert "its sublayer outputs are normalised before the residual add" in arch.rotation_obstacles()
+
+
+def test_a_config_list_of_layer_indices_binds_their_kind():
+    """Mllama's config lists the indices of its cross-attention layers (cross_attention_layers, listed_kind): those
+    layers take the kind's roles, the others (past the last listed too) the table's own."""
+    arch = for_config({"architectures": ["MllamaForCausalLM"], "cross_attention_layers": [1, 3]})
+    assert arch.kinds == ("", "cross_attention", "", "cross_attention")
+    for layer, cross in [(0, False), (1, True), (3, True), (4, False)]:
+        q = arch.role(f"model.layers.{layer}.cross_attn.q_proj.weight")
+        assert (q is not None) == cross and (arch.role(f"model.layers.{layer}.self_attn.q_proj.weight") is None) == cross
+        assert arch.role(f"model.layers.{layer}.mlp.up_proj.weight").norm == \
+            f"model.layers.{layer}.post_attention_layernorm.weight"
+    assert arch.role("model.layers.1.cross_attn.q_proj.weight").norm == "model.layers.1.input_layernorm.weight"
+    assert arch.role("model.layers.1.cross_attn.k_proj.weight").role == "inner"  # it reads the image features
+    assert arch.role("model.layers.1.cross_attn_mlp_gate").role == "inner" and not arch.rotation_obstacles()
+    with pytest.raises(ValueError, match="listed_kind 'cross' has no tensors"):
+        archs._parse({**json.loads((Path(archs.__file__).parent / "data" / "mllama.json").read_text()),
+                      "layer_kinds": {"key": "cross_attention_layers", "listed_kind": "cross", "tensors": {}}})
 
 
 def test_gainless_norms():
@@ -1163,6 +1199,35 @@ def test_an_encoder_2_merges_end_to_end(family, tmp_path):
     assert repeated and all(torch.equal(state[n], state[n.replace(".2.", ".1.")]) for n in repeated)
     with torch.no_grad():
         assert torch.isfinite(merged(torch.arange(3, 11).unsqueeze(0)).logits).all()
+
+
+def test_mllamas_listed_layers_follow_a_slice_merge(tmp_path):
+    """task_arithmetic of Mllama fine-tunes over slices that repeat its cross-attention layer (layers 0, 1, 1): the
+    config's cross_attention_layers lists the output's layers that are cross-attention layers of their model, so the
+    output reloads in transformers, runs with image features and generates."""
+    import yaml
+
+    import seme
+
+    base = perturbed(build("mllama", {}))
+    paths = [tmp_path / "base"] + [tmp_path / f"tuned{i}" for i in range(2)]
+    base.save_pretrained(paths[0])
+    g = torch.Generator().manual_seed(3)
+    for path in paths[1:]:
+        tuned = build("mllama", {})
+        tuned.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
+        tuned.save_pretrained(path)
+    sources = lambda layers: [{"model": str(p), "layer_range": layers, **({} if p == paths[0] else {
+        "parameters": {"weight": 0.5}})} for p in paths]
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(paths[0]), "dtype": "float32",
+              "slices": [{"sources": sources([0, 2])}, {"sources": sources([1, 2])}]}
+    seme.merge(yaml.safe_dump(recipe), str(tmp_path / "merged"), progress=False)
+    merged, info = transformers.MllamaForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert merged.config.cross_attention_layers == [1, 2] and merged.config.num_hidden_layers == 3
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        assert torch.isfinite(merged(torch.arange(3, 11).unsqueeze(0), **FORWARD_INPUTS["mllama"]()).logits).all()
+    assert merged.generate(torch.arange(3, 6).unsqueeze(0), max_new_tokens=3, do_sample=False).shape == (1, 6)
 
 
 def test_a_layer_of_its_own_stays_in_place(tmp_path):

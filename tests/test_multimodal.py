@@ -653,6 +653,47 @@ def build_glm5_next(path, seed: int):
         vision_config=GLM4V_VISION, image_token_id=60, video_token_id=61)
     return save_random(path, seed, transformers.Glm5NextForConditionalGeneration, config)
 
+def build_mllama(path, seed: int):
+    """A self-attention layer, then a cross-attention layer; a vision model whose output (its last layer's and two
+    intermediate layers' states, 48 wide) the projector takes to the language model's width."""
+    import transformers
+
+    config = transformers.MllamaConfig(
+        text_config=dict(text_of("mllama"), model_type="mllama_text_model"),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1,
+                           attention_heads=2, intermediate_layers_indices=[0, 1], vision_output_dim=48,
+                           image_size=28, patch_size=14, max_num_tiles=2, supported_aspect_ratios=[[1, 1], [1, 2]]),
+        image_token_index=128)  # past the head's rows, as Llama 3.2 Vision's <|image|>
+    return save_random(path, seed, transformers.MllamaForConditionalGeneration, config)
+
+
+def mllama_prompt() -> dict:
+    """An image of two tiles (aspect ratio 1 x 2), which the tokens from the image token on attend to."""
+    ids = torch.tensor([[1, 5, 128, 9, 11, 7]])
+    return dict(input_ids=ids, pixel_values=torch.randn(1, 1, 2, 3, 28, 28, generator=torch.Generator().manual_seed(0)),
+                aspect_ratio_ids=torch.tensor([[2]]), aspect_ratio_mask=torch.tensor([[[1, 1]]]),
+                cross_attention_mask=(torch.arange(6) >= 2).long().view(1, 6, 1, 1).expand(1, 6, 1, 2))
+
+
+def build_emu3(path, seed: int):
+    """A VQ image tokenizer of 16 codes (visual tokens 100..115 of the vocabulary; <image> 99, the end of a row 98),
+    which codes an image in 2 x 2 pixel blocks, beside a Llama."""
+    import transformers
+
+    codes = {f"<|visual token {i:06d}|>": 100 + i for i in range(16)}
+    config = transformers.Emu3Config(
+        text_config=text_of("llama:emu3_text_model"), vocabulary_map={**codes, "<image>": 99, "<|extra_200|>": 98},
+        vq_config=dict(embed_dim=8, codebook_size=16, latent_channels=8, base_channels=32, channel_multiplier=[1, 1],
+                       num_res_blocks=1, attn_resolutions=[], double_latent=False, temporal_downsample_factor=1,
+                       hidden_size=32))
+    return save_random(path, seed, transformers.Emu3ForConditionalGeneration, config)
+
+
+def emu3_prompt() -> dict:  # an image of 4 x 4 pixels: 2 rows of 2 codes, each row ended by <|extra_200|>
+    return dict(input_ids=torch.tensor([[1, 5] + [99] * 6 + [9, 11]]), image_sizes=torch.tensor([[4, 4]]),
+                pixel_values=torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0)))
+
+
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -899,13 +940,16 @@ WRAPPERS = {  # the builder, and the family of its language model
     "molmo2": (build_molmo2, "molmo2_text"),
     "molmo2-norm_after": (lambda path, seed: build_molmo2(path, seed, norm_after=True, qk_norm_type="olmo"), "molmo2_text"),
     "glm5_next": (build_glm5_next, "glm5_next_text"),
+    # mllama, emu3, phi-4-multimodal
+    "mllama": (build_mllama, "mllama"), "emu3": (build_emu3, "llama"),
 }
 
 
 def own_name(name: str) -> str:
     """What a checkpoint of the language model alone calls a multimodal checkpoint's tensor `name`."""
-    if name.startswith("language_model."):  # the whole causal LM nested (Llava, Gemma 3, Mistral 3)
-        return name[len("language_model."):]
+    for nested in ("language_model.", "text_model."):  # the whole causal LM nested (Llava, Gemma 3, Mistral 3; Emu3)
+        if name.startswith(nested) and not name.startswith("text_model.encoder."):
+            return name[len(nested):]
     for nested in ("model.language_model.", "model.text_model."):  # its decoder nested beside the head (Qwen3-VL)
         if name.startswith(nested):
             own = name[len(nested):]  # HyperCLOVAX-SEED Vision keeps its head there too
@@ -945,9 +989,10 @@ def test_a_multimodal_models_language_model_has_its_familys_roles(wrapper, tmp_p
         assert role.norm is None or (role.norm in names and own_name(role.norm) == expected.norm), name
     tied = not any(arch.role(n) and arch.role(n).role == "lm_head" for n in names)
     assert tied == arch.tied(config)
-    for template, spec in arch.tensors.items():  # every required tensor, at every layer (of its first expert)
-        if not spec.optional and not (tied and spec.role == "lm_head"):
-            for layer in range(2) if "{layer}" in template else [None]:
+    for template in set(arch.tensors).union(*arch.kind_tensors.values()):  # every required tensor, at every layer
+        for layer in range(2) if "{layer}" in template else [None]:  # (of its first expert), as its kind has it
+            spec = arch.spec(template, layer)
+            if spec is not None and not spec.optional and not (tied and spec.role == "lm_head"):
                 name = template if layer is None else arch.layer_name(template, layer)
                 assert name.replace("{expert}", "0") in names, template
 
@@ -1068,6 +1113,9 @@ PROMPTS = {
         input_ids=torch.tensor([[1, 5] + [60] * 4 + [9] + [62] * 8 + [11]]), image_grid_hw=torch.tensor([[4, 4]]),
         pixel_values=torch.randn(16, 48, generator=torch.Generator().manual_seed(0)),  # 4 x 4 patches, shuffled 2 x 2
         input_features=torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(1)))),  # subsampled 8-fold
+    # mllama, emu3, phi-4-multimodal: the image reaches the stream through the cross-attention layers alone
+    "mllama": (build_mllama, "MllamaForConditionalGeneration", mllama_prompt),
+    "emu3": (build_emu3, "Emu3ForConditionalGeneration", emu3_prompt),  # its image is embedded as vocabulary tokens
 }
 
 
@@ -1220,7 +1268,8 @@ def fine_tune(base, path, seed: int, scale: float = 0.02) -> str:
     shutil.copytree(base, path)
     g = torch.Generator().manual_seed(seed)
     tensors = load_folder(base)
-    noise = {k: scale * (v.std().nan_to_num() + 0.01) * torch.randn(v.shape, generator=g) for k, v in tensors.items()}
+    noise = {k: scale * (v.std().nan_to_num() + 0.01) * torch.randn(v.shape, generator=g) if v.is_floating_point()
+             else 0 for k, v in tensors.items()}  # counters stay (Emu3's BatchNorms' num_batches_tracked)
     save_file({k: v + noise[k] for k, v in tensors.items()}, f"{path}/model.safetensors", metadata={"format": "pt"})
     return str(path)
 
@@ -1263,11 +1312,12 @@ def test_seme_merges_a_multimodal_model(llavas, tmp_path):
     assert not torch.equal(merged["multi_modal_projector.linear_2.weight"], inputs[0]["multi_modal_projector.linear_2.weight"])
 
 
-@pytest.mark.parametrize("wrapper", ["llava", "llava_next", "qwen3_vl_moe-hub"])
+@pytest.mark.parametrize("wrapper", ["llava", "llava_next", "qwen3_vl_moe-hub", "mllama", "emu3"])
 def test_seme_aligns_a_rotated_llava_back(wrapper, tmp_path):
     """A Llava merged with its own turned copy: SeMe recovers the turn from the heads and turns the copy's
     language model and projector back (Llava-NeXT's image_newline with them; Qwen3-VL-MoE's experts as its Hub
-    checkpoints keep them, [E, in, out]), so the merge is the model."""
+    checkpoints keep them, [E, in, out]; Mllama's cross-attention layers, whose image features do not turn), so the
+    merge is the model."""
     import json
 
     a = WRAPPERS[wrapper][0](tmp_path / "a", 0)
@@ -1321,6 +1371,40 @@ def test_seme_merges_gemma4_beside_its_vision_and_audio_towers(tmp_path):
         torch.testing.assert_close(merged[name], expected, msg=name)
     model = transformers.Gemma4ForConditionalGeneration.from_pretrained(tmp_path / "out")
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 9]])).logits).all()
+
+
+@pytest.mark.parametrize("wrapper", ["mllama", "emu3"])
+def test_a_wrapper_beside_whose_language_model_nothing_writes_merges_end_to_end(wrapper, tmp_path):
+    """Fine-tunes of one Llama 3.2 Vision (or Emu3) merged by task_arithmetic and by SeMe, and Llama 3.2 Vision's
+    language model up-scaled by module slices (layers 0, 1, 1: the cross-attention layer repeated,
+    cross_attention_layers following it): each output reloads in transformers and generates from a prompt with an
+    image."""
+    import json
+
+    import transformers
+
+    build, model_class, prompt = PROMPTS[wrapper]
+    a = perturbed(build(tmp_path / "a", 0))
+    b, c = fine_tune(a, tmp_path / "b", 1), fine_tune(a, tmp_path / "c", 2)
+    recipes = {
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": a, "parameters": {"weight": 0.5},
+                            "models": [{"model": b}, {"model": c}]},
+        "seme": {"merge_method": "seme", "base_model": a, "models": [{"model": a}, {"model": b}, {"model": c}]},
+    }
+    if wrapper == "mllama":
+        recipes["slices"] = {"merge_method": "passthrough", "modules": {
+            "text_decoder": {"slices": [{"sources": [{"model": b, "layer_range": [0, 2]}]},
+                                        {"sources": [{"model": c, "layer_range": [1, 2]}]}]},
+            "vision_tower": {"models": [a]}, "multi_modal_projector": {"models": [a]}}}
+    for name, r in recipes.items():
+        seme.merge({**r, "dtype": "float32"}, str(tmp_path / name), progress=False)
+        config = json.loads((tmp_path / name / "config.json").read_text())["text_config"]
+        assert config.get("cross_attention_layers") == {"mllama": [1, 2] if name == "slices" else [1]}.get(wrapper)
+        model, info = getattr(transformers, model_class).from_pretrained(tmp_path / name, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
+        ids = prompt()["input_ids"]
+        out = model.eval().generate(**prompt(), max_new_tokens=3, do_sample=False)
+        assert out.shape == (1, ids.shape[1] + 3), name
 
 
 # --- vocabulary re-mapping ----------------------------------------------------------------------------

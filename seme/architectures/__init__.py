@@ -53,6 +53,8 @@ A family whose layers differ in kind by a config list (``layer_kinds``: its ``ke
 and per kind an overlay of ``tensors`` like a variant's) gives a template the kind's role in the
 layers of that kind: OLMo Hybrid's feedforward_layer_norm feeds the MLP in its linear-attention
 layers, but normalises the attention's output in the others. ``for_config`` binds the config's kinds.
+Where the config lists layer indices instead (Mllama's cross_attention_layers), ``listed_kind`` names the kind
+of the layers it lists; the others have the table's own tensors.
 ``layer_tensors`` overlays the roles of single layers by index, whatever the config (ModernBERT's first layer
 has no attention norm: its attention reads the stream raw).
 ``unloaded`` lists the name prefixes of modules that checkpoints store but transformers does not load
@@ -161,7 +163,8 @@ class Architecture:
     variants: tuple[tuple[dict, Architecture], ...] = field(default=(), repr=False)
     layer_kinds_key: str = ""  # the config list of the layers' kinds whose overlays kind_tensors holds
     kind_tensors: dict[str, dict[str, TensorSpec | None]] = field(default_factory=dict, repr=False)
-    kinds: tuple[str, ...] = ()  # each layer's kind, as the config that chose this table says
+    listed_kind: str = ""  # the kind of the layers whose indices the config's layer_kinds_key lists ("": it lists kinds)
+    kinds: tuple[str, ...] = ()  # each layer's kind, as the config that chose this table says ("": the table's own)
     layer_tensors: dict[int, dict[str, TensorSpec | None]] = field(default_factory=dict, repr=False)  # by layer index
     parts: tuple[Part, ...] = ()  # an encoder-decoder family's modules
     _cache: dict[str, TensorRole | None] = field(default_factory=dict, init=False, repr=False)
@@ -175,6 +178,8 @@ class Architecture:
         """The variant of this family that `config` describes, with its layers' kinds."""
         chosen = next((v for when, v in self.variants if all(_holds(config, k, value) for k, value in when.items())), self)
         kinds = config.get(self.layer_kinds_key) if self.layer_kinds_key else None
+        if self.listed_kind and isinstance(kinds, list):  # indices of the layers of that kind
+            kinds = [self.listed_kind if i in kinds else "" for i in range(max(kinds, default=-1) + 1)]
         return _with_kinds(chosen, tuple(kinds)) if isinstance(kinds, list) else chosen
 
     def spec(self, template: str, layer: int | None) -> TensorSpec | None:
@@ -396,7 +401,9 @@ def _parse(data: dict) -> Architecture:
     )
     kinds = data.get("layer_kinds", {})
     if kinds:
-        family["layer_kinds_key"] = kinds["key"]
+        family["layer_kinds_key"], family["listed_kind"] = kinds["key"], kinds.get("listed_kind", "")
+        if family["listed_kind"] and family["listed_kind"] not in kinds["tensors"]:
+            raise ValueError(f"{name}: listed_kind {family['listed_kind']!r} has no tensors")
         family["kind_tensors"] = {kind: _kind_specs(name, data["tensors"], overlay, norm_type)
                                   for kind, overlay in kinds["tensors"].items()}
     family["layer_tensors"] = {int(i): _kind_specs(name, data["tensors"], overlay, norm_type)
@@ -531,13 +538,17 @@ def for_config(config: dict, names=None) -> Architecture:
 # saves Llava or Gemma 3), its decoder nested beside a top-level head (`model.language_model.layers`,
 # `lm_head`: Qwen3-VL, Qwen3.5; `model.text_model.layers`: Idefics3, SmolVLM; or with its head beside it,
 # `model.language_model.lm_head`: HyperCLOVAX-SEED Vision), or its decoder's own names (`model.layers` beside
-# `visual`: Qwen2-VL).
+# `visual`: Qwen2-VL). Emu3 nests the whole causal LM as `text_model.` (`text_model.model.layers`, `text_model.lm_head`).
 _NESTED_LM, _NESTED_DECODER, _TEXT_MODEL = "language_model.", "model.language_model.", "model.text_model."
+_NESTED_TEXT_LM = "text_model."
+# (prefix, how the names of a checkpoint that keeps its language model there begin)
+_TEXT_PREFIXES = ((_NESTED_DECODER, _NESTED_DECODER), (_TEXT_MODEL, _TEXT_MODEL), (_NESTED_LM, _NESTED_LM),
+                  (_NESTED_TEXT_LM, _NESTED_TEXT_LM + "model."))
 
 
 def _text_prefix(names) -> str:
-    for prefix in (_NESTED_DECODER, _TEXT_MODEL, _NESTED_LM):
-        if any(n.startswith(prefix) for n in names):
+    for prefix, begins in _TEXT_PREFIXES:
+        if any(n.startswith(begins) for n in names):
             return prefix
     return ""
 
@@ -554,11 +565,12 @@ def _projector(prefix: str, wrapper: str | None) -> dict[str, TensorSpec]:
 def _moved(family: Architecture, prefix: str, wrapper: str, projected: bool, head_nested: bool = False) -> Architecture:
     """`family`'s table with its templates where the multimodal `wrapper`'s checkpoints keep them
     (`prefix`; the head too where `head_nested`), its settings read from the config's text_config; with
-    its projector's writes where `projected` and projectors.json describes them."""
+    its projector's writes where `projected` and projectors.json describes them (which may be none: Mllama's
+    projector feeds its cross-attention's keys and values, not the stream)."""
     def move(template: str | None) -> str | None:
         if template is None or not prefix:
             return template
-        if prefix == _NESTED_LM:
+        if prefix in (_NESTED_LM, _NESTED_TEXT_LM):
             return prefix + template
         base = family.base_prefix
         if template.startswith(base):
@@ -571,7 +583,8 @@ def _moved(family: Architecture, prefix: str, wrapper: str, projected: bool, hea
     tensors = moved(family.tensors)
     kind_tensors = {kind: moved(overlay) for kind, overlay in family.kind_tensors.items()}
     projector = _projector(prefix, wrapper) if projected else {}
-    return replace(family, tensors={**tensors, **projector}, kind_tensors=kind_tensors, projected=bool(projector),
+    return replace(family, tensors={**tensors, **projector}, kind_tensors=kind_tensors,
+                   projected=projected and wrapper in _projectors(),
                    base_prefix=move(family.base_prefix),
                    settings_key="text_config", variants=(),
                    variant=f"{family.variant}, in {wrapper}" if family.variant else f"in {wrapper}")
