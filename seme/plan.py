@@ -643,10 +643,17 @@ class _Builder:
         axis = len(infos[0].shape) - 1 if role == "lm_head_bias" else 0  # its tokens' axis (BART's bias: [1, V])
         shapes = {info.shape[:axis] + info.shape[axis + 1:] if remapped else info.shape for info in infos}
         if remapped:
+            from seme.vocabulary import vocab_size
+
             for (m, name), info in zip(inputs, infos):
                 if max(self.remap.rows[m]) >= info.shape[axis]:
                     raise SemeError(f"tensor '{name}' of {self.models[m].name} has {info.shape[axis]} rows, fewer than "
                                     f"its vocabulary's tokens")
+                size = vocab_size(self.models[m])
+                if role in ("embedding", "lm_head") and size is not None and info.shape[axis] > size:
+                    raise SemeError(f"config: tokenizer_source: tensor '{name}' of {self.models[m].name} has "
+                                    f"{info.shape[axis]} rows, more than its vocab_size ({size}): re-mapping would "
+                                    f"drop the rows past it (Mllama's image token)")
         if len(shapes) > 1:
             detail = ", ".join(f"{list(info.shape)} in {self.models[m].name}" for (m, _), info in zip(inputs, infos))
             hint = ""

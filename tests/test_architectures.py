@@ -1230,6 +1230,31 @@ def test_mllamas_listed_layers_follow_a_slice_merge(tmp_path):
     assert merged.generate(torch.arange(3, 6).unsqueeze(0), max_new_tokens=3, do_sample=False).shape == (1, 6)
 
 
+@pytest.mark.parametrize("source", ["base", "union", "model"])
+def test_a_table_with_rows_past_the_vocabulary_is_not_remapped(tmp_path, source):
+    # Mllama's embedding has vocab_size + 8 rows (its image token is id vocab_size): re-mapping knows the tokens
+    # below vocab_size only, and wrote a table of those rows, which transformers cannot load
+    import yaml
+
+    import seme
+    from conftest import save_tokenizer
+    from seme.errors import SemeError
+    from test_vocabulary import renumbered
+
+    model = build("mllama", {})
+    paths = [str(tmp_path / "base"), str(tmp_path / "tuned")]
+    for p in paths:
+        model.save_pretrained(p)
+        save_tokenizer(p, model.config.vocab_size)
+    paths[1] = renumbered(paths[1], tmp_path / "renumbered")
+    recipe = {"merge_method": "linear", "tokenizer_source": paths[1] if source == "model" else source,
+              "models": [{"model": p, "parameters": {"weight": 0.5}} for p in paths]}
+    with pytest.raises(SemeError, match=re.escape("tensor 'model.embed_tokens.weight' of base has 136 rows, more "
+                                                  "than its vocab_size (128)")):
+        seme.merge(yaml.safe_dump(recipe), str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_layer_of_its_own_stays_in_place(tmp_path):
     # ModernBERT's first layer has no attention norm: slices that move it, or move another layer into its place,
     # would give transformers a norm it ignores or lacks
