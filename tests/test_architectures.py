@@ -426,6 +426,10 @@ FAMILIES = {
                                                              bos_token_id=1, eos_token_id=2)),
     "llama:emu3_text_model": ("Emu3TextConfig", "Emu3ForCausalLM", dict(DECODER, pad_token_id=0, bos_token_id=1,
                                                                         eos_token_id=2)),
+    # gemma 4 unified
+    # Gemma 4's names and norms in Gemma 2's decoder layer: a sliding and a full attention layer, no per-layer inputs
+    "gemma4:gemma4_unified_text": ("Gemma4UnifiedTextConfig", "Gemma4UnifiedForCausalLM", dict(
+        DECODER, head_dim=8, global_head_dim=16, layer_types=["sliding_attention", "full_attention"])),
 }
 # What a family's model takes beside the token ids for every layer to run (Mllama's cross-attention layers run only
 # on image features: stand-ins of the stream's width, which its cross_attn.k_proj / v_proj read)
@@ -565,6 +569,12 @@ CASES = [(f, {}) for f in FAMILIES] + [
     # mllama, emu3, phi-4-multimodal
     ("mllama", {"cross_attention_layers": [0]}),  # the cross-attention layer first
     ("llama:emu3_text_model", {"attention_bias": True, "mlp_bias": True}),
+    # gemma 4 unified
+    ("gemma4:gemma4_unified_text", {"tie_word_embeddings": False, "attention_bias": True}),
+    # the last layer reuses the first's keys and values (no k_proj, k_norm, v_proj), its MLP twice as wide
+    ("gemma4:gemma4_unified_text", {"num_kv_shared_layers": 1, "use_double_wide_mlp": True,
+                                    "layer_types": ["full_attention", "full_attention"]}),
+    ("gemma4:gemma4_unified_text", {"attention_k_eq_v": True, "num_global_key_value_heads": 1}),  # keys are values
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
