@@ -435,9 +435,8 @@ FAMILIES = {
     "gemma4_assistant": ("Gemma4AssistantConfig", "Gemma4AssistantForCausalLM", dict(
         text_config=dict(ASSISTANT_TEXT, model_type="gemma4_text", hidden_size_per_layer_input=0,
                          vocab_size_per_layer_input=0), backbone_hidden_size=48)),
-    "gemma4_assistant:gemma4_unified_assistant": ("Gemma4UnifiedAssistantConfig", "Gemma4UnifiedAssistantForCausalLM",
-                                                  dict(text_config=dict(ASSISTANT_TEXT, model_type="gemma4_unified_text"),
-                                                       backbone_hidden_size=48)),
+    "gemma4_assistant:gemma4_unified_assistant": ("Gemma4UnifiedAssistantConfig", "Gemma4UnifiedAssistantForCausalLM", dict(
+        text_config=dict(ASSISTANT_TEXT, model_type="gemma4_unified_text"), backbone_hidden_size=48)),
 }
 # What a family's model takes beside the token ids for every layer to run (Mllama's cross-attention layers run only
 # on image features: stand-ins of the stream's width, which its cross_attn.k_proj / v_proj read)
@@ -445,10 +444,10 @@ FORWARD_INPUTS = {
     "mllama": lambda: dict(cross_attention_states=torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(4))),
     # Gemma 4's drafters (which take no token ids): the target's embedding and last hidden state of the token drafted
     # from, and its last sliding and full attention layers' keys and values (2 heads of 8 and 16 channels) over 8 tokens
-    "gemma4_assistant": lambda: dict(inputs_embeds=torch.randn(1, 1, 96, generator=torch.Generator().manual_seed(4)),
-                                     shared_kv_states={kind: tuple(torch.randn(1, 2, 8, width, generator=torch.Generator(
-                                         ).manual_seed(5 + i)) for i in range(2))
-                                         for kind, width in (("sliding_attention", 8), ("full_attention", 16))}),
+    "gemma4_assistant": lambda: dict(
+        inputs_embeds=torch.randn(1, 1, 96, generator=torch.Generator().manual_seed(4)),
+        shared_kv_states={kind: (torch.randn(1, 2, 8, width), torch.randn(1, 2, 8, width))
+                          for kind, width in (("sliding_attention", 8), ("full_attention", 16))}),
 }
 # Rows of the embedding beyond the head's (Mllama's 8: its image token is id vocab_size)
 EXTRA_EMBEDDING_ROWS = {"mllama": 8}
