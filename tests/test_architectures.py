@@ -32,6 +32,7 @@ DEBERTA_V3 = dict(ENCODER, relative_attention=True, position_buckets=8, norm_rel
 MODERNBERT = dict(ENCODER, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
                   mask_token_id=3, global_attn_every_n_layers=2, local_attention=4)
 DISTILBERT = dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=128, max_position_embeddings=64)
+ASSISTANT_TEXT = dict(DECODER, head_dim=8, global_head_dim=16, layer_types=["sliding_attention", "full_attention"])
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER),
@@ -426,11 +427,27 @@ FAMILIES = {
                                                              bos_token_id=1, eos_token_id=2)),
     "llama:emu3_text_model": ("Emu3TextConfig", "Emu3ForCausalLM", dict(DECODER, pad_token_id=0, bos_token_id=1,
                                                                         eos_token_id=2)),
+    # gemma 4 unified
+    # Gemma 4's names and norms in Gemma 2's decoder layer: a sliding and a full attention layer, no per-layer inputs
+    "gemma4:gemma4_unified_text": ("Gemma4UnifiedTextConfig", "Gemma4UnifiedForCausalLM", dict(
+        DECODER, head_dim=8, global_head_dim=16, layer_types=["sliding_attention", "full_attention"])),
+    # drafters beside a target of 48 channels: every layer attends to the target's keys and values
+    "gemma4_assistant": ("Gemma4AssistantConfig", "Gemma4AssistantForCausalLM", dict(
+        text_config=dict(ASSISTANT_TEXT, model_type="gemma4_text", hidden_size_per_layer_input=0,
+                         vocab_size_per_layer_input=0), backbone_hidden_size=48)),
+    "gemma4_assistant:gemma4_unified_assistant": ("Gemma4UnifiedAssistantConfig", "Gemma4UnifiedAssistantForCausalLM", dict(
+        text_config=dict(ASSISTANT_TEXT, model_type="gemma4_unified_text"), backbone_hidden_size=48)),
 }
 # What a family's model takes beside the token ids for every layer to run (Mllama's cross-attention layers run only
 # on image features: stand-ins of the stream's width, which its cross_attn.k_proj / v_proj read)
 FORWARD_INPUTS = {
     "mllama": lambda: dict(cross_attention_states=torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(4))),
+    # Gemma 4's drafters (which take no token ids): the target's embedding and last hidden state of the token drafted
+    # from, and its last sliding and full attention layers' keys and values (2 heads of 8 and 16 channels) over 8 tokens
+    "gemma4_assistant": lambda: dict(
+        inputs_embeds=torch.randn(1, 1, 96, generator=torch.Generator().manual_seed(4)),
+        shared_kv_states={kind: (torch.randn(1, 2, 8, width), torch.randn(1, 2, 8, width))
+                          for kind, width in (("sliding_attention", 8), ("full_attention", 16))}),
 }
 # Rows of the embedding beyond the head's (Mllama's 8: its image token is id vocab_size)
 EXTRA_EMBEDDING_ROWS = {"mllama": 8}
@@ -565,6 +582,17 @@ CASES = [(f, {}) for f in FAMILIES] + [
     # mllama, emu3, phi-4-multimodal
     ("mllama", {"cross_attention_layers": [0]}),  # the cross-attention layer first
     ("llama:emu3_text_model", {"attention_bias": True, "mlp_bias": True}),
+    # gemma 4 unified
+    ("gemma4:gemma4_unified_text", {"tie_word_embeddings": False, "attention_bias": True}),
+    # the last layer reuses the first's keys and values (no k_proj, k_norm, v_proj), its MLP twice as wide
+    ("gemma4:gemma4_unified_text", {"num_kv_shared_layers": 1, "use_double_wide_mlp": True,
+                                    "layer_types": ["full_attention", "full_attention"]}),
+    ("gemma4:gemma4_unified_text", {"attention_k_eq_v": True, "num_global_key_value_heads": 1}),  # keys are values
+    ("gemma4_assistant", {"use_ordered_embeddings": True, "num_centroids": 8, "centroid_intermediate_top_k": 2}),
+    ("gemma4_assistant", {"tie_word_embeddings": False, "text_config": dict(
+        FAMILIES["gemma4_assistant"][2]["text_config"], attention_bias=True)}),
+    ("gemma4_assistant:gemma4_unified_assistant", {"use_ordered_embeddings": True, "num_centroids": 8,
+                                                   "centroid_intermediate_top_k": 2}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
@@ -580,9 +608,27 @@ def family_of(key: str) -> str:
 
 def build(family, extra):
     config_cls, model_cls, kwargs = FAMILIES[family]
+    if "Assistant" in model_cls:
+        every_layer_shares_kv()
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**{**kwargs, **extra})  # extra may override the family's kwargs
     return getattr(transformers, model_cls)(config).eval()
+
+
+def every_layer_shares_kv():
+    """transformers 5.23 cannot build Gemma 4's assistants: their configs require every layer to take the target's
+    keys and values (num_kv_shared_layers = num_hidden_layers), and Gemma4TextConfig.kv_sharing_modes then finds no
+    layer that makes them and raises. Where every layer shares, every layer reuses (what their forward does)."""
+    for config in (transformers.Gemma4TextConfig, transformers.Gemma4UnifiedTextConfig):
+        modes = config.kv_sharing_modes.fget
+        if getattr(modes, "every_layer_shares", False):
+            continue
+
+        def patched(self, modes=modes):
+            return ["reuse"] * self.num_hidden_layers if self.num_kv_shared_layers == self.num_hidden_layers \
+                else modes(self)
+        patched.every_layer_shares = True
+        config.kv_sharing_modes = property(patched)
 
 
 def perturbed(model):
@@ -626,7 +672,8 @@ def test_checkpoint_roles(saved, case):
     model, config, shapes = saved(family, extra)
     arch = for_config(config)
     assert arch.name == family_of(family) and not arch.inferred
-    hidden, vocab = arch.hidden_size(config), config["vocab_size"]
+    # (a drafter's in its text_config: Gemma 4's assistants)
+    hidden, vocab = arch.hidden_size(config), config.get("vocab_size") or config["text_config"]["vocab_size"]
     assert hidden == 32 and arch.num_layers(config) == 2
 
     for name, shape in shapes.items():
@@ -639,8 +686,10 @@ def test_checkpoint_roles(saved, case):
         in_dim, out_dim = (-1, -2) if archs.orientation(r.layout, r.role, shape, hidden) == "out_in" else (-2, -1)
         if r.role == "read":
             assert shape[in_dim] == hidden, name
-            # without a norm it reads the raw stream (olmo2, gemma 4's per-layer inputs): test_norm_feeds_read
-            assert r.norm is None or (r.norm in shapes and arch.role(r.norm).role == "norm"), name
+            # without a norm it reads the raw stream (olmo2, gemma 4's per-layer inputs): test_norm_feeds_read; after
+            # the layers, the final norm's output (Gemma 4's assistants' post_projection, beside the head)
+            norm_roles = ("norm",) if r.layer is not None else ("norm", "final_norm")
+            assert r.norm is None or (r.norm in shapes and arch.role(r.norm).role in norm_roles), name
         elif r.role == "write":
             assert shape[out_dim] == hidden, name
         elif r.role == "embedding":
@@ -1274,3 +1323,49 @@ def test_a_layer_of_its_own_stays_in_place(tmp_path):
     recipe["slices"] = [{"sources": [{"model": str(path), "layer_range": [0, 2]}]},
                         {"sources": [{"model": str(path), "layer_range": [1, 2]}]}]  # layer 0 in place: merges
     seme.merge(yaml.safe_dump(recipe), str(tmp_path / "out"), progress=False)
+
+
+@pytest.mark.parametrize("family", ["gemma4_assistant", "gemma4_assistant:gemma4_unified_assistant"])
+def test_gemma4_assistants_merge_and_are_refused_rotation(family, tmp_path):
+    """Fine-tunes of one Gemma 4 drafter merged by task_arithmetic and by SeMe (unturned: they are aligned) reload in
+    transformers and draft a token from a target's states, the permutation of token ids into clusters copied; a copy
+    turned by the role table is refused rotation, naming the target whose coordinates no turn of its own changes."""
+    import seme
+    from seme.errors import SemeError
+
+    extra = {"use_ordered_embeddings": True, "num_centroids": 8, "centroid_intermediate_top_k": 2}
+    base = perturbed(build(family, extra))
+    base.save_pretrained(tmp_path / "base")
+    g = torch.Generator().manual_seed(3)
+    for i in range(2):
+        tuned = build(family, extra)
+        tuned.load_state_dict({k: v + 0.0005 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                               for k, v in base.state_dict().items()})
+        tuned.save_pretrained(tmp_path / f"tuned{i}")
+    tuned = [{"model": str(tmp_path / f"tuned{i}")} for i in range(2)]
+    ordering = safetensors_torch.load_file(tmp_path / "base" / "model.safetensors")["masked_embedding.token_ordering"]
+    for method in ("task_arithmetic", "seme"):
+        parameters = {"parameters": {"weight": 0.5}} if method == "task_arithmetic" else {}
+        seme.merge({"merge_method": method, "base_model": str(tmp_path / "base"), "models": tuned, "dtype": "float32",
+                    **parameters}, str(tmp_path / method), progress=False)
+        merged, info = getattr(transformers, FAMILIES[family][1]).from_pretrained(tmp_path / method,
+                                                                                   output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        assert torch.equal(merged.masked_embedding.token_ordering, ordering)
+        with torch.no_grad():
+            out = merged.eval()(**FORWARD_INPUTS["gemma4_assistant"]())
+        assert out.logits.shape == (1, 1, 128) and out.last_hidden_state.shape == (1, 1, 48)
+        assert torch.isfinite(out.logits).all()
+
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    state = {k: v.double() if v.is_floating_point() else v
+             for k, v in safetensors_torch.load_file(tmp_path / "base" / "model.safetensors").items()}
+    Q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    (tmp_path / "turned").mkdir()
+    safetensors_torch.save_file({k: v.float() if v.is_floating_point() else v
+                                 for k, v in rotate(state, for_config(config), Q).items()},
+                                tmp_path / "turned" / "model.safetensors")
+    (tmp_path / "turned" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SemeError, match=r"by rotation is not supported \(.*it drafts for a target model"):
+        seme.merge({"merge_method": "seme", "base_model": str(tmp_path / "base"), "dtype": "float32",
+                    "models": [{"model": str(tmp_path / "turned")}]}, str(tmp_path / "refused"), progress=False)

@@ -96,6 +96,29 @@ def build_gemma4(path, seed: int):
     return save_random(path, seed, transformers.Gemma4ForConditionalGeneration, config)
 
 
+def build_gemma4_unified(path, seed: int):
+    """A Gemma 4 unified: no vision or audio tower; raw pixel patches of 8 x 8 (4-pixel patches merged 2 x 2) and raw
+    waveform frames of 16 samples are embedded straight into the language model's stream."""
+    import transformers
+
+    config = transformers.Gemma4UnifiedConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, head_dim=8, global_head_dim=16,
+                         layer_types=["sliding_attention", "full_attention"]),
+        vision_config=dict(patch_size=4, pooling_kernel_size=2, mm_embed_dim=16, mm_posemb_size=8, output_proj_dims=16),
+        audio_config=dict(audio_embed_dim=16), boi_token_id=290, eoi_token_id=291, image_token_id=292,
+        video_token_id=293, boa_token_id=294, eoa_token_index=295, audio_token_id=296)
+    return save_random(path, seed, transformers.Gemma4UnifiedForConditionalGeneration, config)
+
+
+def gemma4_pixels(side: int, patch_values: int) -> dict:
+    """An image of side x side patches (each `patch_values` pixel values) and their (x, y) positions, as Gemma 4's
+    image processors give them."""
+    grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy"), dim=-1)
+    return dict(pixel_values=torch.randn(1, side * side, patch_values, generator=torch.Generator().manual_seed(0)),
+                image_position_ids=grid.reshape(1, side * side, 2))
+
+
 def build_qwen2_5_vl(path, seed: int):
     import transformers
 
@@ -898,6 +921,7 @@ def test_what_modules_cannot_do_is_a_one_line_error(llavas, tmp_path, capsys, ca
 WRAPPERS = {  # the builder, and the family of its language model
     "llava": (build_llava, "llama"), "llava-nested": (build_llava_nested, "llama"),
     "gemma3": (build_gemma3, "gemma3"), "gemma4": (build_gemma4, "gemma4"),
+    "gemma4_unified": (build_gemma4_unified, "gemma4"),
     "qwen2_vl": (build_qwen2_vl, "qwen2"),
     "qwen2_5_vl": (build_qwen2_5_vl, "qwen2"), "qwen3_vl": (build_qwen3_vl, "qwen3"),
     "mistral3": (build_mistral3, "mistral"), "qwen3_5": (build_qwen3_5, "qwen3_next"),
@@ -1212,6 +1236,10 @@ FEATURES = {
     # batch E
     "exaone4_5": (build_exaone4_5, "Exaone4_5_ForConditionalGeneration", qwen_vl_image),
     "hyperclovax_vision_v2": (build_hyperclovax_vision_v2, "HyperCLOVAXVisionV2ForConditionalGeneration", qwen_vl_image),
+    # gemma 4 (4 x 4 patches of 4 pixels, pooled 2 x 2 by its vision tower) and gemma 4 unified (2 x 2 patches of 8 x 8
+    # pixels, embedded as they are)
+    "gemma4": (build_gemma4, "Gemma4ForConditionalGeneration", lambda: gemma4_pixels(4, 48)),
+    "gemma4_unified": (build_gemma4_unified, "Gemma4UnifiedForConditionalGeneration", lambda: gemma4_pixels(2, 192)),
 }
 
 
@@ -1371,6 +1399,42 @@ def test_seme_merges_gemma4_beside_its_vision_and_audio_towers(tmp_path):
         torch.testing.assert_close(merged[name], expected, msg=name)
     model = transformers.Gemma4ForConditionalGeneration.from_pretrained(tmp_path / "out")
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 9]])).logits).all()
+
+
+def gemma4_unified_prompt() -> dict:
+    """An image of 2 x 2 patches, then a sound of 3 frames, each taking its tokens' places."""
+    return dict(gemma4_pixels(2, 192), input_ids=torch.tensor([[1, 5] + [292] * 4 + [9] + [296] * 3 + [11]]),
+                input_features=torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(1)),
+                input_features_mask=torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_gemma4_unified_merges_end_to_end(tmp_path):
+    """Fine-tunes of one Gemma 4 unified merged by task_arithmetic and by SeMe (which merges them unturned: its
+    language model normalises its sublayers' outputs before the add): each output reloads in transformers, every
+    tensor where the model keeps it, and generates from a prompt with an image and a sound."""
+    import json
+
+    import transformers
+
+    a = perturbed(build_gemma4_unified(tmp_path / "a", 0))
+    b, c = fine_tune(a, tmp_path / "b", 1), fine_tune(a, tmp_path / "c", 2)
+    arch = architectures.for_config(json.loads((Path(a) / "config.json").read_text()), tensor_names(a))
+    assert arch.name == "gemma4" and arch.projected and arch.rotation_obstacles() == [
+        "its sublayer outputs are normalised before the residual add"]
+    recipes = {
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": a, "parameters": {"weight": 0.5},
+                            "models": [{"model": b}, {"model": c}]},
+        "seme": {"merge_method": "seme", "base_model": a, "models": [{"model": a}, {"model": b}, {"model": c}]},
+    }
+    for name, r in recipes.items():
+        seme.merge({**r, "dtype": "float32"}, str(tmp_path / name), progress=False)
+        assert load_folder(tmp_path / name).keys() == load_folder(a).keys()
+        model, info = transformers.Gemma4UnifiedForConditionalGeneration.from_pretrained(
+            tmp_path / name, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
+        prompt = gemma4_unified_prompt()
+        out = model.eval().generate(**prompt, max_new_tokens=3, do_sample=False)
+        assert out.shape == (1, prompt["input_ids"].shape[1] + 3), name
 
 
 @pytest.mark.parametrize("wrapper", ["mllama", "emu3"])

@@ -11,7 +11,9 @@ from __future__ import annotations
 TEXT = "text_decoder"
 # Checked in order: a projector may sit inside the vision part (Qwen2-VL's visual.merger; MiniCPM-V 4.6's
 # merger sits beside it). Gemma 3n and 4 embed images and sounds into the language model's stream with
-# embed_vision / embed_audio; Llava-NeXT's image_newline is appended to its projected image features.
+# embed_vision / embed_audio (Gemma 4 unified's checkpoints keep the patch embedding before embed_vision's
+# projection as vision_embedder: it has no vision tower); Llava-NeXT's image_newline is appended to its
+# projected image features.
 # Projectors by other names: Idefics3's connector, DeepSeek-VL's and Janus's aligner, LightOnOCR's
 # vision_projection, InternVL-chat's (Qianfan-OCR's) mlp1, VideoLLaMA3's projector, HyperCLOVAX-SEED
 # Vision's vision_projector, Nemotron-H Omni's sound_projection, and MiniMax-M3's patch_merge_mlp (after its
@@ -25,7 +27,8 @@ TEXT = "text_decoder"
 # 4.5 VL's is its resampler_model.
 MARKERS = (
     ("multi_modal_projector", ("multi_modal_projector", "mm_projector", "merger", "embed_vision",
-                               "embed_audio", "image_newline", "connector", "aligner", "generation_aligner",
+                               "vision_embedder", "embed_audio", "image_newline", "connector", "aligner",
+                               "generation_aligner",
                                "generation_embeddings", "generation_head", "visual_embeddings_table",
                                "vision_projection", "mlp1", "projector", "patch_merge_mlp",
                                "vision_projector", "sound_projection", "pre_mm_projector_norm", "patch_merger",
