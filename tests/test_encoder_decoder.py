@@ -1,6 +1,6 @@
-"""Encoder-decoder families (T5 and its kin, Whisper): their role tables, their parts as mergekit's
-per-module recipes name them (encoder, decoder, shared), and merges of them, against mergekit's where
-mergekit can merge them (its 0.1.5 Whisper definition names no tensor right: model.decoderlayers.0...).
+"""Encoder-decoder families (T5 and its kin, Whisper, BART's, ProphetNet) and TrOCR's decoder: their role tables,
+their parts as mergekit's per-module recipes name them (encoder, decoder, shared), and merges of them, against
+mergekit's where mergekit can merge them (its 0.1.5 Whisper definition names no tensor right: model.decoderlayers.0...).
 """
 from __future__ import annotations
 
@@ -30,6 +30,12 @@ WHISPER = dict(vocab_size=96, d_model=32, encoder_layers=3, decoder_layers=2, en
 BART = dict(vocab_size=96, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
             pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2)
+PROPHETNET = dict(vocab_size=96, hidden_size=32, num_encoder_layers=3, num_decoder_layers=2, num_encoder_attention_heads=4,
+                  num_decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0, ngram=2, num_buckets=8,
+                  relative_max_distance=16)
+TROCR = dict(vocab_size=96, d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+             max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, cross_attention_hidden_size=24)
 FAMILIES = {  # "table:what" keys, as in test_architectures
     "t5": ("T5Config", "T5ForConditionalGeneration", dict(T5, feed_forward_proj="relu")),
     "t5:gated": ("T5Config", "T5ForConditionalGeneration", dict(T5, feed_forward_proj="gated-gelu")),
@@ -47,6 +53,28 @@ FAMILIES = {  # "table:what" keys, as in test_architectures
     "mbart:pegasus": ("PegasusConfig", "PegasusForConditionalGeneration", BART),
     "mbart:m2m_100": ("M2M100Config", "M2M100ForConditionalGeneration", BART),  # NLLB's dense models
     "mbart:blenderbot": ("BlenderbotConfig", "BlenderbotForConditionalGeneration", BART),
+    "mvp": ("MvpConfig", "MvpForConditionalGeneration", BART),
+    "mvp:prompt": ("MvpConfig", "MvpForConditionalGeneration", dict(BART, use_prompt=True, prompt_length=5, prompt_mid_dim=16)),
+    "bigbird_pegasus": ("BigBirdPegasusConfig", "BigBirdPegasusForConditionalGeneration",
+                        dict(BART, block_size=4, num_random_blocks=2, use_bias=True)),
+    "bigbird_pegasus:model": ("BigBirdPegasusConfig", "BigBirdPegasusModel", dict(BART, block_size=4, num_random_blocks=2)),
+    "led": ("LEDConfig", "LEDForConditionalGeneration", dict(BART, attention_window=4, max_encoder_position_embeddings=64,
+                                                             max_decoder_position_embeddings=64)),
+    "led:model": ("LEDConfig", "LEDModel", dict(BART, attention_window=4, max_encoder_position_embeddings=64,
+                                                max_decoder_position_embeddings=64)),  # saved without 'led.'
+    "trocr": ("TrOCRConfig", "TrOCRForCausalLM", TROCR),
+    "trocr:sinusoidal": ("TrOCRConfig", "TrOCRForCausalLM", dict(TROCR, use_learned_position_embeddings=False,
+                                                                 layernorm_embedding=False, tie_word_embeddings=False)),
+    "longt5": ("LongT5Config", "LongT5ForConditionalGeneration", dict(T5, encoder_attention_type="local", local_radius=2)),
+    "longt5:transient-global": ("LongT5Config", "LongT5ForConditionalGeneration",
+                                dict(T5, encoder_attention_type="transient-global", local_radius=2, global_block_size=2)),
+    "longt5:encoder": ("LongT5Config", "LongT5EncoderModel", dict(T5, encoder_attention_type="transient-global")),
+    # sparse_step 2 of 4 layers: layers 1 and 3 have experts, 0 and 2 a dense feed-forward
+    "switch_transformers": ("SwitchTransformersConfig", "SwitchTransformersForConditionalGeneration",
+                            dict(T5, num_layers=4, num_decoder_layers=2, num_experts=4, num_sparse_encoder_layers=2,
+                                 num_sparse_decoder_layers=1, expert_capacity=8)),
+    "prophetnet": ("ProphetNetConfig", "ProphetNetForConditionalGeneration", PROPHETNET),
+    "prophetnet:model": ("ProphetNetConfig", "ProphetNetModel", PROPHETNET),  # saved without 'prophetnet.'
 }
 LAYER = re.compile(r"\.(?:block|layers)\.(\d+)\.")
 VECTORS = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_bias"}
@@ -58,12 +86,16 @@ def build(key: str, seed: int = 0, **extra):
 
 def run(model, key: str):
     ids = torch.arange(1, 6).unsqueeze(0)
-    if key.startswith(("bart", "mbart")):
+    if key.startswith("led"):  # the first token attends globally: query_global, key_global and value_global run
+        return model(input_ids=ids, decoder_input_ids=ids[:, :3], global_attention_mask=(ids == 1).long())
+    if key.startswith("trocr"):  # an image encoder's output, cross_attention_hidden_size wide
+        return model(input_ids=ids, encoder_hidden_states=torch.randn(1, 4, TROCR["cross_attention_hidden_size"]))
+    if key.startswith(("bart", "mbart", "mvp", "bigbird_pegasus", "prophetnet")):
         return model(input_ids=ids, decoder_input_ids=ids[:, :3])
     if key.startswith("whisper"):
         return model(input_features=torch.randn(1, WHISPER["num_mel_bins"], 2 * WHISPER["max_source_positions"]),
                      decoder_input_ids=ids)
-    return model(input_ids=ids) if key == "t5:encoder" else model(input_ids=ids, decoder_input_ids=ids[:, :3])
+    return model(input_ids=ids) if key.endswith(":encoder") else model(input_ids=ids, decoder_input_ids=ids[:, :3])
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +154,8 @@ def test_checkpoint_roles_and_parts(saved, key):
 def test_norm_feeds_read(saved, key):
     """Run the model: each read projection's input is its norm's output (the cross-attention's keys and
     values: the encoder's final norm's); in a post-LN family, a read without a norm reads the stream: its
-    layer's input, or the encoder's output."""
+    layer's input, or the encoder's output. Or rows of it: an expert's tokens, ProphetNet's main or predicting
+    streams, Longformer's global tokens (in sequence-first order)."""
     model, config, shapes = saved(key)
     arch = for_config(config)
     modules = dict(model.named_modules())
@@ -130,7 +163,8 @@ def test_norm_feeds_read(saved, key):
 
     def hook(name):
         def record(_, args, output):  # (T5's stacks take keywords only)
-            inputs[name], outputs[name] = args[0] if args else None, output
+            if name not in inputs:  # its first call (LongT5's transient-global k and v read the global block sums after)
+                inputs[name], outputs[name] = args[0] if args else None, output
         return record
 
     def module(tensor_name):  # in memory, as saved (WhisperModel's too: its names lack 'model.' both ways)
@@ -144,20 +178,28 @@ def test_norm_feeds_read(saved, key):
              for n in reads if arch.role(n).norm}
     watched = {module(n) for n in reads} | set(map(module, norms.values())) | {layer(arch.role(n)) for n in reads}
     handles = [modules[m].register_forward_hook(hook(m)) for m in watched]
-    handles.append(model.get_encoder().register_forward_hook(hook("encoder")))
+    if model.config.is_encoder_decoder:
+        handles.append(model.get_encoder().register_forward_hook(hook("encoder")))
     with torch.no_grad():
         run(model, key)
     for h in handles:
         h.remove()
     assert reads
+
+    def rows_of(x, y):  # each row of x is a row of y
+        x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        return x.shape[-1] == y.shape[-1] and bool((torch.cdist(x, y).min(dim=1).values < 1e-5).all())
+
     for name in reads:
+        if module(name) not in inputs and ".experts." in name:
+            continue  # an expert that no token was routed to
         x = inputs[module(name)]
         if name in norms:
             y = outputs[module(norms[name])]
-            assert x.shape == y.shape and torch.allclose(x, y), name
+            assert x.shape == y.shape and torch.allclose(x, y) or rows_of(x, y), name
         else:
-            stream = inputs[layer(arch.role(name))], outputs["encoder"][0]
-            assert any(x.shape == y.shape and torch.allclose(x, y) for y in stream), name
+            stream = inputs[layer(arch.role(name))], *([outputs["encoder"][0]] if "encoder" in outputs else [])
+            assert any(x.shape == y.shape and torch.allclose(x, y) or rows_of(x, y) for y in stream), name
 
 
 def family(tmp_path, key: str, n: int = 3, **extra) -> list[str]:
@@ -302,6 +344,44 @@ def test_bart_family_modules(key, tmp_path):
     run(transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "seme"), key)
 
 
+@pytest.mark.parametrize("key, prefix, depth_keys", [("mvp", "model.", ("encoder_layers", "decoder_layers")),
+                                                     ("bigbird_pegasus", "model.", ("encoder_layers", "decoder_layers")),
+                                                     ("led", "led.", ("encoder_layers", "decoder_layers")),
+                                                     ("prophetnet", "prophetnet.", ("num_encoder_layers", "num_decoder_layers")),
+                                                     ("longt5:transient-global", "", ("num_layers", "num_decoder_layers"))])
+def test_sliced_stacks_load_and_run(key, prefix, depth_keys, tmp_path):
+    """Both stacks sliced: the output's depths follow, a layer comes from its slice's model, each stack's final
+    norm from its last slice's (BigBird-Pegasus's layernorm_embedding is one), and the output loads and runs."""
+    paths = family(tmp_path, key)
+    ours = merge(modules_recipe(paths, decoder_slices=True), tmp_path / "seme")
+    src = [load_folder(p) for p in paths]
+    config = json.load(open(tmp_path / "seme" / "config.json"))
+    assert (config[depth_keys[0]], config[depth_keys[1]]) == (4, 3)
+    stack = "block" if key.startswith("longt5") else "layers"
+    moved = next(n for n in src[1] if n.startswith(f"{prefix}encoder.{stack}.2."))
+    assert torch.equal(ours[moved.replace(f".{stack}.2.", f".{stack}.3.")], src[1][moved])
+    for name in (f"{prefix}encoder.layernorm_embedding.weight", f"{prefix}decoder.layernorm_embedding.weight"):
+        if key == "bigbird_pegasus":  # the encoder's last slice is model 1's, the decoder's model 0's
+            assert torch.equal(ours[name], src[0 if ".decoder." in name else 1][name]), name
+    model = getattr(transformers, FAMILIES[key][1]).from_pretrained(tmp_path / "seme")
+    run(model, key)
+
+
+def test_mvp_prompts_keep_their_layers_in_place(tmp_path):
+    # prompt_trans packs a block of keys and values per layer of its stack: slices that move layers are refused,
+    # a merge of whole models is not
+    paths = family(tmp_path, "mvp:prompt", n=2)
+    with pytest.raises(SemeError, match=re.escape("modules.decoder: model.decoder.cross_attn_prompt.prompt_trans.2.bias "
+                                                  "packs a block for each of its 2 layers")):
+        merge(modules_recipe(paths + paths[:1], decoder_slices=True), tmp_path / "sliced")
+    ours = merge({"merge_method": "linear", "dtype": "float32",
+                  "models": [{"model": p, "parameters": {"weight": 0.5}} for p in paths]}, tmp_path / "seme")
+    src = [load_folder(p) for p in paths]
+    name = "model.decoder.cross_attn_prompt.prompt_trans.2.weight"
+    torch.testing.assert_close(ours[name], 0.5 * src[0][name] + 0.5 * src[1][name])
+    run(transformers.MvpForConditionalGeneration.from_pretrained(tmp_path / "seme"), "mvp:prompt")
+
+
 def test_a_part_keeps_its_own_depth_key(tmp_path):
     # T5's encoder and decoder of equal depth: slicing the decoder changes num_decoder_layers alone
     paths = family(tmp_path, "t5:gated", num_decoder_layers=3)
@@ -369,10 +449,13 @@ def test_tokens_of_two_vocabularies_are_not_remapped(two_vocabularies, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("key", ["t5:gated", "whisper"])
+@pytest.mark.parametrize("key", ["t5:gated", "whisper", "mvp", "bigbird_pegasus", "led", "longt5", "switch_transformers",
+                                 "prophetnet", "trocr"])
 def test_seme_refuses_an_encoder_decoder_model(key, tmp_path):
     paths = family(tmp_path, key, n=2)
     recipe = {"merge_method": "seme", "base_model": paths[0], "models": [{"model": p} for p in paths]}
-    with pytest.raises(SemeError, match=r"is no decoder-only language model with a causal LM head \((t5|whisper), of modules "
-                                        r"encoder, .*two streams joined by cross-attention"):
+    streams = "an image encoder's stream" if key == "trocr" else "two streams joined by cross-attention"
+    family_name = key.split(":")[0]
+    with pytest.raises(SemeError, match=rf"^[^\n]* is no decoder-only language model with a causal LM head "
+                                        rf"\({family_name}, of modules (encoder|decoder)[^\n]*{streams}[^\n]*$"):
         seme.merge(yaml.safe_dump(recipe), str(tmp_path / "out"), progress=False)

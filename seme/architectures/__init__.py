@@ -33,10 +33,11 @@ gains then scale the stream itself, and a rotation of it does not commute with t
 ``gainless_norms`` marks a family whose norms have no weights (OLMo 1's non-parametric LayerNorm):
 its reads have no ``norm`` to fold, yet read the normalised stream, not the raw one.
 ``rotation_obstacles`` names what keeps a family from being turned. A template may hold
-``{expert}`` (a mixture of experts' per-expert tensors) or ``{head}`` (per-head norms) after
-``{layer}``: the role is the same for every index, and the concrete template keeps it. A tensor
-outside the layers that packs one block per layer (Gemma's per-layer token tables) gives the axis in
-``layer_blocks``: seme.plan refuses merges that would move or drop its layers' blocks.
+``{expert}`` (a mixture of experts' per-expert tensors; ``expert_{expert}`` where each expert's module is named
+so: Switch Transformers') or ``{head}`` (per-head norms) after ``{layer}``: the role is the same for every
+index, and the concrete template keeps it. A tensor outside the layers that packs one block per layer
+(Gemma's per-layer token tables) gives the axis in ``layer_blocks``: seme.plan refuses merges that would
+move or drop its layers' blocks.
 A ``layout`` ``either`` marks fused experts that checkpoints keep both ways (Qwen3-VL-MoE's: [E, in, out] on
 the Hub, [E, out, in] as transformers 5 saves them): ``orientation`` tells which from the tensor's shape.
 
@@ -101,8 +102,9 @@ VOCAB_ROLES = ("embedding", "lm_head", "lm_head_bias", "token_table")  # a row p
 LAYOUTS = ("out_in", "in_out", "either")
 NORM_TYPES = ("rms_norm", "layer_norm")
 
-# A decimal path segment: the candidate layer index of a name.
-_SEGMENT = re.compile(r"(?:^|(?<=\.))\d+(?=\.|$)")
+# A decimal path segment, or the index of an `expert_N` segment (Switch Transformers' experts): the candidate
+# layer or expert index of a name.
+_SEGMENT = re.compile(r"(?:^|(?<=\.)|(?<=\.expert_))\d+(?=\.|$)")
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
