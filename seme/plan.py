@@ -194,9 +194,13 @@ def _add_layers(builder, slices, layer_range, stack: str | None = None) -> list[
 
 def _check_layer_blocks(arch, names, layer_sources, depth: int, where: str = "") -> None:
     """Tensors that pack a block per layer (Gemma's per-layer token tables) are merged whole: their
-    blocks fit the output only where its layer i is layer i of a source, for each of the `depth`."""
+    blocks fit the output only where its layer i is layer i of a source, for each of the `depth`; a family with
+    fixed_layers keeps every layer in place."""
     if [layer for _, layer in layer_sources] == list(range(depth)):
         return
+    if arch.fixed_layers:
+        raise SemeError(f"{where}slices move, drop or repeat layers of {arch.name}, whose layers must stay in place: "
+                        f"{arch.fixed_layers}")
     packed = [n for n in names if arch.role(n) is not None and arch.role(n).layer_blocks is not None]
     if packed:
         raise SemeError(f"{where}{packed[0]} packs a block for each of its {depth} layers: slices that move or drop "

@@ -382,6 +382,22 @@ def test_mvp_prompts_keep_their_layers_in_place(tmp_path):
     run(transformers.MvpForConditionalGeneration.from_pretrained(tmp_path / "seme"), "mvp:prompt")
 
 
+def test_switch_transformers_keep_their_layers_in_place(tmp_path):
+    # the config's sparse step, recomputed from the depth, says which layers have experts: slices that move
+    # layers are refused (the output loaded with new feed-forwards); a merge of whole models is not
+    paths = family(tmp_path, "switch_transformers")
+    with pytest.raises(SemeError, match=re.escape("modules.encoder: slices move, drop or repeat layers of "
+                                                  "switch_transformers, whose layers must stay in place")):
+        merge(modules_recipe(paths), tmp_path / "sliced")
+    assert not (tmp_path / "sliced").exists()
+    ours = merge({"merge_method": "ties", "dtype": "float32", "base_model": paths[0],
+                  "models": [{"model": p, "parameters": {"weight": 0.5, "density": 0.5}} for p in paths[1:]]},
+                 tmp_path / "seme")
+    assert any(".experts.expert_3." in n for n in ours)
+    run(transformers.SwitchTransformersForConditionalGeneration.from_pretrained(tmp_path / "seme"),
+        "switch_transformers")
+
+
 def test_a_part_keeps_its_own_depth_key(tmp_path):
     # T5's encoder and decoder of equal depth: slicing the decoder changes num_decoder_layers alone
     paths = family(tmp_path, "t5:gated", num_decoder_layers=3)

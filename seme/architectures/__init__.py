@@ -37,7 +37,8 @@ its reads have no ``norm`` to fold, yet read the normalised stream, not the raw 
 so: Switch Transformers') or ``{head}`` (per-head norms) after ``{layer}``: the role is the same for every
 index, and the concrete template keeps it. A tensor outside the layers that packs one block per layer
 (Gemma's per-layer token tables) gives the axis in ``layer_blocks``: seme.plan refuses merges that would
-move or drop its layers' blocks.
+move or drop its layers' blocks. A family whose config decides each layer's tensors by its index and the depth
+(Switch Transformers' sparse step) says why in ``fixed_layers``: slices that move, drop or repeat layers are refused.
 A ``layout`` ``either`` marks fused experts that checkpoints keep both ways (Qwen3-VL-MoE's: [E, in, out] on
 the Hub, [E, out, in] as transformers 5 saves them): ``orientation`` tells which from the tensor's shape.
 
@@ -158,6 +159,7 @@ class Architecture:
     unloaded: tuple[str, ...] = ()
     notes: str = ""
     unrotatable: str = ""  # why a rotation of the residual stream by the roles would change the function
+    fixed_layers: str = ""  # why slices may not move, drop or repeat its layers
     tensors: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
     variant: str = ""  # the config values that chose this variant ("" for the family's own table)
     settings_key: str = ""  # where config.json holds this family's settings ("text_config" in a multimodal model)
@@ -397,7 +399,7 @@ def _parse(data: dict) -> Architecture:
         norm_gain_offset=float(data["norm_gain_offset"]), norm_type=norm_type,
         normed_residual=data.get("normed_residual", False), gainless_norms=data.get("gainless_norms", False),
         base_prefix=data.get("base_prefix", ""), unloaded=tuple(data.get("unloaded", ())), notes=data.get("notes", ""),
-        unrotatable=data.get("unrotatable", ""),
+        unrotatable=data.get("unrotatable", ""), fixed_layers=data.get("fixed_layers", ""),
         parts=tuple(Part(part, tuple(raw["prefixes"]), raw.get("depth_key"), tuple(raw.get("leading", ())))
                     for part, raw in data.get("parts", {}).items()),
     )
