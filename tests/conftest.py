@@ -64,6 +64,11 @@ OTHER_CLASSES = {
     "electra": ("ElectraConfig", "ElectraForMaskedLM", {"embedding_size": 32}),
     "roberta_prelayernorm": ("RobertaPreLayerNormConfig", "RobertaPreLayerNormForMaskedLM", {}),
     "xlm_roberta_xl": ("XLMRobertaXLConfig", "XLMRobertaXLForSequenceClassification", {}),
+    # encoders 3
+    "data2vec_text": ("Data2VecTextConfig", "Data2VecTextForMaskedLM", {}),
+    "xmod": ("XmodConfig", "XmodForMaskedLM", {"languages": ["en_XX", "de_DE"], "default_language": "en_XX"}),
+    "megatron_bert": ("MegatronBertConfig", "MegatronBertForMaskedLM", {}),
+    "bert_generation": ("BertGenerationConfig", "BertGenerationDecoder", {"is_decoder": True}),
 }
 
 
