@@ -69,6 +69,9 @@ OTHER_CLASSES = {
     "xmod": ("XmodConfig", "XmodForMaskedLM", {"languages": ["en_XX", "de_DE"], "default_language": "en_XX"}),
     "megatron_bert": ("MegatronBertConfig", "MegatronBertForMaskedLM", {}),
     "bert_generation": ("BertGenerationConfig", "BertGenerationDecoder", {"is_decoder": True}),
+    "big_bird": ("BigBirdConfig", "BigBirdForMaskedLM", {"attention_type": "original_full"}),
+    "rembert": ("RemBertConfig", "RemBertForMaskedLM", {"input_embedding_size": 16, "output_embedding_size": 24}),
+    "roformer": ("RoFormerConfig", "RoFormerForMaskedLM", {}),
 }
 
 

@@ -31,6 +31,7 @@ DEBERTA_V3 = dict(ENCODER, relative_attention=True, position_buckets=8, norm_rel
                   pos_att_type="p2c|c2p", position_biased_input=False)
 MODERNBERT = dict(ENCODER, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
                   mask_token_id=3, global_attn_every_n_layers=2, local_attention=4)
+REMBERT = dict(ENCODER, input_embedding_size=16, output_embedding_size=24)
 XMOD = dict(ENCODER, languages=["en_XX", "de_DE"], default_language="en_XX")
 CROSS_ATTENTION = dict(ENCODER, is_decoder=True, add_cross_attention=True)  # BERT as a seq2seq decoder
 DISTILBERT = dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=128, max_position_embeddings=64)
@@ -438,6 +439,17 @@ FAMILIES = {
     "bert_generation:encoder": ("BertGenerationConfig", "BertGenerationEncoder", ENCODER),
     "bert_generation:cross": ("BertGenerationConfig", "BertGenerationDecoder", CROSS_ATTENTION),
     "bert:cross": ("BertConfig", "BertLMHeadModel", CROSS_ATTENTION),
+    # BERT's tensors, block-sparse attention; a question-answering head with an MLP sublayer of its own
+    "big_bird": ("BigBirdConfig", "BigBirdForPreTraining", ENCODER),
+    "big_bird:seqcls": ("BigBirdConfig", "BigBirdForSequenceClassification", ENCODER),
+    "big_bird:qa": ("BigBirdConfig", "BigBirdForQuestionAnswering", ENCODER),
+    # input and output embeddings narrower than the stream, each a table of its own
+    "rembert": ("RemBertConfig", "RemBertForMaskedLM", REMBERT),
+    "rembert:seqcls": ("RemBertConfig", "RemBertForSequenceClassification", REMBERT),
+    "rembert:tokcls": ("RemBertConfig", "RemBertForTokenClassification", REMBERT),
+    # rotary positions; embeddings narrower than the stream (projected into it) or as wide
+    "roformer": ("RoFormerConfig", "RoFormerForMaskedLM", dict(ENCODER, embedding_size=16)),
+    "roformer:seqcls": ("RoFormerConfig", "RoFormerForSequenceClassification", dict(ENCODER, embedding_size=32)),
     # mllama, emu3, phi-4-multimodal
     # a self-attention layer, then a cross-attention layer (cross_attention_layers lists its index)
     "mllama": ("MllamaTextConfig", "MllamaForCausalLM", dict(DECODER, cross_attention_layers=[1], pad_token_id=0,
@@ -595,6 +607,8 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("xmod", {"adapter_reuse_layer_norm": False}),  # the adapters read the stream raw
     ("xmod", {"ln_before_adapter": False}),
     ("megatron_bert", {"tie_word_embeddings": False}),
+    ("roformer", {"embedding_size": 32}),  # BERT's masked-LM head
+    ("roformer", {"embedding_size": 32, "tie_word_embeddings": False}),
     # mllama, emu3, phi-4-multimodal
     ("mllama", {"cross_attention_layers": [0]}),  # the cross-attention layer first
     ("llama:emu3_text_model", {"attention_bias": True, "mlp_bias": True}),
@@ -695,7 +709,9 @@ def test_checkpoint_roles(saved, case):
 
     # Completeness: every required template exists at every layer (lm_head only when untied).
     tied = arch.tied(config)
-    assert tied == (not any(arch.role(n).role == "lm_head" for n in shapes))
+    # (or no embedding in the stream to tie a head to: RemBERT's output table is its own)
+    assert tied == (not any(arch.role(n).role == "lm_head" for n in shapes)) or not any(
+        arch.role(n).role == "embedding" for n in shapes)
     assert tied == model.config.tie_word_embeddings
     experts = range(next((config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
                           if config.get(k)), 0))
@@ -1148,6 +1164,9 @@ def test_encoders_3_roles_follow_the_config():
     assert cross.role("bert.encoder.layer.1.intermediate.dense.weight").norm == \
         "bert.encoder.layer.1.crossattention.output.LayerNorm.weight"
     assert for_config({"architectures": ["BertLMHeadModel"]}).role("bert.encoder.layer.1.crossattention.output.dense.weight") is None
+    # RoFormer's multiple-choice summary is the last token itself: its classifier reads the stream
+    assert for_config({"architectures": ["RoFormerForMultipleChoice"], "embedding_size": 16,
+                       "hidden_size": 32}).role("classifier.weight").role == "read"
 
 
 def test_an_unloaded_module_keeps_its_names_beside_a_nested_language_model():
@@ -1231,7 +1250,8 @@ def test_loader_imports_only_stdlib():
 
 @pytest.mark.parametrize("family", ["deberta_v2", "deberta", "modernbert", "electra", "electra:mlm", "roberta_prelayernorm",
                                     "xlm_roberta_xl",
-                                    "data2vec_text", "xmod", "megatron_bert:tokcls", "bert_generation"])  # encoders 3
+                                    "data2vec_text", "xmod", "megatron_bert:tokcls", "bert_generation", "big_bird:seqcls",
+                                    "rembert", "roformer"])  # encoders 3
 def test_an_encoder_2_merges_end_to_end(family, tmp_path):
     """task_arithmetic of three fine-tunes over slices that repeat the last layer: the merged model reloads in
     transformers at its new depth and runs."""
