@@ -1164,6 +1164,9 @@ def test_encoders_3_roles_follow_the_config():
     assert cross.role("bert.encoder.layer.1.intermediate.dense.weight").norm == \
         "bert.encoder.layer.1.crossattention.output.LayerNorm.weight"
     assert for_config({"architectures": ["BertLMHeadModel"]}).role("bert.encoder.layer.1.crossattention.output.dense.weight") is None
+    # ELECTRA's multiple-choice summary projects the first token (a read; the classifier reads its output)
+    choice = for_config({"architectures": ["ElectraForMultipleChoice"], "embedding_size": 16, "hidden_size": 32})
+    assert [choice.role(n).role for n in ("sequence_summary.summary.weight", "classifier.weight")] == ["read", "inner"]
     # RoFormer's multiple-choice summary is the last token itself: its classifier reads the stream
     assert for_config({"architectures": ["RoFormerForMultipleChoice"], "embedding_size": 16,
                        "hidden_size": 32}).role("classifier.weight").role == "read"
