@@ -64,6 +64,14 @@ OTHER_CLASSES = {
     "electra": ("ElectraConfig", "ElectraForMaskedLM", {"embedding_size": 32}),
     "roberta_prelayernorm": ("RobertaPreLayerNormConfig", "RobertaPreLayerNormForMaskedLM", {}),
     "xlm_roberta_xl": ("XLMRobertaXLConfig", "XLMRobertaXLForSequenceClassification", {}),
+    # encoders 3
+    "data2vec_text": ("Data2VecTextConfig", "Data2VecTextForMaskedLM", {}),
+    "xmod": ("XmodConfig", "XmodForMaskedLM", {"languages": ["en_XX", "de_DE"], "default_language": "en_XX"}),
+    "megatron_bert": ("MegatronBertConfig", "MegatronBertForMaskedLM", {}),
+    "bert_generation": ("BertGenerationConfig", "BertGenerationDecoder", {"is_decoder": True}),
+    "big_bird": ("BigBirdConfig", "BigBirdForMaskedLM", {"attention_type": "original_full"}),
+    "rembert": ("RemBertConfig", "RemBertForMaskedLM", {"input_embedding_size": 16, "output_embedding_size": 24}),
+    "roformer": ("RoFormerConfig", "RoFormerForMaskedLM", {}),
 }
 
 

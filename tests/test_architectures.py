@@ -31,6 +31,9 @@ DEBERTA_V3 = dict(ENCODER, relative_attention=True, position_buckets=8, norm_rel
                   pos_att_type="p2c|c2p", position_biased_input=False)
 MODERNBERT = dict(ENCODER, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
                   mask_token_id=3, global_attn_every_n_layers=2, local_attention=4)
+REMBERT = dict(ENCODER, input_embedding_size=16, output_embedding_size=24)
+XMOD = dict(ENCODER, languages=["en_XX", "de_DE"], default_language="en_XX")
+CROSS_ATTENTION = dict(ENCODER, is_decoder=True, add_cross_attention=True)  # BERT as a seq2seq decoder
 DISTILBERT = dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=128, max_position_embeddings=64)
 ASSISTANT_TEXT = dict(DECODER, head_dim=8, global_head_dim=16, layer_types=["sliding_attention", "full_attention"])
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4)
@@ -421,6 +424,33 @@ FAMILIES = {
     "xlm_roberta_xl": ("XLMRobertaXLConfig", "XLMRobertaXLForMaskedLM", ENCODER),
     "xlm_roberta_xl:seqcls": ("XLMRobertaXLConfig", "XLMRobertaXLForSequenceClassification", ENCODER),
     "xlm_roberta_xl:qa": ("XLMRobertaXLConfig", "XLMRobertaXLForQuestionAnswering", ENCODER),
+    # encoders 3
+    # RoBERTa's layers under data2vec_text.; X-MOD's with an adapter per language (named by the config)
+    "data2vec_text": ("Data2VecTextConfig", "Data2VecTextForMaskedLM", ENCODER),
+    "data2vec_text:seqcls": ("Data2VecTextConfig", "Data2VecTextForSequenceClassification", ENCODER),
+    "data2vec_text:tokcls": ("Data2VecTextConfig", "Data2VecTextForTokenClassification", ENCODER),
+    "xmod": ("XmodConfig", "XmodForMaskedLM", XMOD),
+    "xmod:seqcls": ("XmodConfig", "XmodForSequenceClassification", XMOD),
+    # pre-LN BERT, a norm after the last layer for the heads
+    "megatron_bert": ("MegatronBertConfig", "MegatronBertForPreTraining", ENCODER),
+    "megatron_bert:tokcls": ("MegatronBertConfig", "MegatronBertForTokenClassification", ENCODER),
+    "megatron_bert:qa": ("MegatronBertConfig", "MegatronBertForQuestionAnswering", ENCODER),
+    # BERT without token types or pooler; a decoder whose cross-attention reads stand-in encoder states
+    "bert_generation": ("BertGenerationConfig", "BertGenerationDecoder", ENCODER),
+    "bert_generation:encoder": ("BertGenerationConfig", "BertGenerationEncoder", ENCODER),
+    "bert_generation:cross": ("BertGenerationConfig", "BertGenerationDecoder", CROSS_ATTENTION),
+    "bert:cross": ("BertConfig", "BertLMHeadModel", CROSS_ATTENTION),
+    # BERT's tensors, block-sparse attention; a question-answering head with an MLP sublayer of its own
+    "big_bird": ("BigBirdConfig", "BigBirdForPreTraining", ENCODER),
+    "big_bird:seqcls": ("BigBirdConfig", "BigBirdForSequenceClassification", ENCODER),
+    "big_bird:qa": ("BigBirdConfig", "BigBirdForQuestionAnswering", ENCODER),
+    # input and output embeddings narrower than the stream, each a table of its own
+    "rembert": ("RemBertConfig", "RemBertForMaskedLM", REMBERT),
+    "rembert:seqcls": ("RemBertConfig", "RemBertForSequenceClassification", REMBERT),
+    "rembert:tokcls": ("RemBertConfig", "RemBertForTokenClassification", REMBERT),
+    # rotary positions; embeddings narrower than the stream (projected into it) or as wide
+    "roformer": ("RoFormerConfig", "RoFormerForMaskedLM", dict(ENCODER, embedding_size=16)),
+    "roformer:seqcls": ("RoFormerConfig", "RoFormerForSequenceClassification", dict(ENCODER, embedding_size=32)),
     # mllama, emu3, phi-4-multimodal
     # a self-attention layer, then a cross-attention layer (cross_attention_layers lists its index)
     "mllama": ("MllamaTextConfig", "MllamaForCausalLM", dict(DECODER, cross_attention_layers=[1], pad_token_id=0,
@@ -448,9 +478,20 @@ FORWARD_INPUTS = {
         inputs_embeds=torch.randn(1, 1, 96, generator=torch.Generator().manual_seed(4)),
         shared_kv_states={kind: (torch.randn(1, 2, 8, width), torch.randn(1, 2, 8, width))
                           for kind, width in (("sliding_attention", 8), ("full_attention", 16))}),
+    # BERT's cross-attention reads an encoder's output (its key and value)
+    "bert:cross": lambda: dict(encoder_hidden_states=torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(4))),
+    "bert_generation:cross": lambda: dict(encoder_hidden_states=torch.randn(1, 5, 32,
+                                                                            generator=torch.Generator().manual_seed(4))),
 }
 # Rows of the embedding beyond the head's (Mllama's 8: its image token is id vocab_size)
 EXTRA_EMBEDDING_ROWS = {"mllama": 8}
+
+
+def forward_inputs(key):
+    """What a FAMILIES key's model takes beside the token ids: its own entry's, else its table's."""
+    return FORWARD_INPUTS.get(key, FORWARD_INPUTS.get(family_of(key), dict))()
+
+
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
 # nemotron_h's backbone).
 MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "granitemoe",
@@ -579,6 +620,14 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("electra:tokcls", {"embedding_size": 32}),
     ("roberta_prelayernorm", {"tie_word_embeddings": False}),
     ("xlm_roberta_xl", {"tie_word_embeddings": False}),
+    # encoders 3
+    ("data2vec_text", {"tie_word_embeddings": False}),
+    ("xmod", {"adapter_layer_norm": True}),  # the adapters' own norm
+    ("xmod", {"adapter_reuse_layer_norm": False}),  # the adapters read the stream raw
+    ("xmod", {"ln_before_adapter": False}),
+    ("megatron_bert", {"tie_word_embeddings": False}),
+    ("roformer", {"embedding_size": 32}),  # BERT's masked-LM head
+    ("roformer", {"embedding_size": 32, "tie_word_embeddings": False}),
     # mllama, emu3, phi-4-multimodal
     ("mllama", {"cross_attention_layers": [0]}),  # the cross-attention layer first
     ("llama:emu3_text_model", {"attention_bias": True, "mlp_bias": True}),
@@ -711,7 +760,9 @@ def test_checkpoint_roles(saved, case):
 
     # Completeness: every required template exists at every layer (lm_head only when untied).
     tied = arch.tied(config)
-    assert tied == (not any(arch.role(n).role == "lm_head" for n in shapes))
+    # (or no embedding in the stream to tie a head to: RemBERT's output table is its own)
+    assert tied == (not any(arch.role(n).role == "lm_head" for n in shapes)) or not any(
+        arch.role(n).role == "embedding" for n in shapes)
     assert tied == model.config.tie_word_embeddings
     experts = range(next((config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
                           if config.get(k)), 0))
@@ -721,10 +772,12 @@ def test_checkpoint_roles(saved, case):
             if spec is None or spec.optional or (tied and spec.role == "lm_head"):
                 continue
             name = arch.layer_name(template, i) if i is not None else template
+            bare = lambda n: n in shapes or (arch.base_prefix and n.removeprefix(arch.base_prefix) in shapes)  # saved from
+            # the base model (BertGenerationEncoder)
             for e in experts if "{expert}" in template else [None]:
-                assert (name if e is None else name.replace("{expert}", str(e))) in shapes, template
+                assert bare(name if e is None else name.replace("{expert}", str(e))), template
             if spec.tied_to:
-                assert spec.tied_to in shapes
+                assert bare(spec.tied_to)
 
     # The in-memory state dict (which keeps a tied lm_head) is fully classified as well, where it
     # names tensors as checkpoints do (not a mixture of experts' fused ones).
@@ -789,7 +842,7 @@ def test_norm_feeds_read(saved, case):
                | layers | set().union(*writes.values()) if m in modules]
     handles = [modules[m].register_forward_hook(hook(m), with_kwargs=True) for m in watched]
     with torch.no_grad():
-        model(torch.arange(8).unsqueeze(0), **FORWARD_INPUTS.get(family_of(case[0]), dict)())
+        model(torch.arange(8).unsqueeze(0), **forward_inputs(case[0]))
     for h in handles:
         h.remove()
 
@@ -814,6 +867,11 @@ def test_norm_feeds_read(saved, case):
         added = [outputs[module(n)] for n in shapes if arch.role(n).layer == r.layer and (
             arch.role(n).role == "write_norm" or arch.gainless_norms and arch.role(n).role == "write")]
         candidates = itertools.chain([stream], (stream + a for a in sums(added, 1)))
+        if arch.normed_residual:  # post-LN: the residual is a norm's output, plus what later writes of the layer add
+            # (X-MOD's adapter that reads the stream raw, after the MLP's add)
+            layer = lambda role: [outputs[module(n)].reshape(stream.shape) for n in shapes if arch.role(n).role == role
+                                  and arch.role(n).layer == r.layer and outputs[module(n)].numel() == stream.numel()]
+            candidates = itertools.chain(candidates, (n + w for n in layer("norm") for w in sums(layer("write"), 1)))
         return any(torch.allclose(x.reshape(stream.shape), normalise(c)) for c in candidates)
 
     def weightless_norm(t):  # the norm of a family whose norms have no gains (OLMo 1's LayerNorm: eps 1e-5; NanoChat's)
@@ -823,6 +881,8 @@ def test_norm_feeds_read(saved, case):
 
     for name in (n for n in shapes if module(n) in modules):  # experts are fused in memory: no module each
         r = arch.role(name)
+        if r.role == "read" and torch.is_tensor(inputs.get(reader(name))) and not inputs[reader(name)].numel():
+            continue  # it ran on no token (X-MOD's adapter of a language the input is not in)
         if r.role == "read" and r.norm is None:
             assert on_stream(inputs[reader(name)], r, weightless_norm if arch.gainless_norms else lambda t: t), name
         elif r.role == "read":
@@ -895,7 +955,7 @@ def rotation_error(family, tmp_path) -> float:
     safetensors_torch.save_file({k: v.float() for k, v in turned.items()}, tmp_path / "rotated" / "model.safetensors")
     (tmp_path / "rotated" / "config.json").write_text(json.dumps(config))
     rotated = getattr(transformers, FAMILIES[family][1]).from_pretrained(tmp_path / "rotated").eval()
-    ids, inputs = torch.arange(3, 11).unsqueeze(0), FORWARD_INPUTS.get(family_of(family), dict)()
+    ids, inputs = torch.arange(3, 11).unsqueeze(0), forward_inputs(family)
     with torch.no_grad():
         expected, got = model(ids, **inputs).logits, rotated(ids, **inputs).logits
     return float((got - expected).norm() / expected.norm())
@@ -1138,6 +1198,31 @@ def test_encoders_2_roles_follow_the_config():
     assert conv.role("deberta.encoder.conv.LayerNorm.weight").role == "norm"
 
 
+def test_encoders_3_roles_follow_the_config():
+    """X-MOD's adapters are named by the config's languages (named_entries), whatever the variant; BERT's
+    cross-attention (add_cross_attention) reads the encoder's output with its key and value, and its LayerNorm then
+    feeds the MLP."""
+    xmod = {"architectures": ["XmodForSequenceClassification"], "languages": ["en_XX", "ta_IN"], "adapter_layer_norm": True}
+    adapter = "roberta.encoder.layer.4.output.adapter_modules.ta_IN.dense1.weight"
+    r = for_config(xmod).role(adapter)
+    assert (r.role, r.layer, r.norm) == ("read", 4, "roberta.encoder.layer.4.output.adapter_layer_norm.weight")
+    assert for_config(xmod).rename_layer(adapter, 7) == adapter.replace(".4.", ".7.")
+    assert for_config(dict(xmod, languages=["en_XX"])).role(adapter) is None
+    assert for_config(dict(xmod, adapter_layer_norm=False)).role(adapter).norm == "roberta.encoder.layer.4.output.LayerNorm.weight"
+    assert for_config(xmod) is for_config(dict(xmod))  # one object per variant and languages
+    cross = for_config({"architectures": ["BertLMHeadModel"], "add_cross_attention": True, "is_decoder": True})
+    assert cross.role("bert.encoder.layer.1.crossattention.self.key.weight").role == "inner"
+    assert cross.role("bert.encoder.layer.1.intermediate.dense.weight").norm == \
+        "bert.encoder.layer.1.crossattention.output.LayerNorm.weight"
+    assert for_config({"architectures": ["BertLMHeadModel"]}).role("bert.encoder.layer.1.crossattention.output.dense.weight") is None
+    # ELECTRA's multiple-choice summary projects the first token (a read; the classifier reads its output)
+    choice = for_config({"architectures": ["ElectraForMultipleChoice"], "embedding_size": 16, "hidden_size": 32})
+    assert [choice.role(n).role for n in ("sequence_summary.summary.weight", "classifier.weight")] == ["read", "inner"]
+    # RoFormer's multiple-choice summary is the last token itself: its classifier reads the stream
+    assert for_config({"architectures": ["RoFormerForMultipleChoice"], "embedding_size": 16,
+                       "hidden_size": 32}).role("classifier.weight").role == "read"
+
+
 def test_an_unloaded_module_keeps_its_names_beside_a_nested_language_model():
     """Qwen3.5's multi-token-prediction module (mtp.*, which transformers does not load) is described
     by the table, at the top level of the checkpoint, whether or not a multimodal model nests the
@@ -1218,7 +1303,9 @@ def test_loader_imports_only_stdlib():
 
 
 @pytest.mark.parametrize("family", ["deberta_v2", "deberta", "modernbert", "electra", "electra:mlm", "roberta_prelayernorm",
-                                    "xlm_roberta_xl"])
+                                    "xlm_roberta_xl",
+                                    "data2vec_text", "xmod", "megatron_bert:tokcls", "bert_generation", "big_bird:seqcls",
+                                    "rembert", "roformer"])  # encoders 3
 def test_an_encoder_2_merges_end_to_end(family, tmp_path):
     """task_arithmetic of three fine-tunes over slices that repeat the last layer: the merged model reloads in
     transformers at its new depth and runs."""

@@ -59,6 +59,8 @@ Where the config lists layer indices instead (Mllama's cross_attention_layers), 
 of the layers it lists; the others have the table's own tensors.
 ``layer_tensors`` overlays the roles of single layers by index, whatever the config (ModernBERT's first layer
 has no attention norm: its attention reads the stream raw).
+``named_entries`` binds a placeholder of the templates to the entries of a config list: X-MOD's
+``adapter_modules.{language}`` stand for one adapter per entry of its config's ``languages``, by name.
 ``unloaded`` lists the name prefixes of modules that checkpoints store but transformers does not load
 (Qwen3-Next's multi-token prediction, ``mtp.``): their tensors have roles, but they are no layers of
 the model's stack (seme.plan merges them after the decoder, as it does layers after the last).
@@ -170,6 +172,7 @@ class Architecture:
     listed_kind: str = ""  # the kind of the layers whose indices the config's layer_kinds_key lists ("": it lists kinds)
     kinds: tuple[str, ...] = ()  # each layer's kind, as the config that chose this table says ("": the table's own)
     layer_tensors: dict[int, dict[str, TensorSpec | None]] = field(default_factory=dict, repr=False)  # by layer index
+    named_entries: tuple[tuple[str, str], ...] = ()  # (placeholder, config key of the list of names it stands for)
     parts: tuple[Part, ...] = ()  # an encoder-decoder family's modules
     _cache: dict[str, TensorRole | None] = field(default_factory=dict, init=False, repr=False)
 
@@ -181,6 +184,9 @@ class Architecture:
     def variant_for(self, config: dict) -> Architecture:
         """The variant of this family that `config` describes, with its layers' kinds."""
         chosen = next((v for when, v in self.variants if all(_holds(config, k, value) for k, value in when.items())), self)
+        for placeholder, key in self.named_entries:
+            if isinstance(config.get(key), list):
+                chosen = _with_entries(chosen, placeholder, tuple(map(str, config[key])))
         kinds = config.get(self.layer_kinds_key) if self.layer_kinds_key else None
         if self.listed_kind and isinstance(kinds, list):  # indices of the layers of that kind
             kinds = [self.listed_kind if i in kinds else "" for i in range(max(kinds, default=-1) + 1)]
@@ -402,6 +408,7 @@ def _parse(data: dict) -> Architecture:
         unrotatable=data.get("unrotatable", ""), fixed_layers=data.get("fixed_layers", ""),
         parts=tuple(Part(part, tuple(raw["prefixes"]), raw.get("depth_key"), tuple(raw.get("leading", ())))
                     for part, raw in data.get("parts", {}).items()),
+        named_entries=tuple(data.get("named_entries", {}).items()),
     )
     kinds = data.get("layer_kinds", {})
     if kinds:
@@ -441,6 +448,19 @@ def _kind_specs(family: str, tensors: dict, overlay: dict, norm_type: str) -> di
 def _with_kinds(family: Architecture, kinds: tuple[str, ...]) -> Architecture:
     """`family` with its layers' kinds bound (one object per family and kinds)."""
     return replace(family, kinds=kinds)
+
+
+@cache
+def _with_entries(family: Architecture, placeholder: str, entries: tuple[str, ...]) -> Architecture:
+    """`family` with each template that holds `placeholder` written out once per entry (its norm too)."""
+    fill = lambda text, entry: text and text.replace(placeholder, entry)
+    tensors = {}
+    for template, spec in family.tensors.items():
+        if placeholder not in template:
+            tensors[template] = spec
+        for entry in entries if placeholder in template else ():
+            tensors[fill(template, entry)] = replace(spec, norm=fill(spec.norm, entry), tied_to=fill(spec.tied_to, entry))
+    return replace(family, tensors=tensors)
 
 
 def _norm_type(family: str, norm_type: str) -> str:
