@@ -1302,26 +1302,22 @@ def test_loader_imports_only_stdlib():
     assert not [node for node in ast.walk(errors) if isinstance(node, (ast.Import, ast.ImportFrom))]
 
 
-@pytest.mark.parametrize("family", ["deberta_v2", "deberta", "modernbert", "electra", "electra:mlm", "roberta_prelayernorm",
-                                    "xlm_roberta_xl",
-                                    "data2vec_text", "xmod", "megatron_bert:tokcls", "bert_generation", "big_bird:seqcls",
-                                    "rembert", "roformer"])  # encoders 3
-def test_an_encoder_2_merges_end_to_end(family, tmp_path):
-    """task_arithmetic of three fine-tunes over slices that repeat the last layer: the merged model reloads in
-    transformers at its new depth and runs."""
+def merged_with_a_repeated_layer(family: str, tmp_path, tuned: int):
+    """task_arithmetic of `tuned` fine-tunes over slices that repeat layer 1 (layers 0, 1, 1), reloaded in
+    transformers: (model, its loading info, the merged tensors)."""
     import yaml
 
     import seme
 
     base = perturbed(build(family, {}))
-    paths = [tmp_path / "base"] + [tmp_path / f"tuned{i}" for i in range(3)]
+    paths = [tmp_path / "base"] + [tmp_path / f"tuned{i}" for i in range(tuned)]
     base.save_pretrained(paths[0])
     g = torch.Generator().manual_seed(3)
     for path in paths[1:]:
-        tuned = build(family, {})
-        tuned.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+        model = build(family, {})
+        model.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
                                for k, v in base.state_dict().items()})
-        tuned.save_pretrained(path)
+        model.save_pretrained(path)
     sources = lambda layers: [{"model": str(p), "layer_range": layers, **({} if p == paths[0] else {
         "parameters": {"weight": 0.5}})} for p in paths]
     recipe = {"merge_method": "task_arithmetic", "base_model": str(paths[0]), "dtype": "float32",
@@ -1329,8 +1325,17 @@ def test_an_encoder_2_merges_end_to_end(family, tmp_path):
     seme.merge(yaml.safe_dump(recipe), str(tmp_path / "merged"), progress=False)
     merged, info = getattr(transformers, FAMILIES[family][1]).from_pretrained(tmp_path / "merged",
                                                                                output_loading_info=True)
+    return merged.eval(), info, safetensors_torch.load_file(tmp_path / "merged" / "model.safetensors")
+
+
+@pytest.mark.parametrize("family", ["deberta_v2", "deberta", "modernbert", "electra", "electra:mlm", "roberta_prelayernorm",
+                                    "xlm_roberta_xl",
+                                    "data2vec_text", "xmod", "megatron_bert:tokcls", "bert_generation", "big_bird:seqcls",
+                                    "rembert", "roformer"])  # encoders 3
+def test_an_encoder_2_merges_end_to_end(family, tmp_path):
+    """The merged model reloads in transformers at its new depth and runs."""
+    merged, info, state = merged_with_a_repeated_layer(family, tmp_path, tuned=3)
     assert merged.config.num_hidden_layers == 3 and not info["missing_keys"] and not info["unexpected_keys"], info
-    state = safetensors_torch.load_file(tmp_path / "merged" / "model.safetensors")
     repeated = [n for n in state if LAYER.search(n) and LAYER.search(n).group(1) == "2"]
     assert repeated and all(torch.equal(state[n], state[n.replace(".2.", ".1.")]) for n in repeated)
     with torch.no_grad():
@@ -1338,27 +1343,10 @@ def test_an_encoder_2_merges_end_to_end(family, tmp_path):
 
 
 def test_mllamas_listed_layers_follow_a_slice_merge(tmp_path):
-    """task_arithmetic of Mllama fine-tunes over slices that repeat its cross-attention layer (layers 0, 1, 1): the
-    config's cross_attention_layers lists the output's layers that are cross-attention layers of their model, so the
-    output reloads in transformers, runs with image features and generates."""
-    import yaml
-
-    import seme
-
-    base = perturbed(build("mllama", {}))
-    paths = [tmp_path / "base"] + [tmp_path / f"tuned{i}" for i in range(2)]
-    base.save_pretrained(paths[0])
-    g = torch.Generator().manual_seed(3)
-    for path in paths[1:]:
-        tuned = build("mllama", {})
-        tuned.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
-        tuned.save_pretrained(path)
-    sources = lambda layers: [{"model": str(p), "layer_range": layers, **({} if p == paths[0] else {
-        "parameters": {"weight": 0.5}})} for p in paths]
-    recipe = {"merge_method": "task_arithmetic", "base_model": str(paths[0]), "dtype": "float32",
-              "slices": [{"sources": sources([0, 2])}, {"sources": sources([1, 2])}]}
-    seme.merge(yaml.safe_dump(recipe), str(tmp_path / "merged"), progress=False)
-    merged, info = transformers.MllamaForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    """Slices that repeat Mllama's cross-attention layer: the config's cross_attention_layers lists the output's
+    layers that are cross-attention layers of their model, so the output reloads, runs with image features and
+    generates."""
+    merged, info, _ = merged_with_a_repeated_layer("mllama", tmp_path, tuned=2)
     assert merged.config.cross_attention_layers == [1, 2] and merged.config.num_hidden_layers == 3
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     with torch.no_grad():
