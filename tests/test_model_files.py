@@ -288,3 +288,15 @@ def test_a_merged_whisper_loads_with_autoprocessor_as_its_reference_does(tmp_pat
     for got, want in zip(*(p(audio=audio, sampling_rate=16000, text="the colour").values() for p in (merged, source))):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert merged.tokenizer.normalize("the colour") == source.tokenizer.normalize("the colour") == "the color"
+
+
+def test_a_rebuilt_whisper_tokenizer_keeps_its_normalizer(tmp_path):
+    # a union vocabulary's tokenizer is saved by transformers, which writes no normalizer.json
+    from test_vocabulary import renumbered
+    from transformers import AutoProcessor
+
+    models = [whisper(tmp_path / "a", 0), renumbered(whisper(tmp_path / "b", 1), tmp_path / "renumbered", "a", "b")]
+    out = merge(tmp_path, models, tokenizer_source="union")
+    merged = AutoProcessor.from_pretrained(out)
+    assert merged.tokenizer.get_vocab() != AutoProcessor.from_pretrained(models[1]).tokenizer.get_vocab()
+    assert merged.tokenizer.normalize("the colour") == "the color"

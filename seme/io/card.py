@@ -8,6 +8,7 @@ import shutil
 from seme.io.model import CHAT_TEMPLATES, PROCESSOR_CHAT_TEMPLATE
 
 PROCESSOR_CONFIG = "processor_config.json"
+WHISPER_NORMALIZER = "normalizer.json"
 SIGNATURE = "This model was merged with seme"  # how an earlier merge's output is recognised
 CARD = """---
 {base_models}library_name: transformers
@@ -48,7 +49,8 @@ def write_metadata(folder: str, plan, version: str, name: str, tokenizer: bool =
     tokenizer), processor files and the model card (titled `name`; with `card`) into `folder`.
 
     The tokenizer's files and chat templates are those of the tokenizer's model (Plan.tokenizer_model),
-    or a re-mapped vocabulary's tokenizer as transformers saves it, with that model's processor
+    or a re-mapped vocabulary's tokenizer as transformers saves it (and Whisper's normalizer.json, which it
+    does not save), with that model's processor
     template (chat_template.json, which tokenizers do not read); the recipe's chat_template replaces
     every template. The processor's files (image processor, feature extractor, ...) are those of the
     model whose architecture the output takes, bar a chat template in its processor_config.json,
@@ -68,6 +70,9 @@ def write_metadata(folder: str, plan, version: str, name: str, tokenizer: bool =
         _copy(source.path, folder, file)
     if built:
         plan.vocabulary.tokenizer.save_pretrained(folder)
+        # transformers does not save Whisper's spelling normaliser, which the vocabulary leaves as it is
+        if not os.path.exists(os.path.join(folder, WHISPER_NORMALIZER)):
+            _copy(source.path, folder, WHISPER_NORMALIZER)
     if plan.chat_template is not None:
         from seme import chat_template
 
