@@ -472,6 +472,11 @@ FAMILIES = {
     "beam": ("BeamConfig", "BeamForCausalLM", dict(
         DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_group=2, topk_group=1,
         mlp_layer_types=["dense", "sparse"], layer_types=["sliding_attention", "full_attention"], sliding_window=4)),
+    # a head never tied: the embedding holds prompt rows (3 types of 2) after the vocabulary's; segment embeddings
+    "cpmant": ("CpmAntConfig", "CpmAntForCausalLM", dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, dim_head=8, dim_ff=64, vocab_size=128,
+        prompt_types=3, prompt_length=2, segment_types=3, position_bias_num_buckets=8, position_bias_max_distance=16,
+        tie_word_embeddings=False)),
 }
 # What a family's model takes beside the token ids for every layer to run (Mllama's cross-attention layers run only
 # on image features: stand-ins of the stream's width, which its cross_attn.k_proj / v_proj read)
@@ -489,7 +494,7 @@ FORWARD_INPUTS = {
                                                                             generator=torch.Generator().manual_seed(4))),
 }
 # Rows of the embedding beyond the head's (Mllama's 8: its image token is id vocab_size)
-EXTRA_EMBEDDING_ROWS = {"mllama": 8}
+EXTRA_EMBEDDING_ROWS = {"mllama": 8, "cpmant": 6}  # CPM-Ant's: its prompt rows
 
 
 def forward_inputs(key):
@@ -947,8 +952,7 @@ def role_table(family):
     return for_config({**kwargs, "architectures": [model_cls], "model_type": family.split(":")[-1]})
 
 
-ROTATABLE = [f for f in FAMILIES if not role_table(f).rotation_obstacles()
-             and not any(s.role == "position_embedding" for s in role_table(f).tensors.values())]
+ROTATABLE = [f for f in FAMILIES if not role_table(f).rotation_obstacles()]
 
 
 def rotation_error(family, tmp_path, unit_write_norms=False) -> float:
@@ -1163,6 +1167,13 @@ def test_match_order():
     assert for_config({"architectures": ["LlamaForTokenClassification"], "model_type": "llama"}).name == "llama"
     assert for_config({"model_type": "gpt2"}).name == "gpt2"
     assert for_config({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2"}).name == "deepseek_v3"
+
+
+def test_a_head_never_tied():
+    # CpmAntConfig says tie_word_embeddings true by default, yet transformers ties nothing: checkpoints store the head
+    arch = for_config({"architectures": ["CpmAntForCausalLM"]})
+    assert not arch.tied({}) and not arch.tied({"tie_word_embeddings": True})
+    assert arch.role("lm_head.weight").tied_to is None
 
 
 def test_gpt2_without_base_prefix():
