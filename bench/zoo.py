@@ -282,7 +282,8 @@ def rotate(state: dict, arch, Q: torch.Tensor) -> dict:
             w = Q @ w
         elif r.role == "stream_map":
             w = Q @ w @ Q.T
-        elif r.role in ("embedding", "write_bias", "stream_vector"):  # a write bias: [d], or one per expert [E, d]
+        elif r.role in ("embedding", "position_embedding", "write_bias", "stream_vector"):  # a write bias: [d], or
+            # one per expert [E, d]
             w = w @ Q.T
         out[name] = w.mT.contiguous() if layout == "in_out" else w
     return out

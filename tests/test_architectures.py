@@ -467,6 +467,16 @@ FAMILIES = {
                          vocab_size_per_layer_input=0), backbone_hidden_size=48)),
     "gemma4_assistant:gemma4_unified_assistant": ("Gemma4UnifiedAssistantConfig", "Gemma4UnifiedAssistantForCausalLM", dict(
         text_config=dict(ASSISTANT_TEXT, model_type="gemma4_unified_text"), backbone_hidden_size=48)),
+    # beam, cpm-ant, git
+    # sandwich norms; a dense MLP, then experts routed in groups; gated heads; a sliding and a full (NoPE) layer
+    "beam": ("BeamConfig", "BeamForCausalLM", dict(
+        DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_group=2, topk_group=1,
+        mlp_layer_types=["dense", "sparse"], layer_types=["sliding_attention", "full_attention"], sliding_window=4)),
+    # a head never tied: the embedding holds prompt rows (3 types of 2) after the vocabulary's; segment embeddings
+    "cpmant": ("CpmAntConfig", "CpmAntForCausalLM", dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, dim_head=8, dim_ff=64, vocab_size=128,
+        prompt_types=3, prompt_length=2, segment_types=3, position_bias_num_buckets=8, position_bias_max_distance=16,
+        tie_word_embeddings=False)),
 }
 # What a family's model takes beside the token ids for every layer to run (Mllama's cross-attention layers run only
 # on image features: stand-ins of the stream's width, which its cross_attn.k_proj / v_proj read)
@@ -484,7 +494,7 @@ FORWARD_INPUTS = {
                                                                             generator=torch.Generator().manual_seed(4))),
 }
 # Rows of the embedding beyond the head's (Mllama's 8: its image token is id vocab_size)
-EXTRA_EMBEDDING_ROWS = {"mllama": 8}
+EXTRA_EMBEDDING_ROWS = {"mllama": 8, "cpmant": 6}  # CPM-Ant's: its prompt rows
 
 
 def forward_inputs(key):
@@ -503,7 +513,9 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash", "longcat_flash",
        "glm4_moe:hy_v3", "hy_v4", "glm4_moe:laguna",
        "bailing_hybrid", "qwen3_moe:flint", "kolibri1", "deepseek_v3:axk1", "axk2",
-       "deepseek_v3:dots3_note_text", "aria_text"}
+       "deepseek_v3:dots3_note_text", "aria_text",
+       # beam, cpm-ant, git
+       "beam"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -642,6 +654,8 @@ CASES = [(f, {}) for f in FAMILIES] + [
         FAMILIES["gemma4_assistant"][2]["text_config"], attention_bias=True)}),
     ("gemma4_assistant:gemma4_unified_assistant", {"use_ordered_embeddings": True, "num_centroids": 8,
                                                    "centroid_intermediate_top_k": 2}),
+    # beam, cpm-ant, git
+    ("beam", {"attention_bias": True, "mlp_layer_types": ["sparse", "dense"]}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
@@ -938,17 +952,23 @@ def role_table(family):
     return for_config({**kwargs, "architectures": [model_cls], "model_type": family.split(":")[-1]})
 
 
-ROTATABLE = [f for f in FAMILIES if not role_table(f).rotation_obstacles()
-             and not any(s.role == "position_embedding" for s in role_table(f).tensors.values())]
+ROTATABLE = [f for f in FAMILIES if not role_table(f).rotation_obstacles()]
 
 
-def rotation_error(family, tmp_path) -> float:
-    """How far turning the residual stream by the role table alone moves the logits (relative)."""
+def rotation_error(family, tmp_path, unit_write_norms=False) -> float:
+    """How far turning the residual stream by the role table alone moves the logits (relative); with
+    unit_write_norms, after the write norms' gains are set to 1 (where an RMSNorm commutes with the turn)."""
     model = perturbed(build(family, {"tie_word_embeddings": False}))
     model.save_pretrained(tmp_path / "original")
     config = json.loads((tmp_path / "original" / "config.json").read_text())
     arch = for_config(config)
     state = {k: v.double() for k, v in safetensors_torch.load_file(tmp_path / "original" / "model.safetensors").items()}
+    if unit_write_norms:  # in the checkpoint's names (transformers renames Kolibri-1's on load)
+        state = {k: torch.full_like(v, 1.0 - arch.norm_gain_offset) if arch.role(k).role == "write_norm" else v
+                 for k, v in state.items()}
+        safetensors_torch.save_file({k: v.float() for k, v in state.items()}, tmp_path / "original" / "model.safetensors",
+                                    metadata={"format": "pt"})
+        model = getattr(transformers, FAMILIES[family][1]).from_pretrained(tmp_path / "original").eval()
     Q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
     turned = rotate(state, arch, Q)
     (tmp_path / "rotated").mkdir()
@@ -966,6 +986,16 @@ def test_a_rotation_by_the_role_table_keeps_the_function(family, tmp_path):
     """Every tensor's role is right: turning the residual stream by them leaves the logits as they
     were (a wrong or missing role changes them by percents)."""
     assert rotation_error(family, tmp_path) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["beam", "afmoe", "kolibri1"])
+def test_a_rotation_keeps_the_function_of_sandwich_norms_with_unit_gains(family, tmp_path):
+    """Write norms keep these families from being turned (their gains do not commute with a turn), yet at a
+    gain of 1 they do: the turn by the role table then checks every other role (a wrong one changes the
+    logits by percents), and a perturbed write norm's gain shows why the families are never turned."""
+    assert role_table(family).rotation_obstacles() == ["its sublayer outputs are normalised before the residual add"]
+    assert rotation_error(family, tmp_path, unit_write_norms=True) < 1e-5
+    assert rotation_error(family, tmp_path / "perturbed") > 1e-2
 
 
 def test_known_architectures():
@@ -1137,6 +1167,13 @@ def test_match_order():
     assert for_config({"architectures": ["LlamaForTokenClassification"], "model_type": "llama"}).name == "llama"
     assert for_config({"model_type": "gpt2"}).name == "gpt2"
     assert for_config({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2"}).name == "deepseek_v3"
+
+
+def test_a_head_never_tied():
+    # CpmAntConfig says tie_word_embeddings true by default, yet transformers ties nothing: checkpoints store the head
+    arch = for_config({"architectures": ["CpmAntForCausalLM"]})
+    assert not arch.tied({}) and not arch.tied({"tie_word_embeddings": True})
+    assert arch.role("lm_head.weight").tied_to is None
 
 
 def test_gpt2_without_base_prefix():

@@ -25,6 +25,8 @@ checkpoint tensor name, which role the tensor plays relative to the residual str
   inner                                    anything else (biases of read projections, per-head q/k norms)
   buffer                                   a constant that is not a weight (gpt2 causal masks): copy, never merge
 
+A ``tie_key`` null marks a head that is never tied, whatever the config says (CPM-Ant's: its embedding holds
+prompt rows too, and transformers ties nothing).
 Norm gains are effective as ``norm_gain_offset + w`` (1.0 for gemma's ``(1 + w)`` RMSNorm);
 ``norm_type`` says whether the norms are RMSNorms or LayerNorms (which subtract the mean, so a
 rotation of the residual stream does not commute with them). ``normed_residual`` marks a family
@@ -151,7 +153,7 @@ class Architecture:
     model_types: tuple[str, ...] = ()
     num_layers_keys: tuple[str, ...] = ("num_hidden_layers",)
     hidden_size_keys: tuple[str, ...] = ("hidden_size",)
-    tie_key: str = "tie_word_embeddings"
+    tie_key: str | None = "tie_word_embeddings"
     tied_default: bool = False
     norm_gain_offset: float = 0.0
     norm_type: str = "rms_norm"
@@ -215,6 +217,8 @@ class Architecture:
         return int(_first(self.settings(config), self.hidden_size_keys))
 
     def tied(self, config: dict) -> bool:
+        if self.tie_key is None:  # never tied, whatever the config says (CPM-Ant's)
+            return False
         # A multimodal model ties as its top-level config says (transformers reads it there).
         return bool(config.get(self.tie_key, self.settings(config).get(self.tie_key, self.tied_default)))
 
