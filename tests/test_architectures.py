@@ -32,6 +32,7 @@ DEBERTA_V3 = dict(ENCODER, relative_attention=True, position_buckets=8, norm_rel
 MODERNBERT = dict(ENCODER, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
                   mask_token_id=3, global_attn_every_n_layers=2, local_attention=4)
 REMBERT = dict(ENCODER, input_embedding_size=16, output_embedding_size=24)
+ROC_BERT = dict(ENCODER, shape_vocab_size=40, shape_embed_dim=16, pronunciation_vocab_size=30, pronunciation_embed_dim=24)
 XMOD = dict(ENCODER, languages=["en_XX", "de_DE"], default_language="en_XX")
 CROSS_ATTENTION = dict(ENCODER, is_decoder=True, add_cross_attention=True)  # BERT as a seq2seq decoder
 DISTILBERT = dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=128, max_position_embeddings=64)
@@ -448,6 +449,11 @@ FAMILIES = {
     "rembert": ("RemBertConfig", "RemBertForMaskedLM", REMBERT),
     "rembert:seqcls": ("RemBertConfig", "RemBertForSequenceClassification", REMBERT),
     "rembert:tokcls": ("RemBertConfig", "RemBertForTokenClassification", REMBERT),
+    # word, glyph shape and pronunciation embeddings concatenated and projected into the stream
+    "roc_bert": ("RoCBertConfig", "RoCBertForMaskedLM", ROC_BERT),
+    "roc_bert:seqcls": ("RoCBertConfig", "RoCBertForSequenceClassification", ROC_BERT),
+    "roc_bert:tokcls": ("RoCBertConfig", "RoCBertForTokenClassification", ROC_BERT),
+    "roc_bert:qa": ("RoCBertConfig", "RoCBertForQuestionAnswering", ROC_BERT),
     # rotary positions; embeddings narrower than the stream (projected into it) or as wide
     "roformer": ("RoFormerConfig", "RoFormerForMaskedLM", dict(ENCODER, embedding_size=16)),
     "roformer:seqcls": ("RoFormerConfig", "RoFormerForSequenceClassification", dict(ENCODER, embedding_size=32)),
@@ -623,6 +629,8 @@ CASES = [(f, {}) for f in FAMILIES] + [
     # encoders 3
     ("data2vec_text", {"tie_word_embeddings": False}),
     ("xmod", {"adapter_layer_norm": True}),  # the adapters' own norm
+    # encoders 4
+    ("roc_bert", {"concat_input": False, "shape_embed_dim": 32, "pronunciation_embed_dim": 32}),  # added to the stream
     ("xmod", {"adapter_reuse_layer_norm": False}),  # the adapters read the stream raw
     ("xmod", {"ln_before_adapter": False}),
     ("megatron_bert", {"tie_word_embeddings": False}),
