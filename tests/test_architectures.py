@@ -31,6 +31,8 @@ DEBERTA_V3 = dict(ENCODER, relative_attention=True, position_buckets=8, norm_rel
                   pos_att_type="p2c|c2p", position_biased_input=False)
 MODERNBERT = dict(ENCODER, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
                   mask_token_id=3, global_attn_every_n_layers=2, local_attention=4)
+MODERNBERT_DECODER = dict(ENCODER, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+                          sliding_window=4, layer_types=["sliding_attention", "full_attention"])
 REMBERT = dict(ENCODER, input_embedding_size=16, output_embedding_size=24)
 ROC_BERT = dict(ENCODER, shape_vocab_size=40, shape_embed_dim=16, pronunciation_vocab_size=30, pronunciation_embed_dim=24)
 XMOD = dict(ENCODER, languages=["en_XX", "de_DE"], default_language="en_XX")
@@ -449,6 +451,10 @@ FAMILIES = {
     "rembert": ("RemBertConfig", "RemBertForMaskedLM", REMBERT),
     "rembert:seqcls": ("RemBertConfig", "RemBertForSequenceClassification", REMBERT),
     "rembert:tokcls": ("RemBertConfig", "RemBertForTokenClassification", REMBERT),
+    # ModernBERT's layers, causal (Ettin's decoders)
+    "modernbert_decoder": ("ModernBertDecoderConfig", "ModernBertDecoderForCausalLM", MODERNBERT_DECODER),
+    "modernbert_decoder:seqcls": ("ModernBertDecoderConfig", "ModernBertDecoderForSequenceClassification",
+                                  MODERNBERT_DECODER),
     # word, glyph shape and pronunciation embeddings concatenated and projected into the stream
     "roc_bert": ("RoCBertConfig", "RoCBertForMaskedLM", ROC_BERT),
     "roc_bert:seqcls": ("RoCBertConfig", "RoCBertForSequenceClassification", ROC_BERT),
@@ -630,6 +636,9 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("data2vec_text", {"tie_word_embeddings": False}),
     ("xmod", {"adapter_layer_norm": True}),  # the adapters' own norm
     # encoders 4
+    ("modernbert_decoder", {"norm_bias": True, "mlp_bias": True, "attention_bias": True, "decoder_bias": True}),
+    ("modernbert_decoder", {"tie_word_embeddings": False}),
+    ("modernbert_decoder:seqcls", {"norm_bias": True, "classifier_bias": True}),
     ("roc_bert", {"concat_input": False, "shape_embed_dim": 32, "pronunciation_embed_dim": 32}),  # added to the stream
     ("xmod", {"adapter_reuse_layer_norm": False}),  # the adapters read the stream raw
     ("xmod", {"ln_before_adapter": False}),
