@@ -1,4 +1,5 @@
-"""Encoder-decoder families (T5 and its kin, Whisper, BART's, ProphetNet) and TrOCR's decoder: their role tables,
+"""Encoder-decoder families (T5 and its kin, Whisper, BART's, ProphetNet; their classification and question-answering
+heads), the decoders their *ForCausalLM classes save alone, and TrOCR's decoder: their role tables,
 their parts as mergekit's per-module recipes name them (encoder, decoder, shared), and merges of them, against
 mergekit's where mergekit can merge them (its 0.1.5 Whisper definition names no tensor right: model.decoderlayers.0...).
 """
@@ -75,7 +76,33 @@ FAMILIES = {  # "table:what" keys, as in test_architectures
                                  num_sparse_decoder_layers=1, expert_capacity=8)),
     "prophetnet": ("ProphetNetConfig", "ProphetNetForConditionalGeneration", PROPHETNET),
     "prophetnet:model": ("ProphetNetConfig", "ProphetNetModel", PROPHETNET),  # saved without 'prophetnet.'
+    # heads over the decoder's output (post-LN: raw; pre-LN: its final norm's)
+    "bart:classification": ("BartConfig", "BartForSequenceClassification", BART),
+    "bart:qa": ("BartConfig", "BartForQuestionAnswering", BART),
+    "bart:plbart-classification": ("PLBartConfig", "PLBartForSequenceClassification", BART),
+    "mbart:classification": ("MBartConfig", "MBartForSequenceClassification", BART),
+    "mbart:qa": ("MBartConfig", "MBartForQuestionAnswering", BART),
+    "mvp:classification": ("MvpConfig", "MvpForSequenceClassification", BART),
+    "mvp:qa": ("MvpConfig", "MvpForQuestionAnswering", BART),
+    "led:qa": ("LEDConfig", "LEDForQuestionAnswering", dict(BART, attention_window=4, max_encoder_position_embeddings=64,
+                                                            max_decoder_position_embeddings=64)),
+    "bigbird_pegasus:classification": ("BigBirdPegasusConfig", "BigBirdPegasusForSequenceClassification",
+                                       dict(BART, block_size=4, num_random_blocks=2)),
+    "bigbird_pegasus:qa": ("BigBirdPegasusConfig", "BigBirdPegasusForQuestionAnswering",
+                           dict(BART, block_size=4, num_random_blocks=2)),
+    # decoders saved alone (*ForCausalLM), their cross-attention over encoder_hidden_states from outside
+    "bart_decoder": ("BartConfig", "BartForCausalLM", BART),
+    "bart_decoder:marian": ("MarianConfig", "MarianForCausalLM", BART),
+    "bart_decoder:plbart": ("PLBartConfig", "PLBartForCausalLM", BART),
+    "bart_decoder:blenderbot-small": ("BlenderbotSmallConfig", "BlenderbotSmallForCausalLM", BART),
+    "bart_decoder:mvp-prompt": ("MvpConfig", "MvpForCausalLM", dict(BART, use_prompt=True, prompt_length=5, prompt_mid_dim=16)),
+    "mbart_decoder": ("MBartConfig", "MBartForCausalLM", BART),
+    "mbart_decoder:pegasus": ("PegasusConfig", "PegasusForCausalLM", BART),
+    "mbart_decoder:blenderbot": ("BlenderbotConfig", "BlenderbotForCausalLM", BART),
+    "mbart_decoder:bigbird_pegasus": ("BigBirdPegasusConfig", "BigBirdPegasusForCausalLM", dict(BART, use_bias=True)),
+    "prophetnet_decoder": ("ProphetNetConfig", "ProphetNetForCausalLM", PROPHETNET),
 }
+HEADS = ("classification", "qa")
 LAYER = re.compile(r"\.(?:block|layers)\.(\d+)\.")
 VECTORS = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_bias"}
 
@@ -86,6 +113,11 @@ def build(key: str, seed: int = 0, **extra):
 
 def run(model, key: str):
     ids = torch.arange(1, 6).unsqueeze(0)
+    if key.split(":")[0].endswith("_decoder"):  # an encoder's output, of the decoder's width
+        width = model.config.hidden_size
+        return model(input_ids=ids, encoder_hidden_states=torch.randn(1, 4, width))
+    if key.endswith(HEADS) and not key.startswith("led"):  # the classifier picks the decoder's rows at the eos tokens
+        return model(input_ids=ids)
     if key.startswith("led"):  # the first token attends globally: query_global, key_global and value_global run
         return model(input_ids=ids, decoder_input_ids=ids[:, :3], global_attention_mask=(ids == 1).long())
     if key.startswith("trocr"):  # an image encoder's output, cross_attention_hidden_size wide
@@ -154,8 +186,9 @@ def test_checkpoint_roles_and_parts(saved, key):
 def test_norm_feeds_read(saved, key):
     """Run the model: each read projection's input is its norm's output (the cross-attention's keys and
     values: the encoder's final norm's); in a post-LN family, a read without a norm reads the stream: its
-    layer's input, or the encoder's output. Or rows of it: an expert's tokens, ProphetNet's main or predicting
-    streams, Longformer's global tokens (in sequence-first order)."""
+    layer's input, or the encoder's output; a head, the decoder's output. Or rows of it: an expert's tokens,
+    ProphetNet's main or predicting streams, Longformer's global tokens (in sequence-first order), a classifier's
+    eos tokens."""
     model, config, shapes = saved(key)
     arch = for_config(config)
     modules = dict(model.named_modules())
@@ -170,16 +203,17 @@ def test_norm_feeds_read(saved, key):
     def module(tensor_name):  # in memory, as saved (WhisperModel's too: its names lack 'model.' both ways)
         return tensor_name.rsplit(".", 1)[0]
 
-    def layer(r):  # the module of a read's layer
-        return r.template[:r.template.index("{layer}")] + str(r.layer)
+    def layer(r):  # the module of a read's layer (a head's: the decoder's, whose output it reads)
+        return r.template[:r.template.index("{layer}")] + str(r.layer) if r.layer is not None else "decoder"
 
     reads = [n for n in shapes if arch.role(n).role == "read"]
     norms = {n: arch.role(n).norm.removeprefix("" if arch.role(n).norm in shapes else arch.base_prefix)
              for n in reads if arch.role(n).norm}
     watched = {module(n) for n in reads} | set(map(module, norms.values())) | {layer(arch.role(n)) for n in reads}
-    handles = [modules[m].register_forward_hook(hook(m)) for m in watched]
+    handles = [modules[m].register_forward_hook(hook(m)) for m in watched - {"decoder"}]
     if model.config.is_encoder_decoder:
         handles.append(model.get_encoder().register_forward_hook(hook("encoder")))
+        handles.append(model.get_decoder().register_forward_hook(hook("decoder")))
     with torch.no_grad():
         run(model, key)
     for h in handles:
@@ -196,6 +230,9 @@ def test_norm_feeds_read(saved, key):
         x = inputs[module(name)]
         if name in norms:
             y = outputs[module(norms[name])]
+            assert x.shape == y.shape and torch.allclose(x, y) or rows_of(x, y), name
+        elif arch.role(name).layer is None:  # a head: the decoder's output
+            y = outputs["decoder"][0]
             assert x.shape == y.shape and torch.allclose(x, y) or rows_of(x, y), name
         else:
             stream = inputs[layer(arch.role(name))], *([outputs["encoder"][0]] if "encoder" in outputs else [])
@@ -475,3 +512,21 @@ def test_seme_refuses_an_encoder_decoder_model(key, tmp_path):
     with pytest.raises(SemeError, match=rf"^[^\n]* is no decoder-only language model with a causal LM head "
                                         rf"\({family_name}, of modules (encoder|decoder)[^\n]*{streams}[^\n]*$"):
         seme.merge(yaml.safe_dump(recipe), str(tmp_path / "out"), progress=False)
+
+
+def test_a_decoder_saved_alone_merges_with_its_head(tmp_path):
+    # BigBirdPegasusForCausalLM never ties its head (tie_key null), whatever tie_word_embeddings says: the output
+    # keeps the merged head; BartForCausalLM's decoder, sliced as mergekit's modules name it, loads and runs
+    paths = family(tmp_path, "mbart_decoder:bigbird_pegasus", n=2)
+    assert json.load(open(f"{paths[0]}/config.json"))["tie_word_embeddings"]
+    ours = merge({"merge_method": "linear", "dtype": "float32",
+                  "models": [{"model": p, "parameters": {"weight": 0.5}} for p in paths]}, tmp_path / "seme")
+    src = [load_folder(p) for p in paths]
+    torch.testing.assert_close(ours["lm_head.weight"], 0.5 * src[0]["lm_head.weight"] + 0.5 * src[1]["lm_head.weight"])
+    paths = family(tmp_path, "bart_decoder")
+    recipe = modules_recipe(paths, decoder_slices=True)
+    recipe["modules"] = {"decoder": recipe["modules"]["decoder"]}
+    ours = merge(recipe, tmp_path / "sliced")
+    assert json.load(open(tmp_path / "sliced" / "config.json"))["decoder_layers"] == 3
+    assert torch.equal(ours["model.decoder.layers.2.fc1.weight"], load_folder(paths[0])["model.decoder.layers.1.fc1.weight"])
+    run(transformers.BartForCausalLM.from_pretrained(tmp_path / "sliced"), "bart_decoder")

@@ -48,7 +48,8 @@ A family whose tensors depend on its config (falcon's norms, stablelm's parallel
 ``variants``: the first whose ``when`` values all equal the config's overlays its ``tensors`` on
 the family's (``null`` drops a template; a ``when`` value ``{"differs_from": key}`` holds where the config sets the
 value unlike its ``key``'s: ELECTRA's embedding_size), and may set its own ``tied_default`` (a model type whose
-config class ties the head by default, where checkpoints may leave the key out) and ``norm_type``
+config class ties the head by default, where checkpoints may leave the key out; or a ``tie_key`` null: a class that
+never ties its head, whatever the config says, BigBirdPegasusForCausalLM's) and ``norm_type``
 (a model type whose norms are LayerNorms where the family's are RMSNorms, or one whose config
 chooses), ``normed_residual`` (OPT's post-norm opt-350m), ``unrotatable`` (DeBERTa-v2's convolution) and
 ``base_prefix`` (CLIP's text model, saved on its own without the ``text_model.`` that CLIPModel's checkpoints
@@ -153,7 +154,7 @@ class Architecture:
     model_types: tuple[str, ...] = ()
     num_layers_keys: tuple[str, ...] = ("num_hidden_layers",)
     hidden_size_keys: tuple[str, ...] = ("hidden_size",)
-    tie_key: str | None = "tie_word_embeddings"
+    tie_key: str | None = "tie_word_embeddings"  # None: a head never tied, whatever the config says
     tied_default: bool = False
     norm_gain_offset: float = 0.0
     norm_type: str = "rms_norm"
@@ -217,7 +218,7 @@ class Architecture:
         return int(_first(self.settings(config), self.hidden_size_keys))
 
     def tied(self, config: dict) -> bool:
-        if self.tie_key is None:  # never tied, whatever the config says (CPM-Ant's)
+        if self.tie_key is None:  # never tied, whatever the config says
             return False
         # A multimodal model ties as its top-level config says (transformers reads it there).
         return bool(config.get(self.tie_key, self.settings(config).get(self.tie_key, self.tied_default)))
@@ -429,7 +430,7 @@ def _parse(data: dict) -> Architecture:
         specs = _overlaid(name, data["tensors"], v.get("tensors", {}), own_norm_type)
         label = ", ".join(f"{k}={json.dumps(x)}" for k, x in v["when"].items())
         own = {**family, "tied_default": v.get("tied_default", family["tied_default"]), "norm_type": own_norm_type,
-               "normed_residual": v.get("normed_residual", family["normed_residual"]),
+               "normed_residual": v.get("normed_residual", family["normed_residual"]), "tie_key": v.get("tie_key", family["tie_key"]),
                "unrotatable": v.get("unrotatable", family["unrotatable"]),
                "base_prefix": v.get("base_prefix", family["base_prefix"])}
         variants.append((v["when"], Architecture(**own, tensors=specs, variant=label)))

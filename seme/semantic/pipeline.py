@@ -114,9 +114,18 @@ def _head_names(model, arch) -> tuple[str, str | None]:
         elif role.role == "final_norm":
             gain = name
     head = head or embed
+    if head is None and arch.rotation_obstacles():  # RemBERT's token tables lie outside the stream: refused as its
+        # family's rotations are, in the same words
+        raise SemeError(f"{_not_rotatable(arch, arch.rotation_obstacles())}, and {model.name} has no LM head or "
+                        f"embedding in the residual stream to derive semantic bases from; merge it with another method")
     if head is None:
         raise SemeError(f"seme: {model.name} has no LM head or embedding to derive semantic bases from")
     return head, gain
+
+
+def _not_rotatable(arch, why: list[str]) -> str:
+    return (f"seme: aligning {arch.label} models by rotation is not supported ({' and '.join(why)}: a rotation of the "
+            f"residual stream would change the function)")
 
 
 def derive(sp: SemanticPlan, models, archs, pivot_name: str) -> tuple[Derived, ...]:
@@ -183,9 +192,7 @@ class SemanticContext:
                 more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
                 why.append(f"its role table does not describe {', '.join(unknown[:3])}{more}")
             if why:
-                raise SemeError(f"seme: aligning {arch.label} models by rotation is not supported "
-                                f"({' and '.join(why)}: a rotation of the residual stream would change the "
-                                f"function); set alignment: never to merge without it")
+                raise SemeError(f"{_not_rotatable(arch, why)}; set alignment: never to merge without it")
         pivot = self.bases[sp.pivot]
         self.report_drift = (pivot.vocab_size * pivot.W.shape[1] <= _DRIFT_REPORT_ELEMENTS
                              or any(p.get("stabilize") for p in self.params.values()))
