@@ -1479,3 +1479,54 @@ def test_gemma4_assistants_merge_and_are_refused_rotation(family, tmp_path):
     with pytest.raises(SemeError, match=r"by rotation is not supported \(.*it drafts for a target model"):
         seme.merge({"merge_method": "seme", "base_model": str(tmp_path / "base"), "dtype": "float32",
                     "models": [{"model": str(tmp_path / "turned")}]}, str(tmp_path / "refused"), progress=False)
+
+
+def test_phi4_multimodal_merges_end_to_end(tmp_path):
+    """Phi-4-multimodal's fine-tunes merged by task_arithmetic: whole (its image tower's layers a stack of their
+    own), and module by module with its decoder's layers sliced (0, 1, 1), which leaves the image tower's depth as it
+    was; each output reloads in transformers and generates from a prompt with an image and a sound. SeMe turns a
+    turned copy back, its embedders' writes with its stream."""
+    import yaml
+
+    import seme
+
+    base = perturbed(build("phi4_multimodal", {}))
+    paths = [tmp_path / "base"] + [tmp_path / f"tuned{i}" for i in range(2)]
+    base.save_pretrained(paths[0])
+    g = torch.Generator().manual_seed(3)
+    for path in paths[1:]:
+        tuned = build("phi4_multimodal", {})
+        tuned.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
+        tuned.save_pretrained(path)
+    weighted = lambda **source: [{"model": str(p), **source, **({} if p == paths[0] else {
+        "parameters": {"weight": 0.5}})} for p in paths]
+    method = {"merge_method": "task_arithmetic", "base_model": str(paths[0]), "dtype": "float32"}
+    whole = {**method, "models": weighted()}
+    sliced = {**method, "modules": {
+        "text_decoder": {"slices": [{"sources": weighted(layer_range=[0, 2])},
+                                    {"sources": weighted(layer_range=[1, 2])}]},
+        **{part: {"models": weighted()} for part in ("vision_tower", "audio_tower", "multi_modal_projector")}}}
+    prompt = FORWARD_INPUTS["phi4_multimodal"]()
+    for name, recipe, depth in (("whole", whole, 2), ("sliced", sliced, 3)):
+        seme.merge(yaml.safe_dump(recipe), str(tmp_path / name), progress=False)
+        merged, info = transformers.Phi4MultimodalForCausalLM.from_pretrained(tmp_path / name,
+                                                                               output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        assert merged.config.num_hidden_layers == depth and merged.config.vision_config.num_hidden_layers == 2
+        out = merged.generate(**prompt, max_new_tokens=3, do_sample=False)
+        assert out.shape == (1, prompt["input_ids"].shape[1] + 3)
+
+    Q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    original = safetensors_torch.load_file(paths[0] / "model.safetensors")
+    arch = for_config(json.loads((paths[0] / "config.json").read_text()))
+    (tmp_path / "turned").mkdir()
+    turned = rotate({k: v.double() for k, v in original.items()}, arch, Q)
+    safetensors_torch.save_file({k: v.float() for k, v in turned.items()}, tmp_path / "turned" / "model.safetensors")
+    (tmp_path / "turned" / "config.json").write_text((paths[0] / "config.json").read_text())
+    seme.merge({"merge_method": "seme", "base_model": str(paths[0]), "models": [{"model": str(tmp_path / "turned")}],
+                "dtype": "float32"}, str(tmp_path / "seme"), progress=False)
+    assert json.loads((tmp_path / "seme" / "seme_report.json").read_text())["sources"][0]["applied"]
+    merged = safetensors_torch.load_file(tmp_path / "seme" / "model.safetensors")
+    assert merged.keys() == original.keys()
+    for name, tensor in original.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-4, atol=1e-4, msg=name)
