@@ -98,7 +98,7 @@ def make_plan(recipe: Recipe) -> Plan:
             raise SemeError(f"seme: {models[ref].name} is no decoder-only language model with a causal LM head "
                             f"({arch.name}, of modules {', '.join(p.name for p in arch.parts)}: "
                             f"{', '.join(arch.rotation_obstacles())}); SeMe aligns those: merge it with another method")
-        if len(language) > 1 or (len(stacks) > 1 and not arch.settings_key):
+        if len(language) > 1 or (len(stacks) > 1 and not (arch.settings_key or arch.projected)):
             raise SemeError(f"seme: {models[ref].name} has several layer stacks ({_describe(stacks)}); SeMe aligns "
                             f"language models of one stack, and multimodal models whose language model has a "
                             f"role table ({', '.join(architectures.known_architectures())}): merge it with "

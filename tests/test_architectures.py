@@ -39,6 +39,12 @@ XMOD = dict(ENCODER, languages=["en_XX", "de_DE"], default_language="en_XX")
 CROSS_ATTENTION = dict(ENCODER, is_decoder=True, add_cross_attention=True)  # BERT as a seq2seq decoder
 DISTILBERT = dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=128, max_position_embeddings=64)
 ASSISTANT_TEXT = dict(DECODER, head_dim=8, global_head_dim=16, layer_types=["sliding_attention", "full_attention"])
+# image and audio token ids inside the vocabulary; a 28-pixel crop of 2x2 patches, 16 frames of 80 features
+PHI4_MULTIMODAL = dict(DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2, vision_config=dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14,
+    crop_size=28, image_token_id=120), audio_config=dict(
+    hidden_size=16, intermediate_size=32, num_blocks=2, num_attention_heads=2, ext_pw_out_channel=16,
+    depthwise_separable_out_channel=16, nemo_conv_channels=16, audio_token_id=121))
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER),
@@ -489,9 +495,19 @@ FAMILIES = {
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, dim_head=8, dim_ff=64, vocab_size=128,
         prompt_types=3, prompt_length=2, segment_types=3, position_bias_num_buckets=8, position_bias_max_distance=16,
         tie_word_embeddings=False)),
+    # phi-4-multimodal
+    # Phi-3's decoder beside a SigLIP image embedder and a conformer audio embedder, whose down projections write
+    # into the stream: with an image and a sound (the sound through down_proj_for_vision_speech), or a sound alone
+    "phi4_multimodal": ("Phi4MultimodalConfig", "Phi4MultimodalForCausalLM", PHI4_MULTIMODAL),
+    "phi4_multimodal:speech": ("Phi4MultimodalConfig", "Phi4MultimodalForCausalLM", PHI4_MULTIMODAL),
 }
+PHI4_IMAGE = lambda: dict(image_pixel_values=torch.randn(1, 2, 3, 28, 28, generator=torch.Generator().manual_seed(4)),
+                          image_sizes=torch.tensor([[28, 28]]), image_attention_mask=torch.ones(1, 2, 2, 2))
+PHI4_SOUND = lambda: dict(audio_input_features=torch.randn(1, 16, 80, generator=torch.Generator().manual_seed(5)),
+                          audio_embed_sizes=torch.tensor([1]))
 # What a family's model takes beside the token ids for every layer to run (Mllama's cross-attention layers run only
-# on image features: stand-ins of the stream's width, which its cross_attn.k_proj / v_proj read)
+# on image features: stand-ins of the stream's width, which its cross_attn.k_proj / v_proj read), and its own token
+# ids (input_ids) where the stand-ins fill places among them
 FORWARD_INPUTS = {
     "mllama": lambda: dict(cross_attention_states=torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(4))),
     # Gemma 4's drafters (which take no token ids): the target's embedding and last hidden state of the token drafted
@@ -504,6 +520,11 @@ FORWARD_INPUTS = {
     "bert:cross": lambda: dict(encoder_hidden_states=torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(4))),
     "bert_generation:cross": lambda: dict(encoder_hidden_states=torch.randn(1, 5, 32,
                                                                             generator=torch.Generator().manual_seed(4))),
+    # Phi-4-multimodal's token ids (input_ids) with the places its stand-ins fill: an image (a global view and one
+    # crop, 5 image tokens) and a sound (1 audio token), or the sound alone
+    "phi4_multimodal": lambda: dict(input_ids=torch.tensor([[3, 4, 120, 120, 120, 120, 120, 5, 121, 6]]),
+                                    **PHI4_IMAGE(), **PHI4_SOUND()),
+    "phi4_multimodal:speech": lambda: dict(input_ids=torch.tensor([[3, 4, 5, 121, 6, 7, 8, 9]]), **PHI4_SOUND()),
 }
 # Rows of the embedding beyond the head's (Mllama's 8: its image token is id vocab_size)
 EXTRA_EMBEDDING_ROWS = {"mllama": 8, "cpmant": 6}  # CPM-Ant's: its prompt rows
@@ -878,8 +899,9 @@ def test_norm_feeds_read(saved, case):
     watched = [m for m in {module(n) for n in shapes} | {reader(n) for n in shapes} | parents | set(gated.values())
                | layers | set().union(*writes.values()) if m in modules]
     handles = [modules[m].register_forward_hook(hook(m), with_kwargs=True) for m in watched]
+    inputs = forward_inputs(case[0])
     with torch.no_grad():
-        model(torch.arange(8).unsqueeze(0), **forward_inputs(case[0]))
+        model(inputs.pop("input_ids", torch.arange(8).unsqueeze(0)), **inputs)
     for h in handles:
         h.remove()
 
@@ -1007,7 +1029,8 @@ def rotation_error(family, tmp_path, unit_write_norms=False) -> float:
     safetensors_torch.save_file({k: v.float() for k, v in turned.items()}, tmp_path / "rotated" / "model.safetensors")
     (tmp_path / "rotated" / "config.json").write_text(json.dumps(config))
     rotated = getattr(transformers, FAMILIES[family][1]).from_pretrained(tmp_path / "rotated").eval()
-    ids, inputs = torch.arange(3, 11).unsqueeze(0), forward_inputs(family)
+    inputs = forward_inputs(family)
+    ids = inputs.pop("input_ids", torch.arange(3, 11).unsqueeze(0))
     with torch.no_grad():
         expected, got = model(ids, **inputs).logits, rotated(ids, **inputs).logits
     return float((got - expected).norm() / expected.norm())
@@ -1513,3 +1536,54 @@ def test_gemma4_assistants_merge_and_are_refused_rotation(family, tmp_path):
     with pytest.raises(SemeError, match=r"by rotation is not supported \(.*it drafts for a target model"):
         seme.merge({"merge_method": "seme", "base_model": str(tmp_path / "base"), "dtype": "float32",
                     "models": [{"model": str(tmp_path / "turned")}]}, str(tmp_path / "refused"), progress=False)
+
+
+def test_phi4_multimodal_merges_end_to_end(tmp_path):
+    """Phi-4-multimodal's fine-tunes merged by task_arithmetic: whole (its image tower's layers a stack of their
+    own), and module by module with its decoder's layers sliced (0, 1, 1), which leaves the image tower's depth as it
+    was; each output reloads in transformers and generates from a prompt with an image and a sound. SeMe turns a
+    turned copy back, its embedders' writes with its stream."""
+    import yaml
+
+    import seme
+
+    base = perturbed(build("phi4_multimodal", {}))
+    paths = [tmp_path / "base"] + [tmp_path / f"tuned{i}" for i in range(2)]
+    base.save_pretrained(paths[0])
+    g = torch.Generator().manual_seed(3)
+    for path in paths[1:]:
+        tuned = build("phi4_multimodal", {})
+        tuned.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
+        tuned.save_pretrained(path)
+    weighted = lambda **source: [{"model": str(p), **source, **({} if p == paths[0] else {
+        "parameters": {"weight": 0.5}})} for p in paths]
+    method = {"merge_method": "task_arithmetic", "base_model": str(paths[0]), "dtype": "float32"}
+    whole = {**method, "models": weighted()}
+    sliced = {**method, "modules": {
+        "text_decoder": {"slices": [{"sources": weighted(layer_range=[0, 2])},
+                                    {"sources": weighted(layer_range=[1, 2])}]},
+        **{part: {"models": weighted()} for part in ("vision_tower", "audio_tower", "multi_modal_projector")}}}
+    prompt = FORWARD_INPUTS["phi4_multimodal"]()
+    for name, recipe, depth in (("whole", whole, 2), ("sliced", sliced, 3)):
+        seme.merge(yaml.safe_dump(recipe), str(tmp_path / name), progress=False)
+        merged, info = transformers.Phi4MultimodalForCausalLM.from_pretrained(tmp_path / name,
+                                                                               output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        assert merged.config.num_hidden_layers == depth and merged.config.vision_config.num_hidden_layers == 2
+        out = merged.generate(**prompt, max_new_tokens=3, do_sample=False)
+        assert out.shape == (1, prompt["input_ids"].shape[1] + 3)
+
+    Q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    original = safetensors_torch.load_file(paths[0] / "model.safetensors")
+    arch = for_config(json.loads((paths[0] / "config.json").read_text()))
+    (tmp_path / "turned").mkdir()
+    turned = rotate({k: v.double() for k, v in original.items()}, arch, Q)
+    safetensors_torch.save_file({k: v.float() for k, v in turned.items()}, tmp_path / "turned" / "model.safetensors")
+    (tmp_path / "turned" / "config.json").write_text((paths[0] / "config.json").read_text())
+    seme.merge({"merge_method": "seme", "base_model": str(paths[0]), "models": [{"model": str(tmp_path / "turned")}],
+                "dtype": "float32"}, str(tmp_path / "seme"), progress=False)
+    assert json.loads((tmp_path / "seme" / "seme_report.json").read_text())["sources"][0]["applied"]
+    merged = safetensors_torch.load_file(tmp_path / "seme" / "model.safetensors")
+    assert merged.keys() == original.keys()
+    for name, tensor in original.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-4, atol=1e-4, msg=name)

@@ -71,7 +71,10 @@ A multimodal model (Llava, Gemma 3, Qwen2-VL, ...) whose `text_config` names a f
 gets that table for its language model, moved to where the checkpoint keeps it (``for_config`` given
 the checkpoint's tensor names). Where ``data/multimodal/projectors.json`` describes the projector's
 writes into the language model's stream, the other parts' tensors are inner (they work in coordinates
-of their own); elsewhere they have no roles, and such a model cannot be aligned by rotation.
+of their own); elsewhere they have no roles, and such a model cannot be aligned by rotation. A family whose own
+table holds a multimodal model (Phi-4-multimodal, whose image and audio embedders sit beside its decoder in one
+``model.`` namespace, with no text_config) says so with ``projected``: its table names the embedders' writes, and
+its tensors in seme.architectures.modules' other parts are inner, in layer stacks of their own.
 An encoder-decoder family (T5, Whisper) lists its ``parts``: the modules mergekit's per-module recipes
 (``modules:``) name, each by the name prefixes of its tensors, with the config key of its depth and the
 prefixes of the loose tensors that come before its layers (``leading``: taken from a module's first
@@ -411,6 +414,7 @@ def _parse(data: dict) -> Architecture:
         normed_residual=data.get("normed_residual", False), gainless_norms=data.get("gainless_norms", False),
         base_prefix=data.get("base_prefix", ""), unloaded=tuple(data.get("unloaded", ())), notes=data.get("notes", ""),
         unrotatable=data.get("unrotatable", ""), fixed_layers=data.get("fixed_layers", ""),
+        projected=data.get("projected", False),
         parts=tuple(Part(part, tuple(raw["prefixes"]), raw.get("depth_key"), tuple(raw.get("leading", ())))
                     for part, raw in data.get("parts", {}).items()),
         named_entries=tuple(data.get("named_entries", {}).items()),

@@ -24,7 +24,8 @@ TEXT = "text_decoder"
 # video_tower of the same settings (vision_config), a part of its own. Towers by other names: dots3's
 # vision_encoder and audio_encoder, Nemotron-H Omni's sound_encoder. Mistral's own checkpoint names (Mistral
 # Large 4) call the projector's parts pre_mm_projector_norm, patch_merger and vision_language_adapter; ERNIE
-# 4.5 VL's is its resampler_model.
+# 4.5 VL's is its resampler_model. Phi-4-multimodal's image_embed and audio_embed hold its towers and their
+# projectors (img_projection_up / _down, up_ / down_proj_for_speech and _for_vision_speech), as vLLM splits them.
 MARKERS = (
     ("multi_modal_projector", ("multi_modal_projector", "mm_projector", "merger", "embed_vision",
                                "vision_embedder", "embed_audio", "image_newline", "connector", "aligner",
@@ -34,11 +35,13 @@ MARKERS = (
                                "vision_projector", "sound_projection", "pre_mm_projector_norm", "patch_merger",
                                "vision_language_adapter", "resampler_model", "vit_large_projector",
                                "layerwise_projectors", "spatial_projectors", "perceive",
-                               "mlp_AR", "image_projector", "image_pooling_2d")),
+                               "mlp_AR", "image_projector", "image_pooling_2d", "img_projection_up",
+                               "img_projection_down", "up_proj_for_speech", "down_proj_for_speech",
+                               "up_proj_for_vision_speech", "down_proj_for_vision_speech")),
     ("vision_tower", ("vision_tower", "vision_model", "visual", "vision_encoder", "image_tower", "vit",
-                      "vision_backbone")),
+                      "vision_backbone", "image_embed")),
     ("video_tower", ("video_tower",)),
-    ("audio_tower", ("audio_tower", "audio_encoder", "sound_encoder")),
+    ("audio_tower", ("audio_tower", "audio_encoder", "sound_encoder", "audio_embed")),
     ("image_tokenizer", ("vqmodel",)),
 )
 OTHER_PARTS = frozenset(part for part, _ in MARKERS)
