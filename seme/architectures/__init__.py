@@ -401,6 +401,10 @@ def _candidates(name: str):
             yield int(m.group()), int(e.group()), template
 
 
+# What a variant may set of its own (besides its tensors and norm_type); the rest is its family's.
+_VARIANT_SETTINGS = ("tied_default", "tie_key", "normed_residual", "unrotatable", "base_prefix")
+
+
 def _parse(data: dict) -> Architecture:
     name = data["name"]
     norm_type = _norm_type(name, data.get("norm_type", "rms_norm"))
@@ -433,10 +437,7 @@ def _parse(data: dict) -> Architecture:
         own_norm_type = _norm_type(name, v.get("norm_type", norm_type))
         specs = _overlaid(name, data["tensors"], v.get("tensors", {}), own_norm_type)
         label = ", ".join(f"{k}={json.dumps(x)}" for k, x in v["when"].items())
-        own = {**family, "tied_default": v.get("tied_default", family["tied_default"]), "norm_type": own_norm_type,
-               "normed_residual": v.get("normed_residual", family["normed_residual"]), "tie_key": v.get("tie_key", family["tie_key"]),
-               "unrotatable": v.get("unrotatable", family["unrotatable"]),
-               "base_prefix": v.get("base_prefix", family["base_prefix"])}
+        own = {**family, **{k: v[k] for k in _VARIANT_SETTINGS if k in v}, "norm_type": own_norm_type}
         variants.append((v["when"], Architecture(**own, tensors=specs, variant=label)))
     return Architecture(**family, tensors=tensors, variants=tuple(variants))
 
@@ -467,7 +468,8 @@ def _with_entries(family: Architecture, placeholder: str, entries: tuple[str, ..
     for template, spec in family.tensors.items():
         if placeholder not in template:
             tensors[template] = spec
-        for entry in entries if placeholder in template else ():
+            continue
+        for entry in entries:
             tensors[fill(template, entry)] = replace(spec, norm=fill(spec.norm, entry), tied_to=fill(spec.tied_to, entry))
     return replace(family, tensors=tensors)
 
