@@ -133,9 +133,11 @@ def make_plan(recipe: Recipe) -> Plan:
     added_later = set(trailing)  # by _add_trailing
     ref_names = [n for n in models[ref].tensors if n not in added_later]
     # the embeddings, and the norms of the stream before the first layer (BERT's, bloom's): from the first slice
-    # (and what its parts' `leading` name: a vision tower's patch embedding and class token)
+    # (and what its parts' `leading` name: a vision tower's patch embedding and class token); the norms after the
+    # last layer, with the heads, from the last
     pre = [n for n in ref_names if _layer(arch, n) is None
-           and (_role(arch, n) in ("embedding", "position_embedding", "norm", "norm_bias") or arch.leads_declared(n))]
+           and (_role(arch, n) in ("embedding", "position_embedding") or _leading_norm(arch, n)
+                or arch.leads_declared(n))]
     post = [n for n in ref_names if _layer(arch, n) is None and n not in pre]
     head = next((name for name, spec in arch.tensors.items() if spec.role == "lm_head"), None)
     if not tied and head and not arch.tensors[head].optional and not any(_role(arch, n) == "lm_head" for n in ref_names):
@@ -569,6 +571,11 @@ def _per_layer(settings: dict, depth_key: str, key: str, fallback: list, layer: 
     if isinstance(value, list) and len(value) == _depth(settings.get(depth_key)):
         return value[layer]
     return fallback[min(layer, len(fallback) - 1)]
+
+
+def _leading_norm(arch, name) -> bool:
+    role = arch.role(name)
+    return role is not None and role.role in ("norm", "norm_bias") and not role.after_layers
 
 
 def _role(arch, name):

@@ -1204,6 +1204,10 @@ def test_a_table_is_checked_when_loaded():
         archs._parse(dict(table, norm_type="layer_norm", variants=[{"when": {"x": 1}, "norm_type": "batch_norm"}]))
     with pytest.raises(ValueError, match="has layout either, which only a read or a write can have"):
         archs._parse(dict(table, tensors={"a.embed.weight": {"role": "embedding", "layout": "either"}}))
+    with pytest.raises(ValueError, match=r"has unknown keys \['after_layer'\]"):  # a misspelt key is no default
+        archs._parse(dict(table, tensors={"a.norm.weight": {"role": "norm", "after_layer": True}}))
+    with pytest.raises(ValueError, match="only a norm outside the layers can be after_layers"):
+        archs._parse(dict(table, tensors={"a.{layer}.norm.weight": {"role": "norm", "after_layers": True}}))
 
 
 def test_a_layout_either_is_told_by_the_shape():
@@ -1432,6 +1436,39 @@ def test_an_encoder_2_merges_end_to_end(family, tmp_path):
     assert repeated and all(torch.equal(state[n], state[n.replace(".2.", ".1.")]) for n in repeated)
     with torch.no_grad():
         assert torch.isfinite(merged(torch.arange(3, 11).unsqueeze(0)).logits).all()
+
+
+@pytest.mark.parametrize("family,extra", [("modernbert", {}), ("megatron_bert:qa", {}), ("xlm_roberta_xl", {}),
+                                          ("roberta_prelayernorm", {}), ("xmod", {"pre_norm": True}),
+                                          ("big_bird:qa", {}), ("bert", {})])
+def test_a_frankenmerge_takes_the_norms_after_the_layers_from_its_last_slice(family, extra, tmp_path):
+    """Passthrough slices of two models: the norms before the first layer (over the embeddings) come from the
+    first slice's model, those after the last layer (``after_layers``, as mergekit's post-weights) from the last's."""
+    import yaml
+
+    import seme
+
+    paths = [tmp_path / "first", tmp_path / "last"]
+    for seed, path in enumerate(paths):
+        model = perturbed(build(family, extra))
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                t.add_(seed) if t.is_floating_point() else None
+        model.save_pretrained(path)
+    recipe = {"merge_method": "passthrough", "dtype": "float32",
+              "slices": [{"sources": [{"model": str(paths[0]), "layer_range": [0, 1]}]},
+                         {"sources": [{"model": str(paths[1]), "layer_range": [1, 2]}]}]}
+    seme.merge(yaml.safe_dump(recipe), str(tmp_path / "merged"), progress=False)
+    merged = safetensors_torch.load_file(tmp_path / "merged" / "model.safetensors")
+    first, last = (safetensors_torch.load_file(p / "model.safetensors") for p in paths)
+    arch = for_config(json.loads((paths[0] / "config.json").read_text()))
+    loose_norms = {n: arch.role(n) for n in merged
+                   if arch.role(n) and arch.role(n).layer is None
+                   and arch.role(n).role in ("norm", "norm_bias", "final_norm", "final_norm_bias")}
+    assert any(r.role in ("norm", "norm_bias") for r in loose_norms.values()), loose_norms
+    for name, role in loose_norms.items():
+        source = last if role.after_layers or role.role.startswith("final_norm") else first
+        assert torch.equal(merged[name], source[name]), name
 
 
 def test_mllamas_listed_layers_follow_a_slice_merge(tmp_path):

@@ -9,8 +9,10 @@ checkpoint tensor name, which role the tensor plays relative to the residual str
   token_table                              [V, k]: another table of a row per token, outside the residual stream
                                            (Gemma's per-layer embeddings): its rows follow the tokens, never turned
   final_norm, final_norm_bias              the norm before the head
-  norm, norm_bias                          a norm that reads the residual stream inside a layer, or before the
-                                           first (bloom's and BERT's over the embeddings)
+  norm, norm_bias                          a norm that reads the residual stream inside a layer, before the
+                                           first (bloom's and BERT's over the embeddings), or, marked
+                                           ``after_layers``, after the last (ModernBERT's final_norm, which feeds
+                                           the head's dense read rather than the head)
   read                                     a Linear whose input is the residual, normalised by its `norm`, or raw
                                            where it has none (q/k/v, gate/up, fused)
   write, write_bias                        a Linear whose output is added to the residual, and its bias
@@ -127,6 +129,7 @@ class TensorRole:
     optional: bool
     tied_to: str | None
     layer_blocks: int | None = None  # the axis along which it packs one block per layer (Gemma's per-layer tables)
+    after_layers: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,7 @@ class TensorSpec:
     optional: bool = False
     tied_to: str | None = None
     layer_blocks: int | None = None
+    after_layers: bool = False  # a loose norm over the last layer's output (a slice takes it from its last models)
 
 
 # eq=False: instances are per-family singletons, identity hashing suffices.
@@ -317,7 +321,7 @@ class Architecture:
                 norm = spec.norm and self.layer_name(spec.norm, layer)[len(strip):]
                 concrete = template if expert is None else template.replace("{expert}", str(expert))
                 return TensorRole(spec.role, layer, concrete[len(strip):], norm, spec.layout,
-                                  spec.optional, spec.tied_to, spec.layer_blocks)
+                                  spec.optional, spec.tied_to, spec.layer_blocks, spec.after_layers)
         return None
 
     def _infer(self, name: str) -> TensorRole | None:
@@ -484,13 +488,21 @@ def _keys(value: str | list[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+_SPEC_KEYS = frozenset(("role", "norm", "layout", "optional", "tied_to", "layer_blocks", "after_layers"))
+
+
 def _specs(family: str, raw_tensors: dict, norm_type: str) -> dict[str, TensorSpec]:
     tensors = {}
     for template, raw in raw_tensors.items():
-        spec = TensorSpec(raw["role"], raw.get("norm"), raw.get("layout", "out_in"),
-                          raw.get("optional", False), raw.get("tied_to"), raw.get("layer_blocks"))
+        unknown = sorted(set(raw) - _SPEC_KEYS)
+        if unknown:
+            raise ValueError(f"{family}: {template!r} has unknown keys {unknown}")
+        spec = TensorSpec(raw["role"], raw.get("norm"), raw.get("layout", "out_in"), raw.get("optional", False),
+                          raw.get("tied_to"), raw.get("layer_blocks"), raw.get("after_layers", False))
         if spec.role not in ROLES or spec.layout not in LAYOUTS:
             raise ValueError(f"{family}: bad role/layout for {template!r}")
+        if spec.after_layers and (spec.role not in ("norm", "norm_bias") or "{layer}" in template):
+            raise ValueError(f"{family}: {template!r}: only a norm outside the layers can be after_layers")
         if spec.layout == "either" and spec.role not in ("read", "write"):
             raise ValueError(f"{family}: {template!r} has layout either, which only a read or a write can have")
         if spec.role in ("norm_bias", "final_norm_bias") and norm_type != "layer_norm":
