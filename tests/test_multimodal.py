@@ -676,6 +676,63 @@ def build_glm5_next(path, seed: int):
         vision_config=GLM4V_VISION, image_token_id=60, video_token_id=61)
     return save_random(path, seed, transformers.Glm5NextForConditionalGeneration, config)
 
+def build_cosmos3_edge(path, seed: int):
+    """A Cosmos3 Edge, saved as its checkpoints keep it: the language model at the top level (to_q / to_k / to_v /
+    to_out, mlp.up_proj / down_proj) beside model.visual and model.projector."""
+    import transformers
+
+    config = transformers.Cosmos3EdgeConfig(
+        text_config=dict(LLAVA_TEXT, head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                  "mrope_section": [1, 1, 2]}),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                           num_patches=16), projector_hidden_size=24, **QWEN_VL_TOKENS)
+    return save_random(path, seed, transformers.Cosmos3EdgeForConditionalGeneration, config)
+
+
+def build_granite_docling(path, seed: int):
+    """A GraniteDocling: granite's language model under model.text_model, a connector whose coarse and fine paths each
+    have a DeepStack merger (adding to layer 0's output), and a density router."""
+    import transformers
+
+    config = transformers.GraniteDoclingConfig(
+        text_config=dict(LLAVA_TEXT, head_dim=8, pad_token_id=0), pad_token_id=0, image_token_id=60,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                           patch_size=4, out_hidden_size=32, scale_factor=2, deepstack_visual_indexes=[0]),
+        density_router_hidden_size=8)
+    return save_random(path, seed, transformers.GraniteDoclingForConditionalGeneration, config)
+
+
+def build_voxtral_realtime(path, seed: int):
+    """A Voxtral Realtime: Mistral's language model with ada_rms_norm, nested whole as language_model. beside its
+    audio_tower and multi_modal_projector; the head tied."""
+    import transformers
+
+    config = transformers.VoxtralRealtimeConfig(
+        text_config=dict(LLAVA_TEXT, head_dim=8),
+        audio_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=8,
+                          num_mel_bins=16))
+    return save_random(path, seed, transformers.VoxtralRealtimeForConditionalGeneration, config)
+
+
+def build_muse(path, seed: int, model: str = "MuseGlimmer"):
+    """A Muse Glimmer (or Muse Spark: its first layer's MLP dense, its second's a mixture of experts, and an audio
+    tower): a sliding-window layer with RoPE, then a full-attention layer without."""
+    import transformers
+
+    spark = model == "MuseSpark"
+    text = dict(LLAVA_TEXT, head_dim=8, layer_types=["sliding_attention", "full_attention"],
+                layer_rope_theta=[10000.0, 0], **(dict(num_local_experts=4, num_experts_per_tok=2, moe_hidden_size=16,
+                                                       moe_intermediate_size=16, mlp_layer_types=["dense", "sparse"])
+                                                  if spark else {}))
+    audio = dict(audio_config=dict(hidden_sizes=[8, 16], depths=[1, 1], patch_sizes=[4, 2], num_hidden_layers=2,
+                                   out_hidden_size=32)) if spark else {}
+    config = getattr(transformers, f"{model}Config")(
+        text_config=text, out_hidden_size=16, projector_hidden_size=24, image_token_id=60, video_token_id=61,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                           pos_emb_height=4, pos_emb_width=4), **audio)
+    return save_random(path, seed, getattr(transformers, f"{model}ForConditionalGeneration"), config)
+
+
 def build_mllama(path, seed: int):
     """A self-attention layer, then a cross-attention layer; a vision model whose output (its last layer's and two
     intermediate layers' states, 48 wide) the projector takes to the language model's width."""
@@ -966,6 +1023,10 @@ WRAPPERS = {  # the builder, and the family of its language model
     "glm5_next": (build_glm5_next, "glm5_next_text"),
     # mllama, emu3, phi-4-multimodal
     "mllama": (build_mllama, "mllama"), "emu3": (build_emu3, "llama"),
+    # wrappers of language models new in transformers 5.23
+    "cosmos3_edge": (build_cosmos3_edge, "cosmos3_edge_text"), "granite_docling": (build_granite_docling, "granite"),
+    "voxtral_realtime": (build_voxtral_realtime, "mistral"), "muse_glimmer": (build_muse, "muse_glimmer_text"),
+    "muse_spark": (lambda path, seed: build_muse(path, seed, "MuseSpark"), "muse_spark_text"),
 }
 
 
@@ -1005,7 +1066,8 @@ def test_a_multimodal_models_language_model_has_its_familys_roles(wrapper, tmp_p
     for name in names:
         role = arch.role(name)
         if modules.part_of(name) != modules.TEXT:  # the projector's writes into the stream, where described
-            assert role is None if not arch.projected else role.role in ("inner", "write", "write_bias", "stream_vector"), name
+            assert role is None if not arch.projected else role.role in (
+                "inner", "write", "write_bias", "write_norm", "stream_vector"), name
             continue
         expected = own.role(own_name(name))
         assert role is not None and expected is not None, name
@@ -1140,6 +1202,9 @@ PROMPTS = {
     # mllama, emu3, phi-4-multimodal: the image reaches the stream through the cross-attention layers alone
     "mllama": (build_mllama, "MllamaForConditionalGeneration", mllama_prompt),
     "emu3": (build_emu3, "Emu3ForConditionalGeneration", emu3_prompt),  # its image is embedded as vocabulary tokens
+    # an image of 2 x 2 patches of 4 pixels (flattened, one frame), merged into one token
+    "cosmos3_edge": (build_cosmos3_edge, "Cosmos3EdgeForConditionalGeneration", lambda: dict(
+        qwen_vl_prompt(), pixel_values=torch.randn(4, 48, generator=torch.Generator().manual_seed(0)))),
 }
 
 
@@ -1469,6 +1534,28 @@ def test_a_wrapper_beside_whose_language_model_nothing_writes_merges_end_to_end(
         ids = prompt()["input_ids"]
         out = model.eval().generate(**prompt(), max_new_tokens=3, do_sample=False)
         assert out.shape == (1, ids.shape[1] + 3), name
+
+
+@pytest.mark.parametrize("wrapper", ["cosmos3_edge", "granite_docling", "voxtral_realtime", "muse_glimmer", "muse_spark"])
+def test_a_wrapper_of_a_new_language_model_merges_and_reloads(wrapper, tmp_path):
+    """Fine-tunes of one wrapper merged by task_arithmetic with its roles (no tensor left to names alone): the output
+    reloads in transformers with every tensor it expects; SeMe refuses to turn those whose stream no turn keeps."""
+    import json
+
+    import transformers
+
+    build, _ = WRAPPERS[wrapper]
+    a = build(tmp_path / "a", 0)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    arch = architectures.for_config(config, tensor_names(a))
+    assert arch.projected and all(arch.role(n) for n in tensor_names(a))
+    assert bool(arch.rotation_obstacles()) == (wrapper != "cosmos3_edge")
+    b, c = fine_tune(a, tmp_path / "b", 1), fine_tune(a, tmp_path / "c", 2)
+    seme.merge({"merge_method": "task_arithmetic", "base_model": a, "parameters": {"weight": 0.5},
+                "models": [{"model": b}, {"model": c}], "dtype": "float32"}, str(tmp_path / "out"), progress=False)
+    model_class = getattr(transformers, config["architectures"][0])
+    _, info = model_class.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
 # --- vocabulary re-mapping ----------------------------------------------------------------------------
