@@ -676,6 +676,37 @@ def build_glm5_next(path, seed: int):
         vision_config=GLM4V_VISION, image_token_id=60, video_token_id=61)
     return save_random(path, seed, transformers.Glm5NextForConditionalGeneration, config)
 
+DEEPSEEK_OCR_TEXT = dict(LLAVA_TEXT, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                         n_shared_experts=1, mlp_layer_types=["dense", "sparse"])
+SAM = dict(hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16,
+           window_size=2, global_attn_indexes=[1], mlp_dim=32)
+
+
+def build_deepseek_ocr2(path, seed: int):
+    """A DeepSeek-OCR 2: a dense layer, then a mixture of experts, with multi-head attention (no latent attention);
+    saved in its Hub checkpoints' names (sam_model, qwen2_model, projector beside the language model's own)."""
+    import transformers
+
+    config = transformers.DeepseekOcr2Config(  # 144 queries of its vision encoder, then view_seperator
+        text_config=DEEPSEEK_OCR_TEXT, image_token_id=60, vision_config=dict(
+            sam_config=dict(SAM, downsample_channels=[16, 24]),
+            encoder_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=2)))
+    return save_random(path, seed, transformers.DeepseekOcr2ForConditionalGeneration, config)
+
+
+def build_unlimited_ocr(path, seed: int):
+    """An Unlimited-OCR: DeepSeek-OCR 2's language model (a reference sliding window), SAM and CLIP encoders."""
+    import transformers
+
+    config = transformers.UnlimitedOcrConfig(  # one image token, image_newline after it, then view_seperator
+        text_config=dict(DEEPSEEK_OCR_TEXT, sliding_window=8), image_token_id=60, vision_config=dict(
+            sam_config=dict(SAM, downsample_channels=[16, 24]),
+            encoder_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=64, patch_size=16)))
+    return save_random(path, seed, transformers.UnlimitedOcrForConditionalGeneration, config)
+
+
 def build_mllama(path, seed: int):
     """A self-attention layer, then a cross-attention layer; a vision model whose output (its last layer's and two
     intermediate layers' states, 48 wide) the projector takes to the language model's width."""
@@ -966,6 +997,8 @@ WRAPPERS = {  # the builder, and the family of its language model
     "glm5_next": (build_glm5_next, "glm5_next_text"),
     # mllama, emu3, phi-4-multimodal
     "mllama": (build_mllama, "mllama"), "emu3": (build_emu3, "llama"),
+    # DeepSeek-OCR 2, Unlimited-OCR
+    "deepseek_ocr2": (build_deepseek_ocr2, "deepseek_v2"), "unlimited_ocr": (build_unlimited_ocr, "deepseek_v2"),
 }
 
 
@@ -1140,6 +1173,9 @@ PROMPTS = {
     # mllama, emu3, phi-4-multimodal: the image reaches the stream through the cross-attention layers alone
     "mllama": (build_mllama, "MllamaForConditionalGeneration", mllama_prompt),
     "emu3": (build_emu3, "Emu3ForConditionalGeneration", emu3_prompt),  # its image is embedded as vocabulary tokens
+    # DeepSeek-OCR 2, Unlimited-OCR: an image of 64 x 64 pixels
+    "deepseek_ocr2": (build_deepseek_ocr2, "DeepseekOcr2ForConditionalGeneration", lambda: image_prompt(60, 145, 64)),
+    "unlimited_ocr": (build_unlimited_ocr, "UnlimitedOcrForConditionalGeneration", lambda: image_prompt(60, 3, 64)),
 }
 
 
@@ -1340,12 +1376,12 @@ def test_seme_merges_a_multimodal_model(llavas, tmp_path):
     assert not torch.equal(merged["multi_modal_projector.linear_2.weight"], inputs[0]["multi_modal_projector.linear_2.weight"])
 
 
-@pytest.mark.parametrize("wrapper", ["llava", "llava_next", "qwen3_vl_moe-hub", "mllama", "emu3"])
+@pytest.mark.parametrize("wrapper", ["llava", "llava_next", "qwen3_vl_moe-hub", "mllama", "emu3", "unlimited_ocr"])
 def test_seme_aligns_a_rotated_llava_back(wrapper, tmp_path):
     """A Llava merged with its own turned copy: SeMe recovers the turn from the heads and turns the copy's
     language model and projector back (Llava-NeXT's image_newline with them; Qwen3-VL-MoE's experts as its Hub
-    checkpoints keep them, [E, in, out]; Mllama's cross-attention layers, whose image features do not turn), so the
-    merge is the model."""
+    checkpoints keep them, [E, in, out]; Mllama's cross-attention layers, whose image features do not turn; Unlimited-OCR's
+    view_seperator and image_newline, its experts one tensor each), so the merge is the model."""
     import json
 
     a = WRAPPERS[wrapper][0](tmp_path / "a", 0)
