@@ -1473,6 +1473,77 @@ def test_gemma4_unified_merges_end_to_end(tmp_path):
         assert out.shape == (1, prompt["input_ids"].shape[1] + 3), name
 
 
+@pytest.mark.parametrize("wrapper", ["deepseek_ocr2", "unlimited_ocr"])
+def test_a_deepseek_ocr_merge_reloads(wrapper, tmp_path):
+    """Fine-tunes of one DeepSeek-OCR 2 (or Unlimited-OCR) merged by task_arithmetic: the output keeps the Hub's names,
+    reloads in transformers with every tensor where the model keeps it, and reads an image."""
+    import transformers
+
+    build, model_class, prompt = PROMPTS[wrapper]
+    a = build(tmp_path / "a", 0)
+    b, c = fine_tune(a, tmp_path / "b", 1), fine_tune(a, tmp_path / "c", 2)
+    seme.merge({"merge_method": "task_arithmetic", "base_model": a, "parameters": {"weight": 0.5}, "dtype": "float32",
+                "models": [{"model": b}, {"model": c}]}, str(tmp_path / "out"), progress=False)
+    assert load_folder(tmp_path / "out").keys() == load_folder(a).keys()
+    model, info = getattr(transformers, model_class).from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(**prompt()).logits).all()
+
+
+def build_diffusion_gemma(path, seed: int):
+    """A DiffusionGemma: Gemma 4's vision tower and embedder in its encoder, its language model's layers (26B-A4B's:
+    a dense MLP beside experts) shared by encoder and decoder."""
+    import transformers
+
+    config = transformers.DiffusionGemmaConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, head_dim=8, global_head_dim=16,
+                         layer_types=["sliding_attention", "full_attention"], num_experts=4, top_k_experts=2,
+                         moe_intermediate_size=16),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=8, patch_size=4, position_embedding_size=64,
+                           pooling_kernel_size=2), boi_token_id=290, eoi_token_id=291, image_token_id=292)
+    return save_random(path, seed, transformers.DiffusionGemmaForBlockDiffusion, config)
+
+
+def test_diffusion_gemma_merges_and_its_image_features_turn_with_the_stream(tmp_path, capsys):
+    """DiffusionGemma's embed_vision writes image features that turn with the stream (its language model, Gemma 4's,
+    cannot turn); fine-tunes merged by task_arithmetic reload, every tensor where the model keeps it, and refine a
+    canvas over a prompt with an image (4 x 4 patches pooled 2 x 2); SeMe refuses it in one line, for its encoder's
+    layer_scalar buffers are a layer stack beside the decoder's."""
+    import json
+
+    import transformers
+
+    a = perturbed(build_diffusion_gemma(tmp_path / "a", 0))
+    arch = architectures.for_config(json.loads((Path(a) / "config.json").read_text()), tensor_names(a))
+    assert arch.name == "diffusion_gemma" and arch.projected
+    Q = random_orthogonal(32, 2).double()
+    turned = rotated(a, tmp_path / "turned", Q)
+
+    def features(path):
+        model = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval()
+        with torch.no_grad():
+            return model.model.encoder.get_image_features(**gemma4_pixels(4, 48), return_dict=True).pooler_output.double()
+
+    expected, got = features(a), features(turned)
+    assert float((got - expected @ Q.T).norm() / expected.norm()) < 1e-5
+    b = fine_tune(a, tmp_path / "b", 1)
+    seme.merge({"merge_method": "task_arithmetic", "base_model": a, "parameters": {"weight": 0.5}, "models": [{"model": b}],
+                "dtype": "float32"}, str(tmp_path / "merged"), progress=False)
+    assert load_folder(tmp_path / "merged").keys() == load_folder(a).keys()
+    model, info = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        logits = model.eval()(input_ids=torch.tensor([[2, 5, 290] + [292] * 4 + [291, 9]]), **gemma4_pixels(4, 48),
+                              decoder_input_ids=torch.tensor([[7, 8, 9]])).logits
+    assert logits.shape == (1, 3, 300) and torch.isfinite(logits).all()
+    assert_refused({"merge_method": "seme", "base_model": a, "models": [{"model": b}]},
+                   "has several layer stacks (model.decoder.layers.* (2 layers), model.encoder.language_model.layers.* "
+                   "(2 layers)", tmp_path, capsys)
+
+
 @pytest.mark.parametrize("wrapper", ["mllama", "emu3"])
 def test_a_wrapper_beside_whose_language_model_nothing_writes_merges_end_to_end(wrapper, tmp_path):
     """Fine-tunes of one Llama 3.2 Vision (or Emu3) merged by task_arithmetic and by SeMe, and Llama 3.2 Vision's
