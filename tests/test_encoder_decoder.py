@@ -153,6 +153,12 @@ def saved(tmp_path_factory):
     return shapes
 
 
+def depth(config: dict, key: str) -> int:
+    """The depth a part's key gives, dotted where a sub-config holds it (PP-FormulaNet's text_config.decoder_layers)."""
+    settings, name = archs.config_entry(config, key)
+    return settings[name]
+
+
 @pytest.mark.parametrize("key", FAMILIES)
 def test_checkpoint_roles_and_parts(saved, key):
     model, config, shapes = saved(key)
@@ -187,8 +193,7 @@ def test_checkpoint_roles_and_parts(saved, key):
         part = parts[arch.part_of(template)]
         if spec.optional or part.name not in present or (spec.role == "lm_head" and arch.tied(config)):
             continue
-        settings, depth_key = archs.config_entry(config, part.depth_key)  # a dotted key: a sub-config's
-        for i in range(settings[depth_key]) if "{layer}" in template else [None]:
+        for i in range(depth(config, part.depth_key)) if "{layer}" in template else [None]:
             name = arch.layer_name(template, i) if i is not None else template
             assert name in shapes or name.removeprefix(arch.base_prefix) in shapes, name
     assert arch.rotation_obstacles()  # two streams
