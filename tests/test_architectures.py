@@ -45,6 +45,11 @@ PHI4_MULTIMODAL = dict(DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2, 
     crop_size=28, image_token_id=120), audio_config=dict(
     hidden_size=16, intermediate_size=32, num_blocks=2, num_attention_heads=2, ext_pw_out_channel=16,
     depthwise_separable_out_channel=16, nemo_conv_channels=16, audio_token_id=121))
+# Gemma 4's 26B-A4B layers; its image tokens inside the vocabulary
+DIFFUSION_GEMMA = dict(text_config=dict(ASSISTANT_TEXT, num_experts=4, top_k_experts=2, moe_intermediate_size=16),
+                       vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                          num_key_value_heads=2, head_dim=8, patch_size=4, position_embedding_size=64,
+                                          pooling_kernel_size=2), boi_token_id=120, eoi_token_id=121, image_token_id=122)
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER),
@@ -500,6 +505,7 @@ FAMILIES = {
     # into the stream: with an image and a sound (the sound through down_proj_for_vision_speech), or a sound alone
     "phi4_multimodal": ("Phi4MultimodalConfig", "Phi4MultimodalForCausalLM", PHI4_MULTIMODAL),
     "phi4_multimodal:speech": ("Phi4MultimodalConfig", "Phi4MultimodalForCausalLM", PHI4_MULTIMODAL),
+    "diffusion_gemma": ("DiffusionGemmaConfig", "DiffusionGemmaForBlockDiffusion", DIFFUSION_GEMMA),
 }
 PHI4_IMAGE = lambda: dict(image_pixel_values=torch.randn(1, 2, 3, 28, 28, generator=torch.Generator().manual_seed(4)),
                           image_sizes=torch.tensor([[28, 28]]), image_attention_mask=torch.ones(1, 2, 2, 2))
@@ -525,6 +531,10 @@ FORWARD_INPUTS = {
     "phi4_multimodal": lambda: dict(input_ids=torch.tensor([[3, 4, 120, 120, 120, 120, 120, 5, 121, 6]]),
                                     **PHI4_IMAGE(), **PHI4_SOUND()),
     "phi4_multimodal:speech": lambda: dict(input_ids=torch.tensor([[3, 4, 5, 121, 6, 7, 8, 9]]), **PHI4_SOUND()),
+    # DiffusionGemma's canvas of 3 tokens, refined over the prompt's cache, and the previous step's logits, whose soft
+    # embeddings its self-conditioning reads
+    "diffusion_gemma": lambda: dict(decoder_input_ids=torch.tensor([[7, 8, 9]]), self_conditioning_logits=torch.randn(
+        1, 3, 128, generator=torch.Generator().manual_seed(4))),
 }
 # Rows of the embedding beyond the head's (Mllama's 8: its image token is id vocab_size)
 EXTRA_EMBEDDING_ROWS = {"mllama": 8, "cpmant": 6}  # CPM-Ant's: its prompt rows
@@ -536,7 +546,7 @@ def forward_inputs(key):
 
 
 # Checkpoints name these tensors unlike transformers in memory (one tensor per expert, granite's input_linear,
-# nemotron_h's backbone).
+# nemotron_h's backbone; DiffusionGemma's encoder holds tied copies of its decoder's weights, which checkpoints keep once).
 MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "granitemoe",
        "granitemoe:granitemoeshared", "granitemoe:granitemoehybrid", "deepseek_v3:glm4_moe_lite",
        "deepseek_v3:deepseek_v32", "jamba", "nemotron_h", "nemotron_h:mlp_moe", "nemotron_h:latent_moe",
@@ -548,7 +558,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "bailing_hybrid", "qwen3_moe:flint", "kolibri1", "deepseek_v3:axk1", "axk2",
        "deepseek_v3:dots3_note_text", "aria_text",
        # beam, cpm-ant, git
-       "beam"}
+       "beam", "diffusion_gemma"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -944,7 +954,7 @@ def test_norm_feeds_read(saved, case):
     def weightless_norm(t):  # the norm of a family whose norms have no gains (OLMo 1's LayerNorm: eps 1e-5; NanoChat's)
         if arch.norm_type == "layer_norm":
             return torch.nn.functional.layer_norm(t, t.shape[-1:], eps=1e-5)
-        return torch.nn.functional.rms_norm(t, t.shape[-1:], eps=model.config.rms_norm_eps)
+        return torch.nn.functional.rms_norm(t, t.shape[-1:], eps=model.config.get_text_config().rms_norm_eps)
 
     for name in (n for n in shapes if module(n) in modules):  # experts are fused in memory: no module each
         r = arch.role(name)
@@ -972,7 +982,7 @@ def test_norm_feeds_read(saved, case):
                 # constant factor
                 h = inputs[module(r.norm)]
                 assert module(name).startswith(module(r.norm) + ".") and on_stream(h, r), name
-                y = torch.nn.functional.rms_norm(h, h.shape[-1:], eps=model.config.rms_norm_eps) * gain
+                y = torch.nn.functional.rms_norm(h, h.shape[-1:], eps=model.config.get_text_config().rms_norm_eps) * gain
                 assert torch.allclose(x, y * (x.norm() / y.norm()), atol=1e-6), name
                 continue
             if len(shapes[name]) == 2 and x.shape == y.shape:

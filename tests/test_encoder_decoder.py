@@ -18,6 +18,7 @@ from safetensors import torch as safetensors_torch
 import seme
 import tiny_models
 from conftest import load_folder
+import seme.architectures as archs
 from seme.architectures import for_config
 from seme.errors import SemeError
 from test_parity_mergekit import run_mergekit
@@ -37,6 +38,13 @@ PROPHETNET = dict(vocab_size=96, hidden_size=32, num_encoder_layers=3, num_decod
                   relative_max_distance=16)
 TROCR = dict(vocab_size=96, d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
              max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, cross_attention_hidden_size=24)
+# an image of 4 x 4 patches, convolved twice with stride 2 into one image feature
+PP_FORMULANET = dict(text_config=dict(d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+                                      vocab_size=96, max_position_embeddings=64),
+                     vision_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2,
+                                        image_size=64, patch_size=16, window_size=2, global_attn_indexes=[1], mlp_dim=32,
+                                        post_conv_in_channels=8, post_conv_mid_channels=16, post_conv_out_channels=24,
+                                        decoder_hidden_size=32))
 FAMILIES = {  # "table:what" keys, as in test_architectures
     "t5": ("T5Config", "T5ForConditionalGeneration", dict(T5, feed_forward_proj="relu")),
     "t5:gated": ("T5Config", "T5ForConditionalGeneration", dict(T5, feed_forward_proj="gated-gelu")),
@@ -101,6 +109,7 @@ FAMILIES = {  # "table:what" keys, as in test_architectures
     "mbart_decoder:blenderbot": ("BlenderbotConfig", "BlenderbotForCausalLM", BART),
     "mbart_decoder:bigbird_pegasus": ("BigBirdPegasusConfig", "BigBirdPegasusForCausalLM", dict(BART, use_bias=True)),
     "prophetnet_decoder": ("ProphetNetConfig", "ProphetNetForCausalLM", PROPHETNET),
+    "pp_formulanet": ("PPFormulaNetConfig", "PPFormulaNetForConditionalGeneration", PP_FORMULANET),  # image to text
 }
 HEADS = ("classification", "qa")
 LAYER = re.compile(r"\.(?:block|layers)\.(\d+)\.")
@@ -124,6 +133,8 @@ def run(model, key: str):
         return model(input_ids=ids, encoder_hidden_states=torch.randn(1, 4, TROCR["cross_attention_hidden_size"]))
     if key.startswith(("bart", "mbart", "mvp", "bigbird_pegasus", "prophetnet")):
         return model(input_ids=ids, decoder_input_ids=ids[:, :3])
+    if key.startswith("pp_formulanet"):
+        return model(pixel_values=torch.randn(1, 3, 64, 64), decoder_input_ids=ids)
     if key.startswith("whisper"):
         return model(input_features=torch.randn(1, WHISPER["num_mel_bins"], 2 * WHISPER["max_source_positions"]),
                      decoder_input_ids=ids)
@@ -142,12 +153,18 @@ def saved(tmp_path_factory):
     return shapes
 
 
+def depth(config: dict, key: str) -> int:
+    """The depth a part's key gives, dotted where a sub-config holds it (PP-FormulaNet's text_config.decoder_layers)."""
+    settings, name = archs.config_entry(config, key)
+    return settings[name]
+
+
 @pytest.mark.parametrize("key", FAMILIES)
 def test_checkpoint_roles_and_parts(saved, key):
     model, config, shapes = saved(key)
     arch = for_config(config)
     assert arch.name == key.split(":")[0] and not arch.inferred
-    hidden, vocab = arch.hidden_size(config), config["vocab_size"]
+    hidden, vocab = arch.hidden_size(config), config.get("vocab_size") or config["text_config"]["vocab_size"]
     parts = {p.name: p for p in arch.parts}
     for name, shape in shapes.items():
         r = arch.role(name)
@@ -176,7 +193,7 @@ def test_checkpoint_roles_and_parts(saved, key):
         part = parts[arch.part_of(template)]
         if spec.optional or part.name not in present or (spec.role == "lm_head" and arch.tied(config)):
             continue
-        for i in range(config[part.depth_key]) if "{layer}" in template else [None]:
+        for i in range(depth(config, part.depth_key)) if "{layer}" in template else [None]:
             name = arch.layer_name(template, i) if i is not None else template
             assert name in shapes or name.removeprefix(arch.base_prefix) in shapes, name
     assert arch.rotation_obstacles()  # two streams
@@ -404,6 +421,29 @@ def test_sliced_stacks_load_and_run(key, prefix, depth_keys, tmp_path):
     run(model, key)
 
 
+def test_pp_formulanet_merges_whole_and_by_its_parts(tmp_path):
+    """Fine-tunes of one PP-FormulaNet merged by task_arithmetic, whole and with its decoder sliced (layers 0, 1, 1:
+    text_config's depth follows, the image encoder's stays); each output reloads in transformers and reads an image."""
+    paths = family(tmp_path, "pp_formulanet")
+    base, tuned = paths[0], [{"model": p} for p in paths[1:]]
+    recipes = {
+        "whole": {"merge_method": "task_arithmetic", "base_model": base, "models": tuned, "parameters": {"weight": 0.5}},
+        "sliced": {"merge_method": "task_arithmetic", "base_model": base, "parameters": {"weight": 0.5}, "modules": {
+            "vision_tower": {"models": tuned},
+            "text_decoder": {"slices": [{"sources": [{"model": p, "layer_range": [0, 2]} for p in paths]},
+                                        {"sources": [{"model": p, "layer_range": [1, 2]} for p in paths]}]}}},
+    }
+    for name, recipe in recipes.items():
+        merge({**recipe, "dtype": "float32"}, tmp_path / name)
+        config = json.load(open(tmp_path / name / "config.json"))
+        assert (config["text_config"]["decoder_layers"], config["vision_config"]["num_hidden_layers"]) == \
+            ((3 if name == "sliced" else 2), 2)
+        model, info = transformers.PPFormulaNetForConditionalGeneration.from_pretrained(
+            tmp_path / name, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
+        assert torch.isfinite(run(model.eval(), "pp_formulanet").logits).all(), name
+
+
 def test_mvp_prompts_keep_their_layers_in_place(tmp_path):
     # prompt_trans packs a block of keys and values per layer of its stack: slices that move layers are refused,
     # a merge of whole models is not
@@ -503,14 +543,14 @@ def test_tokens_of_two_vocabularies_are_not_remapped(two_vocabularies, tmp_path)
 
 
 @pytest.mark.parametrize("key", ["t5:gated", "whisper", "mvp", "bigbird_pegasus", "led", "longt5", "switch_transformers",
-                                 "prophetnet", "trocr"])
+                                 "prophetnet", "trocr", "pp_formulanet"])
 def test_seme_refuses_an_encoder_decoder_model(key, tmp_path):
     paths = family(tmp_path, key, n=2)
     recipe = {"merge_method": "seme", "base_model": paths[0], "models": [{"model": p} for p in paths]}
-    streams = "an image encoder's stream" if key == "trocr" else "two streams joined by cross-attention"
+    streams = "an image encoder's stream" if key in ("trocr", "pp_formulanet") else "two streams joined by cross-attention"
     family_name = key.split(":")[0]
     with pytest.raises(SemeError, match=rf"^[^\n]* is no decoder-only language model with a causal LM head "
-                                        rf"\({family_name}, of modules (encoder|decoder)[^\n]*{streams}[^\n]*$"):
+                                        rf"\({family_name}, of modules (text_)?(encoder|decoder)[^\n]*{streams}[^\n]*$"):
         seme.merge(yaml.safe_dump(recipe), str(tmp_path / "out"), progress=False)
 
 

@@ -733,6 +733,37 @@ def build_muse(path, seed: int, model: str = "MuseGlimmer"):
     return save_random(path, seed, getattr(transformers, f"{model}ForConditionalGeneration"), config)
 
 
+DEEPSEEK_OCR_TEXT = dict(LLAVA_TEXT, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                         n_shared_experts=1, mlp_layer_types=["dense", "sparse"])
+SAM = dict(hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16,
+           window_size=2, global_attn_indexes=[1], mlp_dim=32)
+
+
+def build_deepseek_ocr2(path, seed: int):
+    """A DeepSeek-OCR 2: a dense layer, then a mixture of experts, with multi-head attention (no latent attention);
+    saved in its Hub checkpoints' names (sam_model, qwen2_model, projector beside the language model's own)."""
+    import transformers
+
+    config = transformers.DeepseekOcr2Config(  # 144 queries of its vision encoder, then view_seperator
+        text_config=DEEPSEEK_OCR_TEXT, image_token_id=60, vision_config=dict(
+            sam_config=dict(SAM, downsample_channels=[16, 24]),
+            encoder_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=2)))
+    return save_random(path, seed, transformers.DeepseekOcr2ForConditionalGeneration, config)
+
+
+def build_unlimited_ocr(path, seed: int):
+    """An Unlimited-OCR: DeepSeek-OCR 2's language model (a reference sliding window), SAM and CLIP encoders."""
+    import transformers
+
+    config = transformers.UnlimitedOcrConfig(  # one image token, image_newline after it, then view_seperator
+        text_config=dict(DEEPSEEK_OCR_TEXT, sliding_window=8), image_token_id=60, vision_config=dict(
+            sam_config=dict(SAM, downsample_channels=[16, 24]),
+            encoder_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=64, patch_size=16)))
+    return save_random(path, seed, transformers.UnlimitedOcrForConditionalGeneration, config)
+
+
 def build_mllama(path, seed: int):
     """A self-attention layer, then a cross-attention layer; a vision model whose output (its last layer's and two
     intermediate layers' states, 48 wide) the projector takes to the language model's width."""
@@ -1027,6 +1058,8 @@ WRAPPERS = {  # the builder, and the family of its language model
     "cosmos3_edge": (build_cosmos3_edge, "cosmos3_edge_text"), "granite_docling": (build_granite_docling, "granite"),
     "voxtral_realtime": (build_voxtral_realtime, "mistral"), "muse_glimmer": (build_muse, "muse_glimmer_text"),
     "muse_spark": (lambda path, seed: build_muse(path, seed, "MuseSpark"), "muse_spark_text"),
+    # DeepSeek-OCR 2, Unlimited-OCR
+    "deepseek_ocr2": (build_deepseek_ocr2, "deepseek_v2"), "unlimited_ocr": (build_unlimited_ocr, "deepseek_v2"),
 }
 
 
@@ -1205,6 +1238,9 @@ PROMPTS = {
     # an image of 2 x 2 patches of 4 pixels (flattened, one frame), merged into one token
     "cosmos3_edge": (build_cosmos3_edge, "Cosmos3EdgeForConditionalGeneration", lambda: dict(
         qwen_vl_prompt(), pixel_values=torch.randn(4, 48, generator=torch.Generator().manual_seed(0)))),
+    # DeepSeek-OCR 2, Unlimited-OCR: an image of 64 x 64 pixels
+    "deepseek_ocr2": (build_deepseek_ocr2, "DeepseekOcr2ForConditionalGeneration", lambda: image_prompt(60, 145, 64)),
+    "unlimited_ocr": (build_unlimited_ocr, "UnlimitedOcrForConditionalGeneration", lambda: image_prompt(60, 3, 64)),
 }
 
 
@@ -1405,12 +1441,12 @@ def test_seme_merges_a_multimodal_model(llavas, tmp_path):
     assert not torch.equal(merged["multi_modal_projector.linear_2.weight"], inputs[0]["multi_modal_projector.linear_2.weight"])
 
 
-@pytest.mark.parametrize("wrapper", ["llava", "llava_next", "qwen3_vl_moe-hub", "mllama", "emu3"])
+@pytest.mark.parametrize("wrapper", ["llava", "llava_next", "qwen3_vl_moe-hub", "mllama", "emu3", "unlimited_ocr"])
 def test_seme_aligns_a_rotated_llava_back(wrapper, tmp_path):
     """A Llava merged with its own turned copy: SeMe recovers the turn from the heads and turns the copy's
     language model and projector back (Llava-NeXT's image_newline with them; Qwen3-VL-MoE's experts as its Hub
-    checkpoints keep them, [E, in, out]; Mllama's cross-attention layers, whose image features do not turn), so the
-    merge is the model."""
+    checkpoints keep them, [E, in, out]; Mllama's cross-attention layers, whose image features do not turn; Unlimited-OCR's
+    view_seperator and image_newline, its experts one tensor each), so the merge is the model."""
     import json
 
     a = WRAPPERS[wrapper][0](tmp_path / "a", 0)
@@ -1500,6 +1536,77 @@ def test_gemma4_unified_merges_end_to_end(tmp_path):
         prompt = gemma4_unified_prompt()
         out = model.eval().generate(**prompt, max_new_tokens=3, do_sample=False)
         assert out.shape == (1, prompt["input_ids"].shape[1] + 3), name
+
+
+@pytest.mark.parametrize("wrapper", ["deepseek_ocr2", "unlimited_ocr"])
+def test_a_deepseek_ocr_merge_reloads(wrapper, tmp_path):
+    """Fine-tunes of one DeepSeek-OCR 2 (or Unlimited-OCR) merged by task_arithmetic: the output keeps the Hub's names,
+    reloads in transformers with every tensor where the model keeps it, and reads an image."""
+    import transformers
+
+    build, model_class, prompt = PROMPTS[wrapper]
+    a = build(tmp_path / "a", 0)
+    b, c = fine_tune(a, tmp_path / "b", 1), fine_tune(a, tmp_path / "c", 2)
+    seme.merge({"merge_method": "task_arithmetic", "base_model": a, "parameters": {"weight": 0.5}, "dtype": "float32",
+                "models": [{"model": b}, {"model": c}]}, str(tmp_path / "out"), progress=False)
+    assert load_folder(tmp_path / "out").keys() == load_folder(a).keys()
+    model, info = getattr(transformers, model_class).from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(**prompt()).logits).all()
+
+
+def build_diffusion_gemma(path, seed: int):
+    """A DiffusionGemma: Gemma 4's vision tower and embedder in its encoder, its language model's layers (26B-A4B's:
+    a dense MLP beside experts) shared by encoder and decoder."""
+    import transformers
+
+    config = transformers.DiffusionGemmaConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, head_dim=8, global_head_dim=16,
+                         layer_types=["sliding_attention", "full_attention"], num_experts=4, top_k_experts=2,
+                         moe_intermediate_size=16),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=8, patch_size=4, position_embedding_size=64,
+                           pooling_kernel_size=2), boi_token_id=290, eoi_token_id=291, image_token_id=292)
+    return save_random(path, seed, transformers.DiffusionGemmaForBlockDiffusion, config)
+
+
+def test_diffusion_gemma_merges_and_its_image_features_turn_with_the_stream(tmp_path, capsys):
+    """DiffusionGemma's embed_vision writes image features that turn with the stream (its language model, Gemma 4's,
+    cannot turn); fine-tunes merged by task_arithmetic reload, every tensor where the model keeps it, and refine a
+    canvas over a prompt with an image (4 x 4 patches pooled 2 x 2); SeMe refuses it in one line, for its encoder's
+    layer_scalar buffers are a layer stack beside the decoder's."""
+    import json
+
+    import transformers
+
+    a = perturbed(build_diffusion_gemma(tmp_path / "a", 0))
+    arch = architectures.for_config(json.loads((Path(a) / "config.json").read_text()), tensor_names(a))
+    assert arch.name == "diffusion_gemma" and arch.projected
+    Q = random_orthogonal(32, 2).double()
+    turned = rotated(a, tmp_path / "turned", Q)
+
+    def features(path):
+        model = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval()
+        with torch.no_grad():
+            return model.model.encoder.get_image_features(**gemma4_pixels(4, 48), return_dict=True).pooler_output.double()
+
+    expected, got = features(a), features(turned)
+    assert float((got - expected @ Q.T).norm() / expected.norm()) < 1e-5
+    b = fine_tune(a, tmp_path / "b", 1)
+    seme.merge({"merge_method": "task_arithmetic", "base_model": a, "parameters": {"weight": 0.5}, "models": [{"model": b}],
+                "dtype": "float32"}, str(tmp_path / "merged"), progress=False)
+    assert load_folder(tmp_path / "merged").keys() == load_folder(a).keys()
+    model, info = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        logits = model.eval()(input_ids=torch.tensor([[2, 5, 290] + [292] * 4 + [291, 9]]), **gemma4_pixels(4, 48),
+                              decoder_input_ids=torch.tensor([[7, 8, 9]])).logits
+    assert logits.shape == (1, 3, 300) and torch.isfinite(logits).all()
+    assert_refused({"merge_method": "seme", "base_model": a, "models": [{"model": b}]},
+                   "has several layer stacks (model.decoder.layers.* (2 layers), model.encoder.language_model.layers.* "
+                   "(2 layers)", tmp_path, capsys)
 
 
 @pytest.mark.parametrize("wrapper", ["mllama", "emu3"])

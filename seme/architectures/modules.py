@@ -28,6 +28,8 @@ TEXT = "text_decoder"
 # projectors (img_projection_up / _down, up_ / down_proj_for_speech and _for_vision_speech), as vLLM splits them.
 # GraniteDocling's density_router reads its vision features to choose its connector's path; Muse Glimmer's and Muse
 # Spark's vision_adapter comes before their vision_projection.
+# DeepSeek-OCR 2 and Unlimited-OCR keep their vision encoders as sam_model and qwen2_model (DeepSeek-OCR 2's) or
+# vision_model, their projector as projector, and view_seperator (so spelt) is appended to their image features.
 MARKERS = (
     ("multi_modal_projector", ("multi_modal_projector", "mm_projector", "merger", "embed_vision",
                                "vision_embedder", "embed_audio", "image_newline", "connector", "aligner",
@@ -40,9 +42,9 @@ MARKERS = (
                                "mlp_AR", "image_projector", "image_pooling_2d", "img_projection_up",
                                "img_projection_down", "up_proj_for_speech", "down_proj_for_speech",
                                "up_proj_for_vision_speech", "down_proj_for_vision_speech", "density_router",
-                               "vision_adapter")),
+                               "vision_adapter", "view_seperator")),
     ("vision_tower", ("vision_tower", "vision_model", "visual", "vision_encoder", "image_tower", "vit",
-                      "vision_backbone", "image_embed")),
+                      "vision_backbone", "image_embed", "sam_model", "qwen2_model")),
     ("video_tower", ("video_tower",)),
     ("audio_tower", ("audio_tower", "audio_encoder", "sound_encoder", "audio_embed")),
     ("image_tokenizer", ("vqmodel",)),
