@@ -74,6 +74,13 @@ FAMILIES = {  # "table:what" keys, as in test_architectures
     "switch_transformers": ("SwitchTransformersConfig", "SwitchTransformersForConditionalGeneration",
                             dict(T5, num_layers=4, num_decoder_layers=2, num_experts=4, num_sparse_encoder_layers=2,
                                  num_sparse_decoder_layers=1, expert_capacity=8)),
+    # experts in every second layer ((i + 1) % step == 0): encoder layers 1 and 3, decoder layer 1
+    "nllb_moe": ("NllbMoeConfig", "NllbMoeForConditionalGeneration",
+                 dict(BART, encoder_layers=4, num_experts=4, expert_capacity=8, encoder_sparse_step=2,
+                      decoder_sparse_step=2)),
+    "nllb_moe:router-bias": ("NllbMoeConfig", "NllbMoeForConditionalGeneration",
+                             dict(BART, num_experts=4, expert_capacity=8, encoder_sparse_step=1, decoder_sparse_step=0,
+                                  router_bias=True)),
     "prophetnet": ("ProphetNetConfig", "ProphetNetForConditionalGeneration", PROPHETNET),
     "prophetnet:model": ("ProphetNetConfig", "ProphetNetModel", PROPHETNET),  # saved without 'prophetnet.'
     # heads over the decoder's output (post-LN: raw; pre-LN: its final norm's)
@@ -419,20 +426,22 @@ def test_mvp_prompts_keep_their_layers_in_place(tmp_path):
     run(transformers.MvpForConditionalGeneration.from_pretrained(tmp_path / "seme"), "mvp:prompt")
 
 
-def test_switch_transformers_keep_their_layers_in_place(tmp_path):
-    # the config's sparse step, recomputed from the depth, says which layers have experts: slices that move
-    # layers are refused (the output loaded with new feed-forwards); a merge of whole models is not
-    paths = family(tmp_path, "switch_transformers")
-    with pytest.raises(SemeError, match=re.escape("modules.encoder: slices move, drop or repeat layers of "
-                                                  "switch_transformers, whose layers must stay in place")):
+@pytest.mark.parametrize("key, method, parameters", [("switch_transformers", "ties", {"weight": 0.5, "density": 0.5}),
+                                                     ("nllb_moe", "task_arithmetic", {"weight": 0.5})])
+def test_sparse_layers_stay_in_place(key, method, parameters, tmp_path):
+    # the config's sparse steps say which layers have experts: slices that move layers are refused (the output loaded
+    # with new feed-forwards); a merge of whole models is not, and reloads
+    paths = family(tmp_path, key)
+    with pytest.raises(SemeError, match=re.escape(f"modules.encoder: slices move, drop or repeat layers of "
+                                                  f"{key}, whose layers must stay in place")):
         merge(modules_recipe(paths), tmp_path / "sliced")
     assert not (tmp_path / "sliced").exists()
-    ours = merge({"merge_method": "ties", "dtype": "float32", "base_model": paths[0],
-                  "models": [{"model": p, "parameters": {"weight": 0.5, "density": 0.5}} for p in paths[1:]]},
-                 tmp_path / "seme")
+    ours = merge({"merge_method": method, "dtype": "float32", "base_model": paths[0],
+                  "models": [{"model": p, "parameters": parameters} for p in paths[1:]]}, tmp_path / "seme")
     assert any(".experts.expert_3." in n for n in ours)
-    run(transformers.SwitchTransformersForConditionalGeneration.from_pretrained(tmp_path / "seme"),
-        "switch_transformers")
+    model, info = getattr(transformers, FAMILIES[key][1]).from_pretrained(tmp_path / "seme", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    run(model, key)
 
 
 def test_a_part_keeps_its_own_depth_key(tmp_path):
@@ -503,7 +512,7 @@ def test_tokens_of_two_vocabularies_are_not_remapped(two_vocabularies, tmp_path)
 
 
 @pytest.mark.parametrize("key", ["t5:gated", "whisper", "mvp", "bigbird_pegasus", "led", "longt5", "switch_transformers",
-                                 "prophetnet", "trocr"])
+                                 "prophetnet", "trocr", "nllb_moe"])
 def test_seme_refuses_an_encoder_decoder_model(key, tmp_path):
     paths = family(tmp_path, key, n=2)
     recipe = {"merge_method": "seme", "base_model": paths[0], "models": [{"model": p} for p in paths]}
