@@ -81,6 +81,8 @@ FAMILIES = {  # "table:what" keys, as in test_architectures
     "nllb_moe:router-bias": ("NllbMoeConfig", "NllbMoeForConditionalGeneration",
                              dict(BART, num_experts=4, expert_capacity=8, encoder_sparse_step=1, decoder_sparse_step=0,
                                   router_bias=True)),
+    # blocks of 4 tokens beside 2 global tokens
+    "pegasus_x": ("PegasusXConfig", "PegasusXForConditionalGeneration", dict(BART, num_global_tokens=2, block_size=4)),
     "prophetnet": ("ProphetNetConfig", "ProphetNetForConditionalGeneration", PROPHETNET),
     "prophetnet:model": ("ProphetNetConfig", "ProphetNetModel", PROPHETNET),  # saved without 'prophetnet.'
     # heads over the decoder's output (post-LN: raw; pre-LN: its final norm's)
@@ -227,9 +229,10 @@ def test_norm_feeds_read(saved, key):
         h.remove()
     assert reads
 
-    def rows_of(x, y):  # each row of x is a row of y
+    def rows_of(x, y):  # each row of x is a row of y, or padding (zeros: PEGASUS-X's staggered blocks)
         x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        return x.shape[-1] == y.shape[-1] and bool((torch.cdist(x, y).min(dim=1).values < 1e-5).all())
+        found = torch.cdist(x, y).min(dim=1).values < 1e-5
+        return x.shape[-1] == y.shape[-1] and bool(found.logical_or(x.norm(dim=-1) == 0).all())
 
     for name in reads:
         if module(name) not in inputs and ".experts." in name:
@@ -392,10 +395,12 @@ def test_bart_family_modules(key, tmp_path):
                                                      ("bigbird_pegasus", "model.", ("encoder_layers", "decoder_layers")),
                                                      ("led", "led.", ("encoder_layers", "decoder_layers")),
                                                      ("prophetnet", "prophetnet.", ("num_encoder_layers", "num_decoder_layers")),
+                                                     ("pegasus_x", "model.", ("encoder_layers", "decoder_layers")),
                                                      ("longt5:transient-global", "", ("num_layers", "num_decoder_layers"))])
 def test_sliced_stacks_load_and_run(key, prefix, depth_keys, tmp_path):
     """Both stacks sliced: the output's depths follow, a layer comes from its slice's model, each stack's final
-    norm from its last slice's (BigBird-Pegasus's layernorm_embedding is one), and the output loads and runs."""
+    norm from its last slice's (BigBird-Pegasus's layernorm_embedding is one), PEGASUS-X's global tokens from the
+    encoder's first, and the output loads and runs."""
     paths = family(tmp_path, key)
     ours = merge(modules_recipe(paths, decoder_slices=True), tmp_path / "seme")
     src = [load_folder(p) for p in paths]
@@ -407,6 +412,8 @@ def test_sliced_stacks_load_and_run(key, prefix, depth_keys, tmp_path):
     for name in (f"{prefix}encoder.layernorm_embedding.weight", f"{prefix}decoder.layernorm_embedding.weight"):
         if key == "bigbird_pegasus":  # the encoder's last slice is model 1's, the decoder's model 0's
             assert torch.equal(ours[name], src[0 if ".decoder." in name else 1][name]), name
+    if key == "pegasus_x":  # the global tokens' rows lead the encoder, as its embeddings: from its first slice's model
+        assert torch.equal(ours["model.encoder.embed_global.weight"], src[0]["model.encoder.embed_global.weight"])
     model = getattr(transformers, FAMILIES[key][1]).from_pretrained(tmp_path / "seme")
     run(model, key)
 
@@ -512,7 +519,7 @@ def test_tokens_of_two_vocabularies_are_not_remapped(two_vocabularies, tmp_path)
 
 
 @pytest.mark.parametrize("key", ["t5:gated", "whisper", "mvp", "bigbird_pegasus", "led", "longt5", "switch_transformers",
-                                 "prophetnet", "trocr", "nllb_moe"])
+                                 "prophetnet", "trocr", "nllb_moe", "pegasus_x"])
 def test_seme_refuses_an_encoder_decoder_model(key, tmp_path):
     paths = family(tmp_path, key, n=2)
     recipe = {"merge_method": "seme", "base_model": paths[0], "models": [{"model": p} for p in paths]}
