@@ -148,11 +148,13 @@ def _vocabulary(model: ModelFolder) -> dict[str, int]:
 
 def _two_vocabularies(model: ModelFolder) -> bool:
     """Whether the model's encoder and decoder index two vocabularies (Marian's separate source and
-    target vocabularies): re-mapping reads one, and would move the other stack's rows by it."""
+    target vocabularies; FSMT's src_vocab_size and tgt_vocab_size, a dictionary each, whatever their sizes):
+    re-mapping reads one, and would move the other stack's rows by it."""
     config = model.config
     decoder = config.get("decoder_vocab_size")
     return (os.path.isfile(os.path.join(model.path, "target_vocab.json"))
-            or (isinstance(decoder, int) and decoder != config.get("vocab_size")))
+            or (isinstance(decoder, int) and decoder != config.get("vocab_size"))
+            or "src_vocab_size" in config)
 
 
 def _with_rows(model: ModelFolder, vocab: dict[str, int]) -> dict[str, int]:

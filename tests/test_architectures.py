@@ -50,6 +50,10 @@ DIFFUSION_GEMMA = dict(text_config=dict(ASSISTANT_TEXT, num_experts=4, top_k_exp
                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                                           num_key_value_heads=2, head_dim=8, patch_size=4, position_embedding_size=64,
                                           pooling_kernel_size=2), boi_token_id=120, eoi_token_id=121, image_token_id=122)
+# its image token inside the vocabulary; a VQ-VAE of two resolutions (an attention block in the second) and a mid block
+CHAMELEON = dict(DECODER, vocabulary_map={"<image>": 120}, vq_config=dict(
+    embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[16],
+    resolution=32, latent_channels=8))
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER),
@@ -506,6 +510,10 @@ FAMILIES = {
     "phi4_multimodal": ("Phi4MultimodalConfig", "Phi4MultimodalForCausalLM", PHI4_MULTIMODAL),
     "phi4_multimodal:speech": ("Phi4MultimodalConfig", "Phi4MultimodalForCausalLM", PHI4_MULTIMODAL),
     "diffusion_gemma": ("DiffusionGemmaConfig", "DiffusionGemmaForBlockDiffusion", DIFFUSION_GEMMA),
+    # chameleon
+    # per-head q/k LayerNorms; a VQ-VAE image tokenizer beside the decoder; swin_norm: norms after the sublayers
+    "chameleon": ("ChameleonConfig", "ChameleonForConditionalGeneration", CHAMELEON),
+    "chameleon:swin": ("ChameleonConfig", "ChameleonForConditionalGeneration", dict(CHAMELEON, swin_norm=True)),
 }
 PHI4_IMAGE = lambda: dict(image_pixel_values=torch.randn(1, 2, 3, 28, 28, generator=torch.Generator().manual_seed(4)),
                           image_sizes=torch.tensor([[28, 28]]), image_attention_mask=torch.ones(1, 2, 2, 2))
@@ -709,6 +717,8 @@ CASES = [(f, {}) for f in FAMILIES] + [
                                                    "centroid_intermediate_top_k": 2}),
     # beam, cpm-ant, git
     ("beam", {"attention_bias": True, "mlp_layer_types": ["sparse", "dense"]}),
+    # chameleon
+    ("chameleon", {"attention_bias": True, "mlp_bias": True}),
 ]
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
@@ -1053,7 +1063,7 @@ def test_a_rotation_by_the_role_table_keeps_the_function(family, tmp_path):
     assert rotation_error(family, tmp_path) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["beam", "afmoe", "kolibri1"])
+@pytest.mark.parametrize("family", ["beam", "afmoe", "kolibri1", "chameleon:swin"])
 def test_a_rotation_keeps_the_function_of_sandwich_norms_with_unit_gains(family, tmp_path):
     """Write norms keep these families from being turned (their gains do not commute with a turn), yet at a
     gain of 1 they do: the turn by the role table then checks every other role (a wrong one changes the
@@ -1634,3 +1644,43 @@ def test_phi4_multimodal_merges_end_to_end(tmp_path):
     assert merged.keys() == original.keys()
     for name, tensor in original.items():
         torch.testing.assert_close(merged[name], tensor, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_chameleon_merges_end_to_end(tmp_path):
+    """Chameleon's fine-tunes merged by task_arithmetic over slices that repeat layer 1: the output reloads at its
+    new depth, its VQ-VAE (no layers of the decoder) merged whole, and generates. SeMe turns a turned copy back, its
+    VQ-VAE untouched; with swin_norm it refuses, in one line."""
+    import yaml
+
+    import seme
+    from seme.errors import SemeError
+
+    merged, info, state = merged_with_a_repeated_layer("chameleon", tmp_path / "sliced", tuned=2)
+    assert merged.config.num_hidden_layers == 3 and not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not any(".layers.2." in n for n in state if ".vqmodel." in n)
+    assert merged.generate(torch.arange(3, 6).unsqueeze(0), max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+    Q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    for variant, extra in (("plain", {}), ("swin", {"swin_norm": True})):
+        base = tmp_path / variant / "base"
+        perturbed(build("chameleon", extra)).save_pretrained(base)
+        original = safetensors_torch.load_file(base / "model.safetensors")
+        arch = for_config(json.loads((base / "config.json").read_text()))
+        (tmp_path / variant / "turned").mkdir()
+        turned = rotate({k: v.double() for k, v in original.items()}, arch, Q)
+        safetensors_torch.save_file({k: v.float() for k, v in turned.items()},
+                                    tmp_path / variant / "turned" / "model.safetensors")
+        (tmp_path / variant / "turned" / "config.json").write_text((base / "config.json").read_text())
+        recipe = yaml.safe_dump({"merge_method": "seme", "base_model": str(base), "dtype": "float32",
+                                 "models": [{"model": str(tmp_path / variant / "turned")}]})
+        if variant == "swin":
+            with pytest.raises(SemeError, match=r"^seme: aligning chameleon \(swin_norm=true\) models by rotation is not "
+                                                r"supported \(its sublayer outputs are normalised[^\n]*$"):
+                seme.merge(recipe, str(tmp_path / variant / "seme"), progress=False)
+            continue
+        seme.merge(recipe, str(tmp_path / variant / "seme"), progress=False)
+        assert json.loads((tmp_path / variant / "seme" / "seme_report.json").read_text())["sources"][0]["applied"]
+        merged = safetensors_torch.load_file(tmp_path / variant / "seme" / "model.safetensors")
+        assert merged.keys() == original.keys()
+        for name, tensor in original.items():
+            torch.testing.assert_close(merged[name], tensor, rtol=1e-4, atol=1e-4, msg=name)

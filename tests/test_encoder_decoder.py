@@ -1,5 +1,6 @@
-"""Encoder-decoder families (T5 and its kin, Whisper, BART's, ProphetNet; their classification and question-answering
-heads), the decoders their *ForCausalLM classes save alone, and TrOCR's decoder: their role tables,
+"""Encoder-decoder families (T5 and its kin, Whisper, BART's, ProphetNet, NLLB-MoE, PEGASUS-X, FSMT; their
+classification and question-answering heads), the decoders their *ForCausalLM classes save alone, and TrOCR's
+decoder: their role tables,
 their parts as mergekit's per-module recipes name them (encoder, decoder, shared), and merges of them, against
 mergekit's where mergekit can merge them (its 0.1.5 Whisper definition names no tensor right: model.decoderlayers.0...).
 """
@@ -36,6 +37,10 @@ PROPHETNET = dict(vocab_size=96, hidden_size=32, num_encoder_layers=3, num_decod
                   num_decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0, ngram=2, num_buckets=8,
                   relative_max_distance=16)
+# two vocabularies: the source's (the encoder's table), the target's (the decoder's and its head)
+FSMT = dict(langs=["en", "de"], src_vocab_size=96, tgt_vocab_size=80, d_model=32, encoder_layers=3, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+            max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
 TROCR = dict(vocab_size=96, d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
              max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, cross_attention_hidden_size=24)
 # an image of 4 x 4 patches, convolved twice with stride 2 into one image feature
@@ -82,7 +87,18 @@ FAMILIES = {  # "table:what" keys, as in test_architectures
     "switch_transformers": ("SwitchTransformersConfig", "SwitchTransformersForConditionalGeneration",
                             dict(T5, num_layers=4, num_decoder_layers=2, num_experts=4, num_sparse_encoder_layers=2,
                                  num_sparse_decoder_layers=1, expert_capacity=8)),
+    # experts in every second layer ((i + 1) % step == 0): encoder layers 1 and 3, decoder layer 1
+    "nllb_moe": ("NllbMoeConfig", "NllbMoeForConditionalGeneration",
+                 dict(BART, encoder_layers=4, num_experts=4, expert_capacity=8, encoder_sparse_step=2,
+                      decoder_sparse_step=2)),
+    "nllb_moe:router-bias": ("NllbMoeConfig", "NllbMoeForConditionalGeneration",
+                             dict(BART, num_experts=4, expert_capacity=8, encoder_sparse_step=1, decoder_sparse_step=0,
+                                  router_bias=True)),
+    # blocks of 4 tokens beside 2 global tokens
+    "pegasus_x": ("PegasusXConfig", "PegasusXForConditionalGeneration", dict(BART, num_global_tokens=2, block_size=4)),
     "prophetnet": ("ProphetNetConfig", "ProphetNetForConditionalGeneration", PROPHETNET),
+    "fsmt": ("FSMTConfig", "FSMTForConditionalGeneration", FSMT),  # post-LN
+    "fsmt:tied": ("FSMTConfig", "FSMTForConditionalGeneration", dict(FSMT, src_vocab_size=80, tie_word_embeddings=True)),
     "prophetnet:model": ("ProphetNetConfig", "ProphetNetModel", PROPHETNET),  # saved without 'prophetnet.'
     # heads over the decoder's output (post-LN: raw; pre-LN: its final norm's)
     "bart:classification": ("BartConfig", "BartForSequenceClassification", BART),
@@ -164,7 +180,10 @@ def test_checkpoint_roles_and_parts(saved, key):
     model, config, shapes = saved(key)
     arch = for_config(config)
     assert arch.name == key.split(":")[0] and not arch.inferred
-    hidden, vocab = arch.hidden_size(config), config.get("vocab_size") or config["text_config"]["vocab_size"]
+    hidden = arch.hidden_size(config)
+    # the rows of a part's vocabulary (FSMT's encoder and decoder have their own; PP-FormulaNet's in its text_config)
+    vocab_of = lambda name: config[("src" if arch.part_of(name) == "encoder" else "tgt") + "_vocab_size"] \
+        if "src_vocab_size" in config else config.get("vocab_size") or config["text_config"]["vocab_size"]
     parts = {p.name: p for p in arch.parts}
     for name, shape in shapes.items():
         r = arch.role(name)
@@ -180,9 +199,9 @@ def test_checkpoint_roles_and_parts(saved, key):
         elif r.role == "write":
             assert shape[0] == hidden, name
         elif r.role in ("embedding", "lm_head"):
-            assert shape == (vocab, hidden), name
+            assert shape == (vocab_of(name), hidden), name
         elif r.role == "lm_head_bias":
-            assert shape in ((vocab,), (1, vocab)), name
+            assert shape in ((vocab_of(name),), (1, vocab_of(name))), name
         elif r.role == "position_embedding":
             assert shape[1] == hidden, name
         elif r.role in VECTORS:
@@ -237,9 +256,10 @@ def test_norm_feeds_read(saved, key):
         h.remove()
     assert reads
 
-    def rows_of(x, y):  # each row of x is a row of y
+    def rows_of(x, y):  # each row of x is a row of y, or padding (zeros: PEGASUS-X's staggered blocks)
         x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        return x.shape[-1] == y.shape[-1] and bool((torch.cdist(x, y).min(dim=1).values < 1e-5).all())
+        found = torch.cdist(x, y).min(dim=1).values < 1e-5
+        return x.shape[-1] == y.shape[-1] and bool(found.logical_or(x.norm(dim=-1) == 0).all())
 
     for name in reads:
         if module(name) not in inputs and ".experts." in name:
@@ -402,12 +422,18 @@ def test_bart_family_modules(key, tmp_path):
                                                      ("bigbird_pegasus", "model.", ("encoder_layers", "decoder_layers")),
                                                      ("led", "led.", ("encoder_layers", "decoder_layers")),
                                                      ("prophetnet", "prophetnet.", ("num_encoder_layers", "num_decoder_layers")),
+                                                     ("pegasus_x", "model.", ("encoder_layers", "decoder_layers")),
+                                                     ("fsmt", "model.", ("encoder_layers", "decoder_layers")),
                                                      ("longt5:transient-global", "", ("num_layers", "num_decoder_layers"))])
 def test_sliced_stacks_load_and_run(key, prefix, depth_keys, tmp_path):
     """Both stacks sliced: the output's depths follow, a layer comes from its slice's model, each stack's final
-    norm from its last slice's (BigBird-Pegasus's layernorm_embedding is one), and the output loads and runs."""
+    norm from its last slice's (BigBird-Pegasus's layernorm_embedding is one), PEGASUS-X's global tokens from the
+    encoder's first, and the output loads and runs."""
     paths = family(tmp_path, key)
-    ours = merge(modules_recipe(paths, decoder_slices=True), tmp_path / "seme")
+    recipe = modules_recipe(paths, decoder_slices=True)
+    if key == "fsmt":  # no table is shared: each stack holds its own
+        del recipe["modules"]["shared"]
+    ours = merge(recipe, tmp_path / "seme")
     src = [load_folder(p) for p in paths]
     config = json.load(open(tmp_path / "seme" / "config.json"))
     assert (config[depth_keys[0]], config[depth_keys[1]]) == (4, 3)
@@ -417,6 +443,8 @@ def test_sliced_stacks_load_and_run(key, prefix, depth_keys, tmp_path):
     for name in (f"{prefix}encoder.layernorm_embedding.weight", f"{prefix}decoder.layernorm_embedding.weight"):
         if key == "bigbird_pegasus":  # the encoder's last slice is model 1's, the decoder's model 0's
             assert torch.equal(ours[name], src[0 if ".decoder." in name else 1][name]), name
+    if key == "pegasus_x":  # the global tokens' rows lead the encoder, as its embeddings: from its first slice's model
+        assert torch.equal(ours["model.encoder.embed_global.weight"], src[0]["model.encoder.embed_global.weight"])
     model = getattr(transformers, FAMILIES[key][1]).from_pretrained(tmp_path / "seme")
     run(model, key)
 
@@ -444,6 +472,23 @@ def test_pp_formulanet_merges_whole_and_by_its_parts(tmp_path):
         assert torch.isfinite(run(model.eval(), "pp_formulanet").logits).all(), name
 
 
+@pytest.mark.parametrize("key", ["pegasus_x", "fsmt", "fsmt:tied"])
+def test_a_whole_task_arithmetic_merge_reloads(key, tmp_path):
+    """Each tensor the base's plus half of each fine-tune's difference from it (FSMT's two tables, of their own sizes;
+    PEGASUS-X's global tokens): the output loads with no tensor missing or unexpected, and runs."""
+    paths = family(tmp_path, key)
+    ours = merge({"merge_method": "task_arithmetic", "dtype": "float32", "base_model": paths[0],
+                  "models": [{"model": p, "parameters": {"weight": 0.5}} for p in paths[1:]]}, tmp_path / "seme")
+    src = [load_folder(p) for p in paths]
+    assert sorted(ours) == sorted(src[0])
+    for name, base in src[0].items():
+        expected = base + 0.5 * (src[1][name] - base) + 0.5 * (src[2][name] - base)
+        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    model, info = getattr(transformers, FAMILIES[key][1]).from_pretrained(tmp_path / "seme", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    run(model.eval(), key)
+
+
 def test_mvp_prompts_keep_their_layers_in_place(tmp_path):
     # prompt_trans packs a block of keys and values per layer of its stack: slices that move layers are refused,
     # a merge of whole models is not
@@ -459,20 +504,22 @@ def test_mvp_prompts_keep_their_layers_in_place(tmp_path):
     run(transformers.MvpForConditionalGeneration.from_pretrained(tmp_path / "seme"), "mvp:prompt")
 
 
-def test_switch_transformers_keep_their_layers_in_place(tmp_path):
-    # the config's sparse step, recomputed from the depth, says which layers have experts: slices that move
-    # layers are refused (the output loaded with new feed-forwards); a merge of whole models is not
-    paths = family(tmp_path, "switch_transformers")
-    with pytest.raises(SemeError, match=re.escape("modules.encoder: slices move, drop or repeat layers of "
-                                                  "switch_transformers, whose layers must stay in place")):
+@pytest.mark.parametrize("key, method, parameters", [("switch_transformers", "ties", {"weight": 0.5, "density": 0.5}),
+                                                     ("nllb_moe", "task_arithmetic", {"weight": 0.5})])
+def test_sparse_layers_stay_in_place(key, method, parameters, tmp_path):
+    # the config's sparse steps say which layers have experts: slices that move layers are refused (the output loaded
+    # with new feed-forwards); a merge of whole models is not, and reloads
+    paths = family(tmp_path, key)
+    with pytest.raises(SemeError, match=re.escape(f"modules.encoder: slices move, drop or repeat layers of "
+                                                  f"{key}, whose layers must stay in place")):
         merge(modules_recipe(paths), tmp_path / "sliced")
     assert not (tmp_path / "sliced").exists()
-    ours = merge({"merge_method": "ties", "dtype": "float32", "base_model": paths[0],
-                  "models": [{"model": p, "parameters": {"weight": 0.5, "density": 0.5}} for p in paths[1:]]},
-                 tmp_path / "seme")
+    ours = merge({"merge_method": method, "dtype": "float32", "base_model": paths[0],
+                  "models": [{"model": p, "parameters": parameters} for p in paths[1:]]}, tmp_path / "seme")
     assert any(".experts.expert_3." in n for n in ours)
-    run(transformers.SwitchTransformersForConditionalGeneration.from_pretrained(tmp_path / "seme"),
-        "switch_transformers")
+    model, info = getattr(transformers, FAMILIES[key][1]).from_pretrained(tmp_path / "seme", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    run(model, key)
 
 
 def test_a_part_keeps_its_own_depth_key(tmp_path):
@@ -520,30 +567,33 @@ def test_recipes_that_cannot_select_a_part_are_refused(modules, message, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("two_vocabularies", [{"target_vocab.json": "{}"}, {"config.json": {"decoder_vocab_size": 90}}])
-def test_tokens_of_two_vocabularies_are_not_remapped(two_vocabularies, tmp_path):
-    # Marian's separate source and target vocabularies: re-mapping by the one it reads would move the
-    # other stack's rows by the wrong tokens
+@pytest.mark.parametrize("key, two_vocabularies", [("bart:marian-unshared", {"target_vocab.json": "{}"}),
+                                                   ("bart:marian-unshared", {"config.json": {"decoder_vocab_size": 90}}),
+                                                   ("fsmt", {})])
+def test_tokens_of_two_vocabularies_are_not_remapped(key, two_vocabularies, tmp_path):
+    # Marian's separate source and target vocabularies, FSMT's (its config sizes each, even where a tokenizer.json
+    # beside it holds one): re-mapping by the one it reads would move the other stack's rows by the wrong tokens
     from conftest import save_tokenizer
 
-    paths = family(tmp_path, "bart:marian-unshared", n=2)
+    paths = family(tmp_path, key, n=2)
     for p in paths:
         save_tokenizer(p, BART["vocab_size"])
-    (file, content), = two_vocabularies.items()
-    if file == "config.json":
-        content = json.dumps({**json.load(open(f"{paths[1]}/config.json")), **content})
-    with open(f"{paths[1]}/{file}", "w") as f:
-        f.write(content)
+    for file, content in two_vocabularies.items():
+        if file == "config.json":
+            content = json.dumps({**json.load(open(f"{paths[1]}/config.json")), **content})
+        with open(f"{paths[1]}/{file}", "w") as f:
+            f.write(content)
     recipe = {"merge_method": "linear", "tokenizer_source": "union",
               "models": [{"model": p, "parameters": {"weight": 0.5}} for p in paths]}
-    with pytest.raises(SemeError, match=re.escape(f"config: tokenizer_source: {os.path.basename(paths[1])} has two "
-                                                  "vocabularies (source and target)")):
+    refused = os.path.basename(paths[0 if key == "fsmt" else 1])  # (both of FSMT's models have two)
+    with pytest.raises(SemeError, match=re.escape(f"config: tokenizer_source: {refused} has two vocabularies "
+                                                  "(source and target)")):
         seme.merge(yaml.safe_dump(recipe), str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("key", ["t5:gated", "whisper", "mvp", "bigbird_pegasus", "led", "longt5", "switch_transformers",
-                                 "prophetnet", "trocr", "pp_formulanet"])
+                                 "prophetnet", "trocr", "pp_formulanet", "nllb_moe", "pegasus_x", "fsmt"])
 def test_seme_refuses_an_encoder_decoder_model(key, tmp_path):
     paths = family(tmp_path, key, n=2)
     recipe = {"merge_method": "seme", "base_model": paths[0], "models": [{"model": p} for p in paths]}

@@ -17,7 +17,8 @@ checkpoint tensor name, which role the tensor plays relative to the residual str
                                            where it has none (q/k/v, gate/up, fused)
   write, write_bias                        a Linear whose output is added to the residual, and its bias
   stream_vector                            [d]: a vector in the residual stream that no write adds (Llava-NeXT's
-                                           image_newline, which takes a token's place): turns as embeddings' rows
+                                           image_newline, which takes a token's place), or [G, d], G of them
+                                           (PEGASUS-X's global tokens): turns as embeddings' rows
   write_norm                               a norm applied to a sublayer's output before the add (gemma2)
   stream_gain                              [d]: a gain that multiplies the residual stream, or a sublayer's output
                                            before the add, channel by channel (ZAYA's residual scaling): no turn
