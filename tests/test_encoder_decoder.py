@@ -1,4 +1,4 @@
-"""Encoder-decoder families (T5 and its kin, Whisper, BART's, ProphetNet, NLLB-MoE, PEGASUS-X, FSMT; their
+"""Encoder-decoder families (T5 and its kin, Whisper, BART's, ProphetNet, NLLB-MoE, PEGASUS-X, FSMT, T5Gemma 1 and 2; their
 classification and question-answering heads), the decoders their *ForCausalLM classes save alone, and TrOCR's
 decoder: their role tables,
 their parts as mergekit's per-module recipes name them (encoder, decoder, shared), and merges of them, against
@@ -524,6 +524,66 @@ def test_a_whole_task_arithmetic_merge_reloads(key, tmp_path):
     run(model.eval(), key)
 
 
+@pytest.mark.parametrize("key, encoder_settings", [("t5gemma", "encoder"), ("t5gemma2", "encoder.text_config")])
+def test_t5gemma_stacks_sliced(key, encoder_settings, tmp_path):
+    """Both stacks sliced as modules: their depths, in the nested encoder / decoder settings, and their layer_types
+    follow the layers; T5Gemma 2's vision tower, projector and shared token table are merged whole. The output
+    loads with no tensor missing or unexpected, and runs."""
+    paths = family(tmp_path, key)
+    recipe = modules_recipe(paths, decoder_slices=True)
+    whole = recipe["modules"].pop("shared")
+    if key == "t5gemma2":
+        recipe["modules"].update(shared=whole, vision_tower=whole, multi_modal_projector=whole)
+    ours = merge(recipe, tmp_path / "seme")
+    src = [load_folder(p) for p in paths]
+    config = json.load(open(tmp_path / "seme" / "config.json"))
+    encoder = archs.config_entry(config, f"{encoder_settings}.layer_types")[0]
+    configs = [json.load(open(f"{p}/config.json")) for p in paths]
+    types = [(archs.config_entry(c, f"{encoder_settings}.layer_types")[0]["layer_types"], c["decoder"]["layer_types"])
+             for c in configs]
+    assert (encoder["num_hidden_layers"], config["decoder"]["num_hidden_layers"]) == (4, 3)
+    assert encoder["layer_types"] == types[0][0][0:2] + types[1][0][1:3]
+    assert config["decoder"]["layer_types"] == types[2][1][0:2] + types[0][1][1:2]
+    assert torch.equal(ours["model.encoder.layers.3.self_attn.k_proj.weight"], src[1]["model.encoder.layers.2.self_attn.k_proj.weight"])
+    assert torch.equal(ours["model.decoder.layers.2.mlp.up_proj.weight"], src[0]["model.decoder.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(ours["model.encoder.norm.weight"], src[1]["model.encoder.norm.weight"])  # the last slice's
+    model, info = getattr(transformers, FAMILIES[key][1]).from_pretrained(tmp_path / "seme", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    run(model.eval(), key)
+
+
+@pytest.mark.parametrize("key", ["t5gemma", "t5gemma:untied", "t5gemma2"])
+def test_t5gemma_task_arithmetic_merge_generates(key, tmp_path):
+    """Each tensor the base's plus half of each fine-tune's difference from it (T5Gemma 2's vision tower and
+    eoi_embedding too); the output reloads and generates (T5Gemma 2's from a prompt with an image)."""
+    paths = family(tmp_path, key)
+    ours = merge({"merge_method": "task_arithmetic", "dtype": "float32", "base_model": paths[0],
+                  "models": [{"model": p, "parameters": {"weight": 0.5}} for p in paths[1:]]}, tmp_path / "seme")
+    src = [load_folder(p) for p in paths]
+    assert sorted(ours) == sorted(src[0])
+    for name, base in src[0].items():
+        expected = base + 0.5 * (src[1][name] - base) + 0.5 * (src[2][name] - base)
+        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    model, info = getattr(transformers, FAMILIES[key][1]).from_pretrained(tmp_path / "seme", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = torch.tensor([[2, 5, 93, 93, 93, 93, 94, 7]] if key == "t5gemma2" else [[2, 5, 6, 7]])
+    image = {"pixel_values": torch.randn(1, 3, 32, 32)} if key == "t5gemma2" else {}
+    out = model.eval().generate(input_ids=ids, **image, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 4)  # the decoder's start token and three new ones
+
+
+def test_t5gemma2_hub_names():
+    # the Hub's checkpoints keep the SigLIP tower under vision_model. (transformers 5.23 saves it without): inner, a
+    # layer of the vision tower's stack; the encoder's text stack at model.encoder.layers, as transformers saves it
+    arch = for_config({"architectures": ["T5Gemma2ForConditionalGeneration"], "model_type": "t5gemma2"})
+    tower = arch.role("model.encoder.vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight")
+    assert (tower.role, tower.layer, arch.part_of(tower.template)) == ("inner", 3, "vision_tower")
+    assert arch.part_of("model.encoder.vision_tower.vision_model.embeddings.patch_embedding.weight") == "vision_tower"
+    k = arch.role("model.encoder.layers.3.self_attn.k_proj.weight")
+    assert (k.role, k.norm, arch.part_of(k.template)) == ("read", "model.encoder.layers.3.pre_self_attn_layernorm.weight",
+                                                          "encoder")
+
+
 def test_mvp_prompts_keep_their_layers_in_place(tmp_path):
     # prompt_trans packs a block of keys and values per layer of its stack: slices that move layers are refused,
     # a merge of whole models is not
@@ -628,14 +688,15 @@ def test_tokens_of_two_vocabularies_are_not_remapped(key, two_vocabularies, tmp_
 
 
 @pytest.mark.parametrize("key", ["t5:gated", "whisper", "mvp", "bigbird_pegasus", "led", "longt5", "switch_transformers",
-                                 "prophetnet", "trocr", "pp_formulanet", "nllb_moe", "pegasus_x", "fsmt"])
+                                 "prophetnet", "trocr", "pp_formulanet", "nllb_moe", "pegasus_x", "fsmt", "t5gemma",
+                                 "t5gemma2"])
 def test_seme_refuses_an_encoder_decoder_model(key, tmp_path):
     paths = family(tmp_path, key, n=2)
     recipe = {"merge_method": "seme", "base_model": paths[0], "models": [{"model": p} for p in paths]}
     streams = "an image encoder's stream" if key in ("trocr", "pp_formulanet") else "two streams joined by cross-attention"
     family_name = key.split(":")[0]
     with pytest.raises(SemeError, match=rf"^[^\n]* is no decoder-only language model with a causal LM head "
-                                        rf"\({family_name}, of modules (text_)?(encoder|decoder)[^\n]*{streams}[^\n]*$"):
+                                        rf"\({family_name}, of modules ([a-z_]+, )*(text_)?(encoder|decoder)[^\n]*{streams}[^\n]*$"):
         seme.merge(yaml.safe_dump(recipe), str(tmp_path / "out"), progress=False)
 
 
