@@ -424,10 +424,19 @@ def _add_module_slices(builder, where, part, slices, names, own, ref, stacks_of,
     sources = [depth_settings(m.config, stacks_of[i].get(stack)) for i, m in enumerate(models)]
     relayered = _relayered(settings, key, layer_sources, [f[0] if f else {} for f in sources],
                            _listed_layers_key(archs[ref]) if part == modules.TEXT else "")
-    if settings is config:
-        return relayered, len(layer_sources)
-    section = next(k for k, v in config.items() if v is settings)  # the sub-config that holds the depth
-    return {**config, section: relayered}, len(layer_sources)
+    return _replaced(config, settings, relayered), len(layer_sources)
+
+
+def _replaced(config: dict, old: dict, new: dict) -> dict:
+    """`config` with its settings `old` (itself, or a sub-config at any depth: T5Gemma 2's encoder.text_config)
+    replaced by `new`."""
+    if config is old:
+        return new
+    for key, value in config.items():
+        replaced = _replaced(value, old, new) if isinstance(value, dict) else value
+        if replaced is not value:
+            return {**config, key: replaced}
+    return config
 
 
 def _chat_template(recipe: Recipe, models: list[ModelFolder], tokenizer: ModelFolder) -> str | None:

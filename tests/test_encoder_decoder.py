@@ -1,5 +1,5 @@
-"""Encoder-decoder families (T5 and its kin, Whisper, BART's, ProphetNet, NLLB-MoE, PEGASUS-X, FSMT; their
-classification and question-answering heads), the decoders their *ForCausalLM classes save alone, and TrOCR's
+"""Encoder-decoder families (T5 and its kin, Whisper, BART's, ProphetNet, NLLB-MoE, PEGASUS-X, FSMT, T5Gemma 1 and 2;
+their classification and question-answering heads), the decoders their *ForCausalLM classes save alone, and TrOCR's
 decoder: their role tables,
 their parts as mergekit's per-module recipes name them (encoder, decoder, shared), and merges of them, against
 mergekit's where mergekit can merge them (its 0.1.5 Whisper definition names no tensor right: model.decoderlayers.0...).
@@ -50,6 +50,17 @@ PP_FORMULANET = dict(text_config=dict(d_model=32, decoder_layers=2, decoder_atte
                                         image_size=64, patch_size=16, window_size=2, global_attn_indexes=[1], mlp_dim=32,
                                         post_conv_in_channels=8, post_conv_mid_channels=16, post_conv_out_channels=24,
                                         decoder_hidden_size=32))
+# T5Gemma's stacks, each of its own settings (sliding and full attention layers alternate); T5Gemma 2's encoder reads
+# images too: a SigLIP tower of 4 x 4 patches, pooled into 4 image tokens (id 93) before the end-of-image token (94)
+GEMMA_STACK = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=4)
+T5GEMMA = dict(encoder=dict(GEMMA_STACK, num_hidden_layers=3), decoder=GEMMA_STACK, vocab_size=96)
+T5GEMMA2 = dict(encoder=dict(text_config=dict(GEMMA_STACK, num_hidden_layers=3), mm_tokens_per_image=4,
+                             eoi_token_index=94, boi_token_index=95,
+                             vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                num_attention_heads=2, image_size=32, patch_size=8,
+                                                vision_use_head=False)),
+                decoder=GEMMA_STACK, image_token_index=93)
 FAMILIES = {  # "table:what" keys, as in test_architectures
     "t5": ("T5Config", "T5ForConditionalGeneration", dict(T5, feed_forward_proj="relu")),
     "t5:gated": ("T5Config", "T5ForConditionalGeneration", dict(T5, feed_forward_proj="gated-gelu")),
@@ -126,6 +137,19 @@ FAMILIES = {  # "table:what" keys, as in test_architectures
     "mbart_decoder:bigbird_pegasus": ("BigBirdPegasusConfig", "BigBirdPegasusForCausalLM", dict(BART, use_bias=True)),
     "prophetnet_decoder": ("ProphetNetConfig", "ProphetNetForCausalLM", PROPHETNET),
     "pp_formulanet": ("PPFormulaNetConfig", "PPFormulaNetForConditionalGeneration", PP_FORMULANET),  # image to text
+    "t5gemma": ("T5GemmaConfig", "T5GemmaForConditionalGeneration", T5GEMMA),
+    "t5gemma:untied": ("T5GemmaConfig", "T5GemmaForConditionalGeneration", dict(T5GEMMA, tie_word_embeddings=False)),
+    # an encoder wider than its decoder, as t5gemma-9b-2b's: the cross-attention's k / v read the encoder's width
+    "t5gemma:unbalanced": ("T5GemmaConfig", "T5GemmaForConditionalGeneration",
+                           dict(T5GEMMA, encoder=dict(T5GEMMA["encoder"], hidden_size=48))),
+    "t5gemma:classification": ("T5GemmaConfig", "T5GemmaForSequenceClassification", T5GEMMA),
+    "t5gemma:encoder": ("T5GemmaConfig", "T5GemmaEncoderModel", dict(T5GEMMA, is_encoder_decoder=False)),
+    # the encoder alone under a per-token head, which reads the encoder's final norm
+    "t5gemma:encoder-token-classification": ("T5GemmaConfig", "T5GemmaForTokenClassification",
+                                             dict(T5GEMMA, is_encoder_decoder=False)),
+    "t5gemma2": ("T5Gemma2Config", "T5Gemma2ForConditionalGeneration", T5GEMMA2),
+    "t5gemma2:untied": ("T5Gemma2Config", "T5Gemma2ForConditionalGeneration", dict(T5GEMMA2, tie_word_embeddings=False)),
+    "t5gemma2:classification": ("T5Gemma2Config", "T5Gemma2ForSequenceClassification", T5GEMMA2),
 }
 HEADS = ("classification", "qa")
 LAYER = re.compile(r"\.(?:block|layers)\.(\d+)\.")
@@ -151,6 +175,10 @@ def run(model, key: str):
         return model(input_ids=ids, decoder_input_ids=ids[:, :3])
     if key.startswith("pp_formulanet"):
         return model(pixel_values=torch.randn(1, 3, 64, 64), decoder_input_ids=ids)
+    if key.startswith("t5gemma2"):  # text and an image, whose 4 pooled features take the image tokens' places
+        ids = torch.tensor([[2, 5, 93, 93, 93, 93, 94, 7]])
+        decoder_ids = {} if key.endswith(HEADS) else {"decoder_input_ids": ids[:, :3]}
+        return model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32), **decoder_ids)
     if key.startswith("whisper"):
         return model(input_features=torch.randn(1, WHISPER["num_mel_bins"], 2 * WHISPER["max_source_positions"]),
                      decoder_input_ids=ids)
@@ -185,27 +213,31 @@ def test_checkpoint_roles_and_parts(saved, key):
     vocab_of = lambda name: config[("src" if arch.part_of(name) == "encoder" else "tgt") + "_vocab_size"] \
         if "src_vocab_size" in config else config.get("vocab_size") or config["text_config"]["vocab_size"]
     parts = {p.name: p for p in arch.parts}
+    # the width of a part's stream: its final norm's (T5Gemma's encoder may be wider than its decoder), else hidden
+    widths = {arch.part_of(n): shape[0] for n, shape in shapes.items()
+              if getattr(arch.role(n), "role", None) == "final_norm"}
+    width = lambda name: widths.get(arch.part_of(name), hidden)
     for name, shape in shapes.items():
         r = arch.role(name)
         assert r is not None, name
         m = LAYER.search(name)
         assert r.layer == (int(m.group(1)) if m else None), name
         assert arch.part_of(name) in parts, name
-        if r.role == "read":
-            assert shape[-1] == hidden and (r.norm is not None or arch.normed_residual), name
+        if r.role == "read":  # as wide as the stream its norm normalises (cross-attention's k and v: the encoder's)
+            assert shape[-1] == width(r.norm or name) and (r.norm is not None or arch.normed_residual), name
             if r.norm is not None:  # its stream's norm, or the encoder's final norm (cross-attention's k and v)
                 assert arch.role(r.norm).role in ("norm", "final_norm"), name
                 assert r.norm in shapes or r.norm.removeprefix(arch.base_prefix) in shapes, name
-        elif r.role == "write":
-            assert shape[0] == hidden, name
+        elif r.role == "write":  # [out, in], or [in, out] (T5Gemma 2's projector, applied as x @ W)
+            assert shape[-1 if r.layout == "in_out" else 0] == width(name), name
         elif r.role in ("embedding", "lm_head"):
-            assert shape == (vocab_of(name), hidden), name
+            assert shape == (vocab_of(name), width(name)), name
         elif r.role == "lm_head_bias":
             assert shape in ((vocab_of(name),), (1, vocab_of(name))), name
         elif r.role == "position_embedding":
-            assert shape[1] == hidden, name
+            assert shape[1] == width(name), name
         elif r.role in VECTORS:
-            assert shape == (hidden,), name
+            assert shape == (width(name),), name
     # Every required template at every layer of its part's stack, in the parts the checkpoint has.
     present = {arch.part_of(n) for n in shapes}
     for template, spec in arch.tensors.items():
@@ -236,11 +268,15 @@ def test_norm_feeds_read(saved, key):
                 inputs[name], outputs[name] = args[0] if args else None, output
         return record
 
-    def module(tensor_name):  # in memory, as saved (WhisperModel's too: its names lack 'model.' both ways)
-        return tensor_name.rsplit(".", 1)[0]
+    def in_memory(saved):  # as saved (WhisperModel's too: its names lack 'model.' both ways), but T5Gemma 2's
+        # encoder stack, which transformers keeps under text_model in memory
+        return saved if saved in modules else saved.replace("encoder.", "encoder.text_model.", 1)
+
+    def module(tensor_name):
+        return in_memory(tensor_name.rsplit(".", 1)[0])
 
     def layer(r):  # the module of a read's layer (a head's: the decoder's, whose output it reads)
-        return r.template[:r.template.index("{layer}")] + str(r.layer) if r.layer is not None else "decoder"
+        return in_memory(r.template[:r.template.index("{layer}")] + str(r.layer)) if r.layer is not None else "decoder"
 
     reads = [n for n in shapes if arch.role(n).role == "read"]
     norms = {n: arch.role(n).norm.removeprefix("" if arch.role(n).norm in shapes else arch.base_prefix)
@@ -489,6 +525,68 @@ def test_a_whole_task_arithmetic_merge_reloads(key, tmp_path):
     run(model.eval(), key)
 
 
+@pytest.mark.parametrize("key, encoder_settings", [("t5gemma", "encoder"), ("t5gemma2", "encoder.text_config")])
+def test_t5gemma_stacks_sliced(key, encoder_settings, tmp_path):
+    """Both stacks sliced as modules: their depths, in the nested encoder / decoder settings, and their layer_types
+    follow the layers; T5Gemma 2's vision tower, projector and shared token table are merged whole. The output
+    loads with no tensor missing or unexpected, and runs."""
+    paths = family(tmp_path, key)
+    recipe = modules_recipe(paths, decoder_slices=True)
+    whole = recipe["modules"].pop("shared")
+    if key == "t5gemma2":
+        recipe["modules"].update(shared=whole, vision_tower=whole, multi_modal_projector=whole)
+    ours = merge(recipe, tmp_path / "seme")
+    src = [load_folder(p) for p in paths]
+    config = json.load(open(tmp_path / "seme" / "config.json"))
+    encoder = archs.config_entry(config, f"{encoder_settings}.layer_types")[0]
+    configs = [json.load(open(f"{p}/config.json")) for p in paths]
+    types = [(archs.config_entry(c, f"{encoder_settings}.layer_types")[0]["layer_types"], c["decoder"]["layer_types"])
+             for c in configs]
+    assert (encoder["num_hidden_layers"], config["decoder"]["num_hidden_layers"]) == (4, 3)
+    assert encoder["layer_types"] == types[0][0][0:2] + types[1][0][1:3]
+    assert config["decoder"]["layer_types"] == types[2][1][0:2] + types[0][1][1:2]
+    moved = {"model.encoder.layers.3.self_attn.k_proj.weight": src[1]["model.encoder.layers.2.self_attn.k_proj.weight"],
+             "model.decoder.layers.2.mlp.up_proj.weight": src[0]["model.decoder.layers.1.mlp.up_proj.weight"]}
+    for name, tensor in moved.items():
+        assert torch.equal(ours[name], tensor), name
+    assert torch.equal(ours["model.encoder.norm.weight"], src[1]["model.encoder.norm.weight"])  # the last slice's
+    model, info = getattr(transformers, FAMILIES[key][1]).from_pretrained(tmp_path / "seme", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    run(model.eval(), key)
+
+
+@pytest.mark.parametrize("key", ["t5gemma", "t5gemma:untied", "t5gemma2"])
+def test_t5gemma_task_arithmetic_merge_generates(key, tmp_path):
+    """Each tensor the base's plus half of each fine-tune's difference from it (T5Gemma 2's vision tower and
+    eoi_embedding too); the output reloads and generates (T5Gemma 2's from a prompt with an image)."""
+    paths = family(tmp_path, key)
+    ours = merge({"merge_method": "task_arithmetic", "dtype": "float32", "base_model": paths[0],
+                  "models": [{"model": p, "parameters": {"weight": 0.5}} for p in paths[1:]]}, tmp_path / "seme")
+    src = [load_folder(p) for p in paths]
+    assert sorted(ours) == sorted(src[0])
+    for name, base in src[0].items():
+        expected = base + 0.5 * (src[1][name] - base) + 0.5 * (src[2][name] - base)
+        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    model, info = getattr(transformers, FAMILIES[key][1]).from_pretrained(tmp_path / "seme", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = torch.tensor([[2, 5, 93, 93, 93, 93, 94, 7]] if key == "t5gemma2" else [[2, 5, 6, 7]])
+    image = {"pixel_values": torch.randn(1, 3, 32, 32)} if key == "t5gemma2" else {}
+    out = model.eval().generate(input_ids=ids, **image, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 4)  # the decoder's start token and three new ones
+
+
+def test_t5gemma2_hub_names():
+    # the Hub's checkpoints keep the SigLIP tower under vision_model. (transformers 5.23 saves it without): inner, a
+    # layer of the vision tower's stack; the encoder's text stack at model.encoder.layers, as transformers saves it
+    arch = for_config({"architectures": ["T5Gemma2ForConditionalGeneration"], "model_type": "t5gemma2"})
+    tower = arch.role("model.encoder.vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight")
+    assert (tower.role, tower.layer, arch.part_of(tower.template)) == ("inner", 3, "vision_tower")
+    assert arch.part_of("model.encoder.vision_tower.vision_model.embeddings.patch_embedding.weight") == "vision_tower"
+    k = arch.role("model.encoder.layers.3.self_attn.k_proj.weight")
+    assert (k.role, arch.part_of(k.template)) == ("read", "encoder")
+    assert k.norm == "model.encoder.layers.3.pre_self_attn_layernorm.weight"
+
+
 def test_mvp_prompts_keep_their_layers_in_place(tmp_path):
     # prompt_trans packs a block of keys and values per layer of its stack: slices that move layers are refused,
     # a merge of whole models is not
@@ -593,14 +691,16 @@ def test_tokens_of_two_vocabularies_are_not_remapped(key, two_vocabularies, tmp_
 
 
 @pytest.mark.parametrize("key", ["t5:gated", "whisper", "mvp", "bigbird_pegasus", "led", "longt5", "switch_transformers",
-                                 "prophetnet", "trocr", "pp_formulanet", "nllb_moe", "pegasus_x", "fsmt"])
+                                 "prophetnet", "trocr", "pp_formulanet", "nllb_moe", "pegasus_x", "fsmt", "t5gemma",
+                                 "t5gemma2"])
 def test_seme_refuses_an_encoder_decoder_model(key, tmp_path):
     paths = family(tmp_path, key, n=2)
     recipe = {"merge_method": "seme", "base_model": paths[0], "models": [{"model": p} for p in paths]}
     streams = "an image encoder's stream" if key in ("trocr", "pp_formulanet") else "two streams joined by cross-attention"
     family_name = key.split(":")[0]
     with pytest.raises(SemeError, match=rf"^[^\n]* is no decoder-only language model with a causal LM head "
-                                        rf"\({family_name}, of modules (text_)?(encoder|decoder)[^\n]*{streams}[^\n]*$"):
+                                        rf"\({family_name}, of modules ([a-z_]+, )*(text_)?(encoder|decoder)[^\n]*"
+                                        rf"{streams}[^\n]*$"):
         seme.merge(yaml.safe_dump(recipe), str(tmp_path / "out"), progress=False)
 
 

@@ -56,7 +56,7 @@ never ties its head, whatever the config says, BigBirdPegasusForCausalLM's) and 
 (a model type whose norms are LayerNorms where the family's are RMSNorms, or one whose config
 chooses), ``normed_residual`` (OPT's post-norm opt-350m), ``unrotatable`` (DeBERTa-v2's convolution) and
 ``base_prefix`` (CLIP's text model, saved on its own without the ``text_model.`` that CLIPModel's checkpoints
-give its tensors).
+give its tensors), and its ``parts`` (T5Gemma's encoder saved alone, whose classification head is the encoder's).
 A family whose layers differ in kind by a config list (``layer_kinds``: its ``key``, e.g. layer_types,
 and per kind an overlay of ``tensors`` like a variant's) gives a template the kind's role in the
 layers of that kind: OLMo Hybrid's feedforward_layer_norm feeds the MLP in its linear-attention
@@ -86,7 +86,8 @@ seme.architectures.modules' (a language model, a vision tower, ...). Image encod
 (CLIP, SigLIP) list theirs too: their towers, by their prefixes (text_model, vision_model), whose depth lives in
 the config's text_config / vision_config, and whose ``leading`` say what precedes the layers where no role does
 (a patch embedding, a class token). A ``num_layers_key``, a ``hidden_size_key`` or a part's ``depth_key`` may
-name a sub-config's setting, dotted (CLIP's ``vision_config.num_hidden_layers``).
+name a sub-config's setting, dotted (CLIP's ``vision_config.num_hidden_layers``, T5Gemma 2's
+``encoder.text_config.num_hidden_layers``).
 A family whose function no turn of the residual stream by its roles can keep (zamba2's shared attention
 reads the stream and the embeddings concatenated) says why in ``unrotatable``; SeMe then refuses to
 align its models by rotation.
@@ -387,9 +388,12 @@ def _first(config: dict, keys: tuple[str, ...]):
 
 def config_entry(config: dict, key: str) -> tuple[dict, str] | None:
     """(the settings that hold `key`, its name there) where `config` sets it: a dotted key names a setting of a
-    sub-config (vision_config.num_hidden_layers: CLIPForImageClassification's depth)."""
-    section, _, name = key.rpartition(".")
-    settings = config.get(section) if section else config
+    sub-config (vision_config.num_hidden_layers: CLIPForImageClassification's depth), at any depth
+    (encoder.text_config.num_hidden_layers: T5Gemma 2's encoder's)."""
+    *sections, name = key.split(".")
+    settings = config
+    for section in sections:
+        settings = settings.get(section) if isinstance(settings, dict) else None
     return (settings, name) if isinstance(settings, dict) and name in settings else None
 
 
@@ -424,8 +428,7 @@ def _parse(data: dict) -> Architecture:
         base_prefix=data.get("base_prefix", ""), unloaded=tuple(data.get("unloaded", ())), notes=data.get("notes", ""),
         unrotatable=data.get("unrotatable", ""), fixed_layers=data.get("fixed_layers", ""),
         projected=data.get("projected", False),
-        parts=tuple(Part(part, tuple(raw["prefixes"]), raw.get("depth_key"), tuple(raw.get("leading", ())))
-                    for part, raw in data.get("parts", {}).items()),
+        parts=_parts(data.get("parts", {})),
         named_entries=tuple(data.get("named_entries", {}).items()),
     )
     kinds = data.get("layer_kinds", {})
@@ -443,8 +446,15 @@ def _parse(data: dict) -> Architecture:
         specs = _overlaid(name, data["tensors"], v.get("tensors", {}), own_norm_type)
         label = ", ".join(f"{k}={json.dumps(x)}" for k, x in v["when"].items())
         own = {**family, **{k: v[k] for k in _VARIANT_SETTINGS if k in v}, "norm_type": own_norm_type}
+        if "parts" in v:
+            own["parts"] = _parts(v["parts"])
         variants.append((v["when"], Architecture(**own, tensors=specs, variant=label)))
     return Architecture(**family, tensors=tensors, variants=tuple(variants))
+
+
+def _parts(raw_parts: dict) -> tuple[Part, ...]:
+    return tuple(Part(part, tuple(raw["prefixes"]), raw.get("depth_key"), tuple(raw.get("leading", ())))
+                 for part, raw in raw_parts.items())
 
 
 def _overlaid(family: str, tensors: dict, overlay: dict, norm_type: str) -> dict[str, TensorSpec]:
