@@ -61,6 +61,13 @@ T5GEMMA2 = dict(encoder=dict(text_config=dict(GEMMA_STACK, num_hidden_layers=3),
                                                 num_attention_heads=2, image_size=32, patch_size=8,
                                                 vision_use_head=False)),
                 decoder=GEMMA_STACK, image_token_index=93)
+# Two described models composed: a ViT encoder and TrOCR's decoder, of another width (enc_to_dec_proj maps between
+# them); a BERT encoder and a BERT decoder with cross-attention
+VIT = dict(model_type="vit", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+           image_size=32, patch_size=8)
+BERT = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+CROSS_ATTENDING = dict(is_decoder=True, add_cross_attention=True)
+COMPOSED = dict(decoder_start_token_id=2, pad_token_id=1)
 FAMILIES = {  # "table:what" keys, as in test_architectures
     "t5": ("T5Config", "T5ForConditionalGeneration", dict(T5, feed_forward_proj="relu")),
     "t5:gated": ("T5Config", "T5ForConditionalGeneration", dict(T5, feed_forward_proj="gated-gelu")),
@@ -150,9 +157,14 @@ FAMILIES = {  # "table:what" keys, as in test_architectures
     "t5gemma2": ("T5Gemma2Config", "T5Gemma2ForConditionalGeneration", T5GEMMA2),
     "t5gemma2:untied": ("T5Gemma2Config", "T5Gemma2ForConditionalGeneration", dict(T5GEMMA2, tie_word_embeddings=False)),
     "t5gemma2:classification": ("T5Gemma2Config", "T5Gemma2ForSequenceClassification", T5GEMMA2),
+    "vision-encoder-decoder": ("VisionEncoderDecoderConfig", "VisionEncoderDecoderModel", dict(
+        COMPOSED, encoder=VIT, decoder=dict(TROCR, model_type="trocr", d_model=24, cross_attention_hidden_size=None, **CROSS_ATTENDING))),
+    "encoder-decoder": ("EncoderDecoderConfig", "EncoderDecoderModel", dict(
+        COMPOSED, encoder=dict(BERT, model_type="bert"), decoder=dict(BERT, model_type="bert", num_hidden_layers=2,
+                                                                      **CROSS_ATTENDING))),
 }
 HEADS = ("classification", "qa")
-LAYER = re.compile(r"\.(?:block|layers)\.(\d+)\.")
+LAYER = re.compile(r"\.(?:block|layers|layer)\.(\d+)\.")
 VECTORS = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_bias"}
 
 
@@ -169,6 +181,8 @@ def run(model, key: str):
         return model(input_ids=ids)
     if key.startswith("led"):  # the first token attends globally: query_global, key_global and value_global run
         return model(input_ids=ids, decoder_input_ids=ids[:, :3], global_attention_mask=(ids == 1).long())
+    if key == "vision-encoder-decoder":
+        return model(pixel_values=torch.randn(1, 3, 32, 32), decoder_input_ids=ids[:, :3])
     if key.startswith("trocr"):  # an image encoder's output, cross_attention_hidden_size wide
         return model(input_ids=ids, encoder_hidden_states=torch.randn(1, 4, TROCR["cross_attention_hidden_size"]))
     if key.startswith(("bart", "mbart", "mvp", "bigbird_pegasus", "prophetnet")):
@@ -211,7 +225,8 @@ def test_checkpoint_roles_and_parts(saved, key):
     hidden = arch.hidden_size(config)
     # the rows of a part's vocabulary (FSMT's encoder and decoder have their own; PP-FormulaNet's in its text_config)
     vocab_of = lambda name: config[("src" if arch.part_of(name) == "encoder" else "tgt") + "_vocab_size"] \
-        if "src_vocab_size" in config else config.get("vocab_size") or config["text_config"]["vocab_size"]
+        if "src_vocab_size" in config else config.get("vocab_size") or \
+        config["text_config" if "text_config" in config else arch.part_of(name)]["vocab_size"]
     parts = {p.name: p for p in arch.parts}
     # the width of a part's stream: its final norm's (T5Gemma's encoder may be wider than its decoder), else hidden
     widths = {arch.part_of(n): shape[0] for n, shape in shapes.items()
@@ -235,7 +250,7 @@ def test_checkpoint_roles_and_parts(saved, key):
         elif r.role == "lm_head_bias":
             assert shape in ((vocab_of(name),), (1, vocab_of(name))), name
         elif r.role == "position_embedding":
-            assert shape[1] == width(name), name
+            assert shape[-1] == width(name), name  # [P, d], or ViT's [1, P, d]
         elif r.role in VECTORS:
             assert shape == (width(name),), name
     # Every required template at every layer of its part's stack, in the parts the checkpoint has.
@@ -250,7 +265,9 @@ def test_checkpoint_roles_and_parts(saved, key):
     assert arch.rotation_obstacles()  # two streams
 
 
-@pytest.mark.parametrize("key", FAMILIES)
+# (the composed models' tables are their parts' own, followed alone: ViT's, renamed in memory, in
+# tests/test_vision_encoders.py, BERT's in tests/test_architectures.py)
+@pytest.mark.parametrize("key", [k for k in FAMILIES if k not in ("vision-encoder-decoder", "encoder-decoder")])
 def test_norm_feeds_read(saved, key):
     """Run the model: each read projection's input is its norm's output (the cross-attention's keys and
     values: the encoder's final norm's); in a post-LN family, a read without a norm reads the stream: its
@@ -686,7 +703,31 @@ def test_tokens_of_two_vocabularies_are_not_remapped(key, two_vocabularies, tmp_
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("key", ["t5:gated", "whisper", "mvp", "bigbird_pegasus", "led", "longt5", "switch_transformers",
+@pytest.mark.parametrize("key", ["vision-encoder-decoder", "encoder-decoder"])
+def test_two_described_models_composed_merge(key, tmp_path):
+    """A whole task_arithmetic merge of fine-tunes reloads and generates; the decoder sliced as a module (layers 0, 1,
+    1) deepens the decoder's config alone, and the output reloads and runs."""
+    inputs = {"pixel_values": torch.randn(1, 3, 32, 32)} if key == "vision-encoder-decoder" else \
+        {"input_ids": torch.arange(1, 6).unsqueeze(0)}
+    assert merged_whole(key, tmp_path).generate(**inputs, max_new_tokens=3).shape[-1] > 1
+    paths = [str(tmp_path / f"{key}{i}") for i in range(3)]
+    sliced = {"merge_method": "task_arithmetic", "dtype": "float32", "base_model": paths[0],
+              "parameters": {"weight": 0.5}, "modules": {
+                  "encoder": {"models": [{"model": p} for p in paths[1:]]},
+                  "decoder": {"slices": [{"sources": [{"model": p, "layer_range": [0, 2]} for p in paths]},
+                                         {"sources": [{"model": p, "layer_range": [1, 2]} for p in paths]}]}}}
+    merge(sliced, tmp_path / "sliced")
+    config = json.load(open(tmp_path / "sliced" / "config.json"))
+    source = json.load(open(f"{paths[0]}/config.json"))
+    arch = for_config(config)
+    assert arch.num_layers(config) == 3 and depth(config, arch.depth_key("encoder")) == \
+        depth(source, arch.depth_key("encoder"))
+    model, info = getattr(transformers, FAMILIES[key][1]).from_pretrained(tmp_path / "sliced", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert torch.isfinite(run(model.eval(), key).logits).all()
+
+
+@pytest.mark.parametrize("key", ["vision-encoder-decoder", "encoder-decoder", "t5:gated", "whisper", "mvp", "bigbird_pegasus", "led", "longt5", "switch_transformers",
                                  "prophetnet", "trocr", "pp_formulanet", "nllb_moe", "pegasus_x", "fsmt", "t5gemma",
                                  "t5gemma2"])
 def test_seme_refuses_an_encoder_decoder_model(key, tmp_path):

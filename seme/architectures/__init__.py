@@ -229,8 +229,10 @@ class Architecture:
     def tied(self, config: dict) -> bool:
         if self.tie_key is None:  # never tied, whatever the config says
             return False
-        # A multimodal model ties as its top-level config says (transformers reads it there).
-        return bool(config.get(self.tie_key, self.settings(config).get(self.tie_key, self.tied_default)))
+        # A multimodal model ties as its top-level config says (transformers reads it there); a dotted key names
+        # a sub-config's setting (an EncoderDecoderModel's decoder.tie_word_embeddings).
+        found = config_entry(config, self.tie_key) or config_entry(self.settings(config), self.tie_key)
+        return bool(found[0][found[1]]) if found else self.tied_default
 
     def unloaded_module(self, tensor_name: str) -> str | None:
         """The prefix of the module transformers does not load that holds the tensor, if one does."""
@@ -574,6 +576,10 @@ def for_config(config: dict, names=None) -> Architecture:
     found = by_arch.get(archs[0]) or by_type.get(config.get("model_type"))
     if found is not None:
         return _family(found).variant_for(config)
+    if config.get("model_type") in _COMPOSITIONS:
+        composed = _composition(config, by_type)
+        if composed is not None:
+            return composed
     text = config.get("text_config")
     if names is not None and isinstance(text, dict) and text.get("model_type") in by_type:
         family, prefix = _family(by_type[text["model_type"]]).variant_for(text), _text_prefix(names)
@@ -646,6 +652,73 @@ def _moved(family: Architecture, prefix: str, wrapper: str, projected: bool, hea
                    base_prefix=move(family.base_prefix),
                    settings_key="text_config", variants=(),
                    variant=f"{family.variant}, in {wrapper}" if family.variant else f"in {wrapper}")
+
+
+# Models that compose two described models, each of its own config (encoder, decoder): transformers'
+# EncoderDecoderModel, VisionEncoderDecoderModel and SpeechEncoderDecoderModel.
+_COMPOSITIONS = ("encoder-decoder", "vision-encoder-decoder", "speech-encoder-decoder")
+
+
+def _composition(config: dict, by_type: dict[str, str]) -> Architecture | None:
+    """The table of a model that composes the families of its `encoder` and `decoder` sub-configs (None where
+    either has no table, or where both have layer kinds, whose one list of kinds cannot say which stack's)."""
+    subs = config.get("encoder"), config.get("decoder")
+    if not all(isinstance(sub, dict) and sub.get("model_type") in by_type for sub in subs):
+        return None
+    encoder, decoder = (_family(by_type[sub["model_type"]]).variant_for(sub) for sub in subs)
+    if encoder.kinds and decoder.kinds:
+        return None
+    depth_key = lambda arch, sub: next((k for k in arch.num_layers_keys if config_entry(sub, k)), arch.num_layers_keys[0])
+    return _composed(encoder, decoder, config["model_type"], depth_key(encoder, subs[0]), depth_key(decoder, subs[1]))
+
+
+@cache
+def _composed(encoder: Architecture, decoder: Architecture, wrapper: str, encoder_depth: str,
+              decoder_depth: str) -> Architecture:
+    """The table of `wrapper`, which saves its encoder (a base model, without its family's base_prefix) under
+    encoder. and its decoder (a causal LM, whose cross-attention reads the encoder's output as its own table says)
+    under decoder.; enc_to_dec_proj, which maps the encoder's output to the decoder's width where they differ, is
+    inner. Each stack is a part, whose depth its sub-config's key gives; the head, its tying and the model's
+    width are the decoder's."""
+    def mover(prefix: str, base: str):
+        def move(template: str | None) -> str | None:  # None where a base model has no such tensor
+            if template is None or not template.startswith(base):
+                return None
+            return prefix + template[len(base):]
+        return move
+
+    def moved(specs: dict, move) -> dict:
+        return {move(t): s and replace(s, norm=move(s.norm), tied_to=move(s.tied_to)) for t, s in specs.items()
+                if move(t) is not None}
+
+    sides = ((encoder, mover("encoder.", encoder.base_prefix)), (decoder, mover("decoder.", "")))
+    tensors = {t: s for arch, move in sides for t, s in moved(arch.tensors, move).items()}
+    tensors["enc_to_dec_proj.weight"] = TensorSpec("inner", optional=True)
+    tensors["enc_to_dec_proj.bias"] = TensorSpec("inner", optional=True)
+    layer_tensors = {}
+    for arch, move in sides:
+        for layer, overlay in arch.layer_tensors.items():
+            layer_tensors.setdefault(layer, {}).update(moved(overlay, move))
+    kinded, move = next(((arch, move) for arch, move in sides if arch.kinds), (None, None))
+    leading = lambda arch, move: tuple(filter(None, (move(lead) for p in arch.parts for lead in p.leading)))
+    parts = (Part("encoder", ("encoder.",), f"encoder.{encoder_depth}", leading(*sides[0])),
+             Part("decoder", ("decoder.", "enc_to_dec_proj."), f"decoder.{decoder_depth}", leading(*sides[1])))
+    return Architecture(
+        name=wrapper, inferred=False, variant=f"{encoder.label} encoder, {decoder.label} decoder",
+        num_layers_keys=(f"decoder.{decoder_depth}",),
+        hidden_size_keys=tuple(f"decoder.{k}" for k in decoder.hidden_size_keys),
+        tie_key=decoder.tie_key and f"decoder.{decoder.tie_key}", tied_default=decoder.tied_default,
+        norm_gain_offset=decoder.norm_gain_offset,
+        norm_type="layer_norm" if "layer_norm" in (encoder.norm_type, decoder.norm_type) else "rms_norm",
+        normed_residual=encoder.normed_residual or decoder.normed_residual,
+        gainless_norms=encoder.gainless_norms or decoder.gainless_norms,
+        unloaded=tuple(filter(None, (move(p) for arch, move in sides for p in arch.unloaded))),
+        notes=_composed.__doc__.replace("`wrapper`", wrapper),
+        unrotatable="its encoder's and decoder's residual streams are two streams joined by cross-attention, "
+                    "which one turn of one stream does not describe",
+        tensors=tensors, layer_tensors=layer_tensors, parts=parts,
+        kinds=kinded.kinds if kinded else (), kind_tensors={k: moved(o, move) for k, o in kinded.kind_tensors.items()}
+        if kinded else {})
 
 
 def known_architectures() -> list[str]:
