@@ -68,6 +68,7 @@ VIT = dict(model_type="vit", hidden_size=32, num_hidden_layers=2, num_attention_
 BERT = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
 CROSS_ATTENDING = dict(is_decoder=True, add_cross_attention=True)
 COMPOSED = dict(decoder_start_token_id=2, pad_token_id=1)
+COMPOSITIONS = ("vision-encoder-decoder", "encoder-decoder")  # keys of FAMILIES whose tables compose two tables
 FAMILIES = {  # "table:what" keys, as in test_architectures
     "t5": ("T5Config", "T5ForConditionalGeneration", dict(T5, feed_forward_proj="relu")),
     "t5:gated": ("T5Config", "T5ForConditionalGeneration", dict(T5, feed_forward_proj="gated-gelu")),
@@ -267,7 +268,7 @@ def test_checkpoint_roles_and_parts(saved, key):
 
 # (the composed models' tables are their parts' own, followed alone: ViT's, renamed in memory, in
 # tests/test_vision_encoders.py, BERT's in tests/test_architectures.py)
-@pytest.mark.parametrize("key", [k for k in FAMILIES if k not in ("vision-encoder-decoder", "encoder-decoder")])
+@pytest.mark.parametrize("key", [k for k in FAMILIES if k not in COMPOSITIONS])
 def test_norm_feeds_read(saved, key):
     """Run the model: each read projection's input is its norm's output (the cross-attention's keys and
     values: the encoder's final norm's); in a post-LN family, a read without a norm reads the stream: its
