@@ -50,6 +50,9 @@ PP_FORMULANET = dict(text_config=dict(d_model=32, decoder_layers=2, decoder_atte
                                         image_size=64, patch_size=16, window_size=2, global_attn_indexes=[1], mlp_dim=32,
                                         post_conv_in_channels=8, post_conv_mid_channels=16, post_conv_out_channels=24,
                                         decoder_hidden_size=32))
+PIX2STRUCT = dict(text_config=dict(hidden_size=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=96),
+                  vision_config=dict(hidden_size=32, d_ff=48, d_kv=8, num_hidden_layers=2, num_attention_heads=2,
+                                     patch_embed_hidden_size=48, seq_len=16))
 # T5Gemma's stacks, each of its own settings (sliding and full attention layers alternate); T5Gemma 2's encoder reads
 # images too: a SigLIP tower of 4 x 4 patches, pooled into 4 image tokens (id 93) before the end-of-image token (94)
 GEMMA_STACK = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -145,6 +148,8 @@ FAMILIES = {  # "table:what" keys, as in test_architectures
     "mbart_decoder:bigbird_pegasus": ("BigBirdPegasusConfig", "BigBirdPegasusForCausalLM", dict(BART, use_bias=True)),
     "prophetnet_decoder": ("ProphetNetConfig", "ProphetNetForCausalLM", PROPHETNET),
     "pp_formulanet": ("PPFormulaNetConfig", "PPFormulaNetForConditionalGeneration", PP_FORMULANET),  # image to text
+    "pix2struct": ("Pix2StructConfig", "Pix2StructForConditionalGeneration", PIX2STRUCT),
+    "pix2struct:tied": ("Pix2StructConfig", "Pix2StructForConditionalGeneration", dict(PIX2STRUCT, tie_word_embeddings=True)),
     "t5gemma": ("T5GemmaConfig", "T5GemmaForConditionalGeneration", T5GEMMA),
     "t5gemma:untied": ("T5GemmaConfig", "T5GemmaForConditionalGeneration", dict(T5GEMMA, tie_word_embeddings=False)),
     # an encoder wider than its decoder, as t5gemma-9b-2b's: the cross-attention's k / v read the encoder's width
@@ -165,7 +170,7 @@ FAMILIES = {  # "table:what" keys, as in test_architectures
                                                                       **CROSS_ATTENDING))),
 }
 HEADS = ("classification", "qa")
-LAYER = re.compile(r"\.(?:block|layers|layer)\.(\d+)\.")
+LAYER = re.compile(r"\.(?:block|layers?)\.(\d+)\.")  # (Pix2Struct's and ViT's: layer)
 VECTORS = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_bias"}
 
 
@@ -190,6 +195,10 @@ def run(model, key: str):
         return model(input_ids=ids, decoder_input_ids=ids[:, :3])
     if key.startswith("pp_formulanet"):
         return model(pixel_values=torch.randn(1, 3, 64, 64), decoder_input_ids=ids)
+    if key.startswith("pix2struct"):  # six patches of 4 x 4 pixels in 2 rows of 3, each (row, column, pixels)
+        rows, columns = torch.arange(1, 3).repeat_interleave(3), torch.arange(1, 4).repeat(2)
+        patches = torch.cat([rows[:, None], columns[:, None], torch.randn(6, 48)], 1)[None]
+        return model(flattened_patches=patches, attention_mask=torch.ones(1, 6), decoder_input_ids=ids)
     if key.startswith("t5gemma2"):  # text and an image, whose 4 pooled features take the image tokens' places
         ids = torch.tensor([[2, 5, 93, 93, 93, 93, 94, 7]])
         decoder_ids = {} if key.endswith(HEADS) else {"decoder_input_ids": ids[:, :3]}
@@ -503,10 +512,12 @@ def test_sliced_stacks_load_and_run(key, prefix, depth_keys, tmp_path):
     run(model, key)
 
 
-def test_pp_formulanet_merges_whole_and_by_its_parts(tmp_path):
-    """Fine-tunes of one PP-FormulaNet merged by task_arithmetic, whole and with its decoder sliced (layers 0, 1, 1:
-    text_config's depth follows, the image encoder's stays); each output reloads in transformers and reads an image."""
-    paths = family(tmp_path, "pp_formulanet")
+@pytest.mark.parametrize("key, depth_key", [("pp_formulanet", "decoder_layers"), ("pix2struct", "num_layers")])
+def test_an_image_encoder_decoder_merges_whole_and_by_its_parts(key, depth_key, tmp_path):
+    """Fine-tunes of one PP-FormulaNet (or Pix2Struct) merged by task_arithmetic, whole and with its decoder sliced
+    (layers 0, 1, 1: text_config's depth follows, the image encoder's stays); each output reloads in transformers and
+    reads an image."""
+    paths = family(tmp_path, key)
     base, tuned = paths[0], [{"model": p} for p in paths[1:]]
     recipes = {
         "whole": {"merge_method": "task_arithmetic", "base_model": base, "models": tuned, "parameters": {"weight": 0.5}},
@@ -518,12 +529,11 @@ def test_pp_formulanet_merges_whole_and_by_its_parts(tmp_path):
     for name, recipe in recipes.items():
         merge({**recipe, "dtype": "float32"}, tmp_path / name)
         config = json.load(open(tmp_path / name / "config.json"))
-        assert (config["text_config"]["decoder_layers"], config["vision_config"]["num_hidden_layers"]) == \
+        assert (config["text_config"][depth_key], config["vision_config"]["num_hidden_layers"]) == \
             ((3 if name == "sliced" else 2), 2)
-        model, info = transformers.PPFormulaNetForConditionalGeneration.from_pretrained(
-            tmp_path / name, output_loading_info=True)
+        model, info = getattr(transformers, FAMILIES[key][1]).from_pretrained(tmp_path / name, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
-        assert torch.isfinite(run(model.eval(), "pp_formulanet").logits).all(), name
+        assert torch.isfinite(run(model.eval(), key).logits).all(), name
 
 
 def merged_whole(key, tmp_path):
@@ -542,9 +552,10 @@ def merged_whole(key, tmp_path):
     return model.eval()
 
 
-@pytest.mark.parametrize("key", ["pegasus_x", "fsmt", "fsmt:tied"])
+@pytest.mark.parametrize("key", ["pegasus_x", "fsmt", "fsmt:tied", "pix2struct", "pix2struct:tied"])
 def test_a_whole_task_arithmetic_merge_reloads(key, tmp_path):
-    """FSMT's two tables, of their own sizes, and PEGASUS-X's global tokens merge like any tensor; the output runs."""
+    """FSMT's two tables, of their own sizes, and PEGASUS-X's global tokens merge like any tensor; the output runs
+    (Pix2Struct's on an image's patches)."""
     run(merged_whole(key, tmp_path), key)
 
 
@@ -728,13 +739,14 @@ def test_two_described_models_composed_merge(key, tmp_path):
     assert torch.isfinite(run(model.eval(), key).logits).all()
 
 
-@pytest.mark.parametrize("key", ["vision-encoder-decoder", "encoder-decoder", "t5:gated", "whisper", "mvp", "bigbird_pegasus", "led", "longt5", "switch_transformers",
-                                 "prophetnet", "trocr", "pp_formulanet", "nllb_moe", "pegasus_x", "fsmt", "t5gemma",
+@pytest.mark.parametrize("key", ["vision-encoder-decoder", "encoder-decoder", "t5:gated", "whisper", "mvp",
+                                 "bigbird_pegasus", "led", "longt5", "switch_transformers", "prophetnet", "trocr",
+                                 "pp_formulanet", "pix2struct", "nllb_moe", "pegasus_x", "fsmt", "t5gemma",
                                  "t5gemma2"])
 def test_seme_refuses_an_encoder_decoder_model(key, tmp_path):
     paths = family(tmp_path, key, n=2)
     recipe = {"merge_method": "seme", "base_model": paths[0], "models": [{"model": p} for p in paths]}
-    streams = "an image encoder's stream" if key in ("trocr", "pp_formulanet") else "two streams joined by cross-attention"
+    streams = "an image encoder's stream" if key in ("trocr", "pp_formulanet", "pix2struct") else "two streams joined by cross-attention"
     family_name = key.split(":")[0]
     with pytest.raises(SemeError, match=rf"^[^\n]* is no decoder-only language model with a causal LM head "
                                         rf"\({family_name}, of modules ([a-z_]+, )*(text_)?(encoder|decoder)[^\n]*"

@@ -764,6 +764,45 @@ def build_unlimited_ocr(path, seed: int):
     return save_random(path, seed, transformers.UnlimitedOcrForConditionalGeneration, config)
 
 
+KOSMOS_TEXT = dict(embed_dim=32, ffn_dim=64, layers=2, attention_heads=4, vocab_size=64)
+
+
+def build_kosmos2(path, seed: int):
+    """A Kosmos-2: a CLIP-like vision model (2 x 2 patches) whose features image_to_text_projection resamples into
+    4 latent queries, which take the image tokens' places."""
+    import transformers
+
+    config = transformers.Kosmos2Config(
+        text_config=KOSMOS_TEXT, latent_query_num=4,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14))
+    return save_random(path, seed, transformers.Kosmos2ForConditionalGeneration, config)
+
+
+def build_kosmos2_5(path, seed: int):
+    """A Kosmos-2.5: a Pix2Struct-like vision encoder over flattened 4 x 4 patches, resampled into 4 latent queries."""
+    import transformers
+
+    config = transformers.Kosmos2_5Config(
+        text_config=KOSMOS_TEXT, latent_query_num=4,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=8,
+                           patch_embed_hidden_size=48, max_num_patches=16))
+    return save_random(path, seed, transformers.Kosmos2_5ForConditionalGeneration, config)
+
+
+def kosmos_prompt(image: dict) -> dict:
+    """Four image tokens (marked by image_embeds_position_mask) between text tokens."""
+    return dict(image, input_ids=torch.tensor([[0, 5] + [3] * 4 + [9, 11]]),
+                image_embeds_position_mask=torch.tensor([[0, 0] + [1] * 4 + [0, 0]]))
+
+
+def kosmos2_5_patches() -> dict:
+    """Six patches of 4 x 4 pixels in 2 rows of 3, each (row, column, pixels), as Kosmos2_5ImageProcessor flattens them."""
+    rows, columns = torch.arange(1, 3).repeat_interleave(3), torch.arange(1, 4).repeat(2)
+    pixels = torch.randn(6, 48, generator=torch.Generator().manual_seed(0))
+    return dict(flattened_patches=torch.cat([rows[:, None], columns[:, None], pixels], 1)[None])
+
+
 def build_mllama(path, seed: int):
     """A self-attention layer, then a cross-attention layer; a vision model whose output (its last layer's and two
     intermediate layers' states, 48 wide) the projector takes to the language model's width."""
@@ -1060,6 +1099,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     "muse_spark": (lambda path, seed: build_muse(path, seed, "MuseSpark"), "muse_spark_text"),
     # DeepSeek-OCR 2, Unlimited-OCR
     "deepseek_ocr2": (build_deepseek_ocr2, "deepseek_v2"), "unlimited_ocr": (build_unlimited_ocr, "deepseek_v2"),
+    "kosmos2": (build_kosmos2, "kosmos_2_text_model"), "kosmos2_5": (build_kosmos2_5, "kosmos_2_5_text_model"),
 }
 
 
@@ -1554,6 +1594,34 @@ def test_a_deepseek_ocr_merge_reloads(wrapper, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     with torch.no_grad():
         assert torch.isfinite(model.eval()(**prompt()).logits).all()
+
+
+@pytest.mark.parametrize("wrapper, model_class, image", [
+    ("kosmos2", "Kosmos2ForConditionalGeneration",
+     lambda: dict(pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)))),
+    ("kosmos2_5", "Kosmos2_5ForConditionalGeneration", kosmos2_5_patches),
+])
+def test_a_kosmos_merge_reloads_and_reads_an_image(wrapper, model_class, image, tmp_path, capsys):
+    """Fine-tunes of one Kosmos-2 (or Kosmos-2.5) merged by task_arithmetic with their roles (image_to_text_projection's
+    out_proj a write, the rest beside the language model inner): the output reloads in transformers with every tensor
+    and generates from a prompt with an image; SeMe refuses in one line to align an independent model, for their
+    LayerNorms cannot turn."""
+    import transformers
+
+    build, family = WRAPPERS[wrapper]
+    a = build(tmp_path / "a", 0)
+    b, c = fine_tune(a, tmp_path / "b", 1), fine_tune(a, tmp_path / "c", 2)
+    seme.merge({"merge_method": "task_arithmetic", "base_model": a, "parameters": {"weight": 0.5}, "dtype": "float32",
+                "models": [{"model": b}, {"model": c}]}, str(tmp_path / "merged"), progress=False)
+    assert load_folder(tmp_path / "merged").keys() == load_folder(a).keys()
+    model, info = getattr(transformers, model_class).from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    prompt = kosmos_prompt(image())
+    out = model.eval().generate(**prompt, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, prompt["input_ids"].shape[1] + 3)
+    independent = build(tmp_path / "independent", 3)  # whose stream only a turn would align
+    assert_refused({"merge_method": "seme", "base_model": a, "models": [{"model": independent}]},
+                   f"aligning {family} (in {model_class}) models by rotation is not supported", tmp_path, capsys)
 
 
 def build_diffusion_gemma(path, seed: int):
