@@ -1578,22 +1578,28 @@ def test_gemma4_unified_merges_end_to_end(tmp_path):
         assert out.shape == (1, prompt["input_ids"].shape[1] + 3), name
 
 
+def merged_fine_tunes(a, model_class: str, tmp_path):
+    """Two fine-tunes of `a` merged by task_arithmetic, reloaded as `model_class` with every tensor where the model
+    keeps it (no key missing or unexpected), the output's names the input's."""
+    import transformers
+
+    b, c = fine_tune(a, tmp_path / "b", 1), fine_tune(a, tmp_path / "c", 2)
+    seme.merge({"merge_method": "task_arithmetic", "base_model": a, "parameters": {"weight": 0.5}, "dtype": "float32",
+                "models": [{"model": b}, {"model": c}]}, str(tmp_path / "merged"), progress=False)
+    assert load_folder(tmp_path / "merged").keys() == load_folder(a).keys()
+    model, info = getattr(transformers, model_class).from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval()
+
+
 @pytest.mark.parametrize("wrapper", ["deepseek_ocr2", "unlimited_ocr"])
 def test_a_deepseek_ocr_merge_reloads(wrapper, tmp_path):
     """Fine-tunes of one DeepSeek-OCR 2 (or Unlimited-OCR) merged by task_arithmetic: the output keeps the Hub's names,
     reloads in transformers with every tensor where the model keeps it, and reads an image."""
-    import transformers
-
     build, model_class, prompt = PROMPTS[wrapper]
-    a = build(tmp_path / "a", 0)
-    b, c = fine_tune(a, tmp_path / "b", 1), fine_tune(a, tmp_path / "c", 2)
-    seme.merge({"merge_method": "task_arithmetic", "base_model": a, "parameters": {"weight": 0.5}, "dtype": "float32",
-                "models": [{"model": b}, {"model": c}]}, str(tmp_path / "out"), progress=False)
-    assert load_folder(tmp_path / "out").keys() == load_folder(a).keys()
-    model, info = getattr(transformers, model_class).from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    model = merged_fine_tunes(build(tmp_path / "a", 0), model_class, tmp_path)
     with torch.no_grad():
-        assert torch.isfinite(model.eval()(**prompt()).logits).all()
+        assert torch.isfinite(model(**prompt()).logits).all()
 
 
 @pytest.mark.parametrize("wrapper, model_class, image", [
@@ -1606,18 +1612,11 @@ def test_a_kosmos_merge_reloads_and_reads_an_image(wrapper, model_class, image, 
     out_proj a write, the rest beside the language model inner): the output reloads in transformers with every tensor
     and generates from a prompt with an image; SeMe refuses in one line to align an independent model, for their
     LayerNorms cannot turn."""
-    import transformers
-
     build, family = WRAPPERS[wrapper]
     a = build(tmp_path / "a", 0)
-    b, c = fine_tune(a, tmp_path / "b", 1), fine_tune(a, tmp_path / "c", 2)
-    seme.merge({"merge_method": "task_arithmetic", "base_model": a, "parameters": {"weight": 0.5}, "dtype": "float32",
-                "models": [{"model": b}, {"model": c}]}, str(tmp_path / "merged"), progress=False)
-    assert load_folder(tmp_path / "merged").keys() == load_folder(a).keys()
-    model, info = getattr(transformers, model_class).from_pretrained(tmp_path / "merged", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    model = merged_fine_tunes(a, model_class, tmp_path)
     prompt = kosmos_prompt(image())
-    out = model.eval().generate(**prompt, max_new_tokens=3, do_sample=False)
+    out = model.generate(**prompt, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, prompt["input_ids"].shape[1] + 3)
     independent = build(tmp_path / "independent", 3)  # whose stream only a turn would align
     assert_refused({"merge_method": "seme", "base_model": a, "models": [{"model": independent}]},
@@ -1717,20 +1716,13 @@ def test_a_wrapper_of_a_new_language_model_merges_and_reloads(wrapper, tmp_path)
     reloads in transformers with every tensor it expects; SeMe refuses to turn those whose stream no turn keeps."""
     import json
 
-    import transformers
-
     build, _ = WRAPPERS[wrapper]
     a = build(tmp_path / "a", 0)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     arch = architectures.for_config(config, tensor_names(a))
     assert arch.projected and all(arch.role(n) for n in tensor_names(a))
     assert bool(arch.rotation_obstacles()) == (wrapper != "cosmos3_edge")
-    b, c = fine_tune(a, tmp_path / "b", 1), fine_tune(a, tmp_path / "c", 2)
-    seme.merge({"merge_method": "task_arithmetic", "base_model": a, "parameters": {"weight": 0.5},
-                "models": [{"model": b}, {"model": c}], "dtype": "float32"}, str(tmp_path / "out"), progress=False)
-    model_class = getattr(transformers, config["architectures"][0])
-    _, info = model_class.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    merged_fine_tunes(a, config["architectures"][0], tmp_path)
 
 
 # --- vocabulary re-mapping ----------------------------------------------------------------------------
