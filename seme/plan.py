@@ -681,8 +681,7 @@ class _Builder:
                 hint = " (the vocabularies differ: align them with a common tokenizer first)"
             raise SemeError(f"tensor '{out_name}' has different shapes: {detail}{hint}")
         lead = infos[0]
-        buffer = _role(self.archs[inputs[0][0]], inputs[0][1]) == "buffer"
-        if buffer or lead.dtype not in FLOAT_CODES or any(i.dtype not in FLOAT_CODES for i in infos):
+        if role == "buffer" or lead.dtype not in FLOAT_CODES or any(i.dtype not in FLOAT_CODES for i in infos):
             self.tasks.append(TensorTask(out_name, lead.shape, lead.dtype, inputs[:1], None, {}, None, copy=True))
             return
         base_index = next((i for i, s in enumerate(sources) if s.model == base), None)

@@ -1482,9 +1482,9 @@ def test_a_frankenmerge_takes_the_norms_after_the_layers_from_its_last_slice(fam
     merged = safetensors_torch.load_file(tmp_path / "merged" / "model.safetensors")
     first, last = (safetensors_torch.load_file(p / "model.safetensors") for p in paths)
     arch = for_config(json.loads((paths[0] / "config.json").read_text()))
-    loose_norms = {n: arch.role(n) for n in merged
-                   if arch.role(n) and arch.role(n).layer is None
-                   and arch.role(n).role in ("norm", "norm_bias", "final_norm", "final_norm_bias")}
+    roles = {n: arch.role(n) for n in merged}
+    loose_norms = {n: r for n, r in roles.items()
+                   if r and r.layer is None and r.role in ("norm", "norm_bias", "final_norm", "final_norm_bias")}
     assert any(r.role in ("norm", "norm_bias") for r in loose_norms.values()), loose_norms
     for name, role in loose_norms.items():
         source = last if role.after_layers or role.role.startswith("final_norm") else first

@@ -178,6 +178,14 @@ def build(key: str, seed: int = 0, **extra):
     return tiny_models.build(FAMILIES, key, seed, **extra)
 
 
+def reloaded(key: str, folder):
+    """The merged model in `folder` loaded as its family's class, every tensor where the model keeps it (no key
+    missing or unexpected)."""
+    model, info = getattr(transformers, FAMILIES[key][1]).from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], (folder, info)
+    return model.eval()
+
+
 def run(model, key: str):
     ids = torch.arange(1, 6).unsqueeze(0)
     if key.split(":")[0].endswith("_decoder"):  # an encoder's output, of the decoder's width
@@ -531,9 +539,7 @@ def test_an_image_encoder_decoder_merges_whole_and_by_its_parts(key, depth_key, 
         config = json.load(open(tmp_path / name / "config.json"))
         assert (config["text_config"][depth_key], config["vision_config"]["num_hidden_layers"]) == \
             ((3 if name == "sliced" else 2), 2)
-        model, info = getattr(transformers, FAMILIES[key][1]).from_pretrained(tmp_path / name, output_loading_info=True)
-        assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
-        assert torch.isfinite(run(model.eval(), key).logits).all(), name
+        assert torch.isfinite(run(reloaded(key, tmp_path / name), key).logits).all(), name
 
 
 def merged_whole(key, tmp_path):
@@ -547,9 +553,7 @@ def merged_whole(key, tmp_path):
     for name, base in src[0].items():
         expected = base + 0.5 * (src[1][name] - base) + 0.5 * (src[2][name] - base)
         torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
-    model, info = getattr(transformers, FAMILIES[key][1]).from_pretrained(tmp_path / "seme", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    return model.eval()
+    return reloaded(key, tmp_path / "seme")
 
 
 @pytest.mark.parametrize("key", ["pegasus_x", "fsmt", "fsmt:tied", "pix2struct", "pix2struct:tied"])
@@ -584,9 +588,7 @@ def test_t5gemma_stacks_sliced(key, encoder_settings, tmp_path):
     for name, tensor in moved.items():
         assert torch.equal(ours[name], tensor), name
     assert torch.equal(ours["model.encoder.norm.weight"], src[1]["model.encoder.norm.weight"])  # the last slice's
-    model, info = getattr(transformers, FAMILIES[key][1]).from_pretrained(tmp_path / "seme", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    run(model.eval(), key)
+    run(reloaded(key, tmp_path / "seme"), key)
 
 
 @pytest.mark.parametrize("key", ["t5gemma", "t5gemma:untied", "t5gemma2"])
@@ -640,9 +642,7 @@ def test_sparse_layers_stay_in_place(key, method, parameters, tmp_path):
     ours = merge({"merge_method": method, "dtype": "float32", "base_model": paths[0],
                   "models": [{"model": p, "parameters": parameters} for p in paths[1:]]}, tmp_path / "seme")
     assert any(".experts.expert_3." in n for n in ours)
-    model, info = getattr(transformers, FAMILIES[key][1]).from_pretrained(tmp_path / "seme", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    run(model, key)
+    run(reloaded(key, tmp_path / "seme"), key)
 
 
 def test_a_part_keeps_its_own_depth_key(tmp_path):
@@ -734,9 +734,7 @@ def test_two_described_models_composed_merge(key, tmp_path):
     arch = for_config(config)
     assert arch.num_layers(config) == 3 and depth(config, arch.depth_key("encoder")) == \
         depth(source, arch.depth_key("encoder"))
-    model, info = getattr(transformers, FAMILIES[key][1]).from_pretrained(tmp_path / "sliced", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    assert torch.isfinite(run(model.eval(), key).logits).all()
+    assert torch.isfinite(run(reloaded(key, tmp_path / "sliced"), key).logits).all()
 
 
 @pytest.mark.parametrize("key", ["vision-encoder-decoder", "encoder-decoder", "t5:gated", "whisper", "mvp",

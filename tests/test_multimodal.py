@@ -1555,8 +1555,6 @@ def test_gemma4_unified_merges_end_to_end(tmp_path):
     tensor where the model keeps it, and generates from a prompt with an image and a sound."""
     import json
 
-    import transformers
-
     a = perturbed(build_gemma4_unified(tmp_path / "a", 0))
     b, c = fine_tune(a, tmp_path / "b", 1), fine_tune(a, tmp_path / "c", 2)
     arch = architectures.for_config(json.loads((Path(a) / "config.json").read_text()), tensor_names(a))
@@ -1570,26 +1568,30 @@ def test_gemma4_unified_merges_end_to_end(tmp_path):
     for name, r in recipes.items():
         seme.merge({**r, "dtype": "float32"}, str(tmp_path / name), progress=False)
         assert load_folder(tmp_path / name).keys() == load_folder(a).keys()
-        model, info = transformers.Gemma4UnifiedForConditionalGeneration.from_pretrained(
-            tmp_path / name, output_loading_info=True)
-        assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
+        model = reloaded("Gemma4UnifiedForConditionalGeneration", tmp_path / name)
         prompt = gemma4_unified_prompt()
-        out = model.eval().generate(**prompt, max_new_tokens=3, do_sample=False)
+        out = model.generate(**prompt, max_new_tokens=3, do_sample=False)
         assert out.shape == (1, prompt["input_ids"].shape[1] + 3), name
+
+
+def reloaded(model_class: str, folder):
+    """The merged model in `folder` loaded as `model_class`, every tensor where the model keeps it (no key missing
+    or unexpected)."""
+    import transformers
+
+    model, info = getattr(transformers, model_class).from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], (folder, info)
+    return model.eval()
 
 
 def merged_fine_tunes(a, model_class: str, tmp_path):
     """Two fine-tunes of `a` merged by task_arithmetic, reloaded as `model_class` with every tensor where the model
     keeps it (no key missing or unexpected), the output's names the input's."""
-    import transformers
-
     b, c = fine_tune(a, tmp_path / "b", 1), fine_tune(a, tmp_path / "c", 2)
     seme.merge({"merge_method": "task_arithmetic", "base_model": a, "parameters": {"weight": 0.5}, "dtype": "float32",
                 "models": [{"model": b}, {"model": c}]}, str(tmp_path / "merged"), progress=False)
     assert load_folder(tmp_path / "merged").keys() == load_folder(a).keys()
-    model, info = getattr(transformers, model_class).from_pretrained(tmp_path / "merged", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    return model.eval()
+    return reloaded(model_class, tmp_path / "merged")
 
 
 @pytest.mark.parametrize("wrapper", ["deepseek_ocr2", "unlimited_ocr"])
@@ -1665,10 +1667,9 @@ def test_diffusion_gemma_merges_and_its_image_features_turn_with_the_stream(tmp_
     seme.merge({"merge_method": "task_arithmetic", "base_model": a, "parameters": {"weight": 0.5}, "models": [{"model": b}],
                 "dtype": "float32"}, str(tmp_path / "merged"), progress=False)
     assert load_folder(tmp_path / "merged").keys() == load_folder(a).keys()
-    model, info = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path / "merged", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    model = reloaded("DiffusionGemmaForBlockDiffusion", tmp_path / "merged")
     with torch.no_grad():
-        logits = model.eval()(input_ids=torch.tensor([[2, 5, 290] + [292] * 4 + [291, 9]]), **gemma4_pixels(4, 48),
+        logits = model(input_ids=torch.tensor([[2, 5, 290] + [292] * 4 + [291, 9]]), **gemma4_pixels(4, 48),
                               decoder_input_ids=torch.tensor([[7, 8, 9]])).logits
     assert logits.shape == (1, 3, 300) and torch.isfinite(logits).all()
     assert_refused({"merge_method": "seme", "base_model": a, "models": [{"model": b}]},
@@ -1683,8 +1684,6 @@ def test_a_wrapper_beside_whose_language_model_nothing_writes_merges_end_to_end(
     cross_attention_layers following it): each output reloads in transformers and generates from a prompt with an
     image."""
     import json
-
-    import transformers
 
     build, model_class, prompt = PROMPTS[wrapper]
     a = perturbed(build(tmp_path / "a", 0))
@@ -1703,10 +1702,9 @@ def test_a_wrapper_beside_whose_language_model_nothing_writes_merges_end_to_end(
         seme.merge({**r, "dtype": "float32"}, str(tmp_path / name), progress=False)
         config = json.loads((tmp_path / name / "config.json").read_text())["text_config"]
         assert config.get("cross_attention_layers") == {"mllama": [1, 2] if name == "slices" else [1]}.get(wrapper)
-        model, info = getattr(transformers, model_class).from_pretrained(tmp_path / name, output_loading_info=True)
-        assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
+        model = reloaded(model_class, tmp_path / name)
         ids = prompt()["input_ids"]
-        out = model.eval().generate(**prompt(), max_new_tokens=3, do_sample=False)
+        out = model.generate(**prompt(), max_new_tokens=3, do_sample=False)
         assert out.shape == (1, ids.shape[1] + 3), name
 
 

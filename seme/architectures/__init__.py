@@ -641,17 +641,21 @@ def _moved(family: Architecture, prefix: str, wrapper: str, projected: bool, hea
             return prefix + template[len(base):]
         return prefix + template if head_nested else template
 
-    def moved(specs: dict) -> dict:
-        return {move(t): s and replace(s, norm=move(s.norm), tied_to=move(s.tied_to)) for t, s in specs.items()}
-
-    tensors = moved(family.tensors)
-    kind_tensors = {kind: moved(overlay) for kind, overlay in family.kind_tensors.items()}
+    tensors = _renamed(family.tensors, move)
+    kind_tensors = {kind: _renamed(overlay, move) for kind, overlay in family.kind_tensors.items()}
     projector = _projector(prefix, wrapper) if projected else {}
     return replace(family, tensors={**tensors, **projector}, kind_tensors=kind_tensors,
                    projected=projected and wrapper in _projectors(),
                    base_prefix=move(family.base_prefix),
                    settings_key="text_config", variants=(),
                    variant=f"{family.variant}, in {wrapper}" if family.variant else f"in {wrapper}")
+
+
+def _renamed(specs: dict, rename) -> dict:
+    """`specs` with their templates, and the norms and ties they name, renamed by `rename` (a template it renames
+    to None is left out; a None spec, an overlay's dropped template, stays None)."""
+    return {rename(t): s and replace(s, norm=rename(s.norm), tied_to=rename(s.tied_to)) for t, s in specs.items()
+            if rename(t) is not None}
 
 
 # Models that compose two described models, each of its own config (encoder, decoder): transformers'
@@ -687,18 +691,14 @@ def _composed(encoder: Architecture, decoder: Architecture, wrapper: str, encode
             return prefix + template[len(base):]
         return move
 
-    def moved(specs: dict, move) -> dict:
-        return {move(t): s and replace(s, norm=move(s.norm), tied_to=move(s.tied_to)) for t, s in specs.items()
-                if move(t) is not None}
-
     sides = ((encoder, mover("encoder.", encoder.base_prefix)), (decoder, mover("decoder.", "")))
-    tensors = {t: s for arch, move in sides for t, s in moved(arch.tensors, move).items()}
+    tensors = {t: s for arch, move in sides for t, s in _renamed(arch.tensors, move).items()}
     tensors["enc_to_dec_proj.weight"] = TensorSpec("inner", optional=True)
     tensors["enc_to_dec_proj.bias"] = TensorSpec("inner", optional=True)
     layer_tensors = {}
     for arch, move in sides:
         for layer, overlay in arch.layer_tensors.items():
-            layer_tensors.setdefault(layer, {}).update(moved(overlay, move))
+            layer_tensors.setdefault(layer, {}).update(_renamed(overlay, move))
     kinded, move = next(((arch, move) for arch, move in sides if arch.kinds), (None, None))
     leading = lambda arch, move: tuple(filter(None, (move(lead) for p in arch.parts for lead in p.leading)))
     parts = (Part("encoder", ("encoder.",), f"encoder.{encoder_depth}", leading(*sides[0])),
@@ -717,7 +717,7 @@ def _composed(encoder: Architecture, decoder: Architecture, wrapper: str, encode
         unrotatable="its encoder's and decoder's residual streams are two streams joined by cross-attention, "
                     "which one turn of one stream does not describe",
         tensors=tensors, layer_tensors=layer_tensors, parts=parts,
-        kinds=kinded.kinds if kinded else (), kind_tensors={k: moved(o, move) for k, o in kinded.kind_tensors.items()}
+        kinds=kinded.kinds if kinded else (), kind_tensors={k: _renamed(o, move) for k, o in kinded.kind_tensors.items()}
         if kinded else {})
 
 
