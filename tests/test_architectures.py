@@ -77,6 +77,9 @@ FAMILIES = {
     # Phi3's default pad_token_id (32000) is outside the tiny vocabulary.
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128)),
+    # GPT-2 as a seq2seq decoder: a cross-attention sublayer per block, whose k / v read stand-in encoder states
+    "gpt2:cross": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128,
+                                                         add_cross_attention=True)),
     # mixtures of experts: checkpoints hold one tensor per expert, transformers fuses them in memory
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(DECODER, num_local_experts=4, num_experts_per_tok=2)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(DECODER, head_dim=8, num_experts=4,
@@ -534,6 +537,7 @@ FORWARD_INPUTS = {
     "bert:cross": lambda: dict(encoder_hidden_states=torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(4))),
     "bert_generation:cross": lambda: dict(encoder_hidden_states=torch.randn(1, 5, 32,
                                                                             generator=torch.Generator().manual_seed(4))),
+    "gpt2:cross": lambda: dict(encoder_hidden_states=torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(4))),
     # Phi-4-multimodal's token ids (input_ids) with the places its stand-ins fill: an image (a global view and one
     # crop, 5 image tokens) and a sound (1 audio token), or the sound alone
     "phi4_multimodal": lambda: dict(input_ids=torch.tensor([[3, 4, 120, 120, 120, 120, 120, 5, 121, 6]]),
