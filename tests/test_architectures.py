@@ -1269,6 +1269,15 @@ def test_gpt2_without_base_prefix():
     assert arch.tied({"n_layer": 12})  # Hub gpt2 config.json has no tie_word_embeddings
 
 
+def test_gpt2_cross_attention_only_where_the_config_adds_it():
+    arch = for_config({"architectures": ["GPT2Model"], "add_cross_attention": True})
+    r = arch.role("h.1.crossattention.q_attn.weight")
+    assert (r.role, r.layer, r.layout, r.norm) == ("read", 1, "in_out", "h.1.ln_cross_attn.weight")
+    assert arch.role("h.1.crossattention.c_attn.weight").role == "inner"  # the encoder's output
+    assert arch.role("h.0.crossattention.bias").role == "buffer"
+    assert for_config({"architectures": ["GPT2Model"]}).role("h.1.crossattention.q_attn.weight") is None
+
+
 def test_encoders_without_base_prefix_and_with_legacy_names():
     """Checkpoints saved from BertModel / RobertaModel / DistilBertModel lack the head class's prefix; BERT's
     TF-era checkpoints (bert-base-uncased) name LayerNorm gains gamma and biases beta, which transformers renames."""
