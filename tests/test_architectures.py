@@ -77,6 +77,9 @@ FAMILIES = {
     # Phi3's default pad_token_id (32000) is outside the tiny vocabulary.
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128)),
+    # GPT-2 as a seq2seq decoder: a cross-attention sublayer per block, whose k / v read stand-in encoder states
+    "gpt2:cross": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128,
+                                                         add_cross_attention=True)),
     # mixtures of experts: checkpoints hold one tensor per expert, transformers fuses them in memory
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(DECODER, num_local_experts=4, num_experts_per_tok=2)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(DECODER, head_dim=8, num_experts=4,
@@ -534,6 +537,7 @@ FORWARD_INPUTS = {
     "bert:cross": lambda: dict(encoder_hidden_states=torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(4))),
     "bert_generation:cross": lambda: dict(encoder_hidden_states=torch.randn(1, 5, 32,
                                                                             generator=torch.Generator().manual_seed(4))),
+    "gpt2:cross": lambda: dict(encoder_hidden_states=torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(4))),
     # Phi-4-multimodal's token ids (input_ids) with the places its stand-ins fill: an image (a global view and one
     # crop, 5 image tokens) and a sound (1 audio token), or the sound alone
     "phi4_multimodal": lambda: dict(input_ids=torch.tensor([[3, 4, 120, 120, 120, 120, 120, 5, 121, 6]]),
@@ -1263,6 +1267,15 @@ def test_gpt2_without_base_prefix():
     assert arch.role("h.0.attn.bias").role == "buffer"
     assert arch.rename_layer("h.1.mlp.c_fc.weight", 11) == "h.11.mlp.c_fc.weight"
     assert arch.tied({"n_layer": 12})  # Hub gpt2 config.json has no tie_word_embeddings
+
+
+def test_gpt2_cross_attention_only_where_the_config_adds_it():
+    arch = for_config({"architectures": ["GPT2Model"], "add_cross_attention": True})
+    r = arch.role("h.1.crossattention.q_attn.weight")
+    assert (r.role, r.layer, r.layout, r.norm) == ("read", 1, "in_out", "h.1.ln_cross_attn.weight")
+    assert arch.role("h.1.crossattention.c_attn.weight").role == "inner"  # the encoder's output
+    assert arch.role("h.0.crossattention.bias").role == "buffer"
+    assert for_config({"architectures": ["GPT2Model"]}).role("h.1.crossattention.q_attn.weight") is None
 
 
 def test_encoders_without_base_prefix_and_with_legacy_names():

@@ -65,13 +65,16 @@ T5GEMMA2 = dict(encoder=dict(text_config=dict(GEMMA_STACK, num_hidden_layers=3),
                                                 vision_use_head=False)),
                 decoder=GEMMA_STACK, image_token_index=93)
 # Two described models composed: a ViT encoder and TrOCR's decoder, of another width (enc_to_dec_proj maps between
-# them); a BERT encoder and a BERT decoder with cross-attention
+# them); a BERT encoder and a BERT decoder with cross-attention; each encoder with a GPT-2 decoder (vit-gpt2
+# captioners, BERT2GPT2), whose cross-attention's Conv1D k / v read the encoder's output at GPT-2's width
 VIT = dict(model_type="vit", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
            image_size=32, patch_size=8)
 BERT = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
 CROSS_ATTENDING = dict(is_decoder=True, add_cross_attention=True)
+GPT2 = dict(model_type="gpt2", vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=2,
+            eos_token_id=2, add_cross_attention=True)
 COMPOSED = dict(decoder_start_token_id=2, pad_token_id=1)
-COMPOSITIONS = ("vision-encoder-decoder", "encoder-decoder")  # keys of FAMILIES whose tables compose two tables
+COMPOSITIONS = ("vision-encoder-decoder", "encoder-decoder", "vision-encoder-decoder:gpt2", "encoder-decoder:gpt2")  # keys of FAMILIES whose tables compose two tables
 FAMILIES = {  # "table:what" keys, as in test_architectures
     "t5": ("T5Config", "T5ForConditionalGeneration", dict(T5, feed_forward_proj="relu")),
     "t5:gated": ("T5Config", "T5ForConditionalGeneration", dict(T5, feed_forward_proj="gated-gelu")),
@@ -168,9 +171,13 @@ FAMILIES = {  # "table:what" keys, as in test_architectures
     "encoder-decoder": ("EncoderDecoderConfig", "EncoderDecoderModel", dict(
         COMPOSED, encoder=dict(BERT, model_type="bert"), decoder=dict(BERT, model_type="bert", num_hidden_layers=2,
                                                                       **CROSS_ATTENDING))),
+    "vision-encoder-decoder:gpt2": ("VisionEncoderDecoderConfig", "VisionEncoderDecoderModel", dict(
+        COMPOSED, encoder=VIT, decoder=dict(GPT2, n_embd=24))),
+    "encoder-decoder:gpt2": ("EncoderDecoderConfig", "EncoderDecoderModel", dict(
+        COMPOSED, encoder=dict(BERT, model_type="bert"), decoder=GPT2)),
 }
 HEADS = ("classification", "qa")
-LAYER = re.compile(r"\.(?:block|layers?)\.(\d+)\.")  # (Pix2Struct's and ViT's: layer)
+LAYER = re.compile(r"\.(?:block|layers?|h)\.(\d+)\.")  # (Pix2Struct's and ViT's: layer; GPT-2's: h)
 VECTORS = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_bias"}
 
 
@@ -195,7 +202,7 @@ def run(model, key: str):
         return model(input_ids=ids)
     if key.startswith("led"):  # the first token attends globally: query_global, key_global and value_global run
         return model(input_ids=ids, decoder_input_ids=ids[:, :3], global_attention_mask=(ids == 1).long())
-    if key == "vision-encoder-decoder":
+    if key.startswith("vision-encoder-decoder"):
         return model(pixel_values=torch.randn(1, 3, 32, 32), decoder_input_ids=ids[:, :3])
     if key.startswith("trocr"):  # an image encoder's output, cross_attention_hidden_size wide
         return model(input_ids=ids, encoder_hidden_states=torch.randn(1, 4, TROCR["cross_attention_hidden_size"]))
@@ -257,7 +264,7 @@ def test_checkpoint_roles_and_parts(saved, key):
         assert r.layer == (int(m.group(1)) if m else None), name
         assert arch.part_of(name) in parts, name
         if r.role == "read":  # as wide as the stream its norm normalises (cross-attention's k and v: the encoder's)
-            assert shape[-1] == width(r.norm or name) and (r.norm is not None or arch.normed_residual), name
+            assert shape[0 if r.layout == "in_out" else -1] == width(r.norm or name) and (r.norm is not None or arch.normed_residual), name
             if r.norm is not None:  # its stream's norm, or the encoder's final norm (cross-attention's k and v)
                 assert arch.role(r.norm).role in ("norm", "final_norm"), name
                 assert r.norm in shapes or r.norm.removeprefix(arch.base_prefix) in shapes, name
@@ -614,6 +621,21 @@ def test_t5gemma2_hub_names():
     assert k.norm == "model.encoder.layers.3.pre_self_attn_layernorm.weight"
 
 
+def test_vit_gpt2_hub_names():
+    # a vit-gpt2 captioner's config (transformers 4's): GPT-2's cross-attention, 12 layers deep, at the decoder's
+    # names; its checkpoint keeps the cross-attention's causal-mask buffers too (constants, copied)
+    arch = for_config({"architectures": ["VisionEncoderDecoderModel"], "model_type": "vision-encoder-decoder",
+                       "encoder": {"model_type": "vit", "num_hidden_layers": 12, "hidden_size": 768},
+                       "decoder": {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 12,
+                                   "n_embd": 768, "add_cross_attention": True}})
+    q = arch.role("decoder.transformer.h.11.crossattention.q_attn.weight")
+    assert (q.role, q.layer, q.layout, q.norm) == ("read", 11, "in_out", "decoder.transformer.h.11.ln_cross_attn.weight")
+    assert arch.role("decoder.transformer.h.11.crossattention.c_attn.weight").role == "inner"
+    assert arch.role("decoder.transformer.h.0.crossattention.masked_bias").role == "buffer"
+    assert arch.part_of("decoder.transformer.h.0.crossattention.c_proj.weight") == "decoder"
+    assert arch.depth_key("decoder") == "decoder.n_layer" and arch.tied({"decoder": {}})
+
+
 def test_mvp_prompts_keep_their_layers_in_place(tmp_path):
     # prompt_trans packs a block of keys and values per layer of its stack: slices that move layers are refused,
     # a merge of whole models is not
@@ -715,14 +737,15 @@ def test_tokens_of_two_vocabularies_are_not_remapped(key, two_vocabularies, tmp_
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("key", ["vision-encoder-decoder", "encoder-decoder"])
+@pytest.mark.parametrize("key", ["vision-encoder-decoder", "encoder-decoder", "vision-encoder-decoder:gpt2",
+                                 "encoder-decoder:gpt2"])
 def test_two_described_models_composed_merge(key, tmp_path):
     """A whole task_arithmetic merge of fine-tunes reloads and generates; the decoder sliced as a module (layers 0, 1,
     1) deepens the decoder's config alone, and the output reloads and runs."""
-    inputs = {"pixel_values": torch.randn(1, 3, 32, 32)} if key == "vision-encoder-decoder" else \
+    inputs = {"pixel_values": torch.randn(1, 3, 32, 32)} if key.startswith("vision-encoder-decoder") else \
         {"input_ids": torch.arange(1, 6).unsqueeze(0)}
     assert merged_whole(key, tmp_path).generate(**inputs, max_new_tokens=3).shape[-1] > 1
-    paths = [str(tmp_path / f"{key}{i}") for i in range(3)]
+    paths = [str(tmp_path / f"{key.replace(':', '-')}{i}") for i in range(3)]  # as family() saved them
     sliced = {"merge_method": "task_arithmetic", "dtype": "float32", "base_model": paths[0],
               "parameters": {"weight": 0.5}, "modules": {
                   "encoder": {"models": [{"model": p} for p in paths[1:]]},
@@ -737,7 +760,8 @@ def test_two_described_models_composed_merge(key, tmp_path):
     assert torch.isfinite(run(reloaded(key, tmp_path / "sliced"), key).logits).all()
 
 
-@pytest.mark.parametrize("key", ["vision-encoder-decoder", "encoder-decoder", "t5:gated", "whisper", "mvp",
+@pytest.mark.parametrize("key", ["vision-encoder-decoder", "encoder-decoder", "vision-encoder-decoder:gpt2",
+                                 "encoder-decoder:gpt2", "t5:gated", "whisper", "mvp",
                                  "bigbird_pegasus", "led", "longt5", "switch_transformers", "prophetnet", "trocr",
                                  "pp_formulanet", "pix2struct", "nllb_moe", "pegasus_x", "fsmt", "t5gemma",
                                  "t5gemma2"])
