@@ -1604,17 +1604,21 @@ def test_a_deepseek_ocr_merge_reloads(wrapper, tmp_path):
         assert torch.isfinite(model(**prompt()).logits).all()
 
 
-@pytest.mark.parametrize("wrapper, model_class, image", [
-    ("kosmos2", "Kosmos2ForConditionalGeneration",
-     lambda: dict(pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)))),
-    ("kosmos2_5", "Kosmos2_5ForConditionalGeneration", kosmos2_5_patches),
-])
-def test_a_kosmos_merge_reloads_and_reads_an_image(wrapper, model_class, image, tmp_path, capsys):
+KOSMOS = {  # the model class, and an image it reads
+    "kosmos2": ("Kosmos2ForConditionalGeneration",
+                lambda: dict(pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)))),
+    "kosmos2_5": ("Kosmos2_5ForConditionalGeneration", kosmos2_5_patches),
+}
+
+
+@pytest.mark.parametrize("wrapper", KOSMOS)
+def test_a_kosmos_merge_reloads_and_reads_an_image(wrapper, tmp_path, capsys):
     """Fine-tunes of one Kosmos-2 (or Kosmos-2.5) merged by task_arithmetic with their roles (image_to_text_projection's
     out_proj a write, the rest beside the language model inner): the output reloads in transformers with every tensor
     and generates from a prompt with an image; SeMe refuses in one line to align an independent model, for their
     LayerNorms cannot turn."""
     build, family = WRAPPERS[wrapper]
+    model_class, image = KOSMOS[wrapper]
     a = build(tmp_path / "a", 0)
     model = merged_fine_tunes(a, model_class, tmp_path)
     prompt = kosmos_prompt(image())
@@ -1623,6 +1627,31 @@ def test_a_kosmos_merge_reloads_and_reads_an_image(wrapper, model_class, image, 
     independent = build(tmp_path / "independent", 3)  # whose stream only a turn would align
     assert_refused({"merge_method": "seme", "base_model": a, "models": [{"model": independent}]},
                    f"aligning {family} (in {model_class}) models by rotation is not supported", tmp_path, capsys)
+
+
+@pytest.mark.parametrize("wrapper", KOSMOS)
+def test_a_kosmos_text_decoder_sliced_by_module_reloads_with_its_new_depth(wrapper, tmp_path):
+    """A frankenmerge of Kosmos' language model (layers [0, 2) of a, then [1, 2) of b; the vision model and projector
+    a's) writes its new depth under text_config.layers, the name Kosmos' table gives it, and reloads, reading an
+    image."""
+    import json
+
+    build, _ = WRAPPERS[wrapper]
+    model_class, image = KOSMOS[wrapper]
+    a, b = build(tmp_path / "a", 0), build(tmp_path / "b", 1)
+    seme.merge({"merge_method": "passthrough", "modules": {
+        "text_decoder": {"slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
+                                    {"sources": [{"model": b, "layer_range": [1, 2]}]}]},
+        "vision_tower": {"models": [a]}, "multi_modal_projector": {"models": [a]}}}, str(tmp_path / "out"), progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["text_config"]["layers"] == 3 and config["vision_config"]["num_hidden_layers"] == 2
+    out, wb = load_folder(tmp_path / "out"), load_folder(b)
+    layer1 = [n for n in wb if n.startswith("text_model.model.layers.1.")]
+    assert layer1 and all(torch.equal(out[n.replace(".layers.1.", ".layers.2.")], wb[n]) for n in layer1)
+    model = reloaded(model_class, tmp_path / "out")
+    assert len(model.text_model.model.layers) == 3
+    prompt = kosmos_prompt(image())
+    assert model.generate(**prompt, max_new_tokens=3, do_sample=False).shape == (1, prompt["input_ids"].shape[1] + 3)
 
 
 def build_diffusion_gemma(path, seed: int):
