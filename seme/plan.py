@@ -412,9 +412,11 @@ def _add_module_slices(builder, where, part, slices, names, own, ref, stacks_of,
     if layer_sources == [(ref, layer) for layer in range(ref_depth)]:
         return config, ref_depth
     declared = archs[ref].depth_key(part)  # a declared part's: T5's depths may be equal (no search), a tower's dotted
+    own_keys = archs[ref].num_layers_keys if part == modules.TEXT else ()  # the language model's, by its table
 
     def depth_settings(config: dict, depth: int | None):
-        return (declared and architectures.config_entry(config, declared)) or modules.depth_settings(config, part, depth)
+        return ((declared and architectures.config_entry(config, declared))
+                or modules.depth_settings(config, part, depth, own_keys))
 
     found = depth_settings(config, ref_depth)
     if found is None:

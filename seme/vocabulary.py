@@ -43,8 +43,9 @@ class Remap:
         """The base's `config` for the output vocabulary: its `vocab_size` (a multimodal model's in
         `text_config`; `vocab_size_per_layer_input` too, the rows of Gemma's per-layer token table,
         re-mapped with the embedding's), and the tokens it names by id (`bos_token_id`,
-        `pad_token_id`, a multimodal model's `image_token_index`, ...) at the ids the output gives
-        them. An id that is no token of the base stays; a token the output lacks is an error."""
+        `pad_token_id`, a multimodal model's `image_token_index`, ...; Chameleon's `vocabulary_map`) at the
+        ids the output gives them. An id that is no token of the base stays; a token the output lacks is an error
+        (vocabulary_map drops such entries but its image tokens')."""
         moved = {row: new for new, row in enumerate(self.rows[self.base]) if row >= 0}
 
         def token(key, value):
@@ -58,11 +59,29 @@ class Remap:
             return moved[value]
 
         out = {key: token(key, value) if _TOKEN_KEY.search(key) else value for key, value in config.items()}
+        if isinstance(out.get("vocabulary_map"), dict):
+            out["vocabulary_map"] = self._vocabulary_map(out["vocabulary_map"], moved)
         if isinstance(out.get("text_config"), dict):
             out["text_config"] = self.config(out["text_config"])
         for key in _ROWS_KEYS:
             if isinstance(out.get(key), int):
                 out[key] = self.size
+        return out
+
+    def _vocabulary_map(self, vocabulary_map: dict, moved: dict[int, int]) -> dict:
+        """Chameleon's `vocabulary_map` (each token's name -> its id: transformers finds its image token, `<image>`,
+        there and maps its VQ-VAE's codes to the ids of the IMGIMG tokens) with each base row at the id the output
+        gives it. A token the output vocabulary lacks has no row left to name: its entry is dropped (the model never
+        reads or writes it), unless it is `<image>` or an image code's, which the model cannot do without."""
+        out = {}
+        for name, row in vocabulary_map.items():
+            if not isinstance(row, int) or isinstance(row, bool) or row not in self.base_tokens:
+                out[name] = row  # no token of the base: it names no row that moved
+            elif row in moved:
+                out[name] = moved[row]
+            elif name == "<image>" or name.startswith("IMGIMG"):
+                raise SemeError(f"config: tokenizer_source: the output vocabulary has no {self.base_tokens[row]!r}, "
+                                f"the base model's vocabulary_map entry {name!r}")
         return out
 
     def apply(self, models: list[int], tensors: list[torch.Tensor]) -> list[torch.Tensor]:

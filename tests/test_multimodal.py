@@ -1604,17 +1604,21 @@ def test_a_deepseek_ocr_merge_reloads(wrapper, tmp_path):
         assert torch.isfinite(model(**prompt()).logits).all()
 
 
-@pytest.mark.parametrize("wrapper, model_class, image", [
-    ("kosmos2", "Kosmos2ForConditionalGeneration",
-     lambda: dict(pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)))),
-    ("kosmos2_5", "Kosmos2_5ForConditionalGeneration", kosmos2_5_patches),
-])
-def test_a_kosmos_merge_reloads_and_reads_an_image(wrapper, model_class, image, tmp_path, capsys):
+KOSMOS = {  # the model class, and an image it reads
+    "kosmos2": ("Kosmos2ForConditionalGeneration",
+                lambda: dict(pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)))),
+    "kosmos2_5": ("Kosmos2_5ForConditionalGeneration", kosmos2_5_patches),
+}
+
+
+@pytest.mark.parametrize("wrapper", KOSMOS)
+def test_a_kosmos_merge_reloads_and_reads_an_image(wrapper, tmp_path, capsys):
     """Fine-tunes of one Kosmos-2 (or Kosmos-2.5) merged by task_arithmetic with their roles (image_to_text_projection's
     out_proj a write, the rest beside the language model inner): the output reloads in transformers with every tensor
     and generates from a prompt with an image; SeMe refuses in one line to align an independent model, for their
     LayerNorms cannot turn."""
     build, family = WRAPPERS[wrapper]
+    model_class, image = KOSMOS[wrapper]
     a = build(tmp_path / "a", 0)
     model = merged_fine_tunes(a, model_class, tmp_path)
     prompt = kosmos_prompt(image())
@@ -1623,6 +1627,31 @@ def test_a_kosmos_merge_reloads_and_reads_an_image(wrapper, model_class, image, 
     independent = build(tmp_path / "independent", 3)  # whose stream only a turn would align
     assert_refused({"merge_method": "seme", "base_model": a, "models": [{"model": independent}]},
                    f"aligning {family} (in {model_class}) models by rotation is not supported", tmp_path, capsys)
+
+
+@pytest.mark.parametrize("wrapper", KOSMOS)
+def test_a_kosmos_text_decoder_sliced_by_module_reloads_with_its_new_depth(wrapper, tmp_path):
+    """A frankenmerge of Kosmos' language model (layers [0, 2) of a, then [1, 2) of b; the vision model and projector
+    a's) writes its new depth under text_config.layers, the name Kosmos' table gives it, and reloads, reading an
+    image."""
+    import json
+
+    build, _ = WRAPPERS[wrapper]
+    model_class, image = KOSMOS[wrapper]
+    a, b = build(tmp_path / "a", 0), build(tmp_path / "b", 1)
+    seme.merge({"merge_method": "passthrough", "modules": {
+        "text_decoder": {"slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
+                                    {"sources": [{"model": b, "layer_range": [1, 2]}]}]},
+        "vision_tower": {"models": [a]}, "multi_modal_projector": {"models": [a]}}}, str(tmp_path / "out"), progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["text_config"]["layers"] == 3 and config["vision_config"]["num_hidden_layers"] == 2
+    out, wb = load_folder(tmp_path / "out"), load_folder(b)
+    layer1 = [n for n in wb if n.startswith("text_model.model.layers.1.")]
+    assert layer1 and all(torch.equal(out[n.replace(".layers.1.", ".layers.2.")], wb[n]) for n in layer1)
+    model = reloaded(model_class, tmp_path / "out")
+    assert len(model.text_model.model.layers) == 3
+    prompt = kosmos_prompt(image())
+    assert model.generate(**prompt, max_new_tokens=3, do_sample=False).shape == (1, prompt["input_ids"].shape[1] + 3)
 
 
 def build_diffusion_gemma(path, seed: int):
@@ -1773,3 +1802,77 @@ def test_an_image_token_the_output_vocabulary_lacks_is_a_one_line_error(renumber
     save_tokenizer(short, 60)  # no 'w57'
     r = {**recipe([a, str(short)]), "tokenizer_source": str(short)}
     assert_refused(r, "the output vocabulary has no 'w57', the base model's image_token_index", tmp_path, capsys)
+
+
+def image_code(code: int) -> str:
+    """The name of the token of Chameleon's VQ-VAE code `code` (its digits as letters A..J, after IMGIMG, then Z)."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(digit)) for digit in str(code)) + "Z"
+
+
+def build_chameleon(path, seed: int, words: list[str]) -> str:
+    """A Chameleon whose tokenizer and config's vocabulary_map both give `words` their positions as ids: <image>, and
+    the tokens of its VQ-VAE's 16 codes (an image of 32 x 32 pixels is 256 codes)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {word: i for i, word in enumerate(words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                         eos_token="</s>").save_pretrained(path)
+    config = transformers.ChameleonConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(words), vocabulary_map=vocab, vq_config=dict(
+            embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1,
+            attn_resolutions=[16], resolution=32, latent_channels=8))
+    return save_random(path, seed, transformers.ChameleonForConditionalGeneration, config)
+
+
+CHAMELEON_IMAGE = ["<image>"] + [image_code(code) for code in range(16)]
+
+
+@pytest.fixture(scope="module")
+def chameleons(tmp_path_factory):
+    """Two Chameleons of different vocabularies: b lacks a's w40..w43, has x0..x3, and keeps its image tokens last."""
+    root = tmp_path_factory.mktemp("chameleon-vocab")
+    special = ["<pad>", "<s>", "</s>"]
+    a = build_chameleon(root / "a", 0, special + CHAMELEON_IMAGE + [f"w{i}" for i in range(44)])
+    b = build_chameleon(root / "b", 1, special + [f"w{i}" for i in range(40)] + [f"x{i}" for i in range(4)]
+                        + CHAMELEON_IMAGE)
+    return a, b
+
+
+@pytest.mark.parametrize("source", ["union", "b"])
+def test_chameleons_vocabulary_map_follows_the_output_vocabulary(chameleons, source, tmp_path):
+    """Merged in the union of their vocabularies (a's ids, then b's new tokens) or in b's, the output's
+    vocabulary_map gives each of a's tokens the output tokenizer's id (dropping those it lacks), its image_token_id
+    is <image>'s, and the model reloads and reads an image whose codes become image tokens."""
+    import json
+
+    import transformers
+
+    a, b = chameleons
+    seme.merge({**recipe([a, b]), "parameters": {"weight": 0.5}, "tokenizer_source": "union" if source == "union" else b},
+               str(tmp_path / "out"), progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    vocab = tokenizer.get_vocab()
+    kept = {token for token in json.loads((Path(a) / "config.json").read_text())["vocabulary_map"] if token in vocab}
+    assert len(kept) == (64 if source == "union" else 60)
+    assert config["vocabulary_map"] == {token: vocab[token] for token in kept}
+    assert config["image_token_id"] == vocab["<image>"] and config["vocab_size"] == len(vocab)
+    model = reloaded("ChameleonForConditionalGeneration", tmp_path / "out")
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        image = model.model.get_image_tokens(pixels)
+        assert all(token.startswith("IMGIMG") for token in tokenizer.convert_ids_to_tokens(image[0].tolist()))
+        ids = torch.tensor([[vocab["<s>"], vocab["w5"]] + [vocab["<image>"]] * image.shape[1] + [vocab["w9"]]])
+        assert torch.isfinite(model(input_ids=ids, pixel_values=pixels).logits).all()
+
+
+def test_an_image_code_the_output_vocabulary_lacks_is_a_one_line_error(chameleons, tmp_path, capsys):
+    a, _ = chameleons
+    short = build_chameleon(tmp_path / "short", 2, ["<pad>", "<s>", "</s>"] + CHAMELEON_IMAGE[:-1] + ["w0"])
+    r = {**recipe([a, short]), "tokenizer_source": short}
+    assert_refused(r, f"the output vocabulary has no {image_code(15)!r}, the base model's vocabulary_map entry",
+                   tmp_path, capsys)

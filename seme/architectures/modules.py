@@ -86,9 +86,11 @@ def canonical(module: str, parts) -> str | None:
     return next((part for part in parts if part in aliases), None)
 
 
-def depth_settings(config: dict, part: str, depth: int) -> tuple[dict, str] | None:
-    """(the dict of `part`'s settings, its depth key) in `config`, where a key holds `depth`."""
+def depth_settings(config: dict, part: str, depth: int, own_keys: tuple[str, ...] = ()) -> tuple[dict, str] | None:
+    """(the dict of `part`'s settings, its depth key) in `config`, where a key holds `depth`: one of `own_keys` (the
+    depth keys its role table names: Kosmos-2's text_config.layers, too generic a name to look for in any config),
+    else a usual one."""
     sub = config.get(CONFIG_KEYS.get(part, ""))
     settings = sub if isinstance(sub, dict) else config
-    key = next((k for k in DEPTH_KEYS if settings.get(k) == depth), None)
+    key = next((k for k in (*own_keys, *DEPTH_KEYS) if settings.get(k) == depth), None)
     return (settings, key) if key else None
