@@ -982,7 +982,7 @@ def test_norm_feeds_read(saved, case):
                 continue
             if torch.is_tensor(y) and x.shape == y.shape and torch.allclose(x, y * (x.norm() / y.norm())):
                 continue  # or it times a constant (gemma 3n's router_input_scale)
-            gain = arch.norm_gain_offset + model.get_parameter(in_memory(r.norm))
+            gain = arch.gain_offset(r.norm) + model.get_parameter(in_memory(r.norm))
             if y is None:  # a gain whose module applies it without being called (gemma 3n's altup.correct_output_scale,
                 # on the active stream that the layer outputs)
                 assert any(torch.allclose(x, stream * gain) for stream in outputs[layer_module(r)]), name
@@ -1038,7 +1038,7 @@ def rotation_error(family, tmp_path, unit_write_norms=False) -> float:
     arch = for_config(config)
     state = {k: v.double() for k, v in safetensors_torch.load_file(tmp_path / "original" / "model.safetensors").items()}
     if unit_write_norms:  # in the checkpoint's names (transformers renames Kolibri-1's on load)
-        state = {k: torch.full_like(v, 1.0 - arch.norm_gain_offset) if arch.role(k).role == "write_norm" else v
+        state = {k: torch.full_like(v, 1.0 - arch.gain_offset(k)) if arch.role(k).role == "write_norm" else v
                  for k, v in state.items()}
         safetensors_torch.save_file({k: v.float() for k, v in state.items()}, tmp_path / "original" / "model.safetensors",
                                     metadata={"format": "pt"})
@@ -1226,6 +1226,8 @@ def test_a_table_is_checked_when_loaded():
         archs._parse(dict(table, tensors={"a.embed.weight": {"role": "embedding", "layout": "either"}}))
     with pytest.raises(ValueError, match=r"has unknown keys \['after_layer'\]"):  # a misspelt key is no default
         archs._parse(dict(table, tensors={"a.norm.weight": {"role": "norm", "after_layer": True}}))
+    with pytest.raises(ValueError, match="has a gain_offset, which only a norm's gain can have"):
+        archs._parse(dict(table, tensors={"a.proj.weight": {"role": "read", "gain_offset": 0.0}}))
     with pytest.raises(ValueError, match="only a norm outside the layers can be after_layers"):
         archs._parse(dict(table, tensors={"a.{layer}.norm.weight": {"role": "norm", "after_layers": True}}))
 
@@ -1380,6 +1382,23 @@ def test_gemma_semantics():
     g4 = for_config({"architectures": ["Gemma4ForCausalLM"]})
     assert g4.norm_gain_offset == 0.0 and g4.tied({})  # Gemma 4's RMSNorm multiplies by w itself
     assert g4.role("model.embed_tokens_per_layer.weight").role == "token_table"  # rows per token, not the stream's
+
+
+def test_a_norm_may_have_its_own_gain_offset():
+    """Muse Glimmer's and Muse Spark's layers' RMSNorms multiply by (1 + w), their final norm (Gemma 4's) by w: a
+    tensor's gain offset is its spec's own where it sets one, else the family's, in a multimodal wrapper too."""
+    for family in ("muse_glimmer_text", "muse_spark_text"):
+        arch = for_config({"model_type": family})
+        assert arch.norm_gain_offset == 1.0 and arch.gain_offset("model.norm.weight") == 0.0
+        for norm in ("input_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            assert arch.gain_offset(f"model.layers.3.{norm}.weight") == 1.0
+    prefix = "model.language_model."
+    wrapped = for_config({"architectures": ["MuseGlimmerForConditionalGeneration"], "model_type": "muse_glimmer",
+                          "text_config": {"model_type": "muse_glimmer_text"}},
+                         [prefix + "norm.weight", prefix + "layers.0.input_layernorm.weight", "lm_head.weight"])
+    assert wrapped.gain_offset(prefix + "norm.weight") == 0.0
+    assert wrapped.gain_offset(prefix + "layers.0.input_layernorm.weight") == 1.0
+    assert for_config({"model_type": "gemma2"}).gain_offset("model.norm.weight") == 1.0  # the family's
 
 
 def test_inferred_fallback(saved):
