@@ -55,6 +55,8 @@ CHAMELEON = dict(DECODER, vocabulary_map={"<image>": 120}, vq_config=dict(
     embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[16],
     resolution=32, latent_channels=8))
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4)
+MUSE_TEXT = dict(DECODER, head_dim=8, layer_types=["sliding_attention", "full_attention"], layer_rope_theta=[10000.0, 0],
+                 tie_word_embeddings=True)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER),
     "mistral": ("MistralConfig", "MistralForCausalLM", DECODER),
@@ -514,6 +516,14 @@ FAMILIES = {
     # per-head q/k LayerNorms; a VQ-VAE image tokenizer beside the decoder; swin_norm: norms after the sublayers
     "chameleon": ("ChameleonConfig", "ChameleonForConditionalGeneration", CHAMELEON),
     "chameleon:swin": ("ChameleonConfig", "ChameleonForConditionalGeneration", dict(CHAMELEON, swin_norm=True)),
+    # muse
+    # Muse's language models, which transformers has no causal LM of: the bare text model (no head; tied, so that the
+    # checkpoint lacks none); a sliding-window layer with RoPE, then a full-attention layer without; Spark's first
+    # layer's MLP dense, its second's a mixture of experts
+    "muse_glimmer_text": ("MuseGlimmerTextConfig", "MuseGlimmerTextModel", MUSE_TEXT),
+    "muse_spark_text": ("MuseSparkTextConfig", "MuseSparkTextModel", dict(
+        MUSE_TEXT, num_local_experts=4, num_experts_per_tok=2, moe_hidden_size=16, moe_intermediate_size=16,
+        mlp_layer_types=["dense", "sparse"])),
 }
 PHI4_IMAGE = lambda: dict(image_pixel_values=torch.randn(1, 2, 3, 28, 28, generator=torch.Generator().manual_seed(4)),
                           image_sizes=torch.tensor([[28, 28]]), image_attention_mask=torch.ones(1, 2, 2, 2))
@@ -720,7 +730,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     # chameleon
     ("chameleon", {"attention_bias": True, "mlp_bias": True}),
 ]
-LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")  # or first: a bare model's (Muse's text models)
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
                 "stream_gain"}
 
