@@ -263,7 +263,7 @@ def rotate(state: dict, arch, Q: torch.Tensor) -> dict:
     from seme.architectures import orientation
 
     def gain(name):  # 1 where the norm has no gain (NanoChat's)
-        return 1.0 if name is None else arch.norm_gain_offset + state[name]
+        return 1.0 if name is None else arch.gain_offset(name) + state[name]
 
     final = next((n for n in state if arch.role(n).role == "final_norm"), None)
     out = {}
@@ -277,7 +277,7 @@ def rotate(state: dict, arch, Q: torch.Tensor) -> dict:
         elif r.role == "lm_head":
             w = (w * gain(final)) @ Q.T
         elif r.role in ("norm", "final_norm"):
-            w = torch.full_like(w, 1.0 - arch.norm_gain_offset)
+            w = torch.full_like(w, 1.0 - arch.gain_offset(name))
         elif r.role == "write":
             w = Q @ w
         elif r.role == "stream_map":

@@ -55,6 +55,8 @@ CHAMELEON = dict(DECODER, vocabulary_map={"<image>": 120}, vq_config=dict(
     embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[16],
     resolution=32, latent_channels=8))
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4)
+MUSE_TEXT = dict(DECODER, head_dim=8, layer_types=["sliding_attention", "full_attention"], layer_rope_theta=[10000.0, 0],
+                 tie_word_embeddings=True)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER),
     "mistral": ("MistralConfig", "MistralForCausalLM", DECODER),
@@ -517,6 +519,14 @@ FAMILIES = {
     # per-head q/k LayerNorms; a VQ-VAE image tokenizer beside the decoder; swin_norm: norms after the sublayers
     "chameleon": ("ChameleonConfig", "ChameleonForConditionalGeneration", CHAMELEON),
     "chameleon:swin": ("ChameleonConfig", "ChameleonForConditionalGeneration", dict(CHAMELEON, swin_norm=True)),
+    # muse
+    # Muse's language models, which transformers has no causal LM of: the bare text model (no head; tied, so that the
+    # checkpoint lacks none); a sliding-window layer with RoPE, then a full-attention layer without; Spark's first
+    # layer's MLP dense, its second's a mixture of experts
+    "muse_glimmer_text": ("MuseGlimmerTextConfig", "MuseGlimmerTextModel", MUSE_TEXT),
+    "muse_spark_text": ("MuseSparkTextConfig", "MuseSparkTextModel", dict(
+        MUSE_TEXT, num_local_experts=4, num_experts_per_tok=2, moe_hidden_size=16, moe_intermediate_size=16,
+        mlp_layer_types=["dense", "sparse"])),
 }
 PHI4_IMAGE = lambda: dict(image_pixel_values=torch.randn(1, 2, 3, 28, 28, generator=torch.Generator().manual_seed(4)),
                           image_sizes=torch.tensor([[28, 28]]), image_attention_mask=torch.ones(1, 2, 2, 2))
@@ -724,7 +734,7 @@ CASES = [(f, {}) for f in FAMILIES] + [
     # chameleon
     ("chameleon", {"attention_bias": True, "mlp_bias": True}),
 ]
-LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")  # or first: a bare model's (Muse's text models)
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
                 "stream_gain"}
 
@@ -986,7 +996,7 @@ def test_norm_feeds_read(saved, case):
                 continue
             if torch.is_tensor(y) and x.shape == y.shape and torch.allclose(x, y * (x.norm() / y.norm())):
                 continue  # or it times a constant (gemma 3n's router_input_scale)
-            gain = arch.norm_gain_offset + model.get_parameter(in_memory(r.norm))
+            gain = arch.gain_offset(r.norm) + model.get_parameter(in_memory(r.norm))
             if y is None:  # a gain whose module applies it without being called (gemma 3n's altup.correct_output_scale,
                 # on the active stream that the layer outputs)
                 assert any(torch.allclose(x, stream * gain) for stream in outputs[layer_module(r)]), name
@@ -1042,7 +1052,7 @@ def rotation_error(family, tmp_path, unit_write_norms=False) -> float:
     arch = for_config(config)
     state = {k: v.double() for k, v in safetensors_torch.load_file(tmp_path / "original" / "model.safetensors").items()}
     if unit_write_norms:  # in the checkpoint's names (transformers renames Kolibri-1's on load)
-        state = {k: torch.full_like(v, 1.0 - arch.norm_gain_offset) if arch.role(k).role == "write_norm" else v
+        state = {k: torch.full_like(v, 1.0 - arch.gain_offset(k)) if arch.role(k).role == "write_norm" else v
                  for k, v in state.items()}
         safetensors_torch.save_file({k: v.float() for k, v in state.items()}, tmp_path / "original" / "model.safetensors",
                                     metadata={"format": "pt"})
@@ -1230,6 +1240,8 @@ def test_a_table_is_checked_when_loaded():
         archs._parse(dict(table, tensors={"a.embed.weight": {"role": "embedding", "layout": "either"}}))
     with pytest.raises(ValueError, match=r"has unknown keys \['after_layer'\]"):  # a misspelt key is no default
         archs._parse(dict(table, tensors={"a.norm.weight": {"role": "norm", "after_layer": True}}))
+    with pytest.raises(ValueError, match="has a gain_offset, which only a norm's gain can have"):
+        archs._parse(dict(table, tensors={"a.proj.weight": {"role": "read", "gain_offset": 0.0}}))
     with pytest.raises(ValueError, match="only a norm outside the layers can be after_layers"):
         archs._parse(dict(table, tensors={"a.{layer}.norm.weight": {"role": "norm", "after_layers": True}}))
 
@@ -1393,6 +1405,23 @@ def test_gemma_semantics():
     g4 = for_config({"architectures": ["Gemma4ForCausalLM"]})
     assert g4.norm_gain_offset == 0.0 and g4.tied({})  # Gemma 4's RMSNorm multiplies by w itself
     assert g4.role("model.embed_tokens_per_layer.weight").role == "token_table"  # rows per token, not the stream's
+
+
+def test_a_norm_may_have_its_own_gain_offset():
+    """Muse Glimmer's and Muse Spark's layers' RMSNorms multiply by (1 + w), their final norm (Gemma 4's) by w: a
+    tensor's gain offset is its spec's own where it sets one, else the family's, in a multimodal wrapper too."""
+    for family in ("muse_glimmer_text", "muse_spark_text"):
+        arch = for_config({"model_type": family})
+        assert arch.norm_gain_offset == 1.0 and arch.gain_offset("model.norm.weight") == 0.0
+        for norm in ("input_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            assert arch.gain_offset(f"model.layers.3.{norm}.weight") == 1.0
+    prefix = "model.language_model."
+    wrapped = for_config({"architectures": ["MuseGlimmerForConditionalGeneration"], "model_type": "muse_glimmer",
+                          "text_config": {"model_type": "muse_glimmer_text"}},
+                         [prefix + "norm.weight", prefix + "layers.0.input_layernorm.weight", "lm_head.weight"])
+    assert wrapped.gain_offset(prefix + "norm.weight") == 0.0
+    assert wrapped.gain_offset(prefix + "layers.0.input_layernorm.weight") == 1.0
+    assert for_config({"model_type": "gemma2"}).gain_offset("model.norm.weight") == 1.0  # the family's
 
 
 def test_inferred_fallback(saved):

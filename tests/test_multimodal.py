@@ -1752,6 +1752,23 @@ def test_a_wrapper_of_a_new_language_model_merges_and_reloads(wrapper, tmp_path)
     merged_fine_tunes(a, config["architectures"][0], tmp_path)
 
 
+def test_semantic_bases_weigh_a_muse_head_by_its_final_norms_own_gain(tmp_path):
+    """Muse Glimmer's layers' RMSNorms multiply by (1 + w), its final norm by w itself (its own gain_offset 0.0):
+    the head SeMe derives its semantic bases from is the LM head times w, not times (1 + w)."""
+    from seme import config as recipe_config
+    from seme.plan import make_plan
+
+    a, b = build_muse(tmp_path / "a", 0), build_muse(tmp_path / "b", 1)
+    recipe = {"merge_method": "seme", "base_model": a, "models": [{"model": b}], "parameters": {"alignment": "never"}}
+    docs, base_dir, path = recipe_config.documents(recipe)
+    plan = make_plan(recipe_config.validate(*docs[0], base_dir, path))
+    sp = plan.semantic
+    head, gain = sp.head_names[sp.pivot]
+    assert (head, gain) == ("lm_head.weight", "model.language_model.norm.weight")
+    state = load_folder(a)
+    torch.testing.assert_close(sp.prepare(plan, torch.device("cpu")).bases[sp.pivot].W, state[head] * state[gain])
+
+
 # --- vocabulary re-mapping ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,9 @@ checkpoint tensor name, which role the tensor plays relative to the residual str
 
 A ``tie_key`` null marks a head that is never tied, whatever the config says (CPM-Ant's: its embedding holds
 prompt rows too, and transformers ties nothing).
-Norm gains are effective as ``norm_gain_offset + w`` (1.0 for gemma's ``(1 + w)`` RMSNorm);
+Norm gains are effective as ``norm_gain_offset + w`` (1.0 for gemma's ``(1 + w)`` RMSNorm), or, where a norm's
+spec sets its own ``gain_offset``, as that + w (Muse Glimmer's final norm multiplies by w, its layers' by (1 + w)):
+``Architecture.gain_offset`` says which holds for a tensor;
 ``norm_type`` says whether the norms are RMSNorms or LayerNorms (which subtract the mean, so a
 rotation of the residual stream does not commute with them). ``normed_residual`` marks a family
 whose sublayers carry their norm's output on as the residual (post-LN, MiniMax-Text-01): the
@@ -132,6 +134,7 @@ class TensorRole:
     tied_to: str | None
     layer_blocks: int | None = None  # the axis along which it packs one block per layer (Gemma's per-layer tables)
     after_layers: bool = False
+    gain_offset: float | None = None  # a norm's own offset, where it is not the family's norm_gain_offset
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class TensorSpec:
     tied_to: str | None = None
     layer_blocks: int | None = None
     after_layers: bool = False  # a loose norm over the last layer's output (a slice takes it from its last models)
+    gain_offset: float | None = None  # a norm's own offset, where it is not the family's norm_gain_offset
 
 
 # eq=False: instances are per-family singletons, identity hashing suffices.
@@ -295,6 +299,12 @@ class Architecture:
             self._cache[tensor_name] = found
             return found
 
+    def gain_offset(self, norm: str) -> float:
+        """What the norm gain tensor `norm` adds to its weights to make its effective gain: its own gain_offset
+        where its spec sets one, else the family's norm_gain_offset."""
+        found = self.role(norm)
+        return self.norm_gain_offset if found is None or found.gain_offset is None else found.gain_offset
+
     def layer_name(self, template: str, layer: int) -> str:
         return template.replace("{layer}", str(layer))
 
@@ -325,7 +335,7 @@ class Architecture:
                 norm = spec.norm and self.layer_name(spec.norm, layer)[len(strip):]
                 concrete = template if expert is None else template.replace("{expert}", str(expert))
                 return TensorRole(spec.role, layer, concrete[len(strip):], norm, spec.layout,
-                                  spec.optional, spec.tied_to, spec.layer_blocks, spec.after_layers)
+                                  spec.optional, spec.tied_to, spec.layer_blocks, spec.after_layers, spec.gain_offset)
         return None
 
     def _infer(self, name: str) -> TensorRole | None:
@@ -501,7 +511,8 @@ def _keys(value: str | list[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-_SPEC_KEYS = frozenset(("role", "norm", "layout", "optional", "tied_to", "layer_blocks", "after_layers"))
+_SPEC_KEYS = frozenset(("role", "norm", "layout", "optional", "tied_to", "layer_blocks", "after_layers", "gain_offset"))
+GAIN_ROLES = ("norm", "final_norm", "write_norm")  # norm gains: what a gain_offset may be set on
 
 
 def _specs(family: str, raw_tensors: dict, norm_type: str) -> dict[str, TensorSpec]:
@@ -511,11 +522,14 @@ def _specs(family: str, raw_tensors: dict, norm_type: str) -> dict[str, TensorSp
         if unknown:
             raise ValueError(f"{family}: {template!r} has unknown keys {unknown}")
         spec = TensorSpec(raw["role"], raw.get("norm"), raw.get("layout", "out_in"), raw.get("optional", False),
-                          raw.get("tied_to"), raw.get("layer_blocks"), raw.get("after_layers", False))
+                          raw.get("tied_to"), raw.get("layer_blocks"), raw.get("after_layers", False),
+                          raw.get("gain_offset"))
         if spec.role not in ROLES or spec.layout not in LAYOUTS:
             raise ValueError(f"{family}: bad role/layout for {template!r}")
         if spec.after_layers and (spec.role not in ("norm", "norm_bias") or "{layer}" in template):
             raise ValueError(f"{family}: {template!r}: only a norm outside the layers can be after_layers")
+        if spec.gain_offset is not None and spec.role not in GAIN_ROLES:
+            raise ValueError(f"{family}: {template!r} has a gain_offset, which only a norm's gain can have")
         if spec.layout == "either" and spec.role not in ("read", "write"):
             raise ValueError(f"{family}: {template!r} has layout either, which only a read or a write can have")
         if spec.role in ("norm_bias", "final_norm_bias") and norm_type != "layer_norm":

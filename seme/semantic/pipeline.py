@@ -169,7 +169,6 @@ class SemanticContext:
         self.stats: dict[str, dict] = {}
         self.params = {t.name: t.params for t in plan.tasks}
         arch = plan.archs[sp.pivot]
-        self.offset = arch.norm_gain_offset
         models = [sp.pivot] + sp.sources
         bases = semantic_bases([self._head(m) for m in models], [plan.models[m].name for m in models])
         self.bases = dict(zip(models, bases))
@@ -201,7 +200,7 @@ class SemanticContext:
         return self.plan.models[m].load(name).to(self.device, torch.float32)
 
     def _gain(self, m: int, name: str | None) -> torch.Tensor | None:
-        return None if name is None else self._load(m, name) + self.offset
+        return None if name is None else self._load(m, name) + self.plan.archs[m].gain_offset(name)
 
     def _head(self, m: int) -> torch.Tensor:
         head, gain = self.sp.head_names[m]
