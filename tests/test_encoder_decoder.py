@@ -636,6 +636,17 @@ def test_vit_gpt2_hub_names():
     assert arch.depth_key("decoder") == "decoder.n_layer" and arch.tied({"decoder": {}})
 
 
+def test_a_composed_encoders_norms_keep_its_gain_offset():
+    # the composed table's offset is the decoder's; an encoder of (1 + w) norms (Gemma's) keeps its own
+    arch = for_config({"architectures": ["EncoderDecoderModel"], "model_type": "encoder-decoder",
+                       "encoder": {"model_type": "gemma", "num_hidden_layers": 2},
+                       "decoder": {"model_type": "bert", "is_decoder": True, "add_cross_attention": True}})
+    assert arch.norm_gain_offset == 0.0
+    assert arch.gain_offset("encoder.layers.1.input_layernorm.weight") == 1.0
+    assert arch.gain_offset("encoder.norm.weight") == 1.0
+    assert arch.gain_offset("decoder.bert.encoder.layer.1.attention.output.LayerNorm.weight") == 0.0
+
+
 def test_mvp_prompts_keep_their_layers_in_place(tmp_path):
     # prompt_trans packs a block of keys and values per layer of its stack: slices that move layers are refused,
     # a merge of whole models is not

@@ -696,8 +696,8 @@ def _composed(encoder: Architecture, decoder: Architecture, wrapper: str, encode
     """The table of `wrapper`, which saves its encoder (a base model, without its family's base_prefix) under
     encoder. and its decoder (a causal LM, whose cross-attention reads the encoder's output as its own table says)
     under decoder.; enc_to_dec_proj, which maps the encoder's output to the decoder's width where they differ, is
-    inner. Each stack is a part, whose depth its sub-config's key gives; the head, its tying and the model's
-    width are the decoder's."""
+    inner. Each stack is a part, whose depth its sub-config's key gives; the head, its tying, the model's
+    width and norm_gain_offset are the decoder's (the encoder's norms carry their own where it differs)."""
     def mover(prefix: str, base: str):
         def move(template: str | None) -> str | None:  # None where a base model has no such tensor
             if template is None or not template.startswith(base):
@@ -706,13 +706,21 @@ def _composed(encoder: Architecture, decoder: Architecture, wrapper: str, encode
         return move
 
     sides = ((encoder, mover("encoder.", encoder.base_prefix)), (decoder, mover("decoder.", "")))
-    tensors = {t: s for arch, move in sides for t, s in _renamed(arch.tensors, move).items()}
+
+    def moved(arch: Architecture, move, specs: dict) -> dict:  # the encoder's norms keep its gain offset
+        specs = _renamed(specs, move)
+        if arch is decoder or encoder.norm_gain_offset == decoder.norm_gain_offset:
+            return specs
+        return {t: replace(s, gain_offset=encoder.norm_gain_offset) if s and s.role in GAIN_ROLES
+                and s.gain_offset is None else s for t, s in specs.items()}
+
+    tensors = {t: s for arch, move in sides for t, s in moved(arch, move, arch.tensors).items()}
     tensors["enc_to_dec_proj.weight"] = TensorSpec("inner", optional=True)
     tensors["enc_to_dec_proj.bias"] = TensorSpec("inner", optional=True)
     layer_tensors = {}
     for arch, move in sides:
         for layer, overlay in arch.layer_tensors.items():
-            layer_tensors.setdefault(layer, {}).update(_renamed(overlay, move))
+            layer_tensors.setdefault(layer, {}).update(moved(arch, move, overlay))
     kinded, move = next(((arch, move) for arch, move in sides if arch.kinds), (None, None))
     leading = lambda arch, move: tuple(filter(None, (move(lead) for p in arch.parts for lead in p.leading)))
     parts = (Part("encoder", ("encoder.",), f"encoder.{encoder_depth}", leading(*sides[0])),
@@ -731,7 +739,7 @@ def _composed(encoder: Architecture, decoder: Architecture, wrapper: str, encode
         unrotatable="its encoder's and decoder's residual streams are two streams joined by cross-attention, "
                     "which one turn of one stream does not describe",
         tensors=tensors, layer_tensors=layer_tensors, parts=parts,
-        kinds=kinded.kinds if kinded else (), kind_tensors={k: _renamed(o, move) for k, o in kinded.kind_tensors.items()}
+        kinds=kinded.kinds if kinded else (), kind_tensors={k: moved(kinded, move, o) for k, o in kinded.kind_tensors.items()}
         if kinded else {})
 
 
