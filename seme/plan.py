@@ -94,7 +94,9 @@ def make_plan(recipe: Recipe) -> Plan:
             return _plan_modules(recipe, method, models, archs, index, ref, parts, stacks, tokenizer, template, remap)
     if method.name == "seme":
         language = [s for s in stacks if modules.part_of(s) == modules.TEXT]
-        if arch.parts:  # an encoder-decoder model, an image (or image-text) encoder
+        # an encoder-decoder model, an image (or image-text) encoder; not a table's multimodal decoder beside its
+        # towers (GIT's: projected, one language stack), which goes on as multimodal models do
+        if arch.parts and not (arch.projected and len(language) == 1):
             raise SemeError(f"seme: {models[ref].name} is no decoder-only language model with a causal LM head "
                             f"({arch.name}, of modules {', '.join(p.name for p in arch.parts)}: "
                             f"{', '.join(arch.rotation_obstacles())}); SeMe aligns those: merge it with another method")

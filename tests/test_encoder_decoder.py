@@ -1,6 +1,6 @@
 """Encoder-decoder families (T5 and its kin, Whisper, BART's, ProphetNet, NLLB-MoE, PEGASUS-X, FSMT, T5Gemma 1 and 2;
-their classification and question-answering heads), the decoders their *ForCausalLM classes save alone, and TrOCR's
-decoder: their role tables,
+their classification and question-answering heads), the decoders their *ForCausalLM classes save alone, TrOCR's
+decoder, and GIT (a captioner: a vision tower and projector before its causal text stack, as parts): their role tables,
 their parts as mergekit's per-module recipes name them (encoder, decoder, shared), and merges of them, against
 mergekit's where mergekit can merge them (its 0.1.5 Whisper definition names no tensor right: model.decoderlayers.0...).
 """
@@ -53,6 +53,10 @@ PP_FORMULANET = dict(text_config=dict(d_model=32, decoder_layers=2, decoder_atte
 PIX2STRUCT = dict(text_config=dict(hidden_size=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=96),
                   vision_config=dict(hidden_size=32, d_ff=48, d_kv=8, num_hidden_layers=2, num_attention_heads=2,
                                      patch_embed_hidden_size=48, seq_len=16))
+# GIT: a CLIP tower over 2 x 2 patches of 16 pixels (with its class token, 5 image rows), narrower than the text stack
+GIT = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+           max_position_embeddings=64, vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                          num_attention_heads=2, image_size=32, patch_size=16))
 # T5Gemma's stacks, each of its own settings (sliding and full attention layers alternate); T5Gemma 2's encoder reads
 # images too: a SigLIP tower of 4 x 4 patches, pooled into 4 image tokens (id 93) before the end-of-image token (94)
 GEMMA_STACK = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -153,6 +157,10 @@ FAMILIES = {  # "table:what" keys, as in test_architectures
     "pp_formulanet": ("PPFormulaNetConfig", "PPFormulaNetForConditionalGeneration", PP_FORMULANET),  # image to text
     "pix2struct": ("Pix2StructConfig", "Pix2StructForConditionalGeneration", PIX2STRUCT),
     "pix2struct:tied": ("Pix2StructConfig", "Pix2StructForConditionalGeneration", dict(PIX2STRUCT, tie_word_embeddings=True)),
+    "git": ("GitConfig", "GitForCausalLM", GIT),  # an image's features before the text, in one causal stack
+    "git:tied": ("GitConfig", "GitForCausalLM", dict(GIT, tie_word_embeddings=True)),
+    "git:video": ("GitConfig", "GitForCausalLM", dict(GIT, num_image_with_embedding=2)),  # a vector per frame
+    "git:model": ("GitConfig", "GitModel", GIT),  # no head, saved without 'git.'
     "t5gemma": ("T5GemmaConfig", "T5GemmaForConditionalGeneration", T5GEMMA),
     "t5gemma:untied": ("T5GemmaConfig", "T5GemmaForConditionalGeneration", dict(T5GEMMA, tie_word_embeddings=False)),
     # an encoder wider than its decoder, as t5gemma-9b-2b's: the cross-attention's k / v read the encoder's width
@@ -214,6 +222,9 @@ def run(model, key: str):
         rows, columns = torch.arange(1, 3).repeat_interleave(3), torch.arange(1, 4).repeat(2)
         patches = torch.cat([rows[:, None], columns[:, None], torch.randn(6, 48)], 1)[None]
         return model(flattened_patches=patches, attention_mask=torch.ones(1, 6), decoder_input_ids=ids)
+    if key.startswith("git"):  # an image (or a video of 2 frames) before the text
+        frames = (2,) if key == "git:video" else ()
+        return model(input_ids=ids, pixel_values=torch.randn(1, *frames, 3, 32, 32))
     if key.startswith("t5gemma2"):  # text and an image, whose 4 pooled features take the image tokens' places
         ids = torch.tensor([[2, 5, 93, 93, 93, 93, 94, 7]])
         decoder_ids = {} if key.endswith(HEADS) else {"decoder_input_ids": ids[:, :3]}
@@ -607,6 +618,52 @@ def test_t5gemma_task_arithmetic_merge_generates(key, tmp_path):
     image = {"pixel_values": torch.randn(1, 3, 32, 32)} if key == "t5gemma2" else {}
     out = model.generate(input_ids=ids, **image, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (1, 4)  # the decoder's start token and three new ones
+
+
+@pytest.mark.parametrize("key", ["git", "git:tied", "git:video"])
+def test_a_git_merge_reloads_and_captions_an_image(key, tmp_path):
+    """Fine-tunes of one GIT merged by task_arithmetic (every tensor: its vision tower, projector and temporal
+    embeddings too) reload and caption an image (a video's frames); a `modules:` merge slices its text stack (layers
+    0, 1, 1: num_hidden_layers follows, the vision tower's depth stays) beside its tower and projector merged whole."""
+    image = torch.randn(1, *((2,) if key == "git:video" else ()), 3, 32, 32)
+    caption = lambda model: model.generate(input_ids=torch.tensor([[1]]), pixel_values=image, max_new_tokens=3,
+                                           min_new_tokens=3, do_sample=False)
+    assert caption(merged_whole(key, tmp_path)).shape == (1, 4)
+    paths = family(tmp_path, key)
+    tuned = [{"model": p} for p in paths[1:]]
+    text = {"slices": [{"sources": [{"model": p, "layer_range": [0, 2]} for p in paths]},
+                       {"sources": [{"model": p, "layer_range": [1, 2]} for p in paths]}]}
+    merge({"merge_method": "task_arithmetic", "dtype": "float32", "base_model": paths[0], "parameters": {"weight": 0.5},
+           "modules": {"vision_tower": {"models": tuned}, "multi_modal_projector": {"models": tuned},
+                       "text_decoder": text}}, tmp_path / "sliced")
+    config = json.load(open(tmp_path / "sliced" / "config.json"))
+    assert (config["num_hidden_layers"], config["vision_config"]["num_hidden_layers"]) == (3, 2)
+    assert caption(reloaded(key, tmp_path / "sliced")).shape == (1, 4)
+
+
+def test_git_has_a_temporal_embedding_per_frame(saved):
+    # one per frame of num_image_with_embedding (none without it); the Hub's video checkpoints spell them temperal,
+    # as transformers 4 did: inner, in a module that transformers 5.23 does not load
+    _, config, shapes = saved("git:video")
+    arch = for_config(config)
+    assert [n for n in shapes if "temporal" in n] == ["git.img_temporal_embedding.0", "git.img_temporal_embedding.1"]
+    assert arch.role("git.img_temporal_embedding.2") is None
+    assert for_config(dict(config, num_image_with_embedding=None)).role("git.img_temporal_embedding.0") is None
+    hub = "git.img_temperal_embedding.1"
+    assert (arch.role(hub).role, arch.part_of(hub), arch.unloaded_module(hub)) == \
+        ("inner", "multi_modal_projector", "git.img_temperal_embedding.")
+
+
+def test_seme_refuses_to_turn_git_in_one_line(tmp_path):
+    # GIT is a decoder-only captioner, but post-LN: SeMe refuses to align a model by rotation, and merges with
+    # alignment: never
+    paths = family(tmp_path, "git", n=2)
+    recipe = {"merge_method": "seme", "base_model": paths[0], "models": [{"model": p} for p in paths]}
+    with pytest.raises(SemeError, match=r"^seme: aligning git models by rotation is not supported \(its norms are "
+                                        r"LayerNorms[^\n]*; set alignment: never to merge without it$"):
+        seme.merge(yaml.safe_dump(recipe), str(tmp_path / "refused"), progress=False)
+    merge({**recipe, "parameters": {"alignment": "never"}}, tmp_path / "never")
+    run(reloaded("git", tmp_path / "never"), "git")
 
 
 def test_t5gemma2_hub_names():

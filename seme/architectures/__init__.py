@@ -68,7 +68,8 @@ of the layers it lists; the others have the table's own tensors.
 ``layer_tensors`` overlays the roles of single layers by index, whatever the config (ModernBERT's first layer
 has no attention norm: its attention reads the stream raw).
 ``named_entries`` binds a placeholder of the templates to the entries of a config list: X-MOD's
-``adapter_modules.{language}`` stand for one adapter per entry of its config's ``languages``, by name.
+``adapter_modules.{language}`` stand for one adapter per entry of its config's ``languages``, by name; or to the
+indices a config count gives (GIT's ``img_temporal_embedding.{frame}``, one per frame of num_image_with_embedding).
 ``unloaded`` lists the name prefixes of modules that checkpoints store but transformers does not load
 (Qwen3-Next's multi-token prediction, ``mtp.``): their tensors have roles, but they are no layers of
 the model's stack (seme.plan merges them after the decoder, as it does layers after the last).
@@ -188,7 +189,7 @@ class Architecture:
     listed_kind: str = ""  # the kind of the layers whose indices the config's layer_kinds_key lists ("": it lists kinds)
     kinds: tuple[str, ...] = ()  # each layer's kind, as the config that chose this table says ("": the table's own)
     layer_tensors: dict[int, dict[str, TensorSpec | None]] = field(default_factory=dict, repr=False)  # by layer index
-    named_entries: tuple[tuple[str, str], ...] = ()  # (placeholder, config key of the list of names it stands for)
+    named_entries: tuple[tuple[str, str], ...] = ()  # (placeholder, config key of the names or count it stands for)
     parts: tuple[Part, ...] = ()  # an encoder-decoder family's modules
     _cache: dict[str, TensorRole | None] = field(default_factory=dict, init=False, repr=False)
 
@@ -201,8 +202,11 @@ class Architecture:
         """The variant of this family that `config` describes, with its layers' kinds."""
         chosen = next((v for when, v in self.variants if all(_holds(config, k, value) for k, value in when.items())), self)
         for placeholder, key in self.named_entries:
-            if isinstance(config.get(key), list):
-                chosen = _with_entries(chosen, placeholder, tuple(map(str, config[key])))
+            entries = config.get(key)
+            if isinstance(entries, int) and not isinstance(entries, bool):  # a count: indices 0 .. count - 1
+                entries = range(entries)
+            if isinstance(entries, (list, range)):
+                chosen = _with_entries(chosen, placeholder, tuple(map(str, entries)))
         kinds = config.get(self.layer_kinds_key) if self.layer_kinds_key else None
         if self.listed_kind and isinstance(kinds, list):  # indices of the layers of that kind
             kinds = [self.listed_kind if i in kinds else "" for i in range(max(kinds, default=-1) + 1)]
