@@ -23,6 +23,12 @@ MLA = dict(DECODER, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_n
            v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1)
 GATED_DELTA_NET = dict(DECODER, head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
                        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, pad_token_id=0)
+# the checkpoints' layer type full_attention, which transformers reads as indexed_attention; tiny n-gram tables
+QWEN4_EXP = dict(GATED_DELTA_NET, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                 shared_expert_intermediate_size=24, hc_count=2, hc_lowrank=8, indexer_n_heads=2, indexer_kv_heads=1,
+                 indexer_head_dim=8, indexer_budget=4, indexer_compress_ratio=2, ple_layer_ids=[1], ple_embed_dim=16,
+                 heads_per_ngram=2, ngram_vocab_size_base=64, make_ngram_vocab_size_divisible_by=8,
+                 split_ngram_parts=2, bos_token_id=1, eos_token_id=2)
 SSM = dict(hidden_size=32, num_hidden_layers=2, vocab_size=128, state_size=8)
 ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
                max_position_embeddings=64)
@@ -266,6 +272,9 @@ FAMILIES = {
         qk_rope_head_dim=4, v_head_dim=8, index_topk=4, index_head_dim=8, index_n_heads=2,
         indexer_types=["full", "shared"], hc_mult=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # a sliding-window layer with a dense MLP, then a full attention layer with experts; gated heads
+    # hyper-connections over two streams; a Gated DeltaNet layer with per-layer n-gram embeddings (two checkpoint
+    # shards), then an indexed attention layer; experts beside a shared expert
+    "qwen4_exp_text": ("Qwen4ExpTextConfig", "Qwen4ExpForCausalLM", QWEN4_EXP),
     "glm4_moe:laguna": ("LagunaConfig", "LagunaForCausalLM", dict(
         DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
         shared_expert_intermediate_size=24, mlp_layer_types=["dense", "sparse"],
@@ -576,7 +585,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "glm4_moe:dots1", "glm4_moe:exaone_moe", "olmo2:flex_olmo", "lfm2:lfm2_moe", "cohere:cohere2_moe", "afmoe",
        "olmo_hybrid", "lfm2:lfm3", "glm4_moe:solar_open", "qwen3_moe:mellum",
        "deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash", "longcat_flash",
-       "glm4_moe:hy_v3", "hy_v4", "glm4_moe:laguna",
+       "glm4_moe:hy_v3", "hy_v4", "glm4_moe:laguna", "qwen4_exp_text",
        "bailing_hybrid", "qwen3_moe:flint", "kolibri1", "deepseek_v3:axk1", "axk2",
        "deepseek_v3:dots3_note_text", "aria_text",
        # beam, cpm-ant, git
@@ -608,6 +617,8 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("deepseek_v3:glm4_moe_lite", {"q_lora_rank": None}),
     ("qwen3_next", {"mlp_only_layers": [0], "attention_bias": True}),
     ("qwen3_next", {"tie_word_embeddings": True}),
+    # without per-layer embeddings; the attention's biases; a tied head
+    ("qwen4_exp_text", {"ple_layer_ids": None, "attention_bias": True, "tie_word_embeddings": True}),
     ("qwen3_next:qwen3_5_text", {"attention_bias": True, "tie_word_embeddings": True}),
     ("mamba", {"use_bias": True, "use_conv_bias": False}),
     ("mamba:mamba2", {"use_bias": True, "tie_word_embeddings": True}),
@@ -846,6 +857,8 @@ def test_checkpoint_roles(saved, case):
             assert shape[1] == hidden, name
         elif r.role == "write_bias":  # one per expert where the experts are fused
             assert shape[-1:] == (hidden,) and len(shape) <= 2, name
+        elif r.role in ("norm", "final_norm"):  # over all the parallel residual streams (Qwen4-Exp's)
+            assert shape == (hidden * arch.streams(config),), name
         elif r.role in VECTOR_ROLES:
             assert shape == (hidden,), name
 
@@ -927,7 +940,8 @@ def test_norm_feeds_read(saved, case):
         return m.rsplit(".", 1)[0] if isinstance(modules.get(m), torch.nn.Embedding) and arch.role(
             tensor_name).role == "read" else m
 
-    # a norm inside a module of its own that gates its output (A.X-K2's gated norms, in an unrotatable family)
+    # a norm inside a module of its own that gates its output (A.X-K2's gated norms, in an unrotatable family; or
+    # gates the parallel streams and averages them, the first of what it returns: Qwen4-Exp's hyper-connections)
     gated = {n: module(n).rsplit(".", 1)[0] for n in shapes if arch.unrotatable and arch.role(n).role == "norm"
              and module(n).rsplit(".", 1)[0] not in layers}
     watched = [m for m in {module(n) for n in shapes} | {reader(n) for n in shapes} | parents | set(gated.values())
@@ -938,6 +952,9 @@ def test_norm_feeds_read(saved, case):
         model(inputs.pop("input_ids", torch.arange(8).unsqueeze(0)), **inputs)
     for h in handles:
         h.remove()
+
+    def first(output):  # a module's output, or the first of the outputs it returns
+        return output[0] if isinstance(output, tuple) else output
 
     def same(x, y):  # the same tensor, or a view of it
         return x is y or (torch.is_tensor(y) and x.data_ptr() == y.data_ptr() and x.numel() == y.numel())
@@ -992,7 +1009,7 @@ def test_norm_feeds_read(saved, case):
             # or a later call's output of the same norm, whose rows x is (X-MOD's pre_norm output.LayerNorm: the MLP's,
             # then the adapter's, which reads the tokens of its language)
             y = next((c for c in calls.get(module(r.norm), [])[1:] if rows_of(x, c)), y)
-            if same(x, y) or (r.norm in gated and same(x, outputs.get(gated[r.norm]))):
+            if same(x, y) or (r.norm in gated and same(x, first(outputs.get(gated[r.norm])))):
                 continue
             if torch.is_tensor(y) and x.shape == y.shape and torch.allclose(x, y * (x.norm() / y.norm())):
                 continue  # or it times a constant (gemma 3n's router_input_scale)
@@ -1255,6 +1272,19 @@ def test_a_layout_either_is_told_by_the_shape():
     assert archs.orientation("either", "write", (4, 3, 8), 8) == "in_out"
     assert archs.orientation("either", "read", (4, 8, 8), 8) == "out_in"
     assert archs.orientation("in_out", "read", (4, 6, 8), 8) == "in_out"
+
+
+
+def test_a_split_table_and_parallel_streams():
+    """A table that checkpoints split into row blocks has one role for every shard_N ({shard}, the inner index after
+    {layer}); a family with parallel residual streams counts them from its config (Qwen4-Exp's hc_count), others
+    keep one."""
+    qwen4 = for_config({"model_type": "qwen4_exp_text", "architectures": ["Qwen4ExpForCausalLM"], "hc_count": 4})
+    shard = qwen4.role("model.layers.3.ple.ple_embedding.ngram_embedding.shard_17.weight")
+    assert (shard.role, shard.layer) == ("inner", 3)
+    assert shard.template == "model.layers.{layer}.ple.ple_embedding.ngram_embedding.shard_17.weight"
+    assert qwen4.streams({"hc_count": 4}) == 4 and qwen4.rotation_obstacles() == [qwen4.unrotatable]
+    assert for_config({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}).streams({}) == 1
 
 
 def test_match_order():
@@ -1635,6 +1665,42 @@ def test_gemma4_assistants_merge_and_are_refused_rotation(family, tmp_path):
     with pytest.raises(SemeError, match=r"by rotation is not supported \(.*it drafts for a target model"):
         seme.merge({"merge_method": "seme", "base_model": str(tmp_path / "base"), "dtype": "float32",
                     "models": [{"model": str(tmp_path / "turned")}]}, str(tmp_path / "refused"), progress=False)
+
+
+
+def test_qwen4_exp_merges_and_is_refused_rotation(tmp_path):
+    """Fine-tunes of one Qwen4-Exp merged by task_arithmetic and by SeMe (unturned: they are aligned) reload in
+    transformers with every tensor (the n-gram tables from their shards, the hash constants copied); an independent
+    model, which only a turn would align, is refused: no turn commutes with its hyper-connections."""
+    import seme
+    from seme.errors import SemeError
+
+    base = perturbed(build("qwen4_exp_text", {}))
+    base.save_pretrained(tmp_path / "base")
+    g = torch.Generator().manual_seed(3)
+    for i in range(2):
+        tuned = build("qwen4_exp_text", {})
+        tuned.load_state_dict({k: v + 0.0005 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                               for k, v in base.state_dict().items()})
+        tuned.save_pretrained(tmp_path / f"tuned{i}")
+    tuned = [{"model": str(tmp_path / f"tuned{i}")} for i in range(2)]
+    for method in ("task_arithmetic", "seme"):
+        parameters = {"parameters": {"weight": 0.5}} if method == "task_arithmetic" else {}
+        seme.merge({"merge_method": method, "base_model": str(tmp_path / "base"), "models": tuned, "dtype": "float32",
+                    **parameters}, str(tmp_path / method), progress=False)
+        merged, info = transformers.Qwen4ExpForCausalLM.from_pretrained(tmp_path / method, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        assert torch.equal(merged.model.layers[0].ple.ple_embedding.layer_multipliers,
+                           base.model.layers[0].ple.ple_embedding.layer_multipliers)
+        with torch.no_grad():
+            assert torch.isfinite(merged.eval()(torch.arange(3, 11).unsqueeze(0)).logits).all()
+    torch.manual_seed(5)
+    transformers.Qwen4ExpForCausalLM(transformers.Qwen4ExpTextConfig(**QWEN4_EXP)).save_pretrained(
+        tmp_path / "independent")
+    with pytest.raises(SemeError, match=r"^seme: aligning qwen4_exp_text models by rotation is not supported \(its "
+                                        r"hyper-connections gate"):
+        seme.merge({"merge_method": "seme", "base_model": str(tmp_path / "base"), "dtype": "float32",
+                    "models": [{"model": str(tmp_path / "independent")}]}, str(tmp_path / "refused"), progress=False)
 
 
 def test_phi4_multimodal_merges_end_to_end(tmp_path):

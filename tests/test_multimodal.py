@@ -310,6 +310,16 @@ def build_qwen3_5(path, seed: int, moe: bool = False):
     return save_random(path, seed, getattr(transformers, model), config)
 
 
+def build_qwen4_exp(path, seed: int):
+    """A Qwen4-Exp: Qwen3.5-MoE's vision tower beside a language model of two hyper-connected streams."""
+    import transformers
+
+    config = transformers.Qwen4ExpConfig(
+        text_config=text_of("qwen4_exp_text"), vision_config=dict(depth=2, hidden_size=16, intermediate_size=32,
+                                                                  num_heads=2, out_hidden_size=32), **QWEN_VL_TOKENS)
+    return save_random(path, seed, transformers.Qwen4ExpForConditionalGeneration, config)
+
+
 def build_qwen3_vl_moe(path, seed: int, hub: bool = False):
     """A Qwen3-VL-MoE; with `hub`, its fused experts transposed to [E, in, out], as its Hub checkpoints keep them
     (transformers 5 saves them as [E, out, in], and loads both)."""
@@ -1096,6 +1106,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     # wrappers of language models new in transformers 5.23
     "cosmos3_edge": (build_cosmos3_edge, "cosmos3_edge_text"), "granite_docling": (build_granite_docling, "granite"),
     "voxtral_realtime": (build_voxtral_realtime, "mistral"), "muse_glimmer": (build_muse, "muse_glimmer_text"),
+    "qwen4_exp": (build_qwen4_exp, "qwen4_exp_text"),
     "muse_spark": (lambda path, seed: build_muse(path, seed, "MuseSpark"), "muse_spark_text"),
     # DeepSeek-OCR 2, Unlimited-OCR
     "deepseek_ocr2": (build_deepseek_ocr2, "deepseek_v2"), "unlimited_ocr": (build_unlimited_ocr, "deepseek_v2"),
@@ -1592,6 +1603,27 @@ def merged_fine_tunes(a, model_class: str, tmp_path):
                 "models": [{"model": b}, {"model": c}]}, str(tmp_path / "merged"), progress=False)
     assert load_folder(tmp_path / "merged").keys() == load_folder(a).keys()
     return reloaded(model_class, tmp_path / "merged")
+
+
+def test_a_qwen4_exp_merge_reloads_reads_an_image_and_is_refused_rotation(tmp_path, capsys):
+    """Fine-tunes of one Qwen4-Exp merged by task_arithmetic with its roles (the merger's linear_fc2 a write, the vision
+    tower inner; the language model's n-gram tables in their checkpoint shards): the output reloads in transformers
+    with every tensor and generates from a prompt with an image; SeMe refuses in one line to align an independent
+    model, for no turn of the stream commutes with its hyper-connections."""
+    import json
+
+    a = build_qwen4_exp(tmp_path / "a", 0)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    arch = architectures.for_config(config, tensor_names(a))
+    assert arch.projected and all(arch.role(n) for n in tensor_names(a))
+    model = merged_fine_tunes(a, "Qwen4ExpForConditionalGeneration", tmp_path)
+    prompt = qwen_vl_prompt(16)
+    out = model.generate(**prompt, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, prompt["input_ids"].shape[1] + 3)
+    independent = build_qwen4_exp(tmp_path / "independent", 3)  # whose stream only a turn would align
+    assert_refused({"merge_method": "seme", "base_model": a, "models": [{"model": independent}]},
+                   "aligning qwen4_exp_text (in Qwen4ExpForConditionalGeneration) models by rotation is not supported "
+                   "(its hyper-connections gate", tmp_path, capsys)
 
 
 @pytest.mark.parametrize("wrapper", ["deepseek_ocr2", "unlimited_ocr"])

@@ -46,6 +46,11 @@ index, and the concrete template keeps it. A tensor outside the layers that pack
 (Gemma's per-layer token tables) gives the axis in ``layer_blocks``: seme.plan refuses merges that would
 move or drop its layers' blocks. A family whose config decides each layer's tensors by its index and the depth
 (Switch Transformers' sparse step) says why in ``fixed_layers``: slices that move, drop or repeat layers are refused.
+``{shard}`` (``shard_{shard}``) spells that inner index for a table that checkpoints split into row blocks (Qwen4-Exp's
+n-gram embeddings, which transformers concatenates on load and splits again on save).
+A family whose residual is several parallel streams of width d (Qwen4-Exp's hyper-connections) names the config key
+of their count in ``streams_key``: its norms over the stream normalise each stream and have a gain over them all,
+[streams * d], where a single stream's are [d].
 A ``layout`` ``either`` marks fused experts that checkpoints keep both ways (Qwen3-VL-MoE's: [E, in, out] on
 the Hub, [E, out, in] as transformers 5 saves them): ``orientation`` tells which from the tensor's shape.
 
@@ -118,9 +123,11 @@ VOCAB_ROLES = ("embedding", "lm_head", "lm_head_bias", "token_table")  # a row p
 LAYOUTS = ("out_in", "in_out", "either")
 NORM_TYPES = ("rms_norm", "layer_norm")
 
-# A decimal path segment, or the index of an `expert_N` segment (Switch Transformers' experts): the candidate
-# layer or expert index of a name.
-_SEGMENT = re.compile(r"(?:^|(?<=\.)|(?<=\.expert_))\d+(?=\.|$)")
+# A decimal path segment, or the index of an `expert_N` segment (Switch Transformers' experts) or a `shard_N` one
+# (Qwen4-Exp's n-gram embedding's row blocks): the candidate layer or expert index of a name.
+_SEGMENT = re.compile(r"(?:^|(?<=\.)|(?<=\.expert_)|(?<=\.shard_))\d+(?=\.|$)")
+# The spellings of the one inner index after {layer}: per expert, per head (norms), per shard (split tables)
+_INNER_INDEX = ("{head}", "{shard}")
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
@@ -179,6 +186,7 @@ class Architecture:
     notes: str = ""
     unrotatable: str = ""  # why a rotation of the residual stream by the roles would change the function
     fixed_layers: str = ""  # why slices may not move, drop or repeat its layers
+    streams_key: str = ""  # the config key of the number of parallel residual streams ("": one)
     tensors: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
     variant: str = ""  # the config values that chose this variant ("" for the family's own table)
     settings_key: str = ""  # where config.json holds this family's settings ("text_config" in a multimodal model)
@@ -233,6 +241,10 @@ class Architecture:
 
     def hidden_size(self, config: dict) -> int:
         return int(_first(self.settings(config), self.hidden_size_keys))
+
+    def streams(self, config: dict) -> int:
+        """How many parallel residual streams of hidden_size the model keeps (its norms' gains span them all)."""
+        return int(self.settings(config)[self.streams_key]) if self.streams_key else 1
 
     def tied(self, config: dict) -> bool:
         if self.tie_key is None:  # never tied, whatever the config says
@@ -443,6 +455,7 @@ def _parse(data: dict) -> Architecture:
         normed_residual=data.get("normed_residual", False), gainless_norms=data.get("gainless_norms", False),
         base_prefix=data.get("base_prefix", ""), unloaded=tuple(data.get("unloaded", ())), notes=data.get("notes", ""),
         unrotatable=data.get("unrotatable", ""), fixed_layers=data.get("fixed_layers", ""),
+        streams_key=data.get("streams_key", ""),
         projected=data.get("projected", False),
         parts=_parts(data.get("parts", {})),
         named_entries=tuple(data.get("named_entries", {}).items()),
@@ -482,7 +495,7 @@ def _overlaid(family: str, tensors: dict, overlay: dict, norm_type: str) -> dict
 def _kind_specs(family: str, tensors: dict, overlay: dict, norm_type: str) -> dict[str, TensorSpec | None]:
     """A layer kind's specs (None where the kind drops a template), checked against the table they overlay."""
     specs = _overlaid(family, tensors, overlay, norm_type)
-    return {t.replace("{head}", "{expert}"): raw and specs[t.replace("{head}", "{expert}")] for t, raw in overlay.items()}
+    return {_one_inner_index(t): raw and specs[_one_inner_index(t)] for t, raw in overlay.items()}
 
 
 @cache
@@ -503,6 +516,13 @@ def _with_entries(family: Architecture, placeholder: str, entries: tuple[str, ..
         for entry in entries:
             tensors[fill(template, entry)] = replace(spec, norm=fill(spec.norm, entry), tied_to=fill(spec.tied_to, entry))
     return replace(family, tensors=tensors)
+
+
+def _one_inner_index(template: str) -> str:
+    """`template` with its inner index spelt {expert}, however the table spells it."""
+    for spelling in _INNER_INDEX:
+        template = template.replace(spelling, "{expert}")
+    return template
 
 
 def _norm_type(family: str, norm_type: str) -> str:
@@ -538,7 +558,7 @@ def _specs(family: str, raw_tensors: dict, norm_type: str) -> dict[str, TensorSp
             raise ValueError(f"{family}: {template!r} has layout either, which only a read or a write can have")
         if spec.role in ("norm_bias", "final_norm_bias") and norm_type != "layer_norm":
             raise ValueError(f"{family}: {template!r} is a norm bias but norm_type is {norm_type}")
-        tensors[template.replace("{head}", "{expert}")] = spec  # one inner index, however it is spelt
+        tensors[_one_inner_index(template)] = spec
     for template, spec in tensors.items():
         for ref in (spec.norm, spec.tied_to):
             if ref is not None and ref not in tensors:

@@ -111,7 +111,8 @@ def _head_names(model, arch) -> tuple[str, str | None]:
             head = name
         elif role.role == "embedding":
             embed = name
-        elif role.role == "final_norm":
+        elif role.role == "final_norm" and not arch.streams_key:  # over several streams (Qwen4-Exp's), its gain
+            # scales no channel of what the head reads (their gated average): the head's rows alone
             gain = name
     head = head or embed
     if head is None and arch.rotation_obstacles():  # RemBERT's token tables lie outside the stream: refused as its
