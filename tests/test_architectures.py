@@ -55,6 +55,10 @@ CHAMELEON = dict(DECODER, vocabulary_map={"<image>": 120}, vq_config=dict(
     embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[16],
     resolution=32, latent_channels=8))
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4)
+INKLING = dict(DECODER, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, d_rel=4,
+               rel_extent=16, sliding_window_size=8, moe_intermediate_size=16, n_routed_experts=4,
+               num_experts_per_tok=2, n_shared_experts=2, layer_types=["hybrid_sliding", "hybrid"],
+               mlp_layer_types=["dense", "sparse"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER),
     "mistral": ("MistralConfig", "MistralForCausalLM", DECODER),
@@ -517,6 +521,10 @@ FAMILIES = {
     # per-head q/k LayerNorms; a VQ-VAE image tokenizer beside the decoder; swin_norm: norms after the sublayers
     "chameleon": ("ChameleonConfig", "ChameleonForConditionalGeneration", CHAMELEON),
     "chameleon:swin": ("ChameleonConfig", "ChameleonForConditionalGeneration", dict(CHAMELEON, swin_norm=True)),
+    # inkling
+    # a sliding and a full attention layer (their relative-bias banks differ in width), a dense MLP and a mixture of
+    # experts whose router also scores the shared experts
+    "inkling_text": ("InklingTextConfig", "InklingForCausalLM", INKLING),
 }
 PHI4_IMAGE = lambda: dict(image_pixel_values=torch.randn(1, 2, 3, 28, 28, generator=torch.Generator().manual_seed(4)),
                           image_sizes=torch.tensor([[28, 28]]), image_attention_mask=torch.ones(1, 2, 2, 2))
@@ -844,7 +852,7 @@ def test_checkpoint_roles(saved, case):
     # (or no embedding in the stream to tie a head to: RemBERT's output table is its own)
     assert tied == (not any(arch.role(n).role == "lm_head" for n in shapes)) or not any(
         arch.role(n).role == "embedding" for n in shapes)
-    assert tied == model.config.tie_word_embeddings
+    assert tied == getattr(model.config, "tie_word_embeddings", False)  # a config without the key ties nothing (Inkling's)
     experts = range(next((config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
                           if config.get(k)), 0))
     for template in set(arch.tensors).union(*arch.kind_tensors.values(), *arch.layer_tensors.values()):  # each layer's
@@ -1102,12 +1110,13 @@ def test_every_table_parses_and_owns_its_names():
             assert claimed.setdefault(key, name) == name, f"{key} in {claimed[key]} and {name}"
 
 
-@pytest.mark.parametrize("family", ["cohere", "minimax", "zaya", "doge"])
+@pytest.mark.parametrize("family", ["cohere", "minimax", "zaya", "doge", "inkling_text"])
 def test_a_family_with_rotation_obstacles_is_not_rotation_invariant(family, tmp_path):
     """Why norm_type, normed_residual, stream_gain and unrotatable matter: cohere's LayerNorms have no bias, so
     no role says they subtract the mean; MiniMax's sublayers carry their norm's output on as the residual, so the
-    gains scale the stream; ZAYA scales its stream channel by channel, and so do Doge's residual connections. The
-    turn by any of these role tables changes the function."""
+    gains scale the stream; ZAYA scales its stream channel by channel, and so do Doge's residual connections;
+    Inkling convolves its sublayers' outputs over positions, channel by channel. The turn by any of these role
+    tables changes the function."""
     assert role_table(family).rotation_obstacles()
     assert rotation_error(family, tmp_path) > 1e-2
 
@@ -1606,6 +1615,40 @@ def test_gemma4_assistants_merge_and_are_refused_rotation(family, tmp_path):
     with pytest.raises(SemeError, match=r"by rotation is not supported \(.*it drafts for a target model"):
         seme.merge({"merge_method": "seme", "base_model": str(tmp_path / "base"), "dtype": "float32",
                     "models": [{"model": str(tmp_path / "turned")}]}, str(tmp_path / "refused"), progress=False)
+
+
+def test_inkling_merges_and_is_refused_rotation(tmp_path):
+    """Fine-tunes of one Inkling merged by task_arithmetic reload in transformers with every tensor and generate; a
+    copy turned by the role table is refused rotation in one line, naming the convolutions over the stream."""
+    import seme
+    from seme.errors import SemeError
+
+    base = perturbed(build("inkling_text", {}))
+    base.save_pretrained(tmp_path / "base")
+    g = torch.Generator().manual_seed(3)
+    for i in range(2):
+        tuned = build("inkling_text", {})
+        tuned.load_state_dict({k: v + 0.0005 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
+        tuned.save_pretrained(tmp_path / f"tuned{i}")
+    tuned = [{"model": str(tmp_path / f"tuned{i}")} for i in range(2)]
+    seme.merge({"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"), "models": tuned,
+                "dtype": "float32", "parameters": {"weight": 0.5}}, str(tmp_path / "merged"), progress=False)
+    merged, info = transformers.InklingForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        assert merged.eval().generate(torch.arange(3, 11)[None], max_new_tokens=3, do_sample=False).shape == (1, 11)
+
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    state = {k: v.double() for k, v in safetensors_torch.load_file(tmp_path / "base" / "model.safetensors").items()}
+    Q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    (tmp_path / "turned").mkdir()
+    safetensors_torch.save_file({k: v.float() for k, v in rotate(state, for_config(config), Q).items()},
+                                tmp_path / "turned" / "model.safetensors")
+    (tmp_path / "turned" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SemeError, match=r"by rotation is not supported \(.*depthwise causal convolutions") as refused:
+        seme.merge({"merge_method": "seme", "base_model": str(tmp_path / "base"), "dtype": "float32",
+                    "models": [{"model": str(tmp_path / "turned")}]}, str(tmp_path / "refused"), progress=False)
+    assert "\n" not in str(refused.value)
 
 
 def test_phi4_multimodal_merges_end_to_end(tmp_path):
