@@ -525,6 +525,11 @@ FAMILIES = {
     # a sliding and a full attention layer (their relative-bias banks differ in width), a dense MLP and a mixture of
     # experts whose router also scores the shared experts
     "inkling_text": ("InklingTextConfig", "InklingForCausalLM", INKLING),
+    # with its image and audio towers, saved in the checkpoints' own layout (model.llm., fused w13)
+    "inkling_mm_model": ("InklingConfig", "InklingForConditionalGeneration", dict(
+        text_config=INKLING, vision_config=dict(hidden_size=16, num_hidden_layers=3, patch_size=4, temporal_patch_size=2),
+        audio_config=dict(n_mel_bins=4, mel_vocab_size=8), image_token_id=100, audio_token_id=101,
+        image_bos_token_id=102, audio_bos_token_id=103)),
 }
 PHI4_IMAGE = lambda: dict(image_pixel_values=torch.randn(1, 2, 3, 28, 28, generator=torch.Generator().manual_seed(4)),
                           image_sizes=torch.tensor([[28, 28]]), image_attention_mask=torch.ones(1, 2, 2, 2))
@@ -576,7 +581,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash", "longcat_flash",
        "glm4_moe:hy_v3", "hy_v4", "glm4_moe:laguna",
        "bailing_hybrid", "qwen3_moe:flint", "kolibri1", "deepseek_v3:axk1", "axk2",
-       "deepseek_v3:dots3_note_text", "aria_text",
+       "deepseek_v3:dots3_note_text", "aria_text", "inkling_mm_model",
        # beam, cpm-ant, git
        "beam", "diffusion_gemma"}
 CASES = [(f, {}) for f in FAMILIES] + [
@@ -844,6 +849,8 @@ def test_checkpoint_roles(saved, case):
             assert shape[1] == hidden, name
         elif r.role == "write_bias":  # one per expert where the experts are fused
             assert shape[-1:] == (hidden,) and len(shape) <= 2, name
+        elif r.role == "stream_vector":  # or G of them (Inkling's audio codes, a row per mel bin and level)
+            assert shape[-1:] == (hidden,) and len(shape) <= 2, name
         elif r.role in VECTOR_ROLES:
             assert shape == (hidden,), name
 
@@ -1015,9 +1022,10 @@ def test_norm_feeds_read(saved, case):
             # or, for fused experts (dbrx's 2-D too), the tokens routed to them: each row a copy of a token's, or
             # scaled by the router (llama4)
             assert rows_of(x, y), name
-        elif r.role == "write_norm":  # a write's output (or that of the block that sums a mixture of experts'
-            # writes), or the sum of its layer's other write_norms' outputs (gemma 4: the dense MLP's and the
-            # experts' outputs, each normalised, then their sum)
+        elif r.role == "write_norm" and r.layer is not None:  # a write's output (or that of the block that sums a
+            # mixture of experts' writes), or the sum of its layer's other write_norms' outputs (gemma 4: the dense
+            # MLP's and the experts' outputs, each normalised, then their sum); outside the layers, a tower's (Inkling's
+            # image and audio features, normalised as they take their tokens' places), which a text prompt does not run
             x = inputs[module(name)]
             sublayers = set().union(*(b for n, b in writes.items() if arch.role(n).layer == r.layer))
             others = [outputs[module(n)] for n in shapes
