@@ -59,6 +59,11 @@ INKLING = dict(DECODER, head_dim=8, swa_num_attention_heads=4, swa_num_key_value
                rel_extent=16, sliding_window_size=8, moe_intermediate_size=16, n_routed_experts=4,
                num_experts_per_tok=2, n_shared_experts=2, layer_types=["hybrid_sliding", "hybrid"],
                mlp_layer_types=["dense", "sparse"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+INKLING2 = dict(DECODER, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                swa_head_dim=8, d_rel=4, rel_extent=16, sliding_window_size=8, unpadded_vocab_size=128,
+                moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                layer_types=["hybrid_sliding", "hybrid"], n_layers_per_attn_res_block=1, log_scaling_n_floor=4,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER),
     "mistral": ("MistralConfig", "MistralForCausalLM", DECODER),
@@ -525,6 +530,9 @@ FAMILIES = {
     # a sliding and a full attention layer (their relative-bias banks differ in width), a dense MLP and a mixture of
     # experts whose router also scores the shared experts
     "inkling_text": ("InklingTextConfig", "InklingForCausalLM", INKLING),
+    # a sliding and a full attention layer (its attention input three queries, its keys' and values' convolutions
+    # dynamic), each closing an attention-residual block; saved in the checkpoints' own layout
+    "inkling2_text": ("Inkling2TextConfig", "Inkling2ForCausalLM", INKLING2),
     # with its image and audio towers, saved in the checkpoints' own layout (model.llm., fused w13)
     "inkling_mm_model": ("InklingConfig", "InklingForConditionalGeneration", dict(
         text_config=INKLING, vision_config=dict(hidden_size=16, num_hidden_layers=3, patch_size=4, temporal_patch_size=2),
@@ -581,7 +589,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash", "longcat_flash",
        "glm4_moe:hy_v3", "hy_v4", "glm4_moe:laguna",
        "bailing_hybrid", "qwen3_moe:flint", "kolibri1", "deepseek_v3:axk1", "axk2",
-       "deepseek_v3:dots3_note_text", "aria_text", "inkling_mm_model",
+       "deepseek_v3:dots3_note_text", "aria_text", "inkling_mm_model", "inkling2_text",
        # beam, cpm-ant, git
        "beam", "diffusion_gemma"}
 CASES = [(f, {}) for f in FAMILIES] + [
@@ -823,7 +831,9 @@ def test_checkpoint_roles(saved, case):
         r = arch.role(name)
         assert r is not None, name
         m = LAYER.search(name)
-        assert r.layer == (int(m.group(1)) if m else None), name
+        # (or a layer's tensor kept outside the layers, by the index its name ends in: Inkling 2's attention queries)
+        outside = r.template.endswith(".{layer}") and int(name.rsplit(".", 1)[1])
+        assert r.layer == (int(m.group(1)) if m else outside if outside is not False else None), name
         assert (r.template == name) if r.layer is None else (arch.layer_name(r.template, r.layer) == name)
         # fused experts lead with [E, ...]
         in_dim, out_dim = (-1, -2) if archs.orientation(r.layout, r.role, shape, hidden) == "out_in" else (-2, -1)
@@ -905,6 +915,10 @@ def test_norm_feeds_read(saved, case):
     module = lambda tensor_name: in_memory(tensor_name).rsplit(".", 1)[0]
     layer_module = lambda r: in_memory(r.template[:r.template.index(".", r.template.index("{layer}"))].replace(
         "{layer}", str(r.layer)))
+    # Inkling 2's attention-residual queries read a stack of the blocks' states, each normalised without a gain, not
+    # one stream: test_inkling2_attention_residual_queries_read_the_normalised_block_states
+    shapes = {n: s for n, s in shapes.items()
+              if module(n).rsplit(".", 1)[-1] not in ("attention_input", "mlp_input", "final_input")}
     inputs, outputs, calls = {}, {}, {}
 
     def hook(name):
@@ -1118,7 +1132,7 @@ def test_every_table_parses_and_owns_its_names():
             assert claimed.setdefault(key, name) == name, f"{key} in {claimed[key]} and {name}"
 
 
-@pytest.mark.parametrize("family", ["cohere", "minimax", "zaya", "doge", "inkling_text"])
+@pytest.mark.parametrize("family", ["cohere", "minimax", "zaya", "doge", "inkling_text", "inkling2_text"])
 def test_a_family_with_rotation_obstacles_is_not_rotation_invariant(family, tmp_path):
     """Why norm_type, normed_residual, stream_gain and unrotatable matter: cohere's LayerNorms have no bias, so
     no role says they subtract the mean; MiniMax's sublayers carry their norm's output on as the residual, so the
@@ -1625,23 +1639,30 @@ def test_gemma4_assistants_merge_and_are_refused_rotation(family, tmp_path):
                     "models": [{"model": str(tmp_path / "turned")}]}, str(tmp_path / "refused"), progress=False)
 
 
-def test_inkling_merges_and_is_refused_rotation(tmp_path):
-    """Fine-tunes of one Inkling merged by task_arithmetic reload in transformers with every tensor and generate; a
-    copy turned by the role table is refused rotation in one line, naming the convolutions over the stream."""
+@pytest.mark.parametrize("family, refusal", [
+    ("inkling_text", r"by rotation is not supported \(.*depthwise causal convolutions"),
+    # its attention-residual queries, kept outside the layers by index, are stacks of their own to seme.plan
+    ("inkling2_text", r"has several layer stacks \(model\.llm\.attn_res\.attn_queries\.\* \(1 layers\)"),
+])
+def test_inkling_merges_and_is_refused_rotation(family, refusal, tmp_path):
+    """Fine-tunes of one Inkling (or Inkling 2, saved in its checkpoints' layout) merged by task_arithmetic reload in
+    transformers with every tensor and generate; SeMe refuses in one line a copy turned by the role table: Inkling's
+    for the convolutions over the stream, Inkling 2's for its several stacks."""
     import seme
     from seme.errors import SemeError
 
-    base = perturbed(build("inkling_text", {}))
+    base = perturbed(build(family, {}))
     base.save_pretrained(tmp_path / "base")
     g = torch.Generator().manual_seed(3)
     for i in range(2):
-        tuned = build("inkling_text", {})
+        tuned = build(family, {})
         tuned.load_state_dict({k: v + 0.0005 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
         tuned.save_pretrained(tmp_path / f"tuned{i}")
     tuned = [{"model": str(tmp_path / f"tuned{i}")} for i in range(2)]
     seme.merge({"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"), "models": tuned,
                 "dtype": "float32", "parameters": {"weight": 0.5}}, str(tmp_path / "merged"), progress=False)
-    merged, info = transformers.InklingForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    merged, info = getattr(transformers, FAMILIES[family][1]).from_pretrained(tmp_path / "merged",
+                                                                              output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     with torch.no_grad():
         assert merged.eval().generate(torch.arange(3, 11)[None], max_new_tokens=3, do_sample=False).shape == (1, 11)
@@ -1653,10 +1674,36 @@ def test_inkling_merges_and_is_refused_rotation(tmp_path):
     safetensors_torch.save_file({k: v.float() for k, v in rotate(state, for_config(config), Q).items()},
                                 tmp_path / "turned" / "model.safetensors")
     (tmp_path / "turned" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SemeError, match=r"by rotation is not supported \(.*depthwise causal convolutions") as refused:
+    with pytest.raises(SemeError, match=refusal) as refused:
         seme.merge({"merge_method": "seme", "base_model": str(tmp_path / "base"), "dtype": "float32",
                     "models": [{"model": str(tmp_path / "turned")}]}, str(tmp_path / "refused"), progress=False)
     assert "\n" not in str(refused.value)
+
+
+def test_inkling2_attention_residual_queries_read_the_normalised_block_states(saved):
+    """Inkling 2's attention-residual queries (reads without a norm) attend over states of the residual stream: each
+    block state is the embeddings or a layer's output, the partial one the stream where the sublayer reads it; they
+    normalise them without a gain, so a turn of the stream turns them as it turns any read's rows."""
+    model, config, shapes = saved("inkling2_text", {})
+    arch = for_config(config)
+    queries = [n for n in shapes if n.startswith("model.llm.attn_res.")]
+    assert queries and all(arch.role(n).role == "read" and arch.role(n).norm is None for n in queries)
+    attentions = {n: m for n, m in model.named_modules() if n.endswith(("attention_input", "mlp_input", "final_input"))}
+    assert len(attentions) == len(queries)
+    states, stacks = [], {}
+    handles = [model.model.embed_tokens.register_forward_hook(lambda _, args, out: states.append(out))]
+    handles += [layer.register_forward_hook(lambda _, args, out: states.append(out)) for layer in model.model.layers]
+    handles += [m.register_forward_hook(lambda m, args, out, n=n: stacks.update({n: args}) if n not in stacks else None)
+                for n, m in attentions.items()]
+    with torch.no_grad():
+        model(torch.arange(8).unsqueeze(0))
+    for h in handles:
+        h.remove()
+    assert stacks.keys() == attentions.keys()
+    for name, (blocks, partial) in stacks.items():
+        assert blocks.shape[-2] >= 1 and partial.shape == states[0].shape, name
+        for j in range(blocks.shape[-2]):
+            assert any(torch.allclose(blocks[..., j, :].float(), s.float()) for s in states), (name, j)
 
 
 def test_phi4_multimodal_merges_end_to_end(tmp_path):
