@@ -1045,6 +1045,23 @@ def test_what_modules_cannot_do_is_a_one_line_error(llavas, tmp_path, capsys, ca
 
 # --- the language model's role table ----------------------------------------------------------------
 
+def build_inkling2(path, seed: int) -> str:
+    """A tiny Inkling 2 (its language model a sliding and a full attention layer), which transformers saves in its
+    checkpoints' layout: the language model under model.llm. as inkling2_text keeps it, the vision tower's merger
+    as model.visual.proj_in / proj_out."""
+    import transformers
+
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, d_rel=4, rel_extent=16,
+                sliding_window_size=8, vocab_size=128, unpadded_vocab_size=128, moe_intermediate_size=16,
+                n_routed_experts=4, num_experts_per_tok=2, layer_types=["hybrid_sliding", "hybrid"],
+                n_layers_per_attn_res_block=1, log_scaling_n_floor=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = transformers.Inkling2Config(text_config=text, image_token_id=100, vision_config=dict(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, patch_size=4, posemb_grid_size=4,
+        projection_hidden_dim=24, text_hidden_size=32))
+    return save_random(path, seed, transformers.Inkling2ForConditionalGeneration, config)
+
+
 WRAPPERS = {  # the builder, and the family of its language model
     "llava": (build_llava, "llama"), "llava-nested": (build_llava_nested, "llama"),
     "gemma3": (build_gemma3, "gemma3"), "gemma4": (build_gemma4, "gemma4"),
@@ -1100,6 +1117,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     # DeepSeek-OCR 2, Unlimited-OCR
     "deepseek_ocr2": (build_deepseek_ocr2, "deepseek_v2"), "unlimited_ocr": (build_unlimited_ocr, "deepseek_v2"),
     "kosmos2": (build_kosmos2, "kosmos_2_text_model"), "kosmos2_5": (build_kosmos2_5, "kosmos_2_5_text_model"),
+    "inkling2": (build_inkling2, "inkling2_text"),
 }
 
 
@@ -1708,7 +1726,8 @@ def test_a_wrapper_beside_whose_language_model_nothing_writes_merges_end_to_end(
         assert out.shape == (1, ids.shape[1] + 3), name
 
 
-@pytest.mark.parametrize("wrapper", ["cosmos3_edge", "granite_docling", "voxtral_realtime", "muse_glimmer", "muse_spark"])
+@pytest.mark.parametrize("wrapper", ["cosmos3_edge", "granite_docling", "voxtral_realtime", "muse_glimmer", "muse_spark",
+                                     "inkling2"])
 def test_a_wrapper_of_a_new_language_model_merges_and_reloads(wrapper, tmp_path):
     """Fine-tunes of one wrapper merged by task_arithmetic with its roles (no tensor left to names alone): the output
     reloads in transformers with every tensor it expects; SeMe refuses to turn those whose stream no turn keeps."""
