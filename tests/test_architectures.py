@@ -63,6 +63,15 @@ CHAMELEON = dict(DECODER, vocabulary_map={"<image>": 120}, vq_config=dict(
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4)
 MUSE_TEXT = dict(DECODER, head_dim=8, layer_types=["sliding_attention", "full_attention"], layer_rope_theta=[10000.0, 0],
                  tie_word_embeddings=True)
+INKLING = dict(DECODER, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, d_rel=4,
+               rel_extent=16, sliding_window_size=8, moe_intermediate_size=16, n_routed_experts=4,
+               num_experts_per_tok=2, n_shared_experts=2, layer_types=["hybrid_sliding", "hybrid"],
+               mlp_layer_types=["dense", "sparse"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+INKLING2 = dict(DECODER, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                swa_head_dim=8, d_rel=4, rel_extent=16, sliding_window_size=8, unpadded_vocab_size=128,
+                moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                layer_types=["hybrid_sliding", "hybrid"], n_layers_per_attn_res_block=1, log_scaling_n_floor=4,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER),
     "mistral": ("MistralConfig", "MistralForCausalLM", DECODER),
@@ -536,6 +545,18 @@ FAMILIES = {
     "muse_spark_text": ("MuseSparkTextConfig", "MuseSparkTextModel", dict(
         MUSE_TEXT, num_local_experts=4, num_experts_per_tok=2, moe_hidden_size=16, moe_intermediate_size=16,
         mlp_layer_types=["dense", "sparse"])),
+    # inkling
+    # a sliding and a full attention layer (their relative-bias banks differ in width), a dense MLP and a mixture of
+    # experts whose router also scores the shared experts
+    "inkling_text": ("InklingTextConfig", "InklingForCausalLM", INKLING),
+    # a sliding and a full attention layer (its attention input three queries, its keys' and values' convolutions
+    # dynamic), each closing an attention-residual block; saved in the checkpoints' own layout
+    "inkling2_text": ("Inkling2TextConfig", "Inkling2ForCausalLM", INKLING2),
+    # with its image and audio towers, saved in the checkpoints' own layout (model.llm., fused w13)
+    "inkling_mm_model": ("InklingConfig", "InklingForConditionalGeneration", dict(
+        text_config=INKLING, vision_config=dict(hidden_size=16, num_hidden_layers=3, patch_size=4, temporal_patch_size=2),
+        audio_config=dict(n_mel_bins=4, mel_vocab_size=8), image_token_id=100, audio_token_id=101,
+        image_bos_token_id=102, audio_bos_token_id=103)),
 }
 PHI4_IMAGE = lambda: dict(image_pixel_values=torch.randn(1, 2, 3, 28, 28, generator=torch.Generator().manual_seed(4)),
                           image_sizes=torch.tensor([[28, 28]]), image_attention_mask=torch.ones(1, 2, 2, 2))
@@ -587,7 +608,7 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "deepseek_v4", "deepseek_v3:glm_moe_dsa", "kimi_linear", "glm4_moe:mimo_v2_flash", "longcat_flash",
        "glm4_moe:hy_v3", "hy_v4", "glm4_moe:laguna", "qwen4_exp_text",
        "bailing_hybrid", "qwen3_moe:flint", "kolibri1", "deepseek_v3:axk1", "axk2",
-       "deepseek_v3:dots3_note_text", "aria_text",
+       "deepseek_v3:dots3_note_text", "aria_text", "inkling_mm_model", "inkling2_text",
        # beam, cpm-ant, git
        "beam", "diffusion_gemma"}
 CASES = [(f, {}) for f in FAMILIES] + [
@@ -831,7 +852,9 @@ def test_checkpoint_roles(saved, case):
         r = arch.role(name)
         assert r is not None, name
         m = LAYER.search(name)
-        assert r.layer == (int(m.group(1)) if m else None), name
+        # (or a layer's tensor kept outside the layers, by the index its name ends in: Inkling 2's attention queries)
+        outside = r.template.endswith(".{layer}") and int(name.rsplit(".", 1)[1])
+        assert r.layer == (int(m.group(1)) if m else outside if outside is not False else None), name
         assert (r.template == name) if r.layer is None else (arch.layer_name(r.template, r.layer) == name)
         # fused experts lead with [E, ...]
         in_dim, out_dim = (-1, -2) if archs.orientation(r.layout, r.role, shape, hidden) == "out_in" else (-2, -1)
@@ -859,6 +882,8 @@ def test_checkpoint_roles(saved, case):
             assert shape[-1:] == (hidden,) and len(shape) <= 2, name
         elif r.role in ("norm", "final_norm"):  # over all the parallel residual streams (Qwen4-Exp's)
             assert shape == (hidden * arch.streams(config),), name
+        elif r.role == "stream_vector":  # or G of them (Inkling's audio codes, a row per mel bin and level)
+            assert shape[-1:] == (hidden,) and len(shape) <= 2, name
         elif r.role in VECTOR_ROLES:
             assert shape == (hidden,), name
 
@@ -867,7 +892,7 @@ def test_checkpoint_roles(saved, case):
     # (or no embedding in the stream to tie a head to: RemBERT's output table is its own)
     assert tied == (not any(arch.role(n).role == "lm_head" for n in shapes)) or not any(
         arch.role(n).role == "embedding" for n in shapes)
-    assert tied == model.config.tie_word_embeddings
+    assert tied == getattr(model.config, "tie_word_embeddings", False)  # a config without the key ties nothing (Inkling's)
     experts = range(next((config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
                           if config.get(k)), 0))
     for template in set(arch.tensors).union(*arch.kind_tensors.values(), *arch.layer_tensors.values()):  # each layer's
@@ -913,6 +938,10 @@ def test_norm_feeds_read(saved, case):
     module = lambda tensor_name: in_memory(tensor_name).rsplit(".", 1)[0]
     layer_module = lambda r: in_memory(r.template[:r.template.index(".", r.template.index("{layer}"))].replace(
         "{layer}", str(r.layer)))
+    # Inkling 2's attention-residual queries read a stack of the blocks' states, each normalised without a gain, not
+    # one stream: test_inkling2_attention_residual_queries_read_the_normalised_block_states
+    shapes = {n: s for n, s in shapes.items()
+              if module(n).rsplit(".", 1)[-1] not in ("attention_input", "mlp_input", "final_input")}
     inputs, outputs, calls = {}, {}, {}
 
     def hook(name):
@@ -1034,9 +1063,10 @@ def test_norm_feeds_read(saved, case):
             # or, for fused experts (dbrx's 2-D too), the tokens routed to them: each row a copy of a token's, or
             # scaled by the router (llama4)
             assert rows_of(x, y), name
-        elif r.role == "write_norm":  # a write's output (or that of the block that sums a mixture of experts'
-            # writes), or the sum of its layer's other write_norms' outputs (gemma 4: the dense MLP's and the
-            # experts' outputs, each normalised, then their sum)
+        elif r.role == "write_norm" and r.layer is not None:  # a write's output (or that of the block that sums a
+            # mixture of experts' writes), or the sum of its layer's other write_norms' outputs (gemma 4: the dense
+            # MLP's and the experts' outputs, each normalised, then their sum); outside the layers, a tower's (Inkling's
+            # image and audio features, normalised as they take their tokens' places), which a text prompt does not run
             x = inputs[module(name)]
             sublayers = set().union(*(b for n, b in writes.items() if arch.role(n).layer == r.layer))
             others = [outputs[module(n)] for n in shapes
@@ -1129,12 +1159,13 @@ def test_every_table_parses_and_owns_its_names():
             assert claimed.setdefault(key, name) == name, f"{key} in {claimed[key]} and {name}"
 
 
-@pytest.mark.parametrize("family", ["cohere", "minimax", "zaya", "doge"])
+@pytest.mark.parametrize("family", ["cohere", "minimax", "zaya", "doge", "inkling_text", "inkling2_text"])
 def test_a_family_with_rotation_obstacles_is_not_rotation_invariant(family, tmp_path):
     """Why norm_type, normed_residual, stream_gain and unrotatable matter: cohere's LayerNorms have no bias, so
     no role says they subtract the mean; MiniMax's sublayers carry their norm's output on as the residual, so the
-    gains scale the stream; ZAYA scales its stream channel by channel, and so do Doge's residual connections. The
-    turn by any of these role tables changes the function."""
+    gains scale the stream; ZAYA scales its stream channel by channel, and so do Doge's residual connections;
+    Inkling convolves its sublayers' outputs over positions, channel by channel. The turn by any of these role
+    tables changes the function."""
     assert role_table(family).rotation_obstacles()
     assert rotation_error(family, tmp_path) > 1e-2
 
@@ -1667,7 +1698,6 @@ def test_gemma4_assistants_merge_and_are_refused_rotation(family, tmp_path):
                     "models": [{"model": str(tmp_path / "turned")}]}, str(tmp_path / "refused"), progress=False)
 
 
-
 def test_qwen4_exp_merges_and_is_refused_rotation(tmp_path):
     """Fine-tunes of one Qwen4-Exp merged by task_arithmetic and by SeMe (unturned: they are aligned) reload in
     transformers with every tensor (the n-gram tables from their shards, the hash constants copied); an independent
@@ -1701,6 +1731,73 @@ def test_qwen4_exp_merges_and_is_refused_rotation(tmp_path):
                                         r"hyper-connections gate"):
         seme.merge({"merge_method": "seme", "base_model": str(tmp_path / "base"), "dtype": "float32",
                     "models": [{"model": str(tmp_path / "independent")}]}, str(tmp_path / "refused"), progress=False)
+
+
+@pytest.mark.parametrize("family, refusal", [
+    ("inkling_text", r"by rotation is not supported \(.*depthwise causal convolutions"),
+    # its attention-residual queries, kept outside the layers by index, are stacks of their own to seme.plan
+    ("inkling2_text", r"has several layer stacks \(model\.llm\.attn_res\.attn_queries\.\* \(1 layers\)"),
+])
+def test_inkling_merges_and_is_refused_rotation(family, refusal, tmp_path):
+    """Fine-tunes of one Inkling (or Inkling 2, saved in its checkpoints' layout) merged by task_arithmetic reload in
+    transformers with every tensor and generate; SeMe refuses in one line a copy turned by the role table: Inkling's
+    for the convolutions over the stream, Inkling 2's for its several stacks."""
+    import seme
+    from seme.errors import SemeError
+
+    base = perturbed(build(family, {}))
+    base.save_pretrained(tmp_path / "base")
+    g = torch.Generator().manual_seed(3)
+    for i in range(2):
+        tuned = build(family, {})
+        tuned.load_state_dict({k: v + 0.0005 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
+        tuned.save_pretrained(tmp_path / f"tuned{i}")
+    tuned = [{"model": str(tmp_path / f"tuned{i}")} for i in range(2)]
+    seme.merge({"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"), "models": tuned,
+                "dtype": "float32", "parameters": {"weight": 0.5}}, str(tmp_path / "merged"), progress=False)
+    merged, info = getattr(transformers, FAMILIES[family][1]).from_pretrained(tmp_path / "merged",
+                                                                              output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        assert merged.eval().generate(torch.arange(3, 11)[None], max_new_tokens=3, do_sample=False).shape == (1, 11)
+
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    state = {k: v.double() for k, v in safetensors_torch.load_file(tmp_path / "base" / "model.safetensors").items()}
+    Q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    (tmp_path / "turned").mkdir()
+    safetensors_torch.save_file({k: v.float() for k, v in rotate(state, for_config(config), Q).items()},
+                                tmp_path / "turned" / "model.safetensors")
+    (tmp_path / "turned" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SemeError, match=refusal) as refused:
+        seme.merge({"merge_method": "seme", "base_model": str(tmp_path / "base"), "dtype": "float32",
+                    "models": [{"model": str(tmp_path / "turned")}]}, str(tmp_path / "refused"), progress=False)
+    assert "\n" not in str(refused.value)
+
+
+def test_inkling2_attention_residual_queries_read_the_normalised_block_states(saved):
+    """Inkling 2's attention-residual queries (reads without a norm) attend over states of the residual stream: each
+    block state is the embeddings or a layer's output, the partial one the stream where the sublayer reads it; they
+    normalise them without a gain, so a turn of the stream turns them as it turns any read's rows."""
+    model, config, shapes = saved("inkling2_text", {})
+    arch = for_config(config)
+    queries = [n for n in shapes if n.startswith("model.llm.attn_res.")]
+    assert queries and all(arch.role(n).role == "read" and arch.role(n).norm is None for n in queries)
+    attentions = {n: m for n, m in model.named_modules() if n.endswith(("attention_input", "mlp_input", "final_input"))}
+    assert len(attentions) == len(queries)
+    states, stacks = [], {}
+    handles = [model.model.embed_tokens.register_forward_hook(lambda _, args, out: states.append(out))]
+    handles += [layer.register_forward_hook(lambda _, args, out: states.append(out)) for layer in model.model.layers]
+    handles += [m.register_forward_hook(lambda m, args, out, n=n: stacks.update({n: args}) if n not in stacks else None)
+                for n, m in attentions.items()]
+    with torch.no_grad():
+        model(torch.arange(8).unsqueeze(0))
+    for h in handles:
+        h.remove()
+    assert stacks.keys() == attentions.keys()
+    for name, (blocks, partial) in stacks.items():
+        assert blocks.shape[-2] >= 1 and partial.shape == states[0].shape, name
+        for j in range(blocks.shape[-2]):
+            assert any(torch.allclose(blocks[..., j, :].float(), s.float()) for s in states), (name, j)
 
 
 def test_phi4_multimodal_merges_end_to_end(tmp_path):

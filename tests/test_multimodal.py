@@ -1055,6 +1055,23 @@ def test_what_modules_cannot_do_is_a_one_line_error(llavas, tmp_path, capsys, ca
 
 # --- the language model's role table ----------------------------------------------------------------
 
+def build_inkling2(path, seed: int) -> str:
+    """A tiny Inkling 2 (its language model a sliding and a full attention layer), which transformers saves in its
+    checkpoints' layout: the language model under model.llm. as inkling2_text keeps it, the vision tower's merger
+    as model.visual.proj_in / proj_out."""
+    import transformers
+
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, d_rel=4, rel_extent=16,
+                sliding_window_size=8, vocab_size=128, unpadded_vocab_size=128, moe_intermediate_size=16,
+                n_routed_experts=4, num_experts_per_tok=2, layer_types=["hybrid_sliding", "hybrid"],
+                n_layers_per_attn_res_block=1, log_scaling_n_floor=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = transformers.Inkling2Config(text_config=text, image_token_id=100, vision_config=dict(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, patch_size=4, posemb_grid_size=4,
+        projection_hidden_dim=24, text_hidden_size=32))
+    return save_random(path, seed, transformers.Inkling2ForConditionalGeneration, config)
+
+
 WRAPPERS = {  # the builder, and the family of its language model
     "llava": (build_llava, "llama"), "llava-nested": (build_llava_nested, "llama"),
     "gemma3": (build_gemma3, "gemma3"), "gemma4": (build_gemma4, "gemma4"),
@@ -1111,6 +1128,7 @@ WRAPPERS = {  # the builder, and the family of its language model
     # DeepSeek-OCR 2, Unlimited-OCR
     "deepseek_ocr2": (build_deepseek_ocr2, "deepseek_v2"), "unlimited_ocr": (build_unlimited_ocr, "deepseek_v2"),
     "kosmos2": (build_kosmos2, "kosmos_2_text_model"), "kosmos2_5": (build_kosmos2_5, "kosmos_2_5_text_model"),
+    "inkling2": (build_inkling2, "inkling2_text"),
 }
 
 
@@ -1769,7 +1787,8 @@ def test_a_wrapper_beside_whose_language_model_nothing_writes_merges_end_to_end(
         assert out.shape == (1, ids.shape[1] + 3), name
 
 
-@pytest.mark.parametrize("wrapper", ["cosmos3_edge", "granite_docling", "voxtral_realtime", "muse_glimmer", "muse_spark"])
+@pytest.mark.parametrize("wrapper", ["cosmos3_edge", "granite_docling", "voxtral_realtime", "muse_glimmer", "muse_spark",
+                                     "inkling2"])
 def test_a_wrapper_of_a_new_language_model_merges_and_reloads(wrapper, tmp_path):
     """Fine-tunes of one wrapper merged by task_arithmetic with its roles (no tensor left to names alone): the output
     reloads in transformers with every tensor it expects; SeMe refuses to turn those whose stream no turn keeps."""
@@ -1925,3 +1944,70 @@ def test_an_image_code_the_output_vocabulary_lacks_is_a_one_line_error(chameleon
     r = {**recipe([a, short]), "tokenizer_source": short}
     assert_refused(r, f"the output vocabulary has no {image_code(15)!r}, the base model's vocabulary_map entry",
                    tmp_path, capsys)
+# --- Inkling ------------------------------------------------------------------------------------------------
+
+def build_inkling(path, seed: int) -> str:
+    """A tiny Inkling with its image and audio towers (a sliding and a full attention layer, a dense MLP and experts),
+    which transformers saves in its checkpoints' own layout (model.llm., fused w13)."""
+    import transformers
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, d_rel=4,
+                rel_extent=16, sliding_window_size=8, vocab_size=128, moe_intermediate_size=16, n_routed_experts=4,
+                num_experts_per_tok=2, n_shared_experts=2, layer_types=["hybrid_sliding", "hybrid"],
+                mlp_layer_types=["dense", "sparse"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = transformers.InklingConfig(
+        text_config=text, vision_config=dict(hidden_size=16, num_hidden_layers=3, patch_size=4, temporal_patch_size=2),
+        audio_config=dict(n_mel_bins=4, mel_vocab_size=8), image_token_id=100, audio_token_id=101,
+        image_bos_token_id=102, audio_bos_token_id=103)
+    return save_random(path, seed, transformers.InklingForConditionalGeneration, config)
+
+
+def inkling_prompt() -> dict:  # two image patches (a token each) and three audio frames between text tokens
+    g = torch.Generator().manual_seed(0)
+    return dict(input_ids=torch.tensor([[1, 5, 102, 100, 100, 9, 103, 101, 101, 101, 11]]),
+                pixel_values=torch.randn(2, 2, 4, 4, 3, generator=g),
+                audio_input_ids=torch.randint(0, 8, (1, 3, 4), generator=g))
+
+
+def test_inkling_keeps_its_language_model_in_its_own_layout_and_merges(tmp_path):
+    """Inkling's checkpoints keep its language model in the original layout (model.llm.), which transformers renames on
+    load: each tensor it renames plainly has the role inkling_text gives the name it gets in memory; beside it, the
+    image and audio towers' features are normalised over the stream's width as they take their tokens' places
+    (write_norm), so SeMe would not turn it. Fine-tunes merged by task_arithmetic reload with every tensor and generate
+    from a prompt with an image and a sound."""
+    import json
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    a = build_inkling(tmp_path / "a", 0)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    names = tensor_names(a)
+    arch = architectures.for_config(config, names)
+    assert arch.name == "inkling_mm_model" and arch.projected and all(arch.role(n) for n in names)
+    assert arch.num_layers(config) == 2 and arch.hidden_size(config) == 32 and not arch.tied(config)
+    assert arch.unrotatable in arch.rotation_obstacles()
+    assert [arch.role(n).role for n in ("model.visual.final_norm.weight", "model.audio.final_norm.weight",
+                                        "model.audio.encoder.weight")] == ["write_norm", "write_norm", "stream_vector"]
+
+    model = reloaded("InklingForConditionalGeneration", tmp_path / "a")
+    in_memory = dict(model.named_parameters())
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    text = architectures.for_config(config["text_config"])
+    assert text.name == "inkling_text"
+    mirrored = 0
+    for name in names:
+        renamed = apply_renamings(name, renamings)
+        if renamed in in_memory and modules.part_of(renamed) == modules.TEXT:  # not the fused w13 (converted)
+            own, expected = arch.role(name), text.role(renamed.replace("model.language_model.", "model."))
+            assert (own.role, own.layer) == (expected.role, expected.layer), name
+            assert own.norm is None or apply_renamings(own.norm, renamings).replace(
+                "model.language_model.", "model.") == expected.norm, name
+            mirrored += 1
+    assert mirrored > 30, mirrored
+
+    merged = merged_fine_tunes(a, "InklingForConditionalGeneration", tmp_path)
+    ids = inkling_prompt()["input_ids"]
+    with torch.no_grad():
+        assert merged.generate(**inkling_prompt(), max_new_tokens=3, do_sample=False).shape == (1, ids.shape[1] + 3)
