@@ -74,6 +74,7 @@ OTHER_CLASSES = {
     "roformer": ("RoFormerConfig", "RoFormerForMaskedLM", {}),
     # esm, albert
     "esm": ("EsmConfig", "EsmForMaskedLM", {"position_embedding_type": "rotary", "mask_token_id": 3}),
+    "albert": ("AlbertConfig", "AlbertForMaskedLM", {"embedding_size": 16}),
 }
 
 

@@ -46,6 +46,8 @@ CROSS_ATTENTION = dict(ENCODER, is_decoder=True, add_cross_attention=True)  # BE
 # ESM-2's settings: rotary positions, masked tokens' embeddings zeroed and the rest rescaled, no norm before the layers
 ESM = dict(ENCODER, pad_token_id=1, mask_token_id=4, position_embedding_type="rotary", token_dropout=True,
            emb_layer_norm_before=False)
+# two layer groups, each run by one of the two layers (released models: one group run by every layer)
+ALBERT = dict(ENCODER, embedding_size=16, num_hidden_groups=2)
 DISTILBERT = dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=128, max_position_embeddings=64)
 ASSISTANT_TEXT = dict(DECODER, head_dim=8, global_head_dim=16, layer_types=["sliding_attention", "full_attention"])
 # image and audio token ids inside the vocabulary; a 28-pixel crop of 2x2 patches, 16 frames of 80 features
@@ -501,6 +503,12 @@ FAMILIES = {
     "esm:seqcls": ("EsmConfig", "EsmForSequenceClassification", ESM),
     "esm:tokcls": ("EsmConfig", "EsmForTokenClassification", ESM),
     "esm:model": ("EsmConfig", "EsmModel", ESM),  # the pooler
+    # BERT's post-LN layers in groups shared across depth; embeddings narrower than the stream, projected into it
+    "albert": ("AlbertConfig", "AlbertForPreTraining", ALBERT),  # the pooler, the MLM head and the sentence-order head
+    "albert:mlm": ("AlbertConfig", "AlbertForMaskedLM", ALBERT),
+    "albert:seqcls": ("AlbertConfig", "AlbertForSequenceClassification", ALBERT),
+    "albert:tokcls": ("AlbertConfig", "AlbertForTokenClassification", ALBERT),
+    "albert:qa": ("AlbertConfig", "AlbertForQuestionAnswering", ALBERT),
     # mllama, emu3, phi-4-multimodal
     # a self-attention layer, then a cross-attention layer (cross_attention_layers lists its index)
     "mllama": ("MllamaTextConfig", "MllamaForCausalLM", dict(DECODER, cross_attention_layers=[1], pad_token_id=0,
@@ -739,6 +747,8 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("esm", {"position_embedding_type": "absolute", "emb_layer_norm_before": True}),  # ESM-1b
     ("esm:seqcls", {"position_embedding_type": "absolute"}),
     ("esm", {"tie_word_embeddings": False}),
+    ("albert", {"embedding_size": 32}),  # as wide as the stream, still projected into it
+    ("albert:mlm", {"tie_word_embeddings": False}),
     # mllama, emu3, phi-4-multimodal
     ("mllama", {"cross_attention_layers": [0]}),  # the cross-attention layer first
     ("llama:emu3_text_model", {"attention_bias": True, "mlp_bias": True}),
@@ -758,7 +768,8 @@ CASES = [(f, {}) for f in FAMILIES] + [
     # chameleon
     ("chameleon", {"attention_bias": True, "mlp_bias": True}),
 ]
-LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")  # or first: a bare model's (Muse's text models)
+# or first: a bare model's (Muse's text models); ALBERT's stack is its layer groups
+LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|albert_layer_groups)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
                 "stream_gain"}
 
@@ -1618,6 +1629,26 @@ def test_a_sliced_esm_merge_is_refused(tmp_path):
 
     with pytest.raises(SemeError, match=r"esm.contact_head.regression.weight packs a block for each of its 2 layers"):
         task_arithmetic_of_fine_tunes("esm", tmp_path, layer_ranges=[[0, 2], [1, 2]])
+
+
+@pytest.mark.parametrize("layer_ranges", [None, [[0, 1], [1, 2]]])
+def test_albert_fine_tunes_merge_and_reload(layer_ranges, tmp_path):
+    """Merged ALBERT fine-tunes reload in transformers with every tensor and run: whole, or in slices that keep each
+    layer group in place."""
+    merged, info, state = task_arithmetic_of_fine_tunes("albert:seqcls", tmp_path, layer_ranges=layer_ranges)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert merged.config.num_hidden_groups == 2 and merged.config.num_hidden_layers == 2
+    with torch.no_grad():
+        assert torch.isfinite(merged(torch.arange(3, 11).unsqueeze(0)).logits).all()
+
+
+def test_a_sliced_albert_merge_that_repeats_a_layer_group_is_refused(tmp_path):
+    """Layer i runs group int(i / (num_hidden_layers / num_hidden_groups)): a repeated group would not add a layer."""
+    from seme.errors import SemeError
+
+    with pytest.raises(SemeError, match=r"slices move, drop or repeat layers of albert, whose layers must stay in "
+                                        r"place: its layer groups are shared across depth"):
+        task_arithmetic_of_fine_tunes("albert:seqcls", tmp_path, layer_ranges=[[0, 2], [1, 2]])
 
 
 @pytest.mark.parametrize("family,extra", [("modernbert", {}), ("megatron_bert:qa", {}), ("xlm_roberta_xl", {}),
