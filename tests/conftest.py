@@ -72,6 +72,9 @@ OTHER_CLASSES = {
     "big_bird": ("BigBirdConfig", "BigBirdForMaskedLM", {"attention_type": "original_full"}),
     "rembert": ("RemBertConfig", "RemBertForMaskedLM", {"input_embedding_size": 16, "output_embedding_size": 24}),
     "roformer": ("RoFormerConfig", "RoFormerForMaskedLM", {}),
+    # esm, albert
+    "esm": ("EsmConfig", "EsmForMaskedLM", {"position_embedding_type": "rotary", "mask_token_id": 3}),
+    "albert": ("AlbertConfig", "AlbertForMaskedLM", {"embedding_size": 16}),
 }
 
 
@@ -92,6 +95,8 @@ def build_model(path, family: str = "llama", *, seed: int = 0, layers: int = 2, 
         config.vocab_size_per_layer_input = vocab
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
+    if model_cls.startswith("Esm"):
+        model._weight_conversions = []  # saved as the Hub's checkpoints name their tensors (test_esm_spellings)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if base_state is not None:

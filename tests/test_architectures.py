@@ -43,6 +43,11 @@ REMBERT = dict(ENCODER, input_embedding_size=16, output_embedding_size=24)
 ROC_BERT = dict(ENCODER, shape_vocab_size=40, shape_embed_dim=16, pronunciation_vocab_size=30, pronunciation_embed_dim=24)
 XMOD = dict(ENCODER, languages=["en_XX", "de_DE"], default_language="en_XX")
 CROSS_ATTENTION = dict(ENCODER, is_decoder=True, add_cross_attention=True)  # BERT as a seq2seq decoder
+# ESM-2's settings: rotary positions, masked tokens' embeddings zeroed and the rest rescaled, no norm before the layers
+ESM = dict(ENCODER, pad_token_id=1, mask_token_id=4, position_embedding_type="rotary", token_dropout=True,
+           emb_layer_norm_before=False)
+# two layer groups, each run by one of the two layers (released models: one group run by every layer)
+ALBERT = dict(ENCODER, embedding_size=16, num_hidden_groups=2)
 DISTILBERT = dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=128, max_position_embeddings=64)
 ASSISTANT_TEXT = dict(DECODER, head_dim=8, global_head_dim=16, layer_types=["sliding_attention", "full_attention"])
 # image and audio token ids inside the vocabulary; a 28-pixel crop of 2x2 patches, 16 frames of 80 features
@@ -501,6 +506,18 @@ FAMILIES = {
     # rotary positions; embeddings narrower than the stream (projected into it) or as wide
     "roformer": ("RoFormerConfig", "RoFormerForMaskedLM", dict(ENCODER, embedding_size=16)),
     "roformer:seqcls": ("RoFormerConfig", "RoFormerForSequenceClassification", dict(ENCODER, embedding_size=32)),
+    # esm, albert
+    # pre-LN protein language models (ESM-2: rotary); a contact head over every layer's attention maps
+    "esm": ("EsmConfig", "EsmForMaskedLM", ESM),
+    "esm:seqcls": ("EsmConfig", "EsmForSequenceClassification", ESM),
+    "esm:tokcls": ("EsmConfig", "EsmForTokenClassification", ESM),
+    "esm:model": ("EsmConfig", "EsmModel", ESM),  # the pooler
+    # BERT's post-LN layers in groups shared across depth; embeddings narrower than the stream, projected into it
+    "albert": ("AlbertConfig", "AlbertForPreTraining", ALBERT),  # the pooler, the MLM head and the sentence-order head
+    "albert:mlm": ("AlbertConfig", "AlbertForMaskedLM", ALBERT),
+    "albert:seqcls": ("AlbertConfig", "AlbertForSequenceClassification", ALBERT),
+    "albert:tokcls": ("AlbertConfig", "AlbertForTokenClassification", ALBERT),
+    "albert:qa": ("AlbertConfig", "AlbertForQuestionAnswering", ALBERT),
     # mllama, emu3, phi-4-multimodal
     # a self-attention layer, then a cross-attention layer (cross_attention_layers lists its index)
     "mllama": ("MllamaTextConfig", "MllamaForCausalLM", dict(DECODER, cross_attention_layers=[1], pad_token_id=0,
@@ -747,6 +764,12 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("megatron_bert", {"tie_word_embeddings": False}),
     ("roformer", {"embedding_size": 32}),  # BERT's masked-LM head
     ("roformer", {"embedding_size": 32, "tie_word_embeddings": False}),
+    # esm, albert
+    ("esm", {"position_embedding_type": "absolute", "emb_layer_norm_before": True}),  # ESM-1b
+    ("esm:seqcls", {"position_embedding_type": "absolute"}),
+    ("esm", {"tie_word_embeddings": False}),
+    ("albert", {"embedding_size": 32}),  # as wide as the stream, still projected into it
+    ("albert:mlm", {"tie_word_embeddings": False}),
     # mllama, emu3, phi-4-multimodal
     ("mllama", {"cross_attention_layers": [0]}),  # the cross-attention layer first
     ("llama:emu3_text_model", {"attention_bias": True, "mlp_bias": True}),
@@ -766,7 +789,8 @@ CASES = [(f, {}) for f in FAMILIES] + [
     # chameleon
     ("chameleon", {"attention_bias": True, "mlp_bias": True}),
 ]
-LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")  # or first: a bare model's (Muse's text models)
+# or first: a bare model's (Muse's text models); ALBERT's stack is its layer groups
+LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|albert_layer_groups)\.(\d+)\.")
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
                 "stream_gain"}
 
@@ -784,7 +808,10 @@ def build(family, extra):
         every_layer_shares_kv()
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**{**kwargs, **extra})  # extra may override the family's kwargs
-    return getattr(transformers, model_cls)(config).eval()
+    model = getattr(transformers, model_cls)(config).eval()
+    if model_cls.startswith("Esm"):
+        model._weight_conversions = []  # saved as the Hub's checkpoints name their tensors: test_esm_spellings
+    return model
 
 
 def every_layer_shares_kv():
@@ -1559,6 +1586,100 @@ def test_an_encoder_2_merges_end_to_end(family, tmp_path):
     assert repeated and all(torch.equal(state[n], state[n.replace(".2.", ".1.")]) for n in repeated)
     with torch.no_grad():
         assert torch.isfinite(merged(torch.arange(3, 11).unsqueeze(0)).logits).all()
+
+
+def task_arithmetic_of_fine_tunes(family: str, tmp_path, save=lambda model, path: model.save_pretrained(path),
+                                  layer_ranges=None):
+    """task_arithmetic of two fine-tunes (the base perturbed) of a FAMILIES key, saved by `save`, whole or in
+    slices of `layer_ranges`: the merged model reloaded in transformers, its loading info, the merged tensors."""
+    import yaml
+
+    import seme
+
+    base = perturbed(build(family, {}))
+    paths = [tmp_path / "base", tmp_path / "tuned0", tmp_path / "tuned1"]
+    save(base, paths[0])
+    g = torch.Generator().manual_seed(3)
+    for path in paths[1:]:
+        model = build(family, {})
+        model.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                               for k, v in base.state_dict().items()})
+        save(model, path)
+    models = [{"model": str(p), **({"parameters": {"weight": 0.5}} if p != paths[0] else {})} for p in paths]
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(paths[0]), "dtype": "float32",
+              **({"models": models[1:]} if layer_ranges is None else
+                 {"slices": [{"sources": [dict(m, layer_range=r) for m in models]} for r in layer_ranges]})}
+    seme.merge(yaml.safe_dump(recipe), str(tmp_path / "merged"), progress=False)
+    merged, info = getattr(transformers, FAMILIES[family][1]).from_pretrained(tmp_path / "merged",
+                                                                               output_loading_info=True)
+    return merged.eval(), info, safetensors_torch.load_file(tmp_path / "merged" / "model.safetensors")
+
+
+def fresh_save(model, path):
+    """Save as transformers 5.23 saves a model built from a config: ESM's load renamings reversed."""
+    del model._weight_conversions
+    model.save_pretrained(path)
+
+
+@pytest.mark.parametrize("family,save", [("esm", None), ("esm:seqcls", None), ("esm", fresh_save)])
+def test_esm_fine_tunes_merge_and_reload(family, save, tmp_path):
+    """Merged ESM-2 fine-tunes reload in transformers with every tensor and run; so do those saved as 5.23 saves
+    a model built from a config (gamma / beta, the rotary buffer's literal '*' name)."""
+    merged, info, state = task_arithmetic_of_fine_tunes(family, tmp_path, **({"save": save} if save else {}))
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert (save is None) != any(n.endswith("LayerNorm.gamma") for n in state)
+    with torch.no_grad():
+        assert torch.isfinite(merged(torch.arange(3, 11).unsqueeze(0)).logits).all()
+
+
+def test_esm_spellings():
+    """Every name ESM checkpoints give their tensors has its role: the Hub's (the per-layer rotary buffers, the
+    unused position table and the position_ids buffer of transformers 4's conversions; the weight / bias of the
+    layers' LayerNorms) and those transformers 5.23 saves for a model built from a config (gamma / beta, one
+    rotary buffer under a literal '*')."""
+    rotary = for_config({"architectures": ["EsmForMaskedLM"], "position_embedding_type": "rotary"})
+    for name, role, layer in [("esm.encoder.layer.5.attention.self.rotary_embeddings.inv_freq", "buffer", 5),
+                              ("esm.encoder.layer.*.attention.self.rotary_embeddings.inv_freq", "buffer", None),
+                              ("esm.rotary_embeddings.inv_freq", "buffer", None),
+                              ("esm.embeddings.position_embeddings.weight", "inner", None),
+                              ("esm.embeddings.position_ids", "buffer", None),
+                              ("esm.encoder.layer.5.attention.LayerNorm.weight", "norm", 5),
+                              ("esm.encoder.layer.5.attention.LayerNorm.gamma", "norm", 5),
+                              ("esm.encoder.layer.5.LayerNorm.beta", "norm_bias", 5),
+                              ("esm.pooler.dense.weight", "read", None)]:
+        assert (rotary.role(name).role, rotary.role(name).layer) == (role, layer), name
+    absolute = for_config({"architectures": ["EsmForMaskedLM"], "position_embedding_type": "absolute"})
+    assert absolute.role("esm.embeddings.position_embeddings.weight").role == "position_embedding"
+    assert rotary.role("esm.contact_head.regression.weight").layer_blocks == 1
+
+
+def test_a_sliced_esm_merge_is_refused(tmp_path):
+    """The contact head reads every layer's attention maps, a column per layer and head: slices that repeat a layer
+    would leave it a layer short."""
+    from seme.errors import SemeError
+
+    with pytest.raises(SemeError, match=r"esm.contact_head.regression.weight packs a block for each of its 2 layers"):
+        task_arithmetic_of_fine_tunes("esm", tmp_path, layer_ranges=[[0, 2], [1, 2]])
+
+
+@pytest.mark.parametrize("layer_ranges", [None, [[0, 1], [1, 2]]])
+def test_albert_fine_tunes_merge_and_reload(layer_ranges, tmp_path):
+    """Merged ALBERT fine-tunes reload in transformers with every tensor and run: whole, or in slices that keep each
+    layer group in place."""
+    merged, info, state = task_arithmetic_of_fine_tunes("albert:seqcls", tmp_path, layer_ranges=layer_ranges)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert merged.config.num_hidden_groups == 2 and merged.config.num_hidden_layers == 2
+    with torch.no_grad():
+        assert torch.isfinite(merged(torch.arange(3, 11).unsqueeze(0)).logits).all()
+
+
+def test_a_sliced_albert_merge_that_repeats_a_layer_group_is_refused(tmp_path):
+    """Layer i runs group int(i / (num_hidden_layers / num_hidden_groups)): a repeated group would not add a layer."""
+    from seme.errors import SemeError
+
+    with pytest.raises(SemeError, match=r"slices move, drop or repeat layers of albert, whose layers must stay in "
+                                        r"place: its layer groups are shared across depth"):
+        task_arithmetic_of_fine_tunes("albert:seqcls", tmp_path, layer_ranges=[[0, 2], [1, 2]])
 
 
 @pytest.mark.parametrize("family,extra", [("modernbert", {}), ("megatron_bert:qa", {}), ("xlm_roberta_xl", {}),
