@@ -72,6 +72,10 @@ OTHER_CLASSES = {
     "big_bird": ("BigBirdConfig", "BigBirdForMaskedLM", {"attention_type": "original_full"}),
     "rembert": ("RemBertConfig", "RemBertForMaskedLM", {"input_embedding_size": 16, "output_embedding_size": 24}),
     "roformer": ("RoFormerConfig", "RoFormerForMaskedLM", {}),
+    # text-embedding encoders (NomicBERT's and GTE's checkpoints fuse what transformers splits in memory)
+    "mpnet": ("MPNetConfig", "MPNetForMaskedLM", {}),
+    "nomic_bert": ("NomicBertConfig", "NomicBertForMaskedLM", {}),
+    "gte": ("GteConfig", "GteForMaskedLM", {}),
 }
 
 
