@@ -76,6 +76,7 @@ OTHER_CLASSES = {
     "mpnet": ("MPNetConfig", "MPNetForMaskedLM", {}),
     "nomic_bert": ("NomicBertConfig", "NomicBertForMaskedLM", {}),
     "gte": ("GteConfig", "GteForMaskedLM", {}),
+    "eurobert": ("EuroBertConfig", "EuroBertForMaskedLM", {"mask_token_id": 3}),
 }
 
 

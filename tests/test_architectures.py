@@ -36,6 +36,7 @@ MODERNBERT_DECODER = dict(ENCODER, pad_token_id=0, bos_token_id=1, eos_token_id=
 REMBERT = dict(ENCODER, input_embedding_size=16, output_embedding_size=24)
 ROC_BERT = dict(ENCODER, shape_vocab_size=40, shape_embed_dim=16, pronunciation_vocab_size=30, pronunciation_embed_dim=24)
 XMOD = dict(ENCODER, languages=["en_XX", "de_DE"], default_language="en_XX")
+EUROBERT = dict(DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2, mask_token_id=3)
 CROSS_ATTENTION = dict(ENCODER, is_decoder=True, add_cross_attention=True)  # BERT as a seq2seq decoder
 DISTILBERT = dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=128, max_position_embeddings=64)
 ASSISTANT_TEXT = dict(DECODER, head_dim=8, global_head_dim=16, layer_types=["sliding_attention", "full_attention"])
@@ -499,6 +500,11 @@ FAMILIES = {
     "gte:model": ("GteConfig", "GteModel", ENCODER),
     "gte:seqcls": ("GteConfig", "GteForSequenceClassification", ENCODER),
     "gte:tokcls": ("GteConfig", "GteForTokenClassification", ENCODER),
+    # Llama's pre-RMSNorm layers, bidirectional; heads on the final norm's output (the classifiers' configs tied, so
+    # that a checkpoint without a head lacks none)
+    "eurobert": ("EuroBertConfig", "EuroBertForMaskedLM", EUROBERT),
+    "eurobert:seqcls": ("EuroBertConfig", "EuroBertForSequenceClassification", dict(EUROBERT, tie_word_embeddings=True)),
+    "eurobert:tokcls": ("EuroBertConfig", "EuroBertForTokenClassification", dict(EUROBERT, tie_word_embeddings=True)),
     # mllama, emu3, phi-4-multimodal
     # a self-attention layer, then a cross-attention layer (cross_attention_layers lists its index)
     "mllama": ("MllamaTextConfig", "MllamaForCausalLM", dict(DECODER, cross_attention_layers=[1], pad_token_id=0,
@@ -755,6 +761,9 @@ CASES = [(f, {}) for f in FAMILIES] + [
     # text-embedding encoders
     ("mpnet", {"tie_word_embeddings": False}),
     ("gte", {"type_vocab_size": 0}),  # gte-base-en-v1.5: no token types
+    ("eurobert", {"tie_word_embeddings": True}),
+    ("eurobert", {"mlp_bias": True, "attention_bias": True}),  # a bias per token on the head too
+    ("eurobert:seqcls", {"classifier_pooling": "bos"}),
 ]
 LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")  # or first: a bare model's (Muse's text models)
 VECTOR_ROLES = {"norm", "norm_bias", "final_norm", "final_norm_bias", "write_norm", "write_bias", "stream_vector",
@@ -1343,7 +1352,7 @@ def test_encoders_without_base_prefix_and_with_legacy_names():
 def test_embedding_encoders_saved_bare_and_as_nomics_remote_code_configures_them():
     """Embedding checkpoints (all-mpnet-base-v2, nomic-embed-text, gte-base-en-v1.5) are base models saved without
     the head class's prefix; nomic's remote-code configs give the width and depth GPT-2's names; the post-LN ones
-    cannot be turned."""
+    cannot be turned, EuroBERT (pre-RMSNorm) can."""
     mpnet = for_config({"architectures": ["MPNetModel"], "model_type": "mpnet"})
     r = mpnet.role("encoder.layer.3.intermediate.dense.weight")
     assert (r.role, r.layer, r.norm) == ("read", 3, "encoder.layer.3.attention.LayerNorm.weight")
@@ -1356,6 +1365,9 @@ def test_embedding_encoders_saved_bare_and_as_nomics_remote_code_configures_them
     gte = for_config({"architectures": ["GteModel"], "model_type": "gte"})
     assert gte.role("encoder.layer.0.mlp.up_gate_proj.weight").norm == "encoder.layer.0.attn_ln.weight"
     assert all(arch.rotation_obstacles() for arch in (mpnet, nomic, gte))
+    eurobert = for_config({"architectures": ["EuroBertModel"], "model_type": "eurobert"})
+    assert eurobert.role("layers.0.mlp.up_proj.weight").norm == "layers.0.post_attention_layernorm.weight"
+    assert not eurobert.rotation_obstacles()
 
 
 def test_encoders_2_roles_follow_the_config():
