@@ -75,6 +75,11 @@ OTHER_CLASSES = {
     # esm, albert
     "esm": ("EsmConfig", "EsmForMaskedLM", {"position_embedding_type": "rotary", "mask_token_id": 3}),
     "albert": ("AlbertConfig", "AlbertForMaskedLM", {"embedding_size": 16}),
+    # text-embedding encoders (NomicBERT's and GTE's checkpoints fuse what transformers splits in memory)
+    "mpnet": ("MPNetConfig", "MPNetForMaskedLM", {}),
+    "nomic_bert": ("NomicBertConfig", "NomicBertForMaskedLM", {}),
+    "gte": ("GteConfig", "GteForMaskedLM", {}),
+    "eurobert": ("EuroBertConfig", "EuroBertForMaskedLM", {"mask_token_id": 3}),
 }
 
 

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: E402
-from transformers.core_model_loading import WeightRenaming, apply_renamings  # noqa: E402
+from transformers.core_model_loading import Chunk, WeightConverter, WeightRenaming, apply_renamings  # noqa: E402
 
 DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, vocab_size=128)
@@ -42,6 +42,7 @@ MODERNBERT_DECODER = dict(ENCODER, pad_token_id=0, bos_token_id=1, eos_token_id=
 REMBERT = dict(ENCODER, input_embedding_size=16, output_embedding_size=24)
 ROC_BERT = dict(ENCODER, shape_vocab_size=40, shape_embed_dim=16, pronunciation_vocab_size=30, pronunciation_embed_dim=24)
 XMOD = dict(ENCODER, languages=["en_XX", "de_DE"], default_language="en_XX")
+EUROBERT = dict(DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2, mask_token_id=3)
 CROSS_ATTENTION = dict(ENCODER, is_decoder=True, add_cross_attention=True)  # BERT as a seq2seq decoder
 # ESM-2's settings: rotary positions, masked tokens' embeddings zeroed and the rest rescaled, no norm before the layers
 ESM = dict(ENCODER, pad_token_id=1, mask_token_id=4, position_embedding_type="rotary", token_dropout=True,
@@ -518,6 +519,27 @@ FAMILIES = {
     "albert:seqcls": ("AlbertConfig", "AlbertForSequenceClassification", ALBERT),
     "albert:tokcls": ("AlbertConfig", "AlbertForTokenClassification", ALBERT),
     "albert:qa": ("AlbertConfig", "AlbertForQuestionAnswering", ALBERT),
+    # text-embedding encoders: embedding checkpoints are the base model saved alone (no head, no prefix)
+    # BERT's post-LN layers renamed, a relative-position bias table shared by the layers
+    "mpnet": ("MPNetConfig", "MPNetForMaskedLM", ENCODER),
+    "mpnet:model": ("MPNetConfig", "MPNetModel", ENCODER),  # all-mpnet-base-v2: the pooler, no prefix
+    "mpnet:seqcls": ("MPNetConfig", "MPNetForSequenceClassification", ENCODER),
+    "mpnet:tokcls": ("MPNetConfig", "MPNetForTokenClassification", ENCODER),
+    "mpnet:qa": ("MPNetConfig", "MPNetForQuestionAnswering", ENCODER),
+    # post-LN, rotary; query, key and value fused in checkpoints (gte: the MLP's up and gate too), split in memory
+    "nomic_bert": ("NomicBertConfig", "NomicBertForMaskedLM", ENCODER),
+    "nomic_bert:model": ("NomicBertConfig", "NomicBertModel", ENCODER),
+    "nomic_bert:seqcls": ("NomicBertConfig", "NomicBertForSequenceClassification", ENCODER),
+    "nomic_bert:tokcls": ("NomicBertConfig", "NomicBertForTokenClassification", ENCODER),
+    "gte": ("GteConfig", "GteForMaskedLM", ENCODER),
+    "gte:model": ("GteConfig", "GteModel", ENCODER),
+    "gte:seqcls": ("GteConfig", "GteForSequenceClassification", ENCODER),
+    "gte:tokcls": ("GteConfig", "GteForTokenClassification", ENCODER),
+    # Llama's pre-RMSNorm layers, bidirectional; heads on the final norm's output (the classifiers' configs tied, so
+    # that a checkpoint without a head lacks none)
+    "eurobert": ("EuroBertConfig", "EuroBertForMaskedLM", EUROBERT),
+    "eurobert:seqcls": ("EuroBertConfig", "EuroBertForSequenceClassification", dict(EUROBERT, tie_word_embeddings=True)),
+    "eurobert:tokcls": ("EuroBertConfig", "EuroBertForTokenClassification", dict(EUROBERT, tie_word_embeddings=True)),
     # mllama, emu3, phi-4-multimodal
     # a self-attention layer, then a cross-attention layer (cross_attention_layers lists its index)
     "mllama": ("MllamaTextConfig", "MllamaForCausalLM", dict(DECODER, cross_attention_layers=[1], pad_token_id=0,
@@ -627,7 +649,10 @@ MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2
        "bailing_hybrid", "qwen3_moe:flint", "kolibri1", "deepseek_v3:axk1", "axk2",
        "deepseek_v3:dots3_note_text", "aria_text", "inkling_mm_model", "inkling2_text",
        # beam, cpm-ant, git
-       "beam", "diffusion_gemma"}
+       "beam", "diffusion_gemma",
+       # text-embedding encoders: fused projections and other names in checkpoints
+       "nomic_bert", "nomic_bert:model", "nomic_bert:seqcls", "nomic_bert:tokcls", "gte", "gte:model", "gte:seqcls",
+       "gte:tokcls"}
 CASES = [(f, {}) for f in FAMILIES] + [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False}),
@@ -788,6 +813,12 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("beam", {"attention_bias": True, "mlp_layer_types": ["sparse", "dense"]}),
     # chameleon
     ("chameleon", {"attention_bias": True, "mlp_bias": True}),
+    # text-embedding encoders
+    ("mpnet", {"tie_word_embeddings": False}),
+    ("gte", {"type_vocab_size": 0}),  # gte-base-en-v1.5: no token types
+    ("eurobert", {"tie_word_embeddings": True}),
+    ("eurobert", {"mlp_bias": True, "attention_bias": True}),  # a bias per token on the head too
+    ("eurobert:seqcls", {"classifier_pooling": "bos"}),
 ]
 # or first: a bare model's (Muse's text models); ALBERT's stack is its layer groups
 LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|albert_layer_groups)\.(\d+)\.")
@@ -954,8 +985,12 @@ def test_norm_feeds_read(saved, case):
     # where memory names the base model otherwise (nemotron_h's backbone is model there)
     renamed = arch.base_prefix and arch.base_prefix[:-1] not in modules
     parameters = dict(model.named_parameters())
-    # where transformers renames a checkpoint's tensors when it loads them (OLMo Hybrid's norms)
-    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    # where transformers renames a checkpoint's tensors when it loads them (OLMo Hybrid's norms), or splits one
+    # (NomicBERT's Wqkv into q / k / v_proj): a fused read's input is that of the first projection split from it
+    conversions = get_model_conversion_mapping(model)
+    renamings = [t for t in conversions if isinstance(t, WeightRenaming)] + [
+        WeightRenaming(t.source_patterns[0], t.target_patterns[0]) for t in conversions if isinstance(t, WeightConverter)
+        and len(t.source_patterns) == 1 and len(t.target_patterns) > 1 and all(isinstance(o, Chunk) for o in t.operations)]
 
     def in_memory(name):
         if renamed and name.startswith(arch.base_prefix):
@@ -1400,6 +1435,27 @@ def test_encoders_without_base_prefix_and_with_legacy_names():
     distil = for_config({"architectures": ["DistilBertModel"], "n_layers": 6, "dim": 768})
     assert distil.num_layers({"n_layers": 6}) == 6 and distil.hidden_size({"dim": 768}) == 768
     assert distil.role("transformer.layer.5.ffn.lin1.weight").norm == "transformer.layer.5.sa_layer_norm.weight"
+
+
+def test_embedding_encoders_saved_bare_and_as_nomics_remote_code_configures_them():
+    """Embedding checkpoints (all-mpnet-base-v2, nomic-embed-text, gte-base-en-v1.5) are base models saved without
+    the head class's prefix; nomic's remote-code configs give the width and depth GPT-2's names; the post-LN ones
+    cannot be turned, EuroBERT (pre-RMSNorm) can."""
+    mpnet = for_config({"architectures": ["MPNetModel"], "model_type": "mpnet"})
+    r = mpnet.role("encoder.layer.3.intermediate.dense.weight")
+    assert (r.role, r.layer, r.norm) == ("read", 3, "encoder.layer.3.attention.LayerNorm.weight")
+    assert mpnet.role("encoder.relative_attention_bias.weight").role == "inner"
+    assert mpnet.role("embeddings.position_ids").role == "buffer" and mpnet.role("pooler.dense.weight").role == "read"
+    nomic = for_config({"architectures": ["NomicBertModel"], "model_type": "nomic_bert", "n_embd": 768, "n_layer": 12})
+    assert nomic.hidden_size({"n_embd": 768}) == 768 and nomic.num_layers({"n_layer": 12}) == 12
+    assert nomic.role("encoder.layers.11.attn.Wqkv.weight").role == "read"
+    assert nomic.role("encoder.layers.11.mlp.fc12.weight").norm == "encoder.layers.11.norm1.weight"
+    gte = for_config({"architectures": ["GteModel"], "model_type": "gte"})
+    assert gte.role("encoder.layer.0.mlp.up_gate_proj.weight").norm == "encoder.layer.0.attn_ln.weight"
+    assert all(arch.rotation_obstacles() for arch in (mpnet, nomic, gte))
+    eurobert = for_config({"architectures": ["EuroBertModel"], "model_type": "eurobert"})
+    assert eurobert.role("layers.0.mlp.up_proj.weight").norm == "layers.0.post_attention_layernorm.weight"
+    assert not eurobert.rotation_obstacles()
 
 
 def test_encoders_2_roles_follow_the_config():

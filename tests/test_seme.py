@@ -288,7 +288,7 @@ def renamed_architecture(src, dst, architecture: str) -> str:
                                     "glm4_moe:laguna", "glm4_moe:solar_open", "qwen3_moe:mellum", "qwen3_moe:flint",
                                     "granitemoe:granitemoe_swa", "bailing_hybrid", "deepseek_v3:dots3_note_text",
                                     "aria_text", "minimax_m3_vl_text", "deepseek_v2:minicpm3", "lfm2:lfm3", "nanochat",
-                                    "llama:bitnet", "llama:diffllama"])
+                                    "llama:bitnet", "llama:diffllama", "eurobert", "eurobert:seqcls"])
 def test_a_rotated_model_of_a_described_family_is_aligned_back(family, tmp_path):
     """Per-expert tensors, routers, shared experts and every other role are rotated as the family's table
     says (a NanoChat's norms have no gains to fold): merging a model with its own rotation gives the model
@@ -424,7 +424,7 @@ def test_layer_norm_families_merge_unrotated(tmp_path, capsys):
 @pytest.mark.parametrize("family", ["bert_mlm", "bert", "roberta", "distilbert", "deberta_v2", "deberta", "modernbert",
                                     "electra", "roberta_prelayernorm", "xlm_roberta_xl",
                                     "data2vec_text", "xmod", "megatron_bert", "bert_generation", "big_bird",
-                                    "roformer", "rembert", "esm", "albert"])  # encoders 3; esm, albert
+                                    "roformer", "rembert", "esm", "albert", "mpnet", "nomic_bert", "gte"])
 def test_an_encoder_is_refused_rotation_in_one_line(family, tmp_path, capsys):
     # post-LN encoders (a masked-LM head, or none: BERT's classifier): their sources are compared by the word
     # embeddings, and a turned one is refused as LayerNorm families are, no traceback (RemBERT's, whose token
