@@ -1,7 +1,9 @@
-"""What `pip install .` (not editable) puts in the wheel: pyproject.toml lists packages and data
-files by hand, so a new subpackage or data folder must be added there; these checks say which."""
+"""What a wheel (`pip install .`, not editable) and a source distribution carry: pyproject.toml lists
+packages and data files by hand, and MANIFEST.in what an sdist adds (the extensions' headers among
+it), so a new subpackage, data folder or source file must be named there; these checks say which."""
 import glob
 import os
+import subprocess
 
 import pytest
 
@@ -51,3 +53,23 @@ def test_every_data_file_is_packaged():
                 if os.path.realpath(path) not in packaged:
                     unpackaged.append(f"{package}: {os.path.relpath(path, folder)}")
     assert not unpackaged, f"files that a wheel would leave out (pyproject.toml's package-data): {unpackaged}"
+
+
+def test_source_distribution_carries_what_builds_and_tests():
+    """Every tracked file the extensions build from or the tests, benchmarks and docs use is in the
+    sdist's list, as setuptools computes it from MANIFEST.in (csrc/cpu/openmp.h was missing: an
+    sdist did not build)."""
+    filelist = pytest.importorskip("setuptools._distutils.filelist")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    files = filelist.FileList()
+    files.set_allfiles(tracked.stdout.split())
+    with open(os.path.join(ROOT, "MANIFEST.in")) as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                files.process_template_line(line)
+    wanted = [f for f in tracked.stdout.split()
+              if f.split("/")[0] in ("csrc", "tests", "bench", "docs") or f in ("LICENSE", "README.md", "constraints.txt")]
+    missing = sorted(set(wanted) - set(files.files))
+    assert not missing, f"MANIFEST.in leaves these out of a source distribution: {missing}"
