@@ -10,9 +10,9 @@ import types
 from seme.options import MERGEKIT_FLAGS, OPTIONS
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m seme.merge") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m seme.merge",
+        prog=prog,
         description="Merge Hugging Face checkpoints (mergekit-compatible YAML recipes) into one checkpoint.")
     parser.add_argument("config", nargs="?", help="recipe YAML file (mergekit schema)")
     parser.add_argument("out", nargs="?", help="output folder")
@@ -58,8 +58,8 @@ def _options(args, parser) -> dict:
     return options
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "python -m seme.merge") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     # Before torch or seme._C loads OpenMP: idle OpenMP workers sleep instead of spinning. Spinning
     # between a tensor's kernels took the cores from the readers, the checksum thread and the next
@@ -104,12 +104,17 @@ class _CallableModule(types.ModuleType):
         return merge(config, out_dir, **options)
 
 
-sys.modules[__name__].__class__ = _CallableModule
-
-if __name__ == "__main__":
-    status = main()
-    # The output is published and every file is written and closed: skip the interpreter's teardown,
-    # which spent 0.7 s freeing torch and the input mappings after a 1.8 GB merge (bench.e2e models).
+def run(prog: str = "seme-merge") -> None:
+    """The command (`seme-merge`, `python -m seme.merge`): `main`, then exit at once. The output is
+    published and every file is written and closed, so the interpreter's teardown is skipped: it spent
+    0.7 s freeing torch and the input mappings after a 1.8 GB merge (bench.e2e models)."""
+    status = main(prog=prog)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    run("python -m seme.merge")

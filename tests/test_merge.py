@@ -252,6 +252,21 @@ def test_help_imports_nothing_heavy():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_installed_command_is_the_module_command(tmp_path):
+    """`seme-merge` (pyproject's console script) names itself in usage and errors, and exits as
+    `python -m seme.merge` does: status 2 and one line for a bad input."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")) as f:
+        entry = next(line.split("=", 1)[1].strip().strip('"') for line in f if line.startswith("seme-merge"))
+    module, function = entry.split(":")
+    script = f"import sys; sys.argv[0] = 'seme-merge'; from {module} import {function}; {function}()"
+    usage = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: seme-merge ")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "missing.yml"), str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("seme: error: ") and not (tmp_path / "out").exists()
+
+
 def test_demo_runs(tmp_path):
     def demo(folder):
         return subprocess.run([sys.executable, "-m", "seme.merge", "--demo", str(folder)],
