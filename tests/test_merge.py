@@ -252,7 +252,7 @@ def test_help_imports_nothing_heavy():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_demo_runs(tmp_path):
+def test_demo_runs(llama_family, tmp_path):
     def demo(folder):
         return subprocess.run([sys.executable, "-m", "seme.merge", "--demo", str(folder)],
                               capture_output=True, text=True, timeout=300)
@@ -268,6 +268,13 @@ def test_demo_runs(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"seme: error: output folder {tmp_path / 'mine'} exists and is not empty (use --overwrite to replace it)"]
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+    merged = tmp_path / "merged"  # another recipe's merge: refused too, not taken for the demo's output
+    seme.merge({"merge_method": "linear", "models": [{"model": llama_family["base"], "parameters": {"weight": 1.0}}]},
+               str(merged), progress=False)
+    before = {f: (merged / f).read_bytes() for f in os.listdir(merged)}
+    proc = demo(merged)
+    assert proc.returncode == 2 and "exists and is not empty" in proc.stderr
+    assert {f: (merged / f).read_bytes() for f in os.listdir(merged)} == before
 
 
 @pytest.mark.parametrize("fits", [True, False])
