@@ -7,18 +7,20 @@ from typing import Any
 
 from seme.errors import SemeError
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:(bytes?)|([kmgt]i?)?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
 def parse_size(value: Any) -> int:
-    """Bytes from an int or a string like '2GB', '500MB', '1.5GiB', or mergekit's '5B' (5 * 10^9)."""
+    """Bytes from an int or a string like '2GB', '500MB', '1.5GiB', '4096 bytes', or mergekit's '5B' (5 * 10^9)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     m = _SIZE.match(str(value))
     if not m or float(m.group(1)) <= 0:
         raise SemeError(f"invalid size {value!r} (expected e.g. 2GB, 500MB, 1.5GiB or a byte count)")
-    unit = (m.group(2) or "").lower()
+    if m.group(2):
+        return int(float(m.group(1)))
+    unit = (m.group(3) or "").lower()
     if not unit and str(value).strip()[-1] in "bB":  # mergekit's K/M/B suffixes: B is a billion, not a byte
         unit = "g"
     return int(float(m.group(1)) * _UNITS[unit])

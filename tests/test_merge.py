@@ -14,6 +14,7 @@ import yaml
 import seme
 from conftest import build_family, build_model, load_folder
 from seme.errors import SemeError
+from seme.options import parse_size
 
 
 def reload_and_generate(path):
@@ -222,9 +223,11 @@ def test_dry_run_prints_the_plan_and_writes_nothing(llama_family, tmp_path, caps
     line1 = next(line for line in text.splitlines() if line.startswith("model.layers.1.mlp.up_proj.weight"))
     assert "weight=[1]" in line0 and "weight=[0]" in line1 and "density=[0.5]" in line0
     assert "<- expert0, base (base)" in line0
-    # the memory the largest tensor's merge needs, in bytes: --max-memory takes exactly that
-    need = int(next(line for line in text.splitlines() if line.startswith("memory: ")).split()[1])
-    seme.merge(recipe, str(tmp_path / "out"), max_memory=need, progress=False)
+    # the memory the largest tensor's merge needs, as --max-memory takes it (not "N B", which reads as N billion)
+    shown = next(line for line in text.splitlines() if line.startswith("memory: ")).removeprefix("memory: ").split(" (")[0]
+    need = parse_size(shown)
+    assert shown == f"{need} bytes"
+    seme.merge(recipe, str(tmp_path / "out"), max_memory=shown, progress=False)
     with pytest.raises(SemeError, match="below what the largest tensor needs"):
         seme.merge(recipe, str(tmp_path / "short"), max_memory=need - 1, progress=False)
 
