@@ -119,7 +119,7 @@ MERGEKIT_FLAGS = (
     MergekitFlag("allow_crimes", "no effect: models of different architectures merge wherever their tensors' "
                  "names and shapes agree"),
     MergekitFlag("trust_remote_code", "no effect: seme never runs a model's code"),
-    MergekitFlag("lazy_unpickle", "no effect: inputs are safetensors, memory-mapped"),
+    MergekitFlag("lazy_unpickle", "no effect: inputs, safetensors or pytorch_model.bin, are memory-mapped"),
     MergekitFlag("low_cpu_memory", "no effect: resident memory stays at about one tensor (see --max-memory)"),
     MergekitFlag("read_to_gpu", "no effect: inputs are staged to the GPU ahead of their merge"),
     MergekitFlag("multi_gpu", "no effect: split a merge across GPUs with torchrun"),
