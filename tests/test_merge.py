@@ -232,6 +232,17 @@ def test_dry_run_prints_the_plan_and_writes_nothing(llama_family, tmp_path, caps
         seme.merge(recipe, str(tmp_path / "short"), max_memory=need - 1, progress=False)
 
 
+def test_a_dry_run_piped_into_a_reader_that_leaves_ends_quietly(llama_family, tmp_path):
+    recipe = tmp_path / "r.yml"  # as `--dry-run | head` does: the reader closes the pipe before the plan is out
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": llama_family["base"],
+                                                                             "parameters": {"weight": 1.0}}]}))
+    proc = subprocess.Popen([sys.executable, "-m", "seme.merge", str(recipe), str(tmp_path / "out"), "--dry-run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and err == ""
+
+
 def test_filters_substring_regex_and_glob(llama_family, tmp_path, capsys):
     m = llama_family
     weight = [{"filter": "re:layers\\.1\\..*mlp", "value": 0.25}, {"filter": "glob:*.self_attn.q_proj.*", "value": 0.5},
