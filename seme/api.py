@@ -50,7 +50,7 @@ def merge(config, out_dir: str, **options) -> dict:
     max_memory, dry_run, overwrite, resume, buffered_writes, allow_nonfinite, progress, random_seed,
     copy_tokenizer, write_model_card, intermediate_dir, lazy. A multi-stage recipe (several YAML
     documents, `seme.stages`) is merged stage by stage. Returns statistics of the run (of its final
-    stage; the plan's, with dry_run).
+    stage; with dry_run, the plan's of the last stage it could plan: one that uses an unmerged stage cannot be).
     """
     from seme import config as recipe_config
     from seme.options import resolve
