@@ -26,6 +26,9 @@ def merge_tensors(method: str, tensors: Sequence[torch.Tensor], base: torch.Tens
         spec = registry.get(method)
     except KeyError:
         raise SemeError(f"unknown merge method '{method}'{registry.suggest(method, registry.names())}") from None
+    if method == "seme":  # its alignment reads the models' heads and norms, which tensors alone do not carry
+        raise SemeError("merge_tensors: method 'seme' aligns whole models (seme.merge); on tensors already "
+                        "aligned, its Select / Compute / Erase step is method 'sce'")
     all_tensors = ([base] if base is not None else []) + list(tensors)
     base_index = 0 if base is not None else None
     problem = spec.check_inputs(len(all_tensors), base_index is not None)
@@ -47,7 +50,7 @@ def merge(config, out_dir: str, **options) -> dict:
     max_memory, dry_run, overwrite, resume, buffered_writes, allow_nonfinite, progress, random_seed,
     copy_tokenizer, write_model_card, intermediate_dir, lazy. A multi-stage recipe (several YAML
     documents, `seme.stages`) is merged stage by stage. Returns statistics of the run (of its final
-    stage; the plan's, with dry_run).
+    stage; with dry_run, the plan's of the last stage it could plan: one that uses an unmerged stage cannot be).
     """
     from seme import config as recipe_config
     from seme.options import resolve

@@ -50,11 +50,15 @@ def build_tiny_llama(path: str, seed: int, hidden: int = 64, layers: int = 4, vo
 def run_demo(out_dir: str, **options) -> None:
     from seme.executor import not_empty
     from seme.io.card import merged_by_seme
+    from seme.options import parse_seed
 
+    seed = 42 if options.get("random_seed") is None else parse_seed(options["random_seed"])
+    recipe = RECIPE.format(seed=seed)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not options.get("overwrite"):
-        if not merged_by_seme(out_dir):  # refused before the models are built
+        # only an earlier demo's output (its card quotes this recipe) is rebuilt, never another merge
+        if not merged_by_seme(out_dir, recipe):  # refused before the models are built
             raise not_empty(out_dir)
-        options["overwrite"] = True  # an earlier demo's output is rebuilt
+        options["overwrite"] = True
     work = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(out_dir)), ".seme-demo-models"))
     print(f"seme demo: building tiny models in {work}", file=sys.stderr)
     base = build_tiny_llama(os.path.join(work, "base"), seed=0)
@@ -62,8 +66,8 @@ def run_demo(out_dir: str, **options) -> None:
     build_tiny_llama(os.path.join(work, "expert_b"), seed=2, base_state=base)
     recipe_path = os.path.join(work, "recipe.yml")
     with open(recipe_path, "w", encoding="utf-8") as f:
-        f.write(RECIPE.format(seed=42))
-    print(f"seme demo: recipe {recipe_path}:\n{RECIPE.format(seed=42)}", file=sys.stderr)
+        f.write(recipe)
+    print(f"seme demo: recipe {recipe_path}:\n{recipe}", file=sys.stderr)
 
     from seme import merge
 

@@ -93,7 +93,7 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
     if largest > max_memory:
         raise SemeError(f"--max-memory {format_size(max_memory)} is below what the largest tensor needs "
                         f"(inputs, their adapted or re-mapped copies, the method's temporaries, result and two "
-                        f"results waiting to be written: {format_size(largest)})")
+                        f"results waiting to be written: {format_size(largest, up=True)})")
     group = distributed.current(device)
     if device.startswith("cuda") and group.world > 1:
         device = f"cuda:{group.local_rank}"
@@ -240,7 +240,7 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
         need, name = largest_need(plan, "cpu", backend, on_host)
         if need > max_memory:
             raise SemeError(f"--max-memory {format_size(max_memory)} is below what '{name}' needs merged on the CPU, "
-                            f"as it does not fit in the GPU's free memory: {format_size(need)}")
+                            f"as it does not fit in the GPU's free memory: {format_size(need, up=True)}")
         for i, task in enumerate(tasks):
             prefetched = _prefetch(plan, tasks, max(prefetched, i + 1), prefetch_bytes)
             start = time.perf_counter()

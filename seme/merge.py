@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m seme.merge") -> i
     except SemeError as e:
         print(f"seme: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return e.exit_status
+    except BrokenPipeError:  # stdout's reader left (`--dry-run | head`): nothing is wrong, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what stdout still buffers goes nowhere
+        return 128 + 13  # the status of a process that SIGPIPE ended, as a shell's own tools give
     except KeyboardInterrupt:
         print("seme: interrupted; no output was published (rerun with --resume to continue)", file=sys.stderr)
         return 130

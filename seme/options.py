@@ -1,36 +1,42 @@
 """Merge options, defined once: the CLI flags and the keyword arguments of `seme.merge` come from here."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from seme.errors import SemeError
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:(bytes?)|([kmgt]i?)?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
 def parse_size(value: Any) -> int:
-    """Bytes from an int or a string like '2GB', '500MB', '1.5GiB', or mergekit's '5B' (5 * 10^9)."""
+    """Bytes from an int or a string like '2GB', '500MB', '1.5GiB', '4096 bytes', or mergekit's '5B' (5 * 10^9)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     m = _SIZE.match(str(value))
     if not m or float(m.group(1)) <= 0:
         raise SemeError(f"invalid size {value!r} (expected e.g. 2GB, 500MB, 1.5GiB or a byte count)")
-    unit = (m.group(2) or "").lower()
+    if m.group(2):
+        return round(float(m.group(1)))
+    unit = (m.group(3) or "").lower()
     if not unit and str(value).strip()[-1] in "bB":  # mergekit's K/M/B suffixes: B is a billion, not a byte
         unit = "g"
-    return int(float(m.group(1)) * _UNITS[unit])
+    return round(float(m.group(1)) * _UNITS[unit])  # 4.27 GB is 4270000000 bytes, not float64's 4269999999.9999995
 
 
-def format_size(nbytes: float) -> str:
+def format_size(nbytes: float, up: bool = False) -> str:
     """Bytes in the unit that suits them, as parse_size reads them back: '1.50 GB', '12.3 MB', '512 bytes'
-    (not '512 B', which mergekit's size syntax, and so parse_size, reads as 512 billion)."""
-    for unit, scale, digits in (("TB", 1e12, 2), ("GB", 1e9, 2), ("MB", 1e6, 1), ("kB", 1e3, 1)):
+    (not '512 B', which mergekit's size syntax, and so parse_size, reads as 512 billion). With `up`,
+    rounded up: a need the user may give back as an option, which must then be enough."""
+    for unit, scale, digits in (("TB", 10**12, 2), ("GB", 10**9, 2), ("MB", 10**6, 1), ("kB", 10**3, 1)):
         if nbytes >= scale:
+            if up:
+                return f"{-(-math.ceil(nbytes) * 10**digits // scale) / 10**digits:.{digits}f} {unit}"
             return f"{nbytes / scale:.{digits}f} {unit}"
-    return f"{int(nbytes)} bytes"
+    return f"{math.ceil(nbytes) if up else int(nbytes)} bytes"
 
 
 def parse_device(value: Any) -> str:

@@ -22,7 +22,7 @@ def print_plan(plan, out, device: str = "cpu", backend: str = "auto") -> None:
               f"{plan.input_bytes / 1e9:.3f} GB read; layers: "
               f"{plan.num_layers}\n")
     need, name = largest_need(plan, device, backend)
-    out.write(f"memory: {need} B ({need / 2**20:.1f} MiB) for the largest tensor's merge, {name}: the least "
+    out.write(f"memory: {need} bytes ({need / 2**20:.1f} MiB) for the largest tensor's merge, {name}: the least "
               f"--max-memory takes\n")
     if device != "cpu":
         import torch
@@ -32,7 +32,7 @@ def print_plan(plan, out, device: str = "cpu", backend: str = "auto") -> None:
 
         fused = implementation(recipe.merge_method, backend, torch.device(device))[1]
         gpu, name = max(((device_bytes(plan, t, fused), t.name) for t in plan.tasks if not t.copy), default=(0, None))
-        out.write(f"{device} memory: {gpu} B ({gpu / 2**20:.1f} MiB) for the largest tensor's merge, {name} (a "
+        out.write(f"{device} memory: {gpu} bytes ({gpu / 2**20:.1f} MiB) for the largest tensor's merge, {name} (a "
                   f"tensor that needs more than the GPU has free is merged on the CPU)\n")
     out.write(f"tokenizer from: {plan.tokenizer_model.path}\n")
     if plan.vocabulary is not None:

@@ -276,8 +276,16 @@ def test_sizes_in_messages_read_back_as_options(nbytes, text):
     from seme.options import format_size, parse_size
 
     assert format_size(nbytes) == text
-    if nbytes >= 1000:
+    if nbytes:  # a size of 0 is no option value
         assert abs(parse_size(text) - nbytes) <= 0.0051 * nbytes
+
+
+@pytest.mark.parametrize("nbytes", [55_249, 4_264_900_001, 4_270_000_000, 999, 10**9])
+def test_a_need_in_messages_reads_back_as_enough(nbytes):
+    from seme.options import format_size, parse_size
+
+    # "--max-memory X is below what ... needs: Y": Y given as --max-memory must be enough, so Y is rounded up
+    assert nbytes <= parse_size(format_size(nbytes, up=True)) <= 1.01 * nbytes
 
 
 def test_real_process_prints_no_traceback(tmp_path):

@@ -14,6 +14,7 @@ import yaml
 import seme
 from conftest import build_family, build_model, load_folder
 from seme.errors import SemeError
+from seme.options import parse_size
 
 
 def reload_and_generate(path):
@@ -222,11 +223,24 @@ def test_dry_run_prints_the_plan_and_writes_nothing(llama_family, tmp_path, caps
     line1 = next(line for line in text.splitlines() if line.startswith("model.layers.1.mlp.up_proj.weight"))
     assert "weight=[1]" in line0 and "weight=[0]" in line1 and "density=[0.5]" in line0
     assert "<- expert0, base (base)" in line0
-    # the memory the largest tensor's merge needs, in bytes: --max-memory takes exactly that
-    need = int(next(line for line in text.splitlines() if line.startswith("memory: ")).split()[1])
-    seme.merge(recipe, str(tmp_path / "out"), max_memory=need, progress=False)
+    # the memory the largest tensor's merge needs, as --max-memory takes it (not "N B", which reads as N billion)
+    shown = next(line for line in text.splitlines() if line.startswith("memory: ")).removeprefix("memory: ").split(" (")[0]
+    need = parse_size(shown)
+    assert shown == f"{need} bytes"
+    seme.merge(recipe, str(tmp_path / "out"), max_memory=shown, progress=False)
     with pytest.raises(SemeError, match="below what the largest tensor needs"):
         seme.merge(recipe, str(tmp_path / "short"), max_memory=need - 1, progress=False)
+
+
+def test_a_dry_run_piped_into_a_reader_that_leaves_ends_quietly(llama_family, tmp_path):
+    recipe = tmp_path / "r.yml"  # as `--dry-run | head` does: the reader closes the pipe before the plan is out
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": llama_family["base"],
+                                                                             "parameters": {"weight": 1.0}}]}))
+    proc = subprocess.Popen([sys.executable, "-m", "seme.merge", str(recipe), str(tmp_path / "out"), "--dry-run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and err == ""
 
 
 def test_filters_substring_regex_and_glob(llama_family, tmp_path, capsys):
@@ -267,7 +281,7 @@ def test_the_installed_command_is_the_module_command(tmp_path):
     assert proc.stderr.startswith("seme: error: ") and not (tmp_path / "out").exists()
 
 
-def test_demo_runs(tmp_path):
+def test_demo_runs(llama_family, tmp_path):
     def demo(folder):
         return subprocess.run([sys.executable, "-m", "seme.merge", "--demo", str(folder)],
                               capture_output=True, text=True, timeout=300)
@@ -283,6 +297,13 @@ def test_demo_runs(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"seme: error: output folder {tmp_path / 'mine'} exists and is not empty (use --overwrite to replace it)"]
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+    merged = tmp_path / "merged"  # another recipe's merge: refused too, not taken for the demo's output
+    seme.merge({"merge_method": "linear", "models": [{"model": llama_family["base"], "parameters": {"weight": 1.0}}]},
+               str(merged), progress=False)
+    before = {f: (merged / f).read_bytes() for f in os.listdir(merged)}
+    proc = demo(merged)
+    assert proc.returncode == 2 and "exists and is not empty" in proc.stderr
+    assert {f: (merged / f).read_bytes() for f in os.listdir(merged)} == before
 
 
 @pytest.mark.parametrize("fits", [True, False])

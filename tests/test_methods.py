@@ -82,6 +82,8 @@ def test_merge_tensors_errors():
         seme.merge_tensors("linear", [a, torch.zeros(4)], weight=1.0)
     with pytest.raises(SemeError, match="needs 2 values"):
         seme.merge_tensors("task_arithmetic", [a, a], base=a, weight=[1.0, 2.0, 3.0])
+    with pytest.raises(SemeError, match="method 'seme' aligns whole models .* method 'sce'"):
+        seme.merge_tensors("seme", [a, a], base=a)
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 1000, (1 << 20) + 7])  # past 10^6 elements mergekit samples; seme does not

@@ -323,6 +323,6 @@ def test_a_gpu_dry_run_prints_the_gpu_memory_of_the_largest_merge(llama_family, 
     plan = _plan(recipe)
     fused = implementation("ties", "auto", torch.device("cuda"))[1]  # what this install would run on a GPU
     need, name = max((engine.device_bytes(plan, t, fused), t.name) for t in plan.tasks if not t.copy)
-    assert f"cuda memory: {need} B ({need / 2**20:.1f} MiB) for the largest tensor's merge, {name} (" \
+    assert f"cuda memory: {need} bytes ({need / 2**20:.1f} MiB) for the largest tensor's merge, {name} (" \
            in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
