@@ -76,7 +76,7 @@ class TorchEngine:
         self.on_host = {task.name for task, need in needs if need > room}
         if self.on_host and self.semantic is not None:
             task, need = max(needs, key=lambda item: item[1])
-            raise SemeError(f"seme: merging '{task.name}' needs {format_size(need)} of {self.device}'s memory, "
+            raise SemeError(f"merging '{task.name}' needs {format_size(need)} of {self.device}'s memory, "
                             f"{format_size(room)} are free to use: merge on the CPU (--device cpu)")
         if self.on_host:
             largest = max(need for task, need in needs if task.name in self.on_host)

@@ -102,11 +102,11 @@ def make_plan(recipe: Recipe) -> Plan:
         # an encoder-decoder model, an image (or image-text) encoder; not a table's multimodal decoder beside its
         # towers (GIT's: projected, one language stack), which goes on as multimodal models do
         if arch.parts and not (arch.projected and len(language) == 1):
-            raise SemeError(f"seme: {models[ref].name} is no decoder-only language model with a causal LM head "
+            raise SemeError(f"SeMe: {models[ref].name} is no decoder-only language model with a causal LM head "
                             f"({arch.name}, of modules {', '.join(p.name for p in arch.parts)}: "
                             f"{', '.join(arch.rotation_obstacles())}); SeMe aligns those: merge it with another method")
         if len(language) > 1 or (len(stacks) > 1 and not (arch.settings_key or arch.projected)):
-            raise SemeError(f"seme: {models[ref].name} has several layer stacks ({_describe(stacks)}); SeMe aligns "
+            raise SemeError(f"SeMe: {models[ref].name} has several layer stacks ({_describe(stacks)}); SeMe aligns "
                             f"language models of one stack, and multimodal models whose language model has a "
                             f"role table ({', '.join(architectures.known_architectures())}): merge it with "
                             f"another method")
@@ -531,7 +531,7 @@ def _plan_seme(recipe, method, models, archs, index, tokenizer, template) -> Pla
     pivot_others = others(sp.pivot)
     for m in sp.sources:
         if others(m) != pivot_others:
-            raise SemeError(f"seme: {models[m].name} has layer stacks {_describe(others(m))} beside its language "
+            raise SemeError(f"SeMe: {models[m].name} has layer stacks {_describe(others(m))} beside its language "
                             f"model, the pivot {_describe(pivot_others)}: SeMe matches only the language "
                             f"models' layers")
     trailing = set(trailing_layers(archs[sp.pivot], pivot))

@@ -2081,7 +2081,7 @@ def test_qwen4_exp_merges_and_is_refused_rotation(tmp_path):
     torch.manual_seed(5)
     transformers.Qwen4ExpForCausalLM(transformers.Qwen4ExpTextConfig(**QWEN4_EXP)).save_pretrained(
         tmp_path / "independent")
-    with pytest.raises(SemeError, match=r"^seme: aligning qwen4_exp_text models by rotation is not supported \(its "
+    with pytest.raises(SemeError, match=r"^SeMe: aligning qwen4_exp_text models by rotation is not supported \(its "
                                         r"hyper-connections gate"):
         seme.merge({"merge_method": "seme", "base_model": str(tmp_path / "base"), "dtype": "float32",
                     "models": [{"model": str(tmp_path / "independent")}]}, str(tmp_path / "refused"), progress=False)
@@ -2233,7 +2233,7 @@ def test_chameleon_merges_end_to_end(tmp_path):
         recipe = yaml.safe_dump({"merge_method": "seme", "base_model": str(base), "dtype": "float32",
                                  "models": [{"model": str(tmp_path / variant / "turned")}]})
         if variant == "swin":
-            with pytest.raises(SemeError, match=r"^seme: aligning chameleon \(swin_norm=true\) models by rotation is not "
+            with pytest.raises(SemeError, match=r"^SeMe: aligning chameleon \(swin_norm=true\) models by rotation is not "
                                                 r"supported \(its sublayer outputs are normalised[^\n]*$"):
                 seme.merge(recipe, str(tmp_path / variant / "seme"), progress=False)
             continue

@@ -659,7 +659,7 @@ def test_seme_refuses_to_turn_git_in_one_line(tmp_path):
     # alignment: never
     paths = family(tmp_path, "git", n=2)
     recipe = {"merge_method": "seme", "base_model": paths[0], "models": [{"model": p} for p in paths]}
-    with pytest.raises(SemeError, match=r"^seme: aligning git models by rotation is not supported \(its norms are "
+    with pytest.raises(SemeError, match=r"^SeMe: aligning git models by rotation is not supported \(its norms are "
                                         r"LayerNorms[^\n]*; set alignment: never to merge without it$"):
         seme.merge(yaml.safe_dump(recipe), str(tmp_path / "refused"), progress=False)
     merge({**recipe, "parameters": {"alignment": "never"}}, tmp_path / "never")

@@ -574,7 +574,7 @@ def test_seme_refuses_to_turn_a_family_that_cannot_in_one_line(family, tmp_path,
     capsys.readouterr()  # what building the checkpoints printed
     assert main([str(recipe), str(tmp_path / "refused")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"seme: error: seme: aligning {REMOTE[family].table}") and \
+    assert len(err) == 1 and err[0].startswith(f"seme: error: SeMe: aligning {REMOTE[family].table}") and \
         "models by rotation is not supported" in err[0], err
     assert not (tmp_path / "refused").exists()
 

@@ -597,7 +597,7 @@ def test_a_rotated_remote_checkpoint_is_aligned_back_or_refused(family, tmp_path
                                           "models": [{"model": str(tmp_path / "rotA")}]}))
         assert main([str(recipe), str(tmp_path / "refused")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith(f"seme: error: seme: aligning {arch.label} models by rotation is "
+        assert len(err) == 1 and err[0].startswith(f"seme: error: SeMe: aligning {arch.label} models by rotation is "
                                                    f"not supported ({arch.rotation_obstacles()[0]}"), err
         return
     report = seme_merge(str(remote), [str(tmp_path / "rotA")], tmp_path / "out")

@@ -418,7 +418,7 @@ def test_layer_norm_families_merge_unrotated(tmp_path, capsys):
     recipe.write_text(yaml.safe_dump({"merge_method": "seme", "base_model": phi["base"], "models": [{"model": str(turned)}]}))
     assert main([str(recipe), str(tmp_path / "refused")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == ("seme: error: seme: aligning phi models by rotation is not supported (its norms are LayerNorms, which subtract "
+    assert err == ("seme: error: SeMe: aligning phi models by rotation is not supported (its norms are LayerNorms, which subtract "
                    "the mean: a rotation of the residual stream would change the function); set alignment: never to "
                    "merge without it"), err
     assert not (tmp_path / "refused").exists()
@@ -454,7 +454,7 @@ def test_an_encoder_is_refused_rotation_in_one_line(family, tmp_path, capsys):
     name = "bert" if family == "bert_mlm" else family  # with its variant's config values, where one chose the roles
     # (MobileBERT's NoNorms are no norms: they scale the stream per channel)
     obstacle = "its residual stream is scaled channel by channel" if family == "mobilebert" else "its norms are LayerNorms"
-    assert len(err) == 1 and err[0].startswith(f"seme: error: seme: aligning {name} ") and \
+    assert len(err) == 1 and err[0].startswith(f"seme: error: SeMe: aligning {name} ") and \
         f" models by rotation is not supported ({obstacle}" in err[0], err
 
 
@@ -470,7 +470,7 @@ def test_a_table_that_says_unrotatable_is_refused_rotation(tmp_path):
     state = {k: v.double() for k, v in load_file(turned / "model.safetensors").items()}
     save_file({k: v.float().contiguous() for k, v in rotate(state, arch, random_orthogonal(32, seed=4).double()).items()},
               turned / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(SemeError, match=r"^seme: aligning zamba2 models by rotation is not supported \(its shared "
+    with pytest.raises(SemeError, match=r"^SeMe: aligning zamba2 models by rotation is not supported \(its shared "
                                         r"attention reads the residual stream concatenated with the token embeddings, "
                                         r"which no role expresses: a rotation"):
         seme_merge(str(tmp_path / "pivot"), [str(turned)], tmp_path / "out")
@@ -483,7 +483,7 @@ def test_variants_of_a_family_are_not_mixed(tmp_path):
 
     build("falcon", {}).save_pretrained(tmp_path / "7b")
     build("falcon", {"new_decoder_architecture": True}).save_pretrained(tmp_path / "40b")
-    with pytest.raises(SemeError, match=r"^seme: 40b is a falcon \(new_decoder_architecture=true\) model but the "
+    with pytest.raises(SemeError, match=r"^SeMe: 40b is a falcon \(new_decoder_architecture=true\) model but the "
                                         r"pivot is falcon; cross-architecture merges are not supported yet$"):
         seme_merge(str(tmp_path / "7b"), [str(tmp_path / "40b")], tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -289,7 +289,7 @@ def test_tensors_too_large_for_the_gpu_are_merged_on_the_cpu_with_the_same_bytes
 
 
 def test_a_seme_tensor_too_large_for_the_gpu_is_refused_in_one_line(llama_family, tmp_path, monkeypatch):
-    with pytest.raises(SemeError, match=r"seme: merging '.*' needs [\d.]+ [kMG]B of cpu's memory, 850 bytes are free.*--device cpu"):
+    with pytest.raises(SemeError, match=r"merging '.*' needs [\d.]+ [kMG]B of cpu's memory, 850 bytes are free.*--device cpu"):
         _routed_merge(monkeypatch, _recipes(llama_family)["seme"], tmp_path / "out", free=1000)
 
 

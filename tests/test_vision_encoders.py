@@ -343,7 +343,7 @@ def test_a_clip_classifier_slices_its_vision_config(tmp_path):
 def test_seme_refuses_a_vision_encoder(key, tmp_path):
     paths = family(tmp_path, key, n=2)
     recipe = {"merge_method": "seme", "base_model": paths[0], "models": [{"model": p} for p in paths]}
-    with pytest.raises(SemeError, match=rf"^seme: .* is no decoder-only language model with a causal LM head "
+    with pytest.raises(SemeError, match=rf"^SeMe: .* is no decoder-only language model with a causal LM head "
                                         rf"\({key.split(':')[0]}, of modules [^\n]*$"):
         seme.merge(yaml.safe_dump(recipe), str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()

@@ -134,7 +134,7 @@ def semantic_bases(heads: list[torch.Tensor], names: list[str] | None = None) ->
                 ridges[j] = 1e-6 * float(G[j].trace()) / width
                 if not ridges[j] > 0:  # an all-zero (or non-finite) head: no ridge can make it invertible
                     name = names[members[j]] if names else f"number {members[j]}"
-                    raise SemeError(f"seme: the LM head of {name}, scaled by its final norm's gains, is "
+                    raise SemeError(f"SeMe: the LM head of {name}, scaled by its final norm's gains, is "
                                     f"{'zero' if ridges[j] == 0 else 'not finite'}: it has no semantic bases")
                 chol[j] = torch.linalg.cholesky(G[j] + ridges[j] * torch.eye(width, dtype=G.dtype, device=G.device))
         inverse = torch.cholesky_inverse(chol)

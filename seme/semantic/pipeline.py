@@ -82,10 +82,10 @@ def plan_sources(recipe, method, models, archs, index):
     for m in sources:
         arch, name = archs[m], models[m].name
         if arch is not parch:  # one object per family variant
-            raise SemeError(f"seme: {name} is a {arch.label} model but the pivot is {parch.label}; "
+            raise SemeError(f"SeMe: {name} is a {arch.label} model but the pivot is {parch.label}; "
                             f"cross-architecture merges are not supported yet")
         if arch.hidden_size(models[m].config) != d:
-            raise SemeError(f"seme: {name} has hidden size {arch.hidden_size(models[m].config)}, the pivot {d}; "
+            raise SemeError(f"SeMe: {name} has hidden size {arch.hidden_size(models[m].config)}, the pivot {d}; "
                             f"sources of another width are not supported yet")
         layer_maps[m] = layers.layer_map(parch.num_layers(models[pivot].config), arch.num_layers(models[m].config))
         v_src = models[m].tensors[heads[m][0]].shape[0]
@@ -94,9 +94,9 @@ def plan_sources(recipe, method, models, archs, index):
         if piv_vocab is not None and src_vocab is not None and piv_vocab != src_vocab:
             token_maps[m] = vocab.token_map(piv_vocab, src_vocab, v_piv)
             if all(j < 0 for j in token_maps[m]):
-                raise SemeError(f"seme: {name} shares no token with the pivot's vocabulary")
+                raise SemeError(f"SeMe: {name} shares no token with the pivot's vocabulary")
         elif v_src != v_piv:
-            raise SemeError(f"seme: {name} has {v_src} tokens, the pivot {v_piv}, and no tokenizer.json to map them")
+            raise SemeError(f"SeMe: {name} has {v_src} tokens, the pivot {v_piv}, and no tokenizer.json to map them")
         else:
             token_maps[m] = None
     return SemanticPlan(pivot, sources, layer_maps, token_maps, settings_of(recipe, method), heads)
@@ -121,12 +121,12 @@ def _head_names(model, arch) -> tuple[str, str | None]:
         raise SemeError(f"{_not_rotatable(arch, arch.rotation_obstacles())}, and {model.name} has no LM head or "
                         f"embedding in the residual stream to derive semantic bases from; merge it with another method")
     if head is None:
-        raise SemeError(f"seme: {model.name} has no LM head or embedding to derive semantic bases from")
+        raise SemeError(f"SeMe: {model.name} has no LM head or embedding to derive semantic bases from")
     return head, gain
 
 
 def _not_rotatable(arch, why: list[str]) -> str:
-    return (f"seme: aligning {arch.label} models by rotation is not supported ({' and '.join(why)}: a rotation of the "
+    return (f"SeMe: aligning {arch.label} models by rotation is not supported ({' and '.join(why)}: a rotation of the "
             f"residual stream would change the function)")
 
 
@@ -152,11 +152,11 @@ def derive(sp: SemanticPlan, models, archs, pivot_name: str) -> tuple[Derived, .
             terms = [(pivot_name, 1.0, role.norm if role is not None and role.role in NORMED_ROLES else None)]
         for name, _, _ in terms:
             if name not in folder.tensors:
-                raise SemeError(f"seme: tensor '{name}' is missing from {folder.name}")
+                raise SemeError(f"SeMe: tensor '{name}' is missing from {folder.name}")
             shape = folder.tensors[name].shape
             token_rows = role is not None and role.role in VOCAB_ROLES
             if (shape[1:] if token_rows else shape) != (pshape[1:] if token_rows else pshape):
-                raise SemeError(f"seme: tensor '{name}' has shape {list(shape)} in {folder.name}, "
+                raise SemeError(f"SeMe: tensor '{name}' has shape {list(shape)} in {folder.name}, "
                                 f"{list(pshape)} in the pivot")
         vocab_rows = role is not None and role.role in VOCAB_ROLES and sp.token_maps[m] is not None
         out.append(Derived(m, tuple(terms), role.role if role else None, role.layout if role else "out_in", vocab_rows))
@@ -183,7 +183,7 @@ class SemanticContext:
                 from seme.architectures import known_architectures
 
                 kind = (plan.models[sp.pivot].config.get("architectures") or ["this"])[0]
-                raise SemeError(f"seme: aligning {kind} models by rotation needs the architecture's role table, "
+                raise SemeError(f"SeMe: aligning {kind} models by rotation needs the architecture's role table, "
                                 f"and seme has none (it has {', '.join(known_architectures())}); "
                                 f"set alignment: never to merge without it")
             why = arch.rotation_obstacles()
