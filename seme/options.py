@@ -70,7 +70,9 @@ class Option:
 
 OPTIONS = (
     Option("device", "cpu", "where the math runs: cpu, cuda or cuda:N", parse_device),
-    Option("backend", "auto", "merge kernels: auto (fused where available), fused (required) or reference "
+    Option("backend", "auto", "merge kernels: auto (fused where available), fused (an error for a method no kernel "
+           "covers; tensors no kernel takes, fp64, of 2^32 elements or more, or filter-wise Model Stock's, still merge "
+           "in plain torch) or reference "
            "(plain torch)", parse_backend),
     Option("out_shard_size", "5GB", "maximum size of one output shard, e.g. 2GB, 500MB (or mergekit's 500M, 5B)",
            parse_size),
