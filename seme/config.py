@@ -271,23 +271,45 @@ def _parameters(d: Any, where: str, method) -> dict:
         raise SemeError(f"{where} must be a mapping, got {type(d).__name__}")
     for name, setting in d.items():
         _check_setting(setting, f"{where}.{name}")
-    numeric = {p.name for p in method.params if p.kind in (int, float)}
-    return {name: _numbers_read(setting) if name in numeric else setting for name, setting in d.items()}
+    readers = {p.name: _VALUE_READERS[p.kind] for p in method.params if p.kind in _VALUE_READERS}
+    return {name: _values_read(setting, readers[name]) if name in readers else setting for name, setting in d.items()}
 
 
-def _numbers_read(setting: Any) -> Any:
-    """A numeric parameter's setting with the strings that spell numbers read as numbers, as mergekit
-    reads them: YAML 1.1 loads 1e-3 (no dot) as a string, so such values are common in recipes."""
+def _values_read(setting: Any, read) -> Any:
+    """`setting` with `read` applied to each of its values (scalars, gradient anchors, conditional values)."""
     if isinstance(setting, dict):
-        return {**setting, "value": _numbers_read(setting["value"])}
+        return {**setting, "value": _values_read(setting["value"], read)}
     if isinstance(setting, list):
-        return [_numbers_read(e) for e in setting]
-    if isinstance(setting, str):
+        return [_values_read(e, read) for e in setting]
+    return read(setting)
+
+
+def _number_read(value: Any) -> Any:
+    """A string that spells a number, as the number: mergekit reads it so, and YAML 1.1 loads 1e-3 (no dot)
+    as a string, so such values are common in recipes."""
+    if isinstance(value, str):
         try:
-            return float(setting)
+            return float(value)
         except ValueError:
-            return setting
-    return setting
+            pass
+    return value
+
+
+# The words pydantic, and so mergekit, reads as booleans (YAML itself takes true, yes, on, ... unquoted).
+_BOOL_WORDS = {**dict.fromkeys(("1", "on", "t", "true", "y", "yes"), True),
+               **dict.fromkeys(("0", "off", "f", "false", "n", "no"), False)}
+
+
+def _bool_read(value: Any) -> Any:
+    """0 and 1 (int8_mask: 1) and the words for true and false, as the booleans mergekit reads them as."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        return _BOOL_WORDS.get(value.lower(), value)
+    return value
+
+
+_VALUE_READERS = {int: _number_read, float: _number_read, bool: _bool_read}
 
 
 def _dtype(value: Any, key: str) -> str | None:

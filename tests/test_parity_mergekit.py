@@ -142,6 +142,21 @@ def test_numbers_yaml_reads_as_strings_merge_as_mergekit_reads_them(tmp_path):
         torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_booleans_given_as_numbers_or_words_merge_as_mergekit_reads_them(llama_family, tmp_path):
+    # mergekit reads 0 / 1 and quoted words as booleans (int8_mask: 1), a gradient of them picking per layer
+    m = llama_family
+    recipe = {"merge_method": "ties", "base_model": m["base"], "dtype": "float32",
+              "parameters": {"normalize": [1, 0], "rescale": "yes", "int8_mask": 1.0},
+              "models": [{"model": m["expert0"], "parameters": {"weight": 0.6, "density": 0.5}},
+                         {"model": m["expert1"], "parameters": {"weight": 0.3, "density": 0.4}}]}
+    run_mergekit(recipe, str(tmp_path / "mergekit"))
+    seme.merge(recipe, str(tmp_path / "seme"), progress=False)
+    theirs, ours = load_folder(tmp_path / "mergekit"), load_folder(tmp_path / "seme")
+    assert sorted(ours) == sorted(theirs)
+    for name, expected in theirs.items():
+        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
 ENCODER_SLICES = {  # layers repeated from another model, or dropped
     "repeated": lambda m: [{"sources": [{"model": m["base"], "layer_range": [0, 2]}]},
                            {"sources": [{"model": m["expert0"], "layer_range": [1, 2]}]}],
