@@ -264,14 +264,52 @@ def _check_setting(setting: Any, where: str) -> None:
     raise SemeError(f"{where}: expected a number, a list of numbers (gradient) or {{value, filter}}, got {setting!r}")
 
 
-def _parameters(d: Any, where: str) -> dict:
+def _parameters(d: Any, where: str, method) -> dict:
     if d is None:
         return {}
     if not isinstance(d, dict):
         raise SemeError(f"{where} must be a mapping, got {type(d).__name__}")
     for name, setting in d.items():
         _check_setting(setting, f"{where}.{name}")
-    return dict(d)
+    readers = {p.name: _VALUE_READERS[p.kind] for p in method.params if p.kind in _VALUE_READERS}
+    return {name: _values_read(setting, readers[name]) if name in readers else setting for name, setting in d.items()}
+
+
+def _values_read(setting: Any, read) -> Any:
+    """`setting` with `read` applied to each of its values (scalars, gradient anchors, conditional values)."""
+    if isinstance(setting, dict):
+        return {**setting, "value": _values_read(setting["value"], read)}
+    if isinstance(setting, list):
+        return [_values_read(e, read) for e in setting]
+    return read(setting)
+
+
+def _number_read(value: Any) -> Any:
+    """A string that spells a number, as the number: mergekit reads it so, and YAML 1.1 loads 1e-3 (no dot)
+    as a string, so such values are common in recipes."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+# The words pydantic, and so mergekit, reads as booleans (YAML itself takes true, yes, on, ... unquoted).
+_BOOL_WORDS = {**dict.fromkeys(("1", "on", "t", "true", "y", "yes"), True),
+               **dict.fromkeys(("0", "off", "f", "false", "n", "no"), False)}
+
+
+def _bool_read(value: Any) -> Any:
+    """0 and 1 (int8_mask: 1) and the words for true and false, as the booleans mergekit reads them as."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        return _BOOL_WORDS.get(value.lower(), value)
+    return value
+
+
+_VALUE_READERS = {int: _number_read, float: _number_read, bool: _bool_read}
 
 
 def _dtype(value: Any, key: str) -> str | None:
@@ -310,7 +348,7 @@ def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
         raise SemeError("config: give exactly one of 'models', 'slices' or 'modules'")
 
     base_model = _resolve_model(raw["base_model"], "base_model", base_dir) if raw.get("base_model") is not None else None
-    global_params = _parameters(raw.get("parameters"), "parameters")
+    global_params = _parameters(raw.get("parameters"), "parameters", method)
 
     labelled = []  # (where, slice)
     if raw.get("modules") is not None:
@@ -322,10 +360,10 @@ def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
             _check_keys(module, MODULE_KEYS, where)
             if (module.get("models") is None) == (module.get("slices") is None):
                 raise SemeError(f"{where}: give exactly one of 'models' or 'slices'")
-            params = _parameters(module.get("parameters"), f"{where}.parameters")
-            labelled += _inputs(module, f"{where}.", base_model, base_dir, str(name), params)
+            params = _parameters(module.get("parameters"), f"{where}.parameters", method)
+            labelled += _inputs(module, f"{where}.", base_model, base_dir, method, str(name), params)
     else:
-        labelled = _inputs(raw, "", base_model, base_dir)
+        labelled = _inputs(raw, "", base_model, base_dir, method)
 
     for where, sl in labelled:
         base = sl.base_model or base_model
@@ -369,17 +407,17 @@ def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
                   token_sources, tuple(str(name) for name in raw.get("modules") or ()))
 
 
-def _source(entry: Any, where: str, base_dir: str, layered: bool) -> Source:
+def _source(entry: Any, where: str, base_dir: str, method, layered: bool) -> Source:
     """One model of a `models:` list, or with `layered` one source of a slice (it has a layer_range)."""
     _check_keys(entry, SOURCE_KEYS if layered else MODEL_KEYS, where)
     if "model" not in entry or (layered and "layer_range" not in entry):
         raise SemeError(f"{where}: needs 'model' and 'layer_range'" if layered else f"{where}: missing 'model'")
     return Source(_resolve_model(entry["model"], where, base_dir),
                   _layer_range(entry["layer_range"], where) if layered else None,
-                  _parameters(entry.get("parameters"), f"{where}.parameters"))
+                  _parameters(entry.get("parameters"), f"{where}.parameters", method))
 
 
-def _inputs(raw: dict, prefix: str, base_model: str | None, base_dir: str, module: str | None = None,
+def _inputs(raw: dict, prefix: str, base_model: str | None, base_dir: str, method, module: str | None = None,
             module_params: dict | None = None) -> list[tuple[str, Slice]]:
     """The output slices of a `models:` or `slices:` list (of the recipe, or of one module), each with
     the key path its errors name."""
@@ -389,7 +427,7 @@ def _inputs(raw: dict, prefix: str, base_model: str | None, base_dir: str, modul
         if not isinstance(models, list) or not models:
             raise SemeError(f"config: '{prefix}models' must be a non-empty list")
         sources = [_source({"model": entry} if isinstance(entry, str) else entry,  # a bare path: shorthand
-                           f"{prefix}models[{i}]", base_dir, layered=False) for i, entry in enumerate(models)]
+                           f"{prefix}models[{i}]", base_dir, method, layered=False) for i, entry in enumerate(models)]
         if base_model and base_model not in {s.model for s in sources}:
             sources.append(Source(base_model))  # mergekit adds the base as an input, as here
         return [(f"{prefix}models", Slice(tuple(sources), module=module, module_parameters=module_params))]
@@ -407,7 +445,8 @@ def _inputs(raw: dict, prefix: str, base_model: str | None, base_dir: str, modul
         raw_sources = raw_slice.get("sources")
         if not isinstance(raw_sources, list) or not raw_sources:
             raise SemeError(f"{where}: 'sources' must be a non-empty list")
-        sources = [_source(src, f"{where}.sources[{j}]", base_dir, layered=True) for j, src in enumerate(raw_sources)]
+        sources = [_source(src, f"{where}.sources[{j}]", base_dir, method, layered=True)
+                   for j, src in enumerate(raw_sources)]
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
         if len(lengths) > 1:
             raise SemeError(f"{where}: all sources of a slice must span the same number of layers, "
@@ -415,7 +454,7 @@ def _inputs(raw: dict, prefix: str, base_model: str | None, base_dir: str, modul
         slice_base = raw_slice.get("base_model")
         slice_base = _resolve_model(slice_base, f"{where}.base_model", base_dir) if slice_base else None
         slices.append((where, Slice(tuple(sources), slice_base, _parameters(raw_slice.get("parameters"),
-                                                                            f"{where}.parameters"),
+                                                                            f"{where}.parameters", method),
                                     module, module_params)))
     return slices
 

@@ -120,6 +120,43 @@ def test_other_families_merge_as_mergekit_does(family, tmp_path):
         torch.testing.assert_close(ours[name][settled], expected[settled], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_numbers_yaml_reads_as_strings_merge_as_mergekit_reads_them(tmp_path):
+    # YAML 1.1 loads 1e-3 (no dot) as a string: mergekit's parameters read such strings as numbers, gradients too
+    m = build_family(str(tmp_path / "models"), "llama", n_experts=2, layers=3)  # a middle layer: t = 0.5
+    recipe = yaml.safe_load(f"""
+        merge_method: ties
+        base_model: {m['base']}
+        models:
+          - model: {m['expert0']}
+            parameters: {{weight: 5e-1, density: [2e-1, 8e-1]}}
+          - model: {m['expert1']}
+            parameters: {{weight: [{{filter: mlp, value: 1e0}}, {{value: "0.7"}}], density: 0.5}}
+        parameters: {{lambda: 9e-1}}
+        dtype: float32""")
+    assert recipe["parameters"]["lambda"] == "9e-1"
+    run_mergekit(recipe, str(tmp_path / "mergekit"))
+    seme.merge(recipe, str(tmp_path / "seme"), progress=False)
+    theirs, ours = load_folder(tmp_path / "mergekit"), load_folder(tmp_path / "seme")
+    assert sorted(ours) == sorted(theirs)
+    for name, expected in theirs.items():
+        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_booleans_given_as_numbers_or_words_merge_as_mergekit_reads_them(llama_family, tmp_path):
+    # mergekit reads 0 / 1 and quoted words as booleans (int8_mask: 1), a gradient of them picking per layer
+    m = llama_family
+    recipe = {"merge_method": "ties", "base_model": m["base"], "dtype": "float32",
+              "parameters": {"normalize": [1, 0], "rescale": "yes", "int8_mask": 1.0},
+              "models": [{"model": m["expert0"], "parameters": {"weight": 0.6, "density": 0.5}},
+                         {"model": m["expert1"], "parameters": {"weight": 0.3, "density": 0.4}}]}
+    run_mergekit(recipe, str(tmp_path / "mergekit"))
+    seme.merge(recipe, str(tmp_path / "seme"), progress=False)
+    theirs, ours = load_folder(tmp_path / "mergekit"), load_folder(tmp_path / "seme")
+    assert sorted(ours) == sorted(theirs)
+    for name, expected in theirs.items():
+        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
 ENCODER_SLICES = {  # layers repeated from another model, or dropped
     "repeated": lambda m: [{"sources": [{"model": m["base"], "layer_range": [0, 2]}]},
                            {"sources": [{"model": m["expert0"], "layer_range": [1, 2]}]}],

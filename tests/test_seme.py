@@ -579,7 +579,7 @@ def test_one_source_has_nothing_to_stabilize(llama_family, tmp_path):
 
 
 @pytest.mark.parametrize("params, expected", [
-    ({"stabilize": "yes"}, "parameter 'stabilize' must be true or false, got 'yes'"),
+    ({"stabilize": "sometimes"}, "parameter 'stabilize' must be true or false, got 'sometimes'"),
     ({"stabilize": True, "stabilize_range": 0.5}, "parameter 'stabilize_range' must be >= 1.0, got 0.5"),
 ])
 def test_a_bad_stabilize_parameter_is_a_one_line_error(llama_family, tmp_path, capsys, params, expected):
