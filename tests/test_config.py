@@ -151,6 +151,34 @@ def test_models_without_readable_weights_are_refused(llama_family, tmp_path, cap
     assert status == 2 and len(err) == 1 and message in err[0]
 
 
+def _config_set(**changes):
+    def change(folder):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda folder: (folder / "config.json").write_bytes(b"\xff\xfe{}"), "config.json: cannot read: 'utf-8' codec"),
+    (lambda folder: (folder / "model.safetensors.index.json").write_bytes(b"\xff\xfe{}"),
+     "model.safetensors.index.json: malformed index ('utf-8' codec"),
+    (_config_set(architectures={"LlamaForCausalLM": 1}), "architectures must be a list of class names, got {"),
+    (_config_set(architectures=None, model_type=["llama"]), "model_type must be a string, got ['llama']"),
+    (_config_set(num_hidden_layers=None), "the depth (num_hidden_layers) must be a non-negative integer, got None"),
+    (_config_set(num_hidden_layers=float("nan")), "the depth (num_hidden_layers) must be a non-negative integer, got nan"),
+    (_config_set(num_hidden_layers=2.5), "the depth (num_hidden_layers) must be a non-negative integer, got 2.5"),
+])
+def test_malformed_model_configs_are_one_line_errors(llama_family, tmp_path, capsys, change, message):
+    folder = tmp_path / "model"
+    shutil.copytree(llama_family["expert0"], folder)
+    change(folder)
+    recipe = {"merge_method": "linear", "models": [{"model": llama_family["base"], "parameters": {"weight": 1}},
+                                                   {"model": str(folder), "parameters": {"weight": 1}}]}
+    status, err, out = run_cli(tmp_path, recipe, capsys)
+    assert status == 2 and len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
 def test_non_empty_output_is_refused(llama_family, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
