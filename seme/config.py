@@ -176,7 +176,7 @@ def _check_keys(d: Any, allowed: set, where: str) -> None:
     for key in d:
         if key in allowed:
             continue
-        raise SemeError(f"{where}: unknown key {str(key)!r}{suggest(str(key), allowed)}")
+        raise SemeError(f"{where}: unknown key {str(key)!r}{suggest(key, allowed)}")
 
 
 def _resolve_model(ref: Any, where: str, base_dir: str) -> str:
@@ -303,7 +303,7 @@ def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
     if method_name is None:
         raise SemeError("config: missing required key 'merge_method'")
     if method_name not in registry.names():
-        raise SemeError(f"config: unknown merge_method '{method_name}'{suggest(str(method_name), registry.names())}"
+        raise SemeError(f"config: unknown merge_method '{method_name}'{suggest(method_name, registry.names())}"
                         f" (known: {', '.join(registry.names())})")
     method = registry.get(method_name)
     if sum(raw.get(key) is not None for key in ("models", "slices", "modules")) != 1:  # null: absent, as in mergekit

@@ -41,6 +41,7 @@ CASES = {
     "missing weight": (lambda m: ties(m, models=[{"model": m["expert0"]}, {"model": m["expert1"]}]),
                        "needs parameter 'weight'"),
     "unknown parameter": (lambda m: ties(m, parameters={"densty": 0.5}), "unknown parameter 'densty' for method 'ties' (did you mean 'density'?)"),
+    "parameter named by a number": (lambda m: ties(m, parameters={5: 0.5}), "unknown parameter '5' for method 'ties' (it takes:"),
     "missing model folder": (lambda m: ties(m, base_model="/nonexistent/model"), "model not found: no folder /nonexistent/model"),
     "missing model": (lambda m: ties(m, base_model="org/model"), "model not found: org/model is neither a local folder nor a model in the Hugging Face cache"),
     "models and slices": (lambda m: ties(m, slices=[]), "exactly one of 'models', 'slices' or 'modules'"),
