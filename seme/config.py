@@ -476,6 +476,8 @@ def _token_sources(tokens, base_dir: str) -> dict:
             ref = source.get("token_id", source.get("token"))
             if "token_id" in source and (not isinstance(ref, int) or isinstance(ref, bool) or ref < 0):
                 raise SemeError(f"{where}: source: token_id must be a non-negative integer, got {ref!r}")
+            if "token" in source and not isinstance(ref, str):  # an int would be taken for a token_id
+                raise SemeError(f"{where}: source: token must be a string, got {ref!r}")
             out[str(token)] = (("model_token", _resolve_model(source.get("model"), f"{where}: source", base_dir), ref), force)
         elif isinstance(source, str):
             out[str(token)] = (("model", _resolve_model(source, f"{where}: source", base_dir)), force)

@@ -78,6 +78,8 @@ CASES = {
                              "tokens: '<x>': source kind must be 'zero' or 'model_token', got 'mean'"),
     "tokenizer token source": (lambda m: ties(m, tokenizer={"tokens": {"<x>": {"source": {
         "kind": "model_token", "model": m["expert0"], "token_id": 3, "token": "w0"}}}}), "give token_id or token, one of them"),
+    "tokenizer token not a string": (lambda m: ties(m, tokenizer={"tokens": {"<x>": {"source": {
+        "kind": "model_token", "model": m["expert0"], "token": 3}}}}), "source: token must be a string, got 3"),
     "tokenizer twice": (lambda m: ties(m, tokenizer_source="union", tokenizer={"source": "base"}),
                         "give tokenizer_source or tokenizer, not both"),
     "tokenizer key typo": (lambda m: ties(m, tokenizer={"sorce": "base"}), "config: tokenizer: unknown key 'sorce' (did you mean 'source'?)"),
