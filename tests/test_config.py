@@ -70,6 +70,9 @@ CASES = {
     "lrp weights sum to zero": (lambda m: {"merge_method": "lrp", "models": [
         {"model": m["expert0"], "parameters": {"weight": 0.5}}, {"model": m["expert1"], "parameters": {"weight": -0.5}}]},
         "lrp weights sum to 0, and it divides by their sum"),
+    "multislerp weights sum to zero": (lambda m: {"merge_method": "multislerp", "models": [
+        {"model": m["expert0"], "parameters": {"weight": 0.5}}, {"model": m["expert1"], "parameters": {"weight": -0.5}}]},
+        "multislerp weights sum to 0, so they cannot be normalised"),
     "filters match nothing": (lambda m: ties(m, models=[{"model": m["expert0"], "parameters": {
         "weight": [{"filter": "mlp", "value": 1.0}], "density": 0.5}}]), "parameter 'weight' has no value for expert0"),
     "bad regex filter": (lambda m: ties(m, parameters={"density": [{"filter": "re:(", "value": 0.5}]}),
