@@ -73,6 +73,8 @@ CASES = {
     "multislerp weights sum to zero": (lambda m: {"merge_method": "multislerp", "models": [
         {"model": m["expert0"], "parameters": {"weight": 0.5}}, {"model": m["expert1"], "parameters": {"weight": -0.5}}]},
         "multislerp weights sum to 0, so they cannot be normalised"),
+    "stabilize range past float32": (lambda m: {"merge_method": "seme", "base_model": m["base"], "parameters": {
+        "stabilize": True, "stabilize_range": 1e39}, "models": [m["expert0"]]}, "parameter 'stabilize_range' must be <= 3.4e+38"),
     "filters match nothing": (lambda m: ties(m, models=[{"model": m["expert0"], "parameters": {
         "weight": [{"filter": "mlp", "value": 1.0}], "density": 0.5}}]), "parameter 'weight' has no value for expert0"),
     "bad regex filter": (lambda m: ties(m, parameters={"density": [{"filter": "re:(", "value": 0.5}]}),
