@@ -16,12 +16,15 @@ def parse_size(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     m = _SIZE.match(str(value))
-    if not m or float(m.group(1)) <= 0:
+    nbytes = 0
+    if m:
+        unit = (m.group(2) or "").lower()
+        if not unit and str(value).strip()[-1] in "bB":  # mergekit's K/M/B suffixes: B is a billion, not a byte
+            unit = "g"
+        nbytes = int(float(m.group(1)) * _UNITS[unit])
+    if nbytes < 1:  # 0, or a fraction of a byte (0.5): no shard or budget holds anything
         raise SemeError(f"invalid size {value!r} (expected e.g. 2GB, 500MB, 1.5GiB or a byte count)")
-    unit = (m.group(2) or "").lower()
-    if not unit and str(value).strip()[-1] in "bB":  # mergekit's K/M/B suffixes: B is a billion, not a byte
-        unit = "g"
-    return int(float(m.group(1)) * _UNITS[unit])
+    return nbytes
 
 
 def format_size(nbytes: float) -> str:

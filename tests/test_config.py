@@ -301,9 +301,12 @@ def test_model_paths_may_start_with_a_tilde(llama_family, tmp_path, capsys, monk
     assert f"`{llama_family['base']}`" in (out / "README.md").read_text()  # the card names the folder
 
 
-def test_bad_option_value(llama_family, tmp_path, capsys):
-    status, err, _ = run_cli(tmp_path, ties(llama_family), capsys, "--out-shard-size", "lots")
-    assert status == 2 and "invalid size 'lots'" in err[0]
+@pytest.mark.parametrize("flag, value", [("--out-shard-size", "lots"), ("--out-shard-size", "0"),
+                                         ("--out-shard-size", "0.5"), ("--max-memory", "0.4")])
+def test_bad_option_value(llama_family, tmp_path, capsys, flag, value):
+    status, err, out = run_cli(tmp_path, ties(llama_family), capsys, flag, value)
+    assert status == 2 and err == [f"seme: error: invalid size '{value}' (expected e.g. 2GB, 500MB, 1.5GiB or a byte count)"]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("nbytes,text", [(0, "0 bytes"), (999, "999 bytes"), (110_592, "110.6 kB"), (12_345_678, "12.3 MB"),
