@@ -101,6 +101,7 @@ class MergekitFlag:
     takes: type | None = None  # its value's type; None: an on/off flag
     sets: dict = field(default_factory=dict)  # options it sets when on (unless given themselves)
     env: str | None = None  # environment variable its value goes to
+    minimum: int | None = None  # the least value it takes
     refused: tuple[bool, str] | None = None  # (the state seme refuses, why)
     short: str | None = None
 
@@ -111,7 +112,8 @@ MERGEKIT_FLAGS = (
     MergekitFlag("quiet", "same as --no-progress", sets={"progress": False}),
     MergekitFlag("transformers_cache", "the Hugging Face hub cache that model names are looked up in", str,
                  env="HF_HUB_CACHE"),
-    MergekitFlag("num_threads", "threads of the CPU kernels (OMP_NUM_THREADS)", int, env="OMP_NUM_THREADS", short="-j"),
+    MergekitFlag("num_threads", "threads of the CPU kernels (OMP_NUM_THREADS)", int, env="OMP_NUM_THREADS", minimum=1,
+                 short="-j"),
     MergekitFlag("safe_serialization", "always on: seme writes safetensors",
                  refused=(False, "seme writes safetensors only; pickled checkpoints can run code when loaded")),
     MergekitFlag("unsafe_truncate_embeddings", "refused: give the models one vocabulary with tokenizer_source",

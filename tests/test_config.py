@@ -361,6 +361,8 @@ def test_mergekit_yaml_flags_are_accepted_with_their_meaning(llama_family, tmp_p
     (["--unsafe-truncate-embeddings"], "--unsafe-truncate-embeddings is not supported: give the models one "
                                        "vocabulary with tokenizer_source"),
     (["--random-seed", "-3"], "invalid random seed '-3'"),
+    (["--num-threads", "0"], "--num-threads must be at least 1, got 0"),
+    (["-j", "-2"], "--num-threads must be at least 1, got -2"),
 ])
 def test_mergekit_yaml_flags_seme_refuses_are_one_line_errors(llama_family, tmp_path, capsys, flags, message):
     status, err, out = run_cli(tmp_path, ties(llama_family), capsys, *flags)
