@@ -50,7 +50,9 @@ def build_tiny_llama(path: str, seed: int, hidden: int = 64, layers: int = 4, vo
 def run_demo(out_dir: str, **options) -> None:
     from seme.executor import not_empty
     from seme.io.card import merged_by_seme
+    from seme.options import resolve
 
+    options = resolve(**options)  # a bad option is refused before the models are built
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not options.get("overwrite"):
         if not merged_by_seme(out_dir):  # refused before the models are built
             raise not_empty(out_dir)

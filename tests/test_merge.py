@@ -268,6 +268,10 @@ def test_demo_runs(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"seme: error: output folder {tmp_path / 'mine'} exists and is not empty (use --overwrite to replace it)"]
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+    proc = subprocess.run([sys.executable, "-m", "seme.merge", "--demo", str(tmp_path / "bad"), "--backend", "fast"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [  # a bad option too, before the building
+        "seme: error: invalid backend 'fast' (expected auto, fused or reference)"]
 
 
 @pytest.mark.parametrize("fits", [True, False])
