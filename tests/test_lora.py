@@ -170,6 +170,9 @@ def _with_config(adapter, **changes):
     ("unknown entry", "adapter entry 'lora_C' is not a LoRA entry"),
     ("bad lora bias", "has a LoRA bias of shape [31], and the model's layer no bias of that shape"),
     ("other peft", "a PREFIX_TUNING adapter; seme applies LoRA adapters only"),
+    ("alpha not a number", "adapter_config.json: lora_alpha must be a finite number, got '16'"),
+    ("alpha pattern no regex", "adapter_config.json: alpha_pattern['q_proj('] is no regular expression"),
+    ("rank 0", "adapter module 'model.layers.0.self_attn.q_proj' has rank 0 (A [0, 32])"),
 ])
 def test_bad_adapters_are_one_line_errors(llama_family, qwen2_family, tmp_path, capsys, case, message):
     adapter, _ = make_adapter(llama_family["expert0"], tmp_path, seed=4)
@@ -202,6 +205,18 @@ def test_bad_adapters_are_one_line_errors(llama_family, qwen2_family, tmp_path, 
 
         weights = os.path.join(adapter, "adapter_model.safetensors")
         save_file({**load_file(weights), "lora_C": torch.zeros(1)}, weights)
+    elif case == "alpha not a number":
+        _with_config(adapter, lora_alpha="16")
+    elif case == "alpha pattern no regex":
+        _with_config(adapter, alpha_pattern={"q_proj(": 16})
+    elif case == "rank 0":
+        from safetensors.torch import load_file, save_file
+
+        weights = os.path.join(adapter, "adapter_model.safetensors")
+        entries = load_file(weights)
+        a = next(k for k in entries if k.endswith("layers.0.self_attn.q_proj.lora_A.weight"))
+        save_file({**entries, a: entries[a][:0], a.replace("lora_A", "lora_B"): entries[a.replace("lora_A", "lora_B")][:, :0]},
+                  weights)
     else:
         _with_config(adapter, peft_type="PREFIX_TUNING")
     recipe = tmp_path / "r.yml"

@@ -91,6 +91,7 @@ class LoraAdapter:
                                 f"the model's {list(tensors[name].shape)}")
             updates[name] = _Update(saved=info)
         alpha, patterns = config.get("lora_alpha", 8), config.get("alpha_pattern") or {}
+        _check_alphas(self.files[0], alpha, patterns)
         for module, part in parts.items():
             target = f"{module}.weight"
             if target not in tensors:
@@ -109,6 +110,8 @@ class LoraAdapter:
             if a is None or "B" not in part:
                 raise SemeError(f"{path}: adapter module '{module}' has no A and B pair")
             b, r = part["B"], a.shape[0]
+            if r == 0:
+                raise SemeError(f"{path}: adapter module '{module}' has rank 0 (A {list(a.shape)}): it scales by lora_alpha / 0")
             embedding = "embedding A" in part
             transpose = embedding or bool(config.get("fan_in_fan_out"))
             expected = (b.shape[0], a.shape[1]) if not transpose else (a.shape[1], b.shape[0])
@@ -177,6 +180,21 @@ def _lora_merged(w: torch.Tensor, lora: _Lora, load) -> torch.Tensor:
     factor = load(lora.magnitude) / norm
     factor = factor.view(1, -1) if lora.transpose else factor.view(-1, 1)
     return (factor * (w + delta)).to(w.dtype)
+
+
+def _check_alphas(config_path: str, alpha, patterns) -> None:
+    """lora_alpha and alpha_pattern (module pattern -> its lora_alpha), as the scalings read them."""
+    if not isinstance(patterns, dict):
+        raise SemeError(f"{config_path}: alpha_pattern must be a mapping of module pattern to lora_alpha, got {patterns!r}")
+    for pattern, value in [(None, alpha), *patterns.items()]:
+        where = "lora_alpha" if pattern is None else f"alpha_pattern[{pattern!r}]"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SemeError(f"{config_path}: {where} must be a finite number, got {value!r}")
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise SemeError(f"{config_path}: {where} is no regular expression: {e}") from None
 
 
 def _token_indices(path: str, config: dict, module: str, rows: int) -> tuple[int, ...]:
