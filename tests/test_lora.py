@@ -60,6 +60,22 @@ def test_an_adapter_merges_as_the_model_peft_merged_it_into(llama_family, tmp_pa
         torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=0, msg=name)
 
 
+def test_adapter_weights_saved_in_other_dtypes_are_held_as_peft_holds_them(llama_family, tmp_path):
+    """peft casts what it loads to its layers' dtype: an A saved in fp64 beside an fp32 B (exactly the fp32
+    values) merges as the adapter saved in fp32 does."""
+    from safetensors.torch import load_file, save_file
+
+    adapter, merged = make_adapter(llama_family["expert0"], tmp_path, seed=1)
+    weights = os.path.join(adapter, "adapter_model.safetensors")
+    save_file({k: v.double() if ".lora_A." in k else v for k, v in load_file(weights).items()}, weights)
+    seme.merge(linear(merged, llama_family["expert1"]), str(tmp_path / "reference"), progress=False)
+    seme.merge(linear(f"{llama_family['expert0']}+{adapter}", llama_family["expert1"]), str(tmp_path / "lora"),
+               progress=False)
+    reference, ours = load_folder(tmp_path / "reference"), load_folder(tmp_path / "lora")
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=0, msg=name)
+
+
 ADAPTERS = {  # what peft can train beside plain LoRA: (family, LoraConfig arguments, tensors it changes)
     "dora": ("llama", dict(use_dora=True, targets=("q_proj", "embed_tokens")), {"model.embed_tokens.weight", "self_attn.q_proj.weight"}),
     "lora bias": ("qwen2", dict(lora_bias=True, targets=("q_proj", "v_proj")),

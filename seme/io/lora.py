@@ -153,16 +153,14 @@ class LoraAdapter:
         out = (self._map.tensor(u.saved) if u.saved is not None else weight).to(weight.dtype, copy=True)
         if u.rows is not None:
             out.index_copy_(0, torch.tensor(u.rows[0]), self._map.tensor(u.rows[1]).to(out.dtype))
+        # peft holds the adapter's weights in its layer's dtype, half precision upcast to fp32, whatever
+        # dtype they were saved in (loading casts them: an fp64 A beside an fp32 B is fp32 too)
+        held = torch.promote_types(weight.dtype, torch.float32)
         if u.lora is not None:
-            out = _lora_merged(out, u.lora, self._adapter_tensor)
+            out = _lora_merged(out, u.lora, lambda info: self._map.tensor(info).to(held))
         if u.bias is not None:
-            out += self._adapter_tensor(u.bias[0]) * u.bias[1]
+            out += self._map.tensor(u.bias[0]).to(held) * u.bias[1]
         return out
-
-    def _adapter_tensor(self, info: TensorInfo) -> torch.Tensor:
-        """An adapter weight as peft loads it: half precision upcast to fp32."""
-        t = self._map.tensor(info)
-        return t.float() if t.element_size() < 4 and t.is_floating_point() else t
 
 
 def _lora_merged(w: torch.Tensor, lora: _Lora, load) -> torch.Tensor:
