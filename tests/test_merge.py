@@ -467,6 +467,21 @@ def test_an_unloaded_module_is_described_and_merged_by_name(qwen_mtp, tmp_path):
     assert sorted(ties) == sorted(e0) and not torch.equal(ties["mtp.fc.weight"], base["mtp.fc.weight"])
 
 
+def test_tensors_outside_the_layers_are_never_layers_after_the_last(llama_family, tmp_path):
+    """A config that counts no layers: every layer is after the last, the embeddings, final norm and head
+    are not (they were taken for layer 0 and crashed the plan: None - 0)."""
+    from seme import architectures
+    from seme.io.model import ModelFolder
+    from seme.plan import trailing_layers
+
+    shutil.copytree(llama_family["expert0"], tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 0}))
+    model = ModelFolder.open(str(tmp_path / "m"))
+    assert sorted(trailing_layers(architectures.for_config(model.config, model.tensors), model)) == sorted(
+        n for n in model.tensors if n.startswith("model.layers."))
+
+
 # DeepSeek-V3's MTP layer after the last, and Qwen3-Next's mtp.* module (unloaded by transformers)
 TRAILING = pytest.mark.parametrize("models, prefix, where", [("deepseek_mtp", "model.layers.2.", "model.layers.2"),
                                                              ("qwen_mtp", "mtp.", "mtp.*")])
