@@ -226,11 +226,15 @@ class ModelFolder:
                     vocab = dict(model_vocab)
                 for tok in data.get("added_tokens", []):
                     vocab[tok["content"]] = tok["id"]
-                return vocab
-            path = os.path.join(self.path, "vocab.json")
-            if os.path.isfile(path):
+            else:
+                path = os.path.join(self.path, "vocab.json")
+                if not os.path.isfile(path):
+                    return None
                 with open(path, encoding="utf-8") as f:
-                    return dict(json.load(f))
+                    vocab = dict(json.load(f))
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise SemeError(f"{path}: cannot read the vocabulary: {e}") from None
-        return None
+        wrong = [i for i in vocab.values() if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+        if wrong:  # ids index rows
+            raise SemeError(f"{path}: cannot read the vocabulary: a token id is {wrong[0]!r}, not a row number")
+        return vocab
