@@ -180,7 +180,7 @@ def _check_keys(d: Any, allowed: set, where: str) -> None:
 
 
 def _resolve_model(ref: Any, where: str, base_dir: str) -> str:
-    if not isinstance(ref, str) or not ref:
+    if not isinstance(ref, str) or not ref.strip():
         raise SemeError(f"{where}: model must be a path string, got {ref!r}")
     resolving = _RESOLVING.get()
     if ref in resolving.stages:  # an earlier stage's output, not merged yet

@@ -44,6 +44,7 @@ CASES = {
     "parameter named by a number": (lambda m: ties(m, parameters={5: 0.5}), "unknown parameter '5' for method 'ties' (it takes:"),
     "missing model folder": (lambda m: ties(m, base_model="/nonexistent/model"), "model not found: no folder /nonexistent/model"),
     "missing model": (lambda m: ties(m, base_model="org/model"), "model not found: org/model is neither a local folder nor a model in the Hugging Face cache"),
+    "blank model name": (lambda m: ties(m, base_model=" "), "base_model: model must be a path string, got ' '"),
     "models and slices": (lambda m: ties(m, slices=[]), "exactly one of 'models', 'slices' or 'modules'"),
     "empty models": (lambda m: ties(m, models=[]), "'models' must be a non-empty list"),
     "bad dtype": (lambda m: ties(m, dtype="float8"), "dtype must be one of"),
