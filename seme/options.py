@@ -37,8 +37,10 @@ def format_size(nbytes: float) -> str:
 
 
 def parse_device(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value):
-        raise SemeError(f"invalid device {value!r} (expected cpu, cuda or cuda:N)")
+    # torch keeps a device's index in 8 bits (c10::DeviceIndex): cuda:255 would be taken for cuda, and larger
+    # indices do not parse
+    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value) or int(value[5:] or 0) > 127:
+        raise SemeError(f"invalid device {value!r} (expected cpu, cuda or cuda:N, N up to 127)")
     return value
 
 

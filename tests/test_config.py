@@ -380,6 +380,25 @@ def test_cuda_flag_asks_for_a_gpu(llama_family, tmp_path, capsys):
     assert status == 2 and err == ["seme: error: --device cuda was asked for, but torch sees no CUDA device"]
 
 
+@pytest.mark.parametrize("device, gpus, message", [
+    ("cuda:3", 1, "--device cuda:3 was asked for, but torch sees 1 CUDA device, cuda:0"),
+    ("cuda:2", 2, "--device cuda:2 was asked for, but torch sees 2 CUDA devices, cuda:0 to cuda:1"),
+    ("cuda:255", 1, "invalid device 'cuda:255' (expected cpu, cuda or cuda:N, N up to 127)"),  # torch: cuda
+    ("cuda:99999999999", 1, "invalid device 'cuda:99999999999' (expected cpu, cuda or cuda:N, N up to 127)"),
+])
+def test_a_cuda_device_torch_does_not_see_is_refused(llama_family, tmp_path, capsys, monkeypatch, device, gpus,
+                                                     message):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    status, err, out = run_cli(tmp_path, ties(llama_family), capsys, "--device", device)
+    assert status == 2 and err == [f"seme: error: {message}"]
+    assert not out.exists()
+    status, err, _ = run_cli(tmp_path, ties(llama_family), capsys, "--device", device, "--dry-run")
+    assert status == (2 if "invalid" in message else 0), err  # a plan for another machine's GPU, unless torch cannot name it
+
+
 def test_no_copy_tokenizer_and_no_model_card(llama_family, tmp_path, capsys):
     status, err, out = run_cli(tmp_path, ties(llama_family), capsys, "--no-copy-tokenizer", "--no-write-model-card")
     assert status == 0, err
