@@ -101,8 +101,12 @@ def _merge_recipe(recipe, out_dir: str, opts: dict) -> dict:
 
         print_plan(plan, sys.stdout, opts["device"], opts["backend"])
         return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes}
-    if opts["device"].startswith("cuda") and not _cuda_available():
-        raise SemeError(f"--device {opts['device']} was asked for, but torch sees no CUDA device")
+    if opts["device"].startswith("cuda"):
+        count, index = _cuda_devices(), int(opts["device"].partition(":")[2] or 0)
+        if index >= count:
+            seen = (f"{count} CUDA device{'s' if count > 1 else ''}, cuda:0" + (f" to cuda:{count - 1}" if count > 1 else "")
+                    if count else "no CUDA device")
+            raise SemeError(f"--device {opts['device']} was asked for, but torch sees {seen}")
     from seme import distributed, executor
 
     progress = sys.stderr.isatty() if opts["progress"] is None else opts["progress"]
@@ -120,7 +124,7 @@ def _merge_recipe(recipe, out_dir: str, opts: dict) -> dict:
     return stats
 
 
-def _cuda_available() -> bool:
+def _cuda_devices() -> int:
     import torch
 
-    return torch.cuda.is_available()
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

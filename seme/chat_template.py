@@ -48,8 +48,11 @@ def of_model(folder: str) -> str | None:
     'default' one where it names several)."""
     path = os.path.join(folder, FILE)
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SemeError(f"config: chat_template: auto: cannot read {path}: {e}") from None
     try:
         with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
             template = json.load(f).get("chat_template")

@@ -176,11 +176,11 @@ def _check_keys(d: Any, allowed: set, where: str) -> None:
     for key in d:
         if key in allowed:
             continue
-        raise SemeError(f"{where}: unknown key {str(key)!r}{suggest(str(key), allowed)}")
+        raise SemeError(f"{where}: unknown key {str(key)!r}{suggest(key, allowed)}")
 
 
 def _resolve_model(ref: Any, where: str, base_dir: str) -> str:
-    if not isinstance(ref, str) or not ref:
+    if not isinstance(ref, str) or not ref.strip():
         raise SemeError(f"{where}: model must be a path string, got {ref!r}")
     resolving = _RESOLVING.get()
     if ref in resolving.stages:  # an earlier stage's output, not merged yet
@@ -341,7 +341,7 @@ def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
     if method_name is None:
         raise SemeError("config: missing required key 'merge_method'")
     if method_name not in registry.names():
-        raise SemeError(f"config: unknown merge_method '{method_name}'{suggest(str(method_name), registry.names())}"
+        raise SemeError(f"config: unknown merge_method '{method_name}'{suggest(method_name, registry.names())}"
                         f" (known: {', '.join(registry.names())})")
     method = registry.get(method_name)
     if sum(raw.get(key) is not None for key in ("models", "slices", "modules")) != 1:  # null: absent, as in mergekit
@@ -515,6 +515,8 @@ def _token_sources(tokens, base_dir: str) -> dict:
             ref = source.get("token_id", source.get("token"))
             if "token_id" in source and (not isinstance(ref, int) or isinstance(ref, bool) or ref < 0):
                 raise SemeError(f"{where}: source: token_id must be a non-negative integer, got {ref!r}")
+            if "token" in source and not isinstance(ref, str):  # an int would be taken for a token_id
+                raise SemeError(f"{where}: source: token must be a string, got {ref!r}")
             out[str(token)] = (("model_token", _resolve_model(source.get("model"), f"{where}: source", base_dir), ref), force)
         elif isinstance(source, str):
             out[str(token)] = (("model", _resolve_model(source, f"{where}: source", base_dir)), force)

@@ -50,10 +50,10 @@ def build_tiny_llama(path: str, seed: int, hidden: int = 64, layers: int = 4, vo
 def run_demo(out_dir: str, **options) -> None:
     from seme.executor import not_empty
     from seme.io.card import merged_by_seme
-    from seme.options import parse_seed
+    from seme.options import resolve
 
-    seed = 42 if options.get("random_seed") is None else parse_seed(options["random_seed"])
-    recipe = RECIPE.format(seed=seed)
+    options = resolve(**options)  # a bad option is refused before the models are built
+    recipe = RECIPE.format(seed=42 if options["random_seed"] is None else options["random_seed"])
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not options.get("overwrite"):
         # only an earlier demo's output (its card quotes this recipe) is rebuilt, never another merge
         if not merged_by_seme(out_dir, recipe):  # refused before the models are built

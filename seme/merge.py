@@ -50,6 +50,8 @@ def _options(args, parser) -> dict:
             continue
         if f.refused and value == f.refused[0]:
             raise SemeError(f.refused[1])
+        if f.minimum is not None and value < f.minimum:  # OpenMP ignores OMP_NUM_THREADS=0 with a complaint
+            raise SemeError(f"--{f.name.replace('_', '-')} must be at least {f.minimum}, got {value}")
         if f.env:
             os.environ[f.env] = str(value)
         for name, setting in (f.sets.items() if value is True else ()):

@@ -17,14 +17,17 @@ def parse_size(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     m = _SIZE.match(str(value))
-    if not m or float(m.group(1)) <= 0:
+    nbytes = 0
+    if m and m.group(2):
+        nbytes = round(float(m.group(1)))
+    elif m:
+        unit = (m.group(3) or "").lower()
+        if not unit and str(value).strip()[-1] in "bB":  # mergekit's K/M/B suffixes: B is a billion, not a byte
+            unit = "g"
+        nbytes = round(float(m.group(1)) * _UNITS[unit])  # 4.27 GB is 4270000000 bytes, not 4269999999.9999995
+    if nbytes < 1:  # 0, or a fraction of a byte (0.5): no shard or budget holds anything
         raise SemeError(f"invalid size {value!r} (expected e.g. 2GB, 500MB, 1.5GiB or a byte count)")
-    if m.group(2):
-        return round(float(m.group(1)))
-    unit = (m.group(3) or "").lower()
-    if not unit and str(value).strip()[-1] in "bB":  # mergekit's K/M/B suffixes: B is a billion, not a byte
-        unit = "g"
-    return round(float(m.group(1)) * _UNITS[unit])  # 4.27 GB is 4270000000 bytes, not float64's 4269999999.9999995
+    return nbytes
 
 
 def format_size(nbytes: float, up: bool = False) -> str:
@@ -40,8 +43,10 @@ def format_size(nbytes: float, up: bool = False) -> str:
 
 
 def parse_device(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value):
-        raise SemeError(f"invalid device {value!r} (expected cpu, cuda or cuda:N)")
+    # torch keeps a device's index in 8 bits (c10::DeviceIndex): cuda:255 would be taken for cuda, and larger
+    # indices do not parse
+    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value) or int(value[5:] or 0) > 127:
+        raise SemeError(f"invalid device {value!r} (expected cpu, cuda or cuda:N, N up to 127)")
     return value
 
 
@@ -106,6 +111,7 @@ class MergekitFlag:
     takes: type | None = None  # its value's type; None: an on/off flag
     sets: dict = field(default_factory=dict)  # options it sets when on (unless given themselves)
     env: str | None = None  # environment variable its value goes to
+    minimum: int | None = None  # the least value it takes
     refused: tuple[bool, str] | None = None  # (the state seme refuses, why)
     short: str | None = None
 
@@ -116,7 +122,8 @@ MERGEKIT_FLAGS = (
     MergekitFlag("quiet", "same as --no-progress", sets={"progress": False}),
     MergekitFlag("transformers_cache", "the Hugging Face hub cache that model names are looked up in", str,
                  env="HF_HUB_CACHE"),
-    MergekitFlag("num_threads", "threads of the CPU kernels (OMP_NUM_THREADS)", int, env="OMP_NUM_THREADS", short="-j"),
+    MergekitFlag("num_threads", "threads of the CPU kernels (OMP_NUM_THREADS)", int, env="OMP_NUM_THREADS", minimum=1,
+                 short="-j"),
     MergekitFlag("safe_serialization", "always on: seme writes safetensors",
                  refused=(False, "seme writes safetensors only; pickled checkpoints can run code when loaded")),
     MergekitFlag("unsafe_truncate_embeddings", "refused: give the models one vocabulary with tokenizer_source",

@@ -279,8 +279,9 @@ def trailing_layers(arch, model: ModelFolder) -> list[str]:
     (DeepSeek-V3's and GLM-4.5's multi-token prediction) and of the modules its role table says
     transformers does not load (Qwen3-Next's mtp.*)."""
     depth = arch.num_layers(model.config)
-    return [n for n in model.tensors if arch.unloaded_module(n)
-            or ((_layer(arch, n) or 0) >= depth and not arch.beside_language(n))]
+    layers = {n: _layer(arch, n) for n in model.tensors}
+    return [n for n, layer in layers.items() if arch.unloaded_module(n)
+            or (layer is not None and layer >= depth and not arch.beside_language(n))]
 
 
 def _add_trailing(builder, ref: int, names: list[str], sl: Slice, depth: int) -> bool:

@@ -32,7 +32,7 @@ def plan(docs: list, base_dir: str, path: str | None, out_dir: str, intermediate
         if not isinstance(raw, dict):
             raise SemeError(f"config: recipe {i + 1} of {len(docs)} must be a mapping, got {type(raw).__name__}")
         name = raw.get("name")
-        if name is not None and (not isinstance(name, str) or name in ("", ".", "..") or os.sep in name):
+        if name is not None and (not isinstance(name, str) or name in ("", ".", "..") or os.sep in name or "\0" in name):
             raise SemeError(f"config: recipe {i + 1}: name must be a folder name, got {name!r}")
         if name is not None and name in names:
             raise SemeError(f"config: two recipes are named '{name}'")

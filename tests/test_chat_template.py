@@ -101,6 +101,16 @@ def test_bad_templates_are_one_line_errors(template, message, llama_family, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_auto_names_a_template_file_it_cannot_read(llama_family, tmp_path, capsys):
+    shutil.copytree(llama_family["expert0"], tmp_path / "m")
+    (tmp_path / "m" / chat_template.FILE).write_bytes(b"\xff{{ messages }}")  # not UTF-8
+    assert merge(tmp_path, [llama_family["base"], str(tmp_path / "m")], "auto") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"seme: error: config: chat_template: auto: cannot read {tmp_path / 'm' / chat_template.FILE}: "
+                   f"'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_tokenizer_source_without_tokenizer_files_is_refused(llama_family, tmp_path, capsys):
     bare = tmp_path / "bare"
     shutil.copytree(llama_family["base"], bare,

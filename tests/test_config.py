@@ -41,8 +41,10 @@ CASES = {
     "missing weight": (lambda m: ties(m, models=[{"model": m["expert0"]}, {"model": m["expert1"]}]),
                        "needs parameter 'weight'"),
     "unknown parameter": (lambda m: ties(m, parameters={"densty": 0.5}), "unknown parameter 'densty' for method 'ties' (did you mean 'density'?)"),
+    "parameter named by a number": (lambda m: ties(m, parameters={5: 0.5}), "unknown parameter '5' for method 'ties' (it takes:"),
     "missing model folder": (lambda m: ties(m, base_model="/nonexistent/model"), "model not found: no folder /nonexistent/model"),
     "missing model": (lambda m: ties(m, base_model="org/model"), "model not found: org/model is neither a local folder nor a model in the Hugging Face cache"),
+    "blank model name": (lambda m: ties(m, base_model=" "), "base_model: model must be a path string, got ' '"),
     "models and slices": (lambda m: ties(m, slices=[]), "exactly one of 'models', 'slices' or 'modules'"),
     "empty models": (lambda m: ties(m, models=[]), "'models' must be a non-empty list"),
     "bad dtype": (lambda m: ties(m, dtype="float8"), "dtype must be one of"),
@@ -69,6 +71,11 @@ CASES = {
     "lrp weights sum to zero": (lambda m: {"merge_method": "lrp", "models": [
         {"model": m["expert0"], "parameters": {"weight": 0.5}}, {"model": m["expert1"], "parameters": {"weight": -0.5}}]},
         "lrp weights sum to 0, and it divides by their sum"),
+    "multislerp weights sum to zero": (lambda m: {"merge_method": "multislerp", "models": [
+        {"model": m["expert0"], "parameters": {"weight": 0.5}}, {"model": m["expert1"], "parameters": {"weight": -0.5}}]},
+        "multislerp weights sum to 0, so they cannot be normalised"),
+    "stabilize range past float32": (lambda m: {"merge_method": "seme", "base_model": m["base"], "parameters": {
+        "stabilize": True, "stabilize_range": 1e39}, "models": [m["expert0"]]}, "parameter 'stabilize_range' must be <= 3.4e+38"),
     "filters match nothing": (lambda m: ties(m, models=[{"model": m["expert0"], "parameters": {
         "weight": [{"filter": "mlp", "value": 1.0}], "density": 0.5}}]), "parameter 'weight' has no value for expert0"),
     "bad regex filter": (lambda m: ties(m, parameters={"density": [{"filter": "re:(", "value": 0.5}]}),
@@ -77,6 +84,8 @@ CASES = {
                              "tokens: '<x>': source kind must be 'zero' or 'model_token', got 'mean'"),
     "tokenizer token source": (lambda m: ties(m, tokenizer={"tokens": {"<x>": {"source": {
         "kind": "model_token", "model": m["expert0"], "token_id": 3, "token": "w0"}}}}), "give token_id or token, one of them"),
+    "tokenizer token not a string": (lambda m: ties(m, tokenizer={"tokens": {"<x>": {"source": {
+        "kind": "model_token", "model": m["expert0"], "token": 3}}}}), "source: token must be a string, got 3"),
     "tokenizer twice": (lambda m: ties(m, tokenizer_source="union", tokenizer={"source": "base"}),
                         "give tokenizer_source or tokenizer, not both"),
     "tokenizer key typo": (lambda m: ties(m, tokenizer={"sorce": "base"}), "config: tokenizer: unknown key 'sorce' (did you mean 'source'?)"),
@@ -149,6 +158,34 @@ def test_models_without_readable_weights_are_refused(llama_family, tmp_path, cap
                                                    {"model": llama_family["base"], "parameters": {"weight": 1}}]}
     status, err, _ = run_cli(tmp_path, recipe, capsys)
     assert status == 2 and len(err) == 1 and message in err[0]
+
+
+def _config_set(**changes):
+    def change(folder):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda folder: (folder / "config.json").write_bytes(b"\xff\xfe{}"), "config.json: cannot read: 'utf-8' codec"),
+    (lambda folder: (folder / "model.safetensors.index.json").write_bytes(b"\xff\xfe{}"),
+     "model.safetensors.index.json: malformed index ('utf-8' codec"),
+    (_config_set(architectures={"LlamaForCausalLM": 1}), "architectures must be a list of class names, got {"),
+    (_config_set(architectures=None, model_type=["llama"]), "model_type must be a string, got ['llama']"),
+    (_config_set(num_hidden_layers=None), "the depth (num_hidden_layers) must be a non-negative integer, got None"),
+    (_config_set(num_hidden_layers=float("nan")), "the depth (num_hidden_layers) must be a non-negative integer, got nan"),
+    (_config_set(num_hidden_layers=2.5), "the depth (num_hidden_layers) must be a non-negative integer, got 2.5"),
+])
+def test_malformed_model_configs_are_one_line_errors(llama_family, tmp_path, capsys, change, message):
+    folder = tmp_path / "model"
+    shutil.copytree(llama_family["expert0"], folder)
+    change(folder)
+    recipe = {"merge_method": "linear", "models": [{"model": llama_family["base"], "parameters": {"weight": 1}},
+                                                   {"model": str(folder), "parameters": {"weight": 1}}]}
+    status, err, out = run_cli(tmp_path, recipe, capsys)
+    assert status == 2 and len(err) == 1 and message in err[0], err
+    assert not out.exists()
 
 
 def test_non_empty_output_is_refused(llama_family, tmp_path, capsys):
@@ -265,9 +302,12 @@ def test_model_paths_may_start_with_a_tilde(llama_family, tmp_path, capsys, monk
     assert f"`{llama_family['base']}`" in (out / "README.md").read_text()  # the card names the folder
 
 
-def test_bad_option_value(llama_family, tmp_path, capsys):
-    status, err, _ = run_cli(tmp_path, ties(llama_family), capsys, "--out-shard-size", "lots")
-    assert status == 2 and "invalid size 'lots'" in err[0]
+@pytest.mark.parametrize("flag, value", [("--out-shard-size", "lots"), ("--out-shard-size", "0"),
+                                         ("--out-shard-size", "0.5"), ("--max-memory", "0.4")])
+def test_bad_option_value(llama_family, tmp_path, capsys, flag, value):
+    status, err, out = run_cli(tmp_path, ties(llama_family), capsys, flag, value)
+    assert status == 2 and err == [f"seme: error: invalid size '{value}' (expected e.g. 2GB, 500MB, 1.5GiB or a byte count)"]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("nbytes,text", [(0, "0 bytes"), (999, "999 bytes"), (110_592, "110.6 kB"), (12_345_678, "12.3 MB"),
@@ -330,6 +370,8 @@ def test_mergekit_yaml_flags_are_accepted_with_their_meaning(llama_family, tmp_p
     (["--unsafe-truncate-embeddings"], "--unsafe-truncate-embeddings is not supported: give the models one "
                                        "vocabulary with tokenizer_source"),
     (["--random-seed", "-3"], "invalid random seed '-3'"),
+    (["--num-threads", "0"], "--num-threads must be at least 1, got 0"),
+    (["-j", "-2"], "--num-threads must be at least 1, got -2"),
 ])
 def test_mergekit_yaml_flags_seme_refuses_are_one_line_errors(llama_family, tmp_path, capsys, flags, message):
     status, err, out = run_cli(tmp_path, ties(llama_family), capsys, *flags)
@@ -344,6 +386,25 @@ def test_cuda_flag_asks_for_a_gpu(llama_family, tmp_path, capsys):
         pytest.skip("a GPU is present: --cuda merges on it (tests/test_gpu_merge.py)")
     status, err, _ = run_cli(tmp_path, ties(llama_family), capsys, "--cuda")
     assert status == 2 and err == ["seme: error: --device cuda was asked for, but torch sees no CUDA device"]
+
+
+@pytest.mark.parametrize("device, gpus, message", [
+    ("cuda:3", 1, "--device cuda:3 was asked for, but torch sees 1 CUDA device, cuda:0"),
+    ("cuda:2", 2, "--device cuda:2 was asked for, but torch sees 2 CUDA devices, cuda:0 to cuda:1"),
+    ("cuda:255", 1, "invalid device 'cuda:255' (expected cpu, cuda or cuda:N, N up to 127)"),  # torch: cuda
+    ("cuda:99999999999", 1, "invalid device 'cuda:99999999999' (expected cpu, cuda or cuda:N, N up to 127)"),
+])
+def test_a_cuda_device_torch_does_not_see_is_refused(llama_family, tmp_path, capsys, monkeypatch, device, gpus,
+                                                     message):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    status, err, out = run_cli(tmp_path, ties(llama_family), capsys, "--device", device)
+    assert status == 2 and err == [f"seme: error: {message}"]
+    assert not out.exists()
+    status, err, _ = run_cli(tmp_path, ties(llama_family), capsys, "--device", device, "--dry-run")
+    assert status == (2 if "invalid" in message else 0), err  # a plan for another machine's GPU, unless torch cannot name it
 
 
 def test_no_copy_tokenizer_and_no_model_card(llama_family, tmp_path, capsys):

@@ -34,6 +34,7 @@ def test_reads_what_safetensors_writes(tmp_path):
     ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "beyond the end of the file"),
     ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, b"\0" * 16, "do not match shape [4] x F32"),
     ({"a": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 4]}}, b"\0" * 4, "unknown dtype 'Q4'"),
+    ({"a": {"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, "unknown dtype ['F32']"),
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
       "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "overlap"),
     ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "malformed shape"),
@@ -56,6 +57,10 @@ def test_truncated_and_garbage_files(tmp_path):
     (tmp_path / "nojson.safetensors").write_bytes(struct.pack("<Q", 4) + b"\xff\xfe{}")
     with pytest.raises(SemeError, match="not JSON"):
         read_header(str(tmp_path / "nojson.safetensors"))
+    nested = b"[" * 100_000 + b"]" * 100_000  # deeper than the JSON parser's recursion
+    (tmp_path / "nested.safetensors").write_bytes(struct.pack("<Q", len(nested)) + nested)
+    with pytest.raises(SemeError, match="not JSON"):
+        read_header(str(tmp_path / "nested.safetensors"))
 
 
 def _put(writer: ShardWriter, name: str, tensor: torch.Tensor) -> None:

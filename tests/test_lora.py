@@ -60,6 +60,22 @@ def test_an_adapter_merges_as_the_model_peft_merged_it_into(llama_family, tmp_pa
         torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=0, msg=name)
 
 
+def test_adapter_weights_saved_in_other_dtypes_are_held_as_peft_holds_them(llama_family, tmp_path):
+    """peft casts what it loads to its layers' dtype: an A saved in fp64 beside an fp32 B (exactly the fp32
+    values) merges as the adapter saved in fp32 does."""
+    from safetensors.torch import load_file, save_file
+
+    adapter, merged = make_adapter(llama_family["expert0"], tmp_path, seed=1)
+    weights = os.path.join(adapter, "adapter_model.safetensors")
+    save_file({k: v.double() if ".lora_A." in k else v for k, v in load_file(weights).items()}, weights)
+    seme.merge(linear(merged, llama_family["expert1"]), str(tmp_path / "reference"), progress=False)
+    seme.merge(linear(f"{llama_family['expert0']}+{adapter}", llama_family["expert1"]), str(tmp_path / "lora"),
+               progress=False)
+    reference, ours = load_folder(tmp_path / "reference"), load_folder(tmp_path / "lora")
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=0, msg=name)
+
+
 ADAPTERS = {  # what peft can train beside plain LoRA: (family, LoraConfig arguments, tensors it changes)
     "dora": ("llama", dict(use_dora=True, targets=("q_proj", "embed_tokens")), {"model.embed_tokens.weight", "self_attn.q_proj.weight"}),
     "lora bias": ("qwen2", dict(lora_bias=True, targets=("q_proj", "v_proj")),
@@ -170,6 +186,9 @@ def _with_config(adapter, **changes):
     ("unknown entry", "adapter entry 'lora_C' is not a LoRA entry"),
     ("bad lora bias", "has a LoRA bias of shape [31], and the model's layer no bias of that shape"),
     ("other peft", "a PREFIX_TUNING adapter; seme applies LoRA adapters only"),
+    ("alpha not a number", "adapter_config.json: lora_alpha must be a finite number, got '16'"),
+    ("alpha pattern no regex", "adapter_config.json: alpha_pattern['q_proj('] is no regular expression"),
+    ("rank 0", "adapter module 'model.layers.0.self_attn.q_proj' has rank 0 (A [0, 32])"),
 ])
 def test_bad_adapters_are_one_line_errors(llama_family, qwen2_family, tmp_path, capsys, case, message):
     adapter, _ = make_adapter(llama_family["expert0"], tmp_path, seed=4)
@@ -202,6 +221,18 @@ def test_bad_adapters_are_one_line_errors(llama_family, qwen2_family, tmp_path, 
 
         weights = os.path.join(adapter, "adapter_model.safetensors")
         save_file({**load_file(weights), "lora_C": torch.zeros(1)}, weights)
+    elif case == "alpha not a number":
+        _with_config(adapter, lora_alpha="16")
+    elif case == "alpha pattern no regex":
+        _with_config(adapter, alpha_pattern={"q_proj(": 16})
+    elif case == "rank 0":
+        from safetensors.torch import load_file, save_file
+
+        weights = os.path.join(adapter, "adapter_model.safetensors")
+        entries = load_file(weights)
+        a = next(k for k in entries if k.endswith("layers.0.self_attn.q_proj.lora_A.weight"))
+        save_file({**entries, a: entries[a][:0], a.replace("lora_A", "lora_B"): entries[a.replace("lora_A", "lora_B")][:, :0]},
+                  weights)
     else:
         _with_config(adapter, peft_type="PREFIX_TUNING")
     recipe = tmp_path / "r.yml"

@@ -304,6 +304,10 @@ def test_demo_runs(llama_family, tmp_path):
     proc = demo(merged)
     assert proc.returncode == 2 and "exists and is not empty" in proc.stderr
     assert {f: (merged / f).read_bytes() for f in os.listdir(merged)} == before
+    proc = subprocess.run([sys.executable, "-m", "seme.merge", "--demo", str(tmp_path / "bad"), "--backend", "fast"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [  # a bad option too, before the building
+        "seme: error: invalid backend 'fast' (expected auto, fused or reference)"]
 
 
 @pytest.mark.parametrize("fits", [True, False])
@@ -497,6 +501,21 @@ def test_an_unloaded_module_is_described_and_merged_by_name(qwen_mtp, tmp_path):
     seme.merge(recipe, str(tmp_path / "ties"), progress=False)
     ties, base = load_folder(tmp_path / "ties"), load_folder(m["base"])
     assert sorted(ties) == sorted(e0) and not torch.equal(ties["mtp.fc.weight"], base["mtp.fc.weight"])
+
+
+def test_tensors_outside_the_layers_are_never_layers_after_the_last(llama_family, tmp_path):
+    """A config that counts no layers: every layer is after the last, the embeddings, final norm and head
+    are not (they were taken for layer 0 and crashed the plan: None - 0)."""
+    from seme import architectures
+    from seme.io.model import ModelFolder
+    from seme.plan import trailing_layers
+
+    shutil.copytree(llama_family["expert0"], tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 0}))
+    model = ModelFolder.open(str(tmp_path / "m"))
+    assert sorted(trailing_layers(architectures.for_config(model.config, model.tensors), model)) == sorted(
+        n for n in model.tensors if n.startswith("model.layers."))
 
 
 # DeepSeek-V3's MTP layer after the last, and Qwen3-Next's mtp.* module (unloaded by transformers)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -499,6 +500,25 @@ def test_a_zero_head_is_a_one_line_error(trained, tmp_path):
     save_file(weights, pivot / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SemeError, match=r"the LM head of A, scaled by its final norm's gains, is zero"):
         seme_merge(str(pivot), [paths["B"]], tmp_path / "out")
+
+
+@pytest.mark.parametrize("head", ["narrower", "integer"])
+def test_a_head_the_bases_cannot_be_read_from_is_refused_before_any_tensor(trained, tmp_path, head):
+    from safetensors.torch import load_file, save_file
+
+    paths, _, _, _ = trained
+    source = shutil.copytree(paths["B"], tmp_path / "B")
+    weights = load_file(source / "model.safetensors")
+    w = weights["lm_head.weight"]
+    weights["lm_head.weight"] = w[:, :HIDDEN // 2].contiguous() if head == "narrower" else w.to(torch.int32)
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    shape = [VOCAB, HIDDEN // 2] if head == "narrower" else [VOCAB, HIDDEN]
+    with pytest.raises(SemeError, match=re.escape(
+            f"seme: B has 'lm_head.weight' of {shape} {'F32' if head == 'narrower' else 'I32'} and 'model.norm.weight' "
+            f"of [{HIDDEN}] F32; the semantic bases are read from a float LM head of [tokens, {HIDDEN}] and a final "
+            f"norm of [{HIDDEN}]")):
+        seme_merge(paths["A"], [str(source)], tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.seme-partial").exists()
 
 
 def test_same_base_fine_tunes_skip_alignment(trained, tmp_path):

@@ -87,6 +87,7 @@ def test_when_every_stage_is_named_the_one_no_other_uses_is_final(llama_family, 
     ("bad stage", "stage first: config: unknown merge_method 'tie' (did you mean 'ties'?)"),
     ("not a mapping", "config: recipe 2 of 2 must be a mapping, got list"),
     ("bad name", "config: recipe 1: name must be a folder name, got 'a/b'"),
+    ("name with a NUL", "config: recipe 1: name must be a folder name, got 'a\\x00'"),
     ("output exists", "output folder"),
 ])
 def test_what_a_multi_stage_recipe_cannot_do_is_a_one_line_error(llama_family, tmp_path, capsys, case, message):
@@ -101,6 +102,7 @@ def test_what_a_multi_stage_recipe_cannot_do_is_a_one_line_error(llama_family, t
         "bad stage": [{**first, "merge_method": "tie"}, final],
         "not a mapping": [first, "[1, 2]\n"],
         "bad name": [{**first, "name": "a/b"}, final],
+        "name with a NUL": [{**first, "name": "a\0"}, final],
         "output exists": [first, final],
     }[case]
     if case == "output exists":

@@ -305,3 +305,22 @@ def test_a_base_tokenizer_past_its_vocab_size_is_refused(llama_family, tmp_path,
     assert main([str(recipe), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"tokenizer_source: {source}: the tokenizer of base has 6 tokens past its vocab_size (90)" in err[0]
+
+
+@pytest.mark.parametrize("token_id", ["5", 0.5, -1, None])
+def test_a_vocabulary_whose_ids_are_no_row_numbers_is_refused(llama_family, tmp_path, capsys, token_id):
+    import yaml
+
+    from seme.merge import main
+
+    other = tmp_path / "other"
+    shutil.copytree(llama_family["expert0"], other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    data["model"]["vocab"]["w7"] = token_id
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(ties([str(other)], llama_family["base"], tokenizer_source="union")))
+    assert main([str(recipe), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"seme: error: {other}/tokenizer.json: cannot read the vocabulary: a token id is {token_id!r}, "
+                   f"not a row number"]

@@ -258,7 +258,12 @@ class Architecture:
 
     def num_layers(self, config: dict) -> int:
         depth = _first(self.settings(config), self.num_layers_keys)
-        return len(depth) if isinstance(depth, list) else int(depth)  # a list of the layers' kinds (nemotron_h)
+        if isinstance(depth, list):  # a list of the layers' kinds (nemotron_h)
+            return len(depth)
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+            raise SemeError(f"config.json: the depth ({' or '.join(self.num_layers_keys)}) must be a non-negative "
+                            f"integer, got {depth!r}")
+        return depth
 
     def hidden_size(self, config: dict) -> int:
         return int(_first(self.settings(config), self.hidden_size_keys))

@@ -91,6 +91,7 @@ class LoraAdapter:
                                 f"the model's {list(tensors[name].shape)}")
             updates[name] = _Update(saved=info)
         alpha, patterns = config.get("lora_alpha", 8), config.get("alpha_pattern") or {}
+        _check_alphas(self.files[0], alpha, patterns)
         for module, part in parts.items():
             target = f"{module}.weight"
             if target not in tensors:
@@ -109,6 +110,8 @@ class LoraAdapter:
             if a is None or "B" not in part:
                 raise SemeError(f"{path}: adapter module '{module}' has no A and B pair")
             b, r = part["B"], a.shape[0]
+            if r == 0:
+                raise SemeError(f"{path}: adapter module '{module}' has rank 0 (A {list(a.shape)}): it scales by lora_alpha / 0")
             embedding = "embedding A" in part
             transpose = embedding or bool(config.get("fan_in_fan_out"))
             expected = (b.shape[0], a.shape[1]) if not transpose else (a.shape[1], b.shape[0])
@@ -150,16 +153,14 @@ class LoraAdapter:
         out = (self._map.tensor(u.saved) if u.saved is not None else weight).to(weight.dtype, copy=True)
         if u.rows is not None:
             out.index_copy_(0, torch.tensor(u.rows[0]), self._map.tensor(u.rows[1]).to(out.dtype))
+        # peft holds the adapter's weights in its layer's dtype, half precision upcast to fp32, whatever
+        # dtype they were saved in (loading casts them: an fp64 A beside an fp32 B is fp32 too)
+        held = torch.promote_types(weight.dtype, torch.float32)
         if u.lora is not None:
-            out = _lora_merged(out, u.lora, self._adapter_tensor)
+            out = _lora_merged(out, u.lora, lambda info: self._map.tensor(info).to(held))
         if u.bias is not None:
-            out += self._adapter_tensor(u.bias[0]) * u.bias[1]
+            out += self._map.tensor(u.bias[0]).to(held) * u.bias[1]
         return out
-
-    def _adapter_tensor(self, info: TensorInfo) -> torch.Tensor:
-        """An adapter weight as peft loads it: half precision upcast to fp32."""
-        t = self._map.tensor(info)
-        return t.float() if t.element_size() < 4 and t.is_floating_point() else t
 
 
 def _lora_merged(w: torch.Tensor, lora: _Lora, load) -> torch.Tensor:
@@ -177,6 +178,21 @@ def _lora_merged(w: torch.Tensor, lora: _Lora, load) -> torch.Tensor:
     factor = load(lora.magnitude) / norm
     factor = factor.view(1, -1) if lora.transpose else factor.view(-1, 1)
     return (factor * (w + delta)).to(w.dtype)
+
+
+def _check_alphas(config_path: str, alpha, patterns) -> None:
+    """lora_alpha and alpha_pattern (module pattern -> its lora_alpha), as the scalings read them."""
+    if not isinstance(patterns, dict):
+        raise SemeError(f"{config_path}: alpha_pattern must be a mapping of module pattern to lora_alpha, got {patterns!r}")
+    for pattern, value in [(None, alpha), *patterns.items()]:
+        where = "lora_alpha" if pattern is None else f"alpha_pattern[{pattern!r}]"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SemeError(f"{config_path}: {where} must be a finite number, got {value!r}")
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise SemeError(f"{config_path}: {where} is no regular expression: {e}") from None
 
 
 def _token_indices(path: str, config: dict, module: str, rows: int) -> tuple[int, ...]:

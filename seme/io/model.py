@@ -75,10 +75,16 @@ class ModelFolder:
         try:
             with open(config_path, encoding="utf-8") as f:
                 self.config = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, or not UTF-8
             raise SemeError(f"{config_path}: cannot read: {e}") from None
         if not isinstance(self.config, dict):
             raise SemeError(f"{config_path}: not a JSON object")
+        # what the architecture is looked up by (architectures[0], model_type)
+        archs, model_type = self.config.get("architectures"), self.config.get("model_type")
+        if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+            raise SemeError(f"{config_path}: architectures must be a list of class names, got {archs!r}")
+        if model_type is not None and not isinstance(model_type, str):
+            raise SemeError(f"{config_path}: model_type must be a string, got {model_type!r}")
         quantized = self.config.get("quantization_config")
         if quantized:  # packed integers and scales: merged as numbers they would be garbage, copied they would not merge
             scheme = quantized.get("quant_method", "unknown scheme") if isinstance(quantized, dict) else "unknown scheme"
@@ -104,7 +110,7 @@ class ModelFolder:
                     with open(index_path, encoding="utf-8") as f:
                         weight_map = json.load(f)["weight_map"]
                     files = sorted(set(weight_map.values()))
-                except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
                     raise SemeError(f"{index_path}: malformed index ({e})") from None
                 if not all(isinstance(file, str) for file in files):
                     raise SemeError(f"{index_path}: malformed index (a file name that is not a string)")
@@ -220,11 +226,15 @@ class ModelFolder:
                     vocab = dict(model_vocab)
                 for tok in data.get("added_tokens", []):
                     vocab[tok["content"]] = tok["id"]
-                return vocab
-            path = os.path.join(self.path, "vocab.json")
-            if os.path.isfile(path):
+            else:
+                path = os.path.join(self.path, "vocab.json")
+                if not os.path.isfile(path):
+                    return None
                 with open(path, encoding="utf-8") as f:
-                    return dict(json.load(f))
+                    vocab = dict(json.load(f))
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise SemeError(f"{path}: cannot read the vocabulary: {e}") from None
-        return None
+        wrong = [i for i in vocab.values() if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+        if wrong:  # ids index rows
+            raise SemeError(f"{path}: cannot read the vocabulary: a token id is {wrong[0]!r}, not a row number")
+        return vocab

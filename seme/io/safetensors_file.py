@@ -53,7 +53,7 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict]:
         raise SemeError(f"{path}: cannot read: {e.strerror}") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested past the parser's stack
         raise SemeError(f"{path}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise SemeError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -65,7 +65,7 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict]:
             dtype, shape, (lo, hi) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise SemeError(f"{path}: tensor '{name}' has a malformed header entry") from None
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise SemeError(f"{path}: tensor '{name}' has unknown dtype {dtype!r}")
         if not all(isinstance(d, int) and d >= 0 for d in shape) or not (isinstance(lo, int) and isinstance(hi, int)):
             raise SemeError(f"{path}: tensor '{name}' has a malformed shape or offsets")

@@ -162,9 +162,9 @@ def bind(method: Method, supplied: dict, n_inputs: int, base_index: int | None, 
     return bound
 
 
-def suggest(word: str, choices) -> str:
-    """A ' (did you mean ...?)' hint, or ''."""
+def suggest(word, choices) -> str:
+    """A ' (did you mean ...?)' hint, or ''. `word` may be any YAML key (a number, null), not only a string."""
     import difflib
 
-    close = difflib.get_close_matches(word, list(choices), n=1)
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""

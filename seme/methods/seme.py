@@ -25,7 +25,8 @@ PARAMS = (
     # Knowledge stabilisation (METHOD §6, `stabilize` below); off by default because the quality
     # benchmark has not shown that it helps.
     Param("stabilize", bool, default=False),
-    Param("stabilize_range", float, default=4.0, minimum=1.0),  # multipliers of η_k lie in [1/range, range]
+    # multipliers of η_k lie in [1/range, range], held in float32 as η_k is: its largest finite value bounds them
+    Param("stabilize_range", float, default=4.0, minimum=1.0, maximum=3.4e38),
 )
 
 

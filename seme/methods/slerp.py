@@ -163,12 +163,19 @@ register(Method("nuslerp", nuslerp, (
     Param("nuslerp_row_wise", bool, default=False),
     Param("nuslerp_flatten", bool, default=True),
 ), base="optional", min_non_base=2, max_non_base=2, peak_buffers=(3.0, 3.0)))
+def _check_multislerp(p: dict) -> str | None:
+    # one tensor is returned as it is, its weight unused
+    if p["normalize_weights"] and len(p["weight"]) > 1 and abs(sum(p["weight"])) < 1e-12:
+        return "multislerp weights sum to 0, so they cannot be normalised"
+    return None
+
+
 register(Method("multislerp", multislerp, (
     Param("weight", float, NON_BASE),
     Param("normalize_weights", bool, default=True),
     Param("eps", float, default=1e-8, minimum=0.0),
 ), base="optional", min_non_base=1, peak_buffers=(2.0, 4.0),
-    reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"))
+    reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea", check=_check_multislerp))
 register(Method("karcher", karcher, (
     Param("max_iter", int, default=10, minimum=0),
     Param("tol", float, default=1e-5, minimum=0.0),

@@ -79,6 +79,7 @@ def plan_sources(recipe, method, models, archs, index):
     piv_vocab = models[pivot].vocabulary()
     for m in [pivot] + sources:
         heads[m] = _head_names(models[m], archs[m])
+        _check_head(models[m], *heads[m], width=d)
     for m in sources:
         arch, name = archs[m], models[m].name
         if arch is not parch:  # one object per family variant
@@ -123,6 +124,19 @@ def _head_names(model, arch) -> tuple[str, str | None]:
     if head is None:
         raise SemeError(f"SeMe: {model.name} has no LM head or embedding to derive semantic bases from")
     return head, gain
+
+
+def _check_head(model, head: str, gain: str | None, width: int) -> None:
+    """What the semantic bases are read from, before any tensor is: a float LM head of [tokens, width] (the
+    stream's) and the final norm's gain of [width]."""
+    from seme.plan import FLOAT_CODES
+
+    h, g = model.tensors[head], model.tensors[gain] if gain else None
+    if (h.dtype not in FLOAT_CODES or len(h.shape) != 2 or h.shape[1] != width
+            or g is not None and (g.dtype not in FLOAT_CODES or tuple(g.shape) != (width,))):
+        found = f"'{head}' of {list(h.shape)} {h.dtype}" + (f" and '{gain}' of {list(g.shape)} {g.dtype}" if g else "")
+        raise SemeError(f"seme: {model.name} has {found}; the semantic bases are read from a float LM head of "
+                        f"[tokens, {width}]" + (f" and a final norm of [{width}]" if g else ""))
 
 
 def _not_rotatable(arch, why: list[str]) -> str:
