@@ -300,3 +300,38 @@ def test_a_rebuilt_whisper_tokenizer_keeps_its_normalizer(tmp_path):
     merged = AutoProcessor.from_pretrained(out)
     assert merged.tokenizer.get_vocab() != AutoProcessor.from_pretrained(models[1]).tokenizer.get_vocab()
     assert merged.tokenizer.normalize("the colour") == "the color"
+
+
+def with_remote_code(source, folder, mark: str) -> str:
+    """`source` as a model whose code the Hub holds beside its weights: config.json's auto_map names its
+    configuration and modelling modules (the second imports a third), which load with trust_remote_code."""
+    shutil.copytree(source, folder)
+    (folder / "configuration_xllama.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass XLlamaConfig(LlamaConfig):\n    model_type = 'xllama'\n")
+    (folder / "modeling_xllama.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_xllama import XLlamaConfig\n"
+        "from .mark_xllama import MARK\n\n\nclass XLlamaForCausalLM(LlamaForCausalLM):\n"
+        "    config_class = XLlamaConfig\n    mark = MARK\n")
+    (folder / "mark_xllama.py").write_text(f"MARK = {mark!r}\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="xllama", architectures=["XLlamaForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_xllama.XLlamaConfig",
+                            "AutoModelForCausalLM": "modeling_xllama.XLlamaForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_a_remote_code_model_merges_into_one_that_loads_with_its_code(llama_family, tmp_path, monkeypatch):
+    """The output's config keeps the auto_map that names the model's code, so the code goes with it: the
+    architecture model's Python files, as AutoModel reads them with trust_remote_code."""
+    import transformers
+    import transformers.dynamic_module_utils
+
+    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    base = with_remote_code(llama_family["base"], tmp_path / "base", "the base's")
+    expert = with_remote_code(llama_family["expert0"], tmp_path / "expert", "the expert's")
+    out = merge(tmp_path, [expert, base], base_model=base, merge_method="task_arithmetic")
+    assert json.loads(open(os.path.join(out, "config.json")).read())["auto_map"]["AutoConfig"] == \
+        "configuration_xllama.XLlamaConfig"
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(model).__name__ == "XLlamaForCausalLM" and model.mark == "the base's"

@@ -199,6 +199,12 @@ class ModelFolder:
                             if f.endswith(".jinja") and self._holds(f"{CHAT_TEMPLATES}/{f}"))
         return found
 
+    def code_files(self) -> list[str]:
+        """The model's own code, which the auto_map of its config (or tokenizer or processor settings) names for
+        trust_remote_code: configuration_*.py, modeling_*.py, tokenization_*.py and the modules they import, which
+        transformers finds beside them. All the folder's Python files, as the Hub holds a model's code."""
+        return sorted(f for f in os.listdir(self.path) if f.endswith(".py") and self._holds(f))
+
     def processor_files(self) -> list[str]:
         """The processor's settings files the folder holds (PROCESSOR_FILES)."""
         return [f for f in PROCESSOR_FILES if self._holds(f)]
