@@ -139,6 +139,11 @@ def test_different_depths_are_refused_not_truncated(tmp_path, capsys):
 @pytest.mark.parametrize("file, data, message", [
     ("pytorch_model.bin", b"\x80\x04not really a pickle", "pytorch_model.bin: not a PyTorch zip checkpoint (a legacy or foreign format)"),
     ("training_args.bin", b"", "no safetensors or pytorch_model.bin weights found (only training_args.bin, which is not pytorch_model.bin)"),
+    # shards without their index, one missing: what is there would merge into a model without its tensors
+    ("model-00002-of-00002.safetensors", b"", "shard model-00001-of-00002.safetensors is missing"),
+    ("pytorch_model-00001-of-00003.bin", b"", "shard pytorch_model-00002-of-00003.bin is missing"),
+    ("consolidated.safetensors", b"", "no safetensors or pytorch_model.bin weights found (only consolidated.safetensors: "
+                                      "Mistral's own format, under mistral-inference's tensor names)"),
 ])
 def test_models_without_readable_weights_are_refused(llama_family, tmp_path, capsys, file, data, message):
     folder = tmp_path / "pickled"

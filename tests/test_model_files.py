@@ -335,3 +335,32 @@ def test_a_remote_code_model_merges_into_one_that_loads_with_its_code(llama_fami
         "configuration_xllama.XLlamaConfig"
     model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert type(model).__name__ == "XLlamaForCausalLM" and model.mark == "the base's"
+
+
+@pytest.mark.parametrize("layout", ["pytorch_model shards", "safetensors shards beside consolidated.safetensors"])
+def test_shards_saved_without_their_index_merge_as_the_whole_file(llama_family, tmp_path, layout):
+    """Shards a folder holds without the index that lists them (pytorch_model-NNNNN-of-NNNNN.bin as
+    safetensors shards), beside a trainer's training_args.bin or a Mistral release's consolidated.safetensors
+    (its weights again, under mistral-inference's names), which are no part of them."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "shards"
+    shutil.copytree(llama_family["expert0"], folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    state = load_file(os.path.join(llama_family["expert0"], "model.safetensors"))
+    names = sorted(state)
+    for i, part in enumerate((names[:7], names[7:])):
+        if layout == "pytorch_model shards":
+            torch.save({n: state[n] for n in part}, folder / f"pytorch_model-0000{i + 1}-of-00002.bin")
+        else:
+            save_file({n: state[n] for n in part}, folder / f"model-0000{i + 1}-of-00002.safetensors")
+    torch.save({"learning_rate": torch.tensor(1e-5)}, folder / "training_args.bin")
+    save_file({"layers.0.attention.wq.weight": state["model.layers.0.self_attn.q_proj.weight"]},
+              folder / "consolidated.safetensors")
+    recipe = {"merge_method": "ties", "base_model": llama_family["base"], "dtype": "float32",
+              "models": [{"model": m, "parameters": {"weight": 0.5, "density": 0.5}}
+                         for m in (str(folder), llama_family["expert1"])]}
+    seme.merge(recipe, str(tmp_path / "out"), progress=False)
+    seme.merge({**recipe, "models": [{**recipe["models"][0], "model": llama_family["expert0"]}, recipe["models"][1]]},
+               str(tmp_path / "whole"), progress=False)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()

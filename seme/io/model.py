@@ -1,7 +1,6 @@
 """A local Hugging Face model folder: config, tensor index (from headers only) and lazy tensor reads."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -30,6 +29,8 @@ TOKENIZER_FILES = frozenset({
     # vocabularies found by name: Mistral's tekken, tiktoken's
     "tekken.json", "tiktoken.model",
 })
+# A shard of a checkpoint saved in parts, as transformers names them: model-00001-of-00004.safetensors
+SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<number>\d+)-of-(?P<count>\d+)\.(?P<suffix>safetensors|bin)")
 VERSIONED_TOKENIZER = re.compile(r"tokenizer\.[\w.-]+\.json")  # tokenizer.4.0.0.json: for transformers >= 4.0.0
 VERSIONED_VOCABULARY = "tokenizer.model."  # Mistral's tokenizer.model.v3, ... (mistral-common reads them)
 CHAT_TEMPLATES = "additional_chat_templates"  # named chat templates, <name>.jinja, beside chat_template.jinja
@@ -39,6 +40,12 @@ PROCESSOR_CHAT_TEMPLATE = "chat_template.json"  # a processor's template as olde
 # and feature extractors alike.
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
                    "audio_tokenizer_config.json")
+
+
+def _is_mistral_weights(name: str) -> bool:
+    """Mistral's releases keep their weights twice: for transformers, and in consolidated.safetensors (or
+    consolidated-NN.safetensors) under mistral-inference's names, which no transformers model has."""
+    return name.startswith("consolidated") and name.endswith(".safetensors")
 
 
 def is_tokenizer_file(name: str) -> bool:
@@ -96,7 +103,7 @@ class ModelFolder:
 
     def _weight_files(self) -> tuple[dict | None, list[str]]:
         """(the index's weight map or None, the weight files), in mergekit's order: safetensors
-        first, then PyTorch's pytorch_model.bin, each sharded (with an index) or whole."""
+        first, then PyTorch's pytorch_model.bin, each sharded (with an index, or shards without one) or whole."""
         for weights in ("model.safetensors", "pytorch_model.bin"):
             index_path = os.path.join(self.path, weights + ".index.json")
             if os.path.isfile(index_path):
@@ -111,15 +118,37 @@ class ModelFolder:
                 return weight_map, files
             if os.path.isfile(os.path.join(self.path, weights)):
                 return None, [weights]
-            if weights == "model.safetensors":
-                # a PEFT adapter saved beside the weights is no shard of them
-                files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(self.path, "*.safetensors"))
-                               if os.path.basename(p) not in ADAPTER_WEIGHTS)
-                if files:
-                    return None, files
-        others = sorted(glob.glob(os.path.join(self.path, "*.bin")) + glob.glob(os.path.join(self.path, "*.pt")))
-        found = f" (only {os.path.basename(others[0])}, which is not pytorch_model.bin)" if others else ""
+            files = self._unindexed_shards(weights)
+            if files:
+                return None, files
+        others = sorted(f for f in os.listdir(self.path) if f.endswith((".bin", ".pt")) or _is_mistral_weights(f))
+        found = f" (only {others[0]}, which is not pytorch_model.bin)" if others else ""
+        if others and _is_mistral_weights(others[0]):
+            found = f" (only {others[0]}: Mistral's own format, under mistral-inference's tensor names)"
         raise SemeError(f"{self.path}: no safetensors or pytorch_model.bin weights found{found}")
+
+    def _unindexed_shards(self, weights: str) -> list[str]:
+        """The shards of `weights` saved without their index: the folder's safetensors files (bar a PEFT adapter's
+        beside them and Mistral's consolidated copy of the weights, whose names are not transformers'), or
+        pytorch_model-NNNNN-of-NNNNN.bin (its other .bin files are a trainer's: training_args.bin). Numbered shards
+        must all be there: the index that would name a missing one is not."""
+        names = [f for f in os.listdir(self.path) if self._holds(f)]
+        if weights.endswith(".safetensors"):
+            files = sorted(f for f in names if f.endswith(".safetensors") and f not in ADAPTER_WEIGHTS
+                           and not _is_mistral_weights(f))
+        else:
+            files = sorted(f for f in names if (m := SHARD_NAME.fullmatch(f)) and m["stem"] == "pytorch_model"
+                           and m["suffix"] == "bin")
+        series: dict[tuple, set[int]] = {}
+        for f in files:
+            if m := SHARD_NAME.fullmatch(f):
+                series.setdefault((m["stem"], m["count"], m["suffix"]), set()).add(int(m["number"]))
+        for (stem, count, suffix), numbers in series.items():
+            missing = next((n for n in range(1, int(count) + 1) if n not in numbers), None)
+            if missing is not None:
+                raise SemeError(f"{self.path}: shard {stem}-{missing:0{len(count)}d}-of-{count}.{suffix} is missing "
+                                f"(an unfinished download or copy?), and no index lists the shards")
+        return files
 
     def _index(self) -> dict[str, TensorInfo]:
         weight_map, files = self._weight_files()
