@@ -255,11 +255,16 @@ def test_hub_names_resolve_to_the_local_hub_cache(llama_family, tmp_path, capsys
     assert (tmp_path / "from-hub" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     card = (tmp_path / "from-hub" / "README.md").read_text()  # a revision names an input, not a hub repository
     assert "\n- org/expert0\n" in card and f"- `org/expert0@{commit}`" in card
+    # a commit's short sha, as the Hub's pages show it; the cache as huggingface_hub reads it, ~ expanded
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", "~/hub")
+    assert main([write_recipe(tmp_path, ties({**names, "base": "org/base@0123456"})), str(tmp_path / "short")]) == 0
+    assert (tmp_path / "short" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     capsys.readouterr()
     status, err, _ = run_cli(tmp_path, ties({**names, "base": "org/base@v2"}), capsys)
-    assert status == 2 and err == [f"seme: error: base_model: model not found: org/base@v2 is neither a local folder "
-                                   f"nor a model in the Hugging Face cache ({cache}); seme does not download: fetch "
-                                   f"it first, e.g. `hf download org/base@v2`"]
+    assert status == 2 and err == [f"seme: error: base_model: model not found: the Hugging Face cache ({cache}) holds "
+                                   f"org/base but not its revision v2 (it holds main, 0123456789ab); seme does not "
+                                   f"download: fetch it first, e.g. `hf download org/base --revision v2`"]
 
 
 def test_model_paths_may_start_with_a_tilde(llama_family, tmp_path, capsys, monkeypatch):
