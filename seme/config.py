@@ -127,14 +127,15 @@ def documents(path_or_text: str | os.PathLike | dict) -> tuple[list[tuple[Any, s
     if isinstance(path_or_text, dict):
         return [(path_or_text, yaml.safe_dump(path_or_text, sort_keys=False))], base_dir, path
     text = str(path_or_text)
-    if "\n" not in text and (os.path.exists(text) or text.endswith((".yml", ".yaml"))):
-        if not os.path.exists(text):
+    file = os.path.expanduser(text)
+    if "\n" not in text and (os.path.exists(file) or text.endswith((".yml", ".yaml"))):
+        if not os.path.exists(file):
             raise SemeError(f"config file not found: {text}")
-        if os.path.isdir(text):
+        if os.path.isdir(file):
             raise SemeError(f"config {text} is a folder, not a recipe file")
-        path, base_dir = os.path.abspath(text), os.path.dirname(os.path.abspath(text))
+        path, base_dir = os.path.abspath(file), os.path.dirname(os.path.abspath(file))
         try:
-            with open(text, encoding="utf-8") as f:
+            with open(file, encoding="utf-8") as f:
                 text = f.read()
         except UnicodeDecodeError:
             raise SemeError(f"config {path} is not UTF-8 text (a recipe is a YAML file)") from None

@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 
+import seme
 from seme.merge import main
 
 
@@ -387,6 +388,20 @@ def test_random_seed_flag_replaces_the_recipes(llama_family, tmp_path, capsys, s
     assert recipe == {**dare, "random_seed": 5}  # the card's recipe reproduces the merge
     status, err, unseeded = run_cli(tmp_path, dare, capsys, "--overwrite")
     assert (unseeded / "model.safetensors").read_bytes() != (seeded / "model.safetensors").read_bytes()
+
+
+def test_a_recipe_and_outputs_named_from_the_home_folder_are_there(llama_family, tmp_path, monkeypatch):
+    """~ where no shell expands it (quoted, --out-path=~/x, the Python API) is the home folder, as in the
+    recipe's model paths, not a folder named ~ in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(tmp_path / "home" / "recipes")
+    (tmp_path / "home" / "recipes" / "r.yml").write_text(yaml.safe_dump(ties(llama_family)))
+    assert main(["~/recipes/r.yml", "--out-path=~/merged"]) == 0
+    stages = f"name: first\n{yaml.safe_dump(ties(llama_family))}---\n{yaml.safe_dump(ties(llama_family, base_model='first'))}"
+    seme.merge(stages, "~/final", intermediate_dir="~/stages", progress=False)
+    assert sorted(os.listdir(tmp_path / "home")) == ["final", "merged", "recipes", "stages"]
+    assert os.listdir(tmp_path) == ["home"]
 
 
 def test_transformers_cache_flag_names_the_hub_cache(llama_family, tmp_path, capsys, monkeypatch):
