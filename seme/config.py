@@ -195,9 +195,12 @@ def _resolve_model(ref: Any, where: str, base_dir: str) -> str:
         if not os.path.isfile(os.path.join(adapter, ADAPTER_CONFIG)):
             raise SemeError(f"{where}: {adapter} has no {ADAPTER_CONFIG} (not a LoRA adapter)")
         return join_reference(model, adapter)
-    for candidate in (path, os.path.join(base_dir, path)):
+    candidates = (path, os.path.join(base_dir, path))
+    for candidate in candidates:
         if os.path.isdir(candidate):
             return os.path.abspath(candidate)
+    if any(os.path.isfile(candidate) for candidate in candidates):
+        raise SemeError(f"{where}: {ref} is a file; a model is named by its folder ({os.path.dirname(ref) or '.'})")
     snapshot = _hub_snapshot(ref, where)
     if snapshot:
         resolving.hub[snapshot] = ref

@@ -43,6 +43,8 @@ CASES = {
                        "needs parameter 'weight'"),
     "unknown parameter": (lambda m: ties(m, parameters={"densty": 0.5}), "unknown parameter 'densty' for method 'ties' (did you mean 'density'?)"),
     "missing model folder": (lambda m: ties(m, base_model="/nonexistent/model"), "model not found: no folder /nonexistent/model"),
+    "model file": (lambda m: ties(m, base_model=os.path.join(m["base"], "model.safetensors")),
+                   "model.safetensors is a file; a model is named by its folder ("),
     "missing model": (lambda m: ties(m, base_model="org/model"), "model not found: org/model is neither a local folder nor a model in the Hugging Face cache"),
     "models and slices": (lambda m: ties(m, slices=[]), "exactly one of 'models', 'slices' or 'modules'"),
     "empty models": (lambda m: ties(m, models=[]), "'models' must be a non-empty list"),

@@ -170,12 +170,16 @@ def _with_config(adapter, **changes):
     ("unknown entry", "adapter entry 'lora_C' is not a LoRA entry"),
     ("bad lora bias", "has a LoRA bias of shape [31], and the model's layer no bias of that shape"),
     ("other peft", "a PREFIX_TUNING adapter; seme applies LoRA adapters only"),
+    ("adapter alone", "a LoRA adapter (adapter_config.json), not a model: name it with the model it adapts, as "
+                      "MODEL+ADAPTER (trained on "),
 ])
 def test_bad_adapters_are_one_line_errors(llama_family, qwen2_family, tmp_path, capsys, case, message):
     adapter, _ = make_adapter(llama_family["expert0"], tmp_path, seed=4)
     ref, other = f"{llama_family['expert0']}+{adapter}", llama_family["expert1"]
     if case == "three parts":
         ref += f"+{adapter}"
+    elif case == "adapter alone":
+        ref = adapter
     elif case == "not an adapter":
         ref = f"{llama_family['expert0']}+{llama_family['expert1']}"
     elif case == "tied head":

@@ -48,6 +48,16 @@ def _is_mistral_weights(name: str) -> bool:
     return name.startswith("consolidated") and name.endswith(".safetensors")
 
 
+def _adapted_model(adapter: str) -> str:
+    """' (trained on M)', M the model a PEFT adapter's config names, or '' where it names none."""
+    try:
+        with open(os.path.join(adapter, ADAPTER_CONFIG), encoding="utf-8") as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" (trained on {base})" if isinstance(base, str) and base else ""
+
+
 def is_tokenizer_file(name: str) -> bool:
     """Whether a file of a model folder named `name` belongs to its tokenizer: TOKENIZER_FILES,
     Mistral's versioned vocabularies and a processor's chat template (templates go with the tokenizer)."""
@@ -78,6 +88,9 @@ class ModelFolder:
             self.name += "+" + os.path.basename(os.path.normpath(adapter))
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
+            if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+                raise SemeError(f"{path}: a LoRA adapter ({ADAPTER_CONFIG}), not a model: name it with the model "
+                                f"it adapts, as MODEL+ADAPTER{_adapted_model(path)}")
             raise SemeError(f"{path}: no config.json (not a Hugging Face model folder)")
         try:
             with open(config_path, encoding="utf-8") as f:
