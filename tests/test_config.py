@@ -258,6 +258,9 @@ def test_hub_names_resolve_to_the_local_hub_cache(llama_family, tmp_path, capsys
     assert (tmp_path / "from-hub" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     card = (tmp_path / "from-hub" / "README.md").read_text()  # a revision names an input, not a hub repository
     assert "\n- org/expert0\n" in card and f"- `org/expert0@{commit}`" in card
+    capsys.readouterr()  # the plan names the models as the recipe does, not by their commit, which all three share
+    assert main([write_recipe(tmp_path, ties(names)), str(tmp_path / "plan"), "--dry-run"]) == 0
+    assert f"<- org/expert0@{commit}, org/expert1@main, org/base (base)  " in capsys.readouterr().out
     # a commit's short sha, as the Hub's pages show it; the cache as huggingface_hub reads it, ~ expanded
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_CACHE", "~/hub")

@@ -71,21 +71,22 @@ def read_weights_index(path: str) -> dict[str, TensorInfo]:
 
 class ModelFolder:
     @classmethod
-    def open(cls, ref: str) -> "ModelFolder":
-        """The model a resolved recipe reference names: a folder, or folder+adapter (both folders)."""
+    def open(cls, ref: str, hub_names: dict | None = None) -> "ModelFolder":
+        """The model a resolved recipe reference names: a folder, or folder+adapter (both folders);
+        `hub_names` names hub snapshot folders as the recipe did (Recipe.hub_names)."""
         from seme.config import split_reference
 
-        return cls(*split_reference(ref))
+        return cls(*split_reference(ref), hub_names=hub_names)
 
-    def __init__(self, path: str, adapter: str | None = None):
-        """The model in folder `path`, with the LoRA adapter in folder `adapter` applied as it is read."""
+    def __init__(self, path: str, adapter: str | None = None, hub_names: dict | None = None):
+        """The model in folder `path`, with the LoRA adapter in folder `adapter` applied as it is read;
+        messages name it by its folder's name, or a hub snapshot by its name in `hub_names` (not by its commit)."""
         from seme.config import join_reference
 
         self.path = path
         self.ref = join_reference(path, adapter)  # as the resolved recipe names it
-        self.name = os.path.basename(os.path.normpath(path))
-        if adapter is not None:
-            self.name += "+" + os.path.basename(os.path.normpath(adapter))
+        self.name = "+".join((hub_names or {}).get(folder) or os.path.basename(os.path.normpath(folder))
+                             for folder in (path, adapter) if folder is not None)
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
