@@ -1,6 +1,7 @@
 """The Python API: `merge` (a whole checkpoint) and `merge_tensors` (tensors you hold)."""
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import TYPE_CHECKING, Sequence
@@ -56,6 +57,7 @@ def merge(config, out_dir: str, **options) -> dict:
     from seme.options import resolve
 
     opts = resolve(**options)
+    out_dir = os.path.expanduser(out_dir)  # ~/merged: the home folder's, as in recipes' model paths (not ./~/merged)
     shown = set()
 
     def show_once(message, *_):  # one line each; a warning about every input model is said once

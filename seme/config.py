@@ -127,14 +127,15 @@ def documents(path_or_text: str | os.PathLike | dict) -> tuple[list[tuple[Any, s
     if isinstance(path_or_text, dict):
         return [(path_or_text, yaml.safe_dump(path_or_text, sort_keys=False))], base_dir, path
     text = str(path_or_text)
-    if "\n" not in text and (os.path.exists(text) or text.endswith((".yml", ".yaml"))):
-        if not os.path.exists(text):
+    file = os.path.expanduser(text)
+    if "\n" not in text and (os.path.exists(file) or text.endswith((".yml", ".yaml"))):
+        if not os.path.exists(file):
             raise SemeError(f"config file not found: {text}")
-        if os.path.isdir(text):
+        if os.path.isdir(file):
             raise SemeError(f"config {text} is a folder, not a recipe file")
-        path, base_dir = os.path.abspath(text), os.path.dirname(os.path.abspath(text))
+        path, base_dir = os.path.abspath(file), os.path.dirname(os.path.abspath(file))
         try:
-            with open(text, encoding="utf-8") as f:
+            with open(file, encoding="utf-8") as f:
                 text = f.read()
         except UnicodeDecodeError:
             raise SemeError(f"config {path} is not UTF-8 text (a recipe is a YAML file)") from None
@@ -194,42 +195,71 @@ def _resolve_model(ref: Any, where: str, base_dir: str) -> str:
         if not os.path.isfile(os.path.join(adapter, ADAPTER_CONFIG)):
             raise SemeError(f"{where}: {adapter} has no {ADAPTER_CONFIG} (not a LoRA adapter)")
         return join_reference(model, adapter)
-    for candidate in (path, os.path.join(base_dir, path)):
+    candidates = (path, os.path.join(base_dir, path))
+    for candidate in candidates:
         if os.path.isdir(candidate):
             return os.path.abspath(candidate)
-    snapshot = _hub_snapshot(ref)
+    if any(os.path.isfile(candidate) for candidate in candidates):
+        raise SemeError(f"{where}: {ref} is a file; a model is named by its folder ({os.path.dirname(ref) or '.'})")
+    snapshot = _hub_snapshot(ref, where)
     if snapshot:
         resolving.hub[snapshot] = ref
         return snapshot
     if ref.startswith(("/", "./", "../", "~")) or ref.split("@")[0].count("/") > 1:  # no Hub repository id
         raise SemeError(f"{where}: model not found: no folder {ref}")
     raise SemeError(f"{where}: model not found: {ref} is neither a local folder nor a model in the Hugging Face "
-                    f"cache ({_hub_cache()}); seme does not download: fetch it first, e.g. `hf download {ref}`")
+                    f"cache ({_hub_cache()}); seme does not download: fetch it first, e.g. `{_download(ref)}`")
+
+
+def _download(ref: str) -> str:
+    """The command that fetches hub model `org/name` or `org/name@revision` into the cache."""
+    repo, _, revision = ref.partition("@")
+    return f"hf download {repo}" + (f" --revision {revision}" if revision else "")
 
 
 def _hub_cache() -> str:
-    """The Hugging Face hub cache folder, located as huggingface_hub locates it."""
-    named = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if named:
-        return named
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(os.environ.get("HF_HOME") or os.path.join(cache, "huggingface"), "hub")
+    """The Hugging Face hub cache folder, located as huggingface_hub locates it (`~` and $VARS expanded)."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if not cache:
+        home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+        cache = os.path.join(home, "hub")
+    return os.path.expandvars(os.path.expanduser(cache))
 
 
-def _hub_snapshot(ref: str) -> str | None:
-    """The cached snapshot of hub model `org/name` or `org/name@revision` (a branch, tag or commit), as
-    mergekit recipes name models; None where the cache does not hold it. No network."""
+def _hub_snapshot(ref: str, where: str) -> str | None:
+    """The cached snapshot of hub model `org/name` or `org/name@revision` (a branch, tag or commit, its
+    sha in full or a prefix of it), as mergekit recipes name models; None where the cache does not hold
+    the model. No network."""
     repo, _, revision = ref.partition("@")
     if repo.count("/") != 1 or repo.startswith(("/", ".", "~")):
         return None
     folder = os.path.join(_hub_cache(), "models--" + repo.replace("/", "--"))
+    if not os.path.isdir(folder):
+        return None
     revision = revision or "main"
     pointer = os.path.join(folder, "refs", revision)
+    commit = revision
     if os.path.isfile(pointer):
         with open(pointer, encoding="utf-8") as f:
-            revision = f.read().strip()
-    snapshot = os.path.join(folder, "snapshots", revision)
-    return snapshot if revision and os.path.isdir(snapshot) else None
+            commit = f.read().strip()
+    snapshots = os.path.join(folder, "snapshots")
+    cached = sorted(os.listdir(snapshots)) if os.path.isdir(snapshots) else []
+    if commit in cached:
+        return os.path.join(snapshots, commit)
+    found = [c for c in cached if re.fullmatch(r"[0-9a-f]{7,40}", revision) and c.startswith(revision)]
+    if len(found) == 1:  # a short sha, as git and the Hub's pages show commits
+        return os.path.join(snapshots, found[0])
+    if found:
+        raise SemeError(f"{where}: {ref}: the commit {revision} is ambiguous in the Hugging Face cache "
+                        f"({', '.join(found)}): give more of its sha")
+    if commit != revision:  # the ref is there, its files not: a download that stopped before any finished
+        problem = f"no files of its revision {revision} (commit {commit}: an unfinished download?)"
+    else:
+        refs = os.path.join(folder, "refs")
+        names = sorted(os.path.relpath(os.path.join(d, f), refs) for d, _, files in os.walk(refs) for f in files)
+        problem = f"not its revision {revision} (it holds {', '.join(names + [c[:12] for c in cached]) or 'none'})"
+    raise SemeError(f"{where}: model not found: the Hugging Face cache ({_hub_cache()}) holds {repo} but {problem}; "
+                    f"seme does not download: fetch it first, e.g. `{_download(ref)}`")
 
 
 def _check_setting(setting: Any, where: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,11 @@ def format_size(nbytes: float, up: bool = False) -> str:
                 return f"{-(-math.ceil(nbytes) * 10**digits // scale) / 10**digits:.{digits}f} {unit}"
             return f"{nbytes / scale:.{digits}f} {unit}"
     return f"{math.ceil(nbytes) if up else int(nbytes)} bytes"
+
+
+def parse_folder(value: Any) -> str:
+    """A folder, ~ the home folder also where no shell expanded it (quoted, or --flag=~/x)."""
+    return os.path.expanduser(str(value))
 
 
 def parse_device(value: Any) -> str:
@@ -96,7 +102,7 @@ OPTIONS = (
            "tokenizer the recipe chooses (tokenizer_source, tokenizer) is written either way"),
     Option("write_model_card", True, "write a README.md model card that holds the recipe"),
     Option("intermediate_dir", None, "where the named stages of a multi-stage recipe are merged (default: "
-           "OUT.stages)", str, short="-I"),
+           "OUT.stages)", parse_folder, short="-I"),
     Option("lazy", True, "keep a named stage's folder that seme merged from the same recipe before"),
 )
 

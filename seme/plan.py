@@ -69,7 +69,7 @@ class Plan:
 
 def make_plan(recipe: Recipe) -> Plan:
     method = registry.get(recipe.merge_method)
-    models = [ModelFolder.open(ref) for ref in recipe.models]
+    models = [ModelFolder.open(ref, recipe.hub_names) for ref in recipe.models]
     for m in models:
         if m.adapter_beside:
             warnings.warn(f"{m.name} keeps a LoRA adapter beside its weights ({ADAPTER_CONFIG}); its weights are "
@@ -82,7 +82,7 @@ def make_plan(recipe: Recipe) -> Plan:
     arch = archs[ref]
     tied = arch.tied(models[ref].config)
     source = ref_path if recipe.tokenizer_source in (None, "base", "union") else recipe.tokenizer_source
-    tokenizer = models[index[source]] if source in index else ModelFolder.open(source)
+    tokenizer = models[index[source]] if source in index else ModelFolder.open(source, recipe.hub_names)
     remap = None
     if recipe.tokenizer_source is not None:
         from seme import vocabulary

@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 
+import seme
 from seme.merge import main
 
 
@@ -43,6 +44,8 @@ CASES = {
     "unknown parameter": (lambda m: ties(m, parameters={"densty": 0.5}), "unknown parameter 'densty' for method 'ties' (did you mean 'density'?)"),
     "parameter named by a number": (lambda m: ties(m, parameters={5: 0.5}), "unknown parameter '5' for method 'ties' (it takes:"),
     "missing model folder": (lambda m: ties(m, base_model="/nonexistent/model"), "model not found: no folder /nonexistent/model"),
+    "model file": (lambda m: ties(m, base_model=os.path.join(m["base"], "model.safetensors")),
+                   "model.safetensors is a file; a model is named by its folder ("),
     "missing model": (lambda m: ties(m, base_model="org/model"), "model not found: org/model is neither a local folder nor a model in the Hugging Face cache"),
     "blank model name": (lambda m: ties(m, base_model=" "), "base_model: model must be a path string, got ' '"),
     "models and slices": (lambda m: ties(m, slices=[]), "exactly one of 'models', 'slices' or 'modules'"),
@@ -148,6 +151,11 @@ def test_different_depths_are_refused_not_truncated(tmp_path, capsys):
 @pytest.mark.parametrize("file, data, message", [
     ("pytorch_model.bin", b"\x80\x04not really a pickle", "pytorch_model.bin: not a PyTorch zip checkpoint (a legacy or foreign format)"),
     ("training_args.bin", b"", "no safetensors or pytorch_model.bin weights found (only training_args.bin, which is not pytorch_model.bin)"),
+    # shards without their index, one missing: what is there would merge into a model without its tensors
+    ("model-00002-of-00002.safetensors", b"", "shard model-00001-of-00002.safetensors is missing"),
+    ("pytorch_model-00001-of-00003.bin", b"", "shard pytorch_model-00002-of-00003.bin is missing"),
+    ("consolidated.safetensors", b"", "no safetensors or pytorch_model.bin weights found (only consolidated.safetensors: "
+                                      "Mistral's own format, under mistral-inference's tensor names)"),
 ])
 def test_models_without_readable_weights_are_refused(llama_family, tmp_path, capsys, file, data, message):
     folder = tmp_path / "pickled"
@@ -287,11 +295,19 @@ def test_hub_names_resolve_to_the_local_hub_cache(llama_family, tmp_path, capsys
     assert (tmp_path / "from-hub" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     card = (tmp_path / "from-hub" / "README.md").read_text()  # a revision names an input, not a hub repository
     assert "\n- org/expert0\n" in card and f"- `org/expert0@{commit}`" in card
+    capsys.readouterr()  # the plan names the models as the recipe does, not by their commit, which all three share
+    assert main([write_recipe(tmp_path, ties(names)), str(tmp_path / "plan"), "--dry-run"]) == 0
+    assert f"<- org/expert0@{commit}, org/expert1@main, org/base (base)  " in capsys.readouterr().out
+    # a commit's short sha, as the Hub's pages show it; the cache as huggingface_hub reads it, ~ expanded
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", "~/hub")
+    assert main([write_recipe(tmp_path, ties({**names, "base": "org/base@0123456"})), str(tmp_path / "short")]) == 0
+    assert (tmp_path / "short" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     capsys.readouterr()
     status, err, _ = run_cli(tmp_path, ties({**names, "base": "org/base@v2"}), capsys)
-    assert status == 2 and err == [f"seme: error: base_model: model not found: org/base@v2 is neither a local folder "
-                                   f"nor a model in the Hugging Face cache ({cache}); seme does not download: fetch "
-                                   f"it first, e.g. `hf download org/base@v2`"]
+    assert status == 2 and err == [f"seme: error: base_model: model not found: the Hugging Face cache ({cache}) holds "
+                                   f"org/base but not its revision v2 (it holds main, 0123456789ab); seme does not "
+                                   f"download: fetch it first, e.g. `hf download org/base --revision v2`"]
 
 
 def test_model_paths_may_start_with_a_tilde(llama_family, tmp_path, capsys, monkeypatch):
@@ -438,6 +454,20 @@ def test_random_seed_flag_replaces_the_recipes(llama_family, tmp_path, capsys, s
     assert recipe == {**dare, "random_seed": 5}  # the card's recipe reproduces the merge
     status, err, unseeded = run_cli(tmp_path, dare, capsys, "--overwrite")
     assert (unseeded / "model.safetensors").read_bytes() != (seeded / "model.safetensors").read_bytes()
+
+
+def test_a_recipe_and_outputs_named_from_the_home_folder_are_there(llama_family, tmp_path, monkeypatch):
+    """~ where no shell expands it (quoted, --out-path=~/x, the Python API) is the home folder, as in the
+    recipe's model paths, not a folder named ~ in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(tmp_path / "home" / "recipes")
+    (tmp_path / "home" / "recipes" / "r.yml").write_text(yaml.safe_dump(ties(llama_family)))
+    assert main(["~/recipes/r.yml", "--out-path=~/merged"]) == 0
+    stages = f"name: first\n{yaml.safe_dump(ties(llama_family))}---\n{yaml.safe_dump(ties(llama_family, base_model='first'))}"
+    seme.merge(stages, "~/final", intermediate_dir="~/stages", progress=False)
+    assert sorted(os.listdir(tmp_path / "home")) == ["final", "merged", "recipes", "stages"]
+    assert os.listdir(tmp_path) == ["home"]
 
 
 def test_transformers_cache_flag_names_the_hub_cache(llama_family, tmp_path, capsys, monkeypatch):

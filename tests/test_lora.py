@@ -189,12 +189,16 @@ def _with_config(adapter, **changes):
     ("alpha not a number", "adapter_config.json: lora_alpha must be a finite number, got '16'"),
     ("alpha pattern no regex", "adapter_config.json: alpha_pattern['q_proj('] is no regular expression"),
     ("rank 0", "adapter module 'model.layers.0.self_attn.q_proj' has rank 0 (A [0, 32])"),
+    ("adapter alone", "a LoRA adapter (adapter_config.json), not a model: name it with the model it adapts, as "
+                      "MODEL+ADAPTER (trained on "),
 ])
 def test_bad_adapters_are_one_line_errors(llama_family, qwen2_family, tmp_path, capsys, case, message):
     adapter, _ = make_adapter(llama_family["expert0"], tmp_path, seed=4)
     ref, other = f"{llama_family['expert0']}+{adapter}", llama_family["expert1"]
     if case == "three parts":
         ref += f"+{adapter}"
+    elif case == "adapter alone":
+        ref = adapter
     elif case == "not an adapter":
         ref = f"{llama_family['expert0']}+{llama_family['expert1']}"
     elif case == "tied head":

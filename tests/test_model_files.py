@@ -300,3 +300,67 @@ def test_a_rebuilt_whisper_tokenizer_keeps_its_normalizer(tmp_path):
     merged = AutoProcessor.from_pretrained(out)
     assert merged.tokenizer.get_vocab() != AutoProcessor.from_pretrained(models[1]).tokenizer.get_vocab()
     assert merged.tokenizer.normalize("the colour") == "the color"
+
+
+def with_remote_code(source, folder, mark: str) -> str:
+    """`source` as a model whose code the Hub holds beside its weights: config.json's auto_map names its
+    configuration and modelling modules (the second imports a third), which load with trust_remote_code."""
+    shutil.copytree(source, folder)
+    (folder / "configuration_xllama.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass XLlamaConfig(LlamaConfig):\n    model_type = 'xllama'\n")
+    (folder / "modeling_xllama.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_xllama import XLlamaConfig\n"
+        "from .mark_xllama import MARK\n\n\nclass XLlamaForCausalLM(LlamaForCausalLM):\n"
+        "    config_class = XLlamaConfig\n    mark = MARK\n")
+    (folder / "mark_xllama.py").write_text(f"MARK = {mark!r}\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="xllama", architectures=["XLlamaForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_xllama.XLlamaConfig",
+                            "AutoModelForCausalLM": "modeling_xllama.XLlamaForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_a_remote_code_model_merges_into_one_that_loads_with_its_code(llama_family, tmp_path, monkeypatch):
+    """The output's config keeps the auto_map that names the model's code, so the code goes with it: the
+    architecture model's Python files, as AutoModel reads them with trust_remote_code."""
+    import transformers
+    import transformers.dynamic_module_utils
+
+    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    base = with_remote_code(llama_family["base"], tmp_path / "base", "the base's")
+    expert = with_remote_code(llama_family["expert0"], tmp_path / "expert", "the expert's")
+    out = merge(tmp_path, [expert, base], base_model=base, merge_method="task_arithmetic")
+    assert json.loads(open(os.path.join(out, "config.json")).read())["auto_map"]["AutoConfig"] == \
+        "configuration_xllama.XLlamaConfig"
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(model).__name__ == "XLlamaForCausalLM" and model.mark == "the base's"
+
+
+@pytest.mark.parametrize("layout", ["pytorch_model shards", "safetensors shards beside consolidated.safetensors"])
+def test_shards_saved_without_their_index_merge_as_the_whole_file(llama_family, tmp_path, layout):
+    """Shards a folder holds without the index that lists them (pytorch_model-NNNNN-of-NNNNN.bin as
+    safetensors shards), beside a trainer's training_args.bin or a Mistral release's consolidated.safetensors
+    (its weights again, under mistral-inference's names), which are no part of them."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "shards"
+    shutil.copytree(llama_family["expert0"], folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    state = load_file(os.path.join(llama_family["expert0"], "model.safetensors"))
+    names = sorted(state)
+    for i, part in enumerate((names[:7], names[7:])):
+        if layout == "pytorch_model shards":
+            torch.save({n: state[n] for n in part}, folder / f"pytorch_model-0000{i + 1}-of-00002.bin")
+        else:
+            save_file({n: state[n] for n in part}, folder / f"model-0000{i + 1}-of-00002.safetensors")
+    torch.save({"learning_rate": torch.tensor(1e-5)}, folder / "training_args.bin")
+    save_file({"layers.0.attention.wq.weight": state["model.layers.0.self_attn.q_proj.weight"]},
+              folder / "consolidated.safetensors")
+    recipe = {"merge_method": "ties", "base_model": llama_family["base"], "dtype": "float32",
+              "models": [{"model": m, "parameters": {"weight": 0.5, "density": 0.5}}
+                         for m in (str(folder), llama_family["expert1"])]}
+    seme.merge(recipe, str(tmp_path / "out"), progress=False)
+    seme.merge({**recipe, "models": [{**recipe["models"][0], "model": llama_family["expert0"]}, recipe["models"][1]]},
+               str(tmp_path / "whole"), progress=False)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()

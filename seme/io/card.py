@@ -46,7 +46,7 @@ def merged_by_seme(folder: str, recipe_text: str | None = None) -> bool:
 
 def write_metadata(folder: str, plan, version: str, name: str, tokenizer: bool = True, card: bool = True) -> None:
     """Config, generation config, tokenizer files (with `tokenizer`, or where the recipe chose a
-    tokenizer), processor files and the model card (titled `name`; with `card`) into `folder`.
+    tokenizer), the models' code, processor files and the model card (titled `name`; with `card`) into `folder`.
 
     The tokenizer's files and chat templates are those of the tokenizer's model (Plan.tokenizer_model),
     or a re-mapped vocabulary's tokenizer as transformers saves it (and Whisper's normalizer.json, which it
@@ -68,6 +68,12 @@ def write_metadata(folder: str, plan, version: str, name: str, tokenizer: bool =
         files = [f for f in files if not _is_chat_template(f)]
     for file in files:
         _copy(source.path, folder, file)
+    architecture = next(m for m in plan.models if m.ref == plan.recipe.reference)
+    # the code the settings' auto_map names, so that the output loads with trust_remote_code as its inputs do:
+    # the tokenizer's model's (tokenization_*.py) where its files were copied, the architecture's over it
+    for model in ([source] if tokenizer and not built and source is not architecture else []) + [architecture]:
+        for file in model.code_files():
+            _copy(model.path, folder, file)
     if built:
         plan.vocabulary.tokenizer.save_pretrained(folder)
         # transformers does not save Whisper's spelling normaliser, which the vocabulary leaves as it is
@@ -78,7 +84,6 @@ def write_metadata(folder: str, plan, version: str, name: str, tokenizer: bool =
 
         shutil.rmtree(os.path.join(folder, CHAT_TEMPLATES), ignore_errors=True)  # a saved tokenizer's named ones
         chat_template.write(folder, plan.chat_template)
-    architecture = next(m for m in plan.models if m.ref == plan.recipe.reference)
     for file in architecture.processor_files():
         if file == PROCESSOR_CONFIG and tokenizer:
             _processor_config(architecture, source, plan.chat_template is not None, folder)

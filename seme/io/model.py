@@ -1,7 +1,6 @@
 """A local Hugging Face model folder: config, tensor index (from headers only) and lazy tensor reads."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -30,6 +29,8 @@ TOKENIZER_FILES = frozenset({
     # vocabularies found by name: Mistral's tekken, tiktoken's
     "tekken.json", "tiktoken.model",
 })
+# A shard of a checkpoint saved in parts, as transformers names them: model-00001-of-00004.safetensors
+SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<number>\d+)-of-(?P<count>\d+)\.(?P<suffix>safetensors|bin)")
 VERSIONED_TOKENIZER = re.compile(r"tokenizer\.[\w.-]+\.json")  # tokenizer.4.0.0.json: for transformers >= 4.0.0
 VERSIONED_VOCABULARY = "tokenizer.model."  # Mistral's tokenizer.model.v3, ... (mistral-common reads them)
 CHAT_TEMPLATES = "additional_chat_templates"  # named chat templates, <name>.jinja, beside chat_template.jinja
@@ -39,6 +40,22 @@ PROCESSOR_CHAT_TEMPLATE = "chat_template.json"  # a processor's template as olde
 # and feature extractors alike.
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
                    "audio_tokenizer_config.json")
+
+
+def _is_mistral_weights(name: str) -> bool:
+    """Mistral's releases keep their weights twice: for transformers, and in consolidated.safetensors (or
+    consolidated-NN.safetensors) under mistral-inference's names, which no transformers model has."""
+    return name.startswith("consolidated") and name.endswith(".safetensors")
+
+
+def _adapted_model(adapter: str) -> str:
+    """' (trained on M)', M the model a PEFT adapter's config names, or '' where it names none."""
+    try:
+        with open(os.path.join(adapter, ADAPTER_CONFIG), encoding="utf-8") as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" (trained on {base})" if isinstance(base, str) and base else ""
 
 
 def is_tokenizer_file(name: str) -> bool:
@@ -54,23 +71,27 @@ def read_weights_index(path: str) -> dict[str, TensorInfo]:
 
 class ModelFolder:
     @classmethod
-    def open(cls, ref: str) -> "ModelFolder":
-        """The model a resolved recipe reference names: a folder, or folder+adapter (both folders)."""
+    def open(cls, ref: str, hub_names: dict | None = None) -> "ModelFolder":
+        """The model a resolved recipe reference names: a folder, or folder+adapter (both folders);
+        `hub_names` names hub snapshot folders as the recipe did (Recipe.hub_names)."""
         from seme.config import split_reference
 
-        return cls(*split_reference(ref))
+        return cls(*split_reference(ref), hub_names=hub_names)
 
-    def __init__(self, path: str, adapter: str | None = None):
-        """The model in folder `path`, with the LoRA adapter in folder `adapter` applied as it is read."""
+    def __init__(self, path: str, adapter: str | None = None, hub_names: dict | None = None):
+        """The model in folder `path`, with the LoRA adapter in folder `adapter` applied as it is read;
+        messages name it by its folder's name, or a hub snapshot by its name in `hub_names` (not by its commit)."""
         from seme.config import join_reference
 
         self.path = path
         self.ref = join_reference(path, adapter)  # as the resolved recipe names it
-        self.name = os.path.basename(os.path.normpath(path))
-        if adapter is not None:
-            self.name += "+" + os.path.basename(os.path.normpath(adapter))
+        self.name = "+".join((hub_names or {}).get(folder) or os.path.basename(os.path.normpath(folder))
+                             for folder in (path, adapter) if folder is not None)
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
+            if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+                raise SemeError(f"{path}: a LoRA adapter ({ADAPTER_CONFIG}), not a model: name it with the model "
+                                f"it adapts, as MODEL+ADAPTER{_adapted_model(path)}")
             raise SemeError(f"{path}: no config.json (not a Hugging Face model folder)")
         try:
             with open(config_path, encoding="utf-8") as f:
@@ -102,7 +123,7 @@ class ModelFolder:
 
     def _weight_files(self) -> tuple[dict | None, list[str]]:
         """(the index's weight map or None, the weight files), in mergekit's order: safetensors
-        first, then PyTorch's pytorch_model.bin, each sharded (with an index) or whole."""
+        first, then PyTorch's pytorch_model.bin, each sharded (with an index, or shards without one) or whole."""
         for weights in ("model.safetensors", "pytorch_model.bin"):
             index_path = os.path.join(self.path, weights + ".index.json")
             if os.path.isfile(index_path):
@@ -117,15 +138,37 @@ class ModelFolder:
                 return weight_map, files
             if os.path.isfile(os.path.join(self.path, weights)):
                 return None, [weights]
-            if weights == "model.safetensors":
-                # a PEFT adapter saved beside the weights is no shard of them
-                files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(self.path, "*.safetensors"))
-                               if os.path.basename(p) not in ADAPTER_WEIGHTS)
-                if files:
-                    return None, files
-        others = sorted(glob.glob(os.path.join(self.path, "*.bin")) + glob.glob(os.path.join(self.path, "*.pt")))
-        found = f" (only {os.path.basename(others[0])}, which is not pytorch_model.bin)" if others else ""
+            files = self._unindexed_shards(weights)
+            if files:
+                return None, files
+        others = sorted(f for f in os.listdir(self.path) if f.endswith((".bin", ".pt")) or _is_mistral_weights(f))
+        found = f" (only {others[0]}, which is not pytorch_model.bin)" if others else ""
+        if others and _is_mistral_weights(others[0]):
+            found = f" (only {others[0]}: Mistral's own format, under mistral-inference's tensor names)"
         raise SemeError(f"{self.path}: no safetensors or pytorch_model.bin weights found{found}")
+
+    def _unindexed_shards(self, weights: str) -> list[str]:
+        """The shards of `weights` saved without their index: the folder's safetensors files (bar a PEFT adapter's
+        beside them and Mistral's consolidated copy of the weights, whose names are not transformers'), or
+        pytorch_model-NNNNN-of-NNNNN.bin (its other .bin files are a trainer's: training_args.bin). Numbered shards
+        must all be there: the index that would name a missing one is not."""
+        names = [f for f in os.listdir(self.path) if self._holds(f)]
+        if weights.endswith(".safetensors"):
+            files = sorted(f for f in names if f.endswith(".safetensors") and f not in ADAPTER_WEIGHTS
+                           and not _is_mistral_weights(f))
+        else:
+            files = sorted(f for f in names if (m := SHARD_NAME.fullmatch(f)) and m["stem"] == "pytorch_model"
+                           and m["suffix"] == "bin")
+        series: dict[tuple, set[int]] = {}
+        for f in files:
+            if m := SHARD_NAME.fullmatch(f):
+                series.setdefault((m["stem"], m["count"], m["suffix"]), set()).add(int(m["number"]))
+        for (stem, count, suffix), numbers in series.items():
+            missing = next((n for n in range(1, int(count) + 1) if n not in numbers), None)
+            if missing is not None:
+                raise SemeError(f"{self.path}: shard {stem}-{missing:0{len(count)}d}-of-{count}.{suffix} is missing "
+                                f"(an unfinished download or copy?), and no index lists the shards")
+        return files
 
     def _index(self) -> dict[str, TensorInfo]:
         weight_map, files = self._weight_files()
@@ -204,6 +247,12 @@ class ModelFolder:
             found += sorted(f"{CHAT_TEMPLATES}/{f}" for f in os.listdir(templates)
                             if f.endswith(".jinja") and self._holds(f"{CHAT_TEMPLATES}/{f}"))
         return found
+
+    def code_files(self) -> list[str]:
+        """The model's own code, which the auto_map of its config (or tokenizer or processor settings) names for
+        trust_remote_code: configuration_*.py, modeling_*.py, tokenization_*.py and the modules they import, which
+        transformers finds beside them. All the folder's Python files, as the Hub holds a model's code."""
+        return sorted(f for f in os.listdir(self.path) if f.endswith(".py") and self._holds(f))
 
     def processor_files(self) -> list[str]:
         """The processor's settings files the folder holds (PROCESSOR_FILES)."""
