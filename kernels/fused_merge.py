@@ -82,8 +82,9 @@ def _uniform(start, keys_ptr, k, BLOCK: tl.constexpr):
 @triton.jit
 def _variance(xs, base, offs, m, K: tl.constexpr):
     # torch.var (CPU) over the models: Welford in float64, rounded to float32. Replicated step by step
-    # so that the SCE selection ranks bit-identical keys.
-    mean = base.to(tl.float64) * 0
+    # so that the SCE selection ranks bit-identical keys. It starts from +0 (not base * 0, which is -0
+    # for a negative base: one model's variance then stays -0, whose int32 key ranks below every other).
+    mean = tl.zeros_like(base).to(tl.float64)
     m2 = mean
     for k in tl.static_range(K):
         x = _delta(xs[k], base, offs, m).to(tl.float64)
