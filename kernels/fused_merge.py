@@ -278,7 +278,9 @@ def _merge_kernel(xs, b_ptr, out_ptr, sel_ptr, eqoff_ptr, coef_ptr, keys_ptr, bi
         else:
             keep = _keep(d, k, offs, m, pid, nblocks, sel_ptr, eqoff_ptr, coef_ptr, keys_ptr, bits_ptr, MODE, NB,
                          BLOCK)
-            d = tl.where(keep, d, 0.0) * tl.load(coef_ptr + 3 * k) * tl.load(coef_ptr + 3 * k + 1)
+            scale = tl.load(coef_ptr + 3 * k)
+            keep = tl.where(scale != 0, keep, False)  # a dropped model (scale 0) adds zeros, not NaN · 0
+            d = tl.where(keep, d, 0.0) * scale * tl.load(coef_ptr + 3 * k + 1)
         ds = ds + (d,)
         total = total + d  # the reference's sum over the stacked models, in model order
     if CONSENSUS:

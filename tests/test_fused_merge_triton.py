@@ -148,6 +148,17 @@ def test_output_dtypes(method, out_dtype):
     torch.testing.assert_close(got.float(), m.fn(inputs, params).to(out_dtype).float())
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "breadcrumbs_ties", "della", "lrp"])
+def test_a_dropped_models_nonfinite_values_are_dropped_too(method):
+    # density 0 drops a model: the reference adds zeros for it, whatever it holds (not NaN · 0).
+    inputs = make_inputs((300,), 3, tied=True, seed=6)
+    dropped = inputs.tensors[2].clone()
+    dropped[[5, 77, 200]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    inputs = Inputs((inputs.tensors[0], inputs.tensors[1], dropped, inputs.tensors[3]), 1, inputs.name, inputs.seed)
+    density = 0.0 if method == "lrp" else [0.4, 0.0, 0.5]
+    check(method, inputs, {"weight": [0.7, 0.4, 1.1], "density": density})
+
+
 def test_default_block_size(monkeypatch):
     monkeypatch.setattr(fm, "BLOCK", 1024)
     for method in ("ties", "breadcrumbs_ties", "dare_ties", "della"):
