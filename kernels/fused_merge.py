@@ -141,10 +141,12 @@ def _keep(d, k: tl.constexpr, offs, m, pid, nblocks, sel_ptr, eqoff_ptr, coef_pt
 @triton.jit
 def _store(out_ptr, offs, value, m, BF16_BITS: tl.constexpr):
     """Store fp32 `value` in out's dtype, rounded to nearest even (BF16_BITS: out is the int16 view of a
-    bfloat16 tensor, rounded by hand: the interpreter's own cast truncates)."""
+    bfloat16 tensor, rounded by hand: the interpreter's own cast truncates). A NaN becomes torch's 0x7FC0:
+    rounding its bits would carry a full mantissa (a GPU's NaN is 0x7FFFFFFF) into a zero."""
     if BF16_BITS:
         bits = value.to(tl.uint32, bitcast=True)
-        value = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
+        value = tl.where(value != value, 0x7FC0, rounded).to(tl.int16)
     tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=m)
 
 

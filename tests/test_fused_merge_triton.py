@@ -159,6 +159,21 @@ def test_a_dropped_models_nonfinite_values_are_dropped_too(method):
     check(method, inputs, {"weight": [0.7, 0.4, 1.1], "density": density})
 
 
+@pytest.mark.parametrize("payload", [0x7FC00000, 0x7FFFFFFF, -1])  # -1: 0xFFFFFFFF
+def test_nan_written_to_bfloat16_stays_nan(payload):
+    # A GPU's arithmetic gives NaN as 0x7FFFFFFF, which rounding the bits by hand carried into -0.
+    inputs = make_inputs((300,), 2, seed=7)
+    x = inputs.tensors[0].clone()
+    x.view(torch.int32)[[3, 150]] = payload
+    inputs = Inputs((x, *inputs.tensors[1:]), inputs.base_index, inputs.name, inputs.seed)
+    params = registry.bind(registry.get("task_arithmetic"), {"weight": 1.0}, 3, 1, "test")
+    on_device = Inputs(tuple(t.to(DEVICE) for t in inputs.tensors), inputs.base_index, inputs.name, inputs.seed)
+    got = fm.fused_merge("task_arithmetic", on_device, params, torch.bfloat16).cpu()
+    expected = registry.get("task_arithmetic").fn(inputs, params).to(torch.bfloat16)
+    assert got.isnan().sum() == 2
+    torch.testing.assert_close(got, expected, equal_nan=True)
+
+
 def test_default_block_size(monkeypatch):
     monkeypatch.setattr(fm, "BLOCK", 1024)
     for method in ("ties", "breadcrumbs_ties", "dare_ties", "della"):
