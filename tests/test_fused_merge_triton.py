@@ -125,6 +125,20 @@ def test_gpu_backend_runs_seme_on_the_kernel(monkeypatch):
     assert backend._gpu_seme(fm)(on_device, params, torch.bfloat16) is None
 
 
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "sce"])
+def test_gpu_backend_takes_the_reference_beyond_the_kernels_model_count(monkeypatch, method):
+    """More models than the Triton kernels take (and no CUDA kernel): the reference (None), not a ValueError."""
+    from seme import backend, cuda_merge
+
+    monkeypatch.setattr(cuda_merge, "available", lambda: False)
+    monkeypatch.setattr(fm, "MAX_MODELS", 2)
+    inputs = make_inputs((300,), 3, tied=True, seed=2)
+    params = registry.bind(registry.get(method), {} if method == "sce" else {"weight": 1.0, "density": 0.5}, 4,
+                           inputs.base_index, "test")
+    on_device = Inputs(tuple(t.to(DEVICE) for t in inputs.tensors), inputs.base_index, inputs.name, inputs.seed)
+    assert backend._fused(method, torch.device("cuda"))(on_device, params, torch.float32) is None
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "della_linear", "sce"])
 def test_mixed_input_dtypes(method):
     inputs = make_inputs((300,), 3, tied=True, seed=5)
