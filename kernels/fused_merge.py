@@ -82,8 +82,9 @@ def _uniform(start, keys_ptr, k, BLOCK: tl.constexpr):
 @triton.jit
 def _variance(xs, base, offs, m, K: tl.constexpr):
     # torch.var (CPU) over the models: Welford in float64, rounded to float32. Replicated step by step
-    # so that the SCE selection ranks bit-identical keys.
-    mean = base.to(tl.float64) * 0
+    # so that the SCE selection ranks bit-identical keys. It starts from +0 (not base * 0, which is -0
+    # for a negative base: one model's variance then stays -0, whose int32 key ranks below every other).
+    mean = tl.zeros_like(base).to(tl.float64)
     m2 = mean
     for k in tl.static_range(K):
         x = _delta(xs[k], base, offs, m).to(tl.float64)
@@ -140,10 +141,12 @@ def _keep(d, k: tl.constexpr, offs, m, pid, nblocks, sel_ptr, eqoff_ptr, coef_pt
 @triton.jit
 def _store(out_ptr, offs, value, m, BF16_BITS: tl.constexpr):
     """Store fp32 `value` in out's dtype, rounded to nearest even (BF16_BITS: out is the int16 view of a
-    bfloat16 tensor, rounded by hand: the interpreter's own cast truncates)."""
+    bfloat16 tensor, rounded by hand: the interpreter's own cast truncates). A NaN becomes torch's 0x7FC0:
+    rounding its bits would carry a full mantissa (a GPU's NaN is 0x7FFFFFFF) into a zero."""
     if BF16_BITS:
         bits = value.to(tl.uint32, bitcast=True)
-        value = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
+        value = tl.where(value != value, 0x7FC0, rounded).to(tl.int16)
     tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -277,7 +280,9 @@ def _merge_kernel(xs, b_ptr, out_ptr, sel_ptr, eqoff_ptr, coef_ptr, keys_ptr, bi
         else:
             keep = _keep(d, k, offs, m, pid, nblocks, sel_ptr, eqoff_ptr, coef_ptr, keys_ptr, bits_ptr, MODE, NB,
                          BLOCK)
-            d = tl.where(keep, d, 0.0) * tl.load(coef_ptr + 3 * k) * tl.load(coef_ptr + 3 * k + 1)
+            scale = tl.load(coef_ptr + 3 * k)
+            keep = tl.where(scale != 0, keep, False)  # a dropped model (scale 0) adds zeros, not NaN · 0
+            d = tl.where(keep, d, 0.0) * scale * tl.load(coef_ptr + 3 * k + 1)
         ds = ds + (d,)
         total = total + d  # the reference's sum over the stacked models, in model order
     if CONSENSUS:

@@ -122,11 +122,11 @@ def _fused(method: str, device: torch.device):
             fits = native and len(inputs.others) <= cuda_merge.max_models()
             if fits and not triton_first:
                 return Merged(cuda_merge.merge(method, inputs, params, out_dtype=out_dtype))
-            if use_triton:
+            if use_triton and triton_merge.fits(inputs.tensors[0].numel(), len(inputs.others)):
                 return Merged(triton_merge.fused_merge(method, inputs, params, out_dtype))
             if fits:
                 return Merged(cuda_merge.merge(method, inputs, params, out_dtype=out_dtype))
-            return None  # more models than the CUDA kernel takes, and no Triton: the reference
+            return None  # more models or elements than the kernels take: the reference
 
         return gpu
     return None

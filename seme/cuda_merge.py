@@ -46,8 +46,13 @@ def della_probability(base: torch.Tensor, x: torch.Tensor, density: float, epsil
     from seme import _C_cuda
 
     if x.dim() > 2:  # rows along dimension 1, as the reference (and mergekit) ranks them
-        rows = della_probability(base.movedim(1, -1).contiguous(), x.movedim(1, -1).contiguous(), density, epsilon)
-        return rows.movedim(-1, 1).contiguous()
+        moved = x.movedim(1, -1).shape
+
+        def as_rows(t):  # a matrix of those rows (calling with the moved 3-D tensor would recurse forever)
+            return t.movedim(1, -1).reshape(-1, moved[-1]).contiguous()
+
+        rows = della_probability(as_rows(base), as_rows(x), density, epsilon)
+        return rows.reshape(moved).movedim(-1, 1).contiguous()
     cols = x.shape[-1] if x.dim() else 1
     if cols > _C_cuda.DELLA_MAX_COLS:
         return della_keep_probability(x.float() - base.float(), density, epsilon)

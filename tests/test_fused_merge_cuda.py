@@ -184,6 +184,15 @@ def della_rows(shape, dtype, kind, seed):
     return base.to(dtype), x.to(dtype)
 
 
+def test_della_probability_of_fused_experts_ranks_along_dimension_1():
+    """[E, in, out] ranks along dimension 1 (rows past DELLA_MAX_COLS are ranked by torch: no GPU needed)."""
+    from seme import cuda_merge
+
+    cuda = pytest.importorskip("seme._C_cuda")
+    base, x = della_rows((2, cuda.DELLA_MAX_COLS + 1, 3), torch.float32, "smooth", seed=1)
+    assert torch.equal(cuda_merge.della_probability(base, x, 0.4, 0.1), della_keep_probability(x - base, 0.4, 0.1))
+
+
 @gpu
 @pytest.mark.parametrize("shape", DELLA_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

@@ -84,6 +84,13 @@ def test_sce_matches_reference(case, topk):
     check("sce", make_inputs(shape, k, dtype, tied, seed=case), {"select_topk": topk})
 
 
+@pytest.mark.parametrize("topk", [0.5, 0.0])
+def test_sce_of_one_model_selects_nothing(topk):
+    # One model's variance is 0 everywhere: nothing to select (its keys were -0 where base and δ are
+    # negative, which ranked below every other and were selected).
+    check("sce", make_inputs((300,), 1, seed=1), {"select_topk": topk})
+
+
 @pytest.mark.parametrize("case", [0, 1, 2, 5, 7])
 @pytest.mark.parametrize("topk", [1.0, 0.5, 0.01, 0.0])
 def test_seme_fusion_reports_the_references_statistics(case, topk):
@@ -118,6 +125,20 @@ def test_gpu_backend_runs_seme_on_the_kernel(monkeypatch):
     assert backend._gpu_seme(fm)(on_device, params, torch.bfloat16) is None
 
 
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "sce"])
+def test_gpu_backend_takes_the_reference_beyond_the_kernels_model_count(monkeypatch, method):
+    """More models than the Triton kernels take (and no CUDA kernel): the reference (None), not a ValueError."""
+    from seme import backend, cuda_merge
+
+    monkeypatch.setattr(cuda_merge, "available", lambda: False)
+    monkeypatch.setattr(fm, "MAX_MODELS", 2)
+    inputs = make_inputs((300,), 3, tied=True, seed=2)
+    params = registry.bind(registry.get(method), {} if method == "sce" else {"weight": 1.0, "density": 0.5}, 4,
+                           inputs.base_index, "test")
+    on_device = Inputs(tuple(t.to(DEVICE) for t in inputs.tensors), inputs.base_index, inputs.name, inputs.seed)
+    assert backend._fused(method, torch.device("cuda"))(on_device, params, torch.float32) is None
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "della_linear", "sce"])
 def test_mixed_input_dtypes(method):
     inputs = make_inputs((300,), 3, tied=True, seed=5)
@@ -139,6 +160,32 @@ def test_output_dtypes(method, out_dtype):
     got = fm.fused_merge(method, on_device, params, out_dtype).cpu()
     assert got.dtype == out_dtype
     torch.testing.assert_close(got.float(), m.fn(inputs, params).to(out_dtype).float())
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "breadcrumbs_ties", "della", "lrp"])
+def test_a_dropped_models_nonfinite_values_are_dropped_too(method):
+    # density 0 drops a model: the reference adds zeros for it, whatever it holds (not NaN · 0).
+    inputs = make_inputs((300,), 3, tied=True, seed=6)
+    dropped = inputs.tensors[2].clone()
+    dropped[[5, 77, 200]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    inputs = Inputs((inputs.tensors[0], inputs.tensors[1], dropped, inputs.tensors[3]), 1, inputs.name, inputs.seed)
+    density = 0.0 if method == "lrp" else [0.4, 0.0, 0.5]
+    check(method, inputs, {"weight": [0.7, 0.4, 1.1], "density": density})
+
+
+@pytest.mark.parametrize("payload", [0x7FC00000, 0x7FFFFFFF, -1])  # -1: 0xFFFFFFFF
+def test_nan_written_to_bfloat16_stays_nan(payload):
+    # A GPU's arithmetic gives NaN as 0x7FFFFFFF, which rounding the bits by hand carried into -0.
+    inputs = make_inputs((300,), 2, seed=7)
+    x = inputs.tensors[0].clone()
+    x.view(torch.int32)[[3, 150]] = payload
+    inputs = Inputs((x, *inputs.tensors[1:]), inputs.base_index, inputs.name, inputs.seed)
+    params = registry.bind(registry.get("task_arithmetic"), {"weight": 1.0}, 3, 1, "test")
+    on_device = Inputs(tuple(t.to(DEVICE) for t in inputs.tensors), inputs.base_index, inputs.name, inputs.seed)
+    got = fm.fused_merge("task_arithmetic", on_device, params, torch.bfloat16).cpu()
+    expected = registry.get("task_arithmetic").fn(inputs, params).to(torch.bfloat16)
+    assert got.isnan().sum() == 2
+    torch.testing.assert_close(got, expected, equal_nan=True)
 
 
 def test_default_block_size(monkeypatch):
@@ -184,9 +231,9 @@ def _variance_probe(out_ptr, xs, b_ptr, n, K: tl.constexpr, BLOCK: tl.constexpr)
     tl.store(out_ptr + offs, fm._variance(xs, base, offs, m, K), mask=m)
 
 
-@pytest.mark.parametrize("k", [2, 3, 5])
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_kernel_variance_bits_equal_torch_var(k):
-    # SCE ranks the variance bits: they must be torch.var's (CPU), not merely close.
+    # SCE ranks the variance bits: they must be torch.var's (CPU), not merely close (nor -0 for +0).
     g = torch.Generator().manual_seed(k)
     n = 2000
     base = torch.randn(n, generator=g)
@@ -195,4 +242,4 @@ def test_kernel_variance_bits_equal_torch_var(k):
     out = torch.empty(n, device=DEVICE)
     _variance_probe[(triton.cdiv(n, 512),)](out, tuple(x.to(DEVICE) for x in xs), base.to(DEVICE), n, K=k, BLOCK=512)
     expected = torch.var(torch.stack([x - base for x in xs]), dim=0, unbiased=False)
-    assert torch.equal(out.cpu(), expected)
+    assert torch.equal(out.cpu().view(torch.int32), expected.view(torch.int32))

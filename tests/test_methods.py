@@ -128,6 +128,15 @@ def test_new_methods_match_mergekit_in_memory():
         torch.testing.assert_close(ours, mergekit_merge(method, inputs, **kwargs, **params), msg=method)
 
 
+def test_ramplus_of_scalar_tensors():
+    # a 0-d parameter (a model's scalar scale) raised IndexError in the reference's per-model counts
+    one, two, three = torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0)
+    p = registry.bind(registry.get("ramplus_tl"), {"r": 0.5}, 3, 0, "test")
+    assert registry.get("ramplus_tl").fn(Inputs((one, two, three), 0, "w"), p) == 2.5  # 1 + (1 + 2) / 2: shared
+    p = registry.bind(registry.get("ramplus_tl"), {"r": 0.5}, 2, 0, "test")
+    assert registry.get("ramplus_tl").fn(Inputs((one, three), 0, "w"), p) == 3.0  # unique, no shared: scale 1
+
+
 def mergekit_lrp(tensors, base, weight, density):
     """mergekit's `lrp` (mergekit/merge_methods/lrp.py, later than the installed 0.1.5), transcribed
     with its magnitude importance: per model the argsort's k = max(1, int(density · n)) largest |δ|,

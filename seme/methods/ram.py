@@ -54,8 +54,9 @@ def ramplus_tl(inputs: Inputs, p: dict) -> torch.Tensor:
         return inputs.base.to(compute_dtype(inputs.base))
     base, deltas, counted, count = _changes(inputs, p["epsilon"])
     unique = count == 1
-    unique_counts = (counted & unique).flatten(1).sum(dim=1)
-    shared_counts = (counted & ~unique).flatten(1).sum(dim=1)  # count 0 is never counted
+    per_model = (len(deltas), -1)  # not flatten(1): a 0-d tensor's deltas have no dimension 1
+    unique_counts = (counted & unique).reshape(per_model).sum(dim=1)
+    shared_counts = (counted & ~unique).reshape(per_model).sum(dim=1)  # count 0 is never counted
     # a model without unique changes has no element to scale: its ratio is moot (mergekit: shared / epsilon)
     ratio = shared_counts / unique_counts.clamp(min=1).to(deltas.dtype)
     scale = (1 + p["r"] * ratio.clamp(min=0, max=p["alpha"])).to(deltas.dtype).view(-1, *[1] * (deltas.dim() - 1))
