@@ -2,12 +2,13 @@
 `tokenizer:`): each model's embedding and LM head rows move to the ids the output vocabulary gives
 their tokens, and rows a model lacks take a default, before the method merges them.
 
-The output vocabulary is the base model's (its tokens below its `vocab_size`), another model's
-tokenizer, or the union: the base's tokens, then every other token of the models, regular ones
-before added ones, in model order and then id order (mergekit adds regular tokens in the order of
-the tokenizers' hash maps, which varies from run to run). A token that some model lacks gets, in
-that model, the row of the only model that has it, else the base's row where the base has it,
-else the mean of the rows of the models that have it (zero where none has it); `tokenizer.tokens`
+The output vocabulary is the base model's (its tokens below its `vocab_size`; without a base model,
+the first model's), another model's tokenizer, or the union: the base's tokens, then every other
+token of the models, regular ones before added ones, in model order and then id order (mergekit
+adds regular tokens in the order of the tokenizers' hash maps, which varies from run to run). A
+token that some model lacks gets, in that model, the row of the only model that has it, else the
+base model's row where the recipe has a base model that has it, else the mean of the rows of the
+models that have it (zero where none has it); `tokenizer.tokens`
 names a token's row (zero, or a model's row) instead, for the models that lack it or, with
 `force`, for all. Those tokens are added to the output vocabulary where it lacks them. Rows past
 the vocabulary (`pad_to_multiple_of`) take the mean of the model's token rows.
@@ -33,7 +34,7 @@ class Remap:
     size: int  # output rows: the vocabulary, padded
     tokens: int  # tokens in the output vocabulary
     rows: dict[int, list[int]]  # model index -> for each output token id, that token's row in the model, or -1
-    base: int | None  # the model whose rows stand in for tokens another model lacks
+    reference: int  # the model whose config the output takes: the token ids it names move (config)
     tokenizer: object = None  # a transformers tokenizer to save (union, added tokens); None: copy the source's files
     # tokenizer.tokens: (output token id, model index or None for zeros, row in that model, force)
     overrides: list[tuple[int, int | None, int, bool]] = field(default_factory=list)
@@ -47,7 +48,7 @@ class Remap:
         `pad_token_id`, a multimodal model's `image_token_index`, ...; Chameleon's `vocabulary_map`) at the
         ids the output gives them. An id that is no token of the base stays; a token the output lacks is an error
         (vocabulary_map drops such entries but its image tokens')."""
-        moved = {row: new for new, row in enumerate(self.rows[self.base]) if row >= 0}
+        moved = {row: new for new, row in enumerate(self.rows[self.reference]) if row >= 0}
 
         def token(key, value):
             if isinstance(value, list):
@@ -86,17 +87,20 @@ class Remap:
                                 f"the base model's vocabulary_map entry {name!r}")
         return out
 
-    def apply(self, models: list[int], tensors: list[torch.Tensor], columns: bool = False) -> list[torch.Tensor]:
+    def apply(self, models: list[int], tensors: list[torch.Tensor], base: int | None,
+              columns: bool = False) -> list[torch.Tensor]:
         """The tensors (rows are tokens; with `columns`, columns are) of the inputs of one task, re-mapped to the
-        output vocabulary. Besides the outputs (the merge's inputs) only the rows that take a default are held."""
+        output vocabulary; a token that several of the models have takes, in the others, the row of `base`
+        (TensorTask.remap_base) where it has the token, else their mean. Besides the outputs (the merge's inputs)
+        only the rows that take a default are held."""
         import torch
 
         if columns:  # [k, V]: re-mapped as the rows of its transpose
-            return [t.T.contiguous() for t in self.apply(models, [t.T for t in tensors])]
+            return [t.T.contiguous() for t in self.apply(models, [t.T for t in tensors], base)]
         if tensors[0].dim() == 1:  # a head's bias: a value per token, handled as rows of one
-            return [t.squeeze(1) for t in self.apply(models, [t.unsqueeze(1) for t in tensors])]
+            return [t.squeeze(1) for t in self.apply(models, [t.unsqueeze(1) for t in tensors], base)]
         if tensors[0].shape[0] == 1:  # BART's head bias, [1, V] (token rows are at least the tokens: never one)
-            return [t.reshape(1, -1) for t in self.apply(models, [t.reshape(-1) for t in tensors])]
+            return [t.reshape(1, -1) for t in self.apply(models, [t.reshape(-1) for t in tensors], base)]
         dtype = tensors[0].dtype
         for t in tensors[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
@@ -114,8 +118,8 @@ class Remap:
             for t, r, p in zip(tensors, rows, here):  # in model order, as mergekit sums them
                 default += torch.where(p.unsqueeze(-1), t[r[needed].clamp(min=0)].to(dtype), 0)
             default /= n.clamp(min=1).unsqueeze(-1).to(dtype)  # one model: its row (x / 1 is x)
-            if self.base in models:
-                b = models.index(self.base)
+            if base in models:
+                b = models.index(base)
                 base_rows = tensors[b][rows[b][needed].clamp(min=0)].to(dtype)
                 default = torch.where((here[b] & (n > 1)).unsqueeze(-1), base_rows, default)
             position = {token: i for i, token in enumerate(needed.tolist())}

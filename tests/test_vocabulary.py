@@ -180,6 +180,41 @@ def test_union_of_added_tokens_matches_mergekit(llama_family, tmp_path):
     assert model(ids).logits.shape[-1] == 104
 
 
+def merged_as_mergekit_by_token(recipe: dict, tmp_path) -> tuple[dict, dict]:
+    """The recipe merged by seme and by mergekit, equal token by token (mergekit's union numbers its regular tokens
+    in hash order); seme's tensors and vocabulary."""
+    from transformers import AutoTokenizer
+
+    run_mergekit(recipe, str(tmp_path / "mergekit"))
+    seme.merge(recipe, str(tmp_path / "seme"), progress=False)
+    ours_vocab = AutoTokenizer.from_pretrained(tmp_path / "seme").get_vocab()
+    theirs_vocab = AutoTokenizer.from_pretrained(tmp_path / "mergekit").get_vocab()
+    assert ours_vocab.keys() == theirs_vocab.keys()
+    by_token = [theirs_vocab[t] for t, _ in sorted(ours_vocab.items(), key=lambda item: item[1])]
+    ours, theirs = load_folder(tmp_path / "seme"), load_folder(tmp_path / "mergekit")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        expected = theirs[name]
+        if name in VOCAB_TENSORS:
+            assert ours[name].shape == expected.shape, name
+            expected = torch.cat([expected[by_token], expected[len(by_token):]])  # the padding rows stay
+        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    return ours, ours_vocab
+
+
+def test_without_a_base_model_a_token_some_models_lack_takes_their_mean(llama_family, tmp_path):
+    # <x1> is in a and b, not in expert2: with no base model to take it from, expert2's row is the mean of a's and
+    # b's, as in mergekit (it was the first model's, taken for a base)
+    a = with_added_tokens(llama_family["expert0"], tmp_path / "a", ["<x0>", "<x1>"], seed=1)
+    b = with_added_tokens(llama_family["expert1"], tmp_path / "b", ["<x1>", "<x2>"], seed=2)
+    recipe = {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "union",
+              "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (a, b, llama_family["expert2"])]}
+    merged, vocab = merged_as_mergekit_by_token(recipe, tmp_path)
+    rows_a, rows_b = load_folder(a), load_folder(b)
+    for name in VOCAB_TENSORS:  # equal weights: the mean of a's row (<x1> is a's 97th), b's (its 96th) and theirs
+        torch.testing.assert_close(merged[name][vocab["<x1>"]], (rows_a[name][97] + rows_b[name][96]) / 2)
+
+
 def test_a_head_bias_follows_its_tokens_as_in_mergekit(tmp_path):
     # phi's LM head has a bias: a value per token, re-mapped with the head's rows
     from safetensors.torch import load_file, save_file
