@@ -195,7 +195,8 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
          tokenizer: ModelFolder, token_sources: dict | None = None) -> Remap | None:
     """The re-mapping for `source` ("base", "union" or a model, whose folder is `tokenizer`) and
     `token_sources` (Recipe.token_sources), or None where every model already has the output
-    vocabulary's tokens at its ids and as many rows, and no row is forced."""
+    vocabulary's tokens at its ids and no other rows (rows past the vocabulary take the mean: a model's
+    own there, its padding, do not stay), and no row is forced."""
     token_sources = token_sources or {}
     for m in dict.fromkeys([*models, tokenizer]):
         if _two_vocabularies(m):
@@ -250,7 +251,7 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
             raise SemeError(f"{where}: {models[m].name} has no such token")
         overrides.append((out[token], m, row, force))
     identity = list(range(tokens))
-    if not any(force for *_, force in overrides) and \
+    if not any(force for *_, force in overrides) and size == tokens and \
             all(r == identity and vocab_size(models[i]) == size for i, r in rows.items()):
         return None
     return Remap(size, tokens, rows, base, built, overrides, {i: tok for tok, i in vocabs[base].items()})

@@ -215,6 +215,36 @@ def test_without_a_base_model_a_token_some_models_lack_takes_their_mean(llama_fa
         torch.testing.assert_close(merged[name][vocab["<x1>"]], (rows_a[name][97] + rows_b[name][96]) / 2)
 
 
+def padded(src, dst, rows: int, seed: int):
+    """The model with random embedding and LM head rows past its tokenizer's tokens, up to `rows` (its vocab_size)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = os.path.join(dst, "model.safetensors")
+    state = load_file(weights)
+    g = torch.Generator().manual_seed(seed)
+    for name in VOCAB_TENSORS:
+        extra = torch.randn((rows - state[name].shape[0], state[name].shape[1]), generator=g)
+        state[name] = torch.cat([state[name], extra])
+    save_file(state, weights, metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
+    return str(dst)
+
+
+def test_padding_rows_take_the_mean_where_the_models_are_padded_alike(llama_family, tmp_path):
+    # 96 tokens in 128 rows, padded to a multiple of 64: the vocabularies agree, but the rows past them are each
+    # model's own padding, which take the mean of its token rows as in mergekit (they were merged as they were)
+    a = padded(llama_family["expert0"], tmp_path / "a", 128, seed=1)
+    b = padded(llama_family["expert1"], tmp_path / "b", 128, seed=2)
+    recipe = {"merge_method": "linear", "dtype": "float32", "tokenizer": {"source": "base", "pad_to_multiple_of": 64},
+              "base_model": a, "models": [{"model": m, "parameters": {"weight": 0.5}} for m in (a, b)]}
+    merged, _ = merged_as_mergekit_by_token(recipe, tmp_path)
+    for name in VOCAB_TENSORS:
+        assert merged[name].shape == (128, 32)
+        torch.testing.assert_close(merged[name][96:], merged[name][:96].mean(0).expand(32, -1))
+
+
 def test_a_head_bias_follows_its_tokens_as_in_mergekit(tmp_path):
     # phi's LM head has a bias: a value per token, re-mapped with the head's rows
     from safetensors.torch import load_file, save_file
