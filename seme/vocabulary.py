@@ -166,14 +166,6 @@ def vocab_size(model: ModelFolder) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _vocabulary(model: ModelFolder) -> dict[str, int]:
-    vocab = model.vocabulary()
-    if vocab is None:
-        raise SemeError(f"config: tokenizer_source: {model.name} has no tokenizer.json or vocab.json to read "
-                        f"its vocabulary from")
-    return vocab
-
-
 def _two_vocabularies(model: ModelFolder) -> bool:
     """Whether the model's encoder and decoder index two vocabularies (Marian's separate source and
     target vocabularies; FSMT's src_vocab_size and tgt_vocab_size, a dictionary each, whatever their sizes):
@@ -202,7 +194,16 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
         if _two_vocabularies(m):
             raise SemeError(f"config: tokenizer_source: {m.name} has two vocabularies (source and target); "
                             f"re-mapping tokens needs one vocabulary per model")
-    read = [_vocabulary(m) for m in models]
+    loaded = {}  # each model's tokenizer, loaded once
+
+    def tokenizer_of(m: ModelFolder):
+        """Its vocabulary is the one transformers gives it, and a copy of its files: tokenizer.json's tokens and
+        those its tokenizer_config.json adds (a pad token it names, its added_tokens_decoder), as in mergekit."""
+        if m not in loaded:
+            loaded[m] = _load_tokenizer(m)
+        return loaded[m]
+
+    read = [tokenizer_of(m).get_vocab() for m in models]
     vocabs = {i: _with_rows(m, vocab) for i, (m, vocab) in enumerate(zip(models, read))}
     past = len(read[base]) - len(vocabs[base])
     if source in ("base", "union") and past:
@@ -211,16 +212,16 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
                         f"whose tokenizer fits")
     built = None
     if source == "union":
-        built = _union(models, base, vocabs)
+        built = _union([tokenizer_of(m) for m in models], base, vocabs)
         out = built.get_vocab()
     elif source == "base":
         out = vocabs[base]
-    else:  # the model's whole vocabulary, as mergekit takes it; read once where it is merged too
-        out = next((read[i] for i, m in enumerate(models) if m is tokenizer), None) or _vocabulary(tokenizer)
+    else:  # the model's whole vocabulary, as mergekit takes it
+        out = tokenizer_of(tokenizer).get_vocab()
     missing = [t for t in token_sources if t not in out]
     if missing:  # mergekit adds them to the output tokenizer
         if built is None:
-            built = _load_tokenizer(models[base] if source == "base" else tokenizer)
+            built = tokenizer_of(models[base] if source == "base" else tokenizer)
         for t in missing:
             built.add_tokens(t)
         out = built.get_vocab()
@@ -258,6 +259,8 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
 
 
 def _load_tokenizer(model: ModelFolder):
+    if not model.tokenizer_files():  # transformers' error names the classes it tried, not the missing files
+        raise SemeError(f"config: tokenizer_source: {model.name} has no tokenizer files to read its vocabulary from")
     import transformers
     from transformers.utils import logging
 
@@ -269,12 +272,13 @@ def _load_tokenizer(model: ModelFolder):
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def _union(models: list[ModelFolder], base: int, vocabs: dict[int, dict[str, int]]):
-    """The base's tokenizer with every other model's tokens added (transformers builds the files)."""
-    loaded = {i: _load_tokenizer(models[i]) for i in [base] + [i for i in range(len(models)) if i != base]}
-    union = loaded[base]
+def _union(tokenizers: list, base: int, vocabs: dict[int, dict[str, int]]):
+    """The base's tokenizer (`tokenizers[base]`, extended in place) with every other model's tokens added
+    (transformers builds the files)."""
+    union = tokenizers[base]
     regular, added = {}, {}  # first seen first; a token added in any model is added, as in mergekit
-    for i, tok in loaded.items():
+    for i in [base] + [i for i in range(len(tokenizers)) if i != base]:
+        tok = tokenizers[i]
         added_here = {t.content: t for t_id, t in tok.added_tokens_decoder.items() if vocabs[i].get(t.content) == t_id}
         for t, _ in sorted(vocabs[i].items(), key=lambda item: item[1]):
             if t in added_here:

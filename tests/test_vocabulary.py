@@ -245,6 +245,26 @@ def test_padding_rows_take_the_mean_where_the_models_are_padded_alike(llama_fami
         torch.testing.assert_close(merged[name][96:], merged[name][:96].mean(0).expand(32, -1))
 
 
+def test_tokens_the_tokenizer_config_adds_are_in_the_vocabulary(llama_family, tmp_path):
+    # a tokenizer_config.json naming a pad token that tokenizer.json lacks: transformers adds it (id 96), here a
+    # token of the model's 97th row. Its tokenizer as the output's keeps that row, as in mergekit (tokenizer.json
+    # alone was read: the output had 96 rows, and a tokenizer whose pad token was out of range)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    padded_model = tmp_path / "pad"
+    padded(llama_family["expert1"], padded_model, 97, seed=3)
+    settings = json.loads((padded_model / "tokenizer_config.json").read_text())
+    (padded_model / "tokenizer_config.json").write_text(json.dumps({**settings, "pad_token": "<|pad|>"}))
+    recipe = {"merge_method": "linear", "dtype": "float32", "base_model": llama_family["base"],
+              "tokenizer_source": str(padded_model),
+              "models": [{"model": m, "parameters": {"weight": 0.5}} for m in (llama_family["base"], str(padded_model))]}
+    merged, vocab = merged_as_mergekit_by_token(recipe, tmp_path)
+    assert vocab["<|pad|>"] == 96 and merged["model.embed_tokens.weight"].shape == (97, 32)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "seme")
+    ids = tokenizer("w1 w2", padding="max_length", max_length=4, return_tensors="pt").input_ids
+    assert ids[0, -1] == 96 and AutoModelForCausalLM.from_pretrained(tmp_path / "seme")(ids).logits.shape[-1] == 97
+
+
 def test_a_head_bias_follows_its_tokens_as_in_mergekit(tmp_path):
     # phi's LM head has a bias: a value per token, re-mapped with the head's rows
     from safetensors.torch import load_file, save_file
@@ -352,6 +372,21 @@ def test_max_memory_counts_the_remapped_rows(llama_family, tmp_path):
     with pytest.raises(SemeError, match=r"--max-memory 100\.0 kB .*adapted or re-mapped copies.*: 110\.6 kB"):
         seme.merge(remapped, str(tmp_path / "remapped"), progress=False, max_memory=100_000)
     seme.merge(remapped, str(tmp_path / "remapped"), progress=False, max_memory=110_592)
+
+
+def test_a_model_without_tokenizer_files_is_refused_in_one_line(llama_family, tmp_path, capsys):
+    import yaml
+
+    from seme.merge import main
+
+    bare = tmp_path / "bare"
+    shutil.copytree(llama_family["expert0"], bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(ties([str(bare)], llama_family["base"], tokenizer_source="union")))
+    assert main([str(recipe), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["seme: error: config: tokenizer_source: bare has no tokenizer files to read its vocabulary from"]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("source", ["base", "union"])
