@@ -109,7 +109,8 @@ class TorchEngine:
         if task.derived:
             sources = [self.semantic.load(d, task.name) if d else t for d, t in zip(task.derived, sources)]
         if task.remap_rows:
-            sources = plan.vocabulary.apply([m for m, _ in task.inputs], sources, columns=task.token_columns)
+            sources = plan.vocabulary.apply([m for m, _ in task.inputs], sources, task.remap_base,
+                                            columns=task.token_columns)
         compute = getattr(torch, task.compute_dtype) if task.compute_dtype else None
         on_device = []
         for t in sources:

@@ -34,6 +34,9 @@ class TensorTask:
     compute_dtype: str | None  # torch dtype name the inputs are cast to before merging, or None
     copy: bool = False  # non-float tensor: copied from the first input, not merged
     remap_rows: bool = False  # rows are tokens: move them to the output vocabulary first (Plan.vocabulary)
+    # with remap_rows: the model (index) whose row a token takes in the models that lack it, where several others
+    # have it: the slice's base model, as in mergekit; None (no base model): the mean of theirs
+    remap_base: int | None = None
     token_columns: bool = False  # with remap_rows: its columns are the tokens, not its rows ([k, V])
     derived: tuple | None = None  # SeMe: per input, how it is built (seme.semantic.pipeline.Derived) or None
 
@@ -779,6 +782,7 @@ class _Builder:
         code = TORCH_NAMES[dtype_out] if dtype_out else _promote_codes([i.dtype for i in infos])
         shape = (*lead.shape[:axis], self.remap.size, *lead.shape[axis + 1:]) if remapped else lead.shape
         self.tasks.append(TensorTask(out_name, shape, code, inputs, base_index, params, compute, remap_rows=remapped,
+                                     remap_base=self.index[base] if remapped and base else None,
                                      token_columns=remapped and columns))
 
 

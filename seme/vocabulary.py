@@ -2,12 +2,13 @@
 `tokenizer:`): each model's embedding and LM head rows move to the ids the output vocabulary gives
 their tokens, and rows a model lacks take a default, before the method merges them.
 
-The output vocabulary is the base model's (its tokens below its `vocab_size`), another model's
-tokenizer, or the union: the base's tokens, then every other token of the models, regular ones
-before added ones, in model order and then id order (mergekit adds regular tokens in the order of
-the tokenizers' hash maps, which varies from run to run). A token that some model lacks gets, in
-that model, the row of the only model that has it, else the base's row where the base has it,
-else the mean of the rows of the models that have it (zero where none has it); `tokenizer.tokens`
+The output vocabulary is the base model's (its tokens below its `vocab_size`; without a base model,
+the first model's), another model's tokenizer, or the union: the base's tokens, then every other
+token of the models, regular ones before added ones, in model order and then id order (mergekit
+adds regular tokens in the order of the tokenizers' hash maps, which varies from run to run). A
+token that some model lacks gets, in that model, the row of the only model that has it, else the
+base model's row where the recipe has a base model that has it, else the mean of the rows of the
+models that have it (zero where none has it); `tokenizer.tokens`
 names a token's row (zero, or a model's row) instead, for the models that lack it or, with
 `force`, for all. Those tokens are added to the output vocabulary where it lacks them. Rows past
 the vocabulary (`pad_to_multiple_of`) take the mean of the model's token rows.
@@ -33,7 +34,7 @@ class Remap:
     size: int  # output rows: the vocabulary, padded
     tokens: int  # tokens in the output vocabulary
     rows: dict[int, list[int]]  # model index -> for each output token id, that token's row in the model, or -1
-    base: int | None  # the model whose rows stand in for tokens another model lacks
+    reference: int  # the model whose config the output takes: the token ids it names move (config)
     tokenizer: object = None  # a transformers tokenizer to save (union, added tokens); None: copy the source's files
     # tokenizer.tokens: (output token id, model index or None for zeros, row in that model, force)
     overrides: list[tuple[int, int | None, int, bool]] = field(default_factory=list)
@@ -47,7 +48,7 @@ class Remap:
         `pad_token_id`, a multimodal model's `image_token_index`, ...; Chameleon's `vocabulary_map`) at the
         ids the output gives them. An id that is no token of the base stays; a token the output lacks is an error
         (vocabulary_map drops such entries but its image tokens')."""
-        moved = {row: new for new, row in enumerate(self.rows[self.base]) if row >= 0}
+        moved = {row: new for new, row in enumerate(self.rows[self.reference]) if row >= 0}
 
         def token(key, value):
             if isinstance(value, list):
@@ -86,17 +87,20 @@ class Remap:
                                 f"the base model's vocabulary_map entry {name!r}")
         return out
 
-    def apply(self, models: list[int], tensors: list[torch.Tensor], columns: bool = False) -> list[torch.Tensor]:
+    def apply(self, models: list[int], tensors: list[torch.Tensor], base: int | None,
+              columns: bool = False) -> list[torch.Tensor]:
         """The tensors (rows are tokens; with `columns`, columns are) of the inputs of one task, re-mapped to the
-        output vocabulary. Besides the outputs (the merge's inputs) only the rows that take a default are held."""
+        output vocabulary; a token that several of the models have takes, in the others, the row of `base`
+        (TensorTask.remap_base) where it has the token, else their mean. Besides the outputs (the merge's inputs)
+        only the rows that take a default are held."""
         import torch
 
         if columns:  # [k, V]: re-mapped as the rows of its transpose
-            return [t.T.contiguous() for t in self.apply(models, [t.T for t in tensors])]
+            return [t.T.contiguous() for t in self.apply(models, [t.T for t in tensors], base)]
         if tensors[0].dim() == 1:  # a head's bias: a value per token, handled as rows of one
-            return [t.squeeze(1) for t in self.apply(models, [t.unsqueeze(1) for t in tensors])]
+            return [t.squeeze(1) for t in self.apply(models, [t.unsqueeze(1) for t in tensors], base)]
         if tensors[0].shape[0] == 1:  # BART's head bias, [1, V] (token rows are at least the tokens: never one)
-            return [t.reshape(1, -1) for t in self.apply(models, [t.reshape(-1) for t in tensors])]
+            return [t.reshape(1, -1) for t in self.apply(models, [t.reshape(-1) for t in tensors], base)]
         dtype = tensors[0].dtype
         for t in tensors[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
@@ -114,8 +118,8 @@ class Remap:
             for t, r, p in zip(tensors, rows, here):  # in model order, as mergekit sums them
                 default += torch.where(p.unsqueeze(-1), t[r[needed].clamp(min=0)].to(dtype), 0)
             default /= n.clamp(min=1).unsqueeze(-1).to(dtype)  # one model: its row (x / 1 is x)
-            if self.base in models:
-                b = models.index(self.base)
+            if base in models:
+                b = models.index(base)
                 base_rows = tensors[b][rows[b][needed].clamp(min=0)].to(dtype)
                 default = torch.where((here[b] & (n > 1)).unsqueeze(-1), base_rows, default)
             position = {token: i for i, token in enumerate(needed.tolist())}
@@ -162,14 +166,6 @@ def vocab_size(model: ModelFolder) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _vocabulary(model: ModelFolder) -> dict[str, int]:
-    vocab = model.vocabulary()
-    if vocab is None:
-        raise SemeError(f"config: tokenizer_source: {model.name} has no tokenizer.json or vocab.json to read "
-                        f"its vocabulary from")
-    return vocab
-
-
 def _two_vocabularies(model: ModelFolder) -> bool:
     """Whether the model's encoder and decoder index two vocabularies (Marian's separate source and
     target vocabularies; FSMT's src_vocab_size and tgt_vocab_size, a dictionary each, whatever their sizes):
@@ -191,13 +187,23 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
          tokenizer: ModelFolder, token_sources: dict | None = None) -> Remap | None:
     """The re-mapping for `source` ("base", "union" or a model, whose folder is `tokenizer`) and
     `token_sources` (Recipe.token_sources), or None where every model already has the output
-    vocabulary's tokens at its ids and as many rows, and no row is forced."""
+    vocabulary's tokens at its ids and no other rows (rows past the vocabulary take the mean: a model's
+    own there, its padding, do not stay), and no row is forced."""
     token_sources = token_sources or {}
     for m in dict.fromkeys([*models, tokenizer]):
         if _two_vocabularies(m):
             raise SemeError(f"config: tokenizer_source: {m.name} has two vocabularies (source and target); "
                             f"re-mapping tokens needs one vocabulary per model")
-    read = [_vocabulary(m) for m in models]
+    loaded = {}  # each model's tokenizer, loaded once
+
+    def tokenizer_of(m: ModelFolder):
+        """Its vocabulary is the one transformers gives it, and a copy of its files: tokenizer.json's tokens and
+        those its tokenizer_config.json adds (a pad token it names, its added_tokens_decoder), as in mergekit."""
+        if m not in loaded:
+            loaded[m] = _load_tokenizer(m)
+        return loaded[m]
+
+    read = [tokenizer_of(m).get_vocab() for m in models]
     vocabs = {i: _with_rows(m, vocab) for i, (m, vocab) in enumerate(zip(models, read))}
     past = len(read[base]) - len(vocabs[base])
     if source in ("base", "union") and past:
@@ -206,16 +212,16 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
                         f"whose tokenizer fits")
     built = None
     if source == "union":
-        built = _union(models, base, vocabs)
+        built = _union([tokenizer_of(m) for m in models], base, vocabs)
         out = built.get_vocab()
     elif source == "base":
         out = vocabs[base]
-    else:  # the model's whole vocabulary, as mergekit takes it; read once where it is merged too
-        out = next((read[i] for i, m in enumerate(models) if m is tokenizer), None) or _vocabulary(tokenizer)
+    else:  # the model's whole vocabulary, as mergekit takes it
+        out = tokenizer_of(tokenizer).get_vocab()
     missing = [t for t in token_sources if t not in out]
     if missing:  # mergekit adds them to the output tokenizer
         if built is None:
-            built = _load_tokenizer(models[base] if source == "base" else tokenizer)
+            built = tokenizer_of(models[base] if source == "base" else tokenizer)
         for t in missing:
             built.add_tokens(t)
         out = built.get_vocab()
@@ -246,13 +252,15 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
             raise SemeError(f"{where}: {models[m].name} has no such token")
         overrides.append((out[token], m, row, force))
     identity = list(range(tokens))
-    if not any(force for *_, force in overrides) and \
+    if not any(force for *_, force in overrides) and size == tokens and \
             all(r == identity and vocab_size(models[i]) == size for i, r in rows.items()):
         return None
     return Remap(size, tokens, rows, base, built, overrides, {i: tok for tok, i in vocabs[base].items()})
 
 
 def _load_tokenizer(model: ModelFolder):
+    if not model.tokenizer_files():  # transformers' error names the classes it tried, not the missing files
+        raise SemeError(f"config: tokenizer_source: {model.name} has no tokenizer files to read its vocabulary from")
     import transformers
     from transformers.utils import logging
 
@@ -264,12 +272,13 @@ def _load_tokenizer(model: ModelFolder):
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def _union(models: list[ModelFolder], base: int, vocabs: dict[int, dict[str, int]]):
-    """The base's tokenizer with every other model's tokens added (transformers builds the files)."""
-    loaded = {i: _load_tokenizer(models[i]) for i in [base] + [i for i in range(len(models)) if i != base]}
-    union = loaded[base]
+def _union(tokenizers: list, base: int, vocabs: dict[int, dict[str, int]]):
+    """The base's tokenizer (`tokenizers[base]`, extended in place) with every other model's tokens added
+    (transformers builds the files)."""
+    union = tokenizers[base]
     regular, added = {}, {}  # first seen first; a token added in any model is added, as in mergekit
-    for i, tok in loaded.items():
+    for i in [base] + [i for i in range(len(tokenizers)) if i != base]:
+        tok = tokenizers[i]
         added_here = {t.content: t for t_id, t in tok.added_tokens_decoder.items() if vocabs[i].get(t.content) == t_id}
         for t, _ in sorted(vocabs[i].items(), key=lambda item: item[1]):
             if t in added_here:

@@ -856,7 +856,7 @@ def test_an_output_vocabulary_sizes_internvl_chats_llm_config():
 
     from seme.vocabulary import Remap, vocab_size
 
-    remap = Remap(size=130, tokens=130, rows={0: [*range(3, 128), 0, 1, 2, -1, -1]}, base=0,
+    remap = Remap(size=130, tokens=130, rows={0: [*range(3, 128), 0, 1, 2, -1, -1]}, reference=0,
                   base_tokens={i: f"w{i}" for i in range(128)})
     config = {"architectures": ["InternVLChatModel"], "llm_config": {"vocab_size": 128, "bos_token_id": 1},
               "vision_config": {"num_hidden_layers": 2}}

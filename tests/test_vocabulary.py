@@ -180,6 +180,91 @@ def test_union_of_added_tokens_matches_mergekit(llama_family, tmp_path):
     assert model(ids).logits.shape[-1] == 104
 
 
+def merged_as_mergekit_by_token(recipe: dict, tmp_path) -> tuple[dict, dict]:
+    """The recipe merged by seme and by mergekit, equal token by token (mergekit's union numbers its regular tokens
+    in hash order); seme's tensors and vocabulary."""
+    from transformers import AutoTokenizer
+
+    run_mergekit(recipe, str(tmp_path / "mergekit"))
+    seme.merge(recipe, str(tmp_path / "seme"), progress=False)
+    ours_vocab = AutoTokenizer.from_pretrained(tmp_path / "seme").get_vocab()
+    theirs_vocab = AutoTokenizer.from_pretrained(tmp_path / "mergekit").get_vocab()
+    assert ours_vocab.keys() == theirs_vocab.keys()
+    by_token = [theirs_vocab[t] for t, _ in sorted(ours_vocab.items(), key=lambda item: item[1])]
+    ours, theirs = load_folder(tmp_path / "seme"), load_folder(tmp_path / "mergekit")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        expected = theirs[name]
+        if name in VOCAB_TENSORS:
+            assert ours[name].shape == expected.shape, name
+            expected = torch.cat([expected[by_token], expected[len(by_token):]])  # the padding rows stay
+        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    return ours, ours_vocab
+
+
+def test_without_a_base_model_a_token_some_models_lack_takes_their_mean(llama_family, tmp_path):
+    # <x1> is in a and b, not in expert2: with no base model to take it from, expert2's row is the mean of a's and
+    # b's, as in mergekit (it was the first model's, taken for a base)
+    a = with_added_tokens(llama_family["expert0"], tmp_path / "a", ["<x0>", "<x1>"], seed=1)
+    b = with_added_tokens(llama_family["expert1"], tmp_path / "b", ["<x1>", "<x2>"], seed=2)
+    recipe = {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "union",
+              "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (a, b, llama_family["expert2"])]}
+    merged, vocab = merged_as_mergekit_by_token(recipe, tmp_path)
+    rows_a, rows_b = load_folder(a), load_folder(b)
+    for name in VOCAB_TENSORS:  # equal weights: the mean of a's row (<x1> is a's 97th), b's (its 96th) and theirs
+        torch.testing.assert_close(merged[name][vocab["<x1>"]], (rows_a[name][97] + rows_b[name][96]) / 2)
+
+
+def padded(src, dst, rows: int, seed: int):
+    """The model with random embedding and LM head rows past its tokenizer's tokens, up to `rows` (its vocab_size)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = os.path.join(dst, "model.safetensors")
+    state = load_file(weights)
+    g = torch.Generator().manual_seed(seed)
+    for name in VOCAB_TENSORS:
+        extra = torch.randn((rows - state[name].shape[0], state[name].shape[1]), generator=g)
+        state[name] = torch.cat([state[name], extra])
+    save_file(state, weights, metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
+    return str(dst)
+
+
+def test_padding_rows_take_the_mean_where_the_models_are_padded_alike(llama_family, tmp_path):
+    # 96 tokens in 128 rows, padded to a multiple of 64: the vocabularies agree, but the rows past them are each
+    # model's own padding, which take the mean of its token rows as in mergekit (they were merged as they were)
+    a = padded(llama_family["expert0"], tmp_path / "a", 128, seed=1)
+    b = padded(llama_family["expert1"], tmp_path / "b", 128, seed=2)
+    recipe = {"merge_method": "linear", "dtype": "float32", "tokenizer": {"source": "base", "pad_to_multiple_of": 64},
+              "base_model": a, "models": [{"model": m, "parameters": {"weight": 0.5}} for m in (a, b)]}
+    merged, _ = merged_as_mergekit_by_token(recipe, tmp_path)
+    for name in VOCAB_TENSORS:
+        assert merged[name].shape == (128, 32)
+        torch.testing.assert_close(merged[name][96:], merged[name][:96].mean(0).expand(32, -1))
+
+
+def test_tokens_the_tokenizer_config_adds_are_in_the_vocabulary(llama_family, tmp_path):
+    # a tokenizer_config.json naming a pad token that tokenizer.json lacks: transformers adds it (id 96), here a
+    # token of the model's 97th row. Its tokenizer as the output's keeps that row, as in mergekit (tokenizer.json
+    # alone was read: the output had 96 rows, and a tokenizer whose pad token was out of range)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    padded_model = tmp_path / "pad"
+    padded(llama_family["expert1"], padded_model, 97, seed=3)
+    settings = json.loads((padded_model / "tokenizer_config.json").read_text())
+    (padded_model / "tokenizer_config.json").write_text(json.dumps({**settings, "pad_token": "<|pad|>"}))
+    recipe = {"merge_method": "linear", "dtype": "float32", "base_model": llama_family["base"],
+              "tokenizer_source": str(padded_model),
+              "models": [{"model": m, "parameters": {"weight": 0.5}} for m in (llama_family["base"], str(padded_model))]}
+    merged, vocab = merged_as_mergekit_by_token(recipe, tmp_path)
+    assert vocab["<|pad|>"] == 96 and merged["model.embed_tokens.weight"].shape == (97, 32)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "seme")
+    ids = tokenizer("w1 w2", padding="max_length", max_length=4, return_tensors="pt").input_ids
+    assert ids[0, -1] == 96 and AutoModelForCausalLM.from_pretrained(tmp_path / "seme")(ids).logits.shape[-1] == 97
+
+
 def test_a_head_bias_follows_its_tokens_as_in_mergekit(tmp_path):
     # phi's LM head has a bias: a value per token, re-mapped with the head's rows
     from safetensors.torch import load_file, save_file
@@ -287,6 +372,21 @@ def test_max_memory_counts_the_remapped_rows(llama_family, tmp_path):
     with pytest.raises(SemeError, match=r"--max-memory 100\.0 kB .*adapted or re-mapped copies.*: 110\.6 kB"):
         seme.merge(remapped, str(tmp_path / "remapped"), progress=False, max_memory=100_000)
     seme.merge(remapped, str(tmp_path / "remapped"), progress=False, max_memory=110_592)
+
+
+def test_a_model_without_tokenizer_files_is_refused_in_one_line(llama_family, tmp_path, capsys):
+    import yaml
+
+    from seme.merge import main
+
+    bare = tmp_path / "bare"
+    shutil.copytree(llama_family["expert0"], bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(ties([str(bare)], llama_family["base"], tokenizer_source="union")))
+    assert main([str(recipe), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["seme: error: config: tokenizer_source: bare has no tokenizer files to read its vocabulary from"]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("source", ["base", "union"])
