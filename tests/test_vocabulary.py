@@ -408,7 +408,10 @@ def test_a_base_tokenizer_past_its_vocab_size_is_refused(llama_family, tmp_path,
 
 
 @pytest.mark.parametrize("token_id", ["5", 0.5, -1, None])
-def test_a_vocabulary_whose_ids_are_no_row_numbers_is_refused(llama_family, tmp_path, capsys, token_id):
+@pytest.mark.parametrize("reader", ["tokenizer_source", "seme"])
+def test_a_vocabulary_whose_ids_are_no_row_numbers_is_refused(llama_family, tmp_path, capsys, token_id, reader):
+    # tokenizer_source reads vocabularies as transformers loads them (its tokenizers library refuses the
+    # file); SeMe's vocabulary map reads tokenizer.json itself
     import yaml
 
     from seme.merge import main
@@ -419,8 +422,15 @@ def test_a_vocabulary_whose_ids_are_no_row_numbers_is_refused(llama_family, tmp_
     data["model"]["vocab"]["w7"] = token_id
     (other / "tokenizer.json").write_text(json.dumps(data))
     recipe = tmp_path / "r.yml"
-    recipe.write_text(yaml.safe_dump(ties([str(other)], llama_family["base"], tokenizer_source="union")))
+    if reader == "seme":
+        recipe.write_text(yaml.safe_dump({"merge_method": "seme", "base_model": llama_family["base"],
+                                          "models": [{"model": str(other)}], "dtype": "float32"}))
+    else:
+        recipe.write_text(yaml.safe_dump(ties([str(other)], llama_family["base"], tokenizer_source="union")))
     assert main([str(recipe), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"seme: error: {other}/tokenizer.json: cannot read the vocabulary: a token id is {token_id!r}, "
-                   f"not a row number"]
+    assert len(err) == 1 and not (tmp_path / "out").exists()
+    assert err[0].startswith("seme: error: config: tokenizer: cannot load the tokenizer of other: ") \
+        if reader == "tokenizer_source" else \
+        err == [f"seme: error: {other}/tokenizer.json: cannot read the vocabulary: a token id is {token_id!r}, "
+                f"not a row number"]
