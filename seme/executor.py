@@ -17,12 +17,17 @@ import sys
 import threading
 import time
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 from seme import distributed, fused_merge
 from seme.engine import make_engine, reference_bytes, remapped_bytes
 from seme.errors import SemeError
 from seme.io.card import write_metadata
 from seme.io.model import CHAT_TEMPLATES, is_tokenizer_file
-from seme.io.writer import ShardWriter
+from seme.io.writer import ShardWriter, clear
 from seme.options import format_size
 from seme.plan import Plan
 
@@ -98,51 +103,66 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
     if device.startswith("cuda") and group.world > 1:
         device = f"cuda:{group.local_rank}"
     out_dir = os.path.abspath(out_dir)
+    if os.path.islink(out_dir):  # the folder it names is replaced (renaming onto the link fails), and the link stays
+        out_dir = os.path.realpath(out_dir)
     staging = f"{out_dir}.seme-partial"
-    error = None
+    error, lock = None, None
     if group.rank == 0:
         try:
-            _prepare_staging(plan, out_dir, staging, overwrite, resume)
+            lock = _prepare_staging(plan, out_dir, staging, overwrite, resume)
         except SemeError as e:
             error = str(e)
-    if group.world > 1:
-        error = group.broadcast(error)
-    if error:
-        raise SemeError(error)
-    error, stats = None, None
     try:
-        stats = _execute(plan, staging, device, backend, shard_size, resume, allow_nonfinite,
-                         progress and group.rank == 0, _plan_id(plan, shard_size, version), group, max_memory,
-                         max_memory - largest, direct_io)
-    except OSError as e:
-        error = (f"{e.strerror or e} ({e.filename or staging}); the partial merge is kept in {staging}: "
-                 f"fix the cause and rerun with --resume")
-    except SemeError as e:
-        error = str(e)
-    if group.world > 1:
-        error = group.all_ok(error)
-    if error:
-        raise SemeError(error)
-    if group.rank == 0:
+        if group.world > 1:
+            error = group.broadcast(error)
+        if error:
+            raise SemeError(error)
+        error, stats = None, None
         try:
-            _publish(plan, stats, staging, out_dir, version, tokenizer, card)
+            stats = _execute(plan, staging, device, backend, shard_size, resume, allow_nonfinite,
+                             progress and group.rank == 0, _plan_id(plan, shard_size, version, device, backend), group,
+                             max_memory, max_memory - largest, direct_io)
         except OSError as e:
-            raise SemeError(f"{e.strerror or e} ({e.filename or staging}) while finishing the merge; the "
-                            f"partial merge is kept in {staging}: fix the cause and rerun with --resume") from None
+            error = (f"{e.strerror or e} ({e.filename or staging}); the partial merge is kept in {staging}: "
+                     f"fix the cause and rerun with --resume")
+        except SemeError as e:
+            error = str(e)
+        if group.world > 1:
+            error = group.all_ok(error)
+        if error:
+            raise SemeError(error)
+        if group.rank == 0:
+            try:
+                _publish(plan, stats, staging, out_dir, version, tokenizer, card)
+            except OSError as e:
+                raise SemeError(f"{e.strerror or e} ({e.filename or staging}) while finishing the merge; the "
+                                f"partial merge is kept in {staging}: fix the cause and rerun with --resume") from None
+    finally:
+        if lock is not None:
+            os.close(lock)
     if group.world > 1:
         group.barrier()  # every rank returns once the output is published
     return {k: v for k, v in stats.items() if k not in ("writer", "semantic")}
 
 
 def _publish(plan: Plan, stats: dict, staging: str, out_dir: str, version: str, tokenizer: bool, card: bool) -> None:
-    """Index, report and metadata into the staging folder, then the rename that makes it the output."""
-    stats["writer"].write_index()
+    """Index, report and metadata into the staging folder, then the renames that make it the output."""
+    writer = stats["writer"]
+    writer.remove_others()
+    writer.write_index()
     if plan.semantic:
         stats["semantic"].write_report(staging)
     write_metadata(staging, plan, version, os.path.basename(out_dir), tokenizer, card)
+    writer.remove_manifests()  # last: a merge stopped before this point resumes with its shards kept
+    # The output being replaced is moved aside whole, not deleted in place: a merge killed while
+    # deleting it left OUT with its index and config but not all of its shards.
+    replaced = f"{out_dir}.seme-replaced"
+    if os.path.lexists(replaced):  # from a merge killed between the two renames
+        shutil.rmtree(replaced)
     if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
+        os.rename(out_dir, replaced)
     os.rename(staging, out_dir)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 # What --overwrite may delete: the files of a model folder (a previous merge, any Hugging Face
@@ -157,6 +177,10 @@ def _check_output(plan: Plan, out_dir: str, overwrite: bool) -> None:
     the folder), or, with `overwrite`, holds what a model folder does not."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SemeError(f"output path {out_dir} is a file, not a folder")
+    if os.path.ismount(out_dir):  # checked now: renaming the merge into its place fails once it is done
+        raise SemeError(f"output folder {out_dir} is a mount point, which a merge cannot replace (it is built "
+                        f"beside its output and renamed into place): name a folder inside it, e.g. "
+                        f"{os.path.join(out_dir, 'merged')}")
     inputs = [m.path for m in plan.models] + [m.adapter.path for m in plan.models if m.adapter]
     inputs += [plan.tokenizer_model.path] + [p for p in [plan.recipe.path] if p]
     real_out = os.path.realpath(out_dir)
@@ -191,28 +215,64 @@ def not_empty(out_dir: str) -> SemeError:
     return SemeError(f"output folder {out_dir} exists and is not empty (use --overwrite to replace it)")
 
 
-def _prepare_staging(plan: Plan, out_dir: str, staging: str, overwrite: bool, resume: bool) -> None:
+def _prepare_staging(plan: Plan, out_dir: str, staging: str, overwrite: bool, resume: bool) -> int:
+    """Check the output, create (or, without `resume`, empty) the staging folder and lock it; the
+    lock's descriptor, to be closed once the merge is published or has failed."""
     _check_output(plan, out_dir, overwrite)
-    if os.path.exists(staging) and not (resume or overwrite):
-        raise SemeError(f"an interrupted merge into {out_dir} left {staging}: use --resume to continue it "
-                        f"or --overwrite to start over")
-    if not resume:
-        shutil.rmtree(staging, ignore_errors=True)
+    existed = os.path.isdir(staging)
     try:
         os.makedirs(staging, exist_ok=True)
     except OSError as e:
         raise SemeError(f"cannot create the output folder {out_dir}: {e.strerror or e} ({e.filename or staging})") from None
-    free = shutil.disk_usage(os.path.dirname(out_dir)).free
-    if free < plan.output_bytes * 1.01 + 10**6:
-        raise SemeError(f"not enough disk space in {os.path.dirname(out_dir)}: the merge writes "
-                        f"{format_size(plan.output_bytes)}, {format_size(free)} are free")
+    lock = _lock(staging, out_dir)
+    try:
+        if existed and not (resume or overwrite):
+            raise SemeError(f"an interrupted merge into {out_dir} left {staging}: use --resume to continue it "
+                            f"or --overwrite to start over")
+        if not resume:
+            clear(staging)
+        # what the staging folder holds is kept or rewritten in place by a resumed merge
+        free = shutil.disk_usage(os.path.dirname(out_dir)).free + _allocated(staging)
+        if free < plan.output_bytes * 1.01 + 10**6:
+            raise SemeError(f"not enough disk space in {os.path.dirname(out_dir)}: the merge writes "
+                            f"{format_size(plan.output_bytes)}, {format_size(free)} are free")
+    except BaseException:
+        os.close(lock)
+        raise
+    return lock
 
 
-def _plan_id(plan: Plan, shard_size: int, version: str) -> str:
-    """What a resumed merge must share with the interrupted one: recipe, inputs' files, layout, version."""
+def _lock(staging: str, out_dir: str) -> int:
+    """An exclusive lock on the staging folder, held by the merge writing into it: a second merge into
+    the same output (started beside it, or resuming it while it runs) is refused instead of writing
+    into its shards and publishing a mix. Unguarded where the system or filesystem has no locks."""
+    fd = os.open(staging, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SemeError(f"another merge into {out_dir} is running (it holds {staging}): wait for it to finish, "
+                        f"or stop it and rerun with --resume") from None
+    except OSError:
+        pass
+    return fd
+
+
+def _allocated(folder: str) -> int:
+    """The bytes of disk the files of `folder` take up."""
+    with os.scandir(folder) as listing:
+        return sum(e.stat(follow_symlinks=False).st_blocks * 512 for e in listing if e.is_file(follow_symlinks=False))
+
+
+def _plan_id(plan: Plan, shard_size: int, version: str, device: str, backend: str) -> str:
+    """What a resumed merge must share with the interrupted one: recipe, inputs' files, layout, version,
+    and the kind of device and the kernels (the reference backend's, or a GPU's, bytes differ in rounding
+    from the fused kernels')."""
     h = hashlib.sha256()
     files = sorted({f for m in plan.models for f in m.files()})
-    parts = [plan.recipe.text, version, str(shard_size)]
+    parts = [plan.recipe.text, version, str(shard_size), device.partition(":")[0], backend]
     parts += [f"{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files]
     parts += [f"{t.name}:{t.dtype}:{t.shape}" for t in plan.tasks]
     h.update("\n".join(parts).encode())

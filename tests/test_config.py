@@ -485,3 +485,28 @@ def test_transformers_cache_flag_names_the_hub_cache(llama_family, tmp_path, cap
     card = (out / "README.md").read_text()  # models as the recipe names them, and the hub's model tree
     assert card.startswith("---\nbase_model:\n- org/expert0\n- org/expert1\n- org/base\nlibrary_name:")
     assert "- `org/base`" in card and str(cache) not in card
+
+
+def test_an_output_path_that_is_a_link_is_merged_into_the_folder_it_names(llama_family, tmp_path, capsys):
+    # The link stays and names the output; renaming the finished merge onto the link failed after the
+    # whole merge ('Cannot call rmtree on a symbolic link', 'Not a directory' for a dangling link).
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "dangling").symlink_to(tmp_path / "elsewhere")
+    recipe = write_recipe(tmp_path, ties(llama_family))
+    for link, folder in [("link", "real"), ("dangling", "elsewhere")]:
+        assert main([recipe, str(tmp_path / link)]) == 0, capsys.readouterr().err
+        assert (tmp_path / link).is_symlink() and (tmp_path / folder / "model.safetensors").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "elsewhere", "link", "real", "recipe.yml"]
+
+
+def test_an_output_folder_that_is_a_mount_point_is_refused(llama_family, tmp_path, capsys, monkeypatch):
+    # The merge is built beside its output and renamed into place, which a mount point refuses (EBUSY):
+    # the whole merge ran first (and with --overwrite, the mount's files were deleted before the failure).
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_text("previous")
+    monkeypatch.setattr(os.path, "ismount", lambda path: os.fspath(path) == str(out))
+    status, err, _ = run_cli(tmp_path, ties(llama_family), capsys, "--overwrite")
+    assert status == 2 and len(err) == 1 and f"output folder {out} is a mount point" in err[0], err
+    assert (out / "model.safetensors").read_text() == "previous" and not os.path.exists(f"{out}.seme-partial")

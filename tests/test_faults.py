@@ -8,9 +8,11 @@ import errno
 import io
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import yaml
@@ -83,6 +85,121 @@ def test_killed_merge_resumes_to_identical_bytes(recipe_file, tmp_path, seed):
     assert not os.path.exists(f"{out}.seme-partial")
 
 
+# The child merges normally, except that its N-th os.rename or os.unlink (the renames that publish
+# the output, the deletion of the output it replaces) SIGKILLs the process.
+PUBLISH_KILLER = """
+import os, signal, sys
+target = int(sys.argv[1])
+count = [0]
+def killing(real):
+    def call(*args, **kwargs):
+        count[0] += 1
+        if count[0] == target:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return call
+os.rename, os.unlink = killing(os.rename), killing(os.unlink)
+from seme.merge import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("target", range(1, 6))
+def test_a_merge_killed_while_replacing_an_output_never_leaves_it_half_deleted(recipe_file, tmp_path, target):
+    # The output being replaced was deleted file by file before the rename: killed then, OUT kept its
+    # index and config but lost shards. It is renamed aside instead, whole.
+    reference = tmp_path / "reference" / "out"
+    assert main([recipe_file, str(reference), "--out-shard-size", "30KB"]) == 0
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    child = subprocess.run([sys.executable, "-c", PUBLISH_KILLER, str(target), recipe_file, str(out),
+                            "--out-shard-size", "30KB", "--overwrite"], capture_output=True, text=True)
+    assert child.returncode == -9, child.stderr
+    assert not out.exists() or folder_bytes(out) == folder_bytes(reference)
+    assert main([recipe_file, str(out), "--out-shard-size", "30KB", "--resume", "--overwrite"]) == 0
+    assert folder_bytes(out) == folder_bytes(reference)
+    assert not [f for f in os.listdir(tmp_path) if ".seme-" in f]  # no staging folder, no replaced output
+
+
+def test_a_merge_that_fails_while_publishing_resumes_with_its_shards(recipe_file, tmp_path, capsys, monkeypatch):
+    # The manifests of finished shards were deleted before the metadata was written: a full disk
+    # there, and --resume merged every shard again.
+    import seme.executor
+
+    reference = tmp_path / "reference" / "out"
+    assert main([recipe_file, str(reference), "--out-shard-size", "30KB"]) == 0
+    real = seme.executor.write_metadata
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(seme.executor, "write_metadata", full)
+    out = tmp_path / "out"
+    assert main([recipe_file, str(out), "--out-shard-size", "30KB"]) == 2
+    assert "rerun with --resume" in capsys.readouterr().err
+    staged = {f: os.stat(os.path.join(f"{out}.seme-partial", f)).st_mtime_ns
+              for f in os.listdir(f"{out}.seme-partial") if f.endswith(".safetensors")}
+    monkeypatch.setattr(seme.executor, "write_metadata", real)
+    assert main([recipe_file, str(out), "--out-shard-size", "30KB", "--resume"]) == 0
+    assert folder_bytes(out) == folder_bytes(reference)
+    assert len(staged) > 2 and {f: os.stat(out / f).st_mtime_ns for f in staged} == staged
+
+
+# The child merges with every shard write waiting until the file ARGV[1].go exists (ARGV[1].waiting
+# says it waits): a merge in flight, held still.
+PAUSED = """
+import os, sys, time
+real = os.pwrite
+def pwrite(*args):
+    open(sys.argv[1] + ".waiting", "w").close()
+    while not os.path.exists(sys.argv[1] + ".go"):
+        time.sleep(0.01)
+    return real(*args)
+os.pwrite = pwrite
+from seme.merge import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_second_merge_into_the_same_output_is_refused_while_one_runs(recipe_file, tmp_path, capsys):
+    # Unguarded, a second merge resuming, overwriting or starting beside a running one wrote into its
+    # shards and deleted its files; the two published a mix of both (or a half-written folder).
+    reference = tmp_path / "reference" / "out"
+    assert main([recipe_file, str(reference), "--out-shard-size", "30KB"]) == 0
+    out, flag = tmp_path / "out", str(tmp_path / "flag")
+    first = subprocess.Popen([sys.executable, "-c", PAUSED, flag, recipe_file, str(out), "--out-shard-size", "30KB"],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        while not os.path.exists(flag + ".waiting"):
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.01)
+        capsys.readouterr()
+        for flags in [[], ["--resume"], ["--overwrite"], ["--resume", "--overwrite"]]:
+            assert main([recipe_file, str(out), "--out-shard-size", "30KB", *flags]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"another merge into {out} is running" in err[0], (flags, err)
+    finally:
+        open(flag + ".go", "w").close()
+        assert first.wait(timeout=120) == 0, first.stderr.read()
+    assert folder_bytes(out) == folder_bytes(reference)
+
+
+@pytest.mark.parametrize("changed", [["--out-shard-size", "20KB"], ["--backend", "reference"]])
+def test_a_resume_with_other_settings_merges_anew_without_the_old_shards(recipe_file, tmp_path, changed):
+    # Resumed with another shard size, the interrupted run's shards (model-0000N-of-0000M of another M)
+    # were published beside the new ones; resumed with other kernels (whose bytes differ in rounding),
+    # shards of both were mixed.
+    settings = ["--out-shard-size", "30KB", *changed]
+    reference = tmp_path / "reference" / "out"
+    assert main([recipe_file, str(reference), *settings]) == 0
+    out = tmp_path / "out"
+    child = subprocess.run([sys.executable, "-c", KILLER, "40", recipe_file, str(out), "--out-shard-size", "30KB"],
+                           capture_output=True, text=True)
+    assert child.returncode == -9, child.stderr
+    assert main([recipe_file, str(out), *settings, "--resume"]) == 0
+    assert folder_bytes(out) == folder_bytes(reference)
+
+
 def test_nonfinite_output_is_an_error_and_input_is_reported(llama_family, tmp_path, capsys):
     import torch
     from safetensors.torch import load_file, save_file
@@ -150,6 +267,25 @@ def test_write_error_mid_merge_keeps_the_staging_folder(llama_family, tmp_path, 
     for f in os.listdir(reference):
         if f.endswith((".safetensors", ".index.json")):  # the card names its folder
             assert (tmp_path / "out" / f).read_bytes() == (reference / f).read_bytes(), f
+
+
+def test_a_resumed_merge_needs_disk_space_only_for_what_it_has_left(recipe_file, tmp_path, capsys, monkeypatch):
+    # The free space asked of a resumed merge was the whole output's, the shards already written not
+    # counted: freeing what the rest needs after a full disk was not enough to resume.
+    import shutil
+
+    reference = tmp_path / "reference" / "out"
+    assert main([recipe_file, str(reference), "--out-shard-size", "30KB"]) == 0
+    out = tmp_path / "out"
+    child = subprocess.run([sys.executable, "-c", KILLER, "40", recipe_file, str(out), "--out-shard-size", "30KB"],
+                           capture_output=True, text=True)
+    assert child.returncode == -9, child.stderr
+    output = sum(os.path.getsize(reference / f) for f in os.listdir(reference) if f.endswith(".safetensors"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 10**6 + output // 2))
+    assert main([recipe_file, str(tmp_path / "other"), "--out-shard-size", "30KB"]) == 2
+    assert "not enough disk space" in capsys.readouterr().err
+    assert main([recipe_file, str(out), "--out-shard-size", "30KB", "--resume"]) == 0
+    assert folder_bytes(out) == folder_bytes(reference)
 
 
 def test_buffered_writes_give_the_same_shards(llama_family, tmp_path):

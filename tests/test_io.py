@@ -93,6 +93,7 @@ def _write_shards(folder, direct_io, tensors, order):
     for name in order:
         _put(writer, name, tensors[name])
     writer.write_index()
+    writer.remove_manifests()
     return direct, {f.name: f.read_bytes() for f in folder.iterdir()}
 
 

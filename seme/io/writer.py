@@ -7,6 +7,7 @@ import glob
 import json
 import mmap
 import os
+import shutil
 import threading
 import zlib
 
@@ -214,8 +215,31 @@ class ShardWriter:
         with open(os.path.join(self.folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
             f.write("\n")
-        for path in glob.glob(os.path.join(self.folder, MANIFEST.format(rank="*"))):
+
+    def _manifests(self) -> list[str]:
+        return glob.glob(os.path.join(self.folder, MANIFEST.format(rank="*")))
+
+    def remove_others(self) -> None:
+        """Remove what the folder holds beyond this plan's shards and the manifests: a resumed merge's
+        folder can hold the shards of an earlier plan (another --out-shard-size; a plan that changed
+        is merged anew) or the metadata written before it was interrupted."""
+        clear(self.folder, keep=set(self.files) | {os.path.basename(p) for p in self._manifests()})
+
+    def remove_manifests(self) -> None:
+        for path in self._manifests():
             os.remove(path)
+
+
+def clear(folder: str, keep: set[str] = frozenset()) -> None:
+    """Remove the files and subfolders of `folder`, bar those named in `keep`."""
+    with os.scandir(folder) as listing:
+        for entry in listing:
+            if entry.name in keep:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.remove(entry.path)
 
 
 def _placed(buffer: mmap.mmap, offset: int, nbytes: int) -> memoryview:
