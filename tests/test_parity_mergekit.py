@@ -120,6 +120,16 @@ def test_other_families_merge_as_mergekit_does(family, tmp_path):
         torch.testing.assert_close(ours[name][settled], expected[settled], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def assert_merged_alike(recipe: dict, tmp_path) -> None:
+    """`recipe` merged by mergekit and by seme gives the same tensors (float32 tolerances)."""
+    run_mergekit(recipe, str(tmp_path / "mergekit"))
+    seme.merge(recipe, str(tmp_path / "seme"), progress=False)
+    theirs, ours = load_folder(tmp_path / "mergekit"), load_folder(tmp_path / "seme")
+    assert sorted(ours) == sorted(theirs)
+    for name, expected in theirs.items():
+        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_numbers_yaml_reads_as_strings_merge_as_mergekit_reads_them(tmp_path):
     # YAML 1.1 loads 1e-3 (no dot) as a string: mergekit's parameters read such strings as numbers, gradients too
     m = build_family(str(tmp_path / "models"), "llama", n_experts=2, layers=3)  # a middle layer: t = 0.5
@@ -134,12 +144,7 @@ def test_numbers_yaml_reads_as_strings_merge_as_mergekit_reads_them(tmp_path):
         parameters: {{lambda: 9e-1}}
         dtype: float32""")
     assert recipe["parameters"]["lambda"] == "9e-1"
-    run_mergekit(recipe, str(tmp_path / "mergekit"))
-    seme.merge(recipe, str(tmp_path / "seme"), progress=False)
-    theirs, ours = load_folder(tmp_path / "mergekit"), load_folder(tmp_path / "seme")
-    assert sorted(ours) == sorted(theirs)
-    for name, expected in theirs.items():
-        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert_merged_alike(recipe, tmp_path)
 
 
 def test_booleans_given_as_numbers_or_words_merge_as_mergekit_reads_them(llama_family, tmp_path):
@@ -149,12 +154,7 @@ def test_booleans_given_as_numbers_or_words_merge_as_mergekit_reads_them(llama_f
               "parameters": {"normalize": [1, 0], "rescale": "yes", "int8_mask": 1.0},
               "models": [{"model": m["expert0"], "parameters": {"weight": 0.6, "density": 0.5}},
                          {"model": m["expert1"], "parameters": {"weight": 0.3, "density": 0.4}}]}
-    run_mergekit(recipe, str(tmp_path / "mergekit"))
-    seme.merge(recipe, str(tmp_path / "seme"), progress=False)
-    theirs, ours = load_folder(tmp_path / "mergekit"), load_folder(tmp_path / "seme")
-    assert sorted(ours) == sorted(theirs)
-    for name, expected in theirs.items():
-        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert_merged_alike(recipe, tmp_path)
 
 
 ENCODER_SLICES = {  # layers repeated from another model, or dropped
