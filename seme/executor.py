@@ -154,6 +154,7 @@ def _publish(plan: Plan, stats: dict, staging: str, out_dir: str, version: str, 
         stats["semantic"].write_report(staging)
     write_metadata(staging, plan, version, os.path.basename(out_dir), tokenizer, card)
     writer.remove_manifests()  # last: a merge stopped before this point resumes with its shards kept
+    _sync_files(staging)
     # The output being replaced is moved aside whole, not deleted in place: a merge killed while
     # deleting it left OUT with its index and config but not all of its shards.
     replaced = f"{out_dir}.seme-replaced"
@@ -162,7 +163,38 @@ def _publish(plan: Plan, stats: dict, staging: str, out_dir: str, version: str, 
     if os.path.exists(out_dir):
         os.rename(out_dir, replaced)
     os.rename(staging, out_dir)
+    _sync_folder(os.path.dirname(out_dir))  # the rename itself
     shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _sync_files(folder: str) -> None:
+    """Flush to disk what the publication wrote into `folder` (index, config, card, tokenizer files) and
+    the folders' entries, before the rename makes it the output: else a power cut just after it could
+    leave an output with, say, an empty index. Shards were flushed as they were finished."""
+    for path, _, files in os.walk(folder):
+        for name in files:
+            if not name.endswith(".safetensors"):
+                fd = os.open(os.path.join(path, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _sync_folder(path)
+
+
+def _sync_folder(path: str) -> None:
+    """Flush a folder's entries (names created, renamed or removed in it); some filesystems take no
+    fsync of a folder, and there is nothing more to do for them."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # What --overwrite may delete: the files of a model folder (a previous merge, any Hugging Face

@@ -145,6 +145,23 @@ def test_a_merge_that_fails_while_publishing_resumes_with_its_shards(recipe_file
     assert len(staged) > 2 and {f: os.stat(out / f).st_mtime_ns for f in staged} == staged
 
 
+def test_what_publication_writes_is_on_disk_before_the_rename_and_the_rename_after(recipe_file, tmp_path,
+                                                                                  monkeypatch):
+    # A power cut just after the rename could otherwise leave an output whose index or config is empty.
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", str(b))), real_rename(a, b))[1])
+    out = tmp_path / "out"
+    assert main([recipe_file, str(out), "--out-shard-size", "30KB"]) == 0
+    published = events.index(("rename", str(out)))
+    synced_before = {os.path.basename(path) for kind, path in events[:published] if kind == "sync"}
+    assert {"model.safetensors.index.json", "config.json", "README.md", f"{out.name}.seme-partial"} <= synced_before
+    assert {f for f in os.listdir(out) if f.endswith(".safetensors")} <= synced_before  # as each shard finished
+    assert ("sync", str(tmp_path)) in events[published:]
+
+
 # The child merges with every shard write waiting until the file ARGV[1].go exists (ARGV[1].waiting
 # says it waits): a merge in flight, held still.
 PAUSED = """
