@@ -420,6 +420,8 @@ def _validate(raw: Any, text: str, base_dir: str, path: str | None) -> Recipe:
         spec = raw["tokenizer"]
         _check_keys(spec, TOKENIZER_KEYS, "config: tokenizer")
         tok, pad = spec.get("source", "union"), spec.get("pad_to_multiple_of")
+        if tok is None:  # not "no re-mapping": the key's default is union, and mergekit refuses null
+            raise SemeError("config: tokenizer: source must be base, union or a model, got null")
         if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
             raise SemeError(f"config: tokenizer: pad_to_multiple_of must be a positive integer, got {pad!r}")
         token_sources = _token_sources(spec.get("tokens") or {}, base_dir)

@@ -93,6 +93,8 @@ CASES = {
                         "give tokenizer_source or tokenizer, not both"),
     "tokenizer key typo": (lambda m: ties(m, tokenizer={"sorce": "base"}), "config: tokenizer: unknown key 'sorce' (did you mean 'source'?)"),
     "tokenizer padding": (lambda m: ties(m, tokenizer={"pad_to_multiple_of": 0}), "pad_to_multiple_of must be a positive integer"),
+    "tokenizer source null": (lambda m: ties(m, tokenizer={"source": None}),  # mergekit refuses it too
+                              "tokenizer: source must be base, union or a model, got null"),
     "modules not a mapping": (lambda m: {"merge_method": "linear", "modules": [m["base"]]}, "'modules' must be a non-empty mapping"),
     "module parameter unknown": (lambda m: {"merge_method": "linear", "modules": {"default": {
         "models": [m["base"]], "parameters": {"wieght": 1.0}}}}, "modules.default.parameters: unknown parameter 'wieght'"),
