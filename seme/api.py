@@ -1,7 +1,6 @@
 """The Python API: `merge` (a whole checkpoint) and `merge_tensors` (tensors you hold)."""
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from typing import TYPE_CHECKING, Sequence
@@ -54,10 +53,10 @@ def merge(config, out_dir: str, **options) -> dict:
     stage; with dry_run, the plan's of the last stage it could plan: one that uses an unmerged stage cannot be).
     """
     from seme import config as recipe_config
-    from seme.options import resolve
+    from seme.options import parse_folder, resolve
 
     opts = resolve(**options)
-    out_dir = os.path.expanduser(out_dir)  # ~/merged: the home folder's, as in recipes' model paths (not ./~/merged)
+    out_dir = parse_folder(out_dir)  # ~/merged: the home folder's, as in recipes' model paths (not ./~/merged)
     shown = set()
 
     def show_once(message, *_):  # one line each; a warning about every input model is said once

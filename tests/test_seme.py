@@ -514,7 +514,7 @@ def test_a_head_the_bases_cannot_be_read_from_is_refused_before_any_tensor(train
     save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
     shape = [VOCAB, HIDDEN // 2] if head == "narrower" else [VOCAB, HIDDEN]
     with pytest.raises(SemeError, match=re.escape(
-            f"seme: B has 'lm_head.weight' of {shape} {'F32' if head == 'narrower' else 'I32'} and 'model.norm.weight' "
+            f"SeMe: B has 'lm_head.weight' of {shape} {'F32' if head == 'narrower' else 'I32'} and 'model.norm.weight' "
             f"of [{HIDDEN}] F32; the semantic bases are read from a float LM head of [tokens, {HIDDEN}] and a final "
             f"norm of [{HIDDEN}]")):
         seme_merge(paths["A"], [str(source)], tmp_path / "out")

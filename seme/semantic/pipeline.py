@@ -135,7 +135,7 @@ def _check_head(model, head: str, gain: str | None, width: int) -> None:
     if (h.dtype not in FLOAT_CODES or len(h.shape) != 2 or h.shape[1] != width
             or g is not None and (g.dtype not in FLOAT_CODES or tuple(g.shape) != (width,))):
         found = f"'{head}' of {list(h.shape)} {h.dtype}" + (f" and '{gain}' of {list(g.shape)} {g.dtype}" if g else "")
-        raise SemeError(f"seme: {model.name} has {found}; the semantic bases are read from a float LM head of "
+        raise SemeError(f"SeMe: {model.name} has {found}; the semantic bases are read from a float LM head of "
                         f"[tokens, {width}]" + (f" and a final norm of [{width}]" if g else ""))
 
 
