@@ -258,6 +258,9 @@ def _prepare_staging(plan: Plan, out_dir: str, staging: str, overwrite: bool, re
         raise SemeError(f"cannot create the output folder {out_dir}: {e.strerror or e} ({e.filename or staging})") from None
     lock = _lock(staging, out_dir)
     try:
+        # Again under the lock: a merge into the same output may have published (renamed its own
+        # staging folder into place) since the first check, and would be replaced without --overwrite.
+        _check_output(plan, out_dir, overwrite)
         if existed and not (resume or overwrite):
             raise SemeError(f"an interrupted merge into {out_dir} left {staging}: use --resume to continue it "
                             f"or --overwrite to start over")
@@ -270,6 +273,8 @@ def _prepare_staging(plan: Plan, out_dir: str, staging: str, overwrite: bool, re
                             f"{format_size(plan.output_bytes)}, {format_size(free)} are free")
     except BaseException:
         os.close(lock)
+        if not existed:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     return lock
 
@@ -278,7 +283,11 @@ def _lock(staging: str, out_dir: str) -> int:
     """An exclusive lock on the staging folder, held by the merge writing into it: a second merge into
     the same output (started beside it, or resuming it while it runs) is refused instead of writing
     into its shards and publishing a mix. Unguarded where the system or filesystem has no locks."""
-    fd = os.open(staging, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fd = os.open(staging, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except FileNotFoundError:  # renamed into place by a merge publishing just now
+        raise SemeError(f"another merge into {out_dir} has just finished: rerun with --overwrite to replace "
+                        f"its output") from None
     if fcntl is None:
         return fd
     try:

@@ -252,6 +252,28 @@ def test_full_disk_is_found_before_starting(llama_family, tmp_path, capsys, monk
         {"model": llama_family["base"], "parameters": {"weight": 1.0}}]}))
     assert main([str(recipe), str(tmp_path / "out")]) == 2
     assert "not enough disk space" in capsys.readouterr().err
+    # nothing left behind: an empty staging folder made the rerun ask for --resume or --overwrite
+    assert os.listdir(tmp_path) == ["r.yml"]
+
+
+def test_an_output_published_while_a_merge_starts_is_not_replaced(recipe_file, tmp_path, capsys, monkeypatch):
+    # The output was checked before the staging folder was locked: a merge into the same folder that
+    # published in between had its output replaced without --overwrite.
+    import seme.executor as executor
+
+    out = tmp_path / "out"
+    real_lock = executor._lock
+
+    def publish_first(staging, out_dir):
+        os.makedirs(out, exist_ok=True)
+        (out / "config.json").write_text("{}")  # the other merge's output, published just now
+        return real_lock(staging, out_dir)
+
+    monkeypatch.setattr(executor, "_lock", publish_first)
+    assert main([recipe_file, str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not empty" in err[0], err
+    assert os.listdir(out) == ["config.json"] and sorted(os.listdir(tmp_path)) == ["out"]
 
 
 @pytest.mark.parametrize("call,errno_", [("fsync", errno.EIO), ("pwrite", errno.ENOSPC)])
