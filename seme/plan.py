@@ -122,7 +122,7 @@ def make_plan(recipe: Recipe) -> Plan:
         return _plan_stacks(recipe, method, models, archs, index, ref, stacks, tokenizer, template, remap)
 
     def layer_range(source):
-        n = archs[index[source.model]].num_layers(models[index[source.model]].config)
+        n = model_depth(archs[index[source.model]], models[index[source.model]])
         if source.layer_range is None:
             return 0, n
         if source.layer_range[1] > n:
@@ -157,8 +157,8 @@ def make_plan(recipe: Recipe) -> Plan:
     for name in pre:
         builder.add(name, {s.model: name for s in first_slice.sources}, first_slice, t=0.0)
     layer_sources = _add_layers(builder, recipe.slices, layer_range)
-    _check_layer_blocks(arch, ref_names, layer_sources, arch.num_layers(models[ref].config))
-    _check_layer_tensors(builder, ref, layer_sources, arch.num_layers(models[ref].config))
+    _check_layer_blocks(arch, ref_names, layer_sources, model_depth(arch, models[ref]))
+    _check_layer_tensors(builder, ref, layer_sources, model_depth(arch, models[ref]))
     last_slice = recipe.slices[-1]
     trailing_left_out = _add_trailing(builder, ref, trailing, last_slice, len(layer_sources))
     for name in post:
@@ -277,11 +277,16 @@ def _lists_layers(config: dict, depth: int) -> bool:
 TRAILING_COUNT_KEYS = ("num_nextn_predict_layers",)
 
 
+def model_depth(arch, model: ModelFolder) -> int:
+    """`model`'s number of layers; a refusal of its config's depth names the model's config.json."""
+    return arch.num_layers(model.config, os.path.join(model.path, "config.json"))
+
+
 def trailing_layers(arch, model: ModelFolder) -> list[str]:
     """Tensors that transformers does not run: of the layers a checkpoint stores after its last one
     (DeepSeek-V3's and GLM-4.5's multi-token prediction) and of the modules its role table says
     transformers does not load (Qwen3-Next's mtp.*)."""
-    depth = arch.num_layers(model.config)
+    depth = model_depth(arch, model)
     layers = {n: _layer(arch, n) for n in model.tensors}
     return [n for n, layer in layers.items() if arch.unloaded_module(n)
             or (layer is not None and layer >= depth and not arch.beside_language(n))]
@@ -295,7 +300,7 @@ def _add_trailing(builder, ref: int, names: list[str], sl: Slice, depth: int) ->
     models, archs, index = builder.models, builder.archs, builder.index
     if not names:
         return False
-    n_ref = archs[ref].num_layers(models[ref].config)
+    n_ref = model_depth(archs[ref], models[ref])
     past = {n: _layer(archs[ref], n) - n_ref for n in names  # 0 for the first layer after the last
             if not archs[ref].unloaded_module(n)}
 
@@ -307,7 +312,7 @@ def _add_trailing(builder, ref: int, names: list[str], sl: Slice, depth: int) ->
     lacking = []
     for s in sl.sources:
         m = index[s.model]
-        n_m = archs[m].num_layers(models[m].config)
+        n_m = model_depth(archs[m], models[m])
         for n in names:
             inputs[n][s.model] = named(m, n, n_m)
         if any(inputs[n][s.model] not in models[m].tensors for n in names):
@@ -560,7 +565,7 @@ def _plan_seme(recipe, method, models, archs, index, tokenizer, template) -> Pla
     config = dict(pivot.config)
     if recipe.out_dtype or recipe.dtype:
         _set_dtype(config, recipe.out_dtype or recipe.dtype)
-    depth = archs[sp.pivot].num_layers(pivot.config)
+    depth = model_depth(archs[sp.pivot], pivot)
     return Plan(recipe, models, tasks, config, tokenizer, depth, archs, sp, template)
 
 

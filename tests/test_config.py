@@ -195,6 +195,7 @@ def test_malformed_model_configs_are_one_line_errors(llama_family, tmp_path, cap
                                                    {"model": str(folder), "parameters": {"weight": 1}}]}
     status, err, out = run_cli(tmp_path, recipe, capsys)
     assert status == 2 and len(err) == 1 and message in err[0], err
+    assert str(folder) in err[0], err  # which of the models is malformed
     assert not out.exists()
 
 

@@ -256,12 +256,13 @@ class Architecture:
         """The part of `config` that describes this family's model."""
         return config.get(self.settings_key) or config if self.settings_key else config
 
-    def num_layers(self, config: dict) -> int:
+    def num_layers(self, config: dict, source: str = "config.json") -> int:
+        """The depth `config` (read from `source`, which a refusal names) gives."""
         depth = _first(self.settings(config), self.num_layers_keys)
         if isinstance(depth, list):  # a list of the layers' kinds (nemotron_h)
             return len(depth)
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
-            raise SemeError(f"config.json: the depth ({' or '.join(self.num_layers_keys)}) must be a non-negative "
+            raise SemeError(f"{source}: the depth ({' or '.join(self.num_layers_keys)}) must be a non-negative "
                             f"integer, got {depth!r}")
         return depth
 

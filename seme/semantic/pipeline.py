@@ -18,6 +18,7 @@ import torch
 from seme.architectures import VOCAB_ROLES, orientation
 from seme.errors import SemeError
 from seme.methods.seme import stabilize
+from seme.plan import model_depth
 from seme.semantic import alignment, layers, vocab
 from seme.semantic.bases import semantic_bases
 from seme.semantic.mapping import js_divergence, mean_distribution
@@ -88,7 +89,7 @@ def plan_sources(recipe, method, models, archs, index):
         if arch.hidden_size(models[m].config) != d:
             raise SemeError(f"SeMe: {name} has hidden size {arch.hidden_size(models[m].config)}, the pivot {d}; "
                             f"sources of another width are not supported yet")
-        layer_maps[m] = layers.layer_map(parch.num_layers(models[pivot].config), arch.num_layers(models[m].config))
+        layer_maps[m] = layers.layer_map(model_depth(parch, models[pivot]), model_depth(arch, models[m]))
         v_src = models[m].tensors[heads[m][0]].shape[0]
         v_piv = models[pivot].tensors[heads[pivot][0]].shape[0]
         src_vocab = models[m].vocabulary()
