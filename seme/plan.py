@@ -754,7 +754,12 @@ class _Builder:
                 hint = " (the vocabularies differ: align them with a common tokenizer first)"
             raise SemeError(f"tensor '{out_name}' has different shapes: {detail}{hint}")
         lead = infos[0]
-        if role == "buffer" or lead.dtype not in FLOAT_CODES or any(i.dtype not in FLOAT_CODES for i in infos):
+        floats = [i.dtype in FLOAT_CODES for i in infos]
+        if role != "buffer" and any(floats) and not all(floats):  # copying the first would drop the others silently
+            detail = ", ".join(f"{info.dtype} in {self.models[m].name}" for (m, _), info in zip(inputs, infos))
+            raise SemeError(f"tensor '{out_name}' is a float in some models and not in others ({detail}): "
+                            f"it cannot be merged")
+        if role == "buffer" or not any(floats):
             self.tasks.append(TensorTask(out_name, lead.shape, lead.dtype, inputs[:1], None, {}, None, copy=True))
             return
         base_index = next((i for i, s in enumerate(sources) if s.model == base), None)

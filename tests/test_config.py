@@ -145,6 +145,22 @@ def test_mismatched_shapes_are_found_from_headers(tmp_path, capsys):
     assert "vocabularies differ" in err[0]
 
 
+def test_a_tensor_float_in_one_model_and_integer_in_another_is_refused(tmp_path, capsys):
+    # the first model's tensor was copied: the second's was dropped without a word
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    recipe = linear_of_two(tmp_path, {}, {})
+    shard = tmp_path / "b" / "model.safetensors"
+    tensors = load_file(shard)
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], 3, dtype=torch.int64)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    status, err, out = run_cli(tmp_path, recipe, capsys)
+    assert status == 2 and len(err) == 1 and not out.exists()
+    assert err[0] == ("seme: error: tensor 'model.norm.weight' is a float in some models and not in others "
+                      "(F32 in a, I64 in b): it cannot be merged")
+
+
 def test_different_depths_are_refused_not_truncated(tmp_path, capsys):
     status, err, _ = run_cli(tmp_path, linear_of_two(tmp_path, {"layers": 2}, {"layers": 3}), capsys)
     assert status == 2 and "models of different depths cannot be merged layer by layer (a: 2, b: 3)" in err[0]
