@@ -40,7 +40,37 @@ def check(value) -> str:
     if value != "auto" and value not in BUILT_IN and (len(value) < 20 or "{" not in value):
         raise SemeError(f"config: chat_template {value!r} is neither 'auto', a built-in template "
                         f"({', '.join(BUILT_IN)}) nor a Jinja template")
+    if value != "auto" and value not in BUILT_IN:
+        error = _syntax_error(value)
+        if error:
+            raise SemeError(f"config: chat_template is not a valid Jinja template ({error})")
     return value
+
+
+def _syntax_error(template: str) -> str | None:
+    """Where `template` fails to parse as transformers compiles it (with its loop controls and its
+    `{% generation %}` blocks); None if it parses, or without jinja2 (transformers cannot apply a
+    template then either)."""
+    try:
+        import jinja2
+        import jinja2.ext
+        import jinja2.nodes
+    except ImportError:
+        return None
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    try:
+        jinja2.Environment(extensions=[Generation, jinja2.ext.loopcontrols]).parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        return f"line {e.lineno}: {e.message}"
+    return None
 
 
 def of_model(folder: str) -> str | None:

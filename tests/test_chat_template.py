@@ -78,6 +78,18 @@ def test_a_template_in_the_recipe_is_written_as_is(llama_family, tmp_path):
     assert tokenizer.apply_chat_template(CONVERSATION[1:2], tokenize=False) == "<user>w1 w2"
 
 
+def test_a_template_with_transformers_extensions_is_accepted(llama_family, tmp_path):
+    # {% generation %} (assistant masks) and {% break %} are transformers' additions to Jinja
+    template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+                "{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{% if loop.index == 3 %}{% break %}"
+                "{% endif %}{% endfor %}")
+    assert merge(tmp_path, [llama_family["base"], llama_family["expert0"]], template) == 0
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == "Be brief.w1 w2w3"
+
+
 def test_auto_without_templates_keeps_the_tokenizers(llama_family, tmp_path, capsys):
     assert merge(tmp_path, [llama_family["base"], llama_family["expert0"]], "auto") == 0
     assert "seme: warning: chat_template: auto: no input model has a chat template" in capsys.readouterr().err
@@ -93,6 +105,11 @@ def test_dry_run_shows_the_template(llama_family, tmp_path, capsys):
     (7, "chat_template must be a string"),
     ("chatmll", "chat_template 'chatmll' is neither 'auto', a built-in template (chatml, llama3, mistral, exaone, alpaca)"),
     ("{{ short }}", "is neither 'auto'"),
+    # written as it was, transformers' apply_chat_template failed on the merged model
+    ("{% for m in messages %}{{ m['content'] }}",
+     "chat_template is not a valid Jinja template (line 1: Unexpected end of template. Jinja was looking for the "
+     "following tags: 'endfor' or 'else'."),
+    ("{% for m in messages %}\n{{ m['content'] }\n{% endfor %}", "not a valid Jinja template (line 2: unexpected '}')"),
 ])
 def test_bad_templates_are_one_line_errors(template, message, llama_family, tmp_path, capsys):
     assert merge(tmp_path, [llama_family["base"], llama_family["expert0"]], template) == 2
