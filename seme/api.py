@@ -98,9 +98,10 @@ def _merge_recipe(recipe, out_dir: str, opts: dict) -> dict:
 
     plan = make_plan(recipe)
     if opts["dry_run"]:
+        from seme.executor import memory_backend
         from seme.report import print_plan
 
-        print_plan(plan, sys.stdout, opts["device"], opts["backend"])
+        print_plan(plan, sys.stdout, opts["device"], memory_backend(opts["backend"], opts["allow_nonfinite"]))
         return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes}
     if opts["device"].startswith("cuda"):
         count, index = _cuda_devices(), int(opts["device"].partition(":")[2] or 0)

@@ -25,11 +25,14 @@ from seme.options import format_size
 DEVICE_ROOM = 0.85
 
 
-def make_engine(plan, device: str, backend: str, world: int):
-    """The engine for this merge: native where it can serve the whole run, else torch."""
+def make_engine(plan, device: str, backend: str, world: int, allow_nonfinite: bool = False):
+    """The engine for this merge: native where it can serve the whole run, else torch. An input
+    holding NaN or Inf is an error naming it, unless `allow_nonfinite` (`check_inputs`)."""
     native = (device == "cpu" and backend in ("auto", "fused") and world == 1 and not plan.semantic
               and plan.recipe.merge_method in fused_merge.METHODS and fused_merge.available())
-    return NativeEngine(plan, device) if native else TorchEngine(plan, device, backend)
+    if native:
+        return NativeEngine(plan, device, allow_nonfinite)
+    return TorchEngine(plan, device, backend, allow_nonfinite=allow_nonfinite)
 
 
 class TorchEngine:
@@ -38,13 +41,15 @@ class TorchEngine:
     one merges (`seme.staging`; `stage` forces it on or off, as the tests do on a CPU), and a tensor
     whose merge would not fit in the GPU's free memory is merged on the CPU instead (`route`)."""
 
-    def __init__(self, plan, device: str, backend: str, stage: bool | None = None):
+    def __init__(self, plan, device: str, backend: str, stage: bool | None = None, allow_nonfinite: bool = False):
         import torch
 
         from seme.backend import implementation
 
         self.plan, self.device, self.backend = plan, torch.device(device), backend
+        self.allow_nonfinite = allow_nonfinite
         self.impl, self.fused = implementation(plan.recipe.merge_method, backend, self.device)
+        self.reference = implementation(plan.recipe.merge_method, "reference", self.device)[0]
         self.semantic = plan.semantic.prepare(plan, self.device) if plan.semantic else None
         self.stage = self.device.type == "cuda" if stage is None else stage
         self.stager = None
@@ -72,7 +77,8 @@ class TorchEngine:
         """Send the tasks whose merge needs more than `room` bytes of the device's memory
         (`device_bytes`) to the CPU, saying which; the others, and the most one of them needs. SeMe's
         tasks cannot move (their derived inputs are made on the device): one too large is refused."""
-        needs = [(task, device_bytes(self.plan, task, self.fused)) for task in tasks]
+        # with allow_nonfinite, a tensor may be merged by the reference (check_inputs): its temporaries count
+        needs = [(task, device_bytes(self.plan, task, self.fused and not self.allow_nonfinite)) for task in tasks]
         self.on_host = {task.name for task, need in needs if need > room}
         if self.on_host and self.semantic is not None:
             task, need = max(needs, key=lambda item: item[1])
@@ -92,10 +98,12 @@ class TorchEngine:
                 for i, (m, name) in enumerate(task.inputs)]
 
     def merge(self, task, out: memoryview) -> bool:
-        """Merge `task` into `out`; whether the result is finite. NaN / Inf inputs are warned of."""
+        """Merge `task` into `out`; whether the result is finite. A NaN / Inf input is an error, or
+        with `allow_nonfinite` merged by the reference (`check_inputs`)."""
         if task.name in self.on_host:
             if self._host is None:
-                self._host = TorchEngine(self.plan, "cpu", self.backend, stage=False)
+                self._host = TorchEngine(self.plan, "cpu", self.backend, stage=False,
+                                         allow_nonfinite=self.allow_nonfinite)
             return self._host.merge(task, out)
         import torch
 
@@ -121,13 +129,16 @@ class TorchEngine:
         inputs = Inputs(tuple(on_device), task.base_index, task.name, plan.recipe.random_seed)
         out_dtype = getattr(torch, CODE_NAMES[task.dtype])
         merged = self.impl(inputs, task.params, out_dtype)
+        if merged.inputs_finite is not True:  # unchecked, or a kernel saw a NaN / Inf δ: find which input
+            # scanned on the merge device (a GPU's copies), unless derived inputs changed them
+            defective = check_inputs(plan, task, [plan.models[m].load(n) for m, n in task.inputs] if task.derived
+                                     else inputs.tensors, self.allow_nonfinite)
+            if self.fused and (defective or merged.inputs_finite is False):
+                merged = self.reference(inputs, task.params, out_dtype)
         result = merged.tensor
         if merged.stats is not None:
             result = self.semantic.record(task.name, merged.stats, inputs, result)
         result = result.to(out_dtype)
-        if merged.inputs_finite is not True:  # unchecked, or a kernel saw NaN / Inf: find which
-            # scanned on the merge device (a GPU's copies), unless derived inputs changed them
-            _warn_nonfinite(plan, task, [plan.models[m].load(n) for m, n in task.inputs] if task.derived else inputs.tensors)
         finite = merged.output_finite if merged.output_finite is not None else all_finite(result)
         if len(out) and self.stager is not None:
             self.stager.put(result, out)
@@ -208,16 +219,18 @@ class NativeEngine:
     semantic = None
     on_host: frozenset = frozenset()  # it runs on the CPU: no task is moved there
 
-    def __init__(self, plan, device: str):
-        self.plan, self.device = plan, device
+    def __init__(self, plan, device: str, allow_nonfinite: bool = False):
+        self.plan, self.device, self.allow_nonfinite = plan, device, allow_nonfinite
         self._torch: TorchEngine | None = None
+        self._reference: TorchEngine | None = None
 
     def staging(self, tasks, budget: int, progress):
         """Nothing to stage: the kernels read the mapped inputs where they lie."""
         return contextlib.nullcontext()
 
     def merge(self, task, out: memoryview) -> bool:
-        """Merge `task` into `out`; whether the result is finite. NaN / Inf inputs are warned of."""
+        """Merge `task` into `out`; whether the result is finite. A NaN / Inf input is an error, or
+        with `allow_nonfinite` merged by the reference (`check_inputs`)."""
         models = self.plan.models
         codes = {models[m].tensors[name].dtype for m, name in task.inputs}
         code = codes.pop()
@@ -230,7 +243,7 @@ class NativeEngine:
                 or not fused_merge.covers(self.plan.recipe.merge_method, task.params, task.shape) \
                 or any(models[m].adapted(name) for m, name in task.inputs):
             if self._torch is None:
-                self._torch = TorchEngine(self.plan, self.device, "auto")
+                self._torch = TorchEngine(self.plan, self.device, "auto", allow_nonfinite=self.allow_nonfinite)
             return self._torch.merge(task, out)
         if not len(out):
             return True
@@ -243,15 +256,27 @@ class NativeEngine:
             others=[addresses[i] for i in others], out=address, shape=task.shape, in_dtype=KERNEL_DTYPES[code],
             out_dtype=KERNEL_DTYPES[task.dtype],
             keys=fused_merge.stream_keys(self.plan.recipe.merge_method, self.plan.recipe.random_seed, task.name, others))
-        if not inputs_finite:  # rare: torch is loaded only to name the culprit
-            _warn_nonfinite(self.plan, task, [models[m].load(name) for m, name in task.inputs])
+        if not inputs_finite:  # rare: torch is loaded only then, to name the culprit and merge as the reference
+            if self._reference is None:
+                self._reference = TorchEngine(self.plan, self.device, "reference",
+                                              allow_nonfinite=self.allow_nonfinite)
+            return self._reference.merge(task, out)
         return output_finite
 
 
-def _warn_nonfinite(plan, task, tensors) -> None:
-    """NaN / Inf in an input is reported (tensor and model named); the merge goes on."""
+def check_inputs(plan, task, tensors, allow_nonfinite: bool) -> bool:
+    """Whether an input of `task` holds NaN or Inf: an error naming it (tensor and model), or with
+    `allow_nonfinite` a warning naming each. The engines then merge the tensor with the reference
+    (plain torch, as mergekit does: a NaN or Inf reaches the output even where a mask drops it, as
+    NaN * 0), whose output the kernels, which leave masked elements out, would not match."""
     from seme.methods.inputs import all_finite
 
+    defective = False
     for (m, name), t in zip(task.inputs, tensors):
         if t.is_floating_point() and not all_finite(t):
-            warnings.warn(f"input tensor '{name}' of {plan.models[m].name} contains NaN or Inf")
+            what = f"input tensor '{name}' of {plan.models[m].name} contains NaN or Inf"
+            if not allow_nonfinite:
+                raise SemeError(f"{what} (pass --allow-nonfinite to merge it anyway)")
+            warnings.warn(what)
+            defective = True
+    return defective

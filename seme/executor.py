@@ -92,7 +92,7 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
     written around the page cache where the filesystem allows it (`seme.io.writer`). `tokenizer` and `card`: whether the output gets the reference's
     tokenizer files and a model card (`seme.io.card.write_metadata`).
     """
-    largest, _ = largest_need(plan, device, backend)
+    largest, _ = largest_need(plan, device, memory_backend(backend, allow_nonfinite))
     if max_memory is None:
         max_memory = max(DEFAULT_MEMORY, largest)
     if largest > max_memory:
@@ -326,7 +326,7 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
     """The streaming loop. Inputs of the next tasks are prefetched (madvise), and on a GPU staged
     (`seme.staging`), while the current one is merged, and finished tensors are checksummed and their
     shards flushed by a background thread."""
-    engine = make_engine(plan, device, backend, group.world)
+    engine = make_engine(plan, device, backend, group.world, allow_nonfinite)
     writer = ShardWriter(folder, [(t.name, t.dtype, t.shape, t.nbytes) for t in plan.tasks], shard_size, plan_id,
                          resume=resume, rank=group.rank, world=group.world, direct_io=direct_io)
     tasks = [t for t in plan.tasks if not writer.skip(t.name)]
@@ -338,7 +338,7 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
     prefetched = 0
     with Finisher(writer, bar) as finisher, engine.staging(tasks, prefetch_bytes, bar):
         on_host = [t for t in tasks if t.name in engine.on_host]  # too large for the GPU
-        need, name = largest_need(plan, "cpu", backend, on_host)
+        need, name = largest_need(plan, "cpu", memory_backend(backend, allow_nonfinite), on_host)
         if need > max_memory:
             raise SemeError(f"--max-memory {format_size(max_memory)} is below what '{name}' needs merged on the CPU, "
                             f"as it does not fit in the GPU's free memory: {format_size(need, up=True)}")
@@ -380,6 +380,12 @@ def copy_tensor(plan: Plan, task, out: memoryview) -> None:
 
     cast = plan.models[m].load(name).to(getattr(torch, CODE_NAMES[task.dtype]))
     torch.frombuffer(out, dtype=torch.uint8).copy_(cast.contiguous().reshape(-1).view(torch.uint8))
+
+
+def memory_backend(backend: str, allow_nonfinite: bool) -> str:
+    """The backend whose memory a merge plans for: with `allow_nonfinite` any tensor may be merged
+    by the reference (`engine.check_inputs`), whose temporaries the kernels do not have."""
+    return "reference" if allow_nonfinite else backend
 
 
 def largest_need(plan: Plan, device: str, backend: str, tasks=None) -> tuple[int, str | None]:

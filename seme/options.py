@@ -94,7 +94,8 @@ OPTIONS = (
     Option("resume", False, "continue an interrupted merge from its finished shards"),
     Option("buffered_writes", False, "write the output through the page cache (default: direct I/O where the "
            "filesystem takes it)"),
-    Option("allow_nonfinite", False, "write merged tensors that contain NaN or Inf instead of stopping"),
+    Option("allow_nonfinite", False, "merge inputs that contain NaN or Inf (as the reference backend and mergekit "
+           "do, whatever the backend) and write merged tensors that contain them, instead of stopping"),
     Option("progress", None, "show a progress bar (default: when stderr is a terminal)"),
     Option("random_seed", None, "seed of the randomised methods (DARE, DELLA) in place of the recipe's random_seed",
            parse_seed),

@@ -153,6 +153,20 @@ llama_family, qwen2_family, bert_family, roberta_family, distilbert_family = (
     _family_fixture(f) for f in ("llama", "qwen2", "bert", "roberta", "distilbert"))
 
 
+def with_bad_element(model: str, folder, tensor: str, value: float) -> str:
+    """A copy of the model folder `model` in `folder` whose `tensor` holds `value` (NaN, Inf) at one element."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, folder)
+    path = os.path.join(folder, "model.safetensors")
+    state = load_file(path)
+    state[tensor].view(-1)[37] = value
+    save_file(state, path, metadata={"format": "pt"})
+    return str(folder)
+
+
 def load_folder(path) -> dict:
     """Every tensor of a safetensors model folder."""
     from safetensors.torch import load_file

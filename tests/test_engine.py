@@ -12,7 +12,7 @@ import torch
 import yaml
 
 import seme
-from conftest import build_family
+from conftest import build_family, with_bad_element
 from seme import engine, fused_merge
 
 pytestmark = pytest.mark.skipif(not fused_merge.available(), reason="native extension not built")
@@ -57,15 +57,16 @@ def _shards(folder) -> dict[str, bytes]:
             if f.startswith("model")}
 
 
-def _merge_with(monkeypatch, cls, recipe: dict, out) -> tuple[dict[str, bytes], object]:
+def _merge_with(monkeypatch, cls, recipe: dict, out, **options) -> tuple[dict[str, bytes], object]:
     made = []
 
-    def make(plan, device, backend, world):
-        made.append(cls(plan, device) if cls is engine.NativeEngine else cls(plan, device, backend))
+    def make(plan, device, backend, world, allow_nonfinite):
+        made.append(cls(plan, device, allow_nonfinite) if cls is engine.NativeEngine
+                    else cls(plan, device, backend, allow_nonfinite=allow_nonfinite))
         return made[-1]
 
     monkeypatch.setattr("seme.executor.make_engine", make)
-    seme.merge(recipe, str(out), out_shard_size="40KB")
+    seme.merge(recipe, str(out), out_shard_size="40KB", **options)
     return _shards(out), made[0]
 
 
@@ -99,6 +100,37 @@ def test_native_engine_hands_what_its_kernels_cannot_take_to_torch(bf16_family, 
     native, used = _merge_with(monkeypatch, engine.NativeEngine, recipe, tmp_path / "native")
     reference, _ = _merge_with(monkeypatch, engine.TorchEngine, recipe, tmp_path / "torch")
     assert used._torch is not None and native == reference
+
+
+BROKEN = "model.layers.1.mlp.up_proj.weight"
+# the native engine, the torch engine on the fused kernels, and the plain-torch reference
+ENGINES = {"native": (engine.NativeEngine, {}), "fused": (engine.TorchEngine, {}),
+           "reference": (engine.TorchEngine, {"backend": "reference"})}
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della", "sce", "task_arithmetic",
+                                    "slerp"])
+@pytest.mark.parametrize("where", ["base", "expert0"])
+@pytest.mark.parametrize("value", [float("nan"), -float("inf")])  # -Inf: a +Inf δ in the base, -Inf in a model
+def test_a_nonfinite_input_is_an_error_or_merged_as_the_reference_on_every_engine(bf16_family, tmp_path, monkeypatch,
+                                                                                  capsys, method, where, value):
+    # The kernels leave a masked-out NaN or Inf out of the output; the reference lets it through
+    # (NaN * 0, a NaN sign sum, a NaN L1 norm), as mergekit does: without the rule a one-element
+    # defect wrote a finite tensor on one engine and stopped the merge on another.
+    from seme.errors import SemeError
+
+    family = dict(bf16_family, **{where: with_bad_element(bf16_family[where], tmp_path / f"bad-{where}", BROKEN, value)})
+    recipe = _recipe(method, family)
+    written = {}
+    for name, (cls, options) in ENGINES.items():
+        with pytest.raises(SemeError, match=f"^input tensor '{BROKEN}' of bad-{where} contains NaN or Inf "
+                                            r"\(pass --allow-nonfinite to merge it anyway\)$"):
+            _merge_with(monkeypatch, cls, recipe, tmp_path / name, **options)
+        capsys.readouterr()
+        written[name], _ = _merge_with(monkeypatch, cls, recipe, tmp_path / f"{name}-allowed", allow_nonfinite=True,
+                                       **options)
+        assert f"seme: warning: input tensor '{BROKEN}' of bad-{where} contains NaN or Inf\n" in capsys.readouterr().err
+    assert written["native"] == written["fused"] == written["reference"]
 
 
 @pytest.mark.parametrize("method", ["ties", "slerp", "model_stock", "ramplus_tl"])
@@ -141,6 +173,25 @@ def test_max_memory_counts_the_reference_temporaries_of_tensors_beyond_the_kerne
     for t in merged:
         need = executor._working_bytes(plan, t, "cpu", "auto")
         assert need == (engine.reference_bytes(plan, t, fused=False) if t in large else 0), t.name
+
+
+def test_max_memory_with_allow_nonfinite_counts_the_reference_temporaries(bf16_family, tmp_path, capsys):
+    # a tensor with a NaN or Inf input is then merged by the reference, whatever the backend
+    from seme import executor
+    from seme.config import load
+    from seme.errors import SemeError
+    from seme.plan import make_plan
+
+    recipe = _recipe("ties", bf16_family)
+    shown = {}
+    for allow in (False, True):
+        seme.merge(recipe, str(tmp_path / "out"), dry_run=True, allow_nonfinite=allow)
+        shown[allow] = int(next(line for line in capsys.readouterr().out.splitlines()
+                                if line.startswith("memory: ")).split()[1])
+    assert shown[True] == executor.largest_need(make_plan(load(recipe)), "cpu", "reference")[0] > shown[False]
+    with pytest.raises(SemeError, match="below what the largest tensor needs"):
+        seme.merge(recipe, str(tmp_path / "short"), max_memory=shown[True] - 1, allow_nonfinite=True)
+    seme.merge(recipe, str(tmp_path / "enough"), max_memory=shown[True], allow_nonfinite=True)
 
 
 def test_tensors_beyond_the_kernels_index_range_take_the_reference(bf16_family, tmp_path, monkeypatch):

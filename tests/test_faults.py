@@ -217,7 +217,7 @@ def test_a_resume_with_other_settings_merges_anew_without_the_old_shards(recipe_
     assert folder_bytes(out) == folder_bytes(reference)
 
 
-def test_nonfinite_output_is_an_error_and_input_is_reported(llama_family, tmp_path, capsys):
+def test_nonfinite_input_is_an_error_naming_it(llama_family, tmp_path, capsys):
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -234,12 +234,26 @@ def test_nonfinite_output_is_an_error_and_input_is_reported(llama_family, tmp_pa
     recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
         {"model": str(broken), "parameters": {"weight": 1.0}}, {"model": llama_family["base"], "parameters": {"weight": 1.0}}]}))
     assert main([str(recipe), str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert "seme: warning: input tensor 'model.layers.1.mlp.up_proj.weight' of broken contains NaN or Inf" in err
-    assert "seme: error: the merged tensor 'model.layers.1.mlp.up_proj.weight' contains NaN or Inf" in err
+    assert capsys.readouterr().err == ("seme: error: input tensor 'model.layers.1.mlp.up_proj.weight' of broken "
+                                       "contains NaN or Inf (pass --allow-nonfinite to merge it anyway)\n")
     assert not (tmp_path / "out").exists()
     assert main([str(recipe), str(tmp_path / "out"), "--allow-nonfinite", "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "seme: warning: input tensor 'model.layers.1.mlp.up_proj.weight' of broken contains NaN or Inf" in err
     assert torch.isnan(load_file(str(tmp_path / "out" / "model.safetensors"))["model.layers.1.mlp.up_proj.weight"]).any()
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_nonfinite_output_of_finite_inputs_is_an_error(llama_family, tmp_path, capsys, backend):
+    # weights whose sum overflows float16 (the norms' weights are 1): finite inputs, an Inf output
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "out_dtype": "float16", "models": [
+        {"model": llama_family["expert0"], "parameters": {"weight": 1e5}},
+        {"model": llama_family["base"], "parameters": {"weight": 1e5}}], "parameters": {"normalize": False}}))
+    assert main([str(recipe), str(tmp_path / "out"), "--backend", backend]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seme: error: the merged tensor '") and "contains NaN or Inf (pass --allow-nonfinite" in err
+    assert "input tensor" not in err
 
 
 def test_full_disk_is_found_before_starting(llama_family, tmp_path, capsys, monkeypatch):

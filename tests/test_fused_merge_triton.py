@@ -173,6 +173,51 @@ def test_a_dropped_models_nonfinite_values_are_dropped_too(method):
     check(method, inputs, {"weight": [0.7, 0.4, 1.1], "density": density})
 
 
+@pytest.mark.parametrize("method", ["ties", "sce"])
+def test_the_engine_merges_a_nonfinite_input_as_the_reference(llama_family, tmp_path, monkeypatch, method):
+    # The kernels leave a NaN that sign election or selection masks out of the output, where the
+    # reference (as mergekit) lets NaN * 0 through; they report no finiteness, as on a GPU, so the
+    # engine scans the inputs and, with --allow-nonfinite, writes the reference's tensor.
+    import seme
+    from conftest import load_folder, with_bad_element
+    from seme import backend, engine
+    from seme.errors import SemeError
+
+    broken = "model.layers.1.mlp.up_proj.weight"
+    bad = with_bad_element(llama_family["expert0"], tmp_path / "bad", broken, float("nan"))
+    recipe = {"merge_method": method, "base_model": llama_family["base"], "models": [{"model": bad},
+              {"model": llama_family["expert1"]}], "parameters": {"weight": 1.0, "density": 0.4, "select_topk": 0.5}}
+    if method == "sce":
+        del recipe["parameters"]["weight"], recipe["parameters"]["density"]
+    else:
+        del recipe["parameters"]["select_topk"]
+    kernel_outputs = []
+
+    def triton_kernel(name, device):
+        def merge(inputs, params, out_dtype):
+            if inputs.name != broken:
+                return None  # the reference: the interpreter is slow
+            on_device = Inputs(tuple(t.to(DEVICE) for t in inputs.tensors), inputs.base_index, inputs.name,
+                               inputs.seed)
+            kernel_outputs.append(fm.fused_merge(name, on_device, params, out_dtype).cpu())
+            return backend.Merged(kernel_outputs[-1])
+        return merge
+
+    monkeypatch.setattr(backend, "_fused", triton_kernel)
+    monkeypatch.setattr("seme.executor.make_engine", lambda plan, device, name, world, allow_nonfinite:
+                        engine.TorchEngine(plan, device, name, allow_nonfinite=allow_nonfinite))
+    with pytest.raises(SemeError, match=f"input tensor '{broken}' of bad contains NaN or Inf"):
+        seme.merge(recipe, str(tmp_path / "refused"), backend="fused")
+    seme.merge(recipe, str(tmp_path / "fused"), backend="fused", allow_nonfinite=True)
+    seme.merge(recipe, str(tmp_path / "reference"), backend="reference", allow_nonfinite=True)
+    merged, expected = load_folder(tmp_path / "fused"), load_folder(tmp_path / "reference")
+    # the kernel's own tensor is not the reference's: ties' is finite, SCE's NaN in whole blocks
+    assert len(kernel_outputs) == 2 and not torch.equal(kernel_outputs[1].isnan(), expected[broken].isnan())
+    assert merged.keys() == expected.keys()
+    for name in merged:
+        torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("payload", [0x7FC00000, 0x7FFFFFFF, -1])  # -1: 0xFFFFFFFF
 def test_nan_written_to_bfloat16_stays_nan(payload):
     # A GPU's arithmetic gives NaN as 0x7FFFFFFF, which rounding the bits by hand carried into -0.

@@ -153,8 +153,8 @@ def _torch_engines(monkeypatch, stage: bool) -> list:
     """Merges run on TorchEngines staging (or not) on the CPU; the engines made, in order."""
     made = []
 
-    def make(plan, device, backend, world):
-        made.append(engine.TorchEngine(plan, device, backend, stage=stage))
+    def make(plan, device, backend, world, allow_nonfinite):
+        made.append(engine.TorchEngine(plan, device, backend, stage=stage, allow_nonfinite=allow_nonfinite))
         return made[-1]
 
     monkeypatch.setattr("seme.executor.make_engine", make)
