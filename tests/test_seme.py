@@ -804,7 +804,8 @@ def test_too_few_shared_tokens_to_align_are_refused(tmp_path, capsys):
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path / "source")
-    recipe = {"merge_method": "seme", "base_model": str(tmp_path / "pivot"), "models": [{"model": str(tmp_path / "source")}]}
+    recipe = {"merge_method": "seme", "base_model": str(tmp_path / "pivot"),
+              "models": [{"model": str(tmp_path / "source")}]}
     (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
     assert main([str(tmp_path / "r.yml"), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
@@ -909,12 +910,14 @@ def test_a_tokenizer_that_is_its_own_code_gives_no_vocabulary_to_map_by(tmp_path
         build_model(tmp_path / folder, "llama", hidden=HIDDEN, vocab=rows, base_state=pivot if rows == VOCAB else None,
                     delta=0.05)
         settings = json.loads((tmp_path / folder / "tokenizer_config.json").read_text())
-        settings.update(tokenizer_class="OwnTokenizer", auto_map={"AutoTokenizer": ["tokenization_own.OwnTokenizer", None]})
+        settings.update(tokenizer_class="OwnTokenizer",
+                        auto_map={"AutoTokenizer": ["tokenization_own.OwnTokenizer", None]})
         (tmp_path / folder / "tokenizer_config.json").write_text(json.dumps(settings))
     report = seme_merge(str(tmp_path / "pivot"), [str(tmp_path / "source")], tmp_path / "out", alignment="never")
     assert report["sources"][0]["shared_tokens"] == VOCAB
     capsys.readouterr()
-    recipe = {"merge_method": "seme", "base_model": str(tmp_path / "pivot"), "models": [{"model": str(tmp_path / "longer")}]}
+    recipe = {"merge_method": "seme", "base_model": str(tmp_path / "pivot"),
+              "models": [{"model": str(tmp_path / "longer")}]}
     (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
     assert main([str(tmp_path / "r.yml"), str(tmp_path / "refused")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
