@@ -15,6 +15,7 @@ the vocabulary (`pad_to_multiple_of`) take the mean of the model's token rows.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -200,12 +201,12 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
         """Its vocabulary is the one transformers gives it, and a copy of its files: tokenizer.json's tokens and
         those its tokenizer_config.json adds (a pad token it names, its added_tokens_decoder), as in mergekit."""
         if m not in loaded:
-            loaded[m] = _load_tokenizer(m)
+            loaded[m] = load_tokenizer(m, "config: tokenizer_source")
         return loaded[m]
 
-    read = [tokenizer_of(m).get_vocab() for m in models]
-    vocabs = {i: _with_rows(m, vocab) for i, (m, vocab) in enumerate(zip(models, read))}
-    past = len(read[base]) - len(vocabs[base])
+    whole = [tokenizer_of(m).get_vocab() for m in models]
+    vocabs = {i: _with_rows(m, vocab) for i, (m, vocab) in enumerate(zip(models, whole))}
+    past = len(whole[base]) - len(vocabs[base])
     if source in ("base", "union") and past:
         raise SemeError(f"config: tokenizer_source: {source}: the tokenizer of {models[base].name} has "
                         f"{past} tokens past its vocab_size ({vocab_size(models[base])}); give a model "
@@ -258,18 +259,70 @@ def plan(source: str, pad_to_multiple_of: int | None, models: list[ModelFolder],
     return Remap(size, tokens, rows, base, built, overrides, {i: tok for tok, i in vocabs[base].items()})
 
 
-def _load_tokenizer(model: ModelFolder):
+class TokenizerCode(SemeError):
+    """The model's tokenizer is its own code (tokenizer_config.json's auto_map), which seme never runs."""
+
+
+def load_tokenizer(model: ModelFolder, what: str):
+    """The model's tokenizer as transformers loads it from its files: tokenizer.json, else the vocabulary its class
+    reads (vocab.json and merges.txt, a SentencePiece tokenizer.model, ...), with the tokens tokenizer_config.json
+    (its added_tokens_decoder, a pad token it names) and added_tokens.json add. Never the model's code: without
+    trust_remote_code=False transformers asks on stdin whether to run the code a config's auto_map names.
+    Errors start with `what`."""
     if not model.tokenizer_files():  # transformers' error names the classes it tried, not the missing files
-        raise SemeError(f"config: tokenizer_source: {model.name} has no tokenizer files to read its vocabulary from")
+        raise SemeError(f"{what}: {model.name} has no tokenizer files to read its vocabulary from")
     import transformers
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     try:
-        return transformers.AutoTokenizer.from_pretrained(model.path, use_fast=True)
+        return transformers.AutoTokenizer.from_pretrained(model.path, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
-        raise SemeError(f"config: tokenizer: cannot load the tokenizer of {model.name}: "
+        if _tokenizer_code(model):
+            raise TokenizerCode(f"{what}: the tokenizer of {model.name} is its own code (tokenizer_config.json's "
+                                f"auto_map), which seme never runs") from None
+        raise SemeError(f"{what}: cannot load the tokenizer of {model.name}: "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _tokenizer_code(model: ModelFolder) -> bool:
+    try:
+        with open(os.path.join(model.path, "tokenizer_config.json"), encoding="utf-8") as f:
+            auto_map = json.load(f).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(auto_map, list) or isinstance(auto_map, dict) and "AutoTokenizer" in auto_map
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """A model's tokens, as load_tokenizer reads them, and how their strings spell text."""
+
+    ids: dict[str, int]  # token -> id
+    added: frozenset[str]  # added tokens: their strings are their text
+    byte_level: bool  # the others spell bytes in GPT-2's byte-to-unicode alphabet ('Ġ' a space)
+
+
+def read(model: ModelFolder, what: str) -> Vocabulary | None:
+    """The model's vocabulary (load_tokenizer), or None where the folder has no tokenizer files or its tokenizer is
+    its own code: no vocabulary seme can read."""
+    if not model.tokenizer_files():
+        return None
+    try:
+        tokenizer = load_tokenizer(model, what)
+    except TokenizerCode:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a slow (Python) tokenizer has none: no byte level
+    decoder = json.loads(backend.decoder.__getstate__()) if backend is not None and backend.decoder else None
+    return Vocabulary(tokenizer.get_vocab(), frozenset(t.content for t in tokenizer.added_tokens_decoder.values()),
+                      _has_type(decoder, "ByteLevel"))
+
+
+def _has_type(node, kind: str) -> bool:
+    """Whether a tokenizers component's settings (a decoder's; a Sequence nests others) hold one of type `kind`."""
+    if isinstance(node, dict):
+        return node.get("type") == kind or any(_has_type(v, kind) for v in node.values())
+    return isinstance(node, list) and any(_has_type(v, kind) for v in node)
 
 
 def _union(tokenizers: list, base: int, vocabs: dict[int, dict[str, int]]):

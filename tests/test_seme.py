@@ -720,3 +720,206 @@ def test_a_token_table_of_the_first_tokens_follows_them(tmp_path):
     for token in range(rows):
         from_source = token % 5 and where[token] < rows
         torch.testing.assert_close(out[table][token], (source if from_source else pivot)[table][token], msg=str(token))
+
+
+def move_to_tokenizer_config(folder, token: str) -> None:
+    """`token` taken out of the folder's tokenizer.json and added by its tokenizer_config.json instead (its
+    added_tokens_decoder), at the same id: transformers loads the same vocabulary."""
+    data = json.loads((folder / "tokenizer.json").read_text())
+    token_id = data["model"]["vocab"].pop(token)
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings.setdefault("added_tokens_decoder", {})[str(token_id)] = {
+        "content": token, "special": False, "lstrip": False, "rstrip": False, "normalized": True, "single_word": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+
+
+def test_a_token_the_tokenizer_config_adds_is_mapped(tmp_path):
+    # SeMe reads each vocabulary as transformers loads it (seme.vocabulary.read), as tokenizer_source does: a token
+    # that tokenizer_config.json adds is the model's too, and its rows follow it through a permuted vocabulary
+    from safetensors.torch import save_file
+
+    pivot = build_model(tmp_path / "pivot", "llama", hidden=HIDDEN, vocab=VOCAB)
+    source = build_model(tmp_path / "source", "llama", hidden=HIDDEN, vocab=VOCAB, base_state=pivot, delta=0.05)
+    added = VOCAB - 1
+    perm = [*torch.randperm(added, generator=torch.Generator().manual_seed(0)).tolist(), added]
+    save_file({k: v[perm].contiguous() if k in ("model.embed_tokens.weight", "lm_head.weight") else v
+               for k, v in source.items()}, str(tmp_path / "source" / "model.safetensors"), metadata={"format": "pt"})
+    data = json.loads((tmp_path / "source" / "tokenizer.json").read_text())  # source id j is pivot token perm[j]
+    words = {i: w for w, i in data["model"]["vocab"].items()}
+    data["model"]["vocab"] = {words[p]: j for j, p in enumerate(perm)}
+    (tmp_path / "source" / "tokenizer.json").write_text(json.dumps(data))
+    for folder in ("pivot", "source"):
+        move_to_tokenizer_config(tmp_path / folder, f"w{added - 3}")
+
+    report = seme_merge(str(tmp_path / "pivot"), [str(tmp_path / "source")], tmp_path / "out", alignment="never")
+    assert report["sources"][0]["shared_tokens"] == VOCAB
+    out = load_folder(tmp_path / "out")
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        torch.testing.assert_close(out[key], source[key], msg=key)  # one source, select_topk 1: its rows
+
+
+def test_a_padded_head_with_the_same_tokenizer_is_mapped(tmp_path):
+    # the same tokenizer, the source's head padded to more rows: its tokens' rows are merged, its padding dropped
+    # (it was refused as having no tokenizer.json to map its rows)
+    pivot = build_model(tmp_path / "pivot", "llama", hidden=HIDDEN, vocab=VOCAB)
+    source = build_model(tmp_path / "source", "llama", hidden=HIDDEN, vocab=VOCAB + 32, seed=1)
+    save_tokenizer(tmp_path / "source", VOCAB)
+    report = seme_merge(str(tmp_path / "pivot"), [str(tmp_path / "source")], tmp_path / "out", alignment="never")
+    assert report["sources"][0]["shared_tokens"] == VOCAB
+    out = load_folder(tmp_path / "out")
+    assert out["lm_head.weight"].shape == pivot["lm_head.weight"].shape
+    torch.testing.assert_close(out["lm_head.weight"], source["lm_head.weight"][:VOCAB])
+
+
+@pytest.mark.parametrize("model", ["pivot", "source"])
+def test_a_tokenizer_past_the_head_rows_is_refused_in_one_line(tmp_path, capsys, model):
+    # a token without a row (a tokenizer that is not the model's) failed with an IndexError while aligning
+    pivot = build_model(tmp_path / "pivot", "llama", hidden=HIDDEN, vocab=VOCAB)
+    build_model(tmp_path / "source", "llama", hidden=HIDDEN, vocab=VOCAB, base_state=pivot, delta=0.05)
+    save_tokenizer(tmp_path / "source", VOCAB)
+    save_tokenizer(tmp_path / model, VOCAB + 4)
+    data = json.loads((tmp_path / "source" / "tokenizer.json").read_text())  # the source's vocabulary differs
+    data["model"]["vocab"] = {w: len(data["model"]["vocab"]) - 1 - i for w, i in data["model"]["vocab"].items()}
+    (tmp_path / "source" / "tokenizer.json").write_text(json.dumps(data))
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "seme", "base_model": str(tmp_path / "pivot"),
+                                      "models": [{"model": str(tmp_path / "source")}]}))
+    assert main([str(recipe), str(tmp_path / "out")]) == 2
+    first = "w125" if model == "pivot" else "w0"  # the source's ids are reversed
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"seme: error: SeMe: the tokenizer of {model} has 4 tokens past its LM head's {VOCAB} rows ('{first}' is "
+        f"{VOCAB}): it is not the model's vocabulary"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_few_shared_tokens_to_align_are_refused(tmp_path, capsys):
+    # the alignment map sums a rank-one term per shared token: fewer than the hidden size leave it undetermined
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pivot = build_model(tmp_path / "pivot", "llama", hidden=HIDDEN, vocab=VOCAB)
+    build_model(tmp_path / "source", "llama", hidden=HIDDEN, vocab=VOCAB, base_state=pivot, delta=0.05)
+    words = [f"w{i}" if i < HIDDEN - 1 else f"other{i}" for i in range(VOCAB)]  # w0 .. w30 shared
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path / "source")
+    recipe = {"merge_method": "seme", "base_model": str(tmp_path / "pivot"),
+              "models": [{"model": str(tmp_path / "source")}]}
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+    assert main([str(tmp_path / "r.yml"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"seme: error: SeMe: source shares {HIDDEN - 1} tokens with the pivot, fewer than the hidden size {HIDDEN}: "
+        f"too few to determine the alignment; set alignment: never to merge without it"]
+    report = seme_merge(str(tmp_path / "pivot"), [str(tmp_path / "source")], tmp_path / "never", alignment="never")
+    assert report["sources"][0]["shared_tokens"] == HIDDEN - 1
+
+
+TEXTS = ["the cat sat on the mat", "été naïve café crème brûlée", "日本語のテキストです", "line one\nline two\tand tabs",
+         "Ġ is a Maltese letter", "the quick brown fox jumps over the lazy dog"]
+
+
+def byte_level_tokenizer(folder, size: int) -> None:
+    """A byte-level BPE tokenizer (GPT-2's, Llama 3's, Qwen's kind) trained on TEXTS, as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS * 50, trainers.BpeTrainer(vocab_size=size, special_tokens=["<|endoftext|>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        os.remove(os.path.join(folder, name))
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
+
+
+def sentencepiece_only(folder, size: int) -> None:
+    """A SentencePiece BPE model with byte fallback (Llama 2's, Mistral's kind) trained on TEXTS, as the folder's
+    only vocabulary: tokenizer.model, no tokenizer.json."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS * 50), model_writer=model, vocab_size=size,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        os.remove(os.path.join(folder, name))
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+
+
+def test_a_byte_level_and_a_sentencepiece_vocabulary_share_the_tokens_that_spell_the_same_text(tmp_path):
+    # a byte-level BPE pivot (of fewer tokens than rows: padding) and a source whose only vocabulary is a
+    # SentencePiece tokenizer.model: tokens are the same where they spell the same text, as each tokenizer's own
+    # decoder says ('Ġcat' and '▁cat', 'Ã©' and 'é', 'Ċ' and '<0x0A>'); the same string is not the same token where
+    # it spells other text (byte-level 'Ġ' is a space, SentencePiece's a letter). The strings alone shared ~a quarter.
+    import unicodedata
+
+    from transformers import AutoTokenizer
+
+    from seme.io.model import ModelFolder
+    from seme.semantic import vocab
+    from seme.vocabulary import read
+
+    pivot = build_model(tmp_path / "pivot", "llama", hidden=HIDDEN, vocab=384)
+    byte_level_tokenizer(tmp_path / "pivot", 360)
+    build_model(tmp_path / "source", "llama", hidden=HIDDEN, vocab=400, seed=1)
+    sentencepiece_only(tmp_path / "source", 400)
+
+    def texts(folder) -> dict[int, str]:
+        """Each token's text by its tokenizer's own decoder (after a letter: SentencePiece drops a leading space),
+        where it is whole characters."""
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        out = {}
+        for token, i in tokenizer.get_vocab().items():
+            text = tokenizer.convert_tokens_to_string(["a", token])[1:] if i not in tokenizer.added_tokens_decoder \
+                else token
+            if "\ufffd" not in text:
+                out[i] = unicodedata.normalize("NFKC", text)
+        return out
+
+    pivot_texts, source_texts = texts(tmp_path / "pivot"), texts(tmp_path / "source")
+    token_map = vocab.token_map(read(ModelFolder(str(tmp_path / "pivot")), "SeMe"),
+                                read(ModelFolder(str(tmp_path / "source")), "SeMe"), 384)
+    assert token_map[360:] == [-1] * 24  # padding rows
+    for i, text in pivot_texts.items():
+        if text in source_texts.values():
+            assert source_texts[token_map[i]] == text, (i, text)
+        else:
+            assert token_map[i] < 0, (i, text)
+    pivot_ids = AutoTokenizer.from_pretrained(tmp_path / "pivot").get_vocab()
+    source_ids = AutoTokenizer.from_pretrained(tmp_path / "source").get_vocab()
+    assert token_map[pivot_ids["Ã"]] == source_ids["<0xC3>"]  # a piece of a character: the same byte
+    shared = sum(j >= 0 for j in token_map)
+    assert shared > 0.8 * len(pivot_texts)
+
+    report = seme_merge(str(tmp_path / "pivot"), [str(tmp_path / "source")], tmp_path / "out", alignment="never")
+    assert report["sources"][0]["shared_tokens"] == shared
+    out, source = load_folder(tmp_path / "out"), load_folder(tmp_path / "source")
+    mapped = [i for i, j in enumerate(token_map) if j >= 0]
+    torch.testing.assert_close(out["lm_head.weight"][mapped], source["lm_head.weight"][[token_map[i] for i in mapped]])
+    torch.testing.assert_close(out["lm_head.weight"][360:], pivot["lm_head.weight"][360:])
+
+
+def test_a_tokenizer_that_is_its_own_code_gives_no_vocabulary_to_map_by(tmp_path, capsys):
+    # seme never runs a model's code (tokenizer_config.json's auto_map): as without tokenizer files, the rows are
+    # taken as the same tokens where their counts agree, and refused where they do not
+    pivot = build_model(tmp_path / "pivot", "llama", hidden=HIDDEN, vocab=VOCAB)
+    for folder, rows in (("source", VOCAB), ("longer", VOCAB + 32)):
+        build_model(tmp_path / folder, "llama", hidden=HIDDEN, vocab=rows, base_state=pivot if rows == VOCAB else None,
+                    delta=0.05)
+        settings = json.loads((tmp_path / folder / "tokenizer_config.json").read_text())
+        settings.update(tokenizer_class="OwnTokenizer",
+                        auto_map={"AutoTokenizer": ["tokenization_own.OwnTokenizer", None]})
+        (tmp_path / folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    report = seme_merge(str(tmp_path / "pivot"), [str(tmp_path / "source")], tmp_path / "out", alignment="never")
+    assert report["sources"][0]["shared_tokens"] == VOCAB
+    capsys.readouterr()
+    recipe = {"merge_method": "seme", "base_model": str(tmp_path / "pivot"),
+              "models": [{"model": str(tmp_path / "longer")}]}
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+    assert main([str(tmp_path / "r.yml"), str(tmp_path / "refused")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"seme: error: SeMe: longer has {VOCAB + 32} token rows, the pivot {VOCAB}, and no vocabulary to map them by: "
+        f"longer has a tokenizer that is its own code, which seme never runs"]

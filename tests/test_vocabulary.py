@@ -410,8 +410,8 @@ def test_a_base_tokenizer_past_its_vocab_size_is_refused(llama_family, tmp_path,
 @pytest.mark.parametrize("token_id", ["5", 0.5, -1, None])
 @pytest.mark.parametrize("reader", ["tokenizer_source", "seme"])
 def test_a_vocabulary_whose_ids_are_no_row_numbers_is_refused(llama_family, tmp_path, capsys, token_id, reader):
-    # tokenizer_source reads vocabularies as transformers loads them (its tokenizers library refuses the
-    # file); SeMe's vocabulary map reads tokenizer.json itself
+    # tokenizer_source and SeMe read vocabularies as transformers loads them (seme.vocabulary.load_tokenizer): its
+    # tokenizers library refuses the file
     import yaml
 
     from seme.merge import main
@@ -430,7 +430,44 @@ def test_a_vocabulary_whose_ids_are_no_row_numbers_is_refused(llama_family, tmp_
     assert main([str(recipe), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and not (tmp_path / "out").exists()
-    assert err[0].startswith("seme: error: config: tokenizer: cannot load the tokenizer of other: ") \
-        if reader == "tokenizer_source" else \
-        err == [f"seme: error: {other}/tokenizer.json: cannot read the vocabulary: a token id is {token_id!r}, "
-                f"not a row number"]
+    what = "config: tokenizer_source" if reader == "tokenizer_source" else "SeMe"
+    assert err[0].startswith(f"seme: error: {what}: cannot load the tokenizer of other: "), err
+
+
+@pytest.mark.parametrize("reader", ["tokenizer_source", "seme"])
+def test_a_models_own_code_is_never_run_to_read_its_vocabulary(llama_family, tmp_path, monkeypatch, reader):
+    # unless told trust_remote_code=False, transformers asks on stdin whether to run the code a config's auto_map
+    # names (waiting 15 s in a terminal), and runs it on a yes: seme never runs a model's code, nor asks
+    import builtins
+
+    asked = []
+    monkeypatch.setattr(builtins, "input", lambda prompt="": asked.append(prompt) or "y")
+    own = tmp_path / "own"
+    shutil.copytree(llama_family["expert0"], own)
+    config = json.loads((own / "config.json").read_text())
+    config.update(model_type="own_llama", auto_map={"AutoConfig": "configuration_own.OwnConfig"})
+    (own / "config.json").write_text(json.dumps(config))
+    (own / "configuration_own.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    recipe = ties([str(own)], llama_family["base"], tokenizer_source="union") if reader == "tokenizer_source" else \
+        {"merge_method": "seme", "base_model": llama_family["base"], "models": [{"model": str(own)}],
+         "dtype": "float32"}
+    seme.merge(recipe, str(tmp_path / "out"), progress=False)
+    assert not asked and not (tmp_path / "ran").exists()
+
+
+def test_a_tokenizer_that_is_its_own_code_is_refused_in_one_line(llama_family, tmp_path, capsys):
+    import yaml
+
+    from seme.merge import main
+
+    own = tmp_path / "own"
+    shutil.copytree(llama_family["expert0"], own)
+    settings = json.loads((own / "tokenizer_config.json").read_text())
+    settings.update(tokenizer_class="OwnTokenizer", auto_map={"AutoTokenizer": ["tokenization_own.OwnTokenizer", None]})
+    (own / "tokenizer_config.json").write_text(json.dumps(settings))
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(ties([str(own)], llama_family["base"], tokenizer_source="union")))
+    assert main([str(recipe), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "seme: error: config: tokenizer_source: the tokenizer of own is its own code (tokenizer_config.json's "
+        "auto_map), which seme never runs"]

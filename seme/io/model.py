@@ -260,30 +260,3 @@ class ModelFolder:
 
     def _holds(self, file: str) -> bool:
         return os.path.isfile(os.path.join(self.path, file))
-
-    def vocabulary(self) -> dict[str, int] | None:
-        """token -> id from tokenizer.json (or vocab.json), added tokens included; None without either."""
-        path = os.path.join(self.path, "tokenizer.json")
-        try:
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
-                    data = json.load(f)
-                model_vocab = data.get("model", {}).get("vocab", {})
-                if isinstance(model_vocab, list):  # Unigram: [[piece, score], ...]
-                    vocab = {piece: i for i, (piece, _) in enumerate(model_vocab)}
-                else:
-                    vocab = dict(model_vocab)
-                for tok in data.get("added_tokens", []):
-                    vocab[tok["content"]] = tok["id"]
-            else:
-                path = os.path.join(self.path, "vocab.json")
-                if not os.path.isfile(path):
-                    return None
-                with open(path, encoding="utf-8") as f:
-                    vocab = dict(json.load(f))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-            raise SemeError(f"{path}: cannot read the vocabulary: {e}") from None
-        wrong = [i for i in vocab.values() if not isinstance(i, int) or isinstance(i, bool) or i < 0]
-        if wrong:  # ids index rows
-            raise SemeError(f"{path}: cannot read the vocabulary: a token id is {wrong[0]!r}, not a row number")
-        return vocab

@@ -1,11 +1,11 @@
 """SeMe's planning and alignment pre-pass: how each source tensor is carried into the pivot's
 coordinates before Select / Compute / Erase (METHOD §3–§5, §7).
 
-Planning (headers only) maps pivot layers to source layers (§4), builds vocabulary maps (§5 of
-the issue: shared tokens by string) and checks shapes. Before the streaming pass, `prepare` reads
-the LM heads, computes semantic bases (§1) and one orthogonal alignment per source (§3), skipped
-when it is within `align_tolerance` of the identity. During the pass, `SemanticContext.load`
-builds each aligned, interpolated, vocabulary-mapped source tensor.
+Planning (headers and tokenizers only) maps pivot layers to source layers (§4), builds vocabulary
+maps (shared tokens by string, then by the text they spell: vocab.py) and checks shapes. Before the
+streaming pass, `prepare` reads the LM heads, computes semantic bases (§1) and one orthogonal
+alignment per source (§3), skipped when it is within `align_tolerance` of the identity. During the
+pass, `SemanticContext.load` builds each aligned, interpolated, vocabulary-mapped source tensor.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from seme.plan import model_depth
 from seme.semantic import alignment, layers, vocab
 from seme.semantic.bases import semantic_bases
 from seme.semantic.mapping import js_divergence, mean_distribution
+from seme.vocabulary import Vocabulary, read
 
 _SIGNATURE_COLUMNS = 256
 # The drift report's cost grows with V x d (each signature is a [256, d] x [d, V] product): it is
@@ -77,10 +78,12 @@ def plan_sources(recipe, method, models, archs, index):
     parch = archs[pivot]
     d = parch.hidden_size(models[pivot].config)
     layer_maps, token_maps, heads = {}, {}, {}
-    piv_vocab = models[pivot].vocabulary()
     for m in [pivot] + sources:
         heads[m] = _head_names(models[m], archs[m])
         _check_head(models[m], *heads[m], width=d)
+    settings = settings_of(recipe, method)
+    v_piv = models[pivot].tensors[heads[pivot][0]].shape[0]
+    piv_vocab = _vocabulary(models[pivot], v_piv)
     for m in sources:
         arch, name = archs[m], models[m].name
         if arch is not parch:  # one object per family variant
@@ -91,17 +94,37 @@ def plan_sources(recipe, method, models, archs, index):
                             f"sources of another width are not supported yet")
         layer_maps[m] = layers.layer_map(model_depth(parch, models[pivot]), model_depth(arch, models[m]))
         v_src = models[m].tensors[heads[m][0]].shape[0]
-        v_piv = models[pivot].tensors[heads[pivot][0]].shape[0]
-        src_vocab = models[m].vocabulary()
-        if piv_vocab is not None and src_vocab is not None and piv_vocab != src_vocab:
-            token_maps[m] = vocab.token_map(piv_vocab, src_vocab, v_piv)
-            if all(j < 0 for j in token_maps[m]):
-                raise SemeError(f"SeMe: {name} shares no token with the pivot's vocabulary")
-        elif v_src != v_piv:
-            raise SemeError(f"SeMe: {name} has {v_src} tokens, the pivot {v_piv}, and no tokenizer.json to map them")
-        else:
+        src_vocab = _vocabulary(models[m], v_src)
+        unread = models[pivot] if piv_vocab is None else models[m] if src_vocab is None else None
+        if unread is not None:  # no vocabulary to map by: the rows are taken as the same tokens
+            if v_src != v_piv:
+                why = "has no tokenizer files" if not unread.tokenizer_files() else \
+                    "has a tokenizer that is its own code, which seme never runs"
+                raise SemeError(f"SeMe: {name} has {v_src} token rows, the pivot {v_piv}, and no vocabulary to map "
+                                f"them by: {unread.name} {why}")
             token_maps[m] = None
-    return SemanticPlan(pivot, sources, layer_maps, token_maps, settings_of(recipe, method), heads)
+        elif src_vocab.ids == piv_vocab.ids and v_src == v_piv:
+            token_maps[m] = None
+        else:
+            token_maps[m] = vocab.token_map(piv_vocab, src_vocab, v_piv)
+            shared = sum(j >= 0 for j in token_maps[m])
+            if not shared:
+                raise SemeError(f"SeMe: {name} shares no token with the pivot's vocabulary")
+            if shared < d and settings["alignment"] != "never":  # A = Σ over shared tokens of rank-one terms
+                raise SemeError(f"SeMe: {name} shares {shared} tokens with the pivot, fewer than the hidden size "
+                                f"{d}: too few to determine the alignment; set alignment: never to merge without it")
+    return SemanticPlan(pivot, sources, layer_maps, token_maps, settings, heads)
+
+
+def _vocabulary(model, rows: int) -> Vocabulary | None:
+    """The model's vocabulary (seme.vocabulary.read), checked to index its LM head's rows: rows past its tokens
+    (padding) are no token's, but a token past its rows has none, and its tokenizer is not the model's."""
+    vocabulary = read(model, "SeMe")
+    past = sorted((i, tok) for tok, i in vocabulary.ids.items() if i >= rows) if vocabulary is not None else []
+    if past:
+        raise SemeError(f"SeMe: the tokenizer of {model.name} has {len(past)} tokens past its LM head's {rows} rows "
+                        f"({past[0][1]!r} is {past[0][0]}): it is not the model's vocabulary")
+    return vocabulary
 
 
 def _head_names(model, arch) -> tuple[str, str | None]:
