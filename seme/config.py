@@ -345,7 +345,8 @@ _VALUE_READERS = {int: _number_read, float: _number_read, bool: _bool_read}
 def _dtype(value: Any, key: str) -> str | None:
     if value is None:
         return None
-    name = _DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+    # mergekit also reads torch's spelling, torch.bfloat16
+    name = _DTYPE_ALIASES.get(value, value.removeprefix("torch.")) if isinstance(value, str) else value
     if name not in DTYPES:
         raise SemeError(f"config: {key} must be one of {', '.join(DTYPES)}, got {value!r}")
     return name
