@@ -289,3 +289,16 @@ def test_dtypes_in_torch_spelling_merge_as_mergekit_reads_them(llama_family, tmp
                          {"model": m["expert0"], "parameters": {"weight": 0.7}}]}
     assert_merged_alike(recipe, tmp_path)
     assert json.loads((tmp_path / "seme" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_filters_name_a_tied_models_head_lm_head_as_mergekit_does(llama_family, tmp_path):
+    # the tied model's head is read from its embedding, but a filter sees it as lm_head.weight
+    from conftest import build_model
+
+    tied = tmp_path / "tied"
+    build_model(tied, tied=True, base_state=load_folder(llama_family["base"]), seed=4)
+    recipe = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": llama_family["base"], "parameters": {"weight": 0.5}},
+                         {"model": str(tied), "parameters": {"weight": [{"filter": "lm_head", "value": 0.9},
+                                                                        {"value": 0.1}]}}]}
+    assert_merged_alike(recipe, tmp_path)
