@@ -271,7 +271,11 @@ def _check_setting(setting: Any, where: str) -> None:
         _check_keys(setting, CONDITION_KEYS, where)
         if "value" not in setting:
             raise SemeError(f"{where}: a conditional parameter needs a 'value'")
-        _check_setting(setting["value"], where)
+        value = setting["value"]
+        if isinstance(value, dict) or isinstance(value, list) and not all(isinstance(e, scalar) for e in value):
+            raise SemeError(f"{where}: a condition's value must be a number or a list of numbers (gradient), "
+                            f"not further conditions, got {value!r}")  # as mergekit's schema has it
+        _check_setting(value, where)
         flt = setting.get("filter")
         if flt is not None:
             if not isinstance(flt, str):
