@@ -271,7 +271,11 @@ def _check_setting(setting: Any, where: str) -> None:
         _check_keys(setting, CONDITION_KEYS, where)
         if "value" not in setting:
             raise SemeError(f"{where}: a conditional parameter needs a 'value'")
-        _check_setting(setting["value"], where)
+        value = setting["value"]
+        if isinstance(value, dict) or isinstance(value, list) and not all(isinstance(e, scalar) for e in value):
+            raise SemeError(f"{where}: a condition's value must be a number or a list of numbers (gradient), "
+                            f"not further conditions, got {value!r}")  # as mergekit's schema has it
+        _check_setting(value, where)
         flt = setting.get("filter")
         if flt is not None:
             if not isinstance(flt, str):
@@ -345,7 +349,8 @@ _VALUE_READERS = {int: _number_read, float: _number_read, bool: _bool_read}
 def _dtype(value: Any, key: str) -> str | None:
     if value is None:
         return None
-    name = _DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+    # mergekit also reads torch's spelling, torch.bfloat16
+    name = _DTYPE_ALIASES.get(value, value.removeprefix("torch.")) if isinstance(value, str) else value
     if name not in DTYPES:
         raise SemeError(f"config: {key} must be one of {', '.join(DTYPES)}, got {value!r}")
     return name

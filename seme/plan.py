@@ -774,11 +774,13 @@ class _Builder:
                     supplied[param.name] = value
                 continue
             values = []
-            for i, (s, (_, name)) in enumerate(zip(sources, inputs)):
+            for i, s in enumerate(sources):
                 if param.scope == "non_base" and i == base_index:
                     continue
+                # filters see the input's name in its model's layout, as mergekit's do: a tied model's head is
+                # lm_head.weight, though it is read from the embedding
                 value = _resolve(param.name, [s.parameters, sl.parameters, sl.module_parameters, recipe.parameters],
-                                 name, t)
+                                 names_in[s.model], t)
                 if value is None:
                     if param.required:
                         raise SemeError(f"{where}: parameter '{param.name}' has no value for "

@@ -101,6 +101,8 @@ CASES = {
     "random_seed type": (lambda m: ties(m, random_seed="abc"), "random_seed must be a non-negative integer"),
     "della epsilon": (lambda m: {"merge_method": "della", "base_model": m["base"], "parameters": {
         "weight": 1.0, "density": 0.1, "epsilon": 0.2}, "models": [{"model": m["expert0"]}]}, "DELLA needs 0 < density - epsilon"),
+    "nested conditions": (lambda m: ties(m, parameters={"density": {"filter": "mlp", "value": [{"filter": "up", "value": 0.5}]}}),
+                          "parameters.density: a condition's value must be a number or a list of numbers (gradient), not further"),
     "unknown key in a model": (lambda m: ties(m, models=[{"model": m["expert0"], "paramters": {}}]),
                                "models[0]: unknown key 'paramters' (did you mean 'parameters'?)"),
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 
 import pytest
 import torch
@@ -278,3 +279,26 @@ def test_randomized_methods_are_reproducible_under_random_seed(method, llama_fam
     name = "model.layers.0.mlp.up_proj.weight"
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
     assert not torch.equal(outs[0][name], outs[2][name])
+
+
+def test_dtypes_in_torch_spelling_merge_as_mergekit_reads_them(llama_family, tmp_path):
+    # mergekit takes dtype: torch.float32 as float32; seme writes the plain name in config.json
+    m = llama_family
+    recipe = {"merge_method": "linear", "dtype": "torch.float32", "out_dtype": "torch.bfloat16",
+              "models": [{"model": m["base"], "parameters": {"weight": 0.3}},
+                         {"model": m["expert0"], "parameters": {"weight": 0.7}}]}
+    assert_merged_alike(recipe, tmp_path)
+    assert json.loads((tmp_path / "seme" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_filters_name_a_tied_models_head_lm_head_as_mergekit_does(llama_family, tmp_path):
+    # the tied model's head is read from its embedding, but a filter sees it as lm_head.weight
+    from conftest import build_model
+
+    tied = tmp_path / "tied"
+    build_model(tied, tied=True, base_state=load_folder(llama_family["base"]), seed=4)
+    recipe = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": llama_family["base"], "parameters": {"weight": 0.5}},
+                         {"model": str(tied), "parameters": {"weight": [{"filter": "lm_head", "value": 0.9},
+                                                                        {"value": 0.1}]}}]}
+    assert_merged_alike(recipe, tmp_path)
