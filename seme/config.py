@@ -177,7 +177,19 @@ def _check_keys(d: Any, allowed: set, where: str) -> None:
     for key in d:
         if key in allowed:
             continue
+        if "parameters" in allowed and key in _parameter_names():
+            # A common slip in published recipes (`normalize: true` beside merge_method): mergekit ignores
+            # the key there without a word, so its merge took the parameter's default.
+            raise SemeError(f"{where}: the parameter {str(key)!r} goes under 'parameters:' (mergekit ignores it "
+                            f"here and merges with its default: move it there to set it, or delete it to merge "
+                            f"as mergekit did)")
         raise SemeError(f"{where}: unknown key {str(key)!r}{suggest(key, allowed)}")
+
+
+def _parameter_names() -> set[str]:
+    from seme.methods import registry
+
+    return {p.name for name in registry.names() for p in registry.get(name).params}
 
 
 def _resolve_model(ref: Any, where: str, base_dir: str) -> str:
@@ -268,6 +280,9 @@ def _check_setting(setting: Any, where: str) -> None:
     if isinstance(setting, scalar):
         return
     if isinstance(setting, dict):
+        if "pattern" in setting and "filter" not in setting:  # mergekit's early examples (gradient-slerp.yml)
+            raise SemeError(f"{where}: 'pattern' is the old name of 'filter': write filter: {setting['pattern']} "
+                            f"(mergekit 0.1.5 ignores 'pattern', and so applies this entry to every tensor)")
         _check_keys(setting, CONDITION_KEYS, where)
         if "value" not in setting:
             raise SemeError(f"{where}: a conditional parameter needs a 'value'")

@@ -103,6 +103,15 @@ CASES = {
         "weight": 1.0, "density": 0.1, "epsilon": 0.2}, "models": [{"model": m["expert0"]}]}, "DELLA needs 0 < density - epsilon"),
     "unknown key in a model": (lambda m: ties(m, models=[{"model": m["expert0"], "paramters": {}}]),
                                "models[0]: unknown key 'paramters' (did you mean 'parameters'?)"),
+    # published recipes put parameters beside merge_method (allenai/open-instruct#463: `normalize: true`) or beside
+    # a model, where mergekit ignores them: the line says where they go and what mergekit did
+    "parameter beside merge_method": (lambda m: ties(m, int8_mask=True), "config: the parameter 'int8_mask' goes "
+                                      "under 'parameters:' (mergekit ignores it here and merges with its default"),
+    # examples/gradient-slerp.yml as mergekit's repository had it (commit 4643a47)
+    "pattern for filter": (lambda m: ties(m, parameters={"weight": [{"pattern": "mlp", "value": 0.5}, {"value": 1.0}]}),
+                           "parameters.weight[0]: 'pattern' is the old name of 'filter': write filter: mlp"),
+    "parameter beside a model": (lambda m: ties(m, models=[{"model": m["expert0"], "weight": 0.5}]),
+                                 "models[0]: the parameter 'weight' goes under 'parameters:'"),
 }
 
 
