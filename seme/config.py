@@ -310,12 +310,22 @@ def _check_setting(setting: Any, where: str) -> None:
 
 
 def _parameters(d: Any, where: str, method) -> dict:
+    import warnings
+
     if d is None:
         return {}
     if not isinstance(d, dict):
         raise SemeError(f"{where} must be a mapping, got {type(d).__name__}")
     for name, setting in d.items():
         _check_setting(setting, f"{where}.{name}")
+    # Another method's parameter (int8_mask or normalize copied into an arcee_fusion or slerp recipe, as
+    # published recipes have them) is ignored by mergekit: left out here too, with a word. A name no
+    # method takes is a typo, refused by _check_parameter_names.
+    foreign = [name for name in d if name not in method.param_index and name in _parameter_names()]
+    if foreign:
+        warnings.warn(f"{where}: {method.name} takes no {', '.join(map(repr, foreign))}; mergekit ignores "
+                      f"{'it' if len(foreign) == 1 else 'them'}, and so does seme")
+    d = {name: setting for name, setting in d.items() if name not in foreign}
     readers = {p.name: _VALUE_READERS[p.kind] for p in method.params if p.kind in _VALUE_READERS}
     return {name: _values_read(setting, readers[name]) if name in readers else setting for name, setting in d.items()}
 

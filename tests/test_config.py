@@ -381,6 +381,19 @@ def test_real_process_prints_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_another_methods_parameters_are_ignored_as_in_mergekit(llama_family, tmp_path, capsys):
+    # https://huggingface.co/YOYO-AI/Qwen2.5-14B-Fusion's recipe: arcee_fusion takes no parameters, and mergekit
+    # ignores those copied from a ties recipe; a name no method takes stays refused (CASES: "unknown parameter")
+    m = llama_family
+    plain = {"merge_method": "arcee_fusion", "base_model": m["base"], "models": [{"model": m["expert0"]}]}
+    recipe = dict(plain, parameters={"normalize": True, "int8_mask": True, "rescale": False})
+    status, err, out = run_cli(tmp_path, recipe, capsys)
+    assert status == 0 and err[0] == ("seme: warning: parameters: arcee_fusion takes no 'int8_mask', 'normalize', "
+                                      "'rescale'; mergekit ignores them, and so does seme"), err
+    assert main([write_recipe(tmp_path, plain), str(tmp_path / "plain")]) == 0
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
+
+
 def test_residual_weight_is_read_and_has_no_effect_as_in_mergekit(llama_family, tmp_path, capsys):
     recipe = {"merge_method": "linear", "slices": [{"sources": [
         {"model": llama_family["expert0"], "layer_range": [0, 2], "parameters": {"weight": 1.0}},
