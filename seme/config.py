@@ -187,9 +187,11 @@ def _check_keys(d: Any, allowed: set, where: str) -> None:
 
 
 def _parameter_names() -> set[str]:
+    """The parameters of some method, and those recipes still set that mergekit 0.1.5 reads nowhere
+    (its README's embed_slerp, for the embeddings of a two-model merge with a tokenizer source)."""
     from seme.methods import registry
 
-    return {p.name for name in registry.names() for p in registry.get(name).params}
+    return {p.name for name in registry.names() for p in registry.get(name).params} | {"embed_slerp"}
 
 
 def _resolve_model(ref: Any, where: str, base_dir: str) -> str:

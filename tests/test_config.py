@@ -386,10 +386,11 @@ def test_another_methods_parameters_are_ignored_as_in_mergekit(llama_family, tmp
     # ignores those copied from a ties recipe; a name no method takes stays refused (CASES: "unknown parameter")
     m = llama_family
     plain = {"merge_method": "arcee_fusion", "base_model": m["base"], "models": [{"model": m["expert0"]}]}
-    recipe = dict(plain, parameters={"normalize": True, "int8_mask": True, "rescale": False})
+    # embed_slerp: mergekit's README names it, 0.1.5 reads it nowhere
+    recipe = dict(plain, parameters={"normalize": True, "int8_mask": True, "rescale": False, "embed_slerp": True})
     status, err, out = run_cli(tmp_path, recipe, capsys)
-    assert status == 0 and err[0] == ("seme: warning: parameters: arcee_fusion takes no 'int8_mask', 'normalize', "
-                                      "'rescale'; mergekit ignores them, and so does seme"), err
+    assert status == 0 and err[0] == ("seme: warning: parameters: arcee_fusion takes no 'embed_slerp', 'int8_mask', "
+                                      "'normalize', 'rescale'; mergekit ignores them, and so does seme"), err
     assert main([write_recipe(tmp_path, plain), str(tmp_path / "plain")]) == 0
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
 
