@@ -284,7 +284,7 @@ def _check_setting(setting: Any, where: str) -> None:
     if isinstance(setting, dict):
         if "pattern" in setting and "filter" not in setting:  # mergekit's early examples (gradient-slerp.yml)
             raise SemeError(f"{where}: 'pattern' is the old name of 'filter': write filter: {setting['pattern']} "
-                            f"(mergekit 0.1.5 ignores 'pattern', and so applies this entry to every tensor)")
+                            f"(mergekit 0.1.5 ignores 'pattern': the entry then matches every tensor)")
         _check_keys(setting, CONDITION_KEYS, where)
         if "value" not in setting:
             raise SemeError(f"{where}: a conditional parameter needs a 'value'")
