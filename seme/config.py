@@ -177,7 +177,21 @@ def _check_keys(d: Any, allowed: set, where: str) -> None:
     for key in d:
         if key in allowed:
             continue
+        if "parameters" in allowed and key in _parameter_names():
+            # A common slip in published recipes (`normalize: true` beside merge_method): mergekit ignores
+            # the key there without a word, so its merge took the parameter's default.
+            raise SemeError(f"{where}: the parameter {str(key)!r} goes under 'parameters:' (mergekit ignores it "
+                            f"here and merges with its default: move it there to set it, or delete it to merge "
+                            f"as mergekit did)")
         raise SemeError(f"{where}: unknown key {str(key)!r}{suggest(key, allowed)}")
+
+
+def _parameter_names() -> set[str]:
+    """The parameters of some method, and those recipes still set that mergekit 0.1.5 reads nowhere
+    (its README's embed_slerp, for the embeddings of a two-model merge with a tokenizer source)."""
+    from seme.methods import registry
+
+    return {p.name for name in registry.names() for p in registry.get(name).params} | {"embed_slerp"}
 
 
 def _resolve_model(ref: Any, where: str, base_dir: str) -> str:
@@ -268,6 +282,9 @@ def _check_setting(setting: Any, where: str) -> None:
     if isinstance(setting, scalar):
         return
     if isinstance(setting, dict):
+        if "pattern" in setting and "filter" not in setting:  # mergekit's early examples (gradient-slerp.yml)
+            raise SemeError(f"{where}: 'pattern' is the old name of 'filter': write filter: {setting['pattern']} "
+                            f"(mergekit 0.1.5 ignores 'pattern': the entry then matches every tensor)")
         _check_keys(setting, CONDITION_KEYS, where)
         if "value" not in setting:
             raise SemeError(f"{where}: a conditional parameter needs a 'value'")
@@ -299,12 +316,22 @@ def _check_setting(setting: Any, where: str) -> None:
 
 
 def _parameters(d: Any, where: str, method) -> dict:
+    import warnings
+
     if d is None:
         return {}
     if not isinstance(d, dict):
         raise SemeError(f"{where} must be a mapping, got {type(d).__name__}")
     for name, setting in d.items():
         _check_setting(setting, f"{where}.{name}")
+    # Another method's parameter (int8_mask or normalize copied into an arcee_fusion or slerp recipe, as
+    # published recipes have them) is ignored by mergekit: left out here too, with a word. A name no
+    # method takes is a typo, refused by _check_parameter_names.
+    foreign = [name for name in d if name not in method.param_index and name in _parameter_names()]
+    if foreign:
+        warnings.warn(f"{where}: {method.name} takes no {', '.join(map(repr, foreign))}; mergekit ignores "
+                      f"{'it' if len(foreign) == 1 else 'them'}, and so does seme")
+    d = {name: setting for name, setting in d.items() if name not in foreign}
     readers = {p.name: _VALUE_READERS[p.kind] for p in method.params if p.kind in _VALUE_READERS}
     return {name: _values_read(setting, readers[name]) if name in readers else setting for name, setting in d.items()}
 

@@ -105,6 +105,15 @@ CASES = {
                           "parameters.density: a condition's value must be a number or a list of numbers (gradient), not further"),
     "unknown key in a model": (lambda m: ties(m, models=[{"model": m["expert0"], "paramters": {}}]),
                                "models[0]: unknown key 'paramters' (did you mean 'parameters'?)"),
+    # published recipes put parameters beside merge_method (allenai/open-instruct#463: `normalize: true`) or beside
+    # a model, where mergekit ignores them: the line says where they go and what mergekit did
+    "parameter beside merge_method": (lambda m: ties(m, int8_mask=True), "config: the parameter 'int8_mask' goes "
+                                      "under 'parameters:' (mergekit ignores it here and merges with its default"),
+    # examples/gradient-slerp.yml as mergekit's repository had it (commit 4643a47)
+    "pattern for filter": (lambda m: ties(m, parameters={"weight": [{"pattern": "mlp", "value": 0.5}, {"value": 1.0}]}),
+                           "parameters.weight[0]: 'pattern' is the old name of 'filter': write filter: mlp"),
+    "parameter beside a model": (lambda m: ties(m, models=[{"model": m["expert0"], "weight": 0.5}]),
+                                 "models[0]: the parameter 'weight' goes under 'parameters:'"),
 }
 
 
@@ -372,6 +381,20 @@ def test_real_process_prints_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == ["seme: error: config: unknown merge_method 'tie' (did you mean 'ties'?) "
                                                 "(known: " + proc.stderr.split("(known: ")[1].strip()]
     assert "Traceback" not in proc.stderr
+
+
+def test_another_methods_parameters_are_ignored_as_in_mergekit(llama_family, tmp_path, capsys):
+    # https://huggingface.co/YOYO-AI/Qwen2.5-14B-Fusion's recipe: arcee_fusion takes no parameters, and mergekit
+    # ignores those copied from a ties recipe; a name no method takes stays refused (CASES: "unknown parameter")
+    m = llama_family
+    plain = {"merge_method": "arcee_fusion", "base_model": m["base"], "models": [{"model": m["expert0"]}]}
+    # embed_slerp: mergekit's README names it, 0.1.5 reads it nowhere
+    recipe = dict(plain, parameters={"normalize": True, "int8_mask": True, "rescale": False, "embed_slerp": True})
+    status, err, out = run_cli(tmp_path, recipe, capsys)
+    assert status == 0 and err[0] == ("seme: warning: parameters: arcee_fusion takes no 'embed_slerp', 'int8_mask', "
+                                      "'normalize', 'rescale'; mergekit ignores them, and so does seme"), err
+    assert main([write_recipe(tmp_path, plain), str(tmp_path / "plain")]) == 0
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
 
 
 def test_residual_weight_is_read_and_has_no_effect_as_in_mergekit(llama_family, tmp_path, capsys):

@@ -90,6 +90,7 @@ def test_metadata_tokenizer_and_model_card(llama_family, tmp_path):
     assert (out / "tokenizer.json").read_bytes() == open(os.path.join(llama_family["expert1"], "tokenizer.json"), "rb").read()
     card = (out / "README.md").read_text()
     assert f"seme {seme.__version__}" in card and "merge_method: sce" in card and llama_family["expert0"] in card
+    assert yaml.safe_load((out / "mergekit_config.yml").read_text()) == recipe  # as mergekit writes it beside its card
     assert not os.path.exists(f"{out}.seme-partial")
 
 

@@ -302,3 +302,68 @@ def test_filters_name_a_tied_models_head_lm_head_as_mergekit_does(llama_family, 
                          {"model": str(tied), "parameters": {"weight": [{"filter": "lm_head", "value": 0.9},
                                                                         {"value": 0.1}]}}]}
     assert_merged_alike(recipe, tmp_path)
+
+
+# Recipes as published (mergekit's examples, model cards), their models the fixture's, their layer ranges its
+# depth, and float32 for their half types (seme merges those in float32 and rounds once: a deliberate difference).
+PUBLISHED = {
+    # https://github.com/arcee-ai/mergekit/blob/main/examples/ties.yml: gradients of 3 and 4 anchors, a filter
+    "mergekit examples/ties.yml": """
+        models:
+          - model: {e0}
+            parameters: {{density: [1, 0.7, 0.1], weight: 1.0}}
+          - model: {e1}
+            parameters: {{density: 0.5, weight: [0, 0.3, 0.7, 1]}}
+          - model: {e2}
+            parameters:
+              density: 0.33
+              weight: [{{filter: mlp, value: 0.5}}, {{value: 0}}]
+        merge_method: ties
+        base_model: {base}
+        parameters: {{normalize: true, int8_mask: true}}""",
+    # https://huggingface.co/mlabonne/Marcoro14-7B-slerp (layer_range [0, 32])
+    "Marcoro14-7B-slerp": """
+        slices:
+          - sources:
+              - {{model: {e0}, layer_range: [0, 2]}}
+              - {{model: {e1}, layer_range: [0, 2]}}
+        merge_method: slerp
+        base_model: {e0}
+        parameters:
+          t:
+            - {{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}}
+            - {{filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}}
+            - value: 0.5""",
+    # https://huggingface.co/Edens-Gate/Holland-Magnum-Merge-R2: per-source weights in one slice, the base weightless
+    "Holland-Magnum-Merge-R2": """
+        base_model: {base}
+        merge_method: task_arithmetic
+        parameters: {{normalize: false}}
+        slices:
+        - sources:
+          - {{layer_range: [0, 2], model: {base}}}
+          - {{layer_range: [0, 2], model: {e0}, parameters: {{weight: 0.50}}}}
+          - {{layer_range: [0, 2], model: {e1}, parameters: {{weight: 0.50}}}}""",
+    # https://huggingface.co/YOYO-AI/Qwen2.5-14B-Fusion: parameters arcee_fusion does not take, which mergekit ignores
+    "Qwen2.5-14B-Fusion": """
+        models:
+          - model: {e0}
+        merge_method: arcee_fusion
+        base_model: {base}
+        parameters: {{normalize: true, int8_mask: true, rescale: false}}
+        tokenizer_source: base""",
+    # https://huggingface.co/elinas/Llama-3-13B-Instruct: overlapping slices of one model (layer ranges in 32)
+    "Llama-3-13B-Instruct passthrough": """
+        merge_method: passthrough
+        slices:
+        - sources: [{{layer_range: [0, 1], model: {base}}}]
+        - sources: [{{layer_range: [0, 2], model: {base}}}]
+        - sources: [{{layer_range: [1, 2], model: {base}}}]""",
+}
+
+
+@pytest.mark.parametrize("source", sorted(PUBLISHED))
+def test_published_recipes_merge_as_mergekit_merges_them(source, llama_family, tmp_path):
+    m = llama_family
+    recipe = yaml.safe_load(PUBLISHED[source].format(base=m["base"], e0=m["expert0"], e1=m["expert1"], e2=m["expert2"]))
+    assert_merged_alike({**recipe, "dtype": "float32"}, tmp_path)

@@ -1,4 +1,5 @@
-"""The output folder's metadata: config, generation config, tokenizer and processor files and a model card."""
+"""The output folder's metadata: config, generation config, tokenizer and processor files, a model card and
+the recipe."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from seme.io.model import CHAT_TEMPLATES, PROCESSOR_CHAT_TEMPLATE
 
 PROCESSOR_CONFIG = "processor_config.json"
 WHISPER_NORMALIZER = "normalizer.json"
+MERGEKIT_CONFIG = "mergekit_config.yml"
 SIGNATURE = "This model was merged with seme"  # how an earlier merge's output is recognised
 CARD = """---
 {base_models}library_name: transformers
@@ -46,7 +48,8 @@ def merged_by_seme(folder: str, recipe_text: str | None = None) -> bool:
 
 def write_metadata(folder: str, plan, version: str, name: str, tokenizer: bool = True, card: bool = True) -> None:
     """Config, generation config, tokenizer files (with `tokenizer`, or where the recipe chose a
-    tokenizer), the models' code, processor files and the model card (titled `name`; with `card`) into `folder`.
+    tokenizer), the models' code, processor files, and the model card (titled `name`) and the recipe
+    (mergekit_config.yml) with `card`, into `folder`.
 
     The tokenizer's files and chat templates are those of the tokenizer's model (Plan.tokenizer_model),
     or a re-mapped vocabulary's tokenizer as transformers saves it (and Whisper's normalizer.json, which it
@@ -99,6 +102,9 @@ def write_metadata(folder: str, plan, version: str, name: str, tokenizer: bool =
                        method=recipe.merge_method, models=models, recipe=recipe.text.strip())
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
         f.write(card)
+    # beside the card, as mergekit writes it: the file merged models' repositories are read for to redo a merge
+    with open(os.path.join(folder, MERGEKIT_CONFIG), "w", encoding="utf-8") as f:
+        f.write(recipe.text.strip() + "\n")
 
 
 def _copy(model_folder: str, folder: str, file: str) -> None:
