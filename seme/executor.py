@@ -151,7 +151,7 @@ def _publish(plan: Plan, stats: dict, staging: str, out_dir: str, version: str, 
     writer.remove_others()
     writer.write_index()
     if plan.semantic:
-        stats["semantic"].write_report(staging)
+        stats["semantic"].write_report(staging, writer.all_notes())
     write_metadata(staging, plan, version, os.path.basename(out_dir), tokenizer, card)
     writer.remove_manifests()  # last: a merge stopped before this point resumes with its shards kept
     _sync_files(staging)
@@ -319,7 +319,8 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
     shards flushed by a background thread."""
     engine = make_engine(plan, device, backend, group.world)
     writer = ShardWriter(folder, [(t.name, t.dtype, t.shape, t.nbytes) for t in plan.tasks], shard_size, plan_id,
-                         resume=resume, rank=group.rank, world=group.world, direct_io=direct_io)
+                         resume=resume, rank=group.rank, world=group.world, direct_io=direct_io,
+                         notes=engine.semantic.stats if engine.semantic else None)
     tasks = [t for t in plan.tasks if not writer.skip(t.name)]
     bar = Progress(len(tasks), sum(_input_bytes(plan, t) for t in tasks), progress)
     # Inputs that do not fit in memory leave the page cache after their last use (a pass over them
