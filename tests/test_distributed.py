@@ -151,6 +151,24 @@ def test_world_size_without_torchrun_is_a_one_line_error(llama_family, tmp_path,
     assert "seme: merged" in capsys.readouterr().err
 
 
+def test_under_torchrun_the_demo_models_are_built_by_rank_0_alone(tmp_path, capsys, monkeypatch):
+    # Every rank built them into the same folder, rewriting files that a faster rank was merging.
+    import seme
+    import seme.demo
+    from seme import distributed
+
+    class Rank1(distributed.Group):
+        def agree(self, error, said=()):
+            built.append("agreed")
+
+    built, merged = [], []
+    monkeypatch.setattr(distributed, "current", lambda: Rank1(1, 2, 1))
+    monkeypatch.setattr(seme.demo, "build_tiny_llama", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(seme, "merge", lambda recipe, out, **options: merged.append(recipe))
+    seme.demo.run_demo(str(tmp_path / "out"))
+    assert built == ["agreed"] and len(merged) == 1 and capsys.readouterr().err == ""
+
+
 def test_ranks_exchange_over_gloo_on_gpus_too(monkeypatch):
     # NCCL, taken for merges on GPUs, exchanges objects on torch.cuda.current_device(), which no
     # rank had set before the first exchange: every rank would use GPU 0. The ranks exchange only
