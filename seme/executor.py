@@ -362,6 +362,10 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
     writer = ShardWriter(folder, [(t.name, t.dtype, t.shape, t.nbytes) for t in plan.tasks], shard_size, plan_id,
                          resume=resume, rank=group.rank, world=group.world, direct_io=direct_io,
                          notes=engine.semantic.stats if engine.semantic else None)
+    if len(writer.files) < group.world:  # ranks share the work by whole shards
+        idle = group.world - len(writer.files)
+        warnings.warn(f"the output has {len(writer.files)} shard(s) for {group.world} ranks: {idle} rank(s) have "
+                      f"nothing to merge (a smaller --out-shard-size shares the work)")
     tasks = [t for t in plan.tasks if not writer.skip(t.name)]
     bar = Progress(len(tasks), sum(_input_bytes(plan, t) for t in tasks), progress)
     # Inputs that do not fit in memory leave the page cache after their last use (a pass over them

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import yaml
@@ -95,6 +96,24 @@ def test_a_rank_tells_rank_0_of_its_error_before_it_ends(llama_family, tmp_path,
     recipe.write_text(yaml.safe_dump(ties(llama_family)))
     assert main([str(recipe), str(tmp_path / "out"), "--max-memory", "1KB"]) == 2
     assert capsys.readouterr().err == "" and len(told) == 1 and told[0].startswith("--max-memory 1.0 kB is below")
+
+
+def test_ranks_left_without_a_shard_are_said(llama_family, tmp_path, capsys, monkeypatch):
+    # Ranks share the work by whole shards: one output shard kept rank 1 idle, unsaid.
+    from seme import distributed
+
+    class Rank0Of2(distributed.Group):
+        def agree(self, error, said=()):  # rank 1 wrote nothing and met nothing
+            for message in said:
+                warnings.warn(message)
+            return error
+
+    monkeypatch.setattr(distributed, "current", lambda: Rank0Of2(0, 2, 0))
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump(ties(llama_family)))
+    assert main([str(recipe), str(tmp_path / "out")]) == 0
+    assert ("seme: warning: the output has 1 shard(s) for 2 ranks: 1 rank(s) have nothing to merge (a smaller "
+            "--out-shard-size shares the work)") in capsys.readouterr().err.splitlines()
 
 
 FAILING_RANK = """
