@@ -53,6 +53,7 @@ def merge(config, out_dir: str, **options) -> dict:
     stage; with dry_run, the plan's of the last stage it could plan: one that uses an unmerged stage cannot be).
     """
     from seme import config as recipe_config
+    from seme.distributed import reports
     from seme.options import parse_folder, resolve
 
     opts = resolve(**options)
@@ -60,7 +61,7 @@ def merge(config, out_dir: str, **options) -> dict:
     shown = set()
 
     def show_once(message, *_):  # one line each; a warning about every input model is said once
-        if str(message) not in shown:
+        if reports() and str(message) not in shown:
             shown.add(str(message))
             print(f"seme: warning: {message}", file=sys.stderr)
 
@@ -93,7 +94,7 @@ def _with_options(recipe, opts: dict):
 
 def _merge_recipe(recipe, out_dir: str, opts: dict) -> dict:
     """One recipe (`_with_options`) into `out_dir`, with resolved options."""
-    from seme import __version__
+    from seme import __version__, distributed
     from seme.plan import make_plan
 
     plan = make_plan(recipe)
@@ -101,7 +102,8 @@ def _merge_recipe(recipe, out_dir: str, opts: dict) -> dict:
         from seme.executor import memory_backend
         from seme.report import print_plan
 
-        print_plan(plan, sys.stdout, opts["device"], memory_backend(opts["backend"], opts["allow_nonfinite"]))
+        if distributed.reports():
+            print_plan(plan, sys.stdout, opts["device"], memory_backend(opts["backend"], opts["allow_nonfinite"]))
         return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes}
     if opts["device"].startswith("cuda"):
         count, index = _cuda_devices(), int(opts["device"].partition(":")[2] or 0)
@@ -109,7 +111,7 @@ def _merge_recipe(recipe, out_dir: str, opts: dict) -> dict:
             seen = (f"{count} CUDA device{'s' if count > 1 else ''}, cuda:0" + (f" to cuda:{count - 1}" if count > 1 else "")
                     if count else "no CUDA device")
             raise SemeError(f"--device {opts['device']} was asked for, but torch sees {seen}")
-    from seme import distributed, executor
+    from seme import executor
 
     progress = sys.stderr.isatty() if opts["progress"] is None else opts["progress"]
     stats = executor.run(plan, out_dir, device=opts["device"], backend=opts["backend"],

@@ -48,6 +48,7 @@ def build_tiny_llama(path: str, seed: int, hidden: int = 64, layers: int = 4, vo
 
 
 def run_demo(out_dir: str, **options) -> None:
+    from seme import distributed
     from seme.executor import not_empty
     from seme.io.card import merged_by_seme
     from seme.options import resolve
@@ -60,19 +61,25 @@ def run_demo(out_dir: str, **options) -> None:
             raise not_empty(out_dir)
         options["overwrite"] = True
     work = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(out_dir)), ".seme-demo-models"))
-    print(f"seme demo: building tiny models in {work}", file=sys.stderr)
-    base = build_tiny_llama(os.path.join(work, "base"), seed=0)
-    build_tiny_llama(os.path.join(work, "expert_a"), seed=1, base_state=base)
-    build_tiny_llama(os.path.join(work, "expert_b"), seed=2, base_state=base)
     recipe_path = os.path.join(work, "recipe.yml")
-    with open(recipe_path, "w", encoding="utf-8") as f:
-        f.write(recipe)
-    print(f"seme demo: recipe {recipe_path}:\n{recipe}", file=sys.stderr)
+    # Under torchrun, rank 0 alone builds the models and speaks: the other ranks would rewrite the
+    # files that it reads, and repeat its lines.
+    group = distributed.current()
+    if group.rank == 0:
+        print(f"seme demo: building tiny models in {work}", file=sys.stderr)
+        base = build_tiny_llama(os.path.join(work, "base"), seed=0)
+        build_tiny_llama(os.path.join(work, "expert_a"), seed=1, base_state=base)
+        build_tiny_llama(os.path.join(work, "expert_b"), seed=2, base_state=base)
+        with open(recipe_path, "w", encoding="utf-8") as f:
+            f.write(recipe)
+        print(f"seme demo: recipe {recipe_path}:\n{recipe}", file=sys.stderr)
+    if group.world > 1:
+        group.agree(None)  # the models are built
 
     from seme import merge
 
     merge(recipe_path, out_dir, **options)
-    if options.get("dry_run"):
+    if options.get("dry_run") or group.rank != 0:
         return
 
     import torch

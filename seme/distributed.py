@@ -3,12 +3,22 @@
 Every rank validates and plans the same recipe (so errors are the same everywhere), writes the
 shards it owns into the shared staging folder, and rank 0 publishes after all ranks report
 success. The shard layout is the single-process one, so the result is bit-identical to it.
-NCCL on GPUs, gloo on CPU; multi-node works with a shared filesystem.
+The ranks exchange only errors and warnings, over gloo (on GPUs too: NCCL would want each rank's
+device set before the first exchange); multi-node works with a shared filesystem.
+
+Rank 0 alone says what the merge did (`reports`). Torchrun ends every rank as soon as one ends
+with an error, so a rank that fails tells the others before it ends, at the next point where
+the ranks agree (`Group.agree`, their one kind of exchange, so that exchanges always pair up):
+the merge's own agreements, or the one that `join` makes for an error met outside them.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
+from typing import Sequence
+
+from seme.errors import SemeError
 
 
 @dataclass(frozen=True)
@@ -17,46 +27,66 @@ class Group:
     world: int
     local_rank: int
 
-    def all_ok(self, error: str | None) -> str | None:
-        """Gather every rank's error (None for success); the first one, or None if all succeeded."""
+    def agree(self, error: str | None, said: Sequence[str] = ()) -> str | None:
+        """Gather every rank's error (None for success) and the warnings it met while merging; warn
+        those (seme.api shows rank 0's) and return the first error, or None if every rank succeeded."""
         import torch.distributed
 
-        errors = [None] * self.world
-        torch.distributed.all_gather_object(errors, error)
-        return next((e for e in errors if e), None)
+        global _failed
+        outcomes = [None] * self.world
+        torch.distributed.all_gather_object(outcomes, (error, list(said)))
+        for _, messages in outcomes:
+            for message in messages:
+                warnings.warn(message)
+        error = next((e for e, _ in outcomes if e), None)
+        _failed = _failed or error is not None
+        return error
 
-    def broadcast(self, value):
-        import torch.distributed
 
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        import torch.distributed
-
-        torch.distributed.barrier()
+_failed = False  # whether the ranks have agreed on an error: each ends with it, and none agrees again
 
 
 SINGLE = Group(0, 1, 0)
 
 
 def reports() -> bool:
-    """Whether this process says what the merge did: under torchrun, rank 0 alone (the others would
-    repeat its lines)."""
-    return os.environ.get("RANK", "0") == "0"
+    """Whether this process says what the merge did (its plan, warnings, errors, result): under
+    torchrun, rank 0 alone. Every rank plans the same merge, so the others would repeat its lines;
+    what only another rank meets reaches rank 0 through `Group.agree`."""
+    return _world() <= 1 or os.environ.get("RANK", "0") == "0"
 
 
-def current(device: str) -> Group:
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def current() -> Group:
     """The torchrun group this process belongs to (initialised on first use), or SINGLE."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _world()
     if world <= 1:
         return SINGLE
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        try:
+            dist.init_process_group("gloo")
+        except (ValueError, RuntimeError) as e:  # WORLD_SIZE set outside torchrun, say, without its other variables
+            raise SemeError(f"WORLD_SIZE={world} asks for a merge over {world} processes, but they could not "
+                            f"be joined (start it with torchrun, or unset WORLD_SIZE): {e}") from None
     return Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def join(error: str) -> None:
+    """Under torchrun, hand `error`, met outside the merge's agreements (planning, say: every rank
+    meets it), to the next agreement, so that rank 0 hears of it and says it before any rank ends."""
+    if _failed:  # the error was agreed on
+        return
+    try:
+        group = current()
+    except SemeError:  # no group to tell: this process says the error itself (`reports`)
+        return
+    if group.world > 1:
+        group.agree(error)
 
 
 def assign(sizes: list[int], world: int) -> list[int]:

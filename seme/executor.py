@@ -8,6 +8,7 @@ the models.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -16,6 +17,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 
 try:
     import fcntl
@@ -99,50 +101,87 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
         raise SemeError(f"--max-memory {format_size(max_memory)} is below what the largest tensor needs "
                         f"(inputs, their adapted or re-mapped copies, the method's temporaries, result and two "
                         f"results waiting to be written: {format_size(largest, up=True)})")
-    group = distributed.current(device)
+    group = distributed.current()
     if device.startswith("cuda") and group.world > 1:
         device = f"cuda:{group.local_rank}"
     out_dir = os.path.abspath(out_dir)
     if os.path.islink(out_dir):  # the folder it names is replaced (renaming onto the link fails), and the link stays
         out_dir = os.path.realpath(out_dir)
     staging = f"{out_dir}.seme-partial"
-    error, lock = None, None
-    if group.rank == 0:
-        try:
-            lock = _prepare_staging(plan, out_dir, staging, overwrite, resume)
-        except SemeError as e:
-            error = str(e)
+    # Under torchrun, a rank that fails leaves this file: the others stop at their next tensor
+    # instead of merging the rest of their share before they hear of it.
+    stop = os.path.join(staging, STOP_FILE) if group.world > 1 else None
+    error, lock, stats = None, None, None
     try:
-        if group.world > 1:
-            error = group.broadcast(error)
-        if error:
-            raise SemeError(error)
-        error, stats = None, None
-        try:
-            stats = _execute(plan, staging, device, backend, shard_size, resume, allow_nonfinite,
-                             progress and group.rank == 0, _plan_id(plan, shard_size, version, device, backend), group,
-                             max_memory, max_memory - largest, direct_io)
-        except OSError as e:
-            error = (f"{e.strerror or e} ({e.filename or staging}); the partial merge is kept in {staging}: "
-                     f"fix the cause and rerun with --resume")
-        except SemeError as e:
-            error = str(e)
-        if group.world > 1:
-            error = group.all_ok(error)
-        if error:
-            raise SemeError(error)
+        if group.rank == 0:
+            try:
+                lock = _prepare_staging(plan, out_dir, staging, overwrite, resume)
+            except SemeError as e:
+                error = str(e)
+            except BaseException as e:
+                _fail_alone(group, e)
+        _agree(group, error)
+        # each rank's warnings while merging its share, said by rank 0 (Group.agree)
+        with warnings.catch_warnings(record=True) if group.world > 1 else contextlib.nullcontext([]) as warned:
+            try:
+                stats = _execute(plan, staging, device, backend, shard_size, resume, allow_nonfinite,
+                                 progress and group.rank == 0, _plan_id(plan, shard_size, version, device, backend),
+                                 group, max_memory, max_memory - largest, direct_io, stop)
+            except _Stopped:  # another rank failed: its error comes with the agreement below
+                pass
+            except OSError as e:
+                error = (f"{e.strerror or e} ({e.filename or staging}); the partial merge is kept in {staging}: "
+                         f"fix the cause and rerun with --resume")
+            except SemeError as e:
+                error = str(e)
+            except BaseException as e:
+                if stop:
+                    _stop_others(stop)
+                _fail_alone(group, e)
+            if error and stop:
+                _stop_others(stop)
+        _agree(group, error, [str(w.message) for w in warned])
         if group.rank == 0:
             try:
                 _publish(plan, stats, staging, out_dir, version, tokenizer, card)
             except OSError as e:
-                raise SemeError(f"{e.strerror or e} ({e.filename or staging}) while finishing the merge; the "
-                                f"partial merge is kept in {staging}: fix the cause and rerun with --resume") from None
+                error = (f"{e.strerror or e} ({e.filename or staging}) while finishing the merge; the partial "
+                         f"merge is kept in {staging}: fix the cause and rerun with --resume")
+            except BaseException as e:
+                _fail_alone(group, e)
     finally:
         if lock is not None:
             os.close(lock)
-    if group.world > 1:
-        group.barrier()  # every rank returns once the output is published
+    _agree(group, error)  # every rank returns once the output is published
     return {k: v for k, v in stats.items() if k not in ("writer", "semantic")}
+
+
+def _agree(group, error: str | None, said: list[str] = ()) -> None:
+    """Raise the first error of any rank (this one's, in a single process)."""
+    if group.world > 1:
+        error = group.agree(error, said)
+    if error:
+        raise SemeError(error)
+
+
+def _fail_alone(group, e: BaseException):
+    """Re-raise an unexpected exception (a bug, an interruption) on this rank, once the other ranks
+    have heard of it: they stop and say so, rather than fail on the connection this process closes."""
+    if group.world > 1:
+        group.agree(f"rank {group.rank} failed: {type(e).__name__}" + (f": {e}" if str(e) else ""))
+    raise e
+
+
+STOP_FILE = "seme-stop"
+
+
+class _Stopped(Exception):
+    """Raised on a rank that finds another rank's STOP_FILE between two tensors."""
+
+
+def _stop_others(stop: str) -> None:
+    with contextlib.suppress(OSError):  # at worst the others stop at the end of their share
+        open(stop, "w").close()
 
 
 def _publish(plan: Plan, stats: dict, staging: str, out_dir: str, version: str, tokenizer: bool, card: bool) -> None:
@@ -151,7 +190,7 @@ def _publish(plan: Plan, stats: dict, staging: str, out_dir: str, version: str, 
     writer.remove_others()
     writer.write_index()
     if plan.semantic:
-        stats["semantic"].write_report(staging)
+        stats["semantic"].write_report(staging, writer.all_notes())
     write_metadata(staging, plan, version, os.path.basename(out_dir), tokenizer, card)
     writer.remove_manifests()  # last: a merge stopped before this point resumes with its shards kept
     _sync_files(staging)
@@ -266,6 +305,8 @@ def _prepare_staging(plan: Plan, out_dir: str, staging: str, overwrite: bool, re
                             f"or --overwrite to start over")
         if not resume:
             clear(staging)
+        elif os.path.exists(os.path.join(staging, STOP_FILE)):  # left by a failed run under torchrun
+            os.remove(os.path.join(staging, STOP_FILE))
         # what the staging folder holds is kept or rewritten in place by a resumed merge
         free = shutil.disk_usage(os.path.dirname(out_dir)).free + _allocated(staging)
         if free < plan.output_bytes * 1.01 + 10**6:
@@ -322,13 +363,18 @@ def _plan_id(plan: Plan, shard_size: int, version: str, device: str, backend: st
 
 def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int, resume: bool,
              allow_nonfinite: bool, progress: bool, plan_id: str, group, max_memory: int, prefetch_bytes: int,
-             direct_io: bool) -> dict:
+             direct_io: bool, stop: str | None) -> dict:
     """The streaming loop. Inputs of the next tasks are prefetched (madvise), and on a GPU staged
     (`seme.staging`), while the current one is merged, and finished tensors are checksummed and their
-    shards flushed by a background thread."""
+    shards flushed by a background thread. Stops (`_Stopped`) once the file `stop` exists."""
     engine = make_engine(plan, device, backend, group.world, allow_nonfinite)
     writer = ShardWriter(folder, [(t.name, t.dtype, t.shape, t.nbytes) for t in plan.tasks], shard_size, plan_id,
-                         resume=resume, rank=group.rank, world=group.world, direct_io=direct_io)
+                         resume=resume, rank=group.rank, world=group.world, direct_io=direct_io,
+                         notes=engine.semantic.stats if engine.semantic else None)
+    if len(writer.files) < group.world:  # ranks share the work by whole shards
+        idle = group.world - len(writer.files)
+        warnings.warn(f"the output has {len(writer.files)} shard(s) for {group.world} ranks: {idle} rank(s) have "
+                      f"nothing to merge (a smaller --out-shard-size shares the work)")
     tasks = [t for t in plan.tasks if not writer.skip(t.name)]
     bar = Progress(len(tasks), sum(_input_bytes(plan, t) for t in tasks), progress)
     # Inputs that do not fit in memory leave the page cache after their last use (a pass over them
@@ -343,6 +389,8 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
             raise SemeError(f"--max-memory {format_size(max_memory)} is below what '{name}' needs merged on the CPU, "
                             f"as it does not fit in the GPU's free memory: {format_size(need, up=True)}")
         for i, task in enumerate(tasks):
+            if stop is not None and os.path.exists(stop):
+                raise _Stopped()
             prefetched = _prefetch(plan, tasks, max(prefetched, i + 1), prefetch_bytes)
             start = time.perf_counter()
             nbytes = _input_bytes(plan, task)

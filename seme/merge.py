@@ -3,6 +3,8 @@ is imported, so --help and argument errors are instant."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import types
@@ -61,8 +63,19 @@ def _options(args, parser) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m seme.merge") -> int:
+    from seme import distributed
+
     parser = build_parser(prog)
-    args = parser.parse_args(argv)
+    try:
+        with contextlib.ExitStack() as quiet:
+            if not distributed.reports():  # --help and argument errors: said once under torchrun
+                quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+                quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+            args = parser.parse_args(argv)
+    except SystemExit as e:
+        if e.code:
+            distributed.join("invalid arguments")
+        raise
     # Before torch or seme._C loads OpenMP: idle OpenMP workers sleep instead of spinning. Spinning
     # between a tensor's kernels took the cores from the readers, the checksum thread and the next
     # tensor's setup (bench.e2e, 2 cores: DARE-TIES merge loop 1.45 -> 1.05 s, CPU time 2.5 -> 1.75 s).
@@ -86,17 +99,29 @@ def main(argv: list[str] | None = None, prog: str = "python -m seme.merge") -> i
         merge(args.config, out, **options)
         return 0
     except SemeError as e:
-        print(f"seme: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
+        distributed.join(str(e))
+        _say(f"seme: error: {' '.join(str(e).split())}")  # always one line
         return e.exit_status
     except BrokenPipeError:  # stdout's reader left (`--dry-run | head`): nothing is wrong, nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what stdout still buffers goes nowhere
         return 128 + 13  # the status of a process that SIGPIPE ended, as a shell's own tools give
     except KeyboardInterrupt:
-        print("seme: interrupted; no output was published (rerun with --resume to continue)", file=sys.stderr)
+        _say("seme: interrupted; no output was published (rerun with --resume to continue)")
         return 130
     except OSError as e:
-        print(f"seme: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        line = f"seme: error: {e.strerror or e}: {e.filename or ''}".rstrip(": ")
+        distributed.join(line)
+        _say(line)
         return 1
+
+
+def _say(line: str) -> None:
+    """An error's line on stderr; under torchrun, rank 0's alone (`seme.distributed`: the others
+    have told it of theirs)."""
+    from seme.distributed import reports
+
+    if reports():
+        print(line, file=sys.stderr)
 
 
 class _CallableModule(types.ModuleType):

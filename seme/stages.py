@@ -99,9 +99,11 @@ def run(stages: list[Stage], merge_one, *, lazy: bool, overwrite: bool, dry_run:
         if dry_run:
             missing = [n for n in stage.needs if not _complete(stages, n)]
             if missing:
-                print(f"{label}: planned once {', '.join(sorted(missing))} is merged", file=sys.stdout)
+                if reports():
+                    print(f"{label}: planned once {', '.join(sorted(missing))} is merged", file=sys.stdout)
                 continue
-            print(f"{label}:", file=sys.stdout)
+            if reports():
+                print(f"{label}:", file=sys.stdout)
             stats = merge_one(stage.recipe, stage.out_dir, overwrite)
             continue
         if not stage.final and lazy and not (stage.needs & merged) and merged_by_seme(stage.out_dir, stage.recipe.text):

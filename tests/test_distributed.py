@@ -2,10 +2,12 @@
 bit-identical to a single-process merge."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import yaml
@@ -20,29 +22,185 @@ def test_shards_are_balanced_by_bytes():
     assert assign([3], 2) == [0]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun not installed")
+needs_torchrun = pytest.mark.skipif(
+    shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+    reason="torchrun not installed")
+
+
+def torchrun(port: int, *args, env=None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 ARGS` (`-m seme.merge ...`, or a script and its arguments)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)
+
+
+def ties(family) -> dict:
+    return {"merge_method": "ties", "base_model": family["base"], "parameters": {"weight": 1.0, "density": 0.4},
+            "models": [{"model": family[f"expert{i}"]} for i in range(3)]}
+
+
+@needs_torchrun
 @pytest.mark.parametrize("stages", [1, 2])
 def test_two_gloo_ranks_give_the_single_process_bytes(llama_family, tmp_path, stages):
     recipe = tmp_path / "recipe.yml"
-    ties = {"merge_method": "ties", "base_model": llama_family["base"], "parameters": {"weight": 1.0, "density": 0.4},
-            "models": [{"model": llama_family[f"expert{i}"]} for i in range(3)]}
     if stages == 1:
-        recipe.write_text(yaml.safe_dump(ties))
-    else:  # a multi-stage recipe: the ranks merge each stage together, in turn
-        final = {"merge_method": "linear", "parameters": {"weight": 0.5},
-                 "models": [{"model": "first"}, {"model": llama_family["expert0"]}]}
-        recipe.write_text(yaml.safe_dump({"name": "first", **ties}) + "---\n" + yaml.safe_dump(final))
+        recipe.write_text(yaml.safe_dump(ties(llama_family)))
+    else:  # a multi-stage recipe: the ranks merge each stage together, in turn. The final one is
+        # SeMe's, whose report holds every tensor's statistics, whichever rank merged it.
+        final = {"merge_method": "seme", "base_model": "first",
+                 "models": [{"model": llama_family["expert0"]}, {"model": llama_family["expert1"]}]}
+        recipe.write_text(yaml.safe_dump({"name": "first", **ties(llama_family)}) + "---\n" + yaml.safe_dump(final))
     single = tmp_path / "single" / "out"
     assert main([str(recipe), str(single), "--out-shard-size", "40KB"]) == 0
     multi = tmp_path / "multi" / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(29517 + stages), "-m", "seme.merge", str(recipe), str(multi), "--out-shard-size", "40KB"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun(29517 + stages, "-m", "seme.merge", recipe, multi, "--out-shard-size", "40KB")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("seme: merged") == stages  # said once, by rank 0
     files = sorted(os.listdir(single))
     assert files == sorted(os.listdir(multi)) and len([f for f in files if f.endswith(".safetensors")]) > 2
-    for f in files:
-        assert open(single / f, "rb").read() == open(multi / f, "rb").read(), f
+    for f in files:  # SeMe's report names its pivot, the first stage's folder beside each output
+        expected = (single / f).read_bytes().replace(str(single).encode(), str(multi).encode())
+        assert expected == (multi / f).read_bytes(), f
+
+
+@needs_torchrun
+def test_what_every_rank_meets_is_said_once(llama_family, tmp_path):
+    # Every rank plans the same merge: each printed the recipe's warnings and its errors.
+    recipe = tmp_path / "recipe.yml"
+    shared = ties(llama_family)
+    shared["models"][0]["parameters"] = {"normalize": False}  # a warning: normalize is shared by all models
+    recipe.write_text(yaml.safe_dump(shared))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("not a merge")
+    proc = torchrun(29520, "-m", "seme.merge", recipe, tmp_path / "out")
+    assert proc.returncode != 0
+    said = [line for line in proc.stderr.splitlines() if line.startswith("seme:")]
+    assert len(said) == 2 and "'normalize' of expert0" in said[0], said
+    assert said[1] == f"seme: error: output folder {tmp_path / 'out'} exists and is not empty (use --overwrite to replace it)"
+
+
+def test_a_rank_tells_rank_0_of_its_error_before_it_ends(llama_family, tmp_path, capsys, monkeypatch):
+    # Rank 0 alone says the errors, which every rank meets while planning: it must hear of them
+    # before another rank's exit makes torchrun end it.
+    from seme import distributed
+
+    class Rank1Of2(distributed.Group):
+        def agree(self, error, said=()):
+            told.append(error)
+
+    told = []
+    monkeypatch.setattr(distributed, "current", lambda: Rank1Of2(1, 2, 1))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump(ties(llama_family)))
+    assert main([str(recipe), str(tmp_path / "out"), "--max-memory", "1KB"]) == 2
+    assert capsys.readouterr().err == "" and len(told) == 1 and told[0].startswith("--max-memory 1.0 kB is below")
+
+
+def test_ranks_left_without_a_shard_are_said(llama_family, tmp_path, capsys, monkeypatch):
+    # Ranks share the work by whole shards: one output shard kept rank 1 idle, unsaid.
+    from seme import distributed
+
+    class Rank0Of2(distributed.Group):
+        def agree(self, error, said=()):  # rank 1 wrote nothing and met nothing
+            for message in said:
+                warnings.warn(message)
+            return error
+
+    monkeypatch.setattr(distributed, "current", lambda: Rank0Of2(0, 2, 0))
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump(ties(llama_family)))
+    assert main([str(recipe), str(tmp_path / "out")]) == 0
+    assert ("seme: warning: the output has 1 shard(s) for 2 ranks: 1 rank(s) have nothing to merge (a smaller "
+            "--out-shard-size shares the work)") in capsys.readouterr().err.splitlines()
+
+
+FAILING_RANK = """
+import os, sys, time
+import seme.engine
+from seme.merge import run
+
+real = seme.engine.TorchEngine.merge
+
+def merge(self, task, out):
+    if os.environ["RANK"] == "1":
+        raise RuntimeError("injected on " + task.name)
+    time.sleep(0.3)  # rank 0 is slow: it would merge its whole share before hearing of rank 1
+    return real(self, task, out)
+
+seme.engine.TorchEngine.merge = merge
+run()
+"""
+
+
+@needs_torchrun
+def test_a_failing_rank_stops_the_others_which_say_why(llama_family, tmp_path):
+    # An exception other than seme's on one rank (a bug, an interruption) let the others merge their
+    # whole share and then fail with a traceback of their own (the connection it closed); an error on
+    # one rank was said by every rank once all had merged their share.
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump(ties(llama_family)))
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    out = tmp_path / "out"
+    proc = torchrun(29522, script, recipe, out, "--out-shard-size", "1", env={
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                       os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode != 0 and not out.exists()
+    said = [line for line in proc.stderr.splitlines() if line.startswith("seme:")]
+    assert len(said) == 1 and said[0].startswith("seme: error: rank 1 failed: RuntimeError: injected on "), said
+    assert "[rank0]" not in proc.stderr and "Connection closed" not in proc.stderr
+    with open(f"{out}.seme-partial/seme-manifest.0.json") as f:
+        assert len(json.load(f)["shards"]) <= 2  # of the 10 or so shards of its share
+
+
+def test_world_size_without_torchrun_is_a_one_line_error(llama_family, tmp_path, capsys, monkeypatch):
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump(ties(llama_family)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert main([str(recipe), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("seme: error: WORLD_SIZE=2 asks for a merge over 2 processes")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a merge of one process says what it did, whatever RANK says
+    monkeypatch.setenv("RANK", "1")
+    assert main([str(recipe), str(tmp_path / "out")]) == 0
+    assert "seme: merged" in capsys.readouterr().err
+
+
+def test_under_torchrun_the_demo_models_are_built_by_rank_0_alone(tmp_path, capsys, monkeypatch):
+    # Every rank built them into the same folder, rewriting files that a faster rank was merging.
+    import seme
+    import seme.demo
+    from seme import distributed
+
+    class Rank1(distributed.Group):
+        def agree(self, error, said=()):
+            built.append("agreed")
+
+    built, merged = [], []
+    monkeypatch.setattr(distributed, "current", lambda: Rank1(1, 2, 1))
+    monkeypatch.setattr(seme.demo, "build_tiny_llama", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(seme, "merge", lambda recipe, out, **options: merged.append(recipe))
+    seme.demo.run_demo(str(tmp_path / "out"))
+    assert built == ["agreed"] and len(merged) == 1 and capsys.readouterr().err == ""
+
+
+def test_ranks_exchange_over_gloo_on_gpus_too(monkeypatch):
+    # NCCL, taken for merges on GPUs, exchanges objects on torch.cuda.current_device(), which no
+    # rank had set before the first exchange: every rank would use GPU 0. The ranks exchange only
+    # errors and warnings.
+    import torch.distributed as dist
+
+    from seme import distributed
+
+    backends = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: backends.append(backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert distributed.current() == distributed.Group(1, 2, 0) and backends == ["gloo"]

@@ -541,6 +541,34 @@ def test_semantic_drift_is_reported_per_writing_tensor(trained, tmp_path):
     assert "semantic_drift" not in report["tensors"]["model.layers.0.mlp.up_proj.weight"]  # reads, not writes
 
 
+
+def test_a_resumed_merge_reports_the_tensors_merged_before_it_stopped(llama_family, tmp_path, monkeypatch):
+    # The report held only the tensors merged by the run that published (under torchrun, rank 0's
+    # share): their statistics are kept in the manifests with their shards.
+    import seme.engine
+
+    m = llama_family
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "seme", "base_model": m["base"], "parameters": {"stabilize": True},
+                                      "models": [{"model": m["expert0"]}, {"model": m["expert1"]}]}))
+    assert main([str(recipe), str(tmp_path / "reference"), "--out-shard-size", "20KB"]) == 0
+    real, merged = seme.engine.TorchEngine.merge, []
+
+    def merge(self, task, out):
+        merged.append(task.name)
+        if len(merged) == 12:
+            raise SemeError("stopped")
+        return real(self, task, out)
+
+    monkeypatch.setattr(seme.engine.TorchEngine, "merge", merge)
+    assert main([str(recipe), str(tmp_path / "out"), "--out-shard-size", "20KB"]) == 2
+    monkeypatch.setattr(seme.engine.TorchEngine, "merge", real)
+    assert main([str(recipe), str(tmp_path / "out"), "--out-shard-size", "20KB", "--resume"]) == 0
+    reference = (tmp_path / "reference" / "seme_report.json").read_text()
+    assert (tmp_path / "out" / "seme_report.json").read_text() == reference
+    assert len(json.loads(reference)["tensors"]) == 21
+
+
 # --- §6 knowledge stabilisation ------------------------------------------------------------------
 
 WRITERS = {f"model.layers.{i}.{name}.weight" for i in range(2) for name in ("self_attn.o_proj", "mlp.down_proj")}

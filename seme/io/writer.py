@@ -72,7 +72,8 @@ class ShardWriter:
     """
 
     def __init__(self, folder: str, planned: list[tuple[str, str, tuple[int, ...], int]], shard_size: int,
-                 plan_id: str, resume: bool = False, rank: int = 0, world: int = 1, direct_io: bool = True):
+                 plan_id: str, resume: bool = False, rank: int = 0, world: int = 1, direct_io: bool = True,
+                 notes: dict[str, dict] | None = None):
         shards, current, size = [], [], 0
         for entry in planned:
             if current and size + entry[3] > shard_size:
@@ -90,6 +91,12 @@ class ShardWriter:
         owner = assign([sum(e[3] for e in entries) for entries in shards], world)
         self.owned = {file for file, r in zip(self.files, owner) if r == rank}
         self.finished: dict[str, str] = self._verified_shards() if resume else {}
+        # What the merge notes of each tensor (SeMe's statistics), filled as tensors merge and saved
+        # in the manifest with their finished shard, where a resumed merge and rank 0 under torchrun
+        # find the notes of tensors that an earlier run or another rank merged (`all_notes`).
+        self.notes = {} if notes is None else notes
+        if resume:
+            self.notes.update(self._recorded_notes())
         self._where: dict[str, tuple[int, int]] = {}  # tensor -> (offset, nbytes) in its shard
         self._pending: dict[str, list[str]] = {}  # shard -> tensors still to write, in file order
         # shard -> running CRC-32 while tensors arrive in file order. A CRC, not a cryptographic hash:
@@ -120,25 +127,48 @@ class ShardWriter:
                 self._finish(file)
         self._save_manifest()
 
-    def _verified_shards(self) -> dict[str, str]:
-        """Owned shards that a manifest of this plan (from any rank) records with a matching checksum."""
-        recorded = {}
-        for path in glob.glob(os.path.join(self.folder, MANIFEST.format(rank="*"))):
+    def _manifests_of_this_plan(self) -> list[dict]:
+        """The manifests in the folder (from any rank) written for this plan."""
+        found = []
+        for path in self._manifests():
             try:
                 with open(path, encoding="utf-8") as f:
                     manifest = json.load(f)
             except (OSError, json.JSONDecodeError):
                 continue
             if manifest.get("plan") == self.plan_id:
-                recorded.update(manifest.get("shards", {}))
+                found.append(manifest)
+        return found
+
+    def _verified_shards(self) -> dict[str, str]:
+        """Owned shards that a manifest of this plan (from any rank) records with a matching checksum."""
+        recorded = {}
+        for manifest in self._manifests_of_this_plan():
+            recorded.update(manifest.get("shards", {}))
         return {file: checksum for file, checksum in recorded.items()
                 if file in self.owned and os.path.isfile(os.path.join(self.folder, file))
                 and file_checksum(os.path.join(self.folder, file)) == checksum}
 
+    def _recorded_notes(self) -> dict[str, dict]:
+        """The notes that the manifests of this plan record (of tensors in the shards they record)."""
+        notes = {}
+        for manifest in self._manifests_of_this_plan():
+            notes.update(manifest.get("notes", {}))
+        return notes
+
+    def all_notes(self) -> dict[str, dict]:
+        """The notes of every tensor, whichever rank or run merged it, in the plan's order (once every
+        rank has finished its shards)."""
+        notes = self._recorded_notes()
+        return {name: notes[name] for name in self.weight_map if name in notes}
+
     def _save_manifest(self) -> None:
         path = os.path.join(self.folder, MANIFEST.format(rank=self.rank))
+        # by the plan's names: the merging thread adds notes while this one saves
+        notes = {name: self.notes[name] for name, file in self.weight_map.items()
+                 if file in self.finished and name in self.notes}
         with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump({"plan": self.plan_id, "shards": self.finished}, f)
+            json.dump({"plan": self.plan_id, "shards": self.finished, "notes": notes}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)

@@ -340,7 +340,9 @@ class SemanticContext:
         return mean_distribution(columns[top], self.bases[self.sp.pivot], norms[top],
                                  temperature=self.sp.settings["temperature"])
 
-    def write_report(self, folder: str) -> None:
+    def write_report(self, folder: str, tensors: dict[str, dict]) -> None:
+        """The report, with the statistics of `tensors` (`record`'s, of every tensor: those another
+        rank or an interrupted run merged too)."""
         import seme
 
         report = {
@@ -348,7 +350,7 @@ class SemanticContext:
             "pivot": self.plan.models[self.sp.pivot].path, "settings": self.sp.settings,
             "random_seed": self.plan.recipe.random_seed,
             "sources": [self.alignment_report[m] for m in self.sp.sources],
-            "tensors": self.stats,
+            "tensors": tensors,
         }
         with open(os.path.join(folder, "seme_report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
