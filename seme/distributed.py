@@ -49,7 +49,7 @@ def reports() -> bool:
 
 def current(device: str) -> Group:
     """The torchrun group this process belongs to (initialised on first use), or SINGLE."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world <= 1:
         return SINGLE
     import torch.distributed as dist
@@ -57,6 +57,11 @@ def current(device: str) -> Group:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def world_size() -> int:
+    """The processes torchrun started for this merge (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def assign(sizes: list[int], world: int) -> list[int]:
