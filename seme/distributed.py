@@ -53,16 +53,17 @@ def reports() -> bool:
     """Whether this process says what the merge did (its plan, warnings, errors, result): under
     torchrun, rank 0 alone. Every rank plans the same merge, so the others would repeat its lines;
     what only another rank meets reaches rank 0 through `Group.agree`."""
-    return _world() <= 1 or os.environ.get("RANK", "0") == "0"
+    return world_size() <= 1 or os.environ.get("RANK", "0") == "0"
 
 
-def _world() -> int:
+def world_size() -> int:
+    """The processes torchrun started for this merge (1 outside torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def current() -> Group:
     """The torchrun group this process belongs to (initialised on first use), or SINGLE."""
-    world = _world()
+    world = world_size()
     if world <= 1:
         return SINGLE
     import torch.distributed as dist

@@ -28,11 +28,30 @@ DEVICE_ROOM = 0.85
 def make_engine(plan, device: str, backend: str, world: int, allow_nonfinite: bool = False):
     """The engine for this merge: native where it can serve the whole run, else torch. An input
     holding NaN or Inf is an error naming it, unless `allow_nonfinite` (`check_inputs`)."""
-    native = (device == "cpu" and backend in ("auto", "fused") and world == 1 and not plan.semantic
-              and plan.recipe.merge_method in fused_merge.METHODS and fused_merge.available())
-    if native:
+    if native_serves(plan, device, backend, world):
         return NativeEngine(plan, device, allow_nonfinite)
     return TorchEngine(plan, device, backend, allow_nonfinite=allow_nonfinite)
+
+
+def native_serves(plan, device: str, backend: str, world: int) -> bool:
+    """Whether the merge runs on the NativeEngine (which hands it the tasks it cannot take, `native_takes`)."""
+    return (device == "cpu" and backend in ("auto", "fused") and world == 1 and not plan.semantic
+            and plan.recipe.merge_method in fused_merge.METHODS and fused_merge.available())
+
+
+def native_takes(plan, task) -> bool:
+    """Whether the C++ kernels merge `task` as it lies: from the mapped inputs straight into the output
+    buffer (see NativeEngine)."""
+    models = plan.models
+    codes = {models[m].tensors[name].dtype for m, name in task.inputs}
+    code = codes.pop()
+    base = 0 if plan.recipe.merge_method == "linear" else task.base_index
+    compute = TORCH_NAMES.get(task.compute_dtype, code)
+    return not (codes or code not in KERNEL_DTYPES or task.dtype not in KERNEL_DTYPES or compute not in (code, "F32")
+                or base is None or (len(task.inputs) < 2 and plan.recipe.merge_method != "linear")
+                or math.prod(task.shape) >= fused_merge.MAX_ELEMENTS or task.remap_rows
+                or not fused_merge.covers(plan.recipe.merge_method, task.params, task.shape)
+                or any(models[m].adapted(name) for m, name in task.inputs))
 
 
 class TorchEngine:
@@ -171,6 +190,32 @@ def device_bytes(plan, task, fused: bool) -> int:
     return held + reference_bytes(plan, task, fused=False)
 
 
+def torch_host_bytes(plan, task, fused: bool) -> int:
+    """What a TorchEngine's CPU merge of `task` holds beside its inputs, their re-mapped or adapted copies and a
+    plain-torch merge's temporaries (`reference_bytes`), `fused` if a kernel serves the method: the inputs' copies
+    in the compute dtype and, where a kernel merges, the fp32 copies it widens inputs of mixed dtypes into
+    (`fused_merge.kernel_inputs`) and its result, made before it is copied into the output buffer."""
+    from seme.plan import _promote_codes
+
+    numel = math.prod(task.shape)
+    codes = [plan.models[m].tensors[n].dtype for m, n in task.inputs]
+    if task.remap_rows:  # re-mapped into the widest input dtype
+        codes = [_promote_codes(codes)] * len(codes)
+    compute = TORCH_NAMES[task.compute_dtype] if task.compute_dtype else None
+    held = 0
+    if compute is not None:  # TorchEngine.merge's casts; the kernels widen half inputs to fp32 as they load
+        cast = [c for c in codes if c != compute and not (fused and compute == "F32" and c in KERNEL_DTYPES)]
+        held += len(cast) * DTYPE_SIZES[compute] * numel
+        codes = [compute if c in cast else c for c in codes]
+    if not kernel_merges(plan, task, fused):
+        return held  # the reference's result is among its temporaries
+    if len(set(codes)) > 1:
+        held += sum(4 * numel for c in codes if c != "F32")
+    if plan.recipe.merge_method == "seme" or task.dtype not in KERNEL_DTYPES:  # an fp32 result, then its cast
+        return held + numel * (4 + (DTYPE_SIZES[task.dtype] if task.dtype != "F32" else 0))
+    return held + numel * DTYPE_SIZES[task.dtype]
+
+
 def remapped_bytes(plan, task) -> int:
     """A vocabulary re-mapping's copies of a task's inputs (`Remap.apply`: one per input, with the
     output's rows, in the widest input dtype); 0 where its rows are not re-mapped."""
@@ -231,22 +276,16 @@ class NativeEngine:
     def merge(self, task, out: memoryview) -> bool:
         """Merge `task` into `out`; whether the result is finite. A NaN / Inf input is an error, or
         with `allow_nonfinite` merged by the reference (`check_inputs`)."""
-        models = self.plan.models
-        codes = {models[m].tensors[name].dtype for m, name in task.inputs}
-        code = codes.pop()
-        base = 0 if self.plan.recipe.merge_method == "linear" else task.base_index
-        others = [i for i in range(len(task.inputs)) if i != base]
-        compute = TORCH_NAMES.get(task.compute_dtype, code)
-        if codes or code not in KERNEL_DTYPES or task.dtype not in KERNEL_DTYPES or compute not in (code, "F32") \
-                or base is None or (not others and self.plan.recipe.merge_method != "linear") \
-                or math.prod(task.shape) >= fused_merge.MAX_ELEMENTS or task.remap_rows \
-                or not fused_merge.covers(self.plan.recipe.merge_method, task.params, task.shape) \
-                or any(models[m].adapted(name) for m, name in task.inputs):
+        if not native_takes(self.plan, task):
             if self._torch is None:
                 self._torch = TorchEngine(self.plan, self.device, "auto", allow_nonfinite=self.allow_nonfinite)
             return self._torch.merge(task, out)
         if not len(out):
             return True
+        models = self.plan.models
+        code = models[task.inputs[0][0]].tensors[task.inputs[0][1]].dtype
+        base = 0 if self.plan.recipe.merge_method == "linear" else task.base_index
+        others = [i for i in range(len(task.inputs)) if i != base]
         anchor = ctypes.c_char.from_buffer(out)
         address = ctypes.addressof(anchor)
         del anchor  # the export would keep `out` from being released; the buffer outlives the call

@@ -25,7 +25,7 @@ except ImportError:  # Windows
     fcntl = None
 
 from seme import distributed, fused_merge
-from seme.engine import make_engine, reference_bytes, remapped_bytes
+from seme.engine import make_engine, native_serves, native_takes, reference_bytes, remapped_bytes, torch_host_bytes
 from seme.errors import SemeError
 from seme.io.card import write_metadata
 from seme.io.model import CHAT_TEMPLATES, is_tokenizer_file
@@ -384,7 +384,7 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
     prefetched = 0
     with Finisher(writer, bar) as finisher, engine.staging(tasks, prefetch_bytes, bar):
         on_host = [t for t in tasks if t.name in engine.on_host]  # too large for the GPU
-        need, name = largest_need(plan, "cpu", memory_backend(backend, allow_nonfinite), on_host)
+        need, name = largest_need(plan, "cpu", memory_backend(backend, allow_nonfinite), on_host, native=False)
         if need > max_memory:
             raise SemeError(f"--max-memory {format_size(max_memory)} is below what '{name}' needs merged on the CPU, "
                             f"as it does not fit in the GPU's free memory: {format_size(need, up=True)}")
@@ -436,11 +436,12 @@ def memory_backend(backend: str, allow_nonfinite: bool) -> str:
     return "reference" if allow_nonfinite else backend
 
 
-def largest_need(plan: Plan, device: str, backend: str, tasks=None) -> tuple[int, str | None]:
+def largest_need(plan: Plan, device: str, backend: str, tasks=None, native: bool | None = None) -> tuple[int, str | None]:
     """The most bytes one tensor's merge (of `tasks`, by default the plan's) holds in host memory
-    (its inputs, their adapted or re-mapped copies, the method's temporaries, the result and two
-    results waiting to be written), and that tensor."""
-    return max(((_input_bytes(plan, t) + _working_bytes(plan, t, device, backend) + 3 * t.nbytes, t.name)
+    (its inputs, their adapted, re-mapped or cast copies, the method's temporaries, the result and two
+    results waiting to be written), and that tensor. `native`: whether the merge runs on the
+    NativeEngine (by default, where `make_engine` would choose it)."""
+    return max(((_input_bytes(plan, t) + _working_bytes(plan, t, device, backend, native) + 3 * t.nbytes, t.name)
                 for t in (plan.tasks if tasks is None else tasks)), default=(0, None))
 
 
@@ -448,15 +449,17 @@ def _input_bytes(plan: Plan, task) -> int:
     return sum(plan.models[m].tensors[n].nbytes for m, n in task.inputs)
 
 
-def _working_bytes(plan: Plan, task, device: str, backend: str) -> int:
+def _working_bytes(plan: Plan, task, device: str, backend: str, native: bool | None = None) -> int:
     """What a task holds beyond its mapped inputs: an adapted input's copy and temporaries
     (LoraAdapter.working_bytes), a vocabulary re-mapping's copies of the inputs
     (seme.vocabulary.Remap.apply: one per input, with the output's rows, in the widest input dtype),
     and, on the CPU, a plain-torch merge's temporaries (Method.peak_buffers: where no fused kernel
-    serves the method or the tensor's size, or the merge is in float64). On a GPU those are the
-    GPU's memory."""
-    if task.copy:
-        return 0
+    serves the method or the tensor's size, or the merge is in float64) and, unless the NativeEngine
+    (`native`; by default, where `make_engine` would choose it) merges it in place, a TorchEngine's cast
+    copies and kernel result (`torch_host_bytes`). On a GPU those are the GPU's memory."""
+    if task.copy:  # cast where the output's dtype is not the input's (copy_tensor)
+        m, n = task.inputs[0]
+        return task.nbytes if plan.models[m].tensors[n].dtype != task.dtype else 0
     held = 0
     for m, n in task.inputs:
         if plan.models[m].adapted(n):
@@ -467,7 +470,10 @@ def _working_bytes(plan: Plan, task, device: str, backend: str) -> int:
     method = plan.recipe.merge_method
     fused = backend != "reference" and fused_merge.available() and (method == "seme"
                                                                     or fused_merge.covers(method, task.params, task.shape))
-    return held + reference_bytes(plan, task, fused)
+    held += reference_bytes(plan, task, fused)
+    if native is None:
+        native = native_serves(plan, device, backend, distributed.world_size())
+    return held if native and native_takes(plan, task) else held + torch_host_bytes(plan, task, fused)
 
 
 def available_memory() -> float:

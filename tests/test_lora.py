@@ -258,4 +258,5 @@ def test_max_memory_counts_the_adapted_copies(llama_family, tmp_path):
     seme.merge(plain, str(tmp_path / "plain"), progress=False, max_memory=needed)
     with pytest.raises(SemeError, match="adapted or re-mapped copies"):
         seme.merge(adapted, str(tmp_path / "adapted"), progress=False, max_memory=needed)
-    seme.merge(adapted, str(tmp_path / "adapted"), progress=False, max_memory=needed + 3 * 12288)
+    # and, merged by the torch engine, the kernel's result before it is copied into the output's buffer
+    seme.merge(adapted, str(tmp_path / "adapted"), progress=False, max_memory=needed + 4 * 12288)

@@ -304,7 +304,7 @@ def test_max_memory_counts_the_cpu_temporaries_of_tensors_too_large_for_the_gpu(
     assert on_cpu > on_gpu
     _torch_engines(monkeypatch, stage=True)
     monkeypatch.setattr(engine, "device_memory", lambda device: (1000, 10**9))  # nothing fits: all on the CPU
-    monkeypatch.setattr(executor, "largest_need", lambda plan, device, backend, tasks=None:
+    monkeypatch.setattr(executor, "largest_need", lambda plan, device, backend, tasks=None, native=None:
                         (on_gpu, name) if tasks is None else (on_cpu, name))  # planned as a GPU merge
     with pytest.raises(SemeError, match=rf"--max-memory .* below what '{name}' needs merged on the CPU"):
         seme.merge(recipe, str(tmp_path / "out"), max_memory=on_gpu, progress=False)

@@ -364,14 +364,15 @@ def test_tokens_added_to_the_base_vocabulary(llama_family, tmp_path):
 def test_max_memory_counts_the_remapped_rows(llama_family, tmp_path):
     from seme.errors import SemeError
 
-    # embedding and head: 96 x 32 fp32 = 12288 bytes; three inputs, three results, three re-mapped copies
+    # embedding and head: 96 x 32 fp32 = 12288 bytes; three inputs, three results, three re-mapped copies and,
+    # merged by the torch engine, the kernel's result before it is copied into the output's buffer
     other = renumbered(llama_family["expert1"], tmp_path / "renumbered")
     plain = ties([llama_family["expert0"], llama_family["expert1"]], llama_family["base"])
     seme.merge(plain, str(tmp_path / "plain"), progress=False, max_memory=100_000)
     remapped = ties([llama_family["expert0"], other], llama_family["base"], tokenizer_source="base")
-    with pytest.raises(SemeError, match=r"--max-memory 100\.0 kB .*adapted or re-mapped copies.*: 110\.6 kB"):
+    with pytest.raises(SemeError, match=r"--max-memory 100\.0 kB .*adapted or re-mapped copies.*: 122\.9 kB"):
         seme.merge(remapped, str(tmp_path / "remapped"), progress=False, max_memory=100_000)
-    seme.merge(remapped, str(tmp_path / "remapped"), progress=False, max_memory=110_592)
+    seme.merge(remapped, str(tmp_path / "remapped"), progress=False, max_memory=122_880)
 
 
 def test_a_model_without_tokenizer_files_is_refused_in_one_line(llama_family, tmp_path, capsys):
