@@ -237,6 +237,8 @@ class SemanticContext:
         pivot = self.bases[sp.pivot]
         self.report_drift = (pivot.vocab_size * pivot.W.shape[1] <= _DRIFT_REPORT_ELEMENTS
                              or any(p.get("stabilize") for p in self.params.values()))
+        # each basis keeps its fp32 [V, d] head: after the alignment only the drift report reads one, the pivot's
+        self.bases = {sp.pivot: pivot} if self.report_drift else {}
 
     def _load(self, m: int, name: str) -> torch.Tensor:
         return self.plan.models[m].load(name).to(self.device, torch.float32)
