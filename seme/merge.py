@@ -9,6 +9,7 @@ import os
 import sys
 import types
 
+from seme import distributed  # light: torch is imported only where a group is made
 from seme.options import MERGEKIT_FLAGS, OPTIONS
 
 
@@ -63,8 +64,6 @@ def _options(args, parser) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m seme.merge") -> int:
-    from seme import distributed
-
     parser = build_parser(prog)
     try:
         with contextlib.ExitStack() as quiet:
@@ -118,9 +117,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m seme.merge") -> i
 def _say(line: str) -> None:
     """An error's line on stderr; under torchrun, rank 0's alone (`seme.distributed`: the others
     have told it of theirs)."""
-    from seme.distributed import reports
-
-    if reports():
+    if distributed.reports():
         print(line, file=sys.stderr)
 
 

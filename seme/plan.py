@@ -157,8 +157,9 @@ def make_plan(recipe: Recipe) -> Plan:
     for name in pre:
         builder.add(name, {s.model: name for s in first_slice.sources}, first_slice, t=0.0)
     layer_sources = _add_layers(builder, recipe.slices, layer_range)
-    _check_layer_blocks(arch, ref_names, layer_sources, model_depth(arch, models[ref]))
-    _check_layer_tensors(builder, ref, layer_sources, model_depth(arch, models[ref]))
+    ref_depth = model_depth(arch, models[ref])
+    _check_layer_blocks(arch, ref_names, layer_sources, ref_depth)
+    _check_layer_tensors(builder, ref, layer_sources, ref_depth)
     last_slice = recipe.slices[-1]
     trailing_left_out = _add_trailing(builder, ref, trailing, last_slice, len(layer_sources))
     for name in post:
