@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark, for a machine with a CUDA GPU, nvcc and torch (run from the repo root):
-#   bash bench/gpu.sh [tests|cuda-tests] [kernels] [seme] [e2e] [startup]   (default: all but startup; logs under $OUT)
+#   bash bench/gpu.sh [tests|cuda-tests] [kernels] [profile] [seme] [e2e] [startup]
+#   (default: all but profile and startup; logs under $OUT)
 # Builds the extensions in place, runs the CUDA and Triton tests on the GPU, then the benchmarks,
 # which write their GPU sections of bench/RESULTS.md. mergekit (for the baselines) must be importable.
 set -uo pipefail
@@ -21,6 +22,8 @@ for stage in $stages; do
                   tests/test_backend.py tests/test_staging.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     kernels) timeout 300 python3 -m bench.kernels --device cuda --size $((1 << 26)) --repeat 20 \
                --baseline-repeat 3 2>&1 | tee "$OUT/kernels.log" ;;
+    # device time per kernel of the CUDA merges (where a change should go)
+    profile) timeout 120 python3 -m bench.cuda_profile 2>&1 | tee "$OUT/profile.log" ;;
     seme) timeout 240 python3 -m bench.seme --device cuda --vocab 128256 --hidden 4096 --repeat 3 2>&1 \
             | tee "$OUT/seme.log" ;;
     e2e) timeout 420 python3 -m bench.e2e --device cuda --root /tmp/seme-e2e 2>&1 | tee "$OUT/e2e.log" ;;

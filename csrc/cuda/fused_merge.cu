@@ -29,6 +29,14 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256, kItems = 4, kTile = kThreads * kItems;
+// Resident blocks asked of the compiler for the streaming passes over M models' tiles (48 registers
+// at 5, 64 at 4): the passes are latency-bound (bench.cuda_profile, ncu: stalls on the tile's loads
+// and on dependent integer work). With bf16 / fp16 inputs of up to 4 models every load of a tile is
+// issued before any use; at 5 blocks that made whole merges 2-23% faster on an H100 (bench/RESULTS.md).
+// fp32's loads-first tile spilled at 5 blocks (1.3-1.8x slower), and registers left unbounded at one
+// block (79) were slower too, so fp32 and 8 models keep one load in flight at a time.
+template <int M>
+constexpr int kMinBlocks = M <= 4 ? 5 : 4;
 constexpr int kMaxRows = 2 * kMaxModels;  // cuts: at most two per model
 constexpr int kMaxBins = 2048;
 constexpr int kPickThreads = 1024;
@@ -75,25 +83,26 @@ struct Args {
 
 // ------------------------------------------------------------ element access
 
-// kItems consecutive elements in one aligned access (16 bytes of fp32, 8 of bf16 / fp16).
+// kItems consecutive elements in one aligned access (16 bytes of fp32, 8 of bf16 / fp16): raw() loads
+// the words, unpack() converts them, so that a tile's loads can all be issued before any conversion.
 template <class T>
 struct Packed;
 template <>
 struct Packed<float> {
-  static __device__ __forceinline__ void load(const float* p, float v[kItems]) {
-    const float4 w = __ldg(reinterpret_cast<const float4*>(p));
-    v[0] = w.x, v[1] = w.y, v[2] = w.z, v[3] = w.w;
-  }
+  using Raw = float4;
+  static __device__ __forceinline__ Raw raw(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
+  static __device__ __forceinline__ void unpack(Raw w, float v[kItems]) { v[0] = w.x, v[1] = w.y, v[2] = w.z, v[3] = w.w; }
   static __device__ __forceinline__ void store(float* p, const float v[kItems]) {
     *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
   }
 };
 template <class T>
 struct Packed16 {  // bf16 / fp16: element 2q is the low half of word q (little endian)
+  using Raw = uint2;
   static __device__ __forceinline__ float half(uint32_t w) { return to_f32(from_bits(uint16_t(w))); }
   static __device__ __forceinline__ T from_bits(uint16_t b);
-  static __device__ __forceinline__ void load(const T* p, float v[kItems]) {
-    const uint2 w = __ldg(reinterpret_cast<const uint2*>(p));
+  static __device__ __forceinline__ Raw raw(const T* p) { return __ldg(reinterpret_cast<const uint2*>(p)); }
+  static __device__ __forceinline__ void unpack(Raw w, float v[kItems]) {
     v[0] = half(w.x), v[1] = half(w.x >> 16), v[2] = half(w.y), v[3] = half(w.y >> 16);
   }
   static __device__ __forceinline__ void store(T* p, const float v[kItems]) {
@@ -126,7 +135,7 @@ template <class T>
 __device__ __forceinline__ void load(const void* ptr, int64_t i, const Args& a, float v[kItems]) {
   const T* p = static_cast<const T*>(ptr);
   if (a.vec && i + kItems <= a.n) {
-    Packed<T>::load(p + i, v);
+    Packed<T>::unpack(Packed<T>::raw(p + i), v);
   } else {
 #pragma unroll
     for (int j = 0; j < kItems; ++j) v[j] = i + j < a.n ? to_f32(p[i + j]) : 0.0f;
@@ -195,6 +204,25 @@ __device__ __forceinline__ void uniforms(uint64_t c, uint32_t k0, uint32_t k1, f
 // A tile: base and every δ_k of the thread's kItems elements.
 template <class T, int M>
 __device__ __forceinline__ void load_tile(const Args& a, int64_t i, float b[kItems], float d[M][kItems]) {
+  if (sizeof(T) == 2 && M <= 4 && a.vec && i + kItems <= a.n) {
+    // Every input's words are loaded before any is converted (see kMinBlocks).
+    using P = Packed<T>;
+    typename P::Raw w[M + 1];
+    w[0] = P::raw(static_cast<const T*>(a.base) + i);
+#pragma unroll
+    for (int k = 0; k < M; ++k)
+      if (k < a.K) w[k + 1] = P::raw(static_cast<const T*>(a.x[k]) + i);
+    P::unpack(w[0], b);
+#pragma unroll
+    for (int k = 0; k < M; ++k) {
+      if (k < a.K) {
+        P::unpack(w[k + 1], d[k]);
+#pragma unroll
+        for (int j = 0; j < kItems; ++j) d[k][j] = d[k][j] - b[j];
+      }
+    }
+    return;
+  }
   load<T>(a.base, i, a, b);
 #pragma unroll
   for (int k = 0; k < M; ++k) {
@@ -305,7 +333,7 @@ __device__ __forceinline__ void row_keys(const Args& a, int row, const float d[M
 // cut h's prefix above the level's digit. Level 0 has no prefix: one histogram per key (model)
 // serves its cuts. Grid-stride, shared-memory bins.
 template <class T, int M>
-__global__ void __launch_bounds__(kThreads) hist_kernel(Args a, int level, int rows) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<M>) hist_kernel(Args a, int level, int rows) {
   extern __shared__ uint32_t bins[];
   if (level > 0 && !any_row(a, rows, kSlow)) return;
   const Level lv = level_of(level);
@@ -339,10 +367,16 @@ __global__ void __launch_bounds__(kThreads) hist_kernel(Args a, int level, int r
       }
       if (level == 0) {
         // Plain shared atomics: lanes that share a bin replay, which costs far less than grouping
-        // them first with __match_any_sync (H100, 3 x 64M fp32 keys: 0.13 against 0.40 ms).
+        // them first with __match_any_sync (H100, 3 x 64M fp32 keys: 0.13 against 0.40 ms). A whole
+        // group takes no per-element test (a branch each, in the pass's critical path).
+        if (valid[kItems - 1]) {
 #pragma unroll
-        for (int j = 0; j < kItems; ++j)
-          if (valid[j]) atomicAdd(&bins[s * nbins + (key[j] >> shift)], 1u);
+          for (int j = 0; j < kItems; ++j) atomicAdd(&bins[s * nbins + (key[j] >> shift)], 1u);
+        } else {
+#pragma unroll
+          for (int j = 0; j < kItems; ++j)
+            if (valid[j]) atomicAdd(&bins[s * nbins + (key[j] >> shift)], 1u);
+        }
         if (sce) {
 #pragma unroll
           for (int j = 0; j < kItems; ++j) zeros += valid[j] && key[j] == 0;
@@ -478,7 +512,7 @@ __global__ void __launch_bounds__(kPickThreads) offsets_kernel(Args a, int block
 // block, or a global counter per row, left the pass at 3x a plain read (H100). The order of entries
 // is free: they only feed histograms. Level 1's histogram (key bits 19..10) is taken on the way.
 template <class T, int M>
-__global__ void __launch_bounds__(kThreads) collect_kernel(Args a, int rows) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<M>) collect_kernel(Args a, int rows) {
   constexpr int kNext = 1 << level_of(1).bits;
   extern __shared__ uint32_t next_bins[];  // [rows][kNext]
   __shared__ uint32_t slot_of[kMaxRows];   // the block's next free slot in each row's buffer
@@ -634,7 +668,7 @@ __global__ void __launch_bounds__(kThreads) locate_kernel(Args a, int rows) {
 // Family L1 rescale: partial[k][0][tile] = Σ|δ_k|, partial[k][1][tile] = Σ|kept δ_k| (active models).
 // SCE: partial[k][1][tile] = Σ (selected δ_k)² (and 0 for [0]). A resident grid strides over the tiles.
 template <class T, int M>
-__global__ void __launch_bounds__(kThreads) sums_kernel(Args a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<M>) sums_kernel(Args a) {
   __shared__ BlockSum::TempStorage sum;
   const bool sce = a.sparsify == kSce;
   for (int64_t tile = blockIdx.x; tile < a.nblocks; tile += gridDim.x) {
@@ -776,7 +810,7 @@ __device__ __forceinline__ void merge_tile(const Args& a, int64_t i, const float
 // less time on an H100 (bf16 task arithmetic; none slower beyond noise). Two tiles' loads in flight
 // per thread measured slower (72 registers against 48).
 template <class T, class O, int M>
-__global__ void __launch_bounds__(kThreads) merge_kernel(Args a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<M>) merge_kernel(Args a) {
   for (int64_t tile = blockIdx.x; tile < a.nblocks; tile += gridDim.x) {
     const int64_t i = (tile * kThreads + threadIdx.x) * kItems;
     float b[kItems], d[M][kItems];
