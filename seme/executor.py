@@ -80,6 +80,16 @@ class Progress:
 DEFAULT_MEMORY = 4 * 10**9
 
 
+def rank_device(device: str, group: distributed.Group) -> str:
+    """The GPU a rank merges on: under torchrun, `cuda` is the rank's local GPU, ranks past the node's
+    GPU count sharing them in turn (two ranks on one GPU overlap their reads); `cuda:N` is N for all."""
+    if device != "cuda" or group.world == 1:
+        return device
+    import torch
+
+    return f"cuda:{group.local_rank % torch.cuda.device_count()}"
+
+
 def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto", shard_size: int = 5 * 10**9,
         overwrite: bool = False, resume: bool = False, allow_nonfinite: bool = False, progress: bool = False,
         version: str = "", max_memory: int | None = None, direct_io: bool = True, tokenizer: bool = True,
@@ -102,8 +112,7 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
                         f"(inputs, their adapted or re-mapped copies, the method's temporaries, result and two "
                         f"results waiting to be written: {format_size(largest, up=True)})")
     group = distributed.current()
-    if device.startswith("cuda") and group.world > 1:
-        device = f"cuda:{group.local_rank}"
+    device = rank_device(device, group)
     out_dir = os.path.abspath(out_dir)
     if os.path.islink(out_dir):  # the folder it names is replaced (renaming onto the link fails), and the link stays
         out_dir = os.path.realpath(out_dir)

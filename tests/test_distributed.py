@@ -204,3 +204,19 @@ def test_ranks_exchange_over_gloo_on_gpus_too(monkeypatch):
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     assert distributed.current() == distributed.Group(1, 2, 0) and backends == ["gloo"]
+
+
+def test_ranks_share_the_nodes_gpus(monkeypatch):
+    # Two ranks on a one-GPU node (torchrun --nproc_per_node 2 ... --device cuda): rank 1 was sent to
+    # cuda:1, which does not exist; ranks take the node's GPUs in turn, and an explicit cuda:N holds.
+    import torch
+
+    from seme import distributed
+    from seme.executor import rank_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    ranks = [rank_device("cuda", distributed.Group(r, 3, r)) for r in range(3)]
+    assert ranks == ["cuda:0", "cuda:1", "cuda:0"]
+    assert rank_device("cuda:1", distributed.Group(0, 3, 0)) == "cuda:1"
+    assert rank_device("cuda", distributed.Group(0, 1, 0)) == "cuda"
+    assert rank_device("cpu", distributed.Group(1, 2, 1)) == "cpu"
