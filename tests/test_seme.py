@@ -133,6 +133,21 @@ def test_signature_from_head_and_inverse_gram_equals_materialised_bases(scales):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("kept", [0, 3, 10])  # cosine blocks kept from the first pass: none, some, all
+def test_mean_distribution_equals_the_weighted_mean_of_softmaxes(monkeypatch, kept):
+    from seme.semantic import mapping
+
+    torch.manual_seed(4)
+    keys = torch.nn.functional.normalize(torch.randn(2300, 24), dim=1)
+    queries, weights = torch.randn(9, 24), torch.rand(9)
+    monkeypatch.setattr(mapping, "_KEPT_COSINES", kept * 256 * 9 * 4)
+    got = mean_distribution(queries, keys, weights, temperature=0.05, chunk=256)
+    q = torch.nn.functional.normalize(queries.double(), dim=1)
+    p = torch.softmax(q @ keys.double().T / 0.05, dim=1)
+    expected = (weights.double()[:, None] * p).sum(0) / weights.double().sum()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-9)
+
+
 def unit_pinv_rows(W: torch.Tensor) -> torch.Tensor:
     """The float64 oracle of the unit bases: rows of pinv(W)ᵀ by SVD, normalised."""
     return torch.nn.functional.normalize(torch.linalg.pinv(W.double()).T, dim=1)

@@ -5,16 +5,22 @@ For vectors r (rows of `queries`) and unit bases k_i (rows of `keys`):
     linear mode:   p_i = cos(r, k_i)
 and the result is Σ_i p_i v_i for a second basis set `values` (the flash-attention structure:
 Q = vectors, K = Ŝ_X, V = Ŝ_Y). No [batch, V] matrix is ever held: an online softmax (running
-max and sum) or a running top-k is kept per vector. On CUDA tensors with narrow values (d_v up to
+max and sum) or a running top-k is kept per vector (mean_distribution keeps up to _KEPT_COSINES of
+cosines between its two passes). On CUDA tensors with narrow values (d_v up to
 `TRITON_MAX_WIDTH`) the softmax and linear modes run as one Triton kernel
 (kernels/semantic_mapping.py); it recomputes the cosines once per 64 output columns, so for
 hidden-size values the chunked torch code below, whose products go to cuBLAS, stays the default.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 _CHUNK = 8192
+# Bytes of cosines mean_distribution keeps from its first pass for its second (256 queries: 65536 tokens):
+# the drift report's signatures took a third of a small SeMe merge recomputing them.
+_KEPT_COSINES = 64 << 20
 TRITON_MAX_WIDTH = 256  # at most 4 recomputations of the cosines
 
 
@@ -98,22 +104,27 @@ def mean_distribution(queries: torch.Tensor, keys, weights: torch.Tensor, *, tem
     q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
     m = torch.full((q.shape[0], 1), -torch.inf, device=q.device)
     z = torch.zeros(q.shape[0], 1, device=q.device)
+    kept, room = [], _KEPT_COSINES // max(q.shape[0] * 4, 1)  # blocks the second pass need not recompute
     for _, cos in _cosine_blocks(q, keys, chunk):
         logits = cos / temperature
         m_new = torch.maximum(m, logits.max(dim=1, keepdim=True).values)
         z = z * torch.exp(m - m_new) + torch.exp(logits - m_new).sum(dim=1, keepdim=True)
         m = m_new
+        if room >= cos.shape[1]:
+            kept.append(cos)
+            room -= cos.shape[1]
     w = (weights.to(torch.float32) / weights.sum()).reshape(-1, 1) / z
-    return torch.cat([(torch.exp(cos / temperature - m) * w).sum(dim=0) for _, cos in _cosine_blocks(q, keys, chunk)])
+    blocks = itertools.chain(kept, (cos for _, cos in _cosine_blocks(q, keys, chunk, start=len(kept) * chunk)))
+    return torch.cat([(torch.exp(cos / temperature - m) * w).sum(dim=0) for cos in blocks])
 
 
-def _cosine_blocks(q: torch.Tensor, keys, chunk: int):
+def _cosine_blocks(q: torch.Tensor, keys, chunk: int, start: int = 0):
     """(start, cosines of the unit queries with keys start .. start + chunk) over the vocabulary."""
     if isinstance(keys, torch.Tensor):
-        for s in range(0, keys.shape[0], chunk):
+        for s in range(start, keys.shape[0], chunk):
             yield s, q @ keys[s:s + chunk].T
     else:
-        for s in range(0, keys.vocab_size, chunk):
+        for s in range(start, keys.vocab_size, chunk):
             yield s, keys.cosines(q, s, s + chunk)
 
 
