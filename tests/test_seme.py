@@ -133,14 +133,16 @@ def test_signature_from_head_and_inverse_gram_equals_materialised_bases(scales):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("kept", [0, 3, 10])  # cosine blocks kept from the first pass: none, some, all
+# Cosine blocks (256 tokens; the last of 2300 has 252) kept from the first pass: none, some, all, and room
+# for 3 blocks and the last one's width, which must not keep the last block out of order.
+@pytest.mark.parametrize("kept", [0, 3, 10, 3 + 253 / 256])
 def test_mean_distribution_equals_the_weighted_mean_of_softmaxes(monkeypatch, kept):
     from seme.semantic import mapping
 
     torch.manual_seed(4)
     keys = torch.nn.functional.normalize(torch.randn(2300, 24), dim=1)
     queries, weights = torch.randn(9, 24), torch.rand(9)
-    monkeypatch.setattr(mapping, "_KEPT_COSINES", kept * 256 * 9 * 4)
+    monkeypatch.setattr(mapping, "_KEPT_COSINES", int(kept * 256) * 9 * 4)
     got = mean_distribution(queries, keys, weights, temperature=0.05, chunk=256)
     q = torch.nn.functional.normalize(queries.double(), dim=1)
     p = torch.softmax(q @ keys.double().T / 0.05, dim=1)

@@ -110,9 +110,9 @@ def mean_distribution(queries: torch.Tensor, keys, weights: torch.Tensor, *, tem
         m_new = torch.maximum(m, logits.max(dim=1, keepdim=True).values)
         z = z * torch.exp(m - m_new) + torch.exp(logits - m_new).sum(dim=1, keepdim=True)
         m = m_new
-        if room >= cos.shape[1]:
+        room -= cos.shape[1]
+        if room >= 0:  # a prefix of the blocks: the second pass computes the rest from where they end
             kept.append(cos)
-            room -= cos.shape[1]
     w = (weights.to(torch.float32) / weights.sum()).reshape(-1, 1) / z
     blocks = itertools.chain(kept, (cos for _, cos in _cosine_blocks(q, keys, chunk, start=len(kept) * chunk)))
     return torch.cat([(torch.exp(cos / temperature - m) * w).sum(dim=0) for cos in blocks])
