@@ -37,7 +37,12 @@ RECIPES = {
     # epsilon at the deltas' scale (make_models: std 0.002): about a third of each model's changes count
     "ram": lambda m: {"merge_method": "ram", "base_model": m[0], "parameters": {"epsilon": 0.002},
                       "models": [{"model": p} for p in m[1:]]},
+    # alignment "always": random heads are within align_tolerance of each other, and "auto" would skip
+    # the rotations a real SeMe merge spends its pre-pass on
+    "seme": lambda m: {"merge_method": "seme", "base_model": m[0], "parameters": {"alignment": "always"},
+                       "models": [{"model": p} for p in m[1:]]},
 }
+SEME_ONLY = {"seme"}  # recipes mergekit has no method for: timed for seme alone
 
 
 SHARD_BYTES = 2 * 10**9  # larger models are written in shards of about this size, with an index, as hubs hold them
@@ -228,12 +233,14 @@ def main(argv=None) -> None:
             runs.append((wall, rss, float(loop.group(1)), wall - float(loop.group(2))))
         seme_s, seme_rss, steady, startup = sorted(runs)[len(runs) // 2]  # the median run by wall time
         mk_s = mk_rss = float("nan")
-        if not args.no_mergekit:
+        if not args.no_mergekit and name not in SEME_ONLY:
             mk_out = os.path.join(args.root, "out-mergekit")
             mk_cmd = [mergekit, recipe_path, mk_out, "--no-copy-tokenizer", "--allow-crimes", "--out-shard-size", "5B"]
             mk_s, mk_rss, _ = run(mk_cmd + (["--cuda"] if args.device == "cuda" else []), args.root, paths, cached, mk_out)
-        row = (f"| {name} | {seme_s:.1f} | {startup:.2f} | {seme_rss:.2f} | {steady:.2f} | {mk_s:.1f} | {mk_rss:.2f} | "
-               f"{mk_s / seme_s:.1f}x | {seme_s / floor:.1f}x | {steady / bandwidth:.2f} |")
+        mk = ("| — | — | — |" if mk_s != mk_s else  # NaN: not run
+              f"| {mk_s:.1f} | {mk_rss:.2f} | {mk_s / seme_s:.1f}x |")
+        row = (f"| {name} | {seme_s:.1f} | {startup:.2f} | {seme_rss:.2f} | {steady:.2f} {mk} "
+               f"{seme_s / floor:.1f}x | {steady / bandwidth:.2f} |")
         rows.append(row)
         print(row, flush=True)
     if args.no_mergekit:

@@ -133,8 +133,8 @@ class TorchEngine:
         plan = self.plan
         # read here only when not staged: a LoRA adapter's update makes a read cost a product
         sources = self.stager.get(task) if self.stager is not None else [plan.models[m].load(n) for m, n in task.inputs]
-        if task.derived:
-            sources = [self.semantic.load(d, task.name) if d else t for d, t in zip(task.derived, sources)]
+        if task.derived:  # built one at a time, each cast to the compute dtype below before the next is built
+            sources = (self.semantic.load(d, task.name) if d else t for d, t in zip(task.derived, sources))
         if task.remap_rows:
             sources = plan.vocabulary.apply([m for m, _ in task.inputs], sources, task.remap_base,
                                             columns=task.token_columns)
@@ -145,6 +145,7 @@ class TorchEngine:
             if self.fused and dtype == torch.float32 and t.dtype in WIDENED_BY_KERNELS:
                 dtype = t.dtype  # the kernels widen to fp32 as they load: a cast first would only copy
             on_device.append(t.to(device=self.device, dtype=dtype, non_blocking=True))
+            del t  # a derived input in fp32, once cast
         inputs = Inputs(tuple(on_device), task.base_index, task.name, plan.recipe.random_seed)
         out_dtype = getattr(torch, CODE_NAMES[task.dtype])
         merged = self.impl(inputs, task.params, out_dtype)

@@ -31,7 +31,8 @@ from seme.io.card import write_metadata
 from seme.io.model import CHAT_TEMPLATES, is_tokenizer_file
 from seme.io.writer import ShardWriter, clear
 from seme.options import format_size
-from seme.plan import Plan
+from seme.plan import DTYPE_SIZES, Plan
+from seme.semantic import memory
 
 
 class Progress:
@@ -100,17 +101,22 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
     keeps the staging folder; `resume` continues from its finished shards (bit-identical result).
     Under torchrun, each rank writes its share of the shards and rank 0 publishes. `max_memory`
     bounds the bytes held at once: read-ahead inputs, the tensor being merged and results waiting
-    to be written (None: DEFAULT_MEMORY, or `largest_need` if more). With `direct_io`, shards are
+    to be written (None: DEFAULT_MEMORY, or `least_memory` if more). With `direct_io`, shards are
     written around the page cache where the filesystem allows it (`seme.io.writer`). `tokenizer` and `card`: whether the output gets the reference's
     tokenizer files and a model card (`seme.io.card.write_metadata`).
     """
-    largest, _ = largest_need(plan, device, memory_backend(backend, allow_nonfinite))
+    loop, prepass = least_memory(plan, device, memory_backend(backend, allow_nonfinite))
     if max_memory is None:
-        max_memory = max(DEFAULT_MEMORY, largest)
-    if largest > max_memory:
+        max_memory = max(DEFAULT_MEMORY, loop, prepass)
+    if loop > max_memory:
+        kept = " and what SeMe keeps from its alignment pre-pass" if plan.semantic is not None else ""
         raise SemeError(f"--max-memory {format_size(max_memory)} is below what the largest tensor needs "
                         f"(inputs, their adapted or re-mapped copies, the method's temporaries, result and two "
-                        f"results waiting to be written: {format_size(largest, up=True)})")
+                        f"results waiting to be written{kept}: {format_size(loop, up=True)})")
+    if prepass > max_memory:
+        raise SemeError(f"--max-memory {format_size(max_memory)} is below what SeMe's alignment pre-pass needs "
+                        f"(each model's G⁻¹ and row norms, the rotations, one head's factorisation or one source's "
+                        f"alignment: {format_size(prepass, up=True)})")
     group = distributed.current()
     device = rank_device(device, group)
     out_dir = os.path.abspath(out_dir)
@@ -135,7 +141,7 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
             try:
                 stats = _execute(plan, staging, device, backend, shard_size, resume, allow_nonfinite,
                                  progress and group.rank == 0, _plan_id(plan, shard_size, version, device, backend),
-                                 group, max_memory, max_memory - largest, direct_io, stop)
+                                 group, max_memory, max_memory - loop, direct_io, stop)
             except _Stopped:  # another rank failed: its error comes with the agreement below
                 pass
             except OSError as e:
@@ -445,6 +451,15 @@ def memory_backend(backend: str, allow_nonfinite: bool) -> str:
     return "reference" if allow_nonfinite else backend
 
 
+def least_memory(plan: Plan, device: str, backend: str) -> tuple[int, int]:
+    """What a merge holds at most in host memory: (in its loop: the largest tensor's merge, `largest_need`,
+    and what SeMe keeps from its pre-pass; in SeMe's alignment pre-pass, before the loop)."""
+    largest = largest_need(plan, device, backend)[0]
+    if plan.semantic is None:
+        return largest, 0
+    return largest + memory.held_bytes(plan, device), memory.prepass_bytes(plan, device)
+
+
 def largest_need(plan: Plan, device: str, backend: str, tasks=None, native: bool | None = None) -> tuple[int, str | None]:
     """The most bytes one tensor's merge (of `tasks`, by default the plan's) holds in host memory
     (its inputs, their adapted, re-mapped or cast copies, the method's temporaries, the result and two
@@ -479,6 +494,8 @@ def _working_bytes(plan: Plan, task, device: str, backend: str, native: bool | N
     method = plan.recipe.merge_method
     fused = backend != "reference" and fused_merge.available() and (method == "seme"
                                                                     or fused_merge.covers(method, task.params, task.shape))
+    if task.derived:  # SeMe's derived inputs, merge and drift report
+        return held + memory.task_bytes(plan, task, fused, DTYPE_SIZES[task.dtype])
     held += reference_bytes(plan, task, fused)
     if native is None:
         native = native_serves(plan, device, backend, distributed.world_size())

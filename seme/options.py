@@ -88,7 +88,7 @@ OPTIONS = (
     Option("out_shard_size", "5GB", "maximum size of one output shard, e.g. 2GB, 500MB (or mergekit's 500M, 5B)",
            parse_size),
     Option("max_memory", None, "bound on the bytes held at once: read-ahead, the merge (its temporaries too) and "
-           "pending writes (default: 4GB, or what the largest tensor needs if more)", parse_size),
+           "pending writes, and SeMe's alignment pre-pass (default: 4GB, or what the merge needs if more)", parse_size),
     Option("dry_run", False, "print the plan (tensors, bytes, method and parameters per tensor) and exit"),
     Option("overwrite", False, "replace a non-empty output folder (or an interrupted merge's staging folder)"),
     Option("resume", False, "continue an interrupted merge from its finished shards"),

@@ -11,7 +11,7 @@ def _fmt(value) -> str:
 
 
 def print_plan(plan, out, device: str = "cpu", backend: str = "auto") -> None:
-    from seme.executor import largest_need
+    from seme.executor import largest_need, least_memory
 
     recipe = plan.recipe
     names = [m.name for m in plan.models]
@@ -22,8 +22,13 @@ def print_plan(plan, out, device: str = "cpu", backend: str = "auto") -> None:
               f"{plan.input_bytes / 1e9:.3f} GB read; layers: "
               f"{plan.num_layers}\n")
     need, name = largest_need(plan, device, backend)
-    out.write(f"memory: {need} bytes ({need / 2**20:.1f} MiB) for the largest tensor's merge, {name}: the least "
-              f"--max-memory takes\n")
+    loop, prepass = least_memory(plan, device, backend)
+    least = max(loop, prepass)
+    kept = f", {loop - need} bytes kept from SeMe's pre-pass" if plan.semantic is not None else ""
+    out.write(f"memory: {need} bytes ({need / 2**20:.1f} MiB) for the largest tensor's merge, {name}{kept}")
+    if plan.semantic is not None:
+        out.write(f"; {prepass} bytes ({prepass / 2**20:.1f} MiB) for SeMe's alignment pre-pass")
+    out.write(f"; the least --max-memory takes: {least} bytes ({least / 2**20:.1f} MiB)\n")
     if device != "cpu":
         import torch
 

@@ -88,16 +88,16 @@ def test_every_reference_merge_stays_within_its_declared_peak(peaks):
 
 
 def measure_merges(root: str) -> dict:
-    """{recipe: (resident peak of its merge, largest_need)}, over merges of bf16 models whose embeddings (2^22
-    elements) are the largest tensors, each merge run twice (the first makes what is made once: imports,
-    kernels' thread pools) and measured the second time."""
+    """{recipe: (resident peak of its merge, the least --max-memory it takes)}, over merges of bf16 models whose
+    embeddings (2^22 elements) are the largest tensors, each merge run twice (the first makes what is made once:
+    imports, kernels' thread pools) and measured the second time."""
     import torch
 
     import seme
     from conftest import build_model
     from seme.config import load
     from seme import executor
-    from seme.executor import largest_need
+    from seme.executor import least_memory
     from seme.plan import make_plan
 
     paths = [os.path.join(root, f"m{i}") for i in range(3)]
@@ -111,8 +111,24 @@ def measure_merges(root: str) -> dict:
         json.dump(tokenizer, f)
     ties = {"merge_method": "ties", "base_model": paths[0], "parameters": {"weight": 1.0, "density": 0.5},
             "models": [{"model": p} for p in paths]}
+    # SeMe: rotated sources (one with another vocabulary: its rows re-ordered) and the drift report; then the
+    # probability alignment (anchors and their top tokens) and stabilisation (the reference SCE of each trial)
+    aligned = {"merge_method": "seme", "base_model": paths[0], "models": [{"model": p} for p in paths[1:]],
+               "parameters": {"alignment": "always"}}
+    # and wide, short heads (600 x 512) aligned by probability, whose pre-pass (each model's G⁻¹, the alignment's
+    # d x d matrices, the anchors) outweighs any one tensor's merge
+    wide = [os.path.join(root, f"w{i}") for i in range(2)]
+    for i, path in enumerate(wide):
+        build_model(path, "llama", seed=i, layers=1, hidden=512, vocab=600, dtype=torch.bfloat16)
     recipes = {"ties, cast to fp16 first": {**ties, "dtype": "float16"},
-               "ties, vocabularies re-mapped": {**ties, "tokenizer": {"source": "union"}}}
+               "ties, vocabularies re-mapped": {**ties, "tokenizer": {"source": "union"}},
+               "seme, aligned": aligned,
+               "seme, aligned, merged in bf16": {**aligned, "dtype": "bfloat16"},
+               "seme, aligned by probability, stabilized": {**aligned, "parameters": {
+                   "alignment": "always", "align_mode": "probability", "stabilize": True}},
+               "seme, wide heads (the pre-pass outweighs the loop)": {
+                   **aligned, "base_model": wide[0], "models": [{"model": wide[1]}],
+                   "parameters": {"alignment": "always", "align_mode": "probability"}}}
     # measured from the start of the merge loop: planning's own memory (a union's tokenizers, 65536 tokens each)
     # is no tensor's and not what --max-memory bounds
     started = []
@@ -127,7 +143,7 @@ def measure_merges(root: str) -> dict:
     executor._execute = measured
     found = {}
     for name, recipe in recipes.items():
-        need = largest_need(make_plan(load(recipe)), "cpu", "auto")[0]
+        need = max(least_memory(make_plan(load(recipe)), "cpu", "auto"))
         for run in range(2):
             seme.merge(recipe, os.path.join(root, f"out{run}"), progress=False, overwrite=True, max_memory=need)
             found[name] = (resident("VmHWM:") - started[-1], need)
@@ -151,6 +167,8 @@ def test_a_merge_outside_the_native_kernels_stays_within_what_max_memory_counts(
     # kernel's result (before it is copied into the output's buffer) are held besides the inputs
     for name, (peak, need) in merge_peaks.items():  # 10%: the kernels' bit arrays, small temporaries, bookkeeping
         assert peak <= 1.1 * need, f"{name}: resident peak {peak / 2**20:.1f} MiB > {need / 2**20:.1f} MiB counted"
+        # and tightly enough to be of use (SeMe's counts are bounds: every source as rotated, G⁻¹ in float64)
+        assert peak >= 0.5 * need, f"{name}: resident peak {peak / 2**20:.1f} MiB, {need / 2**20:.1f} MiB counted"
 
 
 if __name__ == "__main__":
@@ -182,3 +200,33 @@ def test_max_memory_counts_the_temporaries_of_a_plain_torch_merge(llama_family, 
     seme.merge(ties, str(tmp_path / "fused"), progress=False, max_memory=5 * 4 * numel)
     with pytest.raises(SemeError, match="the method's temporaries"):
         seme.merge(ties, str(tmp_path / "reference"), progress=False, max_memory=5 * 4 * numel, backend="reference")
+
+
+def test_max_memory_counts_the_seme_alignment_prepass(tmp_path, capsys):
+    """Wide, short heads (600 x 512) aligned by probability: each model's G⁻¹, the alignment's d x d matrices
+    and its anchors outweigh any one tensor's merge. Below what the pre-pass needs, a one-line error before
+    anything is read or written."""
+    import torch
+
+    import seme
+    from conftest import build_model
+    from seme.config import load
+    from seme.errors import SemeError
+    from seme.executor import least_memory
+    from seme.plan import make_plan
+
+    paths = [str(tmp_path / f"m{i}") for i in range(2)]
+    for i, path in enumerate(paths):
+        build_model(path, "llama", seed=i, layers=1, hidden=512, vocab=600, dtype=torch.bfloat16)
+    recipe = {"merge_method": "seme", "base_model": paths[0], "models": [{"model": paths[1]}],
+              "parameters": {"alignment": "always", "align_mode": "probability"}}
+    loop, prepass = least_memory(make_plan(load(recipe)), "cpu", "auto")
+    assert prepass > loop
+    out = tmp_path / "out"
+    with pytest.raises(SemeError, match="below what SeMe's alignment pre-pass needs"):
+        seme.merge(recipe, str(out), max_memory=prepass - 1, progress=False)
+    assert not out.exists() and not (tmp_path / "out.seme-partial").exists()
+    seme.merge(recipe, str(tmp_path / "plan"), dry_run=True)
+    assert f"; the least --max-memory takes: {prepass} bytes" in capsys.readouterr().out
+    seme.merge(recipe, str(out), max_memory=prepass, progress=False)
+    assert (out / "model.safetensors").exists()

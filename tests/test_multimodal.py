@@ -2123,7 +2123,7 @@ def test_semantic_bases_weigh_a_muse_head_by_its_final_norms_own_gain(tmp_path):
     head, gain = sp.head_names[sp.pivot]
     assert (head, gain) == ("lm_head.weight", "model.language_model.norm.weight")
     state = load_folder(a)
-    torch.testing.assert_close(sp.prepare(plan, torch.device("cpu")).bases[sp.pivot].W, state[head] * state[gain])
+    torch.testing.assert_close(sp.prepare(plan, torch.device("cpu")).bases[sp.pivot].W(), state[head] * state[gain])
 
 
 # --- vocabulary re-mapping ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from seme.semantic.mapping import semantic_mix
 
 def alignment_map(src: SemanticBases, piv: SemanticBases, src_ids: torch.Tensor | None = None,
                   piv_ids: torch.Tensor | None = None, *, mode: str = "linear", temperature: float = 0.05,
-                  topk: int | None = 64, anchors: int = 4096, chunk: int = 16384) -> torch.Tensor:
+                  topk: int | None = 64, anchors: int = 4096, chunk: int | None = None) -> torch.Tensor:
     """A ([d_piv, d_src], float64) with h_piv ≈ A h_src, from the two heads' bases over shared tokens
     (src_ids[j] and piv_ids[j] are the same token; all tokens in order when not given).
 
@@ -21,7 +21,8 @@ def alignment_map(src: SemanticBases, piv: SemanticBases, src_ids: torch.Tensor 
     anchor vectors (an evenly spaced subset of the source's own unit bases).
     Neither forms the [V, d] bases (2 x 2 GB for 128k x 4096 heads): with ŝ_i = w_i G⁻¹ / |s_i|,
     Ŝ_pivᵀ Ŝ_src = G_piv⁻¹ (Σ_j w_piv,j w_src,jᵀ / (|s_piv,j| |s_src,j|)) G_src⁻¹, one [d, V] x [V, d]
-    product where materialised bases cost three; φ's keys and values are read the same way.
+    product where materialised bases cost three; φ's keys and values are read the same way. `chunk`:
+    shared tokens per block of that product (by default the bases' block).
     """
     if src_ids is None:
         src_ids = torch.arange(src.vocab_size)
@@ -30,6 +31,7 @@ def alignment_map(src: SemanticBases, piv: SemanticBases, src_ids: torch.Tensor 
     if src_ids.shape != piv_ids.shape:
         raise ValueError(f"{src_ids.numel()} source and {piv_ids.numel()} pivot token ids do not pair up")
     if mode == "linear":
+        chunk = chunk or min(src.block, piv.block)
         middle = None
         for start in range(0, src_ids.numel(), chunk):
             part = (piv.scaled_rows(index=piv_ids[start:start + chunk]).T.double()
@@ -73,8 +75,8 @@ def rotate(t: torch.Tensor, role: str, layout: str, Q: torch.Tensor, src_gain: t
         return rotate(t.mT, role, "out_in", Q, src_gain, piv_gain).mT
     if role in ("read", "lm_head", "stream_map"):  # a stream map may read the normalised stream (DeciLM's linears)
         w = t * src_gain if src_gain is not None else t
-        w = (Q @ w if role == "stream_map" else w) @ Q.T
-        return w / piv_gain if piv_gain is not None else w
+        w = (Q @ w if role == "stream_map" else w) @ Q.T  # a new tensor: divided in place
+        return w.div_(piv_gain) if piv_gain is not None else w
     # rows in the stream (a write bias: [d], or one per expert [E, d])
     if role in ("embedding", "position_embedding", "stream_vector", "write_bias"):
         return t @ Q.T

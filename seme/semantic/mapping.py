@@ -17,6 +17,8 @@ import itertools
 
 import torch
 
+from seme.semantic import memory
+
 _CHUNK = 8192
 # Bytes of cosines mean_distribution keeps from its first pass for its second (256 queries: 65536 tokens):
 # the drift report's signatures took a third of a small SeMe merge recomputing them.
@@ -49,7 +51,11 @@ def semantic_mix(queries: torch.Tensor, keys, values, *, temperature: float = 0.
     if topk is not None:
         best, idx = semantic_topk(q, keys, topk, chunk=chunk)
         p = torch.softmax(best / temperature, dim=1)
-        return _finish(values, torch.einsum("bk,bkd->bd", p, _value_rows(values, index=idx)))
+        # the rows of the top tokens, [queries, k, d_v], gathered for a few queries at a time (4096 anchors' top 64
+        # of 4096-wide rows: 4 GB at once), an eighth of a block in fp32 (semantic bases' rows take several copies)
+        step = max(1, memory.BLOCK_BYTES // (32 * idx.shape[1] * values.shape[1]))
+        return _finish(values, torch.cat([torch.einsum("bk,bkd->bd", p[i:i + step], _value_rows(values, index=idx[i:i + step]))
+                                          for i in range(0, max(q.shape[0], 1), step)]))
     m = torch.full((q.shape[0], 1), -torch.inf, device=q.device)
     denom = torch.zeros(q.shape[0], 1, device=q.device)
     for s, cos in _cosine_blocks(q, keys, chunk):
@@ -81,9 +87,11 @@ def semantic_topk(queries: torch.Tensor, keys, k: int, chunk: int = _CHUNK):
     best = torch.full((queries.shape[0], 0), -torch.inf, device=queries.device)
     idx = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=queries.device)
     for s, scores in _cosine_blocks(queries, keys, chunk):
-        ids = torch.arange(s, s + scores.shape[1], device=queries.device).expand_as(scores)
+        # the block's own k best first: the merge with the running ones then concatenates 2k columns, not a
+        # block's worth (and its token ids) beside them
+        scores, ids = torch.topk(scores, min(k, scores.shape[1]), dim=1)
         best, pos = torch.topk(torch.cat([best, scores], dim=1), min(k, best.shape[1] + scores.shape[1]), dim=1)
-        idx = torch.gather(torch.cat([idx, ids], dim=1), 1, pos)
+        idx = torch.gather(torch.cat([idx, ids + s], dim=1), 1, pos)
     return best, idx
 
 
@@ -104,8 +112,8 @@ def mean_distribution(queries: torch.Tensor, keys, weights: torch.Tensor, *, tem
     q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
     m = torch.full((q.shape[0], 1), -torch.inf, device=q.device)
     z = torch.zeros(q.shape[0], 1, device=q.device)
-    kept, room = [], _KEPT_COSINES // max(q.shape[0] * 4, 1)  # blocks the second pass need not recompute
-    for _, cos in _cosine_blocks(q, keys, chunk):
+    kept, room, end = [], _KEPT_COSINES // max(q.shape[0] * 4, 1), 0  # blocks the second pass need not recompute
+    for s, cos in _cosine_blocks(q, keys, chunk):
         logits = cos / temperature
         m_new = torch.maximum(m, logits.max(dim=1, keepdim=True).values)
         z = z * torch.exp(m - m_new) + torch.exp(logits - m_new).sum(dim=1, keepdim=True)
@@ -113,17 +121,21 @@ def mean_distribution(queries: torch.Tensor, keys, weights: torch.Tensor, *, tem
         room -= cos.shape[1]
         if room >= 0:  # a prefix of the blocks: the second pass computes the rest from where they end
             kept.append(cos)
+            end = s + cos.shape[1]
     w = (weights.to(torch.float32) / weights.sum()).reshape(-1, 1) / z
-    blocks = itertools.chain(kept, (cos for _, cos in _cosine_blocks(q, keys, chunk, start=len(kept) * chunk)))
+    blocks = itertools.chain(kept, (cos for _, cos in _cosine_blocks(q, keys, chunk, start=end)))
     return torch.cat([(torch.exp(cos / temperature - m) * w).sum(dim=0) for cos in blocks])
 
 
 def _cosine_blocks(q: torch.Tensor, keys, chunk: int, start: int = 0):
-    """(start, cosines of the unit queries with keys start .. start + chunk) over the vocabulary."""
+    """(start, cosines of the unit queries with keys start .. start + chunk) over the vocabulary; semantic
+    bases' blocks are no wider than those they read their head in, nor larger."""
     if isinstance(keys, torch.Tensor):
         for s in range(start, keys.shape[0], chunk):
             yield s, q @ keys[s:s + chunk].T
     else:
+        # each block of cosines (and its temporaries) a few of the head's blocks at most, however many queries
+        chunk = min(chunk, keys.block, max(1, keys.block * keys.shape[1] // max(q.shape[0], 1)))
         for s in range(start, keys.vocab_size, chunk):
             yield s, keys.cosines(q, s, s + chunk)
 

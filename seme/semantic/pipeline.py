@@ -210,7 +210,8 @@ class SemanticContext:
         self.params = {t.name: t.params for t in plan.tasks}
         arch = plan.archs[sp.pivot]
         models = [sp.pivot] + sp.sources
-        bases = semantic_bases([self._head(m) for m in models], [plan.models[m].name for m in models])
+        heads = [self._head(m) for m in models]
+        bases = semantic_bases([h for h, _ in heads], [plan.models[m].name for m in models], [g for _, g in heads])
         self.bases = dict(zip(models, bases))
         self.rotations: dict[int, torch.Tensor | None] = {}
         self.alignment_report = {}
@@ -235,9 +236,9 @@ class SemanticContext:
             if why:
                 raise SemeError(f"{_not_rotatable(arch, why)}; set alignment: never to merge without it")
         pivot = self.bases[sp.pivot]
-        self.report_drift = (pivot.vocab_size * pivot.W.shape[1] <= _DRIFT_REPORT_ELEMENTS
+        self.report_drift = (pivot.vocab_size * pivot.shape[1] <= _DRIFT_REPORT_ELEMENTS
                              or any(p.get("stabilize") for p in self.params.values()))
-        # each basis keeps its fp32 [V, d] head: after the alignment only the drift report reads one, the pivot's
+        # after the alignment only the drift report reads bases, the pivot's (its G⁻¹ and row norms are held)
         self.bases = {sp.pivot: pivot} if self.report_drift else {}
 
     def _load(self, m: int, name: str) -> torch.Tensor:
@@ -246,11 +247,11 @@ class SemanticContext:
     def _gain(self, m: int, name: str | None) -> torch.Tensor | None:
         return None if name is None else self._load(m, name) + self.plan.archs[m].gain_offset(name)
 
-    def _head(self, m: int) -> torch.Tensor:
+    def _head(self, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head as stored (read a block at a time by the bases; on a GPU, a copy there) and the gain
+        folded into its rows."""
         head, gain = self.sp.head_names[m]
-        W = self._load(m, head)
-        g = self._gain(m, gain)
-        return W * g if g is not None else W
+        return self.plan.models[m].load(head).to(self.device), self._gain(m, gain)
 
     def _align(self, m: int):
         settings, sp = self.sp.settings, self.sp
@@ -289,7 +290,8 @@ class SemanticContext:
             x = self._load(m, name)
             if Q is not None and spec.role in ROTATED_ROLES:
                 x = alignment.rotate(x, spec.role, spec.layout, Q, self._gain(m, gain_name), pivot_gain)
-            total = x * coef if total is None else total + x * coef
+            x = x if coef == 1.0 else x * coef  # one term of coefficient 1 (no interpolation) is not copied
+            total = x if total is None else total + x
         return self._gather_rows(m, total, pivot_name) if spec.vocab else total
 
     def _gather_rows(self, m: int, x: torch.Tensor, pivot_name: str) -> torch.Tensor:
