@@ -70,10 +70,11 @@ class SemanticBases:
         s = self.rows(start, stop, index)
         return s / s.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
-    def cosines(self, unit_queries: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """cos(q, s_i) for unit queries and bases start..stop, from W and G⁻¹ alone: q·s_i = (G⁻¹q)·w_i
-        (G⁻¹ is symmetric), so no basis row is formed: the [V, d] bases never exist in memory."""
-        return (self.unproject(unit_queries) @ self.W(start, stop).T) / self.row_norms()[start:stop]
+    def cosines(self, projected: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """cos(q, s_i) for unit queries q and bases start..stop, from `projected` = unproject(q) (G⁻¹q, made
+        once for every block) and W: q·s_i = (G⁻¹q)·w_i (G⁻¹ is symmetric), so no basis row is formed: the
+        [V, d] bases never exist in memory."""
+        return (projected @ self.W(start, stop).T) / self.row_norms()[start:stop]
 
     def scaled_rows(self, start: int = 0, stop: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
         """w_i / |s_i|: unit bases before G⁻¹, so Σ_i p_i ŝ_i = unproject(Σ_i p_i w_i / |s_i|)."""

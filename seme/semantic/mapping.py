@@ -136,8 +136,9 @@ def _cosine_blocks(q: torch.Tensor, keys, chunk: int, start: int = 0):
     else:
         # each block of cosines (and its temporaries) a few of the head's blocks at most, however many queries
         chunk = min(chunk, keys.block, max(1, keys.block * keys.shape[1] // max(q.shape[0], 1)))
+        projected = keys.unproject(q)
         for s in range(start, keys.vocab_size, chunk):
-            yield s, keys.cosines(q, s, s + chunk)
+            yield s, keys.cosines(projected, s, s + chunk)
 
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
