@@ -24,9 +24,9 @@ def print_plan(plan, out, device: str = "cpu", backend: str = "auto") -> None:
     need, name = largest_need(plan, device, backend)
     loop, prepass = least_memory(plan, device, backend)
     least = max(loop, prepass)
-    kept = f", {loop - need} bytes kept from SeMe's pre-pass" if plan.semantic is not None else ""
+    kept = f", {loop - need} bytes kept from SeMe's pre-pass" if loop > need else ""
     out.write(f"memory: {need} bytes ({need / 2**20:.1f} MiB) for the largest tensor's merge, {name}{kept}")
-    if plan.semantic is not None:
+    if prepass:  # on a GPU, the pre-pass holds the GPU's memory
         out.write(f"; {prepass} bytes ({prepass / 2**20:.1f} MiB) for SeMe's alignment pre-pass")
     out.write(f"; the least --max-memory takes: {least} bytes ({least / 2**20:.1f} MiB)\n")
     if device != "cpu":
