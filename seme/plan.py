@@ -563,6 +563,7 @@ def _plan_seme(recipe, method, models, archs, index, tokenizer, template) -> Pla
         params = registry.bind(method, supplied, 1 + len(derived), 0, f"tensor '{name}'")
         inputs = ((sp.pivot, name),) + tuple((d.model, d.terms[0][0]) for d in derived)
         tasks.append(TensorTask(name, info.shape, dtype, inputs, 0, params, recipe.dtype, derived=(None,) + derived))
+    sp.report_drift = pipeline.reports_drift(sp, models, tasks)
     config = dict(pivot.config)
     if recipe.out_dtype or recipe.dtype:
         _set_dtype(config, recipe.out_dtype or recipe.dtype)

@@ -73,15 +73,6 @@ def _anchors_bytes(vocab: int, width: int, pivot_vocab: int, topk: int) -> int:
                + 1.5 * min(4 * anchors * topk * width, BLOCK_BYTES // 8))
 
 
-def reports_drift(plan) -> bool:
-    """Whether the merge reports semantic drift (pipeline.SemanticContext: a small enough pivot head,
-    or `stabilize`, which needs it)."""
-    from seme.semantic.pipeline import _DRIFT_REPORT_ELEMENTS
-
-    v, d = _heads(plan)[0]
-    return v * d <= _DRIFT_REPORT_ELEMENTS or any(t.params.get("stabilize") for t in plan.tasks if t.derived)
-
-
 def held_bytes(plan, device: str) -> int:
     """What the merge loop keeps from the pre-pass: the rotations and, for the drift report, the
     pivot's G⁻¹ and row norms."""
@@ -89,7 +80,7 @@ def held_bytes(plan, device: str) -> int:
         return 0
     v, d = _heads(plan)[0]
     held = len(plan.semantic.sources) * 4 * d * d
-    return held + (8 * d * d + 4 * v if reports_drift(plan) else 0)
+    return held + (8 * d * d + 4 * v if plan.semantic.report_drift else 0)
 
 
 def task_bytes(plan, task, fused: bool, out_size: int) -> int:
@@ -122,7 +113,7 @@ def task_bytes(plan, task, fused: bool, out_size: int) -> int:
         merge += registry.get("seme").working_bytes(len(task.inputs), n)
     report = 0
     role = plan.archs[sp.pivot].role(task.name)
-    if role is not None and role.role == "write" and reports_drift(plan):
+    if role is not None and role.role == "write" and sp.report_drift:
         report = built + 4 * n + 3 * 4 * n + drift_bytes(*_heads(plan)[0])
         if task.params.get("stabilize"):
             report += registry.get("seme").working_bytes(len(task.inputs), n)

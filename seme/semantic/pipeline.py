@@ -53,6 +53,9 @@ class SemanticPlan:
     token_maps: dict[int, list[int] | None]  # None: same vocabulary
     settings: dict
     head_names: dict[int, tuple[str, str | None]]  # model -> (LM head tensor, final norm gain)
+    # whether the merge reports semantic drift (`reports_drift`), set once the tasks' parameters are bound: the
+    # memory count asks it of every tensor
+    report_drift: bool = False
 
     def prepare(self, plan, device: torch.device) -> "SemanticContext":
         return SemanticContext(self, plan, device)
@@ -114,6 +117,13 @@ def plan_sources(recipe, method, models, archs, index):
                 raise SemeError(f"SeMe: {name} shares {shared} tokens with the pivot, fewer than the hidden size "
                                 f"{d}: too few to determine the alignment; set alignment: never to merge without it")
     return SemanticPlan(pivot, sources, layer_maps, token_maps, settings, heads)
+
+
+def reports_drift(sp: SemanticPlan, models, tasks) -> bool:
+    """Whether the merge reports semantic drift: unasked where the pivot's head is small enough, and
+    always for `stabilize`, which needs it."""
+    rows, width = models[sp.pivot].tensors[sp.head_names[sp.pivot][0]].shape
+    return rows * width <= _DRIFT_REPORT_ELEMENTS or any(t.params.get("stabilize") for t in tasks if t.derived)
 
 
 def _vocabulary(model, rows: int) -> Vocabulary | None:
@@ -235,11 +245,8 @@ class SemanticContext:
                 why.append(f"its role table does not describe {', '.join(unknown[:3])}{more}")
             if why:
                 raise SemeError(f"{_not_rotatable(arch, why)}; set alignment: never to merge without it")
-        pivot = self.bases[sp.pivot]
-        self.report_drift = (pivot.vocab_size * pivot.shape[1] <= _DRIFT_REPORT_ELEMENTS
-                             or any(p.get("stabilize") for p in self.params.values()))
         # after the alignment only the drift report reads bases, the pivot's (its G⁻¹ and row norms are held)
-        self.bases = {sp.pivot: pivot} if self.report_drift else {}
+        self.bases = {sp.pivot: self.bases[sp.pivot]} if sp.report_drift else {}
 
     def _load(self, m: int, name: str) -> torch.Tensor:
         return self.plan.models[m].load(name).to(self.device, torch.float32)
@@ -310,7 +317,7 @@ class SemanticContext:
         `stabilize` (and two sources or more), the returned tensor is `merged` re-weighted to lower
         that drift, and the coefficients and the drift before and after are kept."""
         role = self.plan.archs[self.sp.pivot].role(name)
-        if role is not None and role.role == "write" and self.report_drift:
+        if role is not None and role.role == "write" and self.sp.report_drift:
             base = inputs.base.to(torch.float32)
             sources = [self._signature(x.to(torch.float32) - base, role.layout) for x in inputs.others]
 
