@@ -94,6 +94,16 @@ def trained(tmp_path_factory):
     return paths, Q, a_state, b_state
 
 
+def command_line_errors(recipe: dict, folder, capsys) -> list[str]:
+    """The lines `python -m seme.merge` says on stderr for `recipe` (written into `folder`), which it must refuse
+    as bad input (exit status 2) without writing the output `folder / "refused"`."""
+    (folder / "recipe.yml").write_text(yaml.safe_dump(recipe))
+    capsys.readouterr()
+    status = main([str(folder / "recipe.yml"), str(folder / "refused")])
+    assert status == 2 and not (folder / "refused").exists()
+    return capsys.readouterr().err.strip().splitlines()
+
+
 def seme_merge(pivot, sources, out, **params) -> dict:
     recipe = {"merge_method": "seme", "base_model": pivot, "dtype": "float32",
               "parameters": {"select_topk": 1.0, **params}, "models": [{"model": s} for s in sources]}
@@ -648,16 +658,11 @@ def test_one_source_has_nothing_to_stabilize(llama_family, tmp_path):
     ({"stabilize": True, "stabilize_range": 0.5}, "parameter 'stabilize_range' must be >= 1.0, got 0.5"),
 ])
 def test_a_bad_stabilize_parameter_is_a_one_line_error(llama_family, tmp_path, capsys, params, expected):
-    from seme.merge import main
-
     m = llama_family
     recipe = {"merge_method": "seme", "base_model": m["base"], "parameters": params,
               "models": [{"model": m["expert0"]}, {"model": m["expert1"]}]}
-    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))
-    status = main([str(tmp_path / "recipe.yml"), str(tmp_path / "out")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and len(err) == 1 and expected in err[0], err
-    assert not (tmp_path / "out").exists()
+    err = command_line_errors(recipe, tmp_path, capsys)
+    assert len(err) == 1 and expected in err[0], err
 
 
 # --- §4 depth ------------------------------------------------------------------------------------
@@ -851,9 +856,7 @@ def test_too_few_shared_tokens_to_align_are_refused(tmp_path, capsys):
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path / "source")
     recipe = {"merge_method": "seme", "base_model": str(tmp_path / "pivot"),
               "models": [{"model": str(tmp_path / "source")}]}
-    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
-    assert main([str(tmp_path / "r.yml"), str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
+    assert command_line_errors(recipe, tmp_path, capsys) == [
         f"seme: error: SeMe: source shares {HIDDEN - 1} tokens with the pivot, fewer than the hidden size {HIDDEN}: "
         f"too few to determine the alignment; set alignment: never to merge without it"]
     report = seme_merge(str(tmp_path / "pivot"), [str(tmp_path / "source")], tmp_path / "never", alignment="never")
@@ -960,11 +963,8 @@ def test_a_tokenizer_that_is_its_own_code_gives_no_vocabulary_to_map_by(tmp_path
         (tmp_path / folder / "tokenizer_config.json").write_text(json.dumps(settings))
     report = seme_merge(str(tmp_path / "pivot"), [str(tmp_path / "source")], tmp_path / "out", alignment="never")
     assert report["sources"][0]["shared_tokens"] == VOCAB
-    capsys.readouterr()
     recipe = {"merge_method": "seme", "base_model": str(tmp_path / "pivot"),
               "models": [{"model": str(tmp_path / "longer")}]}
-    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
-    assert main([str(tmp_path / "r.yml"), str(tmp_path / "refused")]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
+    assert command_line_errors(recipe, tmp_path, capsys) == [
         f"seme: error: SeMe: longer has {VOCAB + 32} token rows, the pivot {VOCAB}, and no vocabulary to map them by: "
         f"longer has a tokenizer that is its own code, which seme never runs"]
