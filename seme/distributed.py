@@ -1,7 +1,7 @@
-"""Multi-process merges under torchrun: output shards are split across ranks by bytes.
+"""Multi-process merges under torchrun: the output tensors are split across ranks by bytes.
 
-Every rank validates and plans the same recipe (so errors are the same everywhere), writes the
-shards it owns into the shared staging folder, and rank 0 publishes after all ranks report
+Every rank validates and plans the same recipe (so errors are the same everywhere), writes its
+tensors into the shards of the shared staging folder, and rank 0 publishes after all ranks report
 success. The shard layout is the single-process one, so the result is bit-identical to it.
 The ranks exchange only errors and warnings, over gloo (on GPUs too: NCCL would want each rank's
 device set before the first exchange); multi-node works with a shared filesystem.
@@ -13,6 +13,8 @@ the merge's own agreements, or the one that `join` makes for an error met outsid
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import warnings
 from dataclasses import dataclass
@@ -90,12 +92,29 @@ def join(error: str) -> None:
         group.agree(error)
 
 
-def assign(sizes: list[int], world: int) -> list[int]:
-    """The rank of each shard: largest first, to the least loaded rank (deterministic)."""
-    load = [0] * world
-    owner = [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        rank = min(range(world), key=lambda r: (load[r], r))
-        owner[i] = rank
-        load[rank] += sizes[i]
-    return owner
+def split(sizes: list[int], world: int) -> list[int]:
+    """The rank of each output tensor (sizes in bytes, in the plan's order): contiguous runs, rank 0
+    first, the largest run as small as contiguous runs allow. A run may cross shard boundaries and
+    a shard hold several runs (`seme.io.writer.ShardWriter` writes each rank's piece of it), so the
+    work is shared whatever the shard size."""
+    ends = list(itertools.accumulate(sizes, initial=0))  # ends[i]: the bytes of tensors before i
+
+    def starts(most: int) -> list[int] | None:
+        """Where each run starts, filling ranks up to `most` bytes in turn; None past `world` runs."""
+        found, i = [], 0
+        while i < len(sizes):
+            if len(found) == world:
+                return None
+            found.append(i)
+            i = max(i + 1, bisect.bisect_right(ends, ends[i] + most) - 1)
+        return found
+
+    low, high = max(sizes, default=0), ends[-1]
+    while low < high:  # the least `most` that `world` runs can take
+        middle = (low + high) // 2
+        if starts(middle) is None:
+            low = middle + 1
+        else:
+            high = middle
+    bounds = [*starts(low), len(sizes)]
+    return [rank for rank in range(len(bounds) - 1) for _ in range(bounds[rank], bounds[rank + 1])]

@@ -99,7 +99,7 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
 
     An existing non-empty `out_dir` is refused unless `overwrite`. A failure after the first write
     keeps the staging folder; `resume` continues from its finished shards (bit-identical result).
-    Under torchrun, each rank writes its share of the shards and rank 0 publishes. `max_memory`
+    Under torchrun, each rank writes its share of the tensors and rank 0 publishes. `max_memory`
     bounds the bytes held at once: read-ahead inputs, the tensor being merged and results waiting
     to be written (None: DEFAULT_MEMORY, or `least_memory` if more). With `direct_io`, shards are
     written around the page cache where the filesystem allows it (`seme.io.writer`). `tokenizer` and `card`: whether the output gets the reference's
@@ -386,10 +386,10 @@ def _execute(plan: Plan, folder: str, device: str, backend: str, shard_size: int
     writer = ShardWriter(folder, [(t.name, t.dtype, t.shape, t.nbytes) for t in plan.tasks], shard_size, plan_id,
                          resume=resume, rank=group.rank, world=group.world, direct_io=direct_io,
                          notes=engine.semantic.stats if engine.semantic else None)
-    if len(writer.files) < group.world:  # ranks share the work by whole shards
-        idle = group.world - len(writer.files)
-        warnings.warn(f"the output has {len(writer.files)} shard(s) for {group.world} ranks: {idle} rank(s) have "
-                      f"nothing to merge (a smaller --out-shard-size shares the work)")
+    if writer.busy_ranks < group.world:
+        warnings.warn(f"{group.world - writer.busy_ranks} of the {group.world} ranks have nothing to merge: the "
+                      f"output's {len(plan.tasks)} tensor(s) are shared in runs by bytes, and {writer.busy_ranks} "
+                      f"rank(s) already merge them as fast as {group.world} would")
     tasks = [t for t in plan.tasks if not writer.skip(t.name)]
     bar = Progress(len(tasks), sum(_input_bytes(plan, t) for t in tasks), progress)
     # Inputs that do not fit in memory leave the page cache after their last use (a pass over them

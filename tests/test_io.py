@@ -171,6 +171,84 @@ def test_writer_resumes_only_verified_shards_of_the_same_plan(tmp_path):
     damaged.close()
 
 
+def _ranks_write(folder, planned, tensors, world, ranks=None, resume=False, shard_size=1000):
+    """The shards as `world` ranks write them (those of `ranks`; ShardWriters side by side, as the
+    ranks of a torchrun merge), and the tensors each rank merged (those it did not skip)."""
+    writers = [ShardWriter(str(folder), planned, shard_size, "p", resume=resume, rank=r, world=world)
+               for r in (range(world) if ranks is None else ranks)]
+    merged = []
+    for writer in writers:
+        merged.append([n for n in tensors if not writer.skip(n)])
+        for name in merged[-1]:
+            _put(writer, name, tensors[name])
+        writer.close()
+    return merged
+
+
+def test_ranks_write_their_pieces_of_shared_shards(tmp_path, monkeypatch):
+    from seme.io import writer
+
+    tensors = {f"t{i}": torch.randn(50 + 7 * i) for i in range(9)}
+    planned = [(n, "F32", tuple(t.shape), t.numel() * 4) for n, t in tensors.items()]
+    single = tmp_path / "single"
+    single.mkdir()
+    assert _ranks_write(single, planned, tensors, 1) == [list(tensors)]
+    shards = sorted(f for f in os.listdir(single) if f.endswith(".safetensors"))
+    infos = {name: info for f in shards for name, info in read_header(str(single / f))[0].items()}
+    assert len(shards) == 4
+    locks = []
+    real_lockf = writer.fcntl.lockf
+    monkeypatch.setattr(writer.fcntl, "lockf", lambda fd, op, length, start: (
+        locks.append((fd, os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), op, start, length)),
+        real_lockf(fd, op, length, start)))
+    for world in (2, 3, 12):
+        folder = tmp_path / str(world)
+        folder.mkdir()
+        locks.clear()
+        merged = _ranks_write(folder, planned, tensors, world)
+        assert sum(merged, []) == list(tensors) and all(merged[:len(tensors)])
+        rank_of = {name: r for r, names in enumerate(merged) for name in names}
+        runs_in = {f: {rank_of[n] for n, info in infos.items() if info.path.endswith(f)} for f in shards}
+        assert any(len(ranks) > 1 for ranks in runs_in.values())  # a shard written by several ranks
+        if world < 4:  # and a rank writing in several shards
+            assert any(len({infos[n].path for n in names}) > 1 for names in merged)
+        for f in shards:
+            assert (folder / f).read_bytes() == (single / f).read_bytes(), (world, f)
+        # Where two ranks' pieces meet inside a block, each writes its bytes of it under a lock (the
+        # writers are open side by side: one descriptor per rank).
+        for a, b in zip(list(tensors), list(tensors)[1:]):
+            if rank_of[a] != rank_of[b] and infos[a].path == infos[b].path and infos[b].start % writer.DIRECT_BLOCK:
+                f, at = os.path.basename(infos[b].path), infos[b].start
+                held = {fd for fd, file, op, s, n in locks if file == f and op == writer.fcntl.LOCK_EX and s <= at < s + n}
+                assert len(held) >= 2, (world, a, b)
+        assert [op for _, _, op, _, _ in locks].count(writer.fcntl.LOCK_UN) == len(locks) / 2 > 0
+
+
+def test_a_resume_keeps_what_any_number_of_ranks_finished(tmp_path):
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(6)}
+    planned = [(n, "F32", (100,), 400) for n in tensors]  # shards of 2 tensors
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    _ranks_write(whole, planned, tensors, 1)
+    assert _ranks_write(whole, planned, tensors, 3, resume=True) == [[], [], []]  # pieces within finished shards
+    assert _ranks_write(whole, planned, tensors, 4, resume=True) == [[], [], [], []]
+    pieces = tmp_path / "pieces"
+    pieces.mkdir()
+    _ranks_write(pieces, planned, tensors, 3, shard_size=1200)  # runs t0 t1 | t2 t3 | t4 t5, shards t0-t2 | t3-t5
+    assert _ranks_write(pieces, planned, tensors, 1, resume=True, shard_size=1200) == [[]]  # adjacent pieces
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    _ranks_write(partial, planned, tensors, 3, ranks=[1], shard_size=1200)  # ranks 0 and 2 interrupted
+    assert _ranks_write(partial, planned, tensors, 3, resume=True, shard_size=1200) == [["t0", "t1"], [], ["t4", "t5"]]
+    with open(partial / "model-00001-of-00002.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\xff\xff\xff\xff")  # t2, in rank 1's piece, damaged
+    assert _ranks_write(partial, planned, tensors, 2, resume=True, shard_size=1200) == [["t0", "t1", "t2"], []]
+    for f in os.listdir(pieces):
+        if f.endswith(".safetensors"):
+            assert (partial / f).read_bytes() == (pieces / f).read_bytes()
+
+
 def test_staging_buffers_are_reused_and_take_no_room_until_written():
     import resource
 

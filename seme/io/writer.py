@@ -1,5 +1,5 @@
 """Output writing: safetensors shards laid out from the plan, streamed tensor by tensor, and a
-manifest of finished shards that lets an interrupted merge resume."""
+manifest of finished pieces of shards that lets an interrupted merge resume."""
 from __future__ import annotations
 
 import errno
@@ -11,11 +11,19 @@ import shutil
 import threading
 import zlib
 
-from seme.distributed import assign
+try:
+    import fcntl
+except ImportError:  # Windows: no torchrun merges over a shared filesystem
+    fcntl = None
+
+from seme.distributed import split
 from seme.io.safetensors_file import layout_header
 
 SHARD_METADATA = {"format": "pt"}
-DIRECT_BLOCK = 4096  # alignment of direct writes (memory, file offset, length): a multiple of the device's block
+# Alignment of direct writes (memory, file offset, length): a multiple of the device's block, and
+# whole pages, so that no page holds both directly written bytes and bytes another rank writes
+# through the page cache at the same time (the kernel could then keep a stale copy of the page).
+DIRECT_BLOCK = max(4096, mmap.PAGESIZE)
 MANIFEST = "seme-manifest.{rank}.json"  # one per rank: ranks never write the same file
 
 
@@ -32,11 +40,16 @@ def _crc32_function():
 crc32 = _crc32_function()
 
 
-def file_checksum(path: str) -> str:
+def range_checksum(path: str, start: int, end: int) -> str:
+    """The checksum of bytes [start, end) of a file (of fewer where the file is shorter)."""
     crc = 0
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            crc = crc32(block, crc)
+        f.seek(start)
+        while start < end:
+            block = f.read(min(1 << 22, end - start))
+            if not block:
+                break
+            crc, start = crc32(block, crc), start + len(block)
     return _checksum(crc)
 
 
@@ -50,10 +63,13 @@ class ShardWriter:
     Shard boundaries and every tensor's offset are fixed up front, so no shard is ever buffered in
     memory: each shard's blocks are reserved, `buffer(name)` hands out a staging buffer for the
     merge to write the tensor into, and `written(name)` checksums it and writes it to its place
-    with pwrite. When a shard's last tensor is written, the shard is flushed and recorded, with its
-    CRC-32, in the manifest; with `resume`, shards the manifest vouches for (same plan, same
-    checksum) are kept, and `skip()` tells which tensors need no merging here (kept, or another
-    rank's).
+    with pwrite. Under torchrun each rank writes a contiguous run of the plan's tensors, balanced
+    by bytes (`seme.distributed.split`), so a shard may be written by several ranks, each its own
+    piece of it: disjoint byte ranges, the header with the first tensors. When a piece's last
+    tensor is written, it is flushed and recorded, with its range and CRC-32, in the rank's
+    manifest (one process: one piece per shard, the whole shard); with `resume`, pieces that
+    manifests of the same plan vouch for (checksums still matching) are kept, and `skip()` tells
+    which tensors need no merging here (kept, or another rank's).
 
     Staging, not a writable mapping of the shard: a mapped page that the merge writes is first read
     in, and the kernel zero-fills reserved blocks on every such read (with readahead, again after
@@ -88,44 +104,66 @@ class ShardWriter:
         self.folder, self.plan_id, self.rank = folder, plan_id, rank
         self.total_size = sum(e[3] for e in planned)
         self.weight_map = {name: file for file, entries in zip(self.files, shards) for name, *_ in entries}
-        owner = assign([sum(e[3] for e in entries) for entries in shards], world)
-        self.owned = {file for file, r in zip(self.files, owner) if r == rank}
-        self.finished: dict[str, str] = self._verified_shards() if resume else {}
+        owner = dict(zip((e[0] for e in planned), split([e[3] for e in planned], world)))
+        self.busy_ranks = max(1, len(set(owner.values())))  # rank 0 writes a plan of no tensors
+        # shard -> the blocks at the ends of this rank's piece that another rank's piece shares
+        self._shared_blocks: dict[str, set[int]] = {}
+        # This rank's piece of each shard it writes in: file -> (its header, or b"" past the first
+        # piece; [start, end) in the file, the file's size, the piece's tensors in file order).
+        self._pieces: dict[str, tuple[bytes, int, int, int, list[str]]] = {}
+        self._where: dict[str, tuple[int, int]] = {}  # tensor -> (offset, nbytes) in its shard
+        for file, entries in zip(self.files, shards):
+            header, offsets = layout_header([(name, dtype, shape) for name, dtype, shape, _ in entries], SHARD_METADATA)
+            file_size = len(header) + sum(e[3] for e in entries)
+            mine = [e for e in entries if owner[e[0]] == rank]
+            if mine:
+                first, (last, *_, nbytes) = offsets[mine[0][0]], mine[-1]
+                start, end = 0 if first == len(header) else first, offsets[last] + nbytes
+            elif entries or rank != 0:
+                continue
+            else:  # a shard of no tensors: rank 0 writes its header
+                start, end = 0, file_size
+            self._pieces[file] = (header if start == 0 else b"", start, end, file_size, [e[0] for e in mine])
+            self._shared_blocks[file] = ({start // DIRECT_BLOCK} if start > 0 else set()) | (
+                {(end - 1) // DIRECT_BLOCK} if end < file_size else set())
+            for name, _, _, nbytes in mine:
+                self._where[name] = (offsets[name], nbytes)
+        # file -> (start, end, checksum) of this rank's finished piece of it
+        self.finished: dict[str, tuple[int, int, str]] = self._verified_pieces() if resume else {}
         # What the merge notes of each tensor (SeMe's statistics), filled as tensors merge and saved
-        # in the manifest with their finished shard, where a resumed merge and rank 0 under torchrun
+        # in the manifest with their finished piece, where a resumed merge and rank 0 under torchrun
         # find the notes of tensors that an earlier run or another rank merged (`all_notes`).
         self.notes = {} if notes is None else notes
         if resume:
             self.notes.update(self._recorded_notes())
-        self._where: dict[str, tuple[int, int]] = {}  # tensor -> (offset, nbytes) in its shard
-        self._pending: dict[str, list[str]] = {}  # shard -> tensors still to write, in file order
-        # shard -> running CRC-32 while tensors arrive in file order. A CRC, not a cryptographic hash:
-        # it guards against damage, not tampering, and SHA-256 took 13% of a 2-core merge's CPU.
+        self._pending: dict[str, list[str]] = {}  # shard -> this rank's tensors still to write, in file order
+        # shard -> running CRC-32 of the piece while tensors arrive in file order. A CRC, not a
+        # cryptographic hash: it guards against damage, not tampering, and SHA-256 took 13% of a
+        # 2-core merge's CPU.
         self._crcs: dict[str, int | None] = {}
         self._fds: dict[str, int] = {}
         self._direct_fds: dict[str, int] = {}  # shard -> its O_DIRECT descriptor, where the filesystem gave one
         self._staged: dict[str, mmap.mmap] = {}  # tensor -> its staging buffer, until written
         self._buffers = _Buffers(max((e[3] for e in planned), default=0) + DIRECT_BLOCK)
-        for file, entries in zip(self.files, shards):
-            if file in self.finished or file not in self.owned:
+        for file, (header, start, end, file_size, names) in self._pieces.items():
+            if file in self.finished:
                 continue
-            header, offsets = layout_header([(name, dtype, shape) for name, dtype, shape, _ in entries], SHARD_METADATA)
-            fd = os.open(os.path.join(folder, file), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            # Not truncated: other ranks may be writing, or have kept, their pieces of this shard.
+            # Every byte of it is some rank's, so nothing of an earlier run's file survives unwritten.
+            fd = os.open(os.path.join(folder, file), os.O_RDWR | os.O_CREAT, 0o644)
             self._fds[file] = fd
             if direct_io and hasattr(os, "O_DIRECT"):  # Linux; macOS and Windows write buffered
                 try:
                     self._direct_fds[file] = os.open(os.path.join(folder, file), os.O_WRONLY | os.O_DIRECT)
                 except OSError:
                     pass
-            os.pwrite(fd, header, 0)
-            _allocate(fd, len(header) + sum(e[3] for e in entries))
-            self._pending[file] = [name for name, *_ in entries]
+            _allocate(fd, file_size, start, end)
+            self._buffered(file, memoryview(header), 0)
+            self._pending[file] = list(names)
             self._crcs[file] = crc32(header)
-            for name, _, _, nbytes in entries:
-                self._where[name] = (offsets[name], nbytes)
-            if not entries:
+            if not names:  # a plan of no tensors: the header alone
                 self._finish(file)
-        self._save_manifest()
+                self._save_manifest()
 
     def _manifests_of_this_plan(self) -> list[dict]:
         """The manifests in the folder (from any rank) written for this plan."""
@@ -140,17 +178,29 @@ class ShardWriter:
                 found.append(manifest)
         return found
 
-    def _verified_shards(self) -> dict[str, str]:
-        """Owned shards that a manifest of this plan (from any rank) records with a matching checksum."""
-        recorded = {}
+    def _verified_pieces(self) -> dict[str, tuple[int, int, str]]:
+        """This rank's pieces that manifests of this plan (from any rank, any number of ranks) record,
+        the recorded bytes still matching their checksums: each piece within one run of such ranges."""
+        recorded: dict[str, set[tuple[int, int, str]]] = {}
         for manifest in self._manifests_of_this_plan():
-            recorded.update(manifest.get("shards", {}))
-        return {file: checksum for file, checksum in recorded.items()
-                if file in self.owned and os.path.isfile(os.path.join(self.folder, file))
-                and file_checksum(os.path.join(self.folder, file)) == checksum}
+            for file, (start, end, checksum) in manifest.get("pieces", {}).items():
+                recorded.setdefault(file, set()).add((start, end, checksum))
+        kept = {}
+        for file, (_, start, end, _, _) in self._pieces.items():
+            path = os.path.join(self.folder, file)
+            ranges = sorted(r for r in recorded.get(file, ()) if r[0] < end and r[1] > start)
+            if not os.path.isfile(path) or not ranges:
+                continue
+            covered, verified = start, {}
+            for s, e, checksum in ranges:  # adjacent verified ranges that cover [start, end)
+                if s <= covered < e and range_checksum(path, s, e) == checksum:
+                    covered, verified[s, e] = e, checksum
+            if covered >= end:  # the same piece as recorded (the same number of ranks), or a part of some
+                kept[file] = (start, end, verified.get((start, end)) or range_checksum(path, start, end))
+        return kept
 
     def _recorded_notes(self) -> dict[str, dict]:
-        """The notes that the manifests of this plan record (of tensors in the shards they record)."""
+        """The notes that the manifests of this plan record (of tensors in the pieces they record)."""
         notes = {}
         for manifest in self._manifests_of_this_plan():
             notes.update(manifest.get("notes", {}))
@@ -158,26 +208,25 @@ class ShardWriter:
 
     def all_notes(self) -> dict[str, dict]:
         """The notes of every tensor, whichever rank or run merged it, in the plan's order (once every
-        rank has finished its shards)."""
+        rank has finished its pieces)."""
         notes = self._recorded_notes()
         return {name: notes[name] for name in self.weight_map if name in notes}
 
     def _save_manifest(self) -> None:
         path = os.path.join(self.folder, MANIFEST.format(rank=self.rank))
         # by the plan's names: the merging thread adds notes while this one saves
-        notes = {name: self.notes[name] for name, file in self.weight_map.items()
-                 if file in self.finished and name in self.notes}
+        notes = {name: self.notes[name] for file in self.finished for name in self._pieces[file][4]
+                 if name in self.notes}
         with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump({"plan": self.plan_id, "shards": self.finished, "notes": notes}, f)
+            json.dump({"plan": self.plan_id, "pieces": self.finished, "notes": notes}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
 
     def skip(self, name: str) -> bool:
-        """Whether this rank has nothing to do for `name`: another rank's shard, or one kept from an
+        """Whether this rank has nothing to do for `name`: another rank's tensor, or one kept from an
         interrupted run."""
-        file = self.weight_map[name]
-        return file in self.finished or file not in self.owned
+        return name not in self._where or self.weight_map[name] in self.finished
 
     def buffer(self, name: str) -> memoryview:
         """A buffer for the bytes of `name`, to be filled once and then handed to `written`."""
@@ -207,21 +256,40 @@ class ShardWriter:
     def _write(self, file: str, data: memoryview, offset: int) -> None:
         """data (placed as buffer() places it) to `offset` of the shard: its whole blocks direct where
         the shard has a direct descriptor, the rest buffered."""
-        fd, direct = self._fds[file], self._direct_fds.get(file)
+        direct = self._direct_fds.get(file)
         first = -offset % DIRECT_BLOCK  # data[first:last] are the tensor's whole blocks
         last = max(first, (offset + len(data)) // DIRECT_BLOCK * DIRECT_BLOCK - offset)
         if direct is None or last == first:
-            _pwrite_all(fd, data, offset)
+            self._buffered(file, data, offset)
             return
-        _pwrite_all(fd, data[:first], offset)
+        self._buffered(file, data[:first], offset)
         try:
             _pwrite_all(direct, data[first:last], offset + first)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
             os.close(self._direct_fds.pop(file))  # opened, but the filesystem takes no direct writes
-            _pwrite_all(fd, data[first:last], offset + first)
-        _pwrite_all(fd, data[last:], offset + last)
+            _pwrite_all(self._fds[file], data[first:last], offset + first)
+        self._buffered(file, data[last:], offset + last)
+
+    def _buffered(self, file: str, data: memoryview, offset: int) -> None:
+        """data to `offset` of the shard through the page cache. Bytes in a block that another rank's
+        piece shares are written under a POSIX lock of the block: a network filesystem's client
+        (NFS) may otherwise write back the whole cached page, over the other rank's bytes, where
+        under a lock it writes only these, and before the lock is released."""
+        fd = self._fds[file]
+        blocks = range(offset // DIRECT_BLOCK, -(-(offset + len(data)) // DIRECT_BLOCK))
+        shared = [b for b in self._shared_blocks[file] if b in blocks]
+        if not data or not shared or fcntl is None:
+            _pwrite_all(fd, data, offset)
+            return
+        start = min(shared) * DIRECT_BLOCK
+        length = (max(shared) + 1) * DIRECT_BLOCK - start
+        fcntl.lockf(fd, fcntl.LOCK_EX, length, start)
+        try:
+            _pwrite_all(fd, data, offset)
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, length, start)
 
     def _finish(self, file: str) -> None:
         if file in self._direct_fds:
@@ -230,8 +298,9 @@ class ShardWriter:
         os.fsync(fd)
         os.close(fd)
         running = self._crcs.pop(file)
-        self.finished[file] = (_checksum(running) if running is not None
-                               else file_checksum(os.path.join(self.folder, file)))
+        _, start, end, _, _ = self._pieces[file]
+        self.finished[file] = (start, end, _checksum(running) if running is not None
+                               else range_checksum(os.path.join(self.folder, file), start, end))
 
     def close(self) -> None:
         """Close shards left open (after an error), without marking them finished."""
@@ -285,19 +354,19 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[done:], offset + done
 
 
-def _allocate(fd: int, size: int) -> None:
-    """Reserve the shard's blocks up front: a full disk fails here rather than mid-merge, and writes
-    into allocated blocks run about twice as fast as into a sparse file. Where the filesystem cannot
-    allocate ahead, the file is only sized (sparse)."""
-    if not hasattr(os, "posix_fallocate"):  # macOS, Windows
-        os.ftruncate(fd, size)
+def _allocate(fd: int, size: int, start: int, end: int) -> None:
+    """Size the shard (every rank writing in it sizes it alike) and reserve the blocks of this rank's
+    piece [start, end) up front: a full disk fails here rather than mid-merge, and writes into
+    allocated blocks run about twice as fast as into a sparse file. Where the filesystem cannot
+    allocate ahead, the piece stays sparse until written."""
+    os.ftruncate(fd, size)
+    if not hasattr(os, "posix_fallocate") or end == start:  # macOS, Windows
         return
     try:
-        os.posix_fallocate(fd, 0, size)
+        os.posix_fallocate(fd, start, end - start)
     except OSError as e:
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
-        os.ftruncate(fd, size)
 
 
 class _Buffers:
