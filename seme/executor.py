@@ -109,7 +109,8 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
     if max_memory is None:
         max_memory = max(DEFAULT_MEMORY, loop, prepass)
     if loop > max_memory:
-        kept = " and what SeMe keeps from its alignment pre-pass" if plan.semantic is not None else ""
+        kept = "".join([", the buffers staging inputs to the GPU" if device != "cpu" else "",
+                        " and what SeMe keeps from its alignment pre-pass" if plan.semantic is not None else ""])
         raise SemeError(f"--max-memory {format_size(max_memory)} is below what the largest tensor needs "
                         f"(inputs, their adapted or re-mapped copies, the method's temporaries, result and two "
                         f"results waiting to be written{kept}: {format_size(loop, up=True)})")
@@ -453,8 +454,13 @@ def memory_backend(backend: str, allow_nonfinite: bool) -> str:
 
 def least_memory(plan: Plan, device: str, backend: str) -> tuple[int, int]:
     """What a merge holds at most in host memory: (in its loop: the largest tensor's merge, `largest_need`,
-    and what SeMe keeps from its pre-pass; in SeMe's alignment pre-pass, before the loop)."""
+    on a GPU the staging buffers, and what SeMe keeps from its pre-pass; in SeMe's alignment
+    pre-pass, before the loop)."""
     largest = largest_need(plan, device, backend)[0]
+    if device != "cpu":
+        from seme.staging import InputStager  # imports torch, which a GPU merge needs anyway
+
+        largest += InputStager.host_bytes()
     if plan.semantic is None:
         return largest, 0
     return largest + memory.held_bytes(plan, device), memory.prepass_bytes(plan, device)

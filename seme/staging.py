@@ -25,10 +25,16 @@ class InputStager:
     """Stages the inputs of `tasks` on `device`, reading ahead from the first `get`, which hands them
     out in the same order. `sources(task)` lists a task's host tensors, None for an input not to
     stage (SeMe's derived inputs); `on_read(seconds, nbytes)` receives the readers' time and bytes.
-    Beyond the budget, it holds 2 * readers + 2 buffers of `chunk` bytes."""
+    Beyond the budget, it holds `host_bytes()`."""
 
     readers = 4  # threads copying from the page cache: one falls well short of its bandwidth
     chunk = 16 << 20  # bytes per buffer: copies this large run at full speed and still pipeline
+
+    @classmethod
+    def host_bytes(cls) -> int:
+        """The host memory its buffers take at most (pinned on a GPU), beyond the budget: two per
+        reader, two for the results (`seme.executor.least_memory` counts it)."""
+        return (2 * cls.readers + 2) * cls.chunk
 
     def __init__(self, device: torch.device, tasks, sources, budget: int, on_read):
         self.device, self.sources, self.budget, self.on_read = device, sources, budget, on_read

@@ -125,6 +125,25 @@ def test_results_are_copied_back_whole():
     stager.close()
 
 
+def test_the_buffers_stay_within_what_max_memory_counts_for_them(llama_family):
+    # The pinned buffers of a GPU merge (160 MiB) were outside --max-memory.
+    from seme import executor
+
+    tasks = _tasks([[40_000, 40_000, 25_000], [30_000] * 4])  # chunks for every reader
+    with _stager(tasks, 10**9) as stager:
+        for task in tasks:
+            stager.get(task)
+        for n in (500, 4321):
+            stager.put(torch.randn(n), memoryview(bytearray(4 * n)))
+    entries = [stager._buffers.get() for _ in range(2 * InputStager.readers)]  # every buffer it can make
+    held = sum(b.nbytes for b, _ in entries if b is not None) + sum(b.nbytes for b in stager._out if b is not None)
+    assert stager._buffers.empty() and 0 < held <= InputStager.host_bytes()
+    plan = _plan(_recipes(llama_family)["ties"])
+    loop = executor.least_memory(plan, "cuda", "auto")[0]
+    assert loop == executor.largest_need(plan, "cuda", "auto")[0] + InputStager.host_bytes()
+    assert executor.least_memory(plan, "cpu", "auto")[0] == executor.largest_need(plan, "cpu", "auto")[0]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 def test_staging_to_a_gpu_gives_the_inputs_and_takes_back_the_results():
     device = torch.device("cuda")
@@ -307,7 +326,7 @@ def test_max_memory_counts_the_cpu_temporaries_of_tensors_too_large_for_the_gpu(
     monkeypatch.setattr(executor, "largest_need", lambda plan, device, backend, tasks=None, native=None:
                         (on_gpu, name) if tasks is None else (on_cpu, name))  # planned as a GPU merge
     with pytest.raises(SemeError, match=rf"--max-memory .* below what '{name}' needs merged on the CPU"):
-        seme.merge(recipe, str(tmp_path / "out"), max_memory=on_gpu, progress=False)
+        seme.merge(recipe, str(tmp_path / "out"), max_memory=on_gpu + InputStager.host_bytes(), progress=False)
 
 
 def test_a_gpu_dry_run_prints_the_gpu_memory_of_the_largest_merge(llama_family, tmp_path, capsys):
