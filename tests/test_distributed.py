@@ -176,6 +176,61 @@ def test_a_failing_rank_stops_the_others_which_say_why(llama_family, tmp_path):
             assert len(json.load(f)["pieces"]) <= 2  # of the 10 or so shards of its share
 
 
+RANK_1_FAILS_LATE = """
+import os
+import seme.engine
+from seme.merge import run
+
+real = seme.engine.TorchEngine.merge
+merged = []
+
+def merge(self, task, out):
+    merged.append(task.name)
+    if os.environ["RANK"] == "1" and len(merged) == 4:  # after finishing some of its pieces
+        raise RuntimeError("injected on " + task.name)
+    return real(self, task, out)
+
+seme.engine.TorchEngine.merge = merge
+run()
+"""
+
+
+@needs_torchrun
+@pytest.mark.parametrize("resumed_by", ["two ranks", "one process"])
+def test_a_torchrun_merge_resumes_from_the_pieces_its_ranks_finished(llama_family, tmp_path, resumed_by,
+                                                                     monkeypatch):
+    from seme.io.writer import ShardWriter
+
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump(ties(llama_family)))
+    single = tmp_path / "single"
+    assert main([str(recipe), str(single), "--out-shard-size", "20KB"]) == 0
+    script = tmp_path / "failing_rank.py"
+    script.write_text(RANK_1_FAILS_LATE)
+    out = tmp_path / "out"
+    env = {"PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                          os.environ.get("PYTHONPATH", "")])}
+    port = 29524 if resumed_by == "two ranks" else 29526
+    proc = torchrun(port, script, recipe, out, "--out-shard-size", "20KB", env=env)
+    assert proc.returncode != 0 and "injected on" in proc.stderr
+    manifests = [json.loads(p.read_text()) for p in (tmp_path / "out.seme-partial").glob("seme-manifest.*.json")]
+    assert any(m["pieces"] for m in manifests)
+    if resumed_by == "two ranks":
+        proc = torchrun(port + 1, "-m", "seme.merge", recipe, out, "--out-shard-size", "20KB", "--resume", env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    else:  # one piece per shard now: the shards the ranks' recorded pieces cover are kept
+        written = []
+        monkeypatch.setattr(ShardWriter, "written", lambda self, name, real=ShardWriter.written: (
+            written.append(name), real(self, name)))
+        assert main([str(recipe), str(out), "--out-shard-size", "20KB", "--resume"]) == 0
+        assert 0 < len(written) < len(json.loads((single / "model.safetensors.index.json").read_text())["weight_map"])
+    files = sorted(os.listdir(single))
+    assert files == sorted(os.listdir(out)) and len([f for f in files if f.endswith(".safetensors")]) > 2
+    for f in files:
+        if f.endswith((".safetensors", ".index.json")):
+            assert (single / f).read_bytes() == (out / f).read_bytes(), f
+
+
 def test_world_size_without_torchrun_is_a_one_line_error(llama_family, tmp_path, capsys, monkeypatch):
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(yaml.safe_dump(ties(llama_family)))
