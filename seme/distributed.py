@@ -8,8 +8,9 @@ device set before the first exchange); multi-node works with a shared filesystem
 
 Rank 0 alone says what the merge did (`reports`). Torchrun ends every rank as soon as one ends
 with an error, so a rank that fails tells the others before it ends, at the next point where
-the ranks agree (`Group.agree`, their one kind of exchange, so that exchanges always pair up):
-the merge's own agreements, or the one that `join` makes for an error met outside them.
+the ranks agree (`Group.agree`, or `Group.share`, which exchanges data in the same exchange, so
+that exchanges always pair up): the merge's own agreements, or the one that `join` makes for an
+error met outside them.
 """
 from __future__ import annotations
 
@@ -32,20 +33,36 @@ class Group:
     def agree(self, error: str | None, said: Sequence[str] = ()) -> str | None:
         """Gather every rank's error (None for success) and the warnings it met while merging; warn
         those (seme.api shows rank 0's) and return the first error, or None if every rank succeeded."""
+        return self._exchange(error, said, None)[0]
+
+    def share(self, payload) -> list:
+        """Every rank's `payload` (picklable, on the CPU), in rank order. An agreement too: where a
+        rank met an error instead (and agrees on it), its error is raised on every rank, agreed."""
+        error, payloads = self._exchange(None, (), payload)
+        if error:
+            raise SemeError(error)
+        return payloads
+
+    def _exchange(self, error: str | None, said: Sequence[str], payload) -> tuple[str | None, list]:
         import torch.distributed
 
         global _failed
         outcomes = [None] * self.world
-        torch.distributed.all_gather_object(outcomes, (error, list(said)))
-        for _, messages in outcomes:
+        torch.distributed.all_gather_object(outcomes, (error, list(said), payload))
+        for _, messages, _ in outcomes:
             for message in messages:
                 warnings.warn(message)
-        error = next((e for e, _ in outcomes if e), None)
+        error = next((e for e, _, _ in outcomes if e), None)
         _failed = _failed or error is not None
-        return error
+        return error, [p for _, _, p in outcomes]
 
 
 _failed = False  # whether the ranks have agreed on an error: each ends with it, and none agrees again
+
+
+def agreed_failure() -> bool:
+    """Whether the ranks have agreed on an error: this rank ends with it, exchanging nothing more."""
+    return _failed
 
 
 SINGLE = Group(0, 1, 0)

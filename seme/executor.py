@@ -174,7 +174,7 @@ def run(plan: Plan, out_dir: str, *, device: str = "cpu", backend: str = "auto",
 
 def _agree(group, error: str | None, said: list[str] = ()) -> None:
     """Raise the first error of any rank (this one's, in a single process)."""
-    if group.world > 1:
+    if group.world > 1 and not distributed.agreed_failure():  # else the ranks agreed on it (`Group.share`)
         error = group.agree(error, said)
     if error:
         raise SemeError(error)

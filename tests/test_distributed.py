@@ -231,6 +231,28 @@ def test_a_torchrun_merge_resumes_from_the_pieces_its_ranks_finished(llama_famil
             assert (single / f).read_bytes() == (out / f).read_bytes(), f
 
 
+@needs_torchrun
+def test_ranks_share_semes_alignments_and_an_error_in_one_stops_all(llama_family, tmp_path):
+    # Each rank aligns its share of SeMe's sources (above: bit-identical) and the ranks exchange the
+    # rotations; a source that cannot be aligned on rank 1 (a zero head) is said once, by rank 0.
+    from safetensors.torch import load_file, save_file
+
+    broken = shutil.copytree(llama_family["expert1"], tmp_path / "broken")
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"].zero_()
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "seme", "base_model": llama_family["base"], "models": [
+        {"model": llama_family["expert0"]}, {"model": str(broken)}]}))  # rank 0 aligns expert0, rank 1 broken
+    out = tmp_path / "out"
+    proc = torchrun(29528, "-m", "seme.merge", recipe, out)
+    assert proc.returncode != 0 and not out.exists()
+    said = [line for line in proc.stderr.splitlines() if line.startswith("seme:")]
+    assert said == ["seme: error: SeMe: the LM head of broken, scaled by its final norm's gains, is zero: it has "
+                    "no semantic bases"], proc.stderr[-3000:]
+    assert "[rank" not in proc.stderr and "Connection closed" not in proc.stderr  # no rank's traceback
+
+
 def test_world_size_without_torchrun_is_a_one_line_error(llama_family, tmp_path, capsys, monkeypatch):
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(yaml.safe_dump(ties(llama_family)))

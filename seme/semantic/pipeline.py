@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from seme import distributed
 from seme.architectures import VOCAB_ROLES, orientation
 from seme.errors import SemeError
 from seme.methods.seme import stabilize
@@ -219,14 +220,20 @@ class SemanticContext:
         self.stats: dict[str, dict] = {}
         self.params = {t.name: t.params for t in plan.tasks}
         arch = plan.archs[sp.pivot]
-        models = [sp.pivot] + sp.sources
+        # Under torchrun each rank aligns its share of the sources (every one needs the pivot's bases),
+        # and the ranks exchange the rotations.
+        group = distributed.current()
+        mine = sp.sources[group.rank::group.world]
+        models = [sp.pivot] + mine
         heads = [self._head(m) for m in models]
         bases = semantic_bases([h for h, _ in heads], [plan.models[m].name for m in models], [g for _, g in heads])
         self.bases = dict(zip(models, bases))
-        self.rotations: dict[int, torch.Tensor | None] = {}
-        self.alignment_report = {}
-        for m in sp.sources:
-            self.rotations[m], self.alignment_report[m] = self._align(m)
+        aligned = {m: self._align(m) for m in mine}
+        if group.world > 1:
+            for shared in group.share({m: (None if q is None else q.cpu(), report) for m, (q, report) in aligned.items()}):
+                aligned.update({m: (None if q is None else q.to(device), report) for m, (q, report) in shared.items()})
+        self.rotations: dict[int, torch.Tensor | None] = {m: aligned[m][0] for m in sp.sources}
+        self.alignment_report = {m: aligned[m][1] for m in sp.sources}
         if any(q is not None for q in self.rotations.values()):
             if arch.inferred:  # names alone cannot say which norm gains a reader folds, or which norms turn
                 from seme.architectures import known_architectures
