@@ -124,8 +124,7 @@ class ShardWriter:
             else:  # a shard of no tensors: rank 0 writes its header
                 start, end = 0, file_size
             self._pieces[file] = (header if start == 0 else b"", start, end, file_size, [e[0] for e in mine])
-            self._shared_blocks[file] = ({start // DIRECT_BLOCK} if start > 0 else set()) | (
-                {(end - 1) // DIRECT_BLOCK} if end < file_size else set())
+            self._shared_blocks[file] = {at // DIRECT_BLOCK for at in (start, end) if 0 < at < file_size and at % DIRECT_BLOCK}
             for name, _, _, nbytes in mine:
                 self._where[name] = (offsets[name], nbytes)
         # file -> (start, end, checksum) of this rank's finished piece of it
