@@ -10,6 +10,7 @@ import os
 import shutil
 import threading
 import zlib
+from typing import NamedTuple
 
 try:
     import fcntl
@@ -55,6 +56,16 @@ def range_checksum(path: str, start: int, end: int) -> str:
 
 def _checksum(crc: int) -> str:
     return f"crc32:{crc:08x}"
+
+
+class _Piece(NamedTuple):
+    """The bytes [start, end) of a shard that one rank writes: the header (b"" past the first
+    piece) and its tensors, in file order; file_size, the whole shard's."""
+    header: bytes
+    start: int
+    end: int
+    file_size: int
+    names: list[str]
 
 
 class ShardWriter:
@@ -108,9 +119,7 @@ class ShardWriter:
         self.busy_ranks = max(1, len(set(owner.values())))  # rank 0 writes a plan of no tensors
         # shard -> the blocks at the ends of this rank's piece that another rank's piece shares
         self._shared_blocks: dict[str, set[int]] = {}
-        # This rank's piece of each shard it writes in: file -> (its header, or b"" past the first
-        # piece; [start, end) in the file, the file's size, the piece's tensors in file order).
-        self._pieces: dict[str, tuple[bytes, int, int, int, list[str]]] = {}
+        self._pieces: dict[str, _Piece] = {}  # this rank's piece of each shard it writes in
         self._where: dict[str, tuple[int, int]] = {}  # tensor -> (offset, nbytes) in its shard
         for file, entries in zip(self.files, shards):
             header, offsets = layout_header([(name, dtype, shape) for name, dtype, shape, _ in entries], SHARD_METADATA)
@@ -123,7 +132,7 @@ class ShardWriter:
                 continue
             else:  # a shard of no tensors: rank 0 writes its header
                 start, end = 0, file_size
-            self._pieces[file] = (header if start == 0 else b"", start, end, file_size, [e[0] for e in mine])
+            self._pieces[file] = _Piece(header if start == 0 else b"", start, end, file_size, [e[0] for e in mine])
             self._shared_blocks[file] = {at // DIRECT_BLOCK for at in (start, end) if 0 < at < file_size and at % DIRECT_BLOCK}
             for name, _, _, nbytes in mine:
                 self._where[name] = (offsets[name], nbytes)
@@ -185,8 +194,8 @@ class ShardWriter:
             for file, (start, end, checksum) in manifest.get("pieces", {}).items():
                 recorded.setdefault(file, set()).add((start, end, checksum))
         kept = {}
-        for file, (_, start, end, _, _) in self._pieces.items():
-            path = os.path.join(self.folder, file)
+        for file, piece in self._pieces.items():
+            start, end, path = piece.start, piece.end, os.path.join(self.folder, file)
             ranges = sorted(r for r in recorded.get(file, ()) if r[0] < end and r[1] > start)
             if not os.path.isfile(path) or not ranges:
                 continue
@@ -214,7 +223,7 @@ class ShardWriter:
     def _save_manifest(self) -> None:
         path = os.path.join(self.folder, MANIFEST.format(rank=self.rank))
         # by the plan's names: the merging thread adds notes while this one saves
-        notes = {name: self.notes[name] for file in self.finished for name in self._pieces[file][4]
+        notes = {name: self.notes[name] for file in self.finished for name in self._pieces[file].names
                  if name in self.notes}
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump({"plan": self.plan_id, "pieces": self.finished, "notes": notes}, f)
@@ -297,7 +306,7 @@ class ShardWriter:
         os.fsync(fd)
         os.close(fd)
         running = self._crcs.pop(file)
-        _, start, end, _, _ = self._pieces[file]
+        start, end = self._pieces[file].start, self._pieces[file].end
         self.finished[file] = (start, end, _checksum(running) if running is not None
                                else range_checksum(os.path.join(self.folder, file), start, end))
 
