@@ -104,6 +104,7 @@ def _merge_recipe(recipe, out_dir: str, opts: dict) -> dict:
 
         if distributed.reports():
             print_plan(plan, sys.stdout, opts["device"], memory_backend(opts["backend"], opts["allow_nonfinite"]))
+        distributed.settle()  # no merge brings the ranks together: one that could not plan is heard here
         return {"tensors": len(plan.tasks), "input_bytes": plan.input_bytes, "output_bytes": plan.output_bytes}
     if opts["device"].startswith("cuda"):
         count, index = _cuda_devices(), int(opts["device"].partition(":")[2] or 0)

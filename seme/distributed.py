@@ -96,6 +96,16 @@ def current() -> Group:
     return Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def settle() -> None:
+    """Under torchrun, an agreement once every rank has done its part without one (a --dry-run's
+    plan): a rank that failed meanwhile tells the others here (`join`), and each raises its error."""
+    if world_size() <= 1 or _failed:
+        return
+    error = current().agree(None)
+    if error:
+        raise SemeError(error)
+
+
 def join(error: str) -> None:
     """Under torchrun, hand `error`, met outside the merge's agreements (planning, say: every rank
     meets it), to the next agreement, so that rank 0 hears of it and says it before any rank ends."""

@@ -253,6 +253,41 @@ def test_ranks_share_semes_alignments_and_an_error_in_one_stops_all(llama_family
     assert "[rank" not in proc.stderr and "Connection closed" not in proc.stderr  # no rank's traceback
 
 
+RANK_1_CANNOT_PLAN = """
+import os
+import seme.plan
+from seme.errors import SemeError
+from seme.merge import run
+
+real = seme.plan.make_plan
+
+def make_plan(recipe):
+    if os.environ["RANK"] == "1":
+        raise SemeError("rank 1 cannot read a model its node lacks")
+    return real(recipe)
+
+seme.plan.make_plan = make_plan
+run()
+"""
+
+
+@needs_torchrun
+def test_a_dry_run_hears_of_a_rank_that_could_not_plan(llama_family, tmp_path):
+    # A dry run merges nothing, so the ranks never agreed: rank 0 printed the plan and ended while
+    # rank 1 waited to tell it of its error, and torchrun waited for rank 1 (past this test's 300 s).
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump(ties(llama_family)))
+    script = tmp_path / "rank_1_cannot_plan.py"
+    script.write_text(RANK_1_CANNOT_PLAN)
+    proc = torchrun(29530, script, recipe, tmp_path / "out", "--dry-run", env={
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                       os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode != 0 and "method: ties" in proc.stdout  # rank 0 planned
+    said = [line for line in proc.stderr.splitlines() if line.startswith("seme:")]
+    assert said == ["seme: error: rank 1 cannot read a model its node lacks"], proc.stderr[-3000:]
+    assert "[rank" not in proc.stderr and "Connection closed" not in proc.stderr
+
+
 def test_world_size_without_torchrun_is_a_one_line_error(llama_family, tmp_path, capsys, monkeypatch):
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(yaml.safe_dump(ties(llama_family)))
