@@ -46,6 +46,14 @@ def torchrun(port: int, *args, env=None) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)
 
 
+def torchrun_script(port: int, folder, source: str, *args) -> subprocess.CompletedProcess:
+    """torchrun of a script (`source`: it patches seme, then runs seme.merge's command line) with ARGS."""
+    script = folder / "rank_script.py"
+    script.write_text(source)
+    return torchrun(port, script, *args, env={"PYTHONPATH": os.pathsep.join([
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")])})
+
+
 def ties(family) -> dict:
     return {"merge_method": "ties", "base_model": family["base"], "parameters": {"weight": 1.0, "density": 0.4},
             "models": [{"model": family[f"expert{i}"]} for i in range(3)]}
@@ -160,12 +168,8 @@ def test_a_failing_rank_stops_the_others_which_say_why(llama_family, tmp_path):
     # one rank was said by every rank once all had merged their share.
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(yaml.safe_dump(ties(llama_family)))
-    script = tmp_path / "failing_rank.py"
-    script.write_text(FAILING_RANK)
     out = tmp_path / "out"
-    proc = torchrun(29522, script, recipe, out, "--out-shard-size", "1", env={
-        "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                       os.environ.get("PYTHONPATH", "")])})
+    proc = torchrun_script(29522, tmp_path, FAILING_RANK, recipe, out, "--out-shard-size", "1")
     assert proc.returncode != 0 and not out.exists()
     said = [line for line in proc.stderr.splitlines() if line.startswith("seme:")]
     assert len(said) == 1 and said[0].startswith("seme: error: rank 1 failed: RuntimeError: injected on "), said
@@ -205,18 +209,14 @@ def test_a_torchrun_merge_resumes_from_the_pieces_its_ranks_finished(llama_famil
     recipe.write_text(yaml.safe_dump(ties(llama_family)))
     single = tmp_path / "single"
     assert main([str(recipe), str(single), "--out-shard-size", "20KB"]) == 0
-    script = tmp_path / "failing_rank.py"
-    script.write_text(RANK_1_FAILS_LATE)
     out = tmp_path / "out"
-    env = {"PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                          os.environ.get("PYTHONPATH", "")])}
     port = 29524 if resumed_by == "two ranks" else 29526
-    proc = torchrun(port, script, recipe, out, "--out-shard-size", "20KB", env=env)
+    proc = torchrun_script(port, tmp_path, RANK_1_FAILS_LATE, recipe, out, "--out-shard-size", "20KB")
     assert proc.returncode != 0 and "injected on" in proc.stderr
     manifests = [json.loads(p.read_text()) for p in (tmp_path / "out.seme-partial").glob("seme-manifest.*.json")]
     assert any(m["pieces"] for m in manifests)
     if resumed_by == "two ranks":
-        proc = torchrun(port + 1, "-m", "seme.merge", recipe, out, "--out-shard-size", "20KB", "--resume", env=env)
+        proc = torchrun(port + 1, "-m", "seme.merge", recipe, out, "--out-shard-size", "20KB", "--resume")
         assert proc.returncode == 0, proc.stderr[-3000:]
     else:  # one piece per shard now: the shards the ranks' recorded pieces cover are kept
         written = []
@@ -277,11 +277,7 @@ def test_a_dry_run_hears_of_a_rank_that_could_not_plan(llama_family, tmp_path):
     # rank 1 waited to tell it of its error, and torchrun waited for rank 1 (past this test's 300 s).
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(yaml.safe_dump(ties(llama_family)))
-    script = tmp_path / "rank_1_cannot_plan.py"
-    script.write_text(RANK_1_CANNOT_PLAN)
-    proc = torchrun(29530, script, recipe, tmp_path / "out", "--dry-run", env={
-        "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                       os.environ.get("PYTHONPATH", "")])})
+    proc = torchrun_script(29530, tmp_path, RANK_1_CANNOT_PLAN, recipe, tmp_path / "out", "--dry-run")
     assert proc.returncode != 0 and "method: ties" in proc.stdout  # rank 0 planned
     said = [line for line in proc.stderr.splitlines() if line.startswith("seme:")]
     assert said == ["seme: error: rank 1 cannot read a model its node lacks"], proc.stderr[-3000:]
