@@ -249,6 +249,27 @@ def test_a_resume_keeps_what_any_number_of_ranks_finished(tmp_path):
             assert (partial / f).read_bytes() == (pieces / f).read_bytes()
 
 
+def test_a_rank_that_rewrote_its_manifest_keeps_what_it_recorded_for_the_others(tmp_path):
+    # A 1-process merge resumed by 2 ranks: rank 0 redoes its piece and rewrites manifest 0 before
+    # rank 1 reads it. Rank 1 must still find its pieces there, and rank 0 every tensor's notes.
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(4)}
+    planned = [(n, "F32", (100,), 400) for n in tensors]
+    notes = {n: {"drift": i} for i, n in enumerate(tensors)}
+    first = ShardWriter(str(tmp_path), planned, shard_size=10_000, plan_id="p", notes=dict(notes))
+    for name in tensors:
+        _put(first, name, tensors[name])
+    with open(tmp_path / "model.safetensors", "r+b") as f:
+        f.seek(-1000, 2)
+        f.write(b"\xff")  # in t1, rank 0's: its piece is merged again
+    rank0 = ShardWriter(str(tmp_path), planned, shard_size=10_000, plan_id="p", resume=True, world=2)
+    assert [n for n in tensors if not rank0.skip(n)] == ["t0", "t1"]
+    for name in ["t0", "t1"]:
+        _put(rank0, name, tensors[name])  # manifest 0 saved anew
+    rank1 = ShardWriter(str(tmp_path), planned, shard_size=10_000, plan_id="p", resume=True, rank=1, world=2)
+    assert all(rank1.skip(n) for n in tensors)
+    assert rank0.all_notes() == notes
+
+
 def test_staging_buffers_are_reused_and_take_no_room_until_written():
     import resource
 

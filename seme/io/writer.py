@@ -144,6 +144,11 @@ class ShardWriter:
         self.notes = {} if notes is None else notes
         if resume:
             self.notes.update(self._recorded_notes())
+        # What this rank's manifest recorded before (a resumed merge's, maybe of another number of
+        # ranks): carried into every save, so that a rank that reads the manifests after this one
+        # rewrote it still finds those pieces and their notes.
+        earlier = self._manifest_of_this_plan(os.path.join(folder, MANIFEST.format(rank=rank))) if resume else None
+        self._earlier = earlier or {"pieces": [], "notes": {}}
         self._pending: dict[str, list[str]] = {}  # shard -> this rank's tensors still to write, in file order
         # shard -> running CRC-32 of the piece while tensors arrive in file order. A CRC, not a
         # cryptographic hash: it guards against damage, not tampering, and SHA-256 took 13% of a
@@ -175,23 +180,22 @@ class ShardWriter:
 
     def _manifests_of_this_plan(self) -> list[dict]:
         """The manifests in the folder (from any rank) written for this plan."""
-        found = []
-        for path in self._manifests():
-            try:
-                with open(path, encoding="utf-8") as f:
-                    manifest = json.load(f)
-            except (OSError, json.JSONDecodeError):
-                continue
-            if manifest.get("plan") == self.plan_id:
-                found.append(manifest)
-        return found
+        return [m for m in map(self._manifest_of_this_plan, self._manifests()) if m is not None]
+
+    def _manifest_of_this_plan(self, path: str) -> dict | None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return None
+        return manifest if manifest.get("plan") == self.plan_id else None
 
     def _verified_pieces(self) -> dict[str, tuple[int, int, str]]:
         """This rank's pieces that manifests of this plan (from any rank, any number of ranks) record,
         the recorded bytes still matching their checksums: each piece within one run of such ranges."""
         recorded: dict[str, set[tuple[int, int, str]]] = {}
         for manifest in self._manifests_of_this_plan():
-            for file, (start, end, checksum) in manifest.get("pieces", {}).items():
+            for file, start, end, checksum in manifest.get("pieces", []):
                 recorded.setdefault(file, set()).add((start, end, checksum))
         kept = {}
         for file, piece in self._pieces.items():
@@ -225,8 +229,9 @@ class ShardWriter:
         # by the plan's names: the merging thread adds notes while this one saves
         notes = {name: self.notes[name] for file in self.finished for name in self._pieces[file].names
                  if name in self.notes}
+        pieces = self._earlier["pieces"] + [[file, *piece] for file, piece in self.finished.items()]
         with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump({"plan": self.plan_id, "pieces": self.finished, "notes": notes}, f)
+            json.dump({"plan": self.plan_id, "pieces": pieces, "notes": {**self._earlier["notes"], **notes}}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
