@@ -181,7 +181,7 @@ def test_a_failing_rank_stops_the_others_which_say_why(llama_family, tmp_path):
 
 
 RANK_1_FAILS_LATE = """
-import os
+import os, time
 import seme.engine
 from seme.merge import run
 
@@ -191,6 +191,7 @@ merged = []
 def merge(self, task, out):
     merged.append(task.name)
     if os.environ["RANK"] == "1" and len(merged) == 4:  # after finishing some of its pieces
+        time.sleep(3)  # and rank 0 all of its own (else its stop at its next tensor could leave none finished)
         raise RuntimeError("injected on " + task.name)
     return real(self, task, out)
 
