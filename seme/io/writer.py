@@ -136,19 +136,18 @@ class ShardWriter:
             self._shared_blocks[file] = {at // DIRECT_BLOCK for at in (start, end) if 0 < at < file_size and at % DIRECT_BLOCK}
             for name, _, _, nbytes in mine:
                 self._where[name] = (offsets[name], nbytes)
+        manifests = self._manifests_of_this_plan() if resume else {}  # path -> manifest, read once
         # file -> (start, end, checksum) of this rank's finished piece of it
-        self.finished: dict[str, tuple[int, int, str]] = self._verified_pieces() if resume else {}
+        self.finished: dict[str, tuple[int, int, str]] = self._verified_pieces(manifests.values())
         # What the merge notes of each tensor (SeMe's statistics), filled as tensors merge and saved
         # in the manifest with their finished piece, where a resumed merge and rank 0 under torchrun
         # find the notes of tensors that an earlier run or another rank merged (`all_notes`).
         self.notes = {} if notes is None else notes
-        if resume:
-            self.notes.update(self._recorded_notes())
+        self.notes.update(_recorded_notes(manifests.values()))
         # What this rank's manifest recorded before (a resumed merge's, maybe of another number of
         # ranks): carried into every save, so that a rank that reads the manifests after this one
         # rewrote it still finds those pieces and their notes.
-        earlier = self._manifest_of_this_plan(os.path.join(folder, MANIFEST.format(rank=rank))) if resume else None
-        self._earlier = earlier or {"pieces": [], "notes": {}}
+        self._earlier = manifests.get(os.path.join(folder, MANIFEST.format(rank=rank)), {"pieces": [], "notes": {}})
         self._pending: dict[str, list[str]] = {}  # shard -> this rank's tensors still to write, in file order
         # shard -> running CRC-32 of the piece while tensors arrive in file order. A CRC, not a
         # cryptographic hash: it guards against damage, not tampering, and SHA-256 took 13% of a
@@ -178,30 +177,31 @@ class ShardWriter:
                 self._finish(file)
                 self._save_manifest()
 
-    def _manifests_of_this_plan(self) -> list[dict]:
-        """The manifests in the folder (from any rank) written for this plan."""
-        return [m for m in map(self._manifest_of_this_plan, self._manifests()) if m is not None]
+    def _manifests_of_this_plan(self) -> dict[str, dict]:
+        """The manifests in the folder (from any rank) written for this plan, by path."""
+        found = {}
+        for path in self._manifests():
+            try:
+                with open(path, encoding="utf-8") as f:
+                    manifest = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                continue
+            if manifest.get("plan") == self.plan_id:
+                found[path] = manifest
+        return found
 
-    def _manifest_of_this_plan(self, path: str) -> dict | None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                manifest = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            return None
-        return manifest if manifest.get("plan") == self.plan_id else None
-
-    def _verified_pieces(self) -> dict[str, tuple[int, int, str]]:
-        """This rank's pieces that manifests of this plan (from any rank, any number of ranks) record,
+    def _verified_pieces(self, manifests) -> dict[str, tuple[int, int, str]]:
+        """This rank's pieces that `manifests` (of this plan, from any rank, any number of ranks) record,
         the recorded bytes still matching their checksums: each piece within one run of such ranges."""
         recorded: dict[str, set[tuple[int, int, str]]] = {}
-        for manifest in self._manifests_of_this_plan():
+        for manifest in manifests:
             for file, start, end, checksum in manifest.get("pieces", []):
                 recorded.setdefault(file, set()).add((start, end, checksum))
         kept = {}
         for file, piece in self._pieces.items():
             start, end, path = piece.start, piece.end, os.path.join(self.folder, file)
             ranges = sorted(r for r in recorded.get(file, ()) if r[0] < end and r[1] > start)
-            if not os.path.isfile(path) or not ranges:
+            if not ranges or not os.path.isfile(path):
                 continue
             covered, verified = start, {}
             for s, e, checksum in ranges:  # adjacent verified ranges that cover [start, end)
@@ -211,17 +211,10 @@ class ShardWriter:
                 kept[file] = (start, end, verified.get((start, end)) or range_checksum(path, start, end))
         return kept
 
-    def _recorded_notes(self) -> dict[str, dict]:
-        """The notes that the manifests of this plan record (of tensors in the pieces they record)."""
-        notes = {}
-        for manifest in self._manifests_of_this_plan():
-            notes.update(manifest.get("notes", {}))
-        return notes
-
     def all_notes(self) -> dict[str, dict]:
         """The notes of every tensor, whichever rank or run merged it, in the plan's order (once every
         rank has finished its pieces)."""
-        notes = self._recorded_notes()
+        notes = _recorded_notes(self._manifests_of_this_plan().values())
         return {name: notes[name] for name in self.weight_map if name in notes}
 
     def _save_manifest(self) -> None:
@@ -340,6 +333,14 @@ class ShardWriter:
     def remove_manifests(self) -> None:
         for path in self._manifests():
             os.remove(path)
+
+
+def _recorded_notes(manifests) -> dict[str, dict]:
+    """The notes that `manifests` record (of tensors in the pieces they record)."""
+    notes = {}
+    for manifest in manifests:
+        notes.update(manifest.get("notes", {}))
+    return notes
 
 
 def clear(folder: str, keep: set[str] = frozenset()) -> None:
